@@ -1,0 +1,58 @@
+"""Which implementation an op runs: the Triton kernels or the plain-PyTorch reference.
+
+``auto`` (the default) sends CUDA tensors to the kernels and everything else to
+``prefixkern.reference``. ``PREFIXKERN_BACKEND=triton`` forces the kernels for every op,
+CPU tensors included (with ``TRITON_INTERPRET=1`` this runs the real kernels in Triton's
+interpreter, which is how CI checks kernel code); ``reference`` forces the oracle.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+_override: str | None = None
+
+
+def get_backend() -> str:
+    """The backend in force: a ``use_backend`` override, else ``PREFIXKERN_BACKEND``, else ``auto``."""
+    name = _override if _override is not None else os.environ.get("PREFIXKERN_BACKEND", "auto")
+    name = name.strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"PREFIXKERN_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the block with ``name`` as the backend of every op (tests, benchmarks)."""
+    global _override
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    previous, _override = _override, name
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(device: torch.device) -> bool:
+    """True when an op on tensors of ``device`` should launch the Triton kernels."""
+    backend = get_backend()
+    if backend == "reference":
+        return False
+    if backend == "triton":
+        if device.type != "cuda" and not triton_interpret():
+            raise RuntimeError(
+                "PREFIXKERN_BACKEND=triton with CPU tensors needs TRITON_INTERPRET=1 "
+                "(set before triton is imported)"
+            )
+        return True
+    return device.type == "cuda"

@@ -1,0 +1,1 @@
+"""Hugging Face transformers / PEFT integration: patching, prefix cache, mask handling."""

@@ -1,0 +1,1 @@
+"""@triton.jit kernels and their launchers only: no autograd, no Hugging Face."""

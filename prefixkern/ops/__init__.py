@@ -1,0 +1,1 @@
+"""Autograd Functions, torch custom-op registration and backend dispatch; one file per op."""

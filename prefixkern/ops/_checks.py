@@ -1,0 +1,136 @@
+"""Argument checks shared by the ops: every bad input becomes a ``ValueError``/``TypeError``
+naming the argument and what was expected, before anything is launched."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_HEAD_DIMS = (32, 40, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+def check_tensor(name: str, t, ndim: int | tuple[int, ...], shape_doc: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(t).__name__}")
+    dims = (ndim,) if isinstance(ndim, int) else ndim
+    if t.dim() not in dims:
+        raise ValueError(f"{name} must have shape {shape_doc}, got a {t.dim()}-d tensor of shape {tuple(t.shape)}")
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    batch: int
+    num_heads: int
+    num_kv_heads: int
+    seq_len_q: int
+    seq_len_kv: int
+    prefix_len: int
+    head_dim: int
+    prefix_mode: str  # "shared" [Hkv, P, D] | "per_row" [B, Hkv, P, D] | "per_task" [T, Hkv, P, D] + index
+
+
+def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, *, causal, softmax_scale, key_padding_mask,
+                                prefix_index, dropout_p, alibi_slopes, softcap, window) -> AttentionShape:
+    """Validate ``prefix_attention``'s arguments; return the sizes they imply."""
+    check_tensor("q", q, 4, "[B, Hq, S, D]")
+    check_tensor("k", k, 4, "[B, Hkv, S_kv, D]")
+    check_tensor("v", v, 4, "[B, Hkv, S_kv, D]")
+    check_tensor("prefix_k", prefix_k, (3, 4), "[Hkv, P, D], [B, Hkv, P, D] or [T, Hkv, P, D]")
+    check_tensor("prefix_v", prefix_v, (3, 4), "[Hkv, P, D], [B, Hkv, P, D] or [T, Hkv, P, D]")
+    check_float("q", q)
+    for name, t in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    batch, num_heads, seq_len_q, head_dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, Hkv, S_kv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != batch:
+        raise ValueError(f"k must have q's batch size {batch} in dim 0 ([B, Hkv, S_kv, D]), got {tuple(k.shape)}")
+    if k.shape[3] != head_dim:
+        raise ValueError(f"k must have q's head dim {head_dim} in dim 3 ([B, Hkv, S_kv, D]), got {tuple(k.shape)}")
+    num_kv_heads, seq_len_kv = k.shape[1], k.shape[2]
+    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
+        raise ValueError(f"q's heads Hq={num_heads} must be a multiple of k's heads Hkv={num_kv_heads} (GQA/MQA)")
+    if seq_len_q == 0:
+        raise ValueError("q must have at least one query (S > 0), got S=0")
+    if head_dim == 0:
+        raise ValueError("q must have a head dim D > 0")
+    if prefix_k.shape != prefix_v.shape:
+        raise ValueError(
+            f"prefix_k and prefix_v must have the same shape, got {tuple(prefix_k.shape)} and {tuple(prefix_v.shape)}"
+        )
+    if prefix_k.shape[-3] != num_kv_heads or prefix_k.shape[-1] != head_dim:
+        raise ValueError(
+            f"prefix_k must have Hkv={num_kv_heads} heads and head dim D={head_dim} ([.., Hkv, P, D]), "
+            f"got {tuple(prefix_k.shape)}"
+        )
+    prefix_len = prefix_k.shape[-2]
+    if prefix_len == 0:
+        raise ValueError("prefix_k must hold at least one prefix token (P > 0), got P=0")
+
+    if prefix_index is not None:
+        check_tensor("prefix_index", prefix_index, 1, "[B]")
+        if prefix_k.dim() != 4:
+            raise ValueError(f"prefix_index needs per-task prefixes [T, Hkv, P, D], got prefix_k of shape {tuple(prefix_k.shape)}")
+        if prefix_index.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"prefix_index must be int32 or int64, got {prefix_index.dtype}")
+        if prefix_index.shape[0] != batch:
+            raise ValueError(f"prefix_index must have shape [B]=[{batch}], got {tuple(prefix_index.shape)}")
+        if prefix_index.device != q.device:
+            raise ValueError(f"prefix_index must be on q's device {q.device}, got {prefix_index.device}")
+        num_tasks = prefix_k.shape[0]
+        if batch > 0 and not torch.compiler.is_compiling():
+            lo, hi = int(prefix_index.min()), int(prefix_index.max())
+            if lo < 0 or hi >= num_tasks:
+                raise ValueError(f"prefix_index values must lie in [0, T={num_tasks}), got min {lo} and max {hi}")
+        mode = "per_task"
+    elif prefix_k.dim() == 4:
+        if prefix_k.shape[0] != batch:
+            raise ValueError(
+                f"a 4-d prefix_k is per row [B={batch}, Hkv, P, D] (or per task with prefix_index), "
+                f"got {tuple(prefix_k.shape)} and no prefix_index"
+            )
+        mode = "per_row"
+    else:
+        mode = "shared"
+
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, 2, "[B, S_kv]")
+        if tuple(key_padding_mask.shape) != (batch, seq_len_kv):
+            raise ValueError(
+                f"key_padding_mask must have shape [B, S_kv]=[{batch}, {seq_len_kv}], got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.dtype.is_floating_point or key_padding_mask.dtype.is_complex:
+            raise TypeError(f"key_padding_mask must be bool or integer (1 = real token), got {key_padding_mask.dtype}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {key_padding_mask.device}")
+
+    if alibi_slopes is not None:
+        check_tensor("alibi_slopes", alibi_slopes, (1, 2), "[Hq] or [B, Hq]")
+        expected = (num_heads,) if alibi_slopes.dim() == 1 else (batch, num_heads)
+        if tuple(alibi_slopes.shape) != expected:
+            raise ValueError(f"alibi_slopes must have shape {list(expected)}, got {tuple(alibi_slopes.shape)}")
+        if not alibi_slopes.dtype.is_floating_point:
+            raise TypeError(f"alibi_slopes must be floating point, got {alibi_slopes.dtype}")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
+
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be a positive float or None, got {softmax_scale!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap must be a positive float or None, got {softcap!r}")
+    if window is not None and not (isinstance(window, int) and not isinstance(window, bool) and window > 0):
+        raise ValueError(f"window must be a positive int (HF sliding_window) or None, got {window!r}")
+    return AttentionShape(batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, mode)
