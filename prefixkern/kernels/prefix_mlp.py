@@ -1,0 +1,554 @@
+"""Triton kernels of the prefix reparameterisation MLP, and their launchers.
+
+PEFT's ``PrefixEncoder`` with ``prefix_projection=True`` is ``E -> tanh(E @ W1^T + b1) @ W2^T + b2``
+with ``E: [P, d]``, ``W1: [h, d]``, ``W2: [N, h]``, ``N = 2 * L * Hkv * D``. Column ``c`` of the
+``[P, N]`` product is layer l, key/value t, KV head g, channel d of the prefix with
+``c = ((l * 2 + t) * Hkv + g) * D + d``, so the kernels write (and read the gradient) straight in
+the ``[L, 2, Hkv, P, D]`` layout the attention kernel takes, through that tensor's strides.
+
+The problem is tall-skinny: P (1..256) rows against N (65536 for Llama-3-8B) columns, and its
+cost is reading ``W2`` (``N x h``). Every kernel therefore keeps all P rows of a tile in one
+block (``BLOCK_P`` = next power of two of P, capped; larger P loops or splits) and tiles N:
+
+forward   ``prefix_mlp_matmul_kernel``   H = tanh(E @ W1^T + b1), [P, h] float32 (kept for backward)
+          ``prefix_mlp_fwd_kernel``      out = dropout(H @ W2^T + b2) into [L, 2, Hkv, P, D]
+backward  ``prefix_mlp_bwd_kernel``      one pass over W2: dW2 = G^T @ H, db2, and split-N partials of
+                                         dH = G @ W2, [splits, P, h] (no atomics: deterministic)
+          ``prefix_mlp_bwd_hidden_kernel`` dZ = (sum of partials) * (1 - H^2), db1 = sum_p dZ
+          ``prefix_mlp_matmul_kernel``   dE = dZ @ W1 and dW1 = dZ^T @ E
+P-Tuning v2 and dropout
+          ``prefix_kv_copy_kernel``      [P, N] rows <-> [L, 2, Hkv, P, D], with Philox dropout
+
+Dropout keeps element (p, c) of the ``[P, N]`` output iff ``tl.rand(seed, p * N + c) >= dropout_p``
+and scales kept values by ``1 / (1 - dropout_p)``; the backward regenerates the same mask.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import triton_interpret
+
+# All P rows of a tile share one block up to these sizes; beyond, the forward splits P across
+# the grid and the backward loops over P inside each program. The interpreter uses a small cap
+# so that the CPU tests reach those paths at small P.
+MAX_BLOCK_P_FWD = 64 if triton_interpret() else 256
+MAX_BLOCK_P_BWD = 32 if triton_interpret() else 256
+
+
+# --------------------------------------------------------------------------------------------
+# Shared device helpers
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _tanh(x):
+    """float32 tanh, accurate to a few ulp: a series near 0 avoids the cancellation of
+    ``(1 - e^-2|x|) / (1 + e^-2|x|)`` there (no libdevice, so the interpreter runs it too)."""
+    ax = tl.abs(x)
+    t = tl.exp(-2.0 * ax)
+    far = (1.0 - t) / (1.0 + t)
+    x2 = ax * ax
+    near = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (-0.05396825396825397))))
+    y = tl.where(ax < 0.0625, near, far)
+    return tl.where(x < 0.0, -y, y)
+
+
+@triton.jit
+def _kv_column_offsets(cols, Hkv, D, stride_l, stride_t, stride_g, stride_d):
+    """Memory offsets of columns ``c = ((l * 2 + t) * Hkv + g) * D + d`` of a [L, 2, Hkv, P, D] tensor."""
+    d = cols % D
+    rest = cols // D
+    g = rest % Hkv
+    rest = rest // Hkv
+    t = rest % 2
+    layer = rest // 2
+    return layer * stride_l + t * stride_t + g * stride_g + d * stride_d
+
+
+@triton.jit
+def _dropout(x, seed_ptr, rows, cols, N, dropout_p):
+    """Inverted dropout of a [rows, cols] tile of the [P, N] output, Philox counter p * N + c."""
+    seed = tl.load(seed_ptr)
+    # int32 counters: the launcher checks P * N < 2**31.
+    counters = (rows[:, None] * N + cols[None, :]).to(tl.int32)
+    keep = tl.rand(seed, counters) >= dropout_p
+    return tl.where(keep, x / (1.0 - dropout_p), 0.0)
+
+
+def _is_interpreted() -> bool:
+    return triton_interpret()
+
+
+def _named(named_args: dict, kwargs: dict) -> dict:
+    return {**named_args, **kwargs}
+
+
+# --------------------------------------------------------------------------------------------
+# Small GEMM with a fused epilogue: H = tanh(E @ W1^T + b1), dE = dZ @ W1, dW1 = dZ^T @ E
+# --------------------------------------------------------------------------------------------
+
+def _matmul_configs():
+    if _is_interpreted():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in (
+            (16, 64, 64, 4, 3),
+            (32, 64, 32, 4, 4),
+            (64, 64, 32, 4, 4),
+            (64, 128, 32, 8, 3),
+            (128, 64, 32, 8, 3),
+            (128, 128, 32, 8, 3),
+        )
+    ]
+
+
+def _prune_matmul(configs, named_args, **kwargs):
+    args = _named(named_args, kwargs)
+    m = args["M"]
+    # A tile much taller than M only multiplies zeros (M is P in the forward and dE GEMMs).
+    cap = max(16, triton.next_power_of_2(m))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+
+
+@triton.autotune(
+    configs=_matmul_configs(),
+    key=["M", "N", "K", "HAS_BIAS", "APPLY_TANH"],
+    prune_configs_by={"early_config_prune": _prune_matmul},
+)
+@triton.jit
+def prefix_mlp_matmul_kernel(
+    a_ptr, b_ptr, bias_ptr, c_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    HAS_BIAS: tl.constexpr, APPLY_TANH: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``C[M, N] = act(A[M, K] @ B[K, N] + bias[N])``, float32 accumulation, stored in C's dtype."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if APPLY_TANH:
+        acc = _tanh(acc)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+             acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Forward second GEMM: out[l, t, g, p, d] = dropout(H @ W2^T + b2)[p, c]
+# --------------------------------------------------------------------------------------------
+
+def _fwd_configs():
+    if _is_interpreted():
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in (
+            (32, 64, 4, 4),
+            (64, 32, 4, 4),
+            (64, 64, 4, 3),
+            (128, 32, 4, 4),
+            (128, 64, 8, 3),
+            (256, 32, 8, 3),
+        )
+    ]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    args = _named(named_args, kwargs)
+    block_p, n = args["BLOCK_P"], args["N"]
+    # The [BLOCK_P, BLOCK_N] float32 accumulator lives in registers.
+    kept = [c for c in configs if block_p * c.kwargs["BLOCK_N"] <= 16384 and block_p * c.kwargs["BLOCK_K"] <= 16384]
+    # Narrow N (small models) needs narrow tiles to fill the GPU: drop tiles that leave it mostly idle.
+    if torch.cuda.is_available() and kept:
+        sms = _num_sms(torch.cuda.current_device())
+        filled = [c for c in kept if triton.cdiv(n, c.kwargs["BLOCK_N"]) >= sms]
+        kept = filled or [min(kept, key=lambda c: c.kwargs["BLOCK_N"])]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+
+
+@triton.autotune(
+    configs=_fwd_configs(),
+    key=["P", "N", "HID", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune_fwd},
+)
+@triton.jit
+def prefix_mlp_fwd_kernel(
+    h_ptr, w2_ptr, b2_ptr, out_ptr, seed_ptr,
+    P, N, HID, Hkv, D, dropout_p,
+    stride_hp, stride_hk,
+    stride_w2n, stride_w2k,
+    stride_ol, stride_ot, stride_og, stride_op, stride_od,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # P blocks vary fastest so the programs that read one W2 tile run together (L2 reuse when P is split).
+    pid_p = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    rows = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_p = rows < P
+    mask_n = cols < N
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, HID, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask_k = ks < HID
+        hidden = tl.load(h_ptr + rows[:, None] * stride_hp + ks[None, :] * stride_hk,
+                         mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+        w2_t = tl.load(w2_ptr + ks[:, None] * stride_w2k + cols[None, :] * stride_w2n,
+                       mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(hidden.to(tl.float32), w2_t.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b2_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_DROPOUT:
+        acc = _dropout(acc, seed_ptr, rows, cols, N, dropout_p)
+    out_offsets = rows[:, None] * stride_op + _kv_column_offsets(cols, Hkv, D, stride_ol, stride_ot, stride_og,
+                                                                 stride_od)[None, :]
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_n[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Backward, one pass over W2: dW2 = G^T @ H, db2 = sum_p G, split-N partials of dH = G @ W2
+# --------------------------------------------------------------------------------------------
+
+def _bwd_configs():
+    if _is_interpreted():
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in (
+            (32, 32, 8, 3),
+            (32, 64, 4, 3),
+            (64, 32, 4, 4),
+            (64, 64, 4, 3),
+            (64, 128, 8, 3),
+            (128, 64, 8, 3),
+        )
+    ]
+
+
+def _bwd_split_align() -> int:
+    """Splits of N start on a multiple of every candidate BLOCK_N, so no config gets ragged tiles."""
+    return max(c.kwargs["BLOCK_N"] for c in _bwd_configs())
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    block_p = _named(named_args, kwargs)["BLOCK_P"]
+    # Live float32 tiles: dH accumulator and H chunk [BLOCK_P, BLOCK_K], G [BLOCK_P, BLOCK_N].
+    kept = [c for c in configs if block_p * c.kwargs["BLOCK_K"] <= 8192 and block_p * c.kwargs["BLOCK_N"] <= 8192]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+
+
+@triton.autotune(
+    configs=_bwd_configs(),
+    key=["P", "N", "HID", "NUM_SPLITS"],
+    prune_configs_by={"early_config_prune": _prune_bwd},
+)
+@triton.jit
+def prefix_mlp_bwd_kernel(
+    g_ptr, h_ptr, w2_ptr, dw2_ptr, db2_ptr, dh_part_ptr,
+    P, N, HID, Hkv, D, N_PER_SPLIT, NUM_SPLITS,
+    stride_gl, stride_gt, stride_gg, stride_gp, stride_gd,
+    stride_hp, stride_hk,
+    stride_w2n, stride_w2k,
+    stride_dw2n, stride_dw2k,
+    stride_part_s, stride_part_p, stride_part_k,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (k, s) owns hidden columns [k*BLOCK_K, (k+1)*BLOCK_K) and the N range of split s.
+
+    Each W2 tile is loaded once and feeds both products; the dH partial of split s stays in
+    registers over the whole range and is written once. With P > BLOCK_P the program loops over
+    P blocks and adds to its own dW2 tiles (it is their only writer: no atomics).
+    """
+    # Hidden chunks vary fastest: the programs of one split, which read the same G tiles, run together.
+    pid_k = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = ks < HID
+    n_start = pid_s * N_PER_SPLIT
+    n_end = tl.minimum(n_start + N_PER_SPLIT, N)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        mask_p = rows < P
+        accumulate = p0 > 0
+        hidden = tl.load(h_ptr + rows[:, None] * stride_hp + ks[None, :] * stride_hk,
+                         mask=mask_p[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        dh = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
+        for n0 in range(n_start, n_end, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            mask_n = cols < n_end
+            g_offsets = rows[:, None] * stride_gp + _kv_column_offsets(cols, Hkv, D, stride_gl, stride_gt, stride_gg,
+                                                                       stride_gd)[None, :]
+            grad = tl.load(g_ptr + g_offsets, mask=mask_p[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+            w2 = tl.load(w2_ptr + cols[:, None] * stride_w2n + ks[None, :] * stride_w2k,
+                         mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            dh = tl.dot(grad, w2, dh, input_precision=INPUT_PRECISION)
+            dw2_ptrs = dw2_ptr + cols[:, None] * stride_dw2n + ks[None, :] * stride_dw2k
+            mask_w = mask_n[:, None] & mask_k[None, :]
+            dw2 = tl.dot(tl.trans(grad), hidden, input_precision=INPUT_PRECISION)
+            dw2 += tl.load(dw2_ptrs, mask=mask_w & accumulate, other=0.0).to(tl.float32)
+            tl.store(dw2_ptrs, dw2.to(dw2_ptr.dtype.element_ty), mask=mask_w)
+            if HAS_BIAS:
+                # Every hidden chunk sees the same G; the first one writes db2.
+                if pid_k == 0:
+                    db2 = tl.sum(grad, axis=0)
+                    db2 += tl.load(db2_ptr + cols, mask=mask_n & accumulate, other=0.0).to(tl.float32)
+                    tl.store(db2_ptr + cols, db2.to(db2_ptr.dtype.element_ty), mask=mask_n)
+        tl.store(dh_part_ptr + pid_s * stride_part_s + rows[:, None] * stride_part_p + ks[None, :] * stride_part_k,
+                 dh, mask=mask_p[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def prefix_mlp_bwd_hidden_kernel(
+    dh_part_ptr, h_ptr, dz_ptr, db1_ptr,
+    P, HID, NUM_SPLITS,
+    stride_part_s, stride_part_p, stride_part_k,
+    stride_hp, stride_hk, stride_dzp, stride_dzk,
+    HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dZ = (sum over splits of the dH partials) * (1 - H^2); db1 = sum over P of dZ.
+
+    One program per hidden chunk covers every P row, so db1 is summed in a fixed order.
+    """
+    pid_k = tl.program_id(0).to(tl.int64)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = ks < HID
+    db1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        mask = (rows < P)[:, None] & mask_k[None, :]
+        dh = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
+        for s in range(0, NUM_SPLITS):
+            dh += tl.load(dh_part_ptr + s * stride_part_s + rows[:, None] * stride_part_p + ks[None, :] * stride_part_k,
+                          mask=mask, other=0.0)
+        hidden = tl.load(h_ptr + rows[:, None] * stride_hp + ks[None, :] * stride_hk, mask=mask, other=0.0)
+        dz = dh * (1.0 - hidden * hidden)
+        tl.store(dz_ptr + rows[:, None] * stride_dzp + ks[None, :] * stride_dzk, dz, mask=mask)
+        db1 += tl.sum(dz, axis=0)
+    if HAS_BIAS:
+        tl.store(db1_ptr + ks, db1.to(db1_ptr.dtype.element_ty), mask=mask_k)
+
+
+# --------------------------------------------------------------------------------------------
+# [P, N] rows <-> [L, 2, Hkv, P, D] with dropout: P-Tuning v2 forward/backward, dropout's dG
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def prefix_kv_copy_kernel(
+    src_ptr, dst_ptr, seed_ptr,
+    P, N, Hkv, D, dropout_p,
+    src_l, src_t, src_g, src_p, src_d,
+    dst_l, dst_t, dst_g, dst_p, dst_d,
+    HAS_DROPOUT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``dst[p, c] = dropout(src[p, c])`` over the logical [P, N] matrix; both sides are addressed
+    as [L, 2, Hkv, P, D] strides (a plain [P, N] matrix is one too: stride_l = 2*Hkv*D*stride_n, ...)."""
+    pid_p = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    rows = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < P)[:, None] & (cols < N)[None, :]
+    src_offsets = rows[:, None] * src_p + _kv_column_offsets(cols, Hkv, D, src_l, src_t, src_g, src_d)[None, :]
+    x = tl.load(src_ptr + src_offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        x = _dropout(x, seed_ptr, rows, cols, N, dropout_p)
+    dst_offsets = rows[:, None] * dst_p + _kv_column_offsets(cols, Hkv, D, dst_l, dst_t, dst_g, dst_d)[None, :]
+    tl.store(dst_ptr + dst_offsets, x.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _input_precision() -> str:
+    """Follow PyTorch's float32 matmul setting, so the kernels match what ``nn.Linear`` would do:
+    exact float32 products by default, TF32 tensor cores when the user allowed them."""
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _block_p(num_rows: int, cap: int) -> int:
+    # tl.dot needs every block dimension >= 16.
+    return min(max(16, triton.next_power_of_2(num_rows)), cap)
+
+
+def _rows_as_kv_strides(rows: torch.Tensor, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+    """Strides (l, t, g, p, d) that address a [P, N] matrix as its [L, 2, Hkv, P, D] view."""
+    stride_p, stride_n = rows.stride()
+    return (2 * num_kv_heads * head_dim * stride_n, num_kv_heads * head_dim * stride_n, head_dim * stride_n,
+            stride_p, stride_n)
+
+
+def _seed_or_dummy(seed: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    return seed if seed is not None else torch.zeros(1, dtype=torch.int64, device=device)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None = None,
+            apply_tanh: bool = False) -> torch.Tensor:
+    """``c = act(a @ b + bias)`` for strided 2-d a [M, K], b [K, N], c [M, N]."""
+    m, k = a.shape
+    n = b.shape[1]
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    prefix_mlp_matmul_kernel[grid](
+        a, b, bias if bias is not None else c, c,
+        m, n, k,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        HAS_BIAS=bias is not None, APPLY_TANH=apply_tanh, INPUT_PRECISION=_input_precision(),
+    )
+    return c
+
+
+def prefix_kv_copy(src: torch.Tensor, src_strides, dst: torch.Tensor, dst_strides, *, num_rows: int,
+                   num_cols: int, num_kv_heads: int, head_dim: int, dropout_p: float,
+                   seed: torch.Tensor | None) -> torch.Tensor:
+    """Copy the logical [P, N] matrix from ``src`` to ``dst`` (each addressed by (l, t, g, p, d)
+    strides), applying dropout when ``dropout_p > 0`` and casting to dst's dtype."""
+    block_p, block_n = 16, 128
+    grid = (triton.cdiv(num_rows, block_p), triton.cdiv(num_cols, block_n))
+    prefix_kv_copy_kernel[grid](
+        src, dst, _seed_or_dummy(seed, src.device),
+        num_rows, num_cols, num_kv_heads, head_dim, float(dropout_p),
+        *src_strides, *dst_strides,
+        HAS_DROPOUT=dropout_p > 0.0, BLOCK_P=block_p, BLOCK_N=block_n,
+    )
+    return dst
+
+
+def prefix_mlp_forward(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                       b2: torch.Tensor | None, *, num_layers: int, num_kv_heads: int, head_dim: int,
+                       out_dtype: torch.dtype, dropout_p: float, seed: torch.Tensor | None):
+    """``(out [L, 2, Hkv, P, D] in out_dtype, hidden [P, h] float32)``; arguments already checked."""
+    num_rows, hidden_size = embedding.shape[0], w1.shape[0]
+    num_cols = w2.shape[0]
+    device = embedding.device
+    hidden = torch.empty(num_rows, hidden_size, device=device, dtype=torch.float32)
+    _matmul(embedding, w1.t(), hidden, bias=b1, apply_tanh=True)
+
+    out = torch.empty(num_layers, 2, num_kv_heads, num_rows, head_dim, device=device, dtype=out_dtype)
+    block_p = _block_p(num_rows, MAX_BLOCK_P_FWD)
+    grid = lambda meta: (triton.cdiv(num_rows, block_p), triton.cdiv(num_cols, meta["BLOCK_N"]))  # noqa: E731
+    prefix_mlp_fwd_kernel[grid](
+        hidden, w2, b2 if b2 is not None else w2, out, _seed_or_dummy(seed, device),
+        num_rows, num_cols, hidden_size, num_kv_heads, head_dim, float(dropout_p),
+        hidden.stride(0), hidden.stride(1),
+        w2.stride(0), w2.stride(1),
+        *out.stride(),
+        HAS_BIAS=b2 is not None, HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=_input_precision(),
+        BLOCK_P=block_p,
+    )
+    return out, hidden
+
+
+def _num_splits(num_cols: int, hidden_size: int, device: torch.device) -> tuple[int, int]:
+    """How many N ranges the backward splits W2 into, and the width of each.
+
+    Enough programs (hidden chunks x splits) to fill the GPU about four times over, no more:
+    each split costs one float32 [P, h] partial. Depends only on the sizes and the GPU, so the
+    summation order (and the result) is the same on every run.
+    """
+    align = _bwd_split_align()
+    max_splits = triton.cdiv(num_cols, align)
+    if device.type == "cuda":
+        target_programs = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        splits = triton.cdiv(target_programs, triton.cdiv(hidden_size, 64))
+    else:
+        splits = 3  # interpreter: small, but several splits so the reduction is exercised
+    splits = max(1, min(splits, max_splits))
+    per_split = triton.cdiv(triton.cdiv(num_cols, splits), align) * align
+    return triton.cdiv(num_cols, per_split), per_split
+
+
+def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
+                        w2: torch.Tensor, b2: torch.Tensor | None, hidden: torch.Tensor, *, num_layers: int,
+                        num_kv_heads: int, head_dim: int, dropout_p: float, seed: torch.Tensor | None):
+    """Gradients ``(dE, dW1, db1, dW2, db2)`` (db1/db2 None without biases), each in its parameter's
+    dtype, from ``grad_out`` [L, 2, Hkv, P, D] in any strides."""
+    num_rows, hidden_size = hidden.shape
+    num_cols = w2.shape[0]
+    device = embedding.device
+
+    if dropout_p > 0.0:
+        # Apply the regenerated mask once here rather than once per hidden chunk in the main kernel.
+        grad_rows = torch.empty(num_rows, num_cols, device=device, dtype=torch.float32)
+        prefix_kv_copy(grad_out, grad_out.stride(), grad_rows, _rows_as_kv_strides(grad_rows, num_kv_heads, head_dim),
+                       num_rows=num_rows, num_cols=num_cols, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                       dropout_p=dropout_p, seed=seed)
+        grad, grad_strides = grad_rows, _rows_as_kv_strides(grad_rows, num_kv_heads, head_dim)
+    else:
+        grad, grad_strides = grad_out, grad_out.stride()
+
+    num_splits, per_split = _num_splits(num_cols, hidden_size, device)
+    dh_part = torch.empty(num_splits, num_rows, hidden_size, device=device, dtype=torch.float32)
+    dw2 = torch.empty(w2.shape, device=device, dtype=w2.dtype)
+    db2 = torch.empty(b2.shape, device=device, dtype=b2.dtype) if b2 is not None else None
+    block_p = _block_p(num_rows, MAX_BLOCK_P_BWD)
+    grid = lambda meta: (triton.cdiv(hidden_size, meta["BLOCK_K"]), num_splits)  # noqa: E731
+    prefix_mlp_bwd_kernel[grid](
+        grad, hidden, w2, dw2, db2 if db2 is not None else dw2, dh_part,
+        num_rows, num_cols, hidden_size, num_kv_heads, head_dim, per_split, num_splits,
+        *grad_strides,
+        hidden.stride(0), hidden.stride(1),
+        w2.stride(0), w2.stride(1),
+        dw2.stride(0), dw2.stride(1),
+        *dh_part.stride(),
+        HAS_BIAS=b2 is not None, INPUT_PRECISION=_input_precision(), BLOCK_P=block_p,
+    )
+
+    dz = torch.empty(num_rows, hidden_size, device=device, dtype=torch.float32)
+    db1 = torch.empty(b1.shape, device=device, dtype=b1.dtype) if b1 is not None else None
+    block_k = 64
+    prefix_mlp_bwd_hidden_kernel[(triton.cdiv(hidden_size, block_k),)](
+        dh_part, hidden, dz, db1 if db1 is not None else dz,
+        num_rows, hidden_size, num_splits,
+        *dh_part.stride(), hidden.stride(0), hidden.stride(1), dz.stride(0), dz.stride(1),
+        HAS_BIAS=b1 is not None, BLOCK_P=min(triton.next_power_of_2(num_rows), 64), BLOCK_K=block_k,
+    )
+
+    d_embedding = _matmul(dz, w1, torch.empty(embedding.shape, device=device, dtype=embedding.dtype))
+    dw1 = _matmul(dz.t(), embedding, torch.empty(w1.shape, device=device, dtype=w1.dtype))
+    return d_embedding, dw1, db1, dw2, db2
+
+
+def prefix_rows_forward(embedding: torch.Tensor, *, num_layers: int, num_kv_heads: int, head_dim: int,
+                        out_dtype: torch.dtype, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
+    """P-Tuning v2: ``dropout(E)`` [P, N] written as [L, 2, Hkv, P, D] in out_dtype."""
+    num_rows, num_cols = embedding.shape
+    out = torch.empty(num_layers, 2, num_kv_heads, num_rows, head_dim, device=embedding.device, dtype=out_dtype)
+    return prefix_kv_copy(embedding, _rows_as_kv_strides(embedding, num_kv_heads, head_dim), out, out.stride(),
+                          num_rows=num_rows, num_cols=num_cols, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                          dropout_p=dropout_p, seed=seed)
+
+
+def prefix_rows_backward(grad_out: torch.Tensor, embedding: torch.Tensor, *, num_kv_heads: int, head_dim: int,
+                         dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
+    """P-Tuning v2: dE [P, N] in the embedding's dtype from grad_out [L, 2, Hkv, P, D] in any strides."""
+    num_rows, num_cols = embedding.shape
+    d_embedding = torch.empty(embedding.shape, device=embedding.device, dtype=embedding.dtype)
+    return prefix_kv_copy(grad_out, grad_out.stride(), d_embedding,
+                          _rows_as_kv_strides(d_embedding, num_kv_heads, head_dim),
+                          num_rows=num_rows, num_cols=num_cols, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                          dropout_p=dropout_p, seed=seed)

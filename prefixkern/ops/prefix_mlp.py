@@ -1,0 +1,266 @@
+"""fused_prefix_mlp: PEFT's prefix reparameterisation MLP, run once on P rows, written straight
+into the ``[L, 2, Hkv, P, D]`` layout the attention kernel reads."""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from .._backend import use_triton
+from ._checks import FLOAT_DTYPES, check_float, check_tensor
+
+__all__ = ["fused_prefix_mlp", "check_prefix_mlp_args"]
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+def check_prefix_mlp_args(embedding, w1, b1, w2, b2, *, num_layers, num_kv_heads, head_dim, out_dtype,
+                          dropout_p) -> tuple[int, int, int]:
+    """Validate ``fused_prefix_mlp``'s arguments; return ``(P, h, N)`` (h = 0 without projection)."""
+    _check_positive_int("num_layers", num_layers)
+    _check_positive_int("num_kv_heads", num_kv_heads)
+    _check_positive_int("head_dim", head_dim)
+    num_cols = 2 * num_layers * num_kv_heads * head_dim
+    projection = w1 is not None or w2 is not None
+    check_tensor("embedding", embedding, 2, "[P, d]" if projection else f"[P, 2*L*Hkv*D]=[P, {num_cols}]")
+    check_float("embedding", embedding)
+    num_rows = embedding.shape[0]
+    if num_rows == 0:
+        raise ValueError("embedding must hold at least one virtual token (P > 0), got P=0")
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be torch.float16, torch.bfloat16, torch.float32 or None, got {out_dtype!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if dropout_p > 0.0 and num_rows * num_cols >= 2**31:
+        raise ValueError(f"dropout needs P * 2*L*Hkv*D < 2**31 (Philox counters), got {num_rows} * {num_cols}")
+
+    if not projection:
+        for name, t in (("b1", b1), ("b2", b2)):
+            if t is not None:
+                raise ValueError(f"{name} needs w1 and w2 (projection); without them the embedding is the prefix")
+        if embedding.shape[1] != num_cols:
+            raise ValueError(
+                f"without projection embedding must have shape [P, 2*L*Hkv*D]=[{num_rows}, {num_cols}] "
+                f"(L={num_layers}, Hkv={num_kv_heads}, D={head_dim}), got {tuple(embedding.shape)}"
+            )
+        return num_rows, 0, num_cols
+
+    if w1 is None or w2 is None:
+        raise ValueError("w1 and w2 must both be given (projection) or both be None (P-Tuning v2)")
+    token_dim = embedding.shape[1]
+    check_tensor("w1", w1, 2, "[h, d]")
+    hidden_size = w1.shape[0]
+    check_tensor("w2", w2, 2, f"[2*L*Hkv*D, h]=[{num_cols}, h]")
+    expected = {
+        "w1": (w1, (hidden_size, token_dim), "[h, d]"),
+        "w2": (w2, (num_cols, hidden_size), "[2*L*Hkv*D, h]"),
+        "b1": (b1, (hidden_size,), "[h]"),
+        "b2": (b2, (num_cols,), "[2*L*Hkv*D]"),
+    }
+    for name, (t, shape, doc) in expected.items():
+        if t is None:
+            continue
+        check_tensor(name, t, len(shape), doc)
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"{name} must have shape {doc}={list(shape)} (P={num_rows}, d={token_dim}, h={hidden_size}, "
+                f"L={num_layers}, Hkv={num_kv_heads}, D={head_dim}), got {tuple(t.shape)}"
+            )
+        if t.dtype != embedding.dtype:
+            raise TypeError(f"{name} must have embedding's dtype {embedding.dtype}, got {t.dtype}")
+        if t.device != embedding.device:
+            raise ValueError(f"{name} must be on embedding's device {embedding.device}, got {t.device}")
+    if hidden_size == 0 or token_dim == 0:
+        raise ValueError(f"w1 must have shape [h, d] with h, d > 0, got {tuple(w1.shape)}")
+    return num_rows, hidden_size, num_cols
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops: opaque to torch.compile, which traces them through their fake implementations.
+# --------------------------------------------------------------------------------------------
+
+def _empty() -> torch.Tensor:
+    return torch.empty(0)
+
+
+@torch.library.custom_op("prefixkern::prefix_mlp_fwd", mutates_args=())
+def prefix_mlp_fwd(
+    embedding: torch.Tensor, w1: torch.Tensor | None, b1: torch.Tensor | None, w2: torch.Tensor | None,
+    b2: torch.Tensor | None, num_layers: int, num_kv_heads: int, head_dim: int, out_dtype: torch.dtype,
+    dropout_p: float, seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel forward: ``(out [L, 2, Hkv, P, D], hidden [P, h] float32 or [0] without projection)``."""
+    from ..kernels import prefix_mlp as kernels
+
+    if w1 is None:
+        out = kernels.prefix_rows_forward(embedding, num_layers=num_layers, num_kv_heads=num_kv_heads,
+                                          head_dim=head_dim, out_dtype=out_dtype, dropout_p=dropout_p, seed=seed)
+        return out, _empty().to(embedding.device)
+    return kernels.prefix_mlp_forward(embedding, w1, b1, w2, b2, num_layers=num_layers, num_kv_heads=num_kv_heads,
+                                      head_dim=head_dim, out_dtype=out_dtype, dropout_p=dropout_p, seed=seed)
+
+
+@prefix_mlp_fwd.register_fake
+def _(embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, out_dtype, dropout_p, seed):
+    num_rows = embedding.shape[0]
+    out = embedding.new_empty((num_layers, 2, num_kv_heads, num_rows, head_dim), dtype=out_dtype)
+    if w1 is None:
+        return out, embedding.new_empty((0,), dtype=torch.float32)
+    return out, embedding.new_empty((num_rows, w1.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("prefixkern::prefix_mlp_bwd", mutates_args=())
+def prefix_mlp_bwd(
+    grad_out: torch.Tensor, embedding: torch.Tensor, w1: torch.Tensor | None, b1: torch.Tensor | None,
+    w2: torch.Tensor | None, b2: torch.Tensor | None, hidden: torch.Tensor, num_layers: int, num_kv_heads: int,
+    head_dim: int, dropout_p: float, seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kernel backward: ``(dE, dW1, db1, dW2, db2)``; an absent parameter's gradient is a [0] tensor."""
+    from ..kernels import prefix_mlp as kernels
+
+    empty = _empty().to(embedding.device)
+    if w1 is None:
+        d_embedding = kernels.prefix_rows_backward(grad_out, embedding, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                                   dropout_p=dropout_p, seed=seed)
+        return d_embedding, empty, empty.clone(), empty.clone(), empty.clone()
+    grads = kernels.prefix_mlp_backward(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers=num_layers,
+                                        num_kv_heads=num_kv_heads, head_dim=head_dim, dropout_p=dropout_p, seed=seed)
+    d_embedding, dw1, db1, dw2, db2 = grads
+    return (d_embedding, dw1, db1 if db1 is not None else empty.clone(), dw2,
+            db2 if db2 is not None else empty.clone())
+
+
+@prefix_mlp_bwd.register_fake
+def _(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers, num_kv_heads, head_dim, dropout_p, seed):
+    def like(t):
+        return embedding.new_empty((0,)) if t is None else t.new_empty(t.shape)
+
+    return like(embedding), like(w1), like(b1), like(w2), like(b2)
+
+
+def _setup_context(ctx, inputs, output):
+    embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, _out_dtype, dropout_p, seed = inputs
+    _out, hidden = output
+    ctx.save_for_backward(embedding, w1, b1, w2, b2, hidden, seed)
+    ctx.sizes = (num_layers, num_kv_heads, head_dim)
+    ctx.dropout_p = dropout_p
+    ctx.mark_non_differentiable(hidden)
+
+
+def _backward(ctx, grad_out, _grad_hidden):
+    embedding, w1, b1, w2, b2, hidden, seed = ctx.saved_tensors
+    num_layers, num_kv_heads, head_dim = ctx.sizes
+    d_embedding, dw1, db1, dw2, db2 = prefix_mlp_bwd(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers,
+                                                     num_kv_heads, head_dim, ctx.dropout_p, seed)
+    return (
+        d_embedding,
+        dw1 if w1 is not None else None,
+        db1 if b1 is not None else None,
+        dw2 if w2 is not None else None,
+        db2 if b2 is not None else None,
+        None, None, None, None, None, None,
+    )
+
+
+prefix_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
+
+def fused_prefix_mlp(
+    embedding: torch.Tensor,
+    w1: torch.Tensor | None = None,
+    b1: torch.Tensor | None = None,
+    w2: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    *,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    out_dtype: torch.dtype | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """The prefix keys and values of every layer from PEFT's ``PrefixEncoder`` parameters, computed
+    once on the P virtual tokens (not on B*P expanded rows) and shared by the whole batch.
+
+    With projection (PEFT ``prefix_projection=True``, ``w1`` and ``w2`` given)::
+
+        rows = tanh(embedding @ w1^T + b1) @ w2^T + b2        # [P, N], N = 2 * L * Hkv * D
+        kv[l, t, g, p, d] = dropout(rows)[p, ((l * 2 + t) * Hkv + g) * D + d]
+
+    which is exactly how PEFT's ``get_prompt`` views and permutes the encoder output: layer l's
+    keys are ``kv[l, 0]`` and its values ``kv[l, 1]``, each ``[Hkv, P, D]``. Without projection
+    (P-Tuning v2, ``w1 = b1 = w2 = b2 = None``) ``rows`` is the embedding itself.
+
+    Args:
+        embedding: ``[P, d]`` with projection (PEFT's ``embedding.weight``, d = its ``token_dim``,
+            which for GQA models PEFT sets to ``Hkv * D``), or ``[P, N]`` without. float32,
+            float16 or bfloat16, any strides; P >= 1.
+        w1, b1: ``[h, d]`` and ``[h]``: PEFT's ``transform.0.weight`` / ``.bias``
+            (h = ``encoder_hidden_size``). ``b1`` may be None.
+        w2, b2: ``[N, h]`` and ``[N]``: PEFT's ``transform.2.weight`` / ``.bias``. ``b2`` may be None.
+            All parameters share the embedding's dtype and device.
+        num_layers, num_kv_heads, head_dim: L, Hkv, D of the model; ``N = 2 * L * Hkv * D``.
+        out_dtype: dtype of the result (the model's dtype, e.g. torch.bfloat16); default the
+            embedding's. Everything is computed in float32 and rounded once, at the store, as
+            PEFT does when it casts the float32 encoder output to the base model's dtype.
+            float32 products follow ``torch.get_float32_matmul_precision()``: exact by default,
+            TF32 when allowed, like ``nn.Linear``.
+        dropout_p: dropout on ``rows`` (P-Tuning v2's prefix dropout); pass 0.0 in evaluation.
+            The keep mask comes from Philox in the kernel, seeded from torch's default generator
+            (so ``torch.manual_seed`` makes it reproducible), and is regenerated in backward.
+
+    Returns:
+        ``kv``: ``[L, 2, Hkv, P, D]`` in ``out_dtype``, contiguous, differentiable in every
+        parameter (gradients in the parameters' dtype, float32 for PEFT's float32 parameters).
+        Without projection, dropout or a dtype cast it is a view of ``embedding`` (strides
+        ``(2*Hkv*D, Hkv*D, D, N, 1)``), no copy. To use it for a batch, pass ``kv[l, 0]``
+        / ``kv[l, 1]`` as a batch-shared prefix; the gradient reaching it is then the sum over
+        the batch, which equals PEFT's gradient through B expanded copies.
+
+    Backends: CUDA tensors run the Triton kernels (registered as the torch custom ops
+    ``prefixkern::prefix_mlp_fwd`` / ``prefix_mlp_bwd``, so ``torch.compile(fullgraph=True)``
+    traces through them); CPU tensors run ``prefixkern.reference.prefix_mlp`` unless
+    ``PREFIXKERN_BACKEND=triton`` (with ``TRITON_INTERPRET=1``) forces the kernels.
+
+    Raises:
+        ValueError / TypeError naming the argument and the expected shape (wrong ranks or
+        shapes, ``N != 2*L*Hkv*D``, P = 0, mixed dtypes or devices, a non-float tensor), before
+        any kernel is launched.
+
+    Example::
+
+        >>> # Llama-3-8B: L=32, Hkv=8, D=128; PEFT's token_dim = Hkv*D = 1024
+        >>> P, d, h, N = 20, 1024, 1024, 2 * 32 * 8 * 128
+        >>> E = torch.randn(P, d, device="cuda", requires_grad=True)
+        >>> w1, b1 = torch.randn(h, d, device="cuda"), torch.randn(h, device="cuda")
+        >>> w2, b2 = torch.randn(N, h, device="cuda"), torch.randn(N, device="cuda")
+        >>> kv = fused_prefix_mlp(E, w1, b1, w2, b2, num_layers=32, num_kv_heads=8, head_dim=128,
+        ...                       out_dtype=torch.bfloat16)
+        >>> kv.shape            # [L, 2, Hkv, P, D]
+        torch.Size([32, 2, 8, 20, 128])
+        >>> prefix_k, prefix_v = kv[3]   # layer 3, each [Hkv, P, D]
+    """
+    check_prefix_mlp_args(embedding, w1, b1, w2, b2, num_layers=num_layers, num_kv_heads=num_kv_heads,
+                          head_dim=head_dim, out_dtype=out_dtype, dropout_p=dropout_p)
+    out_dtype = out_dtype if out_dtype is not None else embedding.dtype
+    dropout_p = float(dropout_p)
+    if w1 is None and dropout_p == 0.0:
+        # P-Tuning v2: the embedding is the prefix. Splitting one dim is always a view.
+        kv = embedding.unflatten(1, (num_layers, 2, num_kv_heads, head_dim)).permute(1, 2, 3, 0, 4)
+        return kv if out_dtype == embedding.dtype else kv.to(out_dtype)
+    if not use_triton(embedding.device):
+        return reference.prefix_mlp(embedding, w1, b1, w2, b2, num_layers=num_layers, num_kv_heads=num_kv_heads,
+                                    head_dim=head_dim, out_dtype=out_dtype, dropout_p=dropout_p)
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**31 - 1, (1,), device=embedding.device, dtype=torch.int64)
+    out, _hidden = prefix_mlp_fwd(embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, out_dtype,
+                                  dropout_p, seed)
+    return out

@@ -1,0 +1,432 @@
+"""fused_prefix_mlp and PrefixEncoder against PEFT's own PrefixEncoder and the reference.
+
+On CPU the Triton kernels run in the interpreter (``use_backend("triton")``) at small, odd
+sizes (D, h, d not multiples of 16); ``-m gpu`` runs the real model sizes on CUDA.
+"""
+import pytest
+import torch
+from peft import PrefixTuningConfig
+from peft.tuners.prefix_tuning.model import PrefixEncoder as PeftPrefixEncoder
+
+import prefixkern
+from prefixkern import reference
+from prefixkern.ops.prefix_mlp import fused_prefix_mlp
+from prefixkern.prefix_encoder import PrefixEncoder
+
+from conftest import HAS_CUDA, TOLERANCES
+
+SMALL = dict(num_layers=2, num_kv_heads=2, head_dim=12)   # N = 96, token_dim d = 24
+SMALL_HIDDEN = 20
+
+
+def _tol(dtype, kind):
+    atol, rtol = TOLERANCES[dtype][kind]
+    return dict(atol=atol, rtol=rtol)
+
+
+def _peft_encoder(P, num_layers, num_kv_heads, head_dim, projection, hidden_size=None, device="cpu"):
+    config = PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=P, num_layers=num_layers, token_dim=num_kv_heads * head_dim,
+        num_attention_heads=num_kv_heads, encoder_hidden_size=hidden_size or num_kv_heads * head_dim,
+        prefix_projection=projection,
+    )
+    return PeftPrefixEncoder(config).to(device)
+
+
+def _peft_prefix(peft_encoder, batch, P, num_layers, num_kv_heads, head_dim, dtype):
+    """What PEFT's get_prompt builds: the encoder on B*P rows, cast, viewed and permuted.
+    Returns [L, 2, B, Hkv, P, D]."""
+    tokens = torch.arange(P, device=peft_encoder.embedding.weight.device).unsqueeze(0).expand(batch, -1)
+    rows = peft_encoder(tokens).to(dtype)
+    kv = rows.view(batch, P, 2 * num_layers, num_kv_heads, head_dim).permute(2, 0, 3, 1, 4)
+    return kv.reshape(num_layers, 2, batch, num_kv_heads, P, head_dim)
+
+
+def _ours_from_peft(peft_encoder, projection, P, device="cpu", **sizes):
+    ours = PrefixEncoder(P, **sizes, projection=projection,
+                         hidden_size=peft_encoder.transform[0].out_features if projection else None, device=device)
+    ours.load_state_dict(peft_encoder.state_dict())
+    return ours
+
+
+def _grads(module):
+    return {name: p.grad.clone() for name, p in module.named_parameters()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Against PEFT's PrefixEncoder: values and every parameter gradient
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("projection", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("P", [1, 10, 30, 128])
+def test_matches_peft_encoder(projection, dtype, P):
+    torch.manual_seed(P)
+    peft = _peft_encoder(P, **SMALL, projection=projection, hidden_size=SMALL_HIDDEN)
+    ours = _ours_from_peft(peft, projection, P, **SMALL)
+    expected = _peft_prefix(peft, 1, P, **SMALL, dtype=dtype)[:, :, 0]
+    grad = torch.randn(expected.shape).to(dtype)
+    expected.backward(grad)
+
+    with prefixkern.use_backend("triton"):
+        kv = ours(dtype)
+        kv.backward(grad)
+    assert kv.shape == (SMALL["num_layers"], 2, SMALL["num_kv_heads"], P, SMALL["head_dim"]) and kv.dtype == dtype
+    torch.testing.assert_close(kv, expected, **_tol(dtype, "out"))
+    peft_grads, our_grads = _grads(peft), _grads(ours)
+    assert peft_grads.keys() == our_grads.keys()
+    for name in peft_grads:
+        assert our_grads[name].dtype == torch.float32
+        torch.testing.assert_close(our_grads[name], peft_grads[name], **_tol(torch.float32, "grad"), msg=name)
+
+
+@pytest.mark.parametrize("sizes,hidden", [
+    (dict(num_layers=3, num_kv_heads=1, head_dim=20), 36),   # D not a multiple of 16, h > d
+    (dict(num_layers=1, num_kv_heads=3, head_dim=7), 5),     # tiny ragged everything
+])
+def test_odd_sizes_against_reference(sizes, hidden):
+    torch.manual_seed(1)
+    P = 13
+    d = sizes["num_kv_heads"] * sizes["head_dim"] + 3          # d need not be Hkv*D for the op
+    N = 2 * sizes["num_layers"] * sizes["num_kv_heads"] * sizes["head_dim"]
+    params = [torch.randn(P, d), torch.randn(hidden, d) / d**0.5, torch.randn(hidden),
+              torch.randn(N, hidden) / hidden**0.5, torch.randn(N)]
+    params = [p.requires_grad_() for p in params]
+    expected = reference.prefix_mlp(*params, **sizes, out_dtype=torch.float32)
+    grad = torch.randn(expected.shape)
+    expected_grads = torch.autograd.grad(expected, params, grad)
+    with prefixkern.use_backend("triton"):
+        kv = fused_prefix_mlp(*params, **sizes)
+        grads = torch.autograd.grad(kv, params, grad)
+    torch.testing.assert_close(kv, expected, **_tol(torch.float32, "out"))
+    for name, ours, ref in zip(("embedding", "w1", "b1", "w2", "b2"), grads, expected_grads):
+        torch.testing.assert_close(ours, ref, **_tol(torch.float32, "grad"), msg=name)
+
+
+def test_no_bias():
+    torch.manual_seed(2)
+    P, d, h = 5, 24, 20
+    N = 2 * 2 * 2 * 12
+    e, w1, w2 = (torch.randn(P, d).requires_grad_(), (torch.randn(h, d) / 5).requires_grad_(),
+                 (torch.randn(N, h) / 5).requires_grad_())
+    expected = reference.prefix_mlp(e, w1, None, w2, None, **SMALL)
+    grad = torch.randn(expected.shape)
+    expected_grads = torch.autograd.grad(expected, (e, w1, w2), grad)
+    with prefixkern.use_backend("triton"):
+        kv = fused_prefix_mlp(e, w1, None, w2, None, **SMALL)
+        grads = torch.autograd.grad(kv, (e, w1, w2), grad)
+    torch.testing.assert_close(kv, expected, **_tol(torch.float32, "out"))
+    for ours, ref in zip(grads, expected_grads):
+        torch.testing.assert_close(ours, ref, **_tol(torch.float32, "grad"))
+
+
+def test_reference_backend_matches_peft():
+    torch.manual_seed(3)
+    P = 6
+    peft = _peft_encoder(P, **SMALL, projection=True, hidden_size=SMALL_HIDDEN)
+    ours = _ours_from_peft(peft, True, P, **SMALL)
+    with prefixkern.use_backend("reference"):
+        kv = ours(torch.bfloat16)
+    torch.testing.assert_close(kv, _peft_prefix(peft, 1, P, **SMALL, dtype=torch.bfloat16)[:, :, 0], atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch-shared result vs PEFT's B expanded copies
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("projection", [True, False])
+def test_batch_shared_gradient_equals_peft_expanded(projection):
+    torch.manual_seed(4)
+    P, batch, dtype = 10, 3, torch.bfloat16
+    peft = _peft_encoder(P, **SMALL, projection=projection, hidden_size=SMALL_HIDDEN)
+    ours = _ours_from_peft(peft, projection, P, **SMALL)
+    expanded = _peft_prefix(peft, batch, P, **SMALL, dtype=dtype)         # [L, 2, B, Hkv, P, D]
+    grad = torch.randn(expanded.shape).to(dtype)
+    expanded.backward(grad)
+    with prefixkern.use_backend("triton"):
+        kv = ours(dtype)
+        # Every batch row reads the shared prefix, so its gradient is the sum over rows; the
+        # summed tensor is transposed here so the kernel reads a non-contiguous gradient.
+        summed = grad.float().sum(2).to(dtype).transpose(-1, -2).contiguous().transpose(-1, -2)
+        kv.backward(summed)
+    for b in range(batch):
+        torch.testing.assert_close(kv, expanded[:, :, b], **_tol(dtype, "out"))
+    peft_grads, our_grads = _grads(peft), _grads(ours)
+    for name in peft_grads:
+        # The bf16 sum over B rounds once more than PEFT's float32 accumulation.
+        torch.testing.assert_close(our_grads[name], peft_grads[name], **_tol(dtype, "grad"), msg=name)
+
+
+def test_matches_peft_get_prompt_on_gqa_llama():
+    """The real thing: PEFT's get_prompt on a GQA Llama (token_dim = Hkv * D), bf16 base model."""
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    config = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)   # head_dim 12
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    P, batch = 7, 2
+    peft_model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
+                                                          prefix_projection=True, encoder_hidden_size=20))
+    pconf = peft_model.peft_config["default"]
+    assert (pconf.token_dim, pconf.num_attention_heads) == (24, 2)
+    peft_encoder = peft_model.prompt_encoder["default"]
+    ours = PrefixEncoder.from_peft(peft_encoder, num_layers=pconf.num_layers, num_kv_heads=pconf.num_attention_heads,
+                                   head_dim=pconf.token_dim // pconf.num_attention_heads)
+    cache = peft_model.get_prompt(batch_size=batch)
+    with prefixkern.use_backend("triton"):
+        kv = ours(torch.bfloat16)
+    for layer in range(2):
+        keys, values = cache.layers[layer].keys, cache.layers[layer].values       # [B, Hkv, P, D]
+        for b in range(batch):
+            torch.testing.assert_close(kv[layer, 0], keys[b], **_tol(torch.bfloat16, "out"))
+            torch.testing.assert_close(kv[layer, 1], values[b], **_tol(torch.bfloat16, "out"))
+
+
+# ----------------------------------------------------------------------------------------------
+# State dicts and parameter sharing
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("projection", [True, False])
+def test_state_dict_round_trip_both_ways(projection):
+    torch.manual_seed(6)
+    P = 4
+    peft = _peft_encoder(P, **SMALL, projection=projection, hidden_size=SMALL_HIDDEN)
+    ours = PrefixEncoder(P, **SMALL, projection=projection, hidden_size=SMALL_HIDDEN)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in peft.state_dict().items()}
+    assert all(v.dtype == torch.float32 for v in ours.state_dict().values())
+    ours.load_state_dict(peft.state_dict())             # PEFT -> prefixkern, strict
+    for k, v in peft.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v)
+    fresh_peft = _peft_encoder(P, **SMALL, projection=projection, hidden_size=SMALL_HIDDEN)
+    fresh_peft.load_state_dict(ours.state_dict())       # prefixkern -> PEFT, strict
+    with torch.no_grad():
+        expected = _peft_prefix(fresh_peft, 1, P, **SMALL, dtype=torch.float32)[:, :, 0]
+    torch.testing.assert_close(ours(), expected, **_tol(torch.float32, "out"))
+
+
+def test_from_peft_shares_parameters():
+    torch.manual_seed(7)
+    P = 5
+    peft = _peft_encoder(P, **SMALL, projection=True, hidden_size=SMALL_HIDDEN)
+    ours = PrefixEncoder.from_peft(peft, **SMALL)
+    assert ours.embedding.weight is peft.embedding.weight
+    assert ours.transform[2].weight is peft.transform[2].weight
+    with prefixkern.use_backend("triton"):
+        ours().sum().backward()
+    assert peft.transform[0].weight.grad is not None and peft.embedding.weight.grad is not None
+    with torch.no_grad():
+        peft.transform[2].bias.add_(1.0)
+    with prefixkern.use_backend("triton"), torch.no_grad():
+        kv = ours()
+    torch.testing.assert_close(kv, _peft_prefix(peft, 1, P, **SMALL, dtype=torch.float32)[:, :, 0],
+                               **_tol(torch.float32, "out"))
+    with pytest.raises(ValueError, match="embedding.weight"):
+        PrefixEncoder.from_peft(peft, num_layers=3, num_kv_heads=2, head_dim=5)
+
+
+def test_projection_false_is_a_view():
+    P = 3
+    enc = PrefixEncoder(P, **SMALL)
+    for backend in ("triton", "reference", "auto"):
+        with prefixkern.use_backend(backend):
+            kv = enc()
+        assert kv.data_ptr() == enc.embedding.weight.data_ptr()
+        assert kv._base is enc.embedding.weight
+    rows = enc.embedding.weight
+    for layer in range(2):
+        for t in range(2):
+            for g in range(2):
+                col = ((layer * 2 + t) * 2 + g) * 12
+                torch.testing.assert_close(kv[layer, t, g], rows[:, col:col + 12], atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout (Philox in the kernel, regenerated in backward)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("projection", [True, False])
+def test_dropout_mask_is_exact_and_reproducible(projection):
+    torch.manual_seed(8)
+    P, p = 30, 0.3
+    peft = _peft_encoder(P, **SMALL, projection=projection, hidden_size=SMALL_HIDDEN)
+    ours = _ours_from_peft(peft, projection, P, **SMALL)
+    ours.dropout = p
+    params = dict(ours.named_parameters())
+    with prefixkern.use_backend("triton"):
+        torch.manual_seed(123)
+        kv = ours()
+        torch.manual_seed(123)
+        again = ours()
+        torch.manual_seed(124)
+        other = ours()
+        grad = torch.randn(kv.shape)
+        kv.backward(grad)
+    assert torch.equal(kv, again), "same seed, different dropout mask"
+    assert not torch.equal(kv != 0, other != 0), "different seeds gave the same mask"
+
+    # The inputs are never exactly zero, so the zeros of the output are the dropped elements.
+    keep_kv = kv != 0
+    keep = keep_kv.permute(3, 0, 1, 2, 4).reshape(P, -1)                    # [P, N], column c as PEFT
+    rate = 1.0 - keep.float().mean().item()
+    assert abs(rate - p) < 0.05, f"dropout rate {rate:.3f} for p={p}"
+    weights = [params.get(n) for n in ("transform.0.weight", "transform.0.bias", "transform.2.weight",
+                                       "transform.2.bias")]
+    leaves = [params["embedding.weight"].detach().requires_grad_()] + [
+        w.detach().requires_grad_() if w is not None else None for w in weights]
+    expected = reference.prefix_mlp(*leaves, **SMALL, dropout_p=p, dropout_keep=keep)
+    torch.testing.assert_close(kv, expected, **_tol(torch.float32, "out"))
+    present = [t for t in leaves if t is not None]
+    expected_grads = torch.autograd.grad(expected, present, grad)
+    names = ["embedding.weight"] + [n for n, w in zip(("transform.0.weight", "transform.0.bias",
+                                                       "transform.2.weight", "transform.2.bias"), weights)
+                                    if w is not None]
+    for name, ref in zip(names, expected_grads):
+        torch.testing.assert_close(params[name].grad, ref, **_tol(torch.float32, "grad"), msg=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_torch_compile_fullgraph(dropout):
+    """The custom ops trace without a graph break; AOT autograd compiles the backward through
+    prefix_mlp_bwd's fake. Same seed, same dropout mask as eager."""
+    torch.manual_seed(10)
+    P = 6
+    enc = PrefixEncoder(P, **SMALL, projection=True, hidden_size=SMALL_HIDDEN, dropout=dropout)
+    grad = torch.randn(2, 2, 2, P, 12)
+
+    def loss_fn(module):
+        kv = module(torch.bfloat16)
+        return (kv.float() * grad).sum(), kv
+
+    with prefixkern.use_backend("triton"):
+        torch.manual_seed(11)
+        eager_loss, eager = loss_fn(enc)
+        eager_loss.backward()
+        eager_grads = _grads(enc)
+        enc.zero_grad(set_to_none=True)
+        torch._dynamo.reset()
+        compiled_fn = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+        torch.manual_seed(11)
+        loss, compiled = compiled_fn(enc)
+        loss.backward()
+    torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
+    if dropout:
+        assert (compiled == 0).any()
+    for name, g in _grads(enc).items():
+        torch.testing.assert_close(g, eager_grads[name], atol=0, rtol=0, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: errors name the argument, before any launch
+# ----------------------------------------------------------------------------------------------
+
+def _valid():
+    P, d, h, N = 4, 24, 20, 96
+    return dict(embedding=torch.randn(P, d), w1=torch.randn(h, d), b1=torch.randn(h), w2=torch.randn(N, h),
+                b2=torch.randn(N))
+
+
+@pytest.mark.parametrize("change,error,pattern", [
+    (dict(embedding=torch.randn(0, 24)), ValueError, "P > 0"),
+    (dict(embedding=torch.randn(4, 24, 1)), ValueError, "embedding"),
+    (dict(embedding=torch.randint(0, 3, (4, 24))), TypeError, "embedding"),
+    (dict(w1=torch.randn(20, 25)), ValueError, "w1"),
+    (dict(w2=torch.randn(95, 20)), ValueError, r"w2 .*2\*L\*Hkv\*D"),
+    (dict(b1=torch.randn(21)), ValueError, "b1"),
+    (dict(b2=torch.randn(95)), ValueError, "b2"),
+    (dict(w2=torch.randn(96, 20, dtype=torch.float64)), TypeError, "w2"),
+    (dict(b1=torch.randn(20, dtype=torch.bfloat16)), TypeError, "b1"),
+    (dict(w2=None), ValueError, "w1 and w2"),
+    (dict(w1=None, w2=None), ValueError, "b1"),
+    (dict(w2=torch.randn(96, 20, device="meta")), ValueError, "w2 must be on"),
+])
+def test_bad_input(change, error, pattern):
+    args = {**_valid(), **change}
+    with prefixkern.use_backend("triton"), pytest.raises(error, match=pattern):
+        fused_prefix_mlp(args.pop("embedding"), **args, **SMALL)
+
+
+@pytest.mark.parametrize("kwargs,error,pattern", [
+    (dict(num_layers=0), ValueError, "num_layers"),
+    (dict(num_kv_heads=2.0), TypeError, "num_kv_heads"),
+    (dict(head_dim=True), TypeError, "head_dim"),
+    (dict(out_dtype=torch.int8), TypeError, "out_dtype"),
+    (dict(dropout_p=1.0), ValueError, "dropout_p"),
+])
+def test_bad_options(kwargs, error, pattern):
+    with prefixkern.use_backend("triton"), pytest.raises(error, match=pattern):
+        fused_prefix_mlp(**_valid(), **{**SMALL, **kwargs})
+
+
+def test_bad_input_without_projection():
+    with pytest.raises(ValueError, match=r"\[P, 2\*L\*Hkv\*D\]"):
+        fused_prefix_mlp(torch.randn(4, 95), **SMALL)
+
+
+# ----------------------------------------------------------------------------------------------
+# Full size on a GPU
+# ----------------------------------------------------------------------------------------------
+
+GPU_MODELS = {
+    # name: (L, Hkv, D, encoder hidden size h); d = token_dim = Hkv * D as PEFT sets it for GQA
+    "qwen2.5-0.5b": (24, 2, 64, 896),
+    "bloomz-560m": (24, 16, 64, 1024),
+    "llama-3-8b": (32, 8, 128, 4096),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", list(GPU_MODELS))
+@pytest.mark.parametrize("P", [1, 20, 64, 128, 256, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_full_size_against_reference(model, P, dtype):
+    num_layers, num_kv_heads, head_dim, hidden = GPU_MODELS[model]
+    sizes = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    torch.manual_seed(0)
+    peft = _peft_encoder(P, **sizes, projection=True, hidden_size=hidden, device="cuda")
+    ours = PrefixEncoder.from_peft(peft, **sizes)
+    params = [p.detach().double().requires_grad_() for p in (
+        peft.embedding.weight, peft.transform[0].weight, peft.transform[0].bias, peft.transform[2].weight,
+        peft.transform[2].bias)]
+    expected = reference.prefix_mlp(*params, **sizes, out_dtype=torch.float64)
+    grad = torch.randn(expected.shape, device="cuda").to(dtype)
+    expected_grads = torch.autograd.grad(expected, params, grad.double())
+    kv = ours(dtype)
+    kv.backward(grad)
+    torch.testing.assert_close(kv, expected.to(dtype), **_tol(dtype, "out"))
+    for name, ref in zip(("embedding.weight", "transform.0.weight", "transform.0.bias", "transform.2.weight",
+                          "transform.2.bias"), expected_grads):
+        ours_grad = dict(ours.named_parameters())[name].grad
+        torch.testing.assert_close(ours_grad, ref.float(), **_tol(torch.float32, "grad"), msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", list(GPU_MODELS))
+def test_gpu_batch_expanded_peft_and_dropout(model):
+    num_layers, num_kv_heads, head_dim, hidden = GPU_MODELS[model]
+    sizes = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    torch.manual_seed(0)
+    P, batch, dtype = 20, 4, torch.bfloat16
+    peft = _peft_encoder(P, **sizes, projection=True, hidden_size=hidden, device="cuda")
+    ours = _ours_from_peft(peft, True, P, device="cuda", **sizes)
+    expanded = _peft_prefix(peft, batch, P, **sizes, dtype=dtype)
+    grad = torch.randn(expanded.shape, device="cuda").to(dtype)
+    expanded.backward(grad)
+    kv = ours(dtype)
+    kv.backward(grad.float().sum(2).to(dtype))
+    torch.testing.assert_close(kv, expanded[:, :, 0], **_tol(dtype, "out"))
+    peft_grads, our_grads = _grads(peft), _grads(ours)
+    for name in peft_grads:
+        torch.testing.assert_close(our_grads[name], peft_grads[name], **_tol(dtype, "grad"), msg=name)
+
+    ours.dropout = 0.1
+    torch.manual_seed(1)
+    dropped = ours(dtype)
+    torch.manual_seed(1)
+    assert torch.equal(dropped, ours(dtype))
+    assert abs((dropped == 0).float().mean().item() - 0.1) < 0.01
