@@ -24,6 +24,7 @@ and scales kept values by ``1 / (1 - dropout_p)``; the backward regenerates the 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -86,6 +87,14 @@ def _named(named_args: dict, kwargs: dict) -> dict:
     return {**named_args, **kwargs}
 
 
+def _fits_smem(config, elements_per_stage: int) -> bool:
+    """Whether the config's software pipeline of float32 tiles fits in shared memory, so a pruned
+    list never leaves only a config that cannot launch."""
+    if not torch.cuda.is_available():
+        return True
+    return config.num_stages * elements_per_stage * 4 <= _smem_bytes(torch.cuda.current_device())
+
+
 # --------------------------------------------------------------------------------------------
 # Small GEMM with a fused epilogue: H = tanh(E @ W1^T + b1), dE = dZ @ W1, dW1 = dZ^T @ E
 # --------------------------------------------------------------------------------------------
@@ -111,7 +120,8 @@ def _prune_matmul(configs, named_args, **kwargs):
     m = args["M"]
     # A tile much taller than M only multiplies zeros (M is P in the forward and dE GEMMs).
     cap = max(16, triton.next_power_of_2(m))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and _fits_smem(
+        c, (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"])]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
 
@@ -175,8 +185,9 @@ def _fwd_configs():
 def _prune_fwd(configs, named_args, **kwargs):
     args = _named(named_args, kwargs)
     block_p, n = args["BLOCK_P"], args["N"]
-    # The [BLOCK_P, BLOCK_N] float32 accumulator lives in registers.
-    kept = [c for c in configs if block_p * c.kwargs["BLOCK_N"] <= 16384 and block_p * c.kwargs["BLOCK_K"] <= 16384]
+    # The [BLOCK_P, BLOCK_N] float32 accumulator lives in registers; H and W2 tiles are pipelined.
+    kept = [c for c in configs if block_p * c.kwargs["BLOCK_N"] <= 16384 and block_p * c.kwargs["BLOCK_K"] <= 16384
+            and _fits_smem(c, (block_p + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"])]
     # Narrow N (small models) needs narrow tiles to fill the GPU: drop tiles that leave it mostly idle.
     if torch.cuda.is_available() and kept:
         sms = _num_sms(torch.cuda.current_device())
@@ -252,8 +263,10 @@ def _bwd_split_align() -> int:
 
 def _prune_bwd(configs, named_args, **kwargs):
     block_p = _named(named_args, kwargs)["BLOCK_P"]
-    # Live float32 tiles: dH accumulator and H chunk [BLOCK_P, BLOCK_K], G [BLOCK_P, BLOCK_N].
-    kept = [c for c in configs if block_p * c.kwargs["BLOCK_K"] <= 8192 and block_p * c.kwargs["BLOCK_N"] <= 8192]
+    # Live float32 tiles: dH accumulator and H chunk [BLOCK_P, BLOCK_K], G [BLOCK_P, BLOCK_N];
+    # G and W2 tiles are pipelined.
+    kept = [c for c in configs if block_p * c.kwargs["BLOCK_K"] <= 8192 and block_p * c.kwargs["BLOCK_N"] <= 8192
+            and _fits_smem(c, (block_p + c.kwargs["BLOCK_K"]) * c.kwargs["BLOCK_N"])]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
 
 
@@ -383,6 +396,18 @@ def prefix_kv_copy_kernel(
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_bytes(device_index: int) -> int:
+    # Opt-in per-block shared memory (227 KiB on H100, 163 KiB on A100); older torch lacks the field.
+    props = torch.cuda.get_device_properties(device_index)
+    return getattr(props, "shared_memory_per_block_optin", 99 * 1024)
+
+
+def on_device(device: torch.device):
+    """Launch on the tensors' GPU, not the current one (Triton launches on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _input_precision() -> str:

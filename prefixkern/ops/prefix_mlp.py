@@ -96,12 +96,14 @@ def prefix_mlp_fwd(
     """Kernel forward: ``(out [L, 2, Hkv, P, D], hidden [P, h] float32 or [0] without projection)``."""
     from ..kernels import prefix_mlp as kernels
 
-    if w1 is None:
-        out = kernels.prefix_rows_forward(embedding, num_layers=num_layers, num_kv_heads=num_kv_heads,
-                                          head_dim=head_dim, out_dtype=out_dtype, dropout_p=dropout_p, seed=seed)
-        return out, _empty().to(embedding.device)
-    return kernels.prefix_mlp_forward(embedding, w1, b1, w2, b2, num_layers=num_layers, num_kv_heads=num_kv_heads,
-                                      head_dim=head_dim, out_dtype=out_dtype, dropout_p=dropout_p, seed=seed)
+    with kernels.on_device(embedding.device):
+        if w1 is None:
+            out = kernels.prefix_rows_forward(embedding, num_layers=num_layers, num_kv_heads=num_kv_heads,
+                                              head_dim=head_dim, out_dtype=out_dtype, dropout_p=dropout_p, seed=seed)
+            return out, _empty().to(embedding.device)
+        return kernels.prefix_mlp_forward(embedding, w1, b1, w2, b2, num_layers=num_layers,
+                                          num_kv_heads=num_kv_heads, head_dim=head_dim, out_dtype=out_dtype,
+                                          dropout_p=dropout_p, seed=seed)
 
 
 @prefix_mlp_fwd.register_fake
@@ -123,12 +125,14 @@ def prefix_mlp_bwd(
     from ..kernels import prefix_mlp as kernels
 
     empty = _empty().to(embedding.device)
-    if w1 is None:
-        d_embedding = kernels.prefix_rows_backward(grad_out, embedding, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                                                   dropout_p=dropout_p, seed=seed)
-        return d_embedding, empty, empty.clone(), empty.clone(), empty.clone()
-    grads = kernels.prefix_mlp_backward(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers=num_layers,
-                                        num_kv_heads=num_kv_heads, head_dim=head_dim, dropout_p=dropout_p, seed=seed)
+    with kernels.on_device(embedding.device):
+        if w1 is None:
+            d_embedding = kernels.prefix_rows_backward(grad_out, embedding, num_kv_heads=num_kv_heads,
+                                                       head_dim=head_dim, dropout_p=dropout_p, seed=seed)
+            return d_embedding, empty, empty.clone(), empty.clone(), empty.clone()
+        grads = kernels.prefix_mlp_backward(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers=num_layers,
+                                            num_kv_heads=num_kv_heads, head_dim=head_dim, dropout_p=dropout_p,
+                                            seed=seed)
     d_embedding, dw1, db1, dw2, db2 = grads
     return (d_embedding, dw1, db1 if db1 is not None else empty.clone(), dw2,
             db2 if db2 is not None else empty.clone())
@@ -217,10 +221,11 @@ def fused_prefix_mlp(
             (so ``torch.manual_seed`` makes it reproducible), and is regenerated in backward.
 
     Returns:
-        ``kv``: ``[L, 2, Hkv, P, D]`` in ``out_dtype``, contiguous, differentiable in every
-        parameter (gradients in the parameters' dtype, float32 for PEFT's float32 parameters).
-        Without projection, dropout or a dtype cast it is a view of ``embedding`` (strides
-        ``(2*Hkv*D, Hkv*D, D, N, 1)``), no copy. To use it for a batch, pass ``kv[l, 0]``
+        ``kv``: ``[L, 2, Hkv, P, D]`` in ``out_dtype``, differentiable in every parameter
+        (gradients in the parameters' dtype, float32 for PEFT's float32 parameters). With
+        projection or dropout it is contiguous. Without either it keeps the embedding's row
+        layout (strides ``(2*Hkv*D, Hkv*D, D, N, 1)`` for a contiguous embedding): a view of
+        ``embedding`` with no copy when no dtype cast is asked for, else a cast copy. To use it for a batch, pass ``kv[l, 0]``
         / ``kv[l, 1]`` as a batch-shared prefix; the gradient reaching it is then the sum over
         the batch, which equals PEFT's gradient through B expanded copies.
 
