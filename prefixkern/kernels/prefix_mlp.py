@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpret
+from ._math import tanh as _tanh
 
 # All P rows of a tile share one block up to these sizes; beyond, the forward splits P across
 # the grid and the backward loops over P inside each program. The interpreter uses a small cap
@@ -43,19 +44,6 @@ MAX_BLOCK_P_BWD = 32 if triton_interpret() else 256
 # --------------------------------------------------------------------------------------------
 # Shared device helpers
 # --------------------------------------------------------------------------------------------
-
-@triton.jit
-def _tanh(x):
-    """float32 tanh, accurate to a few ulp: a series near 0 avoids the cancellation of
-    ``(1 - e^-2|x|) / (1 + e^-2|x|)`` there (no libdevice, so the interpreter runs it too)."""
-    ax = tl.abs(x)
-    t = tl.exp(-2.0 * ax)
-    far = (1.0 - t) / (1.0 + t)
-    x2 = ax * ax
-    near = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (-0.05396825396825397))))
-    y = tl.where(ax < 0.0625, near, far)
-    return tl.where(x < 0.0, -y, y)
-
 
 @triton.jit
 def _kv_column_offsets(cols, Hkv, D, stride_l, stride_t, stride_g, stride_d):

@@ -1,0 +1,126 @@
+"""Device code shared by the prefix-attention forward and backward kernels, so both compute the
+same scores, the same visibility and the same dropout mask.
+
+Positions (DESIGN.md, "The math"): prefix key j sits at j, sequence key j at ``P + j``, query i at
+``P + (S_kv - S) + i`` (bottom-right aligned). Key *columns* number the concatenation
+``[prefix ; sequence]``: prefix key j is column j, sequence key j column ``P + j``; the dropout
+counter of (query i, column c) in batch row b, head h is ``i * (P + S_kv) + c`` under the Philox
+key ``seed + b * Hq + h``, so any kernel regenerates any element of the mask on its own.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._math import tanh
+
+LOG2E: tl.constexpr = 1.4426950408889634
+
+
+@triton.jit
+def score_mods(s, softcap, slope, key_pos, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Scaled scores ``s`` (float32 [BM, BN], natural units) after soft-capping and ALiBi.
+
+    ``key_pos`` is the float32 [BN] ALiBi position of each key (unused without ALiBi).
+    """
+    if HAS_SOFTCAP:
+        s = softcap * tanh(s / softcap)
+    if HAS_ALIBI:
+        s = s + slope * key_pos[None, :]
+    return s
+
+
+@triton.jit
+def alibi_sequence_positions(pos_row_ptr, stride_pos_s, offs_n, S_kv, P, HAS_POS: tl.constexpr):
+    """ALiBi positions of sequence keys ``offs_n``: ``P + j`` without padding, else the host's
+    ``alibi_positions`` row (P + number of real keys before j, as HF BLOOM counts)."""
+    if HAS_POS:
+        return tl.load(pos_row_ptr + offs_n * stride_pos_s, mask=offs_n < S_kv, other=0.0)
+    return (P + offs_n).to(tl.float32)
+
+
+@triton.jit
+def sequence_visible(offs_m, offs_n, S, S_kv, window, kpm_row_ptr, stride_kpm_s,
+                     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr):
+    """Boolean [BM, BN]: may query ``offs_m`` see sequence key ``offs_n``? Includes the bounds."""
+    vis = (offs_m[:, None] < S) & (offs_n[None, :] < S_kv)
+    # Query i sits at sequence position (S_kv - S) + i.
+    diag = S_kv - S
+    if CAUSAL:
+        vis = vis & (offs_n[None, :] <= offs_m[:, None] + diag)
+    if HAS_WINDOW:
+        vis = vis & ((offs_m[:, None] + diag - offs_n[None, :]) < window)
+    if HAS_KPM:
+        real = tl.load(kpm_row_ptr + offs_n * stride_kpm_s, mask=offs_n < S_kv, other=0)
+        vis = vis & (real != 0)[None, :]
+    return vis
+
+
+@triton.jit
+def prefix_visible(offs_m, offs_p, S, S_kv, P, window, HAS_WINDOW: tl.constexpr):
+    """Boolean [BM, BP]: may query ``offs_m`` see prefix key ``offs_p``? Includes the bounds.
+    The prefix is always visible except past a sliding window."""
+    vis = (offs_m[:, None] < S) & (offs_p[None, :] < P)
+    if HAS_WINDOW:
+        vis = vis & ((P + S_kv - S + offs_m[:, None] - offs_p[None, :]) < window)
+    return vis
+
+
+@triton.jit
+def dropout_keep(seed, bh, offs_m, key_cols, num_keys, dropout_p):
+    """Keep mask [BM, BN] of attention dropout for queries ``offs_m`` and key columns ``key_cols``
+    of batch-head ``bh = b * Hq + h`` (``num_keys = P + S_kv``)."""
+    counters = (offs_m[:, None] * num_keys + key_cols[None, :]).to(tl.int32)
+    return tl.rand(seed + bh, counters) >= dropout_p
+
+
+@triton.jit
+def dropout_keep_mask_kernel(seed_ptr, keep_ptr, S, num_keys, dropout_p,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Writes the [B * Hq, S, P + S_kv] keep mask the attention kernels use (tests, debugging)."""
+    bh = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    seed = tl.load(seed_ptr)
+    for start_n in range(0, num_keys, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = dropout_keep(seed, bh, offs_m, cols, num_keys, dropout_p)
+        ptrs = keep_ptr + bh * S * num_keys + offs_m[:, None] * num_keys + cols[None, :]
+        tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < S) & (cols[None, :] < num_keys))
+
+
+# --------------------------------------------------------------------------------------------
+# Host helpers
+# --------------------------------------------------------------------------------------------
+
+def check_dropout_counters(seq_len_q: int, num_keys: int) -> None:
+    """Philox counters are int32 per batch-head: ``S * (P + S_kv)`` must stay below 2**31."""
+    if seq_len_q * num_keys >= 2**31:
+        raise ValueError(
+            f"dropout_p > 0 needs S * (P + S_kv) < 2**31 (Philox counters), got {seq_len_q} * {num_keys}"
+        )
+
+
+def dropout_keep_mask(seed: torch.Tensor, batch: int, num_heads: int, seq_len_q: int, prefix_len: int,
+                      seq_len_kv: int, dropout_p: float) -> torch.Tensor:
+    """The boolean keep mask ``[B, Hq, S, P + S_kv]`` the kernels draw for ``seed`` (an int64
+    tensor of one element on the kernels' device); ``reference.prefix_attention(dropout_keep=...)``
+    takes it, which is how tests check dropout against the oracle."""
+    num_keys = prefix_len + seq_len_kv
+    check_dropout_counters(seq_len_q, num_keys)
+    keep = torch.empty(batch * num_heads, seq_len_q, num_keys, dtype=torch.int8, device=seed.device)
+    grid = (batch * num_heads, triton.cdiv(seq_len_q, 32))
+    dropout_keep_mask_kernel[grid](seed, keep, seq_len_q, num_keys, float(dropout_p), BLOCK_M=32, BLOCK_N=64)
+    return keep.view(batch, num_heads, seq_len_q, num_keys).bool()
+
+
+def alibi_positions(key_padding_mask: torch.Tensor, prefix_len: int) -> torch.Tensor:
+    """float32 [B, S_kv]: ALiBi position of each sequence key under padding, as HF BLOOM builds it
+    from the mask with the prefix's ones prepended (padded keys get 0; they are hidden anyway)."""
+    real = key_padding_mask.to(torch.int32)
+    return ((real.cumsum(-1, dtype=torch.int32) - 1 + prefix_len) * real).to(torch.float32)
+
+
+def padding_mask_for_kernel(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """The mask as the kernels load it: bool viewed as uint8 (no copy), integer masks unchanged."""
+    return key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
