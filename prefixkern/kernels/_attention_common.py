@@ -9,8 +9,11 @@ key ``seed + b * Hq + h``, so any kernel regenerates any element of the mask on 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
+import triton.testing
 import triton.language as tl
 
 from ._math import tanh
@@ -124,3 +127,130 @@ def alibi_positions(key_padding_mask: torch.Tensor, prefix_len: int) -> torch.Te
 def padding_mask_for_kernel(key_padding_mask: torch.Tensor) -> torch.Tensor:
     """The mask as the kernels load it: bool viewed as uint8 (no copy), integer masks unchanged."""
     return key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
+
+
+@triton.jit
+def load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a tile, paying for a bounds mask only on the axes that can run out of range
+    (``rows_ok``/``cols_ok`` are broadcastable boolean vectors)."""
+    if CHECK_ROWS and CHECK_COLS:
+        return tl.load(ptrs, mask=rows_ok & cols_ok, other=0.0)
+    elif CHECK_ROWS:
+        return tl.load(ptrs, mask=rows_ok, other=0.0)
+    elif CHECK_COLS:
+        return tl.load(ptrs, mask=cols_ok, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def prefix_row(b, prefix_index_ptr, HAS_PREFIX_INDEX: tl.constexpr):
+    """Which prefix batch row ``b`` reads: ``prefix_index[b]`` per task, else ``b`` (the launcher
+    passes batch stride 0 for a batch-shared prefix)."""
+    if HAS_PREFIX_INDEX:
+        return tl.load(prefix_index_ptr + b).to(tl.int64)
+    return b.to(tl.int64)
+
+
+@triton.jit
+def sequence_key_range(q_lo, q_hi, S, S_kv, window, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                       HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr):
+    """Sequence key blocks queries ``[q_lo, q_hi)`` can see, as ``(lo, full_lo, full_hi, hi)``:
+    ``[lo, full_lo)`` and ``[full_hi, hi)`` need the visibility mask, ``[full_lo, full_hi)`` is
+    visible to every query of the block and in bounds, so its mask is skipped. All are multiples
+    of BLOCK_N except ``hi``."""
+    diag = S_kv - S
+    hi = S_kv
+    if CAUSAL:
+        hi = tl.minimum(S_kv, q_hi + diag)
+    hi = tl.maximum(hi, 0)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(0, q_lo + diag - window + 1) // BLOCK_N * BLOCK_N
+    lo = tl.minimum(lo, hi // BLOCK_N * BLOCK_N)
+    if HAS_KPM:
+        full_lo = lo
+        full_hi = lo
+    else:
+        full_hi = S_kv
+        if CAUSAL:
+            full_hi = tl.minimum(S_kv, q_lo + diag + 1)
+        full_hi = tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
+        full_lo = lo
+        if HAS_WINDOW:
+            full_lo = tl.cdiv(tl.maximum(q_hi + diag - window, 0), BLOCK_N) * BLOCK_N
+        full_lo = tl.minimum(tl.maximum(full_lo, lo), tl.cdiv(hi, BLOCK_N) * BLOCK_N)
+        full_hi = tl.maximum(full_hi, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+def attention_launch_args(q, k, prefix_k, prefix_index, key_padding_mask, alibi_slopes, dropout_p, seed):
+    """Host-side pieces every attention kernel takes: prefix strides (batch stride 0 when the
+    prefix is batch-shared), and real or dummy pointers for the optional inputs."""
+    if prefix_k.dim() == 3:
+        prefix_strides = (0,) + tuple(prefix_k.stride())
+    else:
+        prefix_strides = tuple(prefix_k.stride())
+    dummy = q  # never read: its flag is off
+    kpm = padding_mask_for_kernel(key_padding_mask) if key_padding_mask is not None else None
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(torch.float32)
+        slope_strides = (0, slopes.stride(0)) if slopes.dim() == 1 else tuple(slopes.stride())
+        positions = alibi_positions(key_padding_mask, prefix_k.shape[-2]) if kpm is not None else None
+    else:
+        slopes, slope_strides, positions = None, (0, 0), None
+    return {
+        "prefix_strides": prefix_strides,
+        "prefix_index": prefix_index if prefix_index is not None else dummy,
+        "kpm": kpm if kpm is not None else dummy,
+        "kpm_strides": tuple(kpm.stride()) if kpm is not None else (0, 0),
+        "slopes": slopes if slopes is not None else dummy,
+        "slope_strides": slope_strides,
+        "positions": positions if positions is not None else dummy,
+        "position_strides": tuple(positions.stride()) if positions is not None else (0, 0),
+        "seed": seed if seed is not None else torch.zeros(1, dtype=torch.int64, device=q.device),
+        "flags": {
+            "HAS_PREFIX_INDEX": prefix_index is not None,
+            "HAS_KPM": kpm is not None,
+            "HAS_ALIBI": alibi_slopes is not None,
+            "HAS_POS": positions is not None,
+            "HAS_DROPOUT": dropout_p > 0.0,
+        },
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_bytes(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return getattr(props, "shared_memory_per_block_optin", 99 * 1024)
+
+
+def fits_smem(config, head_dim_block: int, elem_bytes: int, device: torch.device) -> bool:
+    if device.type != "cuda":
+        return True
+    block_m, block_n, _, stages = config
+    need = (block_m * head_dim_block + stages * 2 * block_n * head_dim_block) * elem_bytes
+    return need <= _smem_bytes(device.index if device.index is not None else torch.cuda.current_device())
+
+
+_TUNED: dict[tuple, tuple[int, int, int, int]] = {}
+
+
+def pick_config(key, candidates, launch):
+    """Time each (BLOCK_M, BLOCK_N, num_warps, num_stages) candidate once per key (like ``triton.autotune``, but over a plain Python launch,
+    so the kernel's argument list stays free of tuning-only keys)."""
+    if key in _TUNED:
+        return _TUNED[key]
+    if len(candidates) == 1 or not torch.cuda.is_available():
+        _TUNED[key] = candidates[0]
+        return candidates[0]
+    best, best_ms = candidates[0], float("inf")
+    for config in candidates:
+        try:
+            ms = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
+        except Exception:  # out of resources for this tile: try the next
+            continue
+        if ms < best_ms:
+            best, best_ms = config, ms
+    _TUNED[key] = best
+    return best

@@ -1,0 +1,252 @@
+"""Forward kernel of prefix attention: one program per (query block, batch row, query head) runs an
+online softmax over the P prefix keys, then over the row's sequence keys, reading both from their
+own tensors, so ``[prefix ; sequence]`` is never materialised.
+
+Scores are kept in log2 units (``exp2`` is one instruction) except where soft-capping or ALiBi
+need natural units; the log-sum-exp written for the backward pass is natural-log.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import triton_interpret
+from ._math import dot
+from ._attention_common import (
+    LOG2E,
+    alibi_sequence_positions,
+    attention_launch_args,
+    dropout_keep,
+    fits_smem,
+    load_tile,
+    pick_config,
+    prefix_row,
+    prefix_visible,
+    score_mods,
+    sequence_key_range,
+    sequence_visible,
+)
+
+__all__ = ["prefix_attention_forward"]
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, kT_ptrs, v_ptrs, keys_ok, offs_d, D, vis, key_pos, key_cols,
+                  sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
+                  MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One step of the online softmax over a block of keys (prefix or sequence)."""
+    d_ok = offs_d < D
+    kT = load_tile(kT_ptrs, keys_ok[None, :], d_ok[:, None], MASKED, not EVEN_D)
+    qk = dot(q, kT, INPUT_PRECISION)
+    if HAS_SOFTCAP or HAS_ALIBI:
+        s = score_mods(qk * sm_scale, softcap, slope, key_pos, HAS_SOFTCAP, HAS_ALIBI) * LOG2E
+    else:
+        s = qk * qk_scale
+    if MASKED:
+        s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no visible key yet keeps m = -inf; exp2(-inf - -inf) would be NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if HAS_DROPOUT:
+        # The normaliser counts every weight; dropout only drops terms of the output.
+        p = tl.where(dropout_keep(seed, bh, offs_m, key_cols, num_keys, dropout_p), p, 0.0)
+    v = load_tile(v_ptrs, keys_ok[:, None], d_ok[None, :], MASKED, not EVEN_D)
+    acc += dot(p.to(v.dtype), v, INPUT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def prefix_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, out_ptr, lse_ptr,
+    prefix_index_ptr, kpm_ptr, slopes_ptr, pos_ptr, seed_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_pkb, stride_pkh, stride_pks, stride_pkd,
+    stride_pvb, stride_pvh, stride_pvs, stride_pvd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_kpmb, stride_kpms, stride_slb, stride_slh, stride_posb, stride_poss,
+    Hq, S, S_kv, P, D, window, sm_scale, softcap, dropout_p,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    g = h // GROUP
+    b64 = b.to(tl.int64)
+    pb = prefix_row(b, prefix_index_ptr, HAS_PREFIX_INDEX)
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = BLOCK_D == D
+    m_ok = offs_m < S
+    d_ok = offs_d < D
+
+    q_base = q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh
+    q = load_tile(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                  m_ok[:, None], d_ok[None, :], True, not EVEN_D)
+    qk_scale = sm_scale * LOG2E
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(slopes_ptr + b64 * stride_slb + h * stride_slh)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr).to(tl.int32)
+    num_keys = P + S_kv
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # ---- prefix keys: visible to every query (a sliding window aside) ----
+    pk_base = pk_ptr + pb * stride_pkb + g.to(tl.int64) * stride_pkh
+    pv_base = pv_ptr + pb * stride_pvb + g.to(tl.int64) * stride_pvh
+    full_p = 0 if HAS_WINDOW else P // BLOCK_N * BLOCK_N
+    for start_p in range(0, full_p, BLOCK_N):
+        offs_p = start_p + offs_n
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q,
+            pk_base + offs_p[None, :] * stride_pks + offs_d[:, None] * stride_pkd,
+            pv_base + offs_p[:, None] * stride_pvs + offs_d[None, :] * stride_pvd,
+            offs_p < P, offs_d, D, None, offs_p.to(tl.float32), offs_p,
+            sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
+            False, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+    for start_p in range(full_p, P, BLOCK_N):
+        offs_p = start_p + offs_n
+        vis = prefix_visible(offs_m, offs_p, S, S_kv, P, window, HAS_WINDOW)
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q,
+            pk_base + offs_p[None, :] * stride_pks + offs_d[:, None] * stride_pkd,
+            pv_base + offs_p[:, None] * stride_pvs + offs_d[None, :] * stride_pvd,
+            offs_p < P, offs_d, D, vis, offs_p.to(tl.float32), offs_p,
+            sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
+            True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+
+    # ---- sequence keys: masked only in the blocks where causality, a window or padding bite ----
+    k_base = k_ptr + b64 * stride_kb + g.to(tl.int64) * stride_kh
+    v_base = v_ptr + b64 * stride_vb + g.to(tl.int64) * stride_vh
+    kpm_row = kpm_ptr + b64 * stride_kpmb
+    pos_row = pos_ptr + b64 * stride_posb
+    q_lo = start_m * BLOCK_M
+    q_hi = tl.minimum(q_lo + BLOCK_M, S)
+    lo, full_lo, full_hi, hi = sequence_key_range(q_lo, q_hi, S, S_kv, window, BLOCK_N, CAUSAL, HAS_WINDOW,
+                                                  HAS_KPM)
+    for start_n in range(lo, full_lo, BLOCK_N):
+        offs_s = start_n + offs_n
+        vis = sequence_visible(offs_m, offs_s, S, S_kv, window, kpm_row, stride_kpms, CAUSAL, HAS_WINDOW, HAS_KPM)
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q,
+            k_base + offs_s[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+            v_base + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+            offs_s < S_kv, offs_d, D, vis,
+            alibi_sequence_positions(pos_row, stride_poss, offs_s, S_kv, P, HAS_POS), P + offs_s,
+            sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
+            True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        offs_s = start_n + offs_n
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q,
+            k_base + offs_s[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+            v_base + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+            offs_s < S_kv, offs_d, D, None,
+            alibi_sequence_positions(pos_row, stride_poss, offs_s, S_kv, P, HAS_POS), P + offs_s,
+            sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
+            False, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        offs_s = start_n + offs_n
+        vis = sequence_visible(offs_m, offs_s, S, S_kv, window, kpm_row, stride_kpms, CAUSAL, HAS_WINDOW, HAS_KPM)
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q,
+            k_base + offs_s[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+            v_base + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+            offs_s < S_kv, offs_d, D, vis,
+            alibi_sequence_positions(pos_row, stride_poss, offs_s, S_kv, P, HAS_POS), P + offs_s,
+            sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
+            True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+
+    # ---- epilogue: a row with no visible key writes 0 and lse = -inf ----
+    empty = l_i == 0.0
+    inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
+    if HAS_DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    out = acc * inv_l[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E)
+    tl.store(lse_ptr + bh.to(tl.int64) * S + offs_m, lse, mask=m_ok)
+    o_base = out_ptr + b64 * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+def _configs(head_dim_block: int, seq_len_q: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
+    """Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages), largest tiles first."""
+    if triton_interpret():
+        return [(16, 16, 1, 1)]
+    big = head_dim_block <= 128 and dtype != torch.float32
+    cands = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)] if big else \
+        [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (128, 32, 8, 2)]
+    cap = max(16, triton.next_power_of_2(seq_len_q))
+    kept = [c for c in cands if c[0] <= cap] or [(16, 64, 4, 2), (16, 32, 4, 2)]
+    return kept
+
+
+def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+                             prefix_v: torch.Tensor, *, prefix_index: torch.Tensor | None,
+                             key_padding_mask: torch.Tensor | None, causal: bool, softmax_scale: float,
+                             dropout_p: float, seed: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
+                             softcap: float | None, window: int | None, input_precision: str = "ieee"):
+    """Launch the forward kernel; returns ``(out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] float32)``.
+    Arguments are the checked ones of ``prefixkern.prefix_attention``; every tensor keeps its strides."""
+    batch, num_heads, seq_len_q, head_dim = q.shape
+    num_kv_heads, seq_len_kv = k.shape[1], k.shape[2]
+    prefix_len = prefix_k.shape[-2]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(batch, num_heads, seq_len_q, dtype=torch.float32, device=q.device)
+    if batch == 0:
+        return out, lse
+    args = attention_launch_args(q, k, prefix_k, prefix_index, key_padding_mask, alibi_slopes, dropout_p, seed)
+    pv_strides = (0,) + tuple(prefix_v.stride()) if prefix_v.dim() == 3 else tuple(prefix_v.stride())
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    flags = args["flags"]
+
+    def launch(config):
+        block_m, block_n, warps, stages = config
+        grid = (triton.cdiv(seq_len_q, block_m), batch * num_heads)
+        prefix_attention_fwd_kernel[grid](
+            q, k, v, prefix_k, prefix_v, out, lse,
+            args["prefix_index"], args["kpm"], args["slopes"], args["positions"], args["seed"],
+            *q.stride(), *k.stride(), *v.stride(), *args["prefix_strides"], *pv_strides, *out.stride(),
+            *args["kpm_strides"], *args["slope_strides"], *args["position_strides"],
+            num_heads, seq_len_q, seq_len_kv, prefix_len, head_dim,
+            window if window is not None else 0, float(softmax_scale),
+            float(softcap) if softcap is not None else 1.0, float(dropout_p),
+            GROUP=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            CAUSAL=causal, HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
+            INPUT_PRECISION=input_precision, num_warps=warps, num_stages=stages, **flags,
+        )
+
+    candidates = [c for c in _configs(block_d, seq_len_q, q.dtype) if fits_smem(c, block_d, q.element_size(), q.device)]
+    key = (q.device.index, q.dtype, block_d, num_heads // num_kv_heads, causal, triton.next_power_of_2(seq_len_q),
+           triton.next_power_of_2(seq_len_kv + prefix_len), tuple(sorted(flags.items())), softcap is not None,
+           window is not None)
+    config = pick_config(key, candidates, launch)
+    launch(config)
+    return out, lse
