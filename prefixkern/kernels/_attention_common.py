@@ -75,7 +75,8 @@ def dropout_keep(seed, bh, offs_m, key_cols, num_keys, dropout_p):
     """Keep mask [BM, BN] of attention dropout for queries ``offs_m`` and key columns ``key_cols``
     of batch-head ``bh = b * Hq + h`` (``num_keys = P + S_kv``)."""
     counters = (offs_m[:, None] * num_keys + key_cols[None, :]).to(tl.int32)
-    return tl.rand(seed + bh, counters) >= dropout_p
+    # 64-bit key: seed + bh must not wrap differently in kernels that hold bh in int32 and int64.
+    return tl.rand(seed.to(tl.int64) + bh.to(tl.int64), counters) >= dropout_p
 
 
 @triton.jit

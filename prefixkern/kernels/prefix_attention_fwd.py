@@ -106,7 +106,7 @@ def prefix_attention_fwd_kernel(
         slope = tl.load(slopes_ptr + b64 * stride_slb + h * stride_slh)
     seed = 0
     if HAS_DROPOUT:
-        seed = tl.load(seed_ptr).to(tl.int32)
+        seed = tl.load(seed_ptr)
     num_keys = P + S_kv
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)

@@ -1,0 +1,587 @@
+"""Backward kernels of prefix attention, FlashAttention-2 style: the probabilities are recomputed
+from the saved log-sum-exp, never stored.
+
+- ``prefix_attention_bwd_preprocess_kernel``: ``delta = rowsum(dO * O)``.
+- ``prefix_attention_bwd_dq_kernel``: one program per (query block, batch row, query head) walks
+  the prefix then the sequence keys, like the forward, and owns its dQ rows.
+- ``prefix_attention_bwd_dkdv_kernel``: one program per (sequence key block, batch row, KV head)
+  walks the query blocks of every query head of its group (GQA without repeat_kv) and owns its
+  dK/dV rows.
+- ``prefix_attention_bwd_prefix_dkdv_kernel``: the prefix is read by every query of every row
+  that shares it, so its gradient is a reduction over (row, head, query block) work items. Each
+  program takes a contiguous share of them and writes a float32 partial; the partials are summed
+  once on the host side (no atomics: the result is deterministic and contention-free).
+
+Every kernel regenerates the forward's dropout mask from the same Philox counters.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import triton_interpret
+from ._attention_common import (
+    LOG2E,
+    alibi_sequence_positions,
+    attention_launch_args,
+    dropout_keep,
+    fits_smem,
+    load_tile,
+    pick_config,
+    prefix_row,
+    prefix_visible,
+    sequence_key_range,
+    sequence_visible,
+)
+from ._math import dot, tanh
+
+__all__ = ["prefix_attention_backward"]
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def prefix_attention_bwd_preprocess_kernel(out_ptr, dout_ptr, delta_ptr,
+                                           stride_ob, stride_oh, stride_os, stride_od,
+                                           stride_dob, stride_doh, stride_dos, stride_dod,
+                                           Hq, S, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < S) & (offs_d[None, :] < D)
+    o = tl.load(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(dout_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos
+                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + bh.to(tl.int64) * S + offs_m, tl.sum(o * do, 1), mask=offs_m < S)
+
+
+@triton.jit
+def _load_lse2(lse_ptr, offs_m, S):
+    """Log-sum-exp in log2 units. Rows out of range or with no visible key (lse = -inf) get +inf,
+    so every recomputed probability of theirs is exp2(-inf) = 0 rather than NaN."""
+    lse = tl.load(lse_ptr + offs_m, mask=offs_m < S, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, keys_ok, d_ok, vis, key_pos, key_cols,
+             sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
+             MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+             HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dQ contribution of one block of keys, scores in [BLOCK_M, BLOCK_N] orientation."""
+    k = load_tile(k_ptrs, keys_ok[:, None], d_ok[None, :], MASKED, not EVEN_D)
+    v = load_tile(v_ptrs, keys_ok[:, None], d_ok[None, :], MASKED, not EVEN_D)
+    qk = dot(q, tl.trans(k), INPUT_PRECISION)
+    if HAS_SOFTCAP or HAS_ALIBI:
+        s = qk * sm_scale
+        if HAS_SOFTCAP:
+            t = tanh(s / softcap)
+            s = softcap * t
+        if HAS_ALIBI:
+            s = s + slope * key_pos[None, :]
+        s = s * LOG2E
+    else:
+        s = qk * qk_scale
+    if MASKED:
+        s = tl.where(vis, s, float("-inf"))
+    p = tl.math.exp2(s - lse2[:, None])
+    dp = dot(do, tl.trans(v), INPUT_PRECISION)
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, bh, offs_m, key_cols, num_keys, dropout_p)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    dq += dot(ds.to(k.dtype), k, INPUT_PRECISION)
+    return dq
+
+
+@triton.jit
+def prefix_attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
+    prefix_index_ptr, kpm_ptr, slopes_ptr, pos_ptr, seed_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_pkb, stride_pkh, stride_pks, stride_pkd,
+    stride_pvb, stride_pvh, stride_pvs, stride_pvd,
+    stride_dob, stride_doh, stride_dos, stride_dod,
+    stride_dqb, stride_dqh, stride_dqs, stride_dqd,
+    stride_kpmb, stride_kpms, stride_slb, stride_slh, stride_posb, stride_poss,
+    Hq, S, S_kv, P, D, window, sm_scale, softcap, dropout_p,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    g = (h // GROUP).to(tl.int64)
+    b64 = b.to(tl.int64)
+    pb = prefix_row(b, prefix_index_ptr, HAS_PREFIX_INDEX)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = BLOCK_D == D
+    m_ok = offs_m < S
+    d_ok = offs_d < D
+
+    q = load_tile(q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qs
+                  + offs_d[None, :] * stride_qd, m_ok[:, None], d_ok[None, :], True, not EVEN_D)
+    do = load_tile(dout_ptr + b64 * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dos
+                   + offs_d[None, :] * stride_dod, m_ok[:, None], d_ok[None, :], True, not EVEN_D)
+    lse2 = _load_lse2(lse_ptr + bh.to(tl.int64) * S, offs_m, S)
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.0)
+    qk_scale = sm_scale * LOG2E
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(slopes_ptr + b64 * stride_slb + h * stride_slh)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    num_keys = P + S_kv
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    pk_base = pk_ptr + pb * stride_pkb + g * stride_pkh
+    pv_base = pv_ptr + pb * stride_pvb + g * stride_pvh
+    full_p = 0 if HAS_WINDOW else P // BLOCK_N * BLOCK_N
+    for start_p in range(0, full_p, BLOCK_N):
+        offs_p = start_p + offs_n
+        dq = _dq_step(dq, q, do, lse2, delta,
+                      pk_base + offs_p[:, None] * stride_pks + offs_d[None, :] * stride_pkd,
+                      pv_base + offs_p[:, None] * stride_pvs + offs_d[None, :] * stride_pvd,
+                      offs_p < P, d_ok, None, offs_p.to(tl.float32), offs_p,
+                      sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
+                      False, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+    for start_p in range(full_p, P, BLOCK_N):
+        offs_p = start_p + offs_n
+        vis = prefix_visible(offs_m, offs_p, S, S_kv, P, window, HAS_WINDOW)
+        dq = _dq_step(dq, q, do, lse2, delta,
+                      pk_base + offs_p[:, None] * stride_pks + offs_d[None, :] * stride_pkd,
+                      pv_base + offs_p[:, None] * stride_pvs + offs_d[None, :] * stride_pvd,
+                      offs_p < P, d_ok, vis, offs_p.to(tl.float32), offs_p,
+                      sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
+                      True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+
+    k_base = k_ptr + b64 * stride_kb + g * stride_kh
+    v_base = v_ptr + b64 * stride_vb + g * stride_vh
+    kpm_row = kpm_ptr + b64 * stride_kpmb
+    pos_row = pos_ptr + b64 * stride_posb
+    q_lo = start_m * BLOCK_M
+    q_hi = tl.minimum(q_lo + BLOCK_M, S)
+    lo, full_lo, full_hi, hi = sequence_key_range(q_lo, q_hi, S, S_kv, window, BLOCK_N, CAUSAL, HAS_WINDOW,
+                                                  HAS_KPM)
+    for start_n in range(lo, full_lo, BLOCK_N):
+        offs_s = start_n + offs_n
+        vis = sequence_visible(offs_m, offs_s, S, S_kv, window, kpm_row, stride_kpms, CAUSAL, HAS_WINDOW, HAS_KPM)
+        dq = _dq_step(dq, q, do, lse2, delta,
+                      k_base + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                      v_base + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                      offs_s < S_kv, d_ok, vis,
+                      alibi_sequence_positions(pos_row, stride_poss, offs_s, S_kv, P, HAS_POS), P + offs_s,
+                      sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
+                      True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        offs_s = start_n + offs_n
+        dq = _dq_step(dq, q, do, lse2, delta,
+                      k_base + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                      v_base + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                      offs_s < S_kv, d_ok, None,
+                      alibi_sequence_positions(pos_row, stride_poss, offs_s, S_kv, P, HAS_POS), P + offs_s,
+                      sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
+                      False, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        offs_s = start_n + offs_n
+        vis = sequence_visible(offs_m, offs_s, S, S_kv, window, kpm_row, stride_kpms, CAUSAL, HAS_WINDOW, HAS_KPM)
+        dq = _dq_step(dq, q, do, lse2, delta,
+                      k_base + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                      v_base + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                      offs_s < S_kv, d_ok, vis,
+                      alibi_sequence_positions(pos_row, stride_poss, offs_s, S_kv, P, HAS_POS), P + offs_s,
+                      sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
+                      True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(dq_ptr + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqs
+             + offs_d[None, :] * stride_dqd, dq.to(dq_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, lse_row_ptr, delta_row_ptr, offs_m, d_ok, vis, key_pos, key_cols,
+               S, sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p,
+               MASKED: tl.constexpr, CHECK_M: tl.constexpr, EVEN_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+               HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dK/dV contribution of one block of queries to a block of keys, scores transposed
+    ([BLOCK_N keys, BLOCK_M queries]) so the accumulations need no transposed result."""
+    m_ok = offs_m < S
+    q = load_tile(q_ptrs, m_ok[:, None], d_ok[None, :], CHECK_M, not EVEN_D)
+    do = load_tile(do_ptrs, m_ok[:, None], d_ok[None, :], CHECK_M, not EVEN_D)
+    lse2 = _load_lse2(lse_row_ptr, offs_m, S)
+    delta = tl.load(delta_row_ptr + offs_m, mask=m_ok, other=0.0)
+    qkT = dot(k, tl.trans(q), INPUT_PRECISION)
+    if HAS_SOFTCAP or HAS_ALIBI:
+        sT = qkT * sm_scale
+        if HAS_SOFTCAP:
+            t = tanh(sT / softcap)
+            sT = softcap * t
+        if HAS_ALIBI:
+            sT = sT + slope * key_pos[:, None]
+        sT = sT * LOG2E
+    else:
+        sT = qkT * qk_scale
+    if MASKED:
+        sT = tl.where(tl.trans(vis), sT, float("-inf"))
+    pT = tl.math.exp2(sT - lse2[None, :])
+    dpT = dot(v, tl.trans(do), INPUT_PRECISION)
+    if HAS_DROPOUT:
+        keepT = tl.trans(dropout_keep(seed, bh, offs_m, key_cols, num_keys, dropout_p))
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        dv += dot(tl.where(keepT, pT * inv_keep, 0.0).to(do.dtype), do, INPUT_PRECISION)
+        dpT = tl.where(keepT, dpT * inv_keep, 0.0)
+    else:
+        dv += dot(pT.to(do.dtype), do, INPUT_PRECISION)
+    dsT = pT * (dpT - delta[None, :])
+    if HAS_SOFTCAP:
+        dsT = dsT * (1.0 - t * t)
+    dk += dot(dsT.to(q.dtype), q, INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _query_block_range(n_lo, S, S_kv, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                       HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr):
+    """Query blocks that see sequence keys ``[n_lo, n_lo + BLOCK_N)``, as ``(lo, full_lo, full_hi, hi)``:
+    ``[full_lo, full_hi)`` see every key of the block (and are in bounds), so need no mask."""
+    diag = S_kv - S
+    n_hi = tl.minimum(n_lo + BLOCK_N, S_kv)
+    lo = 0
+    if CAUSAL:
+        lo = tl.maximum(n_lo - diag, 0) // BLOCK_M * BLOCK_M
+    hi = S
+    if HAS_WINDOW:
+        hi = tl.minimum(S, tl.maximum(n_hi - 1 + window - diag, 0))
+    lo = tl.minimum(lo, tl.cdiv(hi, BLOCK_M) * BLOCK_M)
+    full_lo = lo
+    if CAUSAL:
+        full_lo = tl.cdiv(tl.maximum(n_hi - 1 - diag, 0), BLOCK_M) * BLOCK_M
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), tl.cdiv(hi, BLOCK_M) * BLOCK_M)
+    full_hi = S // BLOCK_M * BLOCK_M
+    if HAS_WINDOW:
+        last = n_lo + window - diag - BLOCK_M  # latest start of a block that sees the whole key block
+        full_hi = tl.minimum(full_hi, tl.where(last >= 0, (last // BLOCK_M + 1) * BLOCK_M, 0))
+    full_hi = tl.maximum(tl.minimum(full_hi, tl.cdiv(hi, BLOCK_M) * BLOCK_M), full_lo)
+    # A key block that runs past S_kv, or padding, needs the mask everywhere.
+    if HAS_KPM:
+        full_lo = lo
+        full_hi = lo
+    else:
+        partial = n_lo + BLOCK_N > S_kv
+        full_lo = tl.where(partial, lo, full_lo)
+        full_hi = tl.where(partial, lo, full_hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def prefix_attention_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    kpm_ptr, slopes_ptr, pos_ptr, seed_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_dob, stride_doh, stride_dos, stride_dod,
+    stride_dkb, stride_dkh, stride_dks, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+    stride_kpmb, stride_kpms, stride_slb, stride_slh, stride_posb, stride_poss,
+    Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    bg = tl.program_id(1)
+    b64 = (bg // Hkv).to(tl.int64)
+    g = bg % Hkv
+    offs_s = start_n + tl.arange(0, BLOCK_N)
+    offs_mb = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = BLOCK_D == D
+    s_ok = offs_s < S_kv
+    d_ok = offs_d < D
+
+    k = load_tile(k_ptr + b64 * stride_kb + g.to(tl.int64) * stride_kh + offs_s[:, None] * stride_ks
+                  + offs_d[None, :] * stride_kd, s_ok[:, None], d_ok[None, :], True, not EVEN_D)
+    v = load_tile(v_ptr + b64 * stride_vb + g.to(tl.int64) * stride_vh + offs_s[:, None] * stride_vs
+                  + offs_d[None, :] * stride_vd, s_ok[:, None], d_ok[None, :], True, not EVEN_D)
+    kpm_row = kpm_ptr + b64 * stride_kpmb
+    key_pos = alibi_sequence_positions(pos_ptr + b64 * stride_posb, stride_poss, offs_s, S_kv, P, HAS_POS)
+    qk_scale = sm_scale * LOG2E
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    num_keys = P + S_kv
+    lo, full_lo, full_hi, hi = _query_block_range(start_n, S, S_kv, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW,
+                                                  HAS_KPM)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for j in range(GROUP):
+        h = g * GROUP + j
+        bh = b64 * Hq + h
+        q_base = q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = dout_ptr + b64 * stride_dob + h.to(tl.int64) * stride_doh
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(slopes_ptr + b64 * stride_slb + h * stride_slh)
+        for start_m in range(lo, full_lo, BLOCK_M):
+            offs_m = start_m + offs_mb
+            vis = sequence_visible(offs_m, offs_s, S, S_kv, window, kpm_row, stride_kpms, CAUSAL, HAS_WINDOW,
+                                   HAS_KPM)
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                                do_base + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
+                                lse_ptr + bh * S, delta_ptr + bh * S, offs_m, d_ok, vis, key_pos, P + offs_s,
+                                S, sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p,
+                                True, True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+        for start_m in range(full_lo, full_hi, BLOCK_M):
+            offs_m = start_m + offs_mb
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                                do_base + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
+                                lse_ptr + bh * S, delta_ptr + bh * S, offs_m, d_ok, None, key_pos, P + offs_s,
+                                S, sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p,
+                                False, False, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+        for start_m in range(full_hi, hi, BLOCK_M):
+            offs_m = start_m + offs_mb
+            vis = sequence_visible(offs_m, offs_s, S, S_kv, window, kpm_row, stride_kpms, CAUSAL, HAS_WINDOW,
+                                   HAS_KPM)
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                                do_base + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
+                                lse_ptr + bh * S, delta_ptr + bh * S, offs_m, d_ok, vis, key_pos, P + offs_s,
+                                S, sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p,
+                                True, True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+
+    out_mask = s_ok[:, None] & d_ok[None, :]
+    tl.store(dk_ptr + b64 * stride_dkb + g.to(tl.int64) * stride_dkh + offs_s[:, None] * stride_dks
+             + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(dv_ptr + b64 * stride_dvb + g.to(tl.int64) * stride_dvh + offs_s[:, None] * stride_dvs
+             + offs_d[None, :] * stride_dvd, dv.to(dv_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def prefix_attention_bwd_prefix_dkdv_kernel(
+    q_ptr, pk_ptr, pv_ptr, dout_ptr, lse_ptr, delta_ptr, dpk_ptr, dpv_ptr,
+    prefix_index_ptr, slopes_ptr, seed_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_pkb, stride_pkh, stride_pks, stride_pkd,
+    stride_pvb, stride_pvh, stride_pvs, stride_pvd,
+    stride_dob, stride_doh, stride_dos, stride_dod,
+    stride_slb, stride_slh,
+    B, Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p, items_per_split,
+    GROUP: tl.constexpr, SHARED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Partial dPrefixK/dPrefixV of one prefix block and KV head over a share of the work items
+    (batch row if SHARED, query head of the group, query block). Writes float32
+    ``partial[split, owner, g, p, :]`` with owner 0 when SHARED, else the batch row."""
+    start_p = tl.program_id(0) * BLOCK_N
+    og = tl.program_id(1)
+    split = tl.program_id(2)
+    owner = og // Hkv
+    g = og % Hkv
+    offs_p = start_p + tl.arange(0, BLOCK_N)
+    offs_mb = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = BLOCK_D == D
+    p_ok = offs_p < P
+    d_ok = offs_d < D
+
+    # The prefix this program differentiates: the shared one, or its batch row's.
+    if SHARED:
+        pb = 0
+    else:
+        pb = prefix_row(owner, prefix_index_ptr, HAS_PREFIX_INDEX)
+    pk = load_tile(pk_ptr + pb * stride_pkb + g.to(tl.int64) * stride_pkh + offs_p[:, None] * stride_pks
+                   + offs_d[None, :] * stride_pkd, p_ok[:, None], d_ok[None, :], True, not EVEN_D)
+    pv = load_tile(pv_ptr + pb * stride_pvb + g.to(tl.int64) * stride_pvh + offs_p[:, None] * stride_pvs
+                   + offs_d[None, :] * stride_pvd, p_ok[:, None], d_ok[None, :], True, not EVEN_D)
+    qk_scale = sm_scale * LOG2E
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    num_keys = P + S_kv
+    key_pos = offs_p.to(tl.float32)
+    num_m_blocks = tl.cdiv(S, BLOCK_M)
+    if SHARED:
+        num_items = B * GROUP * num_m_blocks
+    else:
+        num_items = GROUP * num_m_blocks
+    first = split * items_per_split
+    last = tl.minimum(first + items_per_split, num_items)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for item in range(first, last):
+        mb = item % num_m_blocks
+        j = (item // num_m_blocks) % GROUP
+        if SHARED:
+            b64 = (item // (num_m_blocks * GROUP)).to(tl.int64)
+        else:
+            b64 = owner.to(tl.int64)
+        h = g * GROUP + j
+        bh = b64 * Hq + h
+        offs_m = mb * BLOCK_M + offs_mb
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(slopes_ptr + b64 * stride_slb + h * stride_slh)
+        # Out-of-range queries load as zeros with lse = +inf, so they add nothing; only a
+        # sliding window can hide a prefix key from a real query.
+        vis = prefix_visible(offs_m, offs_p, S, S_kv, P, window, HAS_WINDOW)
+        dk, dv = _dkdv_step(dk, dv, pk, pv,
+                            q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qs
+                            + offs_d[None, :] * stride_qd,
+                            dout_ptr + b64 * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dos
+                            + offs_d[None, :] * stride_dod,
+                            lse_ptr + bh * S, delta_ptr + bh * S, offs_m, d_ok, vis, key_pos, offs_p,
+                            S, sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p,
+                            HAS_WINDOW, True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+    # partial is contiguous [splits, owners, Hkv, P, D]
+    base = ((split * tl.num_programs(1) + og).to(tl.int64) * P) * D
+    out_off = base + offs_p[:, None] * D + offs_d[None, :]
+    out_mask = p_ok[:, None] & d_ok[None, :]
+    tl.store(dpk_ptr + out_off, dk * sm_scale, mask=out_mask)
+    tl.store(dpv_ptr + out_off, dv, mask=out_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+def _configs(head_dim_block: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
+    if triton_interpret():
+        return [(16, 16, 1, 1)]
+    if head_dim_block <= 64:
+        return [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2)]
+    if head_dim_block <= 128 and dtype != torch.float32:
+        return [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2)]
+    return [(32, 32, 4, 1), (32, 64, 4, 1), (16, 32, 4, 1)]
+
+
+def _fits_bwd(config, head_dim_block: int, elem_bytes: int, device: torch.device) -> bool:
+    # k, v, dk, dv stay resident (2 tiles + 2 fp32) while q/dO tiles stream.
+    block_m, block_n, warps, stages = config
+    resident = 2 * block_n * head_dim_block * elem_bytes
+    return fits_smem((block_n, block_m, warps, max(stages, 1)), head_dim_block, elem_bytes, device) and \
+        resident <= 128 * 1024
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              prefix_k: torch.Tensor, prefix_v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                              *, prefix_index: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
+                              causal: bool, softmax_scale: float, dropout_p: float, seed: torch.Tensor | None,
+                              alibi_slopes: torch.Tensor | None, softcap: float | None, window: int | None,
+                              input_precision: str = "ieee"):
+    """Gradients ``(dq, dk, dv, dprefix_k, dprefix_v)`` of ``prefix_attention_forward``; each has its
+    input's shape and dtype (a shared or per-task prefix gets the sum over the rows that read it)."""
+    batch, num_heads, seq_len_q, head_dim = q.shape
+    num_kv_heads, seq_len_kv = k.shape[1], k.shape[2]
+    prefix_len = prefix_k.shape[-2]
+    group = num_heads // num_kv_heads
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if batch == 0:
+        return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+    args = attention_launch_args(q, k, prefix_k, prefix_index, key_padding_mask, alibi_slopes, dropout_p, seed)
+    flags = args["flags"]
+    pv_strides = (0,) + tuple(prefix_v.stride()) if prefix_v.dim() == 3 else tuple(prefix_v.stride())
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    common = dict(CAUSAL=causal, HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
+                  INPUT_PRECISION=input_precision)
+    scalars = (window if window is not None else 0, float(softmax_scale),
+               float(softcap) if softcap is not None else 1.0, float(dropout_p))
+
+    delta = torch.empty(batch, num_heads, seq_len_q, dtype=torch.float32, device=q.device)
+    prefix_attention_bwd_preprocess_kernel[(triton.cdiv(seq_len_q, 64), batch * num_heads)](
+        out, dout, delta, *out.stride(), *dout.stride(), num_heads, seq_len_q, head_dim,
+        BLOCK_M=64, BLOCK_D=block_d,
+    )
+
+    candidates = [c for c in _configs(block_d, q.dtype) if _fits_bwd(c, block_d, q.element_size(), q.device)]
+    candidates = candidates or [(16, 16, 4, 1)]
+    tune_key = (q.device.index, q.dtype, block_d, group, causal, triton.next_power_of_2(seq_len_q),
+                triton.next_power_of_2(seq_len_kv + prefix_len), tuple(sorted(flags.items())),
+                softcap is not None, window is not None)
+
+    def launch_dq(config):
+        block_m, block_n, warps, stages = config
+        prefix_attention_bwd_dq_kernel[(triton.cdiv(seq_len_q, block_m), batch * num_heads)](
+            q, k, v, prefix_k, prefix_v, dout, lse, delta, dq,
+            args["prefix_index"], args["kpm"], args["slopes"], args["positions"], args["seed"],
+            *q.stride(), *k.stride(), *v.stride(), *args["prefix_strides"], *pv_strides, *dout.stride(), *dq.stride(),
+            *args["kpm_strides"], *args["slope_strides"], *args["position_strides"],
+            num_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars,
+            GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+            **common, **flags,
+        )
+
+    def launch_dkdv(config):
+        block_m, block_n, warps, stages = config
+        seq_flags = {name: flags[name] for name in ("HAS_KPM", "HAS_ALIBI", "HAS_POS", "HAS_DROPOUT")}
+        prefix_attention_bwd_dkdv_kernel[(triton.cdiv(seq_len_kv, block_n), batch * num_kv_heads)](
+            q, k, v, dout, lse, delta, dk, dv,
+            args["kpm"], args["slopes"], args["positions"], args["seed"],
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+            *args["kpm_strides"], *args["slope_strides"], *args["position_strides"],
+            num_heads, num_kv_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars,
+            GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+            **common, **seq_flags,
+        )
+
+    launch_dq(pick_config(("dq",) + tune_key, candidates, launch_dq))
+    if seq_len_kv > 0:
+        launch_dkdv(pick_config(("dkdv",) + tune_key, candidates, launch_dkdv))
+
+    # ---- prefix gradient: split the (row, head, query block) reduction across programs ----
+    shared = prefix_k.dim() == 3
+    owners = 1 if shared else batch
+    block_m, block_n, warps, stages = candidates[0]
+    block_n = min(block_n, max(16, triton.next_power_of_2(prefix_len)))
+    num_p_blocks = triton.cdiv(prefix_len, block_n)
+    items = (batch if shared else 1) * group * triton.cdiv(seq_len_q, block_m)
+    programs = num_p_blocks * owners * num_kv_heads
+    splits = min(items, max(1, triton.cdiv(2 * _num_sms(q.device), programs)))
+    items_per_split = triton.cdiv(items, splits)
+    splits = triton.cdiv(items, items_per_split)
+    partial_k = torch.empty(splits, owners, num_kv_heads, prefix_len, head_dim, dtype=torch.float32, device=q.device)
+    partial_v = torch.empty_like(partial_k)
+    prefix_attention_bwd_prefix_dkdv_kernel[(num_p_blocks, owners * num_kv_heads, splits)](
+        q, prefix_k, prefix_v, dout, lse, delta, partial_k, partial_v,
+        args["prefix_index"], args["slopes"], args["seed"],
+        *q.stride(), *args["prefix_strides"], *pv_strides, *dout.stride(), *args["slope_strides"],
+        batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars, items_per_split,
+        GROUP=group, SHARED=shared, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        HAS_PREFIX_INDEX=flags["HAS_PREFIX_INDEX"], HAS_ALIBI=flags["HAS_ALIBI"], HAS_DROPOUT=flags["HAS_DROPOUT"],
+        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, INPUT_PRECISION=input_precision,
+        num_warps=warps, num_stages=stages,
+    )
+    dpk, dpv = partial_k.sum(0), partial_v.sum(0)
+    if shared:
+        dpk, dpv = dpk[0], dpv[0]
+    elif prefix_index is not None:
+        num_tasks = prefix_k.shape[0]
+        dpk = dpk.new_zeros(num_tasks, num_kv_heads, prefix_len, head_dim).index_add_(0, prefix_index, dpk)
+        dpv = dpv.new_zeros(num_tasks, num_kv_heads, prefix_len, head_dim).index_add_(0, prefix_index, dpv)
+    return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
