@@ -1,11 +1,101 @@
 """prefix_attention: attention over ``[prefix KV ; sequence KV]`` without the concatenation."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import reference
 from .._backend import use_triton
 from ._checks import check_prefix_attention_args
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops: opaque to torch.compile, which traces them through their fake implementations.
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("prefixkern::prefix_attention_fwd", mutates_args=())
+def prefix_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+    prefix_index: torch.Tensor | None, key_padding_mask: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
+    seed: torch.Tensor | None, causal: bool, softmax_scale: float, dropout_p: float, softcap: float | None,
+    window: int | None, input_precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel forward: ``(out [B, Hq, S, D], lse [B, Hq, S] float32)``."""
+    from ..kernels.prefix_attention_fwd import prefix_attention_forward
+    from ..kernels.prefix_mlp import on_device
+
+    with on_device(q.device):
+        return prefix_attention_forward(
+            q, k, v, prefix_k, prefix_v, prefix_index=prefix_index, key_padding_mask=key_padding_mask,
+            causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed, alibi_slopes=alibi_slopes,
+            softcap=softcap, window=window, input_precision=input_precision,
+        )
+
+
+@prefix_attention_fwd.register_fake
+def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, seed, causal, softmax_scale,
+      dropout_p, softcap, window, input_precision):
+    batch, num_heads, seq_len_q, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, num_heads, seq_len_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("prefixkern::prefix_attention_bwd", mutates_args=())
+def prefix_attention_bwd(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, prefix_index: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None, alibi_slopes: torch.Tensor | None, seed: torch.Tensor | None,
+    causal: bool, softmax_scale: float, dropout_p: float, softcap: float | None, window: int | None,
+    input_precision: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kernel backward: ``(dq, dk, dv, dprefix_k, dprefix_v)``."""
+    from ..kernels.prefix_attention_bwd import prefix_attention_backward
+    from ..kernels.prefix_mlp import on_device
+
+    with on_device(q.device):
+        return prefix_attention_backward(
+            dout, q, k, v, prefix_k, prefix_v, out, lse, prefix_index=prefix_index,
+            key_padding_mask=key_padding_mask, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,
+            seed=seed, alibi_slopes=alibi_slopes, softcap=softcap, window=window, input_precision=input_precision,
+        )
+
+
+@prefix_attention_bwd.register_fake
+def _(dout, q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask, alibi_slopes, seed, causal,
+      softmax_scale, dropout_p, softcap, window, input_precision):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), prefix_k.new_empty(prefix_k.shape), \
+        prefix_v.new_empty(prefix_v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, seed, causal, softmax_scale,
+     dropout_p, softcap, window, input_precision) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask, alibi_slopes, seed)
+    ctx.options = (causal, softmax_scale, dropout_p, softcap, window, input_precision)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask, alibi_slopes, seed = ctx.saved_tensors
+    grads = prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask,
+                                 alibi_slopes, seed, *ctx.options)
+    return (*grads,) + (None,) * 10
+
+
+prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.compiler.assume_constant_result
+def _float32_precision() -> str:
+    return torch.get_float32_matmul_precision()
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """float32 products follow PyTorch's matmul setting (exact by default, TF32 when allowed)."""
+    if dtype == torch.float32 and _float32_precision() != "highest":
+        return "tf32"
+    return "ieee"
 
 
 def prefix_attention(
@@ -81,7 +171,19 @@ def prefix_attention(
         alibi_slopes=alibi_slopes, softcap=softcap, window=window,
     )
     if use_triton(q.device):
-        raise NotImplementedError("the Triton path of prefix_attention lands with its kernels")
+        scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        seed = None
+        if dropout_p > 0.0:
+            from ..kernels._attention_common import check_dropout_counters
+
+            check_dropout_counters(q.shape[2], prefix_k.shape[-2] + k.shape[2])
+            # Drawn from torch's generator, so torch.manual_seed makes the mask reproducible.
+            seed = torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64)
+        out, lse = prefix_attention_fwd(
+            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, seed, causal, scale,
+            float(dropout_p), None if softcap is None else float(softcap), window, _input_precision(q.dtype),
+        )
+        return (out, lse) if return_lse else out
     return reference.prefix_attention(
         q, k, v, prefix_k, prefix_v, causal=causal, softmax_scale=softmax_scale,
         key_padding_mask=key_padding_mask, prefix_index=prefix_index, dropout_p=dropout_p,

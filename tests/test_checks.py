@@ -1,0 +1,60 @@
+"""Bad input to prefix_attention becomes a ValueError/TypeError naming the argument, before any
+kernel is launched (the checks run the same whichever backend is in force)."""
+import pytest
+import torch
+
+import prefixkern
+
+
+def _good():
+    B, Hq, Hkv, S, P, D = 2, 4, 2, 5, 3, 16
+    return dict(q=torch.randn(B, Hq, S, D), k=torch.randn(B, Hkv, S, D), v=torch.randn(B, Hkv, S, D),
+                prefix_k=torch.randn(Hkv, P, D), prefix_v=torch.randn(Hkv, P, D))
+
+
+def _call(**override):
+    args = _good()
+    tensors = {name: override.pop(name, args[name]) for name in args}
+    return prefixkern.prefix_attention(tensors["q"], tensors["k"], tensors["v"], tensors["prefix_k"],
+                                       tensors["prefix_v"], **override)
+
+
+@pytest.mark.parametrize("override,error,pattern", [
+    (dict(q=torch.randn(4, 5, 16)), ValueError, r"q must have shape \[B, Hq, S, D\]"),
+    (dict(q=[1, 2]), TypeError, "q must be a torch.Tensor"),
+    (dict(q=torch.randint(0, 3, (2, 4, 5, 16))), TypeError, "q must be float16, bfloat16 or float32"),
+    (dict(k=torch.randn(2, 2, 5, 16, dtype=torch.float16)), TypeError, "k must have q's dtype"),
+    (dict(v=torch.randn(2, 2, 6, 16)), ValueError, "k and v must have the same shape"),
+    (dict(k=torch.randn(3, 2, 5, 16), v=torch.randn(3, 2, 5, 16)), ValueError, "k must have q's batch size"),
+    (dict(k=torch.randn(2, 3, 5, 16), v=torch.randn(2, 3, 5, 16), prefix_k=torch.randn(3, 3, 16),
+          prefix_v=torch.randn(3, 3, 16)), ValueError, "multiple of k's heads"),
+    (dict(k=torch.randn(2, 2, 5, 8), v=torch.randn(2, 2, 5, 8)), ValueError, "k must have q's head dim"),
+    (dict(prefix_k=torch.randn(2, 3, 8)), ValueError, "prefix_k and prefix_v must have the same shape"),
+    (dict(prefix_k=torch.randn(3, 3, 16), prefix_v=torch.randn(3, 3, 16)), ValueError, "prefix_k must have Hkv=2"),
+    (dict(prefix_k=torch.randn(2, 0, 16), prefix_v=torch.randn(2, 0, 16)), ValueError, "P > 0"),
+    (dict(prefix_k=torch.randn(5, 2, 3, 16), prefix_v=torch.randn(5, 2, 3, 16)), ValueError, "per row"),
+    (dict(prefix_index=torch.tensor([0, 1])), ValueError, "prefix_index needs per-task prefixes"),
+    (dict(prefix_k=torch.randn(3, 2, 3, 16), prefix_v=torch.randn(3, 2, 3, 16), prefix_index=torch.tensor([0, 3])),
+     ValueError, r"prefix_index values must lie in \[0, T=3\)"),
+    (dict(prefix_k=torch.randn(3, 2, 3, 16), prefix_v=torch.randn(3, 2, 3, 16),
+          prefix_index=torch.tensor([0.0, 1.0])), TypeError, "prefix_index must be int32 or int64"),
+    (dict(key_padding_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, r"key_padding_mask must have shape \[B, S_kv\]"),
+    (dict(key_padding_mask=torch.ones(2, 5)), TypeError, "key_padding_mask must be bool or integer"),
+    (dict(alibi_slopes=torch.ones(3)), ValueError, "alibi_slopes must have shape"),
+    (dict(causal=1), TypeError, "causal must be a bool"),
+    (dict(softmax_scale=-1.0), ValueError, "softmax_scale must be a positive float"),
+    (dict(dropout_p=1.0), ValueError, r"dropout_p must be a float in \[0, 1\)"),
+    (dict(softcap=0.0), ValueError, "softcap must be a positive float"),
+    (dict(window=0), ValueError, "window must be a positive int"),
+    (dict(window=True), ValueError, "window must be a positive int"),
+])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_input_names_the_argument(override, error, pattern, backend):
+    with prefixkern.use_backend(backend), pytest.raises(error, match=pattern):
+        _call(**override)
+
+
+def test_backend_name_is_checked(monkeypatch):
+    monkeypatch.setenv("PREFIXKERN_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="PREFIXKERN_BACKEND must be one of"):
+        prefixkern.get_backend()

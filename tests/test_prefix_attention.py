@@ -1,0 +1,308 @@
+"""prefix_attention's Triton kernels against the plain-PyTorch oracle: output, log-sum-exp and all
+five gradients.
+
+On CPU the kernels run in Triton's interpreter (a representative subset, small shapes); on a GPU
+(``pytest -m gpu``) the whole grid of the issue runs at full size.
+"""
+import itertools
+import math
+import random
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+
+import prefixkern
+from prefixkern import reference
+from prefixkern._backend import use_backend
+
+from conftest import HAS_CUDA, TOLERANCES
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int = 2
+    Hq: int = 4
+    Hkv: int = 2
+    S: int = 17
+    S_kv: int = 17
+    P: int = 7
+    D: int = 32
+    dtype: torch.dtype = torch.float32
+    causal: bool = True
+    padding: str = "none"      # none | left | right | all (one row with every sequence key padded)
+    prefix: str = "shared"     # shared | per_row | per_task
+    alibi: bool = False
+    softcap: float | None = None
+    window: int | None = None
+
+    def __str__(self):
+        dt = str(self.dtype).replace("torch.", "")
+        extras = [name for name, on in (("alibi", self.alibi), (f"cap{self.softcap}", self.softcap),
+                                        (f"win{self.window}", self.window)) if on]
+        return (f"B{self.B}-H{self.Hq}/{self.Hkv}-S{self.S}-Skv{self.S_kv}-P{self.P}-D{self.D}-{dt}-"
+                f"{'causal' if self.causal else 'full'}-{self.padding}-{self.prefix}" + "".join("-" + e for e in extras))
+
+
+def make_inputs(case: Case, device, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=case.dtype)
+
+    q = randn(case.B, case.Hq, case.S, case.D)
+    k = randn(case.B, case.Hkv, case.S_kv, case.D)
+    v = randn(case.B, case.Hkv, case.S_kv, case.D)
+    prefix_index = None
+    if case.prefix == "shared":
+        pk, pv = randn(case.Hkv, case.P, case.D), randn(case.Hkv, case.P, case.D)
+    elif case.prefix == "per_row":
+        pk, pv = randn(case.B, case.Hkv, case.P, case.D), randn(case.B, case.Hkv, case.P, case.D)
+    else:
+        tasks = 3
+        pk, pv = randn(tasks, case.Hkv, case.P, case.D), randn(tasks, case.Hkv, case.P, case.D)
+        prefix_index = (torch.arange(case.B) * 2 % tasks).to(device)
+    mask = None
+    if case.padding != "none":
+        mask = torch.ones(case.B, case.S_kv, dtype=torch.bool)
+        pad = max(1, case.S_kv // 3)
+        if case.padding == "left":
+            mask[0, :pad] = False
+        elif case.padding == "right":
+            mask[-1, case.S_kv - pad:] = False
+        elif case.padding == "all":
+            mask[0, :] = False
+            mask[-1, :pad] = False
+        mask = mask.to(device)
+    slopes = None
+    if case.alibi:
+        slopes = torch.tensor([2 ** (-8 * (i + 1) / case.Hq) for i in range(case.Hq)], device=device)
+    kwargs = dict(causal=case.causal, key_padding_mask=mask, prefix_index=prefix_index, alibi_slopes=slopes,
+                  softcap=case.softcap, window=case.window)
+    return (q, k, v, pk, pv), kwargs
+
+
+def assert_close(actual, expected, dtype, kind, name):
+    atol, rtol = TOLERANCES[dtype][kind]
+    actual, expected = actual.float(), expected.float()
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    # Relative to the tensor's scale: gradients over long rows grow with S.
+    err = (actual - expected).abs().max().item()
+    bound = atol + rtol * expected.abs().max().item()
+    assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
+
+
+def check_case(case: Case, device, grads=True):
+    inputs, kwargs = make_inputs(case, device)
+    leaves = [t.clone().requires_grad_(grads) for t in inputs]
+    with use_backend("triton"):
+        out, lse = prefixkern.prefix_attention(*leaves, return_lse=True, **kwargs)
+    ref_leaves = [t.detach().clone().requires_grad_(grads) for t in inputs]
+    ref_out, ref_lse = reference.prefix_attention(*ref_leaves, return_lse=True, **kwargs)
+    assert out.shape == ref_out.shape and out.dtype == case.dtype
+    assert_close(out, ref_out, case.dtype, "out", "out")
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert_close(lse[finite], ref_lse[finite], torch.float32 if case.dtype == torch.float32 else case.dtype,
+                 "out", "lse")
+    if not grads:
+        return
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=case.dtype)
+    out.backward(dout)
+    ref_out.backward(dout)
+    for name, got, want in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), leaves, ref_leaves):
+        assert got.grad.shape == want.grad.shape and got.grad.dtype == want.grad.dtype, name
+        assert_close(got.grad, want.grad, case.dtype, "grad", name)
+
+
+# --------------------------------------------------------------------------------------------
+# The interpreter subset (CI): every feature once, on small shapes
+# --------------------------------------------------------------------------------------------
+
+BASE = Case()
+CPU_CASES = [
+    BASE,
+    replace(BASE, causal=False),
+    replace(BASE, S=1, S_kv=9, P=1),                       # a decoding step
+    replace(BASE, S=5, S_kv=30, P=16),                      # chunked prefill, bottom-right causal
+    replace(BASE, Hq=7, Hkv=1, P=18),                       # MQA, prefix across two blocks
+    replace(BASE, Hq=4, Hkv=4, D=40),                       # MHA, head dim not a power of two
+    replace(BASE, padding="left"),
+    replace(BASE, padding="right", causal=False),
+    replace(BASE, padding="all"),
+    replace(BASE, prefix="per_row"),
+    replace(BASE, prefix="per_task", B=3),
+    replace(BASE, alibi=True, padding="left"),
+    replace(BASE, softcap=5.0),
+    replace(BASE, window=6),                                # the window moves past the prefix
+    replace(BASE, window=12, S=8, S_kv=20),
+    replace(BASE, dtype=torch.float16),
+    replace(BASE, dtype=torch.bfloat16, padding="left", prefix="per_task"),
+    replace(BASE, S=33, S_kv=40, P=2, causal=True, padding="right"),
+]
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=str)
+def test_matches_reference(case):
+    check_case(case, torch.device("cpu") if not HAS_CUDA else torch.device("cuda"))
+
+
+def test_strided_inputs(device):
+    """HF keeps q/k/v as [B, S, H, D] transposed views; the kernels read the strides as they are."""
+    case = replace(BASE, padding="left")
+    (q, k, v, pk, pv), kwargs = make_inputs(case, device)
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)
+    k_t = k.transpose(1, 2).contiguous().transpose(1, 2)
+    v_wide = torch.cat([v, v], -1)[..., : case.D]        # last-dim view with a row stride of 2D
+    pk_t = pk.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not q_t.is_contiguous() and not v_wide.is_contiguous()
+    with use_backend("triton"):
+        out = prefixkern.prefix_attention(q_t, k_t, v_wide, pk_t, pv, **kwargs)
+    ref = reference.prefix_attention(q, k, v, pk, pv, **kwargs)
+    assert_close(out, ref, case.dtype, "out", "out")
+
+
+def test_fully_padded_row_is_finite_and_sees_only_the_prefix(device):
+    case = replace(BASE, padding="all")
+    (q, k, v, pk, pv), kwargs = make_inputs(case, device)
+    with use_backend("triton"):
+        out = prefixkern.prefix_attention(q, k, v, pk, pv, **kwargs)
+    prefix_only = reference.prefix_attention(q[:1], k[:1, :, :0], v[:1, :, :0], pk, pv, causal=False)
+    assert torch.isfinite(out).all()
+    assert_close(out[:1], prefix_only, case.dtype, "out", "row 0")
+
+
+def test_no_visible_key_gives_zero_and_minus_inf_lse(device):
+    """A window shorter than the distance to every key leaves nothing to attend to."""
+    case = replace(BASE, S=4, S_kv=4, P=3, padding="none", window=1)
+    (q, k, v, pk, pv), kwargs = make_inputs(case, device)
+    kwargs["key_padding_mask"] = torch.zeros(case.B, case.S_kv, dtype=torch.bool, device=device)
+    with use_backend("triton"):
+        out, lse = prefixkern.prefix_attention(q, k, v, pk, pv, return_lse=True, **kwargs)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.isinf(lse).all() and (lse < 0).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Dropout: the kernels' Philox mask, checked element by element against the oracle
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", [replace(BASE, padding="left"), replace(BASE, prefix="per_task", B=3, Hq=6, Hkv=3)],
+                         ids=str)
+def test_dropout_forward_and_backward_match_the_mask(case, device):
+    from prefixkern.kernels._attention_common import dropout_keep_mask
+
+    p = 0.3
+    inputs, kwargs = make_inputs(case, device)
+    seed = torch.tensor([2**31 - 5], dtype=torch.int64, device=device)  # seed + bh crosses 2**31
+    keep = dropout_keep_mask(seed, case.B, case.Hq, case.S, case.P, case.S_kv, p)
+    assert 0.5 < keep.float().mean().item() < 0.9
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    out, _ = torch.ops.prefixkern.prefix_attention_fwd(
+        *leaves, kwargs["prefix_index"], kwargs["key_padding_mask"], None, seed, True, 1 / math.sqrt(case.D), p,
+        None, None, "ieee")
+    ref_leaves = [t.clone().requires_grad_() for t in inputs]
+    ref = reference.prefix_attention(*ref_leaves, dropout_p=p, dropout_keep=keep, **kwargs)
+    assert_close(out, ref, case.dtype, "out", "out")
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    ref.backward(dout)
+    for name, got, want in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), leaves, ref_leaves):
+        assert_close(got.grad, want.grad, case.dtype, "grad", name)
+
+
+def test_dropout_is_reproducible_under_manual_seed(device):
+    (q, k, v, pk, pv), kwargs = make_inputs(BASE, device)
+    with use_backend("triton"):
+        torch.manual_seed(3)
+        a = prefixkern.prefix_attention(q, k, v, pk, pv, dropout_p=0.2, **kwargs)
+        torch.manual_seed(3)
+        b = prefixkern.prefix_attention(q, k, v, pk, pv, dropout_p=0.2, **kwargs)
+        c = prefixkern.prefix_attention(q, k, v, pk, pv, dropout_p=0.2, **kwargs)
+        plain = prefixkern.prefix_attention(q, k, v, pk, pv, **kwargs)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c) and not torch.equal(a, plain)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile and the custom-op contract
+# --------------------------------------------------------------------------------------------
+
+def test_torch_compile_fullgraph_forward_and_backward(device):
+    case = replace(BASE, padding="left")
+    inputs, kwargs = make_inputs(case, device)
+
+    def step(q, k, v, pk, pv, mask):
+        return prefixkern.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, causal=True)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    ref_leaves = [t.clone().requires_grad_() for t in inputs]
+    with use_backend("triton"):
+        out = compiled(*leaves, kwargs["key_padding_mask"])
+        out.sum().backward()
+        ref = step(*ref_leaves, kwargs["key_padding_mask"])
+        ref.sum().backward()
+    assert torch.equal(out, ref)
+    for got, want in zip(leaves, ref_leaves):
+        assert torch.equal(got.grad, want.grad)
+
+
+def test_opcheck(device):
+    (q, k, v, pk, pv), kwargs = make_inputs(replace(BASE, S=5, S_kv=9, padding="left"), device)
+    args = (q, k, v, pk, pv, None, kwargs["key_padding_mask"], None, None, True, 0.25, 0.0, None, None, "ieee")
+    torch.library.opcheck(torch.ops.prefixkern.prefix_attention_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_reference_backend_for_cpu_tensors_by_default():
+    (q, k, v, pk, pv), kwargs = make_inputs(BASE, torch.device("cpu"))
+    with use_backend("auto"):
+        out = prefixkern.prefix_attention(q, k, v, pk, pv, **kwargs)
+    assert torch.equal(out, reference.prefix_attention(q, k, v, pk, pv, **kwargs))
+
+
+# --------------------------------------------------------------------------------------------
+# The full grid, on a GPU
+# --------------------------------------------------------------------------------------------
+
+def _gpu_grid():
+    """Every axis of the issue's grid at every value (others at a base), plus a seeded sample of
+    the full cross product."""
+    axes = {
+        "dtype": [torch.float16, torch.bfloat16, torch.float32],
+        "D": [32, 40, 64, 80, 96, 128, 160, 192, 256],
+        "P": [1, 7, 16, 64, 130],
+        "S": [1, 17, 128, 300],
+        "gqa": [1, 2, 7],
+        "causal": [True, False],
+        "padding": ["none", "left", "right", "all"],
+        "prefix": ["shared", "per_row", "per_task"],
+        "mods": ["none", "alibi", "softcap", "window"],
+    }
+
+    def build(dtype, D, P, S, gqa, causal, padding, prefix, mods):
+        return Case(B=3, Hq=2 * gqa, Hkv=2, S=S, S_kv=S + 37, P=P, D=D, dtype=dtype, causal=causal,
+                    padding=padding, prefix=prefix, alibi=mods == "alibi",
+                    softcap=30.0 if mods == "softcap" else None, window=64 if mods == "window" else None)
+
+    base = {name: values[0] for name, values in axes.items()}
+    base.update(dtype=torch.bfloat16, D=128, P=16, S=128, gqa=2)
+    cases = {build(**{**base, name: value}) for name, values in axes.items() for value in values}
+    rng = random.Random(0)
+    product = list(itertools.product(*axes.values()))
+    cases.update(build(*combo) for combo in rng.sample(product, 300))
+    return sorted(cases, key=str)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", _gpu_grid(), ids=str)
+def test_gpu_grid(case):
+    check_case(case, torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S,S_kv,P", [(2048, 2048, 30), (4096, 4096, 128), (1, 8192, 64)])
+def test_gpu_long_sequences(S, S_kv, P):
+    check_case(Case(B=2, Hq=32, Hkv=8, S=S, S_kv=S_kv, P=P, D=128, dtype=torch.bfloat16, padding="left"),
+               torch.device("cuda"))
