@@ -200,7 +200,7 @@ def test_dropout_forward_and_backward_match_the_mask(case, device):
     leaves = [t.clone().requires_grad_() for t in inputs]
     out, _ = torch.ops.prefixkern.prefix_attention_fwd(
         *leaves, kwargs["prefix_index"], kwargs["key_padding_mask"], None, seed, True, 1 / math.sqrt(case.D), p,
-        None, None, "ieee")
+        None, None)
     ref_leaves = [t.clone().requires_grad_() for t in inputs]
     ref = reference.prefix_attention(*ref_leaves, dropout_p=p, dropout_keep=keep, **kwargs)
     assert_close(out, ref, case.dtype, "out", "out")
@@ -250,7 +250,7 @@ def test_torch_compile_fullgraph_forward_and_backward(device):
 
 def test_opcheck(device):
     (q, k, v, pk, pv), kwargs = make_inputs(replace(BASE, S=5, S_kv=9, padding="left"), device)
-    args = (q, k, v, pk, pv, None, kwargs["key_padding_mask"], None, None, True, 0.25, 0.0, None, None, "ieee")
+    args = (q, k, v, pk, pv, None, kwargs["key_padding_mask"], None, None, True, 0.25, 0.0, None, None)
     torch.library.opcheck(torch.ops.prefixkern.prefix_attention_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 

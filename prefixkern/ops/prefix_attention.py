@@ -19,7 +19,7 @@ def prefix_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
     prefix_index: torch.Tensor | None, key_padding_mask: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
     seed: torch.Tensor | None, causal: bool, softmax_scale: float, dropout_p: float, softcap: float | None,
-    window: int | None, input_precision: str,
+    window: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel forward: ``(out [B, Hq, S, D], lse [B, Hq, S] float32)``."""
     from ..kernels.prefix_attention_fwd import prefix_attention_forward
@@ -29,13 +29,13 @@ def prefix_attention_fwd(
         return prefix_attention_forward(
             q, k, v, prefix_k, prefix_v, prefix_index=prefix_index, key_padding_mask=key_padding_mask,
             causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed, alibi_slopes=alibi_slopes,
-            softcap=softcap, window=window, input_precision=input_precision,
+            softcap=softcap, window=window, input_precision=_input_precision(q.dtype),
         )
 
 
 @prefix_attention_fwd.register_fake
 def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, seed, causal, softmax_scale,
-      dropout_p, softcap, window, input_precision):
+      dropout_p, softcap, window):
     batch, num_heads, seq_len_q, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, num_heads, seq_len_q), dtype=torch.float32)
 
@@ -46,7 +46,6 @@ def prefix_attention_bwd(
     prefix_v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, prefix_index: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None, alibi_slopes: torch.Tensor | None, seed: torch.Tensor | None,
     causal: bool, softmax_scale: float, dropout_p: float, softcap: float | None, window: int | None,
-    input_precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel backward: ``(dq, dk, dv, dprefix_k, dprefix_v)``."""
     from ..kernels.prefix_attention_bwd import prefix_attention_backward
@@ -56,23 +55,24 @@ def prefix_attention_bwd(
         return prefix_attention_backward(
             dout, q, k, v, prefix_k, prefix_v, out, lse, prefix_index=prefix_index,
             key_padding_mask=key_padding_mask, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,
-            seed=seed, alibi_slopes=alibi_slopes, softcap=softcap, window=window, input_precision=input_precision,
+            seed=seed, alibi_slopes=alibi_slopes, softcap=softcap, window=window,
+            input_precision=_input_precision(q.dtype),
         )
 
 
 @prefix_attention_bwd.register_fake
 def _(dout, q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask, alibi_slopes, seed, causal,
-      softmax_scale, dropout_p, softcap, window, input_precision):
+      softmax_scale, dropout_p, softcap, window):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), prefix_k.new_empty(prefix_k.shape), \
         prefix_v.new_empty(prefix_v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, seed, causal, softmax_scale,
-     dropout_p, softcap, window, input_precision) = inputs
+     dropout_p, softcap, window) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask, alibi_slopes, seed)
-    ctx.options = (causal, softmax_scale, dropout_p, softcap, window, input_precision)
+    ctx.options = (causal, softmax_scale, dropout_p, softcap, window)
     ctx.mark_non_differentiable(lse)
 
 
@@ -80,20 +80,16 @@ def _backward(ctx, grad_out, _grad_lse):
     q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask, alibi_slopes, seed = ctx.saved_tensors
     grads = prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask,
                                  alibi_slopes, seed, *ctx.options)
-    return (*grads,) + (None,) * 10
+    return (*grads,) + (None,) * 9
 
 
 prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.compiler.assume_constant_result
-def _float32_precision() -> str:
-    return torch.get_float32_matmul_precision()
-
-
 def _input_precision(dtype: torch.dtype) -> str:
-    """float32 products follow PyTorch's matmul setting (exact by default, TF32 when allowed)."""
-    if dtype == torch.float32 and _float32_precision() != "highest":
+    """float32 products follow PyTorch's matmul setting (exact by default, TF32 when allowed). Read
+    inside the ops' bodies, which torch.compile does not trace."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
 
@@ -181,7 +177,7 @@ def prefix_attention(
             seed = torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64)
         out, lse = prefix_attention_fwd(
             q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, seed, causal, scale,
-            float(dropout_p), None if softcap is None else float(softcap), window, _input_precision(q.dtype),
+            float(dropout_p), None if softcap is None else float(softcap), window,
         )
         return (out, lse) if return_lse else out
     return reference.prefix_attention(

@@ -1,0 +1,102 @@
+"""``prefixkern-bench``: run the benchmark suites, check every result, write the results.
+
+    prefixkern-bench                       # every suite, every shape, bf16 (on a GPU)
+    prefixkern-bench --quick               # a few shapes per suite, a few minutes
+    prefixkern-bench --suite attention --shapes llama8b-2k llama8b-8k --baselines sdpa_lower_right flex
+
+Without a GPU it runs a small correctness demo of the same pipeline through Triton's interpreter
+and says so: no speed figure is reported from a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .common import SUITES
+
+    parser = argparse.ArgumentParser(prog="prefixkern-bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", nargs="+", choices=SUITES + ("all",), default=["all"], help="suites to run")
+    parser.add_argument("--shapes", nargs="+", default=None,
+                        help="case names (attention: seed-qwen seed-bloom paper-gpt2 llama8b-2k llama8b-8k long-32k; "
+                             "mlp: qwen2.5-0.5b bloomz-560m llama3-8b; e2e_train: qwen2.5-0.5b bloomz-560m "
+                             "gpt2-medium llama3.2-1b; decode: P30-L4096-B8 ...)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    parser.add_argument("--baselines", nargs="+", default=None,
+                        help="only these baselines (eager sdpa_mask sdpa_lower_right flex flash_attn torch_p_rows "
+                             "peft_encoder sdpa_concat floor_no_prefix peft_eager peft_sdpa prefixkern_liger)")
+    parser.add_argument("--quick", action="store_true", help="a few shapes per suite (a few minutes)")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="where results go (default benchmarks/results on a GPU, .bench_out/cpu-demo on a CPU)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        # The kernels run in Triton's interpreter on CPU tensors (read when a kernel is defined,
+        # so set before prefixkern's kernel modules are imported).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .. import use_backend
+    from . import attention, decode, e2e, mlp
+    from .common import Options, print_table, write_results
+
+    suites = {"attention": attention, "mlp": mlp, "e2e_train": e2e, "decode": decode}
+    chosen = list(suites) if "all" in args.suite else list(dict.fromkeys(args.suite))
+    dtype = getattr(torch, args.dtype)
+    device = torch.device("cuda" if on_gpu else "cpu")
+    opts = Options(device=device, dtype=dtype, quick=args.quick, baselines=tuple(args.baselines or ()) or None,
+                   shapes=tuple(args.shapes) if args.shapes else None, on_gpu=on_gpu)
+    if not on_gpu:
+        print("No GPU: running the CPU correctness demo (Triton kernels in the interpreter, tiny shapes).\n"
+              "Speed figures need a GPU; none are reported here.\n")
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=len(chosen), unit="suite", file=sys.stderr)
+    except ImportError:
+        bar = None
+
+    def progress(message: str) -> None:
+        if bar is not None:
+            bar.set_description(message[:60])
+        else:
+            print(f"  {message}", file=sys.stderr)
+
+    records, skips = [], []
+    start = time.time()
+    # Every prefixkern row runs the Triton kernels, on the CPU demo too (interpreted).
+    with use_backend("triton"):
+        for name in chosen:
+            got, skipped = suites[name].run(opts, progress)
+            records += got
+            skips += skipped
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    for skip in skips:
+        print(f"skipped {skip.suite} / {skip.case} / {skip.impl}: {skip.reason}")
+    print_table(records, skips)
+    out_dir = args.out_dir or (Path("benchmarks/results") if on_gpu else Path(".bench_out/cpu-demo"))
+    command = "prefixkern-bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    paths = write_results(records, skips, out_dir, device, command, plots=not args.no_plots)
+    print(f"\n{len(records)} records in {time.time() - start:.0f} s; wrote " + ", ".join(str(p) for p in paths.values()))
+    failed = [r for r in records if r.impl == "prefixkern" and r.ok is False]
+    if failed:
+        print(f"FAILED correctness: {', '.join(f'{r.suite}/{r.case}/{r.pass_}' for r in failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

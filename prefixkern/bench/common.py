@@ -1,0 +1,236 @@
+"""What every suite shares: the record format of BENCHMARKS.md, timing, peak memory, and the
+writers of the JSON, Markdown and PNG results."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+SUITES = ("attention", "mlp", "e2e_train", "decode")
+
+
+@dataclasses.dataclass
+class Record:
+    suite: str
+    case: str
+    impl: str
+    pass_: str
+    dtype: str
+    ms: float | None = None
+    tflops: float | None = None
+    gbps: float | None = None
+    tokens_per_s: float | None = None
+    peak_mem_mb: float | None = None
+    max_err: float | None = None
+    ok: bool | None = None
+    note: str | None = None
+
+    def as_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["pass"] = out.pop("pass_")
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+
+@dataclasses.dataclass
+class Skip:
+    """A baseline that could not run, with the reason printed and recorded (never dropped silently)."""
+    suite: str
+    case: str
+    impl: str
+    reason: str
+
+
+@dataclasses.dataclass
+class Options:
+    device: torch.device
+    dtype: torch.dtype
+    quick: bool
+    baselines: tuple[str, ...] | None     # None = all
+    shapes: tuple[str, ...] | None        # None = the suite's default
+    on_gpu: bool
+
+    def wants(self, impl: str) -> bool:
+        return impl == "prefixkern" or self.baselines is None or impl in self.baselines
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def time_ms(fn: Callable[[], object], *, on_gpu: bool, quick: bool) -> float | None:
+    """Median time of ``fn`` in ms (Triton's do_bench: warm-up, L2 flushed between runs); None on CPU,
+    where interpreter timings say nothing about speed."""
+    if not on_gpu:
+        return None
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
+                                         return_mode="median"))
+
+
+def peak_mem_mb(fn: Callable[[], object], *, on_gpu: bool) -> float | None:
+    """Peak allocated memory over one call, above what was allocated before it."""
+    if not on_gpu:
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def max_abs_err(actual, expected) -> float:
+    if isinstance(actual, (tuple, list)):
+        return max(max_abs_err(a, e) for a, e in zip(actual, expected))
+    return (actual.float() - expected.float()).abs().max().item()
+
+
+def scaled_err(actual, expected) -> float:
+    """Max abs error over the reference's max magnitude (gradients grow with the sequence)."""
+    if isinstance(actual, (tuple, list)):
+        return max(scaled_err(a, e) for a, e in zip(actual, expected))
+    return max_abs_err(actual, expected) / max(1.0, expected.float().abs().max().item())
+
+
+def versions() -> dict:
+    import prefixkern
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "prefixkern": prefixkern.__version__}
+    for name in ("triton", "transformers", "peft", "flash_attn", "liger_kernel"):
+        try:
+            module = __import__(name)
+            out[name] = getattr(module, "__version__", "unknown")
+        except Exception:
+            out[name] = None
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, Triton interpreter)"
+
+
+def write_results(records: list[Record], skips: list[Skip], out_dir: Path, device: torch.device, command: str,
+                  plots: bool = True) -> dict[str, Path]:
+    """Write ``<date>_<gpu>.json``, ``.md`` and PNG plots; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    tag = device_name(device).split(" (")[0].replace(" ", "-").replace("/", "-")
+    stem = f"{now:%Y-%m-%d_%H%M}_{tag}"
+    payload = {
+        "device": device_name(device),
+        "versions": versions(),
+        "date": now.isoformat(timespec="seconds"),
+        "command": command,
+        "records": [r.as_json() for r in records],
+        "skipped": [dataclasses.asdict(s) for s in skips],
+    }
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(payload, indent=1) + "\n")
+    paths["md"].write_text(markdown_table(payload))
+    if plots and device.type == "cuda":
+        paths.update(write_plots(payload, out_dir, stem))
+    return paths
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "**NO**"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def speedups(records: list[dict]) -> dict[tuple, float]:
+    """baseline ms / prefixkern ms for every record, keyed like the record."""
+    ours = {(r["suite"], r["case"], r["pass"], r["dtype"]): r["ms"] for r in records if r["impl"] == "prefixkern"}
+    out = {}
+    for r in records:
+        mine = ours.get((r["suite"], r["case"], r["pass"], r["dtype"]))
+        if r["ms"] and mine:
+            out[(r["suite"], r["case"], r["impl"], r["pass"], r["dtype"])] = r["ms"] / mine
+    return out
+
+
+def markdown_table(payload: dict) -> str:
+    records = payload["records"]
+    ratio = speedups(records)
+    lines = [f"# prefixkern benchmark: {payload['device']}", "",
+             f"- date: {payload['date']}", f"- command: `{payload['command']}`",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in payload["versions"].items() if v), ""]
+    if not payload["device"].startswith(("NVIDIA", "AMD")) and "cpu" in payload["device"]:
+        lines += ["CPU demo: correctness only. Speed figures need a GPU.", ""]
+    for suite in SUITES:
+        rows = [r for r in records if r["suite"] == suite]
+        if not rows:
+            continue
+        lines += [f"## {suite}", "",
+                  "| case | pass | dtype | impl | ms | speed-up of prefixkern | TFLOP/s | GB/s | tokens/s | peak MiB | max err | ok |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            key = (r["suite"], r["case"], r["impl"], r["pass"], r["dtype"])
+            lines.append("| " + " | ".join([
+                r["case"], r["pass"], r["dtype"], r["impl"], _fmt(r["ms"]),
+                _fmt(ratio.get(key)) + ("x" if key in ratio else ""), _fmt(r["tflops"]), _fmt(r["gbps"]),
+                _fmt(r["tokens_per_s"]), _fmt(r["peak_mem_mb"]), _fmt(r["max_err"], 2), _fmt(r["ok"]),
+            ]) + " |")
+        lines.append("")
+    if payload.get("skipped"):
+        lines += ["## skipped", ""] + [f"- {s['suite']} / {s['case']} / {s['impl']}: {s['reason']}"
+                                       for s in payload["skipped"]] + [""]
+    return "\n".join(lines)
+
+
+def write_plots(payload: dict, out_dir: Path, stem: str) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = {}
+    records = [r for r in payload["records"] if r["ms"]]
+    for suite in SUITES:
+        rows = [r for r in records if r["suite"] == suite]
+        if not rows:
+            continue
+        passes = sorted({r["pass"] for r in rows})
+        fig, axes = plt.subplots(1, len(passes), figsize=(6 * len(passes), 4), squeeze=False)
+        for ax, pass_ in zip(axes[0], passes):
+            sub = [r for r in rows if r["pass"] == pass_]
+            cases = list(dict.fromkeys(r["case"] for r in sub))
+            impls = list(dict.fromkeys(r["impl"] for r in sub))
+            width = 0.8 / max(1, len(impls))
+            for i, impl in enumerate(impls):
+                by_case = {r["case"]: r for r in sub if r["impl"] == impl}
+                metric = "tflops" if suite == "attention" else "ms"
+                values = [(by_case[c][metric] or 0.0) if c in by_case else 0.0 for c in cases]
+                ax.bar([x + i * width for x in range(len(cases))], values, width, label=impl)
+            ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cases))], cases, rotation=30, ha="right")
+            ax.set_ylabel("TFLOP/s (higher is better)" if suite == "attention" else "ms (lower is better)")
+            ax.set_title(f"{suite} {pass_} ({payload['device']})", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{stem}_{suite}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths[f"png_{suite}"] = path
+    return paths
+
+
+def print_table(records: list[Record], skips: list[Skip], file=sys.stdout) -> None:
+    payload = {"device": "", "date": "", "command": "", "versions": {}, "records": [r.as_json() for r in records],
+               "skipped": [dataclasses.asdict(s) for s in skips]}
+    text = markdown_table(payload).split("\n", 6)[-1]
+    print(text, file=file)

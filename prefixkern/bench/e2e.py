@@ -1,0 +1,160 @@
+"""End-to-end suite: a bf16 training step (forward, loss, backward to the prefix) of models built
+from real configs with random weights, for the floor (no prefix, SDPA's flash path, gradients
+flowing to the input embeddings), stock PEFT with HF ``eager`` and ``sdpa``, and the patched model."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .common import Options, Record, Skip, dtype_name, time_ms
+
+P = 20
+
+
+def model_config(name: str):
+    import transformers as tf
+
+    if name == "qwen2.5-0.5b":
+        return tf.Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                              num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                              rope_theta=1e6, tie_word_embeddings=True)
+    if name == "bloomz-560m":
+        return tf.BloomConfig(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16)
+    if name == "gpt2-medium":
+        return tf.GPT2Config(vocab_size=50257, n_embd=1024, n_layer=24, n_head=16, n_positions=1024)
+    if name == "llama3.2-1b":
+        return tf.LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                              num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                              max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True)
+    if name == "cpu-tiny-llama":
+        return tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2)
+    raise ValueError(name)
+
+
+MODELS = ("qwen2.5-0.5b", "bloomz-560m", "gpt2-medium", "llama3.2-1b")
+QUICK = ("qwen2.5-0.5b",)
+LENGTHS = {256: 8, 2048: 2}     # S -> batch
+IMPLS = ("floor_no_prefix", "peft_eager", "peft_sdpa", "prefixkern", "prefixkern_liger")
+
+
+def _build(name: str, impl: str, opts: Options, base_state):
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    attn = "eager" if impl in ("peft_eager", "prefixkern", "prefixkern_liger") else "sdpa"
+    config = copy.deepcopy(model_config(name))
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, torch_dtype=opts.dtype)
+    model.load_state_dict(base_state)
+    model.to(opts.device)
+    if impl == "prefixkern_liger":
+        import liger_kernel.transformers as liger
+
+        apply = getattr(liger, f"apply_liger_kernel_to_{config.model_type}", None)
+        if apply is None:
+            raise RuntimeError(f"Liger-Kernel has no patch for {config.model_type}")
+        apply(model=model, rope=False)
+    if impl == "floor_no_prefix":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+    torch.manual_seed(1)
+    peft_model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
+                                                          prefix_projection=True))
+    peft_model.to(opts.device)
+    if impl.startswith("prefixkern"):
+        import prefixkern
+
+        prefixkern.patch(peft_model)
+    return peft_model
+
+
+def _step_fn(model, impl: str, input_ids, attention_mask):
+    def step():
+        model.zero_grad(set_to_none=True)
+        if impl == "floor_no_prefix":
+            embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_()
+            out = model(inputs_embeds=embeds, attention_mask=attention_mask, labels=input_ids)
+        else:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids)
+        out.loss.backward()
+        return out.loss.detach()
+    return step
+
+
+def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
+    records, skips = [], []
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except Exception as exc:
+        return records, [Skip("e2e_train", "all", "all", f"transformers/peft unavailable ({exc})")]
+    if opts.on_gpu:
+        models = opts.shapes or (QUICK if opts.quick else MODELS)
+        lengths = {256: 8} if opts.quick else LENGTHS
+    else:
+        models, lengths = ("cpu-tiny-llama",), {16: 2}
+    for name in models:
+        try:
+            config = model_config(name)
+        except ValueError:
+            continue
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        base_state = AutoModelForCausalLM.from_config(config, torch_dtype=opts.dtype).state_dict()
+        for seq_len, batch in lengths.items():
+            case = f"{name}-S{seq_len}"
+            limit = getattr(config, "n_positions", None)
+            gen = torch.Generator().manual_seed(0)
+            input_ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=gen).to(opts.device)
+            attention_mask = torch.ones_like(input_ids)
+            losses = {}
+            for impl in IMPLS:
+                if not opts.wants(impl):
+                    continue
+                if limit is not None and seq_len + P > limit:
+                    skips.append(Skip("e2e_train", case, impl, f"GPT-2 has {limit} positions; P + S = {P + seq_len}"))
+                    continue
+                if impl == "prefixkern_liger":
+                    try:
+                        import liger_kernel  # noqa: F401
+                    except Exception as exc:
+                        skips.append(Skip("e2e_train", case, impl, f"liger-kernel not installed ({type(exc).__name__})"))
+                        continue
+                progress(f"e2e_train {case} {impl}")
+                record = Record("e2e_train", case, impl, "step", dtype_name(opts.dtype))
+                try:
+                    model = _build(name, impl, opts, base_state)
+                except Exception as exc:
+                    skips.append(Skip("e2e_train", case, impl, f"could not build: {type(exc).__name__}: {exc}"))
+                    continue
+                step = _step_fn(model, impl, input_ids, attention_mask)
+                try:
+                    losses[impl] = step().float().item()
+                    record.ms = time_ms(step, on_gpu=opts.on_gpu, quick=True)
+                    if opts.on_gpu:
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                        step()
+                        torch.cuda.synchronize()
+                        record.peak_mem_mb = torch.cuda.max_memory_allocated() / 2**20
+                    if record.ms:
+                        record.tokens_per_s = batch * seq_len / (record.ms * 1e-3)
+                except torch.cuda.OutOfMemoryError:
+                    record.note = "out of memory"
+                    torch.cuda.empty_cache()
+                ref = losses.get("peft_eager")
+                if impl != "floor_no_prefix" and ref is not None and impl in losses:
+                    record.max_err = abs(losses[impl] - ref) / max(1.0, abs(ref))
+                    record.ok = bool(record.max_err <= {torch.float32: 1e-4, torch.float16: 5e-3,
+                                                        torch.bfloat16: 2e-2}[opts.dtype])
+                record.note = (record.note or "") + f"loss {losses.get(impl, float('nan')):.5f}"
+                records.append(record)
+                del model, step
+                if opts.on_gpu:
+                    torch.cuda.empty_cache()
+    return records, skips

@@ -1,0 +1,127 @@
+"""MLP suite: the fused prefix MLP against PEFT's encoder on B*P rows and the same math in PyTorch
+on P rows, forward and forward+backward, for the seeds' and Llama-3-8B's shapes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import reference
+from ..ops.prefix_mlp import fused_prefix_mlp
+from .common import Options, Record, Skip, dtype_name, peak_mem_mb, scaled_err, time_ms
+
+
+@dataclass(frozen=True)
+class MlpShape:
+    name: str
+    L: int
+    Hkv: int
+    D: int
+    P: int
+    B: int = 8
+
+    @property
+    def token_dim(self) -> int:     # PEFT's token_dim (and its default encoder_hidden_size)
+        return self.Hkv * self.D
+
+    @property
+    def num_cols(self) -> int:
+        return 2 * self.L * self.Hkv * self.D
+
+
+SHAPES = {s.name: s for s in (
+    MlpShape("qwen2.5-0.5b", 24, 2, 64, 20),
+    MlpShape("bloomz-560m", 24, 16, 64, 30),
+    MlpShape("llama3-8b", 32, 8, 128, 64),
+)}
+QUICK = ("qwen2.5-0.5b", "llama3-8b")
+CPU_SHAPES = {"cpu-tiny": MlpShape("cpu-tiny", 2, 2, 12, 7, B=2)}
+
+
+def _params(shape: MlpShape, device):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    d, h, n = shape.token_dim, shape.token_dim, shape.num_cols
+    tensors = [torch.randn(shape.P, d, generator=gen), torch.randn(h, d, generator=gen) / d**0.5,
+               torch.randn(h, generator=gen) * 0.1, torch.randn(n, h, generator=gen) / h**0.5,
+               torch.randn(n, generator=gen) * 0.1]
+    return [t.to(device).requires_grad_() for t in tensors]
+
+
+def _peft_encoder(shape: MlpShape, params, device):
+    from peft import PrefixTuningConfig
+    from peft.tuners.prefix_tuning.model import PrefixEncoder
+
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=shape.P, num_layers=shape.L,
+                                token_dim=shape.token_dim, num_attention_heads=shape.Hkv,
+                                encoder_hidden_size=shape.token_dim, prefix_projection=True)
+    encoder = PrefixEncoder(config).to(device)
+    with torch.no_grad():
+        for mine, theirs in zip(params, (encoder.embedding.weight, encoder.transform[0].weight,
+                                         encoder.transform[0].bias, encoder.transform[2].weight,
+                                         encoder.transform[2].bias)):
+            theirs.copy_(mine)
+    return encoder
+
+
+def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
+    records, skips = [], []
+    shapes = CPU_SHAPES if not opts.on_gpu else SHAPES
+    names = opts.shapes or (tuple(shapes) if not opts.quick or not opts.on_gpu else QUICK)
+    for name in names:
+        if name not in shapes:
+            continue
+        shape = shapes[name]
+        params = _params(shape, opts.device)
+        kw = dict(num_layers=shape.L, num_kv_heads=shape.Hkv, head_dim=shape.D)
+        try:
+            encoder = _peft_encoder(shape, params, opts.device)
+        except Exception as exc:       # peft missing
+            encoder = None
+            skips.append(Skip("mlp", name, "peft_encoder", f"peft unavailable ({exc})"))
+        tokens = torch.arange(shape.P, device=opts.device).unsqueeze(0).expand(shape.B, -1)
+
+        def peft_rows():
+            # PEFT's get_prompt: the encoder on B*P rows, cast, viewed and permuted per layer.
+            rows = encoder(tokens).to(opts.dtype)
+            return rows.view(shape.B, shape.P, 2 * shape.L, shape.Hkv, shape.D).permute(2, 0, 3, 1, 4)
+
+        impls = {
+            "prefixkern": lambda: fused_prefix_mlp(*params, **kw, out_dtype=opts.dtype),
+            "torch_p_rows": lambda: reference.prefix_mlp(*params, **kw, out_dtype=opts.dtype),
+            "peft_encoder": peft_rows,
+        }
+        expected = reference.prefix_mlp(*[p.detach().double() for p in params], **kw, out_dtype=torch.float64)
+        grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(opts.device, opts.dtype)
+        w2_bytes = shape.num_cols * shape.token_dim * 4
+        for pass_ in ("fwd", "fwd_bwd"):
+            for impl, fn in impls.items():
+                if not opts.wants(impl) or (impl == "peft_encoder" and encoder is None):
+                    continue
+                progress(f"mlp {name} {pass_} {impl}")
+                record = Record("mlp", name, impl, pass_, dtype_name(opts.dtype))
+                modules = [p for p in params] + (list(encoder.parameters()) if impl == "peft_encoder" else [])
+
+                def call(fn=fn, impl=impl, pass_=pass_):
+                    for p in modules:
+                        p.grad = None
+                    out = fn()
+                    if pass_ == "fwd_bwd":
+                        if impl == "peft_encoder":   # B copies of the prefix reach the layers
+                            per_layer = grad_out.reshape(2 * shape.L, 1, shape.Hkv, shape.P, shape.D)
+                            out.backward(per_layer.expand(-1, shape.B, -1, -1, -1) / shape.B)
+                        else:
+                            out.backward(grad_out)
+                    return out
+
+                out = call()
+                got = out[:, 0].reshape(expected.shape) if impl == "peft_encoder" else out
+                record.max_err = scaled_err(got, expected)
+                record.ok = bool(record.max_err <= {torch.float32: 1e-4, torch.float16: 2e-3,
+                                                    torch.bfloat16: 1.6e-2}[opts.dtype])
+                record.ms = time_ms(call, on_gpu=opts.on_gpu, quick=opts.quick)
+                record.peak_mem_mb = peak_mem_mb(call, on_gpu=opts.on_gpu)
+                if record.ms:
+                    # W2 is read once by the forward and once more by the backward.
+                    record.gbps = w2_bytes * (2 if pass_ == "fwd_bwd" else 1) / (record.ms * 1e-3) / 1e9
+                records.append(record)
+    return records, skips
