@@ -4,6 +4,8 @@ Public API:
     prefix_attention(q, k, v, prefix_k, prefix_v, ...)   attention over [prefix ; sequence] KV
     fused_prefix_mlp(embedding, w1, b1, w2, b2, ...)     PEFT's prefix MLP, once on P rows -> [L, 2, Hkv, P, D]
     PrefixEncoder(...)                                   PEFT-compatible module around fused_prefix_mlp
+    patch(peft_model) / unpatch(peft_model)              PEFT prefix tuning on HF models through the kernels
+    prefix_per_row(peft_model, adapter_names)            rows of one batch reading different trained prefixes
 """
 from __future__ import annotations
 
@@ -12,6 +14,17 @@ from .ops.prefix_attention import prefix_attention
 from .ops.prefix_mlp import fused_prefix_mlp
 from .prefix_encoder import PrefixEncoder
 
+
+def __getattr__(name):
+    # The HF integration imports transformers/peft; load it only when asked for.
+    if name in ("patch", "unpatch", "is_patched", "prefix_per_row", "save_resumable", "load_resumable"):
+        from .integrations import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'prefixkern' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
-__all__ = ["prefix_attention", "fused_prefix_mlp", "PrefixEncoder", "get_backend", "use_backend", "__version__"]
+__all__ = ["prefix_attention", "fused_prefix_mlp", "PrefixEncoder", "get_backend", "use_backend", "patch", "unpatch",
+           "is_patched", "prefix_per_row", "save_resumable", "load_resumable", "__version__"]

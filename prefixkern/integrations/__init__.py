@@ -1,1 +1,1 @@
-"""Hugging Face transformers / PEFT integration: patching, prefix cache, mask handling."""
+"""Integrations with model libraries. ``hf``: Hugging Face transformers + PEFT prefix tuning."""

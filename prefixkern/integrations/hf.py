@@ -1,0 +1,436 @@
+"""Hugging Face + PEFT prefix tuning through prefixkern's kernels.
+
+``patch(peft_model)`` changes three things and nothing else:
+
+1. PEFT's ``get_prompt`` returns a :class:`PrefixKVCache` instead of a ``DynamicCache`` holding
+   B copies of the prefix. The prefix is computed once per step by the fused MLP (or read from
+   the baked embedding) and kept beside the cache, batch-shared; the cache stores sequence keys
+   only. It reports the same lengths as PEFT's cache (P + cached tokens), so positions, masks and
+   generation bookkeeping are exactly stock PEFT's (real tokens at positions P..P+T-1).
+2. The base model's attention implementation becomes ``"prefixkern"``, registered with
+   transformers' ``AttentionInterface``: attention over ``[prefix ; sequence]`` by
+   ``prefixkern.prefix_attention`` (no concatenation, no repeat_kv). Its mask function, registered
+   with ``AttentionMaskInterface``, hands the attention the 2-D padding mask (transformers builds
+   no mask for an implementation it does not know).
+3. A forward pre-hook on the base model passes the prefix to the attention layers through the
+   model's ``**kwargs`` (``prefixkern_prefix``), which every attention-interface model forwards.
+
+Because nothing is written into the cache during training, a recomputed layer (gradient
+checkpointing) sees exactly what the first pass saw, which is why checkpointing works here while
+stock PEFT refuses it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import types
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.prefix_attention import prefix_attention
+from ..ops.prefix_mlp import fused_prefix_mlp
+from ..prefix_encoder import PrefixEncoder
+
+__all__ = ["patch", "unpatch", "is_patched", "PrefixKVCache", "PrefixState", "prefix_per_row", "save_resumable",
+           "load_resumable", "SUPPORTED_MODEL_TYPES"]
+
+ATTN_NAME = "prefixkern"
+KWARG = "prefixkern_prefix"
+
+# Families whose attention goes through transformers' AttentionInterface and that the tests cover.
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gemma2", "glm4", "gpt2")
+REFUSED_MODEL_TYPES = {
+    "bloom": "BLOOM's attention is hand-written (ALiBi) and does not go through transformers' attention "
+             "interface; prefixkern has no BLOOM forward yet",
+    "bart": "BART is an encoder-decoder model (PEFT uses an encoder-decoder cache); prefixkern serves "
+            "decoder-only models so far",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The prefix beside the cache
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PrefixState:
+    """Every layer's prefix: ``kv`` ``[L, 2, Hkv, P, D]`` shared by the batch, or ``[T, L, 2, Hkv, P, D]``
+    for T prefixes with ``index`` ``[B]`` naming the one each row reads."""
+    kv: torch.Tensor
+    index: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return self.kv.shape[-2]
+
+    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.index is None:
+            return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
+        return self.kv[:, layer_idx, 0], self.kv[:, layer_idx, 1]
+
+
+def _dynamic_cache_base():
+    from transformers import DynamicCache
+
+    return DynamicCache
+
+
+class _PrefixKVCacheMixin:
+    """Sequence keys/values only, the prefix held beside them (see the module docstring)."""
+
+    def _init_prefix(self, prefix: PrefixState, record: bool) -> None:
+        self.prefix = prefix
+        # Training forwards do not record: a checkpointed layer's recomputation must not append twice.
+        self.record = record
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if not self.record:
+            return key_states, value_states
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.prefix.length + super().get_seq_length(layer_idx)
+
+    def get_mask_sizes(self, *args, **kwargs):
+        kv_length, kv_offset = super().get_mask_sizes(*args, **kwargs)
+        return kv_length + self.prefix.length, kv_offset
+
+    def _index_op(self, fn):
+        if self.prefix.index is not None:
+            self.prefix = dataclasses.replace(self.prefix, index=fn(self.prefix.index))
+
+    def reorder_cache(self, beam_idx):
+        super().reorder_cache(beam_idx)
+        self._index_op(lambda idx: idx.index_select(0, beam_idx.to(idx.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        self._index_op(lambda idx: idx.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices):
+        super().batch_select_indices(indices)
+        self._index_op(lambda idx: idx[indices])
+
+
+_CACHE_CLASS = None
+
+
+def PrefixKVCache(prefix: PrefixState, record: bool = True):  # noqa: N802 (a class factory)
+    """A ``transformers.DynamicCache`` that keeps the prefix beside the sequence KV. Its lengths
+    include the P prefix tokens, exactly like PEFT's cache, so HF computes the same positions.
+    Every layer is a plain (non-sliding) layer: sliding windows are applied by the kernel, which
+    knows where the prefix sits."""
+    global _CACHE_CLASS
+    if _CACHE_CLASS is None:
+        _CACHE_CLASS = type("PrefixKVCache", (_PrefixKVCacheMixin, _dynamic_cache_base()), {})
+    cache = _CACHE_CLASS()
+    cache._init_prefix(prefix, record)
+    return cache
+
+
+# --------------------------------------------------------------------------------------------
+# The attention function and its mask function
+# --------------------------------------------------------------------------------------------
+
+def _attention_without_prefix(query, key, value, key_padding_mask, scaling, dropout, causal, window, softcap):
+    """A layer called with no prefix (adapter disabled): plain attention, same mask conventions."""
+    from .. import reference
+
+    if softcap is None and window is None:
+        seq_q, seq_kv = query.shape[2], key.shape[2]
+        group = query.shape[1] // key.shape[1]
+        mask = torch.ones(seq_q, seq_kv, dtype=torch.bool, device=query.device)
+        if causal:
+            mask = torch.ones_like(mask).tril(seq_kv - seq_q)
+        mask = mask[None, None]
+        if key_padding_mask is not None:
+            mask = mask & key_padding_mask.bool()[:, None, None, :]
+        k = key.repeat_interleave(group, 1) if group > 1 else key
+        v = value.repeat_interleave(group, 1) if group > 1 else value
+        out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        # A query that sees nothing gives NaN in SDPA; HF's eager gives a finite row. Zero it.
+        return torch.nan_to_num(out, nan=0.0)
+    # Soft-capping or a window: the oracle with a zero-length prefix (the public op requires P > 0).
+    empty = key.new_zeros(key.shape[1], 0, key.shape[3])
+    return reference.prefix_attention(query, key, value, empty, empty, causal=causal, softmax_scale=scaling,
+                                      key_padding_mask=key_padding_mask, softcap=softcap, window=window)
+
+
+def prefixkern_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                         sliding_window=None, softcap=None, **kwargs):
+    """transformers attention-interface function: ``query`` [B, Hq, S, D], ``key``/``value``
+    [B, Hkv, S_kv, D] (sequence only), ``attention_mask`` the 2-D padding mask over
+    ``[prefix ; sequence]`` from :func:`prefixkern_mask` (or None). Returns ``([B, S, Hq, D], None)``."""
+    state: PrefixState | None = kwargs.get(KWARG)
+    seq_kv = key.shape[2]
+    key_padding_mask = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(
+                "prefixkern's attention takes a 2-D padding mask [B, P + S_kv]; got a "
+                f"{attention_mask.dim()}-D mask of shape {tuple(attention_mask.shape)}. Pass a 2-D attention_mask."
+            )
+        key_padding_mask = attention_mask[:, -seq_kv:]
+    causal = bool(getattr(module, "is_causal", True)) and kwargs.get("is_causal", True) is not False
+    dropout_p = float(dropout) if module.training else 0.0
+    window = int(sliding_window) if sliding_window else None
+    softcap = float(softcap) if softcap else None
+    if state is None:
+        out = _attention_without_prefix(query, key, value, key_padding_mask, scaling, dropout_p, causal, window,
+                                        softcap)
+        return out.transpose(1, 2).contiguous(), None
+    prefix_k, prefix_v = state.layer(module.layer_idx)
+    if prefix_k.dtype != query.dtype:      # e.g. an fp32 model under bf16 autocast: P rows, cheap
+        prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
+    if key.dtype != query.dtype:
+        key, value = key.to(query.dtype), value.to(query.dtype)
+    out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, softmax_scale=scaling,
+                           key_padding_mask=key_padding_mask, prefix_index=state.index, dropout_p=dropout_p,
+                           softcap=softcap, window=window)
+    return out.transpose(1, 2), None
+
+
+def prefixkern_mask(*args, attention_mask=None, **kwargs):
+    """transformers mask-interface function: the 2-D boolean padding mask as given (PEFT prepends
+    the prefix's ones), or None when nothing is padded, so the kernel skips the padding test."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        return attention_mask
+    mask = attention_mask.to(torch.bool)
+    if not torch.compiler.is_compiling() and bool(mask.all()):
+        return None
+    return mask
+
+
+_REGISTERED = False
+
+
+def _register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, prefixkern_attention)
+    AttentionMaskInterface.register(ATTN_NAME, prefixkern_mask)
+    _REGISTERED = True
+
+
+# --------------------------------------------------------------------------------------------
+# patch / unpatch
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _PatchState:
+    previous_attn: dict
+    hook: object
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    rows: tuple[str, ...] | None = None      # adapter name per batch row (prefix_per_row)
+    encoders: dict = dataclasses.field(default_factory=dict)
+
+
+def _peft_prefix_config(model):
+    from peft import PeftModel
+    from peft.utils import PeftType
+
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"patch expects a peft.PeftModel with a prefix-tuning adapter, got {type(model).__name__}")
+    config = model.active_peft_config
+    if config.peft_type != PeftType.PREFIX_TUNING:
+        raise ValueError(f"patch serves PEFT prefix tuning (and P-Tuning v2); the active adapter is {config.peft_type}")
+    return config
+
+
+def _model_type(model) -> str:
+    return getattr(model.get_base_model().config, "model_type", "")
+
+
+def _attn_configs(base_model):
+    """Every config object attention modules read ``_attn_implementation`` from."""
+    seen, out = set(), []
+    for module in base_model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and id(config) not in seen and hasattr(config, "_attn_implementation"):
+            seen.add(id(config))
+            out.append(config)
+    return out
+
+
+def _set_attn(base_model, name) -> dict:
+    previous = {}
+    for config in _attn_configs(base_model):
+        previous[id(config)] = (config, config._attn_implementation)
+        config._attn_implementation = name
+    return previous
+
+
+def _encoder_for(model, adapter: str, sizes) -> PrefixEncoder | None:
+    """Our encoder sharing PEFT's parameters (None in inference mode: the embedding is the prefix)."""
+    config = model.peft_config[adapter]
+    peft_encoder = model.prompt_encoder[adapter]
+    if config.inference_mode or not getattr(peft_encoder, "prefix_projection", False):
+        return None
+    num_layers, num_kv_heads, head_dim = sizes
+    return PrefixEncoder.from_peft(peft_encoder, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim)
+
+
+def _prefix_kv(model, adapter: str, state: _PatchState, dtype) -> torch.Tensor:
+    """[L, 2, Hkv, P, D] for one adapter, computed once for the whole batch."""
+    if adapter not in state.encoders:
+        state.encoders[adapter] = _encoder_for(model, adapter, (state.num_layers, state.num_kv_heads, state.head_dim))
+    encoder = state.encoders[adapter]
+    if encoder is not None:
+        encoder.train(model.training)
+        return encoder(dtype)
+    weight = model.prompt_encoder[adapter].embedding.weight     # [P, 2*L*Hkv*D]: the prefix itself
+    return fused_prefix_mlp(weight, num_layers=state.num_layers, num_kv_heads=state.num_kv_heads,
+                            head_dim=state.head_dim, out_dtype=dtype)
+
+
+def _patched_get_prompt(self, batch_size: int, task_ids=None, max_cache_len=None):
+    state: _PatchState = self._prefixkern
+    dtype = self.base_model_torch_dtype or self.prompt_encoder[self.active_adapter].embedding.weight.dtype
+    if state.rows is None:
+        prefix = PrefixState(_prefix_kv(self, self.active_adapter, state, dtype))
+    else:
+        names = list(dict.fromkeys(state.rows))
+        if len(state.rows) != batch_size:
+            raise ValueError(f"prefix_per_row names {len(state.rows)} rows but the batch has {batch_size}")
+        lengths = {self.peft_config[n].num_virtual_tokens for n in names}
+        if len(lengths) != 1:
+            raise ValueError(f"prefix_per_row needs adapters of one prefix length, got {sorted(lengths)}")
+        kv = torch.stack([_prefix_kv(self, n, state, dtype) for n in names])
+        index = torch.tensor([names.index(n) for n in state.rows], dtype=torch.int64, device=kv.device)
+        prefix = PrefixState(kv, index)
+    record = not (torch.is_grad_enabled() and self.training)
+    return PrefixKVCache(prefix, record=record)
+
+
+def _inject_prefix(module, args, kwargs):
+    """Forward pre-hook of the base model: hand the prefix to the attention layers (``**kwargs``)
+    and make sure the cache the model records into is ours."""
+    cache, legacy = kwargs.get("cache"), kwargs.get("past_key_values")
+    if isinstance(cache, _PrefixKVCacheMixin):
+        ours = cache
+        if isinstance(legacy, _PrefixKVCacheMixin):
+            kwargs.pop("past_key_values")           # PEFT re-injected a fresh prefix; ours has the history
+    elif isinstance(legacy, _PrefixKVCacheMixin):
+        ours = legacy
+        if cache is not None and cache.get_seq_length() == 0:
+            # transformers >= 5.2x passes generate()'s empty cache as `cache=` and would ignore the
+            # one PEFT put in `past_key_values=` (stock PEFT then drops its prefix in generate()).
+            kwargs.pop("past_key_values")
+            kwargs["cache"] = ours
+    else:
+        return args, kwargs
+    kwargs[KWARG] = ours.prefix
+    return args, kwargs
+
+
+def is_patched(model) -> bool:
+    return getattr(model, "_prefixkern", None) is not None
+
+
+def patch(model):
+    """Serve a PEFT prefix-tuning model through prefixkern's kernels; returns the model.
+
+    ``model`` is a ``peft.PeftModel`` whose active adapter is prefix tuning (``prefix_projection``
+    on: the fused MLP runs once per step on P rows; off, or an ``inference_mode`` adapter: the
+    embedding is the prefix, used as a view). Results equal stock PEFT's with
+    ``attn_implementation="eager"`` within dtype tolerance; training, ``generate()``,
+    gradient checkpointing and ``torch.compile`` work. ``unpatch(model)`` undoes it.
+
+    Supported families: Llama, Qwen2, Mistral (sliding window), Gemma 2 (soft-capping, hybrid
+    sliding window), GLM-4, GPT-2 (attention dropout). Other models are refused with the reason.
+
+    CUDA tensors run the Triton kernels; CPU tensors run the reference (or the kernels in Triton's
+    interpreter with ``PREFIXKERN_BACKEND=triton TRITON_INTERPRET=1``).
+
+    GPT-2: like stock PEFT, real tokens sit at positions P..P+T-1, so P + T must stay within
+    ``n_positions`` (1024).
+    """
+    config = _peft_prefix_config(model)
+    if is_patched(model):
+        return model
+    model_type = _model_type(model)
+    if model_type in REFUSED_MODEL_TYPES:
+        raise ValueError(f"prefixkern.patch cannot serve model_type={model_type!r}: {REFUSED_MODEL_TYPES[model_type]}")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"prefixkern.patch does not know model_type={model_type!r} (supported: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}); refusing rather than risking wrong results")
+    if config.num_transformer_submodules != 1:
+        raise ValueError("prefixkern.patch serves decoder-only models (num_transformer_submodules=1)")
+    head_dim = config.token_dim // config.num_attention_heads
+    _register()
+    base_model = model.get_base_model()
+    previous = _set_attn(base_model, ATTN_NAME)
+    hook = base_model.register_forward_pre_hook(_inject_prefix, with_kwargs=True)
+    model._prefixkern = _PatchState(previous, hook, config.num_layers, config.num_attention_heads, head_dim)
+    model.get_prompt = types.MethodType(_patched_get_prompt, model)
+    return model
+
+
+def unpatch(model):
+    """Undo :func:`patch`; returns the model."""
+    state: _PatchState | None = getattr(model, "_prefixkern", None)
+    if state is None:
+        return model
+    for config, name in state.previous_attn.values():
+        config._attn_implementation = name
+    state.hook.remove()
+    del model.get_prompt           # back to the class's method
+    model._prefixkern = None
+    return model
+
+
+@contextlib.contextmanager
+def prefix_per_row(model, adapter_names: Sequence[str]) -> Iterator[None]:
+    """Serve a batch whose rows belong to different trained prefixes in one forward (training or
+    ``generate()``): row b reads adapter ``adapter_names[b]``. All adapters must have been loaded
+    into ``model`` (``load_adapter``) and share the prefix length. Each distinct prefix is
+    computed once; the kernel reads the right one per row (``prefix_index``)."""
+    if not is_patched(model):
+        raise ValueError("prefix_per_row needs a patched model: call prefixkern.patch(model) first")
+    unknown = [n for n in adapter_names if n not in model.peft_config]
+    if unknown:
+        raise ValueError(f"adapter_names holds adapters the model does not have: {sorted(set(unknown))}")
+    state: _PatchState = model._prefixkern
+    previous, state.rows = state.rows, tuple(adapter_names)
+    try:
+        yield
+    finally:
+        state.rows = previous
+
+
+# --------------------------------------------------------------------------------------------
+# Resumable checkpoints
+# --------------------------------------------------------------------------------------------
+
+def save_resumable(model, path, adapter_name: str | None = None) -> None:
+    """Save the adapter's trainable prefix parameters (embedding and MLP), which PEFT's own adapter
+    file drops when ``prefix_projection=True`` (it bakes the MLP's output), so training can resume."""
+    from safetensors.torch import save_file
+
+    adapter = adapter_name or model.active_adapter
+    state = {name: t.detach().contiguous().cpu() for name, t in model.prompt_encoder[adapter].state_dict().items()}
+    save_file(state, str(path), metadata={"format": "prefixkern-prefix-encoder", "adapter": adapter})
+
+
+def load_resumable(model, path, adapter_name: str | None = None) -> None:
+    """Load what :func:`save_resumable` wrote into the adapter's prompt encoder."""
+    from safetensors.torch import load_file
+
+    adapter = adapter_name or model.active_adapter
+    state = load_file(str(path))
+    missing, unexpected = model.prompt_encoder[adapter].load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the adapter's encoder: missing {missing}, unexpected {unexpected}")
+    state_obj = getattr(model, "_prefixkern", None)
+    if state_obj is not None:
+        state_obj.encoders.pop(adapter, None)
+
