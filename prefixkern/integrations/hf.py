@@ -181,10 +181,12 @@ def prefixkern_attention(module, query, key, value, attention_mask, scaling=None
                                         softcap)
         return out.transpose(1, 2).contiguous(), None
     prefix_k, prefix_v = state.layer(module.layer_idx)
-    if prefix_k.dtype != query.dtype:      # e.g. an fp32 model under bf16 autocast: P rows, cheap
-        prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
-    if key.dtype != query.dtype:
-        key, value = key.to(query.dtype), value.to(query.dtype)
+    # Under autocast the projections come out in the autocast dtype while rotary embeddings may
+    # leave q/k in float32: compute in the dtype eager attention's matmuls would use.
+    device_type = query.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    prefix_k, prefix_v = prefix_k.to(dtype), prefix_v.to(dtype)
     out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, softmax_scale=scaling,
                            key_padding_mask=key_padding_mask, prefix_index=state.index, dropout_p=dropout_p,
                            softcap=softcap, window=window)
@@ -315,6 +317,13 @@ def _inject_prefix(module, args, kwargs):
     """Forward pre-hook of the base model: hand the prefix to the attention layers (``**kwargs``)
     and make sure the cache the model records into is ours."""
     cache, legacy = kwargs.get("cache"), kwargs.get("past_key_values")
+    if kwargs.get("use_cache") is False and isinstance(legacy, _PrefixKVCacheMixin) and cache is not None:
+        # generate(use_cache=False) hands back the previous step's cache while PEFT injects a fresh
+        # prefix and the whole sequence is recomputed: the history must not be reused.
+        kwargs.pop("past_key_values")
+        kwargs["cache"] = legacy
+        kwargs[KWARG] = legacy.prefix
+        return args, kwargs
     if isinstance(cache, _PrefixKVCacheMixin):
         ours = cache
         if isinstance(legacy, _PrefixKVCacheMixin):

@@ -1,0 +1,365 @@
+"""prefixkern.patch against stock PEFT with ``attn_implementation="eager"``, on small configs of
+real architectures with random weights (nothing downloaded).
+
+CPU tensors take the reference path by default; the ``interpreter`` tests run the Triton kernels
+in Triton's interpreter through a whole patched model.
+"""
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+import transformers as tf  # noqa: E402
+from peft import PeftModel, PrefixTuningConfig, get_peft_model  # noqa: E402
+
+import prefixkern  # noqa: E402
+from prefixkern.integrations import hf  # noqa: E402
+
+P = 5
+VOCAB = 64
+
+
+def _config(family: str):
+    common = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
+    if family == "llama":
+        return tf.LlamaConfig(**common)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common)
+    if family == "mistral":
+        # A window shorter than P + S, so it bites: late queries lose the prefix.
+        return tf.MistralConfig(**common, sliding_window=6)
+    if family == "gemma2":
+        return tf.Gemma2Config(**common, head_dim=12, sliding_window=6, attn_logit_softcapping=2.0,
+                               final_logit_softcapping=30.0, query_pre_attn_scalar=12)
+    if family == "glm4":
+        return tf.Glm4Config(**common, head_dim=12, pad_token_id=0, eos_token_id=1)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64, attn_pdrop=0.1,
+                             resid_pdrop=0.0, embd_pdrop=0.0)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "qwen2", "mistral", "gemma2", "glm4", "gpt2"]
+
+
+def _pair(family: str, projection: bool = True, dtype=torch.float32):
+    """(stock PEFT on eager, the same model patched), same weights, same prefix parameters."""
+    torch.manual_seed(0)
+    config = _config(family)
+    config._attn_implementation = "eager"
+    base = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype)
+
+    def build():
+        torch.manual_seed(1)
+        peft_config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=projection,
+                                         encoder_hidden_size=20)
+        return get_peft_model(copy.deepcopy(base), peft_config)
+
+    return build(), prefixkern.patch(build())
+
+
+def _batch(padding: str, batch=3, seq=9, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=gen)
+    mask = torch.ones_like(ids)
+    if padding == "left":
+        mask[0, :3] = 0
+        mask[-1, :1] = 0
+    elif padding == "right":
+        mask[1, -4:] = 0
+    return ids, mask
+
+
+def _prefix_grads(model):
+    return {name: p.grad.clone() for name, p in model.prompt_encoder.named_parameters() if p.grad is not None}
+
+
+def _compare_step(ref, ours, ids, mask, atol=2e-5, rtol=2e-4, train=False):
+    for model in (ref, ours):
+        model.train(train)
+        model.zero_grad()
+    out_ref = ref(input_ids=ids, attention_mask=mask, labels=ids)
+    out_ours = ours(input_ids=ids, attention_mask=mask, labels=ids)
+    real = mask.bool()
+    torch.testing.assert_close(out_ours.logits[real], out_ref.logits[real], atol=atol, rtol=rtol)
+    torch.testing.assert_close(out_ours.loss, out_ref.loss, atol=atol, rtol=rtol)
+    out_ref.loss.backward()
+    out_ours.loss.backward()
+    grads_ref, grads_ours = _prefix_grads(ref), _prefix_grads(ours)
+    assert grads_ref.keys() == grads_ours.keys() and grads_ref
+    for name in grads_ref:
+        torch.testing.assert_close(grads_ours[name], grads_ref[name], atol=atol * 10, rtol=rtol * 10, msg=name)
+
+
+def _greedy_reference(ref, ids, mask, steps, position_ids=None):
+    """Greedy decoding through stock PEFT's forward, recomputing the whole sequence each step (no
+    cache), at the positions ``generate()`` chose. Stock PEFT 0.21's own generate() is no oracle on
+    transformers >= 5.2x: generate() passes its cache as ``cache=`` and the model ignores the prefix
+    PEFT put in ``past_key_values=`` (and with ``use_cache=False`` reuses the previous step's cache)."""
+    seq, attn = ids.clone(), mask.clone()
+    with torch.no_grad():
+        for _ in range(steps):
+            # PEFT adds P to the position ids it is given (generate()'s, recorded at the base model, include it).
+            kwargs = {} if position_ids is None else {"position_ids": position_ids[:, : seq.shape[1]] - P}
+            nxt = ref(input_ids=seq, attention_mask=attn, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            attn = torch.cat([attn, torch.ones_like(nxt)], 1)
+    return seq
+
+
+def _generate_recording_positions(model, ids, mask, steps, **kwargs):
+    positions = []
+
+    def record(module, args, kw):
+        positions.append(kw.get("position_ids"))
+
+    hook = model.get_base_model().register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, **kwargs)
+    finally:
+        hook.remove()
+    if any(p is None for p in positions):
+        return out, None
+    return out, torch.cat([p.expand(ids.shape[0], -1) for p in positions], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Against stock PEFT, every family
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_loss_and_prefix_grads_match_stock_peft(family, padding):
+    ref, ours = _pair(family)
+    _compare_step(ref, ours, *_batch(padding))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_prefix_tuning_without_projection(family):
+    ref, ours = _pair(family, projection=False)
+    _compare_step(ref, ours, *_batch("left"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generate_left_padded_matches_peft(family):
+    ref, ours = _pair(family)
+    ref.eval()
+    ours.eval()
+    ids, mask = _batch("left", seq=7)
+    got, positions = _generate_recording_positions(ours, ids, mask, steps=6)
+    expected = _greedy_reference(ref, ids, mask, steps=6, position_ids=positions)
+    assert torch.equal(got, expected)
+    # Without a cache (every step recomputed) the patched model gives the same tokens.
+    assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                     use_cache=False), got)
+
+
+def test_beam_search_and_sampling_run():
+    _, ours = _pair("llama")
+    ours.eval()
+    ids, mask = _batch("left", seq=7)
+    beams = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False)
+    torch.manual_seed(0)
+    sampled = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=True, top_k=5)
+    assert beams.shape == sampled.shape == (3, 12)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_gradient_checkpointing_gives_the_same_gradients(family):
+    """Stock PEFT refuses checkpointing with prefix tuning; the patched model keeps the prefix out of
+    the cache, so a recomputed layer sees exactly what the first pass saw."""
+    _, plain = _pair(family)
+    _, checkpointed = _pair(family)
+    checkpointed.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, mask = _batch("left")
+    for model in (plain, checkpointed):
+        model.eval()         # no dropout, so the runs are comparable
+        model.zero_grad()
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    for name, grad in _prefix_grads(plain).items():
+        torch.testing.assert_close(_prefix_grads(checkpointed)[name], grad, msg=name)
+
+
+def test_gpt2_attention_dropout_in_training():
+    """GPT-2 applies attention dropout in training: the patched model drops weights too (seeded
+    by torch's generator), and is exactly stock PEFT in eval."""
+    ref, ours = _pair("gpt2")
+    ids, mask = _batch("none")
+    ours.train()
+    torch.manual_seed(5)
+    a = ours(input_ids=ids, attention_mask=mask).logits
+    torch.manual_seed(5)
+    b = ours(input_ids=ids, attention_mask=mask).logits
+    ours.eval()
+    c = ours(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    ref.eval()
+    torch.testing.assert_close(c, ref(input_ids=ids, attention_mask=mask).logits, atol=2e-5, rtol=2e-4)
+
+
+def test_bf16_autocast():
+    ref, ours = _pair("llama")
+    ids, mask = _batch("left")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _compare_step(ref, ours, ids, mask, atol=3e-2, rtol=3e-2)
+
+
+# --------------------------------------------------------------------------------------------
+# Adapter files
+# --------------------------------------------------------------------------------------------
+
+def test_save_with_one_load_with_the_other(tmp_path):
+    ref, ours = _pair("qwen2")
+    ids, mask = _batch("left")
+    ours.save_pretrained(tmp_path / "ours")
+    ref.save_pretrained(tmp_path / "ref")
+    config = _config("qwen2")
+    for saved in ("ours", "ref"):
+        torch.manual_seed(0)
+        base = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        base.load_state_dict(ref.get_base_model().state_dict())
+        stock = PeftModel.from_pretrained(base, tmp_path / saved).eval()
+        torch.manual_seed(0)
+        base2 = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        base2.load_state_dict(ref.get_base_model().state_dict())
+        patched = prefixkern.patch(PeftModel.from_pretrained(base2, tmp_path / saved)).eval()  # inference mode
+        ref.eval()
+        want = ref(input_ids=ids, attention_mask=mask).logits
+        real = mask.bool()
+        torch.testing.assert_close(stock(input_ids=ids, attention_mask=mask).logits[real], want[real],
+                                   atol=2e-5, rtol=2e-4)
+        torch.testing.assert_close(patched(input_ids=ids, attention_mask=mask).logits[real], want[real],
+                                   atol=2e-5, rtol=2e-4)
+
+
+def test_resumable_checkpoint_round_trip(tmp_path):
+    _, ours = _pair("llama")
+    _, other = _pair("llama")
+    with torch.no_grad():
+        for p in ours.prompt_encoder.parameters():
+            p.add_(0.5)
+    prefixkern.save_resumable(ours, tmp_path / "prefix.safetensors")
+    prefixkern.load_resumable(other, tmp_path / "prefix.safetensors")
+    for (name, a), (_, b) in zip(ours.prompt_encoder.named_parameters(), other.prompt_encoder.named_parameters()):
+        assert torch.equal(a, b), name
+    ids, mask = _batch("left")
+    torch.testing.assert_close(other(input_ids=ids, attention_mask=mask).logits,
+                               ours(input_ids=ids, attention_mask=mask).logits)
+
+
+# --------------------------------------------------------------------------------------------
+# Several prefixes in one batch
+# --------------------------------------------------------------------------------------------
+
+def test_prefix_per_row_equals_separate_runs():
+    _, ours = _pair("llama")
+    torch.manual_seed(7)
+    ours.add_adapter("task_b", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=True,
+                                                  encoder_hidden_size=20))
+    with torch.no_grad():
+        for p in ours.prompt_encoder["task_b"].parameters():
+            p.normal_()
+    ours.eval()
+    ids, mask = _batch("left")
+    rows = ["default", "task_b", "default"]
+    with prefixkern.prefix_per_row(ours, rows):
+        mixed = ours(input_ids=ids, attention_mask=mask).logits
+        generated = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    for adapter in ("default", "task_b"):
+        ours.set_adapter(adapter)
+        alone = ours(input_ids=ids, attention_mask=mask).logits
+        alone_gen = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        for b, name in enumerate(rows):
+            if name == adapter:
+                real = mask[b].bool()
+                torch.testing.assert_close(mixed[b][real], alone[b][real], atol=2e-5, rtol=2e-4)
+                assert torch.equal(generated[b], alone_gen[b])
+    ours.set_adapter("default")
+
+
+def test_prefix_per_row_checks_its_input():
+    _, ours = _pair("llama")
+    with pytest.raises(ValueError, match="adapters the model does not have"):
+        with prefixkern.prefix_per_row(ours, ["default", "nope"]):
+            pass
+    ids, mask = _batch("none")
+    with prefixkern.prefix_per_row(ours, ["default"]), pytest.raises(ValueError, match="names 1 rows"):
+        ours(input_ids=ids, attention_mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# patch / unpatch, refusals, compile, the kernels themselves
+# --------------------------------------------------------------------------------------------
+
+def test_unpatch_restores_stock_behaviour():
+    ref, ours = _pair("llama")
+    prefixkern.unpatch(ours)
+    assert not prefixkern.is_patched(ours)
+    assert ours.get_base_model().config._attn_implementation == "eager"
+    ids, mask = _batch("left")
+    torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits,
+                               ref(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_adapter_disabled_runs_plain_attention():
+    ref, ours = _pair("mistral")
+    ids, mask = _batch("left")
+    ref.eval()
+    ours.eval()
+    with ref.disable_adapter(), ours.disable_adapter():
+        want = ref(input_ids=ids, attention_mask=mask).logits
+        got = ours(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("model_type,config", [
+    ("bloom", lambda: tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)),
+])
+def test_refuses_models_it_cannot_serve(model_type, config):
+    model = tf.AutoModelForCausalLM.from_config(config())
+    peft_model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    with pytest.raises(ValueError, match=f"cannot serve model_type='{model_type}'"):
+        prefixkern.patch(peft_model)
+
+
+def test_refuses_what_is_not_prefix_tuning():
+    with pytest.raises(TypeError, match="peft.PeftModel"):
+        prefixkern.patch(torch.nn.Linear(2, 2))
+
+
+def test_torch_compile_no_graph_break_in_attention():
+    ref, ours = _pair("llama")
+    ids, mask = _batch("left")
+    ours.eval()
+    ref.eval()
+    compiled = torch.compile(ours, backend="aot_eager")
+    got = compiled(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], ref(input_ids=ids, attention_mask=mask).logits[real], atol=2e-5, rtol=2e-4)
+    # The attention function itself traces with fullgraph=True.
+    q = torch.randn(2, 4, 5, 12)
+    k = v = torch.randn(2, 2, 5, 12)
+    state = hf.PrefixState(torch.randn(1, 2, 2, 3, 12))
+    module = torch.nn.Module()
+    module.layer_idx, module.is_causal = 0, True
+
+    def attend(q, k, v, m):
+        return hf.prefixkern_attention(module, q, k, v, m, scaling=0.3, prefixkern_prefix=state)[0]
+
+    mask2d = torch.ones(2, 8, dtype=torch.bool)
+    torch.testing.assert_close(torch.compile(attend, fullgraph=True, backend="eager")(q, k, v, mask2d),
+                               attend(q, k, v, mask2d))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_triton_kernels_through_the_model(family):
+    """The real kernels (Triton's interpreter on CPU) inside a patched model, forward and backward."""
+    ref, ours = _pair(family)
+    ids, mask = _batch("left", batch=2, seq=7)
+    with prefixkern.use_backend("triton"):
+        _compare_step(ref, ours, ids, mask, atol=1e-4, rtol=1e-3)
