@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One command for a bare GPU machine with no registry access: the full GPU test grid, then every
+# benchmark suite, each step under ten minutes, everything left in one folder.
+#
+#   benchmarks/run_gpu.sh [OUT_DIR] [STEP ...]      STEP: tests attention mlp e2e decode pytest-bench (default: all)
+#
+# Uses the repository in place (PYTHONPATH), so it needs no install; torch, triton, transformers,
+# peft, pytest, pytest-benchmark and matplotlib come from the machine's image.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-benchmarks/results/run-$(date -u +%Y%m%d-%H%M)}"
+shift || true
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests attention mlp e2e decode pytest-bench)
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"
+LIMIT="${STEP_LIMIT_S:-590}"
+status=0
+
+run_step() {  # name, command...
+    local name="$1"; shift
+    echo "=== $name: $*" | tee -a "$OUT/steps.log"
+    local start=$(date +%s)
+    timeout "$LIMIT" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "=== $name: rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/steps.log"
+    tail -n 25 "$OUT/$name.log"
+    [ $rc -ne 0 ] && status=1
+}
+
+"$PY" - <<'PY' | tee "$OUT/environment.txt"
+import torch, triton, platform
+print("python", platform.python_version(), "torch", torch.__version__, "triton", triton.__version__)
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO GPU")
+for name in ("transformers", "peft", "flash_attn", "liger_kernel"):
+    try:
+        print(name, __import__(name).__version__)
+    except Exception as exc:
+        print(name, "unavailable:", type(exc).__name__)
+PY
+
+for step in "${STEPS[@]}"; do
+    case "$step" in
+        tests)        run_step tests "$PY" -m pytest -m gpu -q -p no:cacheprovider tests --junitxml="$OUT/tests.xml" ;;
+        attention)    run_step bench-attention "$PY" -m prefixkern.bench --suite attention --out-dir "$OUT" ;;
+        mlp)          run_step bench-mlp "$PY" -m prefixkern.bench --suite mlp --out-dir "$OUT" ;;
+        e2e)          run_step bench-e2e "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" ;;
+        decode)       run_step bench-decode "$PY" -m prefixkern.bench --suite decode --out-dir "$OUT" ;;
+        pytest-bench) run_step pytest-bench "$PY" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
+                          --benchmark-json="$OUT/pytest-benchmark.json" ;;
+        *) echo "unknown step $step"; status=1 ;;
+    esac
+done
+echo "results in $OUT"
+exit $status

@@ -1,0 +1,46 @@
+"""The benchmark CLI's CPU mode: it runs every suite's pipeline through the interpreter, checks
+each result, writes the JSON of BENCHMARKS.md and a Markdown table, and reports no speed."""
+import json
+
+import pytest
+import torch
+
+from prefixkern.bench.__main__ import main
+from prefixkern.bench.common import Record, markdown_table, speedups
+
+RECORD_KEYS = {"suite", "case", "impl", "pass", "dtype", "ms", "tflops", "gbps", "tokens_per_s", "peak_mem_mb",
+               "max_err", "ok"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU demo runs only without a GPU")
+def test_cpu_demo_writes_checked_records(tmp_path, capsys):
+    assert main(["--quick", "--out-dir", str(tmp_path), "--suite", "attention", "mlp", "decode", "e2e_train"]) == 0
+    printed = capsys.readouterr().out
+    assert "Speed figures need a GPU" in printed
+    (json_path,) = tmp_path.glob("*.json")
+    payload = json.loads(json_path.read_text())
+    assert {"device", "versions", "date", "command", "records"} <= payload.keys()
+    assert payload["command"].startswith("prefixkern-bench --quick")
+    records = payload["records"]
+    assert {r["suite"] for r in records} == {"attention", "mlp", "decode", "e2e_train"}
+    for record in records:
+        assert RECORD_KEYS <= record.keys()
+        assert record["ms"] is None and record["tflops"] is None      # no speed from a CPU
+    ours = [r for r in records if r["impl"] == "prefixkern"]
+    assert ours and all(r["ok"] is True for r in ours)
+    # Baselines that cannot run here are listed with a reason, not dropped.
+    assert any(s["impl"] == "flex" and s["reason"] for s in payload["skipped"])
+    assert (json_path.with_suffix(".md")).read_text().startswith("# prefixkern benchmark")
+
+
+def test_speedups_and_table_from_records():
+    records = [Record("attention", "x", "prefixkern", "fwd", "bfloat16", ms=1.0, ok=True).as_json(),
+               Record("attention", "x", "sdpa_mask", "fwd", "bfloat16", ms=2.5, ok=True).as_json()]
+    assert speedups(records)[("attention", "x", "sdpa_mask", "fwd", "bfloat16")] == 2.5
+    table = markdown_table({"device": "NVIDIA H100", "date": "d", "command": "c", "versions": {}, "records": records})
+    assert "| x | fwd | bfloat16 | sdpa_mask | 2.5 | 2.5x |" in table
+
+
+def test_bad_option_is_refused():
+    with pytest.raises(SystemExit):
+        main(["--suite", "nope"])
