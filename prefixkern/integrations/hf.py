@@ -29,6 +29,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..ops.decode_attention import MAX_QUERY_LEN, prefix_decode_attention
 from ..ops.prefix_attention import prefix_attention
 from ..ops.prefix_mlp import fused_prefix_mlp
 from ..prefix_encoder import PrefixEncoder
@@ -187,6 +188,12 @@ def prefixkern_attention(module, query, key, value, attention_mask, scaling=None
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     prefix_k, prefix_v = prefix_k.to(dtype), prefix_v.to(dtype)
+    if (causal and dropout_p == 0.0 and query.shape[2] <= MAX_QUERY_LEN and softcap is None and window is None
+            and query.is_cuda and not torch.is_grad_enabled()):
+        # A generation step: the CUDA decode kernel (Triton when it cannot serve the call).
+        out = prefix_decode_attention(query, key, value, prefix_k, prefix_v, softmax_scale=scaling,
+                                      key_padding_mask=key_padding_mask, prefix_index=state.index)
+        return out.transpose(1, 2), None
     out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, softmax_scale=scaling,
                            key_padding_mask=key_padding_mask, prefix_index=state.index, dropout_p=dropout_p,
                            softcap=softcap, window=window)

@@ -1,0 +1,338 @@
+// Decode attention over [prefix ; cache] for q_len 1..8 (flash-decoding): the key axis
+// [0, P + L) (prefix keys first) is cut into `splits` chunks; one block per (chunk, batch row,
+// KV head, block of query rows) computes an online softmax over its chunk for up to kMaxRows query
+// rows (the GQA group's heads x the step's query positions), so each KV byte is read once per
+// block of rows, and writes a float32 partial output and its log-sum-exp. merge_attention_states
+// combines the chunks.
+//
+// Visibility: prefix keys always; cache key j for query position i of Sq iff j <= i + (L - Sq)
+// (bottom-right causal), and key_padding_mask[b, j] != 0 when a mask is given.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "decode_common.cuh"
+
+namespace prefixkern {
+
+constexpr int kThreads = 128;
+constexpr int kMaxRows = 16;  // query rows per block
+constexpr int kVec = 8;       // 16-byte loads of 8 half/bf16 elements
+constexpr int kPad = 8;       // K tile row padding (elements): spreads score reads over banks
+
+struct DecodeParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* pk;
+  const void* pv;
+  const int64_t* prefix_index;  // [B] or nullptr (shared or per-row prefix)
+  const uint8_t* kpm;           // [B, L] (1 = real token) or nullptr
+  float* out_partial;           // [splits, B, Hq, Sq, D]
+  float* lse_partial;           // [splits, B, Hq, Sq]
+  int64_t q_sb, q_sh, q_ss;
+  int64_t k_sb, k_sh, k_ss;
+  int64_t v_sb, v_sh, v_ss;
+  int64_t pk_sb, pk_sh, pk_ss;
+  int64_t pv_sb, pv_sh, pv_ss;
+  int64_t kpm_sb, kpm_ss;
+  int B, Hq, Hkv, Sq, L, P, group, row_blocks, chunk;
+  float scale;
+};
+
+template <typename T, int HEAD_DIM>
+__global__ void __launch_bounds__(kThreads) prefix_decode_partial_kernel(const DecodeParams p) {
+  // TK keys per tile: 16 KiB of V (and a little more of padded K) in shared memory.
+  constexpr int TK = 8192 / HEAD_DIM;
+  constexpr int ACC = kMaxRows * HEAD_DIM / kThreads;  // accumulator elements per thread
+  __shared__ __align__(16) T q_s[kMaxRows][HEAD_DIM];
+  __shared__ __align__(16) T k_s[TK][HEAD_DIM + kPad];
+  __shared__ __align__(16) T v_s[TK][HEAD_DIM];
+  __shared__ float s_s[kMaxRows][TK];
+  __shared__ float alpha_s[kMaxRows];
+  __shared__ float m_s[kMaxRows];
+  __shared__ float l_s[kMaxRows];
+
+  const int tid = threadIdx.x;
+  const int split = blockIdx.x;
+  const int rb = blockIdx.y % p.row_blocks;
+  const int g = (blockIdx.y / p.row_blocks) % p.Hkv;
+  const int b = blockIdx.y / (p.row_blocks * p.Hkv);
+  const int total_rows = p.group * p.Sq;
+  const int row0 = rb * kMaxRows;
+  const int rows = min(kMaxRows, total_rows - row0);
+  const int num_keys = p.P + p.L;
+  const int k_begin = split * p.chunk;
+  const int k_end = min(num_keys, k_begin + p.chunk);
+  const int diag = p.L - p.Sq;
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* kc = static_cast<const T*>(p.k) + b * p.k_sb + g * p.k_sh;
+  const T* vc = static_cast<const T*>(p.v) + b * p.v_sb + g * p.v_sh;
+  const int64_t pb = p.prefix_index != nullptr ? p.prefix_index[b] : b;
+  const T* pk = static_cast<const T*>(p.pk) + pb * p.pk_sb + g * p.pk_sh;
+  const T* pv = static_cast<const T*>(p.pv) + pb * p.pv_sb + g * p.pv_sh;
+
+  // Query rows of this block: row r is head g * group + (row0 + r) / Sq at position (row0 + r) % Sq.
+  for (int idx = tid; idx < kMaxRows * (HEAD_DIM / kVec); idx += kThreads) {
+    const int r = idx / (HEAD_DIM / kVec);
+    const int d = (idx % (HEAD_DIM / kVec)) * kVec;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (r < rows) {
+      const int row = row0 + r;
+      const int h = g * p.group + row / p.Sq;
+      const int i = row % p.Sq;
+      val = *reinterpret_cast<const uint4*>(q + b * p.q_sb + h * p.q_sh + i * p.q_ss + d);
+    }
+    *reinterpret_cast<uint4*>(&q_s[r][d]) = val;
+  }
+  if (tid < kMaxRows) {
+    m_s[tid] = -INFINITY;
+    l_s[tid] = 0.f;
+  }
+  float acc[ACC];
+#pragma unroll
+  for (int a = 0; a < ACC; ++a) acc[a] = 0.f;
+  __syncthreads();
+
+  for (int t0 = k_begin; t0 < k_end; t0 += TK) {
+    // ---- K and V tiles: prefix rows from the prefix tensors, the rest from the cache ----
+    for (int idx = tid; idx < TK * (HEAD_DIM / kVec); idx += kThreads) {
+      const int c = idx / (HEAD_DIM / kVec);
+      const int d = (idx % (HEAD_DIM / kVec)) * kVec;
+      const int key = t0 + c;
+      uint4 kval = make_uint4(0, 0, 0, 0), vval = make_uint4(0, 0, 0, 0);
+      if (key < k_end) {
+        if (key < p.P) {
+          kval = *reinterpret_cast<const uint4*>(pk + key * p.pk_ss + d);
+          vval = *reinterpret_cast<const uint4*>(pv + key * p.pv_ss + d);
+        } else {
+          const int64_t j = key - p.P;
+          kval = *reinterpret_cast<const uint4*>(kc + j * p.k_ss + d);
+          vval = *reinterpret_cast<const uint4*>(vc + j * p.v_ss + d);
+        }
+      }
+      *reinterpret_cast<uint4*>(&k_s[c][d]) = kval;
+      *reinterpret_cast<uint4*>(&v_s[c][d]) = vval;
+    }
+    __syncthreads();
+
+    // ---- scores of every (row, key) pair of the tile ----
+    for (int idx = tid; idx < rows * TK; idx += kThreads) {
+      const int r = idx / TK;
+      const int c = idx % TK;
+      const int key = t0 + c;
+      float s = -INFINITY;
+      bool visible = key < k_end;
+      if (visible && key >= p.P) {
+        const int j = key - p.P;
+        const int i = (row0 + r) % p.Sq;
+        visible = j <= i + diag;
+        if (visible && p.kpm != nullptr) visible = p.kpm[b * p.kpm_sb + j * p.kpm_ss] != 0;
+      }
+      if (visible) {
+        float dot = 0.f;
+#pragma unroll 8
+        for (int d = 0; d < HEAD_DIM; ++d) dot += to_float(q_s[r][d]) * to_float(k_s[c][d]);
+        s = dot * p.scale;
+      }
+      s_s[r][c] = s;
+    }
+    __syncthreads();
+
+    // ---- online softmax: one thread per row ----
+    if (tid < rows) {
+      const int r = tid;
+      float tile_max = -INFINITY;
+      for (int c = 0; c < TK; ++c) tile_max = fmaxf(tile_max, s_s[r][c]);
+      const float m_old = m_s[r];
+      const float m_new = fmaxf(m_old, tile_max);
+      float alpha = 1.f;
+      float sum = 0.f;
+      if (m_new == -INFINITY) {
+        for (int c = 0; c < TK; ++c) s_s[r][c] = 0.f;
+      } else {
+        alpha = (m_old == -INFINITY) ? 0.f : __expf(m_old - m_new);
+        for (int c = 0; c < TK; ++c) {
+          const float s = s_s[r][c];
+          const float e = (s == -INFINITY) ? 0.f : __expf(s - m_new);
+          s_s[r][c] = e;
+          sum += e;
+        }
+      }
+      l_s[r] = l_s[r] * alpha + sum;
+      m_s[r] = m_new;
+      alpha_s[r] = alpha;
+    }
+    __syncthreads();
+
+    // ---- acc = acc * alpha + P @ V ----
+#pragma unroll
+    for (int a = 0; a < ACC; ++a) {
+      const int e = tid + a * kThreads;
+      const int r = e / HEAD_DIM;
+      const int d = e % HEAD_DIM;
+      if (r < rows) {
+        float sum = 0.f;
+#pragma unroll 8
+        for (int c = 0; c < TK; ++c) sum += s_s[r][c] * to_float(v_s[c][d]);
+        acc[a] = acc[a] * alpha_s[r] + sum;
+      }
+    }
+    __syncthreads();
+  }
+
+  // ---- partial output (normalised within the chunk) and its log-sum-exp ----
+  const int64_t rows_total = static_cast<int64_t>(p.B) * p.Hq * p.Sq;
+#pragma unroll
+  for (int a = 0; a < ACC; ++a) {
+    const int e = tid + a * kThreads;
+    const int r = e / HEAD_DIM;
+    const int d = e % HEAD_DIM;
+    if (r < rows) {
+      const int row = row0 + r;
+      const int h = g * p.group + row / p.Sq;
+      const int i = row % p.Sq;
+      const int64_t out_row = (static_cast<int64_t>(b) * p.Hq + h) * p.Sq + i;
+      const float l = l_s[r];
+      p.out_partial[(split * rows_total + out_row) * HEAD_DIM + d] = l > 0.f ? acc[a] / l : 0.f;
+      if (d == 0) p.lse_partial[split * rows_total + out_row] = l > 0.f ? m_s[r] + logf(l) : -INFINITY;
+    }
+  }
+}
+
+namespace {
+
+void check_operand(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(t.is_cuda(), "prefix_decode_partial: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.device() == q.device(), "prefix_decode_partial: ", name, " must be on q's device");
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "prefix_decode_partial: ", name, " must have q's dtype");
+  TORCH_CHECK(t.stride(-1) == 1, "prefix_decode_partial: ", name, "'s last dim must be contiguous");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "prefix_decode_partial: ", name,
+              " must be 16-byte aligned");
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    TORCH_CHECK(t.size(d) == 1 || t.stride(d) % kVec == 0, "prefix_decode_partial: ", name, "'s stride ", d,
+                " must be a multiple of 8 elements (16-byte rows)");
+  }
+}
+
+template <typename T, int HEAD_DIM>
+void launch(const DecodeParams& params, int splits, int blocks_y, cudaStream_t stream) {
+  prefix_decode_partial_kernel<T, HEAD_DIM><<<dim3(splits, blocks_y), kThreads, 0, stream>>>(params);
+}
+
+template <typename T>
+void launch_head_dim(int head_dim, const DecodeParams& params, int splits, int blocks_y, cudaStream_t stream) {
+  switch (head_dim) {
+    case 64: launch<T, 64>(params, splits, blocks_y, stream); break;
+    case 128: launch<T, 128>(params, splits, blocks_y, stream); break;
+    case 256: launch<T, 256>(params, splits, blocks_y, stream); break;
+    default: TORCH_CHECK(false, "prefix_decode_partial: head dim must be 64, 128 or 256, got ", head_dim);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                         const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                                                         const c10::optional<at::Tensor>& prefix_index,
+                                                         const c10::optional<at::Tensor>& key_padding_mask,
+                                                         double scale, int64_t num_splits) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "prefix_decode_partial: q, k, v must be 4-d");
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "prefix_decode_partial: q must be float16 or bfloat16");
+  check_operand(q, "q", q);
+  check_operand(k, "k", q);
+  check_operand(v, "v", q);
+  check_operand(prefix_k, "prefix_k", q);
+  check_operand(prefix_v, "prefix_v", q);
+  const int B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
+  const int Hkv = k.size(1), L = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D, "prefix_decode_partial: k/v shape");
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "prefix_decode_partial: Hq must be a multiple of Hkv");
+  TORCH_CHECK(Sq >= 1 && Sq <= 8, "prefix_decode_partial: q_len must be 1..8, got ", Sq);
+  TORCH_CHECK(prefix_k.sizes() == prefix_v.sizes(), "prefix_decode_partial: prefix_k/prefix_v shape");
+  TORCH_CHECK(prefix_k.dim() == 3 || prefix_k.dim() == 4, "prefix_decode_partial: prefix must be 3-d or 4-d");
+  TORCH_CHECK(prefix_k.size(-3) == Hkv && prefix_k.size(-1) == D, "prefix_decode_partial: prefix heads/head dim");
+  const bool shared = prefix_k.dim() == 3;
+  const int P = prefix_k.size(-2);
+  if (prefix_index.has_value()) {
+    TORCH_CHECK(!shared && prefix_index->scalar_type() == at::kLong && prefix_index->numel() == B &&
+                    prefix_index->is_cuda(),
+                "prefix_decode_partial: prefix_index must be int64 [B] on the GPU, with a 4-d prefix");
+  } else {
+    TORCH_CHECK(shared || prefix_k.size(0) == B, "prefix_decode_partial: a 4-d prefix without index is per row");
+  }
+  at::Tensor kpm;
+  if (key_padding_mask.has_value()) {
+    kpm = *key_padding_mask;
+    TORCH_CHECK(kpm.dim() == 2 && kpm.size(0) == B && kpm.size(1) == L && kpm.is_cuda(),
+                "prefix_decode_partial: key_padding_mask must be [B, L] on the GPU");
+    if (kpm.scalar_type() == at::kBool) kpm = kpm.view(at::kByte);
+    TORCH_CHECK(kpm.scalar_type() == at::kByte, "prefix_decode_partial: key_padding_mask must be bool or uint8");
+  }
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int group = Hq / Hkv;
+  const int row_blocks = (group * Sq + kMaxRows - 1) / kMaxRows;
+  const int blocks_y = B * Hkv * row_blocks;
+  const int tile = 8192 / D;
+  const int num_keys = P + L;
+  const int max_splits = (num_keys + tile - 1) / tile;
+  int splits = static_cast<int>(num_splits);
+  if (splits <= 0) {
+    // Enough blocks for about two waves over the SMs, no chunk shorter than a tile.
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));
+    splits = (2 * sms + blocks_y - 1) / blocks_y;
+  }
+  splits = std::max(1, std::min(splits, max_splits));
+  const int chunk = ((num_keys + splits - 1) / splits + tile - 1) / tile * tile;
+  splits = (num_keys + chunk - 1) / chunk;
+
+  auto opts = q.options().dtype(at::kFloat);
+  auto out_partial = at::empty({splits, B, Hq, Sq, D}, opts);
+  auto lse_partial = at::empty({splits, B, Hq, Sq}, opts);
+
+  DecodeParams params{};
+  params.q = q.data_ptr();
+  params.k = k.data_ptr();
+  params.v = v.data_ptr();
+  params.pk = prefix_k.data_ptr();
+  params.pv = prefix_v.data_ptr();
+  params.prefix_index = prefix_index.has_value() ? prefix_index->data_ptr<int64_t>() : nullptr;
+  params.kpm = key_padding_mask.has_value() ? kpm.data_ptr<uint8_t>() : nullptr;
+  params.out_partial = out_partial.data_ptr<float>();
+  params.lse_partial = lse_partial.data_ptr<float>();
+  params.q_sb = q.stride(0), params.q_sh = q.stride(1), params.q_ss = q.stride(2);
+  params.k_sb = k.stride(0), params.k_sh = k.stride(1), params.k_ss = k.stride(2);
+  params.v_sb = v.stride(0), params.v_sh = v.stride(1), params.v_ss = v.stride(2);
+  const int off = shared ? 1 : 0;  // a shared prefix has no batch dim: batch stride 0
+  params.pk_sb = shared ? 0 : prefix_k.stride(0), params.pk_sh = prefix_k.stride(1 - off),
+  params.pk_ss = prefix_k.stride(2 - off);
+  params.pv_sb = shared ? 0 : prefix_v.stride(0), params.pv_sh = prefix_v.stride(1 - off),
+  params.pv_ss = prefix_v.stride(2 - off);
+  params.kpm_sb = key_padding_mask.has_value() ? kpm.stride(0) : 0;
+  params.kpm_ss = key_padding_mask.has_value() ? kpm.stride(1) : 0;
+  params.B = B, params.Hq = Hq, params.Hkv = Hkv, params.Sq = Sq, params.L = L, params.P = P;
+  params.group = group, params.row_blocks = row_blocks, params.chunk = chunk;
+  params.scale = static_cast<float>(scale);
+
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (q.scalar_type() == at::kHalf) {
+    launch_head_dim<at::Half>(D, params, splits, blocks_y, stream);
+  } else {
+    launch_head_dim<at::BFloat16>(D, params, splits, blocks_y, stream);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out_partial, lse_partial};
+}
+
+}  // namespace prefixkern
+
+TORCH_LIBRARY_IMPL(prefixkern_cuda, CUDA, m) { m.impl("prefix_decode_partial", &prefixkern::prefix_decode_partial); }

@@ -1,0 +1,111 @@
+"""Builds the CUDA C++ kernels of ``csrc/`` just in time with ninja
+(``torch.utils.cpp_extension.load``), once per machine: the build is cached under
+``$PREFIXKERN_CUDA_CACHE`` (default ``~/.cache/prefixkern/cuda``) by torch's source hashing.
+
+``build_cuda()`` builds (or loads) it explicitly and raises on failure; ``cuda_ops()`` is what
+the ops use: the loaded ``torch.ops.prefixkern_cuda`` namespace, or None with one warning when
+the build is impossible here (no GPU, no nvcc, a compiler error), so callers fall back to Triton.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCES = ("bindings.cpp", "prefix_decode.cu", "merge_attention_states.cu")
+
+
+def csrc_dir() -> Path:
+    """``csrc/`` beside the package (editable installs, a source checkout) or shipped inside it."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package.parent / "csrc", package / "_csrc"):
+        if all((candidate / name).exists() for name in SOURCES):
+            return candidate
+    raise FileNotFoundError(f"prefixkern's CUDA sources {SOURCES} were found neither in {package.parent / 'csrc'} "
+                            f"nor in {package / '_csrc'}")
+
+
+def build_dir() -> Path:
+    root = Path(os.environ.get("PREFIXKERN_CUDA_CACHE", Path.home() / ".cache" / "prefixkern" / "cuda"))
+    tag = f"torch{torch.__version__.split('+')[0]}_cu{(torch.version.cuda or 'none').replace('.', '')}"
+    path = root / tag
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _arch_flags() -> list[str]:
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return []       # torch's own handling of the variable
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"{major}{minor}"
+    return [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+
+
+def _ahead_of_time_library() -> Path | None:
+    """The library ``PREFIXKERN_BUILD_CUDA=1 pip install .`` built into the package, if any."""
+    found = sorted(Path(__file__).resolve().parent.glob("_prefixkern_cuda*.so"))
+    return found[0] if found else None
+
+
+def build_cuda(verbose: bool = False):
+    """Compile (first call on a machine) or load the CUDA decode kernels; returns
+    ``torch.ops.prefixkern_cuda``. Raises RuntimeError with the reason when it cannot."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("prefixkern.build_cuda needs a CUDA GPU")
+    if hasattr(torch.ops.prefixkern_cuda, "prefix_decode_partial"):
+        return torch.ops.prefixkern_cuda
+    prebuilt = _ahead_of_time_library()
+    if prebuilt is not None:
+        torch.ops.load_library(str(prebuilt))
+        _register_fakes()
+        return torch.ops.prefixkern_cuda
+    from torch.utils.cpp_extension import load
+
+    source_dir = csrc_dir()
+    load(
+        name="prefixkern_cuda",
+        sources=[str(source_dir / name) for name in SOURCES],
+        extra_include_paths=[str(source_dir)],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "-lineinfo", *_arch_flags()],
+        build_directory=str(build_dir()),
+        is_python_module=False,
+        verbose=verbose,
+    )
+    _register_fakes()
+    return torch.ops.prefixkern_cuda
+
+
+def _register_fakes() -> None:
+    """Shapes for torch.compile's tracing of the CUDA ops."""
+    if getattr(_register_fakes, "done", False):
+        return
+
+    @torch.library.register_fake("prefixkern_cuda::prefix_decode_partial")
+    def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, num_splits):
+        splits = torch.library.get_ctx().new_dynamic_size()
+        batch, heads, seq_q, head_dim = q.shape
+        return (q.new_empty((splits, batch, heads, seq_q, head_dim), dtype=torch.float32),
+                q.new_empty((splits, batch, heads, seq_q), dtype=torch.float32))
+
+    @torch.library.register_fake("prefixkern_cuda::merge_attention_states")
+    def _(out_partial, lse_partial, out_dtype):
+        return out_partial.new_empty(out_partial.shape[1:], dtype=out_dtype), lse_partial.new_empty(lse_partial.shape[1:])
+
+    _register_fakes.done = True
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_ops():
+    """The CUDA ops, or None (warned once) when they cannot be built here."""
+    if os.environ.get("PREFIXKERN_NO_CUDA_EXT", "0") not in ("", "0"):
+        return None
+    try:
+        return build_cuda()
+    except Exception as exc:   # no nvcc, no GPU, a compiler error: fall back, say so once
+        warnings.warn(f"prefixkern: the CUDA decode kernels could not be built ({type(exc).__name__}: {exc}); "
+                      "decoding falls back to the Triton kernels", RuntimeWarning, stacklevel=2)
+        return None

@@ -1,0 +1,107 @@
+"""prefix_decode_attention: one generation step's attention over ``[prefix ; cache]``, by the CUDA
+C++ kernels of ``csrc/`` where they apply, else by the Triton kernels (or the reference on CPU)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._backend import get_backend
+from ._checks import check_prefix_attention_args, check_tensor
+from .prefix_attention import prefix_attention
+
+__all__ = ["prefix_decode_attention", "merge_attention_states", "cuda_decode_supported"]
+
+CUDA_HEAD_DIMS = (64, 128, 256)
+MAX_QUERY_LEN = 8
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(size == 1 or stride % 8 == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1])))
+
+
+def cuda_decode_supported(q, k, v, prefix_k, prefix_v, *, softcap=None, window=None, alibi_slopes=None,
+                          dropout_p=0.0) -> bool:
+    """Whether the CUDA decode kernel serves this call (it does q_len 1..8, fp16/bf16, head dims
+    64/128/256, GQA, shared/per-row/per-task prefixes and padding; nothing else)."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in CUDA_HEAD_DIMS
+            and q.shape[2] <= MAX_QUERY_LEN and softcap is None and window is None and alibi_slopes is None
+            and dropout_p == 0.0 and all(_aligned(t) for t in (q, k, v, prefix_k, prefix_v)))
+
+
+def prefix_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    prefix_index: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    num_splits: int = 0,
+    return_lse: bool = False,
+):
+    """Causal attention of a decoding step's queries over ``[prefix ; cache]``.
+
+    Same contract as ``prefix_attention(..., causal=True)`` (bottom-right aligned: query i of S
+    sees cache key j iff ``j <= i + L - S``), for the inference-time call: not differentiable.
+
+    On a GPU, fp16/bf16 with head dim 64/128/256 and S <= 8, the CUDA C++ kernel runs: the key
+    axis is split over the SMs (flash-decoding), each block reads its KV chunk once for all query
+    heads of a GQA group, and the chunks are merged by log-sum-exp. The kernel is built on first
+    use (``prefixkern.build_cuda()``); where it cannot be built, or for other shapes, the call
+    goes to the Triton kernels (CPU tensors: the reference), with one warning for a failed build.
+
+    Args: as ``prefix_attention``; ``num_splits`` fixes the number of key chunks (0 = pick for the GPU).
+    Returns: ``out`` ``[B, Hq, S, D]`` (and the float32 ``lse`` ``[B, Hq, S]`` if asked).
+    """
+    check_prefix_attention_args(q, k, v, prefix_k, prefix_v, causal=True, softmax_scale=softmax_scale,
+                                key_padding_mask=key_padding_mask, prefix_index=prefix_index, dropout_p=0.0,
+                                alibi_slopes=None, softcap=None, window=None)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be a non-negative int (0 = automatic), got {num_splits!r}")
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    ops = None
+    if get_backend() == "auto" and cuda_decode_supported(q, k, v, prefix_k, prefix_v) and k.shape[2] > 0:
+        from .._cuda_build import cuda_ops
+
+        ops = cuda_ops()
+    if ops is None:
+        with torch.no_grad():
+            return prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, softmax_scale=scale,
+                                    key_padding_mask=key_padding_mask, prefix_index=prefix_index,
+                                    return_lse=return_lse)
+    index = prefix_index.long() if prefix_index is not None else None
+    out_partial, lse_partial = ops.prefix_decode_partial(q, k, v, prefix_k, prefix_v, index, key_padding_mask, scale,
+                                                         num_splits)
+    out, lse = ops.merge_attention_states(out_partial, lse_partial, q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def merge_attention_states(out_partial: torch.Tensor, lse_partial: torch.Tensor,
+                           out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge attention computed over disjoint key sets: ``out_partial`` ``[N, ..., D]`` (each part
+    normalised over its keys), ``lse_partial`` ``[N, ...]`` float32 natural-log log-sum-exps.
+    Returns ``(out [..., D], lse [...])``; a row no part saw gives 0 and -inf."""
+    check_tensor("out_partial", out_partial, tuple(range(2, 9)), "[N, ..., D]")
+    check_tensor("lse_partial", lse_partial, tuple(range(1, 8)), "[N, ...]")
+    if tuple(out_partial.shape[:-1]) != tuple(lse_partial.shape):
+        raise ValueError(f"lse_partial must have out_partial's leading shape {tuple(out_partial.shape[:-1])}, "
+                         f"got {tuple(lse_partial.shape)}")
+    out_dtype = out_dtype or out_partial.dtype
+    if (out_partial.is_cuda and out_partial.dtype == torch.float32 and lse_partial.dtype == torch.float32
+            and out_dtype in (torch.float16, torch.bfloat16) and get_backend() == "auto"):
+        from .._cuda_build import cuda_ops
+
+        ops = cuda_ops()
+        if ops is not None:
+            return ops.merge_attention_states(out_partial, lse_partial, out_dtype)
+    acc = torch.promote_types(out_partial.dtype, torch.float32)
+    lse_partial = lse_partial.to(acc)
+    lse = torch.logsumexp(lse_partial, dim=0)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    weights = torch.exp(lse_partial - safe)                       # 0 for parts that saw nothing
+    out = (weights.unsqueeze(-1) * out_partial.to(acc)).sum(0)
+    return out.to(out_dtype), lse

@@ -1,0 +1,48 @@
+"""Every csrc/ file compiles with nvcc (compile only: this machine has no GPU), so a broken CUDA
+kernel fails CI. The GPU suite runs the kernels against the reference (tests/test_decode.py)."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+STUBS = Path(__file__).resolve().parent / "csrc_stubs"
+
+
+def _flags() -> list[str]:
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    include = Path(torch.__file__).parent / "include"
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    # The stub stands in for the one generated header CPU wheels of torch leave out.
+    return ["-std=c++20", "-O2", f"-I{CSRC}", f"-I{include}", f"-I{include / 'torch/csrc/api/include'}",
+            f"-I{STUBS}", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *COMMON_NVCC_FLAGS]
+
+
+def test_sources_are_the_ones_the_build_uses():
+    from prefixkern import _cuda_build
+
+    assert sorted(p.name for p in [*CSRC.glob("*.cu"), *CSRC.glob("*.cpp")]) == sorted(_cuda_build.SOURCES)
+    assert _cuda_build.csrc_dir() == CSRC
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed on this machine")
+def test_every_csrc_file_compiles_with_nvcc(tmp_path):
+    sources = sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cpp"))
+    assert sources
+    arch = os.environ.get("PREFIXKERN_NVCC_ARCH", "sm_90")
+    procs = []
+    for source in sources:   # in parallel: nvcc spends most of its time parsing torch's headers
+        cmd = ["nvcc", "-c", f"-arch={arch}", *_flags(), str(source), "-o", str(tmp_path / (source.name + ".o"))]
+        procs.append((source, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    failures = []
+    for source, proc in procs:
+        output, _ = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            failures.append(f"{source.name}:\n{output[-4000:]}")
+    assert not failures, "\n\n".join(failures)
