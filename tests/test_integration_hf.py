@@ -37,13 +37,15 @@ def _config(family: str):
                                final_logit_softcapping=30.0, query_pre_attn_scalar=12)
     if family == "glm4":
         return tf.Glm4Config(**common, head_dim=12, pad_token_id=0, eos_token_id=1)
+    if family == "bloom":
+        return tf.BloomConfig(vocab_size=VOCAB, hidden_size=48, n_layer=2, n_head=4, attention_dropout=0.0)
     if family == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64, attn_pdrop=0.1,
                              resid_pdrop=0.0, embd_pdrop=0.0)
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "qwen2", "mistral", "gemma2", "glm4", "gpt2"]
+FAMILIES = ["llama", "qwen2", "mistral", "gemma2", "glm4", "gpt2", "bloom"]
 
 
 def _pair(family: str, projection: bool = True, dtype=torch.float32):
@@ -318,7 +320,9 @@ def test_adapter_disabled_runs_plain_attention():
 
 
 @pytest.mark.parametrize("model_type,config", [
-    ("bloom", lambda: tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)),
+    ("bart", lambda: tf.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                                   encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=32,
+                                   decoder_ffn_dim=32)),
 ])
 def test_refuses_models_it_cannot_serve(model_type, config):
     model = tf.AutoModelForCausalLM.from_config(config())
@@ -356,7 +360,7 @@ def test_torch_compile_no_graph_break_in_attention():
                                attend(q, k, v, mask2d))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "bloom"])
 def test_triton_kernels_through_the_model(family):
     """The real kernels (Triton's interpreter on CPU) inside a patched model, forward and backward."""
     ref, ours = _pair(family)

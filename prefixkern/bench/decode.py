@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
+from .._backend import use_backend
+from ..ops.decode_attention import cuda_decode_supported, prefix_decode_attention
 from ..ops.prefix_attention import prefix_attention
 from .common import Options, Record, Skip, dtype_name, peak_mem_mb, scaled_err, time_ms
 
@@ -24,6 +26,14 @@ def _cases(opts: Options):
         return [("cpu-tiny", 4, 2, 32, 5, 40, 2)]
     grid = QUICK if opts.quick else list(itertools.product(PREFIXES, CACHES, BATCHES))
     return [(f"P{p}-L{cache}-B{batch}", HQ, HKV, D, p, cache, batch) for p, cache, batch in grid]
+
+
+def _cuda_available(*tensors) -> bool:
+    if not cuda_decode_supported(*tensors):
+        return False
+    from .._cuda_build import cuda_ops
+
+    return cuda_ops() is not None
 
 
 def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
@@ -47,12 +57,22 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
         cat_v = torch.cat([pv.expand(batch, -1, -1, -1), v], 2)
         expected = reference.prefix_attention(q, k, v, pk, pv, causal=True)
         kv_bytes = (batch * hkv * cache + hkv * p) * d * 2 * opts.dtype.itemsize
+        def cuda_decode():
+            with use_backend("auto"):      # the CUDA C++ kernel (the suite otherwise forces Triton)
+                return prefix_decode_attention(q, k, v, pk, pv)
+
         impls = {
-            "prefixkern": lambda: prefix_attention(q, k, v, pk, pv, causal=True),
+            # prefixkern: the CUDA C++ decode kernel of csrc/; prefixkern_triton: the Triton kernel.
+            "prefixkern": cuda_decode,
+            "prefixkern_triton": lambda: prefix_attention(q, k, v, pk, pv, causal=True),
             "sdpa_concat": lambda: F.scaled_dot_product_attention(q, cat_k, cat_v, enable_gqa=hkv != hq),
         }
         for impl, fn in impls.items():
             if not opts.wants(impl):
+                continue
+            if impl == "prefixkern" and not _cuda_available(q, k, v, pk, pv):
+                skips.append(Skip("decode", name, impl, "the CUDA decode kernel cannot run here (no GPU, no "
+                                  "nvcc or a failed build: see the warning); prefixkern_triton is the fallback"))
                 continue
             progress(f"decode {name} {impl}")
             record = Record("decode", name, impl, "fwd", dtype_name(opts.dtype))

@@ -41,10 +41,8 @@ ATTN_NAME = "prefixkern"
 KWARG = "prefixkern_prefix"
 
 # Families whose attention goes through transformers' AttentionInterface and that the tests cover.
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gemma2", "glm4", "gpt2")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gemma2", "glm4", "gpt2", "bloom")
 REFUSED_MODEL_TYPES = {
-    "bloom": "BLOOM's attention is hand-written (ALiBi) and does not go through transformers' attention "
-             "interface; prefixkern has no BLOOM forward yet",
     "bart": "BART is an encoder-decoder model (PEFT uses an encoder-decoder cache); prefixkern serves "
             "decoder-only models so far",
 }
@@ -200,6 +198,56 @@ def prefixkern_attention(module, query, key, value, attention_mask, scaling=None
     return out.transpose(1, 2), None
 
 
+def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
+                             output_attentions=False, **kwargs):
+    """BLOOM's attention (hand-written, ALiBi) over ``[prefix ; sequence]`` by the kernels. ALiBi
+    positions count the prefix as BLOOM does from PEFT's mask (prefix key j at j, a real sequence
+    key at P + the number of real keys before it); the ``alibi`` tensor BLOOM built is not read."""
+    if not isinstance(layer_past, _PrefixKVCacheMixin):
+        return self._prefixkern_forward(hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
+                                        use_cache=use_cache, output_attentions=output_attentions, **kwargs)
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes, dropout_add
+
+    batch_size, q_length, _ = hidden_states.shape
+    query, key, value = self._reshape(self.query_key_value(hidden_states))
+    key, value = layer_past.update(key, value, self.layer_idx)
+    key_padding_mask = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError("prefixkern's BLOOM attention takes the 2-D padding mask; got a "
+                             f"{attention_mask.dim()}-D mask")
+        key_padding_mask = attention_mask[:, -key.shape[2]:]
+    prefix_k, prefix_v = layer_past.prefix.layer(self.layer_idx)
+    dtype = query.dtype
+    slopes = _get_alibi_slopes(self.num_heads, query.device).to(torch.float32)
+    out = prefix_attention(query, key, value, prefix_k.to(dtype), prefix_v.to(dtype), causal=True,
+                           softmax_scale=self.inv_norm_factor, key_padding_mask=key_padding_mask,
+                           prefix_index=layer_past.prefix.index,
+                           dropout_p=self.attention_dropout.p if self.training else 0.0, alibi_slopes=slopes)
+    context = out.transpose(1, 2).reshape(batch_size, q_length, self.num_heads * self.head_dim)
+    if self.pretraining_tp > 1 and self.slow_but_exact:
+        slices = self.hidden_size / self.pretraining_tp
+        output = torch.zeros_like(context)
+        for i in range(self.pretraining_tp):
+            output = output + F.linear(context[:, :, int(i * slices): int((i + 1) * slices)],
+                                       self.dense.weight[:, int(i * slices): int((i + 1) * slices)])
+    else:
+        output = self.dense(context)
+    return dropout_add(output, residual, self.hidden_dropout, self.training), None
+
+
+def _patch_bloom(base_model) -> list:
+    from transformers.models.bloom.modeling_bloom import BloomAttention
+
+    patched = []
+    for module in base_model.modules():
+        if isinstance(module, BloomAttention):
+            module._prefixkern_forward = module.forward
+            module.forward = types.MethodType(_bloom_attention_forward, module)
+            patched.append(module)
+    return patched
+
+
 def prefixkern_mask(*args, attention_mask=None, **kwargs):
     """transformers mask-interface function: the 2-D boolean padding mask as given (PEFT prepends
     the prefix's ones), or None when nothing is padded, so the kernel skips the padding test."""
@@ -240,6 +288,7 @@ class _PatchState:
     num_kv_heads: int
     head_dim: int
     rows: tuple[str, ...] | None = None      # adapter name per batch row (prefix_per_row)
+    patched_modules: list = dataclasses.field(default_factory=list)
     encoders: dict = dataclasses.field(default_factory=dict)
 
 
@@ -362,7 +411,8 @@ def patch(model):
     gradient checkpointing and ``torch.compile`` work. ``unpatch(model)`` undoes it.
 
     Supported families: Llama, Qwen2, Mistral (sliding window), Gemma 2 (soft-capping, hybrid
-    sliding window), GLM-4, GPT-2 (attention dropout). Other models are refused with the reason.
+    sliding window), GLM-4, GPT-2 (attention dropout) through transformers' attention interface,
+    and BLOOM (ALiBi) through a BLOOM attention forward. Other models are refused with the reason.
 
     CUDA tensors run the Triton kernels; CPU tensors run the reference (or the kernels in Triton's
     interpreter with ``PREFIXKERN_BACKEND=triton TRITON_INTERPRET=1``).
@@ -387,6 +437,8 @@ def patch(model):
     previous = _set_attn(base_model, ATTN_NAME)
     hook = base_model.register_forward_pre_hook(_inject_prefix, with_kwargs=True)
     model._prefixkern = _PatchState(previous, hook, config.num_layers, config.num_attention_heads, head_dim)
+    if model_type == "bloom":
+        model._prefixkern.patched_modules = _patch_bloom(base_model)
     model.get_prompt = types.MethodType(_patched_get_prompt, model)
     return model
 
@@ -399,6 +451,8 @@ def unpatch(model):
     for config, name in state.previous_attn.values():
         config._attn_implementation = name
     state.hook.remove()
+    for module in state.patched_modules:
+        del module.forward, module._prefixkern_forward
     del model.get_prompt           # back to the class's method
     model._prefixkern = None
     return model
