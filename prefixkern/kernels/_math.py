@@ -29,4 +29,7 @@ def dot(a, b, INPUT_PRECISION: tl.constexpr):
     """``tl.dot`` with float32 accumulation (see ``_WIDEN_BF16_DOT`` for the interpreter)."""
     if _WIDEN_BF16_DOT and (a.dtype == tl.bfloat16 or b.dtype == tl.bfloat16):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=INPUT_PRECISION)
+    if a.dtype == tl.float32:
+        # The precision choice only means something for float32 operands.
+        return tl.dot(a, b, input_precision=INPUT_PRECISION)
+    return tl.dot(a, b)
