@@ -84,4 +84,95 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             if record.ms:
                 record.gbps = kv_bytes / (record.ms * 1e-3) / 1e9
             records.append(record)
+    got, skipped = run_generate(opts, progress)
+    return records + got, skips + skipped
+
+
+# --------------------------------------------------------------------------------------------
+# generate() end to end
+# --------------------------------------------------------------------------------------------
+
+GEN_MODELS = ("qwen2.5-0.5b", "llama3.2-1b")
+GEN_P, GEN_PROMPT, GEN_NEW = 30, 512, 256
+GEN_BATCHES = (1, 8, 64)
+
+
+def _generate_cases(opts: Options):
+    if not opts.on_gpu:
+        return [("cpu-tiny-llama", 2, 12, 4)]
+    if opts.quick:
+        return [("qwen2.5-0.5b", 8, GEN_PROMPT, 64)]
+    return [(model, batch, GEN_PROMPT, GEN_NEW) for model in GEN_MODELS for batch in GEN_BATCHES]
+
+
+def run_generate(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
+    """Tokens/s of greedy ``generate()`` (dynamic cache) on a patched model against stock PEFT +
+    ``sdpa``. ``ok`` checks the patched model's prefill logits against stock PEFT + ``eager``."""
+    from . import e2e
+
+    records, skips = [], []
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except Exception as exc:
+        return records, [Skip("decode", "generate", "all", f"transformers/peft unavailable ({exc})")]
+    from transformers import AutoModelForCausalLM
+
+    for name, batch, prompt, new_tokens in _generate_cases(opts):
+        if opts.shapes and name not in opts.shapes:
+            continue
+        case = f"{name}-B{batch}-prompt{prompt}-new{new_tokens}"
+        config = e2e.model_config(name)
+        torch.manual_seed(0)
+        base_state = AutoModelForCausalLM.from_config(config, torch_dtype=opts.dtype).state_dict()
+        gen = torch.Generator().manual_seed(0)
+        input_ids = torch.randint(3, config.vocab_size, (batch, prompt), generator=gen).to(opts.device)
+        attention_mask = torch.ones_like(input_ids)
+        attention_mask[0, : prompt // 4] = 0          # one left-padded row, as in batched serving
+        reference_logits = None
+        for impl in ("peft_eager", "peft_sdpa", "prefixkern"):
+            if not opts.wants(impl):
+                continue
+            progress(f"decode generate {case} {impl}")
+            try:
+                model = e2e.build_model(name, impl, opts, base_state, num_virtual_tokens=GEN_P).eval()
+            except Exception as exc:
+                skips.append(Skip("decode", case, impl, f"could not build: {type(exc).__name__}: {exc}"))
+                continue
+            record = Record("decode", case, impl, "generate", dtype_name(opts.dtype))
+            with torch.no_grad():
+                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1].float()
+            if impl == "peft_eager":
+                reference_logits = logits
+                del model
+                continue                 # the oracle of the check; its generate() is not timed
+            if reference_logits is not None:
+                real = attention_mask[:, -1].bool()
+                record.max_err = scaled_err(logits[real], reference_logits[real])
+                record.ok = bool(record.max_err <= {torch.float32: 1e-4, torch.float16: 1e-2,
+                                                    torch.bfloat16: 5e-2}[opts.dtype])
+
+            def generate(model=model):
+                with torch.no_grad():
+                    return model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+            out = generate()
+            assert out.shape == (batch, prompt + new_tokens)
+            if opts.on_gpu:
+                torch.cuda.synchronize()
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                torch.cuda.reset_peak_memory_stats()
+                start.record()
+                generate()
+                end.record()
+                torch.cuda.synchronize()
+                record.ms = start.elapsed_time(end)
+                record.tokens_per_s = batch * new_tokens / (record.ms * 1e-3)
+                record.peak_mem_mb = torch.cuda.max_memory_allocated() / 2**20
+            records.append(record)
+            del model
+            if opts.on_gpu:
+                torch.cuda.empty_cache()
     return records, skips

@@ -39,7 +39,9 @@ LENGTHS = {256: 8, 2048: 2}     # S -> batch
 IMPLS = ("floor_no_prefix", "peft_eager", "peft_sdpa", "prefixkern", "prefixkern_liger")
 
 
-def _build(name: str, impl: str, opts: Options, base_state):
+def build_model(name: str, impl: str, opts: Options, base_state, num_virtual_tokens: int = P):
+    """The model a row of the suite runs: the frozen base (floor), stock PEFT on ``eager`` or
+    ``sdpa``, or the patched model (optionally with Liger-Kernel's patch), same weights."""
     from peft import PrefixTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -62,7 +64,7 @@ def _build(name: str, impl: str, opts: Options, base_state):
             p.requires_grad_(False)
         return model
     torch.manual_seed(1)
-    peft_model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
+    peft_model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens,
                                                           prefix_projection=True))
     peft_model.to(opts.device)
     if impl.startswith("prefixkern"):
@@ -128,7 +130,7 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 progress(f"e2e_train {case} {impl}")
                 record = Record("e2e_train", case, impl, "step", dtype_name(opts.dtype))
                 try:
-                    model = _build(name, impl, opts, base_state)
+                    model = build_model(name, impl, opts, base_state)
                 except Exception as exc:
                     skips.append(Skip("e2e_train", case, impl, f"could not build: {type(exc).__name__}: {exc}"))
                     continue
