@@ -326,16 +326,79 @@ def test_adapter_disabled_runs_plain_attention():
     torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=2e-4)
 
 
-@pytest.mark.parametrize("model_type,config", [
-    ("bart", lambda: tf.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
-                                   encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=32,
-                                   decoder_ffn_dim=32)),
-])
-def test_refuses_models_it_cannot_serve(model_type, config):
-    model = tf.AutoModelForCausalLM.from_config(config())
-    peft_model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
-    with pytest.raises(ValueError, match=f"cannot serve model_type='{model_type}'"):
+def test_refuses_models_it_does_not_know():
+    config = tf.OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=32, num_attention_heads=4,
+                          word_embed_proj_dim=32)
+    peft_model = get_peft_model(tf.AutoModelForCausalLM.from_config(config),
+                                PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    with pytest.raises(ValueError, match="does not know model_type='opt'"):
         prefixkern.patch(peft_model)
+
+
+# --------------------------------------------------------------------------------------------
+# BART (encoder-decoder): what stock PEFT really does
+# --------------------------------------------------------------------------------------------
+
+def _bart_pair(layers=3):
+    torch.manual_seed(0)
+    config = tf.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=layers, decoder_layers=layers,
+                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=32,
+                           decoder_ffn_dim=32, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0)
+    base = tf.BartForConditionalGeneration(config)
+    base.config._attn_implementation = "eager"
+
+    def build():
+        torch.manual_seed(1)
+        return get_peft_model(copy.deepcopy(base), PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P,
+                                                                      prefix_projection=True, encoder_hidden_size=20))
+
+    return build(), prefixkern.patch(build())
+
+
+def test_bart_layer_map_is_what_peft_builds():
+    """Decoder layer l reads PEFT's prefix layer 2l mod L (0, 2, 1 for L = 3): checked on PEFT's cache."""
+    ref, ours = _bart_pair(layers=3)
+    config = ref.peft_config["default"]
+    cache = ref.get_prompt(1)
+    state = ours.get_prompt(1).self_attention_cache.prefix
+    for layer, peft_layer in enumerate(cache.self_attention_cache.layers):
+        keys, values = state.layer(layer)
+        torch.testing.assert_close(keys, peft_layer.keys[0].to(keys.dtype))
+        torch.testing.assert_close(values, peft_layer.values[0].to(values.dtype))
+    assert len(cache.cross_attention_cache.layers) == 0      # PEFT empties it: no cross-attention prefix
+    assert config.num_layers == 3 and state.layer_map == (0, 2, 1)
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_bart_logits_loss_and_grads_match_stock_peft(padding):
+    ref, ours = _bart_pair()
+    ids, mask = _batch(padding)
+    labels, decoder_mask = _batch("right", seq=6, seed=4)
+    for model in (ref, ours):
+        model.train()
+        model.zero_grad()
+    outs = [m(input_ids=ids, attention_mask=mask, labels=labels, decoder_attention_mask=decoder_mask)
+            for m in (ref, ours)]
+    torch.testing.assert_close(outs[1].logits, outs[0].logits, atol=2e-5, rtol=2e-4)
+    for out in outs:
+        out.loss.backward()
+    for name, grad in _prefix_grads(ref).items():
+        torch.testing.assert_close(_prefix_grads(ours)[name], grad, atol=2e-4, rtol=2e-3, msg=name)
+
+
+def test_bart_greedy_generate_matches_peft_forward():
+    ref, ours = _bart_pair()
+    ref.eval()
+    ours.eval()
+    ids, mask = _batch("left")
+    got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    start = ref.get_base_model().config.decoder_start_token_id
+    seq = torch.full((ids.shape[0], 1), start, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(got.shape[1] - 1):
+            logits = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=seq).logits[:, -1]
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(got, seq[:, : got.shape[1]])
 
 
 def test_refuses_what_is_not_prefix_tuning():
@@ -374,3 +437,13 @@ def test_triton_kernels_through_the_model(family):
     ids, mask = _batch("left", batch=2, seq=7)
     with prefixkern.use_backend("triton"):
         _compare_step(ref, ours, ids, mask, atol=1e-4, rtol=1e-3)
+
+
+def test_bart_triton_kernels_through_the_model():
+    ref, ours = _bart_pair()
+    ids, mask = _batch("left", batch=2, seq=7)
+    labels, decoder_mask = _batch("right", batch=2, seq=5, seed=4)
+    with prefixkern.use_backend("triton"):
+        got = ours(input_ids=ids, attention_mask=mask, labels=labels, decoder_attention_mask=decoder_mask)
+    want = ref(input_ids=ids, attention_mask=mask, labels=labels, decoder_attention_mask=decoder_mask)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-3)

@@ -41,11 +41,9 @@ ATTN_NAME = "prefixkern"
 KWARG = "prefixkern_prefix"
 
 # Families whose attention goes through transformers' AttentionInterface and that the tests cover.
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gemma2", "glm4", "gpt2", "bloom")
-REFUSED_MODEL_TYPES = {
-    "bart": "BART is an encoder-decoder model (PEFT uses an encoder-decoder cache); prefixkern serves "
-            "decoder-only models so far",
-}
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gemma2", "glm4", "gpt2", "bloom", "bart")
+REFUSED_MODEL_TYPES: dict[str, str] = {}
+ENCODER_DECODER_TYPES = ("bart",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,12 +56,19 @@ class PrefixState:
     for T prefixes with ``index`` ``[B]`` naming the one each row reads."""
     kv: torch.Tensor
     index: torch.Tensor | None = None
+    # Which of the L prefix layers model layer i reads (None: that layer gets no prefix). Identity
+    # for decoder-only models; BART's decoder reads PEFT's rows in another order (see _bart_layer_map).
+    layer_map: tuple[int | None, ...] | None = None
 
     @property
     def length(self) -> int:
         return self.kv.shape[-2]
 
-    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.layer_map is not None:
+            if layer_idx >= len(self.layer_map) or self.layer_map[layer_idx] is None:
+                return None
+            layer_idx = self.layer_map[layer_idx]
         if self.index is None:
             return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
         return self.kv[:, layer_idx, 0], self.kv[:, layer_idx, 1]
@@ -162,6 +167,11 @@ def prefixkern_attention(module, query, key, value, attention_mask, scaling=None
     [B, Hkv, S_kv, D] (sequence only), ``attention_mask`` the 2-D padding mask over
     ``[prefix ; sequence]`` from :func:`prefixkern_mask` (or None). Returns ``([B, S, Hq, D], None)``."""
     state: PrefixState | None = kwargs.get(KWARG)
+    # Only causal decoder self-attention reads the prefix: an encoder's self-attention and a
+    # decoder's cross-attention (BART) run plain, as under stock PEFT.
+    if not (getattr(module, "is_causal", True) and getattr(module, "is_decoder", True)):
+        state = None
+    layer_prefix = state.layer(module.layer_idx) if state is not None else None
     seq_kv = key.shape[2]
     key_padding_mask = None
     if attention_mask is not None:
@@ -175,11 +185,11 @@ def prefixkern_attention(module, query, key, value, attention_mask, scaling=None
     dropout_p = float(dropout) if module.training else 0.0
     window = int(sliding_window) if sliding_window else None
     softcap = float(softcap) if softcap else None
-    if state is None:
+    if layer_prefix is None:
         out = _attention_without_prefix(query, key, value, key_padding_mask, scaling, dropout_p, causal, window,
                                         softcap)
         return out.transpose(1, 2).contiguous(), None
-    prefix_k, prefix_v = state.layer(module.layer_idx)
+    prefix_k, prefix_v = layer_prefix
     # Under autocast the projections come out in the autocast dtype while rotary embeddings may
     # leave q/k in float32: compute in the dtype eager attention's matmuls would use.
     device_type = query.device.type
@@ -288,6 +298,8 @@ class _PatchState:
     num_kv_heads: int
     head_dim: int
     rows: tuple[str, ...] | None = None      # adapter name per batch row (prefix_per_row)
+    encoder_decoder: bool = False
+    layer_map: tuple[int | None, ...] | None = None
     patched_modules: list = dataclasses.field(default_factory=list)
     encoders: dict = dataclasses.field(default_factory=dict)
 
@@ -350,6 +362,15 @@ def _prefix_kv(model, adapter: str, state: _PatchState, dtype) -> torch.Tensor:
                             head_dim=state.head_dim, out_dtype=dtype)
 
 
+def _bart_layer_map(num_layers: int, num_decoder_layers: int) -> tuple[int | None, ...]:
+    """Which prefix layer each BART decoder layer reads under stock PEFT. PEFT doubles its
+    ``[P, 2*L*H*D]`` rows into ``4L`` (key, value) rows, splits them in L groups of 4 as
+    (self key, self value, cross key, cross value) and then empties the cross-attention cache: so
+    decoder layer l's self-attention reads rows 4l and 4l + 1 modulo 2L, i.e. prefix layer
+    2l mod L, and the cross-attention and the encoder read no prefix at all."""
+    return tuple((2 * layer) % num_layers if layer < num_layers else None for layer in range(num_decoder_layers))
+
+
 def _patched_get_prompt(self, batch_size: int, task_ids=None, max_cache_len=None):
     state: _PatchState = self._prefixkern
     dtype = self.base_model_torch_dtype or self.prompt_encoder[self.active_adapter].embedding.weight.dtype
@@ -366,34 +387,44 @@ def _patched_get_prompt(self, batch_size: int, task_ids=None, max_cache_len=None
         index = torch.tensor([names.index(n) for n in state.rows], dtype=torch.int64, device=kv.device)
         prefix = PrefixState(kv, index)
     record = not (torch.is_grad_enabled() and self.training)
+    if state.encoder_decoder:
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        prefix = dataclasses.replace(prefix, layer_map=state.layer_map)
+        return EncoderDecoderCache(PrefixKVCache(prefix, record=record), DynamicCache())
     return PrefixKVCache(prefix, record=record)
+
+
+def _prefix_of(cache) -> PrefixState | None:
+    """The prefix a cache carries: ours, or an encoder-decoder cache whose self-attention part is ours."""
+    if isinstance(cache, _PrefixKVCacheMixin):
+        return cache.prefix
+    inner = getattr(cache, "self_attention_cache", None)
+    return inner.prefix if isinstance(inner, _PrefixKVCacheMixin) else None
 
 
 def _inject_prefix(module, args, kwargs):
     """Forward pre-hook of the base model: hand the prefix to the attention layers (``**kwargs``)
     and make sure the cache the model records into is ours."""
     cache, legacy = kwargs.get("cache"), kwargs.get("past_key_values")
-    if kwargs.get("use_cache") is False and isinstance(legacy, _PrefixKVCacheMixin) and cache is not None:
-        # generate(use_cache=False) hands back the previous step's cache while PEFT injects a fresh
-        # prefix and the whole sequence is recomputed: the history must not be reused.
-        kwargs.pop("past_key_values")
-        kwargs["cache"] = legacy
-        kwargs[KWARG] = legacy.prefix
-        return args, kwargs
-    if isinstance(cache, _PrefixKVCacheMixin):
-        ours = cache
-        if isinstance(legacy, _PrefixKVCacheMixin):
-            kwargs.pop("past_key_values")           # PEFT re-injected a fresh prefix; ours has the history
-    elif isinstance(legacy, _PrefixKVCacheMixin):
-        ours = legacy
-        if cache is not None and cache.get_seq_length() == 0:
-            # transformers >= 5.2x passes generate()'s empty cache as `cache=` and would ignore the
-            # one PEFT put in `past_key_values=` (stock PEFT then drops its prefix in generate()).
-            kwargs.pop("past_key_values")
-            kwargs["cache"] = ours
-    else:
-        return args, kwargs
-    kwargs[KWARG] = ours.prefix
+    cache_prefix, legacy_prefix = _prefix_of(cache), _prefix_of(legacy)
+    if legacy_prefix is not None and cache is not None and cache_prefix is None:
+        # transformers >= 5.2x passes generate()'s empty cache as `cache=` and would ignore the
+        # one PEFT put in `past_key_values=` (stock PEFT then drops its prefix in generate()).
+        if kwargs.get("use_cache") is False or cache.get_seq_length() == 0:
+            kwargs["cache"] = kwargs.pop("past_key_values")
+            cache, cache_prefix = kwargs["cache"], legacy_prefix
+    elif legacy_prefix is not None and cache_prefix is not None:
+        if kwargs.get("use_cache") is False:
+            # generate(use_cache=False) hands back the previous step's cache while PEFT injects a
+            # fresh prefix and the whole sequence is recomputed: the history must not be reused.
+            kwargs["cache"] = kwargs.pop("past_key_values")
+            cache_prefix = legacy_prefix
+        else:
+            kwargs.pop("past_key_values")       # PEFT re-injected a fresh prefix; ours has the history
+    prefix = cache_prefix if cache_prefix is not None else legacy_prefix
+    if prefix is not None:
+        kwargs[KWARG] = prefix
     return args, kwargs
 
 
@@ -412,7 +443,8 @@ def patch(model):
 
     Supported families: Llama, Qwen2, Mistral (sliding window), Gemma 2 (soft-capping, hybrid
     sliding window), GLM-4, GPT-2 (attention dropout) through transformers' attention interface,
-    and BLOOM (ALiBi) through a BLOOM attention forward. Other models are refused with the reason.
+    and BLOOM (ALiBi) through a BLOOM attention forward; BART (seq2seq) as stock PEFT serves it: only
+    the decoder self-attention reads a prefix (see ``_bart_layer_map``). Other models are refused.
 
     CUDA tensors run the Triton kernels; CPU tensors run the reference (or the kernels in Triton's
     interpreter with ``PREFIXKERN_BACKEND=triton TRITON_INTERPRET=1``).
@@ -429,8 +461,10 @@ def patch(model):
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"prefixkern.patch does not know model_type={model_type!r} (supported: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}); refusing rather than risking wrong results")
-    if config.num_transformer_submodules != 1:
-        raise ValueError("prefixkern.patch serves decoder-only models (num_transformer_submodules=1)")
+    encoder_decoder = config.num_transformer_submodules == 2
+    if encoder_decoder and model_type not in ENCODER_DECODER_TYPES:
+        raise ValueError(f"prefixkern.patch serves encoder-decoder prefix tuning for {ENCODER_DECODER_TYPES} only, "
+                         f"got model_type={model_type!r} with num_transformer_submodules=2")
     head_dim = config.token_dim // config.num_attention_heads
     _register()
     base_model = model.get_base_model()
@@ -439,6 +473,10 @@ def patch(model):
     model._prefixkern = _PatchState(previous, hook, config.num_layers, config.num_attention_heads, head_dim)
     if model_type == "bloom":
         model._prefixkern.patched_modules = _patch_bloom(base_model)
+    if encoder_decoder:
+        decoder_layers = getattr(base_model.config, "decoder_layers", config.num_layers)
+        model._prefixkern.encoder_decoder = True
+        model._prefixkern.layer_map = _bart_layer_map(config.num_layers, decoder_layers)
     model.get_prompt = types.MethodType(_patched_get_prompt, model)
     return model
 
