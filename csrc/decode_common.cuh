@@ -17,4 +17,31 @@ template <> __device__ __forceinline__ at::BFloat16 from_float<at::BFloat16>(flo
   return at::BFloat16(__float2bfloat16_rn(x));
 }
 
+// Dot product of 8 packed half/bf16 pairs (one 16-byte load from each side), in float32.
+__device__ __forceinline__ float dot8(const uint4& a, const uint4& b, at::Half) {
+  const __half2* x = reinterpret_cast<const __half2*>(&a);
+  const __half2* y = reinterpret_cast<const __half2*>(&b);
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 u = __half22float2(x[i]);
+    const float2 v = __half22float2(y[i]);
+    sum = fmaf(u.x, v.x, fmaf(u.y, v.y, sum));
+  }
+  return sum;
+}
+
+__device__ __forceinline__ float dot8(const uint4& a, const uint4& b, at::BFloat16) {
+  const __nv_bfloat162* x = reinterpret_cast<const __nv_bfloat162*>(&a);
+  const __nv_bfloat162* y = reinterpret_cast<const __nv_bfloat162*>(&b);
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 u = __bfloat1622float2(x[i]);
+    const float2 v = __bfloat1622float2(y[i]);
+    sum = fmaf(u.x, v.x, fmaf(u.y, v.y, sum));
+  }
+  return sum;
+}
+
 }  // namespace prefixkern

@@ -137,8 +137,10 @@ __global__ void __launch_bounds__(kThreads) prefix_decode_partial_kernel(const D
       }
       if (visible) {
         float dot = 0.f;
-#pragma unroll 8
-        for (int d = 0; d < HEAD_DIM; ++d) dot += to_float(q_s[r][d]) * to_float(k_s[c][d]);
+#pragma unroll
+        for (int d = 0; d < HEAD_DIM; d += kVec) {  // 16-byte shared-memory loads
+          dot += dot8(*reinterpret_cast<const uint4*>(&q_s[r][d]), *reinterpret_cast<const uint4*>(&k_s[c][d]), T());
+        }
         s = dot * p.scale;
       }
       s_s[r][c] = s;
