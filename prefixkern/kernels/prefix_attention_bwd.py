@@ -103,6 +103,28 @@ def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, keys_ok, d_ok, vis, key_pos
 
 
 @triton.jit
+def _dq_sequence(dq, q, do, lse2, delta, lo, hi, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row,
+                 stride_kpms, pos_row, stride_poss, offs_m, offs_n, offs_d, d_ok, S, S_kv, P, window, sm_scale,
+                 qk_scale, softcap, slope, seed, bh, num_keys, dropout_p, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+                 HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                 HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dQ over sequence key blocks ``[lo, hi)``, with or without the visibility mask."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_s = start_n + offs_n
+        vis = sequence_visible(offs_m, offs_s, S, S_kv, window, kpm_row, stride_kpms, CAUSAL, HAS_WINDOW, HAS_KPM) \
+            if MASKED else None
+        dq = _dq_step(dq, q, do, lse2, delta,
+                      k_base + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                      v_base + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                      offs_s < S_kv, d_ok, vis,
+                      alibi_sequence_positions(pos_row, stride_poss, offs_s, S_kv, P, HAS_POS), P + offs_s,
+                      sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
+                      MASKED, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+    return dq
+
+
+@triton.jit
 def prefix_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
     prefix_index_ptr, kpm_ptr, slopes_ptr, pos_ptr, seed_ptr,
@@ -179,35 +201,21 @@ def prefix_attention_bwd_dq_kernel(
     q_hi = tl.minimum(q_lo + BLOCK_M, S)
     lo, full_lo, full_hi, hi = sequence_key_range(q_lo, q_hi, S, S_kv, window, BLOCK_N, CAUSAL, HAS_WINDOW,
                                                   HAS_KPM)
-    for start_n in range(lo, full_lo, BLOCK_N):
-        offs_s = start_n + offs_n
-        vis = sequence_visible(offs_m, offs_s, S, S_kv, window, kpm_row, stride_kpms, CAUSAL, HAS_WINDOW, HAS_KPM)
-        dq = _dq_step(dq, q, do, lse2, delta,
-                      k_base + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                      v_base + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                      offs_s < S_kv, d_ok, vis,
-                      alibi_sequence_positions(pos_row, stride_poss, offs_s, S_kv, P, HAS_POS), P + offs_s,
-                      sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
-                      True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
-    for start_n in range(full_lo, full_hi, BLOCK_N):
-        offs_s = start_n + offs_n
-        dq = _dq_step(dq, q, do, lse2, delta,
-                      k_base + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                      v_base + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                      offs_s < S_kv, d_ok, None,
-                      alibi_sequence_positions(pos_row, stride_poss, offs_s, S_kv, P, HAS_POS), P + offs_s,
-                      sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
-                      False, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
-    for start_n in range(full_hi, hi, BLOCK_N):
-        offs_s = start_n + offs_n
-        vis = sequence_visible(offs_m, offs_s, S, S_kv, window, kpm_row, stride_kpms, CAUSAL, HAS_WINDOW, HAS_KPM)
-        dq = _dq_step(dq, q, do, lse2, delta,
-                      k_base + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                      v_base + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                      offs_s < S_kv, d_ok, vis,
-                      alibi_sequence_positions(pos_row, stride_poss, offs_s, S_kv, P, HAS_POS), P + offs_s,
-                      sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
-                      True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+    dq = _dq_sequence(
+        dq, q, do, lse2, delta, lo, full_lo, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row,
+        stride_kpms, pos_row, stride_poss, offs_m, offs_n, offs_d, d_ok, S, S_kv, P, window, sm_scale, qk_scale,
+        softcap, slope, seed, bh, num_keys, dropout_p, True, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS,
+        HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+    dq = _dq_sequence(
+        dq, q, do, lse2, delta, full_lo, full_hi, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row,
+        stride_kpms, pos_row, stride_poss, offs_m, offs_n, offs_d, d_ok, S, S_kv, P, window, sm_scale, qk_scale,
+        softcap, slope, seed, bh, num_keys, dropout_p, False, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS,
+        HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+    dq = _dq_sequence(
+        dq, q, do, lse2, delta, full_hi, hi, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row,
+        stride_kpms, pos_row, stride_poss, offs_m, offs_n, offs_d, d_ok, S, S_kv, P, window, sm_scale, qk_scale,
+        softcap, slope, seed, bh, num_keys, dropout_p, True, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS,
+        HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
 
     dq = dq * sm_scale
     tl.store(dq_ptr + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqs
@@ -290,6 +298,27 @@ def _query_block_range(n_lo, S, S_kv, window, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
+def _dkdv_query_blocks(dk, dv, k, v, lo, hi, q_base, do_base, stride_qs, stride_qd, stride_dos, stride_dod,
+                       lse_row_ptr, delta_row_ptr, offs_mb, offs_s, offs_d, d_ok, kpm_row, stride_kpms, key_pos, S,
+                       S_kv, P, window, sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p,
+                       MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+                       HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                       HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dK/dV of one key block over query blocks ``[lo, hi)`` of one head, with or without the mask
+    (a masked block also bounds-checks its query rows; an unmasked one is full)."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_mb
+        vis = sequence_visible(offs_m, offs_s, S, S_kv, window, kpm_row, stride_kpms, CAUSAL, HAS_WINDOW, HAS_KPM) \
+            if MASKED else None
+        dk, dv = _dkdv_step(dk, dv, k, v, q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                            do_base + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
+                            lse_row_ptr, delta_row_ptr, offs_m, d_ok, vis, key_pos, P + offs_s,
+                            S, sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p,
+                            MASKED, MASKED, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def prefix_attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     kpm_ptr, slopes_ptr, pos_ptr, seed_ptr,
@@ -340,31 +369,21 @@ def prefix_attention_bwd_dkdv_kernel(
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(slopes_ptr + b64 * stride_slb + h * stride_slh)
-        for start_m in range(lo, full_lo, BLOCK_M):
-            offs_m = start_m + offs_mb
-            vis = sequence_visible(offs_m, offs_s, S, S_kv, window, kpm_row, stride_kpms, CAUSAL, HAS_WINDOW,
-                                   HAS_KPM)
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                                do_base + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
-                                lse_ptr + bh * S, delta_ptr + bh * S, offs_m, d_ok, vis, key_pos, P + offs_s,
-                                S, sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p,
-                                True, True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
-        for start_m in range(full_lo, full_hi, BLOCK_M):
-            offs_m = start_m + offs_mb
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                                do_base + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
-                                lse_ptr + bh * S, delta_ptr + bh * S, offs_m, d_ok, None, key_pos, P + offs_s,
-                                S, sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p,
-                                False, False, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
-        for start_m in range(full_hi, hi, BLOCK_M):
-            offs_m = start_m + offs_mb
-            vis = sequence_visible(offs_m, offs_s, S, S_kv, window, kpm_row, stride_kpms, CAUSAL, HAS_WINDOW,
-                                   HAS_KPM)
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                                do_base + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
-                                lse_ptr + bh * S, delta_ptr + bh * S, offs_m, d_ok, vis, key_pos, P + offs_s,
-                                S, sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p,
-                                True, True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+        dk, dv = _dkdv_query_blocks(
+            dk, dv, k, v, lo, full_lo, q_base, do_base, stride_qs, stride_qd, stride_dos, stride_dod, lse_ptr + bh * S,
+            delta_ptr + bh * S, offs_mb, offs_s, offs_d, d_ok, kpm_row, stride_kpms, key_pos, S, S_kv, P, window,
+            sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p, True, EVEN_D, BLOCK_M, CAUSAL,
+            HAS_WINDOW, HAS_KPM, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+        dk, dv = _dkdv_query_blocks(
+            dk, dv, k, v, full_lo, full_hi, q_base, do_base, stride_qs, stride_qd, stride_dos, stride_dod, lse_ptr + bh * S,
+            delta_ptr + bh * S, offs_mb, offs_s, offs_d, d_ok, kpm_row, stride_kpms, key_pos, S, S_kv, P, window,
+            sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p, False, EVEN_D, BLOCK_M, CAUSAL,
+            HAS_WINDOW, HAS_KPM, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+        dk, dv = _dkdv_query_blocks(
+            dk, dv, k, v, full_hi, hi, q_base, do_base, stride_qs, stride_qd, stride_dos, stride_dod, lse_ptr + bh * S,
+            delta_ptr + bh * S, offs_mb, offs_s, offs_d, d_ok, kpm_row, stride_kpms, key_pos, S, S_kv, P, window,
+            sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p, True, EVEN_D, BLOCK_M, CAUSAL,
+            HAS_WINDOW, HAS_KPM, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
 
     out_mask = s_ok[:, None] & d_ok[None, :]
     tl.store(dk_ptr + b64 * stride_dkb + g.to(tl.int64) * stride_dkh + offs_s[:, None] * stride_dks

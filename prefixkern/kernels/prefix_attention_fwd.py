@@ -66,6 +66,29 @@ def _attend_block(acc, m_i, l_i, q, kT_ptrs, v_ptrs, keys_ok, offs_d, D, vis, ke
 
 
 @triton.jit
+def _attend_sequence(acc, m_i, l_i, q, lo, hi, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row,
+                     stride_kpms, pos_row, stride_poss, offs_m, offs_n, offs_d, S, S_kv, P, D, window, sm_scale,
+                     qk_scale, softcap, slope, seed, bh, num_keys, dropout_p, MASKED: tl.constexpr,
+                     EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                     HAS_KPM: tl.constexpr, HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """The online softmax over sequence key blocks ``[lo, hi)``, with or without the visibility mask."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_s = start_n + offs_n
+        vis = sequence_visible(offs_m, offs_s, S, S_kv, window, kpm_row, stride_kpms, CAUSAL, HAS_WINDOW, HAS_KPM) \
+            if MASKED else None
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q,
+            k_base + offs_s[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+            v_base + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+            offs_s < S_kv, offs_d, D, vis,
+            alibi_sequence_positions(pos_row, stride_poss, offs_s, S_kv, P, HAS_POS), P + offs_s,
+            sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
+            MASKED, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def prefix_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, out_ptr, lse_ptr,
     prefix_index_ptr, kpm_ptr, slopes_ptr, pos_ptr, seed_ptr,
@@ -146,38 +169,21 @@ def prefix_attention_fwd_kernel(
     q_hi = tl.minimum(q_lo + BLOCK_M, S)
     lo, full_lo, full_hi, hi = sequence_key_range(q_lo, q_hi, S, S_kv, window, BLOCK_N, CAUSAL, HAS_WINDOW,
                                                   HAS_KPM)
-    for start_n in range(lo, full_lo, BLOCK_N):
-        offs_s = start_n + offs_n
-        vis = sequence_visible(offs_m, offs_s, S, S_kv, window, kpm_row, stride_kpms, CAUSAL, HAS_WINDOW, HAS_KPM)
-        acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q,
-            k_base + offs_s[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-            v_base + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-            offs_s < S_kv, offs_d, D, vis,
-            alibi_sequence_positions(pos_row, stride_poss, offs_s, S_kv, P, HAS_POS), P + offs_s,
-            sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
-            True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
-    for start_n in range(full_lo, full_hi, BLOCK_N):
-        offs_s = start_n + offs_n
-        acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q,
-            k_base + offs_s[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-            v_base + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-            offs_s < S_kv, offs_d, D, None,
-            alibi_sequence_positions(pos_row, stride_poss, offs_s, S_kv, P, HAS_POS), P + offs_s,
-            sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
-            False, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
-    for start_n in range(full_hi, hi, BLOCK_N):
-        offs_s = start_n + offs_n
-        vis = sequence_visible(offs_m, offs_s, S, S_kv, window, kpm_row, stride_kpms, CAUSAL, HAS_WINDOW, HAS_KPM)
-        acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q,
-            k_base + offs_s[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-            v_base + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-            offs_s < S_kv, offs_d, D, vis,
-            alibi_sequence_positions(pos_row, stride_poss, offs_s, S_kv, P, HAS_POS), P + offs_s,
-            sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
-            True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+    acc, m_i, l_i = _attend_sequence(
+        acc, m_i, l_i, q, lo, full_lo, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row, stride_kpms,
+        pos_row, stride_poss, offs_m, offs_n, offs_d, S, S_kv, P, D, window, sm_scale, qk_scale, softcap, slope, seed,
+        bh, num_keys, dropout_p, True, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS, HAS_SOFTCAP,
+        HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+    acc, m_i, l_i = _attend_sequence(
+        acc, m_i, l_i, q, full_lo, full_hi, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row, stride_kpms,
+        pos_row, stride_poss, offs_m, offs_n, offs_d, S, S_kv, P, D, window, sm_scale, qk_scale, softcap, slope, seed,
+        bh, num_keys, dropout_p, False, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS, HAS_SOFTCAP,
+        HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+    acc, m_i, l_i = _attend_sequence(
+        acc, m_i, l_i, q, full_hi, hi, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row, stride_kpms,
+        pos_row, stride_poss, offs_m, offs_n, offs_d, S, S_kv, P, D, window, sm_scale, qk_scale, softcap, slope, seed,
+        bh, num_keys, dropout_p, True, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS, HAS_SOFTCAP,
+        HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
 
     # ---- epilogue: a row with no visible key writes 0 and lse = -inf ----
     empty = l_i == 0.0
