@@ -195,12 +195,7 @@ def tolerance(dtype: torch.dtype) -> float:
 
 def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
     records, skips = [], []
-    shapes = CPU_SHAPES if not opts.on_gpu else SHAPES
-    names = opts.shapes or (tuple(shapes) if not opts.quick or not opts.on_gpu else QUICK)
-    for name in names:
-        if name not in shapes:
-            continue
-        shape = shapes[name]
+    for name, shape in opts.select(SHAPES, CPU_SHAPES, QUICK):
         for pass_ in ("fwd", "fwd_bwd"):
             with_grads = pass_ == "fwd_bwd"
             leaves, dout = make_inputs(shape, opts.device, opts.dtype, with_grads)

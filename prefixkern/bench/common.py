@@ -59,6 +59,14 @@ class Options:
     def wants(self, impl: str) -> bool:
         return impl == "prefixkern" or self.baselines is None or impl in self.baselines
 
+    def select(self, shapes: dict, cpu_shapes: dict, quick: tuple[str, ...]) -> list[tuple[str, object]]:
+        """The (name, shape) cases of a suite: tiny ones on a CPU; on a GPU the --shapes asked
+        for, the quick subset with --quick, else all."""
+        if not self.on_gpu:
+            return list(cpu_shapes.items())
+        names = self.shapes or (quick if self.quick else tuple(shapes))
+        return [(name, shapes[name]) for name in names if name in shapes]
+
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")

@@ -65,12 +65,7 @@ def _peft_encoder(shape: MlpShape, params, device):
 
 def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
     records, skips = [], []
-    shapes = CPU_SHAPES if not opts.on_gpu else SHAPES
-    names = opts.shapes or (tuple(shapes) if not opts.quick or not opts.on_gpu else QUICK)
-    for name in names:
-        if name not in shapes:
-            continue
-        shape = shapes[name]
+    for name, shape in opts.select(SHAPES, CPU_SHAPES, QUICK):
         params = _params(shape, opts.device)
         kw = dict(num_layers=shape.L, num_kv_heads=shape.Hkv, head_dim=shape.D)
         try:
