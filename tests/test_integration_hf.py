@@ -447,3 +447,40 @@ def test_bart_triton_kernels_through_the_model():
         got = ours(input_ids=ids, attention_mask=mask, labels=labels, decoder_attention_mask=decoder_mask)
     want = ref(input_ids=ids, attention_mask=mask, labels=labels, decoder_attention_mask=decoder_mask)
     torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-3)
+
+
+def test_trainer_steps_match_stock_peft(tmp_path):
+    """Unchanged user code: transformers' Trainer on the patched model logs stock PEFT's losses."""
+    from transformers import Trainer, TrainingArguments
+
+    ids, mask = _batch("left", batch=4)
+    data = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": ids[i]} for i in range(4)]
+    losses = {}
+    for name, model in zip(("stock", "patched"), _pair("llama")):
+        args = TrainingArguments(output_dir=str(tmp_path / name), per_device_train_batch_size=2, max_steps=3,
+                                 learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no", seed=0,
+                                 use_cpu=True, dataloader_num_workers=0)
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        losses[name] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses["stock"]) == 3
+    torch.testing.assert_close(torch.tensor(losses["patched"]), torch.tensor(losses["stock"]), atol=1e-4, rtol=1e-4)
+
+
+def test_fp16_autocast():
+    ref, ours = _pair("qwen2")
+    ids, mask = _batch("right")
+    with torch.autocast("cpu", dtype=torch.float16):
+        _compare_step(ref, ours, ids, mask, atol=2e-2, rtol=2e-2)
+
+
+def test_generate_with_a_static_cache_request():
+    """generate(cache_implementation="static"): the patched model keeps its own (dynamic) cache for
+    the sequence and gives the same tokens."""
+    _, ours = _pair("llama")
+    ours.eval()
+    ids, mask = _batch("left", seq=7)
+    dynamic = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    static = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                           cache_implementation="static")
+    assert torch.equal(static, dynamic)
