@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ._math import tanh
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit

@@ -21,7 +21,7 @@ def tanh(x):
 # Triton's interpreter (3.9) multiplies bfloat16 tiles wrongly in tl.dot (results off by 1e10);
 # products of bfloat16 values are exact in float32, so under the interpreter the operands are
 # widened first. Compiled kernels keep the bfloat16 tensor-core dot.
-_WIDEN_BF16_DOT: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+_WIDEN_BF16_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 
 @triton.jit

@@ -137,7 +137,7 @@ def prefix_attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     stride_kpmb, stride_kpms, stride_slb, stride_slh, stride_posb, stride_poss,
     Hq, S, S_kv, P, D, window, sm_scale, softcap, dropout_p,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -152,7 +152,6 @@ def prefix_attention_bwd_dq_kernel(
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    EVEN_D: tl.constexpr = BLOCK_D == D
     m_ok = offs_m < S
     d_ok = offs_d < D
 
@@ -330,7 +329,7 @@ def prefix_attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
     stride_kpmb, stride_kpms, stride_slb, stride_slh, stride_posb, stride_poss,
     Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -342,7 +341,6 @@ def prefix_attention_bwd_dkdv_kernel(
     offs_s = start_n + tl.arange(0, BLOCK_N)
     offs_mb = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    EVEN_D: tl.constexpr = BLOCK_D == D
     s_ok = offs_s < S_kv
     d_ok = offs_d < D
 
@@ -403,7 +401,7 @@ def prefix_attention_bwd_prefix_dkdv_kernel(
     stride_slb, stride_slh,
     B, Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p, items_per_split,
     GROUP: tl.constexpr, SHARED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Partial dPrefixK/dPrefixV of one prefix block and KV head over a share of the work items
@@ -417,7 +415,6 @@ def prefix_attention_bwd_prefix_dkdv_kernel(
     offs_p = start_p + tl.arange(0, BLOCK_N)
     offs_mb = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    EVEN_D: tl.constexpr = BLOCK_D == D
     p_ok = offs_p < P
     d_ok = offs_d < D
 
@@ -552,7 +549,7 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
             *q.stride(), *k.stride(), *v.stride(), *args["prefix_strides"], *pv_strides, *dout.stride(), *dq.stride(),
             *args["kpm_strides"], *args["slope_strides"], *args["position_strides"],
             num_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars,
-            GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+            GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim, num_warps=warps, num_stages=stages,
             **common, **flags,
         )
 
@@ -565,7 +562,7 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             *args["kpm_strides"], *args["slope_strides"], *args["position_strides"],
             num_heads, num_kv_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars,
-            GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+            GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim, num_warps=warps, num_stages=stages,
             **common, **seq_flags,
         )
 
@@ -591,7 +588,7 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
         args["prefix_index"], args["slopes"], args["seed"],
         *q.stride(), *args["prefix_strides"], *pv_strides, *dout.stride(), *args["slope_strides"],
         batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars, items_per_split,
-        GROUP=group, SHARED=shared, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        GROUP=group, SHARED=shared, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
         HAS_PREFIX_INDEX=flags["HAS_PREFIX_INDEX"], HAS_ALIBI=flags["HAS_ALIBI"], HAS_DROPOUT=flags["HAS_DROPOUT"],
         HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, INPUT_PRECISION=input_precision,
         num_warps=warps, num_stages=stages,

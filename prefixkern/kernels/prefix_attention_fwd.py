@@ -100,7 +100,7 @@ def prefix_attention_fwd_kernel(
     stride_ob, stride_oh, stride_os, stride_od,
     stride_kpmb, stride_kpms, stride_slb, stride_slh, stride_posb, stride_poss,
     Hq, S, S_kv, P, D, window, sm_scale, softcap, dropout_p,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -116,7 +116,6 @@ def prefix_attention_fwd_kernel(
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    EVEN_D: tl.constexpr = BLOCK_D == D
     m_ok = offs_m < S
     d_ok = offs_d < D
 
@@ -244,7 +243,7 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             num_heads, seq_len_q, seq_len_kv, prefix_len, head_dim,
             window if window is not None else 0, float(softmax_scale),
             float(softcap) if softcap is not None else 1.0, float(dropout_p),
-            GROUP=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            GROUP=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
             CAUSAL=causal, HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
             INPUT_PRECISION=input_precision, num_warps=warps, num_stages=stages, **flags,
         )

@@ -1,0 +1,134 @@
+"""Compile every Triton kernel of prefixkern for a GPU target without a GPU (Triton's compiler and
+ptxas need none), over the constexpr combinations the launchers use. The interpreter that runs
+the kernels on CPU tests cannot see what only the compiler rejects (non-constexpr globals, type
+mismatches across branches, unsupported syntax, register/shared-memory limits); this does.
+
+    python tests/tools/compile_triton_kernels.py [--arch 90] [--quick]
+
+Must run without TRITON_INTERPRET (the kernels must be JITFunctions). Exits non-zero on failure.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+FLOAT_SCALARS = {"sm_scale", "softcap", "dropout_p"}
+
+
+def _jit(fn):
+    return getattr(fn, "fn", fn) if not hasattr(fn, "arg_names") else fn
+
+
+def signature(kernel, constexprs: dict, pointer_types: dict, default_pointer: str):
+    fn = kernel.fn if hasattr(kernel, "fn") and not callable(getattr(kernel, "arg_names", None)) else kernel
+    names = list(inspect.signature(fn.fn if hasattr(fn, "fn") else fn).parameters)
+    sig = {}
+    for name in names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = pointer_types.get(name, default_pointer)
+        elif name in FLOAT_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    missing = [n for n, t in sig.items() if t == "constexpr" and n not in constexprs]
+    assert not missing, missing
+    return names, sig
+
+
+def compile_one(kernel, constexprs, pointer_types, default_pointer, target, num_warps, num_stages):
+    jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    names, sig = signature(jit, constexprs, pointer_types, default_pointer)
+    src = ASTSource(fn=jit, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+    return compiled.metadata.shared
+
+
+def cases(quick: bool):
+    from prefixkern.kernels import _attention_common as common
+    from prefixkern.kernels import prefix_attention_bwd as bwd
+    from prefixkern.kernels import prefix_attention_fwd as fwd
+    from prefixkern.kernels import prefix_mlp as mlp
+
+    flags_off = dict(HAS_PREFIX_INDEX=False, HAS_KPM=False, HAS_ALIBI=False, HAS_POS=False, HAS_SOFTCAP=False,
+                     HAS_WINDOW=False, HAS_DROPOUT=False)
+    flags_on = {k: True for k in flags_off}
+    attn_ptrs = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "prefix_index_ptr": "*i64", "kpm_ptr": "*u8",
+                 "slopes_ptr": "*fp32", "pos_ptr": "*fp32", "seed_ptr": "*i64"}
+    variants = [("*bf16", 128, 128, flags_off, True, "ieee", (128, 64, 8, 3), (64, 64, 4, 2)),
+                ("*fp16", 80, 128, flags_on, False, "ieee", (64, 64, 4, 3), (32, 64, 4, 2)),
+                ("*fp32", 64, 64, flags_on, True, "tf32", (64, 32, 4, 2), (32, 32, 4, 1)),
+                ("*bf16", 256, 256, dict(flags_off, HAS_KPM=True), True, "ieee", (64, 64, 4, 2), (32, 32, 4, 1))]
+    if quick:
+        variants = variants[:2]
+    for ptr, head_dim, block_d, flags, causal, precision, fwd_cfg, bwd_cfg in variants:
+        tag = f"{ptr[1:]}-D{head_dim}-{'flags' if flags['HAS_DROPOUT'] else 'plain'}-{precision}"
+        even = block_d == head_dim
+        bm, bn, w, st = fwd_cfg
+        common_c = dict(GROUP=4, BLOCK_D=block_d, EVEN_D=even, CAUSAL=causal, INPUT_PRECISION=precision)
+        yield (f"fwd {tag}", fwd.prefix_attention_fwd_kernel, dict(common_c, BLOCK_M=bm, BLOCK_N=bn, **flags),
+               attn_ptrs, ptr, w, st)
+        bm, bn, w, st = bwd_cfg
+        yield (f"bwd-preprocess {tag}", bwd.prefix_attention_bwd_preprocess_kernel, dict(BLOCK_M=64, BLOCK_D=block_d),
+               attn_ptrs, ptr, 4, 1)
+        yield (f"bwd-dq {tag}", bwd.prefix_attention_bwd_dq_kernel, dict(common_c, BLOCK_M=bm, BLOCK_N=bn, **flags),
+               attn_ptrs, ptr, w, st)
+        seq_flags = {k: flags[k] for k in ("HAS_KPM", "HAS_ALIBI", "HAS_POS", "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT")}
+        yield (f"bwd-dkdv {tag}", bwd.prefix_attention_bwd_dkdv_kernel,
+               dict(common_c, BLOCK_M=bm, BLOCK_N=bn, **seq_flags), attn_ptrs, ptr, w, st)
+        pre_flags = {k: flags[k] for k in ("HAS_PREFIX_INDEX", "HAS_ALIBI", "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT")}
+        yield (f"bwd-prefix {tag}", bwd.prefix_attention_bwd_prefix_dkdv_kernel,
+               dict(GROUP=4, SHARED=not flags["HAS_PREFIX_INDEX"], BLOCK_M=bm, BLOCK_N=min(bn, 32), BLOCK_D=block_d,
+                    EVEN_D=even, INPUT_PRECISION=precision, **pre_flags),
+               dict(attn_ptrs, dpk_ptr="*fp32", dpv_ptr="*fp32"), ptr, w, st)
+    yield ("dropout-mask", common.dropout_keep_mask_kernel, dict(BLOCK_M=32, BLOCK_N=64),
+           {"seed_ptr": "*i64", "keep_ptr": "*i8"}, "*fp32", 4, 1)
+    for out_ptr in ("*bf16", "*fp32"):
+        yield (f"mlp-matmul {out_ptr}", mlp.prefix_mlp_matmul_kernel,
+               dict(HAS_BIAS=True, APPLY_TANH=True, INPUT_PRECISION="ieee", BLOCK_M=16, BLOCK_N=64, BLOCK_K=64),
+               {"c_ptr": "*fp32"}, "*fp32", 4, 3)
+        yield (f"mlp-fwd {out_ptr}", mlp.prefix_mlp_fwd_kernel,
+               dict(HAS_BIAS=True, HAS_DROPOUT=True, INPUT_PRECISION="tf32", BLOCK_P=32, BLOCK_N=64, BLOCK_K=32),
+               {"out_ptr": out_ptr, "seed_ptr": "*i64"}, "*fp32", 4, 3)
+        yield (f"mlp-bwd {out_ptr}", mlp.prefix_mlp_bwd_kernel,
+               dict(HAS_BIAS=True, INPUT_PRECISION="ieee", BLOCK_P=32, BLOCK_N=64, BLOCK_K=64),
+               {"g_ptr": out_ptr}, "*fp32", 4, 3)
+    yield ("mlp-bwd-hidden", mlp.prefix_mlp_bwd_hidden_kernel, dict(HAS_BIAS=True, BLOCK_P=32, BLOCK_K=64),
+           {}, "*fp32", 4, 1)
+    yield ("mlp-kv-copy", mlp.prefix_kv_copy_kernel, dict(HAS_DROPOUT=True, BLOCK_P=32, BLOCK_N=128),
+           {"dst_ptr": "*bf16", "seed_ptr": "*i64"}, "*fp32", 4, 1)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    target = GPUTarget("cuda", args.arch, 32)
+    failures = []
+    for name, kernel, constexprs, ptrs, default_ptr, warps, stages in cases(args.quick):
+        start = time.time()
+        try:
+            smem = compile_one(kernel, constexprs, ptrs, default_ptr, target, warps, stages)
+            print(f"ok   {name:45s} smem {smem:6d} B  {time.time() - start:5.1f} s", flush=True)
+        except Exception as exc:   # report every failure, then fail
+            failures.append(name)
+            print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:3000]}", flush=True)
+    if failures:
+        print(f"{len(failures)} kernel(s) failed to compile: {failures}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
