@@ -411,6 +411,9 @@ def test_torch_compile_no_graph_break_in_attention():
     ids, mask = _batch("left")
     ours.eval()
     ref.eval()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(ours)(input_ids=ids, attention_mask=mask)
+    assert explained.graph_break_count == 0, [str(b.reason)[:300] for b in explained.break_reasons]
     compiled = torch.compile(ours, backend="aot_eager")
     got = compiled(input_ids=ids, attention_mask=mask).logits
     real = mask.bool()

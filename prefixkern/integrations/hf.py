@@ -28,6 +28,7 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from ..ops.decode_attention import MAX_QUERY_LEN, prefix_decode_attention
 from ..ops.prefix_attention import prefix_attention
@@ -74,18 +75,16 @@ class PrefixState:
         return self.kv[:, layer_idx, 0], self.kv[:, layer_idx, 1]
 
 
-def _dynamic_cache_base():
-    from transformers import DynamicCache
+class PrefixKVCache(DynamicCache):
+    """A ``transformers.DynamicCache`` that keeps the prefix beside the sequence KV. Its lengths
+    include the P prefix tokens, exactly like PEFT's cache, so HF computes the same positions.
+    Every layer is a plain (non-sliding) layer: sliding windows are applied by the kernel, which
+    knows where the prefix sits. ``record=False`` (training forwards) stores nothing, so a
+    checkpointed layer's recomputation cannot append twice."""
 
-    return DynamicCache
-
-
-class _PrefixKVCacheMixin:
-    """Sequence keys/values only, the prefix held beside them (see the module docstring)."""
-
-    def _init_prefix(self, prefix: PrefixState, record: bool) -> None:
+    def __init__(self, prefix: PrefixState, record: bool = True):
+        super().__init__()
         self.prefix = prefix
-        # Training forwards do not record: a checkpointed layer's recomputation must not append twice.
         self.record = record
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -115,22 +114,6 @@ class _PrefixKVCacheMixin:
     def batch_select_indices(self, indices):
         super().batch_select_indices(indices)
         self._index_op(lambda idx: idx[indices])
-
-
-_CACHE_CLASS = None
-
-
-def PrefixKVCache(prefix: PrefixState, record: bool = True):  # noqa: N802 (a class factory)
-    """A ``transformers.DynamicCache`` that keeps the prefix beside the sequence KV. Its lengths
-    include the P prefix tokens, exactly like PEFT's cache, so HF computes the same positions.
-    Every layer is a plain (non-sliding) layer: sliding windows are applied by the kernel, which
-    knows where the prefix sits."""
-    global _CACHE_CLASS
-    if _CACHE_CLASS is None:
-        _CACHE_CLASS = type("PrefixKVCache", (_PrefixKVCacheMixin, _dynamic_cache_base()), {})
-    cache = _CACHE_CLASS()
-    cache._init_prefix(prefix, record)
-    return cache
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,7 +196,7 @@ def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mas
     """BLOOM's attention (hand-written, ALiBi) over ``[prefix ; sequence]`` by the kernels. ALiBi
     positions count the prefix as BLOOM does from PEFT's mask (prefix key j at j, a real sequence
     key at P + the number of real keys before it); the ``alibi`` tensor BLOOM built is not read."""
-    if not isinstance(layer_past, _PrefixKVCacheMixin):
+    if not isinstance(layer_past, PrefixKVCache):
         return self._prefixkern_forward(hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
                                         use_cache=use_cache, output_attentions=output_attentions, **kwargs)
     from transformers.models.bloom.modeling_bloom import _get_alibi_slopes, dropout_add
@@ -397,10 +380,10 @@ def _patched_get_prompt(self, batch_size: int, task_ids=None, max_cache_len=None
 
 def _prefix_of(cache) -> PrefixState | None:
     """The prefix a cache carries: ours, or an encoder-decoder cache whose self-attention part is ours."""
-    if isinstance(cache, _PrefixKVCacheMixin):
+    if isinstance(cache, PrefixKVCache):
         return cache.prefix
     inner = getattr(cache, "self_attention_cache", None)
-    return inner.prefix if isinstance(inner, _PrefixKVCacheMixin) else None
+    return inner.prefix if isinstance(inner, PrefixKVCache) else None
 
 
 def _inject_prefix(module, args, kwargs):
@@ -477,8 +460,20 @@ def patch(model):
         decoder_layers = getattr(base_model.config, "decoder_layers", config.num_layers)
         model._prefixkern.encoder_decoder = True
         model._prefixkern.layer_map = _bart_layer_map(config.num_layers, decoder_layers)
+    # Build the encoders now, outside any compiled region (constructing modules in forward is a
+    # graph break for torch.compile); adapters loaded later are wrapped on first use.
+    _wrap_encoders(model, model._prefixkern)
     model.get_prompt = types.MethodType(_patched_get_prompt, model)
     return model
+
+
+def _wrap_encoders(model, state: _PatchState) -> None:
+    from peft.utils import PeftType
+
+    sizes = (state.num_layers, state.num_kv_heads, state.head_dim)
+    for adapter, config in model.peft_config.items():
+        if config.peft_type == PeftType.PREFIX_TUNING and adapter not in state.encoders:
+            state.encoders[adapter] = _encoder_for(model, adapter, sizes)
 
 
 def unpatch(model):
@@ -508,6 +503,7 @@ def prefix_per_row(model, adapter_names: Sequence[str]) -> Iterator[None]:
     if unknown:
         raise ValueError(f"adapter_names holds adapters the model does not have: {sorted(set(unknown))}")
     state: _PatchState = model._prefixkern
+    _wrap_encoders(model, state)
     previous, state.rows = state.rows, tuple(adapter_names)
     try:
         yield
