@@ -3,7 +3,8 @@
 # benchmark suite, each step under ten minutes, everything left in one folder.
 #
 #   benchmarks/run_gpu.sh [OUT_DIR] [STEP ...]
-#   STEP: tests-attention tests-other attention mlp e2e decode pytest-bench (default: all, in that order)
+#   STEP: tests-attention tests-other attention attention-sweep mlp e2e decode pytest-bench
+#         (default: all, in that order)
 #   A device call lasts at most ten minutes: run a few steps per call, same OUT_DIR.
 #
 # Uses the repository in place (PYTHONPATH), so it needs no install; torch, triton, transformers,
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 OUT="${1:-benchmarks/results/run-$(date -u +%Y%m%d-%H%M)}"
 shift || true
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests-attention tests-other attention mlp e2e decode pytest-bench)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests-attention tests-other attention attention-sweep mlp e2e decode pytest-bench)
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
@@ -49,7 +50,12 @@ for step in "${STEPS[@]}"; do
                           tests/test_prefix_attention.py --junitxml="$OUT/tests-attention.xml" ;;
         tests-other)  run_step tests-other env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests \
                           --ignore=tests/test_prefix_attention.py --junitxml="$OUT/tests-other.xml" ;;
-        attention)    run_step bench-attention "$PY" -m prefixkern.bench --suite attention --out-dir "$OUT" ;;
+        attention)    run_step bench-attention "$PY" -m prefixkern.bench --suite attention --out-dir "$OUT" \
+                          --shapes seed-qwen seed-bloom paper-gpt2 llama8b-2k llama8b-8k long-32k ;;
+        attention-sweep) run_step bench-attention-sweep "$PY" -m prefixkern.bench --suite attention --out-dir "$OUT" \
+                          --baselines sdpa_mask sdpa_lower_right flex flash_attn \
+                          --shapes sweep-S512 sweep-S1024 sweep-S2048 sweep-S4096 sweep-S8192 \
+                                   sweep-P1 sweep-P16 sweep-P64 sweep-P128 sweep-P256 ;;
         mlp)          run_step bench-mlp "$PY" -m prefixkern.bench --suite mlp --out-dir "$OUT" ;;
         e2e)          run_step bench-e2e "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" ;;
         decode)       run_step bench-decode "$PY" -m prefixkern.bench --suite decode --out-dir "$OUT" ;;

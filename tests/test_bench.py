@@ -44,3 +44,16 @@ def test_speedups_and_table_from_records():
 def test_bad_option_is_refused():
     with pytest.raises(SystemExit):
         main(["--suite", "nope"])
+
+
+def test_plots_are_drawn_from_records(tmp_path):
+    """The PNG writers run on records of every kind (synthetic values: this checks drawing only)."""
+    from prefixkern.bench.common import write_plots
+
+    records = [dict(suite="attention", case=case, impl=impl, ms=1.0 + i, tflops=10.0 + i, **{"pass": pass_})
+               for i, (case, impl, pass_) in enumerate(
+                   (c, m, p) for c in ("seed-qwen", "sweep-S512", "sweep-S1024", "sweep-P16", "sweep-P64")
+                   for m in ("prefixkern", "sdpa_mask") for p in ("fwd", "fwd_bwd"))]
+    paths = write_plots({"records": records, "device": "synthetic"}, tmp_path, "plot")
+    assert set(paths) == {"png_attention", "png_attention_vs_S", "png_attention_vs_P"}
+    assert all(path.stat().st_size > 1000 for path in paths.values())

@@ -33,6 +33,12 @@ SHAPES = {s.name: s for s in (
     Shape("llama8b-8k", 32, 8, 128, 1, 8192, 128),
     Shape("long-32k", 32, 8, 128, 1, 32768, 64),
 )}
+# Sweeps for the plots of BENCHMARKS.md: Llama-3-8B attention against sequence length (P = 64)
+# and against prefix length (S = 2048).
+SWEEP_S = {f"sweep-S{s}": Shape(f"sweep-S{s}", 32, 8, 128, max(1, 8192 // s), s, 64) for s in (512, 1024, 2048, 4096, 8192)}
+SWEEP_P = {f"sweep-P{p}": Shape(f"sweep-P{p}", 32, 8, 128, 2, 2048, p) for p in (1, 16, 64, 128, 256)}
+SHAPES.update(SWEEP_S)
+SHAPES.update(SWEEP_P)
 QUICK = ("seed-qwen", "llama8b-2k")
 CPU_SHAPES = {s.name: s for s in (Shape("cpu-tiny-gqa", 4, 2, 32, 2, 24, 5), Shape("cpu-tiny-mha", 2, 2, 16, 1, 40, 18))}
 BASELINES = ("eager", "sdpa_mask", "sdpa_lower_right", "flex", "flash_attn")

@@ -210,7 +210,7 @@ def write_plots(payload: dict, out_dir: Path, stem: str) -> dict[str, Path]:
     paths = {}
     records = [r for r in payload["records"] if r["ms"]]
     for suite in SUITES:
-        rows = [r for r in records if r["suite"] == suite]
+        rows = [r for r in records if r["suite"] == suite and not r["case"].startswith("sweep-")]
         if not rows:
             continue
         passes = sorted({r["pass"] for r in rows})
@@ -234,6 +234,40 @@ def write_plots(payload: dict, out_dir: Path, stem: str) -> dict[str, Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths[f"png_{suite}"] = path
+    paths.update(_sweep_plots(plt, records, payload["device"], out_dir, stem))
+    return paths
+
+
+def _sweep_plots(plt, records: list[dict], device: str, out_dir: Path, stem: str) -> dict[str, Path]:
+    """Time and TFLOP/s against sequence length (sweep-S*) and prefix length (sweep-P*)."""
+    paths = {}
+    for axis, prefix, label in (("S", "sweep-S", "sequence length S (P = 64)"),
+                                ("P", "sweep-P", "prefix length P (S = 2048)")):
+        rows = [r for r in records if r["suite"] == "attention" and r["case"].startswith(prefix)]
+        if not rows:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        for pass_ in sorted({r["pass"] for r in rows}):
+            for impl in dict.fromkeys(r["impl"] for r in rows):
+                sub = sorted((int(r["case"][len(prefix):]), r) for r in rows if r["impl"] == impl and r["pass"] == pass_)
+                if not sub:
+                    continue
+                xs = [x for x, _ in sub]
+                style = "-" if pass_ == "fwd_bwd" else "--"
+                axes[0].plot(xs, [r["ms"] for _, r in sub], style, marker="o", label=f"{impl} {pass_}")
+                axes[1].plot(xs, [r["tflops"] or 0.0 for _, r in sub], style, marker="o", label=f"{impl} {pass_}")
+        for ax, ylabel in zip(axes, ("ms (lower is better)", "TFLOP/s (higher is better)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(label)
+            ax.set_ylabel(ylabel)
+            ax.legend(fontsize=6)
+        axes[0].set_yscale("log")
+        fig.suptitle(f"prefix attention, Llama-3-8B heads, bf16 ({device})", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / f"{stem}_attention_vs_{axis}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths[f"png_attention_vs_{axis}"] = path
     return paths
 
 
