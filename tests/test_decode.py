@@ -64,6 +64,19 @@ def test_merge_attention_states_equals_attention_over_the_union():
     assert torch.equal(none_out, torch.zeros(3, 4)) and torch.isinf(none_lse).all()
 
 
+def test_prefix_part_by_gemm_is_attention_over_the_prefix_alone():
+    from prefixkern.ops.decode_attention import _prefix_part_by_gemm
+
+    inputs, _ = _inputs(3, 8, 2, 2, 4, 5, 16, torch.float32, "cpu")
+    q, _, _, pk, pv = inputs
+    empty = torch.zeros(3, 2, 0, 16)
+    out, lse = _prefix_part_by_gemm(q, pk, pv, 0.25)
+    want, want_lse = reference.prefix_attention(q, empty, empty, pk, pv, causal=False, softmax_scale=0.25,
+                                                return_lse=True)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(lse, want_lse)
+
+
 def test_bad_input_is_refused():
     inputs, _ = _inputs(1, 2, 2, 1, 4, 2, 16, torch.float32, "cpu")
     with pytest.raises(ValueError, match="num_splits"):
@@ -104,8 +117,9 @@ def test_gpu_cuda_kernel_against_reference(case):
         inputs, kw = _inputs(3, 2 * case["gqa"], 2, case["Sq"], case["L"], case["P"], case["D"], case["dtype"], "cuda",
                              prefix=prefix, padding=padding)
         expected, expected_lse = reference.prefix_attention(*inputs, causal=True, return_lse=True, **kw)
-        for splits in (0, 1, 7):
-            out, lse = prefixkern.prefix_decode_attention(*inputs, num_splits=splits, return_lse=True, **kw)
+        for splits, gemm in ((0, False), (1, False), (7, False), (0, True)):
+            out, lse = prefixkern.prefix_decode_attention(*inputs, num_splits=splits, prefix_gemm=gemm,
+                                                          return_lse=True, **kw)
             torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
             torch.testing.assert_close(lse, expected_lse, atol=1e-3, rtol=1e-3)
 

@@ -41,6 +41,7 @@ def prefix_decode_attention(
     prefix_index: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     num_splits: int = 0,
+    prefix_gemm: bool = False,
     return_lse: bool = False,
 ):
     """Causal attention of a decoding step's queries over ``[prefix ; cache]``.
@@ -53,6 +54,12 @@ def prefix_decode_attention(
     heads of a GQA group, and the chunks are merged by log-sum-exp. The kernel is built on first
     use (``prefixkern.build_cuda()``); where it cannot be built, or for other shapes, the call
     goes to the Triton kernels (CPU tensors: the reference), with one warning for a failed build.
+
+    ``prefix_gemm=True`` (a batch-shared prefix only) computes the prefix's part separately as one
+    batched matrix product per KV head over every row's queries (cuBLAS, tensor cores, the prefix
+    read once for the whole batch) and merges it with the kernel's cache part by log-sum-exp; the
+    default reads the prefix inside the kernel, in the same pass as the cache (one launch fewer).
+    Which is faster depends on P, the batch and the cache length: the decode benchmark times both.
 
     Args: as ``prefix_attention``; ``num_splits`` fixes the number of key chunks (0 = pick for the GPU).
     Returns: ``out`` ``[B, Hq, S, D]`` (and the float32 ``lse`` ``[B, Hq, S]`` if asked).
@@ -74,10 +81,36 @@ def prefix_decode_attention(
                                     key_padding_mask=key_padding_mask, prefix_index=prefix_index,
                                     return_lse=return_lse)
     index = prefix_index.long() if prefix_index is not None else None
-    out_partial, lse_partial = ops.prefix_decode_partial(q, k, v, prefix_k, prefix_v, index, key_padding_mask, scale,
-                                                         num_splits)
+    if prefix_gemm and prefix_k.dim() == 3:
+        empty = prefix_k[:, :0]
+        out_partial, lse_partial = ops.prefix_decode_partial(q, k, v, empty, empty, None, key_padding_mask, scale,
+                                                             num_splits)
+        prefix_out, prefix_lse = _prefix_part_by_gemm(q, prefix_k, prefix_v, scale)
+        out_partial = torch.cat([prefix_out.unsqueeze(0), out_partial])
+        lse_partial = torch.cat([prefix_lse.unsqueeze(0), lse_partial])
+    else:
+        out_partial, lse_partial = ops.prefix_decode_partial(q, k, v, prefix_k, prefix_v, index, key_padding_mask,
+                                                             scale, num_splits)
     out, lse = ops.merge_attention_states(out_partial, lse_partial, q.dtype)
     return (out, lse) if return_lse else out
+
+
+def _prefix_part_by_gemm(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, scale: float):
+    """Attention of every row's queries over a batch-shared prefix alone, as one batched GEMM per
+    KV head: ``(out float32 [B, Hq, S, D], lse float32 [B, Hq, S])``."""
+    batch, num_heads, seq_q, head_dim = q.shape
+    num_kv_heads = prefix_k.shape[0]
+    group = num_heads // num_kv_heads
+    # [Hkv, B * group * S, D]: all queries that read KV head g, from every row.
+    rows = q.reshape(batch, num_kv_heads, group, seq_q, head_dim).permute(1, 0, 2, 3, 4)
+    rows = rows.reshape(num_kv_heads, batch * group * seq_q, head_dim)
+    scores = torch.bmm(rows, prefix_k.transpose(1, 2)).float() * scale          # [Hkv, rows, P]
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1)).to(prefix_v.dtype)
+    out = torch.bmm(probs, prefix_v).float()                                     # [Hkv, rows, D]
+    out = out.reshape(num_kv_heads, batch, group, seq_q, head_dim).permute(1, 0, 2, 3, 4)
+    lse = lse.reshape(num_kv_heads, batch, group, seq_q).permute(1, 0, 2, 3)
+    return out.reshape(batch, num_heads, seq_q, head_dim), lse.reshape(batch, num_heads, seq_q)
 
 
 def merge_attention_states(out_partial: torch.Tensor, lse_partial: torch.Tensor,
