@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 from typing import Iterator, Sequence
 
@@ -191,6 +192,20 @@ def prefixkern_attention(module, query, key, value, attention_mask, scaling=None
     return out.transpose(1, 2), None
 
 
+def _bloom_alibi_slopes(num_heads: int, device) -> torch.Tensor:
+    """BLOOM's ALiBi slopes (``build_alibi_tensor`` in transformers; its helper's name and place
+    change between versions, so the formula is here)."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32, device=device)
+    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32, device=device))
+    if closest != num_heads:
+        extra_base = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32, device=device)
+        remaining = min(closest, num_heads - closest)
+        extra = torch.pow(extra_base, torch.arange(1, 1 + 2 * remaining, 2, dtype=torch.int32, device=device))
+        slopes = torch.cat([slopes, extra])
+    return slopes
+
+
 def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
                              output_attentions=False, **kwargs):
     """BLOOM's attention (hand-written, ALiBi) over ``[prefix ; sequence]`` by the kernels. ALiBi
@@ -199,8 +214,6 @@ def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mas
     if not isinstance(layer_past, PrefixKVCache):
         return self._prefixkern_forward(hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
                                         use_cache=use_cache, output_attentions=output_attentions, **kwargs)
-    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes, dropout_add
-
     batch_size, q_length, _ = hidden_states.shape
     query, key, value = self._reshape(self.query_key_value(hidden_states))
     key, value = layer_past.update(key, value, self.layer_idx)
@@ -212,7 +225,7 @@ def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mas
         key_padding_mask = attention_mask[:, -key.shape[2]:]
     prefix_k, prefix_v = layer_past.prefix.layer(self.layer_idx)
     dtype = query.dtype
-    slopes = _get_alibi_slopes(self.num_heads, query.device).to(torch.float32)
+    slopes = _bloom_alibi_slopes(self.num_heads, query.device)
     out = prefix_attention(query, key, value, prefix_k.to(dtype), prefix_v.to(dtype), causal=True,
                            softmax_scale=self.inv_norm_factor, key_padding_mask=key_padding_mask,
                            prefix_index=layer_past.prefix.index,
@@ -226,7 +239,7 @@ def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mas
                                        self.dense.weight[:, int(i * slices): int((i + 1) * slices)])
     else:
         output = self.dense(context)
-    return dropout_add(output, residual, self.hidden_dropout, self.training), None
+    return residual + F.dropout(output, p=self.hidden_dropout, training=self.training), None
 
 
 def _patch_bloom(base_model) -> list:
@@ -406,8 +419,16 @@ def _inject_prefix(module, args, kwargs):
         else:
             kwargs.pop("past_key_values")       # PEFT re-injected a fresh prefix; ours has the history
     prefix = cache_prefix if cache_prefix is not None else legacy_prefix
-    if prefix is not None:
-        kwargs[KWARG] = prefix
+    if prefix is None:
+        return args, kwargs
+    kwargs[KWARG] = prefix
+    if kwargs.get("use_cache") is False:
+        # No cache wanted: record nothing, so the reported length stays P and PEFT's generate()
+        # (which trims input_ids to the last token once the cache is longer) recomputes every step.
+        used = kwargs.get("cache", kwargs.get("past_key_values"))
+        own = getattr(used, "self_attention_cache", used)
+        if isinstance(own, PrefixKVCache):
+            own.record = False
     return args, kwargs
 
 
