@@ -98,14 +98,43 @@ def _register_fakes() -> None:
     _register_fakes.done = True
 
 
+def self_check(ops) -> None:
+    """Run the built kernels once on a small GQA case with padding and a per-task prefix against
+    the reference; raise if they disagree (a miscompiled or broken build must not serve decoding)."""
+    from . import reference
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    device = torch.device("cuda", torch.cuda.current_device())
+    for dtype, head_dim in ((torch.bfloat16, 128), (torch.float16, 64)):
+        def randn(*shape):
+            return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+        q, k, v = randn(3, 8, 2, head_dim), randn(3, 2, 37, head_dim), randn(3, 2, 37, head_dim)
+        pk, pv = randn(2, 2, 5, head_dim), randn(2, 2, 5, head_dim)
+        index = torch.tensor([1, 0, 1], device=device)
+        mask = torch.ones(3, 37, dtype=torch.bool, device=device)
+        mask[0, :9] = False
+        scale = head_dim ** -0.5
+        parts, lses = ops.prefix_decode_partial(q, k, v, pk, pv, index, mask, scale, 3)
+        out, _ = ops.merge_attention_states(parts, lses, dtype)
+        want = reference.prefix_attention(q, k, v, pk, pv, causal=True, softmax_scale=scale, key_padding_mask=mask,
+                                          prefix_index=index)
+        err = (out.float() - want.float()).abs().max().item()
+        if not err <= 3e-2:
+            raise RuntimeError(f"the CUDA decode kernel disagrees with the reference ({dtype}, D={head_dim}: "
+                               f"max error {err:.3g})")
+
+
 @functools.lru_cache(maxsize=None)
 def cuda_ops():
-    """The CUDA ops, or None (warned once) when they cannot be built here."""
+    """The CUDA ops, or None (warned once) when they cannot be built here or fail their self-check."""
     if os.environ.get("PREFIXKERN_NO_CUDA_EXT", "0") not in ("", "0"):
         return None
     try:
-        return build_cuda()
-    except Exception as exc:   # no nvcc, no GPU, a compiler error: fall back, say so once
-        warnings.warn(f"prefixkern: the CUDA decode kernels could not be built ({type(exc).__name__}: {exc}); "
+        ops = build_cuda()
+        self_check(ops)
+        return ops
+    except Exception as exc:   # no nvcc, no GPU, a compiler error, a failed self-check: fall back, once
+        warnings.warn(f"prefixkern: the CUDA decode kernels are not used ({type(exc).__name__}: {exc}); "
                       "decoding falls back to the Triton kernels", RuntimeWarning, stacklevel=2)
         return None
