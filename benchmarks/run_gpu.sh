@@ -3,7 +3,7 @@
 # benchmark suite, each step under ten minutes, everything left in one folder.
 #
 #   benchmarks/run_gpu.sh [OUT_DIR] [STEP ...]
-#   STEP: tests-attention tests-other attention attention-sweep mlp e2e decode pytest-bench
+#   STEP: tests-attention tests-other attention attention-sweep mlp e2e e2e-large decode pytest-bench
 #         (default: all, in that order)
 #   A device call lasts at most ten minutes: run a few steps per call, same OUT_DIR.
 #
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 OUT="${1:-benchmarks/results/run-$(date -u +%Y%m%d-%H%M)}"
 shift || true
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests-attention tests-other attention attention-sweep mlp e2e decode pytest-bench)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests-attention tests-other attention attention-sweep mlp e2e e2e-large decode pytest-bench)
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
@@ -57,7 +57,10 @@ for step in "${STEPS[@]}"; do
                           --shapes sweep-S512 sweep-S1024 sweep-S2048 sweep-S4096 sweep-S8192 \
                                    sweep-P1 sweep-P16 sweep-P64 sweep-P128 sweep-P256 ;;
         mlp)          run_step bench-mlp "$PY" -m prefixkern.bench --suite mlp --out-dir "$OUT" ;;
-        e2e)          run_step bench-e2e "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" ;;
+        e2e)          run_step bench-e2e "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" \
+                          --shapes qwen2.5-0.5b bloomz-560m ;;
+        e2e-large)    run_step bench-e2e-large "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" \
+                          --shapes gpt2-medium llama3.2-1b ;;
         decode)       run_step bench-decode "$PY" -m prefixkern.bench --suite decode --out-dir "$OUT" ;;
         pytest-bench) run_step pytest-bench "$PY" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
                           --benchmark-json="$OUT/pytest-benchmark.json" ;;

@@ -126,7 +126,8 @@ def run_generate(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
         case = f"{name}-B{batch}-prompt{prompt}-new{new_tokens}"
         config = e2e.model_config(name)
         torch.manual_seed(0)
-        base_state = AutoModelForCausalLM.from_config(config, torch_dtype=opts.dtype).state_dict()
+        with torch.device(opts.device):
+            base_state = AutoModelForCausalLM.from_config(config, torch_dtype=opts.dtype).state_dict()
         gen = torch.Generator().manual_seed(0)
         input_ids = torch.randint(3, config.vocab_size, (batch, prompt), generator=gen).to(opts.device)
         attention_mask = torch.ones_like(input_ids)

@@ -49,9 +49,9 @@ def build_model(name: str, impl: str, opts: Options, base_state, num_virtual_tok
     config = copy.deepcopy(model_config(name))
     config._attn_implementation = attn
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, torch_dtype=opts.dtype)
+    with torch.device(opts.device):      # initialise on the GPU: CPU init of a 1B model takes seconds
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, torch_dtype=opts.dtype)
     model.load_state_dict(base_state)
-    model.to(opts.device)
     if impl == "prefixkern_liger":
         import liger_kernel.transformers as liger
 
@@ -107,7 +107,8 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(0)
-        base_state = AutoModelForCausalLM.from_config(config, torch_dtype=opts.dtype).state_dict()
+        with torch.device(opts.device):
+            base_state = AutoModelForCausalLM.from_config(config, torch_dtype=opts.dtype).state_dict()
         for seq_len, batch in lengths.items():
             case = f"{name}-S{seq_len}"
             limit = getattr(config, "n_positions", None)
