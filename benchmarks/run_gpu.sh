@@ -67,5 +67,8 @@ for step in "${STEPS[@]}"; do
         *) echo "unknown step $step"; status=1 ;;
     esac
 done
+# One results file for the GPU from every step's JSON (benchmarks/results/<date>_<gpu>.json).
+ls "$OUT"/*.json > /dev/null 2>&1 && "$PY" -m prefixkern.bench --merge "$OUT"/20*.json --out-dir "$OUT/merged" \
+    | tee -a "$OUT/steps.log"
 echo "results in $OUT"
 exit $status

@@ -57,3 +57,25 @@ def test_plots_are_drawn_from_records(tmp_path):
     paths = write_plots({"records": records, "device": "synthetic"}, tmp_path, "plot")
     assert set(paths) == {"png_attention", "png_attention_vs_S", "png_attention_vs_P"}
     assert all(path.stat().st_size > 1000 for path in paths.values())
+
+
+def test_merge_results_of_one_device(tmp_path):
+    from prefixkern.bench.common import merge_results
+
+    def payload(suite, date):
+        return {"device": "NVIDIA H100 80GB HBM3", "versions": {"torch": "x"}, "date": date,
+                "command": f"prefixkern-bench --suite {suite}",
+                "records": [Record(suite, "c", "prefixkern", "fwd", "bfloat16", ok=True).as_json()], "skipped": []}
+
+    files = []
+    for i, suite in enumerate(("attention", "mlp")):
+        files.append(tmp_path / f"{suite}.json")
+        files[-1].write_text(json.dumps(payload(suite, f"2026-11-2{i}T00:00:00+00:00")))
+    paths = merge_results(files, tmp_path / "merged", plots=False)
+    merged = json.loads(paths["json"].read_text())
+    assert [r["suite"] for r in merged["records"]] == ["attention", "mlp"]
+    assert paths["json"].name == "2026-11-21_NVIDIA-H100-80GB-HBM3.json"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**payload("decode", "2026-11-22T00:00:00+00:00"), "device": "NVIDIA H200"}))
+    with pytest.raises(ValueError, match="different devices"):
+        merge_results(files + [other], tmp_path / "bad")

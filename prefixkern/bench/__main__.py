@@ -35,11 +35,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where results go (default benchmarks/results on a GPU, .bench_out/cpu-demo on a CPU)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="merge results files of one GPU (e.g. one per run_gpu.sh step) into one JSON, Markdown "
+                             "table and plots in --out-dir, then exit")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.merge:
+        from .common import merge_results
+
+        paths = merge_results(args.merge, args.out_dir or Path("benchmarks/results"), plots=not args.no_plots)
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        return 0
     import torch
 
     on_gpu = torch.cuda.is_available()

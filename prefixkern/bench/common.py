@@ -276,3 +276,28 @@ def print_table(records: list[Record], skips: list[Skip], file=sys.stdout) -> No
                "skipped": [dataclasses.asdict(s) for s in skips]}
     text = markdown_table(payload).split("\n", 6)[-1]
     print(text, file=file)
+
+
+def merge_results(files: list[Path], out_dir: Path, plots: bool = True) -> dict[str, Path]:
+    """One results file from several of the same device (one per ``run_gpu.sh`` step)."""
+    payloads = [json.loads(Path(f).read_text()) for f in files]
+    devices = {p["device"] for p in payloads}
+    if len(devices) != 1:
+        raise ValueError(f"results from different devices cannot be merged: {sorted(devices)}")
+    merged = {
+        "device": devices.pop(),
+        "versions": payloads[0]["versions"],
+        "date": max(p["date"] for p in payloads),
+        "command": " ; ".join(p["command"] for p in payloads),
+        "records": [r for p in payloads for r in p["records"]],
+        "skipped": [s for p in payloads for s in p.get("skipped", [])],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = merged["device"].split(" (")[0].replace(" ", "-").replace("/", "-")
+    stem = f"{merged['date'][:10]}_{tag}"
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(merged, indent=1) + "\n")
+    paths["md"].write_text(markdown_table(merged))
+    if plots and "cpu" not in merged["device"]:
+        paths.update(write_plots(merged, out_dir, stem))
+    return paths
