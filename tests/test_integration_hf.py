@@ -487,3 +487,34 @@ def test_generate_with_a_static_cache_request():
     static = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
                            cache_implementation="static")
     assert torch.equal(static, dynamic)
+
+
+def test_prefix_per_row_training_gradients_reach_each_adapter():
+    """Training a mixed batch: each adapter's prefix parameters get exactly the gradient of the rows
+    that read it (as if each adapter were trained on its rows alone)."""
+    _, ours = _pair("llama")
+    torch.manual_seed(7)
+    ours.add_adapter("task_b", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=True,
+                                                  encoder_hidden_size=20))
+    for adapter in ("default", "task_b"):
+        for p in ours.prompt_encoder[adapter].parameters():
+            p.requires_grad_(True)
+    ours.eval()
+    ids, mask = _batch("left")
+    rows = ["default", "task_b", "default"]
+    weight = torch.randn(ids.shape[0], ids.shape[1], VOCAB, generator=torch.Generator().manual_seed(3))
+    ours.zero_grad()
+    with prefixkern.prefix_per_row(ours, rows):
+        (ours(input_ids=ids, attention_mask=mask).logits * weight).sum().backward()
+    mixed = {a: {n: p.grad.clone() for n, p in ours.prompt_encoder[a].named_parameters()} for a in ("default", "task_b")}
+    for adapter in ("default", "task_b"):
+        ours.set_adapter(adapter)
+        for p in ours.prompt_encoder[adapter].parameters():
+            p.requires_grad_(True)
+        ours.zero_grad()
+        selected = torch.tensor([name == adapter for name in rows])
+        logits = ours(input_ids=ids, attention_mask=mask).logits
+        (logits[selected] * weight[selected]).sum().backward()
+        for name, param in ours.prompt_encoder[adapter].named_parameters():
+            torch.testing.assert_close(mixed[adapter][name], param.grad, atol=1e-5, rtol=1e-4, msg=f"{adapter} {name}")
+    ours.set_adapter("default")
