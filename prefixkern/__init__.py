@@ -34,5 +34,6 @@ def __getattr__(name):
 
 __version__ = "0.1.0"
 
-__all__ = ["prefix_attention", "prefix_decode_attention", "merge_attention_states", "build_cuda", "fused_prefix_mlp", "PrefixEncoder", "get_backend", "use_backend", "patch", "unpatch",
+__all__ = ["prefix_attention", "prefix_decode_attention", "merge_attention_states", "build_cuda", "fused_prefix_mlp",
+           "PrefixEncoder", "get_backend", "use_backend", "patch", "unpatch",
            "is_patched", "prefix_per_row", "save_resumable", "load_resumable", "__version__"]

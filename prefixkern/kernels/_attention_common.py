@@ -244,7 +244,8 @@ _TUNED: dict[tuple, tuple[int, int, int, int]] = {}
 
 
 def pick_config(key, candidates, launch):
-    """Time each (BLOCK_M, BLOCK_N, num_warps, num_stages) candidate once per key (like ``triton.autotune``, but over a plain Python launch,
+    """Time each (BLOCK_M, BLOCK_N, num_warps, num_stages) candidate once per key (like
+    ``triton.autotune``, but over a plain Python launch,
     so the kernel's argument list stays free of tuning-only keys)."""
     if key in _TUNED:
         return _TUNED[key]

@@ -224,7 +224,8 @@ def prefix_attention_bwd_dq_kernel(
 @triton.jit
 def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, lse_row_ptr, delta_row_ptr, offs_m, d_ok, vis, key_pos, key_cols,
                S, sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p,
-               MASKED: tl.constexpr, CHECK_M: tl.constexpr, EVEN_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+               MASKED: tl.constexpr, CHECK_M: tl.constexpr, EVEN_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               HAS_ALIBI: tl.constexpr,
                HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """dK/dV contribution of one block of queries to a block of keys, scores transposed
     ([BLOCK_N keys, BLOCK_M queries]) so the accumulations need no transposed result."""
@@ -401,7 +402,8 @@ def prefix_attention_bwd_prefix_dkdv_kernel(
     stride_slb, stride_slh,
     B, Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p, items_per_split,
     GROUP: tl.constexpr, SHARED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Partial dPrefixK/dPrefixV of one prefix block and KV head over a share of the work items
@@ -549,7 +551,8 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
             *q.stride(), *k.stride(), *v.stride(), *args["prefix_strides"], *pv_strides, *dout.stride(), *dq.stride(),
             *args["kpm_strides"], *args["slope_strides"], *args["position_strides"],
             num_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars,
-            GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim, num_warps=warps, num_stages=stages,
+            GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
+            num_warps=warps, num_stages=stages,
             **common, **flags,
         )
 
@@ -562,7 +565,8 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             *args["kpm_strides"], *args["slope_strides"], *args["position_strides"],
             num_heads, num_kv_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars,
-            GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim, num_warps=warps, num_stages=stages,
+            GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
+            num_warps=warps, num_stages=stages,
             **common, **seq_flags,
         )
 

@@ -79,7 +79,9 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, *, causal, softmax_
     if prefix_index is not None:
         check_tensor("prefix_index", prefix_index, 1, "[B]")
         if prefix_k.dim() != 4:
-            raise ValueError(f"prefix_index needs per-task prefixes [T, Hkv, P, D], got prefix_k of shape {tuple(prefix_k.shape)}")
+            raise ValueError(
+                f"prefix_index needs per-task prefixes [T, Hkv, P, D], got prefix_k of shape {tuple(prefix_k.shape)}"
+            )
         if prefix_index.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"prefix_index must be int32 or int64, got {prefix_index.dtype}")
         if prefix_index.shape[0] != batch:
