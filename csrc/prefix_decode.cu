@@ -147,29 +147,36 @@ __global__ void __launch_bounds__(kThreads) prefix_decode_partial_kernel(const D
     }
     __syncthreads();
 
-    // ---- online softmax: one thread per row ----
-    if (tid < rows) {
-      const int r = tid;
-      float tile_max = -INFINITY;
-      for (int c = 0; c < TK; ++c) tile_max = fmaxf(tile_max, s_s[r][c]);
-      const float m_old = m_s[r];
-      const float m_new = fmaxf(m_old, tile_max);
-      float alpha = 1.f;
-      float sum = 0.f;
-      if (m_new == -INFINITY) {
-        for (int c = 0; c < TK; ++c) s_s[r][c] = 0.f;
-      } else {
-        alpha = (m_old == -INFINITY) ? 0.f : __expf(m_old - m_new);
-        for (int c = 0; c < TK; ++c) {
+    // ---- online softmax: one warp per row, its lanes across the tile's keys ----
+    {
+      const int warp = tid / 32;
+      const int lane = tid % 32;
+      for (int r = warp; r < rows; r += kThreads / 32) {
+        float tile_max = -INFINITY;
+        for (int c = lane; c < TK; c += 32) tile_max = fmaxf(tile_max, s_s[r][c]);
+#pragma unroll
+        for (int offset = 16; offset > 0; offset /= 2) {
+          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
+        }
+        const float m_old = m_s[r];
+        const float m_new = fmaxf(m_old, tile_max);
+        // Nothing visible yet: keep alpha = 1 (acc and l are still 0). First visible keys: alpha = 0.
+        const float alpha = m_new == -INFINITY ? 1.f : (m_old == -INFINITY ? 0.f : __expf(m_old - m_new));
+        float sum = 0.f;
+        for (int c = lane; c < TK; c += 32) {
           const float s = s_s[r][c];
           const float e = (s == -INFINITY) ? 0.f : __expf(s - m_new);
           s_s[r][c] = e;
           sum += e;
         }
+#pragma unroll
+        for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+        if (lane == 0) {   // every lane has read m_s[r] above (the shuffles synchronise the warp)
+          l_s[r] = l_s[r] * alpha + sum;
+          m_s[r] = m_new;
+          alpha_s[r] = alpha;
+        }
       }
-      l_s[r] = l_s[r] * alpha + sum;
-      m_s[r] = m_new;
-      alpha_s[r] = alpha;
     }
     __syncthreads();
 
