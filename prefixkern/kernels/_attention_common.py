@@ -228,15 +228,14 @@ def _smem_bytes(device_index: int) -> int:
 
 
 def fits_smem(config, head_dim_block: int, elem_bytes: int, device: torch.device) -> bool:
-    """Whether a (BLOCK_M, BLOCK_N, warps, stages) tile plausibly fits in shared memory: the
-    query tile plus a K and a V tile. Compiled for sm_90 (tests/tools/compile_triton_kernels.py),
-    the forward kernel uses the query tile plus one key tile, whatever num_stages says, so this
-    errs on the safe side without ruling out (128, 128) at D = 128; a config that still does not
-    fit is skipped when the tiles are timed (``pick_config``)."""
+    """Whether a (BLOCK_M, BLOCK_N, warps, stages) tile fits in shared memory: the query tile plus
+    ``stages`` buffers of a K and a V tile. This is what sm_90 compiles of the forward use when the
+    launch specialises unit strides (tests/tools/compile_triton_kernels.py: (128, 64, 8, 3) at
+    D = 128 takes 131072 bytes); a config that still does not fit is skipped when timed."""
     if device.type != "cuda":
         return True
-    block_m, block_n, _, _ = config
-    need = (block_m + 2 * block_n) * head_dim_block * elem_bytes
+    block_m, block_n, _, stages = config
+    need = (block_m * head_dim_block + stages * 2 * block_n * head_dim_block) * elem_bytes
     return need <= _smem_bytes(device.index if device.index is not None else torch.cuda.current_device())
 
 

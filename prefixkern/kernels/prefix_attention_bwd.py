@@ -488,7 +488,7 @@ def _configs(head_dim_block: int, dtype: torch.dtype) -> list[tuple[int, int, in
         return [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2)]
     if head_dim_block <= 128 and dtype != torch.float32:
         return [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2)]
-    return [(32, 32, 4, 1), (32, 64, 4, 1), (16, 32, 4, 1)]
+    return [(32, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1), (16, 32, 4, 1)]
 
 
 def _fits_bwd(config, head_dim_block: int, elem_bytes: int, device: torch.device) -> bool:
