@@ -62,8 +62,9 @@ def compile_one(kernel, constexprs, pointer_types, default_pointer, target, num_
     for name in ones:
         sig[name] = "constexpr"
     constants = {**constexprs, **ones}
+    # Head dims 64/80/96/128/... are multiples of 16, which Triton also records for an int argument.
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if n not in constants and (n.endswith("_ptr") or n.startswith("stride"))}
+             if n not in constants and (n.endswith("_ptr") or n.startswith("stride") or n == "D")}
     src = ASTSource(fn=jit, signature=sig, constexprs={(names.index(k),): v for k, v in constants.items()},
                     attrs=attrs)
     compiled = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
