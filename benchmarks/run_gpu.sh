@@ -19,6 +19,10 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 LIMIT="${STEP_LIMIT_S:-590}"
+# The GPU grid compiles hundreds of kernel variants: spread the compiling over the CPU cores
+# (pytest-xdist is on the GPU image; the workers share the GPU).
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${TEST_WORKERS:-8}")
 status=0
 
 run_step() {  # name, command...
@@ -46,9 +50,9 @@ PY
 for step in "${STEPS[@]}"; do
     case "$step" in
         # The test grid takes each kernel's first fitting config: tuning one-off shapes is not what it tests.
-        tests-attention) run_step tests-attention env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider \
+        tests-attention) run_step tests-attention env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider "${XDIST[@]}" \
                           tests/test_prefix_attention.py --junitxml="$OUT/tests-attention.xml" ;;
-        tests-other)  run_step tests-other env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests \
+        tests-other)  run_step tests-other env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider "${XDIST[@]}" tests \
                           --ignore=tests/test_prefix_attention.py --junitxml="$OUT/tests-other.xml" ;;
         attention)    run_step bench-attention "$PY" -m prefixkern.bench --suite attention --out-dir "$OUT" \
                           --shapes seed-qwen seed-bloom paper-gpt2 llama8b-2k llama8b-8k long-32k ;;
