@@ -50,9 +50,9 @@ PY
 for step in "${STEPS[@]}"; do
     case "$step" in
         # The test grid takes each kernel's first fitting config: tuning one-off shapes is not what it tests.
-        tests-attention) run_step tests-attention env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider "${XDIST[@]}" \
+        tests-attention) run_step tests-attention env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} \
                           tests/test_prefix_attention.py --junitxml="$OUT/tests-attention.xml" ;;
-        tests-other)  run_step tests-other env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider "${XDIST[@]}" tests \
+        tests-other)  run_step tests-other env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests \
                           --ignore=tests/test_prefix_attention.py --junitxml="$OUT/tests-other.xml" ;;
         attention)    run_step bench-attention "$PY" -m prefixkern.bench --suite attention --out-dir "$OUT" \
                           --shapes seed-qwen seed-bloom paper-gpt2 llama8b-2k llama8b-8k long-32k ;;
