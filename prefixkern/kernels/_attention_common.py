@@ -9,7 +9,6 @@ key ``seed + b * Hq + h``, so any kernel regenerates any element of the mask on 
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -17,6 +16,7 @@ import triton
 import triton.testing
 import triton.language as tl
 
+from ._launch import device_index, smem_bytes
 from ._math import tanh
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -221,12 +221,6 @@ def attention_launch_args(q, k, prefix_k, prefix_index, key_padding_mask, alibi_
     }
 
 
-@functools.lru_cache(maxsize=None)
-def _smem_bytes(device_index: int) -> int:
-    props = torch.cuda.get_device_properties(device_index)
-    return getattr(props, "shared_memory_per_block_optin", 99 * 1024)
-
-
 def fits_smem(config, head_dim_block: int, elem_bytes: int, device: torch.device) -> bool:
     """Whether a (BLOCK_M, BLOCK_N, warps, stages) tile fits in shared memory: the query tile plus
     ``stages`` buffers of a K and a V tile. This is what sm_90 compiles of the forward use when the
@@ -236,7 +230,7 @@ def fits_smem(config, head_dim_block: int, elem_bytes: int, device: torch.device
         return True
     block_m, block_n, _, stages = config
     need = (block_m * head_dim_block + stages * 2 * block_n * head_dim_block) * elem_bytes
-    return need <= _smem_bytes(device.index if device.index is not None else torch.cuda.current_device())
+    return need <= smem_bytes(device_index(device))
 
 
 _TUNED: dict[tuple, tuple[int, int, int, int]] = {}

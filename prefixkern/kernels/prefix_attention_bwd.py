@@ -34,6 +34,7 @@ from ._attention_common import (
     sequence_key_range,
     sequence_visible,
 )
+from ._launch import device_index, input_precision, num_sms
 from ._math import dot, tanh
 
 __all__ = ["prefix_attention_backward"]
@@ -499,18 +500,11 @@ def _fits_bwd(config, head_dim_block: int, elem_bytes: int, device: torch.device
         resident <= 128 * 1024
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               prefix_k: torch.Tensor, prefix_v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                               *, prefix_index: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
                               causal: bool, softmax_scale: float, dropout_p: float, seed: torch.Tensor | None,
-                              alibi_slopes: torch.Tensor | None, softcap: float | None, window: int | None,
-                              input_precision: str = "ieee"):
+                              alibi_slopes: torch.Tensor | None, softcap: float | None, window: int | None):
     """Gradients ``(dq, dk, dv, dprefix_k, dprefix_v)`` of ``prefix_attention_forward``; each has its
     input's shape and dtype (a shared or per-task prefix gets the sum over the rows that read it)."""
     batch, num_heads, seq_len_q, head_dim = q.shape
@@ -526,8 +520,9 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     flags = args["flags"]
     pv_strides = (0,) + tuple(prefix_v.stride()) if prefix_v.dim() == 3 else tuple(prefix_v.stride())
     block_d = max(16, triton.next_power_of_2(head_dim))
+    precision = input_precision(q.dtype)
     common = dict(CAUSAL=causal, HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
-                  INPUT_PRECISION=input_precision)
+                  INPUT_PRECISION=precision)
     scalars = (window if window is not None else 0, float(softmax_scale),
                float(softcap) if softcap is not None else 1.0, float(dropout_p))
 
@@ -582,7 +577,9 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     num_p_blocks = triton.cdiv(prefix_len, block_n)
     items = (batch if shared else 1) * group * triton.cdiv(seq_len_q, block_m)
     programs = num_p_blocks * owners * num_kv_heads
-    splits = min(items, max(1, triton.cdiv(2 * _num_sms(q.device), programs)))
+    # About two waves of programs (the interpreter, on CPU, gets a few splits to exercise them).
+    sms = num_sms(device_index(q.device)) if q.device.type == "cuda" else 4
+    splits = min(items, max(1, triton.cdiv(2 * sms, programs)))
     items_per_split = triton.cdiv(items, splits)
     splits = triton.cdiv(items, items_per_split)
     partial_k = torch.empty(splits, owners, num_kv_heads, prefix_len, head_dim, dtype=torch.float32, device=q.device)
@@ -594,7 +591,7 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
         batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars, items_per_split,
         GROUP=group, SHARED=shared, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
         HAS_PREFIX_INDEX=flags["HAS_PREFIX_INDEX"], HAS_ALIBI=flags["HAS_ALIBI"], HAS_DROPOUT=flags["HAS_DROPOUT"],
-        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, INPUT_PRECISION=input_precision,
+        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, INPUT_PRECISION=precision,
         num_warps=warps, num_stages=stages,
     )
     dpk, dpv = partial_k.sum(0), partial_v.sum(0)

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpret
+from ._launch import input_precision
 from ._math import dot
 from ._attention_common import (
     LOG2E,
@@ -217,7 +218,7 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              prefix_v: torch.Tensor, *, prefix_index: torch.Tensor | None,
                              key_padding_mask: torch.Tensor | None, causal: bool, softmax_scale: float,
                              dropout_p: float, seed: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
-                             softcap: float | None, window: int | None, input_precision: str = "ieee"):
+                             softcap: float | None, window: int | None):
     """Launch the forward kernel; returns ``(out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] float32)``.
     Arguments are the checked ones of ``prefixkern.prefix_attention``; every tensor keeps its strides."""
     batch, num_heads, seq_len_q, head_dim = q.shape
@@ -245,7 +246,7 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             float(softcap) if softcap is not None else 1.0, float(dropout_p),
             GROUP=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
             CAUSAL=causal, HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
-            INPUT_PRECISION=input_precision, num_warps=warps, num_stages=stages, **flags,
+            INPUT_PRECISION=input_precision(q.dtype), num_warps=warps, num_stages=stages, **flags,
         )
 
     candidates = [c for c in _configs(block_d, seq_len_q, q.dtype) if fits_smem(c, block_d, q.element_size(), q.device)]

@@ -24,14 +24,12 @@ and scales kept values by ``1 / (1 - dropout_p)``; the backward regenerates the 
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from .._backend import triton_interpret
+from ._launch import device_index, input_precision, num_sms, smem_bytes
 from ._math import tanh as _tanh
 
 # All P rows of a tile share one block up to these sizes; beyond, the forward splits P across
@@ -80,7 +78,7 @@ def _fits_smem(config, elements_per_stage: int) -> bool:
     list never leaves only a config that cannot launch."""
     if not torch.cuda.is_available():
         return True
-    return config.num_stages * elements_per_stage * 4 <= _smem_bytes(torch.cuda.current_device())
+    return config.num_stages * elements_per_stage * 4 <= smem_bytes(torch.cuda.current_device())
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +176,7 @@ def _prune_fwd(configs, named_args, **kwargs):
             and _fits_smem(c, (block_p + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"])]
     # Narrow N (small models) needs narrow tiles to fill the GPU: drop tiles that leave it mostly idle.
     if torch.cuda.is_available() and kept:
-        sms = _num_sms(torch.cuda.current_device())
+        sms = num_sms(torch.cuda.current_device())
         filled = [c for c in kept if triton.cdiv(n, c.kwargs["BLOCK_N"]) >= sms]
         kept = filled or [min(kept, key=lambda c: c.kwargs["BLOCK_N"])]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
@@ -381,29 +379,6 @@ def prefix_kv_copy_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@functools.lru_cache(maxsize=None)
-def _smem_bytes(device_index: int) -> int:
-    # Opt-in per-block shared memory (227 KiB on H100, 163 KiB on A100); older torch lacks the field.
-    props = torch.cuda.get_device_properties(device_index)
-    return getattr(props, "shared_memory_per_block_optin", 99 * 1024)
-
-
-def on_device(device: torch.device):
-    """Launch on the tensors' GPU, not the current one (Triton launches on the current device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _input_precision() -> str:
-    """Follow PyTorch's float32 matmul setting, so the kernels match what ``nn.Linear`` would do:
-    exact float32 products by default, TF32 tensor cores when the user allowed them."""
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
 def _block_p(num_rows: int, cap: int) -> int:
     # tl.dot needs every block dimension >= 16.
     return min(max(16, triton.next_power_of_2(num_rows)), cap)
@@ -430,7 +405,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tenso
         a, b, bias if bias is not None else c, c,
         m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        HAS_BIAS=bias is not None, APPLY_TANH=apply_tanh, INPUT_PRECISION=_input_precision(),
+        HAS_BIAS=bias is not None, APPLY_TANH=apply_tanh, INPUT_PRECISION=input_precision(),
     )
     return c
 
@@ -470,7 +445,7 @@ def prefix_mlp_forward(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
         hidden.stride(0), hidden.stride(1),
         w2.stride(0), w2.stride(1),
         *out.stride(),
-        HAS_BIAS=b2 is not None, HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=_input_precision(),
+        HAS_BIAS=b2 is not None, HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=input_precision(),
         BLOCK_P=block_p,
     )
     return out, hidden
@@ -486,7 +461,7 @@ def _num_splits(num_cols: int, hidden_size: int, device: torch.device) -> tuple[
     align = _bwd_split_align()
     max_splits = triton.cdiv(num_cols, align)
     if device.type == "cuda":
-        target_programs = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        target_programs = 4 * num_sms(device_index(device))
         splits = triton.cdiv(target_programs, triton.cdiv(hidden_size, 64))
     else:
         splits = 3  # interpreter: small, but several splits so the reduction is exercised
@@ -528,7 +503,7 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
         w2.stride(0), w2.stride(1),
         dw2.stride(0), dw2.stride(1),
         *dh_part.stride(),
-        HAS_BIAS=b2 is not None, INPUT_PRECISION=_input_precision(), BLOCK_P=block_p,
+        HAS_BIAS=b2 is not None, INPUT_PRECISION=input_precision(), BLOCK_P=block_p,
     )
 
     dz = torch.empty(num_rows, hidden_size, device=device, dtype=torch.float32)

@@ -23,13 +23,13 @@ def prefix_attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel forward: ``(out [B, Hq, S, D], lse [B, Hq, S] float32)``."""
     from ..kernels.prefix_attention_fwd import prefix_attention_forward
-    from ..kernels.prefix_mlp import on_device
+    from ..kernels._launch import on_device
 
     with on_device(q.device):
         return prefix_attention_forward(
             q, k, v, prefix_k, prefix_v, prefix_index=prefix_index, key_padding_mask=key_padding_mask,
             causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed, alibi_slopes=alibi_slopes,
-            softcap=softcap, window=window, input_precision=_input_precision(q.dtype),
+            softcap=softcap, window=window,
         )
 
 
@@ -49,14 +49,13 @@ def prefix_attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel backward: ``(dq, dk, dv, dprefix_k, dprefix_v)``."""
     from ..kernels.prefix_attention_bwd import prefix_attention_backward
-    from ..kernels.prefix_mlp import on_device
+    from ..kernels._launch import on_device
 
     with on_device(q.device):
         return prefix_attention_backward(
             dout, q, k, v, prefix_k, prefix_v, out, lse, prefix_index=prefix_index,
             key_padding_mask=key_padding_mask, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,
             seed=seed, alibi_slopes=alibi_slopes, softcap=softcap, window=window,
-            input_precision=_input_precision(q.dtype),
         )
 
 
@@ -84,14 +83,6 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    """float32 products follow PyTorch's matmul setting (exact by default, TF32 when allowed). Read
-    inside the ops' bodies, which torch.compile does not trace."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
 
 
 def prefix_attention(

@@ -95,8 +95,9 @@ def prefix_mlp_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel forward: ``(out [L, 2, Hkv, P, D], hidden [P, h] float32 or [0] without projection)``."""
     from ..kernels import prefix_mlp as kernels
+    from ..kernels._launch import on_device
 
-    with kernels.on_device(embedding.device):
+    with on_device(embedding.device):
         if w1 is None:
             out = kernels.prefix_rows_forward(embedding, num_layers=num_layers, num_kv_heads=num_kv_heads,
                                               head_dim=head_dim, out_dtype=out_dtype, dropout_p=dropout_p, seed=seed)
@@ -124,8 +125,10 @@ def prefix_mlp_bwd(
     """Kernel backward: ``(dE, dW1, db1, dW2, db2)``; an absent parameter's gradient is a [0] tensor."""
     from ..kernels import prefix_mlp as kernels
 
+    from ..kernels._launch import on_device
+
     empty = _empty().to(embedding.device)
-    with kernels.on_device(embedding.device):
+    with on_device(embedding.device):
         if w1 is None:
             d_embedding = kernels.prefix_rows_backward(grad_out, embedding, num_kv_heads=num_kv_heads,
                                                        head_dim=head_dim, dropout_p=dropout_p, seed=seed)
