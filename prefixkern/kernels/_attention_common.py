@@ -23,16 +23,27 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def score_mods(s, softcap, slope, key_pos, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
-    """Scaled scores ``s`` (float32 [BM, BN], natural units) after soft-capping and ALiBi.
+def scores_log2(qk, sm_scale, qk_scale, softcap, slope, key_pos, HAS_SOFTCAP: tl.constexpr,
+                HAS_ALIBI: tl.constexpr):
+    """Scores in log2 units from a float32 tile of raw ``q . k`` products: scaled, soft-capped, then
+    ALiBi-biased in natural units (``qk_scale = sm_scale * log2(e)`` when neither applies).
 
-    ``key_pos`` is the float32 [BN] ALiBi position of each key (unused without ALiBi).
+    ``key_pos``: the keys' ALiBi positions, already shaped to broadcast against ``qk`` ([None, :]
+    for a [queries, keys] tile, [:, None] for a transposed one). Also returns
+    ``t = tanh(sm_scale * qk / softcap)``, the backward's chain-rule factor (0 without soft-capping).
     """
-    if HAS_SOFTCAP:
-        s = softcap * tanh(s / softcap)
-    if HAS_ALIBI:
-        s = s + slope * key_pos[None, :]
-    return s
+    t = 0.0
+    if HAS_SOFTCAP or HAS_ALIBI:
+        s = qk * sm_scale
+        if HAS_SOFTCAP:
+            t = tanh(s / softcap)
+            s = softcap * t
+        if HAS_ALIBI:
+            s = s + slope * key_pos
+        s = s * LOG2E
+    else:
+        s = qk * qk_scale
+    return s, t
 
 
 @triton.jit

@@ -31,11 +31,12 @@ from ._attention_common import (
     pick_config,
     prefix_row,
     prefix_visible,
+    scores_log2,
     sequence_key_range,
     sequence_visible,
 )
 from ._launch import device_index, input_precision, num_sms
-from ._math import dot, tanh
+from ._math import dot
 
 __all__ = ["prefix_attention_backward"]
 
@@ -78,17 +79,8 @@ def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, keys_ok, d_ok, vis, key_pos
     """dQ contribution of one block of keys, scores in [BLOCK_M, BLOCK_N] orientation."""
     k = load_tile(k_ptrs, keys_ok[:, None], d_ok[None, :], MASKED, not EVEN_D)
     v = load_tile(v_ptrs, keys_ok[:, None], d_ok[None, :], MASKED, not EVEN_D)
-    qk = dot(q, tl.trans(k), INPUT_PRECISION)
-    if HAS_SOFTCAP or HAS_ALIBI:
-        s = qk * sm_scale
-        if HAS_SOFTCAP:
-            t = tanh(s / softcap)
-            s = softcap * t
-        if HAS_ALIBI:
-            s = s + slope * key_pos[None, :]
-        s = s * LOG2E
-    else:
-        s = qk * qk_scale
+    s, t = scores_log2(dot(q, tl.trans(k), INPUT_PRECISION), sm_scale, qk_scale, softcap, slope, key_pos[None, :],
+                       HAS_SOFTCAP, HAS_ALIBI)
     if MASKED:
         s = tl.where(vis, s, float("-inf"))
     p = tl.math.exp2(s - lse2[:, None])
@@ -235,17 +227,8 @@ def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, lse_row_ptr, delta_row_ptr, offs_m
     do = load_tile(do_ptrs, m_ok[:, None], d_ok[None, :], CHECK_M, not EVEN_D)
     lse2 = _load_lse2(lse_row_ptr, offs_m, S)
     delta = tl.load(delta_row_ptr + offs_m, mask=m_ok, other=0.0)
-    qkT = dot(k, tl.trans(q), INPUT_PRECISION)
-    if HAS_SOFTCAP or HAS_ALIBI:
-        sT = qkT * sm_scale
-        if HAS_SOFTCAP:
-            t = tanh(sT / softcap)
-            sT = softcap * t
-        if HAS_ALIBI:
-            sT = sT + slope * key_pos[:, None]
-        sT = sT * LOG2E
-    else:
-        sT = qkT * qk_scale
+    sT, t = scores_log2(dot(k, tl.trans(q), INPUT_PRECISION), sm_scale, qk_scale, softcap, slope,
+                        key_pos[:, None], HAS_SOFTCAP, HAS_ALIBI)
     if MASKED:
         sT = tl.where(tl.trans(vis), sT, float("-inf"))
     pT = tl.math.exp2(sT - lse2[None, :])

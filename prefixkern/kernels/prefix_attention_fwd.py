@@ -24,7 +24,7 @@ from ._attention_common import (
     pick_config,
     prefix_row,
     prefix_visible,
-    score_mods,
+    scores_log2,
     sequence_key_range,
     sequence_visible,
 )
@@ -44,11 +44,8 @@ def _attend_block(acc, m_i, l_i, q, kT_ptrs, v_ptrs, keys_ok, offs_d, D, vis, ke
     """One step of the online softmax over a block of keys (prefix or sequence)."""
     d_ok = offs_d < D
     kT = load_tile(kT_ptrs, keys_ok[None, :], d_ok[:, None], MASKED, not EVEN_D)
-    qk = dot(q, kT, INPUT_PRECISION)
-    if HAS_SOFTCAP or HAS_ALIBI:
-        s = score_mods(qk * sm_scale, softcap, slope, key_pos, HAS_SOFTCAP, HAS_ALIBI) * LOG2E
-    else:
-        s = qk * qk_scale
+    s, _ = scores_log2(dot(q, kT, INPUT_PRECISION), sm_scale, qk_scale, softcap, slope, key_pos[None, :],
+                       HAS_SOFTCAP, HAS_ALIBI)
     if MASKED:
         s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
