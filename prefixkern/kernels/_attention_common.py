@@ -197,13 +197,14 @@ def sequence_key_range(q_lo, q_hi, S, S_kv, window, BLOCK_N: tl.constexpr, CAUSA
     return lo, full_lo, full_hi, hi
 
 
-def attention_launch_args(q, k, prefix_k, prefix_index, key_padding_mask, alibi_slopes, dropout_p, seed):
-    """Host-side pieces every attention kernel takes: prefix strides (batch stride 0 when the
-    prefix is batch-shared), and real or dummy pointers for the optional inputs."""
-    if prefix_k.dim() == 3:
-        prefix_strides = (0,) + tuple(prefix_k.stride())
-    else:
-        prefix_strides = tuple(prefix_k.stride())
+def _prefix_strides(prefix: torch.Tensor) -> tuple[int, ...]:
+    """(batch, head, position, dim) strides of a prefix; batch stride 0 when it is batch-shared."""
+    return ((0,) if prefix.dim() == 3 else ()) + tuple(prefix.stride())
+
+
+def attention_launch_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, dropout_p, seed):
+    """Host-side pieces every attention kernel takes: the prefixes' strides, and real or dummy
+    pointers for the optional inputs."""
     dummy = q  # never read: its flag is off
     kpm = padding_mask_for_kernel(key_padding_mask) if key_padding_mask is not None else None
     if alibi_slopes is not None:
@@ -213,7 +214,8 @@ def attention_launch_args(q, k, prefix_k, prefix_index, key_padding_mask, alibi_
     else:
         slopes, slope_strides, positions = None, (0, 0), None
     return {
-        "prefix_strides": prefix_strides,
+        "prefix_k_strides": _prefix_strides(prefix_k),
+        "prefix_v_strides": _prefix_strides(prefix_v),
         "prefix_index": prefix_index if prefix_index is not None else dummy,
         "kpm": kpm if kpm is not None else dummy,
         "kpm_strides": tuple(kpm.stride()) if kpm is not None else (0, 0),

@@ -499,9 +499,8 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     if batch == 0:
         return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
-    args = attention_launch_args(q, k, prefix_k, prefix_index, key_padding_mask, alibi_slopes, dropout_p, seed)
+    args = attention_launch_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, dropout_p, seed)
     flags = args["flags"]
-    pv_strides = (0,) + tuple(prefix_v.stride()) if prefix_v.dim() == 3 else tuple(prefix_v.stride())
     block_d = max(16, triton.next_power_of_2(head_dim))
     precision = input_precision(q.dtype)
     common = dict(CAUSAL=causal, HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
@@ -526,7 +525,8 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
         prefix_attention_bwd_dq_kernel[(triton.cdiv(seq_len_q, block_m), batch * num_heads)](
             q, k, v, prefix_k, prefix_v, dout, lse, delta, dq,
             args["prefix_index"], args["kpm"], args["slopes"], args["positions"], args["seed"],
-            *q.stride(), *k.stride(), *v.stride(), *args["prefix_strides"], *pv_strides, *dout.stride(), *dq.stride(),
+            *q.stride(), *k.stride(), *v.stride(), *args["prefix_k_strides"], *args["prefix_v_strides"],
+            *dout.stride(), *dq.stride(),
             *args["kpm_strides"], *args["slope_strides"], *args["position_strides"],
             num_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars,
             GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
@@ -570,7 +570,7 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     prefix_attention_bwd_prefix_dkdv_kernel[(num_p_blocks, owners * num_kv_heads, splits)](
         q, prefix_k, prefix_v, dout, lse, delta, partial_k, partial_v,
         args["prefix_index"], args["slopes"], args["seed"],
-        *q.stride(), *args["prefix_strides"], *pv_strides, *dout.stride(), *args["slope_strides"],
+        *q.stride(), *args["prefix_k_strides"], *args["prefix_v_strides"], *dout.stride(), *args["slope_strides"],
         batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars, items_per_split,
         GROUP=group, SHARED=shared, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
         HAS_PREFIX_INDEX=flags["HAS_PREFIX_INDEX"], HAS_ALIBI=flags["HAS_ALIBI"], HAS_DROPOUT=flags["HAS_DROPOUT"],

@@ -225,8 +225,7 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     lse = torch.empty(batch, num_heads, seq_len_q, dtype=torch.float32, device=q.device)
     if batch == 0:
         return out, lse
-    args = attention_launch_args(q, k, prefix_k, prefix_index, key_padding_mask, alibi_slopes, dropout_p, seed)
-    pv_strides = (0,) + tuple(prefix_v.stride()) if prefix_v.dim() == 3 else tuple(prefix_v.stride())
+    args = attention_launch_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, dropout_p, seed)
     block_d = max(16, triton.next_power_of_2(head_dim))
     flags = args["flags"]
 
@@ -236,7 +235,7 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         prefix_attention_fwd_kernel[grid](
             q, k, v, prefix_k, prefix_v, out, lse,
             args["prefix_index"], args["kpm"], args["slopes"], args["positions"], args["seed"],
-            *q.stride(), *k.stride(), *v.stride(), *args["prefix_strides"], *pv_strides, *out.stride(),
+            *q.stride(), *k.stride(), *v.stride(), *args["prefix_k_strides"], *args["prefix_v_strides"], *out.stride(),
             *args["kpm_strides"], *args["slope_strides"], *args["position_strides"],
             num_heads, seq_len_q, seq_len_kv, prefix_len, head_dim,
             window if window is not None else 0, float(softmax_scale),
