@@ -156,6 +156,8 @@ def unavailable(impl: str, opts: Options) -> str | None:
             import flash_attn  # noqa: F401
         except Exception as exc:
             return f"flash-attn not installed ({type(exc).__name__})"
+        if not opts.on_gpu:
+            return "flash-attn needs a GPU"
     if impl == "flex":
         if not opts.on_gpu:
             return "FlexAttention is compiled for the GPU; the CPU demo skips it"
@@ -163,8 +165,6 @@ def unavailable(impl: str, opts: Options) -> str | None:
             from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
         except Exception as exc:
             return f"torch {torch.__version__} has no FlexAttention ({exc})"
-    if impl == "flash_attn" and not opts.on_gpu:
-        return "flash-attn needs a GPU"
     return None
 
 

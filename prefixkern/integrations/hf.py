@@ -347,8 +347,8 @@ def _encoder_for(model, adapter: str, sizes) -> PrefixEncoder | None:
 
 def _prefix_kv(model, adapter: str, state: _PatchState, dtype) -> torch.Tensor:
     """[L, 2, Hkv, P, D] for one adapter, computed once for the whole batch."""
-    if adapter not in state.encoders:
-        state.encoders[adapter] = _encoder_for(model, adapter, (state.num_layers, state.num_kv_heads, state.head_dim))
+    if adapter not in state.encoders:       # an adapter loaded after patch()
+        _wrap_encoders(model, state)
     encoder = state.encoders[adapter]
     if encoder is not None:
         encoder.train(model.training)
