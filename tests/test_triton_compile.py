@@ -25,3 +25,18 @@ def test_every_kernel_compiles_for_sm90():
     for kernel in ("fwd bf16-D128", "bwd-dq bf16-D128", "bwd-dkdv bf16-D128", "bwd-prefix bf16-D128"):
         (line,) = [line for line in lines if kernel in line]
         assert int(line.split("async copies")[1].split()[0]) > 0, line
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Triton compiles on Linux")
+def test_attention_configs_do_not_spill_registers():
+    """Every bf16/fp16 head-dim-128 config the attention launchers may pick compiles for sm_90 with
+    no register spills, causal with and without a padding mask, and within the shared memory the
+    launchers budget for it (tests/tools/kernel_resources.py without --bucket checks every table)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    script = SCRIPT.parent / "kernel_resources.py"
+    result = subprocess.run([sys.executable, str(script), "--check", "--bucket", "2:128", "--flags", "plain,padded"],
+                            env=env, capture_output=True, text=True, timeout=900, cwd=SCRIPT.parent.parent.parent)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if "spill stores" in line]
+    assert len(rows) >= 20 and all(" spill stores     0 B" in row for row in rows), rows

@@ -56,10 +56,14 @@ def alibi_sequence_positions(pos_row_ptr, stride_pos_s, offs_n, S_kv, P, HAS_POS
 
 
 @triton.jit
-def sequence_visible(offs_m, offs_n, S, S_kv, window, kpm_row_ptr, stride_kpm_s,
+def sequence_visible(offs_m, offs_n, S, S_kv, window, kpm_row_ptr, stride_kpm_s, CHECK_BOUNDS: tl.constexpr,
                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr):
-    """Boolean [BM, BN]: may query ``offs_m`` see sequence key ``offs_n``? Includes the bounds."""
-    vis = (offs_m[:, None] < S) & (offs_n[None, :] < S_kv)
+    """Boolean [BM, BN]: may query ``offs_m`` see sequence key ``offs_n``? With ``CHECK_BOUNDS`` it
+    also hides queries and keys out of range (a kernel that neutralises those itself skips that)."""
+    if CHECK_BOUNDS:
+        vis = (offs_m[:, None] < S) & (offs_n[None, :] < S_kv)
+    else:
+        vis = tl.full([offs_m.shape[0], offs_n.shape[0]], True, tl.int1)
     # Query i sits at sequence position (S_kv - S) + i.
     diag = S_kv - S
     if CAUSAL:
@@ -234,16 +238,35 @@ def attention_launch_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask,
     }
 
 
-def fits_smem(config, head_dim_block: int, elem_bytes: int, device: torch.device) -> bool:
-    """Whether a (BLOCK_M, BLOCK_N, warps, stages) tile fits in shared memory: the query tile plus
-    ``stages`` buffers of a K and a V tile. This is what sm_90 compiles of the forward use when the
-    launch specialises unit strides (tests/tools/compile_triton_kernels.py: (128, 64, 8, 3) at
-    D = 128 takes 131072 bytes); a config that still does not fit is skipped when timed."""
+def config_bucket(head_dim_block: int, elem_bytes: int) -> tuple[int, int]:
+    """The key of a config table: (2 for 16-bit inputs else 4, head-dim block 64, 128 or 256)."""
+    return (2 if elem_bytes <= 2 else 4, max(64, head_dim_block))
+
+
+def smem_rows(kernel: str, config) -> int:
+    """Rows of ``head_dim_block`` elements a kernel keeps in shared memory under ``config``: its
+    stationary tiles plus ``num_stages`` buffers of the tiles it streams. Matches what sm_90
+    compiles use when a launch specialises unit strides (tests/tools/kernel_resources.py prints
+    both; e.g. the forward at (128, 64, 8, 3), D = 128, bf16: 131072 bytes)."""
+    block_m, block_n, _, stages = config
+    # Unpipelined (one stage), operands still pass through shared memory on their way to the
+    # tensor cores: budget two buffers.
+    stages = max(stages, 2)
+    if kernel == "fwd":      # Q stays; K and V stream
+        return block_m + stages * 2 * block_n
+    if kernel == "dq":       # Q and dO stay; K and V stream
+        return 2 * block_m + stages * 2 * block_n
+    if kernel == "dkdv":     # K and V stay; Q and dO stream
+        return 2 * block_n + stages * 2 * block_m
+    raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def fits_smem(kernel: str, config, head_dim_block: int, elem_bytes: int, device: torch.device) -> bool:
+    """Whether ``config`` fits the device's shared memory (``smem_rows``); a config that still does
+    not fit is skipped when timed."""
     if device.type != "cuda":
         return True
-    block_m, block_n, _, stages = config
-    need = (block_m * head_dim_block + stages * 2 * block_n * head_dim_block) * elem_bytes
-    return need <= smem_bytes(device_index(device))
+    return smem_rows(kernel, config) * head_dim_block * elem_bytes <= smem_bytes(device_index(device))
 
 
 _TUNED: dict[tuple, tuple[int, int, int, int]] = {}

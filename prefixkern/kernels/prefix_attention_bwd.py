@@ -25,6 +25,7 @@ from ._attention_common import (
     LOG2E,
     alibi_sequence_positions,
     attention_launch_args,
+    config_bucket,
     dropout_keep,
     fits_smem,
     load_tile,
@@ -105,7 +106,8 @@ def _dq_sequence(dq, q, do, lse2, delta, lo, hi, k_base, v_base, stride_ks, stri
     """dQ over sequence key blocks ``[lo, hi)``, with or without the visibility mask."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_s = start_n + offs_n
-        vis = sequence_visible(offs_m, offs_s, S, S_kv, window, kpm_row, stride_kpms, CAUSAL, HAS_WINDOW, HAS_KPM) \
+        vis = sequence_visible(offs_m, offs_s, S, S_kv, window, kpm_row, stride_kpms, True, CAUSAL, HAS_WINDOW,
+                               HAS_KPM) \
             if MASKED else None
         dq = _dq_step(dq, q, do, lse2, delta,
                       k_base + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd,
@@ -249,57 +251,16 @@ def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, lse_row_ptr, delta_row_ptr, offs_m
 
 @triton.jit
 def _query_block_range(n_lo, S, S_kv, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                       HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr):
-    """Query blocks that see sequence keys ``[n_lo, n_lo + BLOCK_N)``, as ``(lo, full_lo, full_hi, hi)``:
-    ``[full_lo, full_hi)`` see every key of the block (and are in bounds), so need no mask."""
+                       HAS_WINDOW: tl.constexpr):
+    """Query blocks ``[lo, hi)`` that can see some sequence key of ``[n_lo, n_lo + BLOCK_N)``."""
     diag = S_kv - S
-    n_hi = tl.minimum(n_lo + BLOCK_N, S_kv)
     lo = 0
     if CAUSAL:
         lo = tl.maximum(n_lo - diag, 0) // BLOCK_M * BLOCK_M
     hi = S
     if HAS_WINDOW:
-        hi = tl.minimum(S, tl.maximum(n_hi - 1 + window - diag, 0))
-    lo = tl.minimum(lo, tl.cdiv(hi, BLOCK_M) * BLOCK_M)
-    full_lo = lo
-    if CAUSAL:
-        full_lo = tl.cdiv(tl.maximum(n_hi - 1 - diag, 0), BLOCK_M) * BLOCK_M
-    full_lo = tl.minimum(tl.maximum(full_lo, lo), tl.cdiv(hi, BLOCK_M) * BLOCK_M)
-    full_hi = S // BLOCK_M * BLOCK_M
-    if HAS_WINDOW:
-        last = n_lo + window - diag - BLOCK_M  # latest start of a block that sees the whole key block
-        full_hi = tl.minimum(full_hi, tl.where(last >= 0, (last // BLOCK_M + 1) * BLOCK_M, 0))
-    full_hi = tl.maximum(tl.minimum(full_hi, tl.cdiv(hi, BLOCK_M) * BLOCK_M), full_lo)
-    # A key block that runs past S_kv, or padding, needs the mask everywhere.
-    if HAS_KPM:
-        full_lo = lo
-        full_hi = lo
-    else:
-        partial = n_lo + BLOCK_N > S_kv
-        full_lo = tl.where(partial, lo, full_lo)
-        full_hi = tl.where(partial, lo, full_hi)
-    return lo, full_lo, full_hi, hi
-
-
-@triton.jit
-def _dkdv_query_blocks(dk, dv, k, v, lo, hi, q_base, do_base, stride_qs, stride_qd, stride_dos, stride_dod,
-                       lse_row_ptr, delta_row_ptr, offs_mb, offs_s, offs_d, d_ok, kpm_row, stride_kpms, key_pos, S,
-                       S_kv, P, window, sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p,
-                       MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
-                       HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                       HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """dK/dV of one key block over query blocks ``[lo, hi)`` of one head, with or without the mask
-    (a masked block also bounds-checks its query rows; an unmasked one is full)."""
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + offs_mb
-        vis = sequence_visible(offs_m, offs_s, S, S_kv, window, kpm_row, stride_kpms, CAUSAL, HAS_WINDOW, HAS_KPM) \
-            if MASKED else None
-        dk, dv = _dkdv_step(dk, dv, k, v, q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                            do_base + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
-                            lse_row_ptr, delta_row_ptr, offs_m, d_ok, vis, key_pos, P + offs_s,
-                            S, sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p,
-                            MASKED, MASKED, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
-    return dk, dv
+        hi = tl.minimum(S, tl.maximum(tl.minimum(n_lo + BLOCK_N, S_kv) - 1 + window - diag, 0))
+    return tl.minimum(lo, tl.cdiv(hi, BLOCK_M) * BLOCK_M), hi
 
 
 @triton.jit
@@ -340,8 +301,14 @@ def prefix_attention_bwd_dkdv_kernel(
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
     num_keys = P + S_kv
-    lo, full_lo, full_hi, hi = _query_block_range(start_n, S, S_kv, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW,
-                                                  HAS_KPM)
+    lo, hi = _query_block_range(start_n, S, S_kv, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    # One loop over the query blocks, the mask computed in each (only causality, a window or padding
+    # need one here: rows out of range load as zeros with lse = +inf and contribute nothing, and
+    # keys out of range are never stored). The forward's split into masked and unmasked loops costs
+    # too many registers here, where two float32 [BLOCK_N, D] accumulators stay live across the
+    # GQA-group loop: ptxas spilled 0.3-3 KB per thread at every tile size worth having
+    # (tests/tools/kernel_resources.py measures it).
+    MASKED: tl.constexpr = CAUSAL or HAS_WINDOW or HAS_KPM
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for j in range(GROUP):
@@ -349,24 +316,20 @@ def prefix_attention_bwd_dkdv_kernel(
         bh = b64 * Hq + h
         q_base = q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh
         do_base = dout_ptr + b64 * stride_dob + h.to(tl.int64) * stride_doh
+        lse_row = lse_ptr + bh * S
+        delta_row = delta_ptr + bh * S
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(slopes_ptr + b64 * stride_slb + h * stride_slh)
-        dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, lo, full_lo, q_base, do_base, stride_qs, stride_qd, stride_dos, stride_dod, lse_ptr + bh * S,
-            delta_ptr + bh * S, offs_mb, offs_s, offs_d, d_ok, kpm_row, stride_kpms, key_pos, S, S_kv, P, window,
-            sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p, True, EVEN_D, BLOCK_M, CAUSAL,
-            HAS_WINDOW, HAS_KPM, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
-        dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, full_lo, full_hi, q_base, do_base, stride_qs, stride_qd, stride_dos, stride_dod, lse_ptr + bh * S,
-            delta_ptr + bh * S, offs_mb, offs_s, offs_d, d_ok, kpm_row, stride_kpms, key_pos, S, S_kv, P, window,
-            sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p, False, EVEN_D, BLOCK_M, CAUSAL,
-            HAS_WINDOW, HAS_KPM, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
-        dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, full_hi, hi, q_base, do_base, stride_qs, stride_qd, stride_dos, stride_dod, lse_ptr + bh * S,
-            delta_ptr + bh * S, offs_mb, offs_s, offs_d, d_ok, kpm_row, stride_kpms, key_pos, S, S_kv, P, window,
-            sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p, True, EVEN_D, BLOCK_M, CAUSAL,
-            HAS_WINDOW, HAS_KPM, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + offs_mb
+            vis = sequence_visible(offs_m, offs_s, S, S_kv, window, kpm_row, stride_kpms, False, CAUSAL, HAS_WINDOW,
+                                   HAS_KPM) if MASKED else None
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                                do_base + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
+                                lse_row, delta_row, offs_m, d_ok, vis, key_pos, P + offs_s,
+                                S, sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p,
+                                MASKED, True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
 
     out_mask = s_ok[:, None] & d_ok[None, :]
     tl.store(dk_ptr + b64 * stride_dkb + g.to(tl.int64) * stride_dkh + offs_s[:, None] * stride_dks
@@ -465,22 +428,52 @@ def prefix_attention_bwd_prefix_dkdv_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------------
 
-def _configs(head_dim_block: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
+# Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, by element size and head-dim
+# block (``config_bucket``), the fastest expected first (used when autotuning is off). Every entry
+# compiles for sm_90 without register spills (tests/tools/kernel_resources.py; the tests check it).
+# dQ holds a query tile and its float32 dQ, so it takes tall query tiles; dK/dV holds two float32
+# [BLOCK_N, D] accumulators, so it takes wide key tiles over short query tiles, 8 warps from D = 128.
+DQ_CONFIGS = {
+    (2, 64): [(128, 64, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2), (64, 32, 4, 2)],
+    (2, 128): [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+    (2, 256): [(64, 32, 8, 2), (128, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
+    (4, 64): [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2)],
+    (4, 128): [(128, 32, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
+    (4, 256): [(32, 32, 8, 2), (32, 32, 4, 2)],
+}
+DKDV_CONFIGS = {
+    (2, 64): [(32, 128, 8, 2), (32, 64, 4, 2), (64, 32, 8, 2), (16, 128, 8, 2)],
+    (2, 128): [(32, 64, 8, 2), (16, 128, 8, 2), (64, 32, 8, 2), (16, 64, 4, 2)],
+    (2, 256): [(32, 32, 8, 2), (16, 32, 8, 2)],
+    (4, 64): [(32, 64, 8, 2), (32, 128, 8, 2), (16, 128, 8, 2), (32, 32, 4, 2)],
+    (4, 128): [(64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
+    (4, 256): [(32, 32, 8, 1), (16, 32, 8, 1)],
+}
+# The prefix dK/dV kernel runs once per backward with its BLOCK_N capped by P: one config each.
+PREFIX_DKDV_CONFIGS = {
+    (2, 64): (64, 64, 4, 2), (2, 128): (64, 64, 8, 2), (2, 256): (64, 32, 8, 2),
+    (4, 64): (64, 32, 4, 2), (4, 128): (64, 32, 8, 2), (4, 256): (32, 32, 8, 2),
+}
+
+
+def _candidates(kernel: str, table: dict, head_dim_block: int, q: torch.Tensor) -> list[tuple[int, int, int, int]]:
     if triton_interpret():
         return [(16, 16, 1, 1)]
-    if head_dim_block <= 64:
-        return [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2)]
-    if head_dim_block <= 128 and dtype != torch.float32:
-        return [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2)]
-    return [(32, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1), (16, 32, 4, 1)]
+    configs = table[config_bucket(head_dim_block, q.element_size())]
+    return [c for c in configs if fits_smem(kernel, c, head_dim_block, q.element_size(), q.device)] or [(16, 16, 4, 1)]
 
 
-def _fits_bwd(config, head_dim_block: int, elem_bytes: int, device: torch.device) -> bool:
-    # k, v, dk, dv stay resident (2 tiles + 2 fp32) while q/dO tiles stream.
-    block_m, block_n, warps, stages = config
-    resident = 2 * block_n * head_dim_block * elem_bytes
-    return fits_smem((block_n, block_m, warps, max(stages, 1)), head_dim_block, elem_bytes, device) and \
-        resident <= 128 * 1024
+def _prefix_dkdv_config(head_dim_block: int, prefix_len: int, q: torch.Tensor) -> tuple[int, int, int, int]:
+    """The table's config with BLOCK_N capped by P, its query tile halved until it fits the device
+    (it keeps the prefix tiles resident and streams queries, as dK/dV does)."""
+    if triton_interpret():
+        return 16, 16, 1, 1
+    block_m, block_n, warps, stages = PREFIX_DKDV_CONFIGS[config_bucket(head_dim_block, q.element_size())]
+    block_n = min(block_n, max(16, triton.next_power_of_2(prefix_len)))
+    while block_m > 16 and not fits_smem("dkdv", (block_m, block_n, warps, stages), head_dim_block,
+                                         q.element_size(), q.device):
+        block_m //= 2
+    return block_m, block_n, warps, stages
 
 
 def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -514,8 +507,6 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
         BLOCK_M=64, BLOCK_D=block_d,
     )
 
-    candidates = [c for c in _configs(block_d, q.dtype) if _fits_bwd(c, block_d, q.element_size(), q.device)]
-    candidates = candidates or [(16, 16, 4, 1)]
     tune_key = (q.device.index, q.dtype, block_d, group, causal, triton.next_power_of_2(seq_len_q),
                 triton.next_power_of_2(seq_len_kv + prefix_len), tuple(sorted(flags.items())),
                 softcap is not None, window is not None)
@@ -548,15 +539,14 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
             **common, **seq_flags,
         )
 
-    launch_dq(pick_config(("dq",) + tune_key, candidates, launch_dq))
+    launch_dq(pick_config(("dq",) + tune_key, _candidates("dq", DQ_CONFIGS, block_d, q), launch_dq))
     if seq_len_kv > 0:
-        launch_dkdv(pick_config(("dkdv",) + tune_key, candidates, launch_dkdv))
+        launch_dkdv(pick_config(("dkdv",) + tune_key, _candidates("dkdv", DKDV_CONFIGS, block_d, q), launch_dkdv))
 
     # ---- prefix gradient: split the (row, head, query block) reduction across programs ----
     shared = prefix_k.dim() == 3
     owners = 1 if shared else batch
-    block_m, block_n, warps, stages = candidates[0]
-    block_n = min(block_n, max(16, triton.next_power_of_2(prefix_len)))
+    block_m, block_n, warps, stages = _prefix_dkdv_config(block_d, prefix_len, q)
     num_p_blocks = triton.cdiv(prefix_len, block_n)
     items = (batch if shared else 1) * group * triton.cdiv(seq_len_q, block_m)
     programs = num_p_blocks * owners * num_kv_heads

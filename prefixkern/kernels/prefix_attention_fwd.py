@@ -18,6 +18,7 @@ from ._attention_common import (
     LOG2E,
     alibi_sequence_positions,
     attention_launch_args,
+    config_bucket,
     dropout_keep,
     fits_smem,
     load_tile,
@@ -73,7 +74,8 @@ def _attend_sequence(acc, m_i, l_i, q, lo, hi, k_base, v_base, stride_ks, stride
     """The online softmax over sequence key blocks ``[lo, hi)``, with or without the visibility mask."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_s = start_n + offs_n
-        vis = sequence_visible(offs_m, offs_s, S, S_kv, window, kpm_row, stride_kpms, CAUSAL, HAS_WINDOW, HAS_KPM) \
+        vis = sequence_visible(offs_m, offs_s, S, S_kv, window, kpm_row, stride_kpms, True, CAUSAL, HAS_WINDOW,
+                               HAS_KPM) \
             if MASKED else None
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q,
@@ -199,16 +201,27 @@ def prefix_attention_fwd_kernel(
 # Launcher
 # --------------------------------------------------------------------------------------------
 
+# Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) by element size and head-dim block, the
+# fastest expected first (it is the one used when autotuning is off). Every entry compiles for
+# sm_90 without register spills on Triton 3.6 and 3.9, with and without a padding mask:
+# tests/tools/kernel_resources.py measures it, and the tests fail if one starts to spill.
+FWD_CONFIGS = {
+    (2, 64): [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
+    (2, 128): [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2)],
+    (2, 256): [(64, 64, 8, 2), (64, 32, 8, 3), (128, 32, 8, 2), (32, 32, 4, 2)],
+    (4, 64): [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
+    (4, 128): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)],
+    (4, 256): [(32, 64, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
+}
+
+
 def _configs(head_dim_block: int, seq_len_q: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
-    """Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages), largest tiles first."""
+    """Candidates for this launch: the table's, without query tiles much taller than the queries."""
     if triton_interpret():
         return [(16, 16, 1, 1)]
-    big = head_dim_block <= 128 and dtype != torch.float32
-    cands = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)] if big else \
-        [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (128, 32, 8, 2)]
+    cands = FWD_CONFIGS[config_bucket(head_dim_block, dtype.itemsize)]
     cap = max(16, triton.next_power_of_2(seq_len_q))
-    kept = [c for c in cands if c[0] <= cap] or [(16, 64, 4, 2), (16, 32, 4, 2)]
-    return kept
+    return [c for c in cands if c[0] <= cap] or [(16, 64, 4, 2), (16, 32, 4, 2)]
 
 
 def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
@@ -245,7 +258,8 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             INPUT_PRECISION=input_precision(q.dtype), num_warps=warps, num_stages=stages, **flags,
         )
 
-    candidates = [c for c in _configs(block_d, seq_len_q, q.dtype) if fits_smem(c, block_d, q.element_size(), q.device)]
+    candidates = [c for c in _configs(block_d, seq_len_q, q.dtype)
+                  if fits_smem("fwd", c, block_d, q.element_size(), q.device)] or [(16, 32, 4, 1)]
     key = (q.device.index, q.dtype, block_d, num_heads // num_kv_heads, causal, triton.next_power_of_2(seq_len_q),
            triton.next_power_of_2(seq_len_kv + prefix_len), tuple(sorted(flags.items())), softcap is not None,
            window is not None)

@@ -52,10 +52,11 @@ def _unit_stride(name: str) -> bool:
     return name.startswith("stride") and name.endswith("d") and name != "stride_d"
 
 
-def compile_one(kernel, constexprs, pointer_types, default_pointer, target, num_warps, num_stages):
+def compile_kernel(kernel, constexprs, pointer_types, default_pointer, target, num_warps, num_stages):
     """Compile as a real launch would specialise it: unit innermost strides are constants and
     pointers and the other strides are known multiples of 16, so loads vectorise and the
-    software pipeliner runs (without this the shared-memory figures are not a launch's)."""
+    software pipeliner runs (without this the shared-memory figures are not a launch's).
+    Returns Triton's CompiledKernel (``asm`` holds ttgir, ptx and cubin; ``metadata.shared``)."""
     jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     names, sig = signature(jit, constexprs, pointer_types, default_pointer)
     ones = {n: 1 for n in names if _unit_stride(n) and n not in constexprs and sig[n] == "i32"}
@@ -67,9 +68,13 @@ def compile_one(kernel, constexprs, pointer_types, default_pointer, target, num_
              if n not in constants and (n.endswith("_ptr") or n.startswith("stride") or n == "D")}
     src = ASTSource(fn=jit, signature=sig, constexprs={(names.index(k),): v for k, v in constants.items()},
                     attrs=attrs)
-    compiled = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
-    ttgir = compiled.asm.get("ttgir", "")
-    return compiled.metadata.shared, ttgir.count("async_copy_global_to_local")
+    return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def compile_one(kernel, constexprs, pointer_types, default_pointer, target, num_warps, num_stages):
+    """(shared memory bytes, number of async copies in the TTGIR) of one compile."""
+    compiled = compile_kernel(kernel, constexprs, pointer_types, default_pointer, target, num_warps, num_stages)
+    return compiled.metadata.shared, compiled.asm.get("ttgir", "").count("async_copy_global_to_local")
 
 
 def cases(quick: bool):
@@ -83,30 +88,35 @@ def cases(quick: bool):
     flags_on = {k: True for k in flags_off}
     attn_ptrs = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "prefix_index_ptr": "*i64", "kpm_ptr": "*u8",
                  "slopes_ptr": "*fp32", "pos_ptr": "*fp32", "seed_ptr": "*i64"}
-    variants = [("*bf16", 128, 128, flags_off, True, "ieee", (128, 64, 8, 3), (64, 64, 4, 2)),
-                ("*fp16", 80, 128, flags_on, False, "ieee", (64, 64, 4, 3), (32, 64, 4, 2)),
-                ("*fp32", 64, 64, flags_on, True, "tf32", (64, 32, 4, 2), (32, 32, 4, 2)),
-                ("*bf16", 256, 256, dict(flags_off, HAS_KPM=True), True, "ieee", (64, 64, 4, 2), (32, 32, 4, 2))]
+    # (pointer type, head dim, its block, flags, causal, dot precision); each kernel at the first
+    # config of its launcher's table, i.e. what runs when autotuning is off.
+    variants = [("*bf16", 128, 128, flags_off, True, "ieee"),
+                ("*fp16", 80, 128, flags_on, False, "ieee"),
+                ("*fp32", 64, 64, flags_on, True, "tf32"),
+                ("*bf16", 256, 256, dict(flags_off, HAS_KPM=True), True, "ieee")]
     if quick:
         variants = variants[:2]
-    for ptr, head_dim, block_d, flags, causal, precision, fwd_cfg, bwd_cfg in variants:
+    for ptr, head_dim, block_d, flags, causal, precision in variants:
         tag = f"{ptr[1:]}-D{head_dim}-{'flags' if flags['HAS_DROPOUT'] else 'plain'}-{precision}"
+        bucket = common.config_bucket(block_d, 4 if ptr == "*fp32" else 2)
         even = block_d == head_dim
-        bm, bn, w, st = fwd_cfg
         common_c = dict(GROUP=4, BLOCK_D=block_d, EVEN_D=even, CAUSAL=causal, INPUT_PRECISION=precision)
+        bm, bn, w, st = fwd.FWD_CONFIGS[bucket][0]
         yield (f"fwd {tag}", fwd.prefix_attention_fwd_kernel, dict(common_c, BLOCK_M=bm, BLOCK_N=bn, **flags),
                attn_ptrs, ptr, w, st)
-        bm, bn, w, st = bwd_cfg
         yield (f"bwd-preprocess {tag}", bwd.prefix_attention_bwd_preprocess_kernel, dict(BLOCK_M=64, BLOCK_D=block_d),
                attn_ptrs, ptr, 4, 1)
+        bm, bn, w, st = bwd.DQ_CONFIGS[bucket][0]
         yield (f"bwd-dq {tag}", bwd.prefix_attention_bwd_dq_kernel, dict(common_c, BLOCK_M=bm, BLOCK_N=bn, **flags),
                attn_ptrs, ptr, w, st)
+        bm, bn, w, st = bwd.DKDV_CONFIGS[bucket][0]
         seq_flags = {k: flags[k] for k in ("HAS_KPM", "HAS_ALIBI", "HAS_POS", "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT")}
         yield (f"bwd-dkdv {tag}", bwd.prefix_attention_bwd_dkdv_kernel,
                dict(common_c, BLOCK_M=bm, BLOCK_N=bn, **seq_flags), attn_ptrs, ptr, w, st)
+        bm, bn, w, st = bwd.PREFIX_DKDV_CONFIGS[bucket]
         pre_flags = {k: flags[k] for k in ("HAS_PREFIX_INDEX", "HAS_ALIBI", "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT")}
         yield (f"bwd-prefix {tag}", bwd.prefix_attention_bwd_prefix_dkdv_kernel,
-               dict(GROUP=4, SHARED=not flags["HAS_PREFIX_INDEX"], BLOCK_M=bm, BLOCK_N=min(bn, 32), BLOCK_D=block_d,
+               dict(GROUP=4, SHARED=not flags["HAS_PREFIX_INDEX"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
                     EVEN_D=even, INPUT_PRECISION=precision, **pre_flags),
                dict(attn_ptrs, dpk_ptr="*fp32", dpv_ptr="*fp32"), ptr, w, st)
     yield ("dropout-mask", common.dropout_keep_mask_kernel, dict(BLOCK_M=32, BLOCK_N=64),

@@ -1,0 +1,140 @@
+"""Registers, spills and shared memory of every attention-kernel config the launchers may pick,
+compiled for a GPU target without a GPU (Triton's compiler and ptxas need none).
+
+A config that spills registers to local memory inside the main loop runs several times slower
+than one that does not, and no timing run shows *why*; this does. Every candidate of the
+launchers' tables (``FWD_CONFIGS``, ``DQ_CONFIGS``, ``DKDV_CONFIGS``, ``PREFIX_DKDV_CONFIGS``) is
+compiled under three flag sets: ``plain`` (causal), ``padded`` (causal + a padding mask, the path
+of every padded Hugging Face batch) and ``all`` (every optional feature on, reported only).
+
+    python tests/tools/kernel_resources.py [--arch 90] [--bucket 2:128 ...] [--check] [--markdown]
+
+``--check`` exits non-zero if a candidate spills under ``plain`` or ``padded``, or if a kernel's
+compiled shared memory exceeds what the launchers' model (``smem_rows``) budgets for it.
+Must run without TRITON_INTERPRET.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from compile_triton_kernels import compile_kernel  # noqa: E402
+
+FLAGS_OFF = dict(HAS_PREFIX_INDEX=False, HAS_KPM=False, HAS_ALIBI=False, HAS_POS=False, HAS_SOFTCAP=False,
+                 HAS_WINDOW=False, HAS_DROPOUT=False)
+FLAG_SETS = {
+    "plain": FLAGS_OFF,
+    "padded": dict(FLAGS_OFF, HAS_KPM=True),
+    "all": {name: True for name in FLAGS_OFF},
+}
+CHECKED_FLAG_SETS = ("plain", "padded")
+POINTERS = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "prefix_index_ptr": "*i64", "kpm_ptr": "*u8",
+            "slopes_ptr": "*fp32", "pos_ptr": "*fp32", "seed_ptr": "*i64", "dpk_ptr": "*fp32", "dpv_ptr": "*fp32"}
+SEQUENCE_FLAGS = ("HAS_KPM", "HAS_ALIBI", "HAS_POS", "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT")
+PREFIX_FLAGS = ("HAS_PREFIX_INDEX", "HAS_ALIBI", "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT")
+
+
+def ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers per thread, spill-store bytes) that the ptxas Triton itself uses reports."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        result = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}a", "-o", os.devnull, f.name],
+                                capture_output=True, text=True, check=True)
+    report = result.stdout + result.stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = re.search(r"(\d+) bytes spill stores", report)
+    return registers, int(spills.group(1)) if spills else 0
+
+
+def candidates(buckets):
+    """(kernel name, jit function, table bucket, config, constexprs builder) for every table entry."""
+    from prefixkern.kernels import prefix_attention_bwd as bwd
+    from prefixkern.kernels import prefix_attention_fwd as fwd
+
+    tables = [("fwd", fwd.prefix_attention_fwd_kernel, fwd.FWD_CONFIGS),
+              ("dq", bwd.prefix_attention_bwd_dq_kernel, bwd.DQ_CONFIGS),
+              ("dkdv", bwd.prefix_attention_bwd_dkdv_kernel, bwd.DKDV_CONFIGS),
+              ("prefix-dkdv", bwd.prefix_attention_bwd_prefix_dkdv_kernel,
+               {key: [config] for key, config in bwd.PREFIX_DKDV_CONFIGS.items()})]
+    for name, kernel, table in tables:
+        for bucket in buckets:
+            for config in table[bucket]:
+                yield name, kernel, bucket, config
+
+
+def constexprs(name, bucket, config, flags):
+    elem_bytes, block_d = bucket
+    block_m, block_n, _, _ = config
+    precision = "tf32" if elem_bytes == 4 else "ieee"
+    if name == "prefix-dkdv":
+        return dict(GROUP=4, SHARED=not flags["HAS_PREFIX_INDEX"], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                    EVEN_D=True, INPUT_PRECISION=precision, **{k: flags[k] for k in PREFIX_FLAGS})
+    kernel_flags = {k: flags[k] for k in SEQUENCE_FLAGS} if name == "dkdv" else dict(flags)
+    return dict(GROUP=4, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=True, CAUSAL=True,
+                INPUT_PRECISION=precision, **kernel_flags)
+
+
+def main(argv=None) -> int:
+    from prefixkern.kernels import prefix_attention_fwd as fwd
+    from prefixkern.kernels._attention_common import smem_rows
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--bucket", action="append", default=None,
+                        help="ELEM_BYTES:HEAD_DIM_BLOCK, e.g. 2:128 (default: every bucket of the tables)")
+    parser.add_argument("--flags", default="plain,padded,all", help="comma-separated flag sets")
+    parser.add_argument("--check", action="store_true")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table at the end")
+    args = parser.parse_args(argv)
+    buckets = ([tuple(int(x) for x in b.split(":")) for b in args.bucket] if args.bucket
+               else sorted(fwd.FWD_CONFIGS))
+    flag_sets = args.flags.split(",")
+    target = GPUTarget("cuda", args.arch, 32)
+    print(f"triton {triton.__version__}, sm_{args.arch}a")
+    problems, rows = [], []
+    for name, kernel, bucket, config in candidates(buckets):
+        elem_bytes, block_d = bucket
+        pointer = "*fp32" if elem_bytes == 4 else "*bf16"
+        for flag_set in flag_sets:
+            start = time.time()
+            compiled = compile_kernel(kernel, constexprs(name, bucket, config, FLAG_SETS[flag_set]), POINTERS, pointer,
+                                      target, config[2], config[3])
+            registers, spills = ptxas_usage(compiled.asm["ptx"], args.arch)
+            smem = compiled.metadata.shared
+            rows.append((name, bucket, config, flag_set, registers, spills, smem))
+            print(f"{name:12s} {pointer[1:]:4s} D{block_d:<3d} {str(config):18s} {flag_set:6s} regs {registers:3d}  "
+                  f"spill stores {spills:5d} B  smem {smem:6d} B  {time.time() - start:4.1f} s", flush=True)
+            if flag_set in CHECKED_FLAG_SETS and spills:
+                problems.append(f"{name} {bucket} {config} {flag_set}: {spills} B of spill stores")
+            if name != "prefix-dkdv" and flag_set == "plain":
+                model = smem_rows(name, config) * block_d * elem_bytes
+                # The model is exact for the large tiles and an upper bound where the compiler
+                # keeps a small tile out of the pipeline; reductions may add a little scratch.
+                if smem > model + 4096:
+                    problems.append(f"{name} {bucket} {config}: compiled shared memory {smem} B, model {model} B")
+    if args.markdown:
+        print("\n| kernel | inputs | D block | (BLOCK_M, BLOCK_N, warps, stages) | flags | registers | spill stores (B) "
+              "| shared memory (B) |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for name, (elem_bytes, block_d), config, flag_set, registers, spills, smem in rows:
+            inputs = "fp32" if elem_bytes == 4 else "16-bit"
+            print(f"| {name} | {inputs} | {block_d} | {config} | {flag_set} | {registers} | {spills} | {smem} |")
+    for problem in problems:
+        print("PROBLEM", problem)
+    return 1 if args.check and problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
