@@ -4,8 +4,9 @@ compiled for a GPU target without a GPU (Triton's compiler and ptxas need none).
 A config that spills registers to local memory inside the main loop runs several times slower
 than one that does not, and no timing run shows *why*; this does. Every candidate of the
 launchers' tables (``FWD_CONFIGS``, ``DQ_CONFIGS``, ``DKDV_CONFIGS``, ``PREFIX_DKDV_CONFIGS``) is
-compiled under three flag sets: ``plain`` (causal), ``padded`` (causal + a padding mask, the path
-of every padded Hugging Face batch) and ``all`` (every optional feature on, reported only).
+compiled under flag sets: ``plain`` (causal), ``padded`` (causal + a padding mask, the path of
+every padded Hugging Face batch), what GPT-2, BLOOM and Gemma 2 add to that (``dropout``,
+``alibi``, ``softcap-window``) and ``all`` (every optional feature on).
 
     python tests/tools/kernel_resources.py [--arch 90] [--bucket 2:128 ...] [--check] [--markdown]
 
@@ -35,6 +36,10 @@ FLAGS_OFF = dict(HAS_PREFIX_INDEX=False, HAS_KPM=False, HAS_ALIBI=False, HAS_POS
 FLAG_SETS = {
     "plain": FLAGS_OFF,
     "padded": dict(FLAGS_OFF, HAS_KPM=True),
+    # What the patched families add to a padded batch.
+    "dropout": dict(FLAGS_OFF, HAS_KPM=True, HAS_DROPOUT=True),                    # GPT-2 training
+    "alibi": dict(FLAGS_OFF, HAS_KPM=True, HAS_ALIBI=True, HAS_POS=True),           # BLOOM
+    "softcap-window": dict(FLAGS_OFF, HAS_KPM=True, HAS_SOFTCAP=True, HAS_WINDOW=True),  # Gemma 2
     "all": {name: True for name in FLAGS_OFF},
 }
 CHECKED_FLAG_SETS = ("plain", "padded")
@@ -95,7 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--bucket", action="append", default=None,
                         help="ELEM_BYTES:HEAD_DIM_BLOCK, e.g. 2:128 (default: every bucket of the tables)")
-    parser.add_argument("--flags", default="plain,padded,all", help="comma-separated flag sets")
+    parser.add_argument("--flags", default=",".join(FLAG_SETS), help="comma-separated flag sets")
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table at the end")
     args = parser.parse_args(argv)
@@ -115,7 +120,7 @@ def main(argv=None) -> int:
             registers, spills = ptxas_usage(compiled.asm["ptx"], args.arch)
             smem = compiled.metadata.shared
             rows.append((name, bucket, config, flag_set, registers, spills, smem))
-            print(f"{name:12s} {pointer[1:]:4s} D{block_d:<3d} {str(config):18s} {flag_set:6s} regs {registers:3d}  "
+            print(f"{name:12s} {pointer[1:]:4s} D{block_d:<3d} {str(config):18s} {flag_set:14s} regs {registers:3d}  "
                   f"spill stores {spills:5d} B  smem {smem:6d} B  {time.time() - start:4.1f} s", flush=True)
             if flag_set in CHECKED_FLAG_SETS and spills:
                 problems.append(f"{name} {bucket} {config} {flag_set}: {spills} B of spill stores")
