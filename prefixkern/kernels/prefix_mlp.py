@@ -32,11 +32,10 @@ from .._backend import triton_interpret
 from ._launch import device_index, input_precision, num_sms, smem_bytes
 from ._math import tanh as _tanh
 
-# All P rows of a tile share one block up to these sizes; beyond, the forward splits P across
-# the grid and the backward loops over P inside each program. The interpreter uses a small cap
-# so that the CPU tests reach those paths at small P.
-MAX_BLOCK_P_FWD = 64 if triton_interpret() else 256
-MAX_BLOCK_P_BWD = 32 if triton_interpret() else 256
+# The forward's P rows share one block up to this size; beyond, it splits P across the grid, the
+# programs that read one W2 tile side by side (L2 serves the repeats). Taller P tiles spilled
+# registers (tests/tools/kernel_resources.py). The backward's BLOCK_P is autotuned (BWD_TILES).
+MAX_BLOCK_P_FWD = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +171,9 @@ def _prune_fwd(configs, named_args, **kwargs):
     args = _named(named_args, kwargs)
     block_p, n = args["BLOCK_P"], args["N"]
     # The [BLOCK_P, BLOCK_N] float32 accumulator lives in registers; H and W2 tiles are pipelined.
-    kept = [c for c in configs if block_p * c.kwargs["BLOCK_N"] <= 16384 and block_p * c.kwargs["BLOCK_K"] <= 16384
+    # FMA dots ("ieee") hold more per thread than tensor-core ones: half the accumulator, or spills.
+    max_acc = 8192 if args["INPUT_PRECISION"] == "ieee" else 16384
+    kept = [c for c in configs if block_p * c.kwargs["BLOCK_N"] <= max_acc and block_p * c.kwargs["BLOCK_K"] <= 16384
             and _fits_smem(c, (block_p + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"])]
     # Narrow N (small models) needs narrow tiles to fill the GPU: drop tiles that leave it mostly idle.
     if torch.cuda.is_available() and kept:
@@ -226,20 +227,31 @@ def prefix_mlp_fwd_kernel(
 # Backward, one pass over W2: dW2 = G^T @ H, db2 = sum_p G, split-N partials of dH = G @ W2
 # --------------------------------------------------------------------------------------------
 
+# (BLOCK_P, BLOCK_N, BLOCK_K, num_warps, num_stages) by dot precision. Both products read a float32
+# operand in the orientation its memory layout does not favour (W2 and H are K-contiguous for the
+# forward's products, not for these), so the tiles are small: every entry compiles for sm_90 without
+# register spills on Triton 3.6 and 3.9 (tests/tools/kernel_resources.py --mlp). Larger tiles spilled
+# 0.3-10 KB per thread under tf32, and under "ieee" (FMA dots, PyTorch's default float32 precision)
+# ptxas fell back to 32 registers with 5-33 KB of spills. With P above BLOCK_P the kernel loops over
+# P blocks and reads W2 once per block; the autotuner weighs that against the tile sizes.
+BWD_TILES = {
+    "tf32": ((64, 32, 32, 8, 3), (64, 32, 32, 8, 2), (32, 32, 64, 8, 2), (32, 64, 32, 8, 2), (32, 32, 32, 8, 3),
+             (16, 32, 64, 8, 2), (16, 64, 32, 8, 2)),
+    "ieee": ((16, 32, 32, 8, 2), (16, 16, 32, 4, 2), (16, 32, 16, 4, 2), (32, 16, 16, 4, 2)),
+}
+
+
+def _bwd_tile(config) -> tuple[int, int, int, int, int]:
+    kw = config.kwargs
+    return kw["BLOCK_P"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages
+
+
 def _bwd_configs():
     if _is_interpreted():
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in (
-            (32, 32, 8, 3),
-            (32, 64, 4, 3),
-            (64, 32, 4, 4),
-            (64, 64, 4, 3),
-            (64, 128, 8, 3),
-            (128, 64, 8, 3),
-        )
-    ]
+        return [triton.Config({"BLOCK_P": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    tiles = dict.fromkeys(tile for table in BWD_TILES.values() for tile in table)
+    return [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bp, bn, bk, w, s in tiles]
 
 
 def _bwd_split_align() -> int:
@@ -248,17 +260,20 @@ def _bwd_split_align() -> int:
 
 
 def _prune_bwd(configs, named_args, **kwargs):
-    block_p = _named(named_args, kwargs)["BLOCK_P"]
-    # Live float32 tiles: dH accumulator and H chunk [BLOCK_P, BLOCK_K], G [BLOCK_P, BLOCK_N];
-    # G and W2 tiles are pipelined.
-    kept = [c for c in configs if block_p * c.kwargs["BLOCK_K"] <= 8192 and block_p * c.kwargs["BLOCK_N"] <= 8192
-            and _fits_smem(c, (block_p + c.kwargs["BLOCK_K"]) * c.kwargs["BLOCK_N"])]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+    args = _named(named_args, kwargs)
+    if _is_interpreted():
+        return configs
+    allowed = set(BWD_TILES[args["INPUT_PRECISION"]])
+    # A P tile taller than P only multiplies zeros.
+    cap = max(16, triton.next_power_of_2(args["P"]))
+    kept = [c for c in configs if _bwd_tile(c) in allowed and c.kwargs["BLOCK_P"] <= cap
+            and _fits_smem(c, (c.kwargs["BLOCK_P"] + c.kwargs["BLOCK_K"]) * c.kwargs["BLOCK_N"])]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
 
 
 @triton.autotune(
     configs=_bwd_configs(),
-    key=["P", "N", "HID", "NUM_SPLITS"],
+    key=["P", "N", "HID", "NUM_SPLITS", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_bwd},
 )
 @triton.jit
@@ -493,7 +508,6 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
     dh_part = torch.empty(num_splits, num_rows, hidden_size, device=device, dtype=torch.float32)
     dw2 = torch.empty(w2.shape, device=device, dtype=w2.dtype)
     db2 = torch.empty(b2.shape, device=device, dtype=b2.dtype) if b2 is not None else None
-    block_p = _block_p(num_rows, MAX_BLOCK_P_BWD)
     grid = lambda meta: (triton.cdiv(hidden_size, meta["BLOCK_K"]), num_splits)  # noqa: E731
     prefix_mlp_bwd_kernel[grid](
         grad, hidden, w2, dw2, db2 if db2 is not None else dw2, dh_part,
@@ -503,7 +517,7 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
         w2.stride(0), w2.stride(1),
         dw2.stride(0), dw2.stride(1),
         *dh_part.stride(),
-        HAS_BIAS=b2 is not None, INPUT_PRECISION=input_precision(), BLOCK_P=block_p,
+        HAS_BIAS=b2 is not None, INPUT_PRECISION=input_precision(),
     )
 
     dz = torch.empty(num_rows, hidden_size, device=device, dtype=torch.float32)

@@ -8,7 +8,12 @@ compiled under flag sets: ``plain`` (causal), ``padded`` (causal + a padding mas
 every padded Hugging Face batch), what GPT-2, BLOOM and Gemma 2 add to that (``dropout``,
 ``alibi``, ``softcap-window``) and ``all`` (every optional feature on).
 
-    python tests/tools/kernel_resources.py [--arch 90] [--bucket 2:128 ...] [--check] [--markdown]
+    python tests/tools/kernel_resources.py [--arch 90] [--kernels attention,mlp] [--bucket 2:128 ...]
+                                           [--flags plain,padded] [--check] [--markdown]
+
+The prefix MLP's candidates (``--kernels mlp``) are checked likewise, per dot precision: the
+backward's ``BWD_TILES``, the forward's configs as its prune function leaves them for each P tile
+the launcher uses, and the small-GEMM configs.
 
 ``--check`` exits non-zero if a candidate spills under ``plain`` or ``padded``, or if a kernel's
 compiled shared memory exceeds what the launchers' model (``smem_rows``) budgets for it.
@@ -92,6 +97,30 @@ def constexprs(name, bucket, config, flags):
                 INPUT_PRECISION=precision, **kernel_flags)
 
 
+def mlp_candidates():
+    """(label, jit function, constexprs, pointer types, warps, stages) of the prefix MLP's autotune
+    candidates as its prune functions leave them, per dot precision and P tile."""
+    from prefixkern.kernels import prefix_mlp as mlp
+
+    for precision in ("ieee", "tf32"):
+        for tile in mlp.BWD_TILES[precision]:
+            block_p, block_n, block_k, warps, stages = tile
+            yield (f"mlp-bwd {precision} P{block_p}", mlp.prefix_mlp_bwd_kernel,
+                   dict(HAS_BIAS=True, INPUT_PRECISION=precision, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k),
+                   {"g_ptr": "*bf16"}, warps, stages)
+        for block_p in (16, 32, 64):   # the launcher's P tiles (MAX_BLOCK_P_FWD)
+            kept = mlp._prune_fwd(mlp._fwd_configs(), {"BLOCK_P": block_p, "N": 1 << 20, "INPUT_PRECISION": precision})
+            for config in kept:
+                yield (f"mlp-fwd {precision} P{block_p}", mlp.prefix_mlp_fwd_kernel,
+                       dict(HAS_BIAS=True, HAS_DROPOUT=False, INPUT_PRECISION=precision, BLOCK_P=block_p,
+                            **config.kwargs), {"out_ptr": "*bf16", "seed_ptr": "*i64"}, config.num_warps,
+                       config.num_stages)
+        for config in mlp._matmul_configs():
+            yield (f"mlp-matmul {precision}", mlp.prefix_mlp_matmul_kernel,
+                   dict(HAS_BIAS=True, APPLY_TANH=True, INPUT_PRECISION=precision, **config.kwargs),
+                   {"c_ptr": "*fp32"}, config.num_warps, config.num_stages)
+
+
 def main(argv=None) -> int:
     from prefixkern.kernels import prefix_attention_fwd as fwd
     from prefixkern.kernels._attention_common import smem_rows
@@ -101,16 +130,18 @@ def main(argv=None) -> int:
     parser.add_argument("--bucket", action="append", default=None,
                         help="ELEM_BYTES:HEAD_DIM_BLOCK, e.g. 2:128 (default: every bucket of the tables)")
     parser.add_argument("--flags", default=",".join(FLAG_SETS), help="comma-separated flag sets")
+    parser.add_argument("--kernels", default="attention,mlp", help="attention, mlp or both")
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table at the end")
     args = parser.parse_args(argv)
     buckets = ([tuple(int(x) for x in b.split(":")) for b in args.bucket] if args.bucket
                else sorted(fwd.FWD_CONFIGS))
     flag_sets = args.flags.split(",")
+    kernels = args.kernels.split(",")
     target = GPUTarget("cuda", args.arch, 32)
     print(f"triton {triton.__version__}, sm_{args.arch}a")
     problems, rows = [], []
-    for name, kernel, bucket, config in candidates(buckets):
+    for name, kernel, bucket, config in (candidates(buckets) if "attention" in kernels else ()):
         elem_bytes, block_d = bucket
         pointer = "*fp32" if elem_bytes == 4 else "*bf16"
         for flag_set in flag_sets:
@@ -119,7 +150,8 @@ def main(argv=None) -> int:
                                       target, config[2], config[3])
             registers, spills = ptxas_usage(compiled.asm["ptx"], args.arch)
             smem = compiled.metadata.shared
-            rows.append((name, bucket, config, flag_set, registers, spills, smem))
+            rows.append((name, f"{'fp32' if elem_bytes == 4 else '16-bit'} D{block_d}", config, flag_set, registers,
+                         spills, smem))
             print(f"{name:12s} {pointer[1:]:4s} D{block_d:<3d} {str(config):18s} {flag_set:14s} regs {registers:3d}  "
                   f"spill stores {spills:5d} B  smem {smem:6d} B  {time.time() - start:4.1f} s", flush=True)
             if flag_set in CHECKED_FLAG_SETS and spills:
@@ -130,12 +162,23 @@ def main(argv=None) -> int:
                 # keeps a small tile out of the pipeline; reductions may add a little scratch.
                 if smem > model + 4096:
                     problems.append(f"{name} {bucket} {config}: compiled shared memory {smem} B, model {model} B")
+    for label, kernel, consts, pointers, warps, stages in (mlp_candidates() if "mlp" in kernels else ()):
+        start = time.time()
+        compiled = compile_kernel(kernel, consts, pointers, "*fp32", target, warps, stages)
+        registers, spills = ptxas_usage(compiled.asm["ptx"], args.arch)
+        smem = compiled.metadata.shared
+        tiles = tuple(consts[k] for k in ("BLOCK_M", "BLOCK_P", "BLOCK_N", "BLOCK_K") if k in consts)
+        config = tiles + (warps, stages)
+        rows.append((label.split()[0], label.split(" ", 1)[1], config, "-", registers, spills, smem))
+        print(f"{label:24s} {str(config):22s} regs {registers:3d}  spill stores {spills:5d} B  smem {smem:6d} B  "
+              f"{time.time() - start:4.1f} s", flush=True)
+        if spills:
+            problems.append(f"{label} {config}: {spills} B of spill stores")
     if args.markdown:
-        print("\n| kernel | inputs | D block | (BLOCK_M, BLOCK_N, warps, stages) | flags | registers | spill stores (B) "
-              "| shared memory (B) |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for name, (elem_bytes, block_d), config, flag_set, registers, spills, smem in rows:
-            inputs = "fp32" if elem_bytes == 4 else "16-bit"
-            print(f"| {name} | {inputs} | {block_d} | {config} | {flag_set} | {registers} | {spills} | {smem} |")
+        print("\n| kernel | inputs | config | flags | registers | spill stores (B) | shared memory (B) |\n"
+              "| --- | --- | --- | --- | --- | --- | --- |")
+        for name, inputs, config, flag_set, registers, spills, smem in rows:
+            print(f"| {name} | {inputs} | {config} | {flag_set} | {registers} | {spills} | {smem} |")
     for problem in problems:
         print("PROBLEM", problem)
     return 1 if args.check and problems else 0
