@@ -214,14 +214,18 @@ FWD_CONFIGS = {
     (4, 256): [(32, 64, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
 }
 
+# Few queries (decoding, short chunks): 16- and 32-row tiles, checked like the table above.
+SHORT_QUERY_CONFIGS = {key: [(32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2)] for key in FWD_CONFIGS}
+SHORT_QUERY_CONFIGS[(4, 256)] = [(32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2)]
+
 
 def _configs(head_dim_block: int, seq_len_q: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
     """Candidates for this launch: the table's, without query tiles much taller than the queries."""
     if triton_interpret():
         return [(16, 16, 1, 1)]
-    cands = FWD_CONFIGS[config_bucket(head_dim_block, dtype.itemsize)]
+    bucket = config_bucket(head_dim_block, dtype.itemsize)
     cap = max(16, triton.next_power_of_2(seq_len_q))
-    return [c for c in cands if c[0] <= cap] or [(16, 64, 4, 2), (16, 32, 4, 2)]
+    return [c for c in FWD_CONFIGS[bucket] if c[0] <= cap] or [c for c in SHORT_QUERY_CONFIGS[bucket] if c[0] <= cap]
 
 
 def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,

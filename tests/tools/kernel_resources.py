@@ -3,7 +3,8 @@ compiled for a GPU target without a GPU (Triton's compiler and ptxas need none).
 
 A config that spills registers to local memory inside the main loop runs several times slower
 than one that does not, and no timing run shows *why*; this does. Every candidate of the
-launchers' tables (``FWD_CONFIGS``, ``DQ_CONFIGS``, ``DKDV_CONFIGS``, ``PREFIX_DKDV_CONFIGS``) is
+launchers' tables (``FWD_CONFIGS`` and ``SHORT_QUERY_CONFIGS``, ``DQ_CONFIGS``, ``DKDV_CONFIGS``,
+``PREFIX_DKDV_CONFIGS``) is
 compiled under flag sets: ``plain`` (causal), ``padded`` (causal + a padding mask, the path of
 every padded Hugging Face batch), what GPT-2, BLOOM and Gemma 2 add to that (``dropout``,
 ``alibi``, ``softcap-window``) and ``all`` (every optional feature on).
@@ -74,7 +75,9 @@ def candidates(buckets):
     from prefixkern.kernels import prefix_attention_bwd as bwd
     from prefixkern.kernels import prefix_attention_fwd as fwd
 
+    short = {key: [c for c in fwd.SHORT_QUERY_CONFIGS[key] if c not in configs] for key, configs in fwd.FWD_CONFIGS.items()}
     tables = [("fwd", fwd.prefix_attention_fwd_kernel, fwd.FWD_CONFIGS),
+              ("fwd", fwd.prefix_attention_fwd_kernel, short),
               ("dq", bwd.prefix_attention_bwd_dq_kernel, bwd.DQ_CONFIGS),
               ("dkdv", bwd.prefix_attention_bwd_dkdv_kernel, bwd.DKDV_CONFIGS),
               ("prefix-dkdv", bwd.prefix_attention_bwd_prefix_dkdv_kernel,
