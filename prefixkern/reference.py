@@ -73,7 +73,9 @@ def prefix_attention_mask(batch: int, seq_len_q: int, prefix_len: int, seq_len_k
     k_pos = torch.arange(prefix_len + seq_len_kv, device=device)
     visible = torch.ones(seq_len_q, prefix_len + seq_len_kv, dtype=torch.bool, device=device)
     if causal:
-        visible &= k_pos[None, :] <= q_pos[:, None]
+        # Sequence keys only: the prefix stays visible even to a query placed before it, which
+        # happens when S > S_kv (a chunk longer than the keys it may see).
+        visible[:, prefix_len:] &= k_pos[None, prefix_len:] <= q_pos[:, None]
     if window is not None:
         visible &= (q_pos[:, None] - k_pos[None, :]) < window
     visible = visible.expand(batch, 1, -1, -1)

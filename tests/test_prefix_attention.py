@@ -139,6 +139,7 @@ CPU_CASES = [
     replace(BASE, dtype=torch.float16),
     replace(BASE, dtype=torch.bfloat16, padding="left", prefix="per_task"),
     replace(BASE, S=33, S_kv=40, P=2, causal=True, padding="right"),
+    replace(BASE, S=40, S_kv=17, P=5, padding="left"),      # S > S_kv: early queries see only the prefix
 ]
 
 

@@ -22,7 +22,7 @@ def _sdpa_concat(q, k, v, pk, pv, causal):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("S,S_kv", [(5, 5), (2, 9), (1, 4)])
+@pytest.mark.parametrize("S,S_kv", [(5, 5), (2, 9), (1, 4), (9, 4)])
 def test_reference_matches_sdpa(causal, S, S_kv):
     torch.manual_seed(0)
     B, Hq, Hkv, P, D = 2, 4, 2, 3, 16
