@@ -303,7 +303,7 @@ def test_gpu_grid(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("S,S_kv,P", [(2048, 2048, 30), (4096, 4096, 128), (1, 8192, 64)])
+@pytest.mark.parametrize("S,S_kv,P", [(2048, 2048, 30), (4096, 4096, 128), (1, 8192, 64), (512, 128, 16)])
 def test_gpu_long_sequences(S, S_kv, P):
     check_case(Case(B=2, Hq=32, Hkv=8, S=S, S_kv=S_kv, P=P, D=128, dtype=torch.bfloat16, padding="left"),
                torch.device("cuda"))
