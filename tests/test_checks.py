@@ -58,3 +58,40 @@ def test_backend_name_is_checked(monkeypatch):
     monkeypatch.setenv("PREFIXKERN_BACKEND", "cuda")
     with pytest.raises(ValueError, match="PREFIXKERN_BACKEND must be one of"):
         prefixkern.get_backend()
+
+
+# --------------------------------------------------------------------------------------------
+# Tile selection (the logic runs on any machine; the timings here are stand-ins)
+# --------------------------------------------------------------------------------------------
+
+def test_pick_config_times_only_spill_free_candidates(monkeypatch):
+    import types
+
+    from prefixkern.kernels import _attention_common as common
+
+    spills = {"a": 0, "b": 256, "c": 0, "d": None}
+    times = {"a": 2.0, "b": 0.5, "c": 1.0}
+    current = {}
+
+    def launch(config):
+        if config == "d":
+            raise RuntimeError("out of resources")   # a tile that does not fit: skipped
+        current["config"] = config
+        return types.SimpleNamespace(n_spills=spills[config])
+
+    def do_bench(fn, **kwargs):
+        fn()
+        return times[current["config"]]
+
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(common.triton.testing, "do_bench", do_bench)
+    monkeypatch.delenv("PREFIXKERN_AUTOTUNE", raising=False)
+    # b is the fastest but spills on this GPU: the fastest spill-free candidate wins.
+    assert common.pick_config(("test", 1), ["a", "b", "c", "d"], launch) == "c"
+    # Only spilling candidates left: the fastest of them.
+    spills.update(a=8, c=8)
+    assert common.pick_config(("test", 2), ["a", "b", "c"], launch) == "b"
+    # Cached per key.
+    assert common.pick_config(("test", 1), ["a"], launch) == "c"
+    monkeypatch.setenv("PREFIXKERN_AUTOTUNE", "0")
+    assert common.pick_config(("test", 3), ["a", "b"], launch) == "a"

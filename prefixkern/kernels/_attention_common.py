@@ -272,10 +272,19 @@ def fits_smem(kernel: str, config, head_dim_block: int, elem_bytes: int, device:
 _TUNED: dict[tuple, tuple[int, int, int, int]] = {}
 
 
+def _spills(compiled) -> int:
+    """Bytes of registers a launched kernel spills (0 when Triton does not say)."""
+    return int(getattr(compiled, "n_spills", 0) or 0)
+
+
 def pick_config(key, candidates, launch):
     """Time each (BLOCK_M, BLOCK_N, num_warps, num_stages) candidate once per key (like
-    ``triton.autotune``, but over a plain Python launch,
-    so the kernel's argument list stays free of tuning-only keys)."""
+    ``triton.autotune``, but over a plain Python launch, so the kernel's argument list stays free
+    of tuning-only keys). ``launch(config)`` returns what the Triton launch returns.
+
+    Candidates whose compiled kernel spills registers on this GPU are dropped before timing
+    while a spill-free one remains: the tables are checked spill-free for sm_90 offline
+    (tests/tools/kernel_resources.py), other architectures allocate registers differently."""
     if key in _TUNED:
         return _TUNED[key]
     # PREFIXKERN_AUTOTUNE=0 takes the first candidate that fits (the GPU test grid, which would
@@ -283,12 +292,16 @@ def pick_config(key, candidates, launch):
     if len(candidates) == 1 or not torch.cuda.is_available() or os.environ.get("PREFIXKERN_AUTOTUNE", "1") == "0":
         _TUNED[key] = candidates[0]
         return candidates[0]
-    best, best_ms = candidates[0], float("inf")
+    launched = []
     for config in candidates:
         try:
-            ms = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
+            launched.append((config, _spills(launch(config))))   # compiles it
         except Exception:  # out of resources for this tile: try the next
             continue
+    timed = [config for config, spills in launched if spills == 0] or [config for config, _ in launched]
+    best, best_ms = candidates[0], float("inf")
+    for config in timed:
+        ms = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
         if ms < best_ms:
             best, best_ms = config, ms
     _TUNED[key] = best

@@ -513,7 +513,7 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
 
     def launch_dq(config):
         block_m, block_n, warps, stages = config
-        prefix_attention_bwd_dq_kernel[(triton.cdiv(seq_len_q, block_m), batch * num_heads)](
+        return prefix_attention_bwd_dq_kernel[(triton.cdiv(seq_len_q, block_m), batch * num_heads)](
             q, k, v, prefix_k, prefix_v, dout, lse, delta, dq,
             args["prefix_index"], args["kpm"], args["slopes"], args["positions"], args["seed"],
             *q.stride(), *k.stride(), *v.stride(), *args["prefix_k_strides"], *args["prefix_v_strides"],
@@ -528,7 +528,7 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     def launch_dkdv(config):
         block_m, block_n, warps, stages = config
         seq_flags = {name: flags[name] for name in ("HAS_KPM", "HAS_ALIBI", "HAS_POS", "HAS_DROPOUT")}
-        prefix_attention_bwd_dkdv_kernel[(triton.cdiv(seq_len_kv, block_n), batch * num_kv_heads)](
+        return prefix_attention_bwd_dkdv_kernel[(triton.cdiv(seq_len_kv, block_n), batch * num_kv_heads)](
             q, k, v, dout, lse, delta, dk, dv,
             args["kpm"], args["slopes"], args["positions"], args["seed"],
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),

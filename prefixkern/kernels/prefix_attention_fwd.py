@@ -249,7 +249,7 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     def launch(config):
         block_m, block_n, warps, stages = config
         grid = (triton.cdiv(seq_len_q, block_m), batch * num_heads)
-        prefix_attention_fwd_kernel[grid](
+        return prefix_attention_fwd_kernel[grid](
             q, k, v, prefix_k, prefix_v, out, lse,
             args["prefix_index"], args["kpm"], args["slopes"], args["positions"], args["seed"],
             *q.stride(), *k.stride(), *v.stride(), *args["prefix_k_strides"], *args["prefix_v_strides"], *out.stride(),

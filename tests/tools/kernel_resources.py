@@ -62,7 +62,8 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(ptx)
         f.flush()
-        result = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}a", "-o", os.devnull, f.name],
+        gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"   # Triton targets sm_90a on Hopper
+        result = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu_name}", "-o", os.devnull, f.name],
                                 capture_output=True, text=True, check=True)
     report = result.stdout + result.stderr
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     flag_sets = args.flags.split(",")
     kernels = args.kernels.split(",")
     target = GPUTarget("cuda", args.arch, 32)
-    print(f"triton {triton.__version__}, sm_{args.arch}a")
+    print(f"triton {triton.__version__}, sm_{args.arch}")
     problems, rows = [], []
     for name, kernel, bucket, config in (candidates(buckets) if "attention" in kernels else ()):
         elem_bytes, block_d = bucket
