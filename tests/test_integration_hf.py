@@ -470,6 +470,28 @@ def test_trainer_steps_match_stock_peft(tmp_path):
     torch.testing.assert_close(torch.tensor(losses["patched"]), torch.tensor(losses["stock"]), atol=1e-4, rtol=1e-4)
 
 
+def test_padded_query_that_sees_no_key_under_a_window():
+    """Right padding longer than Mistral's window leaves padded queries with no visible key at all
+    (the window has moved past the prefix and every key in it is padding). The kernel gives such a
+    row 0 where HF's eager attention averages every value uniformly; real positions, and a loss
+    whose padding labels are -100 (HF's collators), are the same."""
+    ref, ours = _pair("mistral")
+    ids, _ = _batch("none", batch=2, seq=13)
+    mask = torch.ones_like(ids)
+    mask[0, 3:] = 0
+    mask[1, 4:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    ref.eval()
+    ours.eval()
+    with torch.no_grad():
+        out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels)
+        out_ours = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    real = mask.bool()
+    torch.testing.assert_close(out_ours.logits[real], out_ref.logits[real], atol=2e-5, rtol=2e-4)
+    torch.testing.assert_close(out_ours.loss, out_ref.loss, atol=2e-5, rtol=2e-4)
+    assert torch.isfinite(out_ours.logits).all()
+
+
 def test_fp16_autocast():
     ref, ours = _pair("qwen2")
     ids, mask = _batch("right")
