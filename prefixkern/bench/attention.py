@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
-from ..ops.prefix_attention import prefix_attention
+from ..ops.prefix_attention import launched_tiles, prefix_attention
 from .common import Options, Record, Skip, dtype_name, peak_mem_mb, scaled_err, time_ms
 
 
@@ -233,7 +233,11 @@ def _measure(opts, shape, pass_, impl, fn, leaves, dout, ref_out, ref_grads, flo
         return out
 
     try:
+        launched_tiles()
         out = call()
+        tiles = launched_tiles()
+        if tiles:   # the tiles autotuning chose, to read beside the timing
+            record.note = "tiles " + " ".join(f"{name}={','.join(map(str, config))}" for name, config in tiles.items())
         record.max_err = scaled_err(out, ref_out)
         if with_grads:
             record.max_err = max(record.max_err, scaled_err([leaf.grad for leaf in leaves], ref_grads))

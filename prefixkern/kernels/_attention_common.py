@@ -270,6 +270,16 @@ def fits_smem(kernel: str, config, head_dim_block: int, elem_bytes: int, device:
 
 
 _TUNED: dict[tuple, tuple[int, int, int, int]] = {}
+# The config each kernel ran with since the last take_launched_configs() (key[0] is the kernel's
+# name): what the benchmarks record beside their timings.
+_LAST: dict[str, tuple[int, int, int, int]] = {}
+
+
+def take_launched_configs() -> dict[str, tuple[int, int, int, int]]:
+    """``{kernel name: (BLOCK_M, BLOCK_N, num_warps, num_stages)}`` launched since the last call."""
+    launched = dict(_LAST)
+    _LAST.clear()
+    return launched
 
 
 def _spills(compiled) -> int:
@@ -284,7 +294,14 @@ def pick_config(key, candidates, launch):
 
     Candidates whose compiled kernel spills registers on this GPU are dropped before timing
     while a spill-free one remains: the tables are checked spill-free for sm_90 offline
-    (tests/tools/kernel_resources.py), other architectures allocate registers differently."""
+    (tests/tools/kernel_resources.py), other architectures allocate registers differently.
+    ``key[0]`` names the kernel."""
+    config = _tune(key, candidates, launch)
+    _LAST[key[0]] = config
+    return config
+
+
+def _tune(key, candidates, launch):
     if key in _TUNED:
         return _TUNED[key]
     # PREFIXKERN_AUTOTUNE=0 takes the first candidate that fits (the GPU test grid, which would

@@ -264,9 +264,9 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     candidates = [c for c in _configs(block_d, seq_len_q, q.dtype)
                   if fits_smem("fwd", c, block_d, q.element_size(), q.device)] or [(16, 32, 4, 1)]
-    key = (q.device.index, q.dtype, block_d, num_heads // num_kv_heads, causal, triton.next_power_of_2(seq_len_q),
-           triton.next_power_of_2(seq_len_kv + prefix_len), tuple(sorted(flags.items())), softcap is not None,
-           window is not None)
+    key = ("fwd", q.device.index, q.dtype, block_d, num_heads // num_kv_heads, causal,
+           triton.next_power_of_2(seq_len_q), triton.next_power_of_2(seq_len_kv + prefix_len),
+           tuple(sorted(flags.items())), softcap is not None, window is not None)
     config = pick_config(key, candidates, launch)
     launch(config)
     return out, lse

@@ -176,3 +176,12 @@ def prefix_attention(
         key_padding_mask=key_padding_mask, prefix_index=prefix_index, dropout_p=dropout_p,
         alibi_slopes=alibi_slopes, softcap=softcap, window=window, return_lse=return_lse,
     )
+
+
+def launched_tiles() -> dict[str, tuple[int, int, int, int]]:
+    """Diagnostics: ``{kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)}`` that the attention
+    kernels (``fwd``, ``dq``, ``dkdv``) launched with since the previous call, as autotuning chose
+    them. The benchmarks record it beside each timing."""
+    from ..kernels._attention_common import take_launched_configs
+
+    return take_launched_configs()
