@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import reference
-from ..ops.prefix_mlp import fused_prefix_mlp
+from ..ops.prefix_mlp import fused_prefix_mlp, launched_tiles
 from .common import Options, Record, Skip, dtype_name, peak_mem_mb, scaled_err, time_ms
 
 
@@ -109,6 +109,8 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                     return out
 
                 out = call()
+                if impl == "prefixkern":   # the tiles autotuning chose, to read beside the timing
+                    record.note = "tiles " + " ".join(f"{k}:{v}" for k, v in launched_tiles().items())
                 got = out[:, 0].reshape(expected.shape) if impl == "peft_encoder" else out
                 record.max_err = scaled_err(got, expected)
                 record.ok = bool(record.max_err <= {torch.float32: 1e-4, torch.float16: 2e-3,

@@ -272,3 +272,19 @@ def fused_prefix_mlp(
     out, _hidden = prefix_mlp_fwd(embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, out_dtype,
                                   dropout_p, seed)
     return out
+
+
+def launched_tiles() -> dict[str, str]:
+    """Diagnostics: the autotuned configs the prefix-MLP kernels last ran with (``fwd``: the second
+    GEMM into [L, 2, Hkv, P, D]; ``bwd``: dW2/db2/dH in one pass; ``gemm``: the small GEMMs), as
+    ``"BLOCK_P=..,BLOCK_N=..,BLOCK_K=..,warps=..,stages=.."``. The benchmarks record it."""
+    from ..kernels import prefix_mlp as kernels
+
+    tiles = {}
+    for name, kernel in (("fwd", kernels.prefix_mlp_fwd_kernel), ("bwd", kernels.prefix_mlp_bwd_kernel),
+                         ("gemm", kernels.prefix_mlp_matmul_kernel)):
+        config = getattr(kernel, "best_config", None)
+        if config is not None:
+            tiles[name] = ",".join([f"{k}={v}" for k, v in config.kwargs.items()]
+                                   + [f"warps={config.num_warps}", f"stages={config.num_stages}"])
+    return tiles
