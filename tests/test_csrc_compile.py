@@ -1,6 +1,7 @@
-"""Every csrc/ file compiles with nvcc (compile only: this machine has no GPU), so a broken CUDA
-kernel fails CI. The GPU suite runs the kernels against the reference (tests/test_decode.py)."""
+"""Every csrc/ file compiles with nvcc (compile only: this machine has no GPU) without register
+spills, so a broken or spilling CUDA kernel fails CI. The GPU suite runs the kernels against the reference (tests/test_decode.py)."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,11 +39,16 @@ def test_every_csrc_file_compiles_with_nvcc(tmp_path):
     arch = os.environ.get("PREFIXKERN_NVCC_ARCH", "sm_90")
     procs = []
     for source in sources:   # in parallel: nvcc spends most of its time parsing torch's headers
-        cmd = ["nvcc", "-c", f"-arch={arch}", *_flags(), str(source), "-o", str(tmp_path / (source.name + ".o"))]
+        verbose = ["-Xptxas=-v"] if source.suffix == ".cu" else []   # ptxas reports registers and spills
+        cmd = ["nvcc", "-c", f"-arch={arch}", *_flags(), *verbose, str(source), "-o", str(tmp_path / (source.name + ".o"))]
         procs.append((source, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
     failures = []
     for source, proc in procs:
         output, _ = proc.communicate(timeout=600)
         if proc.returncode != 0:
             failures.append(f"{source.name}:\n{output[-4000:]}")
+        # Every instantiation (dtype x head dim) of every kernel must keep its state in registers.
+        spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", output)]
+        if any(spills):
+            failures.append(f"{source.name} spills registers:\n{output[-4000:]}")
     assert not failures, "\n\n".join(failures)
