@@ -25,7 +25,25 @@ def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--shard", default=None, metavar="I/N",
+                     help="run only the I-th of N interleaved shards of the collected tests (0-based), so a "
+                          "long GPU suite fits in several time-limited calls")
+
+
+def _keep_shard(config, items):
+    shard = config.getoption("--shard")
+    if not shard:
+        return
+    index, count = (int(x) for x in shard.split("/"))
+    if not 0 <= index < count:
+        raise pytest.UsageError(f"--shard must be I/N with 0 <= I < N, got {shard}")
+    config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i % count != index])
+    items[:] = [item for i, item in enumerate(items) if i % count == index]
+
+
 def pytest_collection_modifyitems(config, items):
+    _keep_shard(config, items)
     if HAS_CUDA:
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on one)")
