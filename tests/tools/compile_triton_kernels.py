@@ -128,9 +128,10 @@ def cases(quick: bool):
         yield (f"mlp-fwd {out_ptr}", mlp.prefix_mlp_fwd_kernel,
                dict(HAS_BIAS=True, HAS_DROPOUT=True, INPUT_PRECISION="tf32", BLOCK_P=32, BLOCK_N=64, BLOCK_K=32),
                {"out_ptr": out_ptr, "seed_ptr": "*i64"}, "*fp32", 4, 3)
+        bp, bn, bk, w, st = mlp.BWD_TILES["ieee"][0]
         yield (f"mlp-bwd {out_ptr}", mlp.prefix_mlp_bwd_kernel,
-               dict(HAS_BIAS=True, INPUT_PRECISION="ieee", BLOCK_P=32, BLOCK_N=64, BLOCK_K=64),
-               {"g_ptr": out_ptr}, "*fp32", 4, 3)
+               dict(HAS_BIAS=True, INPUT_PRECISION="ieee", BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=bk),
+               {"g_ptr": out_ptr}, "*fp32", w, st)
     yield ("mlp-bwd-hidden", mlp.prefix_mlp_bwd_hidden_kernel, dict(HAS_BIAS=True, BLOCK_P=32, BLOCK_K=64),
            {}, "*fp32", 4, 1)
     yield ("mlp-kv-copy", mlp.prefix_kv_copy_kernel, dict(HAS_DROPOUT=True, BLOCK_P=32, BLOCK_N=128),
