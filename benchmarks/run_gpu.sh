@@ -9,7 +9,9 @@
 #   A device call lasts at most ten minutes: run a few steps per call, same OUT_DIR.
 #
 # Uses the repository in place (PYTHONPATH), so it needs no install; torch, triton, transformers,
-# peft, pytest, pytest-benchmark and matplotlib come from the machine's image.
+# peft, pytest, pytest-benchmark and matplotlib come from the machine's image. Pure-Python wheels
+# the image lacks (liger-kernel for the e2e suite's prefixkern_liger row) can be dropped into .whl/
+# (git-ignored; carry it to the machine): they are installed first, without dependencies or index.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-benchmarks/results/run-$(date -u +%Y%m%d-%H%M)}"
@@ -26,6 +28,9 @@ LIMIT="${STEP_LIMIT_S:-590}"
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${TEST_WORKERS:-8}")
 status=0
+if ls .whl/*.whl > /dev/null 2>&1; then
+    "$PY" -m pip install --quiet --no-deps --no-index .whl/*.whl 2>&1 | tail -n 3 | tee -a "$OUT/steps.log"
+fi
 
 run_step() {  # name, command...
     local name="$1"; shift
