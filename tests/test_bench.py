@@ -79,3 +79,33 @@ def test_merge_results_of_one_device(tmp_path):
     other.write_text(json.dumps({**payload("decode", "2026-11-22T00:00:00+00:00"), "device": "NVIDIA H200"}))
     with pytest.raises(ValueError, match="different devices"):
         merge_results(files + [other], tmp_path / "bad")
+
+
+def test_liger_row_does_not_leak_into_the_baselines():
+    """Liger-Kernel's apply functions also replace classes in the transformers modeling module; the
+    e2e suite builds its baselines in the same process, so it restores the module after patching
+    the one instance (a stand-in for Liger's apply, which needs a GPU to run)."""
+    import transformers as tf
+    from transformers.models.llama import modeling_llama
+
+    from prefixkern.bench import e2e
+
+    original_norm, original_mlp = modeling_llama.LlamaRMSNorm, modeling_llama.LlamaMLP
+
+    class StandInNorm(torch.nn.Module):
+        pass
+
+    def apply_like_liger(model=None, rope=True):
+        modeling_llama.LlamaRMSNorm = StandInNorm          # what Liger does to the module
+        modeling_llama.LlamaMLP = StandInNorm
+        modeling_llama.liger_only_helper = object()
+        model.model.norm = StandInNorm()                   # and to the instance
+
+    config = tf.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1)
+    model = tf.LlamaForCausalLM(config)
+    e2e._apply_to_instance_only(apply_like_liger, model)
+    assert isinstance(model.model.norm, StandInNorm)
+    assert modeling_llama.LlamaRMSNorm is original_norm and modeling_llama.LlamaMLP is original_mlp
+    assert not hasattr(modeling_llama, "liger_only_helper")
+    assert isinstance(tf.LlamaForCausalLM(config).model.norm, original_norm)

@@ -39,6 +39,23 @@ LENGTHS = {256: 8, 2048: 2}     # S -> batch
 IMPLS = ("floor_no_prefix", "peft_eager", "peft_sdpa", "prefixkern", "prefixkern_liger")
 
 
+def _apply_to_instance_only(apply, model) -> None:
+    """Liger-Kernel's ``apply_liger_kernel_to_<type>(model=...)`` patches the instance *and* replaces
+    classes and functions in the transformers modeling module (``LlamaRMSNorm``, ``LlamaMLP``, ...),
+    so every model built after it in this process, the baselines included, would run Liger's
+    kernels too. Put the module back; the instance keeps its patched modules."""
+    import sys
+
+    module = sys.modules[type(model).__module__]
+    saved = dict(vars(module))
+    apply(model=model, rope=False)
+    for attr in set(vars(module)) - set(saved):
+        delattr(module, attr)
+    for attr, value in saved.items():
+        if getattr(module, attr, None) is not value:
+            setattr(module, attr, value)
+
+
 def build_model(name: str, impl: str, opts: Options, base_state, num_virtual_tokens: int = P):
     """The model a row of the suite runs: the frozen base (floor), stock PEFT on ``eager`` or
     ``sdpa``, or the patched model (optionally with Liger-Kernel's patch), same weights."""
@@ -58,7 +75,7 @@ def build_model(name: str, impl: str, opts: Options, base_state, num_virtual_tok
         apply = getattr(liger, f"apply_liger_kernel_to_{config.model_type}", None)
         if apply is None:
             raise RuntimeError(f"Liger-Kernel has no patch for {config.model_type}")
-        apply(model=model, rope=False)
+        _apply_to_instance_only(apply, model)
     if impl == "floor_no_prefix":
         for p in model.parameters():
             p.requires_grad_(False)
