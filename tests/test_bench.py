@@ -28,6 +28,9 @@ def test_cpu_demo_writes_checked_records(tmp_path, capsys):
         assert record["ms"] is None and record["tflops"] is None      # no speed from a CPU
     ours = [r for r in records if r["impl"] == "prefixkern"]
     assert ours and all(r["ok"] is True for r in ours)
+    # Stock PEFT's generate() is a baseline; where transformers drops its prefix the row says so.
+    stock_generate = [r for r in records if r["pass"] == "generate" and r["impl"] == "peft_sdpa"]
+    assert all(r["ok"] is not False or "without its prefix" in (r["note"] or "") for r in stock_generate)
     # Baselines that cannot run here are listed with a reason, not dropped.
     assert any(s["impl"] == "flex" and s["reason"] for s in payload["skipped"])
     assert (json_path.with_suffix(".md")).read_text().startswith("# prefixkern benchmark")
