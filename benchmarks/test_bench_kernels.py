@@ -12,7 +12,7 @@ from prefixkern.ops.prefix_mlp import fused_prefix_mlp
 from _timing import cuda_timed
 
 ATTN_SHAPES = ["seed-qwen", "paper-gpt2", "llama8b-2k"]
-ATTN_IMPLS = ["prefixkern", "sdpa_mask", "sdpa_lower_right"]
+ATTN_IMPLS = ["prefixkern", "sdpa_mask", "sdpa_lower_right", "sdpa_lower_right_gqa"]
 
 
 @pytest.mark.parametrize("impl", ATTN_IMPLS)

@@ -41,7 +41,7 @@ SHAPES.update(SWEEP_S)
 SHAPES.update(SWEEP_P)
 QUICK = ("seed-qwen", "llama8b-2k")
 CPU_SHAPES = {s.name: s for s in (Shape("cpu-tiny-gqa", 4, 2, 32, 2, 24, 5), Shape("cpu-tiny-mha", 2, 2, 16, 1, 40, 18))}
-BASELINES = ("eager", "sdpa_mask", "sdpa_lower_right", "flex", "flash_attn")
+BASELINES = ("eager", "sdpa_mask", "sdpa_lower_right", "sdpa_lower_right_gqa", "flex", "flash_attn")
 
 
 def attention_flops(shape: Shape, causal: bool = True) -> float:
@@ -112,6 +112,17 @@ def sdpa_lower_right(q, k, v, pk, pv):
                                           attn_mask=causal_lower_right(S, P + S))
 
 
+def sdpa_lower_right_gqa(q, k, v, pk, pv):
+    """The same with SDPA's own GQA (``enable_gqa``, torch >= 2.5) instead of repeat_kv copies;
+    which of the two is faster depends on the backend SDPA can pick, so both are timed."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    S, P = q.shape[2], pk.shape[1]
+    keys, values = _concat(k, v, pk, pv)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(S, P + S),
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
 _FLEX_CACHE: dict = {}
 
 
@@ -146,11 +157,14 @@ def prefixkern_impl(q, k, v, pk, pv):
 
 
 IMPLS: dict[str, Callable] = {"prefixkern": prefixkern_impl, "eager": eager, "sdpa_mask": sdpa_mask,
-                              "sdpa_lower_right": sdpa_lower_right, "flex": flex, "flash_attn": flash_attn}
+                              "sdpa_lower_right": sdpa_lower_right, "sdpa_lower_right_gqa": sdpa_lower_right_gqa,
+                              "flex": flex, "flash_attn": flash_attn}
 
 
 def unavailable(impl: str, opts: Options) -> str | None:
     """Why a baseline cannot run here, or None."""
+    if impl == "sdpa_lower_right_gqa" and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5):
+        return f"torch {torch.__version__}'s SDPA has no enable_gqa (2.5+)"
     if impl == "flash_attn":
         try:
             import flash_attn  # noqa: F401
