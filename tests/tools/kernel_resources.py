@@ -16,6 +16,8 @@ The prefix MLP's candidates (``--kernels mlp``) are checked likewise, per dot pr
 backward's ``BWD_TILES``, the forward's configs as its prune function leaves them for each P tile
 the launcher uses, and the small-GEMM configs.
 
+``--kernels grid`` compiles every variant the GPU test grid launches (about 1200; a failed compile
+fails ``--check``, spills are reported only).
 ``--check`` exits non-zero if a candidate spills under ``plain`` or ``padded``, or if a kernel's
 compiled shared memory exceeds what the launchers' model (``smem_rows``) budgets for it.
 Must run without TRITON_INTERPRET.
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -125,6 +128,50 @@ def mlp_candidates():
                    {"c_ptr": "*fp32"}, config.num_warps, config.num_stages)
 
 
+def grid_variants():
+    """(label, jit function, constexprs, pointer type, config) of every distinct attention-kernel
+    variant the GPU test grid (tests/test_prefix_attention.py, ``-m gpu``) launches with autotuning
+    off: about 1200 compiles, so a GPU run is not the first to meet one that fails."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from test_prefix_attention import _gpu_grid   # its conftest turns the interpreter on without a GPU
+
+    os.environ.pop("TRITON_INTERPRET", None)
+
+    from prefixkern.kernels import prefix_attention_bwd as bwd
+    from prefixkern.kernels import prefix_attention_fwd as fwd
+    from prefixkern.kernels._attention_common import config_bucket
+
+    variants = {}
+    for case in _gpu_grid():
+        block_d = max(16, triton.next_power_of_2(case.D))
+        bucket = config_bucket(block_d, case.dtype.itemsize)
+        pointer = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[case.dtype]
+        flags = dict(FLAGS_OFF, HAS_PREFIX_INDEX=case.prefix == "per_task", HAS_KPM=case.padding != "none",
+                     HAS_ALIBI=case.alibi, HAS_POS=case.alibi and case.padding != "none",
+                     HAS_SOFTCAP=case.softcap is not None, HAS_WINDOW=case.window is not None)
+        common = dict(GROUP=case.Hq // case.Hkv, BLOCK_D=block_d, EVEN_D=block_d == case.D, CAUSAL=case.causal,
+                      INPUT_PRECISION="tf32" if case.dtype == torch.float32 else "ieee")
+        tiles = {"fwd": fwd._configs(block_d, case.S, case.dtype)[0], "dq": bwd.DQ_CONFIGS[bucket][0],
+                 "dkdv": bwd.DKDV_CONFIGS[bucket][0]}
+        prefix_m, prefix_n, prefix_w, prefix_s = bwd.PREFIX_DKDV_CONFIGS[bucket]
+        tiles["prefix-dkdv"] = (prefix_m, min(prefix_n, max(16, triton.next_power_of_2(case.P))), prefix_w, prefix_s)
+        for name, kernel in (("fwd", fwd.prefix_attention_fwd_kernel), ("dq", bwd.prefix_attention_bwd_dq_kernel),
+                             ("dkdv", bwd.prefix_attention_bwd_dkdv_kernel),
+                             ("prefix-dkdv", bwd.prefix_attention_bwd_prefix_dkdv_kernel)):
+            config = tiles[name]
+            if name == "prefix-dkdv":
+                consts = dict(GROUP=common["GROUP"], SHARED=case.prefix == "shared", BLOCK_M=config[0],
+                              BLOCK_N=config[1], BLOCK_D=block_d, EVEN_D=common["EVEN_D"],
+                              INPUT_PRECISION=common["INPUT_PRECISION"], **{k: flags[k] for k in PREFIX_FLAGS})
+            else:
+                kernel_flags = {k: flags[k] for k in SEQUENCE_FLAGS} if name == "dkdv" else flags
+                consts = dict(common, BLOCK_M=config[0], BLOCK_N=config[1], **kernel_flags)
+            variants[(name, pointer, tuple(sorted(consts.items())), config)] = (name, kernel, consts, pointer, config)
+    return [variants[key] for key in sorted(variants, key=str)]
+
+
 def main(argv=None) -> int:
     from prefixkern.kernels import prefix_attention_fwd as fwd
     from prefixkern.kernels._attention_common import smem_rows
@@ -134,7 +181,9 @@ def main(argv=None) -> int:
     parser.add_argument("--bucket", action="append", default=None,
                         help="ELEM_BYTES:HEAD_DIM_BLOCK, e.g. 2:128 (default: every bucket of the tables)")
     parser.add_argument("--flags", default=",".join(FLAG_SETS), help="comma-separated flag sets")
-    parser.add_argument("--kernels", default="attention,mlp", help="attention, mlp or both")
+    parser.add_argument("--kernels", default="attention,mlp",
+                        help="attention, mlp, or grid: every variant the GPU test grid launches (compiled, "
+                             "reported, spills not checked: ~10 min on 2 cores)")
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table at the end")
     args = parser.parse_args(argv)
@@ -178,6 +227,16 @@ def main(argv=None) -> int:
               f"{time.time() - start:4.1f} s", flush=True)
         if spills:
             problems.append(f"{label} {config}: {spills} B of spill stores")
+    for name, kernel, consts, pointer, config in (grid_variants() if "grid" in kernels else ()):
+        start = time.time()
+        try:
+            compiled = compile_kernel(kernel, consts, POINTERS, pointer, target, config[2], config[3])
+        except Exception as exc:
+            problems.append(f"grid {name} {pointer} {config} {consts}: {type(exc).__name__}: {str(exc)[:300]}")
+            continue
+        registers, spills = ptxas_usage(compiled.asm["ptx"], args.arch)
+        print(f"grid {name:12s} {pointer[1:]:4s} {str(config):18s} regs {registers:3d}  spill stores {spills:5d} B  "
+              f"{time.time() - start:4.1f} s", flush=True)
     if args.markdown:
         print("\n| kernel | inputs | config | flags | registers | spill stores (B) | shared memory (B) |\n"
               "| --- | --- | --- | --- | --- | --- | --- |")
