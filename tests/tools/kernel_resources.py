@@ -75,7 +75,7 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
 
 
 def candidates(buckets):
-    """(kernel name, jit function, table bucket, config, constexprs builder) for every table entry."""
+    """(kernel name, jit function, table bucket, config) for every entry of the launchers' tables."""
     from prefixkern.kernels import prefix_attention_bwd as bwd
     from prefixkern.kernels import prefix_attention_fwd as fwd
 
