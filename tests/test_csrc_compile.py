@@ -1,5 +1,6 @@
 """Every csrc/ file compiles with nvcc (compile only: this machine has no GPU) without register
-spills, so a broken or spilling CUDA kernel fails CI. The GPU suite runs the kernels against the reference (tests/test_decode.py)."""
+spills, so a broken or spilling CUDA kernel fails CI. The GPU suite runs the kernels against the
+reference (tests/test_decode.py)."""
 import os
 import re
 import shutil
@@ -40,7 +41,8 @@ def test_every_csrc_file_compiles_with_nvcc(tmp_path):
     procs = []
     for source in sources:   # in parallel: nvcc spends most of its time parsing torch's headers
         verbose = ["-Xptxas=-v"] if source.suffix == ".cu" else []   # ptxas reports registers and spills
-        cmd = ["nvcc", "-c", f"-arch={arch}", *_flags(), *verbose, str(source), "-o", str(tmp_path / (source.name + ".o"))]
+        cmd = ["nvcc", "-c", f"-arch={arch}", *_flags(), *verbose, str(source),
+               "-o", str(tmp_path / (source.name + ".o"))]
         procs.append((source, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
     failures = []
     for source, proc in procs:

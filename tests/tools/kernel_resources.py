@@ -79,7 +79,8 @@ def candidates(buckets):
     from prefixkern.kernels import prefix_attention_bwd as bwd
     from prefixkern.kernels import prefix_attention_fwd as fwd
 
-    short = {key: [c for c in fwd.SHORT_QUERY_CONFIGS[key] if c not in configs] for key, configs in fwd.FWD_CONFIGS.items()}
+    short = {key: [c for c in fwd.SHORT_QUERY_CONFIGS[key] if c not in configs]
+             for key, configs in fwd.FWD_CONFIGS.items()}
     tables = [("fwd", fwd.prefix_attention_fwd_kernel, fwd.FWD_CONFIGS),
               ("fwd", fwd.prefix_attention_fwd_kernel, short),
               ("dq", bwd.prefix_attention_bwd_dq_kernel, bwd.DQ_CONFIGS),
