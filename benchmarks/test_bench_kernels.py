@@ -7,6 +7,7 @@ from prefixkern import reference
 from prefixkern.bench import attention as attn_suite
 from prefixkern.bench import mlp as mlp_suite
 from prefixkern.ops.prefix_attention import prefix_attention
+from prefixkern.ops.decode_attention import prefix_decode_attention
 from prefixkern.ops.prefix_mlp import fused_prefix_mlp
 
 from _timing import cuda_timed
@@ -51,9 +52,11 @@ def test_prefix_mlp_fwd_bwd(benchmark, shape, impl):
     cuda_timed(benchmark, step)
 
 
-@pytest.mark.parametrize("impl", ["prefixkern", "sdpa_concat"])
+@pytest.mark.parametrize("impl", ["prefixkern", "prefixkern_triton", "sdpa_concat"])
 @pytest.mark.parametrize("batch,cache", [(1, 4096), (8, 4096), (64, 512)])
 def test_decode_step(benchmark, batch, cache, impl):
+    """One decoding step's attention: the decode path generate() takes (the csrc/ kernel; Triton
+    where it cannot be built), the Triton kernel alone, and SDPA on the concatenated cache."""
     hq, hkv, d, p = 32, 8, 128, 30
     q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.bfloat16)
     k, v = torch.randn(2, batch, hkv, cache, d, device="cuda", dtype=torch.bfloat16)
@@ -61,6 +64,8 @@ def test_decode_step(benchmark, batch, cache, impl):
     cat_k = torch.cat([pk.expand(batch, -1, -1, -1), k], 2)
     cat_v = torch.cat([pv.expand(batch, -1, -1, -1), v], 2)
     if impl == "prefixkern":
+        fn = lambda: prefix_decode_attention(q, k, v, pk, pv)  # noqa: E731
+    elif impl == "prefixkern_triton":
         fn = lambda: prefix_attention(q, k, v, pk, pv)  # noqa: E731
     else:
         fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, cat_k, cat_v, enable_gqa=True)  # noqa: E731
