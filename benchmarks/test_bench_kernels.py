@@ -6,8 +6,8 @@ import torch
 from prefixkern import reference
 from prefixkern.bench import attention as attn_suite
 from prefixkern.bench import mlp as mlp_suite
-from prefixkern.ops.prefix_attention import prefix_attention
 from prefixkern.ops.decode_attention import prefix_decode_attention
+from prefixkern.ops.prefix_attention import prefix_attention
 from prefixkern.ops.prefix_mlp import fused_prefix_mlp
 
 from _timing import cuda_timed
