@@ -16,6 +16,7 @@ import triton
 import triton.testing
 import triton.language as tl
 
+from .._backend import triton_interpret
 from ._launch import device_index, smem_bytes
 from ._math import tanh
 
@@ -267,6 +268,14 @@ def fits_smem(kernel: str, config, head_dim_block: int, elem_bytes: int, device:
     if device.type != "cuda":
         return True
     return smem_rows(kernel, config) * head_dim_block * elem_bytes <= smem_bytes(device_index(device))
+
+
+def fitting_configs(kernel: str, configs, head_dim_block: int, q: torch.Tensor, fallback):
+    """The candidates of a launch: ``configs`` that fit the device's shared memory (``fallback``,
+    a smaller tile, where none does), or the interpreter's one small tile."""
+    if triton_interpret():
+        return [(16, 16, 1, 1)]
+    return [c for c in configs if fits_smem(kernel, c, head_dim_block, q.element_size(), q.device)] or [fallback]
 
 
 _TUNED: dict[tuple, tuple[int, int, int, int]] = {}

@@ -28,6 +28,7 @@ from ._attention_common import (
     config_bucket,
     dropout_keep,
     fits_smem,
+    fitting_configs,
     load_tile,
     pick_config,
     prefix_row,
@@ -456,13 +457,6 @@ PREFIX_DKDV_CONFIGS = {
 }
 
 
-def _candidates(kernel: str, table: dict, head_dim_block: int, q: torch.Tensor) -> list[tuple[int, int, int, int]]:
-    if triton_interpret():
-        return [(16, 16, 1, 1)]
-    configs = table[config_bucket(head_dim_block, q.element_size())]
-    return [c for c in configs if fits_smem(kernel, c, head_dim_block, q.element_size(), q.device)] or [(16, 16, 4, 1)]
-
-
 def _prefix_dkdv_config(head_dim_block: int, prefix_len: int, q: torch.Tensor) -> tuple[int, int, int, int]:
     """The table's config with BLOCK_N capped by P, its query tile halved until it fits the device
     (it keeps the prefix tiles resident and streams queries, as dK/dV does)."""
@@ -539,9 +533,12 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
             **common, **seq_flags,
         )
 
-    launch_dq(pick_config(("dq",) + tune_key, _candidates("dq", DQ_CONFIGS, block_d, q), launch_dq))
+    bucket = config_bucket(block_d, q.element_size())
+    dq_candidates = fitting_configs("dq", DQ_CONFIGS[bucket], block_d, q, fallback=(16, 16, 4, 1))
+    launch_dq(pick_config(("dq",) + tune_key, dq_candidates, launch_dq))
     if seq_len_kv > 0:
-        launch_dkdv(pick_config(("dkdv",) + tune_key, _candidates("dkdv", DKDV_CONFIGS, block_d, q), launch_dkdv))
+        dkdv_candidates = fitting_configs("dkdv", DKDV_CONFIGS[bucket], block_d, q, fallback=(16, 16, 4, 1))
+        launch_dkdv(pick_config(("dkdv",) + tune_key, dkdv_candidates, launch_dkdv))
 
     # ---- prefix gradient: split the (row, head, query block) reduction across programs ----
     shared = prefix_k.dim() == 3

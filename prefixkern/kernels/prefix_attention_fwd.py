@@ -11,7 +11,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import triton_interpret
 from ._launch import input_precision
 from ._math import dot
 from ._attention_common import (
@@ -20,7 +19,7 @@ from ._attention_common import (
     attention_launch_args,
     config_bucket,
     dropout_keep,
-    fits_smem,
+    fitting_configs,
     load_tile,
     pick_config,
     prefix_row,
@@ -220,9 +219,7 @@ SHORT_QUERY_CONFIGS[(4, 256)] = [(32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2)]
 
 
 def _configs(head_dim_block: int, seq_len_q: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
-    """Candidates for this launch: the table's, without query tiles much taller than the queries."""
-    if triton_interpret():
-        return [(16, 16, 1, 1)]
+    """The table's candidates for this launch, without query tiles much taller than the queries."""
     bucket = config_bucket(head_dim_block, dtype.itemsize)
     cap = max(16, triton.next_power_of_2(seq_len_q))
     return [c for c in FWD_CONFIGS[bucket] if c[0] <= cap] or [c for c in SHORT_QUERY_CONFIGS[bucket] if c[0] <= cap]
@@ -262,8 +259,7 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             INPUT_PRECISION=input_precision(q.dtype), num_warps=warps, num_stages=stages, **flags,
         )
 
-    candidates = [c for c in _configs(block_d, seq_len_q, q.dtype)
-                  if fits_smem("fwd", c, block_d, q.element_size(), q.device)] or [(16, 32, 4, 1)]
+    candidates = fitting_configs("fwd", _configs(block_d, seq_len_q, q.dtype), block_d, q, fallback=(16, 32, 4, 1))
     key = ("fwd", q.device.index, q.dtype, block_d, num_heads // num_kv_heads, causal,
            triton.next_power_of_2(seq_len_q), triton.next_power_of_2(seq_len_kv + prefix_len),
            tuple(sorted(flags.items())), softcap is not None, window is not None)
