@@ -93,15 +93,17 @@ def candidates(buckets):
                 yield name, kernel, bucket, config
 
 
-def constexprs(name, bucket, config, flags):
-    elem_bytes, block_d = bucket
+def constexprs(name, config, flags, *, block_d, elem_bytes, group=4, even_d=True, causal=True, shared=None):
+    """The constexpr arguments of kernel ``name`` at ``config``. ``shared`` (prefix dK/dV: one prefix
+    for the batch) defaults to "no prefix_index"."""
     block_m, block_n, _, _ = config
     precision = "tf32" if elem_bytes == 4 else "ieee"
     if name == "prefix-dkdv":
-        return dict(GROUP=4, SHARED=not flags["HAS_PREFIX_INDEX"], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                    EVEN_D=True, INPUT_PRECISION=precision, **{k: flags[k] for k in PREFIX_FLAGS})
+        shared = not flags["HAS_PREFIX_INDEX"] if shared is None else shared
+        return dict(GROUP=group, SHARED=shared, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                    EVEN_D=even_d, INPUT_PRECISION=precision, **{k: flags[k] for k in PREFIX_FLAGS})
     kernel_flags = {k: flags[k] for k in SEQUENCE_FLAGS} if name == "dkdv" else dict(flags)
-    return dict(GROUP=4, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=True, CAUSAL=True,
+    return dict(GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=even_d, CAUSAL=causal,
                 INPUT_PRECISION=precision, **kernel_flags)
 
 
@@ -152,8 +154,6 @@ def grid_variants():
         flags = dict(FLAGS_OFF, HAS_PREFIX_INDEX=case.prefix == "per_task", HAS_KPM=case.padding != "none",
                      HAS_ALIBI=case.alibi, HAS_POS=case.alibi and case.padding != "none",
                      HAS_SOFTCAP=case.softcap is not None, HAS_WINDOW=case.window is not None)
-        common = dict(GROUP=case.Hq // case.Hkv, BLOCK_D=block_d, EVEN_D=block_d == case.D, CAUSAL=case.causal,
-                      INPUT_PRECISION="tf32" if case.dtype == torch.float32 else "ieee")
         tiles = {"fwd": fwd._configs(block_d, case.S, case.dtype)[0], "dq": bwd.DQ_CONFIGS[bucket][0],
                  "dkdv": bwd.DKDV_CONFIGS[bucket][0]}
         prefix_m, prefix_n, prefix_w, prefix_s = bwd.PREFIX_DKDV_CONFIGS[bucket]
@@ -162,13 +162,9 @@ def grid_variants():
                              ("dkdv", bwd.prefix_attention_bwd_dkdv_kernel),
                              ("prefix-dkdv", bwd.prefix_attention_bwd_prefix_dkdv_kernel)):
             config = tiles[name]
-            if name == "prefix-dkdv":
-                consts = dict(GROUP=common["GROUP"], SHARED=case.prefix == "shared", BLOCK_M=config[0],
-                              BLOCK_N=config[1], BLOCK_D=block_d, EVEN_D=common["EVEN_D"],
-                              INPUT_PRECISION=common["INPUT_PRECISION"], **{k: flags[k] for k in PREFIX_FLAGS})
-            else:
-                kernel_flags = {k: flags[k] for k in SEQUENCE_FLAGS} if name == "dkdv" else flags
-                consts = dict(common, BLOCK_M=config[0], BLOCK_N=config[1], **kernel_flags)
+            consts = constexprs(name, config, flags, block_d=block_d, elem_bytes=case.dtype.itemsize,
+                                group=case.Hq // case.Hkv, even_d=block_d == case.D, causal=case.causal,
+                                shared=case.prefix == "shared")
             variants[(name, pointer, tuple(sorted(consts.items())), config)] = (name, kernel, consts, pointer, config)
     return [variants[key] for key in sorted(variants, key=str)]
 
@@ -200,8 +196,8 @@ def main(argv=None) -> int:
         pointer = "*fp32" if elem_bytes == 4 else "*bf16"
         for flag_set in flag_sets:
             start = time.time()
-            compiled = compile_kernel(kernel, constexprs(name, bucket, config, FLAG_SETS[flag_set]), POINTERS, pointer,
-                                      target, config[2], config[3])
+            consts = constexprs(name, config, FLAG_SETS[flag_set], block_d=block_d, elem_bytes=elem_bytes)
+            compiled = compile_kernel(kernel, consts, POINTERS, pointer, target, config[2], config[3])
             registers, spills = ptxas_usage(compiled.asm["ptx"], args.arch)
             smem = compiled.metadata.shared
             rows.append((name, f"{'fp32' if elem_bytes == 4 else '16-bit'} D{block_d}", config, flag_set, registers,
