@@ -2,6 +2,8 @@
 
 Public API:
     prefix_attention(q, k, v, prefix_k, prefix_v, ...)   attention over [prefix ; sequence] KV
+    prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, ...)
+                                                         the same on packed sequences (no padding)
     fused_prefix_mlp(embedding, w1, b1, w2, b2, ...)     PEFT's prefix MLP, once on P rows -> [L, 2, Hkv, P, D]
     PrefixEncoder(...)                                   PEFT-compatible module around fused_prefix_mlp
     patch(peft_model) / unpatch(peft_model)              PEFT prefix tuning on HF models through the kernels
@@ -13,7 +15,7 @@ Public API:
 from __future__ import annotations
 
 from ._backend import get_backend, use_backend
-from .ops.prefix_attention import prefix_attention
+from .ops.prefix_attention import prefix_attention, prefix_attention_varlen
 from .ops.decode_attention import merge_attention_states, prefix_decode_attention
 from .ops.prefix_mlp import fused_prefix_mlp
 from .prefix_encoder import PrefixEncoder
@@ -34,6 +36,6 @@ def __getattr__(name):
 
 __version__ = "0.1.0"
 
-__all__ = ["prefix_attention", "prefix_decode_attention", "merge_attention_states", "build_cuda", "fused_prefix_mlp",
+__all__ = ["prefix_attention", "prefix_attention_varlen", "prefix_decode_attention", "merge_attention_states", "build_cuda", "fused_prefix_mlp",
            "PrefixEncoder", "get_backend", "use_backend", "patch", "unpatch",
            "is_patched", "prefix_per_row", "save_resumable", "load_resumable", "__version__"]

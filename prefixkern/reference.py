@@ -16,6 +16,7 @@ __all__ = [
     "alibi_key_positions",
     "prefix_attention_mask",
     "prefix_attention",
+    "prefix_attention_varlen",
     "prefix_mlp",
     "prefix_mlp_rows",
 ]
@@ -146,6 +147,61 @@ def prefix_attention(
         probs = probs * dropout_keep.to(probs.dtype) / (1.0 - dropout_p)
     out = torch.matmul(probs, values).to(q.dtype)
     if return_lse:
+        return out, lse
+    return out
+
+
+def prefix_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    prefix_index: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_keep: list[torch.Tensor] | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
+    return_lse: bool = False,
+):
+    """``prefix_attention`` on packed sequences, one sequence at a time.
+
+    Sequence b is ``q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]]`` (``[total_q, Hq, D]``) over keys
+    ``k[cu_seqlens_k[b]:cu_seqlens_k[b + 1]]`` (``[total_k, Hkv, D]``) and its prefix: the shared one,
+    ``prefix_k[b]`` per sequence, or ``prefix_k[prefix_index[b]]``. ``dropout_keep``: one
+    ``[1, Hq, S_b, P + S_kv_b]`` keep mask per sequence. Returns ``out`` ``[total_q, Hq, D]`` (and the
+    float32 ``lse`` ``[Hq, total_q]``).
+    """
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(len(bounds_q) - 1):
+        if prefix_index is not None:
+            pk, pv = prefix_k[int(prefix_index[b])], prefix_v[int(prefix_index[b])]
+        elif prefix_k.dim() == 4:
+            pk, pv = prefix_k[b], prefix_v[b]
+        else:
+            pk, pv = prefix_k, prefix_v
+        qb = q[bounds_q[b]:bounds_q[b + 1]].transpose(0, 1).unsqueeze(0)
+        kb = k[bounds_k[b]:bounds_k[b + 1]].transpose(0, 1).unsqueeze(0)
+        vb = v[bounds_k[b]:bounds_k[b + 1]].transpose(0, 1).unsqueeze(0)
+        slopes = None
+        if alibi_slopes is not None:
+            slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b:b + 1]
+        out, lse = prefix_attention(
+            qb, kb, vb, pk, pv, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,
+            dropout_keep=None if dropout_keep is None else dropout_keep[b], alibi_slopes=slopes, softcap=softcap,
+            window=window, return_lse=True)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    out = torch.cat(outs, dim=0) if outs else q.new_empty(q.shape)
+    if return_lse:
+        lse = torch.cat(lses, dim=1) if lses else q.new_empty((q.shape[1], 0), dtype=torch.float32)
         return out, lse
     return out
 

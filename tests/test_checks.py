@@ -54,6 +54,43 @@ def test_bad_input_names_the_argument(override, error, pattern, backend):
         _call(**override)
 
 
+def _good_packed():
+    Hq, Hkv, P, D = 4, 2, 3, 16
+    return dict(q=torch.randn(9, Hq, D), k=torch.randn(11, Hkv, D), v=torch.randn(11, Hkv, D),
+                prefix_k=torch.randn(Hkv, P, D), prefix_v=torch.randn(Hkv, P, D),
+                cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32),
+                cu_seqlens_k=torch.tensor([0, 4, 11], dtype=torch.int32), max_seqlen_q=5, max_seqlen_k=7)
+
+
+def _call_packed(**override):
+    args = {**_good_packed(), **override}
+    positional = [args.pop(name) for name in ("q", "k", "v", "prefix_k", "prefix_v", "cu_seqlens_q", "cu_seqlens_k",
+                                              "max_seqlen_q", "max_seqlen_k")]
+    return prefixkern.prefix_attention_varlen(*positional, **args)
+
+
+@pytest.mark.parametrize("override,error,pattern", [
+    (dict(q=torch.randn(1, 9, 4, 16)), ValueError, r"q must have shape \[total_q, Hq, D\]"),
+    (dict(k=torch.randn(11, 3, 16), v=torch.randn(11, 3, 16)), ValueError, "multiple of k's heads"),
+    (dict(q=torch.randn(0, 4, 16), cu_seqlens_q=torch.tensor([0, 0, 0], dtype=torch.int32), max_seqlen_q=0),
+     ValueError, "at least one token"),
+    (dict(cu_seqlens_q=torch.tensor([0.0, 4.0, 9.0])), TypeError, "cu_seqlens_q must be int32 or int64"),
+    (dict(cu_seqlens_q=torch.tensor([9], dtype=torch.int32)), ValueError, r"cu_seqlens_q must have shape \[B \+ 1\]"),
+    (dict(cu_seqlens_k=torch.tensor([0, 11], dtype=torch.int32)), ValueError, "cu_seqlens_k must have cu_seqlens_q's shape"),
+    (dict(cu_seqlens_q=torch.tensor([0, 4, 8], dtype=torch.int32)), ValueError, "cu_seqlens_q must rise from 0 to the token count 9"),
+    (dict(cu_seqlens_k=torch.tensor([0, 12, 11], dtype=torch.int32)), ValueError, "cu_seqlens_k must rise from 0"),
+    (dict(max_seqlen_q=4), ValueError, "max_seqlen_q=4 is shorter than the longest sequence"),
+    (dict(max_seqlen_k=-1), ValueError, "max_seqlen_k must be a non-negative int"),
+    (dict(prefix_k=torch.randn(3, 2, 3, 16), prefix_v=torch.randn(3, 2, 3, 16)), ValueError, "per row"),
+    (dict(alibi_slopes=torch.ones(3, 4)), ValueError, "alibi_slopes must have shape"),
+    (dict(window=0), ValueError, "window must be a positive int"),
+])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_packed_input_names_the_argument(override, error, pattern, backend):
+    with prefixkern.use_backend(backend), pytest.raises(error, match=pattern):
+        _call_packed(**override)
+
+
 def test_backend_name_is_checked(monkeypatch):
     monkeypatch.setenv("PREFIXKERN_BACKEND", "cuda")
     with pytest.raises(ValueError, match="PREFIXKERN_BACKEND must be one of"):

@@ -189,6 +189,165 @@ def test_no_visible_key_gives_zero_and_minus_inf_lse(device):
 
 
 # --------------------------------------------------------------------------------------------
+# Packed sequences (prefix_attention_varlen): every sequence against the oracle run on it alone
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PackedCase:
+    lens_q: tuple[int, ...] = (5, 17, 1, 9)
+    lens_kv: tuple[int, ...] | None = None     # None: self-attention, the queries' own lengths
+    Hq: int = 4
+    Hkv: int = 2
+    P: int = 7
+    D: int = 32
+    dtype: torch.dtype = torch.float32
+    causal: bool = True
+    prefix: str = "shared"
+    alibi: bool = False
+    softcap: float | None = None
+    window: int | None = None
+
+    def __post_init__(self):
+        if self.lens_kv is None:
+            object.__setattr__(self, "lens_kv", self.lens_q)
+
+    def __str__(self):
+        dt = str(self.dtype).replace("torch.", "")
+        extras = [name for name, on in (("alibi", self.alibi), (f"cap{self.softcap}", self.softcap),
+                                        (f"win{self.window}", self.window)) if on]
+        lens = "_".join(map(str, self.lens_q)) + ("" if self.lens_kv == self.lens_q else
+                                                  "-kv" + "_".join(map(str, self.lens_kv)))
+        return (f"packed{lens}-H{self.Hq}/{self.Hkv}-P{self.P}-D{self.D}-{dt}-{'causal' if self.causal else 'full'}-"
+                f"{self.prefix}" + "".join("-" + e for e in extras))
+
+
+def _cu_seqlens(lengths, device):
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+
+def make_packed_inputs(case: PackedCase, device, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=case.dtype)
+
+    batch = len(case.lens_q)
+    q = randn(sum(case.lens_q), case.Hq, case.D)
+    k = randn(sum(case.lens_kv), case.Hkv, case.D)
+    v = randn(sum(case.lens_kv), case.Hkv, case.D)
+    prefix_index = None
+    if case.prefix == "shared":
+        pk, pv = randn(case.Hkv, case.P, case.D), randn(case.Hkv, case.P, case.D)
+    elif case.prefix == "per_row":
+        pk, pv = randn(batch, case.Hkv, case.P, case.D), randn(batch, case.Hkv, case.P, case.D)
+    else:
+        pk, pv = randn(3, case.Hkv, case.P, case.D), randn(3, case.Hkv, case.P, case.D)
+        prefix_index = (torch.arange(batch) * 2 % 3).to(device)
+    slopes = None
+    if case.alibi:
+        slopes = torch.tensor([2 ** (-8 * (i + 1) / case.Hq) for i in range(case.Hq)], device=device)
+    kwargs = dict(causal=case.causal, prefix_index=prefix_index, alibi_slopes=slopes, softcap=case.softcap,
+                  window=case.window)
+    return (q, k, v, pk, pv), _cu_seqlens(case.lens_q, device), _cu_seqlens(case.lens_kv, device), kwargs
+
+
+def check_packed_case(case: PackedCase, device):
+    inputs, cu_q, cu_k, kwargs = make_packed_inputs(case, device)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    with use_backend("triton"):
+        out, lse = prefixkern.prefix_attention_varlen(*leaves, cu_q, cu_k, max(case.lens_q), max(case.lens_kv),
+                                                      return_lse=True, **kwargs)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    ref_out, ref_lse = reference.prefix_attention_varlen(*ref_leaves, cu_q, cu_k, return_lse=True, **kwargs)
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape == (case.Hq, sum(case.lens_q))
+    assert_close(out, ref_out, case.dtype, "out", "out")
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    assert_close(lse[finite], ref_lse[finite], torch.float32 if case.dtype == torch.float32 else case.dtype,
+                 "out", "lse")
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=case.dtype)
+    out.backward(dout)
+    ref_out.backward(dout)
+    for name, got, want in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), leaves, ref_leaves):
+        assert got.grad.shape == want.grad.shape and got.grad.dtype == want.grad.dtype, name
+        assert_close(got.grad, want.grad, case.dtype, "grad", name)
+
+
+PACKED_BASE = PackedCase()
+PACKED_CPU_CASES = [
+    PACKED_BASE,
+    replace(PACKED_BASE, causal=False, prefix="per_row"),
+    replace(PACKED_BASE, lens_q=(3, 0, 20), lens_kv=(9, 4, 20)),        # an empty sequence; keys longer than queries
+    replace(PACKED_BASE, lens_q=(6, 11), lens_kv=(2, 0), window=5),       # S > S_kv; a sequence with no keys
+    replace(PACKED_BASE, prefix="per_task", alibi=True, Hq=6, Hkv=3),
+    replace(PACKED_BASE, softcap=5.0, window=8, dtype=torch.bfloat16),
+    replace(PACKED_BASE, Hq=7, Hkv=1, P=18, D=40, dtype=torch.float16),
+]
+
+
+@pytest.mark.parametrize("case", PACKED_CPU_CASES, ids=str)
+def test_packed_matches_reference(case):
+    check_packed_case(case, torch.device("cuda" if HAS_CUDA else "cpu"))
+
+
+def test_packed_equals_dense_rows(device):
+    """Packing is only a layout: the same sequences, padded into [B, H, S, D] rows with a padding
+    mask on the right, give the same outputs and gradients."""
+    case = PACKED_BASE
+    (q, k, v, pk, pv), cu_q, cu_k, _ = make_packed_inputs(case, device)
+    longest = max(case.lens_q)
+    dense_q = torch.zeros(len(case.lens_q), case.Hq, longest, case.D, device=device)
+    dense_k = torch.zeros(len(case.lens_q), case.Hkv, longest, case.D, device=device)
+    dense_v = torch.zeros_like(dense_k)
+    mask = torch.zeros(len(case.lens_q), longest, dtype=torch.bool, device=device)
+    for b, (lo, hi) in enumerate(zip(cu_q.tolist(), cu_q.tolist()[1:])):
+        dense_q[b, :, : hi - lo] = q[lo:hi].transpose(0, 1)
+        dense_k[b, :, : hi - lo] = k[lo:hi].transpose(0, 1)
+        dense_v[b, :, : hi - lo] = v[lo:hi].transpose(0, 1)
+        mask[b, : hi - lo] = True
+    with use_backend("triton"):
+        # Right padding leaves every real query at its own position under bottom-right causality
+        # only when the row is full; compare without causality, where position plays no part.
+        packed = prefixkern.prefix_attention_varlen(q, k, v, pk, pv, cu_q, cu_k, longest, longest, causal=False)
+        dense = prefixkern.prefix_attention(dense_q, dense_k, dense_v, pk, pv, key_padding_mask=mask, causal=False)
+    for b, (lo, hi) in enumerate(zip(cu_q.tolist(), cu_q.tolist()[1:])):
+        assert_close(packed[lo:hi], dense[b, :, : hi - lo].transpose(0, 1), case.dtype, "out", f"sequence {b}")
+
+
+def test_packed_dropout_matches_the_mask(device):
+    """Sequence b draws the mask a dense launch draws for batch row b with its own lengths."""
+    from prefixkern.kernels._attention_common import dropout_keep_mask
+
+    case = replace(PACKED_BASE, lens_q=(5, 12, 3), lens_kv=(9, 12, 3))
+    p = 0.3
+    (q, k, v, pk, pv), cu_q, cu_k, kwargs = make_packed_inputs(case, device)
+    seed = torch.tensor([12345], dtype=torch.int64, device=device)
+    batch = len(case.lens_q)
+    keep = [dropout_keep_mask(seed, batch, case.Hq, s, case.P, s_kv, p)[b:b + 1]
+            for b, (s, s_kv) in enumerate(zip(case.lens_q, case.lens_kv))]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
+    out, _ = torch.ops.prefixkern.prefix_attention_fwd(
+        *leaves, None, None, None, seed, True, 1 / math.sqrt(case.D), p, None, None, cu_q, cu_k,
+        max(case.lens_q), max(case.lens_kv))
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
+    ref = reference.prefix_attention_varlen(*ref_leaves, cu_q, cu_k, dropout_p=p, dropout_keep=keep, **kwargs)
+    assert_close(out, ref, case.dtype, "out", "out")
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    ref.backward(dout)
+    for name, got, want in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), leaves, ref_leaves):
+        assert_close(got.grad, want.grad, case.dtype, "grad", name)
+
+
+def test_packed_reference_backend_for_cpu_tensors_by_default():
+    (q, k, v, pk, pv), cu_q, cu_k, kwargs = make_packed_inputs(PACKED_BASE, torch.device("cpu"))
+    longest = max(PACKED_BASE.lens_q)
+    with use_backend("auto"):
+        out = prefixkern.prefix_attention_varlen(q, k, v, pk, pv, cu_q, cu_k, longest, longest, **kwargs)
+    assert torch.equal(out, reference.prefix_attention_varlen(q, k, v, pk, pv, cu_q, cu_k, **kwargs))
+
+
+# --------------------------------------------------------------------------------------------
 # Dropout: the kernels' Philox mask, checked element by element against the oracle
 # --------------------------------------------------------------------------------------------
 
@@ -205,7 +364,7 @@ def test_dropout_forward_and_backward_match_the_mask(case, device):
     leaves = [t.clone().requires_grad_() for t in inputs]
     out, _ = torch.ops.prefixkern.prefix_attention_fwd(
         *leaves, kwargs["prefix_index"], kwargs["key_padding_mask"], None, seed, True, 1 / math.sqrt(case.D), p,
-        None, None)
+        None, None, None, None, 0, 0)
     ref_leaves = [t.clone().requires_grad_() for t in inputs]
     ref = reference.prefix_attention(*ref_leaves, dropout_p=p, dropout_keep=keep, **kwargs)
     assert_close(out, ref, case.dtype, "out", "out")
@@ -255,9 +414,38 @@ def test_torch_compile_fullgraph_forward_and_backward(device):
 
 def test_opcheck(device):
     (q, k, v, pk, pv), kwargs = make_inputs(replace(BASE, S=5, S_kv=9, padding="left"), device)
-    args = (q, k, v, pk, pv, None, kwargs["key_padding_mask"], None, None, True, 0.25, 0.0, None, None)
+    args = (q, k, v, pk, pv, None, kwargs["key_padding_mask"], None, None, True, 0.25, 0.0, None, None, None, None,
+            0, 0)
     torch.library.opcheck(torch.ops.prefixkern.prefix_attention_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_opcheck_packed(device):
+    (q, k, v, pk, pv), cu_q, cu_k, _ = make_packed_inputs(PACKED_BASE, device)
+    args = (q, k, v, pk, pv, None, None, None, None, True, 0.25, 0.0, None, None, cu_q, cu_k,
+            max(PACKED_BASE.lens_q), max(PACKED_BASE.lens_kv))
+    torch.library.opcheck(torch.ops.prefixkern.prefix_attention_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_torch_compile_fullgraph_packed(device):
+    (q, k, v, pk, pv), cu_q, cu_k, kwargs = make_packed_inputs(PACKED_BASE, device)
+    max_q, max_k = max(PACKED_BASE.lens_q), max(PACKED_BASE.lens_kv)
+
+    def step(q, k, v, pk, pv):
+        return prefixkern.prefix_attention_varlen(q, k, v, pk, pv, cu_q, cu_k, max_q, max_k, causal=True)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
+    with use_backend("triton"):
+        out = compiled(*leaves)
+        out.sum().backward()
+        ref = step(*ref_leaves)
+        ref.sum().backward()
+    assert torch.equal(out, ref)
+    for got, want in zip(leaves, ref_leaves):
+        assert torch.equal(got.grad, want.grad)
 
 
 def test_reference_backend_for_cpu_tensors_by_default():
@@ -311,3 +499,28 @@ def test_gpu_grid(case):
 def test_gpu_long_sequences(S, S_kv, P):
     check_case(Case(B=2, Hq=32, Hkv=8, S=S, S_kv=S_kv, P=P, D=128, dtype=torch.bfloat16, padding="left"),
                torch.device("cuda"))
+
+
+def _gpu_packed_grid():
+    """Packed rows at full size: the dtypes and head dims of the dense grid, ragged lengths that
+    leave tiles partly filled, GQA, every prefix kind and the score modifiers."""
+    lens = (1, 300, 17, 128, 0, 77)
+    cases = [PackedCase(lens_q=lens, Hq=4, Hkv=2, P=16, D=d, dtype=dt)
+             for dt in (torch.float16, torch.bfloat16, torch.float32) for d in (32, 64, 80, 96, 128, 256)]
+    base = PackedCase(lens_q=lens, Hq=14, Hkv=2, P=30, D=128, dtype=torch.bfloat16)
+    cases += [replace(base, causal=False), replace(base, prefix="per_row"), replace(base, prefix="per_task"),
+              replace(base, alibi=True), replace(base, softcap=30.0), replace(base, window=64),
+              replace(base, P=130), replace(base, lens_kv=(40, 300, 90, 128, 12, 77))]
+    return cases
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", _gpu_packed_grid(), ids=str)
+def test_gpu_packed_grid(case):
+    check_packed_case(case, torch.device("cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_packed_long():
+    check_packed_case(PackedCase(lens_q=(2048, 513, 4096, 1), Hq=32, Hkv=8, P=64, D=128, dtype=torch.bfloat16),
+                      torch.device("cuda"))

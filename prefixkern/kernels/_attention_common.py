@@ -1,6 +1,10 @@
 """Device code shared by the prefix-attention forward and backward kernels, so both compute the
 same scores, the same visibility and the same dropout mask.
 
+Rows are either dense (``[B, H, S, D]``: every row S queries and S_kv keys) or packed
+(``VARLEN``: sequence b's tokens are ``cu_seqlens[b]:cu_seqlens[b + 1]`` of a ``[total, H, D]``
+tensor, its lengths read in the kernel by ``packed_row``); everything below counts within a row.
+
 Positions (DESIGN.md, "The math"): prefix key j sits at j, sequence key j at ``P + j``, query i at
 ``P + (S_kv - S) + i`` (bottom-right aligned). Key *columns* number the concatenation
 ``[prefix ; sequence]``: prefix key j is column j, sequence key j column ``P + j``; the dropout
@@ -10,6 +14,7 @@ key ``seed + b * Hq + h``, so any kernel regenerates any element of the mask on 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -21,6 +26,25 @@ from ._launch import device_index, smem_bytes
 from ._math import tanh
 
 LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def packed_row(b, cu_seqlens_q_ptr, cu_seqlens_k_ptr, S, S_kv, VARLEN: tl.constexpr):
+    """``(q_start, S_q, k_start, S_k)`` of batch row ``b``: where its queries and keys start along
+    the token axis, and how many it has. Dense rows start at 0 with S and S_kv; a packed
+    sequence's come from ``cu_seqlens`` (S and S_kv are then the longest, the grid's extent)."""
+    if VARLEN:
+        q_start = tl.load(cu_seqlens_q_ptr + b).to(tl.int64)
+        k_start = tl.load(cu_seqlens_k_ptr + b).to(tl.int64)
+        S_q = (tl.load(cu_seqlens_q_ptr + b + 1) - q_start).to(tl.int32)
+        S_k = (tl.load(cu_seqlens_k_ptr + b + 1) - k_start).to(tl.int32)
+    else:
+        # One return for both branches: Triton types a function by all of its return statements.
+        q_start = 0
+        k_start = 0
+        S_q = S
+        S_k = S_kv
+    return q_start, S_q, k_start, S_k
 
 
 @triton.jit
@@ -207,7 +231,33 @@ def _prefix_strides(prefix: torch.Tensor) -> tuple[int, ...]:
     return ((0,) if prefix.dim() == 3 else ()) + tuple(prefix.stride())
 
 
-def attention_launch_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, dropout_p, seed):
+class PackedRows(NamedTuple):
+    """Packed sequences (flash-attn's varlen layout): sequence b is tokens
+    ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` of ``q [total_q, Hq, D]`` and likewise for the keys."""
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def attention_dims(q: torch.Tensor, k: torch.Tensor, packed: PackedRows | None):
+    """``(B, Hq, Hkv, S, S_kv, D)`` of a launch; packed rows give their count and longest lengths."""
+    if packed is not None:
+        return (packed.cu_seqlens_q.shape[0] - 1, q.shape[1], k.shape[1], packed.max_seqlen_q, packed.max_seqlen_k,
+                q.shape[2])
+    return q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3]
+
+
+def bhsd_strides(t: torch.Tensor, packed: bool) -> tuple[int, int, int, int]:
+    """(batch, head, token, dim) strides of ``[B, H, S, D]``, or of packed ``[total, H, D]`` (batch
+    stride 0: a packed row's first token comes from cu_seqlens)."""
+    if packed:
+        return 0, t.stride(1), t.stride(0), t.stride(2)
+    return tuple(t.stride())
+
+
+def attention_launch_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, dropout_p, seed,
+                          cu_seqlens_q=None, cu_seqlens_k=None):
     """Host-side pieces every attention kernel takes: the prefixes' strides, and real or dummy
     pointers for the optional inputs."""
     dummy = q  # never read: its flag is off
@@ -229,12 +279,15 @@ def attention_launch_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask,
         "positions": positions if positions is not None else dummy,
         "position_strides": tuple(positions.stride()) if positions is not None else (0, 0),
         "seed": seed if seed is not None else torch.zeros(1, dtype=torch.int64, device=q.device),
+        "cu_seqlens_q": cu_seqlens_q if cu_seqlens_q is not None else dummy,
+        "cu_seqlens_k": cu_seqlens_k if cu_seqlens_k is not None else dummy,
         "flags": {
             "HAS_PREFIX_INDEX": prefix_index is not None,
             "HAS_KPM": kpm is not None,
             "HAS_ALIBI": alibi_slopes is not None,
             "HAS_POS": positions is not None,
             "HAS_DROPOUT": dropout_p > 0.0,
+            "VARLEN": cu_seqlens_q is not None,
         },
     }
 

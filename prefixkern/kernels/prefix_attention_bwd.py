@@ -23,13 +23,17 @@ import triton.language as tl
 from .._backend import triton_interpret
 from ._attention_common import (
     LOG2E,
+    PackedRows,
     alibi_sequence_positions,
+    attention_dims,
     attention_launch_args,
+    bhsd_strides,
     config_bucket,
     dropout_keep,
     fits_smem,
     fitting_configs,
     load_tile,
+    packed_row,
     pick_config,
     prefix_row,
     prefix_visible,
@@ -48,21 +52,24 @@ __all__ = ["prefix_attention_backward"]
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def prefix_attention_bwd_preprocess_kernel(out_ptr, dout_ptr, delta_ptr,
+def prefix_attention_bwd_preprocess_kernel(out_ptr, dout_ptr, delta_ptr, cu_seqlens_q_ptr,
                                            stride_ob, stride_oh, stride_os, stride_od,
                                            stride_dob, stride_doh, stride_dos, stride_dod,
-                                           Hq, S, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                                           Hq, S, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                                           VARLEN: tl.constexpr):
     bh = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
+    b = bh // Hq
     h = (bh % Hq).to(tl.int64)
+    q_start, S_q, _, _ = packed_row(b, cu_seqlens_q_ptr, cu_seqlens_q_ptr, S, 0, VARLEN)
+    b = b.to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < S) & (offs_d[None, :] < D)
-    o = tl.load(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(dout_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos
+    mask = (offs_m[:, None] < S_q) & (offs_d[None, :] < D)
+    o = tl.load(out_ptr + b * stride_ob + h * stride_oh + (q_start + offs_m[:, None]) * stride_os
+                + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(dout_ptr + b * stride_dob + h * stride_doh + (q_start + offs_m[:, None]) * stride_dos
                  + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + bh.to(tl.int64) * S + offs_m, tl.sum(o * do, 1), mask=offs_m < S)
+    tl.store(delta_ptr + bh.to(tl.int64) * S + offs_m, tl.sum(o * do, 1), mask=offs_m < S_q)
 
 
 @triton.jit
@@ -123,7 +130,7 @@ def _dq_sequence(dq, q, do, lse2, delta, lo, hi, k_base, v_base, stride_ks, stri
 @triton.jit
 def prefix_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
-    prefix_index_ptr, kpm_ptr, slopes_ptr, pos_ptr, seed_ptr,
+    prefix_index_ptr, kpm_ptr, slopes_ptr, pos_ptr, seed_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -136,7 +143,7 @@ def prefix_attention_bwd_dq_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -144,18 +151,23 @@ def prefix_attention_bwd_dq_kernel(
     h = bh % Hq
     g = (h // GROUP).to(tl.int64)
     b64 = b.to(tl.int64)
+    # This row's token range; S stays the row length of lse and delta (the longest row when packed).
+    q_start, S_q, k_start, S_k = packed_row(b, cu_seqlens_q_ptr, cu_seqlens_k_ptr, S, S_kv, VARLEN)
+    if VARLEN:
+        if start_m * BLOCK_M >= S_q:
+            return
     pb = prefix_row(b, prefix_index_ptr, HAS_PREFIX_INDEX)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < S
+    m_ok = offs_m < S_q
     d_ok = offs_d < D
 
-    q = load_tile(q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qs
+    q = load_tile(q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh + (q_start + offs_m[:, None]) * stride_qs
                   + offs_d[None, :] * stride_qd, m_ok[:, None], d_ok[None, :], True, not EVEN_D)
-    do = load_tile(dout_ptr + b64 * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dos
+    do = load_tile(dout_ptr + b64 * stride_dob + h.to(tl.int64) * stride_doh + (q_start + offs_m[:, None]) * stride_dos
                    + offs_d[None, :] * stride_dod, m_ok[:, None], d_ok[None, :], True, not EVEN_D)
-    lse2 = _load_lse2(lse_ptr + bh.to(tl.int64) * S, offs_m, S)
+    lse2 = _load_lse2(lse_ptr + bh.to(tl.int64) * S, offs_m, S_q)
     delta = tl.load(delta_ptr + bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.0)
     qk_scale = sm_scale * LOG2E
     slope = 0.0
@@ -164,7 +176,7 @@ def prefix_attention_bwd_dq_kernel(
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-    num_keys = P + S_kv
+    num_keys = P + S_k
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     pk_base = pk_ptr + pb * stride_pkb + g * stride_pkh
@@ -180,7 +192,7 @@ def prefix_attention_bwd_dq_kernel(
                       False, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
     for start_p in range(full_p, P, BLOCK_N):
         offs_p = start_p + offs_n
-        vis = prefix_visible(offs_m, offs_p, S, S_kv, P, window, HAS_WINDOW)
+        vis = prefix_visible(offs_m, offs_p, S_q, S_k, P, window, HAS_WINDOW)
         dq = _dq_step(dq, q, do, lse2, delta,
                       pk_base + offs_p[:, None] * stride_pks + offs_d[None, :] * stride_pkd,
                       pv_base + offs_p[:, None] * stride_pvs + offs_d[None, :] * stride_pvd,
@@ -188,32 +200,32 @@ def prefix_attention_bwd_dq_kernel(
                       sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
                       True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
 
-    k_base = k_ptr + b64 * stride_kb + g * stride_kh
-    v_base = v_ptr + b64 * stride_vb + g * stride_vh
+    k_base = k_ptr + b64 * stride_kb + g * stride_kh + k_start * stride_ks
+    v_base = v_ptr + b64 * stride_vb + g * stride_vh + k_start * stride_vs
     kpm_row = kpm_ptr + b64 * stride_kpmb
     pos_row = pos_ptr + b64 * stride_posb
     q_lo = start_m * BLOCK_M
-    q_hi = tl.minimum(q_lo + BLOCK_M, S)
-    lo, full_lo, full_hi, hi = sequence_key_range(q_lo, q_hi, S, S_kv, window, BLOCK_N, CAUSAL, HAS_WINDOW,
+    q_hi = tl.minimum(q_lo + BLOCK_M, S_q)
+    lo, full_lo, full_hi, hi = sequence_key_range(q_lo, q_hi, S_q, S_k, window, BLOCK_N, CAUSAL, HAS_WINDOW,
                                                   HAS_KPM)
     dq = _dq_sequence(
         dq, q, do, lse2, delta, lo, full_lo, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row,
-        stride_kpms, pos_row, stride_poss, offs_m, offs_n, offs_d, d_ok, S, S_kv, P, window, sm_scale, qk_scale,
+        stride_kpms, pos_row, stride_poss, offs_m, offs_n, offs_d, d_ok, S_q, S_k, P, window, sm_scale, qk_scale,
         softcap, slope, seed, bh, num_keys, dropout_p, True, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS,
         HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
     dq = _dq_sequence(
         dq, q, do, lse2, delta, full_lo, full_hi, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row,
-        stride_kpms, pos_row, stride_poss, offs_m, offs_n, offs_d, d_ok, S, S_kv, P, window, sm_scale, qk_scale,
+        stride_kpms, pos_row, stride_poss, offs_m, offs_n, offs_d, d_ok, S_q, S_k, P, window, sm_scale, qk_scale,
         softcap, slope, seed, bh, num_keys, dropout_p, False, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS,
         HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
     dq = _dq_sequence(
         dq, q, do, lse2, delta, full_hi, hi, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row,
-        stride_kpms, pos_row, stride_poss, offs_m, offs_n, offs_d, d_ok, S, S_kv, P, window, sm_scale, qk_scale,
+        stride_kpms, pos_row, stride_poss, offs_m, offs_n, offs_d, d_ok, S_q, S_k, P, window, sm_scale, qk_scale,
         softcap, slope, seed, bh, num_keys, dropout_p, True, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS,
         HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
 
     dq = dq * sm_scale
-    tl.store(dq_ptr + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqs
+    tl.store(dq_ptr + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + (q_start + offs_m[:, None]) * stride_dqs
              + offs_d[None, :] * stride_dqd, dq.to(dq_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
@@ -267,7 +279,7 @@ def _query_block_range(n_lo, S, S_kv, window, BLOCK_M: tl.constexpr, BLOCK_N: tl
 @triton.jit
 def prefix_attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    kpm_ptr, slopes_ptr, pos_ptr, seed_ptr,
+    kpm_ptr, slopes_ptr, pos_ptr, seed_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -278,31 +290,37 @@ def prefix_attention_bwd_dkdv_kernel(
     Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     bg = tl.program_id(1)
-    b64 = (bg // Hkv).to(tl.int64)
+    b = bg // Hkv
+    b64 = b.to(tl.int64)
     g = bg % Hkv
+    # This row's token range; S stays the row length of lse and delta (the longest row when packed).
+    q_start, S_q, k_start, S_k = packed_row(b, cu_seqlens_q_ptr, cu_seqlens_k_ptr, S, S_kv, VARLEN)
+    if VARLEN:
+        if start_n >= S_k:
+            return
     offs_s = start_n + tl.arange(0, BLOCK_N)
     offs_mb = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < S_kv
+    s_ok = offs_s < S_k
     d_ok = offs_d < D
 
-    k = load_tile(k_ptr + b64 * stride_kb + g.to(tl.int64) * stride_kh + offs_s[:, None] * stride_ks
+    k = load_tile(k_ptr + b64 * stride_kb + g.to(tl.int64) * stride_kh + (k_start + offs_s[:, None]) * stride_ks
                   + offs_d[None, :] * stride_kd, s_ok[:, None], d_ok[None, :], True, not EVEN_D)
-    v = load_tile(v_ptr + b64 * stride_vb + g.to(tl.int64) * stride_vh + offs_s[:, None] * stride_vs
+    v = load_tile(v_ptr + b64 * stride_vb + g.to(tl.int64) * stride_vh + (k_start + offs_s[:, None]) * stride_vs
                   + offs_d[None, :] * stride_vd, s_ok[:, None], d_ok[None, :], True, not EVEN_D)
     kpm_row = kpm_ptr + b64 * stride_kpmb
-    key_pos = alibi_sequence_positions(pos_ptr + b64 * stride_posb, stride_poss, offs_s, S_kv, P, HAS_POS)
+    key_pos = alibi_sequence_positions(pos_ptr + b64 * stride_posb, stride_poss, offs_s, S_k, P, HAS_POS)
     qk_scale = sm_scale * LOG2E
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-    num_keys = P + S_kv
-    lo, hi = _query_block_range(start_n, S, S_kv, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    num_keys = P + S_k
+    lo, hi = _query_block_range(start_n, S_q, S_k, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     # One loop over the query blocks, the mask computed in each (only causality, a window or padding
     # need one here: rows out of range load as zeros with lse = +inf and contribute nothing, and
     # keys out of range are never stored). The forward's split into masked and unmasked loops costs
@@ -315,8 +333,8 @@ def prefix_attention_bwd_dkdv_kernel(
     for j in range(GROUP):
         h = g * GROUP + j
         bh = b64 * Hq + h
-        q_base = q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh
-        do_base = dout_ptr + b64 * stride_dob + h.to(tl.int64) * stride_doh
+        q_base = q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qs
+        do_base = dout_ptr + b64 * stride_dob + h.to(tl.int64) * stride_doh + q_start * stride_dos
         lse_row = lse_ptr + bh * S
         delta_row = delta_ptr + bh * S
         slope = 0.0
@@ -324,25 +342,51 @@ def prefix_attention_bwd_dkdv_kernel(
             slope = tl.load(slopes_ptr + b64 * stride_slb + h * stride_slh)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_mb
-            vis = sequence_visible(offs_m, offs_s, S, S_kv, window, kpm_row, stride_kpms, False, CAUSAL, HAS_WINDOW,
-                                   HAS_KPM) if MASKED else None
+            vis = sequence_visible(offs_m, offs_s, S_q, S_k, window, kpm_row, stride_kpms, False, CAUSAL,
+                                   HAS_WINDOW, HAS_KPM) if MASKED else None
             dk, dv = _dkdv_step(dk, dv, k, v, q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                                 do_base + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
                                 lse_row, delta_row, offs_m, d_ok, vis, key_pos, P + offs_s,
-                                S, sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p,
+                                S_q, sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p,
                                 MASKED, True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
 
     out_mask = s_ok[:, None] & d_ok[None, :]
-    tl.store(dk_ptr + b64 * stride_dkb + g.to(tl.int64) * stride_dkh + offs_s[:, None] * stride_dks
+    tl.store(dk_ptr + b64 * stride_dkb + g.to(tl.int64) * stride_dkh + (k_start + offs_s[:, None]) * stride_dks
              + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(dv_ptr + b64 * stride_dvb + g.to(tl.int64) * stride_dvh + offs_s[:, None] * stride_dvs
+    tl.store(dv_ptr + b64 * stride_dvb + g.to(tl.int64) * stride_dvh + (k_start + offs_s[:, None]) * stride_dvs
              + offs_d[None, :] * stride_dvd, dv.to(dv_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _prefix_dkdv_block(dk, dv, pk, pv, q_ptr, dout_ptr, lse_ptr, delta_ptr, slopes_ptr, b64, h, mb, q_start, S_q, S_k,
+                       offs_mb, offs_p, offs_d, d_ok, key_pos, stride_qb, stride_qh, stride_qs, stride_qd, stride_dob,
+                       stride_doh, stride_dos, stride_dod, stride_slb, stride_slh, Hq, S, P, window, sm_scale,
+                       qk_scale, softcap, seed, dropout_p, BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr,
+                       HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                       HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """The prefix dK/dV contribution of query block ``mb`` of row ``b64``, query head ``h``."""
+    bh = b64 * Hq + h
+    offs_m = mb * BLOCK_M + offs_mb
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(slopes_ptr + b64 * stride_slb + h * stride_slh)
+    # Out-of-range queries load as zeros with lse = +inf, so they add nothing; only a sliding
+    # window can hide a prefix key from a real query.
+    vis = prefix_visible(offs_m, offs_p, S_q, S_k, P, window, HAS_WINDOW)
+    return _dkdv_step(dk, dv, pk, pv,
+                      q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh + (q_start + offs_m[:, None]) * stride_qs
+                      + offs_d[None, :] * stride_qd,
+                      dout_ptr + b64 * stride_dob + h.to(tl.int64) * stride_doh
+                      + (q_start + offs_m[:, None]) * stride_dos + offs_d[None, :] * stride_dod,
+                      lse_ptr + bh * S, delta_ptr + bh * S, offs_m, d_ok, vis, key_pos, offs_p,
+                      S_q, sm_scale, qk_scale, softcap, slope, seed, bh, P + S_k, dropout_p,
+                      HAS_WINDOW, True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
 
 
 @triton.jit
 def prefix_attention_bwd_prefix_dkdv_kernel(
     q_ptr, pk_ptr, pv_ptr, dout_ptr, lse_ptr, delta_ptr, dpk_ptr, dpv_ptr,
-    prefix_index_ptr, slopes_ptr, seed_ptr,
+    prefix_index_ptr, slopes_ptr, seed_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_pkb, stride_pkh, stride_pks, stride_pkd,
     stride_pvb, stride_pvh, stride_pvs, stride_pvd,
@@ -352,11 +396,12 @@ def prefix_attention_bwd_prefix_dkdv_kernel(
     GROUP: tl.constexpr, SHARED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Partial dPrefixK/dPrefixV of one prefix block and KV head over a share of the work items
     (batch row if SHARED, query head of the group, query block). Writes float32
-    ``partial[split, owner, g, p, :]`` with owner 0 when SHARED, else the batch row."""
+    ``partial[split, owner, g, p, :]`` with owner 0 when SHARED, else the batch row. Packed rows
+    count query blocks up to the longest sequence and skip those past their own end."""
     start_p = tl.program_id(0) * BLOCK_N
     og = tl.program_id(1)
     split = tl.program_id(2)
@@ -381,7 +426,6 @@ def prefix_attention_bwd_prefix_dkdv_kernel(
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-    num_keys = P + S_kv
     key_pos = offs_p.to(tl.float32)
     num_m_blocks = tl.cdiv(S, BLOCK_M)
     if SHARED:
@@ -393,30 +437,39 @@ def prefix_attention_bwd_prefix_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for item in range(first, last):
-        mb = item % num_m_blocks
-        j = (item // num_m_blocks) % GROUP
-        if SHARED:
-            b64 = (item // (num_m_blocks * GROUP)).to(tl.int64)
-        else:
-            b64 = owner.to(tl.int64)
-        h = g * GROUP + j
-        bh = b64 * Hq + h
-        offs_m = mb * BLOCK_M + offs_mb
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(slopes_ptr + b64 * stride_slb + h * stride_slh)
-        # Out-of-range queries load as zeros with lse = +inf, so they add nothing; only a
-        # sliding window can hide a prefix key from a real query.
-        vis = prefix_visible(offs_m, offs_p, S, S_kv, P, window, HAS_WINDOW)
-        dk, dv = _dkdv_step(dk, dv, pk, pv,
-                            q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qs
-                            + offs_d[None, :] * stride_qd,
-                            dout_ptr + b64 * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dos
-                            + offs_d[None, :] * stride_dod,
-                            lse_ptr + bh * S, delta_ptr + bh * S, offs_m, d_ok, vis, key_pos, offs_p,
-                            S, sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p,
-                            HAS_WINDOW, True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+    if VARLEN:
+        # A share is one inner loop over query blocks per (row, head), bounded by the sequence's own
+        # length: plain loop bounds skip the dead blocks and keep the loads pipelined (a branch in
+        # the flat loop below stopped cp.async pipelining). Dense rows keep the flat loop: the
+        # nested one costs them 25-50 registers and spills with dropout (kernel_resources.py).
+        for row_head in range(first // num_m_blocks, tl.cdiv(last, num_m_blocks)):
+            if SHARED:
+                b64 = tl.cast(row_head // GROUP, tl.int64)   # (the interpreter's loop index is a Python int)
+            else:
+                b64 = owner.to(tl.int64)
+            h = g * GROUP + row_head % GROUP
+            q_start, S_q, _, S_k = packed_row(b64, cu_seqlens_q_ptr, cu_seqlens_k_ptr, S, S_kv, VARLEN)
+            mb_hi = tl.minimum(last - row_head * num_m_blocks, tl.cdiv(S_q, BLOCK_M))
+            for mb in range(tl.maximum(first - row_head * num_m_blocks, 0), mb_hi):
+                dk, dv = _prefix_dkdv_block(
+                    dk, dv, pk, pv, q_ptr, dout_ptr, lse_ptr, delta_ptr, slopes_ptr, b64, h, mb, q_start, S_q, S_k,
+                    offs_mb, offs_p, offs_d, d_ok, key_pos, stride_qb, stride_qh, stride_qs, stride_qd, stride_dob,
+                    stride_doh, stride_dos, stride_dod, stride_slb, stride_slh, Hq, S, P, window, sm_scale,
+                    qk_scale, softcap, seed, dropout_p, BLOCK_M, EVEN_D, HAS_ALIBI, HAS_SOFTCAP, HAS_WINDOW,
+                    HAS_DROPOUT, INPUT_PRECISION)
+    else:
+        for item in range(first, last):
+            if SHARED:
+                b64 = (item // (num_m_blocks * GROUP)).to(tl.int64)
+            else:
+                b64 = owner.to(tl.int64)
+            h = g * GROUP + (item // num_m_blocks) % GROUP
+            dk, dv = _prefix_dkdv_block(
+                dk, dv, pk, pv, q_ptr, dout_ptr, lse_ptr, delta_ptr, slopes_ptr, b64, h, item % num_m_blocks, 0, S,
+                S_kv, offs_mb, offs_p, offs_d, d_ok, key_pos, stride_qb, stride_qh, stride_qs, stride_qd, stride_dob,
+                stride_doh, stride_dos, stride_dod, stride_slb, stride_slh, Hq, S, P, window, sm_scale, qk_scale,
+                softcap, seed, dropout_p, BLOCK_M, EVEN_D, HAS_ALIBI, HAS_SOFTCAP, HAS_WINDOW, HAS_DROPOUT,
+                INPUT_PRECISION)
     # partial is contiguous [splits, owners, Hkv, P, D]
     base = ((split * tl.num_programs(1) + og).to(tl.int64) * P) * D
     out_off = base + offs_p[:, None] * D + offs_d[None, :]
@@ -440,7 +493,7 @@ DQ_CONFIGS = {
     (2, 256): [(64, 32, 8, 2), (128, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
     (4, 64): [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2)],
     (4, 128): [(128, 32, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
-    (4, 256): [(32, 32, 8, 2), (32, 32, 4, 2)],
+    (4, 256): [(32, 32, 8, 2)],   # (32, 32, 4, 2) spilled 20 B with packed rows
 }
 DKDV_CONFIGS = {
     (2, 64): [(32, 128, 8, 2), (32, 64, 4, 2), (64, 32, 8, 2), (16, 128, 8, 2)],
@@ -455,14 +508,19 @@ PREFIX_DKDV_CONFIGS = {
     (2, 64): (64, 64, 4, 2), (2, 128): (64, 64, 8, 2), (2, 256): (64, 32, 8, 2),
     (4, 64): (64, 32, 4, 2), (4, 128): (64, 32, 8, 2), (4, 256): (32, 32, 8, 2),
 }
+# Packed rows carry their sequence bounds through the loop: where that spilled, a shorter query tile
+# ((64, 64, 8, 2) spilled 8 B at D = 128; (64, 32, 8, 2) 12 B at D = 256 once P = 16 capped it to 16).
+PACKED_PREFIX_DKDV_CONFIGS = {**PREFIX_DKDV_CONFIGS, (2, 128): (32, 64, 8, 2), (2, 256): (32, 32, 8, 2)}
 
 
-def _prefix_dkdv_config(head_dim_block: int, prefix_len: int, q: torch.Tensor) -> tuple[int, int, int, int]:
+def _prefix_dkdv_config(head_dim_block: int, prefix_len: int, q: torch.Tensor,
+                        packed: bool) -> tuple[int, int, int, int]:
     """The table's config with BLOCK_N capped by P, its query tile halved until it fits the device
     (it keeps the prefix tiles resident and streams queries, as dK/dV does)."""
     if triton_interpret():
         return 16, 16, 1, 1
-    block_m, block_n, warps, stages = PREFIX_DKDV_CONFIGS[config_bucket(head_dim_block, q.element_size())]
+    table = PACKED_PREFIX_DKDV_CONFIGS if packed else PREFIX_DKDV_CONFIGS
+    block_m, block_n, warps, stages = table[config_bucket(head_dim_block, q.element_size())]
     block_n = min(block_n, max(16, triton.next_power_of_2(prefix_len)))
     while block_m > 16 and not fits_smem("dkdv", (block_m, block_n, warps, stages), head_dim_block,
                                          q.element_size(), q.device):
@@ -474,20 +532,23 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
                               prefix_k: torch.Tensor, prefix_v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                               *, prefix_index: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
                               causal: bool, softmax_scale: float, dropout_p: float, seed: torch.Tensor | None,
-                              alibi_slopes: torch.Tensor | None, softcap: float | None, window: int | None):
+                              alibi_slopes: torch.Tensor | None, softcap: float | None, window: int | None,
+                              packed: PackedRows | None = None):
     """Gradients ``(dq, dk, dv, dprefix_k, dprefix_v)`` of ``prefix_attention_forward``; each has its
     input's shape and dtype (a shared or per-task prefix gets the sum over the rows that read it)."""
-    batch, num_heads, seq_len_q, head_dim = q.shape
-    num_kv_heads, seq_len_kv = k.shape[1], k.shape[2]
+    batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, head_dim = attention_dims(q, k, packed)
     prefix_len = prefix_k.shape[-2]
     group = num_heads // num_kv_heads
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    if batch == 0:
-        return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
-    args = attention_launch_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, dropout_p, seed)
+    if batch == 0 or seq_len_q == 0:
+        return dq, dk.zero_(), dv.zero_(), torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+    args = attention_launch_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, dropout_p, seed,
+                                 *(packed[:2] if packed else ()))
     flags = args["flags"]
+    varlen = packed is not None
+    q_strides, dout_strides = bhsd_strides(q, varlen), bhsd_strides(dout, varlen)
     block_d = max(16, triton.next_power_of_2(head_dim))
     precision = input_precision(q.dtype)
     common = dict(CAUSAL=causal, HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
@@ -497,8 +558,8 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
 
     delta = torch.empty(batch, num_heads, seq_len_q, dtype=torch.float32, device=q.device)
     prefix_attention_bwd_preprocess_kernel[(triton.cdiv(seq_len_q, 64), batch * num_heads)](
-        out, dout, delta, *out.stride(), *dout.stride(), num_heads, seq_len_q, head_dim,
-        BLOCK_M=64, BLOCK_D=block_d,
+        out, dout, delta, args["cu_seqlens_q"], *bhsd_strides(out, varlen), *dout_strides, num_heads, seq_len_q,
+        head_dim, BLOCK_M=64, BLOCK_D=block_d, VARLEN=varlen,
     )
 
     tune_key = (q.device.index, q.dtype, block_d, group, causal, triton.next_power_of_2(seq_len_q),
@@ -509,9 +570,9 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
         block_m, block_n, warps, stages = config
         return prefix_attention_bwd_dq_kernel[(triton.cdiv(seq_len_q, block_m), batch * num_heads)](
             q, k, v, prefix_k, prefix_v, dout, lse, delta, dq,
-            args["prefix_index"], args["kpm"], args["slopes"], args["positions"], args["seed"],
-            *q.stride(), *k.stride(), *v.stride(), *args["prefix_k_strides"], *args["prefix_v_strides"],
-            *dout.stride(), *dq.stride(),
+            args["prefix_index"], args["kpm"], args["slopes"], args["positions"], args["seed"], args["cu_seqlens_q"],
+            args["cu_seqlens_k"], *q_strides, *bhsd_strides(k, varlen), *bhsd_strides(v, varlen),
+            *args["prefix_k_strides"], *args["prefix_v_strides"], *dout_strides, *bhsd_strides(dq, varlen),
             *args["kpm_strides"], *args["slope_strides"], *args["position_strides"],
             num_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars,
             GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
@@ -521,11 +582,12 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
 
     def launch_dkdv(config):
         block_m, block_n, warps, stages = config
-        seq_flags = {name: flags[name] for name in ("HAS_KPM", "HAS_ALIBI", "HAS_POS", "HAS_DROPOUT")}
+        seq_flags = {name: flags[name] for name in ("HAS_KPM", "HAS_ALIBI", "HAS_POS", "HAS_DROPOUT", "VARLEN")}
         return prefix_attention_bwd_dkdv_kernel[(triton.cdiv(seq_len_kv, block_n), batch * num_kv_heads)](
             q, k, v, dout, lse, delta, dk, dv,
-            args["kpm"], args["slopes"], args["positions"], args["seed"],
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+            args["kpm"], args["slopes"], args["positions"], args["seed"], args["cu_seqlens_q"], args["cu_seqlens_k"],
+            *q_strides, *bhsd_strides(k, varlen), *bhsd_strides(v, varlen), *dout_strides,
+            *bhsd_strides(dk, varlen), *bhsd_strides(dv, varlen),
             *args["kpm_strides"], *args["slope_strides"], *args["position_strides"],
             num_heads, num_kv_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars,
             GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
@@ -543,7 +605,7 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     # ---- prefix gradient: split the (row, head, query block) reduction across programs ----
     shared = prefix_k.dim() == 3
     owners = 1 if shared else batch
-    block_m, block_n, warps, stages = _prefix_dkdv_config(block_d, prefix_len, q)
+    block_m, block_n, warps, stages = _prefix_dkdv_config(block_d, prefix_len, q, varlen)
     num_p_blocks = triton.cdiv(prefix_len, block_n)
     items = (batch if shared else 1) * group * triton.cdiv(seq_len_q, block_m)
     programs = num_p_blocks * owners * num_kv_heads
@@ -556,12 +618,12 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     partial_v = torch.empty_like(partial_k)
     prefix_attention_bwd_prefix_dkdv_kernel[(num_p_blocks, owners * num_kv_heads, splits)](
         q, prefix_k, prefix_v, dout, lse, delta, partial_k, partial_v,
-        args["prefix_index"], args["slopes"], args["seed"],
-        *q.stride(), *args["prefix_k_strides"], *args["prefix_v_strides"], *dout.stride(), *args["slope_strides"],
+        args["prefix_index"], args["slopes"], args["seed"], args["cu_seqlens_q"], args["cu_seqlens_k"],
+        *q_strides, *args["prefix_k_strides"], *args["prefix_v_strides"], *dout_strides, *args["slope_strides"],
         batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars, items_per_split,
         GROUP=group, SHARED=shared, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
         HAS_PREFIX_INDEX=flags["HAS_PREFIX_INDEX"], HAS_ALIBI=flags["HAS_ALIBI"], HAS_DROPOUT=flags["HAS_DROPOUT"],
-        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, INPUT_PRECISION=precision,
+        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, VARLEN=varlen, INPUT_PRECISION=precision,
         num_warps=warps, num_stages=stages,
     )
     dpk, dpv = partial_k.sum(0), partial_v.sum(0)

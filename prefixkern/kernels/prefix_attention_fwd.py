@@ -15,12 +15,16 @@ from ._launch import input_precision
 from ._math import dot
 from ._attention_common import (
     LOG2E,
+    PackedRows,
     alibi_sequence_positions,
+    attention_dims,
     attention_launch_args,
+    bhsd_strides,
     config_bucket,
     dropout_keep,
     fitting_configs,
     load_tile,
+    packed_row,
     pick_config,
     prefix_row,
     prefix_visible,
@@ -90,7 +94,7 @@ def _attend_sequence(acc, m_i, l_i, q, lo, hi, k_base, v_base, stride_ks, stride
 @triton.jit
 def prefix_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, out_ptr, lse_ptr,
-    prefix_index_ptr, kpm_ptr, slopes_ptr, pos_ptr, seed_ptr,
+    prefix_index_ptr, kpm_ptr, slopes_ptr, pos_ptr, seed_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -102,7 +106,7 @@ def prefix_attention_fwd_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -110,15 +114,20 @@ def prefix_attention_fwd_kernel(
     h = bh % Hq
     g = h // GROUP
     b64 = b.to(tl.int64)
+    # This row's token range; S stays the row length of lse (the longest row when packed).
+    q_start, S_q, k_start, S_k = packed_row(b, cu_seqlens_q_ptr, cu_seqlens_k_ptr, S, S_kv, VARLEN)
+    if VARLEN:
+        if start_m * BLOCK_M >= S_q:   # the grid covers the longest packed sequence
+            return
     pb = prefix_row(b, prefix_index_ptr, HAS_PREFIX_INDEX)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < S
+    m_ok = offs_m < S_q
     d_ok = offs_d < D
 
-    q_base = q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh
+    q_base = q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qs
     q = load_tile(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                   m_ok[:, None], d_ok[None, :], True, not EVEN_D)
     qk_scale = sm_scale * LOG2E
@@ -128,7 +137,7 @@ def prefix_attention_fwd_kernel(
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-    num_keys = P + S_kv
+    num_keys = P + S_k
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -149,7 +158,7 @@ def prefix_attention_fwd_kernel(
             False, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
     for start_p in range(full_p, P, BLOCK_N):
         offs_p = start_p + offs_n
-        vis = prefix_visible(offs_m, offs_p, S, S_kv, P, window, HAS_WINDOW)
+        vis = prefix_visible(offs_m, offs_p, S_q, S_k, P, window, HAS_WINDOW)
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q,
             pk_base + offs_p[None, :] * stride_pks + offs_d[:, None] * stride_pkd,
@@ -159,27 +168,27 @@ def prefix_attention_fwd_kernel(
             True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
 
     # ---- sequence keys: masked only in the blocks where causality, a window or padding bite ----
-    k_base = k_ptr + b64 * stride_kb + g.to(tl.int64) * stride_kh
-    v_base = v_ptr + b64 * stride_vb + g.to(tl.int64) * stride_vh
+    k_base = k_ptr + b64 * stride_kb + g.to(tl.int64) * stride_kh + k_start * stride_ks
+    v_base = v_ptr + b64 * stride_vb + g.to(tl.int64) * stride_vh + k_start * stride_vs
     kpm_row = kpm_ptr + b64 * stride_kpmb
     pos_row = pos_ptr + b64 * stride_posb
     q_lo = start_m * BLOCK_M
-    q_hi = tl.minimum(q_lo + BLOCK_M, S)
-    lo, full_lo, full_hi, hi = sequence_key_range(q_lo, q_hi, S, S_kv, window, BLOCK_N, CAUSAL, HAS_WINDOW,
+    q_hi = tl.minimum(q_lo + BLOCK_M, S_q)
+    lo, full_lo, full_hi, hi = sequence_key_range(q_lo, q_hi, S_q, S_k, window, BLOCK_N, CAUSAL, HAS_WINDOW,
                                                   HAS_KPM)
     acc, m_i, l_i = _attend_sequence(
         acc, m_i, l_i, q, lo, full_lo, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row, stride_kpms,
-        pos_row, stride_poss, offs_m, offs_n, offs_d, S, S_kv, P, D, window, sm_scale, qk_scale, softcap, slope, seed,
+        pos_row, stride_poss, offs_m, offs_n, offs_d, S_q, S_k, P, D, window, sm_scale, qk_scale, softcap, slope, seed,
         bh, num_keys, dropout_p, True, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS, HAS_SOFTCAP,
         HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
     acc, m_i, l_i = _attend_sequence(
         acc, m_i, l_i, q, full_lo, full_hi, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row, stride_kpms,
-        pos_row, stride_poss, offs_m, offs_n, offs_d, S, S_kv, P, D, window, sm_scale, qk_scale, softcap, slope, seed,
+        pos_row, stride_poss, offs_m, offs_n, offs_d, S_q, S_k, P, D, window, sm_scale, qk_scale, softcap, slope, seed,
         bh, num_keys, dropout_p, False, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS, HAS_SOFTCAP,
         HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
     acc, m_i, l_i = _attend_sequence(
         acc, m_i, l_i, q, full_hi, hi, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row, stride_kpms,
-        pos_row, stride_poss, offs_m, offs_n, offs_d, S, S_kv, P, D, window, sm_scale, qk_scale, softcap, slope, seed,
+        pos_row, stride_poss, offs_m, offs_n, offs_d, S_q, S_k, P, D, window, sm_scale, qk_scale, softcap, slope, seed,
         bh, num_keys, dropout_p, True, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS, HAS_SOFTCAP,
         HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
 
@@ -191,7 +200,7 @@ def prefix_attention_fwd_kernel(
     out = acc * inv_l[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E)
     tl.store(lse_ptr + bh.to(tl.int64) * S + offs_m, lse, mask=m_ok)
-    o_base = out_ptr + b64 * stride_ob + h.to(tl.int64) * stride_oh
+    o_base = out_ptr + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start * stride_os
     tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
 
@@ -229,17 +238,19 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              prefix_v: torch.Tensor, *, prefix_index: torch.Tensor | None,
                              key_padding_mask: torch.Tensor | None, causal: bool, softmax_scale: float,
                              dropout_p: float, seed: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
-                             softcap: float | None, window: int | None):
+                             softcap: float | None, window: int | None, packed: PackedRows | None = None):
     """Launch the forward kernel; returns ``(out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] float32)``.
-    Arguments are the checked ones of ``prefixkern.prefix_attention``; every tensor keeps its strides."""
-    batch, num_heads, seq_len_q, head_dim = q.shape
-    num_kv_heads, seq_len_kv = k.shape[1], k.shape[2]
+    Arguments are the checked ones of ``prefixkern.prefix_attention``; every tensor keeps its strides.
+    With ``packed``, q/k/v/out are ``[total, H, D]`` and lse is ``[B, Hq, max_seqlen_q]``."""
+    batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, head_dim = attention_dims(q, k, packed)
     prefix_len = prefix_k.shape[-2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(batch, num_heads, seq_len_q, dtype=torch.float32, device=q.device)
-    if batch == 0:
-        return out, lse
-    args = attention_launch_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, dropout_p, seed)
+    if batch == 0 or seq_len_q == 0:
+        return out, lse.fill_(float("-inf"))
+    args = attention_launch_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, dropout_p, seed,
+                                 *(packed[:2] if packed else ()))
+    varlen = packed is not None
     block_d = max(16, triton.next_power_of_2(head_dim))
     flags = args["flags"]
 
@@ -248,8 +259,9 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         grid = (triton.cdiv(seq_len_q, block_m), batch * num_heads)
         return prefix_attention_fwd_kernel[grid](
             q, k, v, prefix_k, prefix_v, out, lse,
-            args["prefix_index"], args["kpm"], args["slopes"], args["positions"], args["seed"],
-            *q.stride(), *k.stride(), *v.stride(), *args["prefix_k_strides"], *args["prefix_v_strides"], *out.stride(),
+            args["prefix_index"], args["kpm"], args["slopes"], args["positions"], args["seed"], args["cu_seqlens_q"],
+            args["cu_seqlens_k"], *bhsd_strides(q, varlen), *bhsd_strides(k, varlen), *bhsd_strides(v, varlen),
+            *args["prefix_k_strides"], *args["prefix_v_strides"], *bhsd_strides(out, varlen),
             *args["kpm_strides"], *args["slope_strides"], *args["position_strides"],
             num_heads, seq_len_q, seq_len_kv, prefix_len, head_dim,
             window if window is not None else 0, float(softmax_scale),

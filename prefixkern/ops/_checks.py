@@ -35,12 +35,10 @@ class AttentionShape:
     prefix_mode: str  # "shared" [Hkv, P, D] | "per_row" [B, Hkv, P, D] | "per_task" [T, Hkv, P, D] + index
 
 
-def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, *, causal, softmax_scale, key_padding_mask,
-                                prefix_index, dropout_p, alibi_slopes, softcap, window) -> AttentionShape:
-    """Validate ``prefix_attention``'s arguments; return the sizes they imply."""
-    check_tensor("q", q, 4, "[B, Hq, S, D]")
-    check_tensor("k", k, 4, "[B, Hkv, S_kv, D]")
-    check_tensor("v", v, 4, "[B, Hkv, S_kv, D]")
+def _check_tensor_kinds(q, k, v, prefix_k, prefix_v, q_dims: int, q_doc: str, kv_doc: str) -> None:
+    check_tensor("q", q, q_dims, q_doc)
+    check_tensor("k", k, q_dims, kv_doc)
+    check_tensor("v", v, q_dims, kv_doc)
     check_tensor("prefix_k", prefix_k, (3, 4), "[Hkv, P, D], [B, Hkv, P, D] or [T, Hkv, P, D]")
     check_tensor("prefix_v", prefix_v, (3, 4), "[Hkv, P, D], [B, Hkv, P, D] or [T, Hkv, P, D]")
     check_float("q", q)
@@ -49,20 +47,95 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, *, causal, softmax_
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
-    batch, num_heads, seq_len_q, head_dim = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape [B, Hkv, S_kv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != batch:
-        raise ValueError(f"k must have q's batch size {batch} in dim 0 ([B, Hkv, S_kv, D]), got {tuple(k.shape)}")
-    if k.shape[3] != head_dim:
-        raise ValueError(f"k must have q's head dim {head_dim} in dim 3 ([B, Hkv, S_kv, D]), got {tuple(k.shape)}")
-    num_kv_heads, seq_len_kv = k.shape[1], k.shape[2]
+        raise ValueError(f"k and v must have the same shape {kv_doc}, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k must have q's head dim {q.shape[-1]} in its last dim ({kv_doc}), got {tuple(k.shape)}")
+    if q.shape[-1] == 0:
+        raise ValueError("q must have a head dim D > 0")
+
+
+def _check_heads(num_heads: int, num_kv_heads: int) -> None:
     if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
         raise ValueError(f"q's heads Hq={num_heads} must be a multiple of k's heads Hkv={num_kv_heads} (GQA/MQA)")
+
+
+def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, *, causal, softmax_scale, key_padding_mask,
+                                prefix_index, dropout_p, alibi_slopes, softcap, window) -> AttentionShape:
+    """Validate ``prefix_attention``'s arguments; return the sizes they imply."""
+    _check_tensor_kinds(q, k, v, prefix_k, prefix_v, 4, "[B, Hq, S, D]", "[B, Hkv, S_kv, D]")
+    batch, num_heads, seq_len_q, head_dim = q.shape
+    if k.shape[0] != batch:
+        raise ValueError(f"k must have q's batch size {batch} in dim 0 ([B, Hkv, S_kv, D]), got {tuple(k.shape)}")
+    num_kv_heads, seq_len_kv = k.shape[1], k.shape[2]
+    _check_heads(num_heads, num_kv_heads)
     if seq_len_q == 0:
         raise ValueError("q must have at least one query (S > 0), got S=0")
-    if head_dim == 0:
-        raise ValueError("q must have a head dim D > 0")
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, 2, "[B, S_kv]")
+        if tuple(key_padding_mask.shape) != (batch, seq_len_kv):
+            raise ValueError(
+                f"key_padding_mask must have shape [B, S_kv]=[{batch}, {seq_len_kv}], got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.dtype.is_floating_point or key_padding_mask.dtype.is_complex:
+            raise TypeError(f"key_padding_mask must be bool or integer (1 = real token), got {key_padding_mask.dtype}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {key_padding_mask.device}")
+    prefix_len, mode = _check_prefix_and_options(
+        q, prefix_k, prefix_v, batch, num_heads, num_kv_heads, head_dim, causal=causal, softmax_scale=softmax_scale,
+        prefix_index=prefix_index, dropout_p=dropout_p, alibi_slopes=alibi_slopes, softcap=softcap, window=window)
+    return AttentionShape(batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, mode)
+
+
+def check_prefix_attention_varlen_args(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                       max_seqlen_k, *, causal, softmax_scale, prefix_index, dropout_p, alibi_slopes,
+                                       softcap, window) -> AttentionShape:
+    """Validate ``prefix_attention_varlen``'s arguments; return the sizes they imply (S and S_kv
+    are the longest sequence's). The values of cu_seqlens are checked unless torch.compile is
+    tracing (reading them synchronises with the device)."""
+    _check_tensor_kinds(q, k, v, prefix_k, prefix_v, 3, "[total_q, Hq, D]", "[total_k, Hkv, D]")
+    total_q, num_heads, head_dim = q.shape
+    total_k, num_kv_heads = k.shape[0], k.shape[1]
+    _check_heads(num_heads, num_kv_heads)
+    if total_q == 0:
+        raise ValueError("q must hold at least one token (total_q > 0), got 0")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(name, cu, 1, "[B + 1]")
+        if cu.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be int32 or int64, got {cu.dtype}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
+        if cu.shape[0] < 2:
+            raise ValueError(f"{name} must have shape [B + 1] with B >= 1 sequences, got {tuple(cu.shape)}")
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        raise ValueError(f"cu_seqlens_k must have cu_seqlens_q's shape {tuple(cu_seqlens_q.shape)} (one entry per "
+                         f"sequence, plus one), got {tuple(cu_seqlens_k.shape)}")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    if not torch.compiler.is_compiling():
+        for name, cu, total, longest, longest_name in (
+                ("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q"),
+                ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k, "max_seqlen_k")):
+            bounds = cu.tolist()
+            lengths = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+            if bounds[0] != 0 or bounds[-1] != total or min(lengths) < 0:
+                raise ValueError(f"{name} must rise from 0 to the token count {total} without decreasing, got {bounds}")
+            if max(lengths) > longest:
+                raise ValueError(f"{longest_name}={longest} is shorter than the longest sequence ({max(lengths)} "
+                                 f"tokens in {name})")
+    batch = cu_seqlens_q.shape[0] - 1
+    prefix_len, mode = _check_prefix_and_options(
+        q, prefix_k, prefix_v, batch, num_heads, num_kv_heads, head_dim, causal=causal, softmax_scale=softmax_scale,
+        prefix_index=prefix_index, dropout_p=dropout_p, alibi_slopes=alibi_slopes, softcap=softcap, window=window)
+    return AttentionShape(batch, num_heads, num_kv_heads, max_seqlen_q, max_seqlen_k, prefix_len, head_dim, mode)
+
+
+def _check_prefix_and_options(q, prefix_k, prefix_v, batch, num_heads, num_kv_heads, head_dim, *, causal,
+                              softmax_scale, prefix_index, dropout_p, alibi_slopes, softcap,
+                              window) -> tuple[int, str]:
+    """The prefix, prefix_index, ALiBi slopes and scalar options, for ``batch`` rows; returns
+    ``(P, prefix mode)``."""
     if prefix_k.shape != prefix_v.shape:
         raise ValueError(
             f"prefix_k and prefix_v must have the same shape, got {tuple(prefix_k.shape)} and {tuple(prefix_v.shape)}"
@@ -104,17 +177,6 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, *, causal, softmax_
     else:
         mode = "shared"
 
-    if key_padding_mask is not None:
-        check_tensor("key_padding_mask", key_padding_mask, 2, "[B, S_kv]")
-        if tuple(key_padding_mask.shape) != (batch, seq_len_kv):
-            raise ValueError(
-                f"key_padding_mask must have shape [B, S_kv]=[{batch}, {seq_len_kv}], got {tuple(key_padding_mask.shape)}"
-            )
-        if key_padding_mask.dtype.is_floating_point or key_padding_mask.dtype.is_complex:
-            raise TypeError(f"key_padding_mask must be bool or integer (1 = real token), got {key_padding_mask.dtype}")
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {key_padding_mask.device}")
-
     if alibi_slopes is not None:
         check_tensor("alibi_slopes", alibi_slopes, (1, 2), "[Hq] or [B, Hq]")
         expected = (num_heads,) if alibi_slopes.dim() == 1 else (batch, num_heads)
@@ -135,4 +197,4 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, *, causal, softmax_
         raise ValueError(f"softcap must be a positive float or None, got {softcap!r}")
     if window is not None and not (isinstance(window, int) and not isinstance(window, bool) and window > 0):
         raise ValueError(f"window must be a positive int (HF sliding_window) or None, got {window!r}")
-    return AttentionShape(batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, mode)
+    return prefix_len, mode

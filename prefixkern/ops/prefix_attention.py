@@ -1,4 +1,5 @@
-"""prefix_attention: attention over ``[prefix KV ; sequence KV]`` without the concatenation."""
+"""prefix_attention: attention over ``[prefix KV ; sequence KV]`` without the concatenation, on
+``[B, H, S, D]`` rows (``prefix_attention``) or packed sequences (``prefix_attention_varlen``)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,7 @@ import torch
 
 from .. import reference
 from .._backend import use_triton
-from ._checks import check_prefix_attention_args
+from ._checks import check_prefix_attention_args, check_prefix_attention_varlen_args
 
 
 # --------------------------------------------------------------------------------------------
@@ -19,9 +20,11 @@ def prefix_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
     prefix_index: torch.Tensor | None, key_padding_mask: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
     seed: torch.Tensor | None, causal: bool, softmax_scale: float, dropout_p: float, softcap: float | None,
-    window: int | None,
+    window: int | None, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int,
+    max_seqlen_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel forward: ``(out [B, Hq, S, D], lse [B, Hq, S] float32)``."""
+    """Kernel forward: ``(out [B, Hq, S, D], lse [B, Hq, S] float32)``; packed (``cu_seqlens_q`` given):
+    ``(out [total_q, Hq, D], lse [B, Hq, max_seqlen_q])``."""
     from ..kernels.prefix_attention_fwd import prefix_attention_forward
     from ..kernels._launch import on_device
 
@@ -29,15 +32,24 @@ def prefix_attention_fwd(
         return prefix_attention_forward(
             q, k, v, prefix_k, prefix_v, prefix_index=prefix_index, key_padding_mask=key_padding_mask,
             causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed, alibi_slopes=alibi_slopes,
-            softcap=softcap, window=window,
+            softcap=softcap, window=window, packed=_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
         )
+
+
+def _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    from ..kernels._attention_common import PackedRows
+
+    return None if cu_seqlens_q is None else PackedRows(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
 @prefix_attention_fwd.register_fake
 def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, seed, causal, softmax_scale,
-      dropout_p, softcap, window):
-    batch, num_heads, seq_len_q, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((batch, num_heads, seq_len_q), dtype=torch.float32)
+      dropout_p, softcap, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    if cu_seqlens_q is not None:
+        lse_shape = (cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q)
+    else:
+        lse_shape = q.shape[:3]
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("prefixkern::prefix_attention_bwd", mutates_args=())
@@ -46,6 +58,7 @@ def prefix_attention_bwd(
     prefix_v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, prefix_index: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None, alibi_slopes: torch.Tensor | None, seed: torch.Tensor | None,
     causal: bool, softmax_scale: float, dropout_p: float, softcap: float | None, window: int | None,
+    cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel backward: ``(dq, dk, dv, dprefix_k, dprefix_v)``."""
     from ..kernels.prefix_attention_bwd import prefix_attention_backward
@@ -56,30 +69,34 @@ def prefix_attention_bwd(
             dout, q, k, v, prefix_k, prefix_v, out, lse, prefix_index=prefix_index,
             key_padding_mask=key_padding_mask, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,
             seed=seed, alibi_slopes=alibi_slopes, softcap=softcap, window=window,
+            packed=_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
         )
 
 
 @prefix_attention_bwd.register_fake
 def _(dout, q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask, alibi_slopes, seed, causal,
-      softmax_scale, dropout_p, softcap, window):
+      softmax_scale, dropout_p, softcap, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), prefix_k.new_empty(prefix_k.shape), \
         prefix_v.new_empty(prefix_v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, seed, causal, softmax_scale,
-     dropout_p, softcap, window) = inputs
+     dropout_p, softcap, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask, alibi_slopes, seed)
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask, alibi_slopes, seed,
+                          cu_seqlens_q, cu_seqlens_k)
     ctx.options = (causal, softmax_scale, dropout_p, softcap, window)
+    ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask, alibi_slopes, seed = ctx.saved_tensors
+    (q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask, alibi_slopes, seed, cu_seqlens_q,
+     cu_seqlens_k) = ctx.saved_tensors
     grads = prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask,
-                                 alibi_slopes, seed, *ctx.options)
-    return (*grads,) + (None,) * 9
+                                 alibi_slopes, seed, *ctx.options, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens)
+    return (*grads,) + (None,) * 13
 
 
 prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -159,16 +176,10 @@ def prefix_attention(
     )
     if use_triton(q.device):
         scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        seed = None
-        if dropout_p > 0.0:
-            from ..kernels._attention_common import check_dropout_counters
-
-            check_dropout_counters(q.shape[2], prefix_k.shape[-2] + k.shape[2])
-            # Drawn from torch's generator, so torch.manual_seed makes the mask reproducible.
-            seed = torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64)
+        seed = _dropout_seed(q, dropout_p, q.shape[2], prefix_k.shape[-2] + k.shape[2])
         out, lse = prefix_attention_fwd(
             q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, seed, causal, scale,
-            float(dropout_p), None if softcap is None else float(softcap), window,
+            float(dropout_p), None if softcap is None else float(softcap), window, None, None, 0, 0,
         )
         return (out, lse) if return_lse else out
     return reference.prefix_attention(
@@ -176,6 +187,94 @@ def prefix_attention(
         key_padding_mask=key_padding_mask, prefix_index=prefix_index, dropout_p=dropout_p,
         alibi_slopes=alibi_slopes, softcap=softcap, window=window, return_lse=return_lse,
     )
+
+
+def prefix_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    prefix_index: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
+    return_lse: bool = False,
+):
+    """``prefix_attention`` on packed sequences (flash-attn's varlen layout), with no padding.
+
+    Sequence b is tokens ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` of ``q`` and attends to its own
+    keys ``cu_seqlens_k[b]:cu_seqlens_k[b + 1]`` of ``k``/``v``, after the prefix; nothing crosses
+    from one sequence to another. Within a sequence the math is ``prefix_attention``'s (causal
+    bottom-right aligned per sequence, the prefix at positions 0..P-1 for ALiBi and windows).
+
+    Args:
+        q: ``[total_q, Hq, D]``, float16 / bfloat16 / float32, any strides.
+        k, v: ``[total_k, Hkv, D]``, q's dtype and device. ``Hq % Hkv == 0``.
+        prefix_k, prefix_v: ``[Hkv, P, D]`` shared, ``[B, Hkv, P, D]`` one per sequence, or
+            ``[T, Hkv, P, D]`` with ``prefix_index`` ``[B]``.
+        cu_seqlens_q, cu_seqlens_k: ``[B + 1]`` int32 (or int64), rising from 0 to
+            ``total_q`` / ``total_k``. For self-attention over packed sequences they are the same tensor.
+        max_seqlen_q, max_seqlen_k: the longest sequence's lengths (they size the launch grid).
+        causal, softmax_scale, dropout_p, alibi_slopes (``[Hq]`` or ``[B, Hq]``), softcap, window:
+            as in ``prefix_attention``, per sequence.
+        return_lse: also return the float32 log-sum-exp, ``[Hq, total_q]``.
+
+    Returns:
+        ``out`` ``[total_q, Hq, D]`` in q's dtype (and ``lse``), differentiable in q, k, v,
+        prefix_k and prefix_v.
+
+    Raises:
+        ValueError / TypeError naming the argument, before any kernel is launched.
+    """
+    check_prefix_attention_varlen_args(
+        q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+        softmax_scale=softmax_scale, prefix_index=prefix_index, dropout_p=dropout_p, alibi_slopes=alibi_slopes,
+        softcap=softcap, window=window,
+    )
+    if use_triton(q.device):
+        scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        seed = _dropout_seed(q, dropout_p, max_seqlen_q, prefix_k.shape[-2] + max_seqlen_k)
+        out, lse = prefix_attention_fwd(
+            q, k, v, prefix_k, prefix_v, prefix_index, None, alibi_slopes, seed, causal, scale, float(dropout_p),
+            None if softcap is None else float(softcap), window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+            max_seqlen_k,
+        )
+        return (out, _packed_lse(lse, cu_seqlens_q, q.shape[0])) if return_lse else out
+    return reference.prefix_attention_varlen(
+        q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, causal=causal, softmax_scale=softmax_scale,
+        prefix_index=prefix_index, dropout_p=dropout_p, alibi_slopes=alibi_slopes, softcap=softcap, window=window,
+        return_lse=return_lse,
+    )
+
+
+def _dropout_seed(q: torch.Tensor, dropout_p: float, seq_len_q: int, num_keys: int) -> torch.Tensor | None:
+    """The Philox seed of attention dropout, drawn from torch's generator (so torch.manual_seed makes
+    the mask reproducible); None without dropout."""
+    if dropout_p == 0.0:
+        return None
+    from ..kernels._attention_common import check_dropout_counters
+
+    check_dropout_counters(seq_len_q, num_keys)
+    return torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64)
+
+
+def _packed_lse(lse: torch.Tensor, cu_seqlens_q: torch.Tensor, total_q: int) -> torch.Tensor:
+    """The kernels' per-sequence ``[B, Hq, max_seqlen_q]`` log-sum-exp as flash-attn's varlen
+    ``[Hq, total_q]``."""
+    starts = cu_seqlens_q[:-1].long()
+    lengths = cu_seqlens_q[1:].long() - starts
+    seq = torch.repeat_interleave(torch.arange(lengths.shape[0], device=lse.device), lengths, output_size=total_q)
+    pos = torch.arange(total_q, device=lse.device) - starts[seq]
+    return lse[seq, :, pos].t()
 
 
 def launched_tiles() -> dict[str, tuple[int, int, int, int]]:

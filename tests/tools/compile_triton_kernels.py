@@ -84,37 +84,44 @@ def cases(quick: bool):
     from prefixkern.kernels import prefix_mlp as mlp
 
     flags_off = dict(HAS_PREFIX_INDEX=False, HAS_KPM=False, HAS_ALIBI=False, HAS_POS=False, HAS_SOFTCAP=False,
-                     HAS_WINDOW=False, HAS_DROPOUT=False)
-    flags_on = {k: True for k in flags_off}
+                     HAS_WINDOW=False, HAS_DROPOUT=False, VARLEN=False)
+    flags_on = dict({k: True for k in flags_off}, VARLEN=False)   # packed rows take no padding mask
+    flags_packed = dict(flags_on, HAS_KPM=False, HAS_POS=False, VARLEN=True)
     attn_ptrs = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "prefix_index_ptr": "*i64", "kpm_ptr": "*u8",
-                 "slopes_ptr": "*fp32", "pos_ptr": "*fp32", "seed_ptr": "*i64"}
+                 "slopes_ptr": "*fp32", "pos_ptr": "*fp32", "seed_ptr": "*i64", "cu_seqlens_q_ptr": "*i32",
+                 "cu_seqlens_k_ptr": "*i32"}
     # (pointer type, head dim, its block, flags, causal, dot precision); each kernel at the first
     # config of its launcher's table, i.e. what runs when autotuning is off.
     variants = [("*bf16", 128, 128, flags_off, True, "ieee"),
                 ("*fp16", 80, 128, flags_on, False, "ieee"),
                 ("*fp32", 64, 64, flags_on, True, "tf32"),
-                ("*bf16", 256, 256, dict(flags_off, HAS_KPM=True), True, "ieee")]
+                ("*bf16", 256, 256, dict(flags_off, HAS_KPM=True), True, "ieee"),
+                ("*bf16", 96, 128, flags_packed, True, "ieee")]
     if quick:
         variants = variants[:2]
     for ptr, head_dim, block_d, flags, causal, precision in variants:
-        tag = f"{ptr[1:]}-D{head_dim}-{'flags' if flags['HAS_DROPOUT'] else 'plain'}-{precision}"
+        kind = "packed" if flags["VARLEN"] else "flags" if flags["HAS_DROPOUT"] else "plain"
+        tag = f"{ptr[1:]}-D{head_dim}-{kind}-{precision}"
         bucket = common.config_bucket(block_d, 4 if ptr == "*fp32" else 2)
         even = block_d == head_dim
         common_c = dict(GROUP=4, BLOCK_D=block_d, EVEN_D=even, CAUSAL=causal, INPUT_PRECISION=precision)
         bm, bn, w, st = fwd.FWD_CONFIGS[bucket][0]
         yield (f"fwd {tag}", fwd.prefix_attention_fwd_kernel, dict(common_c, BLOCK_M=bm, BLOCK_N=bn, **flags),
                attn_ptrs, ptr, w, st)
-        yield (f"bwd-preprocess {tag}", bwd.prefix_attention_bwd_preprocess_kernel, dict(BLOCK_M=64, BLOCK_D=block_d),
+        yield (f"bwd-preprocess {tag}", bwd.prefix_attention_bwd_preprocess_kernel,
+               dict(BLOCK_M=64, BLOCK_D=block_d, VARLEN=flags["VARLEN"]),
                attn_ptrs, ptr, 4, 1)
         bm, bn, w, st = bwd.DQ_CONFIGS[bucket][0]
         yield (f"bwd-dq {tag}", bwd.prefix_attention_bwd_dq_kernel, dict(common_c, BLOCK_M=bm, BLOCK_N=bn, **flags),
                attn_ptrs, ptr, w, st)
         bm, bn, w, st = bwd.DKDV_CONFIGS[bucket][0]
-        seq_flags = {k: flags[k] for k in ("HAS_KPM", "HAS_ALIBI", "HAS_POS", "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT")}
+        seq_flags = {k: flags[k] for k in ("HAS_KPM", "HAS_ALIBI", "HAS_POS", "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT",
+                                           "VARLEN")}
         yield (f"bwd-dkdv {tag}", bwd.prefix_attention_bwd_dkdv_kernel,
                dict(common_c, BLOCK_M=bm, BLOCK_N=bn, **seq_flags), attn_ptrs, ptr, w, st)
         bm, bn, w, st = bwd.PREFIX_DKDV_CONFIGS[bucket]
-        pre_flags = {k: flags[k] for k in ("HAS_PREFIX_INDEX", "HAS_ALIBI", "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT")}
+        pre_flags = {k: flags[k] for k in ("HAS_PREFIX_INDEX", "HAS_ALIBI", "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT",
+                                           "VARLEN")}
         yield (f"bwd-prefix {tag}", bwd.prefix_attention_bwd_prefix_dkdv_kernel,
                dict(GROUP=4, SHARED=not flags["HAS_PREFIX_INDEX"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
                     EVEN_D=even, INPUT_PRECISION=precision, **pre_flags),

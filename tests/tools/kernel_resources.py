@@ -4,9 +4,9 @@ compiled for a GPU target without a GPU (Triton's compiler and ptxas need none).
 A config that spills registers to local memory inside the main loop runs several times slower
 than one that does not, and no timing run shows *why*; this does. Every candidate of the
 launchers' tables (``FWD_CONFIGS`` and ``SHORT_QUERY_CONFIGS``, ``DQ_CONFIGS``, ``DKDV_CONFIGS``,
-``PREFIX_DKDV_CONFIGS``) is
+``PREFIX_DKDV_CONFIGS``, ``PACKED_PREFIX_DKDV_CONFIGS``) is
 compiled under flag sets: ``plain`` (causal), ``padded`` (causal + a padding mask, the path of
-every padded Hugging Face batch), what GPT-2, BLOOM and Gemma 2 add to that (``dropout``,
+every padded Hugging Face batch), ``packed`` (``prefix_attention_varlen``), what GPT-2, BLOOM and Gemma 2 add to that (``dropout``,
 ``alibi``, ``softcap-window``) and ``all`` (every optional feature on).
 
     python tests/tools/kernel_resources.py [--arch 90] [--kernels attention,mlp] [--bucket 2:128 ...]
@@ -16,9 +16,9 @@ The prefix MLP's candidates (``--kernels mlp``) are checked likewise, per dot pr
 backward's ``BWD_TILES``, the forward's configs as its prune function leaves them for each P tile
 the launcher uses, and the small-GEMM configs.
 
-``--kernels grid`` compiles every variant the GPU test grid launches (about 1200; a failed compile
-fails ``--check``, spills are reported only).
-``--check`` exits non-zero if a candidate spills under ``plain`` or ``padded``, or if a kernel's
+``--kernels grid`` compiles every variant the GPU test grids (dense and packed) launch (about 1200;
+a failed compile fails ``--check``, spills are reported only).
+``--check`` exits non-zero if a candidate spills under ``plain``, ``padded`` or ``packed``, or if a kernel's
 compiled shared memory exceeds what the launchers' model (``smem_rows``) budgets for it.
 Must run without TRITON_INTERPRET.
 """
@@ -41,21 +41,23 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from compile_triton_kernels import compile_kernel  # noqa: E402
 
 FLAGS_OFF = dict(HAS_PREFIX_INDEX=False, HAS_KPM=False, HAS_ALIBI=False, HAS_POS=False, HAS_SOFTCAP=False,
-                 HAS_WINDOW=False, HAS_DROPOUT=False)
+                 HAS_WINDOW=False, HAS_DROPOUT=False, VARLEN=False)
 FLAG_SETS = {
     "plain": FLAGS_OFF,
     "padded": dict(FLAGS_OFF, HAS_KPM=True),
+    "packed": dict(FLAGS_OFF, VARLEN=True),                                         # prefix_attention_varlen
     # What the patched families add to a padded batch.
     "dropout": dict(FLAGS_OFF, HAS_KPM=True, HAS_DROPOUT=True),                    # GPT-2 training
     "alibi": dict(FLAGS_OFF, HAS_KPM=True, HAS_ALIBI=True, HAS_POS=True),           # BLOOM
     "softcap-window": dict(FLAGS_OFF, HAS_KPM=True, HAS_SOFTCAP=True, HAS_WINDOW=True),  # Gemma 2
-    "all": {name: True for name in FLAGS_OFF},
+    "all": dict({name: True for name in FLAGS_OFF}, VARLEN=False),   # packed rows take no padding mask
 }
-CHECKED_FLAG_SETS = ("plain", "padded")
+CHECKED_FLAG_SETS = ("plain", "padded", "packed")
 POINTERS = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "prefix_index_ptr": "*i64", "kpm_ptr": "*u8",
-            "slopes_ptr": "*fp32", "pos_ptr": "*fp32", "seed_ptr": "*i64", "dpk_ptr": "*fp32", "dpv_ptr": "*fp32"}
-SEQUENCE_FLAGS = ("HAS_KPM", "HAS_ALIBI", "HAS_POS", "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT")
-PREFIX_FLAGS = ("HAS_PREFIX_INDEX", "HAS_ALIBI", "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT")
+            "slopes_ptr": "*fp32", "pos_ptr": "*fp32", "seed_ptr": "*i64", "dpk_ptr": "*fp32", "dpv_ptr": "*fp32",
+            "cu_seqlens_q_ptr": "*i32", "cu_seqlens_k_ptr": "*i32"}
+SEQUENCE_FLAGS = ("HAS_KPM", "HAS_ALIBI", "HAS_POS", "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT", "VARLEN")
+PREFIX_FLAGS = ("HAS_PREFIX_INDEX", "HAS_ALIBI", "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT", "VARLEN")
 
 
 def ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
@@ -86,11 +88,27 @@ def candidates(buckets):
               ("dq", bwd.prefix_attention_bwd_dq_kernel, bwd.DQ_CONFIGS),
               ("dkdv", bwd.prefix_attention_bwd_dkdv_kernel, bwd.DKDV_CONFIGS),
               ("prefix-dkdv", bwd.prefix_attention_bwd_prefix_dkdv_kernel,
-               {key: [config] for key, config in bwd.PREFIX_DKDV_CONFIGS.items()})]
+               {key: [config] for key, config in bwd.PREFIX_DKDV_CONFIGS.items()}),
+              ("prefix-dkdv", bwd.prefix_attention_bwd_prefix_dkdv_kernel,
+               {key: [config] for key, config in bwd.PACKED_PREFIX_DKDV_CONFIGS.items()})]
+    seen = set()
     for name, kernel, table in tables:
         for bucket in buckets:
             for config in table[bucket]:
-                yield name, kernel, bucket, config
+                if (name, bucket, config) not in seen:
+                    seen.add((name, bucket, config))
+                    yield name, kernel, bucket, config, _serves(name, bucket, config)
+
+
+def _serves(name, bucket, config):
+    """The flag sets a table entry is launched under: a prefix dK/dV config only for the rows
+    (dense or packed) whose table holds it; every other entry for all."""
+    if name != "prefix-dkdv":
+        return set(FLAG_SETS)
+    from prefixkern.kernels import prefix_attention_bwd as bwd
+
+    dense = set(FLAG_SETS) - {"packed"} if bwd.PREFIX_DKDV_CONFIGS[bucket] == config else set()
+    return dense | ({"packed"} if bwd.PACKED_PREFIX_DKDV_CONFIGS[bucket] == config else set())
 
 
 def constexprs(name, config, flags, *, block_d, elem_bytes, group=4, even_d=True, causal=True, shared=None):
@@ -138,7 +156,8 @@ def grid_variants():
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from test_prefix_attention import _gpu_grid   # its conftest turns the interpreter on without a GPU
+    # (their conftest turns the interpreter on without a GPU)
+    from test_prefix_attention import _gpu_grid, _gpu_packed_grid
 
     os.environ.pop("TRITON_INTERPRET", None)
 
@@ -147,16 +166,19 @@ def grid_variants():
     from prefixkern.kernels._attention_common import config_bucket
 
     variants = {}
-    for case in _gpu_grid():
+    dense = [(case, case.S, case.padding != "none", False) for case in _gpu_grid()]
+    packed = [(case, max(case.lens_q), False, True) for case in _gpu_packed_grid()]
+    for case, seq_len_q, padded, varlen in dense + packed:
         block_d = max(16, triton.next_power_of_2(case.D))
         bucket = config_bucket(block_d, case.dtype.itemsize)
         pointer = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[case.dtype]
-        flags = dict(FLAGS_OFF, HAS_PREFIX_INDEX=case.prefix == "per_task", HAS_KPM=case.padding != "none",
-                     HAS_ALIBI=case.alibi, HAS_POS=case.alibi and case.padding != "none",
-                     HAS_SOFTCAP=case.softcap is not None, HAS_WINDOW=case.window is not None)
-        tiles = {"fwd": fwd._configs(block_d, case.S, case.dtype)[0], "dq": bwd.DQ_CONFIGS[bucket][0],
+        flags = dict(FLAGS_OFF, HAS_PREFIX_INDEX=case.prefix == "per_task", HAS_KPM=padded,
+                     HAS_ALIBI=case.alibi, HAS_POS=case.alibi and padded,
+                     HAS_SOFTCAP=case.softcap is not None, HAS_WINDOW=case.window is not None, VARLEN=varlen)
+        tiles = {"fwd": fwd._configs(block_d, seq_len_q, case.dtype)[0], "dq": bwd.DQ_CONFIGS[bucket][0],
                  "dkdv": bwd.DKDV_CONFIGS[bucket][0]}
-        prefix_m, prefix_n, prefix_w, prefix_s = bwd.PREFIX_DKDV_CONFIGS[bucket]
+        prefix_table = bwd.PACKED_PREFIX_DKDV_CONFIGS if varlen else bwd.PREFIX_DKDV_CONFIGS
+        prefix_m, prefix_n, prefix_w, prefix_s = prefix_table[bucket]
         tiles["prefix-dkdv"] = (prefix_m, min(prefix_n, max(16, triton.next_power_of_2(case.P))), prefix_w, prefix_s)
         for name, kernel in (("fwd", fwd.prefix_attention_fwd_kernel), ("dq", bwd.prefix_attention_bwd_dq_kernel),
                              ("dkdv", bwd.prefix_attention_bwd_dkdv_kernel),
@@ -191,10 +213,10 @@ def main(argv=None) -> int:
     target = GPUTarget("cuda", args.arch, 32)
     print(f"triton {triton.__version__}, sm_{args.arch}")
     problems, rows = [], []
-    for name, kernel, bucket, config in (candidates(buckets) if "attention" in kernels else ()):
+    for name, kernel, bucket, config, serves in (candidates(buckets) if "attention" in kernels else ()):
         elem_bytes, block_d = bucket
         pointer = "*fp32" if elem_bytes == 4 else "*bf16"
-        for flag_set in flag_sets:
+        for flag_set in (f for f in flag_sets if f in serves):
             start = time.time()
             consts = constexprs(name, config, FLAG_SETS[flag_set], block_d=block_d, elem_bytes=elem_bytes)
             compiled = compile_kernel(kernel, consts, POINTERS, pointer, target, config[2], config[3])
