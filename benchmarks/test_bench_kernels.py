@@ -5,6 +5,7 @@ import torch
 
 from prefixkern import reference
 from prefixkern.bench import attention as attn_suite
+from prefixkern.bench import attention_packed as packed_suite
 from prefixkern.bench import mlp as mlp_suite
 from prefixkern.ops.decode_attention import prefix_decode_attention
 from prefixkern.ops.prefix_attention import prefix_attention
@@ -29,6 +30,24 @@ def test_attention_fwd_bwd(benchmark, shape, impl):
         for leaf in leaves:
             leaf.grad = None
         fn(*leaves).backward(dout)
+
+    cuda_timed(benchmark, step)
+
+
+@pytest.mark.parametrize("impl", ["prefixkern", "prefixkern_padded", "sdpa_mask"])
+@pytest.mark.parametrize("shape", list(packed_suite.SHAPES))
+def test_packed_attention_fwd_bwd(benchmark, shape, impl):
+    """Ragged sequences packed (cu_seqlens) against padding them into rows."""
+    spec = packed_suite.SHAPES[shape]
+    leaves, dout, cu = packed_suite.make_inputs(spec, "cuda", torch.bfloat16, requires_grad=True)
+    fn = packed_suite.IMPLS[impl]
+    expected = reference.prefix_attention_varlen(*[t.detach().float() for t in leaves], cu, cu)
+    assert attn_suite.scaled_err(fn(*leaves, cu), expected) <= attn_suite.tolerance(torch.bfloat16)
+
+    def step():
+        for leaf in leaves:
+            leaf.grad = None
+        fn(*leaves, cu).backward(dout)
 
     cuda_timed(benchmark, step)
 

@@ -112,3 +112,38 @@ def test_liger_row_does_not_leak_into_the_baselines():
     assert modeling_llama.LlamaRMSNorm is original_norm and modeling_llama.LlamaMLP is original_mlp
     assert not hasattr(modeling_llama, "liger_only_helper")
     assert isinstance(tf.LlamaForCausalLM(config).model.norm, original_norm)
+
+
+def test_packed_baselines_lay_out_what_they_claim(monkeypatch):
+    """The packed-attention baselines that need a GPU package build their inputs right: the
+    flash-attn one (run here through a stand-in with flash_attn_varlen_func's documented semantics:
+    per-sequence keys from cu_seqlens_k, causal bottom-right aligned, GQA by head groups) and the
+    padded ones give the oracle's output."""
+    import sys
+    import types
+
+    from prefixkern import reference
+    from prefixkern.bench import attention_packed as packed
+
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal):
+        assert cu_q.dtype == cu_k.dtype == torch.int32
+        outs = []
+        for b in range(cu_q.numel() - 1):
+            qb = q[cu_q[b]:cu_q[b + 1]].transpose(0, 1)
+            kb = k[cu_k[b]:cu_k[b + 1]].transpose(0, 1).repeat_interleave(q.shape[1] // k.shape[1], 0)
+            vb = v[cu_k[b]:cu_k[b + 1]].transpose(0, 1).repeat_interleave(q.shape[1] // k.shape[1], 0)
+            assert qb.shape[1] <= max_q and kb.shape[1] <= max_k
+            scores = qb @ kb.transpose(-1, -2) / qb.shape[-1] ** 0.5
+            i = torch.arange(qb.shape[1])[:, None]
+            j = torch.arange(kb.shape[1])[None, :]
+            scores = scores.masked_fill(j > i + kb.shape[1] - qb.shape[1], float("-inf"))
+            outs.append((scores.softmax(-1) @ vb).transpose(0, 1))
+        return torch.cat(outs)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func))
+    shape = packed.PackedShape("t", 6, 2, 16, (4, 11, 1, 7), 3)
+    (q, k, v, pk, pv), _, cu = packed.make_inputs(shape, torch.device("cpu"), torch.float32, False)
+    expected = reference.prefix_attention_varlen(q, k, v, pk, pv, cu, cu, causal=True)
+    for impl in ("flash_attn", "prefixkern_padded", "sdpa_mask", "prefixkern"):
+        torch.testing.assert_close(packed.IMPLS[impl](q, k, v, pk, pv, cu), expected, atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, impl=impl: f"{impl}: {m}")

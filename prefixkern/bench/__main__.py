@@ -24,13 +24,14 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", nargs="+", choices=SUITES + ("all",), default=["all"], help="suites to run")
     parser.add_argument("--shapes", nargs="+", default=None,
-                        help="case names (attention: seed-qwen seed-bloom paper-gpt2 llama8b-2k llama8b-8k long-32k; "
+                        help="case names (attention: seed-qwen seed-bloom paper-gpt2 llama8b-2k llama8b-8k long-32k "
+                             "packed-qwen packed-llama8b; "
                              "mlp: qwen2.5-0.5b bloomz-560m llama3-8b; e2e_train: qwen2.5-0.5b bloomz-560m "
                              "gpt2-medium llama3.2-1b; decode: P30-L4096-B8 ...)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--baselines", nargs="+", default=None,
                         help="only these baselines (eager sdpa_mask sdpa_lower_right sdpa_lower_right_gqa flex "
-                             "flash_attn torch_p_rows peft_encoder sdpa_concat floor_no_prefix peft_eager peft_sdpa "
+                             "flash_attn prefixkern_padded torch_p_rows peft_encoder sdpa_concat floor_no_prefix peft_eager peft_sdpa "
                              "prefixkern_liger)")
     parser.add_argument("--quick", action="store_true", help="a few shapes per suite (a few minutes)")
     parser.add_argument("--out-dir", type=Path, default=None,

@@ -1,5 +1,6 @@
 """Attention suite: prefix attention against every baseline of BENCHMARKS.md, forward and
-forward+backward, each result checked against the reference in the same run."""
+forward+backward, each result checked against the reference in the same run; packed sequences
+(``attention_packed``) against padding them."""
 from __future__ import annotations
 
 import math
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..ops.prefix_attention import launched_tiles, prefix_attention
+from . import attention_packed
 from .common import Options, Record, Skip, dtype_name, peak_mem_mb, scaled_err, time_ms
 
 
@@ -231,7 +233,8 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                         skips.append(Skip("attention", name, impl, reason))
                     continue
                 records.append(_measure(opts, shape, pass_, impl, fn, leaves, dout, ref_out, ref_grads, flops))
-    return records, skips
+    packed_records, packed_skips = attention_packed.run(opts, progress, _measure)
+    return records + packed_records, skips + packed_skips
 
 
 def _measure(opts, shape, pass_, impl, fn, leaves, dout, ref_out, ref_grads, flops) -> Record:
