@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from ..ops.decode_attention import MAX_QUERY_LEN, prefix_decode_attention
-from ..ops.prefix_attention import prefix_attention
+from ..ops.prefix_attention import prefix_attention, prefix_attention_varlen
 from ..ops.prefix_mlp import fused_prefix_mlp
 from ..prefix_encoder import PrefixEncoder
 
@@ -46,6 +46,10 @@ KWARG = "prefixkern_prefix"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gemma2", "glm4", "gpt2", "bloom", "bart")
 REFUSED_MODEL_TYPES: dict[str, str] = {}
 ENCODER_DECODER_TYPES = ("bart",)
+# Families that take packed batches (transformers' DataCollatorWithFlattening with
+# return_flash_attn_kwargs=True): rotary positions, so a packed sequence's attention is the same
+# wherever it sits in the row (PEFT drops position_ids, so positions run on across sequences).
+PACKED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gemma2", "glm4")
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,12 +178,16 @@ def prefixkern_attention(module, query, key, value, attention_mask, scaling=None
                                         softcap)
         return out.transpose(1, 2).contiguous(), None
     prefix_k, prefix_v = layer_prefix
+    packed = kwargs.get("cu_seq_lens_q") is not None
     # Under autocast the projections come out in the autocast dtype while rotary embeddings may
     # leave q/k in float32: compute in the dtype eager attention's matmuls would use.
     device_type = query.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     prefix_k, prefix_v = prefix_k.to(dtype), prefix_v.to(dtype)
+    if packed:
+        return _packed_attention(query, key, value, prefix_k, prefix_v, key_padding_mask, state, scaling, causal,
+                                 dropout_p, softcap, window, kwargs), None
     if (causal and dropout_p == 0.0 and query.shape[2] <= MAX_QUERY_LEN and softcap is None and window is None
             and query.is_cuda and not torch.is_grad_enabled()):
         # A generation step: the CUDA decode kernel (Triton when it cannot serve the call).
@@ -190,6 +198,26 @@ def prefixkern_attention(module, query, key, value, attention_mask, scaling=None
                            key_padding_mask=key_padding_mask, prefix_index=state.index, dropout_p=dropout_p,
                            softcap=softcap, window=window)
     return out.transpose(1, 2), None
+
+
+def _packed_attention(query, key, value, prefix_k, prefix_v, key_padding_mask, state, scaling, causal, dropout_p,
+                      softcap, window, kwargs):
+    """A packed row (``cu_seq_lens_q/k`` and ``max_length_q/k`` from the collator): each sequence
+    attends to the prefix and to itself only, through ``prefix_attention_varlen``. Returns
+    ``[1, total, Hq, D]``."""
+    if query.shape[0] != 1 or key_padding_mask is not None:
+        raise ValueError("packed sequences (cu_seq_lens_q) come as one row without padding; got a batch of "
+                         f"{query.shape[0]} rows{' with a padding mask' if key_padding_mask is not None else ''}")
+    cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k", kwargs["cu_seq_lens_q"])
+    num_seqs = cu_q.shape[0] - 1
+    index = state.index.expand(num_seqs) if state.index is not None else None   # the row's prefix, every sequence
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    max_q = int(max_q) if max_q is not None else int((cu_q[1:] - cu_q[:-1]).max())
+    max_k = int(max_k) if max_k is not None else int((cu_k[1:] - cu_k[:-1]).max())
+    out = prefix_attention_varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                                  prefix_k, prefix_v, cu_q, cu_k, max_q, max_k, causal=causal, softmax_scale=scaling,
+                                  prefix_index=index, dropout_p=dropout_p, softcap=softcap, window=window)
+    return out.unsqueeze(0)
 
 
 def _bloom_alibi_slopes(num_heads: int, device) -> torch.Tensor:
@@ -421,6 +449,11 @@ def _inject_prefix(module, args, kwargs):
     prefix = cache_prefix if cache_prefix is not None else legacy_prefix
     if prefix is None:
         return args, kwargs
+    if kwargs.get("cu_seq_lens_q") is not None and module.config.model_type not in PACKED_MODEL_TYPES:
+        raise ValueError(
+            f"prefixkern serves packed sequences (cu_seq_lens_q) for {', '.join(PACKED_MODEL_TYPES)}, whose rotary "
+            f"positions make a sequence's attention independent of where it sits in the row; model_type="
+            f"{module.config.model_type!r} would see wrong positions (PEFT drops position_ids). Pad the batch instead.")
     kwargs[KWARG] = prefix
     if kwargs.get("use_cache") is False:
         # No cache wanted: record nothing, so the reported length stays P and PEFT's generate()
