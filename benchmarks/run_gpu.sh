@@ -67,9 +67,9 @@ for step in "${STEPS[@]}"; do
         attention)    run_step bench-attention "$PY" -m prefixkern.bench --suite attention --out-dir "$OUT" \
                           --shapes seed-qwen seed-bloom paper-gpt2 llama8b-2k llama8b-8k long-32k ;;
         attention-sweep) run_step bench-attention-sweep "$PY" -m prefixkern.bench --suite attention --out-dir "$OUT" \
-                          --baselines sdpa_mask sdpa_lower_right sdpa_lower_right_gqa flex flash_attn \
+                          --baselines sdpa_mask sdpa_lower_right sdpa_lower_right_gqa flex flash_attn prefixkern_padded \
                           --shapes sweep-S512 sweep-S1024 sweep-S2048 sweep-S4096 sweep-S8192 \
-                                   sweep-P1 sweep-P16 sweep-P64 sweep-P128 sweep-P256 ;;
+                                   sweep-P1 sweep-P16 sweep-P64 sweep-P128 sweep-P256 packed-qwen packed-llama8b ;;
         mlp)          run_step bench-mlp "$PY" -m prefixkern.bench --suite mlp --out-dir "$OUT" ;;
         e2e)          run_step bench-e2e "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" \
                           --shapes qwen2.5-0.5b bloomz-560m ;;
