@@ -102,20 +102,25 @@ def check_case(case: Case, device, grads=True):
         out, lse = prefixkern.prefix_attention(*leaves, return_lse=True, **kwargs)
     ref_leaves = [t.detach().clone().requires_grad_(grads) for t in inputs]
     ref_out, ref_lse = reference.prefix_attention(*ref_leaves, return_lse=True, **kwargs)
-    assert out.shape == ref_out.shape and out.dtype == case.dtype
-    assert_close(out, ref_out, case.dtype, "out", "out")
+    assert_matches_oracle(out, lse, ref_out, ref_lse, leaves if grads else None, ref_leaves, case.dtype)
+
+
+def assert_matches_oracle(out, lse, ref_out, ref_lse, leaves, ref_leaves, dtype):
+    """Output and log-sum-exp within the dtype's tolerance (the same rows infinite); then, unless
+    ``leaves`` is None, all five gradients of a random upstream gradient."""
+    assert out.shape == ref_out.shape and out.dtype == dtype and lse.shape == ref_lse.shape
+    assert_close(out, ref_out, dtype, "out", "out")
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     finite = torch.isfinite(ref_lse)
-    assert_close(lse[finite], ref_lse[finite], torch.float32 if case.dtype == torch.float32 else case.dtype,
-                 "out", "lse")
-    if not grads:
+    assert_close(lse[finite], ref_lse[finite], torch.float32 if dtype == torch.float32 else dtype, "out", "lse")
+    if leaves is None:
         return
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=case.dtype)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device=out.device, dtype=dtype)
     out.backward(dout)
     ref_out.backward(dout)
     for name, got, want in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), leaves, ref_leaves):
         assert got.grad.shape == want.grad.shape and got.grad.dtype == want.grad.dtype, name
-        assert_close(got.grad, want.grad, case.dtype, "grad", name)
+        assert_close(got.grad, want.grad, dtype, "grad", name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,18 +264,8 @@ def check_packed_case(case: PackedCase, device):
                                                       return_lse=True, **kwargs)
     ref_leaves = [t.detach().clone().requires_grad_() for t in inputs]
     ref_out, ref_lse = reference.prefix_attention_varlen(*ref_leaves, cu_q, cu_k, return_lse=True, **kwargs)
-    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape == (case.Hq, sum(case.lens_q))
-    assert_close(out, ref_out, case.dtype, "out", "out")
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(finite, torch.isfinite(lse))
-    assert_close(lse[finite], ref_lse[finite], torch.float32 if case.dtype == torch.float32 else case.dtype,
-                 "out", "lse")
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=case.dtype)
-    out.backward(dout)
-    ref_out.backward(dout)
-    for name, got, want in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), leaves, ref_leaves):
-        assert got.grad.shape == want.grad.shape and got.grad.dtype == want.grad.dtype, name
-        assert_close(got.grad, want.grad, case.dtype, "grad", name)
+    assert lse.shape == (case.Hq, sum(case.lens_q))
+    assert_matches_oracle(out, lse, ref_out, ref_lse, leaves, ref_leaves, case.dtype)
 
 
 PACKED_BASE = PackedCase()

@@ -223,21 +223,31 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             leaves, dout = make_inputs(shape, opts.device, opts.dtype, with_grads)
             ref_out, ref_grads = reference_chunked(*leaves, dout, with_grads)
             flops = attention_flops(shape) * (3.5 if with_grads else 1.0)
-            for impl, fn in IMPLS.items():
-                if not opts.wants(impl):
-                    continue
-                progress(f"attention {name} {pass_} {impl}")
-                reason = unavailable(impl, opts)
-                if reason:
-                    if pass_ == "fwd":
-                        skips.append(Skip("attention", name, impl, reason))
-                    continue
-                records.append(_measure(opts, shape, pass_, impl, fn, leaves, dout, ref_out, ref_grads, flops))
-    packed_records, packed_skips = attention_packed.run(opts, progress, _measure)
+            run_impls(opts, progress, name, pass_, IMPLS, unavailable, records, skips,
+                      lambda impl, fn: measure(opts, shape, pass_, impl, fn, leaves, dout, ref_out, ref_grads, flops))
+    packed_records, packed_skips = attention_packed.run(opts, progress)
     return records + packed_records, skips + packed_skips
 
 
-def _measure(opts, shape, pass_, impl, fn, leaves, dout, ref_out, ref_grads, flops) -> Record:
+def run_impls(opts: Options, progress, name: str, pass_: str, impls: dict[str, Callable], unavailable,
+              records: list[Record], skips: list[Skip], measure) -> None:
+    """Measure each implementation the options want (``measure(impl, fn)`` -> Record); one that
+    cannot run here is listed with its reason, once per case."""
+    for impl, fn in impls.items():
+        if not opts.wants(impl):
+            continue
+        progress(f"attention {name} {pass_} {impl}")
+        reason = unavailable(impl, opts)
+        if reason:
+            if pass_ == "fwd":
+                skips.append(Skip("attention", name, impl, reason))
+            continue
+        records.append(measure(impl, fn))
+
+
+def measure(opts, shape, pass_, impl, fn, leaves, dout, ref_out, ref_grads, flops) -> Record:
+    """Time ``fn(*leaves)`` (with its backward for ``fwd_bwd``), check it against the oracle's
+    ``ref_out``/``ref_grads`` and record it with the tiles autotuning chose."""
     record = Record("attention", shape.name, impl, pass_, dtype_name(opts.dtype))
     with_grads = ref_grads is not None
 

@@ -164,8 +164,10 @@ def unavailable(impl: str, opts: Options) -> str | None:
     return None
 
 
-def run(opts: Options, progress, measure) -> tuple[list[Record], list[Skip]]:
-    """The packed cases; ``measure`` is the attention suite's timing and checking of one call."""
+def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
+    """The packed cases, timed and checked as the attention suite does its own."""
+    from .attention import measure, run_impls
+
     records, skips = [], []
     for name, shape in opts.select(SHAPES, CPU_SHAPES, QUICK):
         for pass_ in ("fwd", "fwd_bwd"):
@@ -179,19 +181,7 @@ def run(opts: Options, progress, measure) -> tuple[list[Record], list[Skip]]:
                 ref_out.backward(dout.float())
                 ref_grads = [leaf.grad for leaf in ref_leaves]
             flops = packed_flops(shape) * (3.5 if with_grads else 1.0)
-            for impl, fn in IMPLS.items():
-                if not opts.wants(impl):
-                    continue
-                progress(f"attention {name} {pass_} {impl}")
-                reason = unavailable(impl, opts)
-                if reason:
-                    if pass_ == "fwd":
-                        skips.append(Skip("attention", name, impl, reason))
-                    continue
-
-                def call(*tensors, fn=fn):
-                    return fn(*tensors, cu)
-
-                records.append(measure(opts, shape, pass_, impl, call, leaves, dout, ref_out.detach(), ref_grads,
-                                       flops))
+            run_impls(opts, progress, name, pass_, IMPLS, unavailable, records, skips,
+                      lambda impl, fn: measure(opts, shape, pass_, impl, lambda *tensors: fn(*tensors, cu), leaves,
+                                               dout, ref_out.detach(), ref_grads, flops))
     return records, skips
