@@ -309,6 +309,22 @@ def test_packed_equals_dense_rows(device):
         assert_close(packed[lo:hi], dense[b, :, : hi - lo].transpose(0, 1), case.dtype, "out", f"sequence {b}")
 
 
+def test_packed_strided_inputs_and_int64_offsets(device):
+    """Packed q/k/v as views into one fused [total, 3, H, D] QKV tensor (no copies), with int64
+    cu_seqlens: the kernels read the strides and offsets as given."""
+    case = replace(PACKED_BASE, Hq=4, Hkv=4)
+    (q, k, v, pk, pv), cu_q, cu_k, kwargs = make_packed_inputs(case, device)
+    qkv = torch.stack([q, k, v], dim=1)
+    q_v, k_v, v_v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    assert not q_v.is_contiguous()
+    longest = max(case.lens_q)
+    with use_backend("triton"):
+        out = prefixkern.prefix_attention_varlen(q_v, k_v, v_v, pk, pv, cu_q.long(), cu_k.long(), longest, longest,
+                                                 **kwargs)
+    ref = reference.prefix_attention_varlen(q, k, v, pk, pv, cu_q, cu_k, **kwargs)
+    assert_close(out, ref, case.dtype, "out", "out")
+
+
 def test_packed_dropout_matches_the_mask(device):
     """Sequence b draws the mask a dense launch draws for batch row b with its own lengths."""
     from prefixkern.kernels._attention_common import dropout_keep_mask
