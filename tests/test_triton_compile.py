@@ -30,13 +30,14 @@ def test_every_kernel_compiles_for_sm90():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Triton compiles on Linux")
 def test_attention_configs_do_not_spill_registers():
     """Every bf16/fp16 head-dim-128 config the attention launchers may pick compiles for sm_90 with
-    no register spills, causal with and without a padding mask, and within the shared memory the
-    launchers budget for it (tests/tools/kernel_resources.py without --bucket checks every table)."""
+    no register spills, causal with and without a padding mask and on packed rows, and within the
+    shared memory the launchers budget for it (tests/tools/kernel_resources.py without --bucket
+    checks every table)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     script = SCRIPT.parent / "kernel_resources.py"
     result = subprocess.run([sys.executable, str(script), "--check", "--kernels", "attention", "--bucket", "2:128",
-                             "--flags", "plain,padded"],
+                             "--flags", "plain,padded,packed"],
                             env=env, capture_output=True, text=True, timeout=900, cwd=SCRIPT.parent.parent.parent)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if "spill stores" in line]
