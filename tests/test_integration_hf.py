@@ -594,3 +594,39 @@ def test_packed_batch_refused_where_positions_would_be_wrong(family):
     _, batch = _packed_batch()
     with pytest.raises(ValueError, match="packed sequences"):
         ours(**batch)
+
+
+def test_trainer_with_packed_batches_matches_padded_batches(tmp_path):
+    """Unchanged user code with packing: Trainer + DataCollatorWithFlattening on the patched model
+    logs the losses of the same examples right-padded (both count each sequence's len - 1
+    next-token predictions), step after step."""
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    class _Tokenizer:   # what DataCollatorForLanguageModeling needs to pad, without a download
+        pad_token_id = 0
+        padding_side = "right"
+
+        def pad(self, features, return_tensors="pt", **kwargs):
+            longest = max(len(f["input_ids"]) for f in features)
+            ids = torch.zeros(len(features), longest, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, f in enumerate(features):
+                ids[row, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+                mask[row, : len(f["input_ids"])] = 1
+            return {"input_ids": ids, "attention_mask": mask}
+
+    sequences, _ = _packed_batch(lengths=(4, 7, 3, 6))
+    data = [{"input_ids": s.tolist()} for s in sequences]
+    collators = {"packed": tf.DataCollatorWithFlattening(return_flash_attn_kwargs=True),
+                 "padded": DataCollatorForLanguageModeling(_Tokenizer(), mlm=False)}
+    losses = {}
+    for name, collator in collators.items():
+        _, model = _pair("qwen2")
+        args = TrainingArguments(output_dir=str(tmp_path / name), per_device_train_batch_size=2, max_steps=2,
+                                 learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no", seed=0,
+                                 use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False)
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator)
+        trainer.train()
+        losses[name] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses["packed"]) == 2
+    torch.testing.assert_close(torch.tensor(losses["packed"]), torch.tensor(losses["padded"]), atol=1e-4, rtol=1e-4)
