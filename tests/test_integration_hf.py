@@ -630,3 +630,19 @@ def test_trainer_with_packed_batches_matches_padded_batches(tmp_path):
         losses[name] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses["packed"]) == 2
     torch.testing.assert_close(torch.tensor(losses["packed"]), torch.tensor(losses["padded"]), atol=1e-4, rtol=1e-4)
+
+
+def test_torch_compile_packed_batch_has_no_graph_break_on_the_kernel_path():
+    """On the kernels (here Triton's interpreter) a packed batch traces as one graph; the CPU
+    reference path splits a packed row per sequence with data-dependent slices, which breaks it."""
+    ref, ours = _pair("llama")
+    ours.eval()
+    ref.eval()
+    sequences, batch = _packed_batch()
+    with prefixkern.use_backend("triton"):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(ours)(**batch)
+        assert explained.graph_break_count == 0, [str(b.reason)[:300] for b in explained.break_reasons]
+        got = torch.compile(ours, backend="aot_eager")(**batch).logits[0]
+    separate = torch.cat([ref(input_ids=s[None]).logits[0] for s in sequences])
+    torch.testing.assert_close(got, separate, atol=1e-4, rtol=1e-3)
