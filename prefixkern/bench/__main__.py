@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--baselines", nargs="+", default=None,
                         help="only these baselines (eager sdpa_mask sdpa_lower_right sdpa_lower_right_gqa flex "
-                             "flash_attn prefixkern_padded torch_p_rows peft_encoder sdpa_concat floor_no_prefix peft_eager peft_sdpa "
+                             "flash_attn prefixkern_padded prefixkern_packed torch_p_rows peft_encoder sdpa_concat floor_no_prefix peft_eager peft_sdpa "
                              "prefixkern_liger)")
     parser.add_argument("--quick", action="store_true", help="a few shapes per suite (a few minutes)")
     parser.add_argument("--out-dir", type=Path, default=None,

@@ -30,16 +30,17 @@ class PackedShape:
     P: int
 
 
-def _ragged(count: int, low: int, high: int, seed: int) -> tuple[int, ...]:
+def ragged_lengths(count: int, low: int, high: int, seed: int) -> tuple[int, ...]:
+    """``count`` sequence lengths drawn uniformly from ``[low, high]`` (seeded: every run the same)."""
     gen = torch.Generator().manual_seed(seed)
     return tuple(int(x) for x in torch.randint(low, high + 1, (count,), generator=gen))
 
 
 SHAPES = {s.name: s for s in (
     # The seeds' SFT recipe (max_length 256), 16 examples of 32-256 tokens packed.
-    PackedShape("packed-qwen", 14, 2, 64, _ragged(16, 32, 256, 0), 20),
+    PackedShape("packed-qwen", 14, 2, 64, ragged_lengths(16, 32, 256, 0), 20),
     # Llama-3-8B attention, 8 documents of 256-2048 tokens.
-    PackedShape("packed-llama8b", 32, 8, 128, _ragged(8, 256, 2048, 1), 64),
+    PackedShape("packed-llama8b", 32, 8, 128, ragged_lengths(8, 256, 2048, 1), 64),
 )}
 QUICK = ("packed-qwen",)
 CPU_SHAPES = {"cpu-packed-tiny": PackedShape("cpu-packed-tiny", 4, 2, 32, (5, 17, 9), 5)}

@@ -1,12 +1,18 @@
 """End-to-end suite: a bf16 training step (forward, loss, backward to the prefix) of models built
 from real configs with random weights, for the floor (no prefix, SDPA's flash path, gradients
-flowing to the input embeddings), stock PEFT with HF ``eager`` and ``sdpa``, and the patched model."""
+flowing to the input embeddings), stock PEFT with HF ``eager`` and ``sdpa``, and the patched model.
+
+A ragged case (``<model>-sft-ragged``: the seeds' SFT recipe, examples of 32-256 tokens) runs the
+same examples right-padded (stock PEFT, the patched model) and packed into one row by
+transformers' ``DataCollatorWithFlattening`` (the patched model: ``prefixkern_packed``); its
+tokens/s counts real tokens only."""
 from __future__ import annotations
 
 import copy
 
 import torch
 
+from .attention_packed import ragged_lengths
 from .common import Options, Record, Skip, dtype_name, time_ms
 
 P = 20
@@ -104,6 +110,84 @@ def _step_fn(model, impl: str, input_ids, attention_mask):
     return step
 
 
+def measure_step(opts: Options, record: Record, step, tokens: int, losses: dict, check: bool) -> Record:
+    """Time a training step and its peak memory, record its loss in ``losses`` and, with ``check``,
+    compare it with stock PEFT eager's (``losses["peft_eager"]``, measured first)."""
+    try:
+        losses[record.impl] = step().float().item()
+        record.ms = time_ms(step, on_gpu=opts.on_gpu, quick=True)
+        if opts.on_gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            record.peak_mem_mb = torch.cuda.max_memory_allocated() / 2**20
+        if record.ms:
+            record.tokens_per_s = tokens / (record.ms * 1e-3)
+    except torch.cuda.OutOfMemoryError:
+        record.note = "out of memory"
+        torch.cuda.empty_cache()
+    ref = losses.get("peft_eager")
+    if check and ref is not None and record.impl in losses:
+        record.max_err = abs(losses[record.impl] - ref) / max(1.0, abs(ref))
+        record.ok = bool(record.max_err <= {torch.float32: 1e-4, torch.float16: 5e-3,
+                                            torch.bfloat16: 2e-2}[opts.dtype])
+    record.note = (record.note or "") + f"loss {losses.get(record.impl, float('nan')):.5f}"
+    return record
+
+
+RAGGED_IMPLS = ("peft_eager", "peft_sdpa", "prefixkern", "prefixkern_packed")
+
+
+def ragged_batches(lengths, vocab_size: int, device):
+    """The same examples right-padded (``input_ids``, ``attention_mask``, ``labels`` with -100 at
+    padding) and packed by ``DataCollatorWithFlattening`` (one row, ``cu_seq_lens_q/k``)."""
+    from transformers import DataCollatorWithFlattening
+
+    gen = torch.Generator().manual_seed(0)
+    examples = [torch.randint(0, vocab_size, (n,), generator=gen) for n in lengths]
+    ids = torch.zeros(len(examples), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, example in enumerate(examples):
+        ids[row, : len(example)] = example
+        mask[row, : len(example)] = 1
+    padded = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    packed = DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": e.tolist()} for e in examples])
+    move = lambda batch: {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}  # noqa: E731
+    return move(padded), move(packed)
+
+
+def _ragged_case(opts: Options, progress, name: str, config, base_state, lengths) -> list[Record]:
+    records = []
+    case = f"{name}-sft-ragged"
+    padded, packed = ragged_batches(lengths, config.vocab_size, opts.device)
+    losses = {}
+    for impl in RAGGED_IMPLS:
+        if not opts.wants(impl):
+            continue
+        progress(f"e2e_train {case} {impl}")
+        record = Record("e2e_train", case, impl, "step", dtype_name(opts.dtype))
+        model = build_model(name, "prefixkern" if impl == "prefixkern_packed" else impl, opts, base_state)
+        inputs = packed if impl == "prefixkern_packed" else padded
+
+        def step(model=model, inputs=inputs):
+            model.zero_grad(set_to_none=True)
+            loss = model(**inputs).loss
+            loss.backward()
+            return loss.detach()
+
+        records.append(measure_step(opts, record, step, sum(lengths), losses, check=True))
+        del model, step
+        if opts.on_gpu:
+            torch.cuda.empty_cache()
+    return records
+
+
+# The seeds' SFT recipe: 16 examples of 32-256 tokens (the attention suite's packed-qwen lengths).
+RAGGED_LENGTHS = {"qwen2.5-0.5b": ragged_lengths(16, 32, 256, 0), "llama3.2-1b": ragged_lengths(16, 32, 256, 0),
+                  "cpu-tiny-llama": (5, 9, 3)}
+
+
 def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
     records, skips = [], []
     try:
@@ -153,28 +237,11 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                     skips.append(Skip("e2e_train", case, impl, f"could not build: {type(exc).__name__}: {exc}"))
                     continue
                 step = _step_fn(model, impl, input_ids, attention_mask)
-                try:
-                    losses[impl] = step().float().item()
-                    record.ms = time_ms(step, on_gpu=opts.on_gpu, quick=True)
-                    if opts.on_gpu:
-                        torch.cuda.synchronize()
-                        torch.cuda.reset_peak_memory_stats()
-                        step()
-                        torch.cuda.synchronize()
-                        record.peak_mem_mb = torch.cuda.max_memory_allocated() / 2**20
-                    if record.ms:
-                        record.tokens_per_s = batch * seq_len / (record.ms * 1e-3)
-                except torch.cuda.OutOfMemoryError:
-                    record.note = "out of memory"
-                    torch.cuda.empty_cache()
-                ref = losses.get("peft_eager")
-                if impl != "floor_no_prefix" and ref is not None and impl in losses:
-                    record.max_err = abs(losses[impl] - ref) / max(1.0, abs(ref))
-                    record.ok = bool(record.max_err <= {torch.float32: 1e-4, torch.float16: 5e-3,
-                                                        torch.bfloat16: 2e-2}[opts.dtype])
-                record.note = (record.note or "") + f"loss {losses.get(impl, float('nan')):.5f}"
-                records.append(record)
+                records.append(measure_step(opts, record, step, batch * seq_len, losses,
+                                            check=impl != "floor_no_prefix"))
                 del model, step
                 if opts.on_gpu:
                     torch.cuda.empty_cache()
+        if name in RAGGED_LENGTHS:
+            records += _ragged_case(opts, progress, name, config, base_state, RAGGED_LENGTHS[name])
     return records, skips
