@@ -132,3 +132,25 @@ def test_pick_config_times_only_spill_free_candidates(monkeypatch):
     assert common.pick_config(("test", 1), ["a"], launch) == "c"
     monkeypatch.setenv("PREFIXKERN_AUTOTUNE", "0")
     assert common.pick_config(("test", 3), ["a", "b"], launch) == "a"
+
+
+def test_index_values_are_read_once_per_tensor_and_version(monkeypatch):
+    """A model passes the same cu_seqlens / prefix_index to every layer; reading their values is a
+    device sync, so each tensor is read once, and again only once it changes or is checked against
+    other sizes."""
+    from prefixkern.ops._checks import check_prefix_attention_varlen_args
+
+    args = _good_packed()
+    reads = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or original(self))
+    options = dict(causal=True, softmax_scale=None, prefix_index=None, dropout_p=0.0, alibi_slopes=None,
+                   softcap=None, window=None)
+    for _ in range(4):
+        check_prefix_attention_varlen_args(*args.values(), **options)
+    assert len(reads) == 2                      # cu_seqlens_q and cu_seqlens_k, once each
+    args["cu_seqlens_q"][1] = 5                 # in place: the version changes, so it is read again
+    check_prefix_attention_varlen_args(*args.values(), **options)
+    assert len(reads) == 3
+    with pytest.raises(ValueError, match="max_seqlen_q=4 is shorter"):
+        check_prefix_attention_varlen_args(*{**args, "max_seqlen_q": 4}.values(), **options)

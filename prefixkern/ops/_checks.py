@@ -2,6 +2,7 @@
 naming the argument and what was expected, before anything is launched."""
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,28 @@ def check_tensor(name: str, t, ndim: int | tuple[int, ...], shape_doc: str) -> N
 def check_float(name: str, t: torch.Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+
+
+# Index tensors whose values passed a check, with the tensor's version and what it was checked
+# against: a model calls an op once per layer with the same cu_seqlens / prefix_index tensors, and
+# reading their values synchronises the host with the device, so each is read once per batch.
+# Keyed by id (a WeakKeyDictionary would compare tensors with ==); the weakref confirms identity
+# and drops the entry when the tensor is freed.
+_CHECKED: dict[int, tuple] = {}
+
+
+def _needs_value_check(t: torch.Tensor, against: tuple) -> bool:
+    """Whether ``t``'s values must be read and checked (not while torch.compile traces, nor when
+    this very tensor, unmodified, already passed against the same sizes)."""
+    if torch.compiler.is_compiling():
+        return False
+    entry = _CHECKED.get(id(t))
+    return entry is None or entry[0]() is not t or entry[1:] != (t._version, against)
+
+
+def _passed_value_check(t: torch.Tensor, against: tuple) -> None:
+    key = id(t)
+    _CHECKED[key] = (weakref.ref(t, lambda _, key=key: _CHECKED.pop(key, None)), t._version, against)
 
 
 @dataclass(frozen=True)
@@ -91,8 +114,8 @@ def check_prefix_attention_varlen_args(q, k, v, prefix_k, prefix_v, cu_seqlens_q
                                        max_seqlen_k, *, causal, softmax_scale, prefix_index, dropout_p, alibi_slopes,
                                        softcap, window) -> AttentionShape:
     """Validate ``prefix_attention_varlen``'s arguments; return the sizes they imply (S and S_kv
-    are the longest sequence's). The values of cu_seqlens are checked unless torch.compile is
-    tracing (reading them synchronises with the device)."""
+    are the longest sequence's). The values of cu_seqlens are read (a device sync) once per tensor
+    and version, and not while torch.compile traces."""
     _check_tensor_kinds(q, k, v, prefix_k, prefix_v, 3, "[total_q, Hq, D]", "[total_k, Hkv, D]")
     total_q, num_heads, head_dim = q.shape
     total_k, num_kv_heads = k.shape[0], k.shape[1]
@@ -113,17 +136,19 @@ def check_prefix_attention_varlen_args(q, k, v, prefix_k, prefix_v, cu_seqlens_q
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    if not torch.compiler.is_compiling():
-        for name, cu, total, longest, longest_name in (
-                ("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q"),
-                ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k, "max_seqlen_k")):
-            bounds = cu.tolist()
-            lengths = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
-            if bounds[0] != 0 or bounds[-1] != total or min(lengths) < 0:
-                raise ValueError(f"{name} must rise from 0 to the token count {total} without decreasing, got {bounds}")
-            if max(lengths) > longest:
-                raise ValueError(f"{longest_name}={longest} is shorter than the longest sequence ({max(lengths)} "
-                                 f"tokens in {name})")
+    for name, cu, total, longest, longest_name in (
+            ("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q"),
+            ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k, "max_seqlen_k")):
+        if not _needs_value_check(cu, (total, longest)):
+            continue
+        bounds = cu.tolist()
+        lengths = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+        if bounds[0] != 0 or bounds[-1] != total or min(lengths) < 0:
+            raise ValueError(f"{name} must rise from 0 to the token count {total} without decreasing, got {bounds}")
+        if max(lengths) > longest:
+            raise ValueError(f"{longest_name}={longest} is shorter than the longest sequence ({max(lengths)} "
+                             f"tokens in {name})")
+        _passed_value_check(cu, (total, longest))
     batch = cu_seqlens_q.shape[0] - 1
     prefix_len, mode = _check_prefix_and_options(
         q, prefix_k, prefix_v, batch, num_heads, num_kv_heads, head_dim, causal=causal, softmax_scale=softmax_scale,
@@ -162,10 +187,11 @@ def _check_prefix_and_options(q, prefix_k, prefix_v, batch, num_heads, num_kv_he
         if prefix_index.device != q.device:
             raise ValueError(f"prefix_index must be on q's device {q.device}, got {prefix_index.device}")
         num_tasks = prefix_k.shape[0]
-        if batch > 0 and not torch.compiler.is_compiling():
+        if batch > 0 and _needs_value_check(prefix_index, (num_tasks,)):
             lo, hi = int(prefix_index.min()), int(prefix_index.max())
             if lo < 0 or hi >= num_tasks:
                 raise ValueError(f"prefix_index values must lie in [0, T={num_tasks}), got min {lo} and max {hi}")
+            _passed_value_check(prefix_index, (num_tasks,))
         mode = "per_task"
     elif prefix_k.dim() == 4:
         if prefix_k.shape[0] != batch:
