@@ -3,10 +3,12 @@
 # benchmark suite, each step under ten minutes, everything left in one folder.
 #
 #   benchmarks/run_gpu.sh [OUT_DIR] [STEP ...]
-#   STEP: tests-attention-1 tests-attention-2 tests-other attention attention-sweep mlp e2e e2e-large
-#         decode pytest-bench
-#         (default: all, in that order)
-#   A device call lasts at most ten minutes: run a few steps per call, same OUT_DIR.
+#   STEP: smoke quick tests-attention-1 tests-attention-2 tests-other attention attention-sweep mlp e2e
+#         e2e-large decode pytest-bench
+#         (default: all but smoke and quick, in that order)
+#   smoke: CI's representative kernel tests, run on the GPU (a few minutes); quick: every suite with
+#   --quick. A device call lasts at most ten minutes: run a few steps per call, with STEP_LIMIT_S
+#   set so that they fit (benchmarks/results/README.md has a plan for a 30-minute device budget).
 #
 # Uses the repository in place (PYTHONPATH), so it needs no install; torch, triton, transformers,
 # peft, pytest, pytest-benchmark and matplotlib come from the machine's image. Pure-Python wheels
@@ -58,6 +60,11 @@ for step in "${STEPS[@]}"; do
     case "$step" in
         # The test grid takes each kernel's first fitting config: tuning one-off shapes is not what it tests.
         # About 1200 kernel variants to compile: two interleaved halves, one device call each.
+        # The CPU CI subset of the kernel tests, on the GPU (a test takes CUDA when it has one).
+        smoke)        run_step smoke env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m "not gpu" -q -p no:cacheprovider \
+                          tests/test_prefix_attention.py tests/test_prefix_mlp.py tests/test_decode.py \
+                          tests/test_checks.py --junitxml="$OUT/smoke.xml" ;;
+        quick)        run_step bench-quick "$PY" -m prefixkern.bench --quick --out-dir "$OUT" ;;
         tests-attention-1|tests-attention-2)
                       shard=$(( ${step##*-} - 1 ))
                       run_step "$step" env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} \
