@@ -185,6 +185,9 @@ def prefixkern_attention(module, query, key, value, attention_mask, scaling=None
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     prefix_k, prefix_v = prefix_k.to(dtype), prefix_v.to(dtype)
+    if state.index is not None and not packed and state.index.shape[0] != query.shape[0]:
+        raise ValueError(f"prefix_per_row names {state.index.shape[0]} rows but the batch has {query.shape[0]} "
+                         "(only a packed batch, cu_seq_lens_q, may name one prefix per sequence)")
     if packed:
         return _packed_attention(query, key, value, prefix_k, prefix_v, key_padding_mask, state, scaling, causal,
                                  dropout_p, softcap, window, kwargs), None
@@ -210,7 +213,12 @@ def _packed_attention(query, key, value, prefix_k, prefix_v, key_padding_mask, s
                          f"{query.shape[0]} rows{' with a padding mask' if key_padding_mask is not None else ''}")
     cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k", kwargs["cu_seq_lens_q"])
     num_seqs = cu_q.shape[0] - 1
-    index = state.index.expand(num_seqs) if state.index is not None else None   # the row's prefix, every sequence
+    index = state.index
+    if index is not None and index.shape[0] != num_seqs:
+        if index.shape[0] != 1:
+            raise ValueError(f"prefix_per_row names {index.shape[0]} prefixes for a packed row of {num_seqs} "
+                             "sequences: name one per sequence, or one for the whole row")
+        index = index.expand(num_seqs)     # the row's prefix, for every sequence
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
     max_q = int(max_q) if max_q is not None else int((cu_q[1:] - cu_q[:-1]).max())
     max_k = int(max_k) if max_k is not None else int((cu_k[1:] - cu_k[:-1]).max())
@@ -402,7 +410,9 @@ def _patched_get_prompt(self, batch_size: int, task_ids=None, max_cache_len=None
         prefix = PrefixState(_prefix_kv(self, self.active_adapter, state, dtype))
     else:
         names = list(dict.fromkeys(state.rows))
-        if len(state.rows) != batch_size:
+        # A packed batch is one row holding several sequences: it may name one prefix per sequence
+        # (checked against cu_seq_lens in the attention).
+        if len(state.rows) != batch_size and batch_size != 1:
             raise ValueError(f"prefix_per_row names {len(state.rows)} rows but the batch has {batch_size}")
         lengths = {self.peft_config[n].num_virtual_tokens for n in names}
         if len(lengths) != 1:
@@ -550,7 +560,8 @@ def prefix_per_row(model, adapter_names: Sequence[str]) -> Iterator[None]:
     """Serve a batch whose rows belong to different trained prefixes in one forward (training or
     ``generate()``): row b reads adapter ``adapter_names[b]``. All adapters must have been loaded
     into ``model`` (``load_adapter``) and share the prefix length. Each distinct prefix is
-    computed once; the kernel reads the right one per row (``prefix_index``)."""
+    computed once; the kernel reads the right one per row (``prefix_index``). A packed batch
+    (``DataCollatorWithFlattening``) names one adapter per packed sequence."""
     if not is_patched(model):
         raise ValueError("prefix_per_row needs a patched model: call prefixkern.patch(model) first")
     unknown = [n for n in adapter_names if n not in model.peft_config]
