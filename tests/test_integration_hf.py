@@ -672,3 +672,18 @@ def test_prefix_per_sequence_of_a_packed_batch_equals_separate_runs():
         torch.testing.assert_close(packed[start:start + len(sequence)], alone, atol=2e-5, rtol=2e-4)
         start += len(sequence)
     ours.set_adapter("default")
+
+
+def test_stock_peft_mixes_packed_sequences():
+    """What the README says of stock PEFT: on a packed row its later sequences attend to the earlier
+    ones (the first one, which has nothing before it, is unaffected). If a PEFT release fixes this,
+    this test fails and the README's claim must change."""
+    ref, _ = _pair("llama")
+    ref.eval()
+    sequences, batch = _packed_batch()
+    with torch.no_grad():
+        packed = ref(**batch).logits[0]
+        separate = torch.cat([ref(input_ids=s[None]).logits[0] for s in sequences])
+    first = len(sequences[0])
+    torch.testing.assert_close(packed[:first], separate[:first], atol=2e-5, rtol=2e-4)
+    assert (packed[first:] - separate[first:]).abs().max() > 1e-2
