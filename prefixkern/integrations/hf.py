@@ -218,7 +218,10 @@ def _packed_attention(query, key, value, prefix_k, prefix_v, key_padding_mask, s
         if index.shape[0] != 1:
             raise ValueError(f"prefix_per_row names {index.shape[0]} prefixes for a packed row of {num_seqs} "
                              "sequences: name one per sequence, or one for the whole row")
-        index = index.expand(num_seqs)     # the row's prefix, for every sequence
+        # One prefix for the whole row: pass it batch-shared. (An index expanded to the sequences
+        # would be a new tensor in every layer, and each would have its values read: a device sync.)
+        prefix_k, prefix_v = prefix_k.index_select(0, index)[0], prefix_v.index_select(0, index)[0]
+        index = None
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
     max_q = int(max_q) if max_q is not None else int((cu_q[1:] - cu_q[:-1]).max())
     max_k = int(max_k) if max_k is not None else int((cu_k[1:] - cu_k[:-1]).max())
