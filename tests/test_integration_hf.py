@@ -264,7 +264,9 @@ def test_resumable_checkpoint_round_trip(tmp_path):
 # Several prefixes in one batch
 # --------------------------------------------------------------------------------------------
 
-def test_prefix_per_row_equals_separate_runs():
+def _patched_with_second_adapter():
+    """The patched Llama pair's model in eval mode with a second prefix adapter, "task_b", whose
+    parameters differ clearly from "default"'s."""
     _, ours = _pair("llama")
     torch.manual_seed(7)
     ours.add_adapter("task_b", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=True,
@@ -273,6 +275,11 @@ def test_prefix_per_row_equals_separate_runs():
         for p in ours.prompt_encoder["task_b"].parameters():
             p.normal_()
     ours.eval()
+    return ours
+
+
+def test_prefix_per_row_equals_separate_runs():
+    ours = _patched_with_second_adapter()
     ids, mask = _batch("left")
     rows = ["default", "task_b", "default"]
     with prefixkern.prefix_per_row(ours, rows):
@@ -650,26 +657,24 @@ def test_torch_compile_packed_batch_has_no_graph_break_on_the_kernel_path():
 
 def test_prefix_per_sequence_of_a_packed_batch_equals_separate_runs():
     """prefix_per_row on a packed row names one adapter per packed sequence (examples of several
-    tasks packed together), each sequence equal to its own adapter run alone."""
-    _, ours = _pair("llama")
-    torch.manual_seed(7)
-    ours.add_adapter("task_b", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=True,
-                                                  encoder_hidden_size=20))
-    with torch.no_grad():
-        for p in ours.prompt_encoder["task_b"].parameters():
-            p.normal_()
-    ours.eval()
+    tasks packed together), each sequence equal to its own adapter run alone; or one adapter for
+    the whole row."""
+    ours = _patched_with_second_adapter()
     sequences, batch = _packed_batch()
     names = ["task_b", "default", "task_b"]
     with prefixkern.prefix_per_row(ours, names):
         packed = ours(**batch).logits[0]
         with pytest.raises(ValueError, match="names 3 prefixes for a packed row of 2 sequences"):
             ours(**_packed_batch(lengths=(4, 5))[1])
+    with prefixkern.prefix_per_row(ours, ["task_b"]):
+        whole_row = ours(**batch).logits[0]
     start = 0
     for sequence, name in zip(sequences, names):
         ours.set_adapter(name)
         alone = ours(input_ids=sequence[None]).logits[0]
         torch.testing.assert_close(packed[start:start + len(sequence)], alone, atol=2e-5, rtol=2e-4)
+        if name == "task_b":
+            torch.testing.assert_close(whole_row[start:start + len(sequence)], alone, atol=2e-5, rtol=2e-4)
         start += len(sequence)
     ours.set_adapter("default")
 

@@ -154,20 +154,9 @@ IMPLS: dict[str, Callable] = {"prefixkern": prefixkern_varlen, "prefixkern_padde
                               "sdpa_mask": sdpa_mask, "flash_attn": flash_attn_varlen}
 
 
-def unavailable(impl: str, opts: Options) -> str | None:
-    if impl == "flash_attn":
-        try:
-            import flash_attn  # noqa: F401
-        except Exception as exc:
-            return f"flash-attn not installed ({type(exc).__name__})"
-        if not opts.on_gpu:
-            return "flash-attn needs a GPU"
-    return None
-
-
 def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
-    """The packed cases, timed and checked as the attention suite does its own."""
-    from .attention import measure, run_impls
+    """The packed cases, timed, checked and skipped (flash-attn) as the attention suite does its own."""
+    from .attention import measure, run_impls, unavailable
 
     records, skips = [], []
     for name, shape in opts.select(SHAPES, CPU_SHAPES, QUICK):
