@@ -2,7 +2,10 @@
 FSDP2 (``fully_shard``, per decoder layer and at the root). A patched model's prefix gradients
 equal a single process's on the whole batch."""
 import os
+import socket
 import sys
+import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -25,11 +28,27 @@ def _wrap(model, wrapper: str, world: int):
     return fully_shard(model, mesh=mesh)
 
 
-def _worker(rank, world, wrapper, init_file, out_file):
+# The whole test's budget. A gloo group that cannot connect (a host name resolving to an address that
+# drops packets) otherwise waits gloo's default 30 minutes per collective: CI once hung here.
+_DEADLINE_S = 300
+
+
+def _loopback_interface():
+    return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+
+
+def _worker(rank, world, wrapper, init_file, out_file, joined_dir):
     from test_integration_hf import _batch, _pair
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # Both processes live on this machine: keep gloo off interfaces the host name may point at.
+    loopback = _loopback_interface()
+    if loopback is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
     try:
+        dist.barrier()
+        open(os.path.join(joined_dir, str(rank)), "w").close()
         _, model = _pair("llama")
         model.eval()   # no dropout: the two runs must see the same function
         wrapped = _wrap(model, wrapper, world)
@@ -45,6 +64,27 @@ def _worker(rank, world, wrapper, init_file, out_file):
         dist.destroy_process_group()
 
 
+def _spawn_with_deadline(wrapper, tmp_path, world=2):
+    """Run the workers; fail (not hang) past ``_DEADLINE_S``, and skip only when the machine could not
+    form the process group at all (no group, nothing of ours was tested)."""
+    joined = tmp_path / "joined"
+    joined.mkdir()
+    args = (world, wrapper, str(tmp_path / "init"), str(tmp_path / "grads.pt"), str(joined))
+    context = mp.start_processes(_worker, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + _DEADLINE_S
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {world} gloo workers did not finish in {_DEADLINE_S} s")
+    except Exception as error:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+        if len(os.listdir(joined)) < world:
+            pytest.skip(f"this machine could not form a {world}-process gloo group: {error}")
+        raise
+
+
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
 def test_data_parallel_gloo_two_processes_match_single_process(tmp_path, wrapper):
     if wrapper == "fsdp2":
@@ -55,7 +95,7 @@ def test_data_parallel_gloo_two_processes_match_single_process(tmp_path, wrapper
             pytest.skip(f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard (FSDP2)")
     from test_integration_hf import _batch, _pair
 
-    mp.spawn(_worker, args=(2, wrapper, str(tmp_path / "init"), str(tmp_path / "grads.pt")), nprocs=2, join=True)
+    _spawn_with_deadline(wrapper, tmp_path)
     parallel_grads = torch.load(tmp_path / "grads.pt")
     _, model = _pair("llama")
     model.eval()
