@@ -3,12 +3,14 @@
 # benchmark suite, each step under ten minutes, everything left in one folder.
 #
 #   benchmarks/run_gpu.sh [OUT_DIR] [STEP ...]
-#   STEP: smoke quick tests-attention-1 tests-attention-2 tests-other attention attention-sweep mlp e2e
+#   STEP: smoke quick quick-<suite> tests-attention-1 tests-attention-2 tests-other attention attention-sweep mlp e2e
 #         e2e-large decode pytest-bench
 #         (default: all but smoke and quick, in that order)
 #   smoke: CI's representative kernel tests, run on the GPU (a few minutes); quick: every suite with
-#   --quick. A device call lasts at most ten minutes: run a few steps per call, with STEP_LIMIT_S
-#   set so that they fit (benchmarks/results/README.md has a plan for a 30-minute device budget).
+#   --quick; quick-attention, quick-mlp, quick-e2e_train, quick-decode: one suite's --quick each.
+#   A device call lasts at most ten minutes: run a few steps per call, with STEP_LIMIT_S (or a
+#   step's own limit, STEP:SECONDS) set so that they fit (benchmarks/results/README.md has the
+#   plan for a session's device budget).
 #
 # Uses the repository in place (PYTHONPATH), so it needs no install; torch, triton, transformers,
 # peft, pytest, pytest-benchmark and matplotlib come from the machine's image. Pure-Python wheels
@@ -24,7 +26,6 @@ STEPS=("$@")
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
-LIMIT="${STEP_LIMIT_S:-590}"
 # The GPU grid compiles hundreds of kernel variants: spread the compiling over the CPU cores
 # (pytest-xdist is on the GPU image; the workers share the GPU).
 XDIST=()
@@ -57,14 +58,19 @@ for name in ("transformers", "peft", "flash_attn", "liger_kernel"):
 PY
 
 for step in "${STEPS[@]}"; do
+    LIMIT="${STEP_LIMIT_S:-590}"
+    if [[ "$step" == *:* ]]; then LIMIT="${step##*:}"; step="${step%%:*}"; fi
     case "$step" in
         # The test grid takes each kernel's first fitting config: tuning one-off shapes is not what it tests.
         # About 1200 kernel variants to compile: two interleaved halves, one device call each.
         # The CPU CI subset of the kernel tests, on the GPU (a test takes CUDA when it has one).
-        smoke)        run_step smoke env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m "not gpu" -q -p no:cacheprovider \
+        smoke)        run_step smoke env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m "not gpu" -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} \
                           tests/test_prefix_attention.py tests/test_prefix_mlp.py tests/test_decode.py \
                           tests/test_checks.py --junitxml="$OUT/smoke.xml" ;;
         quick)        run_step bench-quick "$PY" -m prefixkern.bench --quick --out-dir "$OUT" ;;
+        # One suite's quick run per process: a step cut off by STEP_LIMIT_S loses only its own suite.
+        quick-attention|quick-mlp|quick-e2e_train|quick-decode)
+                      run_step "bench-$step" "$PY" -m prefixkern.bench --suite "${step#quick-}" --quick --out-dir "$OUT" ;;
         tests-attention-1|tests-attention-2)
                       shard=$(( ${step##*-} - 1 ))
                       run_step "$step" env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} \
