@@ -8,6 +8,7 @@ import torch
 
 import prefixkern
 from prefixkern import reference
+from prefixkern._backend import triton_interpret
 from prefixkern.ops import decode_attention
 
 from conftest import HAS_CUDA
@@ -40,6 +41,12 @@ def test_falls_back_to_the_kernels_or_reference_on_cpu():
     inputs, kw = _inputs(2, 4, 2, 1, 13, 5, 32, torch.float32, "cpu", padding=True, prefix="per_task")
     expected = reference.prefix_attention(*inputs, causal=True, **kw)
     torch.testing.assert_close(prefixkern.prefix_decode_attention(*inputs, **kw), expected)
+    if not triton_interpret():
+        # A GPU machine runs Triton natively: CPU tensors under a forced triton backend are refused
+        # with the way out named, not silently sent to the reference.
+        with prefixkern.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            prefixkern.prefix_decode_attention(*inputs, **kw)
+        return
     with prefixkern.use_backend("triton"):
         got, lse = prefixkern.prefix_decode_attention(*inputs, return_lse=True, **kw)
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4)

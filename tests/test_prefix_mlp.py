@@ -60,12 +60,12 @@ def _grads(module):
 @pytest.mark.parametrize("projection", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("P", [1, 10, 30, 128])
-def test_matches_peft_encoder(projection, dtype, P):
+def test_matches_peft_encoder(projection, dtype, P, device):
     torch.manual_seed(P)
-    peft = _peft_encoder(P, **SMALL, projection=projection, hidden_size=SMALL_HIDDEN)
-    ours = _ours_from_peft(peft, projection, P, **SMALL)
+    peft = _peft_encoder(P, **SMALL, projection=projection, hidden_size=SMALL_HIDDEN, device=device)
+    ours = _ours_from_peft(peft, projection, P, device=device, **SMALL)
     expected = _peft_prefix(peft, 1, P, **SMALL, dtype=dtype)[:, :, 0]
-    grad = torch.randn(expected.shape).to(dtype)
+    grad = torch.randn(expected.shape, device=device).to(dtype)
     expected.backward(grad)
 
     with prefixkern.use_backend("triton"):
@@ -84,16 +84,16 @@ def test_matches_peft_encoder(projection, dtype, P):
     (dict(num_layers=3, num_kv_heads=1, head_dim=20), 36),   # D not a multiple of 16, h > d
     (dict(num_layers=1, num_kv_heads=3, head_dim=7), 5),     # tiny ragged everything
 ])
-def test_odd_sizes_against_reference(sizes, hidden):
+def test_odd_sizes_against_reference(sizes, hidden, device):
     torch.manual_seed(1)
     P = 13
     d = sizes["num_kv_heads"] * sizes["head_dim"] + 3          # d need not be Hkv*D for the op
     N = 2 * sizes["num_layers"] * sizes["num_kv_heads"] * sizes["head_dim"]
     params = [torch.randn(P, d), torch.randn(hidden, d) / d**0.5, torch.randn(hidden),
               torch.randn(N, hidden) / hidden**0.5, torch.randn(N)]
-    params = [p.requires_grad_() for p in params]
+    params = [p.to(device).requires_grad_() for p in params]
     expected = reference.prefix_mlp(*params, **sizes, out_dtype=torch.float32)
-    grad = torch.randn(expected.shape)
+    grad = torch.randn(expected.shape, device=device)
     expected_grads = torch.autograd.grad(expected, params, grad)
     with prefixkern.use_backend("triton"):
         kv = fused_prefix_mlp(*params, **sizes)
@@ -103,14 +103,15 @@ def test_odd_sizes_against_reference(sizes, hidden):
         torch.testing.assert_close(ours, ref, **_tol(torch.float32, "grad"), msg=name)
 
 
-def test_no_bias():
+def test_no_bias(device):
     torch.manual_seed(2)
     P, d, h = 5, 24, 20
     N = 2 * 2 * 2 * 12
-    e, w1, w2 = (torch.randn(P, d).requires_grad_(), (torch.randn(h, d) / 5).requires_grad_(),
-                 (torch.randn(N, h) / 5).requires_grad_())
+    e, w1, w2 = (torch.randn(P, d, device=device).requires_grad_(),
+                 (torch.randn(h, d, device=device) / 5).requires_grad_(),
+                 (torch.randn(N, h, device=device) / 5).requires_grad_())
     expected = reference.prefix_mlp(e, w1, None, w2, None, **SMALL)
-    grad = torch.randn(expected.shape)
+    grad = torch.randn(expected.shape, device=device)
     expected_grads = torch.autograd.grad(expected, (e, w1, w2), grad)
     with prefixkern.use_backend("triton"):
         kv = fused_prefix_mlp(e, w1, None, w2, None, **SMALL)
@@ -135,13 +136,13 @@ def test_reference_backend_matches_peft():
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("projection", [True, False])
-def test_batch_shared_gradient_equals_peft_expanded(projection):
+def test_batch_shared_gradient_equals_peft_expanded(projection, device):
     torch.manual_seed(4)
     P, batch, dtype = 10, 3, torch.bfloat16
-    peft = _peft_encoder(P, **SMALL, projection=projection, hidden_size=SMALL_HIDDEN)
-    ours = _ours_from_peft(peft, projection, P, **SMALL)
+    peft = _peft_encoder(P, **SMALL, projection=projection, hidden_size=SMALL_HIDDEN, device=device)
+    ours = _ours_from_peft(peft, projection, P, device=device, **SMALL)
     expanded = _peft_prefix(peft, batch, P, **SMALL, dtype=dtype)         # [L, 2, B, Hkv, P, D]
-    grad = torch.randn(expanded.shape).to(dtype)
+    grad = torch.randn(expanded.shape, device=device).to(dtype)
     expanded.backward(grad)
     with prefixkern.use_backend("triton"):
         kv = ours(dtype)
@@ -157,7 +158,7 @@ def test_batch_shared_gradient_equals_peft_expanded(projection):
         torch.testing.assert_close(our_grads[name], peft_grads[name], **_tol(dtype, "grad"), msg=name)
 
 
-def test_matches_peft_get_prompt_on_gqa_llama():
+def test_matches_peft_get_prompt_on_gqa_llama(device):
     """The real thing: PEFT's get_prompt on a GQA Llama (token_dim = Hkv * D), bf16 base model."""
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -165,7 +166,7 @@ def test_matches_peft_get_prompt_on_gqa_llama():
     torch.manual_seed(5)
     config = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)   # head_dim 12
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
     P, batch = 7, 2
     peft_model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
                                                           prefix_projection=True, encoder_hidden_size=20))
@@ -206,10 +207,10 @@ def test_state_dict_round_trip_both_ways(projection):
     torch.testing.assert_close(ours(), expected, **_tol(torch.float32, "out"))
 
 
-def test_from_peft_shares_parameters():
+def test_from_peft_shares_parameters(device):
     torch.manual_seed(7)
     P = 5
-    peft = _peft_encoder(P, **SMALL, projection=True, hidden_size=SMALL_HIDDEN)
+    peft = _peft_encoder(P, **SMALL, projection=True, hidden_size=SMALL_HIDDEN, device=device)
     ours = PrefixEncoder.from_peft(peft, **SMALL)
     assert ours.embedding.weight is peft.embedding.weight
     assert ours.transform[2].weight is peft.transform[2].weight
@@ -247,11 +248,11 @@ def test_projection_false_is_a_view():
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("projection", [True, False])
-def test_dropout_mask_is_exact_and_reproducible(projection):
+def test_dropout_mask_is_exact_and_reproducible(projection, device):
     torch.manual_seed(8)
     P, p = 30, 0.3
-    peft = _peft_encoder(P, **SMALL, projection=projection, hidden_size=SMALL_HIDDEN)
-    ours = _ours_from_peft(peft, projection, P, **SMALL)
+    peft = _peft_encoder(P, **SMALL, projection=projection, hidden_size=SMALL_HIDDEN, device=device)
+    ours = _ours_from_peft(peft, projection, P, device=device, **SMALL)
     ours.dropout = p
     params = dict(ours.named_parameters())
     with prefixkern.use_backend("triton"):
@@ -261,7 +262,7 @@ def test_dropout_mask_is_exact_and_reproducible(projection):
         again = ours()
         torch.manual_seed(124)
         other = ours()
-        grad = torch.randn(kv.shape)
+        grad = torch.randn(kv.shape, device=device)
         kv.backward(grad)
     assert torch.equal(kv, again), "same seed, different dropout mask"
     assert not torch.equal(kv != 0, other != 0), "different seeds gave the same mask"
@@ -291,13 +292,13 @@ def test_dropout_mask_is_exact_and_reproducible(projection):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_torch_compile_fullgraph(dropout):
+def test_torch_compile_fullgraph(dropout, device):
     """The custom ops trace without a graph break; AOT autograd compiles the backward through
     prefix_mlp_bwd's fake. Same seed, same dropout mask as eager."""
     torch.manual_seed(10)
     P = 6
-    enc = PrefixEncoder(P, **SMALL, projection=True, hidden_size=SMALL_HIDDEN, dropout=dropout)
-    grad = torch.randn(2, 2, 2, P, 12)
+    enc = PrefixEncoder(P, **SMALL, projection=True, hidden_size=SMALL_HIDDEN, dropout=dropout, device=device)
+    grad = torch.randn(2, 2, 2, P, 12, device=device)
 
     def loss_fn(module):
         kv = module(torch.bfloat16)
