@@ -1,6 +1,7 @@
 """Data parallelism through torchrun-style process groups on CPU (gloo, 2 processes): DDP and
 FSDP2 (``fully_shard``, per decoder layer and at the root). A patched model's prefix gradients
 equal a single process's on the whole batch."""
+import gc
 import os
 import socket
 import sys
@@ -60,6 +61,11 @@ def _worker(rank, world, wrapper, init_file, out_file, joined_dir):
                  for n, p in model.prompt_encoder.named_parameters()}
         if rank == 0:
             torch.save(grads, out_file)
+        # Free the wrapper (DDP's reducer, FSDP's hooks) while its process group still exists:
+        # freed after destroy_process_group, it now and then aborted or hung the process.
+        del wrapped, model, grads
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -426,6 +426,27 @@ def test_torch_compile_fullgraph_forward_and_backward(device):
         assert torch.equal(got.grad, want.grad)
 
 
+def test_eager_launch_skips_the_dispatcher_and_equals_the_custom_op(device):
+    """Eager calls launch through an autograd.Function (no dispatcher round trip); the custom op,
+    which torch.compile and tensor subclasses take, gives the same values and gradients bit for bit."""
+    case = replace(BASE, padding="left")
+    inputs, kwargs = make_inputs(case, device)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    op_leaves = [t.clone().requires_grad_() for t in inputs]
+    scale = 1.0 / math.sqrt(inputs[0].shape[-1])
+    with use_backend("triton"):
+        out = prefixkern.prefix_attention(*leaves, key_padding_mask=kwargs["key_padding_mask"], causal=True)
+        assert type(out.grad_fn).__name__ == "_PrefixAttentionFunctionBackward"
+        op_out, _ = torch.ops.prefixkern.prefix_attention_fwd(
+            *op_leaves, None, kwargs["key_padding_mask"], None, None, True, scale, 0.0, None, None, None, None, 0, 0)
+        grad_out = torch.randn_like(out)
+        out.backward(grad_out)
+        op_out.backward(grad_out)
+    assert torch.equal(out, op_out)
+    for got, want in zip(leaves, op_leaves):
+        assert torch.equal(got.grad, want.grad)
+
+
 def test_opcheck(device):
     (q, k, v, pk, pv), kwargs = make_inputs(replace(BASE, S=5, S_kv=9, padding="left"), device)
     args = (q, k, v, pk, pv, None, kwargs["key_padding_mask"], None, None, True, 0.25, 0.0, None, None, None, None,

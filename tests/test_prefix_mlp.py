@@ -287,6 +287,26 @@ def test_dropout_mask_is_exact_and_reproducible(projection, device):
         torch.testing.assert_close(params[name].grad, ref, **_tol(torch.float32, "grad"), msg=name)
 
 
+def test_eager_launch_skips_the_dispatcher_and_equals_the_custom_op(device):
+    """Eager calls launch through an autograd.Function; the custom op (torch.compile's path) gives
+    the same values and gradients bit for bit."""
+    torch.manual_seed(9)
+    P, d, h, N = 6, 24, 20, 2 * 2 * 2 * 12
+    params = [torch.randn(P, d), torch.randn(h, d) / 5, torch.randn(h), torch.randn(N, h) / 5, torch.randn(N)]
+    ours = [p.to(device).requires_grad_() for p in params]
+    via_op = [p.to(device).requires_grad_() for p in params]
+    with prefixkern.use_backend("triton"):
+        kv = fused_prefix_mlp(*ours, **SMALL, out_dtype=torch.bfloat16)
+        assert type(kv.grad_fn).__name__ == "_PrefixMlpFunctionBackward"
+        op_kv, _ = torch.ops.prefixkern.prefix_mlp_fwd(*via_op, 2, 2, 12, torch.bfloat16, 0.0, None)
+        grad = torch.randn_like(kv)
+        kv.backward(grad)
+        op_kv.backward(grad)
+    assert torch.equal(kv, op_kv)
+    for got, want in zip(ours, via_op):
+        assert torch.equal(got.grad, want.grad)
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.compile
 # ----------------------------------------------------------------------------------------------

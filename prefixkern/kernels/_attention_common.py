@@ -278,7 +278,8 @@ def attention_launch_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask,
         "slope_strides": slope_strides,
         "positions": positions if positions is not None else dummy,
         "position_strides": tuple(positions.stride()) if positions is not None else (0, 0),
-        "seed": seed if seed is not None else torch.zeros(1, dtype=torch.int64, device=q.device),
+        # Read only under HAS_DROPOUT: no zero seed allocated (and filled) per call.
+        "seed": seed if seed is not None else dummy,
         "cu_seqlens_q": cu_seqlens_q if cu_seqlens_q is not None else dummy,
         "cu_seqlens_k": cu_seqlens_k if cu_seqlens_k is not None else dummy,
         "flags": {

@@ -406,8 +406,10 @@ def _rows_as_kv_strides(rows: torch.Tensor, num_kv_heads: int, head_dim: int) ->
             stride_p, stride_n)
 
 
-def _seed_or_dummy(seed: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    return seed if seed is not None else torch.zeros(1, dtype=torch.int64, device=device)
+def _seed_or_dummy(seed: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
+    """The dropout seed, or any tensor already at hand: the kernels read it only under
+    HAS_DROPOUT (allocating a zero seed per call cost two device operations)."""
+    return seed if seed is not None else dummy
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None = None,
@@ -433,7 +435,7 @@ def prefix_kv_copy(src: torch.Tensor, src_strides, dst: torch.Tensor, dst_stride
     block_p, block_n = 16, 128
     grid = (triton.cdiv(num_rows, block_p), triton.cdiv(num_cols, block_n))
     prefix_kv_copy_kernel[grid](
-        src, dst, _seed_or_dummy(seed, src.device),
+        src, dst, _seed_or_dummy(seed, src),
         num_rows, num_cols, num_kv_heads, head_dim, float(dropout_p),
         *src_strides, *dst_strides,
         HAS_DROPOUT=dropout_p > 0.0, BLOCK_P=block_p, BLOCK_N=block_n,
@@ -455,7 +457,7 @@ def prefix_mlp_forward(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
     block_p = _block_p(num_rows, MAX_BLOCK_P_FWD)
     grid = lambda meta: (triton.cdiv(num_rows, block_p), triton.cdiv(num_cols, meta["BLOCK_N"]))  # noqa: E731
     prefix_mlp_fwd_kernel[grid](
-        hidden, w2, b2 if b2 is not None else w2, out, _seed_or_dummy(seed, device),
+        hidden, w2, b2 if b2 is not None else w2, out, _seed_or_dummy(seed, hidden),
         num_rows, num_cols, hidden_size, num_kv_heads, head_dim, float(dropout_p),
         hidden.stride(0), hidden.stride(1),
         w2.stride(0), w2.stride(1),

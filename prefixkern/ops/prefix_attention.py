@@ -7,7 +7,7 @@ import math
 import torch
 
 from .. import reference
-from .._backend import use_triton
+from .._backend import launch_directly, use_triton
 from ._checks import check_prefix_attention_args, check_prefix_attention_varlen_args
 
 
@@ -25,6 +25,13 @@ def prefix_attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel forward: ``(out [B, Hq, S, D], lse [B, Hq, S] float32)``; packed (``cu_seqlens_q`` given):
     ``(out [total_q, Hq, D], lse [B, Hq, max_seqlen_q])``."""
+    return _forward_launch(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, seed, causal,
+                           softmax_scale, dropout_p, softcap, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                           max_seqlen_k)
+
+
+def _forward_launch(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, seed, causal,
+                    softmax_scale, dropout_p, softcap, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     from ..kernels.prefix_attention_fwd import prefix_attention_forward
     from ..kernels._launch import on_device
 
@@ -61,6 +68,14 @@ def prefix_attention_bwd(
     cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel backward: ``(dq, dk, dv, dprefix_k, dprefix_v)``."""
+    return _backward_launch(dout, q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask, alibi_slopes,
+                            seed, causal, softmax_scale, dropout_p, softcap, window, cu_seqlens_q, cu_seqlens_k,
+                            max_seqlen_q, max_seqlen_k)
+
+
+def _backward_launch(dout, q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask, alibi_slopes, seed,
+                     causal, softmax_scale, dropout_p, softcap, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                     max_seqlen_k):
     from ..kernels.prefix_attention_bwd import prefix_attention_backward
     from ..kernels._launch import on_device
 
@@ -91,15 +106,45 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, grad_out, _grad_lse):
+def _backward(ctx, grad_out, _grad_lse, launch=prefix_attention_bwd):
     (q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask, alibi_slopes, seed, cu_seqlens_q,
      cu_seqlens_k) = ctx.saved_tensors
-    grads = prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask,
-                                 alibi_slopes, seed, *ctx.options, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens)
+    grads = launch(grad_out, q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask, alibi_slopes, seed,
+                   *ctx.options, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens)
     return (*grads,) + (None,) * 13
 
 
 prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Eager launches: the same kernels without the dispatcher round trip
+# --------------------------------------------------------------------------------------------
+
+class _PrefixAttentionFunction(torch.autograd.Function):
+    """``prefix_attention_fwd`` / ``prefix_attention_bwd`` for eager mode: same arguments, same
+    launchers, same results bit for bit."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, seed, causal,
+                softmax_scale, dropout_p, softcap, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        inputs = (q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, seed, causal,
+                  softmax_scale, dropout_p, softcap, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        output = _forward_launch(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return _backward(ctx, grad_out, grad_lse, launch=_backward_launch)
+
+
+def _attention_fwd(*inputs):
+    """The forward launch with autograd: eagerly through ``_PrefixAttentionFunction``, otherwise
+    through the custom op."""
+    if launch_directly(*inputs[:9], *inputs[14:16]):
+        return _PrefixAttentionFunction.apply(*inputs)
+    return prefix_attention_fwd(*inputs)
 
 
 def prefix_attention(
@@ -177,7 +222,7 @@ def prefix_attention(
     if use_triton(q.device):
         scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
         seed = _dropout_seed(q, dropout_p, q.shape[2], prefix_k.shape[-2] + k.shape[2])
-        out, lse = prefix_attention_fwd(
+        out, lse = _attention_fwd(
             q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, seed, causal, scale,
             float(dropout_p), None if softcap is None else float(softcap), window, None, None, 0, 0,
         )
@@ -243,7 +288,7 @@ def prefix_attention_varlen(
     if use_triton(q.device):
         scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
         seed = _dropout_seed(q, dropout_p, max_seqlen_q, prefix_k.shape[-2] + max_seqlen_k)
-        out, lse = prefix_attention_fwd(
+        out, lse = _attention_fwd(
             q, k, v, prefix_k, prefix_v, prefix_index, None, alibi_slopes, seed, causal, scale, float(dropout_p),
             None if softcap is None else float(softcap), window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
             max_seqlen_k,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._backend import use_triton
+from .._backend import launch_directly, use_triton
 from ._checks import FLOAT_DTYPES, check_float, check_tensor
 
 __all__ = ["fused_prefix_mlp", "check_prefix_mlp_args"]
@@ -94,6 +94,10 @@ def prefix_mlp_fwd(
     dropout_p: float, seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel forward: ``(out [L, 2, Hkv, P, D], hidden [P, h] float32 or [0] without projection)``."""
+    return _forward_launch(embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, out_dtype, dropout_p, seed)
+
+
+def _forward_launch(embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, out_dtype, dropout_p, seed):
     from ..kernels import prefix_mlp as kernels
     from ..kernels._launch import on_device
 
@@ -123,8 +127,12 @@ def prefix_mlp_bwd(
     head_dim: int, dropout_p: float, seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel backward: ``(dE, dW1, db1, dW2, db2)``; an absent parameter's gradient is a [0] tensor."""
-    from ..kernels import prefix_mlp as kernels
+    return _backward_launch(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers, num_kv_heads, head_dim, dropout_p,
+                            seed)
 
+
+def _backward_launch(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers, num_kv_heads, head_dim, dropout_p, seed):
+    from ..kernels import prefix_mlp as kernels
     from ..kernels._launch import on_device
 
     empty = _empty().to(embedding.device)
@@ -158,11 +166,11 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(hidden)
 
 
-def _backward(ctx, grad_out, _grad_hidden):
+def _backward(ctx, grad_out, _grad_hidden, launch=prefix_mlp_bwd):
     embedding, w1, b1, w2, b2, hidden, seed = ctx.saved_tensors
     num_layers, num_kv_heads, head_dim = ctx.sizes
-    d_embedding, dw1, db1, dw2, db2 = prefix_mlp_bwd(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers,
-                                                     num_kv_heads, head_dim, ctx.dropout_p, seed)
+    d_embedding, dw1, db1, dw2, db2 = launch(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers, num_kv_heads,
+                                             head_dim, ctx.dropout_p, seed)
     return (
         d_embedding,
         dw1 if w1 is not None else None,
@@ -174,6 +182,27 @@ def _backward(ctx, grad_out, _grad_hidden):
 
 
 prefix_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _PrefixMlpFunction(torch.autograd.Function):
+    """``prefix_mlp_fwd`` / ``prefix_mlp_bwd`` for eager calls on plain tensors: the same launchers
+    without the custom op's dispatch and autograd wrapper (``launch_directly``)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward_launch(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_hidden):
+        return _backward(ctx, grad_out, grad_hidden, launch=_backward_launch)
+
+
+def _mlp_fwd(*inputs):
+    if launch_directly(*inputs[:5], inputs[10]):
+        return _PrefixMlpFunction.apply(*inputs)
+    return prefix_mlp_fwd(*inputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +263,7 @@ def fused_prefix_mlp(
 
     Backends: CUDA tensors run the Triton kernels (registered as the torch custom ops
     ``prefixkern::prefix_mlp_fwd`` / ``prefix_mlp_bwd``, so ``torch.compile(fullgraph=True)``
-    traces through them); CPU tensors run ``prefixkern.reference.prefix_mlp`` unless
+    traces through them; eager calls launch them without the dispatcher); CPU tensors run ``prefixkern.reference.prefix_mlp`` unless
     ``PREFIXKERN_BACKEND=triton`` (with ``TRITON_INTERPRET=1``) forces the kernels.
 
     Raises:
@@ -269,7 +298,7 @@ def fused_prefix_mlp(
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**31 - 1, (1,), device=embedding.device, dtype=torch.int64)
-    out, _hidden = prefix_mlp_fwd(embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, out_dtype,
+    out, _hidden = _mlp_fwd(embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, out_dtype,
                                   dropout_p, seed)
     return out
 
