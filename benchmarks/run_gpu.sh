@@ -4,7 +4,7 @@
 #
 #   benchmarks/run_gpu.sh [OUT_DIR] [STEP ...]
 #   STEP: smoke quick quick-<suite> tests-attention-1 tests-attention-2 tests-other attention attention-sweep mlp e2e
-#         e2e-large decode pytest-bench
+#         e2e-large decode profile pytest-bench
 #         (default: all but smoke and quick, in that order)
 #   smoke: CI's representative kernel tests, run on the GPU (a few minutes); quick: every suite with
 #   --quick; quick-attention, quick-mlp, quick-e2e_train, quick-decode: one suite's --quick each.
@@ -89,6 +89,8 @@ for step in "${STEPS[@]}"; do
         e2e-large)    run_step bench-e2e-large "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" \
                           --shapes gpt2-medium llama3.2-1b ;;
         decode)       run_step bench-decode "$PY" -m prefixkern.bench --suite decode --out-dir "$OUT" ;;
+        profile)      run_step profile "$PY" benchmarks/profile_ops.py attention:seed-qwen attention:llama8b-2k \
+                          mlp:qwen2.5-0.5b mlp:llama3-8b ;;
         pytest-bench) run_step pytest-bench "$PY" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
                           --benchmark-json="$OUT/pytest-benchmark.json" ;;
         *) echo "unknown step $step"; status=1 ;;
