@@ -447,6 +447,31 @@ def test_eager_launch_skips_the_dispatcher_and_equals_the_custom_op(device):
         assert torch.equal(got.grad, want.grad)
 
 
+def test_output_and_gradients_keep_hf_layout(device):
+    """q/k/v as HF holds them ([B, S, H, D] memory viewed [B, H, S, D]): the output and the
+    gradients come back in that layout, so HF's transpose + reshape and the way back into the
+    projections are views, not copies; other layouts get contiguous tensors."""
+    torch.manual_seed(3)
+    B, Hq, Hkv, S, D, P = 2, 4, 2, 9, 16, 5
+    q = torch.randn(B, S, Hq, D, device=device).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, S, Hkv, D, device=device).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, S, Hkv, D, device=device).transpose(1, 2).requires_grad_()
+    pk, pv = (torch.randn(Hkv, P, D, device=device).requires_grad_() for _ in range(2))
+    with use_backend("triton"):
+        out = prefixkern.prefix_attention(q, k, v, pk, pv)
+        assert out.stride() == q.stride() and out.transpose(1, 2).is_contiguous()
+        out.backward(torch.randn_like(out))
+        for t in (q, k, v):
+            assert t.grad.stride() == t.stride()
+        odd = torch.randn(B, Hq, D, S, device=device).transpose(2, 3)        # head dim not unit-stride
+        assert prefixkern.prefix_attention(odd, k.detach(), v.detach(), pk.detach(), pv.detach()).is_contiguous()
+        fake_args = (q, k, v, pk, pv, None, None, None, None, True, 0.25, 0.0, None, None, None, None, 0, 0)
+        with torch._subclasses.FakeTensorMode() as mode:
+            fake_out, _ = torch.ops.prefixkern.prefix_attention_fwd(*(mode.from_tensor(a) if isinstance(a, torch.Tensor)
+                                                                     else a for a in fake_args))
+        assert fake_out.stride() == out.stride()      # the fake matches the kernel's layout
+
+
 def test_opcheck(device):
     (q, k, v, pk, pv), kwargs = make_inputs(replace(BASE, S=5, S_kv=9, padding="left"), device)
     args = (q, k, v, pk, pv, None, kwargs["key_padding_mask"], None, None, True, 0.25, 0.0, None, None, None, None,

@@ -256,11 +256,22 @@ def bhsd_strides(t: torch.Tensor, packed: bool) -> tuple[int, int, int, int]:
     return tuple(t.stride())
 
 
+def empty_in_layout_of(t: torch.Tensor) -> torch.Tensor:
+    """An output (or gradient) laid out like ``t`` where ``t`` has a unit-stride head dim: HF holds
+    q/k/v as ``[B, S, H, D]`` memory viewed ``[B, H, S, D]``, so its transpose back, reshape and
+    the gradient's way into the projection stay views instead of copies. Other layouts get a
+    contiguous tensor. The custom ops' fake implementations use it too (same strides)."""
+    if t.stride(-1) == 1:
+        return torch.empty_like(t)
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 def attention_launch_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, dropout_p, seed,
                           cu_seqlens_q=None, cu_seqlens_k=None):
-    """Host-side pieces every attention kernel takes: the prefixes' strides, and real or dummy
-    pointers for the optional inputs."""
-    dummy = q  # never read: its flag is off
+    """Host-side pieces every attention kernel takes: the prefixes' strides, and the optional
+    inputs (None where absent)."""
+    # An absent input is passed as None, a constexpr the kernel never reads (its flag is off): the
+    # launcher then has no pointer to fetch and check for it on every launch.
     kpm = padding_mask_for_kernel(key_padding_mask) if key_padding_mask is not None else None
     if alibi_slopes is not None:
         slopes = alibi_slopes.to(torch.float32)
@@ -271,17 +282,16 @@ def attention_launch_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask,
     return {
         "prefix_k_strides": _prefix_strides(prefix_k),
         "prefix_v_strides": _prefix_strides(prefix_v),
-        "prefix_index": prefix_index if prefix_index is not None else dummy,
-        "kpm": kpm if kpm is not None else dummy,
+        "prefix_index": prefix_index,
+        "kpm": kpm,
         "kpm_strides": tuple(kpm.stride()) if kpm is not None else (0, 0),
-        "slopes": slopes if slopes is not None else dummy,
+        "slopes": slopes,
         "slope_strides": slope_strides,
-        "positions": positions if positions is not None else dummy,
+        "positions": positions,
         "position_strides": tuple(positions.stride()) if positions is not None else (0, 0),
-        # Read only under HAS_DROPOUT: no zero seed allocated (and filled) per call.
-        "seed": seed if seed is not None else dummy,
-        "cu_seqlens_q": cu_seqlens_q if cu_seqlens_q is not None else dummy,
-        "cu_seqlens_k": cu_seqlens_k if cu_seqlens_k is not None else dummy,
+        "seed": seed,
+        "cu_seqlens_q": cu_seqlens_q,
+        "cu_seqlens_k": cu_seqlens_k,
         "flags": {
             "HAS_PREFIX_INDEX": prefix_index is not None,
             "HAS_KPM": kpm is not None,

@@ -28,6 +28,7 @@ from ._attention_common import (
     attention_dims,
     attention_launch_args,
     bhsd_strides,
+    empty_in_layout_of,
     config_bucket,
     dropout_keep,
     fits_smem,
@@ -202,8 +203,13 @@ def prefix_attention_bwd_dq_kernel(
 
     k_base = k_ptr + b64 * stride_kb + g * stride_kh + k_start * stride_ks
     v_base = v_ptr + b64 * stride_vb + g * stride_vh + k_start * stride_vs
-    kpm_row = kpm_ptr + b64 * stride_kpmb
-    pos_row = pos_ptr + b64 * stride_posb
+    # Absent inputs arrive as None (no pointer for the launcher to check): offset only real ones.
+    kpm_row = kpm_ptr
+    if HAS_KPM:
+        kpm_row = kpm_ptr + b64 * stride_kpmb
+    pos_row = pos_ptr
+    if HAS_POS:
+        pos_row = pos_ptr + b64 * stride_posb
     q_lo = start_m * BLOCK_M
     q_hi = tl.minimum(q_lo + BLOCK_M, S_q)
     lo, full_lo, full_hi, hi = sequence_key_range(q_lo, q_hi, S_q, S_k, window, BLOCK_N, CAUSAL, HAS_WINDOW,
@@ -313,8 +319,13 @@ def prefix_attention_bwd_dkdv_kernel(
                   + offs_d[None, :] * stride_kd, s_ok[:, None], d_ok[None, :], True, not EVEN_D)
     v = load_tile(v_ptr + b64 * stride_vb + g.to(tl.int64) * stride_vh + (k_start + offs_s[:, None]) * stride_vs
                   + offs_d[None, :] * stride_vd, s_ok[:, None], d_ok[None, :], True, not EVEN_D)
-    kpm_row = kpm_ptr + b64 * stride_kpmb
-    key_pos = alibi_sequence_positions(pos_ptr + b64 * stride_posb, stride_poss, offs_s, S_k, P, HAS_POS)
+    kpm_row = kpm_ptr
+    if HAS_KPM:
+        kpm_row = kpm_ptr + b64 * stride_kpmb
+    pos_row = pos_ptr
+    if HAS_POS:
+        pos_row = pos_ptr + b64 * stride_posb
+    key_pos = alibi_sequence_positions(pos_row, stride_poss, offs_s, S_k, P, HAS_POS)
     qk_scale = sm_scale * LOG2E
     seed = 0
     if HAS_DROPOUT:
@@ -539,9 +550,7 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, head_dim = attention_dims(q, k, packed)
     prefix_len = prefix_k.shape[-2]
     group = num_heads // num_kv_heads
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dq, dk, dv = empty_in_layout_of(q), empty_in_layout_of(k), empty_in_layout_of(v)
     if batch == 0 or seq_len_q == 0:
         return dq, dk.zero_(), dv.zero_(), torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
     args = attention_launch_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, dropout_p, seed,

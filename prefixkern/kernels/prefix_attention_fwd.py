@@ -20,6 +20,7 @@ from ._attention_common import (
     attention_dims,
     attention_launch_args,
     bhsd_strides,
+    empty_in_layout_of,
     config_bucket,
     dropout_keep,
     fitting_configs,
@@ -170,8 +171,13 @@ def prefix_attention_fwd_kernel(
     # ---- sequence keys: masked only in the blocks where causality, a window or padding bite ----
     k_base = k_ptr + b64 * stride_kb + g.to(tl.int64) * stride_kh + k_start * stride_ks
     v_base = v_ptr + b64 * stride_vb + g.to(tl.int64) * stride_vh + k_start * stride_vs
-    kpm_row = kpm_ptr + b64 * stride_kpmb
-    pos_row = pos_ptr + b64 * stride_posb
+    # Absent inputs arrive as None (no pointer for the launcher to check): offset only real ones.
+    kpm_row = kpm_ptr
+    if HAS_KPM:
+        kpm_row = kpm_ptr + b64 * stride_kpmb
+    pos_row = pos_ptr
+    if HAS_POS:
+        pos_row = pos_ptr + b64 * stride_posb
     q_lo = start_m * BLOCK_M
     q_hi = tl.minimum(q_lo + BLOCK_M, S_q)
     lo, full_lo, full_hi, hi = sequence_key_range(q_lo, q_hi, S_q, S_k, window, BLOCK_N, CAUSAL, HAS_WINDOW,
@@ -244,7 +250,7 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     With ``packed``, q/k/v/out are ``[total, H, D]`` and lse is ``[B, Hq, max_seqlen_q]``."""
     batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, head_dim = attention_dims(q, k, packed)
     prefix_len = prefix_k.shape[-2]
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = empty_in_layout_of(q)
     lse = torch.empty(batch, num_heads, seq_len_q, dtype=torch.float32, device=q.device)
     if batch == 0 or seq_len_q == 0:
         return out, lse.fill_(float("-inf"))

@@ -406,12 +406,6 @@ def _rows_as_kv_strides(rows: torch.Tensor, num_kv_heads: int, head_dim: int) ->
             stride_p, stride_n)
 
 
-def _seed_or_dummy(seed: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
-    """The dropout seed, or any tensor already at hand: the kernels read it only under
-    HAS_DROPOUT (allocating a zero seed per call cost two device operations)."""
-    return seed if seed is not None else dummy
-
-
 def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None = None,
             apply_tanh: bool = False) -> torch.Tensor:
     """``c = act(a @ b + bias)`` for strided 2-d a [M, K], b [K, N], c [M, N]."""
@@ -419,7 +413,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tenso
     n = b.shape[1]
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     prefix_mlp_matmul_kernel[grid](
-        a, b, bias if bias is not None else c, c,
+        a, b, bias, c,
         m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         HAS_BIAS=bias is not None, APPLY_TANH=apply_tanh, INPUT_PRECISION=input_precision(),
@@ -435,7 +429,7 @@ def prefix_kv_copy(src: torch.Tensor, src_strides, dst: torch.Tensor, dst_stride
     block_p, block_n = 16, 128
     grid = (triton.cdiv(num_rows, block_p), triton.cdiv(num_cols, block_n))
     prefix_kv_copy_kernel[grid](
-        src, dst, _seed_or_dummy(seed, src),
+        src, dst, seed,
         num_rows, num_cols, num_kv_heads, head_dim, float(dropout_p),
         *src_strides, *dst_strides,
         HAS_DROPOUT=dropout_p > 0.0, BLOCK_P=block_p, BLOCK_N=block_n,
@@ -457,7 +451,7 @@ def prefix_mlp_forward(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
     block_p = _block_p(num_rows, MAX_BLOCK_P_FWD)
     grid = lambda meta: (triton.cdiv(num_rows, block_p), triton.cdiv(num_cols, meta["BLOCK_N"]))  # noqa: E731
     prefix_mlp_fwd_kernel[grid](
-        hidden, w2, b2 if b2 is not None else w2, out, _seed_or_dummy(seed, hidden),
+        hidden, w2, b2, out, seed,
         num_rows, num_cols, hidden_size, num_kv_heads, head_dim, float(dropout_p),
         hidden.stride(0), hidden.stride(1),
         w2.stride(0), w2.stride(1),
@@ -512,7 +506,7 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
     db2 = torch.empty(b2.shape, device=device, dtype=b2.dtype) if b2 is not None else None
     grid = lambda meta: (triton.cdiv(hidden_size, meta["BLOCK_K"]), num_splits)  # noqa: E731
     prefix_mlp_bwd_kernel[grid](
-        grad, hidden, w2, dw2, db2 if db2 is not None else dw2, dh_part,
+        grad, hidden, w2, dw2, db2, dh_part,
         num_rows, num_cols, hidden_size, num_kv_heads, head_dim, per_split, num_splits,
         *grad_strides,
         hidden.stride(0), hidden.stride(1),
@@ -526,7 +520,7 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
     db1 = torch.empty(b1.shape, device=device, dtype=b1.dtype) if b1 is not None else None
     block_k = 64
     prefix_mlp_bwd_hidden_kernel[(triton.cdiv(hidden_size, block_k),)](
-        dh_part, hidden, dz, db1 if db1 is not None else dz,
+        dh_part, hidden, dz, db1,
         num_rows, hidden_size, num_splits,
         *dh_part.stride(), hidden.stride(0), hidden.stride(1), dz.stride(0), dz.stride(1),
         HAS_BIAS=b1 is not None, BLOCK_P=min(triton.next_power_of_2(num_rows), 64), BLOCK_K=block_k,

@@ -56,7 +56,9 @@ def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes,
         lse_shape = (cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q)
     else:
         lse_shape = q.shape[:3]
-    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+    from ..kernels._attention_common import empty_in_layout_of
+
+    return empty_in_layout_of(q), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("prefixkern::prefix_attention_bwd", mutates_args=())
@@ -91,7 +93,9 @@ def _backward_launch(dout, q, k, v, prefix_k, prefix_v, out, lse, prefix_index, 
 @prefix_attention_bwd.register_fake
 def _(dout, q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask, alibi_slopes, seed, causal,
       softmax_scale, dropout_p, softcap, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), prefix_k.new_empty(prefix_k.shape), \
+    from ..kernels._attention_common import empty_in_layout_of
+
+    return empty_in_layout_of(q), empty_in_layout_of(k), empty_in_layout_of(v), prefix_k.new_empty(prefix_k.shape), \
         prefix_v.new_empty(prefix_v.shape)
 
 

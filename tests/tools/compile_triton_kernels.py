@@ -52,12 +52,26 @@ def _unit_stride(name: str) -> bool:
     return name.startswith("stride") and name.endswith("d") and name != "stride_d"
 
 
+# The launchers pass an absent optional input as None (a constexpr): compile it that way too.
+ABSENT_WHEN_OFF = {"HAS_PREFIX_INDEX": ("prefix_index_ptr",), "HAS_KPM": ("kpm_ptr",), "HAS_ALIBI": ("slopes_ptr",),
+                   "HAS_POS": ("pos_ptr",), "HAS_DROPOUT": ("seed_ptr",),
+                   "VARLEN": ("cu_seqlens_q_ptr", "cu_seqlens_k_ptr"),
+                   "HAS_BIAS": ("bias_ptr", "b2_ptr", "db2_ptr", "db1_ptr")}
+
+
+def _absent_inputs(kernel, constexprs: dict) -> dict:
+    names = set(inspect.signature(_jit(kernel).fn).parameters)
+    return {ptr: None for flag, ptrs in ABSENT_WHEN_OFF.items() if constexprs.get(flag) is False
+            for ptr in ptrs if ptr in names}
+
+
 def compile_kernel(kernel, constexprs, pointer_types, default_pointer, target, num_warps, num_stages):
     """Compile as a real launch would specialise it: unit innermost strides are constants and
     pointers and the other strides are known multiples of 16, so loads vectorise and the
     software pipeliner runs (without this the shared-memory figures are not a launch's).
     Returns Triton's CompiledKernel (``asm`` holds ttgir, ptx and cubin; ``metadata.shared``)."""
     jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    constexprs = {**constexprs, **_absent_inputs(jit, constexprs)}
     names, sig = signature(jit, constexprs, pointer_types, default_pointer)
     ones = {n: 1 for n in names if _unit_stride(n) and n not in constexprs and sig[n] == "i32"}
     for name in ones:
