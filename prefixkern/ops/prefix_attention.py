@@ -212,7 +212,9 @@ def prefix_attention(
 
     Returns:
         ``out`` ``[B, Hq, S, D]`` in q's dtype (and ``lse`` if asked), differentiable in q, k,
-        v, prefix_k and prefix_v. A shared or per-task prefix's gradient is the sum over the
+        v, prefix_k and prefix_v. ``out`` and the gradients of q, k and v are laid out like their
+        inputs when the head dim is unit-stride (HF's ``[B, S, H, D]`` memory stays so), else
+        contiguous. A shared or per-task prefix's gradient is the sum over the
         rows that read it.
 
     Raises:
