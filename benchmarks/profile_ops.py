@@ -77,7 +77,7 @@ def _mlp_ops(shape_name: str, dtype):
 
 
 def _wall_us(fn, iters: int) -> float:
-    for _ in range(3):
+    for _ in range(5):                     # compile and autotune outside the window
         fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -113,14 +113,7 @@ def host_split(case: str, dtype, iters: int) -> None:
 def profile(case: str, pass_: str, dtype, iters: int) -> None:
     suite, shape_name = case.split(":", 1)
     step = {"attention": _attention_step, "mlp": _mlp_step}[suite](shape_name, pass_, dtype)
-    for _ in range(5):                     # compile and autotune outside the window
-        step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    torch.cuda.synchronize()
-    wall_us = (time.perf_counter() - start) / iters * 1e6
+    wall_us = _wall_us(step, iters)
 
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:

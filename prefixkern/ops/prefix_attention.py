@@ -130,10 +130,7 @@ class _PrefixAttentionFunction(torch.autograd.Function):
     launchers, same results bit for bit."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, seed, causal,
-                softmax_scale, dropout_p, softcap, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
-        inputs = (q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, seed, causal,
-                  softmax_scale, dropout_p, softcap, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    def forward(ctx, *inputs):
         output = _forward_launch(*inputs)
         _setup_context(ctx, inputs, output)
         return output

@@ -263,8 +263,9 @@ def fused_prefix_mlp(
 
     Backends: CUDA tensors run the Triton kernels (registered as the torch custom ops
     ``prefixkern::prefix_mlp_fwd`` / ``prefix_mlp_bwd``, so ``torch.compile(fullgraph=True)``
-    traces through them; eager calls launch them without the dispatcher); CPU tensors run ``prefixkern.reference.prefix_mlp`` unless
-    ``PREFIXKERN_BACKEND=triton`` (with ``TRITON_INTERPRET=1``) forces the kernels.
+    traces through them; eager calls launch them without the dispatcher); CPU tensors run
+    ``prefixkern.reference.prefix_mlp`` unless ``PREFIXKERN_BACKEND=triton`` (with
+    ``TRITON_INTERPRET=1``) forces the kernels.
 
     Raises:
         ValueError / TypeError naming the argument and the expected shape (wrong ranks or
