@@ -5,6 +5,7 @@ backward op called directly on the main thread, and forward+backward through aut
 backward runs on autograd's device thread), with a cProfile of the two direct calls.
 
     python benchmarks/profile_ops.py attention:seed-qwen mlp:llama3-8b [--pass fwd_bwd] [--tf32]
+    python benchmarks/profile_ops.py launch     # what one launch costs the host, piece by piece
 
 A case is SUITE:SHAPE with a shape of that suite (prefixkern/bench/attention.py, mlp.py). This is a
 diagnostic for kernel work, not a benchmark: the figures to quote come from ``prefixkern-bench``.
@@ -139,9 +140,141 @@ def profile(case: str, pass_: str, dtype, iters: int) -> None:
         print(f"  {event.self_cpu_time_total / iters:9.1f} us  x{event.count // iters:<3d} {event.key[:100]}")
 
 
+# --------------------------------------------------------------------------------------------
+# Launch overheads: what one launch costs the host on this machine, piece by piece
+# --------------------------------------------------------------------------------------------
+
+def _pointer_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def touch_1_pointer_kernel(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+    @triton.jit
+    def touch_12_pointers_kernel(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(p0 + offs, mask=offs < n) + tl.load(p1 + offs, mask=offs < n) + tl.load(p2 + offs, mask=offs < n)
+        x += tl.load(p3 + offs, mask=offs < n) + tl.load(p4 + offs, mask=offs < n) + tl.load(p5 + offs, mask=offs < n)
+        x += tl.load(p6 + offs, mask=offs < n) + tl.load(p7 + offs, mask=offs < n) + tl.load(p8 + offs, mask=offs < n)
+        x += tl.load(p9 + offs, mask=offs < n) + tl.load(p10 + offs, mask=offs < n)
+        tl.store(p11 + offs, x, mask=offs < n)
+
+    @triton.jit
+    def touch_12_pointers_48_ints_kernel(
+            p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11,
+            i0, i1, i2, i3, i4, i5, i6, i7, i8, i9, i10, i11, i12, i13, i14, i15,
+            i16, i17, i18, i19, i20, i21, i22, i23, i24, i25, i26, i27, i28, i29, i30, i31,
+            i32, i33, i34, i35, i36, i37, i38, i39, i40, i41, i42, i43, i44, i45, i46, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(p0 + offs, mask=offs < n) + tl.load(p1 + offs, mask=offs < n) + tl.load(p2 + offs, mask=offs < n)
+        x += tl.load(p3 + offs, mask=offs < n) + tl.load(p4 + offs, mask=offs < n) + tl.load(p5 + offs, mask=offs < n)
+        x += tl.load(p6 + offs, mask=offs < n) + tl.load(p7 + offs, mask=offs < n) + tl.load(p8 + offs, mask=offs < n)
+        x += tl.load(p9 + offs, mask=offs < n) + tl.load(p10 + offs, mask=offs < n)
+        s = i0 + i1 + i2 + i3 + i4 + i5 + i6 + i7 + i8 + i9 + i10 + i11 + i12 + i13 + i14 + i15
+        s += i16 + i17 + i18 + i19 + i20 + i21 + i22 + i23 + i24 + i25 + i26 + i27 + i28 + i29 + i30 + i31
+        s += i32 + i33 + i34 + i35 + i36 + i37 + i38 + i39 + i40 + i41 + i42 + i43 + i44 + i45 + i46
+        tl.store(p11 + offs, x + s, mask=offs < n)
+
+    return touch_1_pointer_kernel, touch_12_pointers_kernel, touch_12_pointers_48_ints_kernel
+
+
+def _host_us(fn, iters: int = 2000) -> float:
+    """Host microseconds per call of ``fn`` (no synchronisation inside the window: launches queue)."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / iters * 1e6
+
+
+def _cu_pointer_get_attribute_us(ptr: int, iters: int = 2000) -> float | None:
+    """Host microseconds of one ``cuPointerGetAttribute`` (Triton's launcher calls it once per
+    tensor argument), or None where libcuda cannot be loaded through ctypes."""
+    import ctypes
+
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    fn = libcuda.cuPointerGetAttribute
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
+    out = ctypes.c_uint64()
+    device_pointer_attribute = 2       # CU_POINTER_ATTRIBUTE_DEVICE_POINTER
+    if fn(ctypes.byref(out), device_pointer_attribute, ptr) != 0:
+        return None
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn(ctypes.byref(out), device_pointer_attribute, ptr)
+    return (time.perf_counter() - start) / iters * 1e6
+
+
+def launch_overheads() -> None:
+    """Host cost of launches on this machine: an aten op, Triton kernels with 1 and 12 tensor
+    arguments and with 48 integers more, the same launch through the compiled kernel's own runner
+    (Triton's argument binding skipped), one cuPointerGetAttribute, the prefixkern ops called
+    directly, through their custom ops and on a second Python thread (autograd's backward runs on
+    its own), and a pure-Python loop (to compare this host's interpreter speed with others)."""
+    import threading
+
+    from prefixkern.ops.prefix_attention import _backward_launch, _forward_launch
+
+    one_pointer, twelve_pointers, with_ints = _pointer_kernels()
+    x = [torch.zeros(64, device="cuda") for _ in range(12)]
+    ints = list(range(16, 16 + 47))
+    rows = {}
+    rows["aten add (out=)"] = _host_us(lambda: torch.add(x[0], x[1], out=x[2]))
+    rows["triton, 1 tensor"] = _host_us(lambda: one_pointer[(1,)](x[0], 64, BLOCK=64))
+    rows["triton, 12 tensors"] = _host_us(lambda: twelve_pointers[(1,)](*x, 64, BLOCK=64))
+    rows["triton, 12 tensors + 48 ints"] = _host_us(lambda: with_ints[(1,)](*x, *ints, 64, BLOCK=64))
+    compiled = with_ints[(1,)](*x, *ints, 64, BLOCK=64)
+    try:
+        runner = compiled[(1, 1, 1)]
+        rows["  same, compiled kernel's runner"] = _host_us(lambda: runner(*x, *ints, 64, 64))
+    except Exception as exc:     # the runner's calling convention differs between Triton versions
+        print(f"  (compiled runner not timed: {type(exc).__name__}: {exc})")
+    pointer_us = _cu_pointer_get_attribute_us(x[0].data_ptr())
+    if pointer_us is not None:
+        rows["cuPointerGetAttribute (ctypes)"] = pointer_us
+
+    shape = attention_bench.SHAPES["seed-qwen"]
+    (q, k, v, pk, pv), dout = attention_bench.make_inputs(shape, "cuda", torch.bfloat16, requires_grad=False)
+    options = (True, shape.D ** -0.5, 0.0, None, None)
+    fwd_args = (q, k, v, pk, pv, None, None, None, None, *options, None, None, 0, 0)
+    out, lse = _forward_launch(*fwd_args)
+    bwd_args = (dout, q, k, v, pk, pv, out, lse, None, None, None, None, *options, None, None, 0, 0)
+    rows["seed-qwen fwd launcher, direct"] = _host_us(lambda: _forward_launch(*fwd_args), 300)
+    rows["seed-qwen fwd, custom op"] = _host_us(lambda: torch.ops.prefixkern.prefix_attention_fwd(*fwd_args), 300)
+    rows["seed-qwen bwd launcher, direct"] = _host_us(lambda: _backward_launch(*bwd_args), 300)
+    rows["seed-qwen bwd, custom op"] = _host_us(lambda: torch.ops.prefixkern.prefix_attention_bwd(*bwd_args), 300)
+    timing = {}
+
+    def on_thread():
+        timing["us"] = _host_us(lambda: _backward_launch(*bwd_args), 300)
+    worker = threading.Thread(target=on_thread)
+    worker.start()
+    worker.join()
+    rows["seed-qwen bwd launcher, second thread"] = timing["us"]
+
+    start = time.perf_counter()
+    for _ in range(20):
+        sum(i * i for i in range(10_000))
+    rows["pure Python: sum of 10k squares"] = (time.perf_counter() - start) / 20 * 1e6
+    print("\n== launch overheads (host microseconds per call)")
+    for name, us in rows.items():
+        print(f"  {us:9.2f} us  {name}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("cases", nargs="+", help="SUITE:SHAPE, e.g. attention:seed-qwen mlp:llama3-8b")
+    parser.add_argument("cases", nargs="+",
+                        help="SUITE:SHAPE, e.g. attention:seed-qwen mlp:llama3-8b; or 'launch' (launch overheads)")
     parser.add_argument("--pass", dest="pass_", choices=("fwd", "fwd_bwd"), default="fwd_bwd")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--iters", type=int, default=20)
@@ -152,6 +285,9 @@ def main(argv=None) -> int:
         parser.error("needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     for case in args.cases:
+        if case == "launch":
+            launch_overheads()
+            continue
         profile(case, args.pass_, getattr(torch, args.dtype), args.iters)
         if not args.no_host_split:
             host_split(case, getattr(torch, args.dtype), args.iters)

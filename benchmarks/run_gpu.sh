@@ -89,7 +89,7 @@ for step in "${STEPS[@]}"; do
         e2e-large)    run_step bench-e2e-large "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" \
                           --shapes gpt2-medium llama3.2-1b ;;
         decode)       run_step bench-decode "$PY" -m prefixkern.bench --suite decode --out-dir "$OUT" ;;
-        profile)      run_step profile "$PY" benchmarks/profile_ops.py attention:seed-qwen attention:llama8b-2k \
+        profile)      run_step profile "$PY" benchmarks/profile_ops.py launch attention:seed-qwen attention:llama8b-2k \
                           mlp:qwen2.5-0.5b mlp:llama3-8b ;;
         pytest-bench) run_step pytest-bench "$PY" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
                           --benchmark-json="$OUT/pytest-benchmark.json" ;;

@@ -362,6 +362,27 @@ def _bart_pair(layers=3):
     return build(), prefixkern.patch(build())
 
 
+@pytest.mark.parametrize("per_task", [False, True])
+def test_prefix_state_splits_the_prefix_once(per_task):
+    """Layer l reads kv[l, 0] / kv[l, 1] (per task: kv[:, l, 0] / kv[:, l, 1]) as views from one
+    unbind, so the backward gathers every layer's prefix gradient in one node, not 4L selects."""
+    shape = (3, 4, 2, 2, 5, 8) if per_task else (4, 2, 2, 5, 8)
+    kv = torch.randn(shape, requires_grad=True)
+    state = hf.PrefixState(kv, torch.tensor([2, 0]) if per_task else None)
+    nodes = set()
+    for layer in range(4):
+        keys, values = state.layer(layer)
+        want_k, want_v = (kv[:, layer, 0], kv[:, layer, 1]) if per_task else (kv[layer, 0], kv[layer, 1])
+        assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+        assert keys._base is kv and values._base is kv
+        nodes |= {keys.grad_fn, values.grad_fn}
+    assert len(nodes) == 1 and next(iter(nodes)).name() == "UnbindBackward0"
+    loss = sum((state.layer(layer)[t] * (layer + 1 + t)).sum() for layer in range(4) for t in (0, 1))
+    loss.backward()
+    want = torch.arange(1, 3).view(1, 2, 1, 1, 1) + torch.arange(4).view(4, 1, 1, 1, 1)
+    torch.testing.assert_close(kv.grad, want.float().expand(shape[-5:]).expand(shape))
+
+
 def test_bart_layer_map_is_what_peft_builds():
     """Decoder layer l reads PEFT's prefix layer 2l mod L (0, 2, 1 for L = 3): checked on PEFT's cache."""
     ref, ours = _bart_pair(layers=3)

@@ -66,6 +66,23 @@ class PrefixState:
     # for decoder-only models; BART's decoder reads PEFT's rows in another order (see _bart_layer_map).
     layer_map: tuple[int | None, ...] | None = None
 
+    def __post_init__(self):
+        # The 2L per-layer keys and values, split once (see _split). A plain attribute, not a
+        # field: code that rebuilds the dataclass from its fields (FSDP2 swaps the tensors of a
+        # forward's arguments through dataclasses.replace) gets a split of the new kv.
+        self._layers = self._split(self.kv, self.index is not None)
+
+    @staticmethod
+    def _split(kv: torch.Tensor, per_task: bool) -> tuple[torch.Tensor, ...]:
+        """Every layer's keys and values as views ``[Hkv, P, D]`` (per task: ``[T, Hkv, P, D]``),
+        ordered (layer 0 keys, layer 0 values, layer 1 keys, ...). One ``unbind`` gives autograd
+        one node whose backward stacks the 2L gradients in a single kernel; indexing each layer
+        out of ``kv`` instead costs two select-backwards per tensor (a zero-filled copy of the
+        whole prefix each), then 4L - 1 additions, in every training step."""
+        if per_task:
+            kv = kv.movedim(0, 2)          # [L, 2, T, Hkv, P, D], still a view
+        return kv.flatten(0, 1).unbind(0)
+
     @property
     def length(self) -> int:
         return self.kv.shape[-2]
@@ -75,9 +92,7 @@ class PrefixState:
             if layer_idx >= len(self.layer_map) or self.layer_map[layer_idx] is None:
                 return None
             layer_idx = self.layer_map[layer_idx]
-        if self.index is None:
-            return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
-        return self.kv[:, layer_idx, 0], self.kv[:, layer_idx, 1]
+        return self._layers[2 * layer_idx], self._layers[2 * layer_idx + 1]
 
 
 class PrefixKVCache(DynamicCache):

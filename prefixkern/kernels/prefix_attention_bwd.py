@@ -1,9 +1,9 @@
 """Backward kernels of prefix attention, FlashAttention-2 style: the probabilities are recomputed
 from the saved log-sum-exp, never stored.
 
-- ``prefix_attention_bwd_preprocess_kernel``: ``delta = rowsum(dO * O)``.
-- ``prefix_attention_bwd_dq_kernel``: one program per (query block, batch row, query head) walks
-  the prefix then the sequence keys, like the forward, and owns its dQ rows.
+- ``prefix_attention_bwd_dq_kernel``: one program per (query block, batch row, query head)
+  computes ``delta = rowsum(dO * O)`` of its rows (stored for the two kernels below), walks the
+  prefix then the sequence keys, like the forward, and owns its dQ rows.
 - ``prefix_attention_bwd_dkdv_kernel``: one program per (sequence key block, batch row, KV head)
   walks the query blocks of every query head of its group (GQA without repeat_kv) and owns its
   dK/dV rows.
@@ -51,27 +51,6 @@ __all__ = ["prefix_attention_backward"]
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
-
-@triton.jit
-def prefix_attention_bwd_preprocess_kernel(out_ptr, dout_ptr, delta_ptr, cu_seqlens_q_ptr,
-                                           stride_ob, stride_oh, stride_os, stride_od,
-                                           stride_dob, stride_doh, stride_dos, stride_dod,
-                                           Hq, S, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                                           VARLEN: tl.constexpr):
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = (bh % Hq).to(tl.int64)
-    q_start, S_q, _, _ = packed_row(b, cu_seqlens_q_ptr, cu_seqlens_q_ptr, S, 0, VARLEN)
-    b = b.to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < S_q) & (offs_d[None, :] < D)
-    o = tl.load(out_ptr + b * stride_ob + h * stride_oh + (q_start + offs_m[:, None]) * stride_os
-                + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(dout_ptr + b * stride_dob + h * stride_doh + (q_start + offs_m[:, None]) * stride_dos
-                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + bh.to(tl.int64) * S + offs_m, tl.sum(o * do, 1), mask=offs_m < S_q)
-
 
 @triton.jit
 def _load_lse2(lse_ptr, offs_m, S):
@@ -130,13 +109,14 @@ def _dq_sequence(dq, q, do, lse2, delta, lo, hi, k_base, v_base, stride_ks, stri
 
 @triton.jit
 def prefix_attention_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
     prefix_index_ptr, kpm_ptr, slopes_ptr, pos_ptr, seed_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_pkb, stride_pkh, stride_pks, stride_pkd,
     stride_pvb, stride_pvh, stride_pvs, stride_pvd,
+    stride_ob, stride_oh, stride_os, stride_od,
     stride_dob, stride_doh, stride_dos, stride_dod,
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     stride_kpmb, stride_kpms, stride_slb, stride_slh, stride_posb, stride_poss,
@@ -169,7 +149,12 @@ def prefix_attention_bwd_dq_kernel(
     do = load_tile(dout_ptr + b64 * stride_dob + h.to(tl.int64) * stride_doh + (q_start + offs_m[:, None]) * stride_dos
                    + offs_d[None, :] * stride_dod, m_ok[:, None], d_ok[None, :], True, not EVEN_D)
     lse2 = _load_lse2(lse_ptr + bh.to(tl.int64) * S, offs_m, S_q)
-    delta = tl.load(delta_ptr + bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.0)
+    # delta = rowsum(dO * O), computed here rather than by a kernel of its own (one launch fewer
+    # per backward) and stored for the dK/dV kernels, which run after this one on the stream.
+    o = load_tile(out_ptr + b64 * stride_ob + h.to(tl.int64) * stride_oh + (q_start + offs_m[:, None]) * stride_os
+                  + offs_d[None, :] * stride_od, m_ok[:, None], d_ok[None, :], True, not EVEN_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + bh.to(tl.int64) * S + offs_m, delta, mask=m_ok)
     qk_scale = sm_scale * LOG2E
     slope = 0.0
     if HAS_ALIBI:
@@ -396,7 +381,7 @@ def _prefix_dkdv_block(dk, dv, pk, pv, q_ptr, dout_ptr, lse_ptr, delta_ptr, slop
 
 @triton.jit
 def prefix_attention_bwd_prefix_dkdv_kernel(
-    q_ptr, pk_ptr, pv_ptr, dout_ptr, lse_ptr, delta_ptr, dpk_ptr, dpv_ptr,
+    q_ptr, pk_ptr, pv_ptr, dout_ptr, lse_ptr, delta_ptr, partial_ptr,
     prefix_index_ptr, slopes_ptr, seed_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_pkb, stride_pkh, stride_pks, stride_pkd,
@@ -411,7 +396,7 @@ def prefix_attention_bwd_prefix_dkdv_kernel(
 ):
     """Partial dPrefixK/dPrefixV of one prefix block and KV head over a share of the work items
     (batch row if SHARED, query head of the group, query block). Writes float32
-    ``partial[split, owner, g, p, :]`` with owner 0 when SHARED, else the batch row. Packed rows
+    ``partial[split, 0 (dK) | 1 (dV), owner, g, p, :]`` with owner 0 when SHARED, else the batch row. Packed rows
     count query blocks up to the longest sequence and skip those past their own end."""
     start_p = tl.program_id(0) * BLOCK_N
     og = tl.program_id(1)
@@ -481,12 +466,14 @@ def prefix_attention_bwd_prefix_dkdv_kernel(
                 stride_doh, stride_dos, stride_dod, stride_slb, stride_slh, Hq, S, P, window, sm_scale, qk_scale,
                 softcap, seed, dropout_p, BLOCK_M, EVEN_D, HAS_ALIBI, HAS_SOFTCAP, HAS_WINDOW, HAS_DROPOUT,
                 INPUT_PRECISION)
-    # partial is contiguous [splits, owners, Hkv, P, D]
-    base = ((split * tl.num_programs(1) + og).to(tl.int64) * P) * D
-    out_off = base + offs_p[:, None] * D + offs_d[None, :]
+    # partial is contiguous [splits, 2, owners * Hkv, P, D]: dK and dV of a split side by side, so
+    # the host sums and casts both in one reduction.
+    base_k = ((split * 2 * tl.num_programs(1) + og).to(tl.int64) * P) * D
+    base_v = base_k + tl.num_programs(1).to(tl.int64) * P * D
+    out_off = offs_p[:, None] * D + offs_d[None, :]
     out_mask = p_ok[:, None] & d_ok[None, :]
-    tl.store(dpk_ptr + out_off, dk * sm_scale, mask=out_mask)
-    tl.store(dpv_ptr + out_off, dv, mask=out_mask)
+    tl.store(partial_ptr + base_k + out_off, dk * sm_scale, mask=out_mask)
+    tl.store(partial_ptr + base_v + out_off, dv, mask=out_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -565,11 +552,8 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     scalars = (window if window is not None else 0, float(softmax_scale),
                float(softcap) if softcap is not None else 1.0, float(dropout_p))
 
+    # Written by the dQ kernel (rowsum(dO * O)), read by both dK/dV kernels.
     delta = torch.empty(batch, num_heads, seq_len_q, dtype=torch.float32, device=q.device)
-    prefix_attention_bwd_preprocess_kernel[(triton.cdiv(seq_len_q, 64), batch * num_heads)](
-        out, dout, delta, args["cu_seqlens_q"], *bhsd_strides(out, varlen), *dout_strides, num_heads, seq_len_q,
-        head_dim, BLOCK_M=64, BLOCK_D=block_d, VARLEN=varlen,
-    )
 
     tune_key = (q.device.index, q.dtype, block_d, group, causal, triton.next_power_of_2(seq_len_q),
                 triton.next_power_of_2(seq_len_kv + prefix_len), tuple(sorted(flags.items())),
@@ -578,10 +562,10 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     def launch_dq(config):
         block_m, block_n, warps, stages = config
         return prefix_attention_bwd_dq_kernel[(triton.cdiv(seq_len_q, block_m), batch * num_heads)](
-            q, k, v, prefix_k, prefix_v, dout, lse, delta, dq,
+            q, k, v, prefix_k, prefix_v, out, dout, lse, delta, dq,
             args["prefix_index"], args["kpm"], args["slopes"], args["positions"], args["seed"], args["cu_seqlens_q"],
             args["cu_seqlens_k"], *q_strides, *bhsd_strides(k, varlen), *bhsd_strides(v, varlen),
-            *args["prefix_k_strides"], *args["prefix_v_strides"], *dout_strides, *bhsd_strides(dq, varlen),
+            *args["prefix_k_strides"], *args["prefix_v_strides"], *bhsd_strides(out, varlen), *dout_strides, *bhsd_strides(dq, varlen),
             *args["kpm_strides"], *args["slope_strides"], *args["position_strides"],
             num_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars,
             GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
@@ -623,10 +607,9 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     splits = min(items, max(1, triton.cdiv(2 * sms, programs)))
     items_per_split = triton.cdiv(items, splits)
     splits = triton.cdiv(items, items_per_split)
-    partial_k = torch.empty(splits, owners, num_kv_heads, prefix_len, head_dim, dtype=torch.float32, device=q.device)
-    partial_v = torch.empty_like(partial_k)
+    partial = torch.empty(splits, 2, owners, num_kv_heads, prefix_len, head_dim, dtype=torch.float32, device=q.device)
     prefix_attention_bwd_prefix_dkdv_kernel[(num_p_blocks, owners * num_kv_heads, splits)](
-        q, prefix_k, prefix_v, dout, lse, delta, partial_k, partial_v,
+        q, prefix_k, prefix_v, dout, lse, delta, partial,
         args["prefix_index"], args["slopes"], args["seed"], args["cu_seqlens_q"], args["cu_seqlens_k"],
         *q_strides, *args["prefix_k_strides"], *args["prefix_v_strides"], *dout_strides, *args["slope_strides"],
         batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars, items_per_split,
@@ -635,11 +618,14 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
         HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, VARLEN=varlen, INPUT_PRECISION=precision,
         num_warps=warps, num_stages=stages,
     )
-    dpk, dpv = partial_k.sum(0), partial_v.sum(0)
+    # Host launches matter at seed sizes (one backward per layer): one reduction and one cast for
+    # both gradients; no reduction with one split, no cast for a float32 prefix.
+    dprefix = partial[0] if splits == 1 else partial.sum(0)          # [2, owners, Hkv, P, D]
     if shared:
-        dpk, dpv = dpk[0], dpv[0]
+        dprefix = dprefix[:, 0]
     elif prefix_index is not None:
         num_tasks = prefix_k.shape[0]
-        dpk = dpk.new_zeros(num_tasks, num_kv_heads, prefix_len, head_dim).index_add_(0, prefix_index, dpk)
-        dpv = dpv.new_zeros(num_tasks, num_kv_heads, prefix_len, head_dim).index_add_(0, prefix_index, dpv)
-    return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
+        dprefix = dprefix.new_zeros(2, num_tasks, num_kv_heads, prefix_len, head_dim).index_add_(1, prefix_index,
+                                                                                                  dprefix)
+    dprefix = dprefix.to(prefix_k.dtype)         # prefix_v has the same dtype (checked with q's)
+    return dq, dk, dv, dprefix[0], dprefix[1]

@@ -70,9 +70,12 @@ def prefix_attention_bwd(
     cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel backward: ``(dq, dk, dv, dprefix_k, dprefix_v)``."""
-    return _backward_launch(dout, q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask, alibi_slopes,
-                            seed, causal, softmax_scale, dropout_p, softcap, window, cu_seqlens_q, cu_seqlens_k,
-                            max_seqlen_q, max_seqlen_k)
+    dq, dk, dv, dpk, dpv = _backward_launch(dout, q, k, v, prefix_k, prefix_v, out, lse, prefix_index,
+                                            key_padding_mask, alibi_slopes, seed, causal, softmax_scale, dropout_p,
+                                            softcap, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    # The launcher returns the two prefix gradients as views of one buffer (one reduction for
+    # both); a custom op's outputs may not alias each other.
+    return dq, dk, dv, dpk, dpv.clone()
 
 
 def _backward_launch(dout, q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask, alibi_slopes, seed,

@@ -122,9 +122,6 @@ def cases(quick: bool):
         bm, bn, w, st = fwd.FWD_CONFIGS[bucket][0]
         yield (f"fwd {tag}", fwd.prefix_attention_fwd_kernel, dict(common_c, BLOCK_M=bm, BLOCK_N=bn, **flags),
                attn_ptrs, ptr, w, st)
-        yield (f"bwd-preprocess {tag}", bwd.prefix_attention_bwd_preprocess_kernel,
-               dict(BLOCK_M=64, BLOCK_D=block_d, VARLEN=flags["VARLEN"]),
-               attn_ptrs, ptr, 4, 1)
         bm, bn, w, st = bwd.DQ_CONFIGS[bucket][0]
         yield (f"bwd-dq {tag}", bwd.prefix_attention_bwd_dq_kernel, dict(common_c, BLOCK_M=bm, BLOCK_N=bn, **flags),
                attn_ptrs, ptr, w, st)
@@ -139,7 +136,7 @@ def cases(quick: bool):
         yield (f"bwd-prefix {tag}", bwd.prefix_attention_bwd_prefix_dkdv_kernel,
                dict(GROUP=4, SHARED=not flags["HAS_PREFIX_INDEX"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
                     EVEN_D=even, INPUT_PRECISION=precision, **pre_flags),
-               dict(attn_ptrs, dpk_ptr="*fp32", dpv_ptr="*fp32"), ptr, w, st)
+               dict(attn_ptrs, partial_ptr="*fp32"), ptr, w, st)
     yield ("dropout-mask", common.dropout_keep_mask_kernel, dict(BLOCK_M=32, BLOCK_N=64),
            {"seed_ptr": "*i64", "keep_ptr": "*i8"}, "*fp32", 4, 1)
     for out_ptr in ("*bf16", "*fp32"):

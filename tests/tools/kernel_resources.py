@@ -55,7 +55,7 @@ FLAG_SETS = {
 }
 CHECKED_FLAG_SETS = ("plain", "padded", "packed")
 POINTERS = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "prefix_index_ptr": "*i64", "kpm_ptr": "*u8",
-            "slopes_ptr": "*fp32", "pos_ptr": "*fp32", "seed_ptr": "*i64", "dpk_ptr": "*fp32", "dpv_ptr": "*fp32",
+            "slopes_ptr": "*fp32", "pos_ptr": "*fp32", "seed_ptr": "*i64", "partial_ptr": "*fp32",
             "cu_seqlens_q_ptr": "*i32", "cu_seqlens_k_ptr": "*i32"}
 SEQUENCE_FLAGS = ("HAS_KPM", "HAS_ALIBI", "HAS_POS", "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT", "VARLEN")
 PREFIX_FLAGS = ("HAS_PREFIX_INDEX", "HAS_ALIBI", "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT", "VARLEN")
