@@ -234,10 +234,21 @@ def launch_overheads() -> None:
     rows["triton, 12 tensors"] = _host_us(lambda: twelve_pointers[(1,)](*x, 64, BLOCK=64))
     rows["triton, 12 tensors + 48 ints"] = _host_us(lambda: with_ints[(1,)](*x, *ints, 64, BLOCK=64))
     compiled = with_ints[(1,)](*x, *ints, 64, BLOCK=64)
+    # The pieces of a launch: Triton's argument binding and cache lookup alone (warmup: no
+    # launch), the compiled kernel's own runner (no binding), and its C launcher given raw
+    # pointers (ints: no data_ptr() call and no cuPointerGetAttribute per tensor).
+    rows["  binding + cache lookup only (warmup)"] = _host_us(
+        lambda: with_ints.warmup(*x, *ints, 64, BLOCK=64, grid=(1,)))
     try:
         runner = compiled[(1, 1, 1)]
-        rows["  same, compiled kernel's runner"] = _host_us(lambda: runner(*x, *ints, 64, 64))
-    except Exception as exc:     # the runner's calling convention differs between Triton versions
+        rows["  compiled kernel's runner"] = _host_us(lambda: runner(*x, *ints, 64, 64))
+        stream = torch.cuda.current_stream().cuda_stream
+        raw = [t.data_ptr() for t in x]
+        launcher = compiled.run
+        rows["  its C launcher, raw pointers"] = _host_us(
+            lambda: launcher(1, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *raw,
+                             *ints, 64, 64))
+    except Exception as exc:     # the calling convention differs between Triton versions
         print(f"  (compiled runner not timed: {type(exc).__name__}: {exc})")
     pointer_us = _cu_pointer_get_attribute_us(x[0].data_ptr())
     if pointer_us is not None:
