@@ -6,7 +6,7 @@
 #   STEP: smoke quick quick-<suite> tests-attention-1 tests-attention-2 tests-other attention attention-sweep mlp e2e
 #         e2e-large decode profile pytest-bench
 #         (default: all but smoke and quick, in that order)
-#   smoke: CI's representative kernel tests, run on the GPU (a few minutes); quick: every suite with
+#   smoke: CI's representative kernel tests and the GPU tests marked smoke (a few minutes); quick: every suite with
 #   --quick; quick-attention, quick-mlp, quick-e2e_train, quick-decode: one suite's --quick each.
 #   A device call lasts at most ten minutes: run a few steps per call, with STEP_LIMIT_S (or a
 #   step's own limit, STEP:SECONDS) set so that they fit (benchmarks/results/README.md has the
@@ -64,7 +64,7 @@ for step in "${STEPS[@]}"; do
         # The test grid takes each kernel's first fitting config: tuning one-off shapes is not what it tests.
         # About 1200 kernel variants to compile: two interleaved halves, one device call each.
         # The CPU CI subset of the kernel tests, on the GPU (a test takes CUDA when it has one).
-        smoke)        run_step smoke env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m "not gpu" -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} \
+        smoke)        run_step smoke env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m "not gpu or smoke" -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} \
                           tests/test_prefix_attention.py tests/test_prefix_mlp.py tests/test_decode.py \
                           tests/test_checks.py --junitxml="$OUT/smoke.xml" ;;
         quick)        run_step bench-quick "$PY" -m prefixkern.bench --quick --out-dir "$OUT" ;;

@@ -447,6 +447,105 @@ def test_eager_launch_skips_the_dispatcher_and_equals_the_custom_op(device):
         assert torch.equal(got.grad, want.grad)
 
 
+ATTENTION_KERNELS = ("prefix_attention_fwd_kernel", "prefix_attention_bwd_dq_kernel",
+                     "prefix_attention_bwd_dkdv_kernel", "prefix_attention_bwd_prefix_dkdv_kernel")
+
+
+def _attention_kernels():
+    from prefixkern.kernels import prefix_attention_bwd, prefix_attention_fwd
+
+    return [getattr(prefix_attention_fwd, name, None) or getattr(prefix_attention_bwd, name)
+            for name in ATTENTION_KERNELS]
+
+
+def test_raw_launch_relies_on_constexprs_last_without_defaults():
+    """launch_kernel's raw path takes the runtime arguments positionally and the constexprs, in
+    signature order, from the keywords: every attention kernel must declare its constexprs after
+    its runtime arguments and give none a default."""
+    import inspect
+
+    for kernel in _attention_kernels():
+        params = list(inspect.signature(kernel.fn).parameters.values())
+        constexpr = ["constexpr" in str(p.annotation) for p in params]
+        first = constexpr.index(True)
+        assert all(constexpr[first:]), kernel.fn.__name__
+        assert all(p.default is inspect.Parameter.empty for p in params), kernel.fn.__name__
+
+
+def test_raw_launch_passes_pointers_and_constexprs_in_order(monkeypatch):
+    """The raw path hands the compiled launcher each tensor's address, the other runtime
+    arguments as given, then the constexprs in signature order (a stand-in kernel and driver)."""
+    import triton
+
+    from prefixkern import _backend
+    from prefixkern.kernels import _launch
+
+    calls = {}
+
+    class Compiled:
+        function, packed_metadata = "function", "metadata"
+
+        def run(self, *values):
+            calls["run"] = values
+
+    class Kernel:
+        arg_names = ["x_ptr", "n", "scale", "BLOCK", "FLAG"]
+
+        def warmup(self, *args, grid, **meta):
+            calls["warmup"] = (args, grid, meta)
+            return Compiled()
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: calls.setdefault("plain", grid)
+
+    class Driver:
+        def get_current_device(self):
+            return 3
+
+        def get_current_stream(self, device):
+            return 1000 + device
+
+    monkeypatch.setattr(_launch, "RAW_POINTERS", True)
+    monkeypatch.setattr(_backend, "triton_interpret", lambda: False)
+    monkeypatch.setattr(triton.runtime.driver, "_active", Driver())     # what the `active` property returns
+    x = torch.zeros(4)
+    compiled = _launch.launch_kernel(Kernel(), (5, 2), x, 7, 0.5, FLAG=True, BLOCK=16, num_warps=4)
+    assert isinstance(compiled, Compiled)
+    assert calls["warmup"] == ((x, 7, 0.5), (5, 2), dict(FLAG=True, BLOCK=16, num_warps=4))
+    assert calls["run"] == (5, 2, 1, 1003, "function", "metadata", None, None, None, x.data_ptr(), 7, 0.5, 16, True)
+    assert "plain" not in calls
+    # A profiler's launch hook reads the real arguments: the plain launch serves it.
+    hooks = triton.knobs.runtime.launch_enter_hook
+    hook = lambda metadata: None  # noqa: E731
+    hooks.add(hook)
+    try:
+        _launch.launch_kernel(Kernel(), (5, 2), x, 7, 0.5, FLAG=True, BLOCK=16)
+    finally:
+        hooks.remove(hook)
+    assert calls["plain"] == (5, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.smoke
+def test_raw_launch_equals_a_plain_launch(monkeypatch):
+    """PREFIXKERN_RAW_LAUNCH=1 gives the same values and gradients bit for bit, padded and with
+    None for absent inputs."""
+    from prefixkern.kernels import _launch
+
+    def run(raw):
+        monkeypatch.setattr(_launch, "RAW_POINTERS", raw)
+        torch.manual_seed(0)
+        inputs, kwargs = make_inputs(replace(BASE, padding="left", S=130, P=16), "cuda")
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = prefixkern.prefix_attention(*leaves, key_padding_mask=kwargs["key_padding_mask"], causal=True)
+        out.backward(torch.randn_like(out))
+        plain = prefixkern.prefix_attention(*(t.detach() for t in inputs), causal=False)
+        return [out, plain] + [t.grad for t in leaves]
+
+    for got, want in zip(run(True), run(False)):
+        assert torch.equal(got, want)
+
+
 def test_output_and_gradients_keep_hf_layout(device):
     """q/k/v as HF holds them ([B, S, H, D] memory viewed [B, H, S, D]): the output and the
     gradients come back in that layout, so HF's transpose + reshape and the way back into the

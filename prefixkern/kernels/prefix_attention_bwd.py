@@ -42,7 +42,7 @@ from ._attention_common import (
     sequence_key_range,
     sequence_visible,
 )
-from ._launch import device_index, input_precision, num_sms
+from ._launch import device_index, input_precision, launch_kernel, num_sms
 from ._math import dot
 
 __all__ = ["prefix_attention_backward"]
@@ -561,11 +561,13 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
 
     def launch_dq(config):
         block_m, block_n, warps, stages = config
-        return prefix_attention_bwd_dq_kernel[(triton.cdiv(seq_len_q, block_m), batch * num_heads)](
+        return launch_kernel(
+            prefix_attention_bwd_dq_kernel, (triton.cdiv(seq_len_q, block_m), batch * num_heads),
             q, k, v, prefix_k, prefix_v, out, dout, lse, delta, dq,
             args["prefix_index"], args["kpm"], args["slopes"], args["positions"], args["seed"], args["cu_seqlens_q"],
             args["cu_seqlens_k"], *q_strides, *bhsd_strides(k, varlen), *bhsd_strides(v, varlen),
-            *args["prefix_k_strides"], *args["prefix_v_strides"], *bhsd_strides(out, varlen), *dout_strides, *bhsd_strides(dq, varlen),
+            *args["prefix_k_strides"], *args["prefix_v_strides"], *bhsd_strides(out, varlen), *dout_strides,
+            *bhsd_strides(dq, varlen),
             *args["kpm_strides"], *args["slope_strides"], *args["position_strides"],
             num_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars,
             GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
@@ -576,7 +578,8 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     def launch_dkdv(config):
         block_m, block_n, warps, stages = config
         seq_flags = {name: flags[name] for name in ("HAS_KPM", "HAS_ALIBI", "HAS_POS", "HAS_DROPOUT", "VARLEN")}
-        return prefix_attention_bwd_dkdv_kernel[(triton.cdiv(seq_len_kv, block_n), batch * num_kv_heads)](
+        return launch_kernel(
+            prefix_attention_bwd_dkdv_kernel, (triton.cdiv(seq_len_kv, block_n), batch * num_kv_heads),
             q, k, v, dout, lse, delta, dk, dv,
             args["kpm"], args["slopes"], args["positions"], args["seed"], args["cu_seqlens_q"], args["cu_seqlens_k"],
             *q_strides, *bhsd_strides(k, varlen), *bhsd_strides(v, varlen), *dout_strides,
@@ -608,7 +611,8 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     items_per_split = triton.cdiv(items, splits)
     splits = triton.cdiv(items, items_per_split)
     partial = torch.empty(splits, 2, owners, num_kv_heads, prefix_len, head_dim, dtype=torch.float32, device=q.device)
-    prefix_attention_bwd_prefix_dkdv_kernel[(num_p_blocks, owners * num_kv_heads, splits)](
+    launch_kernel(
+        prefix_attention_bwd_prefix_dkdv_kernel, (num_p_blocks, owners * num_kv_heads, splits),
         q, prefix_k, prefix_v, dout, lse, delta, partial,
         args["prefix_index"], args["slopes"], args["seed"], args["cu_seqlens_q"], args["cu_seqlens_k"],
         *q_strides, *args["prefix_k_strides"], *args["prefix_v_strides"], *dout_strides, *args["slope_strides"],

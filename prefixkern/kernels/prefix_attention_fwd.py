@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import input_precision
+from ._launch import input_precision, launch_kernel
 from ._math import dot
 from ._attention_common import (
     LOG2E,
@@ -263,7 +263,8 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     def launch(config):
         block_m, block_n, warps, stages = config
         grid = (triton.cdiv(seq_len_q, block_m), batch * num_heads)
-        return prefix_attention_fwd_kernel[grid](
+        return launch_kernel(
+            prefix_attention_fwd_kernel, grid,
             q, k, v, prefix_k, prefix_v, out, lse,
             args["prefix_index"], args["kpm"], args["slopes"], args["positions"], args["seed"], args["cu_seqlens_q"],
             args["cu_seqlens_k"], *bhsd_strides(q, varlen), *bhsd_strides(k, varlen), *bhsd_strides(v, varlen),
