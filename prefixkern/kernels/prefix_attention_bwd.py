@@ -396,8 +396,9 @@ def prefix_attention_bwd_prefix_dkdv_kernel(
 ):
     """Partial dPrefixK/dPrefixV of one prefix block and KV head over a share of the work items
     (batch row if SHARED, query head of the group, query block). Writes float32
-    ``partial[split, 0 (dK) | 1 (dV), owner, g, p, :]`` with owner 0 when SHARED, else the batch row. Packed rows
-    count query blocks up to the longest sequence and skip those past their own end."""
+    ``partial[split, 0 (dK) | 1 (dV), owner, g, p, :]`` with owner 0 when SHARED, else the batch
+    row. Packed rows count query blocks up to the longest sequence and skip those past their own
+    end."""
     start_p = tl.program_id(0) * BLOCK_N
     og = tl.program_id(1)
     split = tl.program_id(2)
