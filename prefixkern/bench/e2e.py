@@ -42,7 +42,7 @@ def model_config(name: str):
 MODELS = ("qwen2.5-0.5b", "bloomz-560m", "gpt2-medium", "llama3.2-1b")
 QUICK = ("qwen2.5-0.5b",)
 LENGTHS = {256: 8, 2048: 2}     # S -> batch
-IMPLS = ("floor_no_prefix", "peft_eager", "peft_sdpa", "prefixkern", "prefixkern_liger")
+IMPLS = ("floor_no_prefix", "peft_eager", "peft_sdpa", "prefixkern", "prefixkern_raw_launch", "prefixkern_liger")
 
 
 def _apply_to_instance_only(apply, model) -> None:
@@ -68,7 +68,7 @@ def build_model(name: str, impl: str, opts: Options, base_state, num_virtual_tok
     from peft import PrefixTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    attn = "eager" if impl in ("peft_eager", "prefixkern", "prefixkern_liger") else "sdpa"
+    attn = "eager" if impl == "peft_eager" or impl.startswith("prefixkern") else "sdpa"
     config = copy.deepcopy(model_config(name))
     config._attn_implementation = attn
     torch.manual_seed(0)
@@ -98,6 +98,9 @@ def build_model(name: str, impl: str, opts: Options, base_state, num_virtual_tok
 
 
 def _step_fn(model, impl: str, input_ids, attention_mask):
+    if impl == "prefixkern_raw_launch":
+        return _with_raw_launch(_step_fn(model, "prefixkern", input_ids, attention_mask))
+
     def step():
         model.zero_grad(set_to_none=True)
         if impl == "floor_no_prefix":
@@ -108,6 +111,20 @@ def _step_fn(model, impl: str, input_ids, attention_mask):
         out.loss.backward()
         return out.loss.detach()
     return step
+
+
+def _with_raw_launch(step):
+    """The patched model's step with PREFIXKERN_RAW_LAUNCH=1 (experimental: the attention kernels'
+    launcher gets raw pointers), so one run times both launch paths."""
+    from ..kernels import _launch
+
+    def raw_step():
+        before, _launch.RAW_POINTERS = _launch.RAW_POINTERS, True
+        try:
+            return step()
+        finally:
+            _launch.RAW_POINTERS = before
+    return raw_step
 
 
 def measure_step(opts: Options, record: Record, step, tokens: int, losses: dict, check: bool) -> Record:
@@ -222,6 +239,9 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                     continue
                 if limit is not None and seq_len + P > limit:
                     skips.append(Skip("e2e_train", case, impl, f"GPT-2 has {limit} positions; P + S = {P + seq_len}"))
+                    continue
+                if impl == "prefixkern_raw_launch" and not opts.on_gpu:
+                    skips.append(Skip("e2e_train", case, impl, "raw-pointer launches need a GPU"))
                     continue
                 if impl == "prefixkern_liger":
                     try:
