@@ -527,18 +527,18 @@ def test_raw_launch_passes_pointers_and_constexprs_in_order(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.smoke
-def test_raw_launch_equals_a_plain_launch(monkeypatch):
+def test_raw_launch_equals_a_plain_launch(monkeypatch, device):
     """PREFIXKERN_RAW_LAUNCH=1 gives the same values and gradients bit for bit, padded and with
     None for absent inputs."""
     from prefixkern.kernels import _launch
 
     def run(raw):
         monkeypatch.setattr(_launch, "RAW_POINTERS", raw)
-        torch.manual_seed(0)
-        inputs, kwargs = make_inputs(replace(BASE, padding="left", S=130, P=16), "cuda")
+        inputs, kwargs = make_inputs(replace(BASE, padding="left", S=130, S_kv=130, P=16, dtype=torch.bfloat16),
+                                     device)
         leaves = [t.clone().requires_grad_() for t in inputs]
         out = prefixkern.prefix_attention(*leaves, key_padding_mask=kwargs["key_padding_mask"], causal=True)
-        out.backward(torch.randn_like(out))
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out))
         plain = prefixkern.prefix_attention(*(t.detach() for t in inputs), causal=False)
         return [out, plain] + [t.grad for t in leaves]
 
