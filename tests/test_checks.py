@@ -104,7 +104,7 @@ def test_backend_name_is_checked(monkeypatch):
 def test_pick_config_times_only_spill_free_candidates(monkeypatch):
     import types
 
-    from prefixkern.kernels import _attention_common as common
+    from prefixkern.kernels import _launch as common
 
     spills = {"a": 0, "b": 256, "c": 0, "d": None}
     times = {"a": 2.0, "b": 0.5, "c": 1.0}

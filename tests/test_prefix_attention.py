@@ -447,24 +447,24 @@ def test_eager_launch_skips_the_dispatcher_and_equals_the_custom_op(device):
         assert torch.equal(got.grad, want.grad)
 
 
-ATTENTION_KERNELS = ("prefix_attention_fwd_kernel", "prefix_attention_bwd_dq_kernel",
-                     "prefix_attention_bwd_dkdv_kernel", "prefix_attention_bwd_prefix_dkdv_kernel")
+def _launched_kernels():
+    """Every kernel the ops launch through launch_kernel."""
+    from prefixkern.kernels import prefix_attention_bwd as bwd
+    from prefixkern.kernels import prefix_attention_fwd as fwd
+    from prefixkern.kernels import prefix_mlp as mlp
 
-
-def _attention_kernels():
-    from prefixkern.kernels import prefix_attention_bwd, prefix_attention_fwd
-
-    return [getattr(prefix_attention_fwd, name, None) or getattr(prefix_attention_bwd, name)
-            for name in ATTENTION_KERNELS]
+    return [fwd.prefix_attention_fwd_kernel, bwd.prefix_attention_bwd_dq_kernel, bwd.prefix_attention_bwd_dkdv_kernel,
+            bwd.prefix_attention_bwd_prefix_dkdv_kernel, mlp.prefix_mlp_matmul_kernel, mlp.prefix_mlp_fwd_kernel,
+            mlp.prefix_mlp_bwd_kernel, mlp.prefix_mlp_bwd_hidden_kernel, mlp.prefix_kv_copy_kernel]
 
 
 def test_raw_launch_relies_on_constexprs_last_without_defaults():
     """launch_kernel's raw path takes the runtime arguments positionally and the constexprs, in
-    signature order, from the keywords: every attention kernel must declare its constexprs after
+    signature order, from the keywords: every kernel it launches must declare its constexprs after
     its runtime arguments and give none a default."""
     import inspect
 
-    for kernel in _attention_kernels():
+    for kernel in _launched_kernels():
         params = list(inspect.signature(kernel.fn).parameters.values())
         constexpr = ["constexpr" in str(p.annotation) for p in params]
         first = constexpr.index(True)

@@ -307,6 +307,29 @@ def test_eager_launch_skips_the_dispatcher_and_equals_the_custom_op(device):
         assert torch.equal(got.grad, want.grad)
 
 
+@pytest.mark.gpu
+@pytest.mark.smoke
+@pytest.mark.parametrize("projection", [True, False])
+def test_raw_launch_equals_a_plain_launch(monkeypatch, projection, device):
+    """PREFIXKERN_RAW_LAUNCH=1 gives the same prefix and parameter gradients bit for bit, with
+    dropout (its seed tensor is a kernel argument too)."""
+    from prefixkern.kernels import _launch
+
+    def run(raw):
+        monkeypatch.setattr(_launch, "RAW_POINTERS", raw)
+        encoder = PrefixEncoder(30, num_layers=4, num_kv_heads=2, head_dim=64, projection=projection,
+                                hidden_size=128 if projection else None, dropout=0.1, device=device)
+        torch.manual_seed(5)
+        for p in encoder.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        kv = encoder(torch.bfloat16)        # the same dropout seed both times (drawn after manual_seed)
+        kv.backward(torch.randn(kv.shape, generator=torch.Generator().manual_seed(1)).to(kv))
+        return [kv] + [p.grad for p in encoder.parameters()]
+
+    for got, want in zip(run(True), run(False)):
+        assert torch.equal(got, want)
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.compile
 # ----------------------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def _step_fn(model, impl: str, input_ids, attention_mask):
 
 
 def _with_raw_launch(step):
-    """The patched model's step with PREFIXKERN_RAW_LAUNCH=1 (experimental: the attention kernels'
+    """The patched model's step with PREFIXKERN_RAW_LAUNCH=1 (experimental: the kernels' Triton
     launcher gets raw pointers), so one run times both launch paths."""
     from ..kernels import _launch
 

@@ -13,12 +13,10 @@ key ``seed + b * Hq + h``, so any kernel regenerates any element of the mask on 
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
-import triton.testing
 import triton.language as tl
 
 from .._backend import triton_interpret
@@ -340,59 +338,3 @@ def fitting_configs(kernel: str, configs, head_dim_block: int, q: torch.Tensor, 
     if triton_interpret():
         return [(16, 16, 1, 1)]
     return [c for c in configs if fits_smem(kernel, c, head_dim_block, q.element_size(), q.device)] or [fallback]
-
-
-_TUNED: dict[tuple, tuple[int, int, int, int]] = {}
-# The config each kernel ran with since the last take_launched_configs() (key[0] is the kernel's
-# name): what the benchmarks record beside their timings.
-_LAST: dict[str, tuple[int, int, int, int]] = {}
-
-
-def take_launched_configs() -> dict[str, tuple[int, int, int, int]]:
-    """``{kernel name: (BLOCK_M, BLOCK_N, num_warps, num_stages)}`` launched since the last call."""
-    launched = dict(_LAST)
-    _LAST.clear()
-    return launched
-
-
-def _spills(compiled) -> int:
-    """Bytes of registers a launched kernel spills (0 when Triton does not say)."""
-    return int(getattr(compiled, "n_spills", 0) or 0)
-
-
-def pick_config(key, candidates, launch):
-    """Time each (BLOCK_M, BLOCK_N, num_warps, num_stages) candidate once per key (like
-    ``triton.autotune``, but over a plain Python launch, so the kernel's argument list stays free
-    of tuning-only keys). ``launch(config)`` returns what the Triton launch returns.
-
-    Candidates whose compiled kernel spills registers on this GPU are dropped before timing
-    while a spill-free one remains: the tables are checked spill-free for sm_90 offline
-    (tests/tools/kernel_resources.py), other architectures allocate registers differently.
-    ``key[0]`` names the kernel."""
-    config = _tune(key, candidates, launch)
-    _LAST[key[0]] = config
-    return config
-
-
-def _tune(key, candidates, launch):
-    if key in _TUNED:
-        return _TUNED[key]
-    # PREFIXKERN_AUTOTUNE=0 takes the first candidate that fits (the GPU test grid, which would
-    # otherwise spend its time tuning hundreds of one-off shapes).
-    if len(candidates) == 1 or not torch.cuda.is_available() or os.environ.get("PREFIXKERN_AUTOTUNE", "1") == "0":
-        _TUNED[key] = candidates[0]
-        return candidates[0]
-    launched = []
-    for config in candidates:
-        try:
-            launched.append((config, _spills(launch(config))))   # compiles it
-        except Exception:  # out of resources for this tile: try the next
-            continue
-    timed = [config for config, spills in launched if spills == 0] or [config for config, _ in launched]
-    best, best_ms = candidates[0], float("inf")
-    for config in timed:
-        ms = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
-        if ms < best_ms:
-            best, best_ms = config, ms
-    _TUNED[key] = best
-    return best

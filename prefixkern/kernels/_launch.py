@@ -1,5 +1,6 @@
 """Host-side launch helpers every kernel file shares: which GPU to launch on, its SM count and
-shared memory, and the precision of float32 products."""
+shared memory, the precision of float32 products, tile selection (``pick_config``) and the
+launch itself (``launch_kernel``)."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +8,8 @@ import functools
 import os
 
 import torch
+import triton
+import triton.testing
 
 
 def device_index(device: torch.device) -> int:
@@ -37,6 +40,65 @@ def input_precision(dtype: torch.dtype = torch.float32) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
+
+
+# --------------------------------------------------------------------------------------------
+# Tile selection, shared by every kernel family
+# --------------------------------------------------------------------------------------------
+
+_TUNED: dict[tuple, tuple[int, ...]] = {}
+# The config each kernel ran with since it was last taken (key[0] is the kernel's name): what the
+# benchmarks record beside their timings.
+_LAST: dict[str, tuple[int, ...]] = {}
+
+
+def take_launched_configs(names) -> dict[str, tuple[int, ...]]:
+    """``{kernel name: config}`` of the kernels ``names`` launched since they were last taken
+    (each op family takes its own)."""
+    return {name: _LAST.pop(name) for name in names if name in _LAST}
+
+
+def _spills(compiled) -> int:
+    """Bytes of registers a launched kernel spills (0 when Triton does not say)."""
+    return int(getattr(compiled, "n_spills", 0) or 0)
+
+
+def pick_config(key, candidates, launch):
+    """Time each candidate tile config (a tuple of block sizes, warps and stages) once per key,
+    like ``triton.autotune`` but over a plain Python launch, so the kernel's argument list stays
+    free of tuning-only keys. ``launch(config)`` returns what the Triton launch returns.
+
+    Candidates whose compiled kernel spills registers on this GPU are dropped before timing
+    while a spill-free one remains: the tables are checked spill-free for sm_90 offline
+    (tests/tools/kernel_resources.py), other architectures allocate registers differently.
+    ``key[0]`` names the kernel."""
+    config = _tune(key, candidates, launch)
+    _LAST[key[0]] = config
+    return config
+
+
+def _tune(key, candidates, launch):
+    if key in _TUNED:
+        return _TUNED[key]
+    # PREFIXKERN_AUTOTUNE=0 takes the first candidate that fits (the GPU test grid, which would
+    # otherwise spend its time tuning hundreds of one-off shapes).
+    if len(candidates) == 1 or not torch.cuda.is_available() or os.environ.get("PREFIXKERN_AUTOTUNE", "1") == "0":
+        _TUNED[key] = candidates[0]
+        return candidates[0]
+    launched = []
+    for config in candidates:
+        try:
+            launched.append((config, _spills(launch(config))))   # compiles it
+        except Exception:  # out of resources for this tile: try the next
+            continue
+    timed = [config for config, spills in launched if spills == 0] or [config for config, _ in launched]
+    best, best_ms = candidates[0], float("inf")
+    for config in timed:
+        ms = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
+        if ms < best_ms:
+            best, best_ms = config, ms
+    _TUNED[key] = best
+    return best
 
 
 # PREFIXKERN_RAW_LAUNCH=1: `launch_kernel` hands Triton's launcher raw pointers (see there). Off by

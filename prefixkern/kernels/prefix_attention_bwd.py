@@ -35,14 +35,13 @@ from ._attention_common import (
     fitting_configs,
     load_tile,
     packed_row,
-    pick_config,
     prefix_row,
     prefix_visible,
     scores_log2,
     sequence_key_range,
     sequence_visible,
 )
-from ._launch import device_index, input_precision, launch_kernel, num_sms
+from ._launch import device_index, input_precision, launch_kernel, num_sms, pick_config
 from ._math import dot
 
 __all__ = ["prefix_attention_backward"]

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import input_precision, launch_kernel
+from ._launch import input_precision, launch_kernel, pick_config
 from ._math import dot
 from ._attention_common import (
     LOG2E,
@@ -26,7 +26,6 @@ from ._attention_common import (
     fitting_configs,
     load_tile,
     packed_row,
-    pick_config,
     prefix_row,
     prefix_visible,
     scores_log2,

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpret
-from ._launch import device_index, input_precision, num_sms, smem_bytes
+from ._launch import device_index, input_precision, launch_kernel, num_sms, pick_config, smem_bytes
 from ._math import tanh as _tanh
 
 # The forward's P rows share one block up to this size; beyond, it splits P across the grid, the
@@ -68,53 +68,34 @@ def _is_interpreted() -> bool:
     return triton_interpret()
 
 
-def _named(named_args: dict, kwargs: dict) -> dict:
-    return {**named_args, **kwargs}
-
-
-def _fits_smem(config, elements_per_stage: int) -> bool:
-    """Whether the config's software pipeline of float32 tiles fits in shared memory, so a pruned
-    list never leaves only a config that cannot launch."""
+def _fits_smem(num_stages: int, elements_per_stage: int) -> bool:
+    """Whether a software pipeline of float32 tiles fits in shared memory, so a candidate list
+    never holds only a config that cannot launch."""
     if not torch.cuda.is_available():
         return True
-    return config.num_stages * elements_per_stage * 4 <= smem_bytes(torch.cuda.current_device())
+    return num_stages * elements_per_stage * 4 <= smem_bytes(torch.cuda.current_device())
 
 
 # --------------------------------------------------------------------------------------------
 # Small GEMM with a fused epilogue: H = tanh(E @ W1^T + b1), dE = dZ @ W1, dW1 = dZ^T @ E
 # --------------------------------------------------------------------------------------------
 
-def _matmul_configs():
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) candidates; the interpreter runs one small tile.
+MATMUL_TILES = ((16, 64, 64, 4, 3), (32, 64, 32, 4, 4), (64, 64, 32, 4, 4), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3),
+                (128, 128, 32, 8, 3))
+INTERPRETER_MATMUL_TILE = (32, 32, 32, 4, 1)
+
+
+def matmul_candidates(m: int) -> list[tuple[int, int, int, int, int]]:
+    """The matmul tiles worth timing for M rows (M is P in the forward and dE products)."""
     if _is_interpreted():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in (
-            (16, 64, 64, 4, 3),
-            (32, 64, 32, 4, 4),
-            (64, 64, 32, 4, 4),
-            (64, 128, 32, 8, 3),
-            (128, 64, 32, 8, 3),
-            (128, 128, 32, 8, 3),
-        )
-    ]
-
-
-def _prune_matmul(configs, named_args, **kwargs):
-    args = _named(named_args, kwargs)
-    m = args["M"]
-    # A tile much taller than M only multiplies zeros (M is P in the forward and dE GEMMs).
+        return [INTERPRETER_MATMUL_TILE]
+    # A tile much taller than M only multiplies zeros.
     cap = max(16, triton.next_power_of_2(m))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and _fits_smem(
-        c, (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"])]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+    kept = [t for t in MATMUL_TILES if t[0] <= cap and _fits_smem(t[4], (t[0] + t[1]) * t[2])]
+    return kept or [min(MATMUL_TILES, key=lambda t: t[0])]
 
 
-@triton.autotune(
-    configs=_matmul_configs(),
-    key=["M", "N", "K", "HAS_BIAS", "APPLY_TANH"],
-    prune_configs_by={"early_config_prune": _prune_matmul},
-)
 @triton.jit
 def prefix_mlp_matmul_kernel(
     a_ptr, b_ptr, bias_ptr, c_ptr,
@@ -151,43 +132,28 @@ def prefix_mlp_matmul_kernel(
 # Forward second GEMM: out[l, t, g, p, d] = dropout(H @ W2^T + b2)[p, c]
 # --------------------------------------------------------------------------------------------
 
-def _fwd_configs():
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) candidates; BLOCK_P follows P (_block_p).
+FWD_TILES = ((32, 64, 4, 4), (64, 32, 4, 4), (64, 64, 4, 3), (128, 32, 4, 4), (128, 64, 8, 3), (256, 32, 8, 3))
+INTERPRETER_FWD_TILE = (32, 16, 4, 1)
+
+
+def fwd_candidates(block_p: int, num_cols: int, precision: str) -> list[tuple[int, int, int, int]]:
+    """The forward tiles worth timing for a P tile of ``block_p`` rows and N = ``num_cols``."""
     if _is_interpreted():
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in (
-            (32, 64, 4, 4),
-            (64, 32, 4, 4),
-            (64, 64, 4, 3),
-            (128, 32, 4, 4),
-            (128, 64, 8, 3),
-            (256, 32, 8, 3),
-        )
-    ]
-
-
-def _prune_fwd(configs, named_args, **kwargs):
-    args = _named(named_args, kwargs)
-    block_p, n = args["BLOCK_P"], args["N"]
+        return [INTERPRETER_FWD_TILE]
     # The [BLOCK_P, BLOCK_N] float32 accumulator lives in registers; H and W2 tiles are pipelined.
     # FMA dots ("ieee") hold more per thread than tensor-core ones: half the accumulator, or spills.
-    max_acc = 8192 if args["INPUT_PRECISION"] == "ieee" else 16384
-    kept = [c for c in configs if block_p * c.kwargs["BLOCK_N"] <= max_acc and block_p * c.kwargs["BLOCK_K"] <= 16384
-            and _fits_smem(c, (block_p + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"])]
+    max_acc = 8192 if precision == "ieee" else 16384
+    kept = [t for t in FWD_TILES if block_p * t[0] <= max_acc and block_p * t[1] <= 16384
+            and _fits_smem(t[3], (block_p + t[0]) * t[1])]
     # Narrow N (small models) needs narrow tiles to fill the GPU: drop tiles that leave it mostly idle.
     if torch.cuda.is_available() and kept:
         sms = num_sms(torch.cuda.current_device())
-        filled = [c for c in kept if triton.cdiv(n, c.kwargs["BLOCK_N"]) >= sms]
-        kept = filled or [min(kept, key=lambda c: c.kwargs["BLOCK_N"])]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+        filled = [t for t in kept if triton.cdiv(num_cols, t[0]) >= sms]
+        kept = filled or [min(kept, key=lambda t: t[0])]
+    return kept or [min(FWD_TILES, key=lambda t: t[0] * t[1])]
 
 
-@triton.autotune(
-    configs=_fwd_configs(),
-    key=["P", "N", "HID", "HAS_DROPOUT"],
-    prune_configs_by={"early_config_prune": _prune_fwd},
-)
 @triton.jit
 def prefix_mlp_fwd_kernel(
     h_ptr, w2_ptr, b2_ptr, out_ptr, seed_ptr,
@@ -241,41 +207,27 @@ BWD_TILES = {
 }
 
 
-def _bwd_tile(config) -> tuple[int, int, int, int, int]:
-    kw = config.kwargs
-    return kw["BLOCK_P"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages
+INTERPRETER_BWD_TILE = (16, 16, 16, 4, 1)
 
 
-def _bwd_configs():
+def bwd_candidates(num_rows: int, precision: str) -> list[tuple[int, int, int, int, int]]:
+    """The backward tiles worth timing for P = ``num_rows`` under ``precision``."""
     if _is_interpreted():
-        return [triton.Config({"BLOCK_P": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-    tiles = dict.fromkeys(tile for table in BWD_TILES.values() for tile in table)
-    return [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bp, bn, bk, w, s in tiles]
+        return [INTERPRETER_BWD_TILE]
+    table = BWD_TILES[precision]
+    # A P tile taller than P only multiplies zeros.
+    cap = max(16, triton.next_power_of_2(num_rows))
+    kept = [t for t in table if t[0] <= cap and _fits_smem(t[4], (t[0] + t[2]) * t[1])]
+    return kept or [min(table, key=lambda t: t[0] * t[1] * t[2])]
 
 
 def _bwd_split_align() -> int:
     """Splits of N start on a multiple of every candidate BLOCK_N, so no config gets ragged tiles."""
-    return max(c.kwargs["BLOCK_N"] for c in _bwd_configs())
-
-
-def _prune_bwd(configs, named_args, **kwargs):
-    args = _named(named_args, kwargs)
     if _is_interpreted():
-        return configs
-    allowed = set(BWD_TILES[args["INPUT_PRECISION"]])
-    # A P tile taller than P only multiplies zeros.
-    cap = max(16, triton.next_power_of_2(args["P"]))
-    kept = [c for c in configs if _bwd_tile(c) in allowed and c.kwargs["BLOCK_P"] <= cap
-            and _fits_smem(c, (c.kwargs["BLOCK_P"] + c.kwargs["BLOCK_K"]) * c.kwargs["BLOCK_N"])]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+        return INTERPRETER_BWD_TILE[1]
+    return max(tile[1] for table in BWD_TILES.values() for tile in table)
 
 
-@triton.autotune(
-    configs=_bwd_configs(),
-    key=["P", "N", "HID", "NUM_SPLITS", "INPUT_PRECISION"],
-    prune_configs_by={"early_config_prune": _prune_bwd},
-)
 @triton.jit
 def prefix_mlp_bwd_kernel(
     g_ptr, h_ptr, w2_ptr, dw2_ptr, db2_ptr, dh_part_ptr,
@@ -411,13 +363,21 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tenso
     """``c = act(a @ b + bias)`` for strided 2-d a [M, K], b [K, N], c [M, N]."""
     m, k = a.shape
     n = b.shape[1]
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    prefix_mlp_matmul_kernel[grid](
-        a, b, bias, c,
-        m, n, k,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        HAS_BIAS=bias is not None, APPLY_TANH=apply_tanh, INPUT_PRECISION=input_precision(),
-    )
+    precision = input_precision()
+
+    def launch(config):
+        block_m, block_n, block_k, warps, stages = config
+        return launch_kernel(
+            prefix_mlp_matmul_kernel, (triton.cdiv(m, block_m), triton.cdiv(n, block_n)),
+            a, b, bias, c,
+            m, n, k,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+            HAS_BIAS=bias is not None, APPLY_TANH=apply_tanh, INPUT_PRECISION=precision,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        )
+
+    key = ("mlp-matmul", a.device, m, n, k, bias is not None, apply_tanh, precision, a.dtype, b.dtype, c.dtype)
+    launch(pick_config(key, matmul_candidates(m), launch))
     return c
 
 
@@ -428,7 +388,8 @@ def prefix_kv_copy(src: torch.Tensor, src_strides, dst: torch.Tensor, dst_stride
     strides), applying dropout when ``dropout_p > 0`` and casting to dst's dtype."""
     block_p, block_n = 16, 128
     grid = (triton.cdiv(num_rows, block_p), triton.cdiv(num_cols, block_n))
-    prefix_kv_copy_kernel[grid](
+    launch_kernel(
+        prefix_kv_copy_kernel, grid,
         src, dst, seed,
         num_rows, num_cols, num_kv_heads, head_dim, float(dropout_p),
         *src_strides, *dst_strides,
@@ -449,16 +410,24 @@ def prefix_mlp_forward(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
 
     out = torch.empty(num_layers, 2, num_kv_heads, num_rows, head_dim, device=device, dtype=out_dtype)
     block_p = _block_p(num_rows, MAX_BLOCK_P_FWD)
-    grid = lambda meta: (triton.cdiv(num_rows, block_p), triton.cdiv(num_cols, meta["BLOCK_N"]))  # noqa: E731
-    prefix_mlp_fwd_kernel[grid](
-        hidden, w2, b2, out, seed,
-        num_rows, num_cols, hidden_size, num_kv_heads, head_dim, float(dropout_p),
-        hidden.stride(0), hidden.stride(1),
-        w2.stride(0), w2.stride(1),
-        *out.stride(),
-        HAS_BIAS=b2 is not None, HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=input_precision(),
-        BLOCK_P=block_p,
-    )
+    precision = input_precision()
+
+    def launch(config):
+        block_n, block_k, warps, stages = config
+        return launch_kernel(
+            prefix_mlp_fwd_kernel, (triton.cdiv(num_rows, block_p), triton.cdiv(num_cols, block_n)),
+            hidden, w2, b2, out, seed,
+            num_rows, num_cols, hidden_size, num_kv_heads, head_dim, float(dropout_p),
+            hidden.stride(0), hidden.stride(1),
+            w2.stride(0), w2.stride(1),
+            *out.stride(),
+            HAS_BIAS=b2 is not None, HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=precision,
+            BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        )
+
+    key = ("mlp-fwd", device, num_rows, num_cols, hidden_size, b2 is not None, dropout_p > 0.0, precision,
+           w2.dtype, out_dtype)
+    launch(pick_config(key, fwd_candidates(block_p, num_cols, precision), launch))
     return out, hidden
 
 
@@ -504,22 +473,32 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
     dh_part = torch.empty(num_splits, num_rows, hidden_size, device=device, dtype=torch.float32)
     dw2 = torch.empty(w2.shape, device=device, dtype=w2.dtype)
     db2 = torch.empty(b2.shape, device=device, dtype=b2.dtype) if b2 is not None else None
-    grid = lambda meta: (triton.cdiv(hidden_size, meta["BLOCK_K"]), num_splits)  # noqa: E731
-    prefix_mlp_bwd_kernel[grid](
-        grad, hidden, w2, dw2, db2, dh_part,
-        num_rows, num_cols, hidden_size, num_kv_heads, head_dim, per_split, num_splits,
-        *grad_strides,
-        hidden.stride(0), hidden.stride(1),
-        w2.stride(0), w2.stride(1),
-        dw2.stride(0), dw2.stride(1),
-        *dh_part.stride(),
-        HAS_BIAS=b2 is not None, INPUT_PRECISION=input_precision(),
-    )
+    precision = input_precision()
+
+    def launch(config):
+        block_p, block_n, block_k, warps, stages = config
+        return launch_kernel(
+            prefix_mlp_bwd_kernel, (triton.cdiv(hidden_size, block_k), num_splits),
+            grad, hidden, w2, dw2, db2, dh_part,
+            num_rows, num_cols, hidden_size, num_kv_heads, head_dim, per_split, num_splits,
+            *grad_strides,
+            hidden.stride(0), hidden.stride(1),
+            w2.stride(0), w2.stride(1),
+            dw2.stride(0), dw2.stride(1),
+            *dh_part.stride(),
+            HAS_BIAS=b2 is not None, INPUT_PRECISION=precision,
+            BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        )
+
+    key = ("mlp-bwd", device, num_rows, num_cols, hidden_size, num_splits, b2 is not None, precision, grad.dtype,
+           w2.dtype)
+    launch(pick_config(key, bwd_candidates(num_rows, precision), launch))
 
     dz = torch.empty(num_rows, hidden_size, device=device, dtype=torch.float32)
     db1 = torch.empty(b1.shape, device=device, dtype=b1.dtype) if b1 is not None else None
     block_k = 64
-    prefix_mlp_bwd_hidden_kernel[(triton.cdiv(hidden_size, block_k),)](
+    launch_kernel(
+        prefix_mlp_bwd_hidden_kernel, (triton.cdiv(hidden_size, block_k),),
         dh_part, hidden, dz, db1,
         num_rows, hidden_size, num_splits,
         *dh_part.stride(), hidden.stride(0), hidden.stride(1), dz.stride(0), dz.stride(1),

@@ -332,6 +332,6 @@ def launched_tiles() -> dict[str, tuple[int, int, int, int]]:
     """Diagnostics: ``{kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)}`` that the attention
     kernels (``fwd``, ``dq``, ``dkdv``) launched with since the previous call, as autotuning chose
     them. The benchmarks record it beside each timing."""
-    from ..kernels._attention_common import take_launched_configs
+    from ..kernels._launch import take_launched_configs
 
-    return take_launched_configs()
+    return take_launched_configs(("fwd", "dq", "dkdv"))

@@ -305,16 +305,18 @@ def fused_prefix_mlp(
 
 
 def launched_tiles() -> dict[str, str]:
-    """Diagnostics: the autotuned configs the prefix-MLP kernels last ran with (``fwd``: the second
-    GEMM into [L, 2, Hkv, P, D]; ``bwd``: dW2/db2/dH in one pass; ``gemm``: the small GEMMs), as
-    ``"BLOCK_P=..,BLOCK_N=..,BLOCK_K=..,warps=..,stages=.."``. The benchmarks record it."""
-    from ..kernels import prefix_mlp as kernels
+    """Diagnostics: the tiles the prefix-MLP kernels launched with since the previous call, as
+    autotuning chose them (``fwd``: the second GEMM into [L, 2, Hkv, P, D]; ``bwd``: dW2/db2/dH in
+    one pass; ``gemm``: the small GEMMs), as ``"BLOCK_N=..,BLOCK_K=..,warps=..,stages=.."``. The
+    benchmarks record it."""
+    from ..kernels._launch import take_launched_configs
 
+    fields = {"mlp-fwd": ("fwd", ("BLOCK_N", "BLOCK_K")),
+              "mlp-bwd": ("bwd", ("BLOCK_P", "BLOCK_N", "BLOCK_K")),
+              "mlp-matmul": ("gemm", ("BLOCK_M", "BLOCK_N", "BLOCK_K"))}
     tiles = {}
-    for name, kernel in (("fwd", kernels.prefix_mlp_fwd_kernel), ("bwd", kernels.prefix_mlp_bwd_kernel),
-                         ("gemm", kernels.prefix_mlp_matmul_kernel)):
-        config = getattr(kernel, "best_config", None)
-        if config is not None:
-            tiles[name] = ",".join([f"{k}={v}" for k, v in config.kwargs.items()]
-                                   + [f"warps={config.num_warps}", f"stages={config.num_stages}"])
+    for kernel, config in take_launched_configs(tuple(fields)).items():
+        name, blocks = fields[kernel]
+        labels = blocks + ("warps", "stages")
+        tiles[name] = ",".join(f"{label}={value}" for label, value in zip(labels, config))
     return tiles

@@ -24,13 +24,8 @@ from triton.compiler import ASTSource  # noqa: E402
 FLOAT_SCALARS = {"sm_scale", "softcap", "dropout_p"}
 
 
-def _jit(fn):
-    return getattr(fn, "fn", fn) if not hasattr(fn, "arg_names") else fn
-
-
 def signature(kernel, constexprs: dict, pointer_types: dict, default_pointer: str):
-    fn = kernel.fn if hasattr(kernel, "fn") and not callable(getattr(kernel, "arg_names", None)) else kernel
-    names = list(inspect.signature(fn.fn if hasattr(fn, "fn") else fn).parameters)
+    names = list(inspect.signature(kernel.fn).parameters)
     sig = {}
     for name in names:
         if name in constexprs:
@@ -60,7 +55,7 @@ ABSENT_WHEN_OFF = {"HAS_PREFIX_INDEX": ("prefix_index_ptr",), "HAS_KPM": ("kpm_p
 
 
 def _absent_inputs(kernel, constexprs: dict) -> dict:
-    names = set(inspect.signature(_jit(kernel).fn).parameters)
+    names = set(inspect.signature(kernel.fn).parameters)
     return {ptr: None for flag, ptrs in ABSENT_WHEN_OFF.items() if constexprs.get(flag) is False
             for ptr in ptrs if ptr in names}
 
@@ -70,9 +65,8 @@ def compile_kernel(kernel, constexprs, pointer_types, default_pointer, target, n
     pointers and the other strides are known multiples of 16, so loads vectorise and the
     software pipeliner runs (without this the shared-memory figures are not a launch's).
     Returns Triton's CompiledKernel (``asm`` holds ttgir, ptx and cubin; ``metadata.shared``)."""
-    jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    constexprs = {**constexprs, **_absent_inputs(jit, constexprs)}
-    names, sig = signature(jit, constexprs, pointer_types, default_pointer)
+    constexprs = {**constexprs, **_absent_inputs(kernel, constexprs)}
+    names, sig = signature(kernel, constexprs, pointer_types, default_pointer)
     ones = {n: 1 for n in names if _unit_stride(n) and n not in constexprs and sig[n] == "i32"}
     for name in ones:
         sig[name] = "constexpr"
@@ -80,7 +74,7 @@ def compile_kernel(kernel, constexprs, pointer_types, default_pointer, target, n
     # Head dims 64/80/96/128/... are multiples of 16, which Triton also records for an int argument.
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if n not in constants and (n.endswith("_ptr") or n.startswith("stride") or n == "D")}
-    src = ASTSource(fn=jit, signature=sig, constexprs={(names.index(k),): v for k, v in constants.items()},
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in constants.items()},
                     attrs=attrs)
     return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
 

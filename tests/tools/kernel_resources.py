@@ -13,7 +13,7 @@ every padded Hugging Face batch), ``packed`` (``prefix_attention_varlen``), what
                                            [--flags plain,padded] [--check] [--markdown]
 
 The prefix MLP's candidates (``--kernels mlp``) are checked likewise, per dot precision: the
-backward's ``BWD_TILES``, the forward's configs as its prune function leaves them for each P tile
+backward's ``BWD_TILES``, the forward's configs as fwd_candidates leaves them for each P tile
 the launcher uses, and the small-GEMM configs.
 
 ``--kernels grid`` compiles every variant the GPU test grids (dense and packed) launch (about 1200;
@@ -128,7 +128,7 @@ def constexprs(name, config, flags, *, block_d, elem_bytes, group=4, even_d=True
 
 def mlp_candidates():
     """(label, jit function, constexprs, pointer types, warps, stages) of the prefix MLP's autotune
-    candidates as its prune functions leave them, per dot precision and P tile."""
+    candidates as its launchers' candidate functions leave them, per dot precision and P tile."""
     from prefixkern.kernels import prefix_mlp as mlp
 
     for precision in ("ieee", "tf32"):
@@ -138,16 +138,14 @@ def mlp_candidates():
                    dict(HAS_BIAS=True, INPUT_PRECISION=precision, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k),
                    {"g_ptr": "*bf16"}, warps, stages)
         for block_p in (16, 32, 64):   # the launcher's P tiles (MAX_BLOCK_P_FWD)
-            kept = mlp._prune_fwd(mlp._fwd_configs(), {"BLOCK_P": block_p, "N": 1 << 20, "INPUT_PRECISION": precision})
-            for config in kept:
+            for block_n, block_k, warps, stages in mlp.fwd_candidates(block_p, 1 << 20, precision):
                 yield (f"mlp-fwd {precision} P{block_p}", mlp.prefix_mlp_fwd_kernel,
                        dict(HAS_BIAS=True, HAS_DROPOUT=False, INPUT_PRECISION=precision, BLOCK_P=block_p,
-                            **config.kwargs), {"out_ptr": "*bf16", "seed_ptr": "*i64"}, config.num_warps,
-                       config.num_stages)
-        for config in mlp._matmul_configs():
+                            BLOCK_N=block_n, BLOCK_K=block_k), {"out_ptr": "*bf16", "seed_ptr": "*i64"}, warps, stages)
+        for block_m, block_n, block_k, warps, stages in mlp.MATMUL_TILES:
             yield (f"mlp-matmul {precision}", mlp.prefix_mlp_matmul_kernel,
-                   dict(HAS_BIAS=True, APPLY_TANH=True, INPUT_PRECISION=precision, **config.kwargs),
-                   {"c_ptr": "*fp32"}, config.num_warps, config.num_stages)
+                   dict(HAS_BIAS=True, APPLY_TANH=True, INPUT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+                        BLOCK_K=block_k), {"c_ptr": "*fp32"}, warps, stages)
 
 
 def grid_variants():
