@@ -13,6 +13,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
@@ -230,6 +232,22 @@ void check_operand(const at::Tensor& t, const char* name, const at::Tensor& q) {
   }
 }
 
+// The device's SM count, read from the driver once per device rather than on every decode step.
+int multiprocessor_count(int device) {
+  static std::array<std::atomic<int>, 64> cached{};  // 0: not read yet
+  if (device < 0 || device >= static_cast<int>(cached.size())) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    return sms;
+  }
+  int sms = cached[device].load(std::memory_order_relaxed);
+  if (sms == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    cached[device].store(sms, std::memory_order_relaxed);
+  }
+  return sms;
+}
+
 template <typename T, int HEAD_DIM>
 void launch(const DecodeParams& params, int splits, int blocks_y, cudaStream_t stream) {
   prefix_decode_partial_kernel<T, HEAD_DIM><<<dim3(splits, blocks_y), kThreads, 0, stream>>>(params);
@@ -296,8 +314,7 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
   int splits = static_cast<int>(num_splits);
   if (splits <= 0) {
     // Enough blocks for about two waves over the SMs, no chunk shorter than a tile.
-    int sms = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));
+    const int sms = multiprocessor_count(q.get_device());
     splits = (2 * sms + blocks_y - 1) / blocks_y;
   }
   splits = std::max(1, std::min(splits, max_splits));
