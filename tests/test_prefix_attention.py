@@ -477,7 +477,6 @@ def test_raw_launch_passes_pointers_and_constexprs_in_order(monkeypatch):
     arguments as given, then the constexprs in signature order (a stand-in kernel and driver)."""
     import triton
 
-    from prefixkern import _backend
     from prefixkern.kernels import _launch
 
     calls = {}
@@ -491,7 +490,8 @@ def test_raw_launch_passes_pointers_and_constexprs_in_order(monkeypatch):
     class Kernel:
         arg_names = ["x_ptr", "n", "scale", "BLOCK", "FLAG"]
 
-        def warmup(self, *args, grid, **meta):
+        def run(self, *args, grid, warmup, **meta):
+            assert warmup
             calls["warmup"] = (args, grid, meta)
             return Compiled()
 
@@ -506,7 +506,7 @@ def test_raw_launch_passes_pointers_and_constexprs_in_order(monkeypatch):
             return 1000 + device
 
     monkeypatch.setattr(_launch, "RAW_POINTERS", True)
-    monkeypatch.setattr(_backend, "triton_interpret", lambda: False)
+    monkeypatch.setattr(_launch, "triton_interpret", lambda: False)
     monkeypatch.setattr(triton.runtime.driver, "_active", Driver())     # what the `active` property returns
     x = torch.zeros(4)
     compiled = _launch.launch_kernel(Kernel(), (5, 2), x, 7, 0.5, FLAG=True, BLOCK=16, num_warps=4)

@@ -21,9 +21,8 @@ import triton.language as tl
 
 from .._backend import triton_interpret
 from ._launch import device_index, smem_bytes
-from ._math import tanh
+from ._math import log2e, tanh
 
-LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -63,7 +62,7 @@ def scores_log2(qk, sm_scale, qk_scale, softcap, slope, key_pos, HAS_SOFTCAP: tl
             s = softcap * t
         if HAS_ALIBI:
             s = s + slope * key_pos
-        s = s * LOG2E
+        s = s * log2e()
     else:
         s = qk * qk_scale
     return s, t

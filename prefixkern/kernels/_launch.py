@@ -10,6 +10,9 @@ import os
 import torch
 import triton
 import triton.testing
+from triton.runtime import driver
+
+from .._backend import triton_interpret
 
 
 def device_index(device: torch.device) -> int:
@@ -116,25 +119,22 @@ def launch_kernel(kernel, grid: tuple[int, ...], *args, **meta):
     by keyword. Returns the compiled kernel, as a Triton launch does.
 
     With ``RAW_POINTERS`` (on a GPU), Triton binds and specialises the arguments as always
-    (``warmup``, which compiles on a miss and launches nothing), then its compiled launcher gets
+    (``run(warmup=True)``: compiles on a miss, launches nothing), then its compiled launcher gets
     each tensor as its device address, an int: it skips the ``data_ptr()`` call and the
     ``cuPointerGetAttribute`` driver query it makes per tensor argument otherwise. The
     specialisation (alignment, divisibility) still comes from the real tensors, so the kernel
     that runs is the one a plain launch would pick."""
     if not RAW_POINTERS:
         return kernel[grid](*args, **meta)
-    import triton
-    from triton.runtime import driver
-
-    from .._backend import triton_interpret
-
     # Launch hooks (profilers) read the arguments: give them the plain launch. Triton before 3.4
     # has no `knobs` and another launcher convention: plain launch too.
     knobs = getattr(triton, "knobs", None)
     if triton_interpret() or knobs is None or _hooked(knobs.runtime.launch_enter_hook) \
             or _hooked(knobs.runtime.launch_exit_hook):
         return kernel[grid](*args, **meta)
-    compiled = kernel.warmup(*args, grid=grid, **meta)
+    # JITFunction.run(warmup=True) rather than .warmup(), which first maps every argument through
+    # a dtype wrapper (a few microseconds per launch).
+    compiled = kernel.run(*args, grid=grid, warmup=True, **meta)
     if hasattr(compiled, "result"):        # an asynchronous compile hands back a future
         compiled = compiled.result()
     values = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]

@@ -18,18 +18,32 @@ def tanh(x):
     return tl.where(x < 0.0, -y, y)
 
 
-# Triton's interpreter (3.9) multiplies bfloat16 tiles wrongly in tl.dot (results off by 1e10);
-# products of bfloat16 values are exact in float32, so under the interpreter the operands are
-# widened first. Compiled kernels keep the bfloat16 tensor-core dot.
-_WIDEN_BF16_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+@triton.jit
+def log2e():
+    """log2(e), for scores kept in log2 units. A function rather than a global ``tl.constexpr``:
+    Triton re-checks every global constant a kernel reads on each launch (host time), not the
+    jit functions it calls."""
+    return 1.4426950408889634
 
 
 @triton.jit
-def dot(a, b, INPUT_PRECISION: tl.constexpr):
-    """``tl.dot`` with float32 accumulation (see ``_WIDEN_BF16_DOT`` for the interpreter)."""
-    if _WIDEN_BF16_DOT and (a.dtype == tl.bfloat16 or b.dtype == tl.bfloat16):
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+def _compiled_dot(a, b, INPUT_PRECISION: tl.constexpr):
+    """``tl.dot`` with float32 accumulation."""
     if a.dtype == tl.float32:
         # The precision choice only means something for float32 operands.
         return tl.dot(a, b, input_precision=INPUT_PRECISION)
     return tl.dot(a, b)
+
+
+@triton.jit
+def _interpreted_dot(a, b, INPUT_PRECISION: tl.constexpr):
+    """Triton's interpreter (3.9) multiplies bfloat16 tiles wrongly in tl.dot (results off by
+    1e10); products of bfloat16 values are exact in float32, so the operands are widened first."""
+    if a.dtype == tl.bfloat16 or b.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return _compiled_dot(a, b, INPUT_PRECISION)
+
+
+# Chosen once at import (the interpreter is set before triton is imported), so kernels read no
+# global constant for it (see log2e). Compiled kernels keep the bfloat16 tensor-core dot.
+dot = _interpreted_dot if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else _compiled_dot

@@ -22,7 +22,6 @@ import triton.language as tl
 
 from .._backend import triton_interpret
 from ._attention_common import (
-    LOG2E,
     PackedRows,
     alibi_sequence_positions,
     attention_dims,
@@ -42,7 +41,7 @@ from ._attention_common import (
     sequence_visible,
 )
 from ._launch import device_index, input_precision, launch_kernel, num_sms, pick_config
-from ._math import dot
+from ._math import dot, log2e
 
 __all__ = ["prefix_attention_backward"]
 
@@ -56,7 +55,7 @@ def _load_lse2(lse_ptr, offs_m, S):
     """Log-sum-exp in log2 units. Rows out of range or with no visible key (lse = -inf) get +inf,
     so every recomputed probability of theirs is exp2(-inf) = 0 rather than NaN."""
     lse = tl.load(lse_ptr + offs_m, mask=offs_m < S, other=float("inf"))
-    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    return tl.where(lse == float("-inf"), float("inf"), lse * log2e())
 
 
 @triton.jit
@@ -154,7 +153,7 @@ def prefix_attention_bwd_dq_kernel(
                   + offs_d[None, :] * stride_od, m_ok[:, None], d_ok[None, :], True, not EVEN_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(delta_ptr + bh.to(tl.int64) * S + offs_m, delta, mask=m_ok)
-    qk_scale = sm_scale * LOG2E
+    qk_scale = sm_scale * log2e()
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(slopes_ptr + b64 * stride_slb + h * stride_slh)
@@ -310,7 +309,7 @@ def prefix_attention_bwd_dkdv_kernel(
     if HAS_POS:
         pos_row = pos_ptr + b64 * stride_posb
     key_pos = alibi_sequence_positions(pos_row, stride_poss, offs_s, S_k, P, HAS_POS)
-    qk_scale = sm_scale * LOG2E
+    qk_scale = sm_scale * log2e()
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
@@ -418,7 +417,7 @@ def prefix_attention_bwd_prefix_dkdv_kernel(
                    + offs_d[None, :] * stride_pkd, p_ok[:, None], d_ok[None, :], True, not EVEN_D)
     pv = load_tile(pv_ptr + pb * stride_pvb + g.to(tl.int64) * stride_pvh + offs_p[:, None] * stride_pvs
                    + offs_d[None, :] * stride_pvd, p_ok[:, None], d_ok[None, :], True, not EVEN_D)
-    qk_scale = sm_scale * LOG2E
+    qk_scale = sm_scale * log2e()
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)

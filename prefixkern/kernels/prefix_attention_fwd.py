@@ -12,9 +12,8 @@ import triton
 import triton.language as tl
 
 from ._launch import input_precision, launch_kernel, pick_config
-from ._math import dot
+from ._math import dot, log2e
 from ._attention_common import (
-    LOG2E,
     PackedRows,
     alibi_sequence_positions,
     attention_dims,
@@ -130,7 +129,7 @@ def prefix_attention_fwd_kernel(
     q_base = q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qs
     q = load_tile(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                   m_ok[:, None], d_ok[None, :], True, not EVEN_D)
-    qk_scale = sm_scale * LOG2E
+    qk_scale = sm_scale * log2e()
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(slopes_ptr + b64 * stride_slb + h * stride_slh)
@@ -203,7 +202,7 @@ def prefix_attention_fwd_kernel(
     if HAS_DROPOUT:
         inv_l = inv_l / (1.0 - dropout_p)
     out = acc * inv_l[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / log2e())
     tl.store(lse_ptr + bh.to(tl.int64) * S + offs_m, lse, mask=m_ok)
     o_base = out_ptr + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start * stride_os
     tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
