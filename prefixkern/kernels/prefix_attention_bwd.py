@@ -40,7 +40,7 @@ from ._attention_common import (
     sequence_key_range,
     sequence_visible,
 )
-from ._launch import device_index, input_precision, launch_kernel, num_sms, pick_config
+from ._launch import cdiv, device_index, input_precision, launch_kernel, next_power_of_2, num_sms, pick_config
 from ._math import dot, log2e
 
 __all__ = ["prefix_attention_backward"]
@@ -518,7 +518,7 @@ def _prefix_dkdv_config(head_dim_block: int, prefix_len: int, q: torch.Tensor,
         return 16, 16, 1, 1
     table = PACKED_PREFIX_DKDV_CONFIGS if packed else PREFIX_DKDV_CONFIGS
     block_m, block_n, warps, stages = table[config_bucket(head_dim_block, q.element_size())]
-    block_n = min(block_n, max(16, triton.next_power_of_2(prefix_len)))
+    block_n = min(block_n, max(16, next_power_of_2(prefix_len)))
     while block_m > 16 and not fits_smem("dkdv", (block_m, block_n, warps, stages), head_dim_block,
                                          q.element_size(), q.device):
         block_m //= 2
@@ -544,7 +544,7 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     flags = args["flags"]
     varlen = packed is not None
     q_strides, dout_strides = bhsd_strides(q, varlen), bhsd_strides(dout, varlen)
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     precision = input_precision(q.dtype)
     common = dict(CAUSAL=causal, HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
                   INPUT_PRECISION=precision)
@@ -554,14 +554,14 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     # Written by the dQ kernel (rowsum(dO * O)), read by both dK/dV kernels.
     delta = torch.empty(batch, num_heads, seq_len_q, dtype=torch.float32, device=q.device)
 
-    tune_key = (q.device.index, q.dtype, block_d, group, causal, triton.next_power_of_2(seq_len_q),
-                triton.next_power_of_2(seq_len_kv + prefix_len), tuple(sorted(flags.items())),
+    tune_key = (q.device.index, q.dtype, block_d, group, causal, next_power_of_2(seq_len_q),
+                next_power_of_2(seq_len_kv + prefix_len), tuple(sorted(flags.items())),
                 softcap is not None, window is not None)
 
     def launch_dq(config):
         block_m, block_n, warps, stages = config
         return launch_kernel(
-            prefix_attention_bwd_dq_kernel, (triton.cdiv(seq_len_q, block_m), batch * num_heads),
+            prefix_attention_bwd_dq_kernel, (cdiv(seq_len_q, block_m), batch * num_heads),
             q, k, v, prefix_k, prefix_v, out, dout, lse, delta, dq,
             args["prefix_index"], args["kpm"], args["slopes"], args["positions"], args["seed"], args["cu_seqlens_q"],
             args["cu_seqlens_k"], *q_strides, *bhsd_strides(k, varlen), *bhsd_strides(v, varlen),
@@ -578,7 +578,7 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
         block_m, block_n, warps, stages = config
         seq_flags = {name: flags[name] for name in ("HAS_KPM", "HAS_ALIBI", "HAS_POS", "HAS_DROPOUT", "VARLEN")}
         return launch_kernel(
-            prefix_attention_bwd_dkdv_kernel, (triton.cdiv(seq_len_kv, block_n), batch * num_kv_heads),
+            prefix_attention_bwd_dkdv_kernel, (cdiv(seq_len_kv, block_n), batch * num_kv_heads),
             q, k, v, dout, lse, delta, dk, dv,
             args["kpm"], args["slopes"], args["positions"], args["seed"], args["cu_seqlens_q"], args["cu_seqlens_k"],
             *q_strides, *bhsd_strides(k, varlen), *bhsd_strides(v, varlen), *dout_strides,
@@ -601,14 +601,14 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     shared = prefix_k.dim() == 3
     owners = 1 if shared else batch
     block_m, block_n, warps, stages = _prefix_dkdv_config(block_d, prefix_len, q, varlen)
-    num_p_blocks = triton.cdiv(prefix_len, block_n)
-    items = (batch if shared else 1) * group * triton.cdiv(seq_len_q, block_m)
+    num_p_blocks = cdiv(prefix_len, block_n)
+    items = (batch if shared else 1) * group * cdiv(seq_len_q, block_m)
     programs = num_p_blocks * owners * num_kv_heads
     # About two waves of programs (the interpreter, on CPU, gets a few splits to exercise them).
     sms = num_sms(device_index(q.device)) if q.device.type == "cuda" else 4
-    splits = min(items, max(1, triton.cdiv(2 * sms, programs)))
-    items_per_split = triton.cdiv(items, splits)
-    splits = triton.cdiv(items, items_per_split)
+    splits = min(items, max(1, cdiv(2 * sms, programs)))
+    items_per_split = cdiv(items, splits)
+    splits = cdiv(items, items_per_split)
     partial = torch.empty(splits, 2, owners, num_kv_heads, prefix_len, head_dim, dtype=torch.float32, device=q.device)
     launch_kernel(
         prefix_attention_bwd_prefix_dkdv_kernel, (num_p_blocks, owners * num_kv_heads, splits),

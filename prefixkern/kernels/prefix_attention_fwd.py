@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import input_precision, launch_kernel, pick_config
+from ._launch import cdiv, input_precision, launch_kernel, next_power_of_2, pick_config
 from ._math import dot, log2e
 from ._attention_common import (
     PackedRows,
@@ -234,7 +234,7 @@ SHORT_QUERY_CONFIGS[(4, 256)] = [(32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2)]
 def _configs(head_dim_block: int, seq_len_q: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
     """The table's candidates for this launch, without query tiles much taller than the queries."""
     bucket = config_bucket(head_dim_block, dtype.itemsize)
-    cap = max(16, triton.next_power_of_2(seq_len_q))
+    cap = max(16, next_power_of_2(seq_len_q))
     return [c for c in FWD_CONFIGS[bucket] if c[0] <= cap] or [c for c in SHORT_QUERY_CONFIGS[bucket] if c[0] <= cap]
 
 
@@ -255,12 +255,12 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     args = attention_launch_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, dropout_p, seed,
                                  *(packed[:2] if packed else ()))
     varlen = packed is not None
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     flags = args["flags"]
 
     def launch(config):
         block_m, block_n, warps, stages = config
-        grid = (triton.cdiv(seq_len_q, block_m), batch * num_heads)
+        grid = (cdiv(seq_len_q, block_m), batch * num_heads)
         return launch_kernel(
             prefix_attention_fwd_kernel, grid,
             q, k, v, prefix_k, prefix_v, out, lse,
@@ -278,7 +278,7 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     candidates = fitting_configs("fwd", _configs(block_d, seq_len_q, q.dtype), block_d, q, fallback=(16, 32, 4, 1))
     key = ("fwd", q.device.index, q.dtype, block_d, num_heads // num_kv_heads, causal,
-           triton.next_power_of_2(seq_len_q), triton.next_power_of_2(seq_len_kv + prefix_len),
+           next_power_of_2(seq_len_q), next_power_of_2(seq_len_kv + prefix_len),
            tuple(sorted(flags.items())), softcap is not None, window is not None)
     config = pick_config(key, candidates, launch)
     launch(config)

@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpret
-from ._launch import device_index, input_precision, launch_kernel, num_sms, pick_config, smem_bytes
+from ._launch import (cdiv, device_index, input_precision, launch_kernel, next_power_of_2, num_sms, pick_config,
+                      smem_bytes)
 from ._math import tanh as _tanh
 
 # The forward's P rows share one block up to this size; beyond, it splits P across the grid, the
@@ -91,7 +92,7 @@ def matmul_candidates(m: int) -> list[tuple[int, int, int, int, int]]:
     if _is_interpreted():
         return [INTERPRETER_MATMUL_TILE]
     # A tile much taller than M only multiplies zeros.
-    cap = max(16, triton.next_power_of_2(m))
+    cap = max(16, next_power_of_2(m))
     kept = [t for t in MATMUL_TILES if t[0] <= cap and _fits_smem(t[4], (t[0] + t[1]) * t[2])]
     return kept or [min(MATMUL_TILES, key=lambda t: t[0])]
 
@@ -149,7 +150,7 @@ def fwd_candidates(block_p: int, num_cols: int, precision: str) -> list[tuple[in
     # Narrow N (small models) needs narrow tiles to fill the GPU: drop tiles that leave it mostly idle.
     if torch.cuda.is_available() and kept:
         sms = num_sms(torch.cuda.current_device())
-        filled = [t for t in kept if triton.cdiv(num_cols, t[0]) >= sms]
+        filled = [t for t in kept if cdiv(num_cols, t[0]) >= sms]
         kept = filled or [min(kept, key=lambda t: t[0])]
     return kept or [min(FWD_TILES, key=lambda t: t[0] * t[1])]
 
@@ -216,7 +217,7 @@ def bwd_candidates(num_rows: int, precision: str) -> list[tuple[int, int, int, i
         return [INTERPRETER_BWD_TILE]
     table = BWD_TILES[precision]
     # A P tile taller than P only multiplies zeros.
-    cap = max(16, triton.next_power_of_2(num_rows))
+    cap = max(16, next_power_of_2(num_rows))
     kept = [t for t in table if t[0] <= cap and _fits_smem(t[4], (t[0] + t[2]) * t[1])]
     return kept or [min(table, key=lambda t: t[0] * t[1] * t[2])]
 
@@ -348,7 +349,7 @@ def prefix_kv_copy_kernel(
 
 def _block_p(num_rows: int, cap: int) -> int:
     # tl.dot needs every block dimension >= 16.
-    return min(max(16, triton.next_power_of_2(num_rows)), cap)
+    return min(max(16, next_power_of_2(num_rows)), cap)
 
 
 def _rows_as_kv_strides(rows: torch.Tensor, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
@@ -368,7 +369,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tenso
     def launch(config):
         block_m, block_n, block_k, warps, stages = config
         return launch_kernel(
-            prefix_mlp_matmul_kernel, (triton.cdiv(m, block_m), triton.cdiv(n, block_n)),
+            prefix_mlp_matmul_kernel, (cdiv(m, block_m), cdiv(n, block_n)),
             a, b, bias, c,
             m, n, k,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
@@ -387,7 +388,7 @@ def prefix_kv_copy(src: torch.Tensor, src_strides, dst: torch.Tensor, dst_stride
     """Copy the logical [P, N] matrix from ``src`` to ``dst`` (each addressed by (l, t, g, p, d)
     strides), applying dropout when ``dropout_p > 0`` and casting to dst's dtype."""
     block_p, block_n = 16, 128
-    grid = (triton.cdiv(num_rows, block_p), triton.cdiv(num_cols, block_n))
+    grid = (cdiv(num_rows, block_p), cdiv(num_cols, block_n))
     launch_kernel(
         prefix_kv_copy_kernel, grid,
         src, dst, seed,
@@ -415,7 +416,7 @@ def prefix_mlp_forward(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
     def launch(config):
         block_n, block_k, warps, stages = config
         return launch_kernel(
-            prefix_mlp_fwd_kernel, (triton.cdiv(num_rows, block_p), triton.cdiv(num_cols, block_n)),
+            prefix_mlp_fwd_kernel, (cdiv(num_rows, block_p), cdiv(num_cols, block_n)),
             hidden, w2, b2, out, seed,
             num_rows, num_cols, hidden_size, num_kv_heads, head_dim, float(dropout_p),
             hidden.stride(0), hidden.stride(1),
@@ -439,15 +440,15 @@ def _num_splits(num_cols: int, hidden_size: int, device: torch.device) -> tuple[
     summation order (and the result) is the same on every run.
     """
     align = _bwd_split_align()
-    max_splits = triton.cdiv(num_cols, align)
+    max_splits = cdiv(num_cols, align)
     if device.type == "cuda":
         target_programs = 4 * num_sms(device_index(device))
-        splits = triton.cdiv(target_programs, triton.cdiv(hidden_size, 64))
+        splits = cdiv(target_programs, cdiv(hidden_size, 64))
     else:
         splits = 3  # interpreter: small, but several splits so the reduction is exercised
     splits = max(1, min(splits, max_splits))
-    per_split = triton.cdiv(triton.cdiv(num_cols, splits), align) * align
-    return triton.cdiv(num_cols, per_split), per_split
+    per_split = cdiv(cdiv(num_cols, splits), align) * align
+    return cdiv(num_cols, per_split), per_split
 
 
 def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
@@ -478,7 +479,7 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
     def launch(config):
         block_p, block_n, block_k, warps, stages = config
         return launch_kernel(
-            prefix_mlp_bwd_kernel, (triton.cdiv(hidden_size, block_k), num_splits),
+            prefix_mlp_bwd_kernel, (cdiv(hidden_size, block_k), num_splits),
             grad, hidden, w2, dw2, db2, dh_part,
             num_rows, num_cols, hidden_size, num_kv_heads, head_dim, per_split, num_splits,
             *grad_strides,
@@ -498,11 +499,11 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
     db1 = torch.empty(b1.shape, device=device, dtype=b1.dtype) if b1 is not None else None
     block_k = 64
     launch_kernel(
-        prefix_mlp_bwd_hidden_kernel, (triton.cdiv(hidden_size, block_k),),
+        prefix_mlp_bwd_hidden_kernel, (cdiv(hidden_size, block_k),),
         dh_part, hidden, dz, db1,
         num_rows, hidden_size, num_splits,
         *dh_part.stride(), hidden.stride(0), hidden.stride(1), dz.stride(0), dz.stride(1),
-        HAS_BIAS=b1 is not None, BLOCK_P=min(triton.next_power_of_2(num_rows), 64), BLOCK_K=block_k,
+        HAS_BIAS=b1 is not None, BLOCK_P=min(next_power_of_2(num_rows), 64), BLOCK_K=block_k,
     )
 
     d_embedding = _matmul(dz, w1, torch.empty(embedding.shape, device=device, dtype=embedding.dtype))
