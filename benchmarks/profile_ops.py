@@ -56,13 +56,7 @@ def _mlp_step(shape_name: str, pass_: str, dtype):
 
 def _attention_ops(shape_name: str, dtype):
     """The custom ops' forward and backward as direct calls (no autograd)."""
-    shape = attention_bench.SHAPES[shape_name]
-    (q, k, v, pk, pv), dout = attention_bench.make_inputs(shape, "cuda", dtype, requires_grad=False)
-    scale = shape.D ** -0.5
-    options = (True, scale, 0.0, None, None)
-    fwd_args = (q, k, v, pk, pv, None, None, None, None, *options, None, None, 0, 0)
-    out, lse = torch.ops.prefixkern.prefix_attention_fwd(*fwd_args)
-    bwd_args = (dout, q, k, v, pk, pv, out, lse, None, None, None, None, *options, None, None, 0, 0)
+    fwd_args, bwd_args = attention_bench.op_args(attention_bench.SHAPES[shape_name], "cuda", dtype)
     return (lambda: torch.ops.prefixkern.prefix_attention_fwd(*fwd_args),
             lambda: torch.ops.prefixkern.prefix_attention_bwd(*bwd_args))
 
@@ -254,12 +248,7 @@ def launch_overheads() -> None:
     if pointer_us is not None:
         rows["cuPointerGetAttribute (ctypes)"] = pointer_us
 
-    shape = attention_bench.SHAPES["seed-qwen"]
-    (q, k, v, pk, pv), dout = attention_bench.make_inputs(shape, "cuda", torch.bfloat16, requires_grad=False)
-    options = (True, shape.D ** -0.5, 0.0, None, None)
-    fwd_args = (q, k, v, pk, pv, None, None, None, None, *options, None, None, 0, 0)
-    out, lse = _forward_launch(*fwd_args)
-    bwd_args = (dout, q, k, v, pk, pv, out, lse, None, None, None, None, *options, None, None, 0, 0)
+    fwd_args, bwd_args = attention_bench.op_args(attention_bench.SHAPES["seed-qwen"], "cuda", torch.bfloat16)
     rows["seed-qwen fwd launcher, direct"] = _host_us(lambda: _forward_launch(*fwd_args), 300)
     rows["seed-qwen fwd, custom op"] = _host_us(lambda: torch.ops.prefixkern.prefix_attention_fwd(*fwd_args), 300)
     rows["seed-qwen bwd launcher, direct"] = _host_us(lambda: _backward_launch(*bwd_args), 300)

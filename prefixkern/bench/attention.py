@@ -68,6 +68,18 @@ def make_inputs(shape: Shape, device, dtype, requires_grad: bool):
     return leaves, dout
 
 
+def op_args(shape: Shape, device, dtype):
+    """``(forward args, backward args)`` of the attention custom ops (and of their launchers) at
+    ``shape``: causal, nothing optional. The diagnostics in benchmarks/ time the host side with them."""
+    from ..ops.prefix_attention import _forward_launch
+
+    (q, k, v, pk, pv), dout = make_inputs(shape, device, dtype, requires_grad=False)
+    options = (True, shape.D ** -0.5, 0.0, None, None)
+    forward = (q, k, v, pk, pv, None, None, None, None, *options, None, None, 0, 0)
+    out, lse = _forward_launch(*forward)
+    return forward, (dout, q, k, v, pk, pv, out, lse, None, None, None, None, *options, None, None, 0, 0)
+
+
 # ---- baselines: each pays for the concatenation it needs ----
 
 def _concat(k, v, pk, pv):

@@ -1,0 +1,148 @@
+"""Host-side cost of the kernels' launch path, measured on a CPU with the Triton launches stubbed
+out (no GPU needed): what the README's launch counts and launcher times come from.
+
+    python benchmarks/host_cost.py count     # ops per training step: patched model vs stock PEFT
+    python benchmarks/host_cost.py launchers # host time of the attention launchers and the op
+
+``count`` builds a 24-layer Qwen2-shaped model (tiny widths, random weights) under stock PEFT
+prefix tuning with ``sdpa`` and patched, runs one bf16 training step of each and counts the aten
+ops that are not views (each launches at least one kernel on a GPU) and the Triton launches,
+forward and backward. ``launchers`` times the attention forward/backward launchers (ours: the
+Python around the kernels) at the seed-qwen shape. Launches are stubbed, so these are host costs
+of this repo's Python only; what a launch costs a GPU host is ``profile_ops.py launch``.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import os
+import sys
+import time
+
+os.environ["TRITON_INTERPRET"] = "1"      # before triton is imported: kernels become stubbable objects
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import prefixkern  # noqa: E402
+
+TRITON_LAUNCHES: collections.Counter = collections.Counter()
+
+
+class _StubLaunch:
+    """What ``kernel[grid]`` returns while stubbed: counts the launch, runs nothing."""
+    n_spills = 0
+
+    def __init__(self, kernel):
+        self.name = kernel.fn.__name__
+
+    def __call__(self, *args, **kwargs):
+        TRITON_LAUNCHES[self.name] += 1
+        return self
+
+
+def stub_triton_launches() -> None:
+    InterpretedFunction.__getitem__ = lambda self, grid: _StubLaunch(self)
+
+
+# Ops that only make a view or metadata (no kernel on a GPU).
+VIEW_OPS = {"view", "_unsafe_view", "transpose", "t", "permute", "expand", "select", "slice", "unsqueeze", "squeeze",
+            "as_strided", "alias", "detach", "unbind", "split", "split_with_sizes", "narrow", "reshape",
+            "_reshape_alias", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "chunk",
+            "lift_fresh", "diagonal", "is_same_size", "_has_compatible_shallow_copy_type", "resize_", "set_"}
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in VIEW_OPS:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _qwen2_step(impl: str):
+    import transformers as tf
+    from peft import PrefixTuningConfig, get_peft_model
+
+    config = tf.Qwen2Config(vocab_size=256, hidden_size=112, intermediate_size=128, num_hidden_layers=24,
+                            num_attention_heads=14, num_key_value_heads=2, head_dim=8, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    attn = "sdpa" if impl == "peft_sdpa" else "eager"
+    base = tf.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attn).to(torch.bfloat16)
+    model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20,
+                                                    prefix_projection=True))
+    if impl == "prefixkern":
+        prefixkern.patch(model)
+    ids = torch.randint(0, 256, (2, 32))
+
+    def forward():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+    return model, forward
+
+
+def count() -> None:
+    for impl in ("peft_sdpa", "prefixkern"):
+        model, forward = _qwen2_step(impl)
+        backend = prefixkern.use_backend("triton" if impl == "prefixkern" else "auto")
+        with backend:
+            forward().backward()                 # first step: tune and build outside the count
+            model.zero_grad(set_to_none=True)
+            TRITON_LAUNCHES.clear()
+            counter = _CountOps()
+            with counter:
+                loss = forward()
+                forward_ops, forward_triton = sum(counter.ops.values()), sum(TRITON_LAUNCHES.values())
+                loss.backward()
+        total_ops, total_triton = sum(counter.ops.values()), sum(TRITON_LAUNCHES.values())
+        print(f"{impl:10s} forward: {forward_ops:5d} aten ops + {forward_triton:3d} Triton launches; "
+              f"backward: {total_ops - forward_ops:5d} aten ops + {total_triton - forward_triton:3d} Triton launches")
+        if impl == "prefixkern":
+            print("  Triton launches per step:", dict(TRITON_LAUNCHES))
+
+
+def _host_us(fn, iters: int) -> float:
+    for _ in range(20):
+        fn()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - start) / iters * 1e6
+
+
+def launchers() -> None:
+    from prefixkern.bench import attention as attention_bench
+    from prefixkern.ops.prefix_attention import _backward_launch, _forward_launch
+
+    shape = attention_bench.SHAPES["seed-qwen"]
+    fwd_args, bwd_args = attention_bench.op_args(shape, "cpu", torch.bfloat16)
+    leaves = [t.clone().requires_grad_() for t in fwd_args[:5]]
+    rows = {"attention forward launcher": _host_us(lambda: _forward_launch(*fwd_args), 2000),
+            "attention backward launcher": _host_us(lambda: _backward_launch(*bwd_args), 2000)}
+    with prefixkern.use_backend("triton"):
+        rows["prefix_attention with autograd, forward"] = _host_us(
+            lambda: prefixkern.prefix_attention(*leaves, causal=True), 2000)
+    print(f"host time per call, seed-qwen shape ({shape}), Triton launches stubbed:")
+    for name, us in rows.items():
+        print(f"  {us:7.1f} us  {name}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=("count", "launchers"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    stub_triton_launches()
+    {"count": count, "launchers": launchers}[args.what]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

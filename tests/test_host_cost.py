@@ -1,0 +1,37 @@
+"""benchmarks/host_cost.py: the launch counts the README quotes, pinned. A training step of the
+24-layer Qwen2-shaped model launches one Triton kernel per layer forward and three backward, plus
+the prefix MLP's two and four, and fewer aten ops than stock PEFT + sdpa in both directions."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "host_cost.py"
+
+
+def _run(what: str) -> str:
+    result = subprocess.run([sys.executable, str(SCRIPT), what], capture_output=True, text=True, timeout=600,
+                            cwd=SCRIPT.parent.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_launch_counts_per_training_step():
+    counts = {}
+    for line in _run("count").splitlines():
+        match = re.match(r"(\w+)\s+forward:\s+(\d+) aten ops \+\s+(\d+) Triton launches; "
+                         r"backward:\s+(\d+) aten ops \+\s+(\d+) Triton launches", line)
+        if match:
+            counts[match[1]] = tuple(int(x) for x in match.groups()[1:])
+    layers = 24
+    peft_fwd, _, peft_bwd, _ = counts["peft_sdpa"]
+    ours_fwd, ours_fwd_triton, ours_bwd, ours_bwd_triton = counts["prefixkern"]
+    assert (ours_fwd_triton, ours_bwd_triton) == (layers + 2, 3 * layers + 4)
+    assert ours_fwd < peft_fwd and ours_bwd < peft_bwd
+
+
+def test_launcher_host_times_are_reported():
+    rows = re.findall(r"^\s+([\d.]+) us\s+(.+)$", _run("launchers"), flags=re.M)
+    assert [name for _, name in rows] == ["attention forward launcher", "attention backward launcher",
+                                          "prefix_attention with autograd, forward"]
+    assert all(float(us) > 0 for us, _ in rows)
