@@ -47,14 +47,78 @@ struct DecodeParams {
   float scale;
 };
 
-template <typename T, int HEAD_DIM>
+// Keys per K/V tile: 16 KiB of V per tile, or with PIPELINED two tiles of 8 KiB (static shared
+// memory stays under 48 KiB either way).
+template <int HEAD_DIM, bool PIPELINED>
+constexpr int tile_keys() {
+  return (PIPELINED ? 4096 : 8192) / HEAD_DIM;
+}
+
+// 16-byte global -> shared copy: asynchronous (cp.async, sm_80+) when ASYNC, zero-filled when src
+// is null (a key past the chunk). ``valid_src`` is any mapped global address, for the zero fill.
+template <bool ASYNC>
+__device__ __forceinline__ void copy16(void* dst, const void* src, const void* valid_src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (ASYNC) {
+    const unsigned smem = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(src != nullptr ? src : valid_src),
+                 "r"(src != nullptr ? 16 : 0));
+    return;
+  }
+#endif
+  *reinterpret_cast<uint4*>(dst) = src != nullptr ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
+}
+
+__device__ __forceinline__ void copy16_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Wait until at most N of this thread's committed copy groups are still in flight.
+template <int N>
+__device__ __forceinline__ void copy16_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// Keys [t0, t0 + TK) of [prefix ; cache] into one K and one V tile (zeros past k_end).
+template <typename T, int HEAD_DIM, int TK, bool ASYNC>
+__device__ __forceinline__ void load_kv_tile(T (&k_tile)[TK][HEAD_DIM + kPad], T (&v_tile)[TK][HEAD_DIM], int t0,
+                                             int k_end, const T* pk, const T* pv, const T* kc, const T* vc,
+                                             const DecodeParams& p) {
+  for (int idx = threadIdx.x; idx < TK * (HEAD_DIM / kVec); idx += kThreads) {
+    const int c = idx / (HEAD_DIM / kVec);
+    const int d = (idx % (HEAD_DIM / kVec)) * kVec;
+    const int key = t0 + c;
+    const T* k_src = nullptr;
+    const T* v_src = nullptr;
+    if (key < k_end) {
+      if (key < p.P) {
+        k_src = pk + key * p.pk_ss + d;
+        v_src = pv + key * p.pv_ss + d;
+      } else {
+        const int64_t j = key - p.P;
+        k_src = kc + j * p.k_ss + d;
+        v_src = vc + j * p.v_ss + d;
+      }
+    }
+    copy16<ASYNC>(&k_tile[c][d], k_src, kc);
+    copy16<ASYNC>(&v_tile[c][d], v_src, vc);
+  }
+}
+
+// PIPELINED: two K/V buffers, the next tile's cp.async copies in flight while this one is
+// computed on (experimental: PREFIXKERN_DECODE_PIPELINED=1 until a GPU run checks and times it).
+template <typename T, int HEAD_DIM, bool PIPELINED>
 __global__ void __launch_bounds__(kThreads) prefix_decode_partial_kernel(const DecodeParams p) {
-  // TK keys per tile: 16 KiB of V (and a little more of padded K) in shared memory.
-  constexpr int TK = 8192 / HEAD_DIM;
+  constexpr int TK = tile_keys<HEAD_DIM, PIPELINED>();
+  constexpr int STAGES = PIPELINED ? 2 : 1;
   constexpr int ACC = kMaxRows * HEAD_DIM / kThreads;  // accumulator elements per thread
   __shared__ __align__(16) T q_s[kMaxRows][HEAD_DIM];
-  __shared__ __align__(16) T k_s[TK][HEAD_DIM + kPad];
-  __shared__ __align__(16) T v_s[TK][HEAD_DIM];
+  __shared__ __align__(16) T k_s[STAGES][TK][HEAD_DIM + kPad];
+  __shared__ __align__(16) T v_s[STAGES][TK][HEAD_DIM];
   __shared__ float s_s[kMaxRows][TK];
   __shared__ float alpha_s[kMaxRows];
   __shared__ float m_s[kMaxRows];
@@ -102,27 +166,32 @@ __global__ void __launch_bounds__(kThreads) prefix_decode_partial_kernel(const D
   for (int a = 0; a < ACC; ++a) acc[a] = 0.f;
   __syncthreads();
 
-  for (int t0 = k_begin; t0 < k_end; t0 += TK) {
+  if constexpr (PIPELINED) {
+    load_kv_tile<T, HEAD_DIM, TK, true>(k_s[0], v_s[0], k_begin, k_end, pk, pv, kc, vc, p);
+    copy16_commit();
+  }
+  // Tiles in groups of STAGES, the inner loop unrolled, so each tile's buffer index is a
+  // compile-time constant (a run-time one cost 40 registers and a spill).
+  for (int group_t0 = k_begin; group_t0 < k_end; group_t0 += STAGES * TK) {
+#pragma unroll
+  for (int stage = 0; stage < STAGES; ++stage) {
+    const int t0 = group_t0 + stage * TK;
+    if (t0 >= k_end) break;
     // ---- K and V tiles: prefix rows from the prefix tensors, the rest from the cache ----
-    for (int idx = tid; idx < TK * (HEAD_DIM / kVec); idx += kThreads) {
-      const int c = idx / (HEAD_DIM / kVec);
-      const int d = (idx % (HEAD_DIM / kVec)) * kVec;
-      const int key = t0 + c;
-      uint4 kval = make_uint4(0, 0, 0, 0), vval = make_uint4(0, 0, 0, 0);
-      if (key < k_end) {
-        if (key < p.P) {
-          kval = *reinterpret_cast<const uint4*>(pk + key * p.pk_ss + d);
-          vval = *reinterpret_cast<const uint4*>(pv + key * p.pv_ss + d);
-        } else {
-          const int64_t j = key - p.P;
-          kval = *reinterpret_cast<const uint4*>(kc + j * p.k_ss + d);
-          vval = *reinterpret_cast<const uint4*>(vc + j * p.v_ss + d);
-        }
+    if constexpr (PIPELINED) {
+      // The other buffer was last read by the previous tile, which every thread has finished
+      // (the barrier closing the loop body): start the next tile's copies into it.
+      if (t0 + TK < k_end) {
+        load_kv_tile<T, HEAD_DIM, TK, true>(k_s[stage ^ 1], v_s[stage ^ 1], t0 + TK, k_end, pk, pv, kc, vc, p);
       }
-      *reinterpret_cast<uint4*>(&k_s[c][d]) = kval;
-      *reinterpret_cast<uint4*>(&v_s[c][d]) = vval;
+      copy16_commit();   // possibly empty: one group per iteration keeps the wait count fixed
+      copy16_wait<1>();  // this tile's copies (all but the newest group) have landed...
+    } else {
+      load_kv_tile<T, HEAD_DIM, TK, false>(k_s[0], v_s[0], t0, k_end, pk, pv, kc, vc, p);
     }
-    __syncthreads();
+    __syncthreads();     // ... for every thread
+    const auto& k_tile = k_s[stage];
+    const auto& v_tile = v_s[stage];
 
     // ---- scores of every (row, key) pair of the tile ----
     for (int idx = tid; idx < rows * TK; idx += kThreads) {
@@ -141,7 +210,8 @@ __global__ void __launch_bounds__(kThreads) prefix_decode_partial_kernel(const D
         float dot = 0.f;
 #pragma unroll
         for (int d = 0; d < HEAD_DIM; d += kVec) {  // 16-byte shared-memory loads
-          dot += dot8(*reinterpret_cast<const uint4*>(&q_s[r][d]), *reinterpret_cast<const uint4*>(&k_s[c][d]), T());
+          dot += dot8(*reinterpret_cast<const uint4*>(&q_s[r][d]), *reinterpret_cast<const uint4*>(&k_tile[c][d]),
+                      T());
         }
         s = dot * p.scale;
       }
@@ -191,12 +261,14 @@ __global__ void __launch_bounds__(kThreads) prefix_decode_partial_kernel(const D
       if (r < rows) {
         float sum = 0.f;
 #pragma unroll 8
-        for (int c = 0; c < TK; ++c) sum += s_s[r][c] * to_float(v_s[c][d]);
+        for (int c = 0; c < TK; ++c) sum += s_s[r][c] * to_float(v_tile[c][d]);
         acc[a] = acc[a] * alpha_s[r] + sum;
       }
     }
     __syncthreads();
   }
+  }
+  if constexpr (PIPELINED) copy16_wait<0>();  // the last (empty) group: nothing left in flight at exit
 
   // ---- partial output (normalised within the chunk) and its log-sum-exp ----
   const int64_t rows_total = static_cast<int64_t>(p.B) * p.Hq * p.Sq;
@@ -249,49 +321,67 @@ int multiprocessor_count(int device) {
 }
 
 // Blocks of one kernel instance an SM holds at once (registers and shared memory decide), read
-// from the occupancy API once per device, dtype and head dim.
-template <typename T, int HEAD_DIM>
+// from the occupancy API once per device and instance.
+template <typename T, int HEAD_DIM, bool PIPELINED>
 int query_resident_blocks() {
   int blocks = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, prefix_decode_partial_kernel<T, HEAD_DIM>,
-                                                               kThreads, 0));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &blocks, prefix_decode_partial_kernel<T, HEAD_DIM, PIPELINED>, kThreads, 0));
   return std::max(blocks, 1);
 }
 
-template <typename T>
-int query_resident_blocks(int head_dim) {
+// Runs f.template run<T, HEAD_DIM, PIPELINED>() for the kernel instance of a dtype, head dim and
+// pipelining (functors rather than templated lambdas: the extension builds as C++17 too).
+template <typename T, bool PIPELINED, typename F>
+int dispatch_head_dim(int head_dim, const F& f) {
   switch (head_dim) {
-    case 64: return query_resident_blocks<T, 64>();
-    case 128: return query_resident_blocks<T, 128>();
-    default: return query_resident_blocks<T, 256>();
+    case 64: return f.template run<T, 64, PIPELINED>();
+    case 128: return f.template run<T, 128, PIPELINED>();
+    case 256: return f.template run<T, 256, false>();   // not pipelined: its instance spilled registers
+    default: TORCH_CHECK(false, "prefix_decode_partial: head dim must be 64, 128 or 256, got ", head_dim);
   }
+  return 0;
 }
 
-int resident_blocks_per_sm(int device, bool half, int head_dim) {
-  static std::array<std::array<std::atomic<int>, 6>, 64> cached{};  // 0: not read yet
-  const int slot = (half ? 3 : 0) + (head_dim == 64 ? 0 : head_dim == 128 ? 1 : 2);
+template <typename F>
+int dispatch(bool half, int head_dim, bool pipelined, const F& f) {
+  if (half) {
+    return pipelined ? dispatch_head_dim<at::Half, true>(head_dim, f) : dispatch_head_dim<at::Half, false>(head_dim, f);
+  }
+  return pipelined ? dispatch_head_dim<at::BFloat16, true>(head_dim, f)
+                   : dispatch_head_dim<at::BFloat16, false>(head_dim, f);
+}
+
+struct ResidentBlocks {
+  template <typename T, int HEAD_DIM, bool PIPELINED>
+  int run() const {
+    return query_resident_blocks<T, HEAD_DIM, PIPELINED>();
+  }
+};
+
+struct LaunchPartial {
+  const DecodeParams& params;
+  int splits;
+  int blocks_y;
+  cudaStream_t stream;
+
+  template <typename T, int HEAD_DIM, bool PIPELINED>
+  int run() const {
+    prefix_decode_partial_kernel<T, HEAD_DIM, PIPELINED><<<dim3(splits, blocks_y), kThreads, 0, stream>>>(params);
+    return 0;
+  }
+};
+
+int resident_blocks_per_sm(int device, bool half, int head_dim, bool pipelined) {
+  static std::array<std::array<std::atomic<int>, 12>, 64> cached{};  // 0: not read yet
+  const int slot = (pipelined ? 6 : 0) + (half ? 3 : 0) + (head_dim == 64 ? 0 : head_dim == 128 ? 1 : 2);
   const bool cacheable = device >= 0 && device < static_cast<int>(cached.size());
   int blocks = cacheable ? cached[device][slot].load(std::memory_order_relaxed) : 0;
   if (blocks == 0) {
-    blocks = half ? query_resident_blocks<at::Half>(head_dim) : query_resident_blocks<at::BFloat16>(head_dim);
+    blocks = dispatch(half, head_dim, pipelined, ResidentBlocks{});
     if (cacheable) cached[device][slot].store(blocks, std::memory_order_relaxed);
   }
   return blocks;
-}
-
-template <typename T, int HEAD_DIM>
-void launch(const DecodeParams& params, int splits, int blocks_y, cudaStream_t stream) {
-  prefix_decode_partial_kernel<T, HEAD_DIM><<<dim3(splits, blocks_y), kThreads, 0, stream>>>(params);
-}
-
-template <typename T>
-void launch_head_dim(int head_dim, const DecodeParams& params, int splits, int blocks_y, cudaStream_t stream) {
-  switch (head_dim) {
-    case 64: launch<T, 64>(params, splits, blocks_y, stream); break;
-    case 128: launch<T, 128>(params, splits, blocks_y, stream); break;
-    case 256: launch<T, 256>(params, splits, blocks_y, stream); break;
-    default: TORCH_CHECK(false, "prefix_decode_partial: head dim must be 64, 128 or 256, got ", head_dim);
-  }
 }
 
 }  // namespace
@@ -300,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
                                                          const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                                                          const c10::optional<at::Tensor>& prefix_index,
                                                          const c10::optional<at::Tensor>& key_padding_mask,
-                                                         double scale, int64_t num_splits) {
+                                                         double scale, int64_t num_splits, bool pipelined_requested) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "prefix_decode_partial: q, k, v must be 4-d");
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "prefix_decode_partial: q must be float16 or bfloat16");
@@ -339,7 +429,9 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
   const int group = Hq / Hkv;
   const int row_blocks = (group * Sq + kMaxRows - 1) / kMaxRows;
   const int blocks_y = B * Hkv * row_blocks;
-  const int tile = 8192 / D;
+  const bool half = q.scalar_type() == at::kHalf;
+  const bool pipelined = pipelined_requested && D != 256;   // see dispatch_head_dim
+  const int tile = (pipelined ? 4096 : 8192) / D;   // tile_keys<D, pipelined>()
   const int num_keys = P + L;
   const int max_splits = (num_keys + tile - 1) / tile;
   int splits = static_cast<int>(num_splits);
@@ -348,8 +440,7 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
     // loads a tile, then computes on it, so resident blocks are what keeps loads in flight), and
     // no chunk shorter than a tile. (Was two blocks per SM: 2.4 blocks resident per SM at B = 8 on
     // Llama-3-8B heads, 887 GB/s; the occupancy at D = 128 is 4, by registers.)
-    const int wave = multiprocessor_count(q.get_device()) *
-                     resident_blocks_per_sm(q.get_device(), q.scalar_type() == at::kHalf, D);
+    const int wave = multiprocessor_count(q.get_device()) * resident_blocks_per_sm(q.get_device(), half, D, pipelined);
     splits = wave / blocks_y;
   }
   splits = std::max(1, std::min(splits, max_splits));
@@ -384,12 +475,8 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
   params.group = group, params.row_blocks = row_blocks, params.chunk = chunk;
   params.scale = static_cast<float>(scale);
 
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  if (q.scalar_type() == at::kHalf) {
-    launch_head_dim<at::Half>(D, params, splits, blocks_y, stream);
-  } else {
-    launch_head_dim<at::BFloat16>(D, params, splits, blocks_y, stream);
-  }
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch(half, D, pipelined, LaunchPartial{params, splits, blocks_y, stream});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out_partial, lse_partial};
 }

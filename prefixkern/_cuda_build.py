@@ -85,7 +85,7 @@ def _register_fakes() -> None:
         return
 
     @torch.library.register_fake("prefixkern_cuda::prefix_decode_partial")
-    def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, num_splits):
+    def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, num_splits, pipelined=False):
         splits = torch.library.get_ctx().new_dynamic_size()
         batch, heads, seq_q, head_dim = q.shape
         return (q.new_empty((splits, batch, heads, seq_q, head_dim), dtype=torch.float32),
@@ -102,6 +102,7 @@ def self_check(ops) -> None:
     """Run the built kernels once on a small GQA case with padding and a per-task prefix against
     the reference; raise if they disagree (a miscompiled or broken build must not serve decoding)."""
     from . import reference
+    from .ops import decode_attention
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     device = torch.device("cuda", torch.cuda.current_device())
@@ -115,14 +116,16 @@ def self_check(ops) -> None:
         mask = torch.ones(3, 37, dtype=torch.bool, device=device)
         mask[0, :9] = False
         scale = head_dim ** -0.5
-        parts, lses = ops.prefix_decode_partial(q, k, v, pk, pv, index, mask, scale, 3)
-        out, _ = ops.merge_attention_states(parts, lses, dtype)
         want = reference.prefix_attention(q, k, v, pk, pv, causal=True, softmax_scale=scale, key_padding_mask=mask,
                                           prefix_index=index)
-        err = (out.float() - want.float()).abs().max().item()
-        if not err <= 3e-2:
-            raise RuntimeError(f"the CUDA decode kernel disagrees with the reference ({dtype}, D={head_dim}: "
-                               f"max error {err:.3g})")
+        # The pipelined variant only where it is asked for: it must not take the default path down.
+        for pipelined in (False, True) if decode_attention.PIPELINED else (False,):
+            parts, lses = ops.prefix_decode_partial(q, k, v, pk, pv, index, mask, scale, 3, pipelined)
+            out, _ = ops.merge_attention_states(parts, lses, dtype)
+            err = (out.float() - want.float()).abs().max().item()
+            if not err <= 3e-2:
+                raise RuntimeError(f"the CUDA decode kernel disagrees with the reference ({dtype}, D={head_dim}, "
+                                   f"pipelined={pipelined}: max error {err:.3g})")
 
 
 @functools.lru_cache(maxsize=None)

@@ -115,9 +115,14 @@ GPU_GRID = [dict(dtype=dtype, D=D, Sq=Sq, gqa=gqa, P=P, L=L)
             if not (D == 256 and L == 4096 and gqa == 7)]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_GRID, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_gpu_cuda_kernel_against_reference(case):
+# The pipelined variant (PREFIXKERN_DECODE_PIPELINED=1; head dims 64 and 128, 256 runs unpipelined):
+# tile boundaries, chunk ends and the prefix/cache seam at every cache length.
+PIPELINED_GRID = [dict(dtype=dtype, D=D, Sq=Sq, gqa=gqa, P=P, L=L)
+                  for dtype, D, Sq, gqa, P, L in itertools.product(
+                      (torch.bfloat16, torch.float16), (64, 128), (1, 8), (1, 7), (1, 30), (1, 33, 100, 4096))]
+
+
+def _check_cuda_kernel(case):
     assert decode_attention.cuda_decode_supported(*_inputs(1, 2, 2, 1, 4, 2, case["D"], case["dtype"], "cuda")[0])
     prefixkern.build_cuda()
     for prefix, padding in (("shared", False), ("per_task", True), ("per_row", True)):
@@ -129,6 +134,20 @@ def test_gpu_cuda_kernel_against_reference(case):
                                                           return_lse=True, **kw)
             torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
             torch.testing.assert_close(lse, expected_lse, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_GRID, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_gpu_cuda_kernel_against_reference(case):
+    _check_cuda_kernel(case)
+
+
+@pytest.mark.gpu
+@pytest.mark.smoke
+@pytest.mark.parametrize("case", PIPELINED_GRID, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_gpu_pipelined_cuda_kernel_against_reference(case, monkeypatch):
+    monkeypatch.setattr(decode_attention, "PIPELINED", True)
+    _check_cuda_kernel(case)
 
 
 @pytest.mark.gpu

@@ -31,8 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--baselines", nargs="+", default=None,
                         help="only these baselines (eager sdpa_mask sdpa_lower_right sdpa_lower_right_gqa flex "
-                             "flash_attn prefixkern_padded prefixkern_packed torch_p_rows peft_encoder sdpa_concat floor_no_prefix peft_eager peft_sdpa "
-                             "prefixkern_raw_launch prefixkern_liger)")
+                             "flash_attn prefixkern_padded prefixkern_packed torch_p_rows peft_encoder sdpa_concat "
+                             "prefixkern_prefix_gemm prefixkern_pipelined prefixkern_triton floor_no_prefix "
+                             "peft_eager peft_sdpa prefixkern_raw_launch prefixkern_liger)")
     parser.add_argument("--quick", action="store_true", help="a few shapes per suite (a few minutes)")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where results go (default benchmarks/results on a GPU, .bench_out/cpu-demo on a CPU)")

@@ -58,22 +58,31 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
         cat_v = torch.cat([pv.expand(batch, -1, -1, -1), v], 2)
         expected = reference.prefix_attention(q, k, v, pk, pv, causal=True)
         kv_bytes = (batch * hkv * cache + hkv * p) * d * 2 * opts.dtype.itemsize
-        def cuda_decode(prefix_gemm=False):
-            with use_backend("auto"):      # the CUDA C++ kernel (the suite otherwise forces Triton)
-                return prefix_decode_attention(q, k, v, pk, pv, prefix_gemm=prefix_gemm)
+        def cuda_decode(prefix_gemm=False, pipelined=False):
+            from ..ops import decode_attention
+
+            before, decode_attention.PIPELINED = decode_attention.PIPELINED, pipelined
+            try:
+                with use_backend("auto"):      # the CUDA C++ kernel (the suite otherwise forces Triton)
+                    return prefix_decode_attention(q, k, v, pk, pv, prefix_gemm=prefix_gemm)
+            finally:
+                decode_attention.PIPELINED = before
 
         impls = {
             # prefixkern: the CUDA C++ decode kernel of csrc/; prefixkern_triton: the Triton kernel.
             "prefixkern": cuda_decode,
             # The prefix's part as one cuBLAS GEMM over all rows, merged with the kernel's cache part.
             "prefixkern_prefix_gemm": lambda: cuda_decode(prefix_gemm=True),
+            # PREFIXKERN_DECODE_PIPELINED=1 (experimental): the next tile's copies overlap this one's math.
+            "prefixkern_pipelined": lambda: cuda_decode(pipelined=True),
             "prefixkern_triton": lambda: prefix_attention(q, k, v, pk, pv, causal=True),
             "sdpa_concat": lambda: F.scaled_dot_product_attention(q, cat_k, cat_v, enable_gqa=hkv != hq),
         }
         for impl, fn in impls.items():
             if not opts.wants(impl):
                 continue
-            if impl in ("prefixkern", "prefixkern_prefix_gemm") and not _cuda_available(q, k, v, pk, pv):
+            if impl in ("prefixkern", "prefixkern_prefix_gemm", "prefixkern_pipelined") \
+                    and not _cuda_available(q, k, v, pk, pv):
                 skips.append(Skip("decode", name, impl, "the CUDA decode kernel cannot run here (no GPU, no "
                                   "nvcc or a failed build: see the warning); prefixkern_triton is the fallback"))
                 continue
