@@ -54,3 +54,14 @@ def test_every_csrc_file_compiles_with_nvcc(tmp_path):
         if any(spills):
             failures.append(f"{source.name} spills registers:\n{output[-4000:]}")
     assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed on this machine")
+def test_the_decode_kernels_compile_as_cpp17(tmp_path):
+    """torch's JIT build picks the C++ standard (C++20 in the torch here, C++17 in older releases): the
+    kernel sources must not need C++20 features (templated lambdas, concepts)."""
+    flags = [flag for flag in _flags() if not flag.startswith("-std=")]
+    source = CSRC / "prefix_decode.cu"
+    result = subprocess.run(["nvcc", "-c", "-arch=sm_90", "-std=c++17", *flags, str(source), "-o",
+                             str(tmp_path / "prefix_decode.o")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
