@@ -183,6 +183,17 @@ def load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.c
 
 
 @triton.jit
+def batch_row(ptr, b64, stride_b, PRESENT: tl.constexpr):
+    """``ptr`` advanced to batch row ``b64``, for an optional input. An absent one arrives as None
+    (no pointer for the launcher to check) and is never read: 0 stands in for it (a helper
+    returning None does not compile on Triton 3.6)."""
+    row = 0
+    if PRESENT:
+        row = ptr + b64 * stride_b
+    return row
+
+
+@triton.jit
 def prefix_row(b, prefix_index_ptr, HAS_PREFIX_INDEX: tl.constexpr):
     """Which prefix batch row ``b`` reads: ``prefix_index[b]`` per task, else ``b`` (the launcher
     passes batch stride 0 for a batch-shared prefix)."""

@@ -26,6 +26,7 @@ from ._attention_common import (
     alibi_sequence_positions,
     attention_dims,
     attention_launch_args,
+    batch_row,
     bhsd_strides,
     config_bucket,
     dropout_keep,
@@ -186,13 +187,8 @@ def prefix_attention_bwd_dq_kernel(
 
     k_base = k_ptr + b64 * stride_kb + g * stride_kh + k_start * stride_ks
     v_base = v_ptr + b64 * stride_vb + g * stride_vh + k_start * stride_vs
-    # Absent inputs arrive as None (no pointer for the launcher to check): offset only real ones.
-    kpm_row = kpm_ptr
-    if HAS_KPM:
-        kpm_row = kpm_ptr + b64 * stride_kpmb
-    pos_row = pos_ptr
-    if HAS_POS:
-        pos_row = pos_ptr + b64 * stride_posb
+    kpm_row = batch_row(kpm_ptr, b64, stride_kpmb, HAS_KPM)
+    pos_row = batch_row(pos_ptr, b64, stride_posb, HAS_POS)
     q_lo = start_m * BLOCK_M
     q_hi = tl.minimum(q_lo + BLOCK_M, S_q)
     lo, full_lo, full_hi, hi = sequence_key_range(q_lo, q_hi, S_q, S_k, window, BLOCK_N, CAUSAL, HAS_WINDOW,
@@ -302,12 +298,8 @@ def prefix_attention_bwd_dkdv_kernel(
                   + offs_d[None, :] * stride_kd, s_ok[:, None], d_ok[None, :], True, not EVEN_D)
     v = load_tile(v_ptr + b64 * stride_vb + g.to(tl.int64) * stride_vh + (k_start + offs_s[:, None]) * stride_vs
                   + offs_d[None, :] * stride_vd, s_ok[:, None], d_ok[None, :], True, not EVEN_D)
-    kpm_row = kpm_ptr
-    if HAS_KPM:
-        kpm_row = kpm_ptr + b64 * stride_kpmb
-    pos_row = pos_ptr
-    if HAS_POS:
-        pos_row = pos_ptr + b64 * stride_posb
+    kpm_row = batch_row(kpm_ptr, b64, stride_kpmb, HAS_KPM)
+    pos_row = batch_row(pos_ptr, b64, stride_posb, HAS_POS)
     key_pos = alibi_sequence_positions(pos_row, stride_poss, offs_s, S_k, P, HAS_POS)
     qk_scale = sm_scale * log2e()
     seed = 0

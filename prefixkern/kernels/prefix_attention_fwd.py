@@ -18,6 +18,7 @@ from ._attention_common import (
     alibi_sequence_positions,
     attention_dims,
     attention_launch_args,
+    batch_row,
     bhsd_strides,
     config_bucket,
     dropout_keep,
@@ -169,13 +170,8 @@ def prefix_attention_fwd_kernel(
     # ---- sequence keys: masked only in the blocks where causality, a window or padding bite ----
     k_base = k_ptr + b64 * stride_kb + g.to(tl.int64) * stride_kh + k_start * stride_ks
     v_base = v_ptr + b64 * stride_vb + g.to(tl.int64) * stride_vh + k_start * stride_vs
-    # Absent inputs arrive as None (no pointer for the launcher to check): offset only real ones.
-    kpm_row = kpm_ptr
-    if HAS_KPM:
-        kpm_row = kpm_ptr + b64 * stride_kpmb
-    pos_row = pos_ptr
-    if HAS_POS:
-        pos_row = pos_ptr + b64 * stride_posb
+    kpm_row = batch_row(kpm_ptr, b64, stride_kpmb, HAS_KPM)
+    pos_row = batch_row(pos_ptr, b64, stride_posb, HAS_POS)
     q_lo = start_m * BLOCK_M
     q_hi = tl.minimum(q_lo + BLOCK_M, S_q)
     lo, full_lo, full_hi, hi = sequence_key_range(q_lo, q_hi, S_q, S_k, window, BLOCK_N, CAUSAL, HAS_WINDOW,
