@@ -58,6 +58,24 @@ def use_triton(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def eager_function(name: str, forward_launch, setup_context, backward, backward_launch):
+    """The autograd.Function an op runs eagerly (see ``launch_directly``): the same launchers,
+    context and backward as its custom op's registration, without the dispatcher round trip.
+    ``backward(ctx, *grads, launch=backward_launch)`` is the op's registered backward."""
+
+    def forward(ctx, *inputs):
+        output = forward_launch(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    def eager_backward(ctx, *grads):
+        return backward(ctx, *grads, launch=backward_launch)
+
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": f"{name}: the custom op's launchers for eager calls (same results bit for bit).",
+        "forward": staticmethod(forward), "backward": staticmethod(eager_backward)})
+
+
 def launch_directly(*tensors: torch.Tensor | None) -> bool:
     """Whether an op may launch its kernels from an autograd.Function, skipping its custom op's
     dispatch and autograd wrapper (tens of microseconds per call on the host, per layer): eager

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .. import reference
-from .._backend import launch_directly, use_triton
+from .._backend import eager_function, launch_directly, use_triton
 from ._checks import check_prefix_attention_args, check_prefix_attention_varlen_args
 
 
@@ -128,19 +128,8 @@ prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # Eager launches: the same kernels without the dispatcher round trip
 # --------------------------------------------------------------------------------------------
 
-class _PrefixAttentionFunction(torch.autograd.Function):
-    """``prefix_attention_fwd`` / ``prefix_attention_bwd`` for eager mode: same arguments, same
-    launchers, same results bit for bit."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward_launch(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        return _backward(ctx, grad_out, grad_lse, launch=_backward_launch)
+_PrefixAttentionFunction = eager_function("_PrefixAttentionFunction", _forward_launch, _setup_context, _backward,
+                                          _backward_launch)
 
 
 def _attention_fwd(*inputs):

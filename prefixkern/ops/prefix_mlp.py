@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._backend import launch_directly, use_triton
+from .._backend import eager_function, launch_directly, use_triton
 from ._checks import FLOAT_DTYPES, check_float, check_tensor
 
 __all__ = ["fused_prefix_mlp", "check_prefix_mlp_args"]
@@ -184,19 +184,7 @@ def _backward(ctx, grad_out, _grad_hidden, launch=prefix_mlp_bwd):
 prefix_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _PrefixMlpFunction(torch.autograd.Function):
-    """``prefix_mlp_fwd`` / ``prefix_mlp_bwd`` for eager calls on plain tensors: the same launchers
-    without the custom op's dispatch and autograd wrapper (``launch_directly``)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward_launch(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_hidden):
-        return _backward(ctx, grad_out, grad_hidden, launch=_backward_launch)
+_PrefixMlpFunction = eager_function("_PrefixMlpFunction", _forward_launch, _setup_context, _backward, _backward_launch)
 
 
 def _mlp_fwd(*inputs):
