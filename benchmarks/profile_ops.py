@@ -253,14 +253,11 @@ def launch_overheads() -> None:
     rows["seed-qwen fwd, custom op"] = _host_us(lambda: torch.ops.prefixkern.prefix_attention_fwd(*fwd_args), 300)
     rows["seed-qwen bwd launcher, direct"] = _host_us(lambda: _backward_launch(*bwd_args), 300)
     rows["seed-qwen bwd, custom op"] = _host_us(lambda: torch.ops.prefixkern.prefix_attention_bwd(*bwd_args), 300)
-    from prefixkern.kernels import _launch
+    from prefixkern.kernels._launch import raw_pointer_launches
 
-    raw_before, _launch.RAW_POINTERS = _launch.RAW_POINTERS, True      # PREFIXKERN_RAW_LAUNCH=1
-    try:
+    with raw_pointer_launches():      # PREFIXKERN_RAW_LAUNCH=1
         rows["seed-qwen fwd launcher, raw pointers"] = _host_us(lambda: _forward_launch(*fwd_args), 300)
         rows["seed-qwen bwd launcher, raw pointers"] = _host_us(lambda: _backward_launch(*bwd_args), 300)
-    finally:
-        _launch.RAW_POINTERS = raw_before
     timing = {}
 
     def on_thread():

@@ -59,14 +59,11 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
         expected = reference.prefix_attention(q, k, v, pk, pv, causal=True)
         kv_bytes = (batch * hkv * cache + hkv * p) * d * 2 * opts.dtype.itemsize
         def cuda_decode(prefix_gemm=False, pipelined=False):
-            from ..ops import decode_attention
+            from ..ops.decode_attention import pipelined_decode
 
-            before, decode_attention.PIPELINED = decode_attention.PIPELINED, pipelined
-            try:
-                with use_backend("auto"):      # the CUDA C++ kernel (the suite otherwise forces Triton)
-                    return prefix_decode_attention(q, k, v, pk, pv, prefix_gemm=prefix_gemm)
-            finally:
-                decode_attention.PIPELINED = before
+            # The CUDA C++ kernel (the suite otherwise forces Triton).
+            with use_backend("auto"), pipelined_decode(pipelined):
+                return prefix_decode_attention(q, k, v, pk, pv, prefix_gemm=prefix_gemm)
 
         impls = {
             # prefixkern: the CUDA C++ decode kernel of csrc/; prefixkern_triton: the Triton kernel.

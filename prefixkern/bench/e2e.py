@@ -116,14 +116,11 @@ def _step_fn(model, impl: str, input_ids, attention_mask):
 def _with_raw_launch(step):
     """The patched model's step with PREFIXKERN_RAW_LAUNCH=1 (experimental: the kernels' Triton
     launcher gets raw pointers), so one run times both launch paths."""
-    from ..kernels import _launch
+    from ..kernels._launch import raw_pointer_launches
 
     def raw_step():
-        before, _launch.RAW_POINTERS = _launch.RAW_POINTERS, True
-        try:
+        with raw_pointer_launches():
             return step()
-        finally:
-            _launch.RAW_POINTERS = before
     return raw_step
 
 

@@ -120,6 +120,17 @@ def _tune(key, candidates, launch):
 RAW_POINTERS = os.environ.get("PREFIXKERN_RAW_LAUNCH", "0") == "1"
 
 
+@contextlib.contextmanager
+def raw_pointer_launches(enabled: bool = True):
+    """Run the block with ``RAW_POINTERS`` set to ``enabled`` (benchmarks time both paths)."""
+    global RAW_POINTERS
+    previous, RAW_POINTERS = RAW_POINTERS, enabled
+    try:
+        yield
+    finally:
+        RAW_POINTERS = previous
+
+
 def _hooked(hook) -> bool:
     """Whether a Triton launch hook would run: set, and not an empty HookChain (Triton 3.6+)."""
     return hook is not None and bool(getattr(hook, "calls", True))

@@ -2,6 +2,7 @@
 C++ kernels of ``csrc/`` where they apply, else by the Triton kernels (or the reference on CPU)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -18,6 +19,17 @@ MAX_QUERY_LEN = 8
 # PREFIXKERN_DECODE_PIPELINED=1: the CUDA kernel copies the next K/V tile asynchronously while it
 # computes on this one (head dims 64 and 128). Experimental until a GPU run checks and times it.
 PIPELINED = os.environ.get("PREFIXKERN_DECODE_PIPELINED", "0") == "1"
+
+
+@contextlib.contextmanager
+def pipelined_decode(enabled: bool = True):
+    """Run the block with ``PIPELINED`` set to ``enabled`` (the decode benchmark times both kernels)."""
+    global PIPELINED
+    previous, PIPELINED = PIPELINED, enabled
+    try:
+        yield
+    finally:
+        PIPELINED = previous
 
 
 def _aligned(t: torch.Tensor) -> bool:
