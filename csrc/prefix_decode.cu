@@ -304,20 +304,29 @@ void check_operand(const at::Tensor& t, const char* name, const at::Tensor& q) {
   }
 }
 
-// The device's SM count, read from the driver once per device rather than on every decode step.
+constexpr int kMaxDevices = 64;
+
+// A positive per-device value read once rather than on every decode step: slots[device] holds
+// it, 0 until read (devices past kMaxDevices read every time).
+template <typename Read>
+int read_once(std::array<std::atomic<int>, kMaxDevices>& slots, int device, Read read) {
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  int value = cacheable ? slots[device].load(std::memory_order_relaxed) : 0;
+  if (value == 0) {
+    value = read();
+    if (cacheable) slots[device].store(value, std::memory_order_relaxed);
+  }
+  return value;
+}
+
+// The device's SM count.
 int multiprocessor_count(int device) {
-  static std::array<std::atomic<int>, 64> cached{};  // 0: not read yet
-  if (device < 0 || device >= static_cast<int>(cached.size())) {
+  static std::array<std::atomic<int>, kMaxDevices> cached{};
+  return read_once(cached, device, [device] {
     int sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     return sms;
-  }
-  int sms = cached[device].load(std::memory_order_relaxed);
-  if (sms == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    cached[device].store(sms, std::memory_order_relaxed);
-  }
-  return sms;
+  });
 }
 
 // Blocks of one kernel instance an SM holds at once (registers and shared memory decide), read
@@ -373,15 +382,9 @@ struct LaunchPartial {
 };
 
 int resident_blocks_per_sm(int device, bool half, int head_dim, bool pipelined) {
-  static std::array<std::array<std::atomic<int>, 12>, 64> cached{};  // 0: not read yet
-  const int slot = (pipelined ? 6 : 0) + (half ? 3 : 0) + (head_dim == 64 ? 0 : head_dim == 128 ? 1 : 2);
-  const bool cacheable = device >= 0 && device < static_cast<int>(cached.size());
-  int blocks = cacheable ? cached[device][slot].load(std::memory_order_relaxed) : 0;
-  if (blocks == 0) {
-    blocks = dispatch(half, head_dim, pipelined, ResidentBlocks{});
-    if (cacheable) cached[device][slot].store(blocks, std::memory_order_relaxed);
-  }
-  return blocks;
+  static std::array<std::array<std::atomic<int>, kMaxDevices>, 12> cached{};  // per instance, per device
+  const int instance = (pipelined ? 6 : 0) + (half ? 3 : 0) + (head_dim == 64 ? 0 : head_dim == 128 ? 1 : 2);
+  return read_once(cached[instance], device, [&] { return dispatch(half, head_dim, pipelined, ResidentBlocks{}); });
 }
 
 }  // namespace
