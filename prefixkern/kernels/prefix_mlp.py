@@ -65,10 +65,6 @@ def _dropout(x, seed_ptr, rows, cols, N, dropout_p):
     return tl.where(keep, x / (1.0 - dropout_p), 0.0)
 
 
-def _is_interpreted() -> bool:
-    return triton_interpret()
-
-
 def _fits_smem(num_stages: int, elements_per_stage: int) -> bool:
     """Whether a software pipeline of float32 tiles fits in shared memory, so a candidate list
     never holds only a config that cannot launch."""
@@ -89,7 +85,7 @@ INTERPRETER_MATMUL_TILE = (32, 32, 32, 4, 1)
 
 def matmul_candidates(m: int) -> list[tuple[int, int, int, int, int]]:
     """The matmul tiles worth timing for M rows (M is P in the forward and dE products)."""
-    if _is_interpreted():
+    if triton_interpret():
         return [INTERPRETER_MATMUL_TILE]
     # A tile much taller than M only multiplies zeros.
     cap = max(16, next_power_of_2(m))
@@ -140,7 +136,7 @@ INTERPRETER_FWD_TILE = (32, 16, 4, 1)
 
 def fwd_candidates(block_p: int, num_cols: int, precision: str) -> list[tuple[int, int, int, int]]:
     """The forward tiles worth timing for a P tile of ``block_p`` rows and N = ``num_cols``."""
-    if _is_interpreted():
+    if triton_interpret():
         return [INTERPRETER_FWD_TILE]
     # The [BLOCK_P, BLOCK_N] float32 accumulator lives in registers; H and W2 tiles are pipelined.
     # FMA dots ("ieee") hold more per thread than tensor-core ones: half the accumulator, or spills.
@@ -213,7 +209,7 @@ INTERPRETER_BWD_TILE = (16, 16, 16, 4, 1)
 
 def bwd_candidates(num_rows: int, precision: str) -> list[tuple[int, int, int, int, int]]:
     """The backward tiles worth timing for P = ``num_rows`` under ``precision``."""
-    if _is_interpreted():
+    if triton_interpret():
         return [INTERPRETER_BWD_TILE]
     table = BWD_TILES[precision]
     # A P tile taller than P only multiplies zeros.
@@ -224,7 +220,7 @@ def bwd_candidates(num_rows: int, precision: str) -> list[tuple[int, int, int, i
 
 def _bwd_split_align() -> int:
     """Splits of N start on a multiple of every candidate BLOCK_N, so no config gets ragged tiles."""
-    if _is_interpreted():
+    if triton_interpret():
         return INTERPRETER_BWD_TILE[1]
     return max(tile[1] for table in BWD_TILES.values() for tile in table)
 
