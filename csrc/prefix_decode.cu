@@ -54,19 +54,18 @@ constexpr int tile_keys() {
   return (PIPELINED ? 4096 : 8192) / HEAD_DIM;
 }
 
-// 16-byte global -> shared copy: asynchronous (cp.async, sm_80+) when ASYNC, zero-filled when src
-// is null (a key past the chunk). ``valid_src`` is any mapped global address, for the zero fill.
-template <bool ASYNC>
+// 16-byte global -> shared copy, zero-filled when src is null (a key past the chunk); ``valid_src``
+// is any mapped global address, for the zero fill. On sm_80+ it is asynchronous (cp.async, waited
+// for with copy16_commit / copy16_wait): a tile's copies are all in flight at once and hold no
+// registers. Older GPUs copy through a register, one load at a time.
 __device__ __forceinline__ void copy16(void* dst, const void* src, const void* valid_src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (ASYNC) {
-    const unsigned smem = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(src != nullptr ? src : valid_src),
-                 "r"(src != nullptr ? 16 : 0));
-    return;
-  }
-#endif
+  const unsigned smem = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(src != nullptr ? src : valid_src),
+               "r"(src != nullptr ? 16 : 0));
+#else
   *reinterpret_cast<uint4*>(dst) = src != nullptr ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
+#endif
 }
 
 __device__ __forceinline__ void copy16_commit() {
@@ -83,12 +82,17 @@ __device__ __forceinline__ void copy16_wait() {
 #endif
 }
 
-// Keys [t0, t0 + TK) of [prefix ; cache] into one K and one V tile (zeros past k_end).
-template <typename T, int HEAD_DIM, int TK, bool ASYNC>
+// Starts copying keys [t0, t0 + TK) of [prefix ; cache] into one K and one V tile (zeros past
+// k_end); the caller commits and waits.
+template <typename T, int HEAD_DIM, int TK>
 __device__ __forceinline__ void load_kv_tile(T (&k_tile)[TK][HEAD_DIM + kPad], T (&v_tile)[TK][HEAD_DIM], int t0,
                                              int k_end, const T* pk, const T* pv, const T* kc, const T* vc,
                                              const DecodeParams& p) {
-  for (int idx = threadIdx.x; idx < TK * (HEAD_DIM / kVec); idx += kThreads) {
+  constexpr int kCopies = TK * (HEAD_DIM / kVec) / kThreads;   // 16-byte copies per thread, per tensor
+  static_assert(TK * (HEAD_DIM / kVec) % kThreads == 0, "a tile splits evenly over the block's threads");
+#pragma unroll 1   // cp.async does not wait, so unrolling adds no copies in flight, only registers
+  for (int it = 0; it < kCopies; ++it) {
+    const int idx = threadIdx.x + it * kThreads;
     const int c = idx / (HEAD_DIM / kVec);
     const int d = (idx % (HEAD_DIM / kVec)) * kVec;
     const int key = t0 + c;
@@ -104,22 +108,56 @@ __device__ __forceinline__ void load_kv_tile(T (&k_tile)[TK][HEAD_DIM + kPad], T
         v_src = vc + j * p.v_ss + d;
       }
     }
-    copy16<ASYNC>(&k_tile[c][d], k_src, kc);
-    copy16<ASYNC>(&v_tile[c][d], v_src, vc);
+    copy16(&k_tile[c][d], k_src, kc);
+    copy16(&v_tile[c][d], v_src, vc);
+  }
+}
+
+// Accumulator element a of a thread holds (row, column) (e / HEAD_DIM, e % HEAD_DIM) of the block's
+// [kMaxRows, HEAD_DIM] output, e = tid + a * kThreads. Spelled so that the column is visibly the
+// same for every a when HEAD_DIM divides kThreads, and cycles through HEAD_DIM / kThreads columns
+// (a % COLS) when kThreads divides HEAD_DIM.
+template <int HEAD_DIM>
+__device__ __forceinline__ int acc_row(int tid, int a) {
+  if constexpr (kThreads % HEAD_DIM == 0) {
+    return a * (kThreads / HEAD_DIM) + tid / HEAD_DIM;
+  } else {
+    return (tid + a * kThreads) / HEAD_DIM;
+  }
+}
+
+template <int HEAD_DIM>
+__device__ __forceinline__ int acc_col(int tid, int a) {
+  if constexpr (kThreads % HEAD_DIM == 0) {
+    return tid % HEAD_DIM;
+  } else {
+    return tid + (a % (HEAD_DIM / kThreads)) * kThreads;
   }
 }
 
 // PIPELINED: two K/V buffers, the next tile's cp.async copies in flight while this one is
 // computed on (experimental: PREFIXKERN_DECODE_PIPELINED=1 until a GPU run checks and times it).
+// Resident blocks per SM promised to ptxas (__launch_bounds__), which caps its registers so that
+// registers hold as many blocks as shared memory does (about 42 KiB per block: 4 at HEAD_DIM 64,
+// 5 otherwise) where that costs no spill; the pipelined HEAD_DIM 128 instance and HEAD_DIM 256
+// need more registers per thread and get 4 and 3.
+template <int HEAD_DIM, bool PIPELINED>
+constexpr int min_resident_blocks() {
+  return HEAD_DIM == 64 ? 4 : HEAD_DIM == 256 ? 3 : PIPELINED ? 4 : 5;
+}
+
 template <typename T, int HEAD_DIM, bool PIPELINED>
-__global__ void __launch_bounds__(kThreads) prefix_decode_partial_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kThreads, (min_resident_blocks<HEAD_DIM, PIPELINED>())) prefix_decode_partial_kernel(const DecodeParams p) {
   constexpr int TK = tile_keys<HEAD_DIM, PIPELINED>();
   constexpr int STAGES = PIPELINED ? 2 : 1;
   constexpr int ACC = kMaxRows * HEAD_DIM / kThreads;  // accumulator elements per thread
+  constexpr int COLS = kThreads % HEAD_DIM == 0 ? 1 : HEAD_DIM / kThreads;   // distinct columns among them
+  static_assert(kThreads % HEAD_DIM == 0 || HEAD_DIM % kThreads == 0, "see acc_col");
+  static_assert(TK % 4 == 0, "P @ V reads four probabilities at a time");
   __shared__ __align__(16) T q_s[kMaxRows][HEAD_DIM];
   __shared__ __align__(16) T k_s[STAGES][TK][HEAD_DIM + kPad];
   __shared__ __align__(16) T v_s[STAGES][TK][HEAD_DIM];
-  __shared__ float s_s[kMaxRows][TK];
+  __shared__ __align__(16) float s_s[kMaxRows][TK];
   __shared__ float alpha_s[kMaxRows];
   __shared__ float m_s[kMaxRows];
   __shared__ float l_s[kMaxRows];
@@ -167,7 +205,7 @@ __global__ void __launch_bounds__(kThreads) prefix_decode_partial_kernel(const D
   __syncthreads();
 
   if constexpr (PIPELINED) {
-    load_kv_tile<T, HEAD_DIM, TK, true>(k_s[0], v_s[0], k_begin, k_end, pk, pv, kc, vc, p);
+    load_kv_tile<T, HEAD_DIM, TK>(k_s[0], v_s[0], k_begin, k_end, pk, pv, kc, vc, p);
     copy16_commit();
   }
   // Tiles in groups of STAGES, the inner loop unrolled, so each tile's buffer index is a
@@ -182,12 +220,17 @@ __global__ void __launch_bounds__(kThreads) prefix_decode_partial_kernel(const D
       // The other buffer was last read by the previous tile, which every thread has finished
       // (the barrier closing the loop body): start the next tile's copies into it.
       if (t0 + TK < k_end) {
-        load_kv_tile<T, HEAD_DIM, TK, true>(k_s[stage ^ 1], v_s[stage ^ 1], t0 + TK, k_end, pk, pv, kc, vc, p);
+        load_kv_tile<T, HEAD_DIM, TK>(k_s[stage ^ 1], v_s[stage ^ 1], t0 + TK, k_end, pk, pv, kc, vc, p);
       }
       copy16_commit();   // possibly empty: one group per iteration keeps the wait count fixed
       copy16_wait<1>();  // this tile's copies (all but the newest group) have landed...
     } else {
-      load_kv_tile<T, HEAD_DIM, TK, false>(k_s[0], v_s[0], t0, k_end, pk, pv, kc, vc, p);
+      // The whole tile's copies in flight together (32 KiB per block): the synchronous loop this
+      // replaces waited for each 16-byte load before issuing the next, 4 KiB per block in
+      // flight, which capped the kernel at 887 GB/s on the H200 (B = 8, cache 4096).
+      load_kv_tile<T, HEAD_DIM, TK>(k_s[0], v_s[0], t0, k_end, pk, pv, kc, vc, p);
+      copy16_commit();
+      copy16_wait<0>();
     }
     __syncthreads();     // ... for every thread
     const auto& k_tile = k_s[stage];
@@ -253,16 +296,30 @@ __global__ void __launch_bounds__(kThreads) prefix_decode_partial_kernel(const D
     __syncthreads();
 
     // ---- acc = acc * alpha + P @ V ----
+    // Keys outer, the thread's rows inner: each V element is read from shared memory once per
+    // thread (COLS distinct columns) rather than once per row, and four probabilities of a row
+    // come in one 16-byte broadcast read.
 #pragma unroll
     for (int a = 0; a < ACC; ++a) {
-      const int e = tid + a * kThreads;
-      const int r = e / HEAD_DIM;
-      const int d = e % HEAD_DIM;
-      if (r < rows) {
-        float sum = 0.f;
-#pragma unroll 8
-        for (int c = 0; c < TK; ++c) sum += s_s[r][c] * to_float(v_tile[c][d]);
-        acc[a] = acc[a] * alpha_s[r] + sum;
+      const int r = acc_row<HEAD_DIM>(tid, a);
+      if (r < rows) acc[a] *= alpha_s[r];
+    }
+#pragma unroll 2
+    for (int c = 0; c < TK; c += 4) {
+      float v_val[COLS][4];
+#pragma unroll
+      for (int j = 0; j < COLS; ++j) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) v_val[j][i] = to_float(v_tile[c + i][acc_col<HEAD_DIM>(tid, j)]);
+      }
+#pragma unroll
+      for (int a = 0; a < ACC; ++a) {
+        const int r = acc_row<HEAD_DIM>(tid, a);
+        if (r < rows) {
+          const float4 prob = *reinterpret_cast<const float4*>(&s_s[r][c]);
+          const float* v4 = v_val[a % COLS];
+          acc[a] = fmaf(prob.w, v4[3], fmaf(prob.z, v4[2], fmaf(prob.y, v4[1], fmaf(prob.x, v4[0], acc[a]))));
+        }
       }
     }
     __syncthreads();
@@ -274,9 +331,8 @@ __global__ void __launch_bounds__(kThreads) prefix_decode_partial_kernel(const D
   const int64_t rows_total = static_cast<int64_t>(p.B) * p.Hq * p.Sq;
 #pragma unroll
   for (int a = 0; a < ACC; ++a) {
-    const int e = tid + a * kThreads;
-    const int r = e / HEAD_DIM;
-    const int d = e % HEAD_DIM;
+    const int r = acc_row<HEAD_DIM>(tid, a);
+    const int d = acc_col<HEAD_DIM>(tid, a);
     if (r < rows) {
       const int row = row0 + r;
       const int h = g * p.group + row / p.Sq;
@@ -440,9 +496,9 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
   int splits = static_cast<int>(num_splits);
   if (splits <= 0) {
     // One full wave: as many blocks as the SMs hold at once at this kernel's occupancy (each block
-    // loads a tile, then computes on it, so resident blocks are what keeps loads in flight), and
-    // no chunk shorter than a tile. (Was two blocks per SM: 2.4 blocks resident per SM at B = 8 on
-    // Llama-3-8B heads, 887 GB/s; the occupancy at D = 128 is 4, by registers.)
+    // copies a tile, then computes on it, so resident blocks are what keeps copies in flight while
+    // others compute), and no chunk shorter than a tile. (Was two blocks per SM: 2.4 resident per
+    // SM at B = 8 on Llama-3-8B heads, 887 GB/s; the occupancy at D = 128 is now 5.)
     const int wave = multiprocessor_count(q.get_device()) * resident_blocks_per_sm(q.get_device(), half, D, pipelined);
     splits = wave / blocks_y;
   }
