@@ -65,10 +65,11 @@ def _mlp_ops(shape_name: str, dtype):
     shape = mlp_bench.SHAPES[shape_name]
     params = [p.detach() for p in mlp_bench._params(shape, "cuda")]
     sizes = (shape.L, shape.Hkv, shape.D)
-    out, hidden = torch.ops.prefixkern.prefix_mlp_fwd(*params, *sizes, dtype, 0.0, None)
+    compute = params[0].dtype      # float32 parameters, no autocast: float32 products
+    out, hidden = torch.ops.prefixkern.prefix_mlp_fwd(*params, *sizes, dtype, compute, 0.0, None)
     grad = torch.randn_like(out)
-    return (lambda: torch.ops.prefixkern.prefix_mlp_fwd(*params, *sizes, dtype, 0.0, None),
-            lambda: torch.ops.prefixkern.prefix_mlp_bwd(grad, *params, hidden, *sizes, 0.0, None))
+    return (lambda: torch.ops.prefixkern.prefix_mlp_fwd(*params, *sizes, dtype, compute, 0.0, None),
+            lambda: torch.ops.prefixkern.prefix_mlp_bwd(grad, *params, hidden, *sizes, compute, 0.0, None))
 
 
 def _wall_us(fn, iters: int) -> float:

@@ -207,14 +207,28 @@ def prefix_attention_varlen(
 
 
 def prefix_mlp_rows(embedding: torch.Tensor, w1: torch.Tensor | None = None, b1: torch.Tensor | None = None,
-                    w2: torch.Tensor | None = None, b2: torch.Tensor | None = None) -> torch.Tensor:
+                    w2: torch.Tensor | None = None, b2: torch.Tensor | None = None,
+                    compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """PEFT's ``PrefixEncoder`` on P rows: ``Linear2(tanh(Linear1(E)))``, or ``E`` itself when
-    there is no projection (P-Tuning v2). Returns ``[P, 2 * L * Hkv * D]`` in float32 (float64 for float64 input)."""
+    there is no projection (P-Tuning v2). Returns ``[P, 2 * L * Hkv * D]`` in float32 (float64 for
+    float64 input).
+
+    ``compute_dtype`` float16 / bfloat16 computes what ``nn.Linear`` and ``nn.Tanh`` do in that dtype
+    (16-bit parameters, or float32 ones under ``torch.autocast``): every operand cast to it, each
+    output rounded to it. Otherwise (the default) everything is float32 (float64 for float64 input),
+    whatever autocast says: the oracle states its precision rather than inheriting it."""
     acc = _accumulate_dtype(embedding.dtype)
     if w1 is None:
         return embedding.to(acc)
-    hidden = torch.tanh(torch.nn.functional.linear(embedding.to(acc), w1.to(acc), None if b1 is None else b1.to(acc)))
-    return torch.nn.functional.linear(hidden, w2.to(acc), None if b2 is None else b2.to(acc))
+    low = compute_dtype if compute_dtype in (torch.float16, torch.bfloat16) else None
+    dtype = low or acc
+
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
+    with torch.autocast(embedding.device.type, enabled=False):
+        hidden = torch.tanh(torch.nn.functional.linear(cast(embedding), cast(w1), cast(b1)))
+        return torch.nn.functional.linear(hidden, cast(w2), cast(b2)).to(acc)
 
 
 def prefix_mlp(
@@ -228,16 +242,18 @@ def prefix_mlp(
     num_kv_heads: int,
     head_dim: int,
     out_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | None = None,
     dropout_p: float = 0.0,
     dropout_keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The prefix keys and values of every layer, ``[L, 2, Hkv, P, D]``.
+    """The prefix keys and values of every layer, ``[L, 2, Hkv, P, D]``, products as
+    ``prefix_mlp_rows`` computes them for ``compute_dtype``.
 
     Column ``c`` of the encoder's ``[P, 2*L*Hkv*D]`` output is, as PEFT views and permutes it,
     ``c = ((l * 2 + t) * Hkv + g) * D + d`` with t = 0 for keys and 1 for values. ``dropout_keep``
     ([P, 2*L*Hkv*D] bool) is the keep mask of prefix dropout on that output.
     """
-    rows = prefix_mlp_rows(embedding, w1, b1, w2, b2)
+    rows = prefix_mlp_rows(embedding, w1, b1, w2, b2, compute_dtype)
     if dropout_p > 0.0:
         if dropout_keep is None:
             dropout_keep = torch.rand_like(rows) >= dropout_p

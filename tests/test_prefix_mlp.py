@@ -298,7 +298,8 @@ def test_eager_launch_skips_the_dispatcher_and_equals_the_custom_op(device):
     with prefixkern.use_backend("triton"):
         kv = fused_prefix_mlp(*ours, **SMALL, out_dtype=torch.bfloat16)
         assert type(kv.grad_fn).__name__ == "_PrefixMlpFunctionBackward"
-        op_kv, _ = torch.ops.prefixkern.prefix_mlp_fwd(*via_op, 2, 2, 12, torch.bfloat16, 0.0, None)
+        op_kv, _ = torch.ops.prefixkern.prefix_mlp_fwd(*via_op, 2, 2, 12, torch.bfloat16, torch.float32, 0.0,
+                                                         None)
         grad = torch.randn_like(kv)
         kv.backward(grad)
         op_kv.backward(grad)
@@ -416,6 +417,58 @@ def test_bad_input_without_projection():
 # Full size on a GPU
 # ----------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_autocast_computes_what_peft_computes_under_autocast(autocast_dtype, backend, device):
+    """Inside torch.autocast (a Trainer with bf16=True) PEFT's encoder runs its Linears and Tanh in
+    the autocast dtype. fused_prefix_mlp does too, on either backend: same output dtype, and the
+    same values bit for bit (exact float32 products would be an ulp off), gradients to the
+    dtype's tolerance (PEFT rounds them to 16 bits at every op, the kernels accumulate in float32)."""
+    torch.manual_seed(11)
+    P = 10
+    peft = _peft_encoder(P, **SMALL, projection=True, hidden_size=SMALL_HIDDEN, device=device)
+    ours = _ours_from_peft(peft, True, P, device=device, **SMALL)
+    with torch.autocast(device.type, dtype=autocast_dtype):
+        expected = _peft_prefix(peft, 1, P, **SMALL, dtype=autocast_dtype)[:, :, 0]
+        with prefixkern.use_backend(backend):
+            kv = ours()
+    exact = ours().to(autocast_dtype)
+    assert kv.dtype == autocast_dtype
+    assert torch.equal(kv, expected)
+    assert not torch.equal(exact, expected)   # the test can tell the two apart
+    grad = torch.randn(expected.shape, device=device).to(autocast_dtype)
+    expected.backward(grad)
+    with prefixkern.use_backend(backend):
+        kv.backward(grad)
+    peft_grads, our_grads = _grads(peft), _grads(ours)
+    for name in peft_grads:
+        assert our_grads[name].dtype == torch.float32
+        torch.testing.assert_close(our_grads[name], peft_grads[name], **_tol(autocast_dtype, "grad"), msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_parameters_compute_like_nn_linear(dtype, device):
+    """A PrefixEncoder kept in a 16-bit dtype computes as PEFT's encoder in that dtype does (its
+    Linears round their outputs), with gradients in that dtype."""
+    torch.manual_seed(12)
+    P = 7
+    peft = _peft_encoder(P, **SMALL, projection=True, hidden_size=SMALL_HIDDEN, device=device).to(dtype)
+    ours = _ours_from_peft(peft, True, P, device=device, **SMALL).to(dtype)
+    expected = _peft_prefix(peft, 1, P, **SMALL, dtype=dtype)[:, :, 0]
+    with prefixkern.use_backend("triton"):
+        kv = ours()
+    assert kv.dtype == dtype
+    torch.testing.assert_close(kv, expected, atol=0, rtol=2 ** -7)   # at most an ulp apart
+    grad = torch.randn(expected.shape, device=device).to(dtype)
+    expected.backward(grad)
+    with prefixkern.use_backend("triton"):
+        kv.backward(grad)
+    peft_grads, our_grads = _grads(peft), _grads(ours)
+    for name in peft_grads:
+        assert our_grads[name].dtype == dtype
+        torch.testing.assert_close(our_grads[name], peft_grads[name], **_tol(dtype, "grad"), msg=name)
+
+
 GPU_MODELS = {
     # name: (L, Hkv, D, encoder hidden size h); d = token_dim = Hkv * D as PEFT sets it for GQA
     "qwen2.5-0.5b": (24, 2, 64, 896),
@@ -447,6 +500,34 @@ def test_gpu_full_size_against_reference(model, P, dtype):
                           "transform.2.bias"), expected_grads):
         ours_grad = dict(ours.named_parameters())[name].grad
         torch.testing.assert_close(ours_grad, ref.float(), **_tol(torch.float32, "grad"), msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", list(GPU_MODELS))
+@pytest.mark.parametrize("P", [20, 128])
+def test_gpu_autocast_against_reference(model, P):
+    """Under bf16 autocast at the real sizes: the tensor-core path against the reference's
+    autocast emulation (values to an ulp, where the summation orders differ; gradients)."""
+    num_layers, num_kv_heads, head_dim, hidden = GPU_MODELS[model]
+    sizes = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    torch.manual_seed(0)
+    peft = _peft_encoder(P, **sizes, projection=True, hidden_size=hidden, device="cuda")
+    ours = PrefixEncoder.from_peft(peft, **sizes)
+    params = [p.detach().clone().requires_grad_() for p in (
+        peft.embedding.weight, peft.transform[0].weight, peft.transform[0].bias, peft.transform[2].weight,
+        peft.transform[2].bias)]
+    expected = reference.prefix_mlp(*params, **sizes, out_dtype=torch.bfloat16, compute_dtype=torch.bfloat16)
+    grad = torch.randn(expected.shape, device="cuda").to(torch.bfloat16)
+    expected_grads = torch.autograd.grad(expected, params, grad)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        kv = ours()
+    kv.backward(grad)
+    assert kv.dtype == torch.bfloat16
+    torch.testing.assert_close(kv, expected, **_tol(torch.bfloat16, "out"))
+    for name, ref in zip(("embedding.weight", "transform.0.weight", "transform.0.bias", "transform.2.weight",
+                          "transform.2.bias"), expected_grads):
+        ours_grad = dict(ours.named_parameters())[name].grad
+        torch.testing.assert_close(ours_grad, ref, **_tol(torch.bfloat16, "grad"), msg=name)
 
 
 @pytest.mark.gpu

@@ -47,3 +47,21 @@ def _interpreted_dot(a, b, INPUT_PRECISION: tl.constexpr):
 # Chosen once at import (the interpreter is set before triton is imported), so kernels read no
 # global constant for it (see log2e). Compiled kernels keep the bfloat16 tensor-core dot.
 dot = _interpreted_dot if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else _compiled_dot
+
+
+@triton.jit
+def _compiled_to_bf16(x):
+    """float32 -> bfloat16, rounded to nearest even (the GPU's conversion)."""
+    return x.to(tl.bfloat16)
+
+
+@triton.jit
+def _interpreted_to_bf16(x):
+    """Triton's interpreter (3.9) truncates float32 -> bfloat16; round to nearest even in the bits
+    first (NaN aside), so that truncation is exact and the result is the GPU's."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+
+
+to_bf16 = _interpreted_to_bf16 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else _compiled_to_bf16

@@ -19,6 +19,13 @@ backward  ``prefix_mlp_bwd_kernel``      one pass over W2: dW2 = G^T @ H, db2, a
 P-Tuning v2 and dropout
           ``prefix_kv_copy_kernel``      [P, N] rows <-> [L, 2, Hkv, P, D], with Philox dropout
 
+Products: every kernel takes ``PRECISION``, what ``nn.Linear`` would do with the parameters at hand:
+"ieee" (exact float32 products, PyTorch's default) or "tf32" (TF32 tensor cores, when PyTorch's
+float32 matmul precision allows them) for float32 parameters; "bf16" / "fp16" for 16-bit
+parameters, or float32 ones under ``torch.autocast``: operands rounded to that dtype on load,
+float32 accumulation, and each Linear's output (and the tanh) rounded to it, as autocast's
+Linear and Tanh return them. W2 is read in its own dtype either way (no cast copy of it).
+
 Dropout keeps element (p, c) of the ``[P, N]`` output iff ``tl.rand(seed, p * N + c) >= dropout_p``
 and scales kept values by ``1 / (1 - dropout_p)``; the backward regenerates the same mask.
 """
@@ -31,6 +38,7 @@ import triton.language as tl
 from .._backend import triton_interpret
 from ._launch import (cdiv, device_index, input_precision, launch_kernel, next_power_of_2, num_sms, pick_config,
                       smem_bytes)
+from ._math import dot, to_bf16
 from ._math import tanh as _tanh
 
 # The forward's P rows share one block up to this size; beyond, it splits P across the grid, the
@@ -63,6 +71,31 @@ def _dropout(x, seed_ptr, rows, cols, N, dropout_p):
     counters = (rows[:, None] * N + cols[None, :]).to(tl.int32)
     keep = tl.rand(seed, counters) >= dropout_p
     return tl.where(keep, x / (1.0 - dropout_p), 0.0)
+
+
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr):
+    """``acc + a @ b`` with the products ``PRECISION`` names (see the module docstring)."""
+    if PRECISION == "bf16":
+        # _math's dot and to_bf16 are plain tl.dot and .to(tl.bfloat16) compiled; they correct
+        # what Triton's interpreter gets wrong in both.
+        acc += dot(to_bf16(a.to(tl.float32)), to_bf16(b.to(tl.float32)), "ieee")
+    elif PRECISION == "fp16":
+        acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
+    else:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _round(x, PRECISION: tl.constexpr):
+    """``x`` rounded to the 16-bit dtype of the products, as a 16-bit Linear or Tanh returns it
+    (float32 products: unchanged)."""
+    if PRECISION == "bf16":
+        x = to_bf16(x).to(tl.float32)
+    elif PRECISION == "fp16":
+        x = x.to(tl.float16).to(tl.float32)
+    return x
 
 
 def _fits_smem(num_stages: int, elements_per_stage: int) -> bool:
@@ -98,10 +131,12 @@ def prefix_mlp_matmul_kernel(
     a_ptr, b_ptr, bias_ptr, c_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    HAS_BIAS: tl.constexpr, APPLY_TANH: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, APPLY_TANH: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``C[M, N] = act(A[M, K] @ B[K, N] + bias[N])``, float32 accumulation, stored in C's dtype."""
+    """``C[M, N] = act(A[M, K] @ B[K, N] + bias[N])``, float32 accumulation, stored in C's dtype.
+    With APPLY_TANH (the first Linear and its Tanh) the Linear's output and the tanh are rounded
+    as ``PRECISION`` says; the backward's products (APPLY_TANH off) keep float32 results."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -116,11 +151,11 @@ def prefix_mlp_matmul_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+        acc = _mma(a, b, acc, PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc += _round(tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32), PRECISION)[None, :]
     if APPLY_TANH:
-        acc = _tanh(acc)
+        acc = _round(_tanh(_round(acc, PRECISION)), PRECISION)
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
              acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -158,7 +193,7 @@ def prefix_mlp_fwd_kernel(
     stride_hp, stride_hk,
     stride_w2n, stride_w2k,
     stride_ol, stride_ot, stride_og, stride_op, stride_od,
-    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # P blocks vary fastest so the programs that read one W2 tile run together (L2 reuse when P is split).
@@ -176,9 +211,10 @@ def prefix_mlp_fwd_kernel(
                          mask=mask_p[:, None] & mask_k[None, :], other=0.0)
         w2_t = tl.load(w2_ptr + ks[:, None] * stride_w2k + cols[None, :] * stride_w2n,
                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(hidden.to(tl.float32), w2_t.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+        acc = _mma(hidden, w2_t, acc, PRECISION)
     if HAS_BIAS:
-        acc += tl.load(b2_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc += _round(tl.load(b2_ptr + cols, mask=mask_n, other=0.0).to(tl.float32), PRECISION)[None, :]
+    acc = _round(acc, PRECISION)
     if HAS_DROPOUT:
         acc = _dropout(acc, seed_ptr, rows, cols, N, dropout_p)
     out_offsets = rows[:, None] * stride_op + _kv_column_offsets(cols, Hkv, D, stride_ol, stride_ot, stride_og,
@@ -211,7 +247,7 @@ def bwd_candidates(num_rows: int, precision: str) -> list[tuple[int, int, int, i
     """The backward tiles worth timing for P = ``num_rows`` under ``precision``."""
     if triton_interpret():
         return [INTERPRETER_BWD_TILE]
-    table = BWD_TILES[precision]
+    table = BWD_TILES[precision if precision == "ieee" else "tf32"]   # 16-bit products: tensor-core tiles
     # A P tile taller than P only multiplies zeros.
     cap = max(16, next_power_of_2(num_rows))
     kept = [t for t in table if t[0] <= cap and _fits_smem(t[4], (t[0] + t[2]) * t[1])]
@@ -234,7 +270,7 @@ def prefix_mlp_bwd_kernel(
     stride_w2n, stride_w2k,
     stride_dw2n, stride_dw2k,
     stride_part_s, stride_part_p, stride_part_k,
-    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program (k, s) owns hidden columns [k*BLOCK_K, (k+1)*BLOCK_K) and the N range of split s.
@@ -265,10 +301,10 @@ def prefix_mlp_bwd_kernel(
             grad = tl.load(g_ptr + g_offsets, mask=mask_p[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
             w2 = tl.load(w2_ptr + cols[:, None] * stride_w2n + ks[None, :] * stride_w2k,
                          mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            dh = tl.dot(grad, w2, dh, input_precision=INPUT_PRECISION)
+            dh = _mma(grad, w2, dh, PRECISION)
             dw2_ptrs = dw2_ptr + cols[:, None] * stride_dw2n + ks[None, :] * stride_dw2k
             mask_w = mask_n[:, None] & mask_k[None, :]
-            dw2 = tl.dot(tl.trans(grad), hidden, input_precision=INPUT_PRECISION)
+            dw2 = _mma(tl.trans(grad), hidden, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), PRECISION)
             dw2 += tl.load(dw2_ptrs, mask=mask_w & accumulate, other=0.0).to(tl.float32)
             tl.store(dw2_ptrs, dw2.to(dw2_ptr.dtype.element_ty), mask=mask_w)
             if HAS_BIAS:
@@ -355,12 +391,21 @@ def _rows_as_kv_strides(rows: torch.Tensor, num_kv_heads: int, head_dim: int) ->
             stride_p, stride_n)
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None = None,
+def products(compute_dtype: torch.dtype) -> str:
+    """The kernels' ``PRECISION`` for products in ``compute_dtype`` (see the module docstring):
+    float32 follows PyTorch's float32 matmul precision, like ``nn.Linear``."""
+    if compute_dtype == torch.bfloat16:
+        return "bf16"
+    if compute_dtype == torch.float16:
+        return "fp16"
+    return input_precision(torch.float32)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, precision: str, bias: torch.Tensor | None = None,
             apply_tanh: bool = False) -> torch.Tensor:
     """``c = act(a @ b + bias)`` for strided 2-d a [M, K], b [K, N], c [M, N]."""
     m, k = a.shape
     n = b.shape[1]
-    precision = input_precision()
 
     def launch(config):
         block_m, block_n, block_k, warps, stages = config
@@ -369,7 +414,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tenso
             a, b, bias, c,
             m, n, k,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-            HAS_BIAS=bias is not None, APPLY_TANH=apply_tanh, INPUT_PRECISION=precision,
+            HAS_BIAS=bias is not None, APPLY_TANH=apply_tanh, PRECISION=precision,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
         )
 
@@ -397,17 +442,19 @@ def prefix_kv_copy(src: torch.Tensor, src_strides, dst: torch.Tensor, dst_stride
 
 def prefix_mlp_forward(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
                        b2: torch.Tensor | None, *, num_layers: int, num_kv_heads: int, head_dim: int,
-                       out_dtype: torch.dtype, dropout_p: float, seed: torch.Tensor | None):
-    """``(out [L, 2, Hkv, P, D] in out_dtype, hidden [P, h] float32)``; arguments already checked."""
+                       out_dtype: torch.dtype, compute_dtype: torch.dtype, dropout_p: float,
+                       seed: torch.Tensor | None):
+    """``(out [L, 2, Hkv, P, D] in out_dtype, hidden [P, h] float32)`` with products in
+    ``compute_dtype`` (``products``); arguments already checked."""
     num_rows, hidden_size = embedding.shape[0], w1.shape[0]
     num_cols = w2.shape[0]
     device = embedding.device
+    precision = products(compute_dtype)
     hidden = torch.empty(num_rows, hidden_size, device=device, dtype=torch.float32)
-    _matmul(embedding, w1.t(), hidden, bias=b1, apply_tanh=True)
+    _matmul(embedding, w1.t(), hidden, precision, bias=b1, apply_tanh=True)
 
     out = torch.empty(num_layers, 2, num_kv_heads, num_rows, head_dim, device=device, dtype=out_dtype)
     block_p = _block_p(num_rows, MAX_BLOCK_P_FWD)
-    precision = input_precision()
 
     def launch(config):
         block_n, block_k, warps, stages = config
@@ -418,7 +465,7 @@ def prefix_mlp_forward(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
             hidden.stride(0), hidden.stride(1),
             w2.stride(0), w2.stride(1),
             *out.stride(),
-            HAS_BIAS=b2 is not None, HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=precision,
+            HAS_BIAS=b2 is not None, HAS_DROPOUT=dropout_p > 0.0, PRECISION=precision,
             BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
         )
 
@@ -449,9 +496,11 @@ def _num_splits(num_cols: int, hidden_size: int, device: torch.device) -> tuple[
 
 def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
                         w2: torch.Tensor, b2: torch.Tensor | None, hidden: torch.Tensor, *, num_layers: int,
-                        num_kv_heads: int, head_dim: int, dropout_p: float, seed: torch.Tensor | None):
+                        num_kv_heads: int, head_dim: int, compute_dtype: torch.dtype, dropout_p: float,
+                        seed: torch.Tensor | None):
     """Gradients ``(dE, dW1, db1, dW2, db2)`` (db1/db2 None without biases), each in its parameter's
-    dtype, from ``grad_out`` [L, 2, Hkv, P, D] in any strides."""
+    dtype, from ``grad_out`` [L, 2, Hkv, P, D] in any strides; products in ``compute_dtype`` as in
+    the forward, float32 accumulation and results."""
     num_rows, hidden_size = hidden.shape
     num_cols = w2.shape[0]
     device = embedding.device
@@ -470,7 +519,7 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
     dh_part = torch.empty(num_splits, num_rows, hidden_size, device=device, dtype=torch.float32)
     dw2 = torch.empty(w2.shape, device=device, dtype=w2.dtype)
     db2 = torch.empty(b2.shape, device=device, dtype=b2.dtype) if b2 is not None else None
-    precision = input_precision()
+    precision = products(compute_dtype)
 
     def launch(config):
         block_p, block_n, block_k, warps, stages = config
@@ -483,7 +532,7 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
             w2.stride(0), w2.stride(1),
             dw2.stride(0), dw2.stride(1),
             *dh_part.stride(),
-            HAS_BIAS=b2 is not None, INPUT_PRECISION=precision,
+            HAS_BIAS=b2 is not None, PRECISION=precision,
             BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
         )
 
@@ -502,8 +551,8 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
         HAS_BIAS=b1 is not None, BLOCK_P=min(next_power_of_2(num_rows), 64), BLOCK_K=block_k,
     )
 
-    d_embedding = _matmul(dz, w1, torch.empty(embedding.shape, device=device, dtype=embedding.dtype))
-    dw1 = _matmul(dz.t(), embedding, torch.empty(w1.shape, device=device, dtype=w1.dtype))
+    d_embedding = _matmul(dz, w1, torch.empty(embedding.shape, device=device, dtype=embedding.dtype), precision)
+    dw1 = _matmul(dz.t(), embedding, torch.empty(w1.shape, device=device, dtype=w1.dtype), precision)
     return d_embedding, dw1, db1, dw2, db2
 
 

@@ -91,13 +91,15 @@ def _empty() -> torch.Tensor:
 def prefix_mlp_fwd(
     embedding: torch.Tensor, w1: torch.Tensor | None, b1: torch.Tensor | None, w2: torch.Tensor | None,
     b2: torch.Tensor | None, num_layers: int, num_kv_heads: int, head_dim: int, out_dtype: torch.dtype,
-    dropout_p: float, seed: torch.Tensor | None,
+    compute_dtype: torch.dtype, dropout_p: float, seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel forward: ``(out [L, 2, Hkv, P, D], hidden [P, h] float32 or [0] without projection)``."""
-    return _forward_launch(embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, out_dtype, dropout_p, seed)
+    return _forward_launch(embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, out_dtype, compute_dtype,
+                           dropout_p, seed)
 
 
-def _forward_launch(embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, out_dtype, dropout_p, seed):
+def _forward_launch(embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, out_dtype, compute_dtype,
+                    dropout_p, seed):
     from ..kernels import prefix_mlp as kernels
     from ..kernels._launch import on_device
 
@@ -108,11 +110,11 @@ def _forward_launch(embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_di
             return out, _empty().to(embedding.device)
         return kernels.prefix_mlp_forward(embedding, w1, b1, w2, b2, num_layers=num_layers,
                                           num_kv_heads=num_kv_heads, head_dim=head_dim, out_dtype=out_dtype,
-                                          dropout_p=dropout_p, seed=seed)
+                                          compute_dtype=compute_dtype, dropout_p=dropout_p, seed=seed)
 
 
 @prefix_mlp_fwd.register_fake
-def _(embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, out_dtype, dropout_p, seed):
+def _(embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, out_dtype, compute_dtype, dropout_p, seed):
     num_rows = embedding.shape[0]
     out = embedding.new_empty((num_layers, 2, num_kv_heads, num_rows, head_dim), dtype=out_dtype)
     if w1 is None:
@@ -124,14 +126,15 @@ def _(embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, out_dtype, 
 def prefix_mlp_bwd(
     grad_out: torch.Tensor, embedding: torch.Tensor, w1: torch.Tensor | None, b1: torch.Tensor | None,
     w2: torch.Tensor | None, b2: torch.Tensor | None, hidden: torch.Tensor, num_layers: int, num_kv_heads: int,
-    head_dim: int, dropout_p: float, seed: torch.Tensor | None,
+    head_dim: int, compute_dtype: torch.dtype, dropout_p: float, seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel backward: ``(dE, dW1, db1, dW2, db2)``; an absent parameter's gradient is a [0] tensor."""
-    return _backward_launch(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers, num_kv_heads, head_dim, dropout_p,
-                            seed)
+    return _backward_launch(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers, num_kv_heads, head_dim,
+                            compute_dtype, dropout_p, seed)
 
 
-def _backward_launch(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers, num_kv_heads, head_dim, dropout_p, seed):
+def _backward_launch(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers, num_kv_heads, head_dim, compute_dtype,
+                     dropout_p, seed):
     from ..kernels import prefix_mlp as kernels
     from ..kernels._launch import on_device
 
@@ -142,15 +145,15 @@ def _backward_launch(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers, nu
                                                        head_dim=head_dim, dropout_p=dropout_p, seed=seed)
             return d_embedding, empty, empty.clone(), empty.clone(), empty.clone()
         grads = kernels.prefix_mlp_backward(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers=num_layers,
-                                            num_kv_heads=num_kv_heads, head_dim=head_dim, dropout_p=dropout_p,
-                                            seed=seed)
+                                            num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                            compute_dtype=compute_dtype, dropout_p=dropout_p, seed=seed)
     d_embedding, dw1, db1, dw2, db2 = grads
     return (d_embedding, dw1, db1 if db1 is not None else empty.clone(), dw2,
             db2 if db2 is not None else empty.clone())
 
 
 @prefix_mlp_bwd.register_fake
-def _(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers, num_kv_heads, head_dim, dropout_p, seed):
+def _(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers, num_kv_heads, head_dim, compute_dtype, dropout_p, seed):
     def like(t):
         return embedding.new_empty((0,)) if t is None else t.new_empty(t.shape)
 
@@ -158,10 +161,11 @@ def _(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers, num_kv_heads, hea
 
 
 def _setup_context(ctx, inputs, output):
-    embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, _out_dtype, dropout_p, seed = inputs
+    embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, _out_dtype, compute_dtype, dropout_p, seed = inputs
     _out, hidden = output
     ctx.save_for_backward(embedding, w1, b1, w2, b2, hidden, seed)
     ctx.sizes = (num_layers, num_kv_heads, head_dim)
+    ctx.compute_dtype = compute_dtype
     ctx.dropout_p = dropout_p
     ctx.mark_non_differentiable(hidden)
 
@@ -170,14 +174,14 @@ def _backward(ctx, grad_out, _grad_hidden, launch=prefix_mlp_bwd):
     embedding, w1, b1, w2, b2, hidden, seed = ctx.saved_tensors
     num_layers, num_kv_heads, head_dim = ctx.sizes
     d_embedding, dw1, db1, dw2, db2 = launch(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers, num_kv_heads,
-                                             head_dim, ctx.dropout_p, seed)
+                                             head_dim, ctx.compute_dtype, ctx.dropout_p, seed)
     return (
         d_embedding,
         dw1 if w1 is not None else None,
         db1 if b1 is not None else None,
         dw2 if w2 is not None else None,
         db2 if b2 is not None else None,
-        None, None, None, None, None, None,
+        None, None, None, None, None, None, None,
     )
 
 
@@ -188,7 +192,7 @@ _PrefixMlpFunction = eager_function("_PrefixMlpFunction", _forward_launch, _setu
 
 
 def _mlp_fwd(*inputs):
-    if launch_directly(*inputs[:5], inputs[10]):
+    if launch_directly(*inputs[:5], inputs[11]):
         return _PrefixMlpFunction.apply(*inputs)
     return prefix_mlp_fwd(*inputs)
 
@@ -232,10 +236,14 @@ def fused_prefix_mlp(
             All parameters share the embedding's dtype and device.
         num_layers, num_kv_heads, head_dim: L, Hkv, D of the model; ``N = 2 * L * Hkv * D``.
         out_dtype: dtype of the result (the model's dtype, e.g. torch.bfloat16); default the
-            embedding's. Everything is computed in float32 and rounded once, at the store, as
-            PEFT does when it casts the float32 encoder output to the base model's dtype.
-            float32 products follow ``torch.get_float32_matmul_precision()``: exact by default,
-            TF32 when allowed, like ``nn.Linear``.
+            dtype the encoder's ``nn.Linear`` would return (the parameters', or the autocast dtype).
+        Products: what PEFT's encoder computes with these parameters. float32 parameters give
+            float32 products, exact by default, TF32 when ``torch.get_float32_matmul_precision()``
+            allows it; inside ``torch.autocast`` (a ``Trainer`` with ``bf16=True``) they are
+            computed as autocast's ``nn.Linear`` does: operands rounded to the autocast dtype,
+            float32 accumulation, each Linear's output and the tanh rounded to it. 16-bit
+            parameters compute likewise in their own dtype. The kernels read W2 as stored (no
+            cast copy) and the gradients keep float32 accumulation.
         dropout_p: dropout on ``rows`` (P-Tuning v2's prefix dropout); pass 0.0 in evaluation.
             The keep mask comes from Philox in the kernel, seeded from torch's default generator
             (so ``torch.manual_seed`` makes it reproducible), and is regenerated in backward.
@@ -275,7 +283,9 @@ def fused_prefix_mlp(
     """
     check_prefix_mlp_args(embedding, w1, b1, w2, b2, num_layers=num_layers, num_kv_heads=num_kv_heads,
                           head_dim=head_dim, out_dtype=out_dtype, dropout_p=dropout_p)
-    out_dtype = out_dtype if out_dtype is not None else embedding.dtype
+    # No projection: no product, and an embedding's output keeps its dtype under autocast too.
+    compute_dtype = linear_compute_dtype(embedding) if w1 is not None else embedding.dtype
+    out_dtype = out_dtype if out_dtype is not None else compute_dtype
     dropout_p = float(dropout_p)
     if w1 is None and dropout_p == 0.0:
         # P-Tuning v2: the embedding is the prefix. Splitting one dim is always a view.
@@ -283,13 +293,23 @@ def fused_prefix_mlp(
         return kv if out_dtype == embedding.dtype else kv.to(out_dtype)
     if not use_triton(embedding.device):
         return reference.prefix_mlp(embedding, w1, b1, w2, b2, num_layers=num_layers, num_kv_heads=num_kv_heads,
-                                    head_dim=head_dim, out_dtype=out_dtype, dropout_p=dropout_p)
+                                    head_dim=head_dim, out_dtype=out_dtype, compute_dtype=compute_dtype,
+                                    dropout_p=dropout_p)
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**31 - 1, (1,), device=embedding.device, dtype=torch.int64)
     out, _hidden = _mlp_fwd(embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, out_dtype,
-                                  dropout_p, seed)
+                            compute_dtype, dropout_p, seed)
     return out
+
+
+def linear_compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype ``nn.Linear`` computes in for parameters like ``weight`` at this point: the
+    autocast dtype for float32 parameters inside ``torch.autocast`` on their device, else their own."""
+    device_type = weight.device.type
+    if weight.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
 
 
 def launched_tiles() -> dict[str, str]:
