@@ -12,8 +12,9 @@ block (``BLOCK_P`` = next power of two of P, capped; larger P loops or splits) a
 
 forward   ``prefix_mlp_matmul_kernel``   H = tanh(E @ W1^T + b1), [P, h] float32 (kept for backward)
           ``prefix_mlp_fwd_kernel``      out = dropout(H @ W2^T + b2) into [L, 2, Hkv, P, D]
-backward  ``prefix_mlp_bwd_kernel``      one pass over W2: dW2 = G^T @ H, db2, and split-N partials of
-                                         dH = G @ W2, [splits, P, h] (no atomics: deterministic)
+backward  ``prefix_mlp_bwd_kernel``      one launch, two kinds of program: split-N partials of
+                                         dH = G @ W2, [splits, P, h], reading W2 once; and
+                                         dW2 = G^T @ H, db2 (no atomics: deterministic)
           ``prefix_mlp_bwd_hidden_kernel`` dZ = (sum of partials) * (1 - H^2), db1 = sum_p dZ
           ``prefix_mlp_matmul_kernel``   dE = dZ @ W1 and dW1 = dZ^T @ E
 P-Tuning v2 and dropout
@@ -43,7 +44,7 @@ from ._math import tanh as _tanh
 
 # The forward's P rows share one block up to this size; beyond, it splits P across the grid, the
 # programs that read one W2 tile side by side (L2 serves the repeats). Taller P tiles spilled
-# registers (tests/tools/kernel_resources.py). The backward's BLOCK_P is autotuned (BWD_TILES).
+# registers (tests/tools/kernel_resources.py). The backward's P tile: bwd_block_p.
 MAX_BLOCK_P_FWD = 64
 
 
@@ -223,98 +224,171 @@ def prefix_mlp_fwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Backward, one pass over W2: dW2 = G^T @ H, db2 = sum_p G, split-N partials of dH = G @ W2
+# Backward of the second Linear: split-N partials of dH = G @ W2, and dW2 = G^T @ H, db2
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_P, BLOCK_N, BLOCK_K, num_warps, num_stages) by dot precision. Both products read a float32
-# operand in the orientation its memory layout does not favour (W2 and H are K-contiguous for the
-# forward's products, not for these), so the tiles are small: every entry compiles for sm_90 without
-# register spills on Triton 3.6 and 3.9 (tests/tools/kernel_resources.py --mlp). Larger tiles spilled
-# 0.3-10 KB per thread under tf32, and under "ieee" (FMA dots, PyTorch's default float32 precision)
-# ptxas fell back to 32 registers with 5-33 KB of spills. With P above BLOCK_P the kernel loops over
-# P blocks and reads W2 once per block; the autotuner weighs that against the tile sizes.
+# One launch runs both products, each program one role with its own tile: the dH programs (first
+# in the grid, the long ones) stream W2 once, a split of N each, into float32 [P, BLOCK_K]
+# accumulators; the dW2 programs each write one [BLOCK_N, BLOCK_K] tile of dW2 from G and H, which
+# are small (dW2 does not read W2, so fusing both into one loop, as this kernel once did, saved
+# nothing but a re-read of G from L2 and bound both to one small tile: 2 ms at Llama-3-8B size).
+# (DH_BLOCK_N, DH_BLOCK_K, DW_BLOCK_N, DW_BLOCK_K, num_warps, num_stages); the P tiles follow P
+# (bwd_block_p). "tensor": TF32 and 16-bit products; "ieee": FMA dots, whose operands and
+# accumulators take registers per thread, so smaller tiles. Every entry compiles for sm_90
+# without register spills at every P tile (tests/tools/kernel_resources.py --kernels mlp).
 BWD_TILES = {
-    "tf32": ((64, 32, 32, 8, 3), (64, 32, 32, 8, 2), (32, 32, 64, 8, 2), (32, 64, 32, 8, 2), (32, 32, 32, 8, 3),
-             (16, 32, 64, 8, 2), (16, 64, 32, 8, 2)),
-    "ieee": ((16, 32, 32, 8, 2), (16, 16, 32, 4, 2), (16, 32, 16, 4, 2), (32, 16, 16, 4, 2)),
+    "tensor": ((64, 128, 128, 128, 8, 3), (128, 64, 128, 128, 8, 3), (32, 128, 128, 64, 8, 4),
+               (32, 64, 64, 64, 4, 4)),
+    "ieee": ((32, 64, 64, 64, 8, 2), (16, 64, 64, 32, 4, 2), (32, 32, 32, 64, 4, 2)),
 }
+BWD_MAX_BLOCK_P = {"tensor": 64, "ieee": 32}
+INTERPRETER_BWD_TILE = (16, 16, 16, 16, 4, 1)
 
 
-INTERPRETER_BWD_TILE = (16, 16, 16, 4, 1)
+def _bwd_table(precision: str) -> str:
+    return "ieee" if precision == "ieee" else "tensor"
 
 
-def bwd_candidates(num_rows: int, precision: str) -> list[tuple[int, int, int, int, int]]:
+def bwd_block_p(num_rows: int, precision: str) -> int:
+    """The backward's P tile: every P row in one tile up to its cap (more rows: the dH programs
+    split P across the grid, the dW2 programs loop over it)."""
+    if triton_interpret():
+        return 16
+    return _block_p(num_rows, BWD_MAX_BLOCK_P[_bwd_table(precision)])
+
+
+def bwd_candidates(num_rows: int, precision: str) -> list[tuple[int, int, int, int, int, int]]:
     """The backward tiles worth timing for P = ``num_rows`` under ``precision``."""
     if triton_interpret():
         return [INTERPRETER_BWD_TILE]
-    table = BWD_TILES[precision if precision == "ieee" else "tf32"]   # 16-bit products: tensor-core tiles
-    # A P tile taller than P only multiplies zeros.
-    cap = max(16, next_power_of_2(num_rows))
-    kept = [t for t in table if t[0] <= cap and _fits_smem(t[4], (t[0] + t[2]) * t[1])]
-    return kept or [min(table, key=lambda t: t[0] * t[1] * t[2])]
+    table = BWD_TILES[_bwd_table(precision)]
+    block_p = bwd_block_p(num_rows, precision)
+    elem = 4   # the operands are staged as loaded: float32 W2 and H, G in its dtype (at most 4 bytes)
+    kept = [t for t in table if _fits_smem(t[5], (block_p * t[0] + t[0] * t[1]) * elem // 4)
+            and _fits_smem(t[5], (t[2] * block_p + block_p * t[3]) * elem // 4)]
+    return kept or [min(table, key=lambda t: t[0] * t[1] + t[2] * t[3])]
 
 
 def _bwd_split_align() -> int:
-    """Splits of N start on a multiple of every candidate BLOCK_N, so no config gets ragged tiles."""
+    """Splits of N start on a multiple of every candidate DH_BLOCK_N, so no config gets ragged tiles."""
     if triton_interpret():
-        return INTERPRETER_BWD_TILE[1]
-    return max(tile[1] for table in BWD_TILES.values() for tile in table)
+        return INTERPRETER_BWD_TILE[0]
+    return max(tile[0] for table in BWD_TILES.values() for tile in table)
+
+
+@triton.jit
+def _bwd_dh_program(
+    i, g_ptr, w2_ptr, dh_part_ptr,
+    P, N, HID, Hkv, D, N_PER_SPLIT,
+    stride_gl, stride_gt, stride_gg, stride_gp, stride_gd,
+    stride_w2n, stride_w2k,
+    stride_part_s, stride_part_p, stride_part_k,
+    PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Partial dH of one (P tile, hidden chunk, N split): ``G[rows, split] @ W2[split, chunk]``,
+    float32, stored once. P tiles vary fastest, so the programs that read one W2 range together
+    run together (L2 serves the repeats when P spans several tiles). Tiles are addressed as a
+    64-bit scalar base plus 32-bit offsets (a tile spans far less than 2**31 elements): 64-bit
+    offsets per element cost the registers that made larger tiles spill."""
+    num_p = tl.cdiv(P, BLOCK_P)
+    num_k = tl.cdiv(HID, BLOCK_K)
+    pid_p = i % num_p
+    pid_k = (i // num_p) % num_k
+    pid_s = i // (num_p * num_k)
+    row0 = pid_p * BLOCK_P
+    k0 = pid_k * BLOCK_K
+    rows = tl.arange(0, BLOCK_P)
+    ks = tl.arange(0, BLOCK_K)
+    mask_p = rows < P - row0
+    mask_k = ks < HID - k0
+    n_start = pid_s * N_PER_SPLIT
+    n_end = tl.minimum(n_start + N_PER_SPLIT, N)
+    g_rows = g_ptr + row0 * stride_gp
+    w2_tile = w2_ptr + k0 * stride_w2k + (tl.arange(0, BLOCK_N)[:, None] * stride_w2n + ks[None, :] * stride_w2k)
+    acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        mask_n = cols < n_end
+        col_offsets = _kv_column_offsets(cols, Hkv, D, stride_gl, stride_gt, stride_gg, stride_gd)
+        grad = tl.load(g_rows + (rows[:, None] * stride_gp + col_offsets[None, :]),
+                       mask=mask_p[:, None] & mask_n[None, :], other=0.0)
+        w2 = tl.load(w2_tile + n0 * stride_w2n, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = _mma(grad, w2, acc, PRECISION)
+    part = dh_part_ptr + pid_s * stride_part_s + row0 * stride_part_p + k0 * stride_part_k
+    tl.store(part + (rows[:, None] * stride_part_p + ks[None, :] * stride_part_k), acc,
+             mask=mask_p[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _bwd_dw2_program(
+    j, g_ptr, h_ptr, dw2_ptr, db2_ptr,
+    P, N, HID, Hkv, D,
+    stride_gl, stride_gt, stride_gg, stride_gp, stride_gd,
+    stride_hp, stride_hk,
+    stride_dw2n, stride_dw2k,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One [BLOCK_N, BLOCK_K] tile of ``dW2 = G^T @ H`` over every P row, and with the first
+    hidden chunk ``db2 = sum_p G``. Hidden chunks vary fastest: the programs that read one G tile
+    run together. Addressed as in ``_bwd_dh_program``."""
+    num_k = tl.cdiv(HID, BLOCK_K)
+    pid_k = j % num_k
+    pid_n = j // num_k
+    n0 = pid_n * BLOCK_N
+    k0 = pid_k * BLOCK_K
+    cols = n0 + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    mask_n = cols < N
+    mask_k = ks < HID - k0
+    col_offsets = _kv_column_offsets(cols, Hkv, D, stride_gl, stride_gt, stride_gg, stride_gd)
+    h_cols = h_ptr + k0 * stride_hk
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    db2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        rows = tl.arange(0, BLOCK_P)
+        mask_p = rows < P - p0
+        grad = tl.load(g_ptr + p0 * stride_gp + (rows[:, None] * stride_gp + col_offsets[None, :]),
+                       mask=mask_p[:, None] & mask_n[None, :], other=0.0)
+        hidden = tl.load(h_cols + p0 * stride_hp + (rows[:, None] * stride_hp + ks[None, :] * stride_hk),
+                         mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+        acc = _mma(tl.trans(grad), hidden, acc, PRECISION)
+        if HAS_BIAS:
+            db2 += tl.sum(grad.to(tl.float32), axis=0)
+    dw2_tile = dw2_ptr + n0 * stride_dw2n + k0 * stride_dw2k
+    tl.store(dw2_tile + (tl.arange(0, BLOCK_N)[:, None] * stride_dw2n + ks[None, :] * stride_dw2k),
+             acc.to(dw2_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
+    if HAS_BIAS:
+        if pid_k == 0:
+            tl.store(db2_ptr + cols, db2.to(db2_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
 def prefix_mlp_bwd_kernel(
     g_ptr, h_ptr, w2_ptr, dw2_ptr, db2_ptr, dh_part_ptr,
-    P, N, HID, Hkv, D, N_PER_SPLIT, NUM_SPLITS,
+    P, N, HID, Hkv, D, N_PER_SPLIT, NUM_DH_PROGRAMS,
     stride_gl, stride_gt, stride_gg, stride_gp, stride_gd,
     stride_hp, stride_hk,
     stride_w2n, stride_w2k,
     stride_dw2n, stride_dw2k,
     stride_part_s, stride_part_p, stride_part_k,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DH_BLOCK_P: tl.constexpr, DH_BLOCK_N: tl.constexpr, DH_BLOCK_K: tl.constexpr,
+    DW_BLOCK_P: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr,
 ):
-    """Program (k, s) owns hidden columns [k*BLOCK_K, (k+1)*BLOCK_K) and the N range of split s.
-
-    Each W2 tile is loaded once and feeds both products; the dH partial of split s stays in
-    registers over the whole range and is written once. With P > BLOCK_P the program loops over
-    P blocks and adds to its own dW2 tiles (it is their only writer: no atomics).
-    """
-    # Hidden chunks vary fastest: the programs of one split, which read the same G tiles, run together.
-    pid_k = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1).to(tl.int64)
-    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_k = ks < HID
-    n_start = pid_s * N_PER_SPLIT
-    n_end = tl.minimum(n_start + N_PER_SPLIT, N)
-    for p0 in range(0, P, BLOCK_P):
-        rows = p0 + tl.arange(0, BLOCK_P)
-        mask_p = rows < P
-        accumulate = p0 > 0
-        hidden = tl.load(h_ptr + rows[:, None] * stride_hp + ks[None, :] * stride_hk,
-                         mask=mask_p[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        dh = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
-        for n0 in range(n_start, n_end, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            mask_n = cols < n_end
-            g_offsets = rows[:, None] * stride_gp + _kv_column_offsets(cols, Hkv, D, stride_gl, stride_gt, stride_gg,
-                                                                       stride_gd)[None, :]
-            grad = tl.load(g_ptr + g_offsets, mask=mask_p[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-            w2 = tl.load(w2_ptr + cols[:, None] * stride_w2n + ks[None, :] * stride_w2k,
-                         mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            dh = _mma(grad, w2, dh, PRECISION)
-            dw2_ptrs = dw2_ptr + cols[:, None] * stride_dw2n + ks[None, :] * stride_dw2k
-            mask_w = mask_n[:, None] & mask_k[None, :]
-            dw2 = _mma(tl.trans(grad), hidden, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), PRECISION)
-            dw2 += tl.load(dw2_ptrs, mask=mask_w & accumulate, other=0.0).to(tl.float32)
-            tl.store(dw2_ptrs, dw2.to(dw2_ptr.dtype.element_ty), mask=mask_w)
-            if HAS_BIAS:
-                # Every hidden chunk sees the same G; the first one writes db2.
-                if pid_k == 0:
-                    db2 = tl.sum(grad, axis=0)
-                    db2 += tl.load(db2_ptr + cols, mask=mask_n & accumulate, other=0.0).to(tl.float32)
-                    tl.store(db2_ptr + cols, db2.to(db2_ptr.dtype.element_ty), mask=mask_n)
-        tl.store(dh_part_ptr + pid_s * stride_part_s + rows[:, None] * stride_part_p + ks[None, :] * stride_part_k,
-                 dh, mask=mask_p[:, None] & mask_k[None, :])
+    """Programs [0, NUM_DH_PROGRAMS) compute the split-N partials of dH (``_bwd_dh_program``), the
+    rest dW2 and db2 (``_bwd_dw2_program``). Every output element has one writer: no atomics,
+    and the result does not depend on scheduling."""
+    pid = tl.program_id(0).to(tl.int64)
+    if pid < NUM_DH_PROGRAMS:
+        _bwd_dh_program(pid, g_ptr, w2_ptr, dh_part_ptr, P, N, HID, Hkv, D, N_PER_SPLIT,
+                        stride_gl, stride_gt, stride_gg, stride_gp, stride_gd, stride_w2n, stride_w2k,
+                        stride_part_s, stride_part_p, stride_part_k,
+                        PRECISION, DH_BLOCK_P, DH_BLOCK_N, DH_BLOCK_K)
+    else:
+        _bwd_dw2_program(pid - NUM_DH_PROGRAMS, g_ptr, h_ptr, dw2_ptr, db2_ptr, P, N, HID, Hkv, D,
+                         stride_gl, stride_gt, stride_gg, stride_gp, stride_gd, stride_hp, stride_hk,
+                         stride_dw2n, stride_dw2k, HAS_BIAS, PRECISION, DW_BLOCK_P, DW_BLOCK_N, DW_BLOCK_K)
 
 
 @triton.jit
@@ -521,19 +595,24 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
     db2 = torch.empty(b2.shape, device=device, dtype=b2.dtype) if b2 is not None else None
     precision = products(compute_dtype)
 
+    block_p = bwd_block_p(num_rows, precision)
+
     def launch(config):
-        block_p, block_n, block_k, warps, stages = config
+        dh_block_n, dh_block_k, dw_block_n, dw_block_k, warps, stages = config
+        num_dh = cdiv(num_rows, block_p) * cdiv(hidden_size, dh_block_k) * num_splits
+        num_dw = cdiv(num_cols, dw_block_n) * cdiv(hidden_size, dw_block_k)
         return launch_kernel(
-            prefix_mlp_bwd_kernel, (cdiv(hidden_size, block_k), num_splits),
+            prefix_mlp_bwd_kernel, (num_dh + num_dw,),
             grad, hidden, w2, dw2, db2, dh_part,
-            num_rows, num_cols, hidden_size, num_kv_heads, head_dim, per_split, num_splits,
+            num_rows, num_cols, hidden_size, num_kv_heads, head_dim, per_split, num_dh,
             *grad_strides,
             hidden.stride(0), hidden.stride(1),
             w2.stride(0), w2.stride(1),
             dw2.stride(0), dw2.stride(1),
             *dh_part.stride(),
             HAS_BIAS=b2 is not None, PRECISION=precision,
-            BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+            DH_BLOCK_P=block_p, DH_BLOCK_N=dh_block_n, DH_BLOCK_K=dh_block_k,
+            DW_BLOCK_P=block_p, DW_BLOCK_N=dw_block_n, DW_BLOCK_K=dw_block_k, num_warps=warps, num_stages=stages,
         )
 
     key = ("mlp-bwd", device, num_rows, num_cols, hidden_size, num_splits, b2 is not None, precision, grad.dtype,

@@ -13,7 +13,7 @@ every padded Hugging Face batch), ``packed`` (``prefix_attention_varlen``), what
                                            [--flags plain,padded] [--check] [--markdown]
 
 The prefix MLP's candidates (``--kernels mlp``) are checked likewise, per dot precision: the
-backward's ``BWD_TILES``, the forward's configs as fwd_candidates leaves them for each P tile
+backward's ``BWD_TILES`` at each P tile, the forward's configs as fwd_candidates leaves them for each P tile
 the launcher uses, and the small-GEMM configs.
 
 ``--kernels grid`` compiles every variant the GPU test grids (dense and packed) launch (about 1200;
@@ -131,20 +131,23 @@ def mlp_candidates():
     candidates as its launchers' candidate functions leave them, per dot precision and P tile."""
     from prefixkern.kernels import prefix_mlp as mlp
 
-    for precision in ("ieee", "tf32"):
-        for tile in mlp.BWD_TILES[precision]:
-            block_p, block_n, block_k, warps, stages = tile
-            yield (f"mlp-bwd {precision} P{block_p}", mlp.prefix_mlp_bwd_kernel,
-                   dict(HAS_BIAS=True, INPUT_PRECISION=precision, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k),
-                   {"g_ptr": "*bf16"}, warps, stages)
+    # "bf16": float32 parameters under bf16 autocast (products rounded to bf16 on load).
+    for precision in ("ieee", "tf32", "bf16"):
+        for block_p in (16, 32, 64):   # the launcher's P tiles (bwd_block_p)
+            if block_p != mlp.bwd_block_p(block_p, precision):
+                continue
+            for dh_n, dh_k, dw_n, dw_k, warps, stages in mlp.bwd_candidates(block_p, precision):
+                yield (f"mlp-bwd {precision} P{block_p}", mlp.prefix_mlp_bwd_kernel,
+                       dict(HAS_BIAS=True, PRECISION=precision, DH_BLOCK_P=block_p, DH_BLOCK_N=dh_n, DH_BLOCK_K=dh_k,
+                            DW_BLOCK_P=block_p, DW_BLOCK_N=dw_n, DW_BLOCK_K=dw_k), {"g_ptr": "*bf16"}, warps, stages)
         for block_p in (16, 32, 64):   # the launcher's P tiles (MAX_BLOCK_P_FWD)
             for block_n, block_k, warps, stages in mlp.fwd_candidates(block_p, 1 << 20, precision):
                 yield (f"mlp-fwd {precision} P{block_p}", mlp.prefix_mlp_fwd_kernel,
-                       dict(HAS_BIAS=True, HAS_DROPOUT=False, INPUT_PRECISION=precision, BLOCK_P=block_p,
+                       dict(HAS_BIAS=True, HAS_DROPOUT=False, PRECISION=precision, BLOCK_P=block_p,
                             BLOCK_N=block_n, BLOCK_K=block_k), {"out_ptr": "*bf16", "seed_ptr": "*i64"}, warps, stages)
         for block_m, block_n, block_k, warps, stages in mlp.MATMUL_TILES:
             yield (f"mlp-matmul {precision}", mlp.prefix_mlp_matmul_kernel,
-                   dict(HAS_BIAS=True, APPLY_TANH=True, INPUT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+                   dict(HAS_BIAS=True, APPLY_TANH=True, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
                         BLOCK_K=block_k), {"c_ptr": "*fp32"}, warps, stages)
 
 
@@ -240,7 +243,8 @@ def main(argv=None) -> int:
         compiled = compile_kernel(kernel, consts, pointers, "*fp32", target, warps, stages)
         registers, spills = ptxas_usage(compiled.asm["ptx"], args.arch)
         smem = compiled.metadata.shared
-        tiles = tuple(consts[k] for k in ("BLOCK_M", "BLOCK_P", "BLOCK_N", "BLOCK_K") if k in consts)
+        tiles = tuple(consts[k] for k in ("BLOCK_M", "BLOCK_P", "BLOCK_N", "BLOCK_K", "DH_BLOCK_N", "DH_BLOCK_K",
+                                          "DW_BLOCK_N", "DW_BLOCK_K") if k in consts)
         config = tiles + (warps, stages)
         rows.append((label.split()[0], label.split(" ", 1)[1], config, "-", registers, spills, smem))
         print(f"{label:24s} {str(config):22s} regs {registers:3d}  spill stores {spills:5d} B  smem {smem:6d} B  "
