@@ -1,7 +1,10 @@
 """MLP suite: the fused prefix MLP against PEFT's encoder on B*P rows and the same math in PyTorch
-on P rows, forward and forward+backward, for the seeds' and Llama-3-8B's shapes."""
+on P rows, forward and forward+backward, for the seeds' and Llama-3-8B's shapes; ``+autocast``
+shapes run every implementation's forward inside ``torch.autocast`` in the run's dtype (a
+``Trainer`` with ``bf16=True``: PEFT's float32 encoder computes its Linears in bf16)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +22,7 @@ class MlpShape:
     D: int
     P: int
     B: int = 8
+    autocast: bool = False
 
     @property
     def token_dim(self) -> int:     # PEFT's token_dim (and its default encoder_hidden_size)
@@ -33,9 +37,12 @@ SHAPES = {s.name: s for s in (
     MlpShape("qwen2.5-0.5b", 24, 2, 64, 20),
     MlpShape("bloomz-560m", 24, 16, 64, 30),
     MlpShape("llama3-8b", 32, 8, 128, 64),
+    MlpShape("qwen2.5-0.5b+autocast", 24, 2, 64, 20, autocast=True),
+    MlpShape("llama3-8b+autocast", 32, 8, 128, 64, autocast=True),
 )}
-QUICK = ("qwen2.5-0.5b", "llama3-8b")
-CPU_SHAPES = {"cpu-tiny": MlpShape("cpu-tiny", 2, 2, 12, 7, B=2)}
+QUICK = ("qwen2.5-0.5b", "llama3-8b", "llama3-8b+autocast")
+CPU_SHAPES = {s.name: s for s in (MlpShape("cpu-tiny", 2, 2, 12, 7, B=2),
+                                   MlpShape("cpu-tiny+autocast", 2, 2, 12, 7, B=2, autocast=True))}
 
 
 def _params(shape: MlpShape, device):
@@ -75,14 +82,26 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             skips.append(Skip("mlp", name, "peft_encoder", f"peft unavailable ({exc})"))
         tokens = torch.arange(shape.P, device=opts.device).unsqueeze(0).expand(shape.B, -1)
 
+        def forward_context():
+            if shape.autocast:
+                return torch.autocast(opts.device.type, dtype=opts.dtype)
+            return contextlib.nullcontext()
+
         def peft_rows():
             # PEFT's get_prompt: the encoder on B*P rows, cast, viewed and permuted per layer.
-            rows = encoder(tokens).to(opts.dtype)
+            with forward_context():
+                rows = encoder(tokens).to(opts.dtype)
             return rows.view(shape.B, shape.P, 2 * shape.L, shape.Hkv, shape.D).permute(2, 0, 3, 1, 4)
 
+        def ours():
+            with forward_context():
+                return fused_prefix_mlp(*params, **kw, out_dtype=opts.dtype)
+
+        # The same math in PyTorch on P rows: under autocast, what autocast's Linear computes.
+        compute = opts.dtype if shape.autocast else None
         impls = {
-            "prefixkern": lambda: fused_prefix_mlp(*params, **kw, out_dtype=opts.dtype),
-            "torch_p_rows": lambda: reference.prefix_mlp(*params, **kw, out_dtype=opts.dtype),
+            "prefixkern": ours,
+            "torch_p_rows": lambda: reference.prefix_mlp(*params, **kw, out_dtype=opts.dtype, compute_dtype=compute),
             "peft_encoder": peft_rows,
         }
         expected = reference.prefix_mlp(*[p.detach().double() for p in params], **kw, out_dtype=torch.float64)
