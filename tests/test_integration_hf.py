@@ -80,6 +80,16 @@ def _prefix_grads(model):
     return {name: p.grad.clone() for name, p in model.prompt_encoder.named_parameters() if p.grad is not None}
 
 
+def test_triton_kernels_under_bf16_autocast():
+    """A Trainer with bf16=True: the whole step under autocast, the real kernels (the prefix MLP
+    computing as autocast's Linear does, attention on bf16 projections) against stock PEFT eager
+    under the same autocast."""
+    ref, ours = _pair("llama")
+    ids, mask = _batch("left", batch=2, seq=7)
+    with prefixkern.use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
+        _compare_step(ref, ours, ids, mask, atol=3e-2, rtol=3e-2)
+
+
 def _compare_step(ref, ours, ids, mask, atol=2e-5, rtol=2e-4, train=False):
     for model in (ref, ours):
         model.train(train)
