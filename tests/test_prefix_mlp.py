@@ -503,6 +503,7 @@ def test_gpu_full_size_against_reference(model, P, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.smoke
 @pytest.mark.parametrize("model", list(GPU_MODELS))
 @pytest.mark.parametrize("P", [20, 128])
 def test_gpu_autocast_against_reference(model, P):
