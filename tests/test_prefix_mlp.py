@@ -366,6 +366,25 @@ def test_torch_compile_fullgraph(dropout, device):
         torch.testing.assert_close(g, eager_grads[name], atol=0, rtol=0, msg=name)
 
 
+def test_torch_compile_traces_the_autocast_choice(device):
+    """Under autocast the product dtype is read when the graph is traced and passed to the custom
+    op: no graph break, the same bf16 values as eager."""
+    torch.manual_seed(13)
+    P = 6
+    enc = PrefixEncoder(P, **SMALL, projection=True, hidden_size=SMALL_HIDDEN, device=device)
+
+    def forward(module):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return module()
+
+    with prefixkern.use_backend("triton"):
+        eager = forward(enc)
+        torch._dynamo.reset()
+        compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")(enc)
+    assert compiled.dtype == eager.dtype == torch.bfloat16
+    assert torch.equal(compiled, eager)
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: errors name the argument, before any launch
 # ----------------------------------------------------------------------------------------------
