@@ -385,6 +385,21 @@ def test_torch_compile_traces_the_autocast_choice(device):
     assert torch.equal(compiled, eager)
 
 
+def test_launched_tiles_name_every_field():
+    """What the benchmarks record beside a timing: every tile field labelled, for each kernel."""
+    from prefixkern.ops.prefix_mlp import launched_tiles
+
+    enc = PrefixEncoder(5, **SMALL, projection=True, hidden_size=SMALL_HIDDEN)
+    launched_tiles()
+    with prefixkern.use_backend("triton"):
+        enc(torch.bfloat16).float().sum().backward()
+    tiles = launched_tiles()
+    assert set(tiles) == {"fwd", "bwd", "gemm"}
+    assert tiles["bwd"].startswith("DH_BLOCK_N=") and tiles["bwd"].count("=") == 6, tiles["bwd"]
+    assert tiles["fwd"].count("=") == 4 and tiles["gemm"].count("=") == 5, tiles
+    assert launched_tiles() == {}
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: errors name the argument, before any launch
 # ----------------------------------------------------------------------------------------------
