@@ -58,7 +58,13 @@ def test_prefix_mlp_fwd_bwd(benchmark, shape, impl):
     spec = mlp_suite.SHAPES[shape]
     params = mlp_suite._params(spec, "cuda")
     kw = dict(num_layers=spec.L, num_kv_heads=spec.Hkv, head_dim=spec.D, out_dtype=torch.bfloat16)
-    fn = (lambda: fused_prefix_mlp(*params, **kw)) if impl == "prefixkern" else (lambda: reference.prefix_mlp(*params, **kw))
+
+    def fn():
+        if impl == "torch_p_rows":   # under autocast: what autocast's Linear computes
+            return reference.prefix_mlp(*params, **kw, compute_dtype=torch.bfloat16 if spec.autocast else None)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=spec.autocast):
+            return fused_prefix_mlp(*params, **kw)
+
     expected = reference.prefix_mlp(*[p.detach().double() for p in params], **{**kw, "out_dtype": torch.float64})
     assert mlp_suite.scaled_err(fn(), expected) <= 1.6e-2
     grad = torch.randn(expected.shape, device="cuda", dtype=torch.bfloat16)
