@@ -106,16 +106,17 @@ def self_check(ops) -> None:
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     device = torch.device("cuda", torch.cuda.current_device())
-    # Every head dim (their instances map threads to output columns differently); 155 keys in two
-    # splits put several K/V tiles in a split at each of them.
+    # Every head dim (their instances map threads to output columns differently); 305 keys in two
+    # splits put two or more K/V tiles in a split at each of them (tiles of 128, 64 and 32 keys),
+    # so the online softmax rescales within a split.
     for dtype, head_dim in ((torch.bfloat16, 128), (torch.float16, 64), (torch.bfloat16, 256)):
         def randn(*shape):
             return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
-        q, k, v = randn(3, 8, 2, head_dim), randn(3, 2, 150, head_dim), randn(3, 2, 150, head_dim)
+        q, k, v = randn(3, 8, 2, head_dim), randn(3, 2, 300, head_dim), randn(3, 2, 300, head_dim)
         pk, pv = randn(2, 2, 5, head_dim), randn(2, 2, 5, head_dim)
         index = torch.tensor([1, 0, 1], device=device)
-        mask = torch.ones(3, 150, dtype=torch.bool, device=device)
+        mask = torch.ones(3, 300, dtype=torch.bool, device=device)
         mask[0, :9] = False
         scale = head_dim ** -0.5
         want = reference.prefix_attention(q, k, v, pk, pv, causal=True, softmax_scale=scale, key_padding_mask=mask,

@@ -503,6 +503,21 @@ def test_16bit_parameters_compute_like_nn_linear(dtype, device):
         torch.testing.assert_close(our_grads[name], peft_grads[name], **_tol(dtype, "grad"), msg=name)
 
 
+def test_autocast_recasts_16bit_parameters_of_the_other_dtype(device):
+    """Autocast casts every floating input but float64: float16 parameters inside bf16 autocast
+    compute in bf16, as PEFT's encoder does there."""
+    torch.manual_seed(14)
+    P = 5
+    peft = _peft_encoder(P, **SMALL, projection=True, hidden_size=SMALL_HIDDEN, device=device).to(torch.float16)
+    ours = _ours_from_peft(peft, True, P, device=device, **SMALL).to(torch.float16)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        expected = _peft_prefix(peft, 1, P, **SMALL, dtype=torch.bfloat16)[:, :, 0]
+        with prefixkern.use_backend("triton"):
+            kv = ours()
+    assert kv.dtype == torch.bfloat16
+    assert torch.equal(kv, expected)
+
+
 GPU_MODELS = {
     # name: (L, Hkv, D, encoder hidden size h); d = token_dim = Hkv * D as PEFT sets it for GQA
     "qwen2.5-0.5b": (24, 2, 64, 896),

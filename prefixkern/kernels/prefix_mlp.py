@@ -235,10 +235,13 @@ def prefix_mlp_fwd_kernel(
 # (DH_BLOCK_N, DH_BLOCK_K, DW_BLOCK_N, DW_BLOCK_K, num_warps, num_stages); the P tiles follow P
 # (bwd_block_p). "tensor": TF32 and 16-bit products; "ieee": FMA dots, whose operands and
 # accumulators take registers per thread, so smaller tiles. Every entry compiles for sm_90
-# without register spills at every P tile (tests/tools/kernel_resources.py --kernels mlp).
+# without register spills at every P tile and product precision on Triton 3.9
+# (tests/tools/kernel_resources.py --kernels mlp); on Triton 3.6 the third "tensor" entry spills
+# about 100 B at P tile 64, where the tuner drops it (pick_config). The first entry of each table,
+# the one used with autotuning off, is spill-free on both.
 BWD_TILES = {
-    "tensor": ((64, 128, 128, 128, 8, 3), (128, 64, 128, 128, 8, 3), (32, 128, 128, 64, 8, 4),
-               (32, 64, 64, 64, 4, 4)),
+    "tensor": ((64, 64, 128, 128, 8, 4), (32, 128, 128, 64, 8, 4), (64, 128, 128, 128, 8, 3),
+               (32, 64, 64, 64, 8, 3)),
     "ieee": ((32, 64, 64, 64, 8, 2), (16, 64, 64, 32, 4, 2), (32, 32, 32, 64, 4, 2)),
 }
 BWD_MAX_BLOCK_P = {"tensor": 64, "ieee": 32}
@@ -255,6 +258,13 @@ def bwd_block_p(num_rows: int, precision: str) -> int:
     if triton_interpret():
         return 16
     return _block_p(num_rows, BWD_MAX_BLOCK_P[_bwd_table(precision)])
+
+
+def bwd_dw_block_p(block_p: int) -> int:
+    """The dW2 programs' step over P (their GEMM's reduction): at most 32 rows of G and H at a time,
+    so their operands leave registers for the [DW_BLOCK_N, DW_BLOCK_K] accumulator (64 rows spilled
+    the largest tiles under fp16)."""
+    return min(block_p, 32)
 
 
 def bwd_candidates(num_rows: int, precision: str) -> list[tuple[int, int, int, int, int, int]]:
@@ -287,9 +297,10 @@ def _bwd_dh_program(
 ):
     """Partial dH of one (P tile, hidden chunk, N split): ``G[rows, split] @ W2[split, chunk]``,
     float32, stored once. P tiles vary fastest, so the programs that read one W2 range together
-    run together (L2 serves the repeats when P spans several tiles). Tiles are addressed as a
-    64-bit scalar base plus 32-bit offsets (a tile spans far less than 2**31 elements): 64-bit
-    offsets per element cost the registers that made larger tiles spill."""
+    run together (L2 serves the repeats when P spans several tiles). W2 and dH tiles are addressed
+    as a 64-bit scalar base plus 32-bit offsets (a tile spans far less than 2**31 elements):
+    64-bit offsets per element cost the registers that made larger tiles spill. G's column
+    offsets stay 64-bit (any strides of the [L, 2, Hkv, P, D] gradient)."""
     num_p = tl.cdiv(P, BLOCK_P)
     num_k = tl.cdiv(HID, BLOCK_K)
     pid_p = i % num_p
@@ -331,7 +342,7 @@ def _bwd_dw2_program(
 ):
     """One [BLOCK_N, BLOCK_K] tile of ``dW2 = G^T @ H`` over every P row, and with the first
     hidden chunk ``db2 = sum_p G``. Hidden chunks vary fastest: the programs that read one G tile
-    run together. Addressed as in ``_bwd_dh_program``."""
+    run together. H and dW2 addressed as W2 is in ``_bwd_dh_program``, G likewise."""
     num_k = tl.cdiv(HID, BLOCK_K)
     pid_k = j % num_k
     pid_n = j // num_k
@@ -612,7 +623,8 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
             *dh_part.stride(),
             HAS_BIAS=b2 is not None, PRECISION=precision,
             DH_BLOCK_P=block_p, DH_BLOCK_N=dh_block_n, DH_BLOCK_K=dh_block_k,
-            DW_BLOCK_P=block_p, DW_BLOCK_N=dw_block_n, DW_BLOCK_K=dw_block_k, num_warps=warps, num_stages=stages,
+            DW_BLOCK_P=bwd_dw_block_p(block_p), DW_BLOCK_N=dw_block_n, DW_BLOCK_K=dw_block_k, num_warps=warps,
+            num_stages=stages,
         )
 
     key = ("mlp-bwd", device, num_rows, num_cols, hidden_size, num_splits, b2 is not None, precision, grad.dtype,

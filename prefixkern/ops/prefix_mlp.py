@@ -304,10 +304,11 @@ def fused_prefix_mlp(
 
 
 def linear_compute_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype ``nn.Linear`` computes in for parameters like ``weight`` at this point: the
-    autocast dtype for float32 parameters inside ``torch.autocast`` on their device, else their own."""
+    """The dtype ``nn.Linear`` computes in for parameters like ``weight`` at this point: inside
+    ``torch.autocast`` on their device the autocast dtype (autocast casts every floating input but
+    float64, 16-bit ones of the other 16-bit dtype included), else their own."""
     device_type = weight.device.type
-    if weight.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+    if weight.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return weight.dtype
 

@@ -134,8 +134,9 @@ def cases(quick: bool):
     yield ("dropout-mask", common.dropout_keep_mask_kernel, dict(BLOCK_M=32, BLOCK_N=64),
            {"seed_ptr": "*i64", "keep_ptr": "*i8"}, "*fp32", 4, 1)
     # (output / gradient pointer, the first GEMMs' precision, the second GEMM's): float32 parameters
-    # exactly and with TF32, and under bf16 autocast (float32 parameters, bf16 products).
-    for out_ptr, first, second in (("*bf16", "ieee", "tf32"), ("*fp32", "ieee", "tf32"), ("*bf16", "bf16", "bf16")):
+    # exactly and with TF32, and under bf16 and fp16 autocast (16-bit products).
+    for out_ptr, first, second in (("*bf16", "ieee", "tf32"), ("*fp32", "ieee", "tf32"), ("*bf16", "bf16", "bf16"),
+                                   ("*fp16", "fp16", "fp16")):
         yield (f"mlp-matmul {out_ptr} {first}", mlp.prefix_mlp_matmul_kernel,
                dict(HAS_BIAS=True, APPLY_TANH=True, PRECISION=first, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64),
                {"c_ptr": "*fp32"}, "*fp32", 4, 3)
@@ -145,7 +146,8 @@ def cases(quick: bool):
         bp = mlp.bwd_block_p(64, first)
         dh_n, dh_k, dw_n, dw_k, w, st = mlp.bwd_candidates(64, first)[0]
         yield (f"mlp-bwd {out_ptr} {first}", mlp.prefix_mlp_bwd_kernel,
-               dict(HAS_BIAS=True, PRECISION=first, DH_BLOCK_P=bp, DH_BLOCK_N=dh_n, DH_BLOCK_K=dh_k, DW_BLOCK_P=bp,
+               dict(HAS_BIAS=True, PRECISION=first, DH_BLOCK_P=bp, DH_BLOCK_N=dh_n, DH_BLOCK_K=dh_k,
+                    DW_BLOCK_P=mlp.bwd_dw_block_p(bp),
                     DW_BLOCK_N=dw_n, DW_BLOCK_K=dw_k), {"g_ptr": out_ptr}, "*fp32", w, st)
     yield ("mlp-bwd-hidden", mlp.prefix_mlp_bwd_hidden_kernel, dict(HAS_BIAS=True, BLOCK_P=32, BLOCK_K=64),
            {}, "*fp32", 4, 1)

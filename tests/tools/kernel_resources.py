@@ -131,15 +131,16 @@ def mlp_candidates():
     candidates as its launchers' candidate functions leave them, per dot precision and P tile."""
     from prefixkern.kernels import prefix_mlp as mlp
 
-    # "bf16": float32 parameters under bf16 autocast (products rounded to bf16 on load).
-    for precision in ("ieee", "tf32", "bf16"):
+    # "bf16" / "fp16": float32 parameters under autocast (products rounded on load), or 16-bit ones.
+    for precision in ("ieee", "tf32", "bf16", "fp16"):
         for block_p in (16, 32, 64):   # the launcher's P tiles (bwd_block_p)
             if block_p != mlp.bwd_block_p(block_p, precision):
                 continue
             for dh_n, dh_k, dw_n, dw_k, warps, stages in mlp.bwd_candidates(block_p, precision):
                 yield (f"mlp-bwd {precision} P{block_p}", mlp.prefix_mlp_bwd_kernel,
                        dict(HAS_BIAS=True, PRECISION=precision, DH_BLOCK_P=block_p, DH_BLOCK_N=dh_n, DH_BLOCK_K=dh_k,
-                            DW_BLOCK_P=block_p, DW_BLOCK_N=dw_n, DW_BLOCK_K=dw_k), {"g_ptr": "*bf16"}, warps, stages)
+                            DW_BLOCK_P=mlp.bwd_dw_block_p(block_p), DW_BLOCK_N=dw_n, DW_BLOCK_K=dw_k),
+                       {"g_ptr": "*bf16"}, warps, stages)
         for block_p in (16, 32, 64):   # the launcher's P tiles (MAX_BLOCK_P_FWD)
             for block_n, block_k, warps, stages in mlp.fwd_candidates(block_p, 1 << 20, precision):
                 yield (f"mlp-fwd {precision} P{block_p}", mlp.prefix_mlp_fwd_kernel,
