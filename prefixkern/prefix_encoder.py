@@ -28,9 +28,11 @@ class PrefixEncoder(nn.Module):
     head_dim``) and h its ``encoder_hidden_size`` (default ``token_dim``). ``transform.1`` is the
     ``Tanh``, kept so the indices match. Parameters stay float32 unless built otherwise.
 
-    ``enc(dtype=None)`` returns ``kv`` ``[L, 2, Hkv, P, D]`` in ``dtype`` (default the
-    parameters' dtype): layer l's keys ``kv[l, 0]`` and values ``kv[l, 1]``, each ``[Hkv, P, D]``,
-    equal to what PEFT's ``get_prompt`` gives every batch row. Without projection (P-Tuning v2)
+    ``enc(dtype=None)`` returns ``kv`` ``[L, 2, Hkv, P, D]`` in ``dtype`` (default what PEFT's
+    encoder returns: the parameters' dtype, or the autocast dtype inside ``torch.autocast`` with
+    projection): layer l's keys ``kv[l, 0]`` and values ``kv[l, 1]``, each ``[Hkv, P, D]``, equal
+    to what PEFT's ``get_prompt`` gives every batch row (under autocast, computed as autocast's
+    ``nn.Linear`` does; see ``fused_prefix_mlp``). Without projection (P-Tuning v2)
     and with no cast or dropout it is a view of ``embedding.weight``. ``dropout`` (P-Tuning v2's
     prefix dropout) applies in training mode only.
 
@@ -118,7 +120,8 @@ class PrefixEncoder(nn.Module):
         return encoder
 
     def forward(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``[L, 2, Hkv, P, D]`` prefix keys/values in ``dtype`` (default the parameters' dtype)."""
+        """``[L, 2, Hkv, P, D]`` prefix keys/values in ``dtype`` (default: as PEFT's encoder returns
+        them, in the parameters' dtype or, with projection inside ``torch.autocast``, the autocast dtype)."""
         dropout_p = self.dropout if self.training else 0.0
         if self.prefix_projection:
             linear1, linear2 = self.transform[0], self.transform[2]
