@@ -385,6 +385,46 @@ def test_torch_compile_traces_the_autocast_choice(device):
     assert torch.equal(compiled, eager)
 
 
+@pytest.mark.parametrize("P,hidden,layout,bias", [(17, 45, "contiguous", True), (33, 20, "p_outer", True),
+                                                   (1, 45, "contiguous", False)])
+def test_backward_writes_every_gradient_element(P, hidden, layout, bias, device):
+    """Fresh buffers filled with NaN (torch's fill_uninitialized_memory): every gradient element is
+    written by exactly the programs that own it, at ragged sizes (P, h, N not tile multiples) and
+    with a gradient whose P axis is outermost; values against float64 autograd."""
+    from prefixkern.kernels import prefix_mlp as kernels
+
+    torch.manual_seed(15)
+    L, Hkv, D, d = 3, 1, 20, 24
+    N = 2 * L * Hkv * D
+    params = [torch.randn(P, d), torch.randn(hidden, d) / d ** 0.5, torch.randn(hidden) if bias else None,
+              torch.randn(N, hidden) / hidden ** 0.5, torch.randn(N) if bias else None]
+    params = [None if t is None else t.to(device) for t in params]
+    if layout == "p_outer":
+        grad = torch.randn(P, L, 2, Hkv, D, device=device).permute(1, 2, 3, 0, 4)
+    else:
+        grad = torch.randn(L, 2, Hkv, P, D, device=device)
+    sizes = dict(num_layers=L, num_kv_heads=Hkv, head_dim=D)
+    deterministic, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        _, hidden_act = kernels.prefix_mlp_forward(*params, **sizes, out_dtype=torch.float32,
+                                                   compute_dtype=torch.float32, dropout_p=0.0, seed=None)
+        grads = kernels.prefix_mlp_backward(grad, *params, hidden_act, **sizes, compute_dtype=torch.float32,
+                                            dropout_p=0.0, seed=None)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    leaves = [None if t is None else t.double().requires_grad_() for t in params]
+    expected = reference.prefix_mlp(*leaves, **sizes, out_dtype=torch.float64)
+    wanted = torch.autograd.grad(expected, [t for t in leaves if t is not None], grad.double())
+    names = [name for name, t in zip(("dE", "dW1", "db1", "dW2", "db2"), params) if t is not None]
+    got = [g for g, t in zip(grads, params) if t is not None]
+    for name, ours, ref in zip(names, got, wanted):
+        assert not torch.isnan(ours).any(), f"{name}: elements left unwritten"
+        torch.testing.assert_close(ours.double(), ref, atol=1e-4, rtol=1e-4, msg=name)
+
+
 def test_launched_tiles_name_every_field():
     """What the benchmarks record beside a timing: every tile field labelled, for each kernel."""
     from prefixkern.ops.prefix_mlp import launched_tiles
