@@ -3,11 +3,12 @@
 # benchmark suite, each step under ten minutes, everything left in one folder.
 #
 #   benchmarks/run_gpu.sh [OUT_DIR] [STEP ...]
-#   STEP: smoke quick quick-<suite> tests-attention-1 tests-attention-2 tests-other attention attention-sweep mlp e2e
-#         e2e-large decode profile pytest-bench
+#   STEP: smoke quick quick-<suite> device tests-attention-1 tests-attention-2 tests-other attention attention-sweep mlp
+#         e2e e2e-large decode profile pytest-bench
 #         (default: all but smoke and quick, in that order)
 #   smoke: CI's representative kernel tests and the GPU tests marked smoke (a few minutes); quick: every suite with
-#   --quick; quick-attention, quick-mlp, quick-e2e_train, quick-decode: one suite's --quick each.
+#   --quick; quick-attention, quick-mlp, quick-e2e_train, quick-decode, quick-device: one suite's --quick each
+#   (device: the GPU's own bf16 matmul TFLOP/s and copy bandwidth, which the issues' relative targets use).
 #   A device call lasts at most ten minutes: run a few steps per call, with STEP_LIMIT_S (or a
 #   step's own limit, STEP:SECONDS) set so that they fit (benchmarks/results/README.md has the
 #   plan for a session's device budget).
@@ -21,8 +22,8 @@ cd "$(dirname "$0")/.."
 OUT="${1:-benchmarks/results/run-$(date -u +%Y%m%d-%H%M)}"
 shift || true
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests-attention-1 tests-attention-2 tests-other attention attention-sweep mlp e2e e2e-large
-                                  decode pytest-bench)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(device tests-attention-1 tests-attention-2 tests-other attention attention-sweep mlp e2e
+                                  e2e-large decode pytest-bench)
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
@@ -69,7 +70,7 @@ for step in "${STEPS[@]}"; do
                           tests/test_checks.py --junitxml="$OUT/smoke.xml" ;;
         quick)        run_step bench-quick "$PY" -m prefixkern.bench --quick --out-dir "$OUT" ;;
         # One suite's quick run per process: a step cut off by STEP_LIMIT_S loses only its own suite.
-        quick-attention|quick-mlp|quick-e2e_train|quick-decode)
+        quick-attention|quick-mlp|quick-e2e_train|quick-decode|quick-device)
                       run_step "bench-$step" "$PY" -m prefixkern.bench --suite "${step#quick-}" --quick --out-dir "$OUT" ;;
         tests-attention-1|tests-attention-2)
                       shard=$(( ${step##*-} - 1 ))
@@ -84,6 +85,7 @@ for step in "${STEPS[@]}"; do
                           --shapes sweep-S512 sweep-S1024 sweep-S2048 sweep-S4096 sweep-S8192 \
                                    sweep-P1 sweep-P16 sweep-P64 sweep-P128 sweep-P256 packed-qwen packed-llama8b ;;
         mlp)          run_step bench-mlp "$PY" -m prefixkern.bench --suite mlp --out-dir "$OUT" ;;
+        device)       run_step bench-device "$PY" -m prefixkern.bench --suite device --out-dir "$OUT" --no-plots ;;
         e2e)          run_step bench-e2e "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" \
                           --shapes qwen2.5-0.5b bloomz-560m ;;
         e2e-large)    run_step bench-e2e-large "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" \

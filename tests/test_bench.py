@@ -147,3 +147,70 @@ def test_packed_baselines_lay_out_what_they_claim(monkeypatch):
     for impl in ("flash_attn", "prefixkern_padded", "sdpa_mask", "prefixkern"):
         torch.testing.assert_close(packed.IMPLS[impl](q, k, v, pk, pv, cu), expected, atol=1e-5, rtol=1e-5,
                                    msg=lambda m, impl=impl: f"{impl}: {m}")
+
+
+def _rec(suite, case, impl, pass_, **values):
+    return Record(suite, case, impl, pass_, "bfloat16", **values).as_json()
+
+
+def test_targets_judge_each_issue_from_the_records():
+    """Each issue's target is met, missed or marked without data, from the records alone; the
+    relative ones read the run's own device probes."""
+    from prefixkern.bench.targets import evaluate
+
+    records = [
+        _rec("device", "matmul-8192", "torch", "fwd", ms=1.0, tflops=800.0),
+        _rec("device", "copy-512MiB", "torch", "fwd", ms=1.0, gbps=4000.0),
+        _rec("attention", "llama8b-2k", "prefixkern", "fwd_bwd", ms=2.0, peak_mem_mb=90.0),
+        _rec("attention", "llama8b-2k", "flex", "fwd_bwd", ms=2.2, peak_mem_mb=100.0),
+        _rec("attention", "llama8b-2k", "sdpa_mask", "fwd_bwd", ms=3.0, peak_mem_mb=300.0),
+        _rec("attention", "llama8b-8k", "prefixkern", "fwd", ms=1.0, tflops=480.0),
+        _rec("mlp", "llama3-8b", "prefixkern", "fwd", ms=0.1, gbps=3000.0),
+        _rec("mlp", "llama3-8b", "torch_p_rows", "fwd", ms=0.15),
+        _rec("e2e_train", "qwen2.5-0.5b-S2048", "floor_no_prefix", "step", ms=100.0, peak_mem_mb=1000.0),
+        _rec("e2e_train", "qwen2.5-0.5b-S2048", "peft_sdpa", "step", ms=130.0),
+        _rec("e2e_train", "qwen2.5-0.5b-S2048", "prefixkern", "step", ms=104.0, peak_mem_mb=1030.0, max_err=0.0,
+             ok=True),
+        _rec("decode", "P30-L4096-B8", "prefixkern", "fwd", ms=0.04, gbps=3000.0),
+        _rec("decode", "P30-L4096-B8", "sdpa_concat", "fwd", ms=0.05),
+        _rec("decode", "P30-L4096-B8", "prefixkern_triton", "fwd", ms=0.1),
+    ]
+    got = {(t.issue, t.what, t.case): t.met for t in evaluate({"records": records})}
+    assert got[(2, "fwd+bwd at least as fast as the fastest baseline", "llama8b-2k")] is True
+    assert got[(2, "fwd+bwd 2x faster than HF sdpa with a PEFT prefix (sdpa_mask)", "llama8b-2k")] is False   # 1.5x
+    assert got[(2, "fwd+bwd peak memory below every baseline's", "llama8b-2k")] is True
+    assert got[(2, "fwd+bwd at least as fast as the fastest baseline", "long-32k")] is None                  # not run
+    assert got[(2, "fwd at 55% or more of the GPU's measured bf16 matmul TFLOP/s", "llama8b-8k")] is True   # 60%
+    assert got[(3, "fwd 1.2x faster than the same math in PyTorch on P rows", "llama3-8b")] is True         # 1.5x
+    assert got[(3, "reads W2 at 70% or more of the GPU's measured bandwidth (fwd)", "llama3-8b")] is True   # 75%
+    assert got[(4, "step within 5% of the floor's time", "qwen2.5-0.5b-S2048")] is True
+    assert got[(4, "peak memory within 2% of the floor's", "qwen2.5-0.5b-S2048")] is False                  # 3%
+    assert got[(4, "1.2x stock PEFT + sdpa tokens/s at S=2048", "qwen2.5-0.5b-S2048")] is True
+    assert got[(6, "2x faster than SDPA on the concatenated cache", "P30-L4096-B8")] is False              # 1.25x
+    assert got[(6, "faster than the Triton decode path", "P30-L4096-B8")] is True
+    assert got[(6, "reads KV at 70% or more of the GPU's measured bandwidth", "P30-L4096-B8")] is True
+    # Without device probes the relative targets have no data rather than a verdict.
+    no_probe = {(t.issue, t.what, t.case): t.met for t in evaluate({"records": records[2:]})}
+    assert no_probe[(3, "reads W2 at 70% or more of the GPU's measured bandwidth (fwd)", "llama3-8b")] is None
+
+
+def test_targets_of_the_committed_gpu_run(capsys):
+    """The CLI reads the targets off a committed results file (the first H200 run)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "2026-11-26_NVIDIA-H200.json"
+    assert main(["--targets", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| 2 | fwd+bwd at least as fast as the fastest baseline | llama8b-2k | 1.03x vs flex | yes |" in printed
+    assert "| 6 | generate() never slower than stock PEFT + sdpa |" in printed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU side of the device suite")
+def test_device_suite_says_it_needs_a_gpu():
+    from prefixkern.bench import device
+    from prefixkern.bench.common import Options
+
+    opts = Options(device=torch.device("cpu"), dtype=torch.bfloat16, quick=True, baselines=None, shapes=None,
+                   on_gpu=False)
+    records, skips = device.run(opts, lambda message: None)
+    assert records == [] and len(skips) == 1 and "GPU" in skips[0].reason

@@ -3,6 +3,7 @@
     prefixkern-bench                       # every suite, every shape, bf16 (on a GPU)
     prefixkern-bench --quick               # a few shapes per suite, a few minutes
     prefixkern-bench --suite attention --shapes llama8b-2k llama8b-8k --baselines sdpa_lower_right flex
+    prefixkern-bench --targets benchmarks/results/2026-11-26_NVIDIA-H200.json   # the issues' targets
 
 Without a GPU it runs a small correctness demo of the same pipeline through Triton's interpreter
 and says so: no speed figure is reported from a CPU.
@@ -41,11 +42,21 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                         help="merge results files of one GPU (e.g. one per run_gpu.sh step) into one JSON, Markdown "
                              "table and plots in --out-dir, then exit")
+    parser.add_argument("--targets", type=Path, default=None, metavar="JSON",
+                        help="print the issues' speed and memory targets as a results file shows them, then exit")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.targets:
+        import json
+
+        from .targets import markdown as targets_markdown
+
+        lines = targets_markdown(json.loads(args.targets.read_text()))
+        print("\n".join(lines) if lines else f"{args.targets} holds no timed record (a CPU demo?): no target to judge")
+        return 0
     if args.merge:
         from .common import merge_results
 
@@ -60,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         # so set before prefixkern's kernel modules are imported).
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from .. import use_backend
-    from . import attention, decode, e2e, mlp
+    from . import attention, decode, device, e2e, mlp
     from .common import Options, print_table, write_results
 
-    suites = {"attention": attention, "mlp": mlp, "e2e_train": e2e, "decode": decode}
+    suites = {"device": device, "attention": attention, "mlp": mlp, "e2e_train": e2e, "decode": decode}
     chosen = list(suites) if "all" in args.suite else list(dict.fromkeys(args.suite))
     dtype = getattr(torch, args.dtype)
     device = torch.device("cuda" if on_gpu else "cpu")

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-SUITES = ("attention", "mlp", "e2e_train", "decode")
+SUITES = ("device", "attention", "mlp", "e2e_train", "decode")
 
 
 @dataclasses.dataclass
@@ -195,6 +195,9 @@ def markdown_table(payload: dict) -> str:
                 _fmt(r["tokens_per_s"]), _fmt(r["peak_mem_mb"]), _fmt(r["max_err"], 2), _fmt(r["ok"]),
             ]) + " |")
         lines.append("")
+    from .targets import markdown as targets_markdown
+
+    lines += targets_markdown(payload)
     if payload.get("skipped"):
         lines += ["## skipped", ""] + [f"- {s['suite']} / {s['case']} / {s['impl']}: {s['reason']}"
                                        for s in payload["skipped"]] + [""]
@@ -211,7 +214,7 @@ def write_plots(payload: dict, out_dir: Path, stem: str) -> dict[str, Path]:
     records = [r for r in payload["records"] if r["ms"]]
     for suite in SUITES:
         rows = [r for r in records if r["suite"] == suite and not r["case"].startswith("sweep-")]
-        if not rows:
+        if not rows or suite == "device":     # the device probes are two numbers, in the table
             continue
         passes = sorted({r["pass"] for r in rows})
         fig, axes = plt.subplots(1, len(passes), figsize=(6 * len(passes), 4), squeeze=False)

@@ -1,0 +1,155 @@
+"""The issues' speed and memory targets, read off a results file: what each asks, the figure the
+file holds for it, and whether it is met. ``markdown_table`` appends them to every results table;
+``prefixkern-bench --targets FILE.json`` prints them.
+
+A target with no record to judge it by (a suite or shape the run skipped, a device probe missing)
+is listed as "no data", never as met.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+# Cases the issues name.
+ATTENTION_CASES = ("llama8b-2k", "llama8b-8k", "long-32k")
+MLP_CASES = ("qwen2.5-0.5b", "bloomz-560m", "llama3-8b")
+
+
+@dataclasses.dataclass
+class Target:
+    issue: int
+    what: str          # the target, in the issue's words
+    case: str
+    value: str         # the figure the file holds ("-" with no data)
+    met: bool | None   # None: no data
+
+
+def _index(records: list[dict]) -> dict[tuple, dict]:
+    return {(r["suite"], r["case"], r["impl"], r["pass"]): r for r in records}
+
+
+def _fmt(x: float | None, unit: str = "") -> str:
+    return "-" if x is None else f"{x:.3g}{unit}"
+
+
+def _probe(records: list[dict], case_prefix: str, field: str) -> float | None:
+    values = [r[field] for r in records if r["suite"] == "device" and r["case"].startswith(case_prefix) and r[field]]
+    return max(values) if values else None
+
+
+def _ratio(records, idx, suite, case, pass_, baselines) -> tuple[float | None, str]:
+    """(fastest baseline's ms / prefixkern's ms, that baseline's name) over ``baselines``
+    (None: every non-prefixkern row of the case)."""
+    ours = idx.get((suite, case, "prefixkern", pass_))
+    if not ours or not ours["ms"]:
+        return None, ""
+    rows = [r for r in records if r["suite"] == suite and r["case"] == case and r["pass"] == pass_ and r["ms"]
+            and not r["impl"].startswith("prefixkern") and (baselines is None or r["impl"] in baselines)]
+    if not rows:
+        return None, ""
+    best = min(rows, key=lambda r: r["ms"])
+    return best["ms"] / ours["ms"], best["impl"]
+
+
+def evaluate(payload: dict) -> list[Target]:
+    records = payload["records"]
+    idx = _index(records)
+    matmul_tflops = _probe(records, "matmul", "tflops")
+    copy_gbps = _probe(records, "copy", "gbps")
+    out: list[Target] = []
+
+    def add(issue, what, case, value, met):
+        out.append(Target(issue, what, case, value, met))
+
+    # ---- issue 2: prefix_attention ----
+    for case in ATTENTION_CASES:
+        ratio, name = _ratio(records, idx, "attention", case, "fwd_bwd", None)
+        add(2, "fwd+bwd at least as fast as the fastest baseline", case,
+            f"{_fmt(ratio, 'x')} vs {name}" if ratio else "-", None if ratio is None else ratio >= 1.0)
+        ratio, _ = _ratio(records, idx, "attention", case, "fwd_bwd", ("sdpa_mask",))
+        add(2, "fwd+bwd 2x faster than HF sdpa with a PEFT prefix (sdpa_mask)", case, _fmt(ratio, "x"),
+            None if ratio is None else ratio >= 2.0)
+        ours = idx.get(("attention", case, "prefixkern", "fwd_bwd"))
+        others = [r["peak_mem_mb"] for r in records if r["suite"] == "attention" and r["case"] == case
+                  and r["pass"] == "fwd_bwd" and not r["impl"].startswith("prefixkern") and r["peak_mem_mb"]]
+        mem = ours["peak_mem_mb"] if ours else None
+        add(2, "fwd+bwd peak memory below every baseline's", case,
+            f"{_fmt(mem, ' MiB')} vs min {_fmt(min(others) if others else None, ' MiB')}",
+            None if mem is None or not others else mem < min(others))
+    fwd = idx.get(("attention", "llama8b-8k", "prefixkern", "fwd"))
+    share = fwd["tflops"] / matmul_tflops if fwd and fwd["tflops"] and matmul_tflops else None
+    add(2, "fwd at 55% or more of the GPU's measured bf16 matmul TFLOP/s", "llama8b-8k",
+        f"{_fmt(share * 100 if share else None, '%')} ({_fmt(fwd['tflops'] if fwd else None)} of "
+        f"{_fmt(matmul_tflops)} TFLOP/s)", None if share is None else share >= 0.55)
+
+    # ---- issue 3: fused prefix MLP (the model shapes, and their +autocast / +tf32 variants) ----
+    mlp_cases = [c for c in dict.fromkeys(r["case"] for r in records if r["suite"] == "mlp")
+                 if c.split("+")[0] in MLP_CASES]
+    for case in mlp_cases:
+        for pass_ in ("fwd", "fwd_bwd"):
+            ratio, _ = _ratio(records, idx, "mlp", case, pass_, ("torch_p_rows",))
+            add(3, f"{pass_} 1.2x faster than the same math in PyTorch on P rows", case, _fmt(ratio, "x"),
+                None if ratio is None else ratio >= 1.2)
+        ours = idx.get(("mlp", case, "prefixkern", "fwd"))
+        share = ours["gbps"] / copy_gbps if ours and ours["gbps"] and copy_gbps else None
+        add(3, "reads W2 at 70% or more of the GPU's measured bandwidth (fwd)", case,
+            f"{_fmt(share * 100 if share else None, '%')} ({_fmt(ours['gbps'] if ours else None)} of "
+            f"{_fmt(copy_gbps)} GB/s)", None if share is None else share >= 0.7)
+
+    # ---- issue 4: the patched model end to end ----
+    for r in records:
+        if r["suite"] != "e2e_train" or r["impl"] != "prefixkern" or not r["ms"]:
+            continue
+        case = r["case"]
+        floor = idx.get(("e2e_train", case, "floor_no_prefix", "step"))
+        if floor and floor["ms"]:
+            add(4, "step within 5% of the floor's time", case, _fmt(r["ms"] / floor["ms"], "x floor"),
+                r["ms"] <= 1.05 * floor["ms"])
+            if r["peak_mem_mb"] and floor["peak_mem_mb"]:
+                add(4, "peak memory within 2% of the floor's", case,
+                    _fmt(r["peak_mem_mb"] / floor["peak_mem_mb"], "x floor"),
+                    r["peak_mem_mb"] <= 1.02 * floor["peak_mem_mb"])
+        sdpa = idx.get(("e2e_train", case, "peft_sdpa", "step"))
+        if "S2048" in case and sdpa and sdpa["ms"]:
+            add(4, "1.2x stock PEFT + sdpa tokens/s at S=2048", case, _fmt(sdpa["ms"] / r["ms"], "x"),
+                sdpa["ms"] / r["ms"] >= 1.2)
+        add(4, "same loss as stock PEFT on the same batch", case, _fmt(r["max_err"]), r["ok"])
+
+    # ---- issue 6: decode ----
+    for r in records:
+        if r["suite"] != "decode" or r["impl"] != "prefixkern" or not r["ms"]:
+            continue
+        case = r["case"]
+        if r["pass"] == "generate":
+            ratio, _ = _ratio(records, idx, "decode", case, "generate", ("peft_sdpa",))
+            add(6, "generate() never slower than stock PEFT + sdpa", case, _fmt(ratio, "x"),
+                None if ratio is None else ratio >= 1.0)
+            continue
+        share = r["gbps"] / copy_gbps if r["gbps"] and copy_gbps else None
+        add(6, "reads KV at 70% or more of the GPU's measured bandwidth", case,
+            f"{_fmt(share * 100 if share else None, '%')} ({_fmt(r['gbps'])} GB/s)",
+            None if share is None else share >= 0.7)
+        ratio, _ = _ratio(records, idx, "decode", case, "fwd", ("sdpa_concat",))
+        add(6, "2x faster than SDPA on the concatenated cache", case, _fmt(ratio, "x"),
+            None if ratio is None else ratio >= 2.0)
+        triton = idx.get(("decode", case, "prefixkern_triton", "fwd"))
+        if triton and triton["ms"]:
+            add(6, "faster than the Triton decode path", case, _fmt(triton["ms"] / r["ms"], "x"),
+                r["ms"] < triton["ms"])
+    return out
+
+
+def markdown(payload: dict) -> list[str]:
+    """The targets as Markdown lines (empty when the file holds no timed record)."""
+    if not any(r["ms"] for r in payload["records"]):
+        return []
+    targets = evaluate(payload)
+    met = sum(t.met is True for t in targets)
+    missed = sum(t.met is False for t in targets)
+    lines = ["## the issues' targets", "",
+             f"{met} met, {missed} not met, {len(targets) - met - missed} without data in this file "
+             "(relative targets use this file's device probes: `--suite device`).", "",
+             "| issue | target | case | figure | met |", "| --- | --- | --- | --- | --- |"]
+    for t in targets:
+        verdict = "no data" if t.met is None else ("yes" if t.met else "**no**")
+        lines.append(f"| {t.issue} | {t.what} | {t.case} | {t.value} | {verdict} |")
+    return lines + [""]
