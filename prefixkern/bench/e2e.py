@@ -246,6 +246,9 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                     except Exception as exc:
                         skips.append(Skip("e2e_train", case, impl, f"liger-kernel not installed ({type(exc).__name__})"))
                         continue
+                    if not opts.on_gpu:   # its kernels assume a GPU (they fail in Triton's interpreter)
+                        skips.append(Skip("e2e_train", case, impl, "Liger-Kernel's kernels need a GPU"))
+                        continue
                 progress(f"e2e_train {case} {impl}")
                 record = Record("e2e_train", case, impl, "step", dtype_name(opts.dtype))
                 try:
