@@ -192,7 +192,7 @@ _PrefixMlpFunction = eager_function("_PrefixMlpFunction", _forward_launch, _setu
 
 
 def _mlp_fwd(*inputs):
-    if launch_directly(*inputs[:5], inputs[11]):
+    if launch_directly(*inputs[:5], inputs[-1]):     # the five parameters and the dropout seed
         return _PrefixMlpFunction.apply(*inputs)
     return prefix_mlp_fwd(*inputs)
 
