@@ -20,6 +20,18 @@ TOLERANCES = {
 }
 
 
+def assert_same_values_and_gradients(out, other, leaves, other_leaves):
+    """``out`` and ``other`` equal bit for bit, and so are their leaves' gradients once one dense
+    random dO is backpropagated through each (dense: ``sum()``'s dO is a stride-0 expand, which
+    AOT autograd makes contiguous and eager does not, so Triton would compile another variant)."""
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    other.backward(grad_out)
+    assert torch.equal(out, other)
+    for got, want in zip(leaves, other_leaves):
+        assert torch.equal(got.grad, want.grad)
+
+
 @pytest.fixture
 def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")

@@ -16,7 +16,7 @@ import prefixkern
 from prefixkern import reference
 from prefixkern._backend import use_backend
 
-from conftest import HAS_CUDA, TOLERANCES
+from conftest import HAS_CUDA, TOLERANCES, assert_same_values_and_gradients
 
 
 @dataclass(frozen=True)
@@ -415,15 +415,8 @@ def test_torch_compile_fullgraph_forward_and_backward(device):
     ref_leaves = [t.clone().requires_grad_() for t in inputs]
     with use_backend("triton"):
         out = compiled(*leaves, kwargs["key_padding_mask"])
-        # One dense dO for both: sum()'s is a stride-0 expand, which AOT autograd makes contiguous
-        # and eager does not, and Triton compiles another variant for a stride-0 operand.
-        grad_out = torch.randn_like(out)
-        out.backward(grad_out)
         ref = step(*ref_leaves, kwargs["key_padding_mask"])
-        ref.backward(grad_out)
-    assert torch.equal(out, ref)
-    for got, want in zip(leaves, ref_leaves):
-        assert torch.equal(got.grad, want.grad)
+        assert_same_values_and_gradients(out, ref, leaves, ref_leaves)
 
 
 def test_eager_launch_skips_the_dispatcher_and_equals_the_custom_op(device):
@@ -439,12 +432,7 @@ def test_eager_launch_skips_the_dispatcher_and_equals_the_custom_op(device):
         assert type(out.grad_fn).__name__ == "_PrefixAttentionFunctionBackward"
         op_out, _ = torch.ops.prefixkern.prefix_attention_fwd(
             *op_leaves, None, kwargs["key_padding_mask"], None, None, True, scale, 0.0, None, None, None, None, 0, 0)
-        grad_out = torch.randn_like(out)
-        out.backward(grad_out)
-        op_out.backward(grad_out)
-    assert torch.equal(out, op_out)
-    for got, want in zip(leaves, op_leaves):
-        assert torch.equal(got.grad, want.grad)
+        assert_same_values_and_gradients(out, op_out, leaves, op_leaves)
 
 
 def _launched_kernels():
@@ -599,13 +587,8 @@ def test_torch_compile_fullgraph_packed(device):
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
     with use_backend("triton"):
         out = compiled(*leaves)
-        grad_out = torch.randn_like(out)     # dense, as above
-        out.backward(grad_out)
         ref = step(*ref_leaves)
-        ref.backward(grad_out)
-    assert torch.equal(out, ref)
-    for got, want in zip(leaves, ref_leaves):
-        assert torch.equal(got.grad, want.grad)
+        assert_same_values_and_gradients(out, ref, leaves, ref_leaves)
 
 
 def test_reference_backend_for_cpu_tensors_by_default():

@@ -13,7 +13,7 @@ from prefixkern import reference
 from prefixkern.ops.prefix_mlp import fused_prefix_mlp
 from prefixkern.prefix_encoder import PrefixEncoder
 
-from conftest import HAS_CUDA, TOLERANCES
+from conftest import HAS_CUDA, TOLERANCES, assert_same_values_and_gradients
 
 SMALL = dict(num_layers=2, num_kv_heads=2, head_dim=12)   # N = 96, token_dim d = 24
 SMALL_HIDDEN = 20
@@ -300,12 +300,7 @@ def test_eager_launch_skips_the_dispatcher_and_equals_the_custom_op(device):
         assert type(kv.grad_fn).__name__ == "_PrefixMlpFunctionBackward"
         op_kv, _ = torch.ops.prefixkern.prefix_mlp_fwd(*via_op, 2, 2, 12, torch.bfloat16, torch.float32, 0.0,
                                                          None)
-        grad = torch.randn_like(kv)
-        kv.backward(grad)
-        op_kv.backward(grad)
-    assert torch.equal(kv, op_kv)
-    for got, want in zip(ours, via_op):
-        assert torch.equal(got.grad, want.grad)
+        assert_same_values_and_gradients(kv, op_kv, ours, via_op)
 
 
 @pytest.mark.gpu
@@ -566,29 +561,41 @@ GPU_MODELS = {
 }
 
 
+PARAMETER_NAMES = ("embedding.weight", "transform.0.weight", "transform.0.bias", "transform.2.weight",
+                   "transform.2.bias")
+
+
+def _full_size_encoders(model, P):
+    """``(sizes, ours, peft_parameters)``: PEFT's encoder at a real model's size on the GPU, ours
+    sharing its parameters, and those parameters in PARAMETER_NAMES order."""
+    num_layers, num_kv_heads, head_dim, hidden = GPU_MODELS[model]
+    sizes = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    torch.manual_seed(0)
+    peft = _peft_encoder(P, **sizes, projection=True, hidden_size=hidden, device="cuda")
+    named = dict(peft.named_parameters())
+    return sizes, PrefixEncoder.from_peft(peft, **sizes), [named[name] for name in PARAMETER_NAMES]
+
+
+def _assert_parameter_grads(module, expected_grads, tol):
+    named = dict(module.named_parameters())
+    for name, ref in zip(PARAMETER_NAMES, expected_grads):
+        torch.testing.assert_close(named[name].grad, ref.float(), **tol, msg=name)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("model", list(GPU_MODELS))
 @pytest.mark.parametrize("P", [1, 20, 64, 128, 256, 300])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_full_size_against_reference(model, P, dtype):
-    num_layers, num_kv_heads, head_dim, hidden = GPU_MODELS[model]
-    sizes = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim)
-    torch.manual_seed(0)
-    peft = _peft_encoder(P, **sizes, projection=True, hidden_size=hidden, device="cuda")
-    ours = PrefixEncoder.from_peft(peft, **sizes)
-    params = [p.detach().double().requires_grad_() for p in (
-        peft.embedding.weight, peft.transform[0].weight, peft.transform[0].bias, peft.transform[2].weight,
-        peft.transform[2].bias)]
+    sizes, ours, peft_params = _full_size_encoders(model, P)
+    params = [p.detach().double().requires_grad_() for p in peft_params]
     expected = reference.prefix_mlp(*params, **sizes, out_dtype=torch.float64)
     grad = torch.randn(expected.shape, device="cuda").to(dtype)
     expected_grads = torch.autograd.grad(expected, params, grad.double())
     kv = ours(dtype)
     kv.backward(grad)
     torch.testing.assert_close(kv, expected.to(dtype), **_tol(dtype, "out"))
-    for name, ref in zip(("embedding.weight", "transform.0.weight", "transform.0.bias", "transform.2.weight",
-                          "transform.2.bias"), expected_grads):
-        ours_grad = dict(ours.named_parameters())[name].grad
-        torch.testing.assert_close(ours_grad, ref.float(), **_tol(torch.float32, "grad"), msg=name)
+    _assert_parameter_grads(ours, expected_grads, _tol(torch.float32, "grad"))
 
 
 @pytest.mark.gpu
@@ -598,14 +605,8 @@ def test_gpu_full_size_against_reference(model, P, dtype):
 def test_gpu_autocast_against_reference(model, P):
     """Under bf16 autocast at the real sizes: the tensor-core path against the reference's
     autocast emulation (values to an ulp, where the summation orders differ; gradients)."""
-    num_layers, num_kv_heads, head_dim, hidden = GPU_MODELS[model]
-    sizes = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim)
-    torch.manual_seed(0)
-    peft = _peft_encoder(P, **sizes, projection=True, hidden_size=hidden, device="cuda")
-    ours = PrefixEncoder.from_peft(peft, **sizes)
-    params = [p.detach().clone().requires_grad_() for p in (
-        peft.embedding.weight, peft.transform[0].weight, peft.transform[0].bias, peft.transform[2].weight,
-        peft.transform[2].bias)]
+    sizes, ours, peft_params = _full_size_encoders(model, P)
+    params = [p.detach().clone().requires_grad_() for p in peft_params]
     expected = reference.prefix_mlp(*params, **sizes, out_dtype=torch.bfloat16, compute_dtype=torch.bfloat16)
     grad = torch.randn(expected.shape, device="cuda").to(torch.bfloat16)
     expected_grads = torch.autograd.grad(expected, params, grad)
@@ -614,10 +615,7 @@ def test_gpu_autocast_against_reference(model, P):
     kv.backward(grad)
     assert kv.dtype == torch.bfloat16
     torch.testing.assert_close(kv, expected, **_tol(torch.bfloat16, "out"))
-    for name, ref in zip(("embedding.weight", "transform.0.weight", "transform.0.bias", "transform.2.weight",
-                          "transform.2.bias"), expected_grads):
-        ours_grad = dict(ours.named_parameters())[name].grad
-        torch.testing.assert_close(ours_grad, ref, **_tol(torch.bfloat16, "grad"), msg=name)
+    _assert_parameter_grads(ours, expected_grads, _tol(torch.bfloat16, "grad"))
 
 
 @pytest.mark.gpu
