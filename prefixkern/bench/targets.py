@@ -31,6 +31,17 @@ def _fmt(x: float | None, unit: str = "") -> str:
     return "-" if x is None else f"{x:.3g}{unit}"
 
 
+def _meets(value: float | None, bound: float) -> bool | None:
+    """``value >= bound``, or None (no data) without a value."""
+    return None if value is None else value >= bound
+
+
+def _share(value: float | None, probe: float | None, unit: str) -> tuple[float | None, str]:
+    """``value`` as a fraction of a device probe, and how the table shows it."""
+    share = value / probe if value and probe else None
+    return share, f"{_fmt(share * 100 if share else None, '%')} ({_fmt(value)} of {_fmt(probe)} {unit})"
+
+
 def _probe(records: list[dict], case_prefix: str, field: str) -> float | None:
     values = [r[field] for r in records if r["suite"] == "device" and r["case"].startswith(case_prefix) and r[field]]
     return max(values) if values else None
@@ -64,10 +75,10 @@ def evaluate(payload: dict) -> list[Target]:
     for case in ATTENTION_CASES:
         ratio, name = _ratio(records, idx, "attention", case, "fwd_bwd", None)
         add(2, "fwd+bwd at least as fast as the fastest baseline", case,
-            f"{_fmt(ratio, 'x')} vs {name}" if ratio else "-", None if ratio is None else ratio >= 1.0)
+            f"{_fmt(ratio, 'x')} vs {name}" if ratio else "-", _meets(ratio, 1.0))
         ratio, _ = _ratio(records, idx, "attention", case, "fwd_bwd", ("sdpa_mask",))
         add(2, "fwd+bwd 2x faster than HF sdpa with a PEFT prefix (sdpa_mask)", case, _fmt(ratio, "x"),
-            None if ratio is None else ratio >= 2.0)
+            _meets(ratio, 2.0))
         ours = idx.get(("attention", case, "prefixkern", "fwd_bwd"))
         others = [r["peak_mem_mb"] for r in records if r["suite"] == "attention" and r["case"] == case
                   and r["pass"] == "fwd_bwd" and not r["impl"].startswith("prefixkern") and r["peak_mem_mb"]]
@@ -76,10 +87,8 @@ def evaluate(payload: dict) -> list[Target]:
             f"{_fmt(mem, ' MiB')} vs min {_fmt(min(others) if others else None, ' MiB')}",
             None if mem is None or not others else mem < min(others))
     fwd = idx.get(("attention", "llama8b-8k", "prefixkern", "fwd"))
-    share = fwd["tflops"] / matmul_tflops if fwd and fwd["tflops"] and matmul_tflops else None
-    add(2, "fwd at 55% or more of the GPU's measured bf16 matmul TFLOP/s", "llama8b-8k",
-        f"{_fmt(share * 100 if share else None, '%')} ({_fmt(fwd['tflops'] if fwd else None)} of "
-        f"{_fmt(matmul_tflops)} TFLOP/s)", None if share is None else share >= 0.55)
+    share, text = _share(fwd["tflops"] if fwd else None, matmul_tflops, "TFLOP/s")
+    add(2, "fwd at 55% or more of the GPU's measured bf16 matmul TFLOP/s", "llama8b-8k", text, _meets(share, 0.55))
 
     # ---- issue 3: fused prefix MLP (the model shapes, and their +autocast / +tf32 variants) ----
     mlp_cases = [c for c in dict.fromkeys(r["case"] for r in records if r["suite"] == "mlp")
@@ -88,12 +97,10 @@ def evaluate(payload: dict) -> list[Target]:
         for pass_ in ("fwd", "fwd_bwd"):
             ratio, _ = _ratio(records, idx, "mlp", case, pass_, ("torch_p_rows",))
             add(3, f"{pass_} 1.2x faster than the same math in PyTorch on P rows", case, _fmt(ratio, "x"),
-                None if ratio is None else ratio >= 1.2)
+                _meets(ratio, 1.2))
         ours = idx.get(("mlp", case, "prefixkern", "fwd"))
-        share = ours["gbps"] / copy_gbps if ours and ours["gbps"] and copy_gbps else None
-        add(3, "reads W2 at 70% or more of the GPU's measured bandwidth (fwd)", case,
-            f"{_fmt(share * 100 if share else None, '%')} ({_fmt(ours['gbps'] if ours else None)} of "
-            f"{_fmt(copy_gbps)} GB/s)", None if share is None else share >= 0.7)
+        share, text = _share(ours["gbps"] if ours else None, copy_gbps, "GB/s")
+        add(3, "reads W2 at 70% or more of the GPU's measured bandwidth (fwd)", case, text, _meets(share, 0.7))
 
     # ---- issue 4: the patched model end to end ----
     for r in records:
@@ -121,16 +128,12 @@ def evaluate(payload: dict) -> list[Target]:
         case = r["case"]
         if r["pass"] == "generate":
             ratio, _ = _ratio(records, idx, "decode", case, "generate", ("peft_sdpa",))
-            add(6, "generate() never slower than stock PEFT + sdpa", case, _fmt(ratio, "x"),
-                None if ratio is None else ratio >= 1.0)
+            add(6, "generate() never slower than stock PEFT + sdpa", case, _fmt(ratio, "x"), _meets(ratio, 1.0))
             continue
-        share = r["gbps"] / copy_gbps if r["gbps"] and copy_gbps else None
-        add(6, "reads KV at 70% or more of the GPU's measured bandwidth", case,
-            f"{_fmt(share * 100 if share else None, '%')} ({_fmt(r['gbps'])} GB/s)",
-            None if share is None else share >= 0.7)
+        share, text = _share(r["gbps"], copy_gbps, "GB/s")
+        add(6, "reads KV at 70% or more of the GPU's measured bandwidth", case, text, _meets(share, 0.7))
         ratio, _ = _ratio(records, idx, "decode", case, "fwd", ("sdpa_concat",))
-        add(6, "2x faster than SDPA on the concatenated cache", case, _fmt(ratio, "x"),
-            None if ratio is None else ratio >= 2.0)
+        add(6, "2x faster than SDPA on the concatenated cache", case, _fmt(ratio, "x"), _meets(ratio, 2.0))
         triton = idx.get(("decode", case, "prefixkern_triton", "fwd"))
         if triton and triton["ms"]:
             add(6, "faster than the Triton decode path", case, _fmt(triton["ms"] / r["ms"], "x"),
