@@ -1,8 +1,8 @@
 """Device math shared by the kernels."""
-import os
-
 import triton
 import triton.language as tl
+
+from .._backend import triton_interpret
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def _interpreted_dot(a, b, INPUT_PRECISION: tl.constexpr):
 
 # Chosen once at import (the interpreter is set before triton is imported), so kernels read no
 # global constant for it (see log2e). Compiled kernels keep the bfloat16 tensor-core dot.
-dot = _interpreted_dot if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else _compiled_dot
+dot = _interpreted_dot if triton_interpret() else _compiled_dot
 
 
 @triton.jit
@@ -64,4 +64,4 @@ def _interpreted_to_bf16(x):
     return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
 
 
-to_bf16 = _interpreted_to_bf16 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else _compiled_to_bf16
+to_bf16 = _interpreted_to_bf16 if triton_interpret() else _compiled_to_bf16
