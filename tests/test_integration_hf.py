@@ -274,6 +274,52 @@ def test_resumable_checkpoint_round_trip(tmp_path):
 # Several prefixes in one batch
 # --------------------------------------------------------------------------------------------
 
+def test_generation_reuses_the_prefix_until_its_parameters_change(monkeypatch):
+    """PEFT asks for the prompt at every decoding step under transformers 5.2x; the patched model
+    computes the prefix once per parameter state in eval/no-grad, and again after an in-place update."""
+    _, ours = _pair("llama")
+    ours.eval()
+    computed = []
+    compute = hf._prefix_state
+    monkeypatch.setattr(hf, "_prefix_state", lambda *args: computed.append(1) or compute(*args))
+    ids, mask = _batch("left", seq=7)
+
+    def generate():
+        return ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+
+    first = generate()
+    assert len(computed) == 1
+    assert torch.equal(generate(), first) and len(computed) == 1
+    with torch.inference_mode():
+        assert torch.equal(generate(), first)
+    assert len(computed) == 2                     # inference tensors are kept apart from no_grad ones
+    with torch.no_grad():
+        for p in ours.prompt_encoder["default"].parameters():
+            p.mul_(3.0)                           # what an optimizer step does: in place
+    updated = generate()
+    assert len(computed) == 3 and not torch.equal(updated, first)
+    prefixkern.unpatch(ours)
+    prefixkern.patch(ours)                        # a fresh patch state: nothing to reuse
+    assert torch.equal(generate(), updated) and len(computed) == 4
+
+    def prefix():
+        with torch.no_grad():
+            return ours.get_prompt(batch_size=3).prefix.kv
+
+    encoder = ours.prompt_encoder["default"]
+    encoder.embedding.weight = torch.nn.Parameter(encoder.embedding.weight.detach() * 2)
+    replaced = prefix()                           # a new parameter object: computed anew
+    assert len(computed) == 5
+    prefixkern.unpatch(ours)
+    prefixkern.patch(ours)
+    assert torch.equal(prefix(), replaced)
+    ours.train()                                  # training forwards compute the prefix every time
+    computed.clear()
+    for _ in range(2):
+        ours(input_ids=ids, attention_mask=mask)
+    assert len(computed) == 2
+
+
 def _patched_with_second_adapter():
     """The patched Llama pair's model in eval mode with a second prefix adapter, "task_b", whose
     parameters differ clearly from "default"'s."""

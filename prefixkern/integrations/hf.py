@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import math
 import types
+import weakref
 from typing import Iterator, Sequence
 
 import torch
@@ -352,6 +353,8 @@ class _PatchState:
     layer_map: tuple[int | None, ...] | None = None
     patched_modules: list = dataclasses.field(default_factory=list)
     encoders: dict = dataclasses.field(default_factory=dict)
+    # (key, PrefixState) of the last prefix computed for inference (see _inference_prefix_key).
+    inference_prefix: tuple | None = None
 
 
 def _peft_prefix_config(model):
@@ -421,30 +424,70 @@ def _bart_layer_map(num_layers: int, num_decoder_layers: int) -> tuple[int | Non
     return tuple((2 * layer) % num_layers if layer < num_layers else None for layer in range(num_decoder_layers))
 
 
+def _inference_prefix_key(model, state: _PatchState, dtype) -> tuple | None:
+    """What an inference-time prefix depends on, or None when it must be computed afresh.
+
+    PEFT's ``prepare_inputs_for_generation`` asks for the prompt again whenever it sees no
+    cache in ``past_key_values`` (under transformers 5.2x, every decoding step, since generate()
+    passes its cache as ``cache=``): without reuse each token would rerun the prefix MLP. With
+    gradients off and the model in eval mode (no prefix dropout) the prefix is a function of the
+    adapters' parameters only; their storage and version counters (bumped by every in-place
+    update: optimizer steps, ``load_state_dict``, ``copy_``) say when it changed."""
+    if torch.is_grad_enabled() or model.training or torch.compiler.is_compiling():
+        return None
+    names = state.rows if state.rows is not None else (model.active_adapter,)
+    params = tuple(p for name in dict.fromkeys(names) for p in model.prompt_encoder[name].parameters())
+    # Weak references: a parameter replaced by a new object (whose address and version could
+    # repeat the old one's) no longer matches, and the old one is not kept alive.
+    return (names, dtype, torch.is_inference_mode_enabled(), tuple((p.data_ptr(), p._version) for p in params),
+            _SameObjects(params))
+
+
+class _SameObjects:
+    """Equal to another instance holding the same live objects, compared by identity."""
+
+    def __init__(self, objects):
+        self.refs = tuple(weakref.ref(o) for o in objects)
+
+    def __eq__(self, other):
+        return (isinstance(other, _SameObjects) and len(self.refs) == len(other.refs)
+                and all(a() is not None and a() is b() for a, b in zip(self.refs, other.refs)))
+
+    __hash__ = None
+
+
 def _patched_get_prompt(self, batch_size: int, task_ids=None, max_cache_len=None):
     state: _PatchState = self._prefixkern
     dtype = self.base_model_torch_dtype or self.prompt_encoder[self.active_adapter].embedding.weight.dtype
-    if state.rows is None:
-        prefix = PrefixState(_prefix_kv(self, self.active_adapter, state, dtype))
+    key = _inference_prefix_key(self, state, dtype)
+    if key is not None and state.inference_prefix is not None and state.inference_prefix[0] == key:
+        prefix = state.inference_prefix[1]
     else:
-        names = list(dict.fromkeys(state.rows))
-        # A packed batch is one row holding several sequences: it may name one prefix per sequence
-        # (checked against cu_seq_lens in the attention).
-        if len(state.rows) != batch_size and batch_size != 1:
-            raise ValueError(f"prefix_per_row names {len(state.rows)} rows but the batch has {batch_size}")
-        lengths = {self.peft_config[n].num_virtual_tokens for n in names}
-        if len(lengths) != 1:
-            raise ValueError(f"prefix_per_row needs adapters of one prefix length, got {sorted(lengths)}")
-        kv = torch.stack([_prefix_kv(self, n, state, dtype) for n in names])
-        index = torch.tensor([names.index(n) for n in state.rows], dtype=torch.int64, device=kv.device)
-        prefix = PrefixState(kv, index)
+        prefix = _prefix_state(self, state, batch_size, dtype)
+        state.inference_prefix = (key, prefix) if key is not None else None
     record = not (torch.is_grad_enabled() and self.training)
     if state.encoder_decoder:
         from transformers import DynamicCache, EncoderDecoderCache
 
-        prefix = dataclasses.replace(prefix, layer_map=state.layer_map)
         return EncoderDecoderCache(PrefixKVCache(prefix, record=record), DynamicCache())
     return PrefixKVCache(prefix, record=record)
+
+
+def _prefix_state(model, state: _PatchState, batch_size: int, dtype) -> PrefixState:
+    """Every layer's prefix for this batch: the active adapter's, or one per row (prefix_per_row)."""
+    if state.rows is None:
+        return PrefixState(_prefix_kv(model, model.active_adapter, state, dtype), layer_map=state.layer_map)
+    names = list(dict.fromkeys(state.rows))
+    # A packed batch is one row holding several sequences: it may name one prefix per sequence
+    # (checked against cu_seq_lens in the attention).
+    if len(state.rows) != batch_size and batch_size != 1:
+        raise ValueError(f"prefix_per_row names {len(state.rows)} rows but the batch has {batch_size}")
+    lengths = {model.peft_config[n].num_virtual_tokens for n in names}
+    if len(lengths) != 1:
+        raise ValueError(f"prefix_per_row needs adapters of one prefix length, got {sorted(lengths)}")
+    kv = torch.stack([_prefix_kv(model, n, state, dtype) for n in names])
+    index = torch.tensor([names.index(n) for n in state.rows], dtype=torch.int64, device=kv.device)
+    return PrefixState(kv, index, layer_map=state.layer_map)
 
 
 def _prefix_of(cache) -> PrefixState | None:
