@@ -2,15 +2,15 @@
 from the saved log-sum-exp, never stored.
 
 - ``prefix_attention_bwd_dq_kernel``: one program per (query block, batch row, query head)
-  computes ``delta = rowsum(dO * O)`` of its rows (stored for the two kernels below), walks the
+  computes ``delta = rowsum(dO * O)`` of its rows (stored for the kernel below), walks the
   prefix then the sequence keys, like the forward, and owns its dQ rows.
-- ``prefix_attention_bwd_dkdv_kernel``: one program per (sequence key block, batch row, KV head)
-  walks the query blocks of every query head of its group (GQA without repeat_kv) and owns its
-  dK/dV rows.
-- ``prefix_attention_bwd_prefix_dkdv_kernel``: the prefix is read by every query of every row
-  that shares it, so its gradient is a reduction over (row, head, query block) work items. Each
-  program takes a contiguous share of them and writes a float32 partial; the partials are summed
-  once on the host side (no atomics: the result is deterministic and contention-free).
+- ``prefix_attention_bwd_dkdv_kernel``, one launch of two kinds of program:
+  ``_sequence_dkdv_program``, one per (sequence key block, batch row, KV head), walks the query
+  blocks of every query head of its group (GQA without repeat_kv) and owns its dK/dV rows;
+  ``_prefix_dkdv_program``: the prefix is read by every query of every row that shares it, so
+  its gradient is a reduction over (row, head, query block) work items. Each of these programs
+  takes a contiguous share of them and writes a float32 partial; the partials are summed once
+  on the host side (no atomics: the result is deterministic and contention-free).
 
 Every kernel regenerates the forward's dropout mask from the same Philox counters.
 """
@@ -20,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import triton_interpret
 from ._attention_common import (
     PackedRows,
     alibi_sequence_positions,
@@ -31,7 +30,6 @@ from ._attention_common import (
     config_bucket,
     dropout_keep,
     empty_in_layout_of,
-    fits_smem,
     fitting_configs,
     load_tile,
     packed_row,
@@ -262,8 +260,8 @@ def _query_block_range(n_lo, S, S_kv, window, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
-def prefix_attention_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+def _sequence_dkdv_program(
+    pid, q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     kpm_ptr, slopes_ptr, pos_ptr, seed_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -272,22 +270,22 @@ def prefix_attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
     stride_kpmb, stride_kpms, stride_slb, stride_slh, stride_posb, stride_poss,
-    Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p,
+    Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p, num_n_blocks,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    start_n = tl.program_id(0) * BLOCK_N
-    bg = tl.program_id(1)
+    """dK/dV of sequence key block ``pid % num_n_blocks`` of (batch row, KV head) ``pid //
+    num_n_blocks``: walks the query blocks of every query head of its group (GQA without
+    repeat_kv) and owns its dK/dV rows."""
+    start_n = (pid % num_n_blocks) * BLOCK_N
+    bg = pid // num_n_blocks
     b = bg // Hkv
     b64 = b.to(tl.int64)
     g = bg % Hkv
     # This row's token range; S stays the row length of lse and delta (the longest row when packed).
     q_start, S_q, k_start, S_k = packed_row(b, cu_seqlens_q_ptr, cu_seqlens_k_ptr, S, S_kv, VARLEN)
-    if VARLEN:
-        if start_n >= S_k:
-            return
     offs_s = start_n + tl.arange(0, BLOCK_N)
     offs_mb = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -307,6 +305,10 @@ def prefix_attention_bwd_dkdv_kernel(
         seed = tl.load(seed_ptr)
     num_keys = P + S_k
     lo, hi = _query_block_range(start_n, S_q, S_k, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    if VARLEN:
+        # A key block past its packed sequence's end: no query block to visit, every store masked
+        # off (no early return: it would split the role's branch into several blocks).
+        hi = tl.where(start_n < S_k, hi, lo)
     # One loop over the query blocks, the mask computed in each (only causality, a window or padding
     # need one here: rows out of range load as zeros with lse = +inf and contribute nothing, and
     # keys out of range are never stored). The forward's split into masked and unmasked loops costs
@@ -370,15 +372,15 @@ def _prefix_dkdv_block(dk, dv, pk, pv, q_ptr, dout_ptr, lse_ptr, delta_ptr, slop
 
 
 @triton.jit
-def prefix_attention_bwd_prefix_dkdv_kernel(
-    q_ptr, pk_ptr, pv_ptr, dout_ptr, lse_ptr, delta_ptr, partial_ptr,
+def _prefix_dkdv_program(
+    pid, q_ptr, pk_ptr, pv_ptr, dout_ptr, lse_ptr, delta_ptr, partial_ptr,
     prefix_index_ptr, slopes_ptr, seed_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_pkb, stride_pkh, stride_pks, stride_pkd,
     stride_pvb, stride_pvh, stride_pvs, stride_pvd,
     stride_dob, stride_doh, stride_dos, stride_dod,
     stride_slb, stride_slh,
-    B, Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p, items_per_split,
+    B, Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p, items_per_split, num_p_blocks, owners_kv,
     GROUP: tl.constexpr, SHARED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -389,9 +391,9 @@ def prefix_attention_bwd_prefix_dkdv_kernel(
     ``partial[split, 0 (dK) | 1 (dV), owner, g, p, :]`` with owner 0 when SHARED, else the batch
     row. Packed rows count query blocks up to the longest sequence and skip those past their own
     end."""
-    start_p = tl.program_id(0) * BLOCK_N
-    og = tl.program_id(1)
-    split = tl.program_id(2)
+    start_p = (pid % num_p_blocks) * BLOCK_N
+    og = (pid // num_p_blocks) % owners_kv
+    split = pid // (num_p_blocks * owners_kv)
     owner = og // Hkv
     g = og % Hkv
     offs_p = start_p + tl.arange(0, BLOCK_N)
@@ -459,12 +461,61 @@ def prefix_attention_bwd_prefix_dkdv_kernel(
                 INPUT_PRECISION)
     # partial is contiguous [splits, 2, owners * Hkv, P, D]: dK and dV of a split side by side, so
     # the host sums and casts both in one reduction.
-    base_k = ((split * 2 * tl.num_programs(1) + og).to(tl.int64) * P) * D
-    base_v = base_k + tl.num_programs(1).to(tl.int64) * P * D
+    base_k = ((split * 2 * owners_kv + og).to(tl.int64) * P) * D
+    base_v = base_k + tl.cast(owners_kv, tl.int64) * P * D     # (an int argument equal to 1 is a constant)
     out_off = offs_p[:, None] * D + offs_d[None, :]
     out_mask = p_ok[:, None] & d_ok[None, :]
     tl.store(partial_ptr + base_k + out_off, dk * sm_scale, mask=out_mask)
     tl.store(partial_ptr + base_v + out_off, dv, mask=out_mask)
+
+
+@triton.jit
+def prefix_attention_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, partial_ptr,
+    prefix_index_ptr, kpm_ptr, slopes_ptr, pos_ptr, seed_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_pkb, stride_pkh, stride_pks, stride_pkd,
+    stride_pvb, stride_pvh, stride_pvs, stride_pvd,
+    stride_dob, stride_doh, stride_dos, stride_dod,
+    stride_dkb, stride_dkh, stride_dks, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+    stride_kpmb, stride_kpms, stride_slb, stride_slh, stride_posb, stride_poss,
+    B, Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p,
+    num_prefix_programs, num_p_blocks, owners_kv, items_per_split, num_n_blocks,
+    GROUP: tl.constexpr, SHARED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREFIX_BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_PREFIX_INDEX: tl.constexpr, HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Programs [0, num_prefix_programs) write the float32 partials of the prefix gradient
+    (``_prefix_dkdv_program``; first, since each reduces over many query blocks), the rest the
+    sequence dK/dV (``_sequence_dkdv_program``). One launch for both: on a host where a launch
+    costs more than these kernels run (small shapes), that is one launch fewer per layer."""
+    pid = tl.program_id(0)
+    if pid < num_prefix_programs:
+        _prefix_dkdv_program(
+            pid, q_ptr, pk_ptr, pv_ptr, dout_ptr, lse_ptr, delta_ptr, partial_ptr,
+            prefix_index_ptr, slopes_ptr, seed_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+            stride_qb, stride_qh, stride_qs, stride_qd, stride_pkb, stride_pkh, stride_pks, stride_pkd,
+            stride_pvb, stride_pvh, stride_pvs, stride_pvd, stride_dob, stride_doh, stride_dos, stride_dod,
+            stride_slb, stride_slh,
+            B, Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p, items_per_split, num_p_blocks, owners_kv,
+            GROUP, SHARED, BLOCK_M, PREFIX_BLOCK_N, BLOCK_D, EVEN_D, HAS_PREFIX_INDEX, HAS_ALIBI, HAS_SOFTCAP,
+            HAS_WINDOW, HAS_DROPOUT, VARLEN, INPUT_PRECISION)
+    else:
+        _sequence_dkdv_program(
+            pid - num_prefix_programs, q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+            kpm_ptr, slopes_ptr, pos_ptr, seed_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+            stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
+            stride_vb, stride_vh, stride_vs, stride_vd, stride_dob, stride_doh, stride_dos, stride_dod,
+            stride_dkb, stride_dkh, stride_dks, stride_dkd, stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+            stride_kpmb, stride_kpms, stride_slb, stride_slh, stride_posb, stride_poss,
+            Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p, num_n_blocks,
+            GROUP, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, HAS_KPM, HAS_ALIBI, HAS_POS, HAS_SOFTCAP, HAS_WINDOW,
+            HAS_DROPOUT, VARLEN, INPUT_PRECISION)
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,6 +527,7 @@ def prefix_attention_bwd_prefix_dkdv_kernel(
 # compiles for sm_90 without register spills (tests/tools/kernel_resources.py; the tests check it).
 # dQ holds a query tile and its float32 dQ, so it takes tall query tiles; dK/dV holds two float32
 # [BLOCK_N, D] accumulators, so it takes wide key tiles over short query tiles, 8 warps from D = 128.
+# The prefix programs of the dK/dV launch use its tiles, BLOCK_N capped by P (PREFIX_BLOCK_N).
 DQ_CONFIGS = {
     (2, 64): [(128, 64, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2), (64, 32, 4, 2)],
     (2, 128): [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
@@ -485,36 +537,13 @@ DQ_CONFIGS = {
     (4, 256): [(32, 32, 8, 2)],   # (32, 32, 4, 2) spilled 20 B with packed rows
 }
 DKDV_CONFIGS = {
-    (2, 64): [(32, 128, 8, 2), (32, 64, 4, 2), (64, 32, 8, 2), (16, 128, 8, 2)],
+    (2, 64): [(32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2), (16, 128, 8, 2)],
     (2, 128): [(32, 64, 8, 2), (16, 128, 8, 2), (64, 32, 8, 2), (16, 64, 4, 2)],
     (2, 256): [(32, 32, 8, 2), (16, 32, 8, 2)],
-    (4, 64): [(32, 64, 8, 2), (32, 128, 8, 2), (16, 128, 8, 2), (32, 32, 4, 2)],
+    (4, 64): [(32, 64, 8, 2), (32, 128, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)],
     (4, 128): [(64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
     (4, 256): [(32, 32, 8, 1), (16, 32, 8, 1)],
 }
-# The prefix dK/dV kernel runs once per backward with its BLOCK_N capped by P: one config each.
-PREFIX_DKDV_CONFIGS = {
-    (2, 64): (64, 64, 4, 2), (2, 128): (64, 64, 8, 2), (2, 256): (64, 32, 8, 2),
-    (4, 64): (64, 32, 4, 2), (4, 128): (64, 32, 8, 2), (4, 256): (32, 32, 8, 2),
-}
-# Packed rows carry their sequence bounds through the loop: where that spilled, a shorter query tile
-# ((64, 64, 8, 2) spilled 8 B at D = 128; (64, 32, 8, 2) 12 B at D = 256 once P = 16 capped it to 16).
-PACKED_PREFIX_DKDV_CONFIGS = {**PREFIX_DKDV_CONFIGS, (2, 128): (32, 64, 8, 2), (2, 256): (32, 32, 8, 2)}
-
-
-def _prefix_dkdv_config(head_dim_block: int, prefix_len: int, q: torch.Tensor,
-                        packed: bool) -> tuple[int, int, int, int]:
-    """The table's config with BLOCK_N capped by P, its query tile halved until it fits the device
-    (it keeps the prefix tiles resident and streams queries, as dK/dV does)."""
-    if triton_interpret():
-        return 16, 16, 1, 1
-    table = PACKED_PREFIX_DKDV_CONFIGS if packed else PREFIX_DKDV_CONFIGS
-    block_m, block_n, warps, stages = table[config_bucket(head_dim_block, q.element_size())]
-    block_n = min(block_n, max(16, next_power_of_2(prefix_len)))
-    while block_m > 16 and not fits_smem("dkdv", (block_m, block_n, warps, stages), head_dim_block,
-                                         q.element_size(), q.device):
-        block_m //= 2
-    return block_m, block_n, warps, stages
 
 
 def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -566,53 +595,58 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
             **common, **flags,
         )
 
+    # The prefix gradient is a reduction over (row if shared, query head, query block) work items:
+    # the dK/dV launch's first programs each take a contiguous share (a split) and write a float32
+    # partial [split, dK | dV, owner, Hkv, P, D], summed below.
+    shared = prefix_k.dim() == 3
+    owners = 1 if shared else batch
+    items_per_row = (batch if shared else 1) * group
+    sms = num_sms(device_index(q.device)) if q.device.type == "cuda" else 16
+    partials = {}
+
     def launch_dkdv(config):
         block_m, block_n, warps, stages = config
-        seq_flags = {name: flags[name] for name in ("HAS_KPM", "HAS_ALIBI", "HAS_POS", "HAS_DROPOUT", "VARLEN")}
+        prefix_block_n = min(block_n, max(16, next_power_of_2(prefix_len)))
+        num_p_blocks = cdiv(prefix_len, prefix_block_n)
+        num_m_blocks = cdiv(seq_len_q, block_m)
+        items = items_per_row * num_m_blocks
+        num_n_blocks = cdiv(seq_len_kv, block_n)
+        prefix_programs = num_p_blocks * owners * num_kv_heads
+        sequence_programs = num_n_blocks * batch * num_kv_heads
+        # A split covers at most a sequence program's share (its group's query blocks), and the
+        # launch gets about two waves of programs where the sequence alone would not fill them
+        # (the interpreter, on CPU, counts 16 SMs: splits of shared and per-row prefixes get exercised).
+        # Fewer splits, less memory.
+        splits = max(cdiv(items, group * num_m_blocks), cdiv(2 * sms - sequence_programs, prefix_programs))
+        items_per_split = cdiv(items, min(items, splits))
+        splits = cdiv(items, items_per_split)
+        partial = torch.empty(splits, 2, owners, num_kv_heads, prefix_len, head_dim, dtype=torch.float32,
+                              device=q.device)
+        partials["last"] = partial
+        num_prefix_programs = prefix_programs * splits
         return launch_kernel(
-            prefix_attention_bwd_dkdv_kernel, (cdiv(seq_len_kv, block_n), batch * num_kv_heads),
-            q, k, v, dout, lse, delta, dk, dv,
-            args["kpm"], args["slopes"], args["positions"], args["seed"], args["cu_seqlens_q"], args["cu_seqlens_k"],
-            *q_strides, *bhsd_strides(k, varlen), *bhsd_strides(v, varlen), *dout_strides,
+            prefix_attention_bwd_dkdv_kernel, (num_prefix_programs + sequence_programs,),
+            q, k, v, prefix_k, prefix_v, dout, lse, delta, dk, dv, partial,
+            args["prefix_index"], args["kpm"], args["slopes"], args["positions"], args["seed"], args["cu_seqlens_q"],
+            args["cu_seqlens_k"], *q_strides, *bhsd_strides(k, varlen), *bhsd_strides(v, varlen),
+            *args["prefix_k_strides"], *args["prefix_v_strides"], *dout_strides,
             *bhsd_strides(dk, varlen), *bhsd_strides(dv, varlen),
             *args["kpm_strides"], *args["slope_strides"], *args["position_strides"],
-            num_heads, num_kv_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars,
-            GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
-            num_warps=warps, num_stages=stages,
-            **common, **seq_flags,
+            batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars,
+            num_prefix_programs, num_p_blocks, owners * num_kv_heads, items_per_split, num_n_blocks,
+            GROUP=group, SHARED=shared, BLOCK_M=block_m, BLOCK_N=block_n, PREFIX_BLOCK_N=prefix_block_n,
+            BLOCK_D=block_d, EVEN_D=block_d == head_dim, num_warps=warps, num_stages=stages,
+            **common, **flags,
         )
 
     bucket = config_bucket(block_d, q.element_size())
     dq_candidates = fitting_configs("dq", DQ_CONFIGS[bucket], block_d, q, fallback=(16, 16, 4, 1))
     launch_dq(pick_config(("dq",) + tune_key, dq_candidates, launch_dq))
-    if seq_len_kv > 0:
-        dkdv_candidates = fitting_configs("dkdv", DKDV_CONFIGS[bucket], block_d, q, fallback=(16, 16, 4, 1))
-        launch_dkdv(pick_config(("dkdv",) + tune_key, dkdv_candidates, launch_dkdv))
+    dkdv_candidates = fitting_configs("dkdv", DKDV_CONFIGS[bucket], block_d, q, fallback=(16, 16, 4, 1))
+    launch_dkdv(pick_config(("dkdv",) + tune_key, dkdv_candidates, launch_dkdv))
+    partial = partials["last"]
+    splits = partial.shape[0]
 
-    # ---- prefix gradient: split the (row, head, query block) reduction across programs ----
-    shared = prefix_k.dim() == 3
-    owners = 1 if shared else batch
-    block_m, block_n, warps, stages = _prefix_dkdv_config(block_d, prefix_len, q, varlen)
-    num_p_blocks = cdiv(prefix_len, block_n)
-    items = (batch if shared else 1) * group * cdiv(seq_len_q, block_m)
-    programs = num_p_blocks * owners * num_kv_heads
-    # About two waves of programs (the interpreter, on CPU, gets a few splits to exercise them).
-    sms = num_sms(device_index(q.device)) if q.device.type == "cuda" else 4
-    splits = min(items, max(1, cdiv(2 * sms, programs)))
-    items_per_split = cdiv(items, splits)
-    splits = cdiv(items, items_per_split)
-    partial = torch.empty(splits, 2, owners, num_kv_heads, prefix_len, head_dim, dtype=torch.float32, device=q.device)
-    launch_kernel(
-        prefix_attention_bwd_prefix_dkdv_kernel, (num_p_blocks, owners * num_kv_heads, splits),
-        q, prefix_k, prefix_v, dout, lse, delta, partial,
-        args["prefix_index"], args["slopes"], args["seed"], args["cu_seqlens_q"], args["cu_seqlens_k"],
-        *q_strides, *args["prefix_k_strides"], *args["prefix_v_strides"], *dout_strides, *args["slope_strides"],
-        batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars, items_per_split,
-        GROUP=group, SHARED=shared, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
-        HAS_PREFIX_INDEX=flags["HAS_PREFIX_INDEX"], HAS_ALIBI=flags["HAS_ALIBI"], HAS_DROPOUT=flags["HAS_DROPOUT"],
-        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, VARLEN=varlen, INPUT_PRECISION=precision,
-        num_warps=warps, num_stages=stages,
-    )
     # Host launches matter at seed sizes (one backward per layer): one reduction and one cast for
     # both gradients; no reduction with one split, no cast for a float32 prefix.
     dprefix = partial[0] if splits == 1 else partial.sum(0)          # [2, owners, Hkv, P, D]

@@ -120,16 +120,9 @@ def cases(quick: bool):
         yield (f"bwd-dq {tag}", bwd.prefix_attention_bwd_dq_kernel, dict(common_c, BLOCK_M=bm, BLOCK_N=bn, **flags),
                attn_ptrs, ptr, w, st)
         bm, bn, w, st = bwd.DKDV_CONFIGS[bucket][0]
-        seq_flags = {k: flags[k] for k in ("HAS_KPM", "HAS_ALIBI", "HAS_POS", "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT",
-                                           "VARLEN")}
         yield (f"bwd-dkdv {tag}", bwd.prefix_attention_bwd_dkdv_kernel,
-               dict(common_c, BLOCK_M=bm, BLOCK_N=bn, **seq_flags), attn_ptrs, ptr, w, st)
-        bm, bn, w, st = bwd.PREFIX_DKDV_CONFIGS[bucket]
-        pre_flags = {k: flags[k] for k in ("HAS_PREFIX_INDEX", "HAS_ALIBI", "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT",
-                                           "VARLEN")}
-        yield (f"bwd-prefix {tag}", bwd.prefix_attention_bwd_prefix_dkdv_kernel,
-               dict(GROUP=4, SHARED=not flags["HAS_PREFIX_INDEX"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
-                    EVEN_D=even, INPUT_PRECISION=precision, **pre_flags),
+               dict(common_c, BLOCK_M=bm, BLOCK_N=bn, PREFIX_BLOCK_N=min(bn, 32), SHARED=not flags["HAS_PREFIX_INDEX"],
+                    **flags),
                dict(attn_ptrs, partial_ptr="*fp32"), ptr, w, st)
     yield ("dropout-mask", common.dropout_keep_mask_kernel, dict(BLOCK_M=32, BLOCK_N=64),
            {"seed_ptr": "*i64", "keep_ptr": "*i8"}, "*fp32", 4, 1)

@@ -3,8 +3,8 @@ compiled for a GPU target without a GPU (Triton's compiler and ptxas need none).
 
 A config that spills registers to local memory inside the main loop runs several times slower
 than one that does not, and no timing run shows *why*; this does. Every candidate of the
-launchers' tables (``FWD_CONFIGS`` and ``SHORT_QUERY_CONFIGS``, ``DQ_CONFIGS``, ``DKDV_CONFIGS``,
-``PREFIX_DKDV_CONFIGS``, ``PACKED_PREFIX_DKDV_CONFIGS``) is
+launchers' tables (``FWD_CONFIGS`` and ``SHORT_QUERY_CONFIGS``, ``DQ_CONFIGS``, ``DKDV_CONFIGS``: the dK/dV launch's
+prefix programs at the same tiles) is
 compiled under flag sets: ``plain`` (causal), ``padded`` (causal + a padding mask, the path of
 every padded Hugging Face batch), ``packed`` (``prefix_attention_varlen``), what GPT-2, BLOOM and Gemma 2 add to that (``dropout``,
 ``alibi``, ``softcap-window``) and ``all`` (every optional feature on).
@@ -57,8 +57,6 @@ CHECKED_FLAG_SETS = ("plain", "padded", "packed")
 POINTERS = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "prefix_index_ptr": "*i64", "kpm_ptr": "*u8",
             "slopes_ptr": "*fp32", "pos_ptr": "*fp32", "seed_ptr": "*i64", "partial_ptr": "*fp32",
             "cu_seqlens_q_ptr": "*i32", "cu_seqlens_k_ptr": "*i32"}
-SEQUENCE_FLAGS = ("HAS_KPM", "HAS_ALIBI", "HAS_POS", "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT", "VARLEN")
-PREFIX_FLAGS = ("HAS_PREFIX_INDEX", "HAS_ALIBI", "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT", "VARLEN")
 
 
 def ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
@@ -87,43 +85,29 @@ def candidates(buckets):
     tables = [("fwd", fwd.prefix_attention_fwd_kernel, fwd.FWD_CONFIGS),
               ("fwd", fwd.prefix_attention_fwd_kernel, short),
               ("dq", bwd.prefix_attention_bwd_dq_kernel, bwd.DQ_CONFIGS),
-              ("dkdv", bwd.prefix_attention_bwd_dkdv_kernel, bwd.DKDV_CONFIGS),
-              ("prefix-dkdv", bwd.prefix_attention_bwd_prefix_dkdv_kernel,
-               {key: [config] for key, config in bwd.PREFIX_DKDV_CONFIGS.items()}),
-              ("prefix-dkdv", bwd.prefix_attention_bwd_prefix_dkdv_kernel,
-               {key: [config] for key, config in bwd.PACKED_PREFIX_DKDV_CONFIGS.items()})]
+              ("dkdv", bwd.prefix_attention_bwd_dkdv_kernel, bwd.DKDV_CONFIGS)]
     seen = set()
     for name, kernel, table in tables:
         for bucket in buckets:
             for rank, config in enumerate(table[bucket]):
                 if (name, bucket, config) not in seen:
                     seen.add((name, bucket, config))
-                    yield name, kernel, bucket, config, _serves(name, bucket, config), rank == 0
+                    yield name, kernel, bucket, config, set(FLAG_SETS), rank == 0
 
 
-def _serves(name, bucket, config):
-    """The flag sets a table entry is launched under: a prefix dK/dV config only for the rows
-    (dense or packed) whose table holds it; every other entry for all."""
-    if name != "prefix-dkdv":
-        return set(FLAG_SETS)
-    from prefixkern.kernels import prefix_attention_bwd as bwd
-
-    dense = set(FLAG_SETS) - {"packed"} if bwd.PREFIX_DKDV_CONFIGS[bucket] == config else set()
-    return dense | ({"packed"} if bwd.PACKED_PREFIX_DKDV_CONFIGS[bucket] == config else set())
-
-
-def constexprs(name, config, flags, *, block_d, elem_bytes, group=4, even_d=True, causal=True, shared=None):
-    """The constexpr arguments of kernel ``name`` at ``config``. ``shared`` (prefix dK/dV: one prefix
-    for the batch) defaults to "no prefix_index"."""
+def constexprs(name, config, flags, *, block_d, elem_bytes, group=4, even_d=True, causal=True, shared=None,
+               prefix_block_n=None):
+    """The constexpr arguments of kernel ``name`` at ``config``. For dK/dV, ``shared`` (one prefix for
+    the batch) defaults to "no prefix_index" and ``prefix_block_n`` (its prefix programs' key tile)
+    to BLOCK_N, the most registers they can take."""
     block_m, block_n, _, _ = config
     precision = "tf32" if elem_bytes == 4 else "ieee"
-    if name == "prefix-dkdv":
-        shared = not flags["HAS_PREFIX_INDEX"] if shared is None else shared
-        return dict(GROUP=group, SHARED=shared, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                    EVEN_D=even_d, INPUT_PRECISION=precision, **{k: flags[k] for k in PREFIX_FLAGS})
-    kernel_flags = {k: flags[k] for k in SEQUENCE_FLAGS} if name == "dkdv" else dict(flags)
-    return dict(GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=even_d, CAUSAL=causal,
-                INPUT_PRECISION=precision, **kernel_flags)
+    consts = dict(GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=even_d, CAUSAL=causal,
+                  INPUT_PRECISION=precision, **flags)
+    if name == "dkdv":
+        consts.update(SHARED=not flags["HAS_PREFIX_INDEX"] if shared is None else shared,
+                      PREFIX_BLOCK_N=block_n if prefix_block_n is None else prefix_block_n)
+    return consts
 
 
 def mlp_candidates():
@@ -180,16 +164,13 @@ def grid_variants():
                      HAS_SOFTCAP=case.softcap is not None, HAS_WINDOW=case.window is not None, VARLEN=varlen)
         tiles = {"fwd": fwd._configs(block_d, seq_len_q, case.dtype)[0], "dq": bwd.DQ_CONFIGS[bucket][0],
                  "dkdv": bwd.DKDV_CONFIGS[bucket][0]}
-        prefix_table = bwd.PACKED_PREFIX_DKDV_CONFIGS if varlen else bwd.PREFIX_DKDV_CONFIGS
-        prefix_m, prefix_n, prefix_w, prefix_s = prefix_table[bucket]
-        tiles["prefix-dkdv"] = (prefix_m, min(prefix_n, max(16, triton.next_power_of_2(case.P))), prefix_w, prefix_s)
         for name, kernel in (("fwd", fwd.prefix_attention_fwd_kernel), ("dq", bwd.prefix_attention_bwd_dq_kernel),
-                             ("dkdv", bwd.prefix_attention_bwd_dkdv_kernel),
-                             ("prefix-dkdv", bwd.prefix_attention_bwd_prefix_dkdv_kernel)):
+                             ("dkdv", bwd.prefix_attention_bwd_dkdv_kernel)):
             config = tiles[name]
             consts = constexprs(name, config, flags, block_d=block_d, elem_bytes=case.dtype.itemsize,
                                 group=case.Hq // case.Hkv, even_d=block_d == case.D, causal=case.causal,
-                                shared=case.prefix == "shared")
+                                shared=case.prefix == "shared",
+                                prefix_block_n=min(config[1], max(16, triton.next_power_of_2(case.P))))
             variants[(name, pointer, tuple(sorted(consts.items())), config)] = (name, kernel, consts, pointer, config)
     return [variants[key] for key in sorted(variants, key=str)]
 
@@ -233,7 +214,7 @@ def main(argv=None) -> int:
             # other that spills on the GPU at hand (Triton 3.6 spills 4-8 B in two dK/dV entries).
             if flag_set in CHECKED_FLAG_SETS and spills and (flag_set != "packed" or first):
                 problems.append(f"{name} {bucket} {config} {flag_set}: {spills} B of spill stores")
-            if name != "prefix-dkdv" and flag_set == "plain":
+            if flag_set == "plain":
                 model = smem_rows(name, config) * block_d * elem_bytes
                 # The model is exact for the large tiles and an upper bound where the compiler
                 # keeps a small tile out of the pipeline; reductions may add a little scratch.
