@@ -367,6 +367,35 @@ def test_prefix_per_row_checks_its_input():
 # patch / unpatch, refusals, compile, the kernels themselves
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_patched_model_is_freed_on_del_and_deep_copies_bind_to_the_copy(family):
+    """No reference cycle through the patched methods (get_prompt, BLOOM's attention forward):
+    ``del model`` frees a patched model at once, as it does a stock PEFT one, not at the next
+    cyclic collection; a deep copy's methods run on the copy."""
+    import gc
+    import weakref
+
+    _, ours = _pair(family)
+    ours.eval()
+    ids, mask = _batch("left", seq=7)
+    ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    twin = copy.deepcopy(ours)
+    assert twin.get_prompt.__self__ is twin
+    with torch.no_grad():
+        for p in twin.prompt_encoder["default"].parameters():
+            p.mul_(2.0)
+    with torch.no_grad():
+        assert not torch.equal(twin(input_ids=ids, attention_mask=mask).logits,
+                               ours(input_ids=ids, attention_mask=mask).logits)
+    alive = weakref.ref(ours)
+    gc.disable()
+    try:
+        del ours
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
 def test_unpatch_restores_stock_behaviour():
     ref, ours = _pair("llama")
     prefixkern.unpatch(ours)

@@ -3,6 +3,7 @@ SDPA on the concatenated cache (what HF holds under PEFT: the prefix sits in the
 so the baseline pays no concatenation here), reported as time and KV bytes read per second."""
 from __future__ import annotations
 
+import gc
 import itertools
 import warnings
 
@@ -192,7 +193,8 @@ def run_generate(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 record.tokens_per_s = batch * new_tokens / (record.ms * 1e-3)
                 record.peak_mem_mb = torch.cuda.max_memory_allocated() / 2**20
             records.append(record)
-            del model
+            del model, generate             # (generate holds the model as its default argument)
+            gc.collect()      # whatever a model left in reference cycles is not the next row's memory
             if opts.on_gpu:
                 torch.cuda.empty_cache()
     return records, skips

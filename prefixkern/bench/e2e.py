@@ -8,6 +8,7 @@ transformers' ``DataCollatorWithFlattening`` (the patched model: ``prefixkern_pa
 tokens/s counts real tokens only."""
 from __future__ import annotations
 
+import gc
 import copy
 
 import torch
@@ -192,6 +193,7 @@ def _ragged_case(opts: Options, progress, name: str, config, base_state, lengths
 
         records.append(measure_step(opts, record, step, sum(lengths), losses, check=True))
         del model, step
+        gc.collect()      # whatever a model left in reference cycles is not the next row's memory
         if opts.on_gpu:
             torch.cuda.empty_cache()
     return records
@@ -260,6 +262,7 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 records.append(measure_step(opts, record, step, batch * seq_len, losses,
                                             check=impl != "floor_no_prefix"))
                 del model, step
+                gc.collect()      # whatever a model left in reference cycles is not the next row's memory
                 if opts.on_gpu:
                     torch.cuda.empty_cache()
         if name in RAGGED_LENGTHS:

@@ -22,9 +22,9 @@ stock PEFT refuses it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
-import types
 import weakref
 from typing import Iterator, Sequence
 
@@ -304,7 +304,7 @@ def _patch_bloom(base_model) -> list:
     for module in base_model.modules():
         if isinstance(module, BloomAttention):
             module._prefixkern_forward = module.forward
-            module.forward = types.MethodType(_bloom_attention_forward, module)
+            module.forward = _WeakBoundMethod(_bloom_attention_forward, module)
             patched.append(module)
     return patched
 
@@ -340,6 +340,31 @@ def _register() -> None:
 # --------------------------------------------------------------------------------------------
 # patch / unpatch
 # --------------------------------------------------------------------------------------------
+
+class _WeakBoundMethod:
+    """``types.MethodType(function, obj)`` that does not keep ``obj`` alive. A bound method stored
+    on its own instance is a reference cycle, which only Python's cyclic collector frees: a
+    patched model, and its GPU memory, would outlive ``del model`` until the next full
+    collection (stock PEFT models are freed at once). ``copy.deepcopy`` binds the copy to the
+    copied object, as it does for a bound method."""
+
+    def __init__(self, function, obj):
+        self.__func__ = function
+        self._obj = weakref.ref(obj)
+
+    @property
+    def __self__(self):
+        return self._obj()
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self._obj(), *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return _WeakBoundMethod(self.__func__, copy.deepcopy(self._obj(), memo))
+
+    def __reduce__(self):
+        return _WeakBoundMethod, (self.__func__, self._obj())
+
 
 @dataclasses.dataclass
 class _PatchState:
@@ -588,7 +613,7 @@ def patch(model):
     # Build the encoders now, outside any compiled region (constructing modules in forward is a
     # graph break for torch.compile); adapters loaded later are wrapped on first use.
     _wrap_encoders(model, model._prefixkern)
-    model.get_prompt = types.MethodType(_patched_get_prompt, model)
+    model.get_prompt = _WeakBoundMethod(_patched_get_prompt, model)
     return model
 
 
