@@ -3,8 +3,8 @@
 # benchmark suite, each step under ten minutes, everything left in one folder.
 #
 #   benchmarks/run_gpu.sh [OUT_DIR] [STEP ...]
-#   STEP: smoke quick quick-<suite> device tests-attention-1 tests-attention-2 tests-other attention attention-sweep mlp
-#         e2e e2e-large decode profile pytest-bench
+#   STEP: smoke quick quick-<suite> device tests-attention-1 tests-attention-2 tests-other attention attention-long
+#         attention-sweep mlp e2e e2e-large decode profile pytest-bench
 #         (default: all but smoke and quick, in that order)
 #   smoke: CI's representative kernel tests and the GPU tests marked smoke (a few minutes); quick: every suite with
 #   --quick; quick-attention, quick-mlp, quick-e2e_train, quick-decode, quick-device: one suite's --quick each
@@ -80,6 +80,9 @@ for step in "${STEPS[@]}"; do
                           --ignore=tests/test_prefix_attention.py --junitxml="$OUT/tests-other.xml" ;;
         attention)    run_step bench-attention "$PY" -m prefixkern.bench --suite attention --out-dir "$OUT" \
                           --shapes seed-qwen seed-bloom paper-gpt2 llama8b-2k llama8b-8k long-32k ;;
+        # Issue 2's long shapes alone (the 8k/32k fwd+bwd and the forward TFLOP/s targets).
+        attention-long) run_step bench-attention-long "$PY" -m prefixkern.bench --suite attention --out-dir "$OUT" \
+                          --shapes llama8b-8k long-32k ;;
         attention-sweep) run_step bench-attention-sweep "$PY" -m prefixkern.bench --suite attention --out-dir "$OUT" \
                           --baselines sdpa_mask sdpa_lower_right sdpa_lower_right_gqa flex flash_attn prefixkern_padded \
                           --shapes sweep-S512 sweep-S1024 sweep-S2048 sweep-S4096 sweep-S8192 \
