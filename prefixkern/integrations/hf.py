@@ -462,10 +462,13 @@ def _inference_prefix_key(model, state: _PatchState, dtype) -> tuple | None:
         return None
     names = state.rows if state.rows is not None else (model.active_adapter,)
     params = tuple(p for name in dict.fromkeys(names) for p in model.prompt_encoder[name].parameters())
+    try:
+        versions = tuple((p.data_ptr(), p._version) for p in params)
+    except (RuntimeError, NotImplementedError):     # a tensor subclass that has no address: no reuse
+        return None
     # Weak references: a parameter replaced by a new object (whose address and version could
     # repeat the old one's) no longer matches, and the old one is not kept alive.
-    return (names, dtype, torch.is_inference_mode_enabled(), tuple((p.data_ptr(), p._version) for p in params),
-            _SameObjects(params))
+    return names, dtype, torch.is_inference_mode_enabled(), versions, _SameObjects(params)
 
 
 class _SameObjects:
