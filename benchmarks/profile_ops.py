@@ -6,8 +6,10 @@ backward runs on autograd's device thread), with a cProfile of the two direct ca
 
     python benchmarks/profile_ops.py attention:seed-qwen mlp:llama3-8b [--pass fwd_bwd] [--tf32]
     python benchmarks/profile_ops.py launch     # what one launch costs the host, piece by piece
+    python benchmarks/profile_ops.py e2e:qwen2.5-0.5b   # a training step, patched and stock PEFT + sdpa
 
-A case is SUITE:SHAPE with a shape of that suite (prefixkern/bench/attention.py, mlp.py). This is a
+A case is SUITE:SHAPE with a shape of that suite (prefixkern/bench/attention.py, mlp.py; e2e: a
+model of prefixkern/bench/e2e.py, one step at S=256, B=8). This is a
 diagnostic for kernel work, not a benchmark: the figures to quote come from ``prefixkern-bench``.
 """
 from __future__ import annotations
@@ -52,6 +54,26 @@ def _mlp_step(shape_name: str, pass_: str, dtype):
         if pass_ == "fwd_bwd":
             out.backward(grad)
     return step
+
+
+def _e2e_step(model_name: str, impl: str, dtype, seq_len: int = 256, batch: int = 8, device: str = "cuda"):
+    """One training step of the e2e suite's model (``impl``: prefixkern, prefixkern_raw_launch,
+    peft_sdpa, floor_no_prefix), at the suite's S=256 batch."""
+    from transformers import AutoModelForCausalLM
+
+    from prefixkern.bench import e2e
+    from prefixkern.bench.common import Options
+
+    device = torch.device(device)
+    opts = Options(device, dtype, quick=True, baselines=None, shapes=None, on_gpu=device.type == "cuda")
+    config = e2e.model_config(model_name)
+    torch.manual_seed(0)
+    with device:
+        base_state = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).state_dict()
+    model = e2e.build_model(model_name, impl, opts, base_state)
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=gen).to(device)
+    return e2e._step_fn(model, impl, input_ids, torch.ones_like(input_ids))
 
 
 def _attention_ops(shape_name: str, dtype):
@@ -108,7 +130,17 @@ def host_split(case: str, dtype, iters: int) -> None:
 
 def profile(case: str, pass_: str, dtype, iters: int) -> None:
     suite, shape_name = case.split(":", 1)
+    if suite == "e2e":
+        # A whole training step, patched and stock side by side: how much of the step is kernels,
+        # and which host work the patched model adds or removes.
+        for impl in ("prefixkern", "peft_sdpa"):
+            _profile_step(f"{case} {impl}", "step", dtype, min(iters, 5), _e2e_step(shape_name, impl, dtype))
+        return
     step = {"attention": _attention_step, "mlp": _mlp_step}[suite](shape_name, pass_, dtype)
+    _profile_step(case, pass_, dtype, iters, step)
+
+
+def _profile_step(case: str, pass_: str, dtype, iters: int, step) -> None:
     wall_us = _wall_us(step, iters)
 
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -129,6 +161,12 @@ def profile(case: str, pass_: str, dtype, iters: int) -> None:
           f"device busy {busy_us:.1f} us/iter, host-bound gap {wall_us - busy_us:.1f} us")
     for name, (us, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:12]:
         print(f"  {us:9.1f} us  x{count:<3d} {name[:100]}")
+    ours = {name: value for name, value in kernels.items() if name.startswith("prefix")}
+    if ours and len(ours) < len(kernels):
+        print(f"  prefixkern's kernels: {sum(us for us, _ in ours.values()):.1f} us/iter in "
+              f"{sum(count for _, count in ours.values())} launches; the rest: "
+              f"{busy_us - sum(us for us, _ in ours.values()):.1f} us in "
+              f"{sum(count for name, (_, count) in kernels.items() if name not in ours)} kernels")
     cpu_ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
     print("  host, self time per iter:")
     for event in cpu_ops:
@@ -280,7 +318,8 @@ def launch_overheads() -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="+",
-                        help="SUITE:SHAPE, e.g. attention:seed-qwen mlp:llama3-8b; or 'launch' (launch overheads)")
+                        help="SUITE:SHAPE, e.g. attention:seed-qwen mlp:llama3-8b e2e:qwen2.5-0.5b; or 'launch' "
+                             "(launch overheads)")
     parser.add_argument("--pass", dest="pass_", choices=("fwd", "fwd_bwd"), default="fwd_bwd")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--iters", type=int, default=20)
@@ -295,7 +334,7 @@ def main(argv=None) -> int:
             launch_overheads()
             continue
         profile(case, args.pass_, getattr(torch, args.dtype), args.iters)
-        if not args.no_host_split:
+        if not args.no_host_split and not case.startswith("e2e:"):
             host_split(case, getattr(torch, args.dtype), args.iters)
     return 0
 

@@ -4,7 +4,7 @@
 #
 #   benchmarks/run_gpu.sh [OUT_DIR] [STEP ...]
 #   STEP: smoke quick quick-<suite> device tests-attention-1 tests-attention-2 tests-other attention attention-long
-#         attention-sweep mlp e2e e2e-large decode profile pytest-bench
+#         attention-sweep mlp e2e e2e-large decode profile profile-e2e pytest-bench
 #         (default: all but smoke and quick, in that order)
 #   smoke: CI's representative kernel tests and the GPU tests marked smoke (a few minutes); quick: every suite with
 #   --quick; quick-attention, quick-mlp, quick-e2e_train, quick-decode, quick-device: one suite's --quick each
@@ -96,6 +96,7 @@ for step in "${STEPS[@]}"; do
         decode)       run_step bench-decode "$PY" -m prefixkern.bench --suite decode --out-dir "$OUT" ;;
         profile)      run_step profile "$PY" benchmarks/profile_ops.py launch attention:seed-qwen attention:llama8b-2k \
                           mlp:qwen2.5-0.5b mlp:llama3-8b ;;
+        profile-e2e)  run_step profile-e2e "$PY" benchmarks/profile_ops.py e2e:qwen2.5-0.5b --iters 5 ;;
         pytest-bench) run_step pytest-bench "$PY" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
                           --benchmark-json="$OUT/pytest-benchmark.json" ;;
         *) echo "unknown step $step"; status=1 ;;

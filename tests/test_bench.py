@@ -214,3 +214,18 @@ def test_device_suite_says_it_needs_a_gpu():
                    on_gpu=False)
     records, skips = device.run(opts, lambda message: None)
     assert records == [] and len(skips) == 1 and "GPU" in skips[0].reason
+
+
+def test_profile_ops_e2e_step_is_the_suites_step():
+    """benchmarks/profile_ops.py e2e:MODEL profiles the e2e suite's training step (patched and
+    stock): on the CPU's tiny Llama both give the same loss, so the diagnostic stays runnable."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("peft")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import profile_ops
+
+    losses = [float(profile_ops._e2e_step("cpu-tiny-llama", impl, torch.float32, seq_len=8, batch=2, device="cpu")())
+              for impl in ("prefixkern", "peft_sdpa")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
