@@ -25,6 +25,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import types
 import weakref
 from typing import Iterator, Sequence
 
@@ -303,8 +304,7 @@ def _patch_bloom(base_model) -> list:
     patched = []
     for module in base_model.modules():
         if isinstance(module, BloomAttention):
-            module._prefixkern_forward = module.forward
-            module.forward = _WeakBoundMethod(_bloom_attention_forward, module)
+            _override_method(module, "forward", _bloom_attention_forward)
             patched.append(module)
     return patched
 
@@ -341,6 +341,25 @@ def _register() -> None:
 # patch / unpatch
 # --------------------------------------------------------------------------------------------
 
+def _override_method(obj, name: str, function) -> None:
+    """``obj.<name>`` becomes ``function`` bound to ``obj``; ``obj._prefixkern_<name>`` keeps what
+    it replaced (an instance attribute another library set, or the class's method), both bound
+    weakly so the override adds no reference cycle."""
+    previous = obj.__dict__.get(name)
+    setattr(obj, f"_prefixkern_{name}",
+            previous if previous is not None else _WeakBoundMethod(getattr(type(obj), name), obj))
+    setattr(obj, name, _WeakBoundMethod(function, obj))
+
+
+def _restore_method(obj, name: str) -> None:
+    """Undo :func:`_override_method`."""
+    previous = obj.__dict__.pop(f"_prefixkern_{name}")
+    if isinstance(previous, _WeakBoundMethod) and previous.__func__ is getattr(type(obj), name):
+        del obj.__dict__[name]
+    else:
+        setattr(obj, name, previous)
+
+
 class _WeakBoundMethod:
     """``types.MethodType(function, obj)`` that does not keep ``obj`` alive. A bound method stored
     on its own instance is a reference cycle, which only Python's cyclic collector frees: a
@@ -357,7 +376,10 @@ class _WeakBoundMethod:
         return self._obj()
 
     def __call__(self, *args, **kwargs):
-        return self.__func__(self._obj(), *args, **kwargs)
+        obj = self._obj()
+        if obj is None:
+            raise ReferenceError(f"{self.__func__.__name__} was called after the object it was patched on was freed")
+        return self.__func__(obj, *args, **kwargs)
 
     def __deepcopy__(self, memo):
         return _WeakBoundMethod(self.__func__, copy.deepcopy(self._obj(), memo))
@@ -378,8 +400,8 @@ class _PatchState:
     layer_map: tuple[int | None, ...] | None = None
     patched_modules: list = dataclasses.field(default_factory=list)
     encoders: dict = dataclasses.field(default_factory=dict)
-    # (key, PrefixState) of the last prefix computed for inference (see _inference_prefix_key).
-    inference_prefix: tuple | None = None
+    generating: int = 0                      # generate() calls under way (see _patched_generate)
+    generation_prefix: tuple | None = None   # (key, PrefixState) of the call under way
 
 
 def _peft_prefix_config(model):
@@ -449,50 +471,47 @@ def _bart_layer_map(num_layers: int, num_decoder_layers: int) -> tuple[int | Non
     return tuple((2 * layer) % num_layers if layer < num_layers else None for layer in range(num_decoder_layers))
 
 
-def _inference_prefix_key(model, state: _PatchState, dtype) -> tuple | None:
-    """What an inference-time prefix depends on, or None when it must be computed afresh.
-
-    PEFT's ``prepare_inputs_for_generation`` asks for the prompt again whenever it sees no
-    cache in ``past_key_values`` (under transformers 5.2x, every decoding step, since generate()
-    passes its cache as ``cache=``): without reuse each token would rerun the prefix MLP. With
-    gradients off and the model in eval mode (no prefix dropout) the prefix is a function of the
-    adapters' parameters only; their storage and version counters (bumped by every in-place
-    update: optimizer steps, ``load_state_dict``, ``copy_``) say when it changed."""
-    if torch.is_grad_enabled() or model.training or torch.compiler.is_compiling():
-        return None
-    names = state.rows if state.rows is not None else (model.active_adapter,)
-    params = tuple(p for name in dict.fromkeys(names) for p in model.prompt_encoder[name].parameters())
+def _patched_generate(self, *args, **kwargs):
+    """``generate()`` with the prefix computed once for the call. PEFT's
+    ``prepare_inputs_for_generation`` asks for the prompt whenever it sees no cache in
+    ``past_key_values``: under transformers 5.2x, which passes generate()'s cache as ``cache=``,
+    that is every decoding step, and each token would rerun the prefix MLP. Within one call
+    nothing can change the adapters' parameters, so the first prefix serves every step; the
+    next call computes its own."""
+    state: _PatchState = self._prefixkern
+    state.generating += 1
     try:
-        versions = tuple((p.data_ptr(), p._version) for p in params)
-    except (RuntimeError, NotImplementedError):     # a tensor subclass that has no address: no reuse
-        return None
-    # Weak references: a parameter replaced by a new object (whose address and version could
-    # repeat the old one's) no longer matches, and the old one is not kept alive.
-    return names, dtype, torch.is_inference_mode_enabled(), versions, _SameObjects(params)
+        return self._prefixkern_generate(*args, **kwargs)
+    finally:
+        state.generating -= 1
+        if not state.generating:
+            state.generation_prefix = None
+            _drop_self_bound_method(self.get_base_model(), "prepare_inputs_for_generation")
 
 
-class _SameObjects:
-    """Equal to another instance holding the same live objects, compared by identity."""
-
-    def __init__(self, objects):
-        self.refs = tuple(weakref.ref(o) for o in objects)
-
-    def __eq__(self, other):
-        return (isinstance(other, _SameObjects) and len(self.refs) == len(other.refs)
-                and all(a() is not None and a() is b() for a, b in zip(self.refs, other.refs)))
-
-    __hash__ = None
+def _drop_self_bound_method(obj, name: str) -> None:
+    """Delete ``obj.<name>`` where it is only ``obj``'s own class method bound to ``obj``: the same
+    behaviour, one reference cycle fewer. Stock PEFT's generate() leaves the base model's
+    ``prepare_inputs_for_generation`` so, which kept the base model (and its GPU memory) alive
+    after ``del model`` until Python's next cyclic collection."""
+    bound = obj.__dict__.get(name)
+    if (isinstance(bound, types.MethodType) and bound.__self__ is obj
+            and bound.__func__ is getattr(type(obj), name, None)):
+        del obj.__dict__[name]
 
 
 def _patched_get_prompt(self, batch_size: int, task_ids=None, max_cache_len=None):
     state: _PatchState = self._prefixkern
     dtype = self.base_model_torch_dtype or self.prompt_encoder[self.active_adapter].embedding.weight.dtype
-    key = _inference_prefix_key(self, state, dtype)
-    if key is not None and state.inference_prefix is not None and state.inference_prefix[0] == key:
-        prefix = state.inference_prefix[1]
+    # Inside generate() (see _patched_generate), in eval mode with gradients off: the call's first
+    # prefix, unless the adapters or the dtype asked for differ.
+    reuse = state.generating > 0 and not self.training and not torch.is_grad_enabled()
+    key = (state.rows or self.active_adapter, dtype, torch.is_inference_mode_enabled()) if reuse else None
+    if reuse and state.generation_prefix is not None and state.generation_prefix[0] == key:
+        prefix = state.generation_prefix[1]
     else:
         prefix = _prefix_state(self, state, batch_size, dtype)
-        state.inference_prefix = (key, prefix) if key is not None else None
+        state.generation_prefix = (key, prefix) if reuse else None
     record = not (torch.is_grad_enabled() and self.training)
     if state.encoder_decoder:
         from transformers import DynamicCache, EncoderDecoderCache
@@ -616,7 +635,8 @@ def patch(model):
     # Build the encoders now, outside any compiled region (constructing modules in forward is a
     # graph break for torch.compile); adapters loaded later are wrapped on first use.
     _wrap_encoders(model, model._prefixkern)
-    model.get_prompt = _WeakBoundMethod(_patched_get_prompt, model)
+    _override_method(model, "get_prompt", _patched_get_prompt)
+    _override_method(model, "generate", _patched_generate)
     return model
 
 
@@ -638,8 +658,9 @@ def unpatch(model):
         config._attn_implementation = name
     state.hook.remove()
     for module in state.patched_modules:
-        del module.forward, module._prefixkern_forward
-    del model.get_prompt           # back to the class's method
+        _restore_method(module, "forward")
+    _restore_method(model, "get_prompt")
+    _restore_method(model, "generate")
     model._prefixkern = None
     return model
 

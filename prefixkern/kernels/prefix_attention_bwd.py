@@ -613,11 +613,13 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
         num_n_blocks = cdiv(seq_len_kv, block_n)
         prefix_programs = num_p_blocks * owners * num_kv_heads
         sequence_programs = num_n_blocks * batch * num_kv_heads
-        # A split covers at most a sequence program's share (its group's query blocks), and the
-        # launch gets about two waves of programs where the sequence alone would not fill them
-        # (the interpreter, on CPU, counts 16 SMs: splits of shared and per-row prefixes get exercised).
-        # Fewer splits, less memory.
+        # A split covers about a sequence program's share (its group's query blocks), and the launch
+        # gets about two waves of programs where the sequence alone would not fill them; but never
+        # more than two waves of prefix programs (a packed batch of hundreds of sequences would
+        # otherwise take a float32 partial per sequence). Fewer splits, less memory. (The
+        # interpreter, on CPU, counts 16 SMs: splits of shared and per-row prefixes get exercised.)
         splits = max(cdiv(items, group * num_m_blocks), cdiv(2 * sms - sequence_programs, prefix_programs))
+        splits = min(splits, cdiv(2 * sms, prefix_programs))
         items_per_split = cdiv(items, min(items, splits))
         splits = cdiv(items, items_per_split)
         partial = torch.empty(splits, 2, owners, num_kv_heads, prefix_len, head_dim, dtype=torch.float32,
