@@ -431,8 +431,22 @@ def test_launched_tiles_name_every_field():
     tiles = launched_tiles()
     assert set(tiles) == {"fwd", "bwd", "gemm"}
     assert tiles["bwd"].startswith("DH_BLOCK_N=") and tiles["bwd"].count("=") == 6, tiles["bwd"]
-    assert tiles["fwd"].count("=") == 4 and tiles["gemm"].count("=") == 5, tiles
+    assert tiles["fwd"].startswith("BLOCK_P=") and tiles["fwd"].count("=") == 5 and tiles["gemm"].count("=") == 5, tiles
     assert launched_tiles() == {}
+
+
+def test_forward_candidates_split_p_for_exact_float32_only(monkeypatch):
+    """The forward's tuning candidates (as on a GPU): all P rows in one tile first; 32-row tiles
+    beside them only for exact float32 products with P > 32, where a 64-row tile holds too many
+    registers on FMA units."""
+    from prefixkern.kernels import prefix_mlp as mlp
+
+    monkeypatch.setattr(mlp, "triton_interpret", lambda: False)
+    ieee = mlp.fwd_configs(64, 65536, "ieee")
+    assert ieee[0][0] == 64 and {c[0] for c in ieee} == {32, 64}
+    assert [c[1:] for c in ieee if c[0] == 32] == list(mlp.IEEE_SPLIT_P_TILES)
+    assert {c[0] for c in mlp.fwd_configs(64, 65536, "bf16")} == {64}
+    assert {c[0] for c in mlp.fwd_configs(20, 65536, "ieee")} == {32}
 
 
 # ----------------------------------------------------------------------------------------------

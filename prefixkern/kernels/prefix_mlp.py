@@ -168,6 +168,23 @@ def prefix_mlp_matmul_kernel(
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) candidates; BLOCK_P follows P (_block_p).
 FWD_TILES = ((32, 64, 4, 4), (64, 32, 4, 4), (64, 64, 4, 3), (128, 32, 4, 4), (128, 64, 8, 3), (256, 32, 8, 3))
 INTERPRETER_FWD_TILE = (32, 16, 4, 1)
+# Exact float32 products run on FMA units, where a 64-row P tile holds 150-255 registers per
+# thread (one or two blocks per SM; sm_90 compiles, tests/tools/kernel_resources.py). Two 32-row
+# alternatives for P > 32, the 32-row tiles with the most FFMA per shared-memory load (9.5 per
+# LDS.128 in their SASS), at 148 registers on Triton 3.9 and 212 on 3.6: W2 is then read once
+# per P tile, the second time from L2. Untimed: the tuner decides.
+IEEE_SPLIT_P_TILES = ((128, 32, 4, 4), (256, 32, 8, 3))
+
+
+def fwd_configs(num_rows: int, num_cols: int, precision: str) -> list[tuple[int, int, int, int, int]]:
+    """The forward's (BLOCK_P, BLOCK_N, BLOCK_K, num_warps, num_stages) candidates: every P row in
+    one tile, and for exact float32 products also 32-row tiles (see IEEE_SPLIT_P_TILES). The
+    tuner times them; the first is used with autotuning off."""
+    block_p = _block_p(num_rows, MAX_BLOCK_P_FWD)
+    configs = [(block_p, *tile) for tile in fwd_candidates(block_p, num_cols, precision)]
+    if precision == "ieee" and block_p > 32 and not triton_interpret():
+        configs += [(32, *tile) for tile in fwd_candidates(32, num_cols, precision) if tile in IEEE_SPLIT_P_TILES]
+    return configs
 
 
 def fwd_candidates(block_p: int, num_cols: int, precision: str) -> list[tuple[int, int, int, int]]:
@@ -539,10 +556,9 @@ def prefix_mlp_forward(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
     _matmul(embedding, w1.t(), hidden, precision, bias=b1, apply_tanh=True)
 
     out = torch.empty(num_layers, 2, num_kv_heads, num_rows, head_dim, device=device, dtype=out_dtype)
-    block_p = _block_p(num_rows, MAX_BLOCK_P_FWD)
 
     def launch(config):
-        block_n, block_k, warps, stages = config
+        block_p, block_n, block_k, warps, stages = config
         return launch_kernel(
             prefix_mlp_fwd_kernel, (cdiv(num_rows, block_p), cdiv(num_cols, block_n)),
             hidden, w2, b2, out, seed,
@@ -556,7 +572,7 @@ def prefix_mlp_forward(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
 
     key = ("mlp-fwd", device, num_rows, num_cols, hidden_size, b2 is not None, dropout_p > 0.0, precision,
            w2.dtype, out_dtype)
-    launch(pick_config(key, fwd_candidates(block_p, num_cols, precision), launch))
+    launch(pick_config(key, fwd_configs(num_rows, num_cols, precision), launch))
     return out, hidden
 
 
