@@ -7,9 +7,11 @@ backward runs on autograd's device thread), with a cProfile of the two direct ca
     python benchmarks/profile_ops.py attention:seed-qwen mlp:llama3-8b [--pass fwd_bwd] [--tf32]
     python benchmarks/profile_ops.py launch     # what one launch costs the host, piece by piece
     python benchmarks/profile_ops.py e2e:qwen2.5-0.5b   # a training step, patched and stock PEFT + sdpa
+    python benchmarks/profile_ops.py generate:qwen2.5-0.5b   # generate(), 16 tokens, patched and stock
 
 A case is SUITE:SHAPE with a shape of that suite (prefixkern/bench/attention.py, mlp.py; e2e: a
-model of prefixkern/bench/e2e.py, one step at S=256, B=8). This is a
+model of prefixkern/bench/e2e.py, one step at S=256, B=8; generate: the same models, B=8, a
+512-token prompt, 16 new tokens). This is a
 diagnostic for kernel work, not a benchmark: the figures to quote come from ``prefixkern-bench``.
 """
 from __future__ import annotations
@@ -76,6 +78,33 @@ def _e2e_step(model_name: str, impl: str, dtype, seq_len: int = 256, batch: int 
     return e2e._step_fn(model, impl, input_ids, torch.ones_like(input_ids))
 
 
+def _generate_call(model_name: str, impl: str, dtype, batch: int = 8, prompt: int = 512, new_tokens: int = 16,
+                   device: str = "cuda"):
+    """Greedy generate() as the decode suite runs it (P = 30, one left-padded row), fewer tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from prefixkern.bench import decode, e2e
+    from prefixkern.bench.common import Options
+
+    device = torch.device(device)
+    opts = Options(device, dtype, quick=True, baselines=None, shapes=None, on_gpu=device.type == "cuda")
+    config = e2e.model_config(model_name)
+    torch.manual_seed(0)
+    with device:
+        base_state = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).state_dict()
+    model = e2e.build_model(model_name, impl, opts, base_state, num_virtual_tokens=decode.GEN_P).eval()
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, config.vocab_size, (batch, prompt), generator=gen).to(device)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, : prompt // 4] = 0
+
+    def call():
+        with torch.no_grad():
+            return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False)
+    return call
+
+
 def _attention_ops(shape_name: str, dtype):
     """The custom ops' forward and backward as direct calls (no autograd)."""
     fwd_args, bwd_args = attention_bench.op_args(attention_bench.SHAPES[shape_name], "cuda", dtype)
@@ -130,11 +159,13 @@ def host_split(case: str, dtype, iters: int) -> None:
 
 def profile(case: str, pass_: str, dtype, iters: int) -> None:
     suite, shape_name = case.split(":", 1)
-    if suite == "e2e":
-        # A whole training step, patched and stock side by side: how much of the step is kernels,
-        # and which host work the patched model adds or removes.
+    if suite in ("e2e", "generate"):
+        # A whole training step or generate() call, patched and stock side by side: how much of it
+        # is kernels, and which host work the patched model adds or removes.
+        build = _e2e_step if suite == "e2e" else _generate_call
         for impl in ("prefixkern", "peft_sdpa"):
-            _profile_step(f"{case} {impl}", "step", dtype, min(iters, 5), _e2e_step(shape_name, impl, dtype))
+            _profile_step(f"{case} {impl}", "step" if suite == "e2e" else "generate", dtype, min(iters, 3),
+                          build(shape_name, impl, dtype))
         return
     step = {"attention": _attention_step, "mlp": _mlp_step}[suite](shape_name, pass_, dtype)
     _profile_step(case, pass_, dtype, iters, step)
@@ -318,8 +349,8 @@ def launch_overheads() -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="+",
-                        help="SUITE:SHAPE, e.g. attention:seed-qwen mlp:llama3-8b e2e:qwen2.5-0.5b; or 'launch' "
-                             "(launch overheads)")
+                        help="SUITE:SHAPE, e.g. attention:seed-qwen mlp:llama3-8b e2e:qwen2.5-0.5b generate:qwen2.5-0.5b; "
+                             "or 'launch' (launch overheads)")
     parser.add_argument("--pass", dest="pass_", choices=("fwd", "fwd_bwd"), default="fwd_bwd")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--iters", type=int, default=20)
@@ -334,7 +365,7 @@ def main(argv=None) -> int:
             launch_overheads()
             continue
         profile(case, args.pass_, getattr(torch, args.dtype), args.iters)
-        if not args.no_host_split and not case.startswith("e2e:"):
+        if not args.no_host_split and not case.startswith(("e2e:", "generate:")):
             host_split(case, getattr(torch, args.dtype), args.iters)
     return 0
 

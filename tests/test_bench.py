@@ -218,7 +218,8 @@ def test_device_suite_says_it_needs_a_gpu():
 
 def test_profile_ops_e2e_step_is_the_suites_step():
     """benchmarks/profile_ops.py e2e:MODEL profiles the e2e suite's training step (patched and
-    stock): on the CPU's tiny Llama both give the same loss, so the diagnostic stays runnable."""
+    stock): on the CPU's tiny Llama both give the same loss; generate:MODEL's call runs too, so
+    the diagnostics stay runnable."""
     import sys
     from pathlib import Path
 
@@ -229,3 +230,6 @@ def test_profile_ops_e2e_step_is_the_suites_step():
     losses = [float(profile_ops._e2e_step("cpu-tiny-llama", impl, torch.float32, seq_len=8, batch=2, device="cpu")())
               for impl in ("prefixkern", "peft_sdpa")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    tokens = profile_ops._generate_call("cpu-tiny-llama", "prefixkern", torch.float32, batch=2, prompt=8, new_tokens=3,
+                                        device="cpu")()
+    assert tokens.shape == (2, 11)
