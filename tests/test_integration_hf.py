@@ -341,6 +341,25 @@ def test_prefix_per_row_equals_separate_runs():
     ours.set_adapter("default")
 
 
+def test_prefix_per_row_with_beams_and_several_return_sequences():
+    """generate() repeats each row for its beams and return sequences: row b's copies read row b's
+    adapter, so each row's beams equal that adapter's own beam search."""
+    ours = _patched_with_second_adapter()
+    ids, mask = _batch("left")
+    rows = ["default", "task_b", "default"]
+    kwargs = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    with prefixkern.prefix_per_row(ours, rows):
+        mixed = ours.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert mixed.shape[0] == 2 * len(rows)
+    for adapter in ("default", "task_b"):
+        ours.set_adapter(adapter)
+        alone = ours.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        for b, name in enumerate(rows):
+            if name == adapter:
+                assert torch.equal(mixed[2 * b: 2 * b + 2], alone[2 * b: 2 * b + 2])
+    ours.set_adapter("default")
+
+
 def test_prefix_per_row_checks_its_input():
     _, ours = _pair("llama")
     with pytest.raises(ValueError, match="adapters the model does not have"):

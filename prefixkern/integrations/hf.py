@@ -525,15 +525,19 @@ def _prefix_state(model, state: _PatchState, batch_size: int, dtype) -> PrefixSt
     if state.rows is None:
         return PrefixState(_prefix_kv(model, model.active_adapter, state, dtype), layer_map=state.layer_map)
     names = list(dict.fromkeys(state.rows))
+    rows = state.rows
+    if state.generating and batch_size % len(rows) == 0:
+        # generate() repeats each row in place for beams and return sequences (repeat_interleave).
+        rows = tuple(name for name in rows for _ in range(batch_size // len(rows)))
     # A packed batch is one row holding several sequences: it may name one prefix per sequence
     # (checked against cu_seq_lens in the attention).
-    if len(state.rows) != batch_size and batch_size != 1:
-        raise ValueError(f"prefix_per_row names {len(state.rows)} rows but the batch has {batch_size}")
+    if len(rows) != batch_size and batch_size != 1:
+        raise ValueError(f"prefix_per_row names {len(rows)} rows but the batch has {batch_size}")
     lengths = {model.peft_config[n].num_virtual_tokens for n in names}
     if len(lengths) != 1:
         raise ValueError(f"prefix_per_row needs adapters of one prefix length, got {sorted(lengths)}")
     kv = torch.stack([_prefix_kv(model, n, state, dtype) for n in names])
-    index = torch.tensor([names.index(n) for n in state.rows], dtype=torch.int64, device=kv.device)
+    index = torch.tensor([names.index(n) for n in rows], dtype=torch.int64, device=kv.device)
     return PrefixState(kv, index, layer_map=state.layer_map)
 
 
@@ -670,7 +674,8 @@ def prefix_per_row(model, adapter_names: Sequence[str]) -> Iterator[None]:
     """Serve a batch whose rows belong to different trained prefixes in one forward (training or
     ``generate()``): row b reads adapter ``adapter_names[b]``. All adapters must have been loaded
     into ``model`` (``load_adapter``) and share the prefix length. Each distinct prefix is
-    computed once; the kernel reads the right one per row (``prefix_index``). A packed batch
+    computed once; the kernel reads the right one per row (``prefix_index``). In ``generate()``
+    the beams and return sequences of row b read row b's adapter. A packed batch
     (``DataCollatorWithFlattening``) names one adapter per packed sequence."""
     if not is_patched(model):
         raise ValueError("prefix_per_row needs a patched model: call prefixkern.patch(model) first")
