@@ -163,10 +163,12 @@ __global__ void __launch_bounds__(kThreads, (min_resident_blocks<HEAD_DIM, PIPEL
   __shared__ float l_s[kMaxRows];
 
   const int tid = threadIdx.x;
+  // Grid (split, KV head x row block, batch row): the order of one (b, g, rb) axis without its
+  // 65535 limit on gridDim.y.
   const int split = blockIdx.x;
   const int rb = blockIdx.y % p.row_blocks;
-  const int g = (blockIdx.y / p.row_blocks) % p.Hkv;
-  const int b = blockIdx.y / (p.row_blocks * p.Hkv);
+  const int g = blockIdx.y / p.row_blocks;
+  const int b = blockIdx.z;
   const int total_rows = p.group * p.Sq;
   const int row0 = rb * kMaxRows;
   const int rows = min(kMaxRows, total_rows - row0);
@@ -427,12 +429,13 @@ struct ResidentBlocks {
 struct LaunchPartial {
   const DecodeParams& params;
   int splits;
-  int blocks_y;
+  int blocks_y;   // blocks per batch row: KV heads x row blocks
   cudaStream_t stream;
 
   template <typename T, int HEAD_DIM, bool PIPELINED>
   int run() const {
-    prefix_decode_partial_kernel<T, HEAD_DIM, PIPELINED><<<dim3(splits, blocks_y), kThreads, 0, stream>>>(params);
+    prefix_decode_partial_kernel<T, HEAD_DIM, PIPELINED><<<dim3(splits, blocks_y, params.B), kThreads, 0, stream>>>(
+        params);
     return 0;
   }
 };
@@ -487,7 +490,8 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
   const c10::cuda::CUDAGuard guard(q.device());
   const int group = Hq / Hkv;
   const int row_blocks = (group * Sq + kMaxRows - 1) / kMaxRows;
-  const int blocks_y = B * Hkv * row_blocks;
+  const int blocks_y = Hkv * row_blocks;
+  TORCH_CHECK(B <= 65535, "prefix_decode_partial: at most 65535 batch rows, got ", B);
   const bool half = q.scalar_type() == at::kHalf;
   const bool pipelined = pipelined_requested && D != 256;   // see dispatch_head_dim
   const int tile = (pipelined ? 4096 : 8192) / D;   // tile_keys<D, pipelined>()
@@ -500,7 +504,7 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
     // others compute), and no chunk shorter than a tile. (Was two blocks per SM: 2.4 resident per
     // SM at B = 8 on Llama-3-8B heads, 887 GB/s; the occupancy at D = 128 is now 5.)
     const int wave = multiprocessor_count(q.get_device()) * resident_blocks_per_sm(q.get_device(), half, D, pipelined);
-    splits = wave / blocks_y;
+    splits = wave / (B * blocks_y);
   }
   splits = std::max(1, std::min(splits, max_splits));
   const int chunk = ((num_keys + splits - 1) / splits + tile - 1) / tile * tile;

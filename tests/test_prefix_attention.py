@@ -513,6 +513,37 @@ def test_raw_launch_passes_pointers_and_constexprs_in_order(monkeypatch):
     assert calls["plain"] == (5, 2)
 
 
+def test_grids_stay_within_cuda_limits_for_many_rows_and_heads(monkeypatch):
+    """CUDA caps grid.y and grid.z at 65535: 1100 rows of 64 heads (70400 row-heads) must still
+    launch, so no launch puts rows times heads on one of those axes (launches recorded, not run)."""
+    from prefixkern.kernels import prefix_attention_bwd as bwd
+    from prefixkern.kernels import prefix_attention_fwd as fwd
+
+    class Launched:
+        n_spills = 0
+
+    grids = {}
+
+    def record(kernel, grid, *args, **meta):
+        grids[kernel.fn.__name__] = tuple(grid)
+        return Launched()
+
+    monkeypatch.setattr(fwd, "launch_kernel", record)
+    monkeypatch.setattr(bwd, "launch_kernel", record)
+    q = torch.zeros(1100, 64, 1, 16)
+    k = v = torch.zeros(1100, 8, 1, 16)
+    pk = pv = torch.zeros(8, 2, 16)
+    options = dict(prefix_index=None, key_padding_mask=None, causal=True, softmax_scale=0.25, dropout_p=0.0,
+                   seed=None, alibi_slopes=None, softcap=None, window=None)
+    out, lse = fwd.prefix_attention_forward(q, k, v, pk, pv, **options)
+    bwd.prefix_attention_backward(out, q, k, v, pk, pv, out, lse, **options)
+    assert set(grids) == {"prefix_attention_fwd_kernel", "prefix_attention_bwd_dq_kernel",
+                          "prefix_attention_bwd_dkdv_kernel"}
+    for name, grid in grids.items():
+        assert all(size <= 65535 for size in grid[1:]), (name, grid)
+        assert math.prod(grid) >= 1100 * 8, (name, grid)
+
+
 @pytest.mark.gpu
 @pytest.mark.smoke
 def test_raw_launch_equals_a_plain_launch(monkeypatch, device):

@@ -123,10 +123,12 @@ def prefix_attention_bwd_dq_kernel(
     HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
+    # Grid (query block, head, row): the same order as one (row * Hq + head) axis, without its
+    # 65535 limit on grid.y (a batch, or packed sequences, times the heads can pass it).
     start_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * Hq + h
     g = (h // GROUP).to(tl.int64)
     b64 = b.to(tl.int64)
     # This row's token range; S stays the row length of lse and delta (the longest row when packed).
@@ -582,7 +584,7 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     def launch_dq(config):
         block_m, block_n, warps, stages = config
         return launch_kernel(
-            prefix_attention_bwd_dq_kernel, (cdiv(seq_len_q, block_m), batch * num_heads),
+            prefix_attention_bwd_dq_kernel, (cdiv(seq_len_q, block_m), num_heads, batch),
             q, k, v, prefix_k, prefix_v, out, dout, lse, delta, dq,
             args["prefix_index"], args["kpm"], args["slopes"], args["positions"], args["seed"], args["cu_seqlens_q"],
             args["cu_seqlens_k"], *q_strides, *bhsd_strides(k, varlen), *bhsd_strides(v, varlen),

@@ -108,10 +108,12 @@ def prefix_attention_fwd_kernel(
     HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
+    # Grid (query block, head, row): the same order as one (row * Hq + head) axis, without its
+    # 65535 limit on grid.y (a batch, or packed sequences, times the heads can pass it).
     start_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * Hq + h
     g = h // GROUP
     b64 = b.to(tl.int64)
     # This row's token range; S stays the row length of lse (the longest row when packed).
@@ -256,7 +258,7 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     def launch(config):
         block_m, block_n, warps, stages = config
-        grid = (cdiv(seq_len_q, block_m), batch * num_heads)
+        grid = (cdiv(seq_len_q, block_m), num_heads, batch)
         return launch_kernel(
             prefix_attention_fwd_kernel, grid,
             q, k, v, prefix_k, prefix_v, out, lse,
