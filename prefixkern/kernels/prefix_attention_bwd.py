@@ -604,9 +604,10 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     owners = 1 if shared else batch
     items_per_row = (batch if shared else 1) * group
     sms = num_sms(device_index(q.device)) if q.device.type == "cuda" else 16
-    partials = {}
+    partial = None          # the last launch's (tuning launches several)
 
     def launch_dkdv(config):
+        nonlocal partial
         block_m, block_n, warps, stages = config
         prefix_block_n = min(block_n, max(16, next_power_of_2(prefix_len)))
         num_p_blocks = cdiv(prefix_len, prefix_block_n)
@@ -626,7 +627,6 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
         splits = cdiv(items, items_per_split)
         partial = torch.empty(splits, 2, owners, num_kv_heads, prefix_len, head_dim, dtype=torch.float32,
                               device=q.device)
-        partials["last"] = partial
         num_prefix_programs = prefix_programs * splits
         return launch_kernel(
             prefix_attention_bwd_dkdv_kernel, (num_prefix_programs + sequence_programs,),
@@ -648,7 +648,6 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     launch_dq(pick_config(("dq",) + tune_key, dq_candidates, launch_dq))
     dkdv_candidates = fitting_configs("dkdv", DKDV_CONFIGS[bucket], block_d, q, fallback=(16, 16, 4, 1))
     launch_dkdv(pick_config(("dkdv",) + tune_key, dkdv_candidates, launch_dkdv))
-    partial = partials["last"]
     splits = partial.shape[0]
 
     # Host launches matter at seed sizes (one backward per layer): one reduction and one cast for
