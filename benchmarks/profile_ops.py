@@ -58,21 +58,28 @@ def _mlp_step(shape_name: str, pass_: str, dtype):
     return step
 
 
-def _e2e_step(model_name: str, impl: str, dtype, seq_len: int = 256, batch: int = 8, device: str = "cuda"):
-    """One training step of the e2e suite's model (``impl``: prefixkern, prefixkern_raw_launch,
-    peft_sdpa, floor_no_prefix), at the suite's S=256 batch."""
+def _suite_model(model_name: str, impl: str, dtype, device: torch.device, **build_kwargs):
+    """``(model, config)``: the e2e suite's model for ``impl`` (prefixkern, prefixkern_raw_launch,
+    peft_sdpa, floor_no_prefix), built as the suite builds it."""
     from transformers import AutoModelForCausalLM
 
     from prefixkern.bench import e2e
     from prefixkern.bench.common import Options
 
-    device = torch.device(device)
     opts = Options(device, dtype, quick=True, baselines=None, shapes=None, on_gpu=device.type == "cuda")
     config = e2e.model_config(model_name)
     torch.manual_seed(0)
     with device:
         base_state = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).state_dict()
-    model = e2e.build_model(model_name, impl, opts, base_state)
+    return e2e.build_model(model_name, impl, opts, base_state, **build_kwargs), config
+
+
+def _e2e_step(model_name: str, impl: str, dtype, seq_len: int = 256, batch: int = 8, device: str = "cuda"):
+    """One training step of the e2e suite's model, at the suite's S=256 batch."""
+    from prefixkern.bench import e2e
+
+    device = torch.device(device)
+    model, config = _suite_model(model_name, impl, dtype, device)
     gen = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=gen).to(device)
     return e2e._step_fn(model, impl, input_ids, torch.ones_like(input_ids))
@@ -81,18 +88,11 @@ def _e2e_step(model_name: str, impl: str, dtype, seq_len: int = 256, batch: int 
 def _generate_call(model_name: str, impl: str, dtype, batch: int = 8, prompt: int = 512, new_tokens: int = 16,
                    device: str = "cuda"):
     """Greedy generate() as the decode suite runs it (P = 30, one left-padded row), fewer tokens."""
-    from transformers import AutoModelForCausalLM
-
-    from prefixkern.bench import decode, e2e
-    from prefixkern.bench.common import Options
+    from prefixkern.bench import decode
 
     device = torch.device(device)
-    opts = Options(device, dtype, quick=True, baselines=None, shapes=None, on_gpu=device.type == "cuda")
-    config = e2e.model_config(model_name)
-    torch.manual_seed(0)
-    with device:
-        base_state = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).state_dict()
-    model = e2e.build_model(model_name, impl, opts, base_state, num_virtual_tokens=decode.GEN_P).eval()
+    model, config = _suite_model(model_name, impl, dtype, device, num_virtual_tokens=decode.GEN_P)
+    model.eval()
     gen = torch.Generator().manual_seed(0)
     input_ids = torch.randint(3, config.vocab_size, (batch, prompt), generator=gen).to(device)
     attention_mask = torch.ones_like(input_ids)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import json
 import math
 import platform
@@ -81,6 +82,14 @@ def time_ms(fn: Callable[[], object], *, on_gpu: bool, quick: bool) -> float | N
 
     return float(triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
                                          return_mode="median"))
+
+
+def release_models(on_gpu: bool) -> None:
+    """After a row's model is deleted: collect what it left in reference cycles and return the
+    cached blocks, so neither counts against the next row's memory."""
+    gc.collect()
+    if on_gpu:
+        torch.cuda.empty_cache()
 
 
 def peak_mem_mb(fn: Callable[[], object], *, on_gpu: bool) -> float | None:

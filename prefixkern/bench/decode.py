@@ -3,7 +3,6 @@ SDPA on the concatenated cache (what HF holds under PEFT: the prefix sits in the
 so the baseline pays no concatenation here), reported as time and KV bytes read per second."""
 from __future__ import annotations
 
-import gc
 import itertools
 import warnings
 
@@ -14,7 +13,7 @@ from .. import reference
 from .._backend import use_backend
 from ..ops.decode_attention import cuda_decode_supported, prefix_decode_attention
 from ..ops.prefix_attention import prefix_attention
-from .common import Options, Record, Skip, dtype_name, peak_mem_mb, scaled_err, time_ms
+from .common import Options, Record, Skip, dtype_name, peak_mem_mb, release_models, scaled_err, time_ms
 
 HQ, HKV, D = 32, 8, 128      # Llama-3-8B attention
 PREFIXES = (30, 128)
@@ -190,9 +189,7 @@ def run_generate(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             if failed:                     # (outside the handler: its traceback no longer holds the model)
                 skips.append(Skip("decode", case, impl, failed))
                 del model, generate
-                gc.collect()
-                if opts.on_gpu:
-                    torch.cuda.empty_cache()
+                release_models(opts.on_gpu)
                 continue
             assert out.shape == (batch, prompt + new_tokens)
             if impl != "prefixkern" and any(_PREFIX_DROPPED in str(w.message) for w in caught):
@@ -215,7 +212,5 @@ def run_generate(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 record.peak_mem_mb = torch.cuda.max_memory_allocated() / 2**20
             records.append(record)
             del model, generate             # (generate holds the model as its default argument)
-            gc.collect()      # whatever a model left in reference cycles is not the next row's memory
-            if opts.on_gpu:
-                torch.cuda.empty_cache()
+            release_models(opts.on_gpu)
     return records, skips

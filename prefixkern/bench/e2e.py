@@ -8,13 +8,12 @@ transformers' ``DataCollatorWithFlattening`` (the patched model: ``prefixkern_pa
 tokens/s counts real tokens only."""
 from __future__ import annotations
 
-import gc
 import copy
 
 import torch
 
 from .attention_packed import ragged_lengths
-from .common import Options, Record, Skip, dtype_name, time_ms
+from .common import Options, Record, Skip, dtype_name, release_models, time_ms
 
 P = 20
 
@@ -193,9 +192,7 @@ def _ragged_case(opts: Options, progress, name: str, config, base_state, lengths
 
         records.append(measure_step(opts, record, step, sum(lengths), losses, check=True))
         del model, step
-        gc.collect()      # whatever a model left in reference cycles is not the next row's memory
-        if opts.on_gpu:
-            torch.cuda.empty_cache()
+        release_models(opts.on_gpu)
     return records
 
 
@@ -262,9 +259,7 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 records.append(measure_step(opts, record, step, batch * seq_len, losses,
                                             check=impl != "floor_no_prefix"))
                 del model, step
-                gc.collect()      # whatever a model left in reference cycles is not the next row's memory
-                if opts.on_gpu:
-                    torch.cuda.empty_cache()
+                release_models(opts.on_gpu)
         if name in RAGGED_LENGTHS:
             records += _ragged_case(opts, progress, name, config, base_state, RAGGED_LENGTHS[name])
     return records, skips
