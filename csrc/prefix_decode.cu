@@ -47,11 +47,10 @@ struct DecodeParams {
   float scale;
 };
 
-// Keys per K/V tile: 16 KiB of V per tile, or with PIPELINED two tiles of 8 KiB (static shared
-// memory stays under 48 KiB either way).
-template <int HEAD_DIM, bool PIPELINED>
+// Keys per K/V tile: 16 KiB of V per tile (static shared memory stays under 48 KiB).
+template <int HEAD_DIM>
 constexpr int tile_keys() {
-  return (PIPELINED ? 4096 : 8192) / HEAD_DIM;
+  return 8192 / HEAD_DIM;
 }
 
 // 16-byte global -> shared copy, zero-filled when src is null (a key past the chunk); ``valid_src``
@@ -135,28 +134,26 @@ __device__ __forceinline__ int acc_col(int tid, int a) {
   }
 }
 
-// PIPELINED: two K/V buffers, the next tile's cp.async copies in flight while this one is
-// computed on (experimental: PREFIXKERN_DECODE_PIPELINED=1 until a GPU run checks and times it).
 // Resident blocks per SM promised to ptxas (__launch_bounds__), which caps its registers so that
 // registers hold as many blocks as shared memory does (about 42 KiB per block: 4 at HEAD_DIM 64,
-// 5 otherwise) where that costs no spill; the pipelined HEAD_DIM 128 instance and HEAD_DIM 256
-// need more registers per thread and get 4 and 3.
-template <int HEAD_DIM, bool PIPELINED>
+// 5 otherwise) where that costs no spill; HEAD_DIM 256 needs more registers per thread and gets 3.
+// (A double-buffered variant, the next tile's copies in flight during this one's math, ran
+// slower on the H200 than these resident blocks overlapping one another: removed.)
+template <int HEAD_DIM>
 constexpr int min_resident_blocks() {
-  return HEAD_DIM == 64 ? 4 : HEAD_DIM == 256 ? 3 : PIPELINED ? 4 : 5;
+  return HEAD_DIM == 64 ? 4 : HEAD_DIM == 256 ? 3 : 5;
 }
 
-template <typename T, int HEAD_DIM, bool PIPELINED>
-__global__ void __launch_bounds__(kThreads, (min_resident_blocks<HEAD_DIM, PIPELINED>())) prefix_decode_partial_kernel(const DecodeParams p) {
-  constexpr int TK = tile_keys<HEAD_DIM, PIPELINED>();
-  constexpr int STAGES = PIPELINED ? 2 : 1;
+template <typename T, int HEAD_DIM>
+__global__ void __launch_bounds__(kThreads, (min_resident_blocks<HEAD_DIM>())) prefix_decode_partial_kernel(const DecodeParams p) {
+  constexpr int TK = tile_keys<HEAD_DIM>();
   constexpr int ACC = kMaxRows * HEAD_DIM / kThreads;  // accumulator elements per thread
   constexpr int COLS = kThreads % HEAD_DIM == 0 ? 1 : HEAD_DIM / kThreads;   // distinct columns among them
   static_assert(kThreads % HEAD_DIM == 0 || HEAD_DIM % kThreads == 0, "see acc_col");
   static_assert(TK % 4 == 0, "P @ V reads four probabilities at a time");
   __shared__ __align__(16) T q_s[kMaxRows][HEAD_DIM];
-  __shared__ __align__(16) T k_s[STAGES][TK][HEAD_DIM + kPad];
-  __shared__ __align__(16) T v_s[STAGES][TK][HEAD_DIM];
+  __shared__ __align__(16) T k_tile[TK][HEAD_DIM + kPad];
+  __shared__ __align__(16) T v_tile[TK][HEAD_DIM];
   __shared__ __align__(16) float s_s[kMaxRows][TK];
   __shared__ float alpha_s[kMaxRows];
   __shared__ float m_s[kMaxRows];
@@ -206,37 +203,15 @@ __global__ void __launch_bounds__(kThreads, (min_resident_blocks<HEAD_DIM, PIPEL
   for (int a = 0; a < ACC; ++a) acc[a] = 0.f;
   __syncthreads();
 
-  if constexpr (PIPELINED) {
-    load_kv_tile<T, HEAD_DIM, TK>(k_s[0], v_s[0], k_begin, k_end, pk, pv, kc, vc, p);
-    copy16_commit();
-  }
-  // Tiles in groups of STAGES, the inner loop unrolled, so each tile's buffer index is a
-  // compile-time constant (a run-time one cost 40 registers and a spill).
-  for (int group_t0 = k_begin; group_t0 < k_end; group_t0 += STAGES * TK) {
-#pragma unroll
-  for (int stage = 0; stage < STAGES; ++stage) {
-    const int t0 = group_t0 + stage * TK;
-    if (t0 >= k_end) break;
+  for (int t0 = k_begin; t0 < k_end; t0 += TK) {
     // ---- K and V tiles: prefix rows from the prefix tensors, the rest from the cache ----
-    if constexpr (PIPELINED) {
-      // The other buffer was last read by the previous tile, which every thread has finished
-      // (the barrier closing the loop body): start the next tile's copies into it.
-      if (t0 + TK < k_end) {
-        load_kv_tile<T, HEAD_DIM, TK>(k_s[stage ^ 1], v_s[stage ^ 1], t0 + TK, k_end, pk, pv, kc, vc, p);
-      }
-      copy16_commit();   // possibly empty: one group per iteration keeps the wait count fixed
-      copy16_wait<1>();  // this tile's copies (all but the newest group) have landed...
-    } else {
-      // The whole tile's copies in flight together (32 KiB per block): the synchronous loop this
-      // replaces waited for each 16-byte load before issuing the next, 4 KiB per block in
-      // flight, which capped the kernel at 887 GB/s on the H200 (B = 8, cache 4096).
-      load_kv_tile<T, HEAD_DIM, TK>(k_s[0], v_s[0], t0, k_end, pk, pv, kc, vc, p);
-      copy16_commit();
-      copy16_wait<0>();
-    }
-    __syncthreads();     // ... for every thread
-    const auto& k_tile = k_s[stage];
-    const auto& v_tile = v_s[stage];
+    // The whole tile's copies in flight together (32 KiB per block): the synchronous loop this
+    // replaces waited for each 16-byte load before issuing the next, 4 KiB per block in
+    // flight, which capped the kernel at 887 GB/s on the H200 (B = 8, cache 4096).
+    load_kv_tile<T, HEAD_DIM, TK>(k_tile, v_tile, t0, k_end, pk, pv, kc, vc, p);
+    copy16_commit();
+    copy16_wait<0>();
+    __syncthreads();     // every thread's copies have landed
 
     // ---- scores of every (row, key) pair of the tile ----
     for (int idx = tid; idx < rows * TK; idx += kThreads) {
@@ -326,8 +301,6 @@ __global__ void __launch_bounds__(kThreads, (min_resident_blocks<HEAD_DIM, PIPEL
     }
     __syncthreads();
   }
-  }
-  if constexpr (PIPELINED) copy16_wait<0>();  // the last (empty) group: nothing left in flight at exit
 
   // ---- partial output (normalised within the chunk) and its log-sum-exp ----
   const int64_t rows_total = static_cast<int64_t>(p.B) * p.Hq * p.Sq;
@@ -389,40 +362,36 @@ int multiprocessor_count(int device) {
 
 // Blocks of one kernel instance an SM holds at once (registers and shared memory decide), read
 // from the occupancy API once per device and instance.
-template <typename T, int HEAD_DIM, bool PIPELINED>
+template <typename T, int HEAD_DIM>
 int query_resident_blocks() {
   int blocks = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &blocks, prefix_decode_partial_kernel<T, HEAD_DIM, PIPELINED>, kThreads, 0));
+      &blocks, prefix_decode_partial_kernel<T, HEAD_DIM>, kThreads, 0));
   return std::max(blocks, 1);
 }
 
-// Runs f.template run<T, HEAD_DIM, PIPELINED>() for the kernel instance of a dtype, head dim and
-// pipelining (functors rather than templated lambdas: the extension builds as C++17 too).
-template <typename T, bool PIPELINED, typename F>
+// Runs f.template run<T, HEAD_DIM>() for the kernel instance of a dtype and head dim (functors
+// rather than templated lambdas: the extension builds as C++17 too).
+template <typename T, typename F>
 int dispatch_head_dim(int head_dim, const F& f) {
   switch (head_dim) {
-    case 64: return f.template run<T, 64, PIPELINED>();
-    case 128: return f.template run<T, 128, PIPELINED>();
-    case 256: return f.template run<T, 256, false>();   // not pipelined: its instance spilled registers
+    case 64: return f.template run<T, 64>();
+    case 128: return f.template run<T, 128>();
+    case 256: return f.template run<T, 256>();
     default: TORCH_CHECK(false, "prefix_decode_partial: head dim must be 64, 128 or 256, got ", head_dim);
   }
   return 0;
 }
 
 template <typename F>
-int dispatch(bool half, int head_dim, bool pipelined, const F& f) {
-  if (half) {
-    return pipelined ? dispatch_head_dim<at::Half, true>(head_dim, f) : dispatch_head_dim<at::Half, false>(head_dim, f);
-  }
-  return pipelined ? dispatch_head_dim<at::BFloat16, true>(head_dim, f)
-                   : dispatch_head_dim<at::BFloat16, false>(head_dim, f);
+int dispatch(bool half, int head_dim, const F& f) {
+  return half ? dispatch_head_dim<at::Half>(head_dim, f) : dispatch_head_dim<at::BFloat16>(head_dim, f);
 }
 
 struct ResidentBlocks {
-  template <typename T, int HEAD_DIM, bool PIPELINED>
+  template <typename T, int HEAD_DIM>
   int run() const {
-    return query_resident_blocks<T, HEAD_DIM, PIPELINED>();
+    return query_resident_blocks<T, HEAD_DIM>();
   }
 };
 
@@ -432,18 +401,18 @@ struct LaunchPartial {
   int blocks_y;   // blocks per batch row: KV heads x row blocks
   cudaStream_t stream;
 
-  template <typename T, int HEAD_DIM, bool PIPELINED>
+  template <typename T, int HEAD_DIM>
   int run() const {
-    prefix_decode_partial_kernel<T, HEAD_DIM, PIPELINED><<<dim3(splits, blocks_y, params.B), kThreads, 0, stream>>>(
+    prefix_decode_partial_kernel<T, HEAD_DIM><<<dim3(splits, blocks_y, params.B), kThreads, 0, stream>>>(
         params);
     return 0;
   }
 };
 
-int resident_blocks_per_sm(int device, bool half, int head_dim, bool pipelined) {
-  static std::array<std::array<std::atomic<int>, kMaxDevices>, 12> cached{};  // per instance, per device
-  const int instance = (pipelined ? 6 : 0) + (half ? 3 : 0) + (head_dim == 64 ? 0 : head_dim == 128 ? 1 : 2);
-  return read_once(cached[instance], device, [&] { return dispatch(half, head_dim, pipelined, ResidentBlocks{}); });
+int resident_blocks_per_sm(int device, bool half, int head_dim) {
+  static std::array<std::array<std::atomic<int>, kMaxDevices>, 6> cached{};  // per instance, per device
+  const int instance = (half ? 3 : 0) + (head_dim == 64 ? 0 : head_dim == 128 ? 1 : 2);
+  return read_once(cached[instance], device, [&] { return dispatch(half, head_dim, ResidentBlocks{}); });
 }
 
 }  // namespace
@@ -452,7 +421,7 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
                                                          const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                                                          const c10::optional<at::Tensor>& prefix_index,
                                                          const c10::optional<at::Tensor>& key_padding_mask,
-                                                         double scale, int64_t num_splits, bool pipelined_requested) {
+                                                         double scale, int64_t num_splits) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "prefix_decode_partial: q, k, v must be 4-d");
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "prefix_decode_partial: q must be float16 or bfloat16");
@@ -493,8 +462,7 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
   const int blocks_y = Hkv * row_blocks;
   TORCH_CHECK(B <= 65535, "prefix_decode_partial: at most 65535 batch rows, got ", B);
   const bool half = q.scalar_type() == at::kHalf;
-  const bool pipelined = pipelined_requested && D != 256;   // see dispatch_head_dim
-  const int tile = (pipelined ? 4096 : 8192) / D;   // tile_keys<D, pipelined>()
+  const int tile = 8192 / D;   // tile_keys<D>()
   const int num_keys = P + L;
   const int max_splits = (num_keys + tile - 1) / tile;
   int splits = static_cast<int>(num_splits);
@@ -503,7 +471,7 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
     // copies a tile, then computes on it, so resident blocks are what keeps copies in flight while
     // others compute), and no chunk shorter than a tile. (Was two blocks per SM: 2.4 resident per
     // SM at B = 8 on Llama-3-8B heads, 887 GB/s; the occupancy at D = 128 is now 5.)
-    const int wave = multiprocessor_count(q.get_device()) * resident_blocks_per_sm(q.get_device(), half, D, pipelined);
+    const int wave = multiprocessor_count(q.get_device()) * resident_blocks_per_sm(q.get_device(), half, D);
     splits = wave / (B * blocks_y);
   }
   splits = std::max(1, std::min(splits, max_splits));
@@ -539,7 +507,7 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
   params.scale = static_cast<float>(scale);
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(half, D, pipelined, LaunchPartial{params, splits, blocks_y, stream});
+  dispatch(half, D, LaunchPartial{params, splits, blocks_y, stream});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out_partial, lse_partial};
 }

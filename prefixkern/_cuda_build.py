@@ -85,7 +85,7 @@ def _register_fakes() -> None:
         return
 
     @torch.library.register_fake("prefixkern_cuda::prefix_decode_partial")
-    def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, num_splits, pipelined=False):
+    def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, num_splits):
         splits = torch.library.get_ctx().new_dynamic_size()
         batch, heads, seq_q, head_dim = q.shape
         return (q.new_empty((splits, batch, heads, seq_q, head_dim), dtype=torch.float32),
@@ -121,14 +121,12 @@ def self_check(ops) -> None:
         scale = head_dim ** -0.5
         want = reference.prefix_attention(q, k, v, pk, pv, causal=True, softmax_scale=scale, key_padding_mask=mask,
                                           prefix_index=index)
-        # The pipelined variant only where it is asked for: it must not take the default path down.
-        for pipelined in (False, True) if decode_attention.PIPELINED else (False,):
-            parts, lses = ops.prefix_decode_partial(q, k, v, pk, pv, index, mask, scale, 2, pipelined)
-            out, _ = ops.merge_attention_states(parts, lses, dtype)
-            err = (out.float() - want.float()).abs().max().item()
-            if not err <= 3e-2:
-                raise RuntimeError(f"the CUDA decode kernel disagrees with the reference ({dtype}, D={head_dim}, "
-                                   f"pipelined={pipelined}: max error {err:.3g})")
+        parts, lses = ops.prefix_decode_partial(q, k, v, pk, pv, index, mask, scale, 2)
+        out, _ = ops.merge_attention_states(parts, lses, dtype)
+        err = (out.float() - want.float()).abs().max().item()
+        if not err <= 3e-2:
+            raise RuntimeError(f"the CUDA decode kernel disagrees with the reference ({dtype}, D={head_dim}: "
+                               f"max error {err:.3g})")
 
 
 @functools.lru_cache(maxsize=None)

@@ -36,6 +36,34 @@ def test_cpu_demo_writes_checked_records(tmp_path, capsys):
     assert (json_path.with_suffix(".md")).read_text().startswith("# prefixkern benchmark")
 
 
+def test_a_run_stopped_by_sigterm_writes_the_rows_it_timed(tmp_path, monkeypatch):
+    """run_gpu.sh stops a step at its limit with SIGTERM: the rows timed until then, the current
+    suite's included, are written; a second run in the same minute gets its own files."""
+    import os
+    import signal
+
+    from prefixkern.bench import device
+
+    def suite_stopped_midway(opts, progress):
+        Record("device", "timed", "torch", "fwd", "bfloat16", ms=1.5)
+        Record("device", "untimed", "torch", "fwd", "bfloat16")        # begun, never timed
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the SIGTERM should have stopped the suite")
+
+    monkeypatch.setattr(device, "run", suite_stopped_midway)
+    assert main(["--suite", "device", "--out-dir", str(tmp_path), "--no-plots"]) == 0
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    (json_path,) = tmp_path.glob("*.json")
+    payload = json.loads(json_path.read_text())
+    assert [r["case"] for r in payload["records"]] == ["timed"]
+    assert "stopped by SIGTERM" in payload["command"]
+
+    monkeypatch.setattr(device, "run", lambda opts, progress: ([Record("device", "x", "torch", "fwd", "bf16")], []))
+    for _ in range(2):
+        assert main(["--suite", "device", "--out-dir", str(tmp_path), "--no-plots"]) == 0
+    assert len(list(tmp_path.glob("*.json"))) == 3
+
+
 def test_speedups_and_table_from_records():
     records = [Record("attention", "x", "prefixkern", "fwd", "bfloat16", ms=1.0, ok=True).as_json(),
                Record("attention", "x", "sdpa_mask", "fwd", "bfloat16", ms=2.5, ok=True).as_json()]

@@ -13,9 +13,18 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
+
+
+class _Stopped(Exception):
+    """SIGTERM arrived: stop timing and write what has been timed."""
+
+
+def _stop_on_sigterm(signum, frame):
+    raise _Stopped()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--baselines", nargs="+", default=None,
                         help="only these baselines (eager sdpa_mask sdpa_lower_right sdpa_lower_right_gqa flex "
                              "flash_attn prefixkern_padded prefixkern_packed torch_p_rows peft_encoder sdpa_concat "
-                             "prefixkern_prefix_gemm prefixkern_pipelined prefixkern_triton floor_no_prefix "
+                             "prefixkern_prefix_gemm prefixkern_triton floor_no_prefix "
                              "peft_eager peft_sdpa prefixkern_raw_launch prefixkern_liger)")
     parser.add_argument("--quick", action="store_true", help="a few shapes per suite (a few minutes)")
     parser.add_argument("--out-dir", type=Path, default=None,
@@ -72,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from .. import use_backend
     from . import attention, decode, device, e2e, mlp
-    from .common import Options, print_table, write_results
+    from .common import CREATED_RECORDS, Options, print_table, write_results
 
     suites = {"device": device, "attention": attention, "mlp": mlp, "e2e_train": e2e, "decode": decode}
     chosen = list(suites) if "all" in args.suite else list(dict.fromkeys(args.suite))
@@ -97,21 +106,30 @@ def main(argv: list[str] | None = None) -> int:
 
     records, skips = [], []
     start = time.time()
-    # Every prefixkern row runs the Triton kernels, on the CPU demo too (interpreted).
-    with use_backend("triton"):
-        for name in chosen:
-            got, skipped = suites[name].run(opts, progress)
-            records += got
-            skips += skipped
-            if bar is not None:
-                bar.update(1)
+    command = "prefixkern-bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        # Every prefixkern row runs the Triton kernels, on the CPU demo too (interpreted).
+        with use_backend("triton"):
+            for name in chosen:
+                got, skipped = suites[name].run(opts, progress)
+                records += got
+                skips += skipped
+                if bar is not None:
+                    bar.update(1)
+    except _Stopped:
+        # Stopped from outside (a time limit): keep every row timed so far, the current suite's too.
+        records = [r for r in CREATED_RECORDS if r.ms is not None]
+        command += "  # stopped by SIGTERM before it finished: the rows timed until then"
+        print(f"\nstopped by SIGTERM: writing the {len(records)} rows timed so far", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     if bar is not None:
         bar.close()
     for skip in skips:
         print(f"skipped {skip.suite} / {skip.case} / {skip.impl}: {skip.reason}")
     print_table(records, skips)
     out_dir = args.out_dir or (Path("benchmarks/results") if on_gpu else Path(".bench_out/cpu-demo"))
-    command = "prefixkern-bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     paths = write_results(records, skips, out_dir, device, command, plots=not args.no_plots)
     print(f"\n{len(records)} records in {time.time() - start:.0f} s; wrote " + ", ".join(str(p) for p in paths.values()))
     failed = [r for r in records if r.impl == "prefixkern" and r.ok is False]

@@ -15,6 +15,9 @@ from typing import Callable
 import torch
 
 SUITES = ("device", "attention", "mlp", "e2e_train", "decode")
+# Every record this process has made, so that a run stopped from outside (run_gpu.sh's per-step
+# limit sends SIGTERM) still writes the rows it has timed; see prefixkern.bench.__main__.
+CREATED_RECORDS: list["Record"] = []
 
 
 @dataclasses.dataclass
@@ -32,6 +35,9 @@ class Record:
     max_err: float | None = None
     ok: bool | None = None
     note: str | None = None
+
+    def __post_init__(self):
+        CREATED_RECORDS.append(self)
 
     def as_json(self) -> dict:
         out = dataclasses.asdict(self)
@@ -143,7 +149,11 @@ def write_results(records: list[Record], skips: list[Skip], out_dir: Path, devic
     out_dir.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     tag = device_name(device).split(" (")[0].replace(" ", "-").replace("/", "-")
-    stem = f"{now:%Y-%m-%d_%H%M}_{tag}"
+    stem = f"{now:%Y-%m-%d_%H%M%S}_{tag}"      # never another run's name: run_gpu.sh merges them all
+    taken = 1
+    while (out_dir / f"{stem}.json").exists():
+        taken += 1
+        stem = f"{now:%Y-%m-%d_%H%M%S}_{tag}_{taken}"
     payload = {
         "device": device_name(device),
         "versions": versions(),

@@ -2,9 +2,7 @@
 C++ kernels of ``csrc/`` where they apply, else by the Triton kernels (or the reference on CPU)."""
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 
 import torch
 
@@ -16,20 +14,6 @@ __all__ = ["prefix_decode_attention", "merge_attention_states", "cuda_decode_sup
 
 CUDA_HEAD_DIMS = (64, 128, 256)
 MAX_QUERY_LEN = 8
-# PREFIXKERN_DECODE_PIPELINED=1: the CUDA kernel copies the next K/V tile asynchronously while it
-# computes on this one (head dims 64 and 128). Experimental until a GPU run checks and times it.
-PIPELINED = os.environ.get("PREFIXKERN_DECODE_PIPELINED", "0") == "1"
-
-
-@contextlib.contextmanager
-def pipelined_decode(enabled: bool = True):
-    """Run the block with ``PIPELINED`` set to ``enabled`` (the decode benchmark times both kernels)."""
-    global PIPELINED
-    previous, PIPELINED = PIPELINED, enabled
-    try:
-        yield
-    finally:
-        PIPELINED = previous
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -100,13 +84,13 @@ def prefix_decode_attention(
     if prefix_gemm and prefix_k.dim() == 3:
         empty = prefix_k[:, :0]
         out_partial, lse_partial = ops.prefix_decode_partial(q, k, v, empty, empty, None, key_padding_mask, scale,
-                                                             num_splits, PIPELINED)
+                                                             num_splits)
         prefix_out, prefix_lse = _prefix_part_by_gemm(q, prefix_k, prefix_v, scale)
         out_partial = torch.cat([prefix_out.unsqueeze(0), out_partial])
         lse_partial = torch.cat([prefix_lse.unsqueeze(0), lse_partial])
     else:
         out_partial, lse_partial = ops.prefix_decode_partial(q, k, v, prefix_k, prefix_v, index, key_padding_mask,
-                                                             scale, num_splits, PIPELINED)
+                                                             scale, num_splits)
     out, lse = ops.merge_attention_states(out_partial, lse_partial, q.dtype)
     return (out, lse) if return_lse else out
 
