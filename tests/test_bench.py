@@ -106,6 +106,13 @@ def test_merge_results_of_one_device(tmp_path):
     merged = json.loads(paths["json"].read_text())
     assert [r["suite"] for r in merged["records"]] == ["attention", "mlp"]
     assert paths["json"].name == "2026-11-21_NVIDIA-H100-80GB-HBM3.json"
+    # Merged again (the same inputs): the same file. A later run of the same day: its own file.
+    assert merge_results(files, tmp_path / "merged", plots=False)["json"] == paths["json"]
+    later = tmp_path / "later.json"
+    later.write_text(json.dumps(payload("decode", "2026-11-21T06:56:01+00:00")))
+    assert merge_results([later], tmp_path / "merged", plots=False)["json"].name == \
+        "2026-11-21_0656_NVIDIA-H100-80GB-HBM3.json"
+    assert json.loads(paths["json"].read_text()) == merged
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**payload("decode", "2026-11-22T00:00:00+00:00"), "device": "NVIDIA H200"}))
     with pytest.raises(ValueError, match="different devices"):
@@ -231,6 +238,11 @@ def test_targets_of_the_committed_gpu_run(capsys):
     printed = capsys.readouterr().out
     assert "| 2 | fwd+bwd at least as fast as the fastest baseline | llama8b-2k | 1.03x vs flex | yes |" in printed
     assert "| 6 | generate() never slower than stock PEFT + sdpa |" in printed
+    # The second run's file (its probes in the same file: the relative targets are judged too).
+    assert main(["--targets", str(path.with_name("2026-11-26_0656_NVIDIA-H200.json"))]) == 0
+    printed = capsys.readouterr().out
+    assert "| 2 | fwd+bwd peak memory below every baseline's | llama8b-2k | 69.5 MiB vs min 99.8 MiB | yes |" in printed
+    assert "30.6% (1.27e+03 of 4.15e+03 GB/s)" in printed
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU side of the device suite")

@@ -3,7 +3,7 @@
     prefixkern-bench                       # every suite, every shape, bf16 (on a GPU)
     prefixkern-bench --quick               # a few shapes per suite, a few minutes
     prefixkern-bench --suite attention --shapes llama8b-2k llama8b-8k --baselines sdpa_lower_right flex
-    prefixkern-bench --targets benchmarks/results/2026-11-26_NVIDIA-H200.json   # the issues' targets
+    prefixkern-bench --targets benchmarks/results/2026-11-26_0656_NVIDIA-H200.json   # the issues' targets
 
 Without a GPU it runs a small correctness demo of the same pipeline through Triton's interpreter
 and says so: no speed figure is reported from a CPU.

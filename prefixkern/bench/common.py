@@ -317,6 +317,12 @@ def merge_results(files: list[Path], out_dir: Path, plots: bool = True) -> dict[
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = merged["device"].split(" (")[0].replace(" ", "-").replace("/", "-")
     stem = f"{merged['date'][:10]}_{tag}"
+    existing = out_dir / f"{stem}.json"
+    if existing.exists() and existing.resolve() not in {Path(f).resolve() for f in files}:
+        previous = json.loads(existing.read_text())
+        if (previous.get("date"), previous.get("command")) != (merged["date"], merged["command"]):
+            # Another run of the same day: its own files, the first run's kept (the project's history).
+            stem = f"{merged['date'][:16].replace('T', '_').replace(':', '')}_{tag}"
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
     paths["json"].write_text(json.dumps(merged, indent=1) + "\n")
     paths["md"].write_text(markdown_table(merged))
