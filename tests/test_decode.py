@@ -53,6 +53,66 @@ def test_falls_back_to_the_kernels_or_reference_on_cpu():
     assert lse.shape == (2, 4, 1)
 
 
+class _ReferenceCudaOps:
+    """Stands in for ``torch.ops.prefixkern_cuda`` on the CPU: the same signatures, the partial
+    computed by the reference as one chunk. Records what it was called with."""
+
+    def __init__(self):
+        self.calls = []
+
+    def prefix_decode_partial(self, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, num_splits):
+        self.calls.append(dict(index=prefix_index, mask=key_padding_mask, scale=scale, num_splits=num_splits))
+        assert isinstance(scale, float) and isinstance(num_splits, int)
+        assert prefix_index is None or prefix_index.dtype == torch.int64
+        out, lse = reference.prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, softmax_scale=scale,
+                                              key_padding_mask=key_padding_mask, prefix_index=prefix_index,
+                                              return_lse=True)
+        return out.float().unsqueeze(0), lse.unsqueeze(0)
+
+    def merge_attention_states(self, out_partial, lse_partial, out_dtype):
+        return out_partial[0].to(out_dtype), lse_partial[0]
+
+
+@pytest.mark.parametrize("prefix", ["shared", "per_task"])
+def test_decode_step_hands_the_cuda_ops_what_the_checked_op_would(prefix, monkeypatch):
+    """The HF integration's unchecked decode call (no Python argument checks), run through a
+    stand-in for the CUDA ops on the CPU: same result as the reference, arguments in the op's order
+    and types; where the kernel cannot serve, the checked public op takes over, checks included."""
+    from prefixkern import _cuda_build
+
+    ops = _ReferenceCudaOps()
+    monkeypatch.setattr(_cuda_build, "cuda_ops", lambda: ops)
+    monkeypatch.setattr(decode_attention, "cuda_decode_supported", lambda *args, **kwargs: True)
+    inputs, kw = _inputs(3, 4, 2, 2, 9, 5, 64, torch.bfloat16, "cpu", prefix=prefix, padding=True)
+    expected = reference.prefix_attention(*inputs, causal=True, softmax_scale=0.125, **kw)
+    with prefixkern.use_backend("auto"):
+        got = decode_attention.decode_step(*inputs, softmax_scale=0.125, **kw)
+        unscaled = decode_attention.decode_step(*inputs, softmax_scale=None, **kw)
+    torch.testing.assert_close(got, expected)
+    assert len(ops.calls) == 2 and ops.calls[0]["num_splits"] == 0 and ops.calls[1]["scale"] == 64 ** -0.5
+    assert ops.calls[0]["mask"] is kw["key_padding_mask"]
+    torch.testing.assert_close(unscaled, reference.prefix_attention(*inputs, causal=True, **kw))
+
+    monkeypatch.setattr(decode_attention, "cuda_decode_supported", lambda *args, **kwargs: False)
+    with prefixkern.use_backend("auto"):
+        torch.testing.assert_close(decode_attention.decode_step(*inputs, softmax_scale=0.125, **kw), expected)
+        with pytest.raises(ValueError, match="key_padding_mask"):
+            decode_attention.decode_step(*inputs, softmax_scale=0.125, key_padding_mask=kw["key_padding_mask"][:, 1:],
+                                         prefix_index=kw["prefix_index"])
+    assert len(ops.calls) == 2
+
+
+def test_alignment_test_of_the_cuda_path():
+    x = torch.zeros(2, 3, 4, 64, dtype=torch.bfloat16)
+    assert decode_attention._aligned(x) and decode_attention._aligned(x.transpose(1, 2))
+    assert not decode_attention._aligned(x[..., 1:])                   # 2-byte offset, odd row stride
+    assert not decode_attention._aligned(x.transpose(-1, -2))          # last dim not contiguous
+    assert not decode_attention._aligned(torch.zeros(2, 3, 68, dtype=torch.bfloat16)[..., :64])   # row stride 68
+    assert decode_attention._aligned(torch.zeros(1, 3, 68, dtype=torch.bfloat16)[:, :1, :64])     # size-1 dims
+    flat = torch.zeros(2 * 64 + 8, dtype=torch.bfloat16)
+    assert not decode_attention._aligned(flat[4:4 + 128].view(2, 64))  # data_ptr % 16 == 8
+
+
 def test_merge_attention_states_equals_attention_over_the_union():
     torch.manual_seed(0)
     q = torch.randn(2, 4, 3, 16, dtype=torch.float64)
@@ -150,7 +210,37 @@ def test_gpu_cuda_kernel_against_reference(case):
 
 
 @pytest.mark.gpu
-def test_gpu_generate_uses_the_cuda_kernel():
+def test_gpu_generate_uses_the_cuda_kernel(monkeypatch):
+    """A patched model's decoding steps go through the CUDA kernels (decode_step, no Python
+    checks), every layer at every step, and score the first decoded token as the Triton path does."""
+    tf = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
     from prefixkern import _cuda_build
 
     assert _cuda_build.cuda_ops() is not None, "the CUDA decode kernels failed to build on this GPU"
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2)          # head dim 64
+    base = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").to("cuda", torch.bfloat16)
+    model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=7))
+    prefixkern.patch(model.to("cuda").eval())
+    ids = torch.randint(2, 64, (3, 11), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0                                                               # a left-padded row
+    calls = []
+    cuda_decode = decode_attention._cuda_decode
+    monkeypatch.setattr(decode_attention, "_cuda_decode", lambda *args: calls.append(1) or cuda_decode(*args))
+
+    def scores():
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4,
+                                 do_sample=False, output_scores=True, return_dict_in_generate=True)
+        return out.scores
+
+    with_cuda = scores()
+    assert len(calls) == config.num_hidden_layers * 3                           # 3 decoding steps, every layer
+    monkeypatch.setattr(decode_attention, "_cuda_ops_serving", lambda *args: None)
+    with_triton = scores()
+    assert len(calls) == config.num_hidden_layers * 3
+    torch.testing.assert_close(with_cuda[0], with_triton[0])                   # the prefill: one path
+    torch.testing.assert_close(with_cuda[1], with_triton[1], atol=3e-2, rtol=3e-2)

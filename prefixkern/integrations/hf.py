@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from ..ops.decode_attention import MAX_QUERY_LEN, prefix_decode_attention
+from ..ops.decode_attention import MAX_QUERY_LEN, decode_step
 from ..ops.prefix_attention import prefix_attention, prefix_attention_varlen
 from ..ops.prefix_mlp import fused_prefix_mlp
 from ..prefix_encoder import PrefixEncoder
@@ -210,9 +210,10 @@ def prefixkern_attention(module, query, key, value, attention_mask, scaling=None
                                  dropout_p, softcap, window, kwargs), None
     if (causal and dropout_p == 0.0 and query.shape[2] <= MAX_QUERY_LEN and softcap is None and window is None
             and query.is_cuda and not torch.is_grad_enabled()):
-        # A generation step: the CUDA decode kernel (Triton when it cannot serve the call).
-        out = prefix_decode_attention(query, key, value, prefix_k, prefix_v, softmax_scale=scaling,
-                                      key_padding_mask=key_padding_mask, prefix_index=state.index)
+        # A generation step: the CUDA decode kernel (Triton when it cannot serve the call), without
+        # the public op's argument checks (the model made these tensors; the CUDA op checks again).
+        out = decode_step(query, key, value, prefix_k, prefix_v, softmax_scale=scaling,
+                          key_padding_mask=key_padding_mask, prefix_index=state.index)
         return out.transpose(1, 2), None
     out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, softmax_scale=scaling,
                            key_padding_mask=key_padding_mask, prefix_index=state.index, dropout_p=dropout_p,

@@ -17,8 +17,17 @@ MAX_QUERY_LEN = 8
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all(size == 1 or stride % 8 == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1])))
+    """16-byte rows: what the kernel's vector copies need (it checks again, and raises)."""
+    strides = t.stride()
+    if strides[-1] != 1 or t.data_ptr() % 16:
+        return False
+    shape = t.shape
+    # A plain loop: this runs for five tensors in every decoding layer (a generator expression
+    # over zip took twice as long).
+    for i in range(len(strides) - 1):
+        if strides[i] % 8 and shape[i] != 1:
+            return False
+    return True
 
 
 def cuda_decode_supported(q, k, v, prefix_k, prefix_v, *, softcap=None, window=None, alibi_slopes=None,
@@ -70,16 +79,44 @@ def prefix_decode_attention(
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be a non-negative int (0 = automatic), got {num_splits!r}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    ops = None
-    if get_backend() == "auto" and cuda_decode_supported(q, k, v, prefix_k, prefix_v) and k.shape[2] > 0:
-        from .._cuda_build import cuda_ops
-
-        ops = cuda_ops()
+    ops = _cuda_ops_serving(q, k, v, prefix_k, prefix_v)
     if ops is None:
         with torch.no_grad():
             return prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, softmax_scale=scale,
                                     key_padding_mask=key_padding_mask, prefix_index=prefix_index,
                                     return_lse=return_lse)
+    return _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale, num_splits,
+                        prefix_gemm, return_lse)
+
+
+def decode_step(q, k, v, prefix_k, prefix_v, *, key_padding_mask, prefix_index, softmax_scale: float | None):
+    """``prefix_decode_attention`` for a caller whose arguments are valid by construction: the HF
+    integration's decoding steps (shapes from the model, the prefix and its index its own).
+
+    No Python argument checks (about half the host time of a decode call on the H200 machines
+    measured, where the whole call took 40.6 us against SDPA's 19.9); the CUDA op still checks
+    what memory safety needs (dims, dtypes, devices, strides, alignment) and raises. Where the
+    CUDA kernel cannot serve the call, it goes through the checked ``prefix_decode_attention``."""
+    ops = _cuda_ops_serving(q, k, v, prefix_k, prefix_v)
+    if ops is None:
+        return prefix_decode_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask,
+                                       prefix_index=prefix_index, softmax_scale=softmax_scale)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale, 0, False, False)
+
+
+def _cuda_ops_serving(q, k, v, prefix_k, prefix_v):
+    """The built CUDA ops (``torch.ops.prefixkern_cuda``) when they serve this call, else None."""
+    if get_backend() != "auto" or k.shape[2] == 0 or not cuda_decode_supported(q, k, v, prefix_k, prefix_v):
+        return None
+    from .._cuda_build import cuda_ops
+
+    return cuda_ops()
+
+
+def _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale: float, num_splits: int,
+                 prefix_gemm: bool, return_lse: bool):
+    """The CUDA kernels' launch: partial attention per key chunk, then their log-sum-exp merge."""
     index = prefix_index.long() if prefix_index is not None else None
     if prefix_gemm and prefix_k.dim() == 3:
         empty = prefix_k[:, :0]
