@@ -58,6 +58,9 @@ for name in ("transformers", "peft", "flash_attn", "liger_kernel"):
         print(name, "unavailable:", type(exc).__name__)
 PY
 
+# Test steps name each test's outcome as it finishes (-v): a step stopped
+# by its time limit never prints pytest's closing summary, and its failures were lost that way once.
+PYTEST_REPORT=(-v --tb=short -p no:cacheprovider)
 for step in "${STEPS[@]}"; do
     LIMIT="${STEP_LIMIT_S:-590}"
     if [[ "$step" == *:* ]]; then LIMIT="${step##*:}"; step="${step%%:*}"; fi
@@ -65,7 +68,7 @@ for step in "${STEPS[@]}"; do
         # The test grid takes each kernel's first fitting config: tuning one-off shapes is not what it tests.
         # About 1200 kernel variants to compile: two interleaved halves, one device call each.
         # The CPU CI subset of the kernel tests, on the GPU (a test takes CUDA when it has one).
-        smoke)        run_step smoke env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m "not gpu or smoke" -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} \
+        smoke)        run_step smoke env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m "not gpu or smoke" "${PYTEST_REPORT[@]}" ${XDIST[@]+"${XDIST[@]}"} \
                           tests/test_prefix_attention.py tests/test_prefix_mlp.py tests/test_decode.py \
                           tests/test_checks.py --junitxml="$OUT/smoke.xml" ;;
         quick)        run_step bench-quick "$PY" -m prefixkern.bench --quick --out-dir "$OUT" ;;
@@ -74,9 +77,9 @@ for step in "${STEPS[@]}"; do
                       run_step "bench-$step" "$PY" -m prefixkern.bench --suite "${step#quick-}" --quick --out-dir "$OUT" ;;
         tests-attention-1|tests-attention-2)
                       shard=$(( ${step##*-} - 1 ))
-                      run_step "$step" env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} \
+                      run_step "$step" env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu "${PYTEST_REPORT[@]}" ${XDIST[@]+"${XDIST[@]}"} \
                           tests/test_prefix_attention.py --shard "$shard/2" --junitxml="$OUT/$step.xml" ;;
-        tests-other)  run_step tests-other env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests \
+        tests-other)  run_step tests-other env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu "${PYTEST_REPORT[@]}" ${XDIST[@]+"${XDIST[@]}"} tests \
                           --ignore=tests/test_prefix_attention.py --junitxml="$OUT/tests-other.xml" ;;
         attention)    run_step bench-attention "$PY" -m prefixkern.bench --suite attention --out-dir "$OUT" \
                           --shapes seed-qwen seed-bloom paper-gpt2 llama8b-2k llama8b-8k long-32k ;;
