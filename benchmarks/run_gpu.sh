@@ -4,7 +4,7 @@
 #
 #   benchmarks/run_gpu.sh [OUT_DIR] [STEP ...]
 #   STEP: smoke quick quick-<suite> device tests-attention-1 tests-attention-2 tests-other attention attention-long
-#         attention-sweep mlp e2e e2e-large decode profile profile-e2e pytest-bench
+#         attention-sweep mlp e2e e2e-large e2e-compile decode profile profile-e2e pytest-bench
 #         (default: all but smoke and quick, in that order)
 #   smoke: CI's representative kernel tests and the GPU tests marked smoke (a few minutes); quick: every suite with
 #   --quick; quick-attention, quick-mlp, quick-e2e_train, quick-decode, quick-device: one suite's --quick each
@@ -23,7 +23,7 @@ OUT="${1:-benchmarks/results/run-$(date -u +%Y%m%d-%H%M)}"
 shift || true
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(device tests-attention-1 tests-attention-2 tests-other attention attention-sweep mlp e2e
-                                  e2e-large decode pytest-bench)
+                                  e2e-large e2e-compile decode pytest-bench)
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
@@ -94,6 +94,10 @@ for step in "${STEPS[@]}"; do
         device)       run_step bench-device "$PY" -m prefixkern.bench --suite device --out-dir "$OUT" --no-plots ;;
         e2e)          run_step bench-e2e "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" \
                           --shapes qwen2.5-0.5b bloomz-560m ;;
+        # The training step under torch.compile with CUDA graphs, beside the eager rows it compiles.
+        e2e-compile)  run_step bench-e2e-compile "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" \
+                          --shapes qwen2.5-0.5b --quick --baselines floor_no_prefix peft_sdpa prefixkern floor_compiled \
+                          peft_sdpa_compiled prefixkern_compiled ;;
         e2e-large)    run_step bench-e2e-large "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" \
                           --shapes gpt2-medium llama3.2-1b ;;
         decode)       run_step bench-decode "$PY" -m prefixkern.bench --suite decode --out-dir "$OUT" ;;

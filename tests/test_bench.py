@@ -33,6 +33,8 @@ def test_cpu_demo_writes_checked_records(tmp_path, capsys):
     assert all(r["ok"] is not False or "without its prefix" in (r["note"] or "") for r in stock_generate)
     # Baselines that cannot run here are listed with a reason, not dropped.
     assert any(s["impl"] == "flex" and s["reason"] for s in payload["skipped"])
+    assert {s["impl"] for s in payload["skipped"] if "torch.compile rows run on a GPU" in s["reason"]} == {
+        "floor_compiled", "peft_sdpa_compiled", "prefixkern_compiled"}
     assert (json_path.with_suffix(".md")).read_text().startswith("# prefixkern benchmark")
 
 
@@ -62,6 +64,22 @@ def test_a_run_stopped_by_sigterm_writes_the_rows_it_timed(tmp_path, monkeypatch
     for _ in range(2):
         assert main(["--suite", "device", "--out-dir", str(tmp_path), "--no-plots"]) == 0
     assert len(list(tmp_path.glob("*.json"))) == 3
+
+
+def test_compiled_e2e_rows_run_on_a_gpu_and_only_when_asked_in_quick_runs():
+    """The torch.compile rows of the training-step suite (minutes of compiling each): on a GPU, in
+    full runs, or in --quick runs that name them; each compiles the eager row of the same name."""
+    from prefixkern.bench import e2e
+    from prefixkern.bench.common import Options
+
+    def opts(on_gpu, quick, baselines=None):
+        return Options(torch.device("cpu"), torch.bfloat16, quick, baselines, None, on_gpu)
+
+    assert "GPU" in e2e._compiled_row_skipped(opts(False, False))
+    assert "--baselines" in e2e._compiled_row_skipped(opts(True, True))
+    assert e2e._compiled_row_skipped(opts(True, True, ("prefixkern", "prefixkern_compiled"))) is None
+    assert e2e._compiled_row_skipped(opts(True, False)) is None
+    assert [e2e._eager_impl(i) for i in e2e.COMPILED_IMPLS] == ["floor_no_prefix", "peft_sdpa", "prefixkern"]
 
 
 def test_speedups_and_table_from_records():

@@ -43,6 +43,12 @@ MODELS = ("qwen2.5-0.5b", "bloomz-560m", "gpt2-medium", "llama3.2-1b")
 QUICK = ("qwen2.5-0.5b",)
 LENGTHS = {256: 8, 2048: 2}     # S -> batch
 IMPLS = ("floor_no_prefix", "peft_eager", "peft_sdpa", "prefixkern", "prefixkern_raw_launch", "prefixkern_liger")
+# The same steps under torch.compile with CUDA graphs ("reduce-overhead"), which takes away the
+# per-launch host time that bounds the eager steps at these sizes. GPU only, and left out of
+# --quick unless --baselines names them (compiling takes minutes). Stock PEFT lists no prompt
+# learning method as compile-ready: its row says whether it compiles.
+COMPILED_IMPLS = ("floor_compiled", "peft_sdpa_compiled", "prefixkern_compiled")
+COMPILE_MODE = "reduce-overhead"
 
 
 def _apply_to_instance_only(apply, model) -> None:
@@ -111,6 +117,21 @@ def _step_fn(model, impl: str, input_ids, attention_mask):
         out.loss.backward()
         return out.loss.detach()
     return step
+
+
+def _compiled_step(step):
+    """A step of a CUDA-graphed model: each call starts a new step for cudagraph trees (the
+    previous step's outputs, read already, may be overwritten)."""
+    def compiled_step():
+        torch.compiler.cudagraph_mark_step_begin()
+        return step()
+    return compiled_step
+
+
+def _eager_impl(impl: str) -> str:
+    """The eager row a compiled row compiles (``prefixkern_compiled`` -> ``prefixkern``)."""
+    base = impl.removesuffix("_compiled")
+    return "floor_no_prefix" if base == "floor" else base
 
 
 def _with_raw_launch(step):
@@ -201,6 +222,15 @@ RAGGED_LENGTHS = {"qwen2.5-0.5b": ragged_lengths(16, 32, 256, 0), "llama3.2-1b":
                   "cpu-tiny-llama": (5, 9, 3)}
 
 
+def _compiled_row_skipped(opts: Options) -> str | None:
+    """Why a torch.compile row does not run here, or None."""
+    if not opts.on_gpu:
+        return "the torch.compile rows run on a GPU (CUDA graphs)"
+    if opts.quick and not (opts.baselines and any(impl in opts.baselines for impl in COMPILED_IMPLS)):
+        return "--quick leaves the torch.compile rows out (minutes of compiling): name them with --baselines"
+    return None
+
+
 def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
     records, skips = [], []
     try:
@@ -230,9 +260,14 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             input_ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=gen).to(opts.device)
             attention_mask = torch.ones_like(input_ids)
             losses = {}
-            for impl in IMPLS:
+            for impl in IMPLS + COMPILED_IMPLS:
                 if not opts.wants(impl):
                     continue
+                if impl in COMPILED_IMPLS:
+                    reason = _compiled_row_skipped(opts)
+                    if reason:
+                        skips.append(Skip("e2e_train", case, impl, reason))
+                        continue
                 if limit is not None and seq_len + P > limit:
                     skips.append(Skip("e2e_train", case, impl, f"GPT-2 has {limit} positions; P + S = {P + seq_len}"))
                     continue
@@ -250,15 +285,36 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                         continue
                 progress(f"e2e_train {case} {impl}")
                 record = Record("e2e_train", case, impl, "step", dtype_name(opts.dtype))
+                eager = _eager_impl(impl)
                 try:
-                    model = build_model(name, impl, opts, base_state)
+                    model = build_model(name, eager, opts, base_state)
                 except Exception as exc:
                     skips.append(Skip("e2e_train", case, impl, f"could not build: {type(exc).__name__}: {exc}"))
                     continue
-                step = _step_fn(model, impl, input_ids, attention_mask)
+                if impl in COMPILED_IMPLS:
+                    record.note = f"torch.compile(mode={COMPILE_MODE!r}), CUDA graphs' own memory pool included; "
+                    step = _compiled_step(_step_fn(torch.compile(model, mode=COMPILE_MODE), eager, input_ids,
+                                                   attention_mask))
+                    try:
+                        step()                      # compiles, and records the graphs
+                    except Exception as exc:        # stock PEFT's prompt learning may not compile
+                        failed = f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}"
+                        if not impl.startswith("prefixkern"):
+                            skips.append(Skip("e2e_train", case, impl, failed))
+                        else:
+                            record.ok, record.note = False, record.note + failed
+                            records.append(record)
+                        del model, step
+                        torch._dynamo.reset()
+                        release_models(opts.on_gpu)
+                        continue
+                else:
+                    step = _step_fn(model, impl, input_ids, attention_mask)
                 records.append(measure_step(opts, record, step, batch * seq_len, losses,
-                                            check=impl != "floor_no_prefix"))
+                                            check=eager != "floor_no_prefix"))
                 del model, step
+                if impl in COMPILED_IMPLS:
+                    torch._dynamo.reset()           # the next compiled row compiles its own model
                 release_models(opts.on_gpu)
         if name in RAGGED_LENGTHS:
             records += _ragged_case(opts, progress, name, config, base_state, RAGGED_LENGTHS[name])
