@@ -134,6 +134,32 @@ def _wall_us(fn, iters: int) -> float:
     return (time.perf_counter() - start) / iters * 1e6
 
 
+def _cprofile_call(name: str, fn, iters: int) -> None:
+    """cProfile of ``iters`` calls (already warmed up): the functions with the most own time, and
+    this package's and PEFT's functions by cumulative time. The main thread only: on a GPU,
+    autograd runs the backward's Python (the ops' launchers) on its device thread, which
+    ``host_split`` times on its own for the single ops."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(iters):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    profiler.disable()
+    for order, limit, title in (("tottime", 20, "by own time"), ("cumtime", r"prefixkern|peft", "prefixkern's and "
+                                                                   "PEFT's functions by cumulative time")):
+        out = io.StringIO()
+        stats = pstats.Stats(profiler, stream=out).sort_stats(order)
+        stats.print_stats(limit) if isinstance(limit, int) else stats.print_stats(limit, 25)
+        lines = [line[:160] for line in out.getvalue().splitlines() if line.strip()]
+        print(f"  cProfile of {name}, {iters} calls, {title}:")
+        print("\n".join(lines[3:]))
+
+
 def host_split(case: str, dtype, iters: int) -> None:
     """Wall time of the forward op, of the backward op called on the main thread, and of forward +
     backward through autograd; then cProfile's view of the two direct calls (main thread only)."""
@@ -164,8 +190,13 @@ def profile(case: str, pass_: str, dtype, iters: int) -> None:
         # is kernels, and which host work the patched model adds or removes.
         build = _e2e_step if suite == "e2e" else _generate_call
         for impl in ("prefixkern", "peft_sdpa"):
-            _profile_step(f"{case} {impl}", "step" if suite == "e2e" else "generate", dtype, min(iters, 3),
-                          build(shape_name, impl, dtype))
+            step = build(shape_name, impl, dtype)
+            _profile_step(f"{case} {impl}", "step" if suite == "e2e" else "generate", dtype, min(iters, 3), step)
+            if impl == "prefixkern":
+                # Where the patched call's host time goes, in Python terms (the profiler above
+                # names aten ops only); before the stock row, so a step cut short keeps it.
+                _cprofile_call(f"{case} {impl}", step, min(iters, 3))
+            del step
         return
     step = {"attention": _attention_step, "mlp": _mlp_step}[suite](shape_name, pass_, dtype)
     _profile_step(case, pass_, dtype, iters, step)

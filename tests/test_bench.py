@@ -274,7 +274,7 @@ def test_device_suite_says_it_needs_a_gpu():
     assert records == [] and len(skips) == 1 and "GPU" in skips[0].reason
 
 
-def test_profile_ops_e2e_step_is_the_suites_step():
+def test_profile_ops_e2e_step_is_the_suites_step(capsys):
     """benchmarks/profile_ops.py e2e:MODEL profiles the e2e suite's training step (patched and
     stock): on the CPU's tiny Llama both give the same loss; generate:MODEL's call runs too, so
     the diagnostics stay runnable."""
@@ -291,3 +291,7 @@ def test_profile_ops_e2e_step_is_the_suites_step():
     tokens = profile_ops._generate_call("cpu-tiny-llama", "prefixkern", torch.float32, batch=2, prompt=8, new_tokens=3,
                                         device="cpu")()
     assert tokens.shape == (2, 11)
+    step = profile_ops._e2e_step("cpu-tiny-llama", "prefixkern", torch.float32, seq_len=8, batch=2, device="cpu")
+    profile_ops._cprofile_call("e2e patched", step, 1)
+    printed = capsys.readouterr().out
+    assert "by own time" in printed and "prefixkern/integrations/hf.py" in printed
