@@ -102,6 +102,30 @@ def test_decode_step_hands_the_cuda_ops_what_the_checked_op_would(prefix, monkey
     assert len(ops.calls) == 2
 
 
+@pytest.mark.parametrize("P, L", [(1, 1), (30, 100)])
+def test_cuda_path_python_side_against_the_reference(P, L, monkeypatch):
+    """The Python around the CUDA kernels (prefix_gemm's float32 part, the partials' layout, the
+    merge), with a reference stand-in for the kernels and the Python merge: the GPU test's cases
+    and tolerances, so a host-side fault (a bf16 product rounding the prefix scores, LSE off by
+    0.0077 at P = 1) fails here rather than only on a GPU."""
+    from prefixkern import _cuda_build
+
+    class MergingOps(_ReferenceCudaOps):
+        def merge_attention_states(self, out_partial, lse_partial, out_dtype):
+            return decode_attention.merge_attention_states(out_partial, lse_partial, out_dtype)
+
+    monkeypatch.setattr(_cuda_build, "cuda_ops", MergingOps)
+    monkeypatch.setattr(decode_attention, "cuda_decode_supported", lambda *args, **kwargs: True)
+    for prefix, padding in (("shared", False), ("per_task", True), ("per_row", True)):
+        inputs, kw = _inputs(3, 14, 2, 8, L, P, 64, torch.bfloat16, "cpu", prefix=prefix, padding=padding)
+        expected, expected_lse = reference.prefix_attention(*inputs, causal=True, return_lse=True, **kw)
+        for gemm in (False, True):
+            with prefixkern.use_backend("auto"):
+                out, lse = prefixkern.prefix_decode_attention(*inputs, prefix_gemm=gemm, return_lse=True, **kw)
+            torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(lse, expected_lse, atol=1e-3, rtol=1e-3)
+
+
 def test_alignment_test_of_the_cuda_path():
     x = torch.zeros(2, 3, 4, 64, dtype=torch.bfloat16)
     assert decode_attention._aligned(x) and decode_attention._aligned(x.transpose(1, 2))
