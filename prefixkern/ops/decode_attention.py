@@ -2,13 +2,11 @@
 C++ kernels of ``csrc/`` where they apply, else by the Triton kernels (or the reference on CPU)."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .._backend import get_backend
 from ._checks import check_prefix_attention_args, check_tensor
-from .prefix_attention import prefix_attention
+from .prefix_attention import prefix_attention, resolve_softmax_scale
 
 __all__ = ["prefix_decode_attention", "merge_attention_states", "cuda_decode_supported"]
 
@@ -78,7 +76,7 @@ def prefix_decode_attention(
                                 alibi_slopes=None, softcap=None, window=None)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be a non-negative int (0 = automatic), got {num_splits!r}")
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     ops = _cuda_ops_serving(q, k, v, prefix_k, prefix_v)
     if ops is None:
         with torch.no_grad():
@@ -101,7 +99,7 @@ def decode_step(q, k, v, prefix_k, prefix_v, *, key_padding_mask, prefix_index, 
     if ops is None:
         return prefix_decode_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask,
                                        prefix_index=prefix_index, softmax_scale=softmax_scale)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     return _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale, 0, False, False)
 
 

@@ -11,6 +11,11 @@ from .._backend import eager_function, launch_directly, use_triton
 from ._checks import check_prefix_attention_args, check_prefix_attention_varlen_args
 
 
+def resolve_softmax_scale(softmax_scale: float | None, head_dim: int) -> float:
+    """The scale of the scores: ``softmax_scale``, or ``1 / sqrt(head_dim)`` when it is None."""
+    return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+
+
 # --------------------------------------------------------------------------------------------
 # Custom ops: opaque to torch.compile, which traces them through their fake implementations.
 # --------------------------------------------------------------------------------------------
@@ -215,7 +220,7 @@ def prefix_attention(
         alibi_slopes=alibi_slopes, softcap=softcap, window=window,
     )
     if use_triton(q.device):
-        scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
         seed = _dropout_seed(q, dropout_p, q.shape[2], prefix_k.shape[-2] + k.shape[2])
         out, lse = _attention_fwd(
             q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, seed, causal, scale,
@@ -281,7 +286,7 @@ def prefix_attention_varlen(
         softcap=softcap, window=window,
     )
     if use_triton(q.device):
-        scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
         seed = _dropout_seed(q, dropout_p, max_seqlen_q, prefix_k.shape[-2] + max_seqlen_k)
         out, lse = _attention_fwd(
             q, k, v, prefix_k, prefix_v, prefix_index, None, alibi_slopes, seed, causal, scale, float(dropout_p),
