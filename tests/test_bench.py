@@ -53,6 +53,7 @@ def test_a_run_stopped_by_sigterm_writes_the_rows_it_timed(tmp_path, monkeypatch
         raise AssertionError("the SIGTERM should have stopped the suite")
 
     monkeypatch.setattr(device, "run", suite_stopped_midway)
+    Record("device", "an earlier run's", "torch", "fwd", "bfloat16", ms=2.0)     # not this run's
     assert main(["--suite", "device", "--out-dir", str(tmp_path), "--no-plots"]) == 0
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     (json_path,) = tmp_path.glob("*.json")

@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     records, skips = [], []
     start = time.time()
     command = "prefixkern-bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    first_record = len(CREATED_RECORDS)     # this run's records follow (a process may run several)
     previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         # Every prefixkern row runs the Triton kernels, on the CPU demo too (interpreted).
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                     bar.update(1)
     except _Stopped:
         # Stopped from outside (a time limit): keep every row timed so far, the current suite's too.
-        records = [r for r in CREATED_RECORDS if r.ms is not None]
+        records = [r for r in CREATED_RECORDS[first_record:] if r.ms is not None]
         command += "  # stopped by SIGTERM before it finished: the rows timed until then"
         print(f"\nstopped by SIGTERM: writing the {len(records)} rows timed so far", file=sys.stderr)
     finally:
