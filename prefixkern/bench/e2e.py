@@ -291,6 +291,7 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 except Exception as exc:
                     skips.append(Skip("e2e_train", case, impl, f"could not build: {type(exc).__name__}: {exc}"))
                     continue
+                failed = None
                 if impl in COMPILED_IMPLS:
                     record.note = f"torch.compile(mode={COMPILE_MODE!r}), CUDA graphs' own memory pool included; "
                     step = _compiled_step(_step_fn(torch.compile(model, mode=COMPILE_MODE), eager, input_ids,
@@ -299,19 +300,17 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                         step()                      # compiles, and records the graphs
                     except Exception as exc:        # stock PEFT's prompt learning may not compile
                         failed = f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}"
-                        if not impl.startswith("prefixkern"):
-                            skips.append(Skip("e2e_train", case, impl, failed))
-                        else:
-                            record.ok, record.note = False, record.note + failed
-                            records.append(record)
-                        del model, step
-                        torch._dynamo.reset()
-                        release_models(opts.on_gpu)
-                        continue
                 else:
                     step = _step_fn(model, impl, input_ids, attention_mask)
-                records.append(measure_step(opts, record, step, batch * seq_len, losses,
-                                            check=eager != "floor_no_prefix"))
+                # (Outside the handler: its traceback no longer holds the model.)
+                if failed is None:
+                    records.append(measure_step(opts, record, step, batch * seq_len, losses,
+                                                check=eager != "floor_no_prefix"))
+                elif impl.startswith("prefixkern"):
+                    record.ok, record.note = False, record.note + failed
+                    records.append(record)
+                else:
+                    skips.append(Skip("e2e_train", case, impl, failed))
                 del model, step
                 if impl in COMPILED_IMPLS:
                     torch._dynamo.reset()           # the next compiled row compiles its own model
