@@ -134,11 +134,11 @@ def _wall_us(fn, iters: int) -> float:
     return (time.perf_counter() - start) / iters * 1e6
 
 
-def _cprofile_call(name: str, fn, iters: int) -> None:
-    """cProfile of ``iters`` calls (already warmed up): the functions with the most own time, and
-    this package's and PEFT's functions by cumulative time. The main thread only: on a GPU,
-    autograd runs the backward's Python (the ops' launchers) on its device thread, which
-    ``host_split`` times on its own for the single ops."""
+def _cprofile_call(name: str, fn, iters: int, top: int = 20, by_package: bool = True) -> None:
+    """cProfile of ``iters`` calls (already warmed up): the ``top`` functions with the most own
+    time and, with ``by_package``, this package's and PEFT's functions by cumulative time. The
+    main thread only: on a GPU, autograd runs the backward's Python (the ops' launchers) on its
+    device thread, which ``host_split`` times on its own for the single ops."""
     import cProfile
     import io
     import pstats
@@ -150,8 +150,10 @@ def _cprofile_call(name: str, fn, iters: int) -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     profiler.disable()
-    for order, limit, title in (("tottime", 20, "by own time"), ("cumtime", r"prefixkern|peft", "prefixkern's and "
-                                                                   "PEFT's functions by cumulative time")):
+    views = [("tottime", top, "by own time")]
+    if by_package:
+        views.append(("cumtime", r"prefixkern|peft", "prefixkern's and PEFT's functions by cumulative time"))
+    for order, limit, title in views:
         out = io.StringIO()
         stats = pstats.Stats(profiler, stream=out).sort_stats(order)
         stats.print_stats(limit) if isinstance(limit, int) else stats.print_stats(limit, 25)
@@ -163,24 +165,14 @@ def _cprofile_call(name: str, fn, iters: int) -> None:
 def host_split(case: str, dtype, iters: int) -> None:
     """Wall time of the forward op, of the backward op called on the main thread, and of forward +
     backward through autograd; then cProfile's view of the two direct calls (main thread only)."""
-    import cProfile
-    import pstats
-
     suite, shape_name = case.split(":", 1)
     fwd, bwd = {"attention": _attention_ops, "mlp": _mlp_ops}[suite](shape_name, dtype)
     step = {"attention": _attention_step, "mlp": _mlp_step}[suite](shape_name, "fwd_bwd", dtype)
     walls = {"forward op": _wall_us(fwd, iters), "backward op, direct": _wall_us(bwd, iters),
              "forward + backward through autograd": _wall_us(step, iters)}
     print(f"\n== host split, {case}: " + ", ".join(f"{name} {us:.1f} us" for name, us in walls.items()))
-    for name, fn in (("forward op", fwd), ("backward op, direct", bwd)):
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(iters):
-            fn()
-        profiler.disable()
-        torch.cuda.synchronize()
-        print(f"  cProfile of the {name}, {iters} calls, by own time:")
-        pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(12)
+    for name, fn in (("the forward op", fwd), ("the backward op, direct", bwd)):
+        _cprofile_call(name, fn, iters, top=12, by_package=False)
 
 
 def profile(case: str, pass_: str, dtype, iters: int) -> None:
