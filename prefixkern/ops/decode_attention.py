@@ -94,11 +94,13 @@ def decode_step(q, k, v, prefix_k, prefix_v, *, key_padding_mask, prefix_index, 
     No Python argument checks (about half the host time of a decode call on the H200 machines
     measured, where the whole call took 40.6 us against SDPA's 19.9); the CUDA op still checks
     what memory safety needs (dims, dtypes, devices, strides, alignment) and raises. Where the
-    CUDA kernel cannot serve the call, it goes through the checked ``prefix_decode_attention``."""
+    CUDA kernel cannot serve the call, it goes to ``prefix_attention``, checks included, as
+    ``prefix_decode_attention`` would (without asking again whether the kernel serves it)."""
     ops = _cuda_ops_serving(q, k, v, prefix_k, prefix_v)
     if ops is None:
-        return prefix_decode_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask,
-                                       prefix_index=prefix_index, softmax_scale=softmax_scale)
+        with torch.no_grad():
+            return prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, softmax_scale=softmax_scale,
+                                    key_padding_mask=key_padding_mask, prefix_index=prefix_index)
     scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     return _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale, 0, False, False)
 
