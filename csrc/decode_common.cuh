@@ -1,11 +1,20 @@
-// Shared by the decode kernels: dtype conversion and the argument checks of the host launchers.
+// Shared by the decode kernels: dtype conversion, the launch parameters, the K/V tile copy and
+// the split plan. Device code only needs c10's 16-bit types, so the tensor-core kernel's header
+// also compiles as host C++ for the CPU emulation test (tests/csrc_emu, PREFIXKERN_EMULATE).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+#include <cstdint>
+
 namespace prefixkern {
+
+constexpr int kVec = 8;   // 16-byte loads of 8 half/bf16 elements
+constexpr int kPad = 8;   // K/V tile row padding (elements): spreads reads of one column over banks
 
 __device__ __forceinline__ float to_float(at::Half x) { return __half2float(static_cast<__half>(x)); }
 __device__ __forceinline__ float to_float(at::BFloat16 x) { return __bfloat162float(static_cast<__nv_bfloat16>(x)); }
@@ -15,6 +24,12 @@ template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ at::Half from_float<at::Half>(float x) { return at::Half(__float2half_rn(x)); }
 template <> __device__ __forceinline__ at::BFloat16 from_float<at::BFloat16>(float x) {
   return at::BFloat16(__float2bfloat16_rn(x));
+}
+
+// Two 16-bit values in one 32-bit register, `lo` in the low half: an mma operand pair.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(T lo, T hi) {
+  return static_cast<uint32_t>(lo.x) | (static_cast<uint32_t>(hi.x) << 16);
 }
 
 // Dot product of 8 packed half/bf16 pairs (one 16-byte load from each side), in float32.
@@ -42,6 +57,109 @@ __device__ __forceinline__ float dot8(const uint4& a, const uint4& b, at::BFloat
     sum = fmaf(u.x, v.x, fmaf(u.y, v.y, sum));
   }
   return sum;
+}
+
+struct DecodeParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* pk;
+  const void* pv;
+  const int64_t* prefix_index;  // [B] or nullptr (shared or per-row prefix)
+  const uint8_t* kpm;           // [B, L] (1 = real token) or nullptr
+  float* out_partial;           // [splits, B, Hq, Sq, D]
+  float* lse_partial;           // [splits, B, Hq, Sq]
+  int64_t q_sb, q_sh, q_ss;
+  int64_t k_sb, k_sh, k_ss;
+  int64_t v_sb, v_sh, v_ss;
+  int64_t pk_sb, pk_sh, pk_ss;
+  int64_t pv_sb, pv_sh, pv_ss;
+  int64_t kpm_sb, kpm_ss;
+  int B, Hq, Hkv, Sq, L, P, group, row_blocks, chunk;
+  float scale;
+};
+
+// How a launch cuts the work: `splits` chunks of `chunk` keys (a multiple of the K/V tile) along
+// [prefix ; cache], and `row_blocks` blocks of at most `rows_per_block` query rows per KV head.
+struct DecodePlan {
+  int splits, chunk, row_blocks;
+};
+
+// `wave`: blocks the GPU holds at once (SMs x resident blocks per SM); `num_splits` > 0 fixes the
+// number of chunks. Otherwise one full wave: resident blocks are what keeps copies in flight while
+// others compute, and no chunk is shorter than a tile.
+inline DecodePlan plan_decode(int B, int Hkv, int group, int Sq, int P, int L, int rows_per_block, int tile,
+                              int wave, int64_t num_splits) {
+  DecodePlan plan{};
+  plan.row_blocks = (group * Sq + rows_per_block - 1) / rows_per_block;
+  const int num_keys = P + L;
+  const int max_splits = (num_keys + tile - 1) / tile;
+  int splits = static_cast<int>(num_splits);
+  if (splits <= 0) splits = wave / (B * Hkv * plan.row_blocks);
+  splits = std::max(1, std::min(splits, max_splits));
+  plan.chunk = ((num_keys + splits - 1) / splits + tile - 1) / tile * tile;
+  plan.splits = (num_keys + plan.chunk - 1) / plan.chunk;
+  return plan;
+}
+
+// 16-byte global -> shared copy, zero-filled when src is null (a key past the chunk); ``valid_src``
+// is any mapped global address, for the zero fill. On sm_80+ it is asynchronous (cp.async, waited
+// for with copy16_commit / copy16_wait): a tile's copies are all in flight at once and hold no
+// registers. Older GPUs (and the CPU emulation) copy through a register, one load at a time.
+__device__ __forceinline__ void copy16(void* dst, const void* src, const void* valid_src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned smem = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(src != nullptr ? src : valid_src),
+               "r"(src != nullptr ? 16 : 0));
+#else
+  *reinterpret_cast<uint4*>(dst) = src != nullptr ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
+#endif
+}
+
+__device__ __forceinline__ void copy16_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Wait until at most N of this thread's committed copy groups are still in flight.
+template <int N>
+__device__ __forceinline__ void copy16_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// Starts copying keys [t0, t0 + TK) of [prefix ; cache] into one K and one V tile (zeros past
+// k_end), spread over THREADS threads; the caller commits and waits.
+template <typename T, int HEAD_DIM, int TK, int THREADS, int K_COLS, int V_COLS>
+__device__ __forceinline__ void load_kv_tile(T (&k_tile)[TK][K_COLS], T (&v_tile)[TK][V_COLS], int t0, int k_end,
+                                             const T* pk, const T* pv, const T* kc, const T* vc,
+                                             const DecodeParams& p) {
+  constexpr int kCopies = TK * (HEAD_DIM / kVec) / THREADS;   // 16-byte copies per thread, per tensor
+  static_assert(TK * (HEAD_DIM / kVec) % THREADS == 0, "a tile splits evenly over the block's threads");
+  const int tid = threadIdx.x;
+#pragma unroll 1   // cp.async does not wait, so unrolling adds no copies in flight, only registers
+  for (int it = 0; it < kCopies; ++it) {
+    const int idx = tid + it * THREADS;
+    const int c = idx / (HEAD_DIM / kVec);
+    const int d = (idx % (HEAD_DIM / kVec)) * kVec;
+    const int key = t0 + c;
+    const T* k_src = nullptr;
+    const T* v_src = nullptr;
+    if (key < k_end) {
+      if (key < p.P) {
+        k_src = pk + key * p.pk_ss + d;
+        v_src = pv + key * p.pv_ss + d;
+      } else {
+        const int64_t j = key - p.P;
+        k_src = kc + j * p.k_ss + d;
+        v_src = vc + j * p.v_ss + d;
+      }
+    }
+    copy16(&k_tile[c][d], k_src, kc);
+    copy16(&v_tile[c][d], v_src, vc);
+  }
 }
 
 }  // namespace prefixkern

@@ -19,97 +19,17 @@
 #include <cstdint>
 
 #include "decode_common.cuh"
+#include "prefix_decode_mma.cuh"
 
 namespace prefixkern {
 
 constexpr int kThreads = 128;
 constexpr int kMaxRows = 16;  // query rows per block
-constexpr int kVec = 8;       // 16-byte loads of 8 half/bf16 elements
-constexpr int kPad = 8;       // K tile row padding (elements): spreads score reads over banks
-
-struct DecodeParams {
-  const void* q;
-  const void* k;
-  const void* v;
-  const void* pk;
-  const void* pv;
-  const int64_t* prefix_index;  // [B] or nullptr (shared or per-row prefix)
-  const uint8_t* kpm;           // [B, L] (1 = real token) or nullptr
-  float* out_partial;           // [splits, B, Hq, Sq, D]
-  float* lse_partial;           // [splits, B, Hq, Sq]
-  int64_t q_sb, q_sh, q_ss;
-  int64_t k_sb, k_sh, k_ss;
-  int64_t v_sb, v_sh, v_ss;
-  int64_t pk_sb, pk_sh, pk_ss;
-  int64_t pv_sb, pv_sh, pv_ss;
-  int64_t kpm_sb, kpm_ss;
-  int B, Hq, Hkv, Sq, L, P, group, row_blocks, chunk;
-  float scale;
-};
 
 // Keys per K/V tile: 16 KiB of V per tile (static shared memory stays under 48 KiB).
 template <int HEAD_DIM>
 constexpr int tile_keys() {
   return 8192 / HEAD_DIM;
-}
-
-// 16-byte global -> shared copy, zero-filled when src is null (a key past the chunk); ``valid_src``
-// is any mapped global address, for the zero fill. On sm_80+ it is asynchronous (cp.async, waited
-// for with copy16_commit / copy16_wait): a tile's copies are all in flight at once and hold no
-// registers. Older GPUs copy through a register, one load at a time.
-__device__ __forceinline__ void copy16(void* dst, const void* src, const void* valid_src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned smem = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(src != nullptr ? src : valid_src),
-               "r"(src != nullptr ? 16 : 0));
-#else
-  *reinterpret_cast<uint4*>(dst) = src != nullptr ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
-#endif
-}
-
-__device__ __forceinline__ void copy16_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-
-// Wait until at most N of this thread's committed copy groups are still in flight.
-template <int N>
-__device__ __forceinline__ void copy16_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-#endif
-}
-
-// Starts copying keys [t0, t0 + TK) of [prefix ; cache] into one K and one V tile (zeros past
-// k_end); the caller commits and waits.
-template <typename T, int HEAD_DIM, int TK>
-__device__ __forceinline__ void load_kv_tile(T (&k_tile)[TK][HEAD_DIM + kPad], T (&v_tile)[TK][HEAD_DIM], int t0,
-                                             int k_end, const T* pk, const T* pv, const T* kc, const T* vc,
-                                             const DecodeParams& p) {
-  constexpr int kCopies = TK * (HEAD_DIM / kVec) / kThreads;   // 16-byte copies per thread, per tensor
-  static_assert(TK * (HEAD_DIM / kVec) % kThreads == 0, "a tile splits evenly over the block's threads");
-#pragma unroll 1   // cp.async does not wait, so unrolling adds no copies in flight, only registers
-  for (int it = 0; it < kCopies; ++it) {
-    const int idx = threadIdx.x + it * kThreads;
-    const int c = idx / (HEAD_DIM / kVec);
-    const int d = (idx % (HEAD_DIM / kVec)) * kVec;
-    const int key = t0 + c;
-    const T* k_src = nullptr;
-    const T* v_src = nullptr;
-    if (key < k_end) {
-      if (key < p.P) {
-        k_src = pk + key * p.pk_ss + d;
-        v_src = pv + key * p.pv_ss + d;
-      } else {
-        const int64_t j = key - p.P;
-        k_src = kc + j * p.k_ss + d;
-        v_src = vc + j * p.v_ss + d;
-      }
-    }
-    copy16(&k_tile[c][d], k_src, kc);
-    copy16(&v_tile[c][d], v_src, vc);
-  }
 }
 
 // Accumulator element a of a thread holds (row, column) (e / HEAD_DIM, e % HEAD_DIM) of the block's
@@ -208,7 +128,7 @@ __global__ void __launch_bounds__(kThreads, (min_resident_blocks<HEAD_DIM>())) p
     // The whole tile's copies in flight together (32 KiB per block): the synchronous loop this
     // replaces waited for each 16-byte load before issuing the next, 4 KiB per block in
     // flight, which capped the kernel at 887 GB/s on the H200 (B = 8, cache 4096).
-    load_kv_tile<T, HEAD_DIM, TK>(k_tile, v_tile, t0, k_end, pk, pv, kc, vc, p);
+    load_kv_tile<T, HEAD_DIM, TK, kThreads>(k_tile, v_tile, t0, k_end, pk, pv, kc, vc, p);
     copy16_commit();
     copy16_wait<0>();
     __syncthreads();     // every thread's copies have landed
@@ -360,13 +280,36 @@ int multiprocessor_count(int device) {
   });
 }
 
-// Blocks of one kernel instance an SM holds at once (registers and shared memory decide), read
-// from the occupancy API once per device and instance.
+// The tensor-core kernel's dynamic shared memory (over the 48 KiB default at head dim 256).
 template <typename T, int HEAD_DIM>
-int query_resident_blocks() {
+constexpr int mma_smem_bytes() {
+  return static_cast<int>(sizeof(MmaTiles<T, HEAD_DIM>));
+}
+
+// Lets the tensor-core kernel instance use its shared memory on `device`; once per device.
+template <typename T, int HEAD_DIM>
+void allow_mma_smem(int device) {
+  static std::array<std::atomic<int>, kMaxDevices> done{};
+  read_once(done, device, [] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(prefix_decode_partial_mma_kernel<T, HEAD_DIM>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, mma_smem_bytes<T, HEAD_DIM>()));
+    return 1;
+  });
+}
+
+// Blocks of one kernel instance an SM holds at once (registers and shared memory decide), from the
+// occupancy API.
+template <typename T, int HEAD_DIM>
+int query_resident_blocks(bool tensor_cores, int device) {
   int blocks = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &blocks, prefix_decode_partial_kernel<T, HEAD_DIM>, kThreads, 0));
+  if (tensor_cores) {
+    allow_mma_smem<T, HEAD_DIM>(device);
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &blocks, prefix_decode_partial_mma_kernel<T, HEAD_DIM>, kMmaThreads, mma_smem_bytes<T, HEAD_DIM>()));
+  } else {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &blocks, prefix_decode_partial_kernel<T, HEAD_DIM>, kThreads, 0));
+  }
   return std::max(blocks, 1);
 }
 
@@ -389,30 +332,53 @@ int dispatch(bool half, int head_dim, const F& f) {
 }
 
 struct ResidentBlocks {
+  bool tensor_cores;
+  int device;
+
   template <typename T, int HEAD_DIM>
   int run() const {
-    return query_resident_blocks<T, HEAD_DIM>();
+    return query_resident_blocks<T, HEAD_DIM>(tensor_cores, device);
   }
 };
 
 struct LaunchPartial {
   const DecodeParams& params;
-  int splits;
-  int blocks_y;   // blocks per batch row: KV heads x row blocks
+  const DecodePlan& plan;
+  int Hkv;
+  bool tensor_cores;
+  int device;
   cudaStream_t stream;
 
   template <typename T, int HEAD_DIM>
   int run() const {
-    prefix_decode_partial_kernel<T, HEAD_DIM><<<dim3(splits, blocks_y, params.B), kThreads, 0, stream>>>(
-        params);
+    const dim3 grid(plan.splits, Hkv * plan.row_blocks, params.B);
+    if (tensor_cores) {
+      allow_mma_smem<T, HEAD_DIM>(device);
+      prefix_decode_partial_mma_kernel<T, HEAD_DIM><<<grid, kMmaThreads, mma_smem_bytes<T, HEAD_DIM>(), stream>>>(
+          params);
+    } else {
+      prefix_decode_partial_kernel<T, HEAD_DIM><<<grid, kThreads, 0, stream>>>(params);
+    }
     return 0;
   }
 };
 
-int resident_blocks_per_sm(int device, bool half, int head_dim) {
-  static std::array<std::array<std::atomic<int>, kMaxDevices>, 6> cached{};  // per instance, per device
-  const int instance = (half ? 3 : 0) + (head_dim == 64 ? 0 : head_dim == 128 ? 1 : 2);
-  return read_once(cached[instance], device, [&] { return dispatch(half, head_dim, ResidentBlocks{}); });
+int resident_blocks_per_sm(int device, bool half, int head_dim, bool tensor_cores) {
+  // Per kernel instance (kernel x dtype x head dim), per device.
+  static std::array<std::array<std::atomic<int>, kMaxDevices>, 12> cached{};
+  const int instance = (tensor_cores ? 6 : 0) + (half ? 3 : 0) + (head_dim == 64 ? 0 : head_dim == 128 ? 1 : 2);
+  return read_once(cached[instance], device,
+                   [&] { return dispatch(half, head_dim, ResidentBlocks{tensor_cores, device}); });
+}
+
+// Compute capability major version of a device, read once.
+int capability_major(int device) {
+  static std::array<std::atomic<int>, kMaxDevices> cached{};
+  return read_once(cached, device, [device] {
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    return major;
+  });
 }
 
 }  // namespace
@@ -421,7 +387,8 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
                                                          const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                                                          const c10::optional<at::Tensor>& prefix_index,
                                                          const c10::optional<at::Tensor>& key_padding_mask,
-                                                         double scale, int64_t num_splits) {
+                                                         double scale, int64_t num_splits,
+                                                         bool tensor_cores) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "prefix_decode_partial: q, k, v must be 4-d");
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "prefix_decode_partial: q must be float16 or bfloat16");
@@ -457,26 +424,20 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
   }
 
   const c10::cuda::CUDAGuard guard(q.device());
-  const int group = Hq / Hkv;
-  const int row_blocks = (group * Sq + kMaxRows - 1) / kMaxRows;
-  const int blocks_y = Hkv * row_blocks;
+  const int device = q.get_device();
   TORCH_CHECK(B <= 65535, "prefix_decode_partial: at most 65535 batch rows, got ", B);
+  TORCH_CHECK(!tensor_cores || capability_major(device) >= 8,
+              "prefix_decode_partial: tensor_cores=True needs an sm_80 or newer GPU");
   const bool half = q.scalar_type() == at::kHalf;
-  const int tile = 8192 / D;   // tile_keys<D>()
-  const int num_keys = P + L;
-  const int max_splits = (num_keys + tile - 1) / tile;
-  int splits = static_cast<int>(num_splits);
-  if (splits <= 0) {
-    // One full wave: as many blocks as the SMs hold at once at this kernel's occupancy (each block
-    // copies a tile, then computes on it, so resident blocks are what keeps copies in flight while
-    // others compute), and no chunk shorter than a tile. (Was two blocks per SM: 2.4 resident per
-    // SM at B = 8 on Llama-3-8B heads, 887 GB/s; the occupancy at D = 128 is now 5.)
-    const int wave = multiprocessor_count(q.get_device()) * resident_blocks_per_sm(q.get_device(), half, D);
-    splits = wave / (B * blocks_y);
-  }
-  splits = std::max(1, std::min(splits, max_splits));
-  const int chunk = ((num_keys + splits - 1) / splits + tile - 1) / tile * tile;
-  splits = (num_keys + chunk - 1) / chunk;
+  const int group = Hq / Hkv;
+  // One full wave of resident blocks (plan_decode). The CUDA-core kernel at D = 128 holds 5 per SM;
+  // at 2 per SM (2.4 resident at B = 8 on Llama-3-8B heads) it read 887 GB/s on the H200.
+  const int wave = multiprocessor_count(device) * resident_blocks_per_sm(device, half, D, tensor_cores);
+  const DecodePlan plan = tensor_cores
+      ? plan_decode(B, Hkv, group, Sq, P, L, kMmaRows, kMmaTileKeys, wave, num_splits)
+      : plan_decode(B, Hkv, group, Sq, P, L, kMaxRows, 8192 / D /* tile_keys<D>() */, wave, num_splits);
+  TORCH_CHECK(static_cast<int64_t>(Hkv) * plan.row_blocks <= 65535, "prefix_decode_partial: too many heads");
+  const int splits = plan.splits;
 
   auto opts = q.options().dtype(at::kFloat);
   auto out_partial = at::empty({splits, B, Hq, Sq, D}, opts);
@@ -503,11 +464,11 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
   params.kpm_sb = key_padding_mask.has_value() ? kpm.stride(0) : 0;
   params.kpm_ss = key_padding_mask.has_value() ? kpm.stride(1) : 0;
   params.B = B, params.Hq = Hq, params.Hkv = Hkv, params.Sq = Sq, params.L = L, params.P = P;
-  params.group = group, params.row_blocks = row_blocks, params.chunk = chunk;
+  params.group = group, params.row_blocks = plan.row_blocks, params.chunk = plan.chunk;
   params.scale = static_cast<float>(scale);
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(half, D, LaunchPartial{params, splits, blocks_y, stream});
+  dispatch(half, D, LaunchPartial{params, plan, Hkv, tensor_cores, device, stream});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out_partial, lse_partial};
 }

@@ -85,7 +85,7 @@ def _register_fakes() -> None:
         return
 
     @torch.library.register_fake("prefixkern_cuda::prefix_decode_partial")
-    def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, num_splits):
+    def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, num_splits, tensor_cores=False):
         splits = torch.library.get_ctx().new_dynamic_size()
         batch, heads, seq_q, head_dim = q.shape
         return (q.new_empty((splits, batch, heads, seq_q, head_dim), dtype=torch.float32),
@@ -98,9 +98,10 @@ def _register_fakes() -> None:
     _register_fakes.done = True
 
 
-def self_check(ops) -> None:
+def self_check(ops, tensor_cores: bool = False) -> None:
     """Run the built kernels once on a small GQA case with padding and a per-task prefix against
-    the reference; raise if they disagree (a miscompiled or broken build must not serve decoding)."""
+    the reference; raise if they disagree (a miscompiled or broken build must not serve decoding).
+    ``tensor_cores``: check the mma.sync kernel instead of the CUDA-core one."""
     from . import reference
     from .ops import decode_attention
 
@@ -121,11 +122,12 @@ def self_check(ops) -> None:
         scale = head_dim ** -0.5
         want = reference.prefix_attention(q, k, v, pk, pv, causal=True, softmax_scale=scale, key_padding_mask=mask,
                                           prefix_index=index)
-        parts, lses = ops.prefix_decode_partial(q, k, v, pk, pv, index, mask, scale, 2)
+        parts, lses = ops.prefix_decode_partial(q, k, v, pk, pv, index, mask, scale, 2, tensor_cores)
         out, _ = ops.merge_attention_states(parts, lses, dtype)
         err = (out.float() - want.float()).abs().max().item()
         if not err <= 3e-2:
-            raise RuntimeError(f"the CUDA decode kernel disagrees with the reference ({dtype}, D={head_dim}: "
+            kernel = "tensor-core" if tensor_cores else "CUDA"
+            raise RuntimeError(f"the {kernel} decode kernel disagrees with the reference ({dtype}, D={head_dim}: "
                                f"max error {err:.3g})")
 
 
@@ -142,3 +144,28 @@ def cuda_ops():
         warnings.warn(f"prefixkern: the CUDA decode kernels are not used ({type(exc).__name__}: {exc}); "
                       "decoding falls back to the Triton kernels", RuntimeWarning, stacklevel=2)
         return None
+
+
+@functools.lru_cache(maxsize=None)
+def tensor_cores_usable(device_index: int) -> bool:
+    """Whether the tensor-core decode kernel serves GPU ``device_index``: an sm_80+ GPU, the CUDA ops
+    built, and its self-check passed. Otherwise False, with one warning naming why (decoding then
+    runs the CUDA-core kernel)."""
+    ops = cuda_ops()
+    if ops is None:
+        return False
+    major, minor = torch.cuda.get_device_capability(device_index)
+    reason = None
+    if major < 8:
+        reason = f"it needs an sm_80 or newer GPU, this one is sm_{major}{minor}"
+    else:
+        try:
+            with torch.cuda.device(device_index):
+                self_check(ops, tensor_cores=True)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+    if reason is not None:
+        warnings.warn(f"prefixkern: the tensor-core decode kernel is not used ({reason}); decoding runs the "
+                      "CUDA-core kernel", RuntimeWarning, stacklevel=2)
+        return False
+    return True

@@ -62,20 +62,25 @@ def test_every_csrc_file_compiles_with_nvcc(tmp_path):
 
 
 def _check_decode_kernel_memory_path(tmp_path, ptxas_output):
-    """What the decode kernel's speed rests on, pinned where a compile shows it: every instance
-    copies K/V tiles with cp.async (a tile's copies in flight together; the synchronous loop it
-    replaced held one 16-byte load per thread in flight and ran at 887 GB/s on an H200), and the
-    HEAD_DIM 128 instance keeps to 96 registers, so five blocks share an SM."""
+    """What the decode kernels' speed rests on, pinned where a compile shows it: every instance of
+    both kernels copies K/V tiles with cp.async (a tile's copies in flight together; the synchronous
+    loop it replaced held one 16-byte load per thread in flight and ran at 887 GB/s on an H200); the
+    CUDA-core kernel's HEAD_DIM 128 instance keeps to 96 registers, so five blocks share an SM; the
+    tensor-core kernel multiplies with mma.sync and keeps to 80 registers at HEAD_DIM 128 (six
+    blocks of 128 threads per SM, as many as its 36 KiB of shared memory allows)."""
     ptx = "\n".join(path.read_text() for path in tmp_path.glob("prefix_decode*.ptx"))
     entries = re.split(r"\.entry ", ptx)[1:]
-    decode = [entry for entry in entries if entry.startswith("_ZN10prefixkern28prefix_decode_partial_kernel")]
-    assert len(decode) == 6, f"expected 6 decode kernel instances (2 dtypes x 3 head dims) in the PTX, found {len(decode)}"
-    for entry in decode:
-        assert "cp.async.cg.shared.global" in entry and "cp.async.wait_group" in entry, entry.split("(")[0]
-    registers = dict(re.findall(r"Compiling entry function '(_ZN10prefixkern28prefix_decode_partial_kernel\S+)'"
+    registers = dict(re.findall(r"Compiling entry function '(_ZN10prefixkern\d+prefix_decode_partial\S+)'"
                                 r"[^\n]*\n(?:[^\n]*\n)*?[^\n]*Used (\d+) registers", ptxas_output))
-    at_128 = {name: int(n) for name, n in registers.items() if "ELi128E" in name}
-    assert len(at_128) == 2 and all(n <= 96 for n in at_128.values()), at_128
+    for kernel, limit_at_128 in (("28prefix_decode_partial_kernel", 96), ("32prefix_decode_partial_mma_kernel", 80)):
+        decode = [entry for entry in entries if entry.startswith(f"_ZN10prefixkern{kernel}")]
+        assert len(decode) == 6, f"expected 6 instances (2 dtypes x 3 head dims) of {kernel} in the PTX, found {len(decode)}"
+        for entry in decode:
+            assert "cp.async.cg.shared.global" in entry and "cp.async.wait_group" in entry, entry.split("(")[0]
+            if "mma" in kernel:
+                assert "mma.sync.aligned.m16n8k16.row.col.f32" in entry, entry.split("(")[0]
+        at_128 = {name: int(n) for name, n in registers.items() if kernel in name and "ELi128E" in name}
+        assert len(at_128) == 2 and all(n <= limit_at_128 for n in at_128.values()), at_128
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed on this machine")

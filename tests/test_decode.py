@@ -1,5 +1,6 @@
 """prefix_decode_attention (CUDA C++ kernels of csrc/, Triton fallback) and merge_attention_states
 against the reference. The CUDA kernels run under ``-m gpu``; CI compiles them (test_csrc_compile)."""
+import contextlib
 import itertools
 import warnings
 
@@ -60,9 +61,11 @@ class _ReferenceCudaOps:
     def __init__(self):
         self.calls = []
 
-    def prefix_decode_partial(self, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, num_splits):
-        self.calls.append(dict(index=prefix_index, mask=key_padding_mask, scale=scale, num_splits=num_splits))
-        assert isinstance(scale, float) and isinstance(num_splits, int)
+    def prefix_decode_partial(self, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, num_splits,
+                              tensor_cores=False):
+        self.calls.append(dict(index=prefix_index, mask=key_padding_mask, scale=scale, num_splits=num_splits,
+                               tensor_cores=tensor_cores))
+        assert isinstance(scale, float) and isinstance(num_splits, int) and isinstance(tensor_cores, bool)
         assert prefix_index is None or prefix_index.dtype == torch.int64
         out, lse = reference.prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, softmax_scale=scale,
                                               key_padding_mask=key_padding_mask, prefix_index=prefix_index,
@@ -124,6 +127,57 @@ def test_cuda_path_python_side_against_the_reference(P, L, monkeypatch):
                 out, lse = prefixkern.prefix_decode_attention(*inputs, prefix_gemm=gemm, return_lse=True, **kw)
             torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
             torch.testing.assert_close(lse, expected_lse, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("default", [False, True])
+def test_tensor_core_kernel_is_asked_for_by_the_flag_and_falls_back(default, monkeypatch):
+    """PREFIXKERN_DECODE_TENSOR_CORES (TENSOR_CORES) picks the kernel of decode_step and of the public
+    op's default; an explicit tensor_cores= wins; where tensor_cores_usable says no (an old GPU, a
+    failed self-check), the CUDA-core kernel gets the call."""
+    from prefixkern import _cuda_build
+
+    ops = _ReferenceCudaOps()
+    usable = [True]
+    monkeypatch.setattr(_cuda_build, "cuda_ops", lambda: ops)
+    monkeypatch.setattr(_cuda_build, "tensor_cores_usable", lambda index: usable[0])
+    monkeypatch.setattr(decode_attention, "cuda_decode_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(decode_attention, "TENSOR_CORES", default)
+    inputs, kw = _inputs(2, 4, 2, 1, 9, 5, 64, torch.bfloat16, "cpu")
+    with prefixkern.use_backend("auto"):
+        decode_attention.decode_step(*inputs, softmax_scale=None, **kw)
+        prefixkern.prefix_decode_attention(*inputs, **kw)
+        prefixkern.prefix_decode_attention(*inputs, tensor_cores=not default, **kw)
+        usable[0] = False
+        prefixkern.prefix_decode_attention(*inputs, tensor_cores=True, **kw)
+        with pytest.raises(TypeError, match="tensor_cores"):
+            prefixkern.prefix_decode_attention(*inputs, tensor_cores=1, **kw)
+    assert [call["tensor_cores"] for call in ops.calls] == [default, default, not default, False]
+
+
+def test_tensor_core_kernel_refused_on_old_gpus_and_failed_self_checks(monkeypatch):
+    from prefixkern import _cuda_build
+
+    checks = []
+    monkeypatch.setattr(_cuda_build, "cuda_ops", lambda: "ops")
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    monkeypatch.setattr(_cuda_build, "self_check", lambda ops, tensor_cores: checks.append(tensor_cores))
+    for capability, fails, usable, reason in (((7, 5), False, False, "sm_80 or newer GPU, this one is sm_75"),
+                                              ((9, 0), True, False, "RuntimeError: disagrees"),
+                                              ((9, 0), False, True, None)):
+        _cuda_build.tensor_cores_usable.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)
+        if fails:
+            monkeypatch.setattr(_cuda_build, "self_check",
+                                lambda ops, tensor_cores: (_ for _ in ()).throw(RuntimeError("disagrees")))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert _cuda_build.tensor_cores_usable(0) is usable
+            assert _cuda_build.tensor_cores_usable(0) is usable          # cached: checked and warned once
+        assert [str(w.message) for w in caught if reason and reason in str(w.message)] == \
+            [str(w.message) for w in caught] and len(caught) == (0 if usable else 1)
+        monkeypatch.setattr(_cuda_build, "self_check", lambda ops, tensor_cores: checks.append(tensor_cores))
+    assert checks == [True]
+    _cuda_build.tensor_cores_usable.cache_clear()
 
 
 def test_alignment_test_of_the_cuda_path():
@@ -199,28 +253,35 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
 # The CUDA kernels, on a GPU
 # --------------------------------------------------------------------------------------------
 
-GPU_GRID = [dict(dtype=dtype, D=D, Sq=Sq, gqa=gqa, P=P, L=L)
-            for dtype, D, Sq, gqa, P, L in itertools.product(
-                (torch.bfloat16, torch.float16), (64, 128, 256), (1, 3, 8), (1, 4, 7), (1, 30, 128), (1, 100, 4096))
+# kernel: "simt" (CUDA-core FMAs, the default) or "mma" (tensor cores, PREFIXKERN_DECODE_TENSOR_CORES=1).
+GPU_GRID = [dict(kernel=kernel, dtype=dtype, D=D, Sq=Sq, gqa=gqa, P=P, L=L)
+            for kernel, dtype, D, Sq, gqa, P, L in itertools.product(
+                ("simt", "mma"), (torch.bfloat16, torch.float16), (64, 128, 256), (1, 3, 8), (1, 4, 7), (1, 30, 128),
+                (1, 100, 4096))
             if not (D == 256 and L == 4096 and gqa == 7)]
 
 
 def _check_cuda_kernel(case):
+    from prefixkern import _cuda_build
+
     assert decode_attention.cuda_decode_supported(*_inputs(1, 2, 2, 1, 4, 2, case["D"], case["dtype"], "cuda")[0])
     prefixkern.build_cuda()
+    tensor_cores = case["kernel"] == "mma"
+    if tensor_cores:   # its self-check passed (else decoding would quietly run the CUDA-core kernel)
+        assert _cuda_build.tensor_cores_usable(torch.cuda.current_device())
     for prefix, padding in (("shared", False), ("per_task", True), ("per_row", True)):
         inputs, kw = _inputs(3, 2 * case["gqa"], 2, case["Sq"], case["L"], case["P"], case["D"], case["dtype"], "cuda",
                              prefix=prefix, padding=padding)
         expected, expected_lse = reference.prefix_attention(*inputs, causal=True, return_lse=True, **kw)
         for splits, gemm in ((0, False), (1, False), (7, False), (0, True)):
             out, lse = prefixkern.prefix_decode_attention(*inputs, num_splits=splits, prefix_gemm=gemm,
-                                                          return_lse=True, **kw)
+                                                          tensor_cores=tensor_cores, return_lse=True, **kw)
             torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
             torch.testing.assert_close(lse, expected_lse, atol=1e-3, rtol=1e-3)
 
 
 def _smoke(case) -> bool:
-    """The default kernel's cases a GPU session checks first (run_gpu.sh smoke): every dtype and head
+    """The cases a GPU session checks first (run_gpu.sh smoke), for both kernels: every dtype and head
     dim, one and eight query positions, MHA and GQA 7, the tile and split seams at P = 30, and one
     prefix key with one cache key (where a removed double-buffered variant got the LSE wrong)."""
     return case["Sq"] in (1, 8) and case["gqa"] in (1, 7) and (case["P"] == 30 or (case["P"], case["L"]) == (1, 1))
@@ -234,14 +295,19 @@ def test_gpu_cuda_kernel_against_reference(case):
 
 
 @pytest.mark.gpu
-def test_gpu_generate_uses_the_cuda_kernel(monkeypatch):
+@pytest.mark.parametrize("tensor_cores", [False, True])
+def test_gpu_generate_uses_the_cuda_kernel(tensor_cores, monkeypatch):
     """A patched model's decoding steps go through the CUDA kernels (decode_step, no Python
-    checks), every layer at every step, and score the first decoded token as the Triton path does."""
+    checks), every layer at every step, and score the first decoded token as the Triton path does;
+    with PREFIXKERN_DECODE_TENSOR_CORES=1 (TENSOR_CORES) through the tensor-core kernel."""
     tf = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from prefixkern import _cuda_build
 
     assert _cuda_build.cuda_ops() is not None, "the CUDA decode kernels failed to build on this GPU"
+    if tensor_cores:
+        assert _cuda_build.tensor_cores_usable(torch.cuda.current_device())
+    monkeypatch.setattr(decode_attention, "TENSOR_CORES", tensor_cores)
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2)          # head dim 64
@@ -253,7 +319,8 @@ def test_gpu_generate_uses_the_cuda_kernel(monkeypatch):
     mask[0, :4] = 0                                                               # a left-padded row
     calls = []
     cuda_decode = decode_attention._cuda_decode
-    monkeypatch.setattr(decode_attention, "_cuda_decode", lambda *args: calls.append(1) or cuda_decode(*args))
+    # _cuda_decode(ops, q, k, v, prefix_k, prefix_v, mask, index, scale, splits, prefix_gemm, tensor_cores, lse)
+    monkeypatch.setattr(decode_attention, "_cuda_decode", lambda *args: calls.append(args[11]) or cuda_decode(*args))
 
     def scores():
         with torch.no_grad():
@@ -262,7 +329,7 @@ def test_gpu_generate_uses_the_cuda_kernel(monkeypatch):
         return out.scores
 
     with_cuda = scores()
-    assert len(calls) == config.num_hidden_layers * 3                           # 3 decoding steps, every layer
+    assert calls == [tensor_cores] * config.num_hidden_layers * 3                # 3 decoding steps, every layer
     monkeypatch.setattr(decode_attention, "_cuda_ops_serving", lambda *args: None)
     with_triton = scores()
     assert len(calls) == config.num_hidden_layers * 3

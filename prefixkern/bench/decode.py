@@ -30,12 +30,21 @@ def _cases(opts: Options):
     return [(f"P{p}-L{cache}-B{batch}", HQ, HKV, D, p, cache, batch) for p, cache, batch in grid]
 
 
+CUDA_IMPLS = ("prefixkern", "prefixkern_tensor_cores", "prefixkern_prefix_gemm")
+
+
 def _cuda_available(*tensors) -> bool:
     if not cuda_decode_supported(*tensors):
         return False
     from .._cuda_build import cuda_ops
 
     return cuda_ops() is not None
+
+
+def _tensor_cores_available(q: torch.Tensor) -> bool:
+    from .._cuda_build import tensor_cores_usable
+
+    return tensor_cores_usable(q.get_device())
 
 
 def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
@@ -59,14 +68,17 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
         cat_v = torch.cat([pv.expand(batch, -1, -1, -1), v], 2)
         expected = reference.prefix_attention(q, k, v, pk, pv, causal=True)
         kv_bytes = (batch * hkv * cache + hkv * p) * d * 2 * opts.dtype.itemsize
-        def cuda_decode(prefix_gemm=False):
+        def cuda_decode(prefix_gemm=False, tensor_cores=False):
             # The CUDA C++ kernel (the suite otherwise forces Triton).
             with use_backend("auto"):
-                return prefix_decode_attention(q, k, v, pk, pv, prefix_gemm=prefix_gemm)
+                return prefix_decode_attention(q, k, v, pk, pv, prefix_gemm=prefix_gemm, tensor_cores=tensor_cores)
 
         impls = {
-            # prefixkern: the CUDA C++ decode kernel of csrc/; prefixkern_triton: the Triton kernel.
+            # prefixkern: the CUDA C++ decode kernel of csrc/ (CUDA-core FMAs, the default);
+            # prefixkern_triton: the Triton kernel.
             "prefixkern": cuda_decode,
+            # The same work on tensor cores (mma.sync; PREFIXKERN_DECODE_TENSOR_CORES=1).
+            "prefixkern_tensor_cores": lambda: cuda_decode(tensor_cores=True),
             # The prefix's part as one cuBLAS GEMM over all rows, merged with the kernel's cache part.
             "prefixkern_prefix_gemm": lambda: cuda_decode(prefix_gemm=True),
             "prefixkern_triton": lambda: prefix_attention(q, k, v, pk, pv, causal=True),
@@ -75,9 +87,13 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
         for impl, fn in impls.items():
             if not opts.wants(impl):
                 continue
-            if impl in ("prefixkern", "prefixkern_prefix_gemm") and not _cuda_available(q, k, v, pk, pv):
+            if impl in CUDA_IMPLS and not _cuda_available(q, k, v, pk, pv):
                 skips.append(Skip("decode", name, impl, "the CUDA decode kernel cannot run here (no GPU, no "
                                   "nvcc or a failed build: see the warning); prefixkern_triton is the fallback"))
+                continue
+            if impl == "prefixkern_tensor_cores" and not _tensor_cores_available(q):
+                skips.append(Skip("decode", name, impl, "the tensor-core decode kernel cannot run here (an older "
+                                  "GPU than sm_80, or a failed self-check: see the warning)"))
                 continue
             progress(f"decode {name} {impl}")
             record = Record("decode", name, impl, "fwd", dtype_name(opts.dtype))

@@ -2,6 +2,8 @@
 C++ kernels of ``csrc/`` where they apply, else by the Triton kernels (or the reference on CPU)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .._backend import get_backend
@@ -12,6 +14,9 @@ __all__ = ["prefix_decode_attention", "merge_attention_states", "cuda_decode_sup
 
 CUDA_HEAD_DIMS = (64, 128, 256)
 MAX_QUERY_LEN = 8
+# PREFIXKERN_DECODE_TENSOR_CORES=1: decoding (generate() included) runs the tensor-core kernel
+# (mma.sync, sm_80+) rather than the CUDA-core one. Off by default until a GPU run has timed it.
+TENSOR_CORES = os.environ.get("PREFIXKERN_DECODE_TENSOR_CORES", "0") == "1"
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -49,6 +54,7 @@ def prefix_decode_attention(
     softmax_scale: float | None = None,
     num_splits: int = 0,
     prefix_gemm: bool = False,
+    tensor_cores: bool | None = None,
     return_lse: bool = False,
 ):
     """Causal attention of a decoding step's queries over ``[prefix ; cache]``.
@@ -68,6 +74,11 @@ def prefix_decode_attention(
     default reads the prefix inside the kernel, in the same pass as the cache (one launch fewer).
     Which is faster depends on P, the batch and the cache length: the decode benchmark times both.
 
+    ``tensor_cores=True`` runs the kernel whose products are mma.sync instructions (sm_80+; the
+    keys and head dim on the M side, up to 8 query rows on N) instead of CUDA-core FMAs; None takes
+    ``PREFIXKERN_DECODE_TENSOR_CORES`` (default off). Where it cannot run (an older GPU, a failed
+    self-check) the CUDA-core kernel does, with one warning.
+
     Args: as ``prefix_attention``; ``num_splits`` fixes the number of key chunks (0 = pick for the GPU).
     Returns: ``out`` ``[B, Hq, S, D]`` (and the float32 ``lse`` ``[B, Hq, S]`` if asked).
     """
@@ -76,6 +87,8 @@ def prefix_decode_attention(
                                 alibi_slopes=None, softcap=None, window=None)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be a non-negative int (0 = automatic), got {num_splits!r}")
+    if tensor_cores is not None and not isinstance(tensor_cores, bool):
+        raise TypeError(f"tensor_cores must be a bool or None, got {type(tensor_cores).__name__}")
     scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     ops = _cuda_ops_serving(q, k, v, prefix_k, prefix_v)
     if ops is None:
@@ -84,7 +97,7 @@ def prefix_decode_attention(
                                     key_padding_mask=key_padding_mask, prefix_index=prefix_index,
                                     return_lse=return_lse)
     return _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale, num_splits,
-                        prefix_gemm, return_lse)
+                        prefix_gemm, TENSOR_CORES if tensor_cores is None else tensor_cores, return_lse)
 
 
 def decode_step(q, k, v, prefix_k, prefix_v, *, key_padding_mask, prefix_index, softmax_scale: float | None):
@@ -102,7 +115,8 @@ def decode_step(q, k, v, prefix_k, prefix_v, *, key_padding_mask, prefix_index, 
             return prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, softmax_scale=softmax_scale,
                                     key_padding_mask=key_padding_mask, prefix_index=prefix_index)
     scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
-    return _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale, 0, False, False)
+    return _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale, 0, False,
+                        TENSOR_CORES, False)
 
 
 def _cuda_ops_serving(q, k, v, prefix_k, prefix_v):
@@ -115,19 +129,23 @@ def _cuda_ops_serving(q, k, v, prefix_k, prefix_v):
 
 
 def _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale: float, num_splits: int,
-                 prefix_gemm: bool, return_lse: bool):
+                 prefix_gemm: bool, tensor_cores: bool, return_lse: bool):
     """The CUDA kernels' launch: partial attention per key chunk, then their log-sum-exp merge."""
     index = prefix_index.long() if prefix_index is not None else None
+    if tensor_cores:
+        from .._cuda_build import tensor_cores_usable
+
+        tensor_cores = tensor_cores_usable(max(q.get_device(), 0))   # (CPU stand-ins in tests: -1)
     if prefix_gemm and prefix_k.dim() == 3:
         empty = prefix_k[:, :0]
         out_partial, lse_partial = ops.prefix_decode_partial(q, k, v, empty, empty, None, key_padding_mask, scale,
-                                                             num_splits)
+                                                             num_splits, tensor_cores)
         prefix_out, prefix_lse = _prefix_part_by_gemm(q, prefix_k, prefix_v, scale)
         out_partial = torch.cat([prefix_out.unsqueeze(0), out_partial])
         lse_partial = torch.cat([prefix_lse.unsqueeze(0), lse_partial])
     else:
         out_partial, lse_partial = ops.prefix_decode_partial(q, k, v, prefix_k, prefix_v, index, key_padding_mask,
-                                                             scale, num_splits)
+                                                             scale, num_splits, tensor_cores)
     out, lse = ops.merge_attention_states(out_partial, lse_partial, q.dtype)
     return (out, lse) if return_lse else out
 

@@ -1,0 +1,123 @@
+// Runs csrc/prefix_decode_mma.cuh's kernel on the CPU (cuda_emulator.h) for
+// tests/test_decode_emulated.py: reads a case from a directory, writes the kernel's outputs there.
+//
+//   decode_mma_emulator DIR
+//   DIR/params.txt: "name value" lines (shapes, dtype, strides in elements, splits; see main)
+//   DIR/{q,k,v,prefix_k,prefix_v}.bin: 16-bit storage the strides index; prefix_index.bin (int64),
+//   key_padding_mask.bin (uint8) when has_index / has_mask.
+//   Writes DIR/out_partial.bin (float32 [splits, B, Hq, Sq, D]), DIR/lse_partial.bin (float32
+//   [splits, B, Hq, Sq]) and DIR/plan.txt ("splits chunk row_blocks").
+#include "cuda_emulator.h"
+
+#include "prefix_decode_mma.cuh"
+
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <stdexcept>
+#include <string>
+
+namespace {
+
+std::map<std::string, double> read_params(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw std::runtime_error("cannot read " + path);
+  std::map<std::string, double> params;
+  std::string name;
+  double value;
+  while (in >> name >> value) params[name] = value;
+  return params;
+}
+
+template <typename E>
+std::vector<E> read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) throw std::runtime_error("cannot read " + path);
+  const auto bytes = static_cast<size_t>(in.tellg());
+  std::vector<E> data(bytes / sizeof(E) + 8);   // slack: the kernel's 16-byte copies stay inside
+  in.seekg(0);
+  in.read(reinterpret_cast<char*>(data.data()), static_cast<std::streamsize>(bytes));
+  return data;
+}
+
+template <typename E>
+void write_file(const std::string& path, const std::vector<E>& data) {
+  std::ofstream out(path, std::ios::binary);
+  out.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size() * sizeof(E)));
+}
+
+template <typename T, int HEAD_DIM>
+void run(const std::string& dir, std::map<std::string, double>& a) {
+  using namespace prefixkern;
+  auto get = [&](const char* name) { return static_cast<int64_t>(a.at(name)); };
+  const int B = get("B"), Hq = get("Hq"), Hkv = get("Hkv"), Sq = get("Sq"), L = get("L"), P = get("P");
+  const int group = Hq / Hkv;
+  const DecodePlan plan = plan_decode(B, Hkv, group, Sq, P, L, kMmaRows, kMmaTileKeys, get("wave"), get("num_splits"));
+
+  auto q = read_file<T>(dir + "/q.bin");
+  auto k = read_file<T>(dir + "/k.bin");
+  auto v = read_file<T>(dir + "/v.bin");
+  auto pk = read_file<T>(dir + "/prefix_k.bin");
+  auto pv = read_file<T>(dir + "/prefix_v.bin");
+  std::vector<int64_t> index;
+  std::vector<uint8_t> mask;
+  if (get("has_index")) index = read_file<int64_t>(dir + "/prefix_index.bin");
+  if (get("has_mask")) mask = read_file<uint8_t>(dir + "/key_padding_mask.bin");
+  const int64_t rows_total = static_cast<int64_t>(B) * Hq * Sq;
+  std::vector<float> out_partial(plan.splits * rows_total * HEAD_DIM, NAN);
+  std::vector<float> lse_partial(plan.splits * rows_total, NAN);
+
+  DecodeParams p{};
+  p.q = q.data(), p.k = k.data(), p.v = v.data(), p.pk = pk.data(), p.pv = pv.data();
+  p.prefix_index = get("has_index") ? index.data() : nullptr;
+  p.kpm = get("has_mask") ? mask.data() : nullptr;
+  p.out_partial = out_partial.data();
+  p.lse_partial = lse_partial.data();
+  p.q_sb = get("q_sb"), p.q_sh = get("q_sh"), p.q_ss = get("q_ss");
+  p.k_sb = get("k_sb"), p.k_sh = get("k_sh"), p.k_ss = get("k_ss");
+  p.v_sb = get("v_sb"), p.v_sh = get("v_sh"), p.v_ss = get("v_ss");
+  p.pk_sb = get("pk_sb"), p.pk_sh = get("pk_sh"), p.pk_ss = get("pk_ss");
+  p.pv_sb = get("pv_sb"), p.pv_sh = get("pv_sh"), p.pv_ss = get("pv_ss");
+  p.kpm_sb = get("kpm_sb"), p.kpm_ss = get("kpm_ss");
+  p.B = B, p.Hq = Hq, p.Hkv = Hkv, p.Sq = Sq, p.L = L, p.P = P;
+  p.group = group, p.row_blocks = plan.row_blocks, p.chunk = plan.chunk;
+  p.scale = static_cast<float>(a.at("scale"));
+
+  prefixkern_emu::launch(dim3(plan.splits, Hkv * plan.row_blocks, B), kMmaThreads, sizeof(MmaTiles<T, HEAD_DIM>),
+                         [p] { prefix_decode_partial_mma_kernel<T, HEAD_DIM>(p); });
+  write_file(dir + "/out_partial.bin", out_partial);
+  write_file(dir + "/lse_partial.bin", lse_partial);
+  std::ofstream(dir + "/plan.txt") << plan.splits << " " << plan.chunk << " " << plan.row_blocks << "\n";
+}
+
+template <typename T>
+void run_head_dim(const std::string& dir, std::map<std::string, double>& params) {
+  switch (static_cast<int>(params.at("D"))) {
+    case 64: return run<T, 64>(dir, params);
+    case 128: return run<T, 128>(dir, params);
+    case 256: return run<T, 256>(dir, params);
+    default: throw std::runtime_error("head dim must be 64, 128 or 256");
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::cerr << "usage: " << argv[0] << " DIR\n";
+    return 2;
+  }
+  try {
+    const std::string dir = argv[1];
+    auto params = read_params(dir + "/params.txt");
+    if (params.at("half") != 0) {
+      run_head_dim<at::Half>(dir, params);
+    } else {
+      run_head_dim<at::BFloat16>(dir, params);
+    }
+  } catch (const std::exception& exc) {
+    std::cerr << exc.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,133 @@
+"""The tensor-core decode kernel (csrc/prefix_decode_mma.cuh) run on the CPU against the reference.
+
+No GPU is needed: tests/csrc_emu/cuda_emulator.h stands in for the CUDA built-ins the kernel uses
+(block and warp barriers, shuffles, mma.sync m16n8k16 by the PTX fragment layouts), and g++
+compiles the kernel's own source with it. This checks the kernel's logic (fragment indexing,
+masks, the online softmax, the merge of the warps, the split plan); `-m gpu` runs the real thing
+(tests/test_decode.py)."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import prefixkern
+from prefixkern import reference
+
+from test_decode import _inputs as decode_inputs
+
+ROOT = Path(__file__).resolve().parent.parent
+EMU = Path(__file__).resolve().parent / "csrc_emu"
+
+
+def _cuda_include() -> Path | None:
+    """A directory with cuda_bf16.h (the kernel's 16-bit conversions; header-only on the host)."""
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(Path(nvcc).resolve().parent.parent / "include")
+    candidates += [Path("/usr/local/cuda/include")]
+    return next((path for path in candidates if (path / "cuda_bf16.h").exists()), None)
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory) -> Path:
+    cuda_include = _cuda_include()
+    if shutil.which("g++") is None or cuda_include is None:
+        pytest.skip("needs g++ and the CUDA headers (cuda_bf16.h)")
+    binary = tmp_path_factory.mktemp("emu") / "decode_mma_emulator"
+    torch_include = Path(torch.__file__).parent / "include"
+    cmd = ["g++", "-std=c++20", "-O2", "-pthread", f"-I{ROOT / 'csrc'}", f"-I{EMU}", f"-I{cuda_include}",
+           f"-I{torch_include}", str(EMU / "decode_mma_emulator.cpp"), "-o", str(binary)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return binary
+
+
+def _write_storage(path: Path, t: torch.Tensor) -> None:
+    """The whole storage under ``t`` (so that its strides index it), as raw bytes."""
+    assert t.storage_offset() == 0
+    storage = t.untyped_storage()
+    flat = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),))
+    flat.numpy().tofile(path)
+
+
+def _prefix_strides(prefix: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, key) strides as the launcher passes them: a shared prefix has batch stride 0."""
+    return (0, *prefix.stride()[:2]) if prefix.dim() == 3 else tuple(prefix.stride()[:3])
+
+
+def run_emulated(binary: Path, workdir: Path, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale,
+                 num_splits):
+    """The kernel's (out_partial, lse_partial, (splits, chunk, row_blocks)) for these inputs."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name, t in dict(q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v).items():
+        _write_storage(workdir / f"{name}.bin", t)
+    B, Hq, Sq, D = q.shape
+    params = dict(B=B, Hq=Hq, Hkv=k.shape[1], Sq=Sq, L=k.shape[2], P=prefix_k.shape[-2], D=D,
+                  half=int(q.dtype == torch.float16), num_splits=num_splits, wave=0, scale=scale,
+                  has_index=int(prefix_index is not None), has_mask=int(key_padding_mask is not None))
+    for prefix, t in (("q", q), ("k", k), ("v", v)):
+        params.update({f"{prefix}_sb": t.stride(0), f"{prefix}_sh": t.stride(1), f"{prefix}_ss": t.stride(2)})
+    for prefix, t in (("pk", prefix_k), ("pv", prefix_v)):
+        params.update(zip((f"{prefix}_sb", f"{prefix}_sh", f"{prefix}_ss"), _prefix_strides(t)))
+    params.update(kpm_sb=0, kpm_ss=0)
+    if prefix_index is not None:
+        _write_storage(workdir / "prefix_index.bin", prefix_index.to(torch.int64).contiguous())
+    if key_padding_mask is not None:
+        mask = key_padding_mask.to(torch.uint8).contiguous()
+        _write_storage(workdir / "key_padding_mask.bin", mask)
+        params.update(kpm_sb=mask.stride(0), kpm_ss=mask.stride(1))
+    (workdir / "params.txt").write_text("".join(f"{name} {float(value)!r}\n" for name, value in params.items()))
+    result = subprocess.run([str(binary), str(workdir)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    splits, chunk, row_blocks = (int(x) for x in (workdir / "plan.txt").read_text().split())
+    out = torch.from_file(str(workdir / "out_partial.bin"), size=splits * B * Hq * Sq * D, dtype=torch.float32)
+    lse = torch.from_file(str(workdir / "lse_partial.bin"), size=splits * B * Hq * Sq, dtype=torch.float32)
+    return out.view(splits, B, Hq, Sq, D), lse.view(splits, B, Hq, Sq), (splits, chunk, row_blocks)
+
+
+def _inputs(B, Hq, Hkv, Sq, L, P, D, dtype, prefix, padding):
+    """test_decode's inputs with the cache in HF's [B, L, H, D] memory (strided keys) and, padded,
+    a second row that sees the prefix only."""
+    (q, k, v, pk, pv), kw = decode_inputs(B, Hq, Hkv, Sq, L, P, D, dtype, "cpu", prefix=prefix, padding=padding)
+    k = k.transpose(1, 2).contiguous().transpose(1, 2)
+    mask = kw["key_padding_mask"]
+    if mask is not None and B > 1:
+        mask[1, :] = False
+    return (q, k, v, pk, pv), kw["prefix_index"], mask
+
+
+# (dtype, D, B, Hq, Hkv, Sq, L, P, prefix, padding, splits): every head dim and both dtypes; GQA
+# groups of 4 and 7 (7 x 3 query positions: three blocks of rows, the last one short); one prefix key
+# and one cache key; several 64-key tiles per chunk (the online softmax rescales) and chunks that
+# cut the prefix and the cache mid-tile; shared, per-row and per-task prefixes; padding.
+CASES = [
+    (torch.bfloat16, 128, 2, 8, 2, 1, 150, 30, "shared", True, 1),
+    (torch.bfloat16, 128, 1, 4, 1, 1, 1, 1, "shared", False, 0),
+    (torch.float16, 64, 2, 14, 2, 3, 70, 7, "per_task", True, 2),
+    (torch.bfloat16, 256, 1, 4, 1, 2, 90, 20, "per_row", False, 3),
+    (torch.float16, 128, 3, 2, 2, 8, 40, 64, "per_task", False, 1),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_tensor_core_decode_kernel_against_the_reference(emulator, tmp_path, case):
+    dtype, D, B, Hq, Hkv, Sq, L, P, prefix, padding, splits = case
+    (q, k, v, pk, pv), index, mask = _inputs(B, Hq, Hkv, Sq, L, P, D, dtype, prefix, padding)
+    scale = D ** -0.5
+    out_partial, lse_partial, (got_splits, chunk, row_blocks) = run_emulated(
+        emulator, tmp_path, q, k, v, pk, pv, index, mask, scale, splits)
+    assert row_blocks == -(-(Hq // Hkv) * Sq // 8)
+    if splits:
+        assert got_splits == min(splits, -(-(P + L) // 64))
+    assert chunk % 64 == 0 and (got_splits - 1) * chunk < P + L <= got_splits * chunk
+    assert not out_partial.isnan().any() and not lse_partial.isnan().any(), "a partial row was never written"
+    out, lse = prefixkern.merge_attention_states(out_partial, lse_partial, torch.float32)
+    want, want_lse = reference.prefix_attention(q.float(), k.float(), v.float(), pk.float(), pv.float(), causal=True,
+                                                softmax_scale=scale, key_padding_mask=mask, prefix_index=index,
+                                                return_lse=True)
+    # The probabilities enter P @ V rounded to the input dtype (as in flash attention's kernels).
+    torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-4)
