@@ -7,6 +7,9 @@
 //
 // Visibility: prefix keys always; cache key j for query position i of Sq iff j <= i + (L - Sq)
 // (bottom-right causal), and key_padding_mask[b, j] != 0 when a mask is given.
+//
+// Two kernels do this work: the CUDA-core one below (the default) and the tensor-core one of
+// prefix_decode_mma.cuh (tensor_cores=True, sm_80+); the launcher at the end of this file serves both.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
