@@ -1,9 +1,10 @@
-"""The tensor-core decode kernel (csrc/prefix_decode_mma.cuh) run on the CPU against the reference.
+"""The CUDA decode kernels (csrc/prefix_decode_simt.cuh, the default, and prefix_decode_mma.cuh, on
+tensor cores) run on the CPU against the reference.
 
-No GPU is needed: tests/csrc_emu/cuda_emulator.h stands in for the CUDA built-ins the kernel uses
+No GPU is needed: tests/csrc_emu/cuda_emulator.h stands in for the CUDA built-ins the kernels use
 (block and warp barriers, shuffles, mma.sync m16n8k16 by the PTX fragment layouts), and g++
-compiles the kernel's own source with it. This checks the kernel's logic (fragment indexing,
-masks, the online softmax, the merge of the warps, the split plan); `-m gpu` runs the real thing
+compiles the kernels' own source with it. This checks their logic (indexing, masks, the online
+softmax, the merge of the warps, the split plan); `-m gpu` runs the real thing, cp.async and all
 (tests/test_decode.py)."""
 import shutil
 import subprocess
@@ -36,10 +37,10 @@ def emulator(tmp_path_factory) -> Path:
     cuda_include = _cuda_include()
     if shutil.which("g++") is None or cuda_include is None:
         pytest.skip("needs g++ and the CUDA headers (cuda_bf16.h)")
-    binary = tmp_path_factory.mktemp("emu") / "decode_mma_emulator"
+    binary = tmp_path_factory.mktemp("emu") / "decode_emulator"
     torch_include = Path(torch.__file__).parent / "include"
     cmd = ["g++", "-std=c++20", "-O2", "-pthread", f"-I{ROOT / 'csrc'}", f"-I{EMU}", f"-I{cuda_include}",
-           f"-I{torch_include}", str(EMU / "decode_mma_emulator.cpp"), "-o", str(binary)]
+           f"-I{torch_include}", str(EMU / "decode_emulator.cpp"), "-o", str(binary)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return binary
@@ -59,14 +60,16 @@ def _prefix_strides(prefix: torch.Tensor) -> tuple[int, int, int]:
 
 
 def run_emulated(binary: Path, workdir: Path, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale,
-                 num_splits):
-    """The kernel's (out_partial, lse_partial, (splits, chunk, row_blocks)) for these inputs."""
+                 num_splits, tensor_cores: bool, wave: int = 0):
+    """The kernel's (out_partial, lse_partial, (splits, chunk, row_blocks)) for these inputs;
+    ``wave`` stands in for the GPU's resident blocks when ``num_splits`` is 0."""
     workdir.mkdir(parents=True, exist_ok=True)
     for name, t in dict(q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v).items():
         _write_storage(workdir / f"{name}.bin", t)
     B, Hq, Sq, D = q.shape
     params = dict(B=B, Hq=Hq, Hkv=k.shape[1], Sq=Sq, L=k.shape[2], P=prefix_k.shape[-2], D=D,
-                  half=int(q.dtype == torch.float16), num_splits=num_splits, wave=0, scale=scale,
+                  half=int(q.dtype == torch.float16), num_splits=num_splits, wave=wave, scale=scale,
+                  tensor_cores=int(tensor_cores),
                   has_index=int(prefix_index is not None), has_mask=int(key_padding_mask is not None))
     for prefix, t in (("q", q), ("k", k), ("v", v)):
         params.update({f"{prefix}_sb": t.stride(0), f"{prefix}_sh": t.stride(1), f"{prefix}_ss": t.stride(2)})
@@ -99,35 +102,42 @@ def _inputs(B, Hq, Hkv, Sq, L, P, D, dtype, prefix, padding):
     return (q, k, v, pk, pv), kw["prefix_index"], mask
 
 
-# (dtype, D, B, Hq, Hkv, Sq, L, P, prefix, padding, splits): every head dim and both dtypes; GQA
-# groups of 4 and 7 (7 x 3 query positions: three blocks of rows, the last one short); one prefix key
-# and one cache key; several 64-key tiles per chunk (the online softmax rescales) and chunks that
-# cut the prefix and the cache mid-tile; shared, per-row and per-task prefixes; padding.
+# (dtype, D, B, Hq, Hkv, Sq, L, P, prefix, padding, splits, wave): every head dim and both dtypes;
+# GQA groups of 4 and 7 (7 x 3 query positions: two or three blocks of rows, the last one short);
+# one prefix key and one cache key; several K/V tiles per chunk (the online softmax rescales) and
+# chunks that cut the prefix and the cache mid-tile; splits picked from the GPU's wave (splits 0);
+# shared, per-row and per-task prefixes; padding, with a row that sees the prefix only.
 CASES = [
-    (torch.bfloat16, 128, 2, 8, 2, 1, 150, 30, "shared", True, 1),
-    (torch.bfloat16, 128, 1, 4, 1, 1, 1, 1, "shared", False, 0),
-    (torch.float16, 64, 2, 14, 2, 3, 70, 7, "per_task", True, 2),
-    (torch.bfloat16, 256, 1, 4, 1, 2, 90, 20, "per_row", False, 3),
-    (torch.float16, 128, 3, 2, 2, 8, 40, 64, "per_task", False, 1),
+    (torch.bfloat16, 128, 2, 8, 2, 1, 150, 30, "shared", True, 1, 0),
+    (torch.bfloat16, 128, 2, 8, 2, 1, 150, 30, "shared", True, 0, 8),
+    (torch.bfloat16, 128, 1, 4, 1, 1, 1, 1, "shared", False, 0, 0),
+    (torch.float16, 64, 2, 14, 2, 3, 70, 7, "per_task", True, 2, 0),
+    (torch.bfloat16, 256, 1, 4, 1, 2, 90, 20, "per_row", False, 3, 0),
+    (torch.float16, 128, 3, 2, 2, 8, 40, 64, "per_task", False, 1, 0),
 ]
+KERNELS = {"simt": dict(tensor_cores=False, rows=16), "mma": dict(tensor_cores=True, rows=8)}
 
 
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
-def test_tensor_core_decode_kernel_against_the_reference(emulator, tmp_path, case):
-    dtype, D, B, Hq, Hkv, Sq, L, P, prefix, padding, splits = case
+def test_decode_kernel_against_the_reference(emulator, tmp_path, case, kernel):
+    dtype, D, B, Hq, Hkv, Sq, L, P, prefix, padding, splits, wave = case
     (q, k, v, pk, pv), index, mask = _inputs(B, Hq, Hkv, Sq, L, P, D, dtype, prefix, padding)
     scale = D ** -0.5
     out_partial, lse_partial, (got_splits, chunk, row_blocks) = run_emulated(
-        emulator, tmp_path, q, k, v, pk, pv, index, mask, scale, splits)
-    assert row_blocks == -(-(Hq // Hkv) * Sq // 8)
-    if splits:
-        assert got_splits == min(splits, -(-(P + L) // 64))
-    assert chunk % 64 == 0 and (got_splits - 1) * chunk < P + L <= got_splits * chunk
+        emulator, tmp_path, q, k, v, pk, pv, index, mask, scale, splits, KERNELS[kernel]["tensor_cores"], wave)
+    # The launcher's plan: blocks of rows, chunks of whole tiles covering [prefix ; cache] (64-key
+    # tiles on tensor cores, 8192 / D on CUDA cores), no more chunks than asked for or than one wave holds.
+    assert row_blocks == -(-(Hq // Hkv) * Sq // KERNELS[kernel]["rows"])
+    tile = 64 if kernel == "mma" else 8192 // D
+    assert chunk % tile == 0 and (got_splits - 1) * chunk < P + L <= got_splits * chunk
+    assert got_splits <= max(1, splits or wave // (B * Hkv * row_blocks))
     assert not out_partial.isnan().any() and not lse_partial.isnan().any(), "a partial row was never written"
     out, lse = prefixkern.merge_attention_states(out_partial, lse_partial, torch.float32)
     want, want_lse = reference.prefix_attention(q.float(), k.float(), v.float(), pk.float(), pv.float(), causal=True,
                                                 softmax_scale=scale, key_padding_mask=mask, prefix_index=index,
                                                 return_lse=True)
-    # The probabilities enter P @ V rounded to the input dtype (as in flash attention's kernels).
-    torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
+    # On tensor cores the probabilities enter P @ V rounded to the input dtype (as in flash
+    # attention's kernels); the CUDA-core kernel keeps them in float32.
+    torch.testing.assert_close(out, want, atol=2e-2 if kernel == "mma" else 1e-5, rtol=2e-2 if kernel == "mma" else 1e-5)
     torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-4)

@@ -1,5 +1,5 @@
-// A CPU stand-in for the CUDA built-ins the tensor-core decode kernel uses, so that its device code
-// (csrc/prefix_decode_mma.cuh) runs on a machine with no GPU: each block runs as blockDim.x
+// A CPU stand-in for the CUDA built-ins the decode kernels use, so that their device code
+// (csrc/prefix_decode_simt.cuh, csrc/prefix_decode_mma.cuh) runs on a machine with no GPU: each block runs as blockDim.x
 // threads of the host, __syncthreads and __syncwarp are barriers, __shfl_xor_sync and
 // mma.sync m16n8k16 exchange their operands through per-warp scratch, and __shared__ variables are
 // function statics (blocks run one after another, so a block owns them while it runs).
@@ -152,6 +152,7 @@ void launch(dim3 grid, int threads, size_t smem_bytes, Kernel kernel) {
 
 }  // namespace prefixkern_emu
 
+inline float __expf(float x) { return std::exp(x); }
 inline void __syncthreads() { prefixkern_emu::current_block->block_barrier.arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { prefixkern_emu::sync_warp(); }
 template <typename V>

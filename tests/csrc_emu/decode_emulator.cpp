@@ -1,8 +1,10 @@
-// Runs csrc/prefix_decode_mma.cuh's kernel on the CPU (cuda_emulator.h) for
-// tests/test_decode_emulated.py: reads a case from a directory, writes the kernel's outputs there.
+// Runs the decode kernels of csrc/ (prefix_decode_simt.cuh, prefix_decode_mma.cuh) on the CPU
+// (cuda_emulator.h) for tests/test_decode_emulated.py: reads a case from a directory, writes the
+// kernel's outputs there.
 //
-//   decode_mma_emulator DIR
-//   DIR/params.txt: "name value" lines (shapes, dtype, strides in elements, splits; see main)
+//   decode_emulator DIR
+//   DIR/params.txt: "name value" lines (shapes, dtype, strides in elements, splits, which kernel:
+//   tensor_cores 0/1; see run)
 //   DIR/{q,k,v,prefix_k,prefix_v}.bin: 16-bit storage the strides index; prefix_index.bin (int64),
 //   key_padding_mask.bin (uint8) when has_index / has_mask.
 //   Writes DIR/out_partial.bin (float32 [splits, B, Hq, Sq, D]), DIR/lse_partial.bin (float32
@@ -10,6 +12,7 @@
 #include "cuda_emulator.h"
 
 #include "prefix_decode_mma.cuh"
+#include "prefix_decode_simt.cuh"
 
 #include <fstream>
 #include <iostream>
@@ -52,7 +55,11 @@ void run(const std::string& dir, std::map<std::string, double>& a) {
   auto get = [&](const char* name) { return static_cast<int64_t>(a.at(name)); };
   const int B = get("B"), Hq = get("Hq"), Hkv = get("Hkv"), Sq = get("Sq"), L = get("L"), P = get("P");
   const int group = Hq / Hkv;
-  const DecodePlan plan = plan_decode(B, Hkv, group, Sq, P, L, kMmaRows, kMmaTileKeys, get("wave"), get("num_splits"));
+  const bool tensor_cores = get("tensor_cores") != 0;
+  // The launcher's plan (prefix_decode.cu): `wave` stands in for the GPU's resident blocks.
+  const DecodePlan plan = tensor_cores
+      ? plan_decode(B, Hkv, group, Sq, P, L, kMmaRows, kMmaTileKeys, get("wave"), get("num_splits"))
+      : plan_decode(B, Hkv, group, Sq, P, L, kMaxRows, tile_keys<HEAD_DIM>(), get("wave"), get("num_splits"));
 
   auto q = read_file<T>(dir + "/q.bin");
   auto k = read_file<T>(dir + "/k.bin");
@@ -83,8 +90,13 @@ void run(const std::string& dir, std::map<std::string, double>& a) {
   p.group = group, p.row_blocks = plan.row_blocks, p.chunk = plan.chunk;
   p.scale = static_cast<float>(a.at("scale"));
 
-  prefixkern_emu::launch(dim3(plan.splits, Hkv * plan.row_blocks, B), kMmaThreads, sizeof(MmaTiles<T, HEAD_DIM>),
-                         [p] { prefix_decode_partial_mma_kernel<T, HEAD_DIM>(p); });
+  const dim3 grid(plan.splits, Hkv * plan.row_blocks, B);
+  if (tensor_cores) {
+    prefixkern_emu::launch(grid, kMmaThreads, sizeof(MmaTiles<T, HEAD_DIM>),
+                           [p] { prefix_decode_partial_mma_kernel<T, HEAD_DIM>(p); });
+  } else {
+    prefixkern_emu::launch(grid, kThreads, 0, [p] { prefix_decode_partial_kernel<T, HEAD_DIM>(p); });
+  }
   write_file(dir + "/out_partial.bin", out_partial);
   write_file(dir + "/lse_partial.bin", lse_partial);
   std::ofstream(dir + "/plan.txt") << plan.splits << " " << plan.chunk << " " << plan.row_blocks << "\n";
