@@ -8,6 +8,7 @@ interpreter, which is how CI checks kernel code); ``reference`` forces the oracl
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Iterator
 
@@ -39,7 +40,11 @@ def use_backend(name: str) -> Iterator[None]:
         _override = previous
 
 
+@functools.cache
 def triton_interpret() -> bool:
+    """Whether Triton runs kernels in its interpreter. Read once: Triton itself decides when the
+    kernels are defined (at import), and the launchers ask on every call (1.3 us an environment
+    lookup)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
