@@ -79,6 +79,24 @@ __device__ __forceinline__ float (*merge_outputs(MmaTiles<T, HEAD_DIM>& tiles))[
   return reinterpret_cast<float (*)[kMmaRows][HEAD_DIM]>(&tiles.k[0][0]);
 }
 
+// A row's online-softmax state over the whole block: the maximum of the warps' running maxima
+// and their sums of exponentials rescaled to it (log2 units).
+struct RowState {
+  float m, l;
+};
+
+template <typename T, int HEAD_DIM>
+__device__ __forceinline__ RowState merged_row_state(const MmaTiles<T, HEAD_DIM>& tiles, int row) {
+  RowState all{-INFINITY, 0.f};
+#pragma unroll
+  for (int w = 0; w < kMmaWarps; ++w) all.m = fmaxf(all.m, tiles.m[w][row]);
+#pragma unroll
+  for (int w = 0; w < kMmaWarps; ++w) {
+    all.l += tiles.m[w][row] == -INFINITY ? 0.f : tiles.l[w][row] * exp2f(tiles.m[w][row] - all.m);
+  }
+  return all;
+}
+
 template <typename T, int HEAD_DIM>
 __global__ void __launch_bounds__(kMmaThreads) prefix_decode_partial_mma_kernel(const DecodeParams p) {
   constexpr int KSTEPS = HEAD_DIM / 16;   // k-steps of S^T, and M tiles of O^T: 16 head-dim columns each
@@ -228,16 +246,8 @@ __global__ void __launch_bounds__(kMmaThreads) prefix_decode_partial_mma_kernel(
   float own[2];   // this warp's weight in the merged, normalised output of each row
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int row = 2 * tig + r;
-    float m_all = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kMmaWarps; ++w) m_all = fmaxf(m_all, tiles.m[w][row]);
-    float l_all = 0.f;
-#pragma unroll
-    for (int w = 0; w < kMmaWarps; ++w) {
-      l_all += tiles.m[w][row] == -INFINITY ? 0.f : tiles.l[w][row] * exp2f(tiles.m[w][row] - m_all);
-    }
-    own[r] = (m_run[r] == -INFINITY || l_all == 0.f) ? 0.f : exp2f(m_run[r] - m_all) / l_all;
+    const RowState all = merged_row_state(tiles, 2 * tig + r);
+    own[r] = (m_run[r] == -INFINITY || all.l == 0.f) ? 0.f : exp2f(m_run[r] - all.m) / all.l;
   }
   float (*outs)[kMmaRows][HEAD_DIM] = merge_outputs(tiles);   // the K tile's space: every warp is past it
 #pragma unroll
@@ -261,16 +271,9 @@ __global__ void __launch_bounds__(kMmaThreads) prefix_decode_partial_mma_kernel(
     for (int w = 0; w < kMmaWarps; ++w) sum += outs[w][r][d];
     p.out_partial[(split * rows_total + out_row) * HEAD_DIM + d] = sum;
     if (d == 0) {
-      float m_all = -INFINITY;
-#pragma unroll
-      for (int w = 0; w < kMmaWarps; ++w) m_all = fmaxf(m_all, tiles.m[w][r]);
-      float l_all = 0.f;
-#pragma unroll
-      for (int w = 0; w < kMmaWarps; ++w) {
-        l_all += tiles.m[w][r] == -INFINITY ? 0.f : tiles.l[w][r] * exp2f(tiles.m[w][r] - m_all);
-      }
       // Natural-log LSE of the scaled scores: the running max is in log2 units.
-      p.lse_partial[split * rows_total + out_row] = l_all > 0.f ? (m_all + log2f(l_all)) / kLog2e : -INFINITY;
+      const RowState all = merged_row_state(tiles, r);
+      p.lse_partial[split * rows_total + out_row] = all.l > 0.f ? (all.m + log2f(all.l)) / kLog2e : -INFINITY;
     }
   }
 }
