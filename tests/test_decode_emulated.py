@@ -106,7 +106,8 @@ def _inputs(B, Hq, Hkv, Sq, L, P, D, dtype, prefix, padding):
 # GQA groups of 4 and 7 (7 x 3 query positions: two or three blocks of rows, the last one short);
 # one prefix key and one cache key; several K/V tiles per chunk (the online softmax rescales) and
 # chunks that cut the prefix and the cache mid-tile; splits picked from the GPU's wave (splits 0);
-# shared, per-row and per-task prefixes; padding, with a row that sees the prefix only.
+# shared, per-row and per-task prefixes; padding, with a row that sees the prefix only (or, with
+# no prefix, nothing: output 0, LSE -inf).
 CASES = [
     (torch.bfloat16, 128, 2, 8, 2, 1, 150, 30, "shared", True, 1, 0),
     (torch.bfloat16, 128, 2, 8, 2, 1, 150, 30, "shared", True, 0, 8),
@@ -114,6 +115,8 @@ CASES = [
     (torch.float16, 64, 2, 14, 2, 3, 70, 7, "per_task", True, 2, 0),
     (torch.bfloat16, 256, 1, 4, 1, 2, 90, 20, "per_row", False, 3, 0),
     (torch.float16, 128, 3, 2, 2, 8, 40, 64, "per_task", False, 1, 0),
+    # No prefix keys: the cache part prefix_gemm=True hands the kernel (its prefix part is a GEMM).
+    (torch.bfloat16, 64, 2, 8, 2, 1, 100, 0, "shared", True, 2, 0),
 ]
 KERNELS = {"simt": dict(tensor_cores=False, rows=16), "mma": dict(tensor_cores=True, rows=8)}
 
