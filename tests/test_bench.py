@@ -229,6 +229,9 @@ def test_targets_judge_each_issue_from_the_records():
         _rec("decode", "P30-L4096-B8", "sdpa_concat", "fwd", ms=0.05),
         _rec("decode", "P30-L4096-B8", "prefixkern_triton", "fwd", ms=0.1),
         _rec("decode", "P30-L4096-B8", "prefixkern_tensor_cores", "fwd", ms=0.02, gbps=3500.0),
+        _rec("decode", "qwen2.5-0.5b-B8", "peft_sdpa", "generate", ms=1180.0),
+        _rec("decode", "qwen2.5-0.5b-B8", "prefixkern", "generate", ms=1330.0),
+        _rec("decode", "qwen2.5-0.5b-B8", "prefixkern_tensor_cores", "generate", ms=1100.0),
     ]
     got = {(t.issue, t.what, t.case): t.met for t in evaluate({"records": records})}
     assert got[(2, "fwd+bwd at least as fast as the fastest baseline", "llama8b-2k")] is True
@@ -247,6 +250,8 @@ def test_targets_judge_each_issue_from_the_records():
     # The tensor-core kernel's row is judged beside the default kernel's, under its own name.
     assert got[(6, "2x faster than SDPA on the concatenated cache", "P30-L4096-B8 (tensor cores)")] is True    # 2.5x
     assert got[(6, "faster than the Triton decode path", "P30-L4096-B8 (tensor cores)")] is True
+    assert got[(6, "generate() never slower than stock PEFT + sdpa", "qwen2.5-0.5b-B8")] is False             # 0.89x
+    assert got[(6, "generate() never slower than stock PEFT + sdpa", "qwen2.5-0.5b-B8 (tensor cores)")] is True
     # Without device probes the relative targets have no data rather than a verdict.
     no_probe = {(t.issue, t.what, t.case): t.met for t in evaluate({"records": records[2:]})}
     assert no_probe[(3, "reads W2 at 70% or more of the GPU's measured bandwidth (fwd)", "llama3-8b")] is None

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from .._backend import use_backend
-from ..ops.decode_attention import cuda_decode_supported, prefix_decode_attention
+from ..ops.decode_attention import cuda_decode_supported, prefix_decode_attention, tensor_core_decoding
 from ..ops.prefix_attention import prefix_attention
 from .common import Options, Record, Skip, dtype_name, peak_mem_mb, release_models, scaled_err, time_ms
 
@@ -45,6 +45,17 @@ def _tensor_cores_available(q: torch.Tensor) -> bool:
     from .._cuda_build import tensor_cores_usable
 
     return tensor_cores_usable(q.get_device())
+
+
+def _tensor_cores_skip(opts: Options) -> str | None:
+    """Why generate() cannot be timed on the tensor-core decode kernel here (None: it can)."""
+    if not opts.on_gpu:
+        return "the tensor-core decode kernel runs on a GPU (the CPU demo decodes with the reference)"
+    from .._cuda_build import cuda_ops, tensor_cores_usable
+
+    if cuda_ops() is None or not tensor_cores_usable(opts.device.index or 0):
+        return "the tensor-core decode kernel cannot run here (see the warning)"
+    return None
 
 
 def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
@@ -161,9 +172,15 @@ def run_generate(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
         attention_mask = torch.ones_like(input_ids)
         attention_mask[0, : prompt // 4] = 0          # one left-padded row, as in batched serving
         reference_logits = None
-        for impl in ("peft_eager", "peft_sdpa", "prefixkern"):
+        for impl in ("peft_eager", "peft_sdpa", "prefixkern", "prefixkern_tensor_cores"):
             if not opts.wants(impl):
                 continue
+            if impl == "prefixkern_tensor_cores":
+                # The patched model decoding on the tensor-core kernel (PREFIXKERN_DECODE_TENSOR_CORES=1).
+                reason = _tensor_cores_skip(opts)
+                if reason:
+                    skips.append(Skip("decode", case, impl, reason))
+                    continue
             progress(f"decode generate {case} {impl}")
             try:
                 model = e2e.build_model(name, impl, opts, base_state, num_virtual_tokens=GEN_P).eval()
@@ -183,8 +200,8 @@ def run_generate(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 record.ok = bool(record.max_err <= {torch.float32: 1e-4, torch.float16: 1e-2,
                                                     torch.bfloat16: 5e-2}[opts.dtype])
 
-            def generate(model=model):
-                with torch.no_grad():
+            def generate(model=model, tensor_cores=impl == "prefixkern_tensor_cores"):
+                with torch.no_grad(), tensor_core_decoding(tensor_cores):
                     return model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                           **cache_kwargs)
@@ -195,7 +212,7 @@ def run_generate(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 try:
                     out = generate()
                 except Exception as exc:   # a baseline that cannot: stock PEFT, static cache, transformers 5.2x
-                    if impl == "prefixkern":
+                    if impl.startswith("prefixkern"):
                         raise
                     failed = f"generate() failed: {type(exc).__name__}: {exc}"
             if failed:                     # (outside the handler: its traceback no longer holds the model)
@@ -204,7 +221,7 @@ def run_generate(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 release_models(opts.on_gpu)
                 continue
             assert out.shape == (batch, prompt + new_tokens)
-            if impl != "prefixkern" and any(_PREFIX_DROPPED in str(w.message) for w in caught):
+            if not impl.startswith("prefixkern") and any(_PREFIX_DROPPED in str(w.message) for w in caught):
                 # Stock PEFT on transformers >= 5.2x: generate() passes its own cache as cache= and
                 # the model drops the prefix PEFT put in past_key_values=. The timing is of a
                 # generation without the prefix: say so rather than compare against it silently.

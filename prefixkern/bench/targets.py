@@ -127,7 +127,7 @@ def evaluate(payload: dict) -> list[Target]:
             continue
         case = r["case"] if r["impl"] == "prefixkern" else f"{r['case']} (tensor cores)"
         if r["pass"] == "generate":
-            ratio, _ = _ratio(records, idx, "decode", case, "generate", ("peft_sdpa",))
+            ratio, _ = _ratio(records, idx, "decode", r["case"], "generate", ("peft_sdpa",), impl=r["impl"])
             add(6, "generate() never slower than stock PEFT + sdpa", case, _fmt(ratio, "x"), _meets(ratio, 1.0))
             continue
         share, text = _share(r["gbps"], copy_gbps, "GB/s")

@@ -2,6 +2,7 @@
 C++ kernels of ``csrc/`` where they apply, else by the Triton kernels (or the reference on CPU)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -17,6 +18,17 @@ MAX_QUERY_LEN = 8
 # PREFIXKERN_DECODE_TENSOR_CORES=1: decoding (generate() included) runs the tensor-core kernel
 # (mma.sync, sm_80+) rather than the CUDA-core one. Off by default until a GPU run has timed it.
 TENSOR_CORES = os.environ.get("PREFIXKERN_DECODE_TENSOR_CORES", "0") == "1"
+
+
+@contextlib.contextmanager
+def tensor_core_decoding(enabled: bool = True):
+    """Run the block with ``TENSOR_CORES`` set to ``enabled`` (the benchmarks time generate() both ways)."""
+    global TENSOR_CORES
+    previous, TENSOR_CORES = TENSOR_CORES, enabled
+    try:
+        yield
+    finally:
+        TENSOR_CORES = previous
 
 
 def _aligned(t: torch.Tensor) -> bool:
