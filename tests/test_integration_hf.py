@@ -35,6 +35,15 @@ def _config(family: str):
     if family == "gemma2":
         return tf.Gemma2Config(**common, head_dim=12, sliding_window=6, attn_logit_softcapping=2.0,
                                final_logit_softcapping=30.0, query_pre_attn_scalar=12)
+    if family == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=12)
+    if family == "gemma3_text":
+        return tf.Gemma3TextConfig(**common, head_dim=12, sliding_window=6, query_pre_attn_scalar=12,
+                                   layer_types=["sliding_attention", "full_attention"])
+    if family == "phi3":
+        return tf.Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=6)
+    if family == "olmo2":
+        return tf.Olmo2Config(**common)
     if family == "glm4":
         return tf.Glm4Config(**common, head_dim=12, pad_token_id=0, eos_token_id=1)
     if family == "bloom":
@@ -45,7 +54,7 @@ def _config(family: str):
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "qwen2", "mistral", "gemma2", "glm4", "gpt2", "bloom"]
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "glm4", "phi3", "olmo2", "gpt2", "bloom"]
 
 
 def _pair(family: str, projection: bool = True, dtype=torch.float32):
@@ -557,7 +566,7 @@ def test_torch_compile_no_graph_break_in_attention():
                                attend(q, k, v, mask2d))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "bloom"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text", "gpt2", "bloom"])
 def test_triton_kernels_through_the_model(family):
     """The real kernels (Triton's interpreter on CPU) inside a patched model, forward and backward."""
     ref, ours = _pair(family)
