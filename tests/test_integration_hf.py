@@ -40,6 +40,17 @@ def _config(family: str):
     if family == "gemma3_text":
         return tf.Gemma3TextConfig(**common, head_dim=12, sliding_window=6, query_pre_attn_scalar=12,
                                    layer_types=["sliding_attention", "full_attention"])
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, head_dim=12, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                 decoder_sparse_step=1)
+    if family == "granite":
+        return tf.GraniteConfig(**common, attention_multiplier=0.2, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                logits_scaling=4.0)
+    if family == "smollm3":
+        return tf.SmolLM3Config(**common, no_rope_layer_interval=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "cohere2":
+        return tf.Cohere2Config(**common, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+                                pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if family == "phi3":
         return tf.Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=6)
     if family == "olmo2":
@@ -54,7 +65,8 @@ def _config(family: str):
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "glm4", "phi3", "olmo2", "gpt2", "bloom"]
+FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "gemma2", "gemma3_text", "glm4", "phi3", "olmo2", "granite",
+            "smollm3", "cohere2", "gpt2", "bloom"]
 
 
 def _pair(family: str, projection: bool = True, dtype=torch.float32):

@@ -44,15 +44,16 @@ __all__ = ["patch", "unpatch", "is_patched", "PrefixKVCache", "PrefixState", "pr
 ATTN_NAME = "prefixkern"
 KWARG = "prefixkern_prefix"
 
-# Families whose attention goes through transformers' AttentionInterface and that the tests cover.
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "glm4", "phi3", "olmo2",
-                         "gpt2", "bloom", "bart")
+# Families the tests cover against stock PEFT (all but BLOOM through transformers' AttentionInterface).
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "gemma2", "gemma3_text", "glm4", "phi3",
+                         "olmo2", "granite", "smollm3", "cohere2", "gpt2", "bloom", "bart")
 REFUSED_MODEL_TYPES: dict[str, str] = {}
 ENCODER_DECODER_TYPES = ("bart",)
 # Families that take packed batches (transformers' DataCollatorWithFlattening with
 # return_flash_attn_kwargs=True): rotary positions, so a packed sequence's attention is the same
 # wherever it sits in the row (PEFT drops position_ids, so positions run on across sequences).
-PACKED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "glm4", "phi3", "olmo2")
+PACKED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "gemma2", "gemma3_text", "glm4", "phi3",
+                      "olmo2", "granite", "smollm3", "cohere2")
 
 
 # --------------------------------------------------------------------------------------------
@@ -602,9 +603,9 @@ def patch(model):
     ``attn_implementation="eager"`` within dtype tolerance; training, ``generate()``,
     gradient checkpointing and ``torch.compile`` work. ``unpatch(model)`` undoes it.
 
-    Supported families: Llama, Qwen2, Qwen3, OLMo 2, Phi-3, Mistral (sliding window), Gemma 2
-    (soft-capping, hybrid sliding window), Gemma 3 (text; hybrid sliding window), GLM-4, GPT-2
-    (attention dropout) through transformers' attention interface,
+    Supported families: Llama, Qwen2, Qwen3, Qwen3-MoE, OLMo 2, Phi-3, Granite, SmolLM3, Mistral
+    (sliding window), Gemma 2 (soft-capping, hybrid sliding window), Gemma 3 (text) and Cohere 2
+    (hybrid sliding window), GLM-4, GPT-2 (attention dropout) through transformers' attention interface,
     and BLOOM (ALiBi) through a BLOOM attention forward; BART (seq2seq) as stock PEFT serves it: only
     the decoder self-attention reads a prefix (see ``_bart_layer_map``). Other models are refused.
 
