@@ -305,3 +305,15 @@ def test_profile_ops_e2e_step_is_the_suites_step(capsys):
     profile_ops._cprofile_call("e2e patched", step, 1)
     printed = capsys.readouterr().out
     assert "by own time" in printed and "prefixkern/integrations/hf.py" in printed
+
+
+def test_timing_gives_long_calls_their_repetitions():
+    """do_bench sizes its loops in milliseconds: a 70 ms training step once got one timed call in a
+    quick run. The budget keeps the short-call defaults and stretches for long calls."""
+    from prefixkern.bench.common import MIN_REPS, bench_budget
+
+    assert bench_budget(0.01, quick=True) == (10.0, 40.0)
+    assert bench_budget(0.01, quick=False) == (25.0, 100.0)
+    for quick in (True, False):
+        warmup, rep = bench_budget(70.0, quick)
+        assert warmup >= 2 * 70.0 and int(rep / 70.0) >= MIN_REPS[quick] >= 10

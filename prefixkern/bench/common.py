@@ -79,15 +79,36 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+# Timed repetitions at the least, however long a call lasts. do_bench sizes its loops in
+# milliseconds (40 ms of repetitions in quick runs), which gave a 70 ms training step a single timed
+# call: the H200 run's host-bound steps then differed by up to 20 ms between rows of one case.
+MIN_REPS = {True: 10, False: 20}
+
+
+def bench_budget(estimate_ms: float, quick: bool) -> tuple[float, float]:
+    """do_bench's ``(warmup, rep)`` in ms for a call of about ``estimate_ms``: its usual budget for
+    short calls, stretched so that a long one still gets two warm-up calls and ``MIN_REPS`` timed ones."""
+    warmup, rep = (10.0, 40.0) if quick else (25.0, 100.0)
+    # (One call more than the minimum: do_bench's own estimate also counts its L2 flush.)
+    return max(warmup, 2.0 * estimate_ms), max(rep, (MIN_REPS[quick] + 1) * estimate_ms)
+
+
 def time_ms(fn: Callable[[], object], *, on_gpu: bool, quick: bool) -> float | None:
-    """Median time of ``fn`` in ms (Triton's do_bench: warm-up, L2 flushed between runs); None on CPU,
-    where interpreter timings say nothing about speed."""
+    """Median time of ``fn`` in ms (Triton's do_bench: warm-up, L2 flushed between runs, at least
+    ``MIN_REPS`` timed calls); None on CPU, where interpreter timings say nothing about speed."""
     if not on_gpu:
         return None
+    import time
+
     import triton.testing
 
-    return float(triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
-                                         return_mode="median"))
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    warmup, rep = bench_budget((time.perf_counter() - start) * 1e3, quick)
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
 def release_models(on_gpu: bool) -> None:
