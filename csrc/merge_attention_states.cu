@@ -1,6 +1,4 @@
-// Log-sum-exp merge of partial attention states: out = sum_s w_s * out_s / sum_s w_s with
-// w_s = exp(lse_s - max lse), lse = max + log(sum w). A row whose every part saw no key
-// (all lse = -inf) gives 0 and -inf.
+// The launcher of merge_attention_states (the kernel: merge_attention_states.cuh).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -9,33 +7,9 @@
 
 #include <cmath>
 
-#include "decode_common.cuh"
+#include "merge_attention_states.cuh"
 
 namespace prefixkern {
-
-template <typename T>
-__global__ void merge_attention_states_kernel(const float* __restrict__ out_partial, const float* __restrict__ lse_partial,
-                                              T* __restrict__ out, float* __restrict__ lse, int64_t rows, int splits,
-                                              int head_dim) {
-  const int64_t row = blockIdx.x;
-  float max_lse = -INFINITY;
-  for (int s = 0; s < splits; ++s) max_lse = fmaxf(max_lse, lse_partial[s * rows + row]);
-  float total = 0.f;
-  for (int s = 0; s < splits; ++s) {
-    const float l = lse_partial[s * rows + row];
-    total += (l == -INFINITY) ? 0.f : __expf(l - max_lse);
-  }
-  const float inv_total = total > 0.f ? 1.f / total : 0.f;
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    float acc = 0.f;
-    for (int s = 0; s < splits; ++s) {
-      const float l = lse_partial[s * rows + row];
-      if (l != -INFINITY) acc += __expf(l - max_lse) * out_partial[(s * rows + row) * head_dim + d];
-    }
-    out[row * head_dim + d] = from_float<T>(acc * inv_total);
-  }
-  if (threadIdx.x == 0) lse[row] = total > 0.f ? max_lse + logf(total) : -INFINITY;
-}
 
 std::tuple<at::Tensor, at::Tensor> merge_attention_states(const at::Tensor& out_partial, const at::Tensor& lse_partial,
                                                           at::ScalarType out_dtype) {
@@ -58,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_states(const at::Tensor& out_
   auto out = at::empty(out_sizes, parts.options().dtype(out_dtype));
   auto lse = at::empty(lses.sizes().slice(1).vec(), lses.options());
   if (rows == 0) return {out, lse};
-  const int threads = head_dim >= 128 ? 128 : 64;
+  const int threads = merge_threads(head_dim);
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (out_dtype == at::kHalf) {
     merge_attention_states_kernel<at::Half><<<rows, threads, 0, stream>>>(

@@ -1,5 +1,6 @@
 """The CUDA decode kernels (csrc/prefix_decode_simt.cuh, the default, and prefix_decode_mma.cuh, on
-tensor cores) run on the CPU against the reference.
+tensor cores) and the merge of their partial results (merge_attention_states.cuh) run on the CPU
+against the reference.
 
 No GPU is needed: tests/csrc_emu/cuda_emulator.h stands in for the CUDA built-ins the kernels use
 (block and warp barriers, shuffles, mma.sync m16n8k16 by the PTX fragment layouts), and g++
@@ -61,8 +62,9 @@ def _prefix_strides(prefix: torch.Tensor) -> tuple[int, int, int]:
 
 def run_emulated(binary: Path, workdir: Path, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale,
                  num_splits, tensor_cores: bool, wave: int = 0):
-    """The kernel's (out_partial, lse_partial, (splits, chunk, row_blocks)) for these inputs;
-    ``wave`` stands in for the GPU's resident blocks when ``num_splits`` is 0."""
+    """``(out_partial, lse_partial, (splits, chunk, row_blocks), out, lse)``: the partial kernel's
+    outputs and plan, and the CUDA merge's result (``out`` in q's dtype), for these inputs; ``wave``
+    stands in for the GPU's resident blocks when ``num_splits`` is 0."""
     workdir.mkdir(parents=True, exist_ok=True)
     for name, t in dict(q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v).items():
         _write_storage(workdir / f"{name}.bin", t)
@@ -88,7 +90,10 @@ def run_emulated(binary: Path, workdir: Path, q, k, v, prefix_k, prefix_v, prefi
     splits, chunk, row_blocks = (int(x) for x in (workdir / "plan.txt").read_text().split())
     out = torch.from_file(str(workdir / "out_partial.bin"), size=splits * B * Hq * Sq * D, dtype=torch.float32)
     lse = torch.from_file(str(workdir / "lse_partial.bin"), size=splits * B * Hq * Sq, dtype=torch.float32)
-    return out.view(splits, B, Hq, Sq, D), lse.view(splits, B, Hq, Sq), (splits, chunk, row_blocks)
+    merged = torch.from_file(str(workdir / "out.bin"), size=B * Hq * Sq * D, dtype=q.dtype)
+    merged_lse = torch.from_file(str(workdir / "lse.bin"), size=B * Hq * Sq, dtype=torch.float32)
+    return (out.view(splits, B, Hq, Sq, D), lse.view(splits, B, Hq, Sq), (splits, chunk, row_blocks),
+            merged.view(B, Hq, Sq, D), merged_lse.view(B, Hq, Sq))
 
 
 def _inputs(B, Hq, Hkv, Sq, L, P, D, dtype, prefix, padding):
@@ -127,7 +132,7 @@ def test_decode_kernel_against_the_reference(emulator, tmp_path, case, kernel):
     dtype, D, B, Hq, Hkv, Sq, L, P, prefix, padding, splits, wave = case
     (q, k, v, pk, pv), index, mask = _inputs(B, Hq, Hkv, Sq, L, P, D, dtype, prefix, padding)
     scale = D ** -0.5
-    out_partial, lse_partial, (got_splits, chunk, row_blocks) = run_emulated(
+    out_partial, lse_partial, (got_splits, chunk, row_blocks), merged, merged_lse = run_emulated(
         emulator, tmp_path, q, k, v, pk, pv, index, mask, scale, splits, KERNELS[kernel]["tensor_cores"], wave)
     # The launcher's plan: blocks of rows, chunks of whole tiles covering [prefix ; cache] (64-key
     # tiles on tensor cores, 8192 / D on CUDA cores), no more chunks than asked for or than one wave holds.
@@ -144,3 +149,6 @@ def test_decode_kernel_against_the_reference(emulator, tmp_path, case, kernel):
     # attention's kernels); the CUDA-core kernel keeps them in float32.
     torch.testing.assert_close(out, want, atol=2e-2 if kernel == "mma" else 1e-5, rtol=2e-2 if kernel == "mma" else 1e-5)
     torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-4)
+    # The CUDA merge kernel (what decoding runs): the Python merge's result, rounded to q's dtype.
+    torch.testing.assert_close(merged_lse, lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged, out.to(dtype), atol=1e-2, rtol=1e-2)

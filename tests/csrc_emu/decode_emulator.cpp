@@ -8,9 +8,11 @@
 //   DIR/{q,k,v,prefix_k,prefix_v}.bin: 16-bit storage the strides index; prefix_index.bin (int64),
 //   key_padding_mask.bin (uint8) when has_index / has_mask.
 //   Writes DIR/out_partial.bin (float32 [splits, B, Hq, Sq, D]), DIR/lse_partial.bin (float32
-//   [splits, B, Hq, Sq]) and DIR/plan.txt ("splits chunk row_blocks").
+//   [splits, B, Hq, Sq]), the merge kernel's DIR/out.bin (16-bit [B, Hq, Sq, D]) and DIR/lse.bin
+//   (float32 [B, Hq, Sq]), and DIR/plan.txt ("splits chunk row_blocks").
 #include "cuda_emulator.h"
 
+#include "merge_attention_states.cuh"
 #include "prefix_decode_mma.cuh"
 #include "prefix_decode_simt.cuh"
 
@@ -99,6 +101,20 @@ void run(const std::string& dir, std::map<std::string, double>& a) {
   }
   write_file(dir + "/out_partial.bin", out_partial);
   write_file(dir + "/lse_partial.bin", lse_partial);
+
+  // The merge, as merge_attention_states launches it: one block per row.
+  std::vector<T> out(rows_total * HEAD_DIM);
+  std::vector<float> lse(rows_total, NAN);
+  const float* parts = out_partial.data();
+  const float* lses = lse_partial.data();
+  T* merged = out.data();
+  float* merged_lse = lse.data();
+  const int splits = plan.splits;
+  prefixkern_emu::launch(dim3(rows_total, 1, 1), merge_threads(HEAD_DIM), 0, [=] {
+    merge_attention_states_kernel<T>(parts, lses, merged, merged_lse, rows_total, splits, HEAD_DIM);
+  });
+  write_file(dir + "/out.bin", out);
+  write_file(dir + "/lse.bin", lse);
   std::ofstream(dir + "/plan.txt") << plan.splits << " " << plan.chunk << " " << plan.row_blocks << "\n";
 }
 
