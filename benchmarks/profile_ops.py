@@ -305,7 +305,9 @@ def _cu_pointer_get_attribute_us(ptr: int, iters: int = 2000) -> float | None:
 def launch_overheads() -> None:
     """Host cost of launches on this machine: an aten op, Triton kernels with 1 and 12 tensor
     arguments and with 48 integers more, the same launch through the compiled kernel's own runner
-    (Triton's argument binding skipped), one cuPointerGetAttribute, the prefixkern ops called
+    (Triton's argument binding skipped), one cuPointerGetAttribute, the CUDA runtime queries and
+    allocation every launch path makes (current device and stream, a device guard, a small
+    torch.empty), the prefixkern ops called
     directly, through their custom ops and on a second Python thread (autograd's backward runs on
     its own), and a pure-Python loop (to compare this host's interpreter speed with others)."""
     import threading
@@ -340,6 +342,16 @@ def launch_overheads() -> None:
     pointer_us = _cu_pointer_get_attribute_us(x[0].data_ptr())
     if pointer_us is not None:
         rows["cuPointerGetAttribute (ctypes)"] = pointer_us
+    # What every launch path also asks the CUDA runtime (Triton: device and stream; prefixkern's
+    # launchers: the device guard and their output allocations).
+    rows["torch.cuda.current_device()"] = _host_us(torch.cuda.current_device)
+    rows["torch.cuda.current_stream()"] = _host_us(torch.cuda.current_stream)
+
+    def device_guard():
+        with torch.cuda.device(x[0].device):
+            pass
+    rows["with torch.cuda.device(x.device): pass"] = _host_us(device_guard)
+    rows["torch.empty(64, device='cuda')"] = _host_us(lambda: torch.empty(64, device="cuda"))
 
     fwd_args, bwd_args = attention_bench.op_args(attention_bench.SHAPES["seed-qwen"], "cuda", torch.bfloat16)
     rows["seed-qwen fwd launcher, direct"] = _host_us(lambda: _forward_launch(*fwd_args), 300)
