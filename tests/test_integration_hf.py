@@ -51,6 +51,24 @@ def _config(family: str):
     if family == "cohere2":
         return tf.Cohere2Config(**common, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
                                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "gemma":
+        return tf.GemmaConfig(**common, head_dim=12)
+    if family == "mixtral":
+        return tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, sliding_window=6)
+    if family == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                 shared_expert_intermediate_size=16)
+    if family == "starcoder2":
+        return tf.Starcoder2Config(**common, sliding_window=6, residual_dropout=0.0, embedding_dropout=0.0)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, rotary_pct=0.5, hidden_dropout=0.0, attention_dropout=0.0)
+    if family == "phi":
+        return tf.PhiConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.5, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attention_dropout=0.0)
+    if family == "olmo":
+        return tf.OlmoConfig(**common)
     if family == "phi3":
         return tf.Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=6)
     if family == "olmo2":
@@ -66,7 +84,8 @@ def _config(family: str):
 
 
 FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "gemma2", "gemma3_text", "glm4", "phi3", "olmo2", "granite",
-            "smollm3", "cohere2", "gpt2", "bloom"]
+            "smollm3", "cohere2", "gemma", "mixtral", "qwen2_moe", "starcoder2", "gpt_neox", "phi", "olmo",
+            "gpt2", "bloom"]
 
 
 def _pair(family: str, projection: bool = True, dtype=torch.float32):
@@ -457,6 +476,19 @@ def test_refuses_models_it_does_not_know():
                                 PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
     with pytest.raises(ValueError, match="does not know model_type='opt'"):
         prefixkern.patch(peft_model)
+
+
+def test_refuses_stablelm_and_says_why():
+    """StableLM's decoder layers drop the forward's keyword arguments on the way to their attention:
+    the prefix would never reach it, and the patched model would silently run without it (its logits
+    differed from stock PEFT's by 0.47 when it was let through)."""
+    config = tf.StableLmConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.5)
+    peft_model = get_peft_model(tf.AutoModelForCausalLM.from_config(config),
+                                PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    with pytest.raises(ValueError, match="cannot serve model_type='stablelm': its decoder layers call their attention"):
+        prefixkern.patch(peft_model)
+    assert not prefixkern.is_patched(peft_model)
 
 
 # --------------------------------------------------------------------------------------------
