@@ -54,6 +54,45 @@ def test_falls_back_to_the_kernels_or_reference_on_cpu():
     assert lse.shape == (2, 4, 1)
 
 
+# (dtype, D, Sq, GQA group, P, L, prefix, padding, splits): the Triton decode kernel in Triton's
+# interpreter: float32 and both 16-bit types, a head dim that pads (80), 1-3 query positions, MHA
+# and GQA 4 and 7 (up to 14 rows of a tile), one prefix key and one cache key, chunks that cut the
+# prefix and the cache mid-block, every kind of prefix, padding with left-padded rows.
+TRITON_DECODE_CASES = [
+    (torch.float32, 32, 1, 1, 5, 13, "shared", True, 0),
+    (torch.float32, 64, 3, 4, 7, 40, "per_task", True, 3),
+    (torch.bfloat16, 64, 1, 4, 1, 1, "shared", False, 0),
+    (torch.bfloat16, 32, 2, 7, 20, 33, "per_row", True, 2),
+    (torch.float16, 80, 1, 2, 3, 50, "per_task", False, 1),
+]
+
+
+@pytest.mark.parametrize("case", TRITON_DECODE_CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_triton_decode_kernel_against_the_reference(case, monkeypatch):
+    """Where the CUDA kernels cannot run (no nvcc, float32, the Triton backend forced), decoding takes
+    the Triton decode kernel: key chunks over the GPU, one program per GQA group, merged by LSE."""
+    if not triton_interpret() and not HAS_CUDA:
+        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
+    dtype, D, Sq, gqa, P, L, prefix, padding, splits = case
+    device = "cpu" if triton_interpret() else "cuda"
+    inputs, kw = _inputs(3, 2 * gqa, 2, Sq, L, P, D, dtype, device, prefix=prefix, padding=padding)
+    want, want_lse = reference.prefix_attention(*[t.float() for t in inputs], causal=True, return_lse=True, **kw)
+    chunks = []
+    from prefixkern.kernels import prefix_decode
+
+    launcher = prefix_decode.prefix_decode_partial
+    monkeypatch.setattr(prefix_decode, "prefix_decode_partial",
+                        lambda *a, **k: chunks.append(k["num_splits"]) or launcher(*a, **k))
+    with prefixkern.use_backend("triton"):
+        got, lse = prefixkern.prefix_decode_attention(*inputs, num_splits=splits, return_lse=True, **kw)
+        stepped = decode_attention.decode_step(*inputs, softmax_scale=None, **kw)
+    assert chunks == [splits, 0]                  # both calls took the decode kernel
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stepped, got, atol=tol, rtol=tol)
+
+
 class _ReferenceCudaOps:
     """Stands in for ``torch.ops.prefixkern_cuda`` on the CPU: the same signatures, the partial
     computed by the reference as one chunk. Records what it was called with."""
@@ -292,6 +331,31 @@ def _smoke(case) -> bool:
                                   for case in GPU_GRID], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_gpu_cuda_kernel_against_reference(case):
     _check_cuda_kernel(case)
+
+
+TRITON_GPU_GRID = [dict(dtype=dtype, D=D, Sq=Sq, gqa=gqa, P=P, L=L)
+                   for dtype, D, Sq, gqa, (P, L) in itertools.product(
+                       (torch.bfloat16, torch.float16, torch.float32), (64, 80, 128, 256), (1, 8), (1, 4, 7),
+                       ((1, 1), (30, 4096), (128, 100)))
+                   if not (D == 256 and gqa == 7 and Sq == 8)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.smoke)
+                                  if case["D"] == 128 and case["Sq"] == 1 and case["gqa"] == 4
+                                  and case["dtype"] != torch.float16 else case for case in TRITON_GPU_GRID],
+                         ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_gpu_triton_decode_kernel_against_reference(case, monkeypatch):
+    """The Triton decode kernel at full size (what decoding runs without the CUDA kernels)."""
+    monkeypatch.setattr(decode_attention, "_cuda_ops_serving", lambda *args: None)
+    for prefix, padding in (("shared", False), ("per_task", True), ("per_row", True)):
+        inputs, kw = _inputs(3, 2 * case["gqa"], 2, case["Sq"], case["L"], case["P"], case["D"], case["dtype"], "cuda",
+                             prefix=prefix, padding=padding)
+        expected, expected_lse = reference.prefix_attention(*inputs, causal=True, return_lse=True, **kw)
+        for splits in (0, 1, 7):
+            out, lse = prefixkern.prefix_decode_attention(*inputs, num_splits=splits, return_lse=True, **kw)
+            torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(lse, expected_lse, atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.gpu

@@ -84,6 +84,10 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             with use_backend("auto"):
                 return prefix_decode_attention(q, k, v, pk, pv, prefix_gemm=prefix_gemm, tensor_cores=tensor_cores)
 
+        def triton_decode():
+            with use_backend("triton"):
+                return prefix_decode_attention(q, k, v, pk, pv)
+
         impls = {
             # prefixkern: the CUDA C++ decode kernel of csrc/ (CUDA-core FMAs, the default);
             # prefixkern_triton: the Triton kernel.
@@ -92,6 +96,9 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             "prefixkern_tensor_cores": lambda: cuda_decode(tensor_cores=True),
             # The prefix's part as one cuBLAS GEMM over all rows, merged with the kernel's cache part.
             "prefixkern_prefix_gemm": lambda: cuda_decode(prefix_gemm=True),
+            # The Triton decode kernel: key chunks over the SMs, one program per GQA group (what
+            # decoding runs where the CUDA kernels cannot be built); the general forward kernel.
+            "prefixkern_triton_decode": triton_decode,
             "prefixkern_triton": lambda: prefix_attention(q, k, v, pk, pv, causal=True),
             "sdpa_concat": lambda: F.scaled_dot_product_attention(q, cat_k, cat_v, enable_gqa=hkv != hq),
         }
@@ -100,7 +107,7 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 continue
             if impl in CUDA_IMPLS and not _cuda_available(q, k, v, pk, pv):
                 skips.append(Skip("decode", name, impl, "the CUDA decode kernel cannot run here (no GPU, no "
-                                  "nvcc or a failed build: see the warning); prefixkern_triton is the fallback"))
+                                  "nvcc or a failed build: see the warning); prefixkern_triton_decode is the fallback"))
                 continue
             if impl == "prefixkern_tensor_cores" and not _tensor_cores_available(q):
                 skips.append(Skip("decode", name, impl, "the tensor-core decode kernel cannot run here (an older "

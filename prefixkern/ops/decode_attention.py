@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from .._backend import get_backend
+from .._backend import get_backend, use_triton
 from ._checks import check_prefix_attention_args, check_tensor
 from .prefix_attention import prefix_attention, resolve_softmax_scale
 
@@ -104,6 +104,9 @@ def prefix_decode_attention(
     scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     ops = _cuda_ops_serving(q, k, v, prefix_k, prefix_v)
     if ops is None:
+        if _triton_decode_serves(q, k):
+            return _triton_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale, num_splits,
+                                  return_lse)
         with torch.no_grad():
             return prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, softmax_scale=scale,
                                     key_padding_mask=key_padding_mask, prefix_index=prefix_index,
@@ -123,6 +126,9 @@ def decode_step(q, k, v, prefix_k, prefix_v, *, key_padding_mask, prefix_index, 
     ``prefix_decode_attention`` would (without asking again whether the kernel serves it)."""
     ops = _cuda_ops_serving(q, k, v, prefix_k, prefix_v)
     if ops is None:
+        if _triton_decode_serves(q, k):
+            return _triton_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index,
+                                  resolve_softmax_scale(softmax_scale, q.shape[-1]), 0, False)
         with torch.no_grad():
             return prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, softmax_scale=softmax_scale,
                                     key_padding_mask=key_padding_mask, prefix_index=prefix_index)
@@ -162,6 +168,32 @@ def _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_inde
     return (out, lse) if return_lse else out
 
 
+def _triton_decode_serves(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the Triton decode kernel takes a call the CUDA kernels do not: the Triton backend in
+    force for q's device, and a GQA group of at most MAX_GROUP_ROWS query rows."""
+    from ..kernels.prefix_decode import MAX_GROUP_ROWS
+
+    return (q.shape[2] <= MAX_QUERY_LEN and q.shape[1] // k.shape[1] * q.shape[2] <= MAX_GROUP_ROWS
+            and k.shape[2] > 0 and use_triton(q.device))
+
+
+def _triton_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale: float, num_splits: int,
+                   return_lse: bool):
+    """The Triton decode kernel's partial attention per key chunk, then their log-sum-exp merge."""
+    from ..kernels._launch import on_device
+    from ..kernels.prefix_decode import prefix_decode_partial
+
+    with torch.no_grad(), on_device(q.device):
+        out_partial, lse_partial = prefix_decode_partial(q, k, v, prefix_k, prefix_v, prefix_index=prefix_index,
+                                                         key_padding_mask=key_padding_mask, softmax_scale=scale,
+                                                         num_splits=num_splits)
+        if out_partial.shape[0] == 1:       # one chunk: nothing to merge
+            out, lse = out_partial[0].to(q.dtype), lse_partial[0]
+        else:
+            out, lse = _merge(out_partial, lse_partial, q.dtype)
+    return (out, lse) if return_lse else out
+
+
 def _prefix_part_by_gemm(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, scale: float):
     """Attention of every row's queries over a batch-shared prefix alone, as one batched GEMM per
     KV head: ``(out float32 [B, Hq, S, D], lse float32 [B, Hq, S])``."""
@@ -192,7 +224,12 @@ def merge_attention_states(out_partial: torch.Tensor, lse_partial: torch.Tensor,
     if tuple(out_partial.shape[:-1]) != tuple(lse_partial.shape):
         raise ValueError(f"lse_partial must have out_partial's leading shape {tuple(out_partial.shape[:-1])}, "
                          f"got {tuple(lse_partial.shape)}")
-    out_dtype = out_dtype or out_partial.dtype
+    return _merge(out_partial, lse_partial, out_dtype or out_partial.dtype)
+
+
+def _merge(out_partial: torch.Tensor, lse_partial: torch.Tensor, out_dtype: torch.dtype):
+    """``merge_attention_states`` on arguments valid by construction: the CUDA kernel where it is
+    built and applies, else torch ops."""
     if (out_partial.is_cuda and out_partial.dtype == torch.float32 and lse_partial.dtype == torch.float32
             and out_dtype in (torch.float16, torch.bfloat16) and get_backend() == "auto"):
         from .._cuda_build import cuda_ops

@@ -89,6 +89,7 @@ def cases(quick: bool):
     from prefixkern.kernels import _attention_common as common
     from prefixkern.kernels import prefix_attention_bwd as bwd
     from prefixkern.kernels import prefix_attention_fwd as fwd
+    from prefixkern.kernels import prefix_decode as dec
     from prefixkern.kernels import prefix_mlp as mlp
 
     flags_off = dict(HAS_PREFIX_INDEX=False, HAS_KPM=False, HAS_ALIBI=False, HAS_POS=False, HAS_SOFTCAP=False,
@@ -124,6 +125,17 @@ def cases(quick: bool):
                dict(common_c, BLOCK_M=bm, BLOCK_N=bn, PREFIX_BLOCK_N=min(bn, 32), SHARED=not flags["HAS_PREFIX_INDEX"],
                     **flags),
                dict(attn_ptrs, partial_ptr="*fp32"), ptr, w, st)
+    # The decode kernel at its launcher's first config: GQA 4 x 1 position (a 16-row tile), padding
+    # and per-task prefixes on and off, 16-bit and float32.
+    for ptr, head_dim, flags_on_off, precision in (("*bf16", 128, False, "ieee"), ("*fp16", 64, True, "ieee"),
+                                                   ("*fp32", 128, True, "tf32"), ("*bf16", 256, True, "ieee")):
+        block_d = max(64, head_dim)
+        bn, w, st = dec.DECODE_CONFIGS[(4 if ptr == "*fp32" else 2, block_d)][0]
+        yield (f"decode {ptr[1:]}-D{head_dim}-{'flags' if flags_on_off else 'plain'}-{precision}",
+               dec.prefix_decode_partial_kernel,
+               dict(GROUP=4, BLOCK_M=16, BLOCK_N=bn, BLOCK_D=block_d, EVEN_D=True, HAS_PREFIX_INDEX=flags_on_off,
+                    HAS_KPM=flags_on_off, INPUT_PRECISION=precision),
+               dict(attn_ptrs, out_ptr="*fp32"), ptr, w, st)
     yield ("dropout-mask", common.dropout_keep_mask_kernel, dict(BLOCK_M=32, BLOCK_N=64),
            {"seed_ptr": "*i64", "keep_ptr": "*i8"}, "*fp32", 4, 1)
     # (output / gradient pointer, the first GEMMs' precision, the second GEMM's): float32 parameters
