@@ -8,7 +8,6 @@ interpreter, which is how CI checks kernel code); ``reference`` forces the oracl
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from typing import Iterator
 
@@ -40,12 +39,18 @@ def use_backend(name: str) -> Iterator[None]:
         _override = previous
 
 
-@functools.cache
+_INTERPRET: bool | None = None
+
+
 def triton_interpret() -> bool:
-    """Whether Triton runs kernels in its interpreter. Read once: Triton itself decides when the
-    kernels are defined (at import), and the launchers ask on every call (1.3 us an environment
-    lookup)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs kernels in its interpreter. Read once, at the first call (Triton itself
+    decides when the kernels are defined; the launchers ask on every call, and an environment
+    lookup costs 1.3 us). A module global rather than functools.cache, which torch.compile warns
+    about when it traces a caller."""
+    global _INTERPRET
+    if _INTERPRET is None:
+        _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _INTERPRET
 
 
 def use_triton(device: torch.device) -> bool:

@@ -170,11 +170,12 @@ def _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_inde
 
 def _triton_decode_serves(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether the Triton decode kernel takes a call the CUDA kernels do not: the Triton backend in
-    force for q's device, and a GQA group of at most MAX_GROUP_ROWS query rows."""
+    force for q's device, a GQA group of at most MAX_GROUP_ROWS query rows, and an eager call
+    (torch.compile traces the forward kernel's custom op instead; this launcher is no op)."""
     from ..kernels.prefix_decode import MAX_GROUP_ROWS
 
     return (q.shape[2] <= MAX_QUERY_LEN and q.shape[1] // k.shape[1] * q.shape[2] <= MAX_GROUP_ROWS
-            and k.shape[2] > 0 and use_triton(q.device))
+            and k.shape[2] > 0 and not torch.compiler.is_compiling() and use_triton(q.device))
 
 
 def _triton_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale: float, num_splits: int,
