@@ -77,8 +77,10 @@ def prefix_decode_attention(
     On a GPU, fp16/bf16 with head dim 64/128/256 and S <= 8, the CUDA C++ kernel runs: the key
     axis is split over the SMs (flash-decoding), each block reads its KV chunk once for all query
     heads of a GQA group, and the chunks are merged by log-sum-exp. The kernel is built on first
-    use (``prefixkern.build_cuda()``); where it cannot be built, or for other shapes, the call
-    goes to the Triton kernels (CPU tensors: the reference), with one warning for a failed build.
+    use (``prefixkern.build_cuda()``); where it cannot be built, or for float32, the call goes to
+    the Triton decode kernel (the same split; ``kernels/prefix_decode.py``), and groups of more
+    than 32 query rows to the general forward kernel (CPU tensors: the reference), with one
+    warning for a failed build. ``prefix_gemm`` and ``tensor_cores`` concern the CUDA kernels only.
 
     ``prefix_gemm=True`` (a batch-shared prefix only) computes the prefix's part separately as one
     batched matrix product per KV head over every row's queries (cuBLAS, tensor cores, the prefix
