@@ -58,13 +58,14 @@ int read_once(std::array<std::atomic<int>, kMaxDevices>& slots, int device, Read
   return value;
 }
 
-// The device's SM count.
-int multiprocessor_count(int device) {
+// A device attribute (the SM count, the compute capability's major version), read once per device.
+template <cudaDeviceAttr ATTRIBUTE>
+int device_attribute(int device) {
   static std::array<std::atomic<int>, kMaxDevices> cached{};
   return read_once(cached, device, [device] {
-    int sms = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    return sms;
+    int value = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, ATTRIBUTE, device));
+    return value;
   });
 }
 
@@ -159,16 +160,6 @@ int resident_blocks_per_sm(int device, bool half, int head_dim, bool tensor_core
                    [&] { return dispatch(half, head_dim, ResidentBlocks{tensor_cores, device}); });
 }
 
-// Compute capability major version of a device, read once.
-int capability_major(int device) {
-  static std::array<std::atomic<int>, kMaxDevices> cached{};
-  return read_once(cached, device, [device] {
-    int major = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    return major;
-  });
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -214,16 +205,17 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
   const c10::cuda::CUDAGuard guard(q.device());
   const int device = q.get_device();
   TORCH_CHECK(B <= 65535, "prefix_decode_partial: at most 65535 batch rows, got ", B);
-  TORCH_CHECK(!tensor_cores || capability_major(device) >= 8,
+  TORCH_CHECK(!tensor_cores || device_attribute<cudaDevAttrComputeCapabilityMajor>(device) >= 8,
               "prefix_decode_partial: tensor_cores=True needs an sm_80 or newer GPU");
   const bool half = q.scalar_type() == at::kHalf;
   const int group = Hq / Hkv;
   // One full wave of resident blocks (plan_decode). The CUDA-core kernel at D = 128 holds 5 per SM;
   // at 2 per SM (2.4 resident at B = 8 on Llama-3-8B heads) it read 887 GB/s on the H200.
-  const int wave = multiprocessor_count(device) * resident_blocks_per_sm(device, half, D, tensor_cores);
+  const int wave =
+      device_attribute<cudaDevAttrMultiProcessorCount>(device) * resident_blocks_per_sm(device, half, D, tensor_cores);
   const DecodePlan plan = tensor_cores
       ? plan_decode(B, Hkv, group, Sq, P, L, kMmaRows, kMmaTileKeys, wave, num_splits)
-      : plan_decode(B, Hkv, group, Sq, P, L, kMaxRows, 8192 / D /* tile_keys<D>() */, wave, num_splits);
+      : plan_decode(B, Hkv, group, Sq, P, L, kMaxRows, tile_keys(D), wave, num_splits);
   TORCH_CHECK(static_cast<int64_t>(Hkv) * plan.row_blocks <= 65535, "prefix_decode_partial: too many heads");
   const int splits = plan.splits;
 

@@ -17,10 +17,7 @@ constexpr int kThreads = 128;
 constexpr int kMaxRows = 16;  // query rows per block
 
 // Keys per K/V tile: 16 KiB of V per tile (static shared memory stays under 48 KiB).
-template <int HEAD_DIM>
-constexpr int tile_keys() {
-  return 8192 / HEAD_DIM;
-}
+constexpr int tile_keys(int head_dim) { return 8192 / head_dim; }
 
 // Accumulator element a of a thread holds (row, column) (e / HEAD_DIM, e % HEAD_DIM) of the block's
 // [kMaxRows, HEAD_DIM] output, e = tid + a * kThreads. Spelled so that the column is visibly the
@@ -56,7 +53,7 @@ constexpr int min_resident_blocks() {
 
 template <typename T, int HEAD_DIM>
 __global__ void __launch_bounds__(kThreads, (min_resident_blocks<HEAD_DIM>())) prefix_decode_partial_kernel(const DecodeParams p) {
-  constexpr int TK = tile_keys<HEAD_DIM>();
+  constexpr int TK = tile_keys(HEAD_DIM);
   constexpr int ACC = kMaxRows * HEAD_DIM / kThreads;  // accumulator elements per thread
   constexpr int COLS = kThreads % HEAD_DIM == 0 ? 1 : HEAD_DIM / kThreads;   // distinct columns among them
   static_assert(kThreads % HEAD_DIM == 0 || HEAD_DIM % kThreads == 0, "see acc_col");

@@ -61,7 +61,7 @@ void run(const std::string& dir, std::map<std::string, double>& a) {
   // The launcher's plan (prefix_decode.cu): `wave` stands in for the GPU's resident blocks.
   const DecodePlan plan = tensor_cores
       ? plan_decode(B, Hkv, group, Sq, P, L, kMmaRows, kMmaTileKeys, get("wave"), get("num_splits"))
-      : plan_decode(B, Hkv, group, Sq, P, L, kMaxRows, tile_keys<HEAD_DIM>(), get("wave"), get("num_splits"));
+      : plan_decode(B, Hkv, group, Sq, P, L, kMaxRows, tile_keys(HEAD_DIM), get("wave"), get("num_splits"));
 
   auto q = read_file<T>(dir + "/q.bin");
   auto k = read_file<T>(dir + "/k.bin");
