@@ -106,13 +106,8 @@ def prefix_decode_attention(
     scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     ops = _cuda_ops_serving(q, k, v, prefix_k, prefix_v)
     if ops is None:
-        if _triton_decode_serves(q, k):
-            return _triton_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale, num_splits,
-                                  return_lse)
-        with torch.no_grad():
-            return prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, softmax_scale=scale,
-                                    key_padding_mask=key_padding_mask, prefix_index=prefix_index,
-                                    return_lse=return_lse)
+        return _without_cuda_ops(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale, num_splits,
+                                 return_lse)
     return _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale, num_splits,
                         prefix_gemm, TENSOR_CORES if tensor_cores is None else tensor_cores, return_lse)
 
@@ -124,17 +119,13 @@ def decode_step(q, k, v, prefix_k, prefix_v, *, key_padding_mask, prefix_index, 
     No Python argument checks (about half the host time of a decode call on the H200 machines
     measured, where the whole call took 40.6 us against SDPA's 19.9); the CUDA op still checks
     what memory safety needs (dims, dtypes, devices, strides, alignment) and raises. Where the
-    CUDA kernel cannot serve the call, it goes to ``prefix_attention``, checks included, as
-    ``prefix_decode_attention`` would (without asking again whether the kernel serves it)."""
+    CUDA kernel cannot serve the call, it goes where ``prefix_decode_attention`` would send it (the
+    Triton decode kernel, or ``prefix_attention`` with its checks), without asking again whether
+    the kernel serves it."""
+    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     ops = _cuda_ops_serving(q, k, v, prefix_k, prefix_v)
     if ops is None:
-        if _triton_decode_serves(q, k):
-            return _triton_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index,
-                                  resolve_softmax_scale(softmax_scale, q.shape[-1]), 0, False)
-        with torch.no_grad():
-            return prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, softmax_scale=softmax_scale,
-                                    key_padding_mask=key_padding_mask, prefix_index=prefix_index)
-    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
+        return _without_cuda_ops(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale, 0, False)
     return _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale, 0, False,
                         TENSOR_CORES, False)
 
@@ -168,6 +159,18 @@ def _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_inde
                                                              scale, num_splits, tensor_cores)
     out, lse = ops.merge_attention_states(out_partial, lse_partial, q.dtype)
     return (out, lse) if return_lse else out
+
+
+def _without_cuda_ops(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale: float, num_splits: int,
+                      return_lse: bool):
+    """A decode call the CUDA kernels do not take: the Triton decode kernel where it serves, else
+    ``prefix_attention`` (the general forward kernel, or the reference on CPU)."""
+    if _triton_decode_serves(q, k):
+        return _triton_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale, num_splits,
+                              return_lse)
+    with torch.no_grad():
+        return prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, softmax_scale=scale,
+                                key_padding_mask=key_padding_mask, prefix_index=prefix_index, return_lse=return_lse)
 
 
 def _triton_decode_serves(q: torch.Tensor, k: torch.Tensor) -> bool:
