@@ -41,20 +41,15 @@ def _cuda_available(*tensors) -> bool:
     return cuda_ops() is not None
 
 
-def _tensor_cores_available(q: torch.Tensor) -> bool:
-    from .._cuda_build import tensor_cores_usable
-
-    return tensor_cores_usable(q.get_device())
-
-
 def _tensor_cores_skip(opts: Options) -> str | None:
-    """Why generate() cannot be timed on the tensor-core decode kernel here (None: it can)."""
+    """Why the tensor-core decode kernel cannot be timed here (None: it can)."""
     if not opts.on_gpu:
         return "the tensor-core decode kernel runs on a GPU (the CPU demo decodes with the reference)"
     from .._cuda_build import cuda_ops, tensor_cores_usable
 
     if cuda_ops() is None or not tensor_cores_usable(opts.device.index or 0):
-        return "the tensor-core decode kernel cannot run here (see the warning)"
+        return ("the tensor-core decode kernel cannot run here (no CUDA build, an older GPU than sm_80, or a "
+                "failed self-check: see the warning)")
     return None
 
 
@@ -109,9 +104,9 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 skips.append(Skip("decode", name, impl, "the CUDA decode kernel cannot run here (no GPU, no "
                                   "nvcc or a failed build: see the warning); prefixkern_triton_decode is the fallback"))
                 continue
-            if impl == "prefixkern_tensor_cores" and not _tensor_cores_available(q):
-                skips.append(Skip("decode", name, impl, "the tensor-core decode kernel cannot run here (an older "
-                                  "GPU than sm_80, or a failed self-check: see the warning)"))
+            reason = _tensor_cores_skip(opts) if impl == "prefixkern_tensor_cores" else None
+            if reason:
+                skips.append(Skip("decode", name, impl, reason))
                 continue
             progress(f"decode {name} {impl}")
             record = Record("decode", name, impl, "fwd", dtype_name(opts.dtype))
