@@ -308,13 +308,19 @@ def _check_cuda_kernel(case):
     tensor_cores = case["kernel"] == "mma"
     if tensor_cores:   # its self-check passed (else decoding would quietly run the CUDA-core kernel)
         assert _cuda_build.tensor_cores_usable(torch.cuda.current_device())
+    _check_against_reference(case, [dict(num_splits=splits, prefix_gemm=gemm, tensor_cores=tensor_cores)
+                                    for splits, gemm in ((0, False), (1, False), (7, False), (0, True))])
+
+
+def _check_against_reference(case, variants):
+    """prefix_decode_attention on a GPU grid case, with a shared, a per-task and a per-row prefix
+    (padding with the last two), called with each of ``variants`` (keyword arguments)."""
     for prefix, padding in (("shared", False), ("per_task", True), ("per_row", True)):
         inputs, kw = _inputs(3, 2 * case["gqa"], 2, case["Sq"], case["L"], case["P"], case["D"], case["dtype"], "cuda",
                              prefix=prefix, padding=padding)
         expected, expected_lse = reference.prefix_attention(*inputs, causal=True, return_lse=True, **kw)
-        for splits, gemm in ((0, False), (1, False), (7, False), (0, True)):
-            out, lse = prefixkern.prefix_decode_attention(*inputs, num_splits=splits, prefix_gemm=gemm,
-                                                          tensor_cores=tensor_cores, return_lse=True, **kw)
+        for variant in variants:
+            out, lse = prefixkern.prefix_decode_attention(*inputs, return_lse=True, **variant, **kw)
             torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
             torch.testing.assert_close(lse, expected_lse, atol=1e-3, rtol=1e-3)
 
@@ -348,14 +354,7 @@ TRITON_GPU_GRID = [dict(dtype=dtype, D=D, Sq=Sq, gqa=gqa, P=P, L=L)
 def test_gpu_triton_decode_kernel_against_reference(case, monkeypatch):
     """The Triton decode kernel at full size (what decoding runs without the CUDA kernels)."""
     monkeypatch.setattr(decode_attention, "_cuda_ops_serving", lambda *args: None)
-    for prefix, padding in (("shared", False), ("per_task", True), ("per_row", True)):
-        inputs, kw = _inputs(3, 2 * case["gqa"], 2, case["Sq"], case["L"], case["P"], case["D"], case["dtype"], "cuda",
-                             prefix=prefix, padding=padding)
-        expected, expected_lse = reference.prefix_attention(*inputs, causal=True, return_lse=True, **kw)
-        for splits in (0, 1, 7):
-            out, lse = prefixkern.prefix_decode_attention(*inputs, num_splits=splits, return_lse=True, **kw)
-            torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
-            torch.testing.assert_close(lse, expected_lse, atol=1e-3, rtol=1e-3)
+    _check_against_reference(case, [dict(num_splits=splits) for splits in (0, 1, 7)])
 
 
 @pytest.mark.gpu

@@ -16,6 +16,7 @@ import torch
 
 import prefixkern
 from prefixkern import reference
+from prefixkern.kernels._attention_common import _prefix_strides as prefix_strides
 
 from test_decode import _inputs as decode_inputs
 
@@ -55,11 +56,6 @@ def _write_storage(path: Path, t: torch.Tensor) -> None:
     flat.numpy().tofile(path)
 
 
-def _prefix_strides(prefix: torch.Tensor) -> tuple[int, int, int]:
-    """(batch, head, key) strides as the launcher passes them: a shared prefix has batch stride 0."""
-    return (0, *prefix.stride()[:2]) if prefix.dim() == 3 else tuple(prefix.stride()[:3])
-
-
 def run_emulated(binary: Path, workdir: Path, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale,
                  num_splits, tensor_cores: bool, wave: int = 0):
     """``(out_partial, lse_partial, (splits, chunk, row_blocks), out, lse)``: the partial kernel's
@@ -75,8 +71,8 @@ def run_emulated(binary: Path, workdir: Path, q, k, v, prefix_k, prefix_v, prefi
                   has_index=int(prefix_index is not None), has_mask=int(key_padding_mask is not None))
     for prefix, t in (("q", q), ("k", k), ("v", v)):
         params.update({f"{prefix}_sb": t.stride(0), f"{prefix}_sh": t.stride(1), f"{prefix}_ss": t.stride(2)})
-    for prefix, t in (("pk", prefix_k), ("pv", prefix_v)):
-        params.update(zip((f"{prefix}_sb", f"{prefix}_sh", f"{prefix}_ss"), _prefix_strides(t)))
+    for prefix, t in (("pk", prefix_k), ("pv", prefix_v)):   # (a shared prefix: batch stride 0)
+        params.update(zip((f"{prefix}_sb", f"{prefix}_sh", f"{prefix}_ss"), prefix_strides(t)[:3]))
     params.update(kpm_sb=0, kpm_ss=0)
     if prefix_index is not None:
         _write_storage(workdir / "prefix_index.bin", prefix_index.to(torch.int64).contiguous())
