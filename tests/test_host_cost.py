@@ -1,6 +1,7 @@
-"""benchmarks/host_cost.py: the launch counts the README quotes, pinned. A training step of the
-24-layer Qwen2-shaped model launches one Triton kernel per layer forward and two backward, plus
-the prefix MLP's two and four, and fewer aten ops than stock PEFT + sdpa in both directions."""
+"""benchmarks/host_cost.py and host_step.py: the launch counts the README quotes, pinned (a training
+step of the 24-layer Qwen2-shaped model launches one Triton kernel per layer forward and two
+backward, plus the prefix MLP's two and four, and fewer aten ops than stock PEFT + sdpa in both
+directions), and both host-time tools run."""
 import re
 import subprocess
 import sys
@@ -35,3 +36,15 @@ def test_launcher_host_times_are_reported():
     assert [name for _, name in rows] == ["attention forward launcher", "attention backward launcher",
                                           "prefix_attention with autograd, forward"]
     assert all(float(us) > 0 for us, _ in rows)
+
+
+def test_step_host_time_through_tritons_launch_path():
+    """host_step.py runs the three steps with the patched model's kernels compiled for sm_90 and
+    launched through Triton's binding and cache (a compile-only driver), and reports each step."""
+    script = SCRIPT.parent / "host_step.py"
+    result = subprocess.run([sys.executable, str(script), "--layers", "2", "--steps", "2"], capture_output=True,
+                            text=True, timeout=600, cwd=SCRIPT.parent.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = re.findall(r"^\s+([\d.]+) ms\s+(\w+)\s+\(([\d.]+)x the floor\)$", result.stdout, flags=re.M)
+    assert [name for _, name, _ in rows] == ["floor_no_prefix", "peft_sdpa", "prefixkern"]
+    assert all(float(ms) > 0 for ms, _, _ in rows)

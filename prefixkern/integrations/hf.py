@@ -59,6 +59,11 @@ ENCODER_DECODER_TYPES = ("bart",)
 # sequence's attention is the same wherever it sits in the row (PEFT drops position_ids, so positions
 # run on across sequences). GPT-2 and BART learn absolute positions; BLOOM's ALiBi counts them.
 PACKED_MODEL_TYPES = tuple(t for t in SUPPORTED_MODEL_TYPES if t not in ("gpt2", "bloom", "bart"))
+# The oldest transformers release the integration tests pass on against stock PEFT (checked on 5.5.0
+# to 5.24.0). Older releases write these families' attention differently: on 5.0-5.4 GPT-2, BLOOM,
+# BART, Phi, OLMo and Cohere 2 gave logits off stock PEFT's by up to 1.3, and 4.56/4.57 fail 57 of the
+# comparisons. patch() refuses them instead of running them wrong.
+MIN_TRANSFORMERS = "5.5.0"
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,6 +417,18 @@ class _PatchState:
     generation_prefix: tuple | None = None   # (key, PrefixState) of the call under way
 
 
+def _check_transformers_version(installed: str | None = None) -> None:
+    import transformers
+    from packaging.version import Version
+
+    installed = installed or transformers.__version__
+    if Version(installed) < Version(MIN_TRANSFORMERS):
+        raise RuntimeError(
+            f"prefixkern.patch needs transformers>={MIN_TRANSFORMERS}, found {installed}: older releases write the "
+            "families' attention differently and several gave wrong logits against stock PEFT; upgrade with "
+            f"pip install -U 'transformers>={MIN_TRANSFORMERS}'")
+
+
 def _peft_prefix_config(model):
     from peft import PeftModel
     from peft.utils import PeftType
@@ -487,6 +504,7 @@ def _patched_generate(self, *args, **kwargs):
     nothing can change the adapters' parameters, so the first prefix serves every step; the
     next call computes its own."""
     state: _PatchState = self._prefixkern
+    kwargs = _with_dynamic_cache_request(kwargs)
     state.generating += 1
     try:
         return self._prefixkern_generate(*args, **kwargs)
@@ -495,6 +513,25 @@ def _patched_generate(self, *args, **kwargs):
         if not state.generating:
             state.generation_prefix = None
             _drop_self_bound_method(self.get_base_model(), "prepare_inputs_for_generation")
+
+
+def _with_dynamic_cache_request(kwargs: dict) -> dict:
+    """generate()'s keyword arguments with a static cache request (``cache_implementation`` of
+    ``"static"``, ``"hybrid"``, ..., directly or in a ``generation_config``) turned into a dynamic one.
+    The patched model keeps the sequence in its own dynamic cache whatever was asked (the prefix
+    sits beside it, never in it), so the tokens are the same; but a StaticCache that generate()
+    built first reaches PEFT's ``prepare_inputs_for_generation``, which on transformers 5.21-5.23
+    reads a ``max_cache_len`` StaticCache no longer has (AttributeError)."""
+    from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
+
+    if kwargs.get("cache_implementation") in ALL_STATIC_CACHE_IMPLEMENTATIONS:
+        kwargs = {**kwargs, "cache_implementation": "dynamic"}
+    config = kwargs.get("generation_config")
+    if getattr(config, "cache_implementation", None) in ALL_STATIC_CACHE_IMPLEMENTATIONS:
+        config = copy.deepcopy(config)
+        config.cache_implementation = "dynamic"
+        kwargs = {**kwargs, "generation_config": config}
+    return kwargs
 
 
 def _drop_self_bound_method(obj, name: str) -> None:
@@ -621,6 +658,7 @@ def patch(model):
     GPT-2: like stock PEFT, real tokens sit at positions P..P+T-1, so P + T must stay within
     ``n_positions`` (1024).
     """
+    _check_transformers_version()
     config = _peft_prefix_config(model)
     if is_patched(model):
         return model

@@ -1,0 +1,167 @@
+"""Host time of a training step on a CPU, the patched model's Triton kernels launched through
+Triton's own launch path (no GPU needed): what the patch adds to a host-bound step, beside the
+no-prefix floor and stock PEFT + sdpa.
+
+    python benchmarks/host_step.py [--layers 24] [--steps 15] [--profile]
+
+``host_cost.py`` stubs the launches out, so it times this repo's Python only. Here a launch does
+everything but reach a GPU: Triton binds and specialises the arguments, looks the kernel up in
+its cache (compiled for sm_90 on first use; Triton's compiler needs no GPU) and calls a launcher
+that returns at once (a compile-only driver stands in for the CUDA one). The aten ops run for
+real on the CPU at tiny widths (a 24-layer Qwen2-shaped model, 14/2 heads of 16, B=2, S=16, P=20),
+standing in for the host side of the launches they make on a GPU. So the difference between the
+rows is host time on this machine, not a GPU figure: what a GPU host spends in the C launcher
+(a ``data_ptr()`` call and a driver query per tensor argument) and in CUDA's allocator is not here.
+``--profile`` prints where the patched step's host time goes (cProfile).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)   # before triton is imported: the kernels stay JIT functions
+
+import torch  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import prefixkern  # noqa: E402
+
+ARCH = 90
+SMS = 132
+SMEM = 227 * 1024
+
+
+class _CompileOnlyUtils:
+    def load_binary(self, name, kernel, shared, device):
+        return 0, 0, 0, 0, 1024          # module, function, registers, spills, max threads
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": SMEM, "multiprocessor_count": SMS, "max_num_regs": 65536, "warpSize": 32}
+
+
+class _NoLaunch:
+    """The compiled kernel's launcher: takes the launch's arguments and runs nothing."""
+
+    def __init__(self, src, metadata):
+        pass
+
+    def __call__(self, *args):
+        pass
+
+
+class CompileOnlyDriver:
+    """Triton's active driver for this tool: an sm_90 target, device 0, stream 0, no launches."""
+    utils = _CompileOnlyUtils()
+    launcher_cls = _NoLaunch
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", ARCH, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_benchmarker(self):
+        raise RuntimeError("host_step.py times no kernels")
+
+    def map_python_to_cpp_type(self, ty):
+        return ty
+
+
+def use_compile_only_driver() -> None:
+    """Route prefixkern's ops on CPU tensors to the Triton launchers, launching through the
+    compile-only driver (without it, CPU tensors take the reference or Triton's interpreter)."""
+    import prefixkern.kernels._launch as launch
+    import prefixkern.ops.prefix_attention as attention_op
+    import prefixkern.ops.prefix_mlp as mlp_op
+
+    driver.set_active(CompileOnlyDriver())
+    attention_op.use_triton = mlp_op.use_triton = lambda device: True
+    launch.num_sms = lambda index: SMS
+    launch.smem_bytes = lambda index: SMEM
+
+
+def _model(impl: str, layers: int):
+    import transformers as tf
+    from peft import PrefixTuningConfig, get_peft_model
+
+    config = tf.Qwen2Config(vocab_size=256, hidden_size=112, intermediate_size=128, num_hidden_layers=layers,
+                            num_attention_heads=14, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    attn = "eager" if impl == "prefixkern" else "sdpa"
+    base = tf.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attn).to(torch.bfloat16)
+    if impl == "floor_no_prefix":
+        for p in base.parameters():
+            p.requires_grad_(False)
+        return base
+    model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20,
+                                                    prefix_projection=True))
+    return prefixkern.patch(model) if impl == "prefixkern" else model
+
+
+def _step(model, impl: str):
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        if impl == "floor_no_prefix":       # the e2e suite's floor: gradients reach the input embeddings
+            embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+            out = model(inputs_embeds=embeds, attention_mask=mask, labels=ids)
+        else:
+            out = model(input_ids=ids, attention_mask=mask, labels=ids)
+        out.loss.backward()
+    return step
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    use_compile_only_driver()
+    times = {}
+    for impl in ("floor_no_prefix", "peft_sdpa", "prefixkern"):
+        model = _model(impl, args.layers)
+        step = _step(model, impl)
+        for _ in range(2):      # compiles the kernels (first step), then warms up
+            step()
+        samples = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            step()
+            samples.append(time.perf_counter() - start)
+        times[impl] = statistics.median(samples) * 1e3
+        if args.profile and impl == "prefixkern":
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(5):
+                step()
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+    print(f"host time per training step, {args.layers} layers, median of {args.steps} (CPU; Triton launches "
+          "bound and looked up, not run):")
+    for impl, ms in times.items():
+        print(f"  {ms:8.2f} ms  {impl}  ({ms / times['floor_no_prefix']:.2f}x the floor)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
