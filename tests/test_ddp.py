@@ -99,6 +99,10 @@ def test_data_parallel_gloo_two_processes_match_single_process(tmp_path, wrapper
 
         if not hasattr(fsdp, "fully_shard"):
             pytest.skip(f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard (FSDP2)")
+        if torch.__version__ < (2, 10):
+            # torch 2.8's FSDP2 over gloo gave twice the single process's gradients, for stock PEFT
+            # as for the patched model (2.10 and later average; 2.9 was not checked).
+            pytest.skip(f"FSDP2 over gloo sums the ranks' gradients on torch {torch.__version__}")
     from test_integration_hf import _batch, _pair
 
     _spawn_with_deadline(wrapper, tmp_path)

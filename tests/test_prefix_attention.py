@@ -7,9 +7,11 @@ On CPU the kernels run in Triton's interpreter (a representative subset, small s
 import itertools
 import math
 import random
+import types
 from dataclasses import dataclass, replace
 
 import pytest
+
 import torch
 
 import prefixkern
@@ -495,7 +497,7 @@ def test_raw_launch_passes_pointers_and_constexprs_in_order(monkeypatch):
 
     monkeypatch.setattr(_launch, "RAW_POINTERS", True)
     monkeypatch.setattr(_launch, "triton_interpret", lambda: False)
-    monkeypatch.setattr(triton.runtime.driver, "_active", Driver())     # what the `active` property returns
+    monkeypatch.setattr(_launch, "driver", types.SimpleNamespace(active=Driver()))
     x = torch.zeros(4)
     compiled = _launch.launch_kernel(Kernel(), (5, 2), x, 7, 0.5, FLAG=True, BLOCK=16, num_warps=4)
     assert isinstance(compiled, Compiled)
@@ -505,11 +507,15 @@ def test_raw_launch_passes_pointers_and_constexprs_in_order(monkeypatch):
     # A profiler's launch hook reads the real arguments: the plain launch serves it.
     hooks = triton.knobs.runtime.launch_enter_hook
     hook = lambda metadata: None  # noqa: E731
-    hooks.add(hook)
+    if hasattr(hooks, "add"):       # Triton 3.6+: a HookChain
+        hooks.add(hook)
+    else:                           # Triton 3.4/3.5: the hook itself
+        monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", hook)
     try:
         _launch.launch_kernel(Kernel(), (5, 2), x, 7, 0.5, FLAG=True, BLOCK=16)
     finally:
-        hooks.remove(hook)
+        if hasattr(hooks, "remove"):
+            hooks.remove(hook)
     assert calls["plain"] == (5, 2)
 
 

@@ -67,7 +67,11 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
         f.write(ptx)
         f.flush()
         gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"   # Triton targets sm_90a on Hopper
-        result = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu_name}", "-o", os.devnull, f.name],
+        try:
+            ptxas = get_ptxas(arch)
+        except TypeError:       # Triton 3.4/3.5: get_ptxas() takes no architecture
+            ptxas = get_ptxas()
+        result = subprocess.run([ptxas.path, "-v", f"--gpu-name={gpu_name}", "-o", os.devnull, f.name],
                                 capture_output=True, text=True, check=True)
     report = result.stdout + result.stderr
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
