@@ -550,6 +550,22 @@ def test_prefix_state_splits_the_prefix_once(per_task):
     torch.testing.assert_close(kv.grad, want.float().expand(shape[-5:]).expand(shape))
 
 
+def test_prefix_state_moves_a_layers_prefix_to_the_layers_device():
+    """A model split over devices (device_map="auto") runs a layer where its weights are: layer_on
+    hands the attention that layer's prefix and the row index there ("meta" stands in for a second
+    GPU here), and the very same views, no copy, where the devices agree."""
+    kv = torch.randn(3, 4, 2, 2, 5, 8)
+    state = hf.PrefixState(kv, torch.tensor([2, 0]))
+    (keys, values), index = state.layer_on(1, kv.device)
+    assert keys is state.layer(1)[0] and values is state.layer(1)[1] and index is state.index
+    (keys, values), index = state.layer_on(1, torch.device("meta"))
+    assert {keys.device.type, values.device.type, index.device.type} == {"meta"}
+    assert keys.shape == (3, 2, 5, 8) and index.shape == (2,)
+    assert state.kv.device.type == "cpu" and state.index.device.type == "cpu"
+    bart = hf.PrefixState(kv[0], layer_map=(None, 1, 3))
+    assert bart.layer_on(0, torch.device("meta")) == (None, None)
+
+
 def test_bart_layer_map_is_what_peft_builds():
     """Decoder layer l reads PEFT's prefix layer 2l mod L (0, 2, 1 for L = 3): checked on PEFT's cache."""
     ref, ours = _bart_pair(layers=3)
@@ -694,21 +710,34 @@ def test_fp16_autocast():
         _compare_step(ref, ours, ids, mask, atol=2e-2, rtol=2e-2)
 
 
-def test_generate_with_a_static_cache_request():
-    """generate(cache_implementation="static"): the patched model keeps its own (dynamic) cache for
-    the sequence and gives the same tokens (on transformers 5.21-5.23 the StaticCache generate()
-    built first made PEFT's prepare_inputs_for_generation raise, until patch asked for a dynamic one)."""
-    _, ours = _pair("llama")
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_generate_with_a_static_cache_request(family):
+    """generate() asked for a static cache (as an argument, in a GenerationConfig, or by the model's
+    own generation config, as Gemma 2 checkpoints ship "hybrid"): the patched model keeps its own
+    dynamic cache for the sequence and gives the same tokens. Before patch turned the request into
+    a dynamic one, the static cache generate() built first made PEFT's prepare_inputs_for_generation
+    raise: on transformers 5.21-5.23 (no max_cache_len on StaticCache) and, for Gemma 2, on every
+    release (two attention masks)."""
+    _, ours = _pair(family)
     ours.eval()
     ids, mask = _batch("left", seq=7)
     dynamic = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    static = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
-                           cache_implementation="static")
-    assert torch.equal(static, dynamic)
-    # The same request through a GenerationConfig (left as the caller made it).
-    config = tf.GenerationConfig(max_new_tokens=5, do_sample=False, cache_implementation="static")
-    assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, generation_config=config), dynamic)
-    assert config.cache_implementation == "static"
+    for implementation in ("static", "hybrid"):
+        got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                            cache_implementation=implementation)
+        assert torch.equal(got, dynamic), implementation
+        # The same request through a GenerationConfig (left as the caller made it).
+        config = tf.GenerationConfig(max_new_tokens=5, do_sample=False, cache_implementation=implementation)
+        assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, generation_config=config), dynamic)
+        assert config.cache_implementation == implementation
+        # The model's own generation config.
+        model_config = ours.get_base_model().generation_config
+        model_config.cache_implementation = implementation
+        try:
+            got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        finally:
+            model_config.cache_implementation = None
+        assert torch.equal(got, dynamic), f"model config {implementation}"
 
 
 def test_prefix_per_row_training_gradients_reach_each_adapter():

@@ -108,6 +108,18 @@ class PrefixState:
             layer_idx = self.layer_map[layer_idx]
         return self._layers[2 * layer_idx], self._layers[2 * layer_idx + 1]
 
+    def layer_on(self, layer_idx: int, device: torch.device):
+        """``(layer(layer_idx), index)`` on ``device``. A model split over GPUs (``device_map="auto"``)
+        runs each layer where its weights are, while the prefix is computed where the encoder is:
+        copy it over (differentiably) rather than fail the op's same-device check. No copy when
+        the devices agree."""
+        kv, index = self.layer(layer_idx), self.index
+        if kv is not None and kv[0].device != device:
+            kv = kv[0].to(device), kv[1].to(device)
+        if index is not None and index.device != device:
+            index = index.to(device)
+        return kv, index
+
 
 class PrefixKVCache(DynamicCache):
     """A ``transformers.DynamicCache`` that keeps the prefix beside the sequence KV. Its lengths
@@ -188,7 +200,7 @@ def prefixkern_attention(module, query, key, value, attention_mask, scaling=None
     # decoder's cross-attention (BART) run plain, as under stock PEFT.
     if not (getattr(module, "is_causal", True) and getattr(module, "is_decoder", True)):
         state = None
-    layer_prefix = state.layer(module.layer_idx) if state is not None else None
+    layer_prefix, prefix_index = (None, None) if state is None else state.layer_on(module.layer_idx, query.device)
     seq_kv = key.shape[2]
     key_padding_mask = None
     if attention_mask is not None:
@@ -218,23 +230,23 @@ def prefixkern_attention(module, query, key, value, attention_mask, scaling=None
         raise ValueError(f"prefix_per_row names {state.index.shape[0]} rows but the batch has {query.shape[0]} "
                          "(only a packed batch, cu_seq_lens_q, may name one prefix per sequence)")
     if packed:
-        return _packed_attention(query, key, value, prefix_k, prefix_v, key_padding_mask, state, scaling, causal,
-                                 dropout_p, softcap, window, kwargs), None
+        return _packed_attention(query, key, value, prefix_k, prefix_v, key_padding_mask, prefix_index, scaling,
+                                 causal, dropout_p, softcap, window, kwargs), None
     if (causal and dropout_p == 0.0 and query.shape[2] <= MAX_QUERY_LEN and softcap is None and window is None
             and query.is_cuda and not torch.is_grad_enabled()):
         # A generation step: the CUDA decode kernel (Triton when it cannot serve the call), without
         # the public op's argument checks (the model made these tensors; the CUDA op checks again).
         out = decode_step(query, key, value, prefix_k, prefix_v, softmax_scale=scaling,
-                          key_padding_mask=key_padding_mask, prefix_index=state.index)
+                          key_padding_mask=key_padding_mask, prefix_index=prefix_index)
         return out.transpose(1, 2), None
     out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, softmax_scale=scaling,
-                           key_padding_mask=key_padding_mask, prefix_index=state.index, dropout_p=dropout_p,
+                           key_padding_mask=key_padding_mask, prefix_index=prefix_index, dropout_p=dropout_p,
                            softcap=softcap, window=window)
     return out.transpose(1, 2), None
 
 
-def _packed_attention(query, key, value, prefix_k, prefix_v, key_padding_mask, state, scaling, causal, dropout_p,
-                      softcap, window, kwargs):
+def _packed_attention(query, key, value, prefix_k, prefix_v, key_padding_mask, prefix_index, scaling, causal,
+                      dropout_p, softcap, window, kwargs):
     """A packed row (``cu_seq_lens_q/k`` and ``max_length_q/k`` from the collator): each sequence
     attends to the prefix and to itself only, through ``prefix_attention_varlen``. Returns
     ``[1, total, Hq, D]``."""
@@ -243,7 +255,7 @@ def _packed_attention(query, key, value, prefix_k, prefix_v, key_padding_mask, s
                          f"{query.shape[0]} rows{' with a padding mask' if key_padding_mask is not None else ''}")
     cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k", kwargs["cu_seq_lens_q"])
     num_seqs = cu_q.shape[0] - 1
-    index = state.index
+    index = prefix_index
     if index is not None and index.shape[0] != num_seqs:
         if index.shape[0] != 1:
             raise ValueError(f"prefix_per_row names {index.shape[0]} prefixes for a packed row of {num_seqs} "
@@ -292,12 +304,12 @@ def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mas
             raise ValueError("prefixkern's BLOOM attention takes the 2-D padding mask; got a "
                              f"{attention_mask.dim()}-D mask")
         key_padding_mask = attention_mask[:, -key.shape[2]:]
-    prefix_k, prefix_v = layer_past.prefix.layer(self.layer_idx)
+    (prefix_k, prefix_v), prefix_index = layer_past.prefix.layer_on(self.layer_idx, query.device)
     dtype = query.dtype
     slopes = _bloom_alibi_slopes(self.num_heads, query.device)
     out = prefix_attention(query, key, value, prefix_k.to(dtype), prefix_v.to(dtype), causal=True,
                            softmax_scale=self.inv_norm_factor, key_padding_mask=key_padding_mask,
-                           prefix_index=layer_past.prefix.index,
+                           prefix_index=prefix_index,
                            dropout_p=self.attention_dropout.p if self.training else 0.0, alibi_slopes=slopes)
     context = out.transpose(1, 2).reshape(batch_size, q_length, self.num_heads * self.head_dim)
     if self.pretraining_tp > 1 and self.slow_but_exact:
@@ -504,7 +516,7 @@ def _patched_generate(self, *args, **kwargs):
     nothing can change the adapters' parameters, so the first prefix serves every step; the
     next call computes its own."""
     state: _PatchState = self._prefixkern
-    kwargs = _with_dynamic_cache_request(kwargs)
+    kwargs = _with_dynamic_cache_request(kwargs, self.get_base_model())
     state.generating += 1
     try:
         return self._prefixkern_generate(*args, **kwargs)
@@ -515,19 +527,26 @@ def _patched_generate(self, *args, **kwargs):
             _drop_self_bound_method(self.get_base_model(), "prepare_inputs_for_generation")
 
 
-def _with_dynamic_cache_request(kwargs: dict) -> dict:
+def _with_dynamic_cache_request(kwargs: dict, base_model) -> dict:
     """generate()'s keyword arguments with a static cache request (``cache_implementation`` of
-    ``"static"``, ``"hybrid"``, ..., directly or in a ``generation_config``) turned into a dynamic one.
-    The patched model keeps the sequence in its own dynamic cache whatever was asked (the prefix
-    sits beside it, never in it), so the tokens are the same; but a StaticCache that generate()
-    built first reaches PEFT's ``prepare_inputs_for_generation``, which on transformers 5.21-5.23
-    reads a ``max_cache_len`` StaticCache no longer has (AttributeError)."""
+    ``"static"``, ``"hybrid"``, ..., given directly, in a ``generation_config``, or by the model's
+    own generation config, as Gemma 2 checkpoints ship) turned into a dynamic one. The patched
+    model keeps the sequence in its own dynamic cache whatever was asked (the prefix sits beside
+    it, never in it), so the tokens are the same; but a static cache that generate() built first
+    reaches PEFT's ``prepare_inputs_for_generation``, which raises: on transformers 5.21-5.23 it
+    reads a ``max_cache_len`` StaticCache no longer has, and for Gemma 2 it gets two masks."""
     from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 
-    if kwargs.get("cache_implementation") in ALL_STATIC_CACHE_IMPLEMENTATIONS:
-        kwargs = {**kwargs, "cache_implementation": "dynamic"}
+    if "cache_implementation" in kwargs:
+        if kwargs["cache_implementation"] in ALL_STATIC_CACHE_IMPLEMENTATIONS:
+            kwargs = {**kwargs, "cache_implementation": "dynamic"}
+        return kwargs
     config = kwargs.get("generation_config")
-    if getattr(config, "cache_implementation", None) in ALL_STATIC_CACHE_IMPLEMENTATIONS:
+    if config is None:
+        implementation = getattr(getattr(base_model, "generation_config", None), "cache_implementation", None)
+        if implementation in ALL_STATIC_CACHE_IMPLEMENTATIONS:
+            kwargs = {**kwargs, "cache_implementation": "dynamic"}
+    elif getattr(config, "cache_implementation", None) in ALL_STATIC_CACHE_IMPLEMENTATIONS:
         config = copy.deepcopy(config)
         config.cache_implementation = "dynamic"
         kwargs = {**kwargs, "generation_config": config}
