@@ -5,6 +5,7 @@ CPU tensors take the reference path by default; the ``interpreter`` tests run th
 in Triton's interpreter through a whole patched model.
 """
 import copy
+import sys
 
 import pytest
 import torch
@@ -188,6 +189,46 @@ def _generate_recording_positions(model, ids, mask, steps, **kwargs):
 def test_logits_loss_and_prefix_grads_match_stock_peft(family, padding):
     ref, ours = _pair(family)
     _compare_step(ref, ours, *_batch(padding))
+
+
+# Settings real checkpoints carry that the families' test configs leave at their defaults: windows
+# on only some layers (Qwen2.5/Qwen3's use_sliding_window with max_window_layers), GPT-2's
+# per-layer scaling and float32 upcast (the model hands the kernel another scale), no window at
+# all, q/k/v biases with Llama 3's rope scaling, Gemma 2's real soft-cap and pre-attention scalar,
+# BLOOM's post-norm residual.
+_SMALL = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2)
+_GPT2 = dict(vocab_size=VOCAB, n_embd=48, n_layer=3, n_head=4, n_positions=64, attn_pdrop=0.0, resid_pdrop=0.0,
+             embd_pdrop=0.0)
+CHECKPOINT_VARIANTS = {
+    "qwen2-windowed-layers": ("qwen2", lambda: tf.Qwen2Config(**_SMALL, use_sliding_window=True, sliding_window=6,
+                                                              max_window_layers=1)),
+    "qwen3-windowed-layers": ("qwen3", lambda: tf.Qwen3Config(**_SMALL, head_dim=12, use_sliding_window=True,
+                                                              sliding_window=6, max_window_layers=1)),
+    "gpt2-inverse-layer-scale-upcast": ("gpt2", lambda: tf.GPT2Config(**_GPT2, scale_attn_by_inverse_layer_idx=True,
+                                                                      reorder_and_upcast_attn=True)),
+    "gpt2-unscaled": ("gpt2", lambda: tf.GPT2Config(**_GPT2, scale_attn_weights=False)),
+    "mistral-no-window": ("mistral", lambda: tf.MistralConfig(**_SMALL, sliding_window=None)),
+    "llama-bias-llama3-rope": ("llama", lambda: tf.LlamaConfig(
+        **_SMALL, attention_bias=True, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "gemma2-checkpoint-caps": ("gemma2", lambda: tf.Gemma2Config(**_SMALL, head_dim=12, sliding_window=6,
+                                                                 attn_logit_softcapping=50.0,
+                                                                 final_logit_softcapping=30.0,
+                                                                 query_pre_attn_scalar=16)),
+    "bloom-post-norm-residual": ("bloom", lambda: tf.BloomConfig(vocab_size=VOCAB, hidden_size=48, n_layer=3, n_head=4,
+                                                                 attention_dropout=0.0,
+                                                                 apply_residual_connection_post_layernorm=True)),
+}
+
+
+@pytest.mark.parametrize("variant", list(CHECKPOINT_VARIANTS))
+def test_checkpoint_config_variants_match_stock_peft(variant, monkeypatch):
+    family, make_config = CHECKPOINT_VARIANTS[variant]
+    monkeypatch.setattr(sys.modules[__name__], "_config", lambda _family: make_config())
+    ref, ours = _pair(family)
+    for padding in ("none", "left", "right"):
+        _compare_step(ref, ours, *_batch(padding, seq=12))
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
