@@ -751,6 +751,39 @@ def test_fp16_autocast():
         _compare_step(ref, ours, ids, mask, atol=2e-2, rtol=2e-2)
 
 
+def test_assisted_generation_equals_greedy_or_is_refused():
+    """Prompt lookup and a draft model verify several candidate tokens per step and crop the cache
+    back: from transformers 5.24 the patched model's tokens equal greedy decoding's, with fewer
+    forwards once candidates are accepted; before it, generate refuses with the reason instead of
+    the shape error it used to end in."""
+    from packaging.version import Version
+
+    _, ours = _pair("llama")
+    ours.eval()
+    torch.manual_seed(5)
+    draft = tf.AutoModelForCausalLM.from_config(_config("llama")).eval()
+    ids, mask = _batch("none", batch=1, seq=9)
+    greedy = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
+    forwards = []
+    hook = ours.get_base_model().register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        for assisted in ({"prompt_lookup_num_tokens": 4}, {"assistant_model": draft}):
+            forwards.clear()
+            if Version(tf.__version__) < Version(hf.ASSISTED_GENERATION_MIN_TRANSFORMERS):
+                with pytest.raises(ValueError, match=r"\(assisted generation\) on a prefix-tuned model needs"):
+                    ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False, **assisted)
+                continue
+            got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False, **assisted)
+            assert torch.equal(got, greedy), assisted
+            if "prompt_lookup_num_tokens" in assisted:    # this greedy run repeats itself: lookups hit
+                assert len(forwards) < 40, len(forwards)
+    finally:
+        hook.remove()
+    with pytest.raises(ValueError, match="found 5.23.0"):
+        hf._check_assisted_generation({"prompt_lookup_num_tokens": 3}, None, installed="5.23.0")
+    hf._check_assisted_generation({}, None, installed="5.23.0")
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_generate_with_a_static_cache_request(family):
     """generate() asked for a static cache (as an argument, in a GenerationConfig, or by the model's

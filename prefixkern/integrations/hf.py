@@ -516,6 +516,7 @@ def _patched_generate(self, *args, **kwargs):
     nothing can change the adapters' parameters, so the first prefix serves every step; the
     next call computes its own."""
     state: _PatchState = self._prefixkern
+    _check_assisted_generation(kwargs, self.get_base_model())
     kwargs = _with_dynamic_cache_request(kwargs, self.get_base_model())
     state.generating += 1
     try:
@@ -525,6 +526,29 @@ def _patched_generate(self, *args, **kwargs):
         if not state.generating:
             state.generation_prefix = None
             _drop_self_bound_method(self.get_base_model(), "prepare_inputs_for_generation")
+
+
+# Assisted generation (a draft model, prompt lookup, early exit) verifies several candidate tokens
+# per step and crops the cache back. Before transformers 5.24 its positions come out P tokens off
+# the prefix-length cache PEFT's lengths require (stock PEFT fails there too); from 5.24 the tokens
+# equal greedy decoding's (tested).
+ASSISTED_GENERATION_MIN_TRANSFORMERS = "5.24.0"
+_ASSISTED_GENERATION_ARGS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
+
+def _check_assisted_generation(kwargs: dict, base_model, installed: str | None = None) -> None:
+    import transformers
+    from packaging.version import Version
+
+    configs = (kwargs.get("generation_config") or getattr(base_model, "generation_config", None),)
+    asked = [name for name in _ASSISTED_GENERATION_ARGS
+             if kwargs.get(name) is not None or any(getattr(c, name, None) is not None for c in configs)]
+    installed = installed or transformers.__version__
+    if asked and Version(installed) < Version(ASSISTED_GENERATION_MIN_TRANSFORMERS):
+        raise ValueError(
+            f"generate() with {', '.join(asked)} (assisted generation) on a prefix-tuned model needs transformers>="
+            f"{ASSISTED_GENERATION_MIN_TRANSFORMERS}, found {installed}: before it, the candidate tokens' positions "
+            "come out P tokens off the cache that holds the prefix's length (stock PEFT fails there too)")
 
 
 def _with_dynamic_cache_request(kwargs: dict, base_model) -> dict:
