@@ -790,8 +790,8 @@ def test_generate_with_a_static_cache_request(family):
     own generation config, as Gemma 2 checkpoints ship "hybrid"): the patched model keeps its own
     dynamic cache for the sequence and gives the same tokens. Before patch turned the request into
     a dynamic one, the static cache generate() built first made PEFT's prepare_inputs_for_generation
-    raise: on transformers 5.21-5.23 (no max_cache_len on StaticCache) and, for Gemma 2, on every
-    release (two attention masks)."""
+    raise: on transformers 5.21-5.23 (no max_cache_len on StaticCache) and, for Gemma 2 asked for
+    "static", on every release tried (two attention masks)."""
     _, ours = _pair(family)
     ours.eval()
     ids, mask = _batch("left", seq=7)
