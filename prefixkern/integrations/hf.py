@@ -554,11 +554,11 @@ def _check_assisted_generation(kwargs: dict, base_model, installed: str | None =
 def _with_dynamic_cache_request(kwargs: dict, base_model) -> dict:
     """generate()'s keyword arguments with a static cache request (``cache_implementation`` of
     ``"static"``, ``"hybrid"``, ..., given directly, in a ``generation_config``, or by the model's
-    own generation config, as Gemma 2 checkpoints ship) turned into a dynamic one. The patched
-    model keeps the sequence in its own dynamic cache whatever was asked (the prefix sits beside
-    it, never in it), so the tokens are the same; but a static cache that generate() built first
-    reaches PEFT's ``prepare_inputs_for_generation``, which raises: on transformers 5.21-5.23 it
-    reads a ``max_cache_len`` StaticCache no longer has, and for Gemma 2 it gets two masks."""
+    own generation config) turned into a dynamic one. The patched model keeps the sequence in its
+    own dynamic cache whatever was asked (the prefix sits beside it, never in it), so the tokens
+    are the same; but a static cache that generate() built first reaches PEFT's
+    ``prepare_inputs_for_generation``, which raises: on transformers 5.21-5.23 it reads a
+    ``max_cache_len`` StaticCache no longer has, and Gemma 2 asked for "static" hands it two masks."""
     from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 
     if "cache_implementation" in kwargs:
