@@ -39,6 +39,17 @@ def use_backend(name: str) -> Iterator[None]:
         _override = previous
 
 
+@contextlib.contextmanager
+def override_global(namespace: dict, name: str, value) -> Iterator[None]:
+    """Run the block with the module global ``name`` of ``namespace`` (a module's ``globals()``)
+    set to ``value``, restored after: the switches the benchmarks flip to time both paths."""
+    previous, namespace[name] = namespace[name], value
+    try:
+        yield
+    finally:
+        namespace[name] = previous
+
+
 _INTERPRET: bool | None = None
 
 

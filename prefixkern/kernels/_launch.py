@@ -12,7 +12,7 @@ import triton
 import triton.testing
 from triton.runtime import driver
 
-from .._backend import triton_interpret
+from .._backend import override_global, triton_interpret
 
 
 def cdiv(a: int, b: int) -> int:
@@ -120,15 +120,9 @@ def _tune(key, candidates, launch):
 RAW_POINTERS = os.environ.get("PREFIXKERN_RAW_LAUNCH", "0") == "1"
 
 
-@contextlib.contextmanager
 def raw_pointer_launches(enabled: bool = True):
     """Run the block with ``RAW_POINTERS`` set to ``enabled`` (benchmarks time both paths)."""
-    global RAW_POINTERS
-    previous, RAW_POINTERS = RAW_POINTERS, enabled
-    try:
-        yield
-    finally:
-        RAW_POINTERS = previous
+    return override_global(globals(), "RAW_POINTERS", enabled)
 
 
 def _hooked(hook) -> bool:

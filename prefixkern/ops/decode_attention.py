@@ -2,12 +2,11 @@
 C++ kernels of ``csrc/`` where they apply, else by the Triton kernels (or the reference on CPU)."""
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 
-from .._backend import get_backend, use_triton
+from .._backend import get_backend, override_global, use_triton
 from ._checks import check_prefix_attention_args, check_tensor
 from .prefix_attention import prefix_attention, resolve_softmax_scale
 
@@ -20,15 +19,9 @@ MAX_QUERY_LEN = 8
 TENSOR_CORES = os.environ.get("PREFIXKERN_DECODE_TENSOR_CORES", "0") == "1"
 
 
-@contextlib.contextmanager
 def tensor_core_decoding(enabled: bool = True):
     """Run the block with ``TENSOR_CORES`` set to ``enabled`` (the benchmarks time generate() both ways)."""
-    global TENSOR_CORES
-    previous, TENSOR_CORES = TENSOR_CORES, enabled
-    try:
-        yield
-    finally:
-        TENSOR_CORES = previous
+    return override_global(globals(), "TENSOR_CORES", enabled)
 
 
 def _aligned(t: torch.Tensor) -> bool:
