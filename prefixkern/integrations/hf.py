@@ -226,8 +226,8 @@ def prefixkern_attention(module, query, key, value, attention_mask, scaling=None
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     prefix_k, prefix_v = prefix_k.to(dtype), prefix_v.to(dtype)
-    if state.index is not None and not packed and state.index.shape[0] != query.shape[0]:
-        raise ValueError(f"prefix_per_row names {state.index.shape[0]} rows but the batch has {query.shape[0]} "
+    if prefix_index is not None and not packed and prefix_index.shape[0] != query.shape[0]:
+        raise ValueError(f"prefix_per_row names {prefix_index.shape[0]} rows but the batch has {query.shape[0]} "
                          "(only a packed batch, cu_seq_lens_q, may name one prefix per sequence)")
     if packed:
         return _packed_attention(query, key, value, prefix_k, prefix_v, key_padding_mask, prefix_index, scaling,
@@ -429,12 +429,20 @@ class _PatchState:
     generation_prefix: tuple | None = None   # (key, PrefixState) of the call under way
 
 
-def _check_transformers_version(installed: str | None = None) -> None:
-    import transformers
+def _transformers_below(floor: str, installed: str | None = None) -> str | None:
+    """The installed transformers release (or ``installed``) if it is older than ``floor``, else None."""
     from packaging.version import Version
 
-    installed = installed or transformers.__version__
-    if Version(installed) < Version(MIN_TRANSFORMERS):
+    if installed is None:
+        import transformers
+
+        installed = transformers.__version__
+    return installed if Version(installed) < Version(floor) else None
+
+
+def _check_transformers_version(installed: str | None = None) -> None:
+    installed = _transformers_below(MIN_TRANSFORMERS, installed)
+    if installed is not None:
         raise RuntimeError(
             f"prefixkern.patch needs transformers>={MIN_TRANSFORMERS}, found {installed}: older releases write the "
             "families' attention differently and several gave wrong logits against stock PEFT; upgrade with "
@@ -537,14 +545,13 @@ _ASSISTED_GENERATION_ARGS = ("assistant_model", "prompt_lookup_num_tokens", "ass
 
 
 def _check_assisted_generation(kwargs: dict, base_model, installed: str | None = None) -> None:
-    import transformers
-    from packaging.version import Version
-
-    configs = (kwargs.get("generation_config") or getattr(base_model, "generation_config", None),)
+    config = kwargs.get("generation_config") or getattr(base_model, "generation_config", None)
     asked = [name for name in _ASSISTED_GENERATION_ARGS
-             if kwargs.get(name) is not None or any(getattr(c, name, None) is not None for c in configs)]
-    installed = installed or transformers.__version__
-    if asked and Version(installed) < Version(ASSISTED_GENERATION_MIN_TRANSFORMERS):
+             if kwargs.get(name) is not None or getattr(config, name, None) is not None]
+    if not asked:
+        return
+    installed = _transformers_below(ASSISTED_GENERATION_MIN_TRANSFORMERS, installed)
+    if installed is not None:
         raise ValueError(
             f"generate() with {', '.join(asked)} (assisted generation) on a prefix-tuned model needs transformers>="
             f"{ASSISTED_GENERATION_MIN_TRANSFORMERS}, found {installed}: before it, the candidate tokens' positions "
