@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import prefixkern  # noqa: E402
+from _host_model import qwen2_shaped  # noqa: E402
 
 TRITON_LAUNCHES: collections.Counter = collections.Counter()
 
@@ -69,18 +69,7 @@ class _CountOps(TorchDispatchMode):
 
 
 def _qwen2_step(impl: str):
-    import transformers as tf
-    from peft import PrefixTuningConfig, get_peft_model
-
-    config = tf.Qwen2Config(vocab_size=256, hidden_size=112, intermediate_size=128, num_hidden_layers=24,
-                            num_attention_heads=14, num_key_value_heads=2, head_dim=8, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    attn = "sdpa" if impl == "peft_sdpa" else "eager"
-    base = tf.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attn).to(torch.bfloat16)
-    model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20,
-                                                    prefix_projection=True))
-    if impl == "prefixkern":
-        prefixkern.patch(model)
+    model = qwen2_shaped(impl)
     ids = torch.randint(0, 256, (2, 32))
 
     def forward():

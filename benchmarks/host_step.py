@@ -17,7 +17,6 @@ rows is host time on this machine, not a GPU figure: what a GPU host spends in t
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ from triton.runtime import driver  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import prefixkern  # noqa: E402
+from _host_model import IMPLS, qwen2_shaped  # noqa: E402
 
 ARCH = 90
 SMS = 132
@@ -93,24 +92,6 @@ def use_compile_only_driver() -> None:
     launch.smem_bytes = lambda index: SMEM
 
 
-def _model(impl: str, layers: int):
-    import transformers as tf
-    from peft import PrefixTuningConfig, get_peft_model
-
-    config = tf.Qwen2Config(vocab_size=256, hidden_size=112, intermediate_size=128, num_hidden_layers=layers,
-                            num_attention_heads=14, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    attn = "eager" if impl == "prefixkern" else "sdpa"
-    base = tf.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attn).to(torch.bfloat16)
-    if impl == "floor_no_prefix":
-        for p in base.parameters():
-            p.requires_grad_(False)
-        return base
-    model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20,
-                                                    prefix_projection=True))
-    return prefixkern.patch(model) if impl == "prefixkern" else model
-
-
 def _step(model, impl: str):
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -135,8 +116,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     use_compile_only_driver()
     times = {}
-    for impl in ("floor_no_prefix", "peft_sdpa", "prefixkern"):
-        model = _model(impl, args.layers)
+    for impl in IMPLS:
+        model = qwen2_shaped(impl, args.layers)
         step = _step(model, impl)
         for _ in range(2):      # compiles the kernels (first step), then warms up
             step()

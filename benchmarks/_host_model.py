@@ -1,0 +1,33 @@
+"""The model the host-time tools run (``host_cost.py``, ``host_step.py``): a Qwen2-shaped decoder
+with 24 layers of the seeds' head layout (14 query / 2 KV heads) at tiny widths, random weights, bf16,
+so that a step's cost is its launches and Python rather than arithmetic. No environment or Triton
+state is touched here: each tool sets up Triton its own way before importing this."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import prefixkern
+
+IMPLS = ("floor_no_prefix", "peft_sdpa", "prefixkern")
+
+
+def qwen2_shaped(impl: str, layers: int = 24):
+    """The frozen base with no prefix (``floor_no_prefix``), stock PEFT prefix tuning (P=20, the
+    MLP on) on ``sdpa`` (``peft_sdpa``), or the same adapter patched (``prefixkern``)."""
+    import transformers as tf
+    from peft import PrefixTuningConfig, get_peft_model
+
+    config = tf.Qwen2Config(vocab_size=256, hidden_size=112, intermediate_size=128, num_hidden_layers=layers,
+                            num_attention_heads=14, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    attn = "eager" if impl == "prefixkern" else "sdpa"
+    base = tf.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attn).to(torch.bfloat16)
+    if impl == "floor_no_prefix":
+        for p in base.parameters():
+            p.requires_grad_(False)
+        return base
+    model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20,
+                                                    prefix_projection=True))
+    return prefixkern.patch(model) if impl == "prefixkern" else model
