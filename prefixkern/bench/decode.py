@@ -45,9 +45,9 @@ def _tensor_cores_skip(opts: Options) -> str | None:
     """Why the tensor-core decode kernel cannot be timed here (None: it can)."""
     if not opts.on_gpu:
         return "the tensor-core decode kernel runs on a GPU (the CPU demo decodes with the reference)"
-    from .._cuda_build import cuda_ops, tensor_cores_usable
+    from .._cuda_build import tensor_cores_usable
 
-    if cuda_ops() is None or not tensor_cores_usable(opts.device.index or 0):
+    if not tensor_cores_usable(opts.device.index or 0):     # (False too where the CUDA ops are not built)
         return ("the tensor-core decode kernel cannot run here (no CUDA build, an older GPU than sm_80, or a "
                 "failed self-check: see the warning)")
     return None
