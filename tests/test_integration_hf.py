@@ -653,6 +653,128 @@ def test_bart_greedy_generate_matches_peft_forward():
     assert torch.equal(got, seq[:, : got.shape[1]])
 
 
+# --------------------------------------------------------------------------------------------
+# Sequence classification, token classification and question answering heads
+# --------------------------------------------------------------------------------------------
+
+TASK_MODELS = {"SEQ_CLS": tf.AutoModelForSequenceClassification, "TOKEN_CLS": tf.AutoModelForTokenClassification,
+               "QUESTION_ANS": tf.AutoModelForQuestionAnswering, "FEATURE_EXTRACTION": tf.AutoModel}
+TASK_FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
+
+
+def _task_pair(family: str, task: str):
+    """(stock PEFT on eager, the same patched) for a task head: 3 labels, pad token 0."""
+    torch.manual_seed(0)
+    config = _config(family)
+    config._attn_implementation = "eager"
+    config.num_labels, config.pad_token_id = 3, 0
+    base = TASK_MODELS[task].from_config(config, attn_implementation="eager")
+
+    def build():
+        torch.manual_seed(1)
+        return get_peft_model(copy.deepcopy(base), PrefixTuningConfig(task_type=task, num_virtual_tokens=P,
+                                                                      prefix_projection=True, encoder_hidden_size=20))
+
+    # eval(): the heads' classifier dropout (and GPT-2's attention dropout) off, so two runs compare.
+    return build().eval(), prefixkern.patch(build()).eval()
+
+
+def _task_inputs(task: str, padding: str):
+    ids, mask = _batch(padding)
+    ids = ids.masked_fill(mask == 0, 0)               # pad tokens where the mask is 0 (sequence pooling reads them)
+    gen = torch.Generator().manual_seed(4)
+    if task == "SEQ_CLS":
+        targets = {"labels": torch.randint(0, 3, (ids.shape[0],), generator=gen)}
+    elif task == "TOKEN_CLS":
+        targets = {"labels": torch.randint(0, 3, ids.shape, generator=gen).masked_fill(mask == 0, -100)}
+    elif task == "FEATURE_EXTRACTION":
+        targets = {}
+    else:
+        targets = {"start_positions": torch.randint(0, ids.shape[1], (ids.shape[0],), generator=gen),
+                   "end_positions": torch.randint(0, ids.shape[1], (ids.shape[0],), generator=gen)}
+    return dict(input_ids=ids, attention_mask=mask, **targets)
+
+
+def _stock_task_forward(ref, inputs):
+    """Stock PEFT's forward. PEFT 0.21 looks for ``past_key_values`` in the task model's signature
+    (else its backbone's), which transformers 5.24 renamed ``cache``, and raises there for every
+    model: then what it computes on older releases, the task model with the prefix mask columns
+    and PEFT's own prompt cache (handed through to the backbone where the head takes no cache)."""
+    try:
+        return ref(**inputs)
+    except ValueError as exc:
+        if "does not support past key values" not in str(exc):
+            raise
+        assert hf._transformers_below("5.24.0") is None, "stock PEFT refused a task head before transformers 5.24"
+    batch = inputs["input_ids"].shape[0]
+    mask = torch.cat([torch.ones(batch, P, dtype=inputs["attention_mask"].dtype), inputs["attention_mask"]], 1)
+    cache = ref.get_prompt(batch)
+    name = hf._cache_argument(ref.base_model) or hf._cache_argument(ref.base_model.get_submodule(
+        ref.transformer_backbone_name))
+    return ref.base_model(**dict(inputs, attention_mask=mask), **{name: cache})
+
+
+def _task_outputs(out, task, mask):
+    """The head's outputs to compare: token-level ones on real tokens only."""
+    if task == "SEQ_CLS":
+        return [out.logits]
+    if task == "TOKEN_CLS":
+        return [out.logits[mask.bool()]]
+    if task == "FEATURE_EXTRACTION":
+        return [out.last_hidden_state[mask.bool()]]
+    return [out.start_logits[mask.bool()], out.end_logits[mask.bool()]]
+
+
+def _task_loss(out, task, mask):
+    """The head's loss; for feature extraction a fixed projection of the real tokens' features."""
+    if task != "FEATURE_EXTRACTION":
+        return out.loss
+    features = out.last_hidden_state[mask.bool()]
+    return (features * torch.linspace(-1, 1, features.shape[-1])).sum()
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("task", list(TASK_MODELS))
+@pytest.mark.parametrize("family", TASK_FAMILIES)
+def test_task_heads_match_stock_peft(family, task, padding):
+    """Classification and QA heads (P-Tuning v2's NLU tasks on decoder models) and the bare model
+    (feature extraction): outputs, loss and prefix gradients against stock PEFT (on transformers
+    5.24, where stock PEFT raises for the three heads, against the computation it would run; see
+    _stock_task_forward)."""
+    ref, ours = _task_pair(family, task)
+    inputs = _task_inputs(task, padding)
+    out_ref, out_ours = _stock_task_forward(ref, inputs), ours(**inputs)
+    for got, want in zip(_task_outputs(out_ours, task, inputs["attention_mask"]),
+                         _task_outputs(out_ref, task, inputs["attention_mask"])):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-4)
+    loss_ref, loss_ours = (_task_loss(out, task, inputs["attention_mask"]) for out in (out_ref, out_ours))
+    torch.testing.assert_close(loss_ours, loss_ref, atol=2e-5, rtol=2e-4)
+    loss_ref.backward()
+    loss_ours.backward()
+    grads_ref, grads_ours = _prefix_grads(ref), _prefix_grads(ours)
+    assert grads_ref.keys() == grads_ours.keys() and grads_ref
+    for name in grads_ref:
+        torch.testing.assert_close(grads_ours[name], grads_ref[name], atol=2e-4, rtol=2e-3, msg=name)
+
+
+def test_task_head_through_the_triton_kernels_and_unpatch():
+    """A sequence-classification head on the real kernels (Triton's interpreter on CPU); unpatch
+    gives stock PEFT's behaviour back (on transformers 5.24 its error)."""
+    ref, ours = _task_pair("qwen2", "SEQ_CLS")
+    inputs = _task_inputs("SEQ_CLS", "left")
+    with prefixkern.use_backend("triton"):
+        out = ours(**inputs)
+    torch.testing.assert_close(out.logits, _stock_task_forward(ref, inputs).logits, atol=1e-4, rtol=1e-3)
+    prefixkern.unpatch(ours)
+    assert "_prefix_tuning_forward" not in ours.__dict__
+    try:
+        unpatched = ours(**inputs)
+    except ValueError as exc:
+        assert "does not support past key values" in str(exc) and hf._transformers_below("5.24.0") is None
+    else:
+        torch.testing.assert_close(unpatched.logits, out.logits, atol=1e-4, rtol=1e-3)
+
+
 def test_refuses_what_is_not_prefix_tuning():
     with pytest.raises(TypeError, match="peft.PeftModel"):
         prefixkern.patch(torch.nn.Linear(2, 2))

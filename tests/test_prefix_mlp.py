@@ -449,6 +449,69 @@ def test_forward_candidates_split_p_for_exact_float32_only(monkeypatch):
     assert {c[0] for c in mlp.fwd_configs(20, 65536, "ieee")} == {32}
 
 
+def test_tf32x3_replaces_only_exact_float32_products(monkeypatch):
+    """PREFIXKERN_MLP_TF32X3 (``tf32x3_products``) changes exact float32 products only: TF32 that
+    PyTorch allows and 16-bit products stay; its tables are its own (spill-free, see
+    tests/tools/kernel_resources.py) and its backward P tile the tensor-core one."""
+    from prefixkern.kernels import prefix_mlp as mlp
+    from prefixkern.ops.prefix_mlp import tf32x3_products
+
+    assert mlp.products(torch.float32) == "ieee"
+    with tf32x3_products():
+        assert [mlp.products(d) for d in (torch.float32, torch.bfloat16, torch.float16)] == ["tf32x3", "bf16", "fp16"]
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+        try:
+            assert mlp.products(torch.float32) == "tf32"
+        finally:
+            torch.set_float32_matmul_precision(previous)
+        with tf32x3_products(False):
+            assert mlp.products(torch.float32) == "ieee"
+    assert mlp.products(torch.float32) == "ieee"
+    monkeypatch.setattr(mlp, "triton_interpret", lambda: False)
+    assert {c[1:] for c in mlp.fwd_configs(64, 65536, "tf32x3")} <= set(mlp.TF32X3_FWD_TILES)
+    assert {c[0] for c in mlp.fwd_configs(64, 65536, "tf32x3")} == {64}
+    assert mlp.bwd_candidates(64, "tf32x3") == list(mlp.BWD_TILES["tf32x3"])
+    assert mlp.bwd_block_p(64, "tf32x3") == 64
+
+
+def test_tf32x3_products_reach_every_kernel_and_match_the_reference(monkeypatch, device):
+    """With 3xTF32 on, every GEMM kernel of the forward and backward is launched with
+    PRECISION="tf32x3", and values and gradients match float64 autograd. (The interpreter computes
+    every precision in float32; the GPU test bounds the real error.)"""
+    from prefixkern.kernels import prefix_mlp as kernels
+    from prefixkern.ops.prefix_mlp import tf32x3_products
+
+    launched = []
+    real_launch = kernels.launch_kernel
+
+    def recording_launch(kernel, grid, *args, **meta):
+        launched.append((kernel.fn.__name__, meta.get("PRECISION")))
+        return real_launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(kernels, "launch_kernel", recording_launch)
+    torch.manual_seed(3)
+    P, hidden = 9, SMALL_HIDDEN
+    d = SMALL["num_kv_heads"] * SMALL["head_dim"]
+    N = 2 * SMALL["num_layers"] * d
+    params = [t.to(device) for t in (torch.randn(P, d), torch.randn(hidden, d) / d ** 0.5, torch.randn(hidden),
+                                     torch.randn(N, hidden) / hidden ** 0.5, torch.randn(N))]
+    leaves = [t.clone().requires_grad_() for t in params]
+    exact = [t.double().requires_grad_() for t in params]
+    grad = torch.randn(SMALL["num_layers"], 2, SMALL["num_kv_heads"], P, SMALL["head_dim"], device=device)
+    with tf32x3_products(), prefixkern.use_backend("triton"):
+        kv = fused_prefix_mlp(*leaves, **SMALL, out_dtype=torch.float32)
+        kv.backward(grad)
+    expected = reference.prefix_mlp(*exact, **SMALL, out_dtype=torch.float64)
+    expected.backward(grad.double())
+    gemms = {name: precision for name, precision in launched if precision is not None}
+    assert set(gemms) == {"prefix_mlp_matmul_kernel", "prefix_mlp_fwd_kernel", "prefix_mlp_bwd_kernel"}, launched
+    assert set(gemms.values()) == {"tf32x3"}, launched
+    torch.testing.assert_close(kv.double(), expected, **_tol(torch.float32, "out"))
+    for leaf, ref in zip(leaves, exact):
+        torch.testing.assert_close(leaf.grad.double(), ref.grad, **_tol(torch.float32, "grad"))
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: errors name the argument, before any launch
 # ----------------------------------------------------------------------------------------------
@@ -645,6 +708,36 @@ def test_gpu_autocast_against_reference(model, P):
         # biases' sums) from being held to a bound of zero.
         bound = 1.25 * autocast_err + 1e-3 * exact_grad.abs().max().item()
         assert ours_err <= bound, f"{name}: error {ours_err:.3g} against exact, PyTorch autocast's {autocast_err:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.smoke
+@pytest.mark.parametrize("model", list(GPU_MODELS))
+@pytest.mark.parametrize("P", [20, 64])
+def test_gpu_tf32x3_is_as_accurate_as_exact_float32(model, P):
+    """3xTF32 products (PREFIXKERN_MLP_TF32X3=1) at the real sizes, float32 parameters and output:
+    the output and every parameter gradient within twice the error of the FMA ("ieee") kernels
+    against float64, plus a floor of float32 resolution. (On the CPU the split's error was
+    emulated at float32's: benchmarks/mlp_precision.py.)"""
+    from prefixkern.ops.prefix_mlp import tf32x3_products
+
+    sizes, ours, peft_params = _full_size_encoders(model, P)
+    exact_params = [p.detach().double().requires_grad_() for p in peft_params]
+    exact = reference.prefix_mlp(*exact_params, **sizes, out_dtype=torch.float64)
+    grad = torch.randn(exact.shape, device="cuda")
+    exact_grads = torch.autograd.grad(exact, exact_params, grad.double())
+    errors = {}
+    for tf32x3 in (False, True):
+        ours.zero_grad(set_to_none=True)
+        with tf32x3_products(tf32x3):
+            kv = ours(torch.float32)
+            kv.backward(grad)
+        named = dict(ours.named_parameters())
+        errors[tf32x3] = [(kv.double() - exact).abs().max().item()] + [
+            (named[name].grad.double() - ref).abs().max().item() for name, ref in zip(PARAMETER_NAMES, exact_grads)]
+    scales = [exact.abs().max().item()] + [ref.abs().max().item() for ref in exact_grads]
+    for name, ieee, tf32x3, scale in zip(("out",) + PARAMETER_NAMES, errors[False], errors[True], scales):
+        assert tf32x3 <= 2 * ieee + 2e-6 * scale, f"{name}: 3xTF32 error {tf32x3:.3g}, exact float32 {ieee:.3g}"
 
 
 @pytest.mark.gpu

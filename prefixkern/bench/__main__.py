@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--baselines", nargs="+", default=None,
                         help="only these baselines (eager sdpa_mask sdpa_lower_right sdpa_lower_right_gqa flex "
-                             "flash_attn prefixkern_padded prefixkern_packed torch_p_rows peft_encoder sdpa_concat "
+                             "flash_attn prefixkern_padded prefixkern_packed torch_p_rows peft_encoder prefixkern_tf32x3 sdpa_concat "
                              "prefixkern_tensor_cores prefixkern_prefix_gemm prefixkern_triton_decode prefixkern_triton floor_no_prefix "
                              "peft_eager peft_sdpa prefixkern_raw_launch prefixkern_liger floor_compiled peft_sdpa_compiled "
                              "prefixkern_compiled)")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import reference
-from ..ops.prefix_mlp import fused_prefix_mlp, launched_tiles
+from ..ops.prefix_mlp import fused_prefix_mlp, launched_tiles, tf32x3_products
 from .common import Options, Record, Skip, dtype_name, peak_mem_mb, scaled_err, time_ms
 
 
@@ -70,6 +70,17 @@ def _peft_encoder(shape: MlpShape, params, device):
     return encoder
 
 
+def _tf32x3_skip(opts: Options, shape: MlpShape) -> str | None:
+    """Why the ``prefixkern_tf32x3`` row does not apply to ``shape`` (None: it does)."""
+    if not opts.on_gpu:
+        return "3xTF32 products are a GPU kernel path (the CPU runs the reference)"
+    if shape.autocast:
+        return "under autocast the products are 16-bit, not exact float32"
+    if torch.get_float32_matmul_precision() != "highest":
+        return "PyTorch allows TF32 here: the kernels already take TF32 products"
+    return None
+
+
 def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
     records, skips = [], []
     for name, shape in opts.select(SHAPES, CPU_SHAPES, QUICK):
@@ -93,8 +104,8 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 rows = encoder(tokens).to(opts.dtype)
             return rows.view(shape.B, shape.P, 2 * shape.L, shape.Hkv, shape.D).permute(2, 0, 3, 1, 4)
 
-        def ours():
-            with forward_context():
+        def ours(tf32x3: bool = False):
+            with forward_context(), tf32x3_products(tf32x3):
                 return fused_prefix_mlp(*params, **kw, out_dtype=opts.dtype)
 
         # The same math in PyTorch on P rows: under autocast, what autocast's Linear computes.
@@ -104,6 +115,13 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             "torch_p_rows": lambda: reference.prefix_mlp(*params, **kw, out_dtype=opts.dtype, compute_dtype=compute),
             "peft_encoder": peft_rows,
         }
+        # The kernels with their exact float32 products as 3xTF32 (PREFIXKERN_MLP_TF32X3=1): where
+        # the products are exact float32 ones, on a GPU (the CPU runs the reference either way).
+        reason = _tf32x3_skip(opts, shape)
+        if reason:
+            skips.append(Skip("mlp", name, "prefixkern_tf32x3", reason))
+        elif opts.wants("prefixkern_tf32x3"):
+            impls["prefixkern_tf32x3"] = lambda: ours(tf32x3=True)
         expected = reference.prefix_mlp(*[p.detach().double() for p in params], **kw, out_dtype=torch.float64)
         grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(opts.device, opts.dtype)
         w2_bytes = shape.num_cols * shape.token_dim * 4
@@ -128,7 +146,7 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                     return out
 
                 out = call()
-                if impl == "prefixkern":   # the tiles autotuning chose, to read beside the timing
+                if impl.startswith("prefixkern"):   # the tiles autotuning chose, to read beside the timing
                     record.note = "tiles " + " ".join(f"{k}:{v}" for k, v in launched_tiles().items())
                 got = out[:, 0].reshape(expected.shape) if impl == "peft_encoder" else out
                 record.max_err = scaled_err(got, expected)

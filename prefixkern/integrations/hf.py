@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import math
 import types
 import weakref
@@ -584,6 +585,40 @@ def _with_dynamic_cache_request(kwargs: dict, base_model) -> dict:
     return kwargs
 
 
+def _cache_argument(model) -> str | None:
+    """The keyword ``model.forward`` takes a cache under: ``cache`` from transformers 5.24,
+    ``past_key_values`` before it (None: neither)."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def _patched_prefix_tuning_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None,
+                                   output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+    """PEFT's prefix-tuning forward of its sequence-classification, token-classification and
+    question-answering models: the task model called with the prefix cache (the attention mask
+    already holds the P prefix columns; ``labels`` or ``start_positions``/``end_positions`` come in
+    ``kwargs``), under the name the task model takes it, else under its backbone's name through the
+    keyword arguments the task model hands its backbone.
+
+    Stock PEFT 0.21 looks for ``past_key_values`` in the task model's signature, else calls the
+    backbone itself and applies the head's layers: on transformers 5.24, which renamed the
+    argument ``cache``, it raises "Model does not support past key values" for every model. The
+    backbone call would also bypass the task model's forward, where the patch hands the attention
+    layers their prefix (GPT-2's question-answering head takes no cache argument)."""
+    task_model = self.base_model
+    name = _cache_argument(task_model)
+    if name is None:
+        name = _cache_argument(task_model.get_submodule(self.transformer_backbone_name))
+    if name is None:
+        raise ValueError(f"prefixkern.patch: neither {type(task_model).__name__} nor its backbone takes a cache "
+                         "(past_key_values), which prefix tuning needs")
+    batch_size = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
+    kwargs[name] = self.get_prompt(batch_size)
+    return task_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                      output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                      return_dict=return_dict, **kwargs)
+
+
 def _drop_self_bound_method(obj, name: str) -> None:
     """Delete ``obj.<name>`` where it is only ``obj``'s own class method bound to ``obj``: the same
     behaviour, one reference cycle fewer. Stock PEFT's generate() leaves the base model's
@@ -705,6 +740,9 @@ def patch(model):
     CUDA tensors run the Triton kernels; CPU tensors run the reference (or the kernels in Triton's
     interpreter with ``PREFIXKERN_BACKEND=triton TRITON_INTERPRET=1``).
 
+    Task types: causal LM, seq2seq (BART), and on the decoder families sequence classification,
+    token classification, question answering and feature extraction.
+
     GPT-2: like stock PEFT, real tokens sit at positions P..P+T-1, so P + T must stay within
     ``n_positions`` (1024).
     """
@@ -739,6 +777,8 @@ def patch(model):
     _wrap_encoders(model, model._prefixkern)
     _override_method(model, "get_prompt", _patched_get_prompt)
     _override_method(model, "generate", _patched_generate)
+    if hasattr(type(model), "_prefix_tuning_forward"):     # sequence / token classification, QA
+        _override_method(model, "_prefix_tuning_forward", _patched_prefix_tuning_forward)
     return model
 
 
@@ -763,6 +803,8 @@ def unpatch(model):
         _restore_method(module, "forward")
     _restore_method(model, "get_prompt")
     _restore_method(model, "generate")
+    if "_prefixkern__prefix_tuning_forward" in model.__dict__:
+        _restore_method(model, "_prefix_tuning_forward")
     model._prefixkern = None
     return model
 

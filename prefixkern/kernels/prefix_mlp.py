@@ -26,21 +26,38 @@ float32 matmul precision allows them) for float32 parameters; "bf16" / "fp16" fo
 parameters, or float32 ones under ``torch.autocast``: operands rounded to that dtype on load,
 float32 accumulation, and each Linear's output (and the tanh) rounded to it, as autocast's
 Linear and Tanh return them. W2 is read in its own dtype either way (no cast copy of it).
+With ``PREFIXKERN_MLP_TF32X3=1`` exact float32 products run as "tf32x3" instead: each operand
+split into two TF32 parts, three tensor-core products (big x big + big x small + small x big).
+Its error is float32's (benchmarks/mlp_precision.py emulates the split at the suite's shapes),
+while "ieee" keeps the products on FMA units, which bound the forward at Llama-3-8B size.
 
 Dropout keeps element (p, c) of the ``[P, N]`` output iff ``tl.rand(seed, p * N + c) >= dropout_p``
 and scales kept values by ``1 / (1 - dropout_p)``; the backward regenerates the same mask.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from .._backend import triton_interpret
+from .._backend import override_global, triton_interpret
 from ._launch import (cdiv, device_index, input_precision, launch_kernel, next_power_of_2, num_sms, pick_config,
                       smem_bytes)
 from ._math import dot, to_bf16
 from ._math import tanh as _tanh
+
+# PREFIXKERN_MLP_TF32X3=1: exact float32 products as three TF32 tensor-core products ("tf32x3",
+# see the module docstring) rather than on FMA units ("ieee"). Off by default until a GPU run has
+# timed it and checked its error there (the interpreter computes every precision alike).
+TF32X3 = os.environ.get("PREFIXKERN_MLP_TF32X3", "0") == "1"
+
+
+def tf32x3_products(enabled: bool = True):
+    """Run the block with ``TF32X3`` set to ``enabled`` (the benchmarks and tests take both paths)."""
+    return override_global(globals(), "TF32X3", enabled)
+
 
 # The forward's P rows share one block up to this size; beyond, it splits P across the grid, the
 # programs that read one W2 tile side by side (L2 serves the repeats). Taller P tiles spilled
@@ -174,6 +191,10 @@ INTERPRETER_FWD_TILE = (32, 16, 4, 1)
 # LDS.128 in their SASS), at 148 registers on Triton 3.9 and 212 on 3.6: W2 is then read once
 # per P tile, the second time from L2. Untimed: the tuner decides.
 IEEE_SPLIT_P_TILES = ((128, 32, 4, 4), (256, 32, 8, 3))
+# "tf32x3" holds both TF32 parts of each operand tile: FWD_TILES' entries that compile for sm_90
+# without spills at every P tile on Triton 3.9. On 3.6 all but the first spill 8-20 B at P tile
+# 32 and the last at 64, where the tuner drops them; the first is spill-free on both.
+TF32X3_FWD_TILES = ((64, 32, 4, 4), (128, 32, 4, 4), (64, 64, 4, 3), (128, 64, 8, 3))
 
 
 def fwd_configs(num_rows: int, num_cols: int, precision: str) -> list[tuple[int, int, int, int, int]]:
@@ -194,14 +215,15 @@ def fwd_candidates(block_p: int, num_cols: int, precision: str) -> list[tuple[in
     # The [BLOCK_P, BLOCK_N] float32 accumulator lives in registers; H and W2 tiles are pipelined.
     # FMA dots ("ieee") hold more per thread than tensor-core ones: half the accumulator, or spills.
     max_acc = 8192 if precision == "ieee" else 16384
-    kept = [t for t in FWD_TILES if block_p * t[0] <= max_acc and block_p * t[1] <= 16384
+    tiles = TF32X3_FWD_TILES if precision == "tf32x3" else FWD_TILES
+    kept = [t for t in tiles if block_p * t[0] <= max_acc and block_p * t[1] <= 16384
             and _fits_smem(t[3], (block_p + t[0]) * t[1])]
     # Narrow N (small models) needs narrow tiles to fill the GPU: drop tiles that leave it mostly idle.
     if torch.cuda.is_available() and kept:
         sms = num_sms(torch.cuda.current_device())
         filled = [t for t in kept if cdiv(num_cols, t[0]) >= sms]
         kept = filled or [min(kept, key=lambda t: t[0])]
-    return kept or [min(FWD_TILES, key=lambda t: t[0] * t[1])]
+    return kept or [min(tiles, key=lambda t: t[0] * t[1])]
 
 
 @triton.jit
@@ -251,22 +273,24 @@ def prefix_mlp_fwd_kernel(
 # nothing but a re-read of G from L2 and bound both to one small tile: 2 ms at Llama-3-8B size).
 # (DH_BLOCK_N, DH_BLOCK_K, DW_BLOCK_N, DW_BLOCK_K, num_warps, num_stages); the P tiles follow P
 # (bwd_block_p). "tensor": TF32 and 16-bit products; "ieee": FMA dots, whose operands and
-# accumulators take registers per thread, so smaller tiles. Every entry compiles for sm_90
-# without register spills at every P tile and product precision on Triton 3.9
-# (tests/tools/kernel_resources.py --kernels mlp); on Triton 3.6 the third "tensor" entry spills
-# about 100 B at P tile 64, where the tuner drops it (pick_config). The first entry of each table,
-# the one used with autotuning off, is spill-free on both.
+# accumulators take registers per thread, so smaller tiles; "tf32x3": the "tensor" entries with a
+# 32-wide dH tile (the 64-wide ones spill 4-300 B holding both TF32 parts of each operand). Every
+# entry compiles for sm_90 without register spills at every P tile and product precision on
+# Triton 3.9 (tests/tools/kernel_resources.py --kernels mlp); on Triton 3.6 the third "tensor"
+# entry spills about 100 B at P tile 64, where the tuner drops it (pick_config). The first entry
+# of each table, the one used with autotuning off, is spill-free on both.
 BWD_TILES = {
     "tensor": ((64, 64, 128, 128, 8, 4), (32, 128, 128, 64, 8, 4), (64, 128, 128, 128, 8, 3),
                (32, 64, 64, 64, 8, 3)),
+    "tf32x3": ((32, 128, 128, 64, 8, 4), (32, 64, 64, 64, 8, 3)),
     "ieee": ((32, 64, 64, 64, 8, 2), (16, 64, 64, 32, 4, 2), (32, 32, 32, 64, 4, 2)),
 }
-BWD_MAX_BLOCK_P = {"tensor": 64, "ieee": 32}
+BWD_MAX_BLOCK_P = {"tensor": 64, "tf32x3": 64, "ieee": 32}
 INTERPRETER_BWD_TILE = (16, 16, 16, 16, 4, 1)
 
 
 def _bwd_table(precision: str) -> str:
-    return "ieee" if precision == "ieee" else "tensor"
+    return precision if precision in ("ieee", "tf32x3") else "tensor"
 
 
 def bwd_block_p(num_rows: int, precision: str) -> int:
@@ -495,12 +519,14 @@ def _rows_as_kv_strides(rows: torch.Tensor, num_kv_heads: int, head_dim: int) ->
 
 def products(compute_dtype: torch.dtype) -> str:
     """The kernels' ``PRECISION`` for products in ``compute_dtype`` (see the module docstring):
-    float32 follows PyTorch's float32 matmul precision, like ``nn.Linear``."""
+    float32 follows PyTorch's float32 matmul precision, like ``nn.Linear``; its exact products are
+    "tf32x3" under ``TF32X3``."""
     if compute_dtype == torch.bfloat16:
         return "bf16"
     if compute_dtype == torch.float16:
         return "fp16"
-    return input_precision(torch.float32)
+    precision = input_precision(torch.float32)
+    return "tf32x3" if precision == "ieee" and TF32X3 else precision
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, precision: str, bias: torch.Tensor | None = None,

@@ -8,7 +8,7 @@ from .. import reference
 from .._backend import eager_function, launch_directly, use_triton
 from ._checks import FLOAT_DTYPES, check_float, check_tensor
 
-__all__ = ["fused_prefix_mlp", "check_prefix_mlp_args"]
+__all__ = ["fused_prefix_mlp", "check_prefix_mlp_args", "tf32x3_products"]
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -311,6 +311,16 @@ def linear_compute_dtype(weight: torch.Tensor) -> torch.dtype:
     if weight.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return weight.dtype
+
+
+def tf32x3_products(enabled: bool = True):
+    """Run the block with the prefix MLP's exact float32 products computed as three TF32
+    tensor-core products each (``PREFIXKERN_MLP_TF32X3=1``; see ``kernels/prefix_mlp.py``), or,
+    with ``enabled=False``, on FMA units. Float32 parameters outside autocast only: TF32 allowed by
+    PyTorch, autocast and 16-bit parameters keep their own products."""
+    from ..kernels import prefix_mlp as kernels
+
+    return kernels.tf32x3_products(enabled)
 
 
 def launched_tiles() -> dict[str, str]:

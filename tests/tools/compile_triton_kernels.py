@@ -139,9 +139,9 @@ def cases(quick: bool):
     yield ("dropout-mask", common.dropout_keep_mask_kernel, dict(BLOCK_M=32, BLOCK_N=64),
            {"seed_ptr": "*i64", "keep_ptr": "*i8"}, "*fp32", 4, 1)
     # (output / gradient pointer, the first GEMMs' precision, the second GEMM's): float32 parameters
-    # exactly and with TF32, and under bf16 and fp16 autocast (16-bit products).
-    for out_ptr, first, second in (("*bf16", "ieee", "tf32"), ("*fp32", "ieee", "tf32"), ("*bf16", "bf16", "bf16"),
-                                   ("*fp16", "fp16", "fp16")):
+    # exactly (FMA or 3xTF32 products) and with TF32, and under bf16 and fp16 autocast (16-bit products).
+    for out_ptr, first, second in (("*bf16", "ieee", "tf32"), ("*fp32", "ieee", "tf32"), ("*bf16", "tf32x3", "tf32x3"),
+                                   ("*bf16", "bf16", "bf16"), ("*fp16", "fp16", "fp16")):
         yield (f"mlp-matmul {out_ptr} {first}", mlp.prefix_mlp_matmul_kernel,
                dict(HAS_BIAS=True, APPLY_TANH=True, PRECISION=first, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64),
                {"c_ptr": "*fp32"}, "*fp32", 4, 3)

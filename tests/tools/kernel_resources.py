@@ -120,7 +120,7 @@ def mlp_candidates():
     from prefixkern.kernels import prefix_mlp as mlp
 
     # "bf16" / "fp16": float32 parameters under autocast (products rounded on load), or 16-bit ones.
-    for precision in ("ieee", "tf32", "bf16", "fp16"):
+    for precision in ("ieee", "tf32x3", "tf32", "bf16", "fp16"):
         for block_p in (16, 32, 64):   # the launcher's P tiles (bwd_block_p)
             if block_p != mlp.bwd_block_p(block_p, precision):
                 continue
