@@ -81,6 +81,10 @@ def _config(family: str):
     if family == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64, attn_pdrop=0.1,
                              resid_pdrop=0.0, embd_pdrop=0.0)
+    if family in ("bert", "roberta", "xlm-roberta"):
+        config_class = {"bert": tf.BertConfig, "roberta": tf.RobertaConfig, "xlm-roberta": tf.XLMRobertaConfig}[family]
+        return config_class(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=64, type_vocab_size=2)
     raise ValueError(family)
 
 
@@ -659,15 +663,16 @@ def test_bart_greedy_generate_matches_peft_forward():
 
 TASK_MODELS = {"SEQ_CLS": tf.AutoModelForSequenceClassification, "TOKEN_CLS": tf.AutoModelForTokenClassification,
                "QUESTION_ANS": tf.AutoModelForQuestionAnswering, "FEATURE_EXTRACTION": tf.AutoModel}
-TASK_FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
+TASK_FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "bert", "roberta", "xlm-roberta"]
 
 
 def _task_pair(family: str, task: str):
-    """(stock PEFT on eager, the same patched) for a task head: 3 labels, pad token 0."""
+    """(stock PEFT on eager, the same patched) for a task head: 3 labels (2 outputs, start and end,
+    for question answering), pad token 0."""
     torch.manual_seed(0)
     config = _config(family)
     config._attn_implementation = "eager"
-    config.num_labels, config.pad_token_id = 3, 0
+    config.num_labels, config.pad_token_id = 2 if task == "QUESTION_ANS" else 3, 0
     base = TASK_MODELS[task].from_config(config, attn_implementation="eager")
 
     def build():
@@ -747,6 +752,10 @@ def test_task_heads_match_stock_peft(family, task, padding):
     for got, want in zip(_task_outputs(out_ours, task, inputs["attention_mask"]),
                          _task_outputs(out_ref, task, inputs["attention_mask"])):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-4)
+    # The prefix counts: the task model alone gives other outputs.
+    with torch.no_grad():
+        plain = _task_outputs(ref.base_model(**inputs), task, inputs["attention_mask"])[0]
+    assert (plain - _task_outputs(out_ours, task, inputs["attention_mask"])[0]).abs().max() > 1e-3
     loss_ref, loss_ours = (_task_loss(out, task, inputs["attention_mask"]) for out in (out_ref, out_ours))
     torch.testing.assert_close(loss_ours, loss_ref, atol=2e-5, rtol=2e-4)
     loss_ref.backward()
@@ -757,10 +766,36 @@ def test_task_heads_match_stock_peft(family, task, padding):
         torch.testing.assert_close(grads_ours[name], grads_ref[name], atol=2e-4, rtol=2e-3, msg=name)
 
 
-def test_task_head_through_the_triton_kernels_and_unpatch():
-    """A sequence-classification head on the real kernels (Triton's interpreter on CPU); unpatch
-    gives stock PEFT's behaviour back (on transformers 5.24 its error)."""
-    ref, ours = _task_pair("qwen2", "SEQ_CLS")
+@pytest.mark.parametrize("family", ["qwen2", "roberta"])
+def test_task_head_gradient_checkpointing_gives_the_same_gradients(family):
+    """A sequence-classification head trained with gradient checkpointing (which stock PEFT
+    refuses for prefix tuning): the same prefix gradients as without it."""
+    grads = []
+    for checkpointing in (False, True):
+        _, ours = _task_pair(family, "SEQ_CLS")
+        base = ours.get_base_model()
+        if checkpointing:
+            enable = getattr(base, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
+        ours.train()
+        torch.manual_seed(11)
+        ours(**_task_inputs("SEQ_CLS", "right")).loss.backward()
+        grads.append(_prefix_grads(ours))
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "roberta"])
+def test_task_head_through_the_triton_kernels_and_unpatch(family):
+    """A sequence-classification head on the real kernels (Triton's interpreter on CPU; causal for
+    Qwen2, bidirectional for RoBERTa); unpatch gives stock PEFT's behaviour back (on transformers
+    5.24 its error)."""
+    ref, ours = _task_pair(family, "SEQ_CLS")
     inputs = _task_inputs("SEQ_CLS", "left")
     with prefixkern.use_backend("triton"):
         out = ours(**inputs)

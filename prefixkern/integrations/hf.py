@@ -48,18 +48,22 @@ KWARG = "prefixkern_prefix"
 # Families the tests cover against stock PEFT (all but BLOOM through transformers' AttentionInterface).
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mistral", "mixtral", "gemma", "gemma2",
                          "gemma3_text", "glm4", "phi", "phi3", "olmo", "olmo2", "granite", "smollm3", "cohere2",
-                         "starcoder2", "gpt_neox", "gpt2", "bloom", "bart")
+                         "starcoder2", "gpt_neox", "gpt2", "bloom", "bart", "bert", "roberta", "xlm-roberta")
 # Families whose attention goes through the interface but cannot get the prefix from it, and why.
 REFUSED_MODEL_TYPES: dict[str, str] = {
     "stablelm": "its decoder layers call their attention without the forward's keyword arguments, so the prefix "
                 "(passed to every attention layer that way) cannot reach it",
 }
 ENCODER_DECODER_TYPES = ("bart",)
+# Encoder-only families (P-Tuning v2's NLU models): every layer's self-attention, bidirectional,
+# reads the prefix, as under stock PEFT (BART's encoder, by contrast, reads none).
+ENCODER_ONLY_TYPES = ("bert", "roberta", "xlm-roberta")
 # Families that take packed batches (transformers' DataCollatorWithFlattening with
 # return_flash_attn_kwargs=True): those with rotary positions (or none in some layers), so a packed
 # sequence's attention is the same wherever it sits in the row (PEFT drops position_ids, so positions
-# run on across sequences). GPT-2 and BART learn absolute positions; BLOOM's ALiBi counts them.
-PACKED_MODEL_TYPES = tuple(t for t in SUPPORTED_MODEL_TYPES if t not in ("gpt2", "bloom", "bart"))
+# run on across sequences). GPT-2, BART and the encoders learn absolute positions; BLOOM's ALiBi counts them.
+PACKED_MODEL_TYPES = tuple(t for t in SUPPORTED_MODEL_TYPES
+                           if t not in ("gpt2", "bloom", "bart", *ENCODER_ONLY_TYPES))
 # The oldest transformers release the integration tests pass on against stock PEFT (checked on 5.5.0
 # to 5.24.0). Older releases write these families' attention differently: on 5.0-5.4 GPT-2, BLOOM,
 # BART, Phi, OLMo and Cohere 2 gave logits off stock PEFT's by up to 1.3, and 4.56/4.57 fail 57 of the
@@ -80,6 +84,8 @@ class PrefixState:
     # Which of the L prefix layers model layer i reads (None: that layer gets no prefix). Identity
     # for decoder-only models; BART's decoder reads PEFT's rows in another order (see _bart_layer_map).
     layer_map: tuple[int | None, ...] | None = None
+    # An encoder-only model's: its bidirectional self-attention reads the prefix (ENCODER_ONLY_TYPES).
+    bidirectional: bool = False
 
     def __post_init__(self):
         # The 2L per-layer keys and values, split once (see _split). A plain attribute, not a
@@ -197,9 +203,11 @@ def prefixkern_attention(module, query, key, value, attention_mask, scaling=None
     [B, Hkv, S_kv, D] (sequence only), ``attention_mask`` the 2-D padding mask over
     ``[prefix ; sequence]`` from :func:`prefixkern_mask` (or None). Returns ``([B, S, Hq, D], None)``."""
     state: PrefixState | None = kwargs.get(KWARG)
-    # Only causal decoder self-attention reads the prefix: an encoder's self-attention and a
-    # decoder's cross-attention (BART) run plain, as under stock PEFT.
-    if not (getattr(module, "is_causal", True) and getattr(module, "is_decoder", True)):
+    # Causal decoder self-attention reads the prefix, and an encoder-only model's self-attention;
+    # an encoder-decoder's encoder and its decoder's cross-attention (BART) run plain, as under
+    # stock PEFT.
+    if not (getattr(module, "is_causal", True) and getattr(module, "is_decoder", True)) \
+            and not (state is not None and state.bidirectional):
         state = None
     layer_prefix, prefix_index = (None, None) if state is None else state.layer_on(module.layer_idx, query.device)
     seq_kv = key.shape[2]
@@ -423,6 +431,7 @@ class _PatchState:
     head_dim: int
     rows: tuple[str, ...] | None = None      # adapter name per batch row (prefix_per_row)
     encoder_decoder: bool = False
+    encoder_only: bool = False
     layer_map: tuple[int | None, ...] | None = None
     patched_modules: list = dataclasses.field(default_factory=list)
     encoders: dict = dataclasses.field(default_factory=dict)
@@ -653,7 +662,8 @@ def _patched_get_prompt(self, batch_size: int, task_ids=None, max_cache_len=None
 def _prefix_state(model, state: _PatchState, batch_size: int, dtype) -> PrefixState:
     """Every layer's prefix for this batch: the active adapter's, or one per row (prefix_per_row)."""
     if state.rows is None:
-        return PrefixState(_prefix_kv(model, model.active_adapter, state, dtype), layer_map=state.layer_map)
+        return PrefixState(_prefix_kv(model, model.active_adapter, state, dtype), layer_map=state.layer_map,
+                           bidirectional=state.encoder_only)
     names = list(dict.fromkeys(state.rows))
     rows = state.rows
     if state.generating and batch_size % len(rows) == 0:
@@ -668,7 +678,7 @@ def _prefix_state(model, state: _PatchState, batch_size: int, dtype) -> PrefixSt
         raise ValueError(f"prefix_per_row needs adapters of one prefix length, got {sorted(lengths)}")
     kv = torch.stack([_prefix_kv(model, n, state, dtype) for n in names])
     index = torch.tensor([names.index(n) for n in rows], dtype=torch.int64, device=kv.device)
-    return PrefixState(kv, index, layer_map=state.layer_map)
+    return PrefixState(kv, index, layer_map=state.layer_map, bidirectional=state.encoder_only)
 
 
 def _prefix_of(cache) -> PrefixState | None:
@@ -735,13 +745,15 @@ def patch(model):
     (soft-capping, hybrid sliding window), Gemma 3 (text) and Cohere 2 (hybrid sliding window),
     GLM-4, GPT-2 (attention dropout) through transformers' attention interface,
     and BLOOM (ALiBi) through a BLOOM attention forward; BART (seq2seq) as stock PEFT serves it: only
-    the decoder self-attention reads a prefix (see ``_bart_layer_map``). Other models are refused.
+    the decoder self-attention reads a prefix (see ``_bart_layer_map``); the encoders BERT, RoBERTa
+    and XLM-RoBERTa, whose bidirectional self-attention reads it in every layer. Other models are
+    refused.
 
     CUDA tensors run the Triton kernels; CPU tensors run the reference (or the kernels in Triton's
     interpreter with ``PREFIXKERN_BACKEND=triton TRITON_INTERPRET=1``).
 
-    Task types: causal LM, seq2seq (BART), and on the decoder families sequence classification,
-    token classification, question answering and feature extraction.
+    Task types: causal LM, seq2seq (BART), sequence classification, token classification,
+    question answering and feature extraction.
 
     GPT-2: like stock PEFT, real tokens sit at positions P..P+T-1, so P + T must stay within
     ``n_positions`` (1024).
@@ -768,6 +780,7 @@ def patch(model):
     model._prefixkern = _PatchState(previous, hook, config.num_layers, config.num_attention_heads, head_dim)
     if model_type == "bloom":
         model._prefixkern.patched_modules = _patch_bloom(base_model)
+    model._prefixkern.encoder_only = model_type in ENCODER_ONLY_TYPES
     if encoder_decoder:
         decoder_layers = getattr(base_model.config, "decoder_layers", config.num_layers)
         model._prefixkern.encoder_decoder = True
