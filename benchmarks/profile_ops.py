@@ -61,8 +61,6 @@ def _mlp_step(shape_name: str, pass_: str, dtype):
 def _suite_model(model_name: str, impl: str, dtype, device: torch.device, **build_kwargs):
     """``(model, config)``: the e2e suite's model for ``impl`` (prefixkern, prefixkern_raw_launch,
     peft_sdpa, floor_no_prefix), built as the suite builds it."""
-    from transformers import AutoModelForCausalLM
-
     from prefixkern.bench import e2e
     from prefixkern.bench.common import Options
 
@@ -70,7 +68,7 @@ def _suite_model(model_name: str, impl: str, dtype, device: torch.device, **buil
     config = e2e.model_config(model_name)
     torch.manual_seed(0)
     with device:
-        base_state = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).state_dict()
+        base_state = e2e.model_class(model_name).from_config(config, torch_dtype=dtype).state_dict()
     return e2e.build_model(model_name, impl, opts, base_state, **build_kwargs), config
 
 
@@ -81,8 +79,8 @@ def _e2e_step(model_name: str, impl: str, dtype, seq_len: int = 256, batch: int 
     device = torch.device(device)
     model, config = _suite_model(model_name, impl, dtype, device)
     gen = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=gen).to(device)
-    return e2e._step_fn(model, impl, input_ids, torch.ones_like(input_ids))
+    input_ids = torch.randint(3, config.vocab_size, (batch, seq_len), generator=gen).to(device)
+    return e2e._step_fn(model, impl, input_ids, torch.ones_like(input_ids), e2e.labels_for(model_name, input_ids))
 
 
 def _generate_call(model_name: str, impl: str, dtype, batch: int = 8, prompt: int = 512, new_tokens: int = 16,

@@ -93,7 +93,7 @@ for step in "${STEPS[@]}"; do
         mlp)          run_step bench-mlp "$PY" -m prefixkern.bench --suite mlp --out-dir "$OUT" ;;
         device)       run_step bench-device "$PY" -m prefixkern.bench --suite device --out-dir "$OUT" --no-plots ;;
         e2e)          run_step bench-e2e "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" \
-                          --shapes qwen2.5-0.5b bloomz-560m ;;
+                          --shapes qwen2.5-0.5b bloomz-560m roberta-large ;;
         # The training step under torch.compile with CUDA graphs, beside the eager rows it compiles.
         e2e-compile)  run_step bench-e2e-compile "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" \
                           --shapes qwen2.5-0.5b --quick --baselines floor_no_prefix peft_sdpa prefixkern floor_compiled \

@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="case names (attention: seed-qwen seed-bloom paper-gpt2 llama8b-2k llama8b-8k long-32k "
                              "packed-qwen packed-llama8b; "
                              "mlp: qwen2.5-0.5b bloomz-560m llama3-8b; e2e_train: qwen2.5-0.5b bloomz-560m "
-                             "gpt2-medium llama3.2-1b; decode: P30-L4096-B8 ...)")
+                             "gpt2-medium llama3.2-1b roberta-large; decode: P30-L4096-B8 ...)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--baselines", nargs="+", default=None,
                         help="only these baselines (eager sdpa_mask sdpa_lower_right sdpa_lower_right_gqa flex "

@@ -1,6 +1,8 @@
 """End-to-end suite: a bf16 training step (forward, loss, backward to the prefix) of models built
 from real configs with random weights, for the floor (no prefix, SDPA's flash path, gradients
 flowing to the input embeddings), stock PEFT with HF ``eager`` and ``sdpa``, and the patched model.
+Causal LMs train on next-token loss; ``roberta-large`` is P-Tuning v2's setting, a two-label
+sequence-classification head (``task_type="SEQ_CLS"``) on 32 sequences of 128 tokens.
 
 A ragged case (``<model>-sft-ragged``: the seeds' SFT recipe, examples of 32-256 tokens) runs the
 same examples right-padded (stock PEFT, the patched model) and packed into one row by
@@ -33,15 +35,45 @@ def model_config(name: str):
         return tf.LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                               num_attention_heads=32, num_key_value_heads=8, head_dim=64,
                               max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True)
+    if name == "roberta-large":
+        return tf.RobertaConfig(vocab_size=50265, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                num_attention_heads=16, max_position_embeddings=514, type_vocab_size=1,
+                                pad_token_id=1, num_labels=2)
     if name == "cpu-tiny-llama":
         return tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2)
+    if name == "cpu-tiny-roberta":
+        return tf.RobertaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=64, pad_token_id=1, num_labels=2)
     raise ValueError(name)
 
 
-MODELS = ("qwen2.5-0.5b", "bloomz-560m", "gpt2-medium", "llama3.2-1b")
+# PEFT task type of each model (CAUSAL_LM unless named), and the transformers class it builds.
+TASKS = {"roberta-large": "SEQ_CLS", "cpu-tiny-roberta": "SEQ_CLS"}
+
+
+def task_of(name: str) -> str:
+    return TASKS.get(name, "CAUSAL_LM")
+
+
+def model_class(name: str):
+    import transformers as tf
+
+    return tf.AutoModelForSequenceClassification if task_of(name) == "SEQ_CLS" else tf.AutoModelForCausalLM
+
+
+def labels_for(name: str, input_ids: torch.Tensor) -> torch.Tensor:
+    """A step's labels: the tokens themselves (next-token loss), or one class per row."""
+    if task_of(name) == "CAUSAL_LM":
+        return input_ids
+    gen = torch.Generator().manual_seed(3)
+    return torch.randint(0, 2, (input_ids.shape[0],), generator=gen).to(input_ids.device)
+
+
+MODELS = ("qwen2.5-0.5b", "bloomz-560m", "gpt2-medium", "llama3.2-1b", "roberta-large")
 QUICK = ("qwen2.5-0.5b",)
 LENGTHS = {256: 8, 2048: 2}     # S -> batch
+MODEL_LENGTHS = {"roberta-large": {128: 32}}    # P-Tuning v2's NLU batches (RoBERTa has 512 positions)
 IMPLS = ("floor_no_prefix", "peft_eager", "peft_sdpa", "prefixkern", "prefixkern_raw_launch", "prefixkern_liger")
 # The same steps under torch.compile with CUDA graphs ("reduce-overhead"), which takes away the
 # per-launch host time that bounds the eager steps at these sizes. GPU only, and left out of
@@ -72,14 +104,13 @@ def build_model(name: str, impl: str, opts: Options, base_state, num_virtual_tok
     """The model a row of the suite runs: the frozen base (floor), stock PEFT on ``eager`` or
     ``sdpa``, or the patched model (optionally with Liger-Kernel's patch), same weights."""
     from peft import PrefixTuningConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     attn = "eager" if impl == "peft_eager" or impl.startswith("prefixkern") else "sdpa"
     config = copy.deepcopy(model_config(name))
     config._attn_implementation = attn
     torch.manual_seed(0)
     with torch.device(opts.device):      # initialise on the GPU: CPU init of a 1B model takes seconds
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, torch_dtype=opts.dtype)
+        model = model_class(name).from_config(config, attn_implementation=attn, torch_dtype=opts.dtype)
     model.load_state_dict(base_state)
     if impl == "prefixkern_liger":
         import liger_kernel.transformers as liger
@@ -93,7 +124,7 @@ def build_model(name: str, impl: str, opts: Options, base_state, num_virtual_tok
             p.requires_grad_(False)
         return model
     torch.manual_seed(1)
-    peft_model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens,
+    peft_model = get_peft_model(model, PrefixTuningConfig(task_type=task_of(name), num_virtual_tokens=num_virtual_tokens,
                                                           prefix_projection=True))
     peft_model.to(opts.device)
     if impl.startswith("prefixkern"):
@@ -103,17 +134,17 @@ def build_model(name: str, impl: str, opts: Options, base_state, num_virtual_tok
     return peft_model
 
 
-def _step_fn(model, impl: str, input_ids, attention_mask):
+def _step_fn(model, impl: str, input_ids, attention_mask, labels):
     if impl == "prefixkern_raw_launch":
-        return _with_raw_launch(_step_fn(model, "prefixkern", input_ids, attention_mask))
+        return _with_raw_launch(_step_fn(model, "prefixkern", input_ids, attention_mask, labels))
 
     def step():
         model.zero_grad(set_to_none=True)
         if impl == "floor_no_prefix":
             embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_()
-            out = model(inputs_embeds=embeds, attention_mask=attention_mask, labels=input_ids)
+            out = model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
         else:
-            out = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids)
+            out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         out.loss.backward()
         return out.loss.detach()
     return step
@@ -169,6 +200,25 @@ def measure_step(opts: Options, record: Record, step, tokens: int, losses: dict,
                                             torch.bfloat16: 2e-2}[opts.dtype])
     record.note = (record.note or "") + f"loss {losses.get(record.impl, float('nan')):.5f}"
     return record
+
+
+# Stock PEFT 0.21's error for its task heads on transformers 5.24 (see stock_task_loss).
+_STOCK_TASK_ERROR = "does not support past key values"
+
+
+def stock_task_loss(model, input_ids, attention_mask, labels) -> float:
+    """Stock PEFT's loss for a task head where its forward raises: PEFT 0.21 looks for
+    ``past_key_values`` in the head's signature, which transformers 5.24 renamed ``cache``. What it
+    computes on older releases: the task model with the prefix's mask columns and PEFT's prompt
+    cache (no gradients: the reference of the patched row's loss check)."""
+    from ..integrations.hf import _cache_argument
+
+    batch, task_model = input_ids.shape[0], model.base_model
+    mask = torch.cat([attention_mask.new_ones(batch, model.active_peft_config.num_virtual_tokens), attention_mask], 1)
+    name = _cache_argument(task_model) or _cache_argument(task_model.get_submodule(model.transformer_backbone_name))
+    with torch.no_grad():
+        out = task_model(input_ids=input_ids, attention_mask=mask, labels=labels, **{name: model.get_prompt(batch)})
+    return out.loss.float().item()
 
 
 RAGGED_IMPLS = ("peft_eager", "peft_sdpa", "prefixkern", "prefixkern_packed")
@@ -240,25 +290,26 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
         return records, [Skip("e2e_train", "all", "all", f"transformers/peft unavailable ({exc})")]
     if opts.on_gpu:
         models = opts.shapes or (QUICK if opts.quick else MODELS)
-        lengths = {256: 8} if opts.quick else LENGTHS
+        default_lengths = {256: 8} if opts.quick else LENGTHS
     else:
-        models, lengths = ("cpu-tiny-llama",), {16: 2}
+        models, default_lengths = ("cpu-tiny-llama", "cpu-tiny-roberta"), {16: 2}
     for name in models:
         try:
             config = model_config(name)
         except ValueError:
             continue
-        from transformers import AutoModelForCausalLM
-
         torch.manual_seed(0)
         with torch.device(opts.device):
-            base_state = AutoModelForCausalLM.from_config(config, torch_dtype=opts.dtype).state_dict()
+            base_state = model_class(name).from_config(config, torch_dtype=opts.dtype).state_dict()
+        lengths = MODEL_LENGTHS.get(name, default_lengths) if opts.on_gpu else default_lengths
         for seq_len, batch in lengths.items():
             case = f"{name}-S{seq_len}"
             limit = getattr(config, "n_positions", None)
             gen = torch.Generator().manual_seed(0)
-            input_ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=gen).to(opts.device)
+            # (from 3: clear of RoBERTa's padding and special tokens, so every position is a real token)
+            input_ids = torch.randint(3, config.vocab_size, (batch, seq_len), generator=gen).to(opts.device)
             attention_mask = torch.ones_like(input_ids)
+            labels = labels_for(name, input_ids)
             losses = {}
             for impl in IMPLS + COMPILED_IMPLS:
                 if not opts.wants(impl):
@@ -295,21 +346,29 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 if impl in COMPILED_IMPLS:
                     record.note = f"torch.compile(mode={COMPILE_MODE!r}), CUDA graphs' own memory pool included; "
                     step = _compiled_step(_step_fn(torch.compile(model, mode=COMPILE_MODE), eager, input_ids,
-                                                   attention_mask))
+                                                   attention_mask, labels))
                     try:
                         step()                      # compiles, and records the graphs
                     except Exception as exc:        # stock PEFT's prompt learning may not compile
                         failed = f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}"
                 else:
-                    step = _step_fn(model, impl, input_ids, attention_mask)
-                # (Outside the handler: its traceback no longer holds the model.)
+                    step = _step_fn(model, impl, input_ids, attention_mask, labels)
                 if failed is None:
-                    records.append(measure_step(opts, record, step, batch * seq_len, losses,
-                                                check=eager != "floor_no_prefix"))
-                elif impl.startswith("prefixkern"):
-                    record.ok, record.note = False, record.note + failed
+                    try:
+                        records.append(measure_step(opts, record, step, batch * seq_len, losses,
+                                                    check=eager != "floor_no_prefix"))
+                    except Exception as exc:   # a baseline that cannot: stock PEFT's task heads on transformers 5.24
+                        if impl.startswith("prefixkern"):
+                            raise
+                        failed = f"step failed: {type(exc).__name__}: {str(exc)[:300]}"
+                        if impl == "peft_eager" and _STOCK_TASK_ERROR in str(exc):
+                            losses["peft_eager"] = stock_task_loss(model, input_ids, attention_mask, labels)
+                            failed += " (the check's reference: the loss it computes on older transformers)"
+                # (Outside the handlers: their tracebacks no longer hold the model.)
+                if failed is not None and impl.startswith("prefixkern"):
+                    record.ok, record.note = False, (record.note or "") + failed
                     records.append(record)
-                else:
+                elif failed is not None:
                     skips.append(Skip("e2e_train", case, impl, failed))
                 del model, step
                 if impl in COMPILED_IMPLS:
