@@ -32,33 +32,6 @@ __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
   return static_cast<uint32_t>(lo.x) | (static_cast<uint32_t>(hi.x) << 16);
 }
 
-// Dot product of 8 packed half/bf16 pairs (one 16-byte load from each side), in float32.
-__device__ __forceinline__ float dot8(const uint4& a, const uint4& b, at::Half) {
-  const __half2* x = reinterpret_cast<const __half2*>(&a);
-  const __half2* y = reinterpret_cast<const __half2*>(&b);
-  float sum = 0.f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 u = __half22float2(x[i]);
-    const float2 v = __half22float2(y[i]);
-    sum = fmaf(u.x, v.x, fmaf(u.y, v.y, sum));
-  }
-  return sum;
-}
-
-__device__ __forceinline__ float dot8(const uint4& a, const uint4& b, at::BFloat16) {
-  const __nv_bfloat162* x = reinterpret_cast<const __nv_bfloat162*>(&a);
-  const __nv_bfloat162* y = reinterpret_cast<const __nv_bfloat162*>(&b);
-  float sum = 0.f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 u = __bfloat1622float2(x[i]);
-    const float2 v = __bfloat1622float2(y[i]);
-    sum = fmaf(u.x, v.x, fmaf(u.y, v.y, sum));
-  }
-  return sum;
-}
-
 struct DecodeParams {
   const void* q;
   const void* k;
@@ -159,6 +132,41 @@ __device__ __forceinline__ void load_kv_tile(T (&k_tile)[TK][K_COLS], T (&v_tile
     }
     copy16(&k_tile[c][d], k_src, kc);
     copy16(&v_tile[c][d], v_src, vc);
+  }
+}
+
+// load_kv_tile for the CUDA-core kernel: a tile wholly inside the cache (every tile but the
+// prefix's and a chunk's last) is copied by stepping two source pointers a fixed stride per pass,
+// 25 instructions per pass in the sm_90 SASS against load_kv_tile's 82-91 (which addresses each
+// key as a prefix or cache row and rebuilds the base pointers from the batch and head strides):
+// about a third of that kernel's instructions went there. (The tensor-core kernel keeps
+// load_kv_tile: the stepping pointers took ptxas for sm_80 from 78 to 95 registers there, below
+// the six blocks per SM its shared memory allows.)
+template <typename T, int HEAD_DIM, int TK, int THREADS, int K_COLS, int V_COLS>
+__device__ __forceinline__ void load_kv_tile_stepping(T (&k_tile)[TK][K_COLS], T (&v_tile)[TK][V_COLS], int t0,
+                                                      int k_end, const T* pk, const T* pv, const T* kc, const T* vc,
+                                                      const DecodeParams& p) {
+  if (t0 < p.P || t0 + TK > k_end) {                    // the same for the whole block
+    load_kv_tile<T, HEAD_DIM, TK, THREADS>(k_tile, v_tile, t0, k_end, pk, pv, kc, vc, p);
+    return;
+  }
+  constexpr int kChunks = HEAD_DIM / kVec;               // 16-byte chunks per key row
+  constexpr int kRowsPerPass = THREADS / kChunks;
+  static_assert(THREADS % kChunks == 0 && TK % kRowsPerPass == 0, "a tile splits evenly over the block's threads");
+  // The thread's chunk: column d of tile rows c0, c0 + kRowsPerPass, ... (load_kv_tile's assignment).
+  const int d = (threadIdx.x % kChunks) * kVec;
+  const int c0 = threadIdx.x / kChunks;
+  const int64_t j0 = t0 + c0 - p.P;
+  const T* k_src = kc + (j0 * p.k_ss + d);
+  const T* v_src = vc + (j0 * p.v_ss + d);
+  const int64_t k_step = kRowsPerPass * p.k_ss;
+  const int64_t v_step = kRowsPerPass * p.v_ss;
+#pragma unroll 1   // cp.async does not wait, so unrolling adds no copies in flight, only registers
+  for (int c = c0; c < TK; c += kRowsPerPass) {
+    copy16(&k_tile[c][d], k_src, kc);
+    copy16(&v_tile[c][d], v_src, vc);
+    k_src += k_step;
+    v_src += v_step;
   }
 }
 

@@ -1,9 +1,9 @@
 // Decode attention over [prefix ; cache] for q_len 1..8 (flash-decoding): the key axis
 // [0, P + L) (prefix keys first) is cut into `splits` chunks; one block per (chunk, batch row,
-// KV head, block of query rows) computes an online softmax over its chunk for up to kMaxRows query
-// rows (the GQA group's heads x the step's query positions), so each KV byte is read once per
-// block of rows, and writes a float32 partial output and its log-sum-exp. merge_attention_states
-// combines the chunks.
+// KV head, block of query rows) computes an online softmax over its chunk for a block of query
+// rows (the GQA group's heads x the step's query positions: up to 16 on CUDA cores, sized to the
+// group by simt_rows; 8 on tensor cores), so each KV byte is read once per block of rows, and
+// writes a float32 partial output and its log-sum-exp. merge_attention_states combines the chunks.
 //
 // Visibility: prefix keys always; cache key j for query position i of Sq iff j <= i + (L - Sq)
 // (bottom-right causal), and key_padding_mask[b, j] != 0 when a mask is given.
@@ -87,8 +87,8 @@ void allow_mma_smem(int device) {
 }
 
 // Blocks of one kernel instance an SM holds at once (registers and shared memory decide), from the
-// occupancy API.
-template <typename T, int HEAD_DIM>
+// occupancy API. ROWS: the CUDA-core kernel's rows per block (the tensor-core kernel has one size).
+template <typename T, int HEAD_DIM, int ROWS>
 int query_resident_blocks(bool tensor_cores, int device) {
   int blocks = 0;
   if (tensor_cores) {
@@ -97,36 +97,45 @@ int query_resident_blocks(bool tensor_cores, int device) {
         &blocks, prefix_decode_partial_mma_kernel<T, HEAD_DIM>, kMmaThreads, mma_smem_bytes<T, HEAD_DIM>()));
   } else {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &blocks, prefix_decode_partial_kernel<T, HEAD_DIM>, kThreads, 0));
+        &blocks, prefix_decode_partial_kernel<T, HEAD_DIM, ROWS>, kThreads, 0));
   }
   return std::max(blocks, 1);
 }
 
-// Runs f.template run<T, HEAD_DIM>() for the kernel instance of a dtype and head dim (functors
-// rather than templated lambdas: the extension builds as C++17 too).
+// Runs f.template run<T, HEAD_DIM, ROWS>() for the kernel instance of a dtype, head dim and rows per
+// block (functors rather than templated lambdas: the extension builds as C++17 too).
+template <typename T, int HEAD_DIM, typename F>
+int dispatch_rows(int rows, const F& f) {
+  switch (rows) {
+    case 4: return f.template run<T, HEAD_DIM, 4>();
+    case 8: return f.template run<T, HEAD_DIM, 8>();
+    default: return f.template run<T, HEAD_DIM, kMaxRows>();
+  }
+}
+
 template <typename T, typename F>
-int dispatch_head_dim(int head_dim, const F& f) {
+int dispatch_head_dim(int head_dim, int rows, const F& f) {
   switch (head_dim) {
-    case 64: return f.template run<T, 64>();
-    case 128: return f.template run<T, 128>();
-    case 256: return f.template run<T, 256>();
+    case 64: return dispatch_rows<T, 64>(rows, f);
+    case 128: return dispatch_rows<T, 128>(rows, f);
+    case 256: return dispatch_rows<T, 256>(rows, f);
     default: TORCH_CHECK(false, "prefix_decode_partial: head dim must be 64, 128 or 256, got ", head_dim);
   }
   return 0;
 }
 
 template <typename F>
-int dispatch(bool half, int head_dim, const F& f) {
-  return half ? dispatch_head_dim<at::Half>(head_dim, f) : dispatch_head_dim<at::BFloat16>(head_dim, f);
+int dispatch(bool half, int head_dim, int rows, const F& f) {
+  return half ? dispatch_head_dim<at::Half>(head_dim, rows, f) : dispatch_head_dim<at::BFloat16>(head_dim, rows, f);
 }
 
 struct ResidentBlocks {
   bool tensor_cores;
   int device;
 
-  template <typename T, int HEAD_DIM>
+  template <typename T, int HEAD_DIM, int ROWS>
   int run() const {
-    return query_resident_blocks<T, HEAD_DIM>(tensor_cores, device);
+    return query_resident_blocks<T, HEAD_DIM, ROWS>(tensor_cores, device);
   }
 };
 
@@ -138,7 +147,7 @@ struct LaunchPartial {
   int device;
   cudaStream_t stream;
 
-  template <typename T, int HEAD_DIM>
+  template <typename T, int HEAD_DIM, int ROWS>
   int run() const {
     const dim3 grid(plan.splits, Hkv * plan.row_blocks, params.B);
     if (tensor_cores) {
@@ -146,18 +155,21 @@ struct LaunchPartial {
       prefix_decode_partial_mma_kernel<T, HEAD_DIM><<<grid, kMmaThreads, mma_smem_bytes<T, HEAD_DIM>(), stream>>>(
           params);
     } else {
-      prefix_decode_partial_kernel<T, HEAD_DIM><<<grid, kThreads, 0, stream>>>(params);
+      prefix_decode_partial_kernel<T, HEAD_DIM, ROWS><<<grid, kThreads, 0, stream>>>(params);
     }
     return 0;
   }
 };
 
-int resident_blocks_per_sm(int device, bool half, int head_dim, bool tensor_cores) {
-  // Per kernel instance (kernel x dtype x head dim), per device.
-  static std::array<std::array<std::atomic<int>, kMaxDevices>, 12> cached{};
-  const int instance = (tensor_cores ? 6 : 0) + (half ? 3 : 0) + (head_dim == 64 ? 0 : head_dim == 128 ? 1 : 2);
+// The tensor-core kernel's instances are dispatched as rows 16 (one per dtype and head dim).
+int resident_blocks_per_sm(int device, bool half, int head_dim, int rows, bool tensor_cores) {
+  // Per kernel instance (kernel x dtype x head dim x rows per block), per device.
+  static std::array<std::array<std::atomic<int>, kMaxDevices>, 36> cached{};
+  const int rows_index = rows == 4 ? 0 : rows == 8 ? 1 : 2;
+  const int instance = (((tensor_cores ? 1 : 0) * 2 + (half ? 1 : 0)) * 3 +
+                        (head_dim == 64 ? 0 : head_dim == 128 ? 1 : 2)) * 3 + rows_index;
   return read_once(cached[instance], device,
-                   [&] { return dispatch(half, head_dim, ResidentBlocks{tensor_cores, device}); });
+                   [&] { return dispatch(half, head_dim, rows, ResidentBlocks{tensor_cores, device}); });
 }
 
 }  // namespace
@@ -209,13 +221,15 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
               "prefix_decode_partial: tensor_cores=True needs an sm_80 or newer GPU");
   const bool half = q.scalar_type() == at::kHalf;
   const int group = Hq / Hkv;
+  // The CUDA-core kernel's rows per block, sized to the group (simt_rows); the tensor-core one's is 8.
+  const int rows = tensor_cores ? kMaxRows : simt_rows(group * Sq);
   // One full wave of resident blocks (plan_decode). The CUDA-core kernel at D = 128 holds 5 per SM;
   // at 2 per SM (2.4 resident at B = 8 on Llama-3-8B heads) it read 887 GB/s on the H200.
-  const int wave =
-      device_attribute<cudaDevAttrMultiProcessorCount>(device) * resident_blocks_per_sm(device, half, D, tensor_cores);
+  const int wave = device_attribute<cudaDevAttrMultiProcessorCount>(device) *
+                   resident_blocks_per_sm(device, half, D, rows, tensor_cores);
   const DecodePlan plan = tensor_cores
       ? plan_decode(B, Hkv, group, Sq, P, L, kMmaRows, kMmaTileKeys, wave, num_splits)
-      : plan_decode(B, Hkv, group, Sq, P, L, kMaxRows, tile_keys(D), wave, num_splits);
+      : plan_decode(B, Hkv, group, Sq, P, L, rows, tile_keys(D), wave, num_splits);
   TORCH_CHECK(static_cast<int64_t>(Hkv) * plan.row_blocks <= 65535, "prefix_decode_partial: too many heads");
   const int splits = plan.splits;
 
@@ -248,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
   params.scale = static_cast<float>(scale);
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(half, D, LaunchPartial{params, plan, Hkv, tensor_cores, device, stream});
+  dispatch(half, D, rows, LaunchPartial{params, plan, Hkv, tensor_cores, device, stream});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out_partial, lse_partial};
 }

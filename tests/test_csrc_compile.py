@@ -65,22 +65,25 @@ def _check_decode_kernel_memory_path(tmp_path, ptxas_output):
     """What the decode kernels' speed rests on, pinned where a compile shows it: every instance of
     both kernels copies K/V tiles with cp.async (a tile's copies in flight together; the synchronous
     loop it replaced held one 16-byte load per thread in flight and ran at 887 GB/s on an H200); the
-    CUDA-core kernel's HEAD_DIM 128 instance keeps to 96 registers, so five blocks share an SM; the
+    CUDA-core kernel's HEAD_DIM 128 instances (4, 8 and 16 rows per block) keep to 96 registers, so five blocks share an SM; the
     tensor-core kernel multiplies with mma.sync and keeps to 80 registers at HEAD_DIM 128 (six
     blocks of 128 threads per SM, as many as its 36 KiB of shared memory allows)."""
     ptx = "\n".join(path.read_text() for path in tmp_path.glob("prefix_decode*.ptx"))
     entries = re.split(r"\.entry ", ptx)[1:]
     registers = dict(re.findall(r"Compiling entry function '(_ZN10prefixkern\d+prefix_decode_partial\S+)'"
                                 r"[^\n]*\n(?:[^\n]*\n)*?[^\n]*Used (\d+) registers", ptxas_output))
-    for kernel, limit_at_128 in (("28prefix_decode_partial_kernel", 96), ("32prefix_decode_partial_mma_kernel", 80)):
+    # (kernel, instances per dtype and head dim: the CUDA-core kernel's rows per block 4, 8, 16, register limit)
+    for kernel, per_shape, limit_at_128 in (("28prefix_decode_partial_kernel", 3, 96),
+                                            ("32prefix_decode_partial_mma_kernel", 1, 80)):
         decode = [entry for entry in entries if entry.startswith(f"_ZN10prefixkern{kernel}")]
-        assert len(decode) == 6, f"expected 6 instances (2 dtypes x 3 head dims) of {kernel} in the PTX, found {len(decode)}"
+        assert len(decode) == 6 * per_shape, (
+            f"expected {6 * per_shape} instances (2 dtypes x 3 head dims x {per_shape}) of {kernel}, found {len(decode)}")
         for entry in decode:
             assert "cp.async.cg.shared.global" in entry and "cp.async.wait_group" in entry, entry.split("(")[0]
             if "mma" in kernel:
                 assert "mma.sync.aligned.m16n8k16.row.col.f32" in entry, entry.split("(")[0]
         at_128 = {name: int(n) for name, n in registers.items() if kernel in name and "ELi128E" in name}
-        assert len(at_128) == 2 and all(n <= limit_at_128 for n in at_128.values()), at_128
+        assert len(at_128) == 2 * per_shape and all(n <= limit_at_128 for n in at_128.values()), at_128
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed on this machine")

@@ -58,9 +58,9 @@ def _write_storage(path: Path, t: torch.Tensor) -> None:
 
 def run_emulated(binary: Path, workdir: Path, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale,
                  num_splits, tensor_cores: bool, wave: int = 0):
-    """``(out_partial, lse_partial, (splits, chunk, row_blocks), out, lse)``: the partial kernel's
-    outputs and plan, and the CUDA merge's result (``out`` in q's dtype), for these inputs; ``wave``
-    stands in for the GPU's resident blocks when ``num_splits`` is 0."""
+    """``(out_partial, lse_partial, (splits, chunk, row_blocks, rows per block), out, lse)``: the
+    partial kernel's outputs and plan, and the CUDA merge's result (``out`` in q's dtype), for these
+    inputs; ``wave`` stands in for the GPU's resident blocks when ``num_splits`` is 0."""
     workdir.mkdir(parents=True, exist_ok=True)
     for name, t in dict(q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v).items():
         _write_storage(workdir / f"{name}.bin", t)
@@ -83,12 +83,12 @@ def run_emulated(binary: Path, workdir: Path, q, k, v, prefix_k, prefix_v, prefi
     (workdir / "params.txt").write_text("".join(f"{name} {float(value)!r}\n" for name, value in params.items()))
     result = subprocess.run([str(binary), str(workdir)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    splits, chunk, row_blocks = (int(x) for x in (workdir / "plan.txt").read_text().split())
+    splits, chunk, row_blocks, block_rows = (int(x) for x in (workdir / "plan.txt").read_text().split())
     out = torch.from_file(str(workdir / "out_partial.bin"), size=splits * B * Hq * Sq * D, dtype=torch.float32)
     lse = torch.from_file(str(workdir / "lse_partial.bin"), size=splits * B * Hq * Sq, dtype=torch.float32)
     merged = torch.from_file(str(workdir / "out.bin"), size=B * Hq * Sq * D, dtype=q.dtype)
     merged_lse = torch.from_file(str(workdir / "lse.bin"), size=B * Hq * Sq, dtype=torch.float32)
-    return (out.view(splits, B, Hq, Sq, D), lse.view(splits, B, Hq, Sq), (splits, chunk, row_blocks),
+    return (out.view(splits, B, Hq, Sq, D), lse.view(splits, B, Hq, Sq), (splits, chunk, row_blocks, block_rows),
             merged.view(B, Hq, Sq, D), merged_lse.view(B, Hq, Sq))
 
 
@@ -105,6 +105,8 @@ def _inputs(B, Hq, Hkv, Sq, L, P, D, dtype, prefix, padding):
 
 # (dtype, D, B, Hq, Hkv, Sq, L, P, prefix, padding, splits, wave): every head dim and both dtypes;
 # GQA groups of 4 and 7 (7 x 3 query positions: two or three blocks of rows, the last one short);
+# every CUDA-core block size (4, 8, 16 rows) with its query tile in float32 and in the input dtype,
+# blocks with rows to spare (7 rows in 8, 12 in 16);
 # one prefix key and one cache key; several K/V tiles per chunk (the online softmax rescales) and
 # chunks that cut the prefix and the cache mid-tile; splits picked from the GPU's wave (splits 0);
 # shared, per-row and per-task prefixes; padding, with a row that sees the prefix only (or, with
@@ -118,8 +120,19 @@ CASES = [
     (torch.float16, 128, 3, 2, 2, 8, 40, 64, "per_task", False, 1, 0),
     # No prefix keys: the cache part prefix_gemm=True hands the kernel (its prefix part is a GEMM).
     (torch.bfloat16, 64, 2, 8, 2, 1, 100, 0, "shared", True, 2, 0),
+    (torch.bfloat16, 64, 2, 14, 2, 1, 90, 20, "shared", True, 0, 8),
+    (torch.float16, 256, 1, 8, 2, 3, 60, 10, "per_row", True, 2, 0),
+    (torch.bfloat16, 256, 2, 4, 1, 1, 70, 9, "per_task", True, 0, 8),
 ]
-KERNELS = {"simt": dict(tensor_cores=False, rows=16), "mma": dict(tensor_cores=True, rows=8)}
+KERNELS = {"simt": dict(tensor_cores=False), "mma": dict(tensor_cores=True)}
+
+
+def _block_rows(kernel: str, rows: int) -> int:
+    """Query rows per block: 8 on tensor cores; on CUDA cores the smallest of 4, 8, 16 holding the
+    group's rows (simt_rows in csrc/prefix_decode_simt.cuh)."""
+    if kernel == "mma":
+        return 8
+    return 4 if rows <= 4 else 8 if rows <= 8 else 16
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))
@@ -128,11 +141,12 @@ def test_decode_kernel_against_the_reference(emulator, tmp_path, case, kernel):
     dtype, D, B, Hq, Hkv, Sq, L, P, prefix, padding, splits, wave = case
     (q, k, v, pk, pv), index, mask = _inputs(B, Hq, Hkv, Sq, L, P, D, dtype, prefix, padding)
     scale = D ** -0.5
-    out_partial, lse_partial, (got_splits, chunk, row_blocks), merged, merged_lse = run_emulated(
+    out_partial, lse_partial, (got_splits, chunk, row_blocks, block_rows), merged, merged_lse = run_emulated(
         emulator, tmp_path, q, k, v, pk, pv, index, mask, scale, splits, KERNELS[kernel]["tensor_cores"], wave)
     # The launcher's plan: blocks of rows, chunks of whole tiles covering [prefix ; cache] (64-key
     # tiles on tensor cores, 8192 / D on CUDA cores), no more chunks than asked for or than one wave holds.
-    assert row_blocks == -(-(Hq // Hkv) * Sq // KERNELS[kernel]["rows"])
+    assert block_rows == _block_rows(kernel, Hq // Hkv * Sq)
+    assert row_blocks == -(-(Hq // Hkv) * Sq // block_rows)
     tile = 64 if kernel == "mma" else 8192 // D
     assert chunk % tile == 0 and (got_splits - 1) * chunk < P + L <= got_splits * chunk
     assert got_splits <= max(1, splits or wave // (B * Hkv * row_blocks))

@@ -59,9 +59,11 @@ void run(const std::string& dir, std::map<std::string, double>& a) {
   const int group = Hq / Hkv;
   const bool tensor_cores = get("tensor_cores") != 0;
   // The launcher's plan (prefix_decode.cu): `wave` stands in for the GPU's resident blocks.
+  // The CUDA-core kernel's rows per block, sized to the group as the launcher sizes it.
+  const int rows = simt_rows(group * Sq);
   const DecodePlan plan = tensor_cores
       ? plan_decode(B, Hkv, group, Sq, P, L, kMmaRows, kMmaTileKeys, get("wave"), get("num_splits"))
-      : plan_decode(B, Hkv, group, Sq, P, L, kMaxRows, tile_keys(HEAD_DIM), get("wave"), get("num_splits"));
+      : plan_decode(B, Hkv, group, Sq, P, L, rows, tile_keys(HEAD_DIM), get("wave"), get("num_splits"));
 
   auto q = read_file<T>(dir + "/q.bin");
   auto k = read_file<T>(dir + "/k.bin");
@@ -96,8 +98,12 @@ void run(const std::string& dir, std::map<std::string, double>& a) {
   if (tensor_cores) {
     prefixkern_emu::launch(grid, kMmaThreads, sizeof(MmaTiles<T, HEAD_DIM>),
                            [p] { prefix_decode_partial_mma_kernel<T, HEAD_DIM>(p); });
+  } else if (rows == 4) {
+    prefixkern_emu::launch(grid, kThreads, 0, [p] { prefix_decode_partial_kernel<T, HEAD_DIM, 4>(p); });
+  } else if (rows == 8) {
+    prefixkern_emu::launch(grid, kThreads, 0, [p] { prefix_decode_partial_kernel<T, HEAD_DIM, 8>(p); });
   } else {
-    prefixkern_emu::launch(grid, kThreads, 0, [p] { prefix_decode_partial_kernel<T, HEAD_DIM>(p); });
+    prefixkern_emu::launch(grid, kThreads, 0, [p] { prefix_decode_partial_kernel<T, HEAD_DIM, kMaxRows>(p); });
   }
   write_file(dir + "/out_partial.bin", out_partial);
   write_file(dir + "/lse_partial.bin", lse_partial);
@@ -115,7 +121,8 @@ void run(const std::string& dir, std::map<std::string, double>& a) {
   });
   write_file(dir + "/out.bin", out);
   write_file(dir + "/lse.bin", lse);
-  std::ofstream(dir + "/plan.txt") << plan.splits << " " << plan.chunk << " " << plan.row_blocks << "\n";
+  std::ofstream(dir + "/plan.txt") << plan.splits << " " << plan.chunk << " " << plan.row_blocks << " "
+                                   << (tensor_cores ? kMmaRows : rows) << "\n";
 }
 
 template <typename T>
