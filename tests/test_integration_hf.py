@@ -81,10 +81,10 @@ def _config(family: str):
     if family == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64, attn_pdrop=0.1,
                              resid_pdrop=0.0, embd_pdrop=0.0)
-    if family in ("bert", "roberta", "xlm-roberta"):
-        config_class = {"bert": tf.BertConfig, "roberta": tf.RobertaConfig, "xlm-roberta": tf.XLMRobertaConfig}[family]
-        return config_class(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, max_position_embeddings=64, type_vocab_size=2)
+    if family in hf.ENCODER_ONLY_TYPES:
+        return tf.AutoConfig.for_model(family, vocab_size=VOCAB, hidden_size=48, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                                       type_vocab_size=2)
     raise ValueError(family)
 
 
@@ -738,9 +738,15 @@ def _task_loss(out, task, mask):
     return (features * torch.linspace(-1, 1, features.shape[-1])).sum()
 
 
+# The other encoder families (their attention is BERT's, copied): two heads each, but for
+# XLM-RoBERTa-XL's token classification, whose loss selects labels with the attention mask PEFT
+# has widened by P columns (a shape error in transformers, stock PEFT and patched alike).
+MORE_ENCODER_CASES = [(family, task) for family in hf.ENCODER_ONLY_TYPES if family not in TASK_FAMILIES
+                      for task in ("SEQ_CLS", "TOKEN_CLS") if (family, task) != ("xlm-roberta-xl", "TOKEN_CLS")]
+
+
 @pytest.mark.parametrize("padding", ["left", "right"])
-@pytest.mark.parametrize("task", list(TASK_MODELS))
-@pytest.mark.parametrize("family", TASK_FAMILIES)
+@pytest.mark.parametrize("family, task", [(f, t) for f in TASK_FAMILIES for t in TASK_MODELS] + MORE_ENCODER_CASES)
 def test_task_heads_match_stock_peft(family, task, padding):
     """Classification and QA heads (P-Tuning v2's NLU tasks on decoder models) and the bare model
     (feature extraction): outputs, loss and prefix gradients against stock PEFT (on transformers

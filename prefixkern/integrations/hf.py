@@ -48,7 +48,8 @@ KWARG = "prefixkern_prefix"
 # Families the tests cover against stock PEFT (all but BLOOM through transformers' AttentionInterface).
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mistral", "mixtral", "gemma", "gemma2",
                          "gemma3_text", "glm4", "phi", "phi3", "olmo", "olmo2", "granite", "smollm3", "cohere2",
-                         "starcoder2", "gpt_neox", "gpt2", "bloom", "bart", "bert", "roberta", "xlm-roberta")
+                         "starcoder2", "gpt_neox", "gpt2", "bloom", "bart", "bert", "roberta", "xlm-roberta",
+                         "electra", "camembert", "ernie", "data2vec-text", "roberta-prelayernorm", "xlm-roberta-xl")
 # Families whose attention goes through the interface but cannot get the prefix from it, and why.
 REFUSED_MODEL_TYPES: dict[str, str] = {
     "stablelm": "its decoder layers call their attention without the forward's keyword arguments, so the prefix "
@@ -57,7 +58,8 @@ REFUSED_MODEL_TYPES: dict[str, str] = {
 ENCODER_DECODER_TYPES = ("bart",)
 # Encoder-only families (P-Tuning v2's NLU models): every layer's self-attention, bidirectional,
 # reads the prefix, as under stock PEFT (BART's encoder, by contrast, reads none).
-ENCODER_ONLY_TYPES = ("bert", "roberta", "xlm-roberta")
+ENCODER_ONLY_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "data2vec-text",
+                      "roberta-prelayernorm", "xlm-roberta-xl")
 # Families that take packed batches (transformers' DataCollatorWithFlattening with
 # return_flash_attn_kwargs=True): those with rotary positions (or none in some layers), so a packed
 # sequence's attention is the same wherever it sits in the row (PEFT drops position_ids, so positions
@@ -745,9 +747,9 @@ def patch(model):
     (soft-capping, hybrid sliding window), Gemma 3 (text) and Cohere 2 (hybrid sliding window),
     GLM-4, GPT-2 (attention dropout) through transformers' attention interface,
     and BLOOM (ALiBi) through a BLOOM attention forward; BART (seq2seq) as stock PEFT serves it: only
-    the decoder self-attention reads a prefix (see ``_bart_layer_map``); the encoders BERT, RoBERTa
-    and XLM-RoBERTa, whose bidirectional self-attention reads it in every layer. Other models are
-    refused.
+    the decoder self-attention reads a prefix (see ``_bart_layer_map``); the encoders BERT, RoBERTa,
+    XLM-RoBERTa, ELECTRA, CamemBERT, ERNIE, Data2Vec-text, RoBERTa-PreLayerNorm and XLM-RoBERTa-XL,
+    whose bidirectional self-attention reads it in every layer. Other models are refused.
 
     CUDA tensors run the Triton kernels; CPU tensors run the reference (or the kernels in Triton's
     interpreter with ``PREFIXKERN_BACKEND=triton TRITON_INTERPRET=1``).
