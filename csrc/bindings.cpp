@@ -11,4 +11,9 @@ TORCH_LIBRARY(prefixkern_cuda, m) {
       "-> (Tensor, Tensor)");
   // Log-sum-exp merge of partial attention states over dim 0: returns (out [..., D] in out_dtype, lse [...]).
   m.def("merge_attention_states(Tensor out_partial, Tensor lse_partial, ScalarType out_dtype) -> (Tensor, Tensor)");
+  // Both in one call: returns (out [B, Hq, Sq, D] in q's dtype, lse float32 [B, Hq, Sq]).
+  m.def(
+      "prefix_decode_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
+      "Tensor? prefix_index, Tensor? key_padding_mask, float scale, int num_splits, bool tensor_cores=False) "
+      "-> (Tensor, Tensor)");
 }

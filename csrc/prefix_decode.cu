@@ -28,6 +28,10 @@
 
 namespace prefixkern {
 
+// merge_attention_states.cu
+std::tuple<at::Tensor, at::Tensor> merge_attention_states(const at::Tensor& out_partial, const at::Tensor& lse_partial,
+                                                          at::ScalarType out_dtype);
+
 namespace {
 
 void check_operand(const at::Tensor& t, const char* name, const at::Tensor& q) {
@@ -267,6 +271,24 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
   return {out_partial, lse_partial};
 }
 
+// A decoding step's attention in one call: the partial kernel over the key chunks, then their
+// merge, returning (out [B, Hq, Sq, D] in q's dtype, lse float32 [B, Hq, Sq]). One dispatcher round
+// trip per layer instead of two on the host, and outputs shaped like q, which torch.compile traces
+// without the partials' data-dependent chunk count.
+std::tuple<at::Tensor, at::Tensor> prefix_decode_attention(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, const at::Tensor& prefix_k,
+                                                           const at::Tensor& prefix_v,
+                                                           const c10::optional<at::Tensor>& prefix_index,
+                                                           const c10::optional<at::Tensor>& key_padding_mask,
+                                                           double scale, int64_t num_splits, bool tensor_cores) {
+  const auto partial = prefix_decode_partial(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale,
+                                             num_splits, tensor_cores);
+  return merge_attention_states(std::get<0>(partial), std::get<1>(partial), q.scalar_type());
+}
+
 }  // namespace prefixkern
 
-TORCH_LIBRARY_IMPL(prefixkern_cuda, CUDA, m) { m.impl("prefix_decode_partial", &prefixkern::prefix_decode_partial); }
+TORCH_LIBRARY_IMPL(prefixkern_cuda, CUDA, m) {
+  m.impl("prefix_decode_partial", &prefixkern::prefix_decode_partial);
+  m.impl("prefix_decode_attention", &prefixkern::prefix_decode_attention);
+}

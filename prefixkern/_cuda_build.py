@@ -95,18 +95,23 @@ def _register_fakes() -> None:
     def _(out_partial, lse_partial, out_dtype):
         return out_partial.new_empty(out_partial.shape[1:], dtype=out_dtype), lse_partial.new_empty(lse_partial.shape[1:])
 
+    if hasattr(torch.ops.prefixkern_cuda, "prefix_decode_attention"):   # (not in libraries built before it)
+        @torch.library.register_fake("prefixkern_cuda::prefix_decode_attention")
+        def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, num_splits, tensor_cores=False):
+            return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
     _register_fakes.done = True
 
 
-def self_check(ops, tensor_cores: bool = False) -> None:
+def self_check(ops, tensor_cores: bool = False, device: torch.device | None = None) -> None:
     """Run the built kernels once on a small GQA case with padding and a per-task prefix against
     the reference; raise if they disagree (a miscompiled or broken build must not serve decoding).
-    ``tensor_cores``: check the mma.sync kernel instead of the CUDA-core one."""
+    ``tensor_cores``: check the mma.sync kernel instead of the CUDA-core one. ``device``: the
+    current GPU unless given (tests run the check with stand-in ops on the CPU)."""
     from . import reference
-    from .ops import decode_attention
 
     gen = torch.Generator(device="cpu").manual_seed(0)
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
     # Every head dim (their instances map threads to output columns differently); 305 keys in two
     # splits put two or more K/V tiles in a split at each of them (tiles of 128, 64 and 32 keys),
     # so the online softmax rescales within a split.
@@ -123,12 +128,18 @@ def self_check(ops, tensor_cores: bool = False) -> None:
         want = reference.prefix_attention(q, k, v, pk, pv, causal=True, softmax_scale=scale, key_padding_mask=mask,
                                           prefix_index=index)
         parts, lses = ops.prefix_decode_partial(q, k, v, pk, pv, index, mask, scale, 2, tensor_cores)
-        out, _ = ops.merge_attention_states(parts, lses, dtype)
-        err = (out.float() - want.float()).abs().max().item()
-        if not err <= 3e-2:
-            kernel = "tensor-core" if tensor_cores else "CUDA"
-            raise RuntimeError(f"the {kernel} decode kernel disagrees with the reference ({dtype}, D={head_dim}: "
-                               f"max error {err:.3g})")
+        outputs = {"partial + merge": (ops.merge_attention_states(parts, lses, dtype)[0], want)}
+        fused = getattr(ops, "prefix_decode_attention", None)
+        if fused is not None:   # both query positions (8 rows a block), and the last alone (4 rows)
+            outputs["one call"] = (fused(q, k, v, pk, pv, index, mask, scale, 2, tensor_cores)[0], want)
+            outputs["one call, q_len 1"] = (fused(q[:, :, 1:], k, v, pk, pv, index, mask, scale, 0, tensor_cores)[0],
+                                            want[:, :, 1:])
+        for name, (out, expected) in outputs.items():
+            err = (out.float() - expected.float()).abs().max().item()
+            if not err <= 3e-2:
+                kernel = "tensor-core" if tensor_cores else "CUDA"
+                raise RuntimeError(f"the {kernel} decode kernel disagrees with the reference ({name}, {dtype}, "
+                                   f"D={head_dim}: max error {err:.3g})")
 
 
 @functools.lru_cache(maxsize=None)

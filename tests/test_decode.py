@@ -114,6 +114,14 @@ class _ReferenceCudaOps:
     def merge_attention_states(self, out_partial, lse_partial, out_dtype):
         return out_partial[0].to(out_dtype), lse_partial[0]
 
+    def prefix_decode_attention(self, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, num_splits,
+                                tensor_cores=False):
+        # As csrc/prefix_decode.cu composes it: the partial, then the merge.
+        self.fused_calls = getattr(self, "fused_calls", 0) + 1
+        out_partial, lse_partial = self.prefix_decode_partial(q, k, v, prefix_k, prefix_v, prefix_index,
+                                                              key_padding_mask, scale, num_splits, tensor_cores)
+        return self.merge_attention_states(out_partial, lse_partial, q.dtype)
+
 
 @pytest.mark.parametrize("prefix", ["shared", "per_task"])
 def test_decode_step_hands_the_cuda_ops_what_the_checked_op_would(prefix, monkeypatch):
@@ -132,6 +140,7 @@ def test_decode_step_hands_the_cuda_ops_what_the_checked_op_would(prefix, monkey
         unscaled = decode_attention.decode_step(*inputs, softmax_scale=None, **kw)
     torch.testing.assert_close(got, expected)
     assert len(ops.calls) == 2 and ops.calls[0]["num_splits"] == 0 and ops.calls[1]["scale"] == 64 ** -0.5
+    assert ops.fused_calls == 2     # one op call per step: partial and merge together
     assert ops.calls[0]["mask"] is kw["key_padding_mask"]
     torch.testing.assert_close(unscaled, reference.prefix_attention(*inputs, causal=True, **kw))
 
@@ -142,6 +151,41 @@ def test_decode_step_hands_the_cuda_ops_what_the_checked_op_would(prefix, monkey
             decode_attention.decode_step(*inputs, softmax_scale=0.125, key_padding_mask=kw["key_padding_mask"][:, 1:],
                                          prefix_index=kw["prefix_index"])
     assert len(ops.calls) == 2
+
+
+def test_decode_step_with_a_library_built_before_the_fused_op(monkeypatch):
+    """A CUDA library from before ``prefix_decode_attention`` existed (an ahead-of-time build) has
+    only the partial and merge ops: decoding calls those two, with the same result."""
+    from prefixkern import _cuda_build
+
+    class OlderOps(_ReferenceCudaOps):
+        prefix_decode_attention = None
+
+    ops = OlderOps()
+    monkeypatch.setattr(_cuda_build, "cuda_ops", lambda: ops)
+    monkeypatch.setattr(decode_attention, "cuda_decode_supported", lambda *args, **kwargs: True)
+    inputs, kw = _inputs(2, 4, 2, 1, 9, 5, 64, torch.bfloat16, "cpu", padding=True)
+    with prefixkern.use_backend("auto"):
+        got = decode_attention.decode_step(*inputs, softmax_scale=0.125, **kw)
+    torch.testing.assert_close(got, reference.prefix_attention(*inputs, causal=True, softmax_scale=0.125, **kw))
+    assert len(ops.calls) == 1 and not hasattr(ops, "fused_calls")
+
+
+def test_build_self_check_covers_the_one_call_op():
+    """The check a fresh CUDA build must pass before it serves decoding (run here with reference
+    stand-ins on the CPU): it passes for correct ops, and fails when only the one-call op is wrong,
+    at either query length it tries."""
+    from prefixkern import _cuda_build
+
+    _cuda_build.self_check(_ReferenceCudaOps(), device=torch.device("cpu"))
+
+    class WrongForOneQuery(_ReferenceCudaOps):
+        def prefix_decode_attention(self, q, *args, **kwargs):
+            out, lse = super().prefix_decode_attention(q, *args, **kwargs)
+            return (out * 0 if q.shape[2] == 1 else out), lse
+
+    with pytest.raises(RuntimeError, match="one call, q_len 1"):
+        _cuda_build.self_check(WrongForOneQuery(), device=torch.device("cpu"))
 
 
 @pytest.mark.parametrize("P, L", [(1, 1), (30, 100)])

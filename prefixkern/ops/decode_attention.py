@@ -148,6 +148,12 @@ def _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_inde
         out_partial = torch.cat([prefix_out.unsqueeze(0), out_partial])
         lse_partial = torch.cat([prefix_lse.unsqueeze(0), lse_partial])
     else:
+        # Partial kernel and merge in one op call (one dispatcher round trip; a library built
+        # before the op existed has only the two).
+        fused = getattr(ops, "prefix_decode_attention", None)
+        if fused is not None:
+            out, lse = fused(q, k, v, prefix_k, prefix_v, index, key_padding_mask, scale, num_splits, tensor_cores)
+            return (out, lse) if return_lse else out
         out_partial, lse_partial = ops.prefix_decode_partial(q, k, v, prefix_k, prefix_v, index, key_padding_mask,
                                                              scale, num_splits, tensor_cores)
     out, lse = ops.merge_attention_states(out_partial, lse_partial, q.dtype)
