@@ -234,12 +234,21 @@ __global__ void __launch_bounds__(kThreads, (min_resident_blocks<HEAD_DIM>())) p
     __syncthreads();
 
     // ---- online softmax: one warp per row, its lanes across the tile's keys ----
+    // (Each lane's TK / 32 scores read once into registers, in unrolled loops: the runtime-bounded
+    // loops over shared memory this replaced took about 230 instructions per row and tile.)
     {
+      constexpr int PER_LANE = TK / 32;
+      static_assert(TK % 32 == 0, "whole warps of keys");
       const int warp = tid / 32;
       const int lane = tid % 32;
       for (int r = warp; r < rows; r += kThreads / 32) {
+        float s[PER_LANE];
         float tile_max = -INFINITY;
-        for (int cc = lane; cc < TK; cc += 32) tile_max = fmaxf(tile_max, s_s[r][cc]);
+#pragma unroll
+        for (int t = 0; t < PER_LANE; ++t) {
+          s[t] = s_s[r][lane + 32 * t];
+          tile_max = fmaxf(tile_max, s[t]);
+        }
 #pragma unroll
         for (int offset = 16; offset > 0; offset /= 2) {
           tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
@@ -249,10 +258,10 @@ __global__ void __launch_bounds__(kThreads, (min_resident_blocks<HEAD_DIM>())) p
         // Nothing visible yet: keep alpha = 1 (acc and l are still 0). First visible keys: alpha = 0.
         const float alpha = m_new == -INFINITY ? 1.f : (m_old == -INFINITY ? 0.f : __expf(m_old - m_new));
         float sum = 0.f;
-        for (int cc = lane; cc < TK; cc += 32) {
-          const float s = s_s[r][cc];
-          const float e = (s == -INFINITY) ? 0.f : __expf(s - m_new);
-          s_s[r][cc] = e;
+#pragma unroll
+        for (int t = 0; t < PER_LANE; ++t) {
+          const float e = (s[t] == -INFINITY) ? 0.f : __expf(s[t] - m_new);
+          s_s[r][lane + 32 * t] = e;
           sum += e;
         }
 #pragma unroll
