@@ -666,9 +666,9 @@ TASK_MODELS = {"SEQ_CLS": tf.AutoModelForSequenceClassification, "TOKEN_CLS": tf
 TASK_FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "bert", "roberta", "xlm-roberta"]
 
 
-def _task_pair(family: str, task: str):
+def _task_pair(family: str, task: str, projection: bool = True):
     """(stock PEFT on eager, the same patched) for a task head: 3 labels (2 outputs, start and end,
-    for question answering), pad token 0."""
+    for question answering), pad token 0; ``projection=False`` is P-Tuning v2."""
     torch.manual_seed(0)
     config = _config(family)
     config._attn_implementation = "eager"
@@ -678,7 +678,8 @@ def _task_pair(family: str, task: str):
     def build():
         torch.manual_seed(1)
         return get_peft_model(copy.deepcopy(base), PrefixTuningConfig(task_type=task, num_virtual_tokens=P,
-                                                                      prefix_projection=True, encoder_hidden_size=20))
+                                                                      prefix_projection=projection,
+                                                                      encoder_hidden_size=20))
 
     # eval(): the heads' classifier dropout (and GPT-2's attention dropout) off, so two runs compare.
     return build().eval(), prefixkern.patch(build()).eval()
@@ -770,6 +771,22 @@ def test_task_heads_match_stock_peft(family, task, padding):
     assert grads_ref.keys() == grads_ours.keys() and grads_ref
     for name in grads_ref:
         torch.testing.assert_close(grads_ours[name], grads_ref[name], atol=2e-4, rtol=2e-3, msg=name)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "roberta"])
+def test_p_tuning_v2_classification_matches_stock_peft(family):
+    """P-Tuning v2 as its paper runs it: a classification head and the prefix without
+    reparameterisation (the embedding is the prefix); logits, loss and the embedding's gradient."""
+    ref, ours = _task_pair(family, "SEQ_CLS", projection=False)
+    inputs = _task_inputs("SEQ_CLS", "right")
+    out_ref, out_ours = _stock_task_forward(ref, inputs), ours(**inputs)
+    torch.testing.assert_close(out_ours.logits, out_ref.logits, atol=2e-5, rtol=2e-4)
+    out_ref.loss.backward()
+    out_ours.loss.backward()
+    grads_ref, grads_ours = _prefix_grads(ref), _prefix_grads(ours)
+    assert list(grads_ref) == ["default.embedding.weight"] == list(grads_ours)
+    torch.testing.assert_close(grads_ours["default.embedding.weight"], grads_ref["default.embedding.weight"],
+                               atol=2e-4, rtol=2e-3)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "roberta"])
