@@ -81,6 +81,8 @@ def _config(family: str):
     if family == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64, attn_pdrop=0.1,
                              resid_pdrop=0.0, embd_pdrop=0.0)
+    if family in MORE_DECODER_CONFIGS:
+        return tf.AutoConfig.for_model(family, **MORE_DECODER_CONFIGS[family])
     if family in hf.ENCODER_ONLY_TYPES:
         return tf.AutoConfig.for_model(family, vocab_size=VOCAB, hidden_size=48, intermediate_size=64,
                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
@@ -88,9 +90,27 @@ def _config(family: str):
     raise ValueError(family)
 
 
+# Further decoder families, by their configs' keyword arguments (classes named differently across releases).
+_COMMON = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2)
+MORE_DECODER_CONFIGS = {
+    "opt": dict(vocab_size=VOCAB, hidden_size=48, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                word_embed_proj_dim=48, max_position_embeddings=64),
+    "gpt_bigcode": dict(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64, multi_query=True),
+    "biogpt": dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=64),
+    "persimmon": dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, partial_rotary_factor=0.5),
+    "olmoe": dict(_COMMON, num_experts=4, num_experts_per_tok=2),
+    "granitemoe": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2),
+    "phimoe": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2),
+    "exaone4": _COMMON, "ernie4_5": _COMMON, "seed_oss": _COMMON, "arcee": _COMMON, "apertus": _COMMON,
+    "bitnet": _COMMON,
+}
+
 FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "gemma2", "gemma3_text", "glm4", "phi3", "olmo2", "granite",
             "smollm3", "cohere2", "gemma", "mixtral", "qwen2_moe", "starcoder2", "gpt_neox", "phi", "olmo",
-            "gpt2", "bloom"]
+            "gpt2", "bloom", *MORE_DECODER_CONFIGS]
 
 
 def _pair(family: str, projection: bool = True, dtype=torch.float32):
@@ -515,11 +535,18 @@ def test_adapter_disabled_runs_plain_attention():
 
 
 def test_refuses_models_it_does_not_know():
-    config = tf.OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=32, num_attention_heads=4,
-                          word_embed_proj_dim=32)
+    config = tf.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
     peft_model = get_peft_model(tf.AutoModelForCausalLM.from_config(config),
                                 PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
-    with pytest.raises(ValueError, match="does not know model_type='opt'"):
+    with pytest.raises(ValueError, match="does not know model_type='falcon'"):
+        prefixkern.patch(peft_model)
+
+
+def test_refuses_differential_attention_and_says_why():
+    config = tf.AutoConfig.for_model("diffllama", **_COMMON)
+    peft_model = get_peft_model(tf.AutoModelForCausalLM.from_config(config),
+                                PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    with pytest.raises(ValueError, match="differential attention"):
         prefixkern.patch(peft_model)
 
 

@@ -48,12 +48,16 @@ KWARG = "prefixkern_prefix"
 # Families the tests cover against stock PEFT (all but BLOOM through transformers' AttentionInterface).
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mistral", "mixtral", "gemma", "gemma2",
                          "gemma3_text", "glm4", "phi", "phi3", "olmo", "olmo2", "granite", "smollm3", "cohere2",
-                         "starcoder2", "gpt_neox", "gpt2", "bloom", "bart", "bert", "roberta", "xlm-roberta",
-                         "electra", "camembert", "ernie", "data2vec-text", "roberta-prelayernorm", "xlm-roberta-xl")
+                         "starcoder2", "gpt_neox", "gpt2", "bloom", "bart", "opt", "gpt_bigcode", "biogpt", "persimmon",
+                         "olmoe", "granitemoe", "phimoe", "exaone4", "ernie4_5", "seed_oss", "arcee", "apertus", "bitnet",
+                         "bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "data2vec-text",
+                         "roberta-prelayernorm", "xlm-roberta-xl")
 # Families whose attention goes through the interface but cannot get the prefix from it, and why.
 REFUSED_MODEL_TYPES: dict[str, str] = {
     "stablelm": "its decoder layers call their attention without the forward's keyword arguments, so the prefix "
                 "(passed to every attention layer that way) cannot reach it",
+    "diffllama": "its differential attention subtracts two softmax maps; the kernels compute one softmax over "
+                 "[prefix ; sequence] (let through, its logits differed from stock PEFT's by 0.48)",
 }
 ENCODER_DECODER_TYPES = ("bart",)
 # Encoder-only families (P-Tuning v2's NLU models): every layer's self-attention, bidirectional,
@@ -63,9 +67,10 @@ ENCODER_ONLY_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "camembert", 
 # Families that take packed batches (transformers' DataCollatorWithFlattening with
 # return_flash_attn_kwargs=True): those with rotary positions (or none in some layers), so a packed
 # sequence's attention is the same wherever it sits in the row (PEFT drops position_ids, so positions
-# run on across sequences). GPT-2, BART and the encoders learn absolute positions; BLOOM's ALiBi counts them.
+# run on across sequences). GPT-2, OPT, GPT-BigCode, BioGPT, BART and the encoders learn absolute
+# positions; BLOOM's ALiBi counts them.
 PACKED_MODEL_TYPES = tuple(t for t in SUPPORTED_MODEL_TYPES
-                           if t not in ("gpt2", "bloom", "bart", *ENCODER_ONLY_TYPES))
+                           if t not in ("gpt2", "opt", "gpt_bigcode", "biogpt", "bloom", "bart", *ENCODER_ONLY_TYPES))
 # The oldest transformers release the integration tests pass on against stock PEFT (checked on 5.5.0
 # to 5.24.0). Older releases write these families' attention differently: on 5.0-5.4 GPT-2, BLOOM,
 # BART, Phi, OLMo and Cohere 2 gave logits off stock PEFT's by up to 1.3, and 4.56/4.57 fail 57 of the
@@ -745,7 +750,9 @@ def patch(model):
     Supported families: Llama, Qwen2, Qwen3, Qwen3-MoE, Qwen2-MoE, OLMo, OLMo 2, Phi, Phi-3,
     Granite, SmolLM3, Gemma, Mixtral, StarCoder2, GPT-NeoX, Mistral (sliding window), Gemma 2
     (soft-capping, hybrid sliding window), Gemma 3 (text) and Cohere 2 (hybrid sliding window),
-    GLM-4, GPT-2 (attention dropout) through transformers' attention interface,
+    GLM-4, GPT-2 (attention dropout), OPT, GPT-BigCode (multi-query), BioGPT, Persimmon, OLMoE,
+    GraniteMoE, PhiMoE, EXAONE 4, ERNIE 4.5, Seed-OSS, Arcee, Apertus and BitNet through
+    transformers' attention interface,
     and BLOOM (ALiBi) through a BLOOM attention forward; BART (seq2seq) as stock PEFT serves it: only
     the decoder self-attention reads a prefix (see ``_bart_layer_map``); the encoders BERT, RoBERTa,
     XLM-RoBERTa, ELECTRA, CamemBERT, ERNIE, Data2Vec-text, RoBERTa-PreLayerNorm and XLM-RoBERTa-XL,
