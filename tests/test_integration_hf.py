@@ -771,10 +771,15 @@ def _task_loss(out, task, mask):
 # has widened by P columns (a shape error in transformers, stock PEFT and patched alike).
 MORE_ENCODER_CASES = [(family, task) for family in hf.ENCODER_ONLY_TYPES if family not in TASK_FAMILIES
                       for task in ("SEQ_CLS", "TOKEN_CLS") if (family, task) != ("xlm-roberta-xl", "TOKEN_CLS")]
+# Heads of the further decoder families (ones transformers has for them; BioGPT's token
+# classification loss, like XLM-RoBERTa-XL's, picks labels with PEFT's widened mask and fails).
+MORE_DECODER_TASK_CASES = [("opt", "SEQ_CLS"), ("opt", "QUESTION_ANS"), ("gpt_bigcode", "SEQ_CLS"),
+                           ("gpt_bigcode", "TOKEN_CLS"), ("biogpt", "SEQ_CLS"), ("persimmon", "SEQ_CLS")]
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
-@pytest.mark.parametrize("family, task", [(f, t) for f in TASK_FAMILIES for t in TASK_MODELS] + MORE_ENCODER_CASES)
+@pytest.mark.parametrize("family, task", [(f, t) for f in TASK_FAMILIES for t in TASK_MODELS] + MORE_ENCODER_CASES
+                         + MORE_DECODER_TASK_CASES)
 def test_task_heads_match_stock_peft(family, task, padding):
     """Classification and QA heads (P-Tuning v2's NLU tasks on decoder models) and the bare model
     (feature extraction): outputs, loss and prefix gradients against stock PEFT (on transformers
