@@ -28,11 +28,9 @@ constexpr int simt_rows(int rows) { return rows <= 4 ? 4 : rows <= 8 ? 8 : kMaxR
 constexpr int tile_keys(int head_dim) { return 8192 / head_dim; }
 
 // The query tile in shared memory: float32 (converted once per block rather than once per key)
-// where it fits beside the K/V tiles without costing a resident block, else the input dtype. (At
-// 16 rows the score loop's 16 dot products per thread at head dim 64 leave no registers for it:
-// 36-48 B spilled.)
+// where it fits beside the K/V tiles without costing a resident block (4 KiB), else the input dtype.
 template <typename T, int ROWS, int HEAD_DIM>
-using QueryTile = std::conditional_t<(ROWS * HEAD_DIM <= 1024 && ROWS < kMaxRows), float, T>;
+using QueryTile = std::conditional_t<(ROWS * HEAD_DIM <= 1024), float, T>;
 
 // Accumulator element a of a thread holds (row, column) (e / HEAD_DIM, e % HEAD_DIM) of the block's
 // [ROWS, HEAD_DIM] output, e = tid + a * kThreads. Spelled so that the column is visibly the
