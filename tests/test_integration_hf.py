@@ -805,6 +805,22 @@ def test_task_heads_match_stock_peft(family, task, padding):
         torch.testing.assert_close(grads_ours[name], grads_ref[name], atol=2e-4, rtol=2e-3, msg=name)
 
 
+def test_prefix_per_row_refuses_task_heads_kept_per_adapter():
+    """A classification model keeps its head per adapter (PEFT's modules_to_save): rows of one batch
+    reading different adapters would all run the active adapter's head, so prefix_per_row refuses
+    several adapters there (one adapter per batch still works)."""
+    _, ours = _task_pair("roberta", "SEQ_CLS", projection=False)
+    ours.add_adapter("task_b", PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P, prefix_projection=False))
+    with pytest.raises(ValueError, match="not the modules PEFT keeps per adapter.*classifier"):
+        with prefixkern.prefix_per_row(ours, ["task_b", "default"]):
+            pass
+    inputs = _task_inputs("SEQ_CLS", "right")
+    with prefixkern.prefix_per_row(ours, ["default"] * inputs["input_ids"].shape[0]), torch.no_grad():
+        same = ours(**inputs).logits
+    with torch.no_grad():
+        torch.testing.assert_close(same, ours(**inputs).logits)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "roberta"])
 def test_p_tuning_v2_classification_matches_stock_peft(family):
     """P-Tuning v2 as its paper runs it: a classification head and the prefix without

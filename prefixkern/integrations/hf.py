@@ -838,19 +838,37 @@ def prefix_per_row(model, adapter_names: Sequence[str]) -> Iterator[None]:
     into ``model`` (``load_adapter``) and share the prefix length. Each distinct prefix is
     computed once; the kernel reads the right one per row (``prefix_index``). In ``generate()``
     the beams and return sequences of row b read row b's adapter. A packed batch
-    (``DataCollatorWithFlattening``) names one adapter per packed sequence."""
+    (``DataCollatorWithFlattening``) names one adapter per packed sequence. A model whose task head
+    PEFT keeps per adapter (``modules_to_save``: sequence classification, say) is refused several
+    adapters: the head would be the active adapter's for every row."""
     if not is_patched(model):
         raise ValueError("prefix_per_row needs a patched model: call prefixkern.patch(model) first")
     unknown = [n for n in adapter_names if n not in model.peft_config]
     if unknown:
         raise ValueError(f"adapter_names holds adapters the model does not have: {sorted(set(unknown))}")
     state: _PatchState = model._prefixkern
+    heads = _per_adapter_modules(model, set(adapter_names))
+    if heads:
+        raise ValueError(
+            f"prefix_per_row switches the prefix per row, not the modules PEFT keeps per adapter ({', '.join(heads)}: "
+            "a task head such as a classifier); every row would run the active adapter's. Serve one adapter per "
+            "batch (set_adapter) instead")
     _wrap_encoders(model, state)
     previous, state.rows = state.rows, tuple(adapter_names)
     try:
         yield
     finally:
         state.rows = previous
+
+
+def _per_adapter_modules(model, adapters: set) -> list[str]:
+    """Names of the modules PEFT keeps a copy of per adapter (``modules_to_save``: the classifier
+    of a sequence-classification model, say) that more than one of ``adapters`` would use."""
+    from peft.utils import ModulesToSaveWrapper
+
+    if len(adapters) < 2:
+        return []
+    return [name for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
 
 
 # --------------------------------------------------------------------------------------------
