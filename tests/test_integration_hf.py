@@ -805,20 +805,40 @@ def test_task_heads_match_stock_peft(family, task, padding):
         torch.testing.assert_close(grads_ours[name], grads_ref[name], atol=2e-4, rtol=2e-3, msg=name)
 
 
-def test_prefix_per_row_refuses_task_heads_kept_per_adapter():
-    """A classification model keeps its head per adapter (PEFT's modules_to_save): rows of one batch
-    reading different adapters would all run the active adapter's head, so prefix_per_row refuses
-    several adapters there (one adapter per batch still works)."""
-    _, ours = _task_pair("roberta", "SEQ_CLS", projection=False)
+@pytest.mark.parametrize("family", ["roberta", "qwen2"])
+def test_prefix_per_row_serves_several_nlu_tasks_with_their_own_heads(family):
+    """Multi-task P-Tuning v2 serving: a classification model with two adapters, each with its own
+    prefix and its own classifier (PEFT keeps the head per adapter, modules_to_save); rows of one
+    batch reading different adapters equal each adapter run alone, head included, and a loss on
+    the mixed batch reaches both adapters' prefixes and the trainable heads."""
+    _, ours = _task_pair(family, "SEQ_CLS", projection=False)
     ours.add_adapter("task_b", PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P, prefix_projection=False))
-    with pytest.raises(ValueError, match="not the modules PEFT keeps per adapter.*classifier"):
-        with prefixkern.prefix_per_row(ours, ["task_b", "default"]):
-            pass
-    inputs = _task_inputs("SEQ_CLS", "right")
-    with prefixkern.prefix_per_row(ours, ["default"] * inputs["input_ids"].shape[0]), torch.no_grad():
-        same = ours(**inputs).logits
+    head = next(m for m in ours.modules() if type(m).__name__ == "ModulesToSaveWrapper")
     with torch.no_grad():
-        torch.testing.assert_close(same, ours(**inputs).logits)
+        for p in head.modules_to_save["task_b"].parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(6)))
+    ours.eval()
+    inputs = _task_inputs("SEQ_CLS", "right")
+    rows = ["task_b", "default", "task_b"]
+    alone = {}
+    for adapter in ("default", "task_b"):
+        ours.set_adapter(adapter)
+        with torch.no_grad():
+            alone[adapter] = ours(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    ours.set_adapter("default")
+    assert (alone["default"] - alone["task_b"]).abs().max() > 1e-2
+    with prefixkern.prefix_per_row(ours, rows):
+        out = ours(**inputs)
+    for b, name in enumerate(rows):
+        torch.testing.assert_close(out.logits[b], alone[name][b], atol=2e-5, rtol=2e-4)
+    out.loss.backward()
+    for adapter in ("default", "task_b"):
+        assert ours.prompt_encoder[adapter].embedding.weight.grad.abs().sum() > 0, adapter
+        # (PEFT leaves only the active adapter's head copy trainable: the others get no gradient.)
+        assert all((p.grad is not None and p.grad.abs().sum() > 0) == p.requires_grad
+                   for p in head.modules_to_save[adapter].parameters()), adapter
+    assert any(p.requires_grad for p in head.modules_to_save["default"].parameters())
+    assert "_forward_wrapped" not in head.__dict__       # the per-row head is gone after the block
 
 
 @pytest.mark.parametrize("family", ["qwen2", "roberta"])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 import math
 import types
@@ -838,9 +839,9 @@ def prefix_per_row(model, adapter_names: Sequence[str]) -> Iterator[None]:
     into ``model`` (``load_adapter``) and share the prefix length. Each distinct prefix is
     computed once; the kernel reads the right one per row (``prefix_index``). In ``generate()``
     the beams and return sequences of row b read row b's adapter. A packed batch
-    (``DataCollatorWithFlattening``) names one adapter per packed sequence. A model whose task head
-    PEFT keeps per adapter (``modules_to_save``: sequence classification, say) is refused several
-    adapters: the head would be the active adapter's for every row."""
+    (``DataCollatorWithFlattening``) names one adapter per packed sequence. Where PEFT keeps a task
+    head per adapter (``modules_to_save``: sequence classification, say), each row runs its own
+    adapter's head as well."""
     if not is_patched(model):
         raise ValueError("prefix_per_row needs a patched model: call prefixkern.patch(model) first")
     unknown = [n for n in adapter_names if n not in model.peft_config]
@@ -848,27 +849,46 @@ def prefix_per_row(model, adapter_names: Sequence[str]) -> Iterator[None]:
         raise ValueError(f"adapter_names holds adapters the model does not have: {sorted(set(unknown))}")
     state: _PatchState = model._prefixkern
     heads = _per_adapter_modules(model, set(adapter_names))
-    if heads:
-        raise ValueError(
-            f"prefix_per_row switches the prefix per row, not the modules PEFT keeps per adapter ({', '.join(heads)}: "
-            "a task head such as a classifier); every row would run the active adapter's. Serve one adapter per "
-            "batch (set_adapter) instead")
+    for name, head in heads:
+        missing = sorted(set(adapter_names) - set(head.modules_to_save))
+        if missing:
+            raise ValueError(f"prefix_per_row: {name} has no copy for adapters {missing} (PEFT's modules_to_save)")
     _wrap_encoders(model, state)
     previous, state.rows = state.rows, tuple(adapter_names)
+    for _, head in heads:
+        head._forward_wrapped = functools.partial(_per_row_head_forward, head, state.rows)
     try:
         yield
     finally:
         state.rows = previous
+        for _, head in heads:
+            del head._forward_wrapped
 
 
-def _per_adapter_modules(model, adapters: set) -> list[str]:
-    """Names of the modules PEFT keeps a copy of per adapter (``modules_to_save``: the classifier
-    of a sequence-classification model, say) that more than one of ``adapters`` would use."""
+def _per_adapter_modules(model, adapters: set) -> list[tuple[str, object]]:
+    """``(name, wrapper)`` of the modules PEFT keeps a copy of per adapter (``modules_to_save``: the
+    classifier of a sequence-classification model, say), when more than one of ``adapters`` is asked."""
     from peft.utils import ModulesToSaveWrapper
 
     if len(adapters) < 2:
         return []
-    return [name for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
+
+
+def _per_row_head_forward(head, rows: tuple[str, ...], x, *args, **kwargs):
+    """A per-adapter head (PEFT's ``ModulesToSaveWrapper``) under ``prefix_per_row``: each row through
+    its own adapter's copy (PEFT's own mixed batches take Linear, Embedding and Conv heads only)."""
+    if x.shape[0] != len(rows):
+        raise ValueError(f"prefix_per_row names {len(rows)} rows but {type(head.original_module).__name__} got "
+                         f"{x.shape[0]}: per-adapter heads need one adapter per batch row")
+    out = None
+    for adapter in dict.fromkeys(rows):
+        index = torch.tensor([b for b, name in enumerate(rows) if name == adapter], device=x.device)
+        part = head.modules_to_save[adapter](x.index_select(0, index), *args, **kwargs)
+        if out is None:   # every row is written by exactly one adapter's part
+            out = part.new_empty((x.shape[0], *part.shape[1:]))
+        out = out.index_copy(0, index, part)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
