@@ -742,9 +742,7 @@ def _stock_task_forward(ref, inputs):
     batch = inputs["input_ids"].shape[0]
     mask = torch.cat([torch.ones(batch, P, dtype=inputs["attention_mask"].dtype), inputs["attention_mask"]], 1)
     cache = ref.get_prompt(batch)
-    name = hf._cache_argument(ref.base_model) or hf._cache_argument(ref.base_model.get_submodule(
-        ref.transformer_backbone_name))
-    return ref.base_model(**dict(inputs, attention_mask=mask), **{name: cache})
+    return ref.base_model(**dict(inputs, attention_mask=mask), **{hf._task_cache_argument(ref): cache})
 
 
 def _task_outputs(out, task, mask):

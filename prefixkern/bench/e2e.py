@@ -211,13 +211,13 @@ def stock_task_loss(model, input_ids, attention_mask, labels) -> float:
     ``past_key_values`` in the head's signature, which transformers 5.24 renamed ``cache``. What it
     computes on older releases: the task model with the prefix's mask columns and PEFT's prompt
     cache (no gradients: the reference of the patched row's loss check)."""
-    from ..integrations.hf import _cache_argument
+    from ..integrations.hf import _task_cache_argument
 
-    batch, task_model = input_ids.shape[0], model.base_model
+    batch = input_ids.shape[0]
     mask = torch.cat([attention_mask.new_ones(batch, model.active_peft_config.num_virtual_tokens), attention_mask], 1)
-    name = _cache_argument(task_model) or _cache_argument(task_model.get_submodule(model.transformer_backbone_name))
+    cache = {_task_cache_argument(model): model.get_prompt(batch)}
     with torch.no_grad():
-        out = task_model(input_ids=input_ids, attention_mask=mask, labels=labels, **{name: model.get_prompt(batch)})
+        out = model.base_model(input_ids=input_ids, attention_mask=mask, labels=labels, **cache)
     return out.loss.float().item()
 
 

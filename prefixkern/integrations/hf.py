@@ -602,11 +602,22 @@ def _with_dynamic_cache_request(kwargs: dict, base_model) -> dict:
     return kwargs
 
 
-def _cache_argument(model) -> str | None:
-    """The keyword ``model.forward`` takes a cache under: ``cache`` from transformers 5.24,
-    ``past_key_values`` before it (None: neither)."""
-    parameters = inspect.signature(model.forward).parameters
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class) -> str | None:
+    """The keyword ``model_class.forward`` takes a cache under: ``cache`` from transformers 5.24,
+    ``past_key_values`` before it (None: neither). Per class, so a training step does not inspect
+    signatures again."""
+    parameters = inspect.signature(model_class.forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def _task_cache_argument(peft_model) -> str | None:
+    """The keyword a PEFT task model (sequence/token classification, QA) takes the prefix cache
+    under: its own, else its backbone's, which it hands on through its keyword arguments (None:
+    neither takes one)."""
+    task_model = peft_model.base_model
+    return _cache_argument(type(task_model)) or _cache_argument(
+        type(task_model.get_submodule(peft_model.transformer_backbone_name)))
 
 
 def _patched_prefix_tuning_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None,
@@ -615,25 +626,22 @@ def _patched_prefix_tuning_forward(self, input_ids=None, attention_mask=None, in
     question-answering models: the task model called with the prefix cache (the attention mask
     already holds the P prefix columns; ``labels`` or ``start_positions``/``end_positions`` come in
     ``kwargs``), under the name the task model takes it, else under its backbone's name through the
-    keyword arguments the task model hands its backbone.
+    keyword arguments the task model hands its backbone (``_task_cache_argument``).
 
     Stock PEFT 0.21 looks for ``past_key_values`` in the task model's signature, else calls the
     backbone itself and applies the head's layers: on transformers 5.24, which renamed the
     argument ``cache``, it raises "Model does not support past key values" for every model. The
     backbone call would also bypass the task model's forward, where the patch hands the attention
     layers their prefix (GPT-2's question-answering head takes no cache argument)."""
-    task_model = self.base_model
-    name = _cache_argument(task_model)
+    name = _task_cache_argument(self)
     if name is None:
-        name = _cache_argument(task_model.get_submodule(self.transformer_backbone_name))
-    if name is None:
-        raise ValueError(f"prefixkern.patch: neither {type(task_model).__name__} nor its backbone takes a cache "
-                         "(past_key_values), which prefix tuning needs")
+        raise ValueError(f"prefixkern.patch: neither {type(self.base_model).__name__} nor its backbone takes a "
+                         "cache (past_key_values), which prefix tuning needs")
     batch_size = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
     kwargs[name] = self.get_prompt(batch_size)
-    return task_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                      output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                      return_dict=return_dict, **kwargs)
+    return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                           output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                           return_dict=return_dict, **kwargs)
 
 
 def _drop_self_bound_method(obj, name: str) -> None:
