@@ -128,8 +128,16 @@ def test_pick_config_times_only_spill_free_candidates(monkeypatch):
     # Only spilling candidates left: the fastest of them.
     spills.update(a=8, c=8)
     assert common.pick_config(("test", 2), ["a", "b", "c"], launch) == "b"
-    # Cached per key.
+    # Cached per key; candidates given as a function are built only for a key not yet tuned.
     assert common.pick_config(("test", 1), ["a"], launch) == "c"
+    built = []
+
+    def candidates():
+        built.append(1)
+        return ["c", "a"]
+    assert common.pick_config(("test", 4), candidates, launch) == "c"
+    assert common.pick_config(("test", 4), candidates, launch) == "c"
+    assert len(built) == 1
     monkeypatch.setenv("PREFIXKERN_AUTOTUNE", "0")
     assert common.pick_config(("test", 3), ["a", "b"], launch) == "a"
 

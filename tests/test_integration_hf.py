@@ -275,6 +275,47 @@ def test_greedy_generate_left_padded_matches_peft(family):
                                      use_cache=False), got)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_decoding_steps_read_no_tensor_value_on_the_host(family, monkeypatch):
+    """A value read on the host is a device sync on a GPU: in generate() it would stall the host for
+    the GPU's queue at every token. The patched layers' decoding steps read none, padded batch and
+    hybrid sliding/full masks (Gemma 2) included; the prefill may (it asks whether anything is
+    padded, once per call)."""
+    import os
+    import traceback
+
+    package = os.path.dirname(prefixkern.__file__) + os.sep
+    _, ours = _pair(family)
+    ours.eval()
+    ids, mask = _batch("left", seq=7)
+    reads = []
+
+    def recording(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            frame = traceback.extract_stack(limit=2)[0]
+            if frame.filename.startswith(package):       # read by prefixkern's own code
+                reads.append(f"{name} at {frame.filename}:{frame.lineno}")
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    forwards = []
+    hook = ours.get_base_model().register_forward_pre_hook(
+        lambda module, args, kwargs: forwards.append(len(reads)), with_kwargs=True)
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__"):
+        recording(name)
+    try:
+        with torch.no_grad():
+            ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    finally:
+        hook.remove()
+        monkeypatch.undo()
+    assert len(forwards) == 4
+    # Reads recorded before the second forward are the prefill's; none after it.
+    assert reads[forwards[1]:] == [], reads[forwards[1]:]
+
+
 def test_beam_search_and_sampling_run():
     _, ours = _pair("llama")
     ours.eval()

@@ -351,17 +351,24 @@ def _patch_bloom(base_model) -> list:
     return patched
 
 
-def prefixkern_mask(*args, attention_mask=None, **kwargs):
+def prefixkern_mask(*args, attention_mask=None, q_length=None, **kwargs):
     """transformers mask-interface function: the 2-D boolean padding mask as given (PEFT prepends
-    the prefix's ones), or None when nothing is padded, so the kernel skips the padding test."""
+    the prefix's ones), or None when nothing is padded, so the kernel skips the padding test.
+
+    Asking whether anything is padded reads the mask on the host: a device sync. A decoding step
+    (at most ``MAX_QUERY_LEN`` queries, no autograd) skips the question and hands the mask on:
+    the decode kernels' padding test costs one byte per key against the 2*D*2 bytes of K/V they
+    read, while a sync per generated token would stall the host for the GPU's queue (and undo
+    transformers' deferred stopping checks)."""
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:
         return attention_mask
     mask = attention_mask.to(torch.bool)
-    if not torch.compiler.is_compiling() and bool(mask.all()):
-        return None
-    return mask
+    if torch.compiler.is_compiling() or (q_length is not None and q_length <= MAX_QUERY_LEN
+                                         and not torch.is_grad_enabled()):
+        return mask
+    return None if bool(mask.all()) else mask
 
 
 _REGISTERED = False

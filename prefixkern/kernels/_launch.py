@@ -81,6 +81,9 @@ def pick_config(key, candidates, launch):
     """Time each candidate tile config (a tuple of block sizes, warps and stages) once per key,
     like ``triton.autotune`` but over a plain Python launch, so the kernel's argument list stays
     free of tuning-only keys. ``launch(config)`` returns what the Triton launch returns.
+    ``candidates`` is a list, or a function returning one that is called only when ``key`` has
+    not been tuned yet (filtering the tables for shared memory costs a few microseconds of host
+    time per launch, every launch, otherwise).
 
     Candidates whose compiled kernel spills registers on this GPU are dropped before timing
     while a spill-free one remains: the tables are checked spill-free for sm_90 offline
@@ -94,6 +97,8 @@ def pick_config(key, candidates, launch):
 def _tune(key, candidates, launch):
     if key in _TUNED:
         return _TUNED[key]
+    if callable(candidates):
+        candidates = candidates()
     # PREFIXKERN_AUTOTUNE=0 takes the first candidate that fits (the GPU test grid, which would
     # otherwise spend its time tuning hundreds of one-off shapes).
     if len(candidates) == 1 or not torch.cuda.is_available() or os.environ.get("PREFIXKERN_AUTOTUNE", "1") == "0":

@@ -645,10 +645,12 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
         )
 
     bucket = config_bucket(block_d, q.element_size())
-    dq_candidates = fitting_configs("dq", DQ_CONFIGS[bucket], block_d, q, fallback=(16, 16, 4, 1))
-    launch_dq(pick_config(("dq",) + tune_key, dq_candidates, launch_dq))
-    dkdv_candidates = fitting_configs("dkdv", DKDV_CONFIGS[bucket], block_d, q, fallback=(16, 16, 4, 1))
-    launch_dkdv(pick_config(("dkdv",) + tune_key, dkdv_candidates, launch_dkdv))
+    launch_dq(pick_config(("dq",) + tune_key,
+                          lambda: fitting_configs("dq", DQ_CONFIGS[bucket], block_d, q, fallback=(16, 16, 4, 1)),
+                          launch_dq))
+    launch_dkdv(pick_config(("dkdv",) + tune_key,
+                            lambda: fitting_configs("dkdv", DKDV_CONFIGS[bucket], block_d, q, fallback=(16, 16, 4, 1)),
+                            launch_dkdv))
     splits = partial.shape[0]
 
     # Host launches matter at seed sizes (one backward per layer): one reduction and one cast for

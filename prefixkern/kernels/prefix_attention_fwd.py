@@ -275,7 +275,9 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             INPUT_PRECISION=input_precision(q.dtype), num_warps=warps, num_stages=stages, **flags,
         )
 
-    candidates = fitting_configs("fwd", _configs(block_d, seq_len_q, q.dtype), block_d, q, fallback=(16, 32, 4, 1))
+    def candidates():
+        return fitting_configs("fwd", _configs(block_d, seq_len_q, q.dtype), block_d, q, fallback=(16, 32, 4, 1))
+
     key = ("fwd", q.device.index, q.dtype, block_d, num_heads // num_kv_heads, causal,
            next_power_of_2(seq_len_q), next_power_of_2(seq_len_kv + prefix_len),
            tuple(sorted(flags.items())), softcap is not None, window is not None)

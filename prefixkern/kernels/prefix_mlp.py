@@ -547,7 +547,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, precision: str, b
         )
 
     key = ("mlp-matmul", a.device, m, n, k, bias is not None, apply_tanh, precision, a.dtype, b.dtype, c.dtype)
-    launch(pick_config(key, matmul_candidates(m), launch))
+    launch(pick_config(key, lambda: matmul_candidates(m), launch))
     return c
 
 
@@ -598,7 +598,7 @@ def prefix_mlp_forward(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
 
     key = ("mlp-fwd", device, num_rows, num_cols, hidden_size, b2 is not None, dropout_p > 0.0, precision,
            w2.dtype, out_dtype)
-    launch(pick_config(key, fwd_configs(num_rows, num_cols, precision), launch))
+    launch(pick_config(key, lambda: fwd_configs(num_rows, num_cols, precision), launch))
     return out, hidden
 
 
@@ -671,7 +671,7 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
 
     key = ("mlp-bwd", device, num_rows, num_cols, hidden_size, num_splits, b2 is not None, precision, grad.dtype,
            w2.dtype)
-    launch(pick_config(key, bwd_candidates(num_rows, precision), launch))
+    launch(pick_config(key, lambda: bwd_candidates(num_rows, precision), launch))
 
     dz = torch.empty(num_rows, hidden_size, device=device, dtype=torch.float32)
     db1 = torch.empty(b1.shape, device=device, dtype=b1.dtype) if b1 is not None else None
