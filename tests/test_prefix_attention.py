@@ -33,6 +33,7 @@ class Case:
     dtype: torch.dtype = torch.float32
     causal: bool = True
     padding: str = "none"      # none | left | right | all (one row with every sequence key padded)
+                               # | both (left and right) | holes (padding between real keys)
     prefix: str = "shared"     # shared | per_row | per_task
     alibi: bool = False
     softcap: float | None = None
@@ -75,6 +76,12 @@ def make_inputs(case: Case, device, seed=0):
         elif case.padding == "all":
             mask[0, :] = False
             mask[-1, :pad] = False
+        elif case.padding == "both":          # a real range in the middle of the row
+            mask[0, :pad] = False
+            mask[0, case.S_kv - pad // 2:] = False
+        elif case.padding == "holes":         # padding inside the real range: not contiguous
+            mask[0, pad: case.S_kv: 3] = False
+            mask[-1, case.S_kv // 2] = False
         mask = mask.to(device)
     slopes = None
     if case.alibi:
@@ -151,6 +158,11 @@ CPU_CASES = [
     replace(BASE, S=33, S_kv=40, P=2, causal=True, padding="right"),
     replace(BASE, S=40, S_kv=17, P=5, padding="left"),      # S > S_kv: early queries see only the prefix
     replace(BASE, S=5, S_kv=0, P=18, window=9),              # no sequence keys: the prefix alone
+    # Padding over several key blocks: wholly padded blocks skipped, inner ones unmasked where the
+    # real keys are contiguous, every block masked where they are not.
+    replace(BASE, S=40, S_kv=50, P=5, padding="both"),
+    replace(BASE, S=40, S_kv=50, padding="holes", causal=False, dtype=torch.bfloat16),
+    replace(BASE, S=33, S_kv=33, padding="holes", window=9, prefix="per_row"),
 ]
 
 
@@ -182,6 +194,32 @@ def test_fully_padded_row_is_finite_and_sees_only_the_prefix(device):
     prefix_only = reference.prefix_attention(q[:1], k[:1, :, :0], v[:1, :, :0], pk, pv, causal=False)
     assert torch.isfinite(out).all()
     assert_close(out[:1], prefix_only, case.dtype, "out", "row 0")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_key_blocks_wholly_in_padding_are_never_read(device, causal):
+    """The kernels skip the key blocks outside each row's real keys, forward and backward: NaNs
+    written there change nothing (a block that was read would turn them into NaN outputs and
+    gradients, 0 * NaN being NaN), and the skipped keys get zero gradients. Padding on multiples
+    of 128 keys, a whole block at every tile size of the tables."""
+    case = replace(BASE, S=16, S_kv=384, P=5, causal=causal)
+    (q, k, v, pk, pv), _ = make_inputs(case, device)
+    mask = torch.ones(case.B, case.S_kv, dtype=torch.bool, device=device)
+    mask[0, 256:] = False                   # right-padded row
+    mask[1, :128] = False                   # left-padded row
+    mask[1, 200] = False                    # and a hole between its real keys
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    for t in (poisoned_k, poisoned_v):
+        t[0, :, 256:] = float("nan")
+        t[1, :, :128] = float("nan")
+    leaves = [t.clone().requires_grad_() for t in (q, poisoned_k, poisoned_v, pk, pv)]
+    with use_backend("triton"):
+        out, lse = prefixkern.prefix_attention(*leaves, causal=causal, key_padding_mask=mask, return_lse=True)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
+    ref_out, ref_lse = reference.prefix_attention(*ref_leaves, causal=causal, key_padding_mask=mask,
+                                                  return_lse=True)
+    assert_matches_oracle(out, lse, ref_out, ref_lse, leaves, ref_leaves, case.dtype)
+    assert not leaves[1].grad[~mask[:, None, :, None].expand_as(k)].any()
 
 
 def test_no_visible_key_gives_zero_and_minus_inf_lse(device):

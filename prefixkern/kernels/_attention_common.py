@@ -203,20 +203,51 @@ def prefix_row(b, prefix_index_ptr, HAS_PREFIX_INDEX: tl.constexpr):
 
 
 @triton.jit
-def sequence_key_range(q_lo, q_hi, S, S_kv, window, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+def real_key_range(kpm_row_ptr, stride_kpm_s, S_kv, HAS_KPM: tl.constexpr):
+    """``(real_lo, real_hi)``: a batch row's first real sequence key and one past its last (0, 0
+    when it has none), read from its padding mask (``S_kv`` bytes, against the ``2 * S_kv * D``
+    elements of K/V the caller reads), so that the attention skips the key blocks wholly outside
+    them: the queries of a right- or left-padded row visit only the blocks holding real keys.
+    Without a mask: ``(0, S_kv)``."""
+    if HAS_KPM:
+        real_lo = S_kv
+        real_hi = 0
+        # 512 mask bytes a step: no tile of the tables spills (at 128 and 256 one did, on sm_90).
+        # A literal: Triton re-checks a global constant on every launch.
+        for start in range(0, S_kv, 512):
+            offs = start + tl.arange(0, 512)
+            real = tl.load(kpm_row_ptr + offs * stride_kpm_s, mask=offs < S_kv, other=0) != 0
+            real_lo = tl.minimum(real_lo, tl.min(tl.where(real, offs, S_kv), 0))
+            real_hi = tl.maximum(real_hi, tl.max(tl.where(real, offs + 1, 0), 0))
+        real_lo = tl.minimum(real_lo, real_hi)        # no real key: (0, 0)
+    else:
+        real_lo = 0
+        real_hi = S_kv
+    return real_lo, real_hi
+
+
+@triton.jit
+def sequence_key_range(q_lo, q_hi, S, S_kv, window, real_lo, real_hi, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                        HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr):
     """Sequence key blocks queries ``[q_lo, q_hi)`` can see, as ``(lo, full_lo, full_hi, hi)``:
     ``[lo, full_lo)`` and ``[full_hi, hi)`` need the visibility mask, ``[full_lo, full_hi)`` is
     visible to every query of the block and in bounds, so its mask is skipped. All are multiples
-    of BLOCK_N except ``hi``."""
+    of BLOCK_N except ``hi``. With padding, blocks wholly outside the row's real keys ``[real_lo,
+    real_hi)`` (``real_key_range``) are not visited, and every visited block tests the mask: an
+    unmasked middle loop as well would cost these kernels their register budget (ptxas spilled
+    with it at several tiles of the tables)."""
     diag = S_kv - S
     hi = S_kv
     if CAUSAL:
         hi = tl.minimum(S_kv, q_hi + diag)
+    if HAS_KPM:
+        hi = tl.minimum(hi, real_hi)
     hi = tl.maximum(hi, 0)
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(0, q_lo + diag - window + 1) // BLOCK_N * BLOCK_N
+    if HAS_KPM:
+        lo = tl.maximum(lo, real_lo // BLOCK_N * BLOCK_N)
     lo = tl.minimum(lo, hi // BLOCK_N * BLOCK_N)
     if HAS_KPM:
         full_lo = lo

@@ -35,6 +35,7 @@ from ._attention_common import (
     packed_row,
     prefix_row,
     prefix_visible,
+    real_key_range,
     scores_log2,
     sequence_key_range,
     sequence_visible,
@@ -191,8 +192,9 @@ def prefix_attention_bwd_dq_kernel(
     pos_row = batch_row(pos_ptr, b64, stride_posb, HAS_POS)
     q_lo = start_m * BLOCK_M
     q_hi = tl.minimum(q_lo + BLOCK_M, S_q)
-    lo, full_lo, full_hi, hi = sequence_key_range(q_lo, q_hi, S_q, S_k, window, BLOCK_N, CAUSAL, HAS_WINDOW,
-                                                  HAS_KPM)
+    real_lo, real_hi = real_key_range(kpm_row, stride_kpms, S_k, HAS_KPM)
+    lo, full_lo, full_hi, hi = sequence_key_range(q_lo, q_hi, S_q, S_k, window, real_lo, real_hi, BLOCK_N, CAUSAL,
+                                                  HAS_WINDOW, HAS_KPM)
     dq = _dq_sequence(
         dq, q, do, lse2, delta, lo, full_lo, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row,
         stride_kpms, pos_row, stride_poss, offs_m, offs_n, offs_d, d_ok, S_q, S_k, P, window, sm_scale, qk_scale,
@@ -293,12 +295,14 @@ def _sequence_dkdv_program(
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < S_k
     d_ok = offs_d < D
+    kpm_row = batch_row(kpm_ptr, b64, stride_kpmb, HAS_KPM)
+    # The row's real keys, read before the K/V tiles are live (fewer registers).
+    real_lo, real_hi = real_key_range(kpm_row, stride_kpms, S_k, HAS_KPM)
 
     k = load_tile(k_ptr + b64 * stride_kb + g.to(tl.int64) * stride_kh + (k_start + offs_s[:, None]) * stride_ks
                   + offs_d[None, :] * stride_kd, s_ok[:, None], d_ok[None, :], True, not EVEN_D)
     v = load_tile(v_ptr + b64 * stride_vb + g.to(tl.int64) * stride_vh + (k_start + offs_s[:, None]) * stride_vs
                   + offs_d[None, :] * stride_vd, s_ok[:, None], d_ok[None, :], True, not EVEN_D)
-    kpm_row = batch_row(kpm_ptr, b64, stride_kpmb, HAS_KPM)
     pos_row = batch_row(pos_ptr, b64, stride_posb, HAS_POS)
     key_pos = alibi_sequence_positions(pos_row, stride_poss, offs_s, S_k, P, HAS_POS)
     qk_scale = sm_scale * log2e()
@@ -307,6 +311,9 @@ def _sequence_dkdv_program(
         seed = tl.load(seed_ptr)
     num_keys = P + S_k
     lo, hi = _query_block_range(start_n, S_q, S_k, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    if HAS_KPM:
+        # A key block wholly padding: no query sees it, its dK/dV are zeros (stored below).
+        hi = tl.where((start_n < real_hi) & (start_n + BLOCK_N > real_lo), hi, lo)
     if VARLEN:
         # A key block past its packed sequence's end: no query block to visit, every store masked
         # off (no early return: it would split the role's branch into several blocks).

@@ -28,6 +28,7 @@ from ._attention_common import (
     packed_row,
     prefix_row,
     prefix_visible,
+    real_key_range,
     scores_log2,
     sequence_key_range,
     sequence_visible,
@@ -122,6 +123,9 @@ def prefix_attention_fwd_kernel(
         if start_m * BLOCK_M >= S_q:   # the grid covers the longest packed sequence
             return
     pb = prefix_row(b, prefix_index_ptr, HAS_PREFIX_INDEX)
+    # The row's real keys, read from its padding mask before any tile is live (fewer registers).
+    kpm_row = batch_row(kpm_ptr, b64, stride_kpmb, HAS_KPM)
+    real_lo, real_hi = real_key_range(kpm_row, stride_kpms, S_k, HAS_KPM)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -172,12 +176,11 @@ def prefix_attention_fwd_kernel(
     # ---- sequence keys: masked only in the blocks where causality, a window or padding bite ----
     k_base = k_ptr + b64 * stride_kb + g.to(tl.int64) * stride_kh + k_start * stride_ks
     v_base = v_ptr + b64 * stride_vb + g.to(tl.int64) * stride_vh + k_start * stride_vs
-    kpm_row = batch_row(kpm_ptr, b64, stride_kpmb, HAS_KPM)
     pos_row = batch_row(pos_ptr, b64, stride_posb, HAS_POS)
     q_lo = start_m * BLOCK_M
     q_hi = tl.minimum(q_lo + BLOCK_M, S_q)
-    lo, full_lo, full_hi, hi = sequence_key_range(q_lo, q_hi, S_q, S_k, window, BLOCK_N, CAUSAL, HAS_WINDOW,
-                                                  HAS_KPM)
+    lo, full_lo, full_hi, hi = sequence_key_range(q_lo, q_hi, S_q, S_k, window, real_lo, real_hi, BLOCK_N, CAUSAL,
+                                                  HAS_WINDOW, HAS_KPM)
     acc, m_i, l_i = _attend_sequence(
         acc, m_i, l_i, q, lo, full_lo, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row, stride_kpms,
         pos_row, stride_poss, offs_m, offs_n, offs_d, S_q, S_k, P, D, window, sm_scale, qk_scale, softcap, slope, seed,
