@@ -1,0 +1,214 @@
+"""Randomized differential checks of the kernels against the plain-PyTorch oracle.
+
+    python tests/tools/fuzz_kernels.py attention --cases 200 --seed 1
+    python tests/tools/fuzz_kernels.py varlen --cases 100
+    python tests/tools/fuzz_kernels.py triton-decode --cases 100
+    python tests/tools/fuzz_kernels.py cuda-decode --cases 300     # the CUDA sources under tests/csrc_emu
+
+Each case draws its shapes and options at random (``--seed`` and the case number fix them, so a
+failure is re-run by its seed and number: ``--seed S --first K --cases 1``) and checks outputs,
+log-sum-exps and, where the op is differentiable, every gradient with the tolerances of the test
+suite (its helpers do the checking). Without a GPU the Triton kernels run in Triton's interpreter
+(a few seconds per attention case on two cores), so CI runs a handful of cases
+(tests/test_fuzz_tool.py) and longer campaigns are run by hand; on a GPU the same cases run on
+the device. Prints one line per failure and a summary; exits 1 if any case failed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+TESTS = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(TESTS))
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")     # before triton is imported
+
+import prefixkern  # noqa: E402
+from prefixkern import reference  # noqa: E402
+from prefixkern._backend import use_backend  # noqa: E402
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def attention_case(rng: random.Random, seed: int, notes: list) -> None:
+    """``prefix_attention`` on a random dense case: values, LSE and all five gradients."""
+    from test_prefix_attention import Case, assert_matches_oracle, make_inputs
+
+    kv_heads = rng.choice([1, 2, 3])
+    seq_q = rng.choice([1, 2, 5, 16, 17, 33, 70])
+    seq_kv = rng.choice([0, seq_q, seq_q + rng.randint(1, 40), max(1, seq_q - rng.randint(0, seq_q))])
+    case = Case(B=rng.choice([1, 2, 3]), Hq=kv_heads * rng.choice([1, 2, 3, 7]), Hkv=kv_heads, S=seq_q,
+                S_kv=seq_kv, P=rng.choice([1, 3, 7, 16, 17, 40, 65]), D=rng.choice([16, 24, 32, 40, 64, 80]),
+                dtype=rng.choice(DTYPES), causal=rng.random() < 0.7,
+                padding=rng.choice(["none", "left", "right", "all", "both", "holes"]) if seq_kv else "none",
+                prefix=rng.choice(["shared", "per_row", "per_task"]), alibi=rng.random() < 0.2,
+                softcap=rng.choice([None, None, 3.0]), window=rng.choice([None, None, None, 1, 5, 20]))
+    if case.prefix == "per_task" and case.B < 2:
+        case = replace(case, B=2)
+    strided = rng.random() < 0.4
+    scale = rng.choice([None, None, 0.3])
+    notes.append(f"{case} strided={strided} scale={scale}")
+    inputs, kwargs = make_inputs(case, _device(), seed=seed)
+    if scale is not None:
+        kwargs["softmax_scale"] = scale
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    call = leaves
+    if strided:      # HF's [B, S, H, D] memory seen as [B, H, S, D]
+        call = [t.transpose(-3, -2).contiguous().transpose(-3, -2) if t.dim() == 4 else t for t in leaves]
+    with use_backend("triton"):
+        out, lse = prefixkern.prefix_attention(*call, return_lse=True, **kwargs)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    ref_out, ref_lse = reference.prefix_attention(*ref_leaves, return_lse=True, **kwargs)
+    assert_matches_oracle(out, lse, ref_out, ref_lse, leaves, ref_leaves, case.dtype)
+
+
+def varlen_case(rng: random.Random, seed: int, notes: list) -> None:
+    """``prefix_attention_varlen`` on random packed sequences (empty ones included): values, LSE, gradients."""
+    from test_prefix_attention import PackedCase, check_packed_case
+
+    count = rng.randint(1, 4)
+    lens_q = tuple(rng.choice([0, 1, 3, 9, 17, 40]) for _ in range(count))
+    if sum(lens_q) == 0:
+        lens_q = (5,) + lens_q[1:]
+    lens_kv = lens_q if rng.random() < 0.6 else tuple(rng.choice([0, 1, 5, 20, 33]) for _ in range(count))
+    kv_heads = rng.choice([1, 2])
+    case = PackedCase(lens_q=lens_q, lens_kv=lens_kv, Hq=kv_heads * rng.choice([1, 2, 3]), Hkv=kv_heads,
+                      P=rng.choice([1, 7, 18, 33]), D=rng.choice([16, 32, 40, 64]), dtype=rng.choice(DTYPES),
+                      causal=rng.random() < 0.7, prefix=rng.choice(["shared", "per_row", "per_task"]),
+                      alibi=rng.random() < 0.2, softcap=rng.choice([None, None, 4.0]),
+                      window=rng.choice([None, None, 2, 7]))
+    notes.append(str(case))
+    check_packed_case(case, _device())
+
+
+def triton_decode_case(rng: random.Random, seed: int, notes: list) -> None:
+    """``prefix_decode_attention`` on the Triton backend (the decode kernel, or the forward kernel
+    for larger groups): values and LSE of a random decoding step."""
+    from test_decode import _inputs
+
+    head_dim = rng.choice([16, 32, 64, 80, 128])
+    seq_q = rng.choice([1, 1, 2, 4, 8])
+    group = rng.choice([1, 2, 4, 7])
+    prefix = rng.choice(["shared", "per_row", "per_task"])
+    args = dict(B=3 if prefix == "per_task" else rng.choice([1, 2, 3]), Hq=2 * group, Hkv=2, Sq=seq_q,
+                L=rng.choice([1, 2, 16, 37, 70]), P=rng.choice([1, 5, 20, 33]), D=head_dim, dtype=rng.choice(DTYPES))
+    padding, splits = rng.random() < 0.5, rng.choice([0, 1, 2, 5])
+    notes.append(f"decode {args} {prefix} padding={padding} splits={splits}")
+    inputs, kwargs = _inputs(**args, device=_device(), prefix=prefix, padding=padding, seed=seed)
+    want, want_lse = reference.prefix_attention(*[t.float() for t in inputs], causal=True, return_lse=True, **kwargs)
+    with use_backend("triton"):
+        got, lse = prefixkern.prefix_decode_attention(*inputs, num_splits=splits, return_lse=True, **kwargs)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[args["dtype"]]
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(finite, torch.isfinite(lse)), "rows that see no key differ"
+    torch.testing.assert_close(lse[finite], want_lse[finite], atol=1e-5, rtol=1e-5)
+
+
+_EMULATOR: dict[str, Path] = {}
+
+
+def _emulator() -> Path:
+    """The CUDA decode kernels compiled with the CPU emulator of tests/csrc_emu (once per run)."""
+    import subprocess
+
+    import test_decode_emulated as emulated
+
+    if "binary" not in _EMULATOR:
+        include = emulated._cuda_include()
+        if include is None:
+            raise SystemExit("cuda-decode needs g++ and the CUDA headers (cuda_bf16.h)")
+        binary = Path(tempfile.mkdtemp()) / "decode_emulator"
+        cmd = ["g++", "-std=c++20", "-O2", "-pthread", f"-I{emulated.ROOT / 'csrc'}", f"-I{emulated.EMU}",
+               f"-I{include}", f"-I{Path(torch.__file__).parent / 'include'}",
+               str(emulated.EMU / "decode_emulator.cpp"), "-o", str(binary)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            raise SystemExit(result.stderr[-3000:])
+        _EMULATOR["binary"] = binary
+    return _EMULATOR["binary"]
+
+
+def cuda_decode_case(rng: random.Random, seed: int, notes: list) -> None:
+    """The CUDA decode kernels' own source (CUDA-core or tensor-core, at random) under the emulator:
+    the partial results merged in Python, and the CUDA merge, against the reference."""
+    import test_decode_emulated as emulated
+
+    head_dim = rng.choice([64, 128, 256])
+    kv_heads = rng.choice([1, 2, 3])
+    seq_q = rng.choice([1, 1, 1, 2, 3, 5, 8])
+    group = rng.choice([1, 2, 3, 4, 5, 7, 8])
+    while group * seq_q > 32:
+        group = max(1, group // 2)
+    batch = rng.choice([1, 2, 3])
+    cache_len = rng.choice([1, 2, 17, 63, 64, 65, 130, 257])
+    prefix_len = rng.choice([0, 1, 5, 30, 64, 129])
+    prefix = rng.choice(["shared", "per_row", "per_task"]) if prefix_len else "shared"
+    if prefix == "per_task":
+        batch = max(batch, 2)
+    padding, dtype = rng.random() < 0.5, rng.choice([torch.float16, torch.bfloat16])
+    splits = rng.choice([0, 1, 2, 3, 7])
+    wave = rng.choice([0, 8, 132]) if splits == 0 else 0
+    tensor_cores = rng.random() < 0.5
+    notes.append(f"{'mma' if tensor_cores else 'simt'} {dtype} D{head_dim} B{batch} Hq{kv_heads * group} "
+                   f"Hkv{kv_heads} Sq{seq_q} L{cache_len} P{prefix_len} {prefix} padding={padding} "
+                   f"splits={splits} wave={wave}")
+    (q, k, v, pk, pv), index, mask = emulated._inputs(batch, kv_heads * group, kv_heads, seq_q, cache_len,
+                                                      max(prefix_len, 1), head_dim, dtype, prefix, padding)
+    if prefix_len == 0:     # no prefix keys: what prefix_gemm=True hands the kernel
+        pk, pv = pk[:, :0].contiguous(), pv[:, :0].contiguous()
+    scale = head_dim ** -0.5
+    with tempfile.TemporaryDirectory() as workdir:
+        out_partial, lse_partial, _, merged, merged_lse = emulated.run_emulated(
+            _emulator(), Path(workdir), q, k, v, pk, pv, index, mask, scale, splits, tensor_cores, wave)
+    assert not out_partial.isnan().any() and not lse_partial.isnan().any(), "a partial row was never written"
+    out, lse = prefixkern.merge_attention_states(out_partial, lse_partial, torch.float32)
+    want, want_lse = reference.prefix_attention(q.float(), k.float(), v.float(), pk.float(), pv.float(), causal=True,
+                                                softmax_scale=scale, key_padding_mask=mask, prefix_index=index,
+                                                return_lse=True)
+    tol = 2e-2 if tensor_cores else 1e-5     # tensor cores take the probabilities in the input dtype
+    torch.testing.assert_close(out, want, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(merged_lse, lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged, out.to(dtype), atol=1e-2, rtol=1e-2)
+
+
+KINDS = {"attention": attention_case, "varlen": varlen_case, "triton-decode": triton_decode_case,
+         "cuda-decode": cuda_decode_case}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=sorted(KINDS))
+    parser.add_argument("--cases", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--first", type=int, default=0, help="number of the first case (re-run one by its number)")
+    args = parser.parse_args(argv)
+    check = KINDS[args.kind]
+    failures = 0
+    for number in range(args.first, args.first + args.cases):
+        rng = random.Random(f"{args.kind}-{args.seed}-{number}")
+        notes: list[str] = []
+        try:
+            check(rng, number, notes)
+        except Exception as exc:      # any failure of a case is reported, and the run goes on
+            failures += 1
+            print(f"FAIL {args.kind} seed {args.seed} case {number} ({'; '.join(notes)}): "
+                  f"{type(exc).__name__}: {str(exc)[:400]}", flush=True)
+    print(f"{args.kind}: {args.cases} cases (seed {args.seed}, from {args.first}), {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
