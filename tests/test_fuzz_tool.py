@@ -10,7 +10,7 @@ import pytest
 TOOL = Path(__file__).resolve().parent / "tools" / "fuzz_kernels.py"
 
 
-@pytest.mark.parametrize("kind", ["attention", "varlen", "triton-decode"])
+@pytest.mark.parametrize("kind", ["attention", "varlen", "triton-decode", "mlp"])
 def test_a_few_random_cases_pass(kind):
     result = subprocess.run([sys.executable, str(TOOL), kind, "--cases", "2", "--seed", "21"], capture_output=True,
                             text=True, timeout=600, cwd=TOOL.parent.parent.parent)

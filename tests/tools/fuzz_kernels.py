@@ -4,6 +4,7 @@
     python tests/tools/fuzz_kernels.py varlen --cases 100
     python tests/tools/fuzz_kernels.py triton-decode --cases 100
     python tests/tools/fuzz_kernels.py cuda-decode --cases 300     # the CUDA sources under tests/csrc_emu
+    python tests/tools/fuzz_kernels.py mlp --cases 100              # the fused prefix MLP
 
 Each case draws its shapes and options at random (``--seed`` and the case number fix them, so a
 failure is re-run by its seed and number: ``--seed S --first K --cases 1``) and checks outputs,
@@ -116,6 +117,41 @@ def triton_decode_case(rng: random.Random, seed: int, notes: list) -> None:
     torch.testing.assert_close(lse[finite], want_lse[finite], atol=1e-5, rtol=1e-5)
 
 
+def mlp_case(rng: random.Random, seed: int, notes: list) -> None:
+    """``fused_prefix_mlp`` on random sizes (P 1-130, ragged d, h and N), with or without the
+    projection and its biases, three output dtypes: values and every parameter gradient."""
+    from conftest import TOLERANCES
+
+    sizes = dict(num_layers=rng.randint(1, 3), num_kv_heads=rng.choice([1, 2, 3]), head_dim=rng.choice([7, 12, 16, 20]))
+    num_rows = rng.choice([1, 2, 7, 13, 30, 33, 64, 130])
+    num_cols = 2 * sizes["num_layers"] * sizes["num_kv_heads"] * sizes["head_dim"]
+    projection, bias = rng.random() < 0.75, rng.random() < 0.8
+    token_dim, hidden = rng.choice([5, 24, 40, 64]), rng.choice([5, 20, 36, 64, 100])
+    out_dtype = rng.choice(DTYPES)
+    notes.append(f"mlp P{num_rows} {sizes} projection={projection} bias={bias} d{token_dim} h{hidden} {out_dtype}")
+    gen = torch.Generator().manual_seed(seed)
+    if projection:
+        params = [torch.randn(num_rows, token_dim, generator=gen), torch.randn(hidden, token_dim, generator=gen) /
+                  token_dim ** 0.5, torch.randn(hidden, generator=gen) if bias else None,
+                  torch.randn(num_cols, hidden, generator=gen) / hidden ** 0.5,
+                  torch.randn(num_cols, generator=gen) if bias else None]
+    else:
+        params = [torch.randn(num_rows, num_cols, generator=gen), None, None, None, None]
+    params = [p.to(_device()).requires_grad_() if p is not None else None for p in params]
+    leaves = [p for p in params if p is not None]
+    expected = reference.prefix_mlp(*params, **sizes, out_dtype=out_dtype)
+    grad = torch.randn(expected.shape, generator=gen).to(_device(), out_dtype)
+    expected_grads = torch.autograd.grad(expected, leaves, grad)
+    with use_backend("triton"):
+        got = prefixkern.fused_prefix_mlp(*params, **sizes, out_dtype=out_dtype)
+        grads = torch.autograd.grad(got, leaves, grad)
+    atol, rtol = TOLERANCES[out_dtype]["out"]
+    torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
+    atol, rtol = TOLERANCES[torch.float32]["grad"]
+    for number, (ours, want) in enumerate(zip(grads, expected_grads)):
+        torch.testing.assert_close(ours, want, atol=atol, rtol=rtol, msg=f"gradient of parameter {number}")
+
+
 _EMULATOR: dict[str, Path] = {}
 
 
@@ -185,7 +221,7 @@ def cuda_decode_case(rng: random.Random, seed: int, notes: list) -> None:
 
 
 KINDS = {"attention": attention_case, "varlen": varlen_case, "triton-decode": triton_decode_case,
-         "cuda-decode": cuda_decode_case}
+         "cuda-decode": cuda_decode_case, "mlp": mlp_case}
 
 
 def main(argv=None) -> int:
