@@ -34,17 +34,26 @@ def _cuda_include() -> Path | None:
     return next((path for path in candidates if (path / "cuda_bf16.h").exists()), None)
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory) -> Path:
+def build_emulator(directory: Path) -> Path | None:
+    """Compile the decode kernels' source with the emulator into ``directory``; returns the binary,
+    or None without g++ or the CUDA headers. A compiler error fails the assertion, with its output."""
     cuda_include = _cuda_include()
     if shutil.which("g++") is None or cuda_include is None:
-        pytest.skip("needs g++ and the CUDA headers (cuda_bf16.h)")
-    binary = tmp_path_factory.mktemp("emu") / "decode_emulator"
+        return None
+    binary = directory / "decode_emulator"
     torch_include = Path(torch.__file__).parent / "include"
     cmd = ["g++", "-std=c++20", "-O2", "-pthread", f"-I{ROOT / 'csrc'}", f"-I{EMU}", f"-I{cuda_include}",
            f"-I{torch_include}", str(EMU / "decode_emulator.cpp"), "-o", str(binary)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
+    return binary
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory) -> Path:
+    binary = build_emulator(tmp_path_factory.mktemp("emu"))
+    if binary is None:
+        pytest.skip("needs g++ and the CUDA headers (cuda_bf16.h)")
     return binary
 
 
@@ -150,6 +159,14 @@ def test_decode_kernel_against_the_reference(emulator, tmp_path, case, kernel):
     tile = 64 if kernel == "mma" else 8192 // D
     assert chunk % tile == 0 and (got_splits - 1) * chunk < P + L <= got_splits * chunk
     assert got_splits <= max(1, splits or wave // (B * Hkv * row_blocks))
+    assert_emulated_matches_reference(q, k, v, pk, pv, index, mask, scale, kernel == "mma", out_partial, lse_partial,
+                                      merged, merged_lse)
+
+
+def assert_emulated_matches_reference(q, k, v, pk, pv, index, mask, scale, tensor_cores: bool, out_partial,
+                                      lse_partial, merged, merged_lse):
+    """``run_emulated``'s results against the reference: every partial row written, the partials
+    merged in Python, and the CUDA merge."""
     assert not out_partial.isnan().any() and not lse_partial.isnan().any(), "a partial row was never written"
     out, lse = prefixkern.merge_attention_states(out_partial, lse_partial, torch.float32)
     want, want_lse = reference.prefix_attention(q.float(), k.float(), v.float(), pk.float(), pv.float(), causal=True,
@@ -157,8 +174,9 @@ def test_decode_kernel_against_the_reference(emulator, tmp_path, case, kernel):
                                                 return_lse=True)
     # On tensor cores the probabilities enter P @ V rounded to the input dtype (as in flash
     # attention's kernels); the CUDA-core kernel keeps them in float32.
-    torch.testing.assert_close(out, want, atol=2e-2 if kernel == "mma" else 1e-5, rtol=2e-2 if kernel == "mma" else 1e-5)
+    tol = 2e-2 if tensor_cores else 1e-5
+    torch.testing.assert_close(out, want, atol=tol, rtol=tol)
     torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-4)
     # The CUDA merge kernel (what decoding runs): the Python merge's result, rounded to q's dtype.
     torch.testing.assert_close(merged_lse, lse, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(merged, out.to(dtype), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(merged, out.to(q.dtype), atol=1e-2, rtol=1e-2)

@@ -205,6 +205,12 @@ def _attention_without_prefix(query, key, value, key_padding_mask, scaling, drop
                                       key_padding_mask=key_padding_mask, softcap=softcap, window=window)
 
 
+def _decoding_step(num_queries: int) -> bool:
+    """Whether a forward of ``num_queries`` query positions is a generation step: few enough for
+    the decode kernels, and no autograd."""
+    return num_queries <= MAX_QUERY_LEN and not torch.is_grad_enabled()
+
+
 def prefixkern_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                          sliding_window=None, softcap=None, **kwargs):
     """transformers attention-interface function: ``query`` [B, Hq, S, D], ``key``/``value``
@@ -249,8 +255,8 @@ def prefixkern_attention(module, query, key, value, attention_mask, scaling=None
     if packed:
         return _packed_attention(query, key, value, prefix_k, prefix_v, key_padding_mask, prefix_index, scaling,
                                  causal, dropout_p, softcap, window, kwargs), None
-    if (causal and dropout_p == 0.0 and query.shape[2] <= MAX_QUERY_LEN and softcap is None and window is None
-            and query.is_cuda and not torch.is_grad_enabled()):
+    if (causal and dropout_p == 0.0 and _decoding_step(query.shape[2]) and softcap is None and window is None
+            and query.is_cuda):
         # A generation step: the CUDA decode kernel (Triton when it cannot serve the call), without
         # the public op's argument checks (the model made these tensors; the CUDA op checks again).
         out = decode_step(query, key, value, prefix_k, prefix_v, softmax_scale=scaling,
@@ -365,8 +371,7 @@ def prefixkern_mask(*args, attention_mask=None, q_length=None, **kwargs):
     if attention_mask.dim() != 2:
         return attention_mask
     mask = attention_mask.to(torch.bool)
-    if torch.compiler.is_compiling() or (q_length is not None and q_length <= MAX_QUERY_LEN
-                                         and not torch.is_grad_enabled()):
+    if torch.compiler.is_compiling() or (q_length is not None and _decoding_step(q_length)):
         return mask
     return None if bool(mask.all()) else mask
 
