@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 
-class _Stopped(Exception):
-    """SIGTERM arrived: stop timing and write what has been timed."""
+class _Stopped(BaseException):
+    """SIGTERM arrived: stop timing and write what has been timed. A BaseException, like
+    KeyboardInterrupt, so that no baseline's ``except Exception`` takes it for its own failure."""
 
 
 def _stop_on_sigterm(signum, frame):
@@ -41,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--baselines", nargs="+", default=None,
                         help="only these baselines (eager sdpa_mask sdpa_lower_right sdpa_lower_right_gqa flex "
-                             "flash_attn prefixkern_padded prefixkern_packed torch_p_rows peft_encoder prefixkern_tf32x3 sdpa_concat "
+                             "flash_attn prefixkern_padded prefixkern_packed torch_p_rows peft_encoder prefixkern_fma sdpa_concat "
                              "prefixkern_tensor_cores prefixkern_prefix_gemm prefixkern_triton_decode prefixkern_triton floor_no_prefix "
                              "peft_eager peft_sdpa prefixkern_raw_launch prefixkern_liger floor_compiled peft_sdpa_compiled "
                              "prefixkern_compiled)")
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from .. import use_backend
     from . import attention, decode, device, e2e, mlp
-    from .common import CREATED_RECORDS, Options, print_table, write_results
+    from .common import CREATED_RECORDS, Options, print_table, results_stem, write_checkpoint, write_results
 
     suites = {"device": device, "attention": attention, "mlp": mlp, "e2e_train": e2e, "decode": decode}
     chosen = list(suites) if "all" in args.suite else list(dict.fromkeys(args.suite))
@@ -99,16 +100,26 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         bar = None
 
+    records, skips = [], []
+    start = time.time()
+    command = "prefixkern-bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    first_record = len(CREATED_RECORDS)     # this run's records follow (a process may run several)
+    out_dir = args.out_dir or (Path("benchmarks/results") if on_gpu else Path(".bench_out/cpu-demo"))
+    stem = results_stem(out_dir, device)
+
+    def timed_so_far() -> list:
+        return [r for r in CREATED_RECORDS[first_record:] if r.ms is not None]
+
     def progress(message: str) -> None:
+        # A row begins, so every row before it is complete: keep them on disk in case this
+        # process is killed (the final write replaces the file).
+        write_checkpoint(timed_so_far(), out_dir, device, command, stem)
         if bar is not None:
             bar.set_description(message[:60])
         else:
             print(f"  {message}", file=sys.stderr)
 
-    records, skips = [], []
-    start = time.time()
-    command = "prefixkern-bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    first_record = len(CREATED_RECORDS)     # this run's records follow (a process may run several)
+    write_checkpoint([], out_dir, device, command, stem)     # takes the name for this run
     previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         # Every prefixkern row runs the Triton kernels, on the CPU demo too (interpreted).
@@ -121,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                     bar.update(1)
     except _Stopped:
         # Stopped from outside (a time limit): keep every row timed so far, the current suite's too.
-        records = [r for r in CREATED_RECORDS[first_record:] if r.ms is not None]
+        records = timed_so_far()
         command += "  # stopped by SIGTERM before it finished: the rows timed until then"
         print(f"\nstopped by SIGTERM: writing the {len(records)} rows timed so far", file=sys.stderr)
     finally:
@@ -131,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     for skip in skips:
         print(f"skipped {skip.suite} / {skip.case} / {skip.impl}: {skip.reason}")
     print_table(records, skips)
-    out_dir = args.out_dir or (Path("benchmarks/results") if on_gpu else Path(".bench_out/cpu-demo"))
-    paths = write_results(records, skips, out_dir, device, command, plots=not args.no_plots)
+    paths = write_results(records, skips, out_dir, device, command, plots=not args.no_plots, stem=stem)
     print(f"\n{len(records)} records in {time.time() - start:.0f} s; wrote " + ", ".join(str(p) for p in paths.values()))
     failed = [r for r in records if r.impl == "prefixkern" and r.ok is False]
     if failed:

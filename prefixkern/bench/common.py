@@ -164,27 +164,57 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, Triton interpreter)"
 
 
-def write_results(records: list[Record], skips: list[Skip], out_dir: Path, device: torch.device, command: str,
-                  plots: bool = True) -> dict[str, Path]:
-    """Write ``<date>_<gpu>.json``, ``.md`` and PNG plots; return their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def results_stem(out_dir: Path, device: torch.device) -> str:
+    """A results file name no other run in ``out_dir`` has (run_gpu.sh merges them all)."""
     now = datetime.datetime.now(datetime.timezone.utc)
     tag = device_name(device).split(" (")[0].replace(" ", "-").replace("/", "-")
-    stem = f"{now:%Y-%m-%d_%H%M%S}_{tag}"      # never another run's name: run_gpu.sh merges them all
+    stem = f"{now:%Y-%m-%d_%H%M%S}_{tag}"
     taken = 1
     while (out_dir / f"{stem}.json").exists():
         taken += 1
         stem = f"{now:%Y-%m-%d_%H%M%S}_{tag}_{taken}"
-    payload = {
+    return stem
+
+
+def _payload(records: list[Record], skips: list[Skip], device: torch.device, command: str) -> dict:
+    return {
         "device": device_name(device),
         "versions": versions(),
-        "date": now.isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "records": [r.as_json() for r in records],
         "skipped": [dataclasses.asdict(s) for s in skips],
     }
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    # A kill mid-write must leave the previous checkpoint, never half a JSON file.
+    scratch = path.with_name(path.name + ".tmp")
+    scratch.write_text(text)
+    scratch.replace(path)
+
+
+def write_checkpoint(records: list[Record], out_dir: Path, device: torch.device, command: str, stem: str) -> Path:
+    """Write the JSON of an unfinished run under the name its finished results will take.
+
+    A step can stall where no signal reaches Python (a baseline's backward compiling inside
+    autograd's C++ engine did, twice, on the H100); run_gpu.sh then kills it, and this file keeps
+    every row timed until then for ``--merge``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}.json"
+    payload = _payload(records, [], device, command + "  # unfinished: the rows timed before it stopped")
+    _write_atomically(path, json.dumps(payload, indent=1) + "\n")
+    return path
+
+
+def write_results(records: list[Record], skips: list[Skip], out_dir: Path, device: torch.device, command: str,
+                  plots: bool = True, stem: str | None = None) -> dict[str, Path]:
+    """Write ``<date>_<gpu>.json``, ``.md`` and PNG plots; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = stem or results_stem(out_dir, device)
+    payload = _payload(records, skips, device, command)
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
-    paths["json"].write_text(json.dumps(payload, indent=1) + "\n")
+    _write_atomically(paths["json"], json.dumps(payload, indent=1) + "\n")
     paths["md"].write_text(markdown_table(payload))
     if plots and device.type == "cuda":
         paths.update(write_plots(payload, out_dir, stem))
