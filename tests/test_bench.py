@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+import prefixkern
+
 from prefixkern.bench.__main__ import main
 from prefixkern.bench.common import Record, markdown_table, speedups
 
@@ -65,6 +67,95 @@ def test_a_run_stopped_by_sigterm_writes_the_rows_it_timed(tmp_path, monkeypatch
     for _ in range(2):
         assert main(["--suite", "device", "--out-dir", str(tmp_path), "--no-plots"]) == 0
     assert len(list(tmp_path.glob("*.json"))) == 3
+
+
+def test_rows_are_on_disk_before_the_run_ends(tmp_path, monkeypatch):
+    """A step can stall where SIGTERM never reaches Python (a baseline's backward compiling inside
+    autograd's C++ engine) and be killed: each row is on disk once the next one begins, under the
+    name the finished run then takes."""
+    from prefixkern.bench import device
+
+    seen = {}
+
+    def suite(opts, progress):
+        progress("first row")
+        first = Record("device", "first", "torch", "fwd", "bfloat16", ms=1.5)
+        progress("second row")
+        (json_path,) = tmp_path.glob("*.json")
+        seen["path"], seen["midway"] = json_path, json.loads(json_path.read_text())
+        Record("device", "second", "torch", "fwd", "bfloat16")          # begun, never timed
+        return [first], []
+
+    monkeypatch.setattr(device, "run", suite)
+    assert main(["--suite", "device", "--out-dir", str(tmp_path), "--no-plots"]) == 0
+    assert [r["case"] for r in seen["midway"]["records"]] == ["first"]
+    assert "unfinished" in seen["midway"]["command"]
+    (json_path,) = tmp_path.glob("*.json")
+    assert json_path == seen["path"] and not list(tmp_path.glob("*.tmp"))
+    final = json.loads(json_path.read_text())
+    assert [r["case"] for r in final["records"]] == ["first"] and "unfinished" not in final["command"]
+
+
+def test_the_stop_signal_is_not_caught_as_a_baseline_failure(tmp_path, monkeypatch):
+    """Baselines wrap compilers that catch ``Exception``; the SIGTERM stop must pass through them."""
+    import os
+    import signal
+
+    from prefixkern.bench import device
+
+    def suite_with_a_catch_all(opts, progress):
+        Record("device", "timed", "torch", "fwd", "bfloat16", ms=1.5)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except Exception:
+            raise AssertionError("the stop was caught as an ordinary error")
+        raise AssertionError("the SIGTERM should have stopped the suite")
+
+    monkeypatch.setattr(device, "run", suite_with_a_catch_all)
+    assert main(["--suite", "device", "--out-dir", str(tmp_path), "--no-plots"]) == 0
+    (json_path,) = tmp_path.glob("*.json")
+    payload = json.loads(json_path.read_text())
+    assert [r["case"] for r in payload["records"]] == ["timed"] and "stopped by SIGTERM" in payload["command"]
+
+
+def test_mlp_rows_hold_their_float32_products_through_the_backward(tmp_path, monkeypatch):
+    """The default row takes 3xTF32 products and the prefixkern_fma row FMA ones, in the forward
+    and in the backward (which runs after the row's function returns: a setting made only around
+    the forward timed the FMA backward under the 3xTF32 row's name once)."""
+    from prefixkern.bench import mlp as mlp_suite
+    from prefixkern.kernels import prefix_mlp as kernels
+
+    launched = []
+    real_launch = kernels.launch_kernel
+
+    def recording_launch(kernel, grid, *args, **meta):
+        if meta.get("PRECISION") is not None:
+            launched.append((kernel.fn.__name__, meta["PRECISION"]))
+        return real_launch(kernel, grid, *args, **meta)
+
+    def progress_and_mark(message):
+        launched.append(("row", message))
+
+    monkeypatch.setattr(kernels, "launch_kernel", recording_launch)
+    monkeypatch.setattr(mlp_suite, "_fma_skip", lambda opts, shape: None)     # the GPU's rows, here
+    from prefixkern.bench.common import Options
+
+    opts = Options(torch.device("cpu"), torch.bfloat16, True, ("prefixkern", "prefixkern_fma"), None, False)
+    with prefixkern.use_backend("triton"):
+        records, _ = mlp_suite.run(opts, progress_and_mark)
+    assert {(r.case, r.impl, r.pass_) for r in records} >= {("cpu-tiny", i, p) for i in ("prefixkern", "prefixkern_fma")
+                                                            for p in ("fwd", "fwd_bwd")}
+    assert all(r.ok for r in records)
+    rows, row = {}, None
+    for name, value in launched:
+        if name == "row":
+            row = tuple(value.split()[1:])      # case, pass, impl
+            rows[row] = []
+        else:
+            rows[row].append((name, value))
+    assert {v for _, v in rows[("cpu-tiny", "fwd_bwd", "prefixkern")]} == {"tf32x3"}
+    assert {v for _, v in rows[("cpu-tiny", "fwd_bwd", "prefixkern_fma")]} == {"ieee"}
+    assert "prefix_mlp_bwd_kernel" in {k for k, _ in rows[("cpu-tiny", "fwd_bwd", "prefixkern_fma")]}
 
 
 def test_compiled_e2e_rows_run_on_a_gpu_and_only_when_asked_in_quick_runs():

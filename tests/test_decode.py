@@ -95,6 +95,57 @@ def test_triton_decode_kernel_against_the_reference(case, monkeypatch):
     torch.testing.assert_close(stepped, got, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_triton_merge_kernel_equals_the_torch_merge(out_dtype):
+    """The Triton decode path's merge (one launch) against ``merge_attention_states``' torch ops:
+    parts that saw nothing (LSE -inf) weigh nothing, a row no part saw gives 0 and -inf, and rows
+    that do not fill the last program are masked."""
+    if not triton_interpret() and not HAS_CUDA:
+        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
+    from prefixkern.kernels._launch import on_device
+    from prefixkern.kernels.prefix_decode import prefix_decode_merge
+
+    device = "cpu" if triton_interpret() else "cuda"
+    torch.manual_seed(5)
+    parts = torch.randn(3, 2, 3, 1, 40, device=device)          # [N, B, Hq, Sq, D]: 6 rows, D pads to 64
+    lse = torch.randn(3, 2, 3, 1, device=device) * 3
+    lse[1, 0, 1] = float("-inf")                                 # one part saw none of row (0, 1)
+    lse[:, 1, 2] = float("-inf")                                 # no part saw row (1, 2)
+    parts[:, 1, 2] = 0.0
+    want, want_lse = decode_attention.merge_attention_states(parts, lse, out_dtype)
+    with on_device(parts.device):
+        got, got_lse = prefix_decode_merge(parts, lse, out_dtype)
+    assert got.dtype == out_dtype and got.shape == (2, 3, 1, 40) and got_lse.shape == (2, 3, 1)
+    tol = 1e-6 if out_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    torch.testing.assert_close(got_lse, want_lse, atol=1e-6, rtol=1e-6)
+    assert torch.equal(got[1, 2].float(), torch.zeros(1, 40, device=device)) and torch.isinf(got_lse[1, 2]).all()
+
+
+def test_triton_decode_step_is_two_launches(monkeypatch):
+    """A split decoding step on the Triton path: the partial kernel and the merge kernel, no torch
+    merge (a dozen launches, which made the path slower than the general forward kernel)."""
+    if not triton_interpret() and not HAS_CUDA:
+        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
+    from prefixkern.kernels import prefix_decode
+
+    device = "cpu" if triton_interpret() else "cuda"
+    inputs, kw = _inputs(2, 4, 2, 1, 40, 7, 32, torch.float32, device, prefix="shared", padding=True)
+    launched = []
+    real_launch = prefix_decode.launch_kernel
+
+    def recording_launch(kernel, grid, *args, **meta):
+        launched.append(kernel.fn.__name__)
+        return real_launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(prefix_decode, "launch_kernel", recording_launch)
+    monkeypatch.setattr(decode_attention, "_merge", lambda *a: pytest.fail("the torch merge ran"))
+    with prefixkern.use_backend("triton"):
+        got = prefixkern.prefix_decode_attention(*inputs, num_splits=3, **kw)
+    assert launched == ["prefix_decode_partial_kernel", "prefix_decode_merge_kernel"]
+    torch.testing.assert_close(got, reference.prefix_attention(*inputs, causal=True, **kw), atol=1e-5, rtol=1e-5)
+
+
 class _ReferenceCudaOps:
     """Stands in for ``torch.ops.prefixkern_cuda`` on the CPU: the same signatures, the partial
     computed by the reference as one chunk. Records what it was called with."""

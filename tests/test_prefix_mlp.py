@@ -3,6 +3,8 @@
 On CPU the Triton kernels run in the interpreter (``use_backend("triton")``) at small, odd
 sizes (D, h, d not multiples of 16); ``-m gpu`` runs the real model sizes on CUDA.
 """
+import os
+
 import pytest
 import torch
 from peft import PrefixTuningConfig
@@ -450,14 +452,20 @@ def test_forward_candidates_split_p_for_exact_float32_only(monkeypatch):
 
 
 def test_tf32x3_replaces_only_exact_float32_products(monkeypatch):
-    """PREFIXKERN_MLP_TF32X3 (``tf32x3_products``) changes exact float32 products only: TF32 that
-    PyTorch allows and 16-bit products stay; its tables are its own (spill-free, see
+    """3xTF32 (the default; ``PREFIXKERN_MLP_TF32X3=0`` or ``tf32x3_products(False)`` turn it off)
+    changes exact float32 products only: TF32 that PyTorch allows and 16-bit products stay, and
+    GPUs without TF32 (before sm_80) keep FMA products; its tables are its own (spill-free, see
     tests/tools/kernel_resources.py) and its backward P tile the tensor-core one."""
     from prefixkern.kernels import prefix_mlp as mlp
     from prefixkern.ops.prefix_mlp import tf32x3_products
 
-    assert mlp.products(torch.float32) == "ieee"
+    assert mlp.TF32X3 == (os.environ.get("PREFIXKERN_MLP_TF32X3", "1") != "0")
     with tf32x3_products():
+        monkeypatch.setattr(mlp, "_has_tf32_tensor_cores", lambda index: index != 7)
+        monkeypatch.setattr(mlp, "device_index", lambda device: device.index)
+        assert mlp.products(torch.float32, torch.device("cuda", 0)) == "tf32x3"
+        assert mlp.products(torch.float32, torch.device("cuda", 7)) == "ieee"      # a pre-Ampere GPU
+        assert mlp.products(torch.float32, torch.device("cpu")) == "tf32x3"        # the interpreter
         assert [mlp.products(d) for d in (torch.float32, torch.bfloat16, torch.float16)] == ["tf32x3", "bf16", "fp16"]
         previous = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("high")
@@ -467,7 +475,6 @@ def test_tf32x3_replaces_only_exact_float32_products(monkeypatch):
             torch.set_float32_matmul_precision(previous)
         with tf32x3_products(False):
             assert mlp.products(torch.float32) == "ieee"
-    assert mlp.products(torch.float32) == "ieee"
     monkeypatch.setattr(mlp, "triton_interpret", lambda: False)
     assert {c[1:] for c in mlp.fwd_configs(64, 65536, "tf32x3")} <= set(mlp.TF32X3_FWD_TILES)
     assert {c[0] for c in mlp.fwd_configs(64, 65536, "tf32x3")} == {64}
@@ -715,7 +722,7 @@ def test_gpu_autocast_against_reference(model, P):
 @pytest.mark.parametrize("model", list(GPU_MODELS))
 @pytest.mark.parametrize("P", [20, 64])
 def test_gpu_tf32x3_is_as_accurate_as_exact_float32(model, P):
-    """3xTF32 products (PREFIXKERN_MLP_TF32X3=1) at the real sizes, float32 parameters and output:
+    """3xTF32 products (the default) at the real sizes, float32 parameters and output:
     the output and every parameter gradient within twice the error of the FMA ("ieee") kernels
     against float64, plus a floor of float32 resolution. (On the CPU the split's error was
     emulated at float32's: benchmarks/mlp_precision.py.)"""

@@ -70,14 +70,14 @@ def _peft_encoder(shape: MlpShape, params, device):
     return encoder
 
 
-def _tf32x3_skip(opts: Options, shape: MlpShape) -> str | None:
-    """Why the ``prefixkern_tf32x3`` row does not apply to ``shape`` (None: it does)."""
+def _fma_skip(opts: Options, shape: MlpShape) -> str | None:
+    """Why the ``prefixkern_fma`` row does not apply to ``shape`` (None: it does)."""
     if not opts.on_gpu:
-        return "3xTF32 products are a GPU kernel path (the CPU runs the reference)"
+        return "the choice of float32 products is a GPU kernel path (the CPU runs the reference)"
     if shape.autocast:
         return "under autocast the products are 16-bit, not exact float32"
     if torch.get_float32_matmul_precision() != "highest":
-        return "PyTorch allows TF32 here: the kernels already take TF32 products"
+        return "PyTorch allows TF32 here: the kernels take TF32 products either way"
     return None
 
 
@@ -104,8 +104,8 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 rows = encoder(tokens).to(opts.dtype)
             return rows.view(shape.B, shape.P, 2 * shape.L, shape.Hkv, shape.D).permute(2, 0, 3, 1, 4)
 
-        def ours(tf32x3: bool = False):
-            with forward_context(), tf32x3_products(tf32x3):
+        def ours():
+            with forward_context():
                 return fused_prefix_mlp(*params, **kw, out_dtype=opts.dtype)
 
         # The same math in PyTorch on P rows: under autocast, what autocast's Linear computes.
@@ -115,13 +115,15 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             "torch_p_rows": lambda: reference.prefix_mlp(*params, **kw, out_dtype=opts.dtype, compute_dtype=compute),
             "peft_encoder": peft_rows,
         }
-        # The kernels with their exact float32 products as 3xTF32 (PREFIXKERN_MLP_TF32X3=1): where
-        # the products are exact float32 ones, on a GPU (the CPU runs the reference either way).
-        reason = _tf32x3_skip(opts, shape)
+        # The kernels with their exact float32 products on FMA units (PREFIXKERN_MLP_TF32X3=0)
+        # rather than the default 3xTF32: where the products are exact float32 ones, on a GPU.
+        reason = _fma_skip(opts, shape)
         if reason:
-            skips.append(Skip("mlp", name, "prefixkern_tf32x3", reason))
-        elif opts.wants("prefixkern_tf32x3"):
-            impls["prefixkern_tf32x3"] = lambda: ours(tf32x3=True)
+            skips.append(Skip("mlp", name, "prefixkern_fma", reason))
+        elif opts.wants("prefixkern_fma"):
+            impls["prefixkern_fma"] = ours
+        # The products' setting must hold for the backward too, which runs after fn returns.
+        products_setting = {"prefixkern_fma": lambda: tf32x3_products(False)}
         expected = reference.prefix_mlp(*[p.detach().double() for p in params], **kw, out_dtype=torch.float64)
         grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(opts.device, opts.dtype)
         w2_bytes = shape.num_cols * shape.token_dim * 4
@@ -136,13 +138,14 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 def call(fn=fn, impl=impl, pass_=pass_):
                     for p in modules:
                         p.grad = None
-                    out = fn()
-                    if pass_ == "fwd_bwd":
-                        if impl == "peft_encoder":   # B copies of the prefix reach the layers
-                            per_layer = grad_out.reshape(2 * shape.L, 1, shape.Hkv, shape.P, shape.D)
-                            out.backward(per_layer.expand(-1, shape.B, -1, -1, -1) / shape.B)
-                        else:
-                            out.backward(grad_out)
+                    with products_setting.get(impl, contextlib.nullcontext)():
+                        out = fn()
+                        if pass_ == "fwd_bwd":
+                            if impl == "peft_encoder":   # B copies of the prefix reach the layers
+                                per_layer = grad_out.reshape(2 * shape.L, 1, shape.Hkv, shape.P, shape.D)
+                                out.backward(per_layer.expand(-1, shape.B, -1, -1, -1) / shape.B)
+                            else:
+                                out.backward(grad_out)
                     return out
 
                 out = call()

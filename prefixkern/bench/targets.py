@@ -94,12 +94,13 @@ def evaluate(payload: dict) -> list[Target]:
     mlp_cases = [c for c in dict.fromkeys(r["case"] for r in records if r["suite"] == "mlp")
                  if c.split("+")[0] in MLP_CASES]
     for case in mlp_cases:
-        # prefixkern_tf32x3: the same kernels with exact float32 products as 3xTF32
-        # (PREFIXKERN_MLP_TF32X3=1), judged beside the default where the run timed it.
-        for impl in ("prefixkern", "prefixkern_tf32x3"):
+        # The other float32 products beside the default where the run timed them: runs before
+        # 2026-11-26 16:00 defaulted to FMA products and timed 3xTF32 as prefixkern_tf32x3; later
+        # ones default to 3xTF32 and time FMA products as prefixkern_fma.
+        for impl, label in (("prefixkern", case), ("prefixkern_tf32x3", f"{case} (3xTF32)"),
+                            ("prefixkern_fma", f"{case} (FMA float32)")):
             if impl != "prefixkern" and not any(idx.get(("mlp", case, impl, p)) for p in ("fwd", "fwd_bwd")):
                 continue
-            label = case if impl == "prefixkern" else f"{case} (3xTF32)"
             for pass_ in ("fwd", "fwd_bwd"):
                 ratio, _ = _ratio(records, idx, "mlp", case, pass_, ("torch_p_rows",), impl=impl)
                 add(3, f"{pass_} 1.2x faster than the same math in PyTorch on P rows", label, _fmt(ratio, "x"),

@@ -184,9 +184,10 @@ def _triton_decode_serves(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 def _triton_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale: float, num_splits: int,
                    return_lse: bool):
-    """The Triton decode kernel's partial attention per key chunk, then their log-sum-exp merge."""
+    """The Triton decode kernel's partial attention per key chunk, then their log-sum-exp merge
+    (a Triton kernel too: two launches in all)."""
     from ..kernels._launch import on_device
-    from ..kernels.prefix_decode import prefix_decode_partial
+    from ..kernels.prefix_decode import prefix_decode_merge, prefix_decode_partial
 
     with torch.no_grad(), on_device(q.device):
         out_partial, lse_partial = prefix_decode_partial(q, k, v, prefix_k, prefix_v, prefix_index=prefix_index,
@@ -195,7 +196,7 @@ def _triton_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, 
         if out_partial.shape[0] == 1:       # one chunk: nothing to merge
             out, lse = out_partial[0].to(q.dtype), lse_partial[0]
         else:
-            out, lse = _merge(out_partial, lse_partial, q.dtype)
+            out, lse = prefix_decode_merge(out_partial, lse_partial, q.dtype)
     return (out, lse) if return_lse else out
 
 

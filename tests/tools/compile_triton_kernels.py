@@ -136,6 +136,11 @@ def cases(quick: bool):
                dict(GROUP=4, BLOCK_M=16, BLOCK_N=bn, BLOCK_D=block_d, EVEN_D=True, HAS_PREFIX_INDEX=flags_on_off,
                     HAS_KPM=flags_on_off, INPUT_PRECISION=precision),
                dict(attn_ptrs, out_ptr="*fp32"), ptr, w, st)
+    # Its merge of the key chunks, at the launcher's rows per program for each head-dim block.
+    for out_ptr, block_d in (("*bf16", 128), ("*fp16", 64), ("*fp32", 256)):
+        yield (f"decode-merge {out_ptr[1:]}-D{block_d}", dec.prefix_decode_merge_kernel,
+               dict(BLOCK_R=max(1, min(64, 4096 // block_d)), BLOCK_D=block_d),
+               {"out_ptr": out_ptr}, "*fp32", 4, 1)
     yield ("dropout-mask", common.dropout_keep_mask_kernel, dict(BLOCK_M=32, BLOCK_N=64),
            {"seed_ptr": "*i64", "keep_ptr": "*i8"}, "*fp32", 4, 1)
     # (output / gradient pointer, the first GEMMs' precision, the second GEMM's): float32 parameters
