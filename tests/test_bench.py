@@ -96,6 +96,65 @@ def test_rows_are_on_disk_before_the_run_ends(tmp_path, monkeypatch):
     assert [r["case"] for r in final["records"]] == ["first"] and "unfinished" not in final["command"]
 
 
+STALLING_RUN = """
+import ctypes, sys
+from prefixkern.bench import device
+from prefixkern.bench.__main__ import main
+from prefixkern.bench.common import Record
+
+def suite_that_stalls_in_cpp(opts, progress):
+    progress("first row")
+    Record("device", "timed", "torch", "fwd", "bfloat16", ms=1.5)
+    progress("second row")
+    print("stalling", flush=True)
+    # A wait in C that no signal interrupts: a normal mutex locked twice by one thread (glibc's
+    # initializer is all zeros). Python's SIGTERM handler never runs, as in autograd's C++ engine.
+    libc, mutex = ctypes.CDLL(None), ctypes.create_string_buffer(64)
+    libc.pthread_mutex_lock(mutex)
+    libc.pthread_mutex_lock(mutex)
+
+device.run = suite_that_stalls_in_cpp
+main(["--suite", "device", "--out-dir", sys.argv[1], "--no-plots"])
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGKILL"), reason="POSIX signals")
+def test_a_step_stalled_in_cpp_keeps_its_rows_and_says_where_it_stalled(tmp_path):
+    """What happened on the H100: a step stalled where SIGTERM never reaches Python, and
+    run_gpu.sh's timeout then kills it. The rows timed before are on disk, and the SIGTERM
+    dumps every thread's stack (faulthandler), naming the stalled call."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pathlib import Path
+
+    checkout = str(Path(__file__).resolve().parent.parent)      # this checkout's prefixkern, installed or not
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-c", STALLING_RUN, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in proc.stdout:           # (the CPU demo's banner comes first)
+            if line.strip() == "stalling":
+                break
+        time.sleep(1)                      # into the wait
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(2)
+        assert proc.poll() is None, "the stall was expected to outlive SIGTERM, as on the GPU"
+        proc.kill()
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "suite_that_stalls_in_cpp" in stderr, stderr[-2000:]
+    (json_path,) = tmp_path.glob("*.json")
+    payload = json.loads(json_path.read_text())
+    assert [r["case"] for r in payload["records"]] == ["timed"] and "unfinished" in payload["command"]
+
+
 def test_the_stop_signal_is_not_caught_as_a_baseline_failure(tmp_path, monkeypatch):
     """Baselines wrap compilers that catch ``Exception``; the SIGTERM stop must pass through them."""
     import os

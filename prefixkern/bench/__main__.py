@@ -11,6 +11,7 @@ and says so: no speed figure is reported from a CPU.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import shlex
 import signal
@@ -121,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
 
     write_checkpoint([], out_dir, device, command, stem)     # takes the name for this run
     previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    # At SIGTERM, first every thread's Python stack to stderr, written from C: a step that stalls
+    # where Python's own handler never runs (a wait inside C++) still says where it was.
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
     try:
         # Every prefixkern row runs the Triton kernels, on the CPU demo too (interpreted).
         with use_backend("triton"):
@@ -136,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         command += "  # stopped by SIGTERM before it finished: the rows timed until then"
         print(f"\nstopped by SIGTERM: writing the {len(records)} rows timed so far", file=sys.stderr)
     finally:
+        faulthandler.unregister(signal.SIGTERM)
         signal.signal(signal.SIGTERM, previous_handler)
     if bar is not None:
         bar.close()
