@@ -29,6 +29,17 @@ def _stop_on_sigterm(signum, frame):
     raise _Stopped()
 
 
+def _dump_stacks_at_sigterm() -> bool:
+    """At SIGTERM, first write every thread's Python stack to the process's stderr, from C, then
+    run the Python handler: a step that stalls where that handler never runs (a wait inside C++)
+    still says where it was. False where stderr has no file descriptor (captured output)."""
+    try:
+        faulthandler.register(signal.SIGTERM, file=sys.__stderr__, all_threads=True, chain=True)
+    except (AttributeError, OSError, ValueError):      # io.UnsupportedOperation is both of the last two
+        return False
+    return True
+
+
 def _parser() -> argparse.ArgumentParser:
     from .common import SUITES
 
@@ -122,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
     write_checkpoint([], out_dir, device, command, stem)     # takes the name for this run
     previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    # At SIGTERM, first every thread's Python stack to stderr, written from C: a step that stalls
-    # where Python's own handler never runs (a wait inside C++) still says where it was.
-    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+    dumps_stacks = _dump_stacks_at_sigterm()
     try:
         # Every prefixkern row runs the Triton kernels, on the CPU demo too (interpreted).
         with use_backend("triton"):
@@ -140,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         command += "  # stopped by SIGTERM before it finished: the rows timed until then"
         print(f"\nstopped by SIGTERM: writing the {len(records)} rows timed so far", file=sys.stderr)
     finally:
-        faulthandler.unregister(signal.SIGTERM)
+        if dumps_stacks:
+            faulthandler.unregister(signal.SIGTERM)
         signal.signal(signal.SIGTERM, previous_handler)
     if bar is not None:
         bar.close()
