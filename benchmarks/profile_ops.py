@@ -300,6 +300,20 @@ def _cu_pointer_get_attribute_us(ptr: int, iters: int = 2000) -> float | None:
     return (time.perf_counter() - start) / iters * 1e6
 
 
+class _Rows:
+    """``launch_overheads``' table, each row printed once timed: a row that fails (this path has
+    not run on every GPU stack) prints its error and the next rows still run."""
+
+    def time(self, name: str, timer, *args) -> None:
+        try:
+            self.record(name, timer(*args))
+        except Exception as exc:
+            print(f"  {'failed':>12s}  {name}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+
+    def record(self, name: str, us) -> None:
+        print(f"  {us:9.2f} us  {name}" if us is not None else f"  {'-':>12s}  {name}", flush=True)
+
+
 def launch_overheads() -> None:
     """Host cost of launches on this machine: an aten op, Triton kernels with 1 and 12 tensor
     arguments and with 48 integers more, the same launch through the compiled kernel's own runner
@@ -315,68 +329,69 @@ def launch_overheads() -> None:
     one_pointer, twelve_pointers, with_ints = _pointer_kernels()
     x = [torch.zeros(64, device="cuda") for _ in range(12)]
     ints = list(range(16, 16 + 47))
-    rows = {}
-    rows["aten add (out=)"] = _host_us(lambda: torch.add(x[0], x[1], out=x[2]))
-    rows["triton, 1 tensor"] = _host_us(lambda: one_pointer[(1,)](x[0], 64, BLOCK=64))
-    rows["triton, 12 tensors"] = _host_us(lambda: twelve_pointers[(1,)](*x, 64, BLOCK=64))
-    rows["triton, 12 tensors + 48 ints"] = _host_us(lambda: with_ints[(1,)](*x, *ints, 64, BLOCK=64))
+    rows = _Rows()
+    print("\n== launch overheads (host microseconds per call)", flush=True)
+    rows.time("aten add (out=)", _host_us, lambda: torch.add(x[0], x[1], out=x[2]))
+    rows.time("triton, 1 tensor", _host_us, lambda: one_pointer[(1,)](x[0], 64, BLOCK=64))
+    rows.time("triton, 12 tensors", _host_us, lambda: twelve_pointers[(1,)](*x, 64, BLOCK=64))
+    rows.time("triton, 12 tensors + 48 ints", _host_us, lambda: with_ints[(1,)](*x, *ints, 64, BLOCK=64))
     compiled = with_ints[(1,)](*x, *ints, 64, BLOCK=64)
     # The pieces of a launch: Triton's argument binding and cache lookup alone (warmup: no
     # launch), the compiled kernel's own runner (no binding), and its C launcher given raw
     # pointers (ints: no data_ptr() call and no cuPointerGetAttribute per tensor).
-    rows["  binding + cache lookup only (warmup)"] = _host_us(
-        lambda: with_ints.warmup(*x, *ints, 64, BLOCK=64, grid=(1,)))
+    rows.time("  binding + cache lookup only (warmup)", _host_us,
+              lambda: with_ints.warmup(*x, *ints, 64, BLOCK=64, grid=(1,)))
     try:
         runner = compiled[(1, 1, 1)]
-        rows["  compiled kernel's runner"] = _host_us(lambda: runner(*x, *ints, 64, 64))
+        rows.time("  compiled kernel's runner", _host_us, lambda: runner(*x, *ints, 64, 64))
         stream = torch.cuda.current_stream().cuda_stream
         raw = [t.data_ptr() for t in x]
         launcher = compiled.run
-        rows["  its C launcher, raw pointers"] = _host_us(
-            lambda: launcher(1, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *raw,
-                             *ints, 64, 64))
+        rows.time("  its C launcher, raw pointers", _host_us,
+                  lambda: launcher(1, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                                   *raw, *ints, 64, 64))
     except Exception as exc:     # the calling convention differs between Triton versions
         print(f"  (compiled runner not timed: {type(exc).__name__}: {exc})")
     pointer_us = _cu_pointer_get_attribute_us(x[0].data_ptr())
     if pointer_us is not None:
-        rows["cuPointerGetAttribute (ctypes)"] = pointer_us
+        rows.record("cuPointerGetAttribute (ctypes)", pointer_us)
     # What every launch path also asks the CUDA runtime (Triton: device and stream; prefixkern's
     # launchers: the device guard and their output allocations).
-    rows["torch.cuda.current_device()"] = _host_us(torch.cuda.current_device)
-    rows["torch.cuda.current_stream()"] = _host_us(torch.cuda.current_stream)
+    rows.time("torch.cuda.current_device()", _host_us, torch.cuda.current_device)
+    rows.time("torch.cuda.current_stream()", _host_us, torch.cuda.current_stream)
 
     def device_guard():
         with torch.cuda.device(x[0].device):
             pass
-    rows["with torch.cuda.device(x.device): pass"] = _host_us(device_guard)
-    rows["torch.empty(64, device='cuda')"] = _host_us(lambda: torch.empty(64, device="cuda"))
+    rows.time("with torch.cuda.device(x.device): pass", _host_us, device_guard)
+    rows.time("torch.empty(64, device='cuda')", _host_us, lambda: torch.empty(64, device="cuda"))
 
     fwd_args, bwd_args = attention_bench.op_args(attention_bench.SHAPES["seed-qwen"], "cuda", torch.bfloat16)
-    rows["seed-qwen fwd launcher, direct"] = _host_us(lambda: _forward_launch(*fwd_args), 300)
-    rows["seed-qwen fwd, custom op"] = _host_us(lambda: torch.ops.prefixkern.prefix_attention_fwd(*fwd_args), 300)
-    rows["seed-qwen bwd launcher, direct"] = _host_us(lambda: _backward_launch(*bwd_args), 300)
-    rows["seed-qwen bwd, custom op"] = _host_us(lambda: torch.ops.prefixkern.prefix_attention_bwd(*bwd_args), 300)
+    rows.time("seed-qwen fwd launcher, direct", _host_us, lambda: _forward_launch(*fwd_args), 300)
+    rows.time("seed-qwen fwd, custom op", _host_us, lambda: torch.ops.prefixkern.prefix_attention_fwd(*fwd_args), 300)
+    rows.time("seed-qwen bwd launcher, direct", _host_us, lambda: _backward_launch(*bwd_args), 300)
+    rows.time("seed-qwen bwd, custom op", _host_us, lambda: torch.ops.prefixkern.prefix_attention_bwd(*bwd_args), 300)
     from prefixkern.kernels._launch import raw_pointer_launches
 
     with raw_pointer_launches():      # PREFIXKERN_RAW_LAUNCH=1
-        rows["seed-qwen fwd launcher, raw pointers"] = _host_us(lambda: _forward_launch(*fwd_args), 300)
-        rows["seed-qwen bwd launcher, raw pointers"] = _host_us(lambda: _backward_launch(*bwd_args), 300)
+        rows.time("seed-qwen fwd launcher, raw pointers", _host_us, lambda: _forward_launch(*fwd_args), 300)
+        rows.time("seed-qwen bwd launcher, raw pointers", _host_us, lambda: _backward_launch(*bwd_args), 300)
     timing = {}
 
     def on_thread():
-        timing["us"] = _host_us(lambda: _backward_launch(*bwd_args), 300)
+        try:
+            timing["us"] = _host_us(lambda: _backward_launch(*bwd_args), 300)
+        except Exception as exc:
+            print(f"  (second thread failed: {type(exc).__name__}: {exc})", flush=True)
     worker = threading.Thread(target=on_thread)
     worker.start()
     worker.join()
-    rows["seed-qwen bwd launcher, second thread"] = timing["us"]
+    rows.record("seed-qwen bwd launcher, second thread", timing.get("us"))
 
     start = time.perf_counter()
     for _ in range(20):
         sum(i * i for i in range(10_000))
-    rows["pure Python: sum of 10k squares"] = (time.perf_counter() - start) / 20 * 1e6
-    print("\n== launch overheads (host microseconds per call)")
-    for name, us in rows.items():
-        print(f"  {us:9.2f} us  {name}")
+    rows.record("pure Python: sum of 10k squares", (time.perf_counter() - start) / 20 * 1e6)
 
 
 def main(argv=None) -> int:
