@@ -162,3 +162,36 @@ def test_index_values_are_read_once_per_tensor_and_version(monkeypatch):
     assert len(reads) == 3
     with pytest.raises(ValueError, match="max_seqlen_q=4 is shorter"):
         check_prefix_attention_varlen_args(*{**args, "max_seqlen_q": 4}.values(), **options)
+
+
+def test_backward_fills_no_gradient_for_the_outputs_that_take_none():
+    """The attention's lse and the MLP's hidden rows are outputs without gradients: autograd must not
+    fill zero tensors for them (a memset launch per layer and step, 25 in a 24-layer step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ZeroFills(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("zeros", "zeros_like", "zero_", "fill_", "new_zeros"):
+                self.calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 5, 16, device=device, requires_grad=True)
+    k, v = (torch.randn(1, 1, 5, 16, device=device, requires_grad=True) for _ in range(2))
+    pk, pv = (torch.randn(1, 3, 16, device=device, requires_grad=True) for _ in range(2))
+    params = [torch.randn(3, 8, device=device), torch.randn(8, 8, device=device), torch.randn(8, device=device),
+              torch.randn(2 * 1 * 16 * 2, 8, device=device), torch.randn(64, device=device)]
+    params = [p.requires_grad_() for p in params]
+    with prefixkern.use_backend("triton"):
+        out = prefixkern.prefix_attention(q, k, v, pk, pv, causal=True)
+        kv = prefixkern.fused_prefix_mlp(*params, num_layers=2, num_kv_heads=1, head_dim=16)
+        fills = ZeroFills()
+        with fills:
+            (out.sum() + kv.float().sum()).backward()
+    assert fills.calls == [], fills.calls
+    assert all(t.grad is not None for t in (q, k, v, pk, pv, *params))

@@ -116,9 +116,14 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (causal, softmax_scale, dropout_p, softcap, window)
     ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
     ctx.mark_non_differentiable(lse)
+    # lse gets no gradient: without this autograd would fill a zero tensor for it in every
+    # backward, a memset launch per layer and step.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, _grad_lse, launch=prefix_attention_bwd):
+    if grad_out is None:        # (out is the only differentiable output: not reached in practice)
+        return (None,) * 18
     (q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask, alibi_slopes, seed, cu_seqlens_q,
      cu_seqlens_k) = ctx.saved_tensors
     grads = launch(grad_out, q, k, v, prefix_k, prefix_v, out, lse, prefix_index, key_padding_mask, alibi_slopes, seed,

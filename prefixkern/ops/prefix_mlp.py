@@ -168,9 +168,14 @@ def _setup_context(ctx, inputs, output):
     ctx.compute_dtype = compute_dtype
     ctx.dropout_p = dropout_p
     ctx.mark_non_differentiable(hidden)
+    # hidden gets no gradient: without this autograd would fill a zero tensor for it (a memset
+    # launch) in every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, _grad_hidden, launch=prefix_mlp_bwd):
+    if grad_out is None:        # (the output is the only differentiable one: not reached in practice)
+        return (None,) * 12
     embedding, w1, b1, w2, b2, hidden, seed = ctx.saved_tensors
     num_layers, num_kv_heads, head_dim = ctx.sizes
     d_embedding, dw1, db1, dw2, db2 = launch(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers, num_kv_heads,
