@@ -482,7 +482,7 @@ def _launched_kernels():
     from prefixkern.kernels import prefix_mlp as mlp
 
     return [fwd.prefix_attention_fwd_kernel, bwd.prefix_attention_bwd_dq_kernel, bwd.prefix_attention_bwd_dkdv_kernel,
-            mlp.prefix_mlp_matmul_kernel, mlp.prefix_mlp_fwd_kernel,
+            mlp.prefix_mlp_matmul_kernel, mlp.prefix_mlp_matmul_pair_kernel, mlp.prefix_mlp_fwd_kernel,
             mlp.prefix_mlp_bwd_kernel, mlp.prefix_mlp_bwd_hidden_kernel, mlp.prefix_kv_copy_kernel]
 
 

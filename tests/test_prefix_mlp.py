@@ -431,9 +431,10 @@ def test_launched_tiles_name_every_field(device):
     with prefixkern.use_backend("triton"):
         enc(torch.bfloat16).float().sum().backward()
     tiles = launched_tiles()
-    assert set(tiles) == {"fwd", "bwd", "gemm"}
+    assert set(tiles) == {"fwd", "bwd", "gemm", "gemm-pair"}
     assert tiles["bwd"].startswith("DH_BLOCK_N=") and tiles["bwd"].count("=") == 6, tiles["bwd"]
-    assert tiles["fwd"].startswith("BLOCK_P=") and tiles["fwd"].count("=") == 5 and tiles["gemm"].count("=") == 5, tiles
+    assert tiles["fwd"].startswith("BLOCK_P=") and tiles["fwd"].count("=") == 5, tiles
+    assert tiles["gemm"].count("=") == 5 and tiles["gemm-pair"].count("=") == 5, tiles
     assert launched_tiles() == {}
 
 
@@ -512,7 +513,8 @@ def test_tf32x3_products_reach_every_kernel_and_match_the_reference(monkeypatch,
     expected = reference.prefix_mlp(*exact, **SMALL, out_dtype=torch.float64)
     expected.backward(grad.double())
     gemms = {name: precision for name, precision in launched if precision is not None}
-    assert set(gemms) == {"prefix_mlp_matmul_kernel", "prefix_mlp_fwd_kernel", "prefix_mlp_bwd_kernel"}, launched
+    assert set(gemms) == {"prefix_mlp_matmul_kernel", "prefix_mlp_fwd_kernel", "prefix_mlp_bwd_kernel",
+                          "prefix_mlp_matmul_pair_kernel"}, launched
     assert set(gemms.values()) == {"tf32x3"}, launched
     torch.testing.assert_close(kv.double(), expected, **_tol(torch.float32, "out"))
     for leaf, ref in zip(leaves, exact):

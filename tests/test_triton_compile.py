@@ -32,8 +32,8 @@ from prefixkern.kernels import prefix_attention_bwd as bwd, prefix_attention_fwd
 from prefixkern.kernels import prefix_decode as dec
 kernels = [fwd.prefix_attention_fwd_kernel, bwd.prefix_attention_bwd_dq_kernel, bwd.prefix_attention_bwd_dkdv_kernel,
            dec.prefix_decode_partial_kernel, dec.prefix_decode_merge_kernel, mlp.prefix_mlp_matmul_kernel,
-           mlp.prefix_mlp_fwd_kernel, mlp.prefix_mlp_bwd_kernel, mlp.prefix_mlp_bwd_hidden_kernel,
-           mlp.prefix_kv_copy_kernel]
+           mlp.prefix_mlp_matmul_pair_kernel, mlp.prefix_mlp_fwd_kernel, mlp.prefix_mlp_bwd_kernel,
+           mlp.prefix_mlp_bwd_hidden_kernel, mlp.prefix_kv_copy_kernel]
 for kernel in kernels:
     kernel.cache_key    # parses the kernel and its callees, recording the globals they read
     # Only ours: Triton 3.4's tl.sum records its own _pick_sum_dtype (later releases do not).
@@ -51,7 +51,7 @@ def test_launched_kernels_read_no_global_constants():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", KERNELS_READ_NO_GLOBAL_CONSTANTS], env=env, capture_output=True,
                             text=True, timeout=300, cwd=SCRIPT.parent.parent.parent)
-    assert result.returncode == 0 and result.stdout.startswith("ok 10"), result.stdout + result.stderr[-3000:]
+    assert result.returncode == 0 and result.stdout.startswith("ok 11"), result.stdout + result.stderr[-3000:]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Triton compiles on Linux")

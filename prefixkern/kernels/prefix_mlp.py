@@ -135,31 +135,33 @@ def _fits_smem(num_stages: int, elements_per_stage: int) -> bool:
 MATMUL_TILES = ((16, 64, 64, 4, 3), (32, 64, 32, 4, 4), (64, 64, 32, 4, 4), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3),
                 (128, 128, 32, 8, 3))
 INTERPRETER_MATMUL_TILE = (32, 32, 32, 4, 1)
+# The pair kernel (dE and dW1 in one launch) inlines the tile loop twice and holds more registers:
+# MATMUL_TILES less (128, 128, 32, 8, 3), which spills 96-568 B there, and (32, 64, 32, 4, 4), 8 B
+# with FMA products (sm_90, Triton 3.9; tests/tools/kernel_resources.py --kernels mlp). On Triton
+# 3.6 (64, 64, 32, 4, 4) spills 32 B with FMA products, where the tuner drops it; the first entry
+# is spill-free on both.
+MATMUL_PAIR_TILES = tuple(t for t in MATMUL_TILES if t not in ((128, 128, 32, 8, 3), (32, 64, 32, 4, 4)))
 
 
-def matmul_candidates(m: int) -> list[tuple[int, int, int, int, int]]:
-    """The matmul tiles worth timing for M rows (M is P in the forward and dE products)."""
+def matmul_candidates(m: int, tiles=MATMUL_TILES) -> list[tuple[int, int, int, int, int]]:
+    """The matmul tiles of ``tiles`` worth timing for M rows (M is P in the forward's product)."""
     if triton_interpret():
         return [INTERPRETER_MATMUL_TILE]
     # A tile much taller than M only multiplies zeros.
     cap = max(16, next_power_of_2(m))
-    kept = [t for t in MATMUL_TILES if t[0] <= cap and _fits_smem(t[4], (t[0] + t[1]) * t[2])]
-    return kept or [min(MATMUL_TILES, key=lambda t: t[0])]
+    kept = [t for t in tiles if t[0] <= cap and _fits_smem(t[4], (t[0] + t[1]) * t[2])]
+    return kept or [min(tiles, key=lambda t: t[0])]
 
 
 @triton.jit
-def prefix_mlp_matmul_kernel(
-    a_ptr, b_ptr, bias_ptr, c_ptr,
+def _matmul_tile(
+    a_ptr, b_ptr, bias_ptr, c_ptr, pid_m, pid_n,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     HAS_BIAS: tl.constexpr, APPLY_TANH: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``C[M, N] = act(A[M, K] @ B[K, N] + bias[N])``, float32 accumulation, stored in C's dtype.
-    With APPLY_TANH (the first Linear and its Tanh) the Linear's output and the tanh are rounded
-    as ``PRECISION`` says; the backward's products (APPLY_TANH off) keep float32 results."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
+    # Tile (pid_m, pid_n) of C[M, N] = act(A[M, K] @ B[K, N] + bias[N]).
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -179,6 +181,48 @@ def prefix_mlp_matmul_kernel(
         acc = _round(_tanh(_round(acc, PRECISION)), PRECISION)
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
              acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def prefix_mlp_matmul_kernel(
+    a_ptr, b_ptr, bias_ptr, c_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    HAS_BIAS: tl.constexpr, APPLY_TANH: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``C[M, N] = act(A[M, K] @ B[K, N] + bias[N])``, float32 accumulation, stored in C's dtype.
+    With APPLY_TANH (the first Linear and its Tanh) the Linear's output and the tanh are rounded
+    as ``PRECISION`` says; the backward's products (APPLY_TANH off) keep float32 results."""
+    _matmul_tile(a_ptr, b_ptr, bias_ptr, c_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
+                 M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                 HAS_BIAS, APPLY_TANH, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def prefix_mlp_matmul_pair_kernel(
+    a1_ptr, b1_ptr, c1_ptr, a2_ptr, b2_ptr, c2_ptr,
+    M1, N1, K1, M2, N2, K2,
+    stride_a1m, stride_a1k, stride_b1k, stride_b1n, stride_c1m, stride_c1n,
+    stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_c2m, stride_c2n,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Two independent products ``C1 = A1 @ B1`` and ``C2 = A2 @ B2`` (no bias or activation) in
+    one launch: a 1-D grid, C1's tiles first. The backward's dE and dW1 both follow from dZ, and a
+    launch is what a small prefix's backward costs on the host."""
+    pid = tl.program_id(0)
+    tiles_n1 = tl.cdiv(N1, BLOCK_N)
+    tiles1 = tl.cdiv(M1, BLOCK_M) * tiles_n1
+    if pid < tiles1:
+        _matmul_tile(a1_ptr, b1_ptr, None, c1_ptr, (pid // tiles_n1).to(tl.int64), (pid % tiles_n1).to(tl.int64),
+                     M1, N1, K1, stride_a1m, stride_a1k, stride_b1k, stride_b1n, stride_c1m, stride_c1n,
+                     False, False, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        tiles_n2 = tl.cdiv(N2, BLOCK_N)
+        pid2 = pid - tiles1
+        _matmul_tile(a2_ptr, b2_ptr, None, c2_ptr, (pid2 // tiles_n2).to(tl.int64), (pid2 % tiles_n2).to(tl.int64),
+                     M2, N2, K2, stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_c2m, stride_c2n,
+                     False, False, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 # --------------------------------------------------------------------------------------------
@@ -563,6 +607,31 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, precision: str, b
     return c
 
 
+def _matmul_pair(a1: torch.Tensor, b1: torch.Tensor, c1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor,
+                 c2: torch.Tensor, precision: str) -> None:
+    """``c1 = a1 @ b1`` and ``c2 = a2 @ b2`` (strided 2-d operands) in one launch, one tile config
+    for both (capped by the taller product, as ``matmul_candidates`` caps one)."""
+    (m1, k1), n1 = a1.shape, b1.shape[1]
+    (m2, k2), n2 = a2.shape, b2.shape[1]
+
+    def launch(config):
+        block_m, block_n, block_k, warps, stages = config
+        tiles = cdiv(m1, block_m) * cdiv(n1, block_n) + cdiv(m2, block_m) * cdiv(n2, block_n)
+        return launch_kernel(
+            prefix_mlp_matmul_pair_kernel, (tiles,),
+            a1, b1, c1, a2, b2, c2,
+            m1, n1, k1, m2, n2, k2,
+            a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1), c1.stride(0), c1.stride(1),
+            a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1), c2.stride(0), c2.stride(1),
+            PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+            num_stages=stages,
+        )
+
+    key = ("mlp-matmul-pair", a1.device, m1, n1, k1, m2, n2, k2, precision, a1.dtype, b1.dtype, c1.dtype, a2.dtype,
+           b2.dtype, c2.dtype)
+    launch(pick_config(key, lambda: matmul_candidates(max(m1, m2), MATMUL_PAIR_TILES), launch))
+
+
 def prefix_kv_copy(src: torch.Tensor, src_strides, dst: torch.Tensor, dst_strides, *, num_rows: int,
                    num_cols: int, num_kv_heads: int, head_dim: int, dropout_p: float,
                    seed: torch.Tensor | None) -> torch.Tensor:
@@ -696,8 +765,9 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
         HAS_BIAS=b1 is not None, BLOCK_P=min(next_power_of_2(num_rows), 64), BLOCK_K=block_k,
     )
 
-    d_embedding = _matmul(dz, w1, torch.empty(embedding.shape, device=device, dtype=embedding.dtype), precision)
-    dw1 = _matmul(dz.t(), embedding, torch.empty(w1.shape, device=device, dtype=w1.dtype), precision)
+    d_embedding = torch.empty(embedding.shape, device=device, dtype=embedding.dtype)
+    dw1 = torch.empty(w1.shape, device=device, dtype=w1.dtype)
+    _matmul_pair(dz, w1, d_embedding, dz.t(), embedding, dw1, precision)      # dE = dZ @ W1, dW1 = dZ^T @ E
     return d_embedding, dw1, db1, dw2, db2
 
 

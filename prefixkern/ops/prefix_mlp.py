@@ -331,13 +331,15 @@ def tf32x3_products(enabled: bool = True):
 def launched_tiles() -> dict[str, str]:
     """Diagnostics: the tiles the prefix-MLP kernels launched with since the previous call, as
     autotuning chose them (``fwd``: the second GEMM into [L, 2, Hkv, P, D]; ``bwd``: the dH and the
-    dW2/db2 programs' tiles; ``gemm``: the small GEMMs), as ``"BLOCK_P=..,BLOCK_N=..,warps=..,stages=.."``.
+    dW2/db2 programs' tiles; ``gemm``: the forward's first GEMM; ``gemm-pair``: the backward's dE
+    and dW1 in one launch), as ``"BLOCK_P=..,BLOCK_N=..,warps=..,stages=.."``.
     The benchmarks record it."""
     from ..kernels._launch import take_launched_configs
 
     fields = {"mlp-fwd": ("fwd", ("BLOCK_P", "BLOCK_N", "BLOCK_K")),
               "mlp-bwd": ("bwd", ("DH_BLOCK_N", "DH_BLOCK_K", "DW_BLOCK_N", "DW_BLOCK_K")),
-              "mlp-matmul": ("gemm", ("BLOCK_M", "BLOCK_N", "BLOCK_K"))}
+              "mlp-matmul": ("gemm", ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+              "mlp-matmul-pair": ("gemm-pair", ("BLOCK_M", "BLOCK_N", "BLOCK_K"))}
     tiles = {}
     for kernel, config in take_launched_configs(tuple(fields)).items():
         name, blocks = fields[kernel]

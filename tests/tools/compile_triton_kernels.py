@@ -150,6 +150,9 @@ def cases(quick: bool):
         yield (f"mlp-matmul {out_ptr} {first}", mlp.prefix_mlp_matmul_kernel,
                dict(HAS_BIAS=True, APPLY_TANH=True, PRECISION=first, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64),
                {"c_ptr": "*fp32"}, "*fp32", 4, 3)
+        yield (f"mlp-matmul-pair {out_ptr} {first}", mlp.prefix_mlp_matmul_pair_kernel,
+               dict(PRECISION=first, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64), {"c1_ptr": "*fp32", "c2_ptr": "*fp32"},
+               "*fp32", 4, 3)
         yield (f"mlp-fwd {out_ptr} {second}", mlp.prefix_mlp_fwd_kernel,
                dict(HAS_BIAS=True, HAS_DROPOUT=True, PRECISION=second, BLOCK_P=32, BLOCK_N=64, BLOCK_K=32),
                {"out_ptr": out_ptr, "seed_ptr": "*i64"}, "*fp32", 4, 3)

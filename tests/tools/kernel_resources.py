@@ -138,6 +138,10 @@ def mlp_candidates():
             yield (f"mlp-matmul {precision}", mlp.prefix_mlp_matmul_kernel,
                    dict(HAS_BIAS=True, APPLY_TANH=True, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
                         BLOCK_K=block_k), {"c_ptr": "*fp32"}, warps, stages)
+        for block_m, block_n, block_k, warps, stages in mlp.MATMUL_PAIR_TILES:
+            yield (f"mlp-matmul-pair {precision}", mlp.prefix_mlp_matmul_pair_kernel,
+                   dict(PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k),
+                   {"c1_ptr": "*fp32", "c2_ptr": "*fp32"}, warps, stages)
 
 
 def grid_variants():
