@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .._backend import get_backend, override_global, use_triton
+from .._backend import get_backend, override_global, triton_interpret, use_triton
 from ._checks import check_prefix_attention_args, check_tensor
 from .prefix_attention import prefix_attention, resolve_softmax_scale
 
@@ -185,9 +185,9 @@ def _triton_decode_serves(q: torch.Tensor, k: torch.Tensor) -> bool:
 def _triton_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale: float, num_splits: int,
                    return_lse: bool):
     """The Triton decode kernel's partial attention per key chunk, then their log-sum-exp merge
-    (a Triton kernel too: two launches in all)."""
+    (the Triton merge kernel: two launches in all)."""
     from ..kernels._launch import on_device
-    from ..kernels.prefix_decode import prefix_decode_merge, prefix_decode_partial
+    from ..kernels.prefix_decode import prefix_decode_partial
 
     with torch.no_grad(), on_device(q.device):
         out_partial, lse_partial = prefix_decode_partial(q, k, v, prefix_k, prefix_v, prefix_index=prefix_index,
@@ -196,7 +196,7 @@ def _triton_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, 
         if out_partial.shape[0] == 1:       # one chunk: nothing to merge
             out, lse = out_partial[0].to(q.dtype), lse_partial[0]
         else:
-            out, lse = prefix_decode_merge(out_partial, lse_partial, q.dtype)
+            out, lse = _merge(out_partial, lse_partial, q.dtype)
     return (out, lse) if return_lse else out
 
 
@@ -235,14 +235,24 @@ def merge_attention_states(out_partial: torch.Tensor, lse_partial: torch.Tensor,
 
 def _merge(out_partial: torch.Tensor, lse_partial: torch.Tensor, out_dtype: torch.dtype):
     """``merge_attention_states`` on arguments valid by construction: the CUDA kernel where it is
-    built and applies, else torch ops."""
-    if (out_partial.is_cuda and out_partial.dtype == torch.float32 and lse_partial.dtype == torch.float32
-            and out_dtype in (torch.float16, torch.bfloat16) and get_backend() == "auto"):
+    built and applies, else the Triton merge kernel where the Triton kernels run (one launch where
+    the torch ops below take about a dozen), else torch ops."""
+    float32_parts = out_partial.dtype == torch.float32 and lse_partial.dtype == torch.float32
+    if float32_parts and out_partial.is_cuda and out_dtype in (torch.float16, torch.bfloat16) \
+            and get_backend() == "auto":
         from .._cuda_build import cuda_ops
 
         ops = cuda_ops()
         if ops is not None:
             return ops.merge_attention_states(out_partial, lse_partial, out_dtype)
+    if (float32_parts and out_dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and out_partial.is_contiguous() and lse_partial.is_contiguous() and not torch.compiler.is_compiling()
+            and (out_partial.is_cuda or triton_interpret()) and use_triton(out_partial.device)):
+        from ..kernels._launch import on_device
+        from ..kernels.prefix_decode import prefix_decode_merge
+
+        with on_device(out_partial.device):
+            return prefix_decode_merge(out_partial, lse_partial, out_dtype)
     acc = torch.promote_types(out_partial.dtype, torch.float32)
     lse_partial = lse_partial.to(acc)
     lse = torch.logsumexp(lse_partial, dim=0)
