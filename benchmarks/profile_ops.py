@@ -304,9 +304,10 @@ class _Rows:
     """``launch_overheads``' table, each row printed once timed: a row that fails (this path has
     not run on every GPU stack) prints its error and the next rows still run."""
 
-    def time(self, name: str, timer, *args) -> None:
+    def time(self, name: str, fn, iters: int = 2000) -> None:
+        """Time ``fn`` (``_host_us``) as row ``name``."""
         try:
-            self.record(name, timer(*args))
+            self.record(name, _host_us(fn, iters))
         except Exception as exc:
             print(f"  {'failed':>12s}  {name}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
 
@@ -331,23 +332,23 @@ def launch_overheads() -> None:
     ints = list(range(16, 16 + 47))
     rows = _Rows()
     print("\n== launch overheads (host microseconds per call)", flush=True)
-    rows.time("aten add (out=)", _host_us, lambda: torch.add(x[0], x[1], out=x[2]))
-    rows.time("triton, 1 tensor", _host_us, lambda: one_pointer[(1,)](x[0], 64, BLOCK=64))
-    rows.time("triton, 12 tensors", _host_us, lambda: twelve_pointers[(1,)](*x, 64, BLOCK=64))
-    rows.time("triton, 12 tensors + 48 ints", _host_us, lambda: with_ints[(1,)](*x, *ints, 64, BLOCK=64))
+    rows.time("aten add (out=)", lambda: torch.add(x[0], x[1], out=x[2]))
+    rows.time("triton, 1 tensor", lambda: one_pointer[(1,)](x[0], 64, BLOCK=64))
+    rows.time("triton, 12 tensors", lambda: twelve_pointers[(1,)](*x, 64, BLOCK=64))
+    rows.time("triton, 12 tensors + 48 ints", lambda: with_ints[(1,)](*x, *ints, 64, BLOCK=64))
     compiled = with_ints[(1,)](*x, *ints, 64, BLOCK=64)
     # The pieces of a launch: Triton's argument binding and cache lookup alone (warmup: no
     # launch), the compiled kernel's own runner (no binding), and its C launcher given raw
     # pointers (ints: no data_ptr() call and no cuPointerGetAttribute per tensor).
-    rows.time("  binding + cache lookup only (warmup)", _host_us,
+    rows.time("  binding + cache lookup only (warmup)",
               lambda: with_ints.warmup(*x, *ints, 64, BLOCK=64, grid=(1,)))
     try:
         runner = compiled[(1, 1, 1)]
-        rows.time("  compiled kernel's runner", _host_us, lambda: runner(*x, *ints, 64, 64))
+        rows.time("  compiled kernel's runner", lambda: runner(*x, *ints, 64, 64))
         stream = torch.cuda.current_stream().cuda_stream
         raw = [t.data_ptr() for t in x]
         launcher = compiled.run
-        rows.time("  its C launcher, raw pointers", _host_us,
+        rows.time("  its C launcher, raw pointers",
                   lambda: launcher(1, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
                                    *raw, *ints, 64, 64))
     except Exception as exc:     # the calling convention differs between Triton versions
@@ -357,25 +358,25 @@ def launch_overheads() -> None:
         rows.record("cuPointerGetAttribute (ctypes)", pointer_us)
     # What every launch path also asks the CUDA runtime (Triton: device and stream; prefixkern's
     # launchers: the device guard and their output allocations).
-    rows.time("torch.cuda.current_device()", _host_us, torch.cuda.current_device)
-    rows.time("torch.cuda.current_stream()", _host_us, torch.cuda.current_stream)
+    rows.time("torch.cuda.current_device()", torch.cuda.current_device)
+    rows.time("torch.cuda.current_stream()", torch.cuda.current_stream)
 
     def device_guard():
         with torch.cuda.device(x[0].device):
             pass
-    rows.time("with torch.cuda.device(x.device): pass", _host_us, device_guard)
-    rows.time("torch.empty(64, device='cuda')", _host_us, lambda: torch.empty(64, device="cuda"))
+    rows.time("with torch.cuda.device(x.device): pass", device_guard)
+    rows.time("torch.empty(64, device='cuda')", lambda: torch.empty(64, device="cuda"))
 
     fwd_args, bwd_args = attention_bench.op_args(attention_bench.SHAPES["seed-qwen"], "cuda", torch.bfloat16)
-    rows.time("seed-qwen fwd launcher, direct", _host_us, lambda: _forward_launch(*fwd_args), 300)
-    rows.time("seed-qwen fwd, custom op", _host_us, lambda: torch.ops.prefixkern.prefix_attention_fwd(*fwd_args), 300)
-    rows.time("seed-qwen bwd launcher, direct", _host_us, lambda: _backward_launch(*bwd_args), 300)
-    rows.time("seed-qwen bwd, custom op", _host_us, lambda: torch.ops.prefixkern.prefix_attention_bwd(*bwd_args), 300)
+    rows.time("seed-qwen fwd launcher, direct", lambda: _forward_launch(*fwd_args), 300)
+    rows.time("seed-qwen fwd, custom op", lambda: torch.ops.prefixkern.prefix_attention_fwd(*fwd_args), 300)
+    rows.time("seed-qwen bwd launcher, direct", lambda: _backward_launch(*bwd_args), 300)
+    rows.time("seed-qwen bwd, custom op", lambda: torch.ops.prefixkern.prefix_attention_bwd(*bwd_args), 300)
     from prefixkern.kernels._launch import raw_pointer_launches
 
     with raw_pointer_launches():      # PREFIXKERN_RAW_LAUNCH=1
-        rows.time("seed-qwen fwd launcher, raw pointers", _host_us, lambda: _forward_launch(*fwd_args), 300)
-        rows.time("seed-qwen bwd launcher, raw pointers", _host_us, lambda: _backward_launch(*bwd_args), 300)
+        rows.time("seed-qwen fwd launcher, raw pointers", lambda: _forward_launch(*fwd_args), 300)
+        rows.time("seed-qwen bwd launcher, raw pointers", lambda: _backward_launch(*bwd_args), 300)
     timing = {}
 
     def on_thread():
