@@ -30,6 +30,9 @@ def test_cpu_demo_writes_checked_records(tmp_path, capsys):
         assert record["ms"] is None and record["tflops"] is None      # no speed from a CPU
     ours = [r for r in records if r["impl"] == "prefixkern"]
     assert ours and all(r["ok"] is True for r in ours)
+    # A decoding step with its cache append, ours and HF's DynamicCache + SDPA, both checked.
+    steps = {r["impl"]: r for r in records if r["suite"] == "decode" and r["pass"] == "step"}
+    assert set(steps) == {"prefixkern", "hf_dynamic_cache_sdpa"} and all(r["ok"] for r in steps.values())
     # Stock PEFT's generate() is a baseline; where transformers drops its prefix the row says so.
     stock_generate = [r for r in records if r["pass"] == "generate" and r["impl"] == "peft_sdpa"]
     assert all(r["ok"] is not False or "without its prefix" in (r["note"] or "") for r in stock_generate)
@@ -380,6 +383,9 @@ def test_targets_judge_each_issue_from_the_records():
         _rec("decode", "P30-L4096-B8", "prefixkern_triton", "fwd", ms=0.1),
         _rec("decode", "P30-L4096-B8", "prefixkern_triton_decode", "fwd", ms=0.03),
         _rec("decode", "P30-L4096-B8", "prefixkern_tensor_cores", "fwd", ms=0.02, gbps=3500.0),
+        # A step row (cache append + attention) is in the table only: no verdict of the fwd targets changes.
+        _rec("decode", "P30-L4096-B8", "prefixkern", "step", ms=0.001),
+        _rec("decode", "P30-L4096-B8", "hf_dynamic_cache_sdpa", "step", ms=0.5),
         _rec("decode", "qwen2.5-0.5b-B8", "peft_sdpa", "generate", ms=1180.0),
         _rec("decode", "qwen2.5-0.5b-B8", "prefixkern", "generate", ms=1330.0),
         _rec("decode", "qwen2.5-0.5b-B8", "prefixkern_tensor_cores", "generate", ms=1100.0),

@@ -1101,6 +1101,91 @@ def test_generate_with_a_static_cache_request(family):
         assert torch.equal(got, dynamic), f"model config {implementation}"
 
 
+def _layer_appends(layer, chunks):
+    """Append ``chunks`` of (keys, values) to ``layer``; returns what the last update returned."""
+    for keys, values in chunks:
+        out = layer.update(keys, values)
+    return out
+
+
+def test_cache_layer_appends_in_place_within_its_capacity():
+    """PrefixKVLayer: what DynamicLayer's torch.cat gives, written in place into a buffer with room
+    (no copy of the cache per token), through crops, index_selects (beam reordering), growth past
+    the hint, and with autograd recording (torch.cat there, as DynamicLayer)."""
+    from transformers.cache_utils import DynamicLayer
+
+    gen = torch.Generator().manual_seed(0)
+    chunks = [(torch.randn(3, 2, n, 8, generator=gen), torch.randn(3, 2, n, 8, generator=gen)) for n in (7, 1, 1, 2)]
+    with torch.no_grad():                          # (generate() decodes without gradients)
+        ours, stock = hf.PrefixKVLayer(capacity_hint=12), DynamicLayer()
+        keys, values = _layer_appends(ours, chunks[:1])
+        buffer = ours._key_buffer
+        assert buffer.shape[2] == 12 and keys.data_ptr() == buffer.data_ptr()       # the hint caps the capacity
+        keys, values = _layer_appends(ours, chunks[1:])
+        expected = _layer_appends(stock, chunks)
+        assert ours._key_buffer is buffer and keys.data_ptr() == buffer.data_ptr()  # appended in place
+        assert torch.equal(keys, expected[0]) and torch.equal(values, expected[1]) and ours.get_seq_length() == 11
+        # A crop (assisted generation) leaves a view: the next append overwrites the cropped tokens in place.
+        ours.crop(-3)
+        stock.crop(-3)
+        more = [(torch.randn(3, 2, 1, 8, generator=gen), torch.randn(3, 2, 1, 8, generator=gen))]
+        keys, values = _layer_appends(ours, more)
+        expected = _layer_appends(stock, more)
+        assert ours._key_buffer is buffer and torch.equal(keys, expected[0]) and torch.equal(values, expected[1])
+        # Beam reordering leaves a compact tensor: the next append moves it into a new buffer.
+        beams = torch.tensor([2, 0, 0])
+        ours.reorder_cache(beams)
+        stock.reorder_cache(beams)
+        # Past the hint (12 tokens): the buffer grows by 256 tokens, at least.
+        more = [(torch.randn(3, 2, 5, 8, generator=gen), torch.randn(3, 2, 5, 8, generator=gen))]
+        keys, values = _layer_appends(ours, more)
+        expected = _layer_appends(stock, more)
+        assert torch.equal(keys, expected[0]) and torch.equal(values, expected[1])
+        assert ours._key_buffer is not buffer and ours._key_buffer.shape[2] == 14 + 256
+    # With gradients enabled, appends are torch.cat (a write into a saved view would fail backward).
+    grad_layer = hf.PrefixKVLayer()
+    leaf = chunks[0][0].clone().requires_grad_()
+    keys, _ = grad_layer.update(leaf, chunks[0][1])
+    keys, _ = grad_layer.update(chunks[1][0], chunks[1][1])
+    assert grad_layer._key_buffer is None
+    keys.sum().backward()
+    assert torch.equal(leaf.grad, torch.ones_like(leaf))
+
+
+def test_generate_writes_each_token_into_the_cache_in_place():
+    """A patched generate() call sizes every layer's cache for its final length (prompt +
+    max_new_tokens) at the prefill and writes each decoding step's keys in place: the cache never
+    moves, where DynamicCache copies every layer's whole cache at every token."""
+    _, ours = _pair("llama")
+    ours.eval()
+    ids, mask = _batch("left", seq=7)
+    caches = []
+
+    def record(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if isinstance(cache, hf.PrefixKVCache) and cache.layers:
+            caches.append([(layer._key_buffer.data_ptr(), layer._key_buffer.shape[2], layer.keys.data_ptr())
+                           for layer in cache.layers])
+
+    hook = ours.get_base_model().register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        out = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                            return_dict_in_generate=True)
+    finally:
+        hook.remove()
+    assert len(caches) == 5                                # the decoding steps after the prefill
+    assert all(step == caches[0] for step in caches)       # same buffers, same capacity, every step
+    assert all(capacity == 7 + 6 and ptr == keys_ptr for ptr, capacity, keys_ptr in caches[0])
+    cache = out.past_key_values
+    assert all(isinstance(layer, hf.PrefixKVLayer) for layer in cache.layers)
+    assert cache.get_seq_length() == P + 7 + 5             # PEFT's lengths: the prefix counts
+    assert ours._prefixkern.generation_length is None      # nothing kept after the call
+    # The kernels read the cache as views of the buffers (strided: capacity, not length, apart).
+    with prefixkern.use_backend("triton"):
+        got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, out.sequences[:, :7 + 3])
+
+
 def test_prefix_per_row_training_gradients_reach_each_adapter():
     """Training a mixed batch: each adapter's prefix parameters get exactly the gradient of the rows
     that read it (as if each adapter were trained on its rows alone)."""

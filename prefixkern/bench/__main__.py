@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--baselines", nargs="+", default=None,
                         help="only these baselines (eager sdpa_mask sdpa_lower_right sdpa_lower_right_gqa flex "
                              "flash_attn prefixkern_padded prefixkern_packed torch_p_rows peft_encoder prefixkern_fma sdpa_concat "
-                             "prefixkern_tensor_cores prefixkern_prefix_gemm prefixkern_triton_decode prefixkern_triton floor_no_prefix "
+                             "prefixkern_tensor_cores prefixkern_prefix_gemm prefixkern_triton_decode prefixkern_triton hf_dynamic_cache_sdpa "
+                             "floor_no_prefix "
                              "peft_eager peft_sdpa prefixkern_raw_launch prefixkern_liger floor_compiled peft_sdpa_compiled "
                              "prefixkern_compiled)")
     parser.add_argument("--quick", action="store_true", help="a few shapes per suite (a few minutes)")

@@ -1,6 +1,8 @@
 """Decode suite: the attention of one generation step (q_len 1) with a batch-shared prefix, against
 SDPA on the concatenated cache (what HF holds under PEFT: the prefix sits in the cache already,
-so the baseline pays no concatenation here), reported as time and KV bytes read per second."""
+so the baseline pays no concatenation here), reported as time and KV bytes read per second (pass
+``fwd``); the same step with its cache append, as generate() runs it (pass ``step``); and
+``generate()`` end to end."""
 from __future__ import annotations
 
 import gc
@@ -118,8 +120,74 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             if record.ms:
                 record.gbps = kv_bytes / (record.ms * 1e-3) / 1e9
             records.append(record)
+        got, skipped = _run_steps(opts, progress, name, q, k, v, pk, pv, cat_k, cat_v, randn)
+        records += got
+        skips += skipped
+        del k, v, cat_k, cat_v
+        release_models(opts.on_gpu)
     got, skipped = run_generate(opts, progress)
     return records + got, skips + skipped
+
+
+# --------------------------------------------------------------------------------------------
+# One decoding step of one layer: the cache append, then the attention
+# --------------------------------------------------------------------------------------------
+
+STEP_IMPLS = ("prefixkern", "hf_dynamic_cache_sdpa")
+
+
+def _run_steps(opts: Options, progress, name, q, k, v, pk, pv, cat_k, cat_v, randn):
+    """A decoding step of one layer as generate() runs it (pass ``step``): the new token's keys
+    and values appended to the layer's cache, then its attention. Under stock PEFT, HF appends with
+    ``DynamicLayer`` (``torch.cat``: the whole ``[prefix ; cache]`` copied at every token, K and V)
+    and attends with SDPA; the patched model appends in place (``PrefixKVLayer``, the buffer sized
+    by generate()'s final length) and attends with the decode kernel (CUDA where built)."""
+    wanted = [impl for impl in STEP_IMPLS if opts.wants(impl)]
+    if not wanted:
+        return [], []
+    try:
+        from transformers.cache_utils import DynamicLayer
+
+        from ..integrations.hf import PrefixKVLayer
+    except Exception as exc:                       # transformers is the [hf] extra
+        return [], [Skip("decode", name, impl, f"transformers unavailable ({exc})") for impl in wanted]
+    from ..ops.decode_attention import decode_step
+
+    batch, hkv, cache, d = k.shape
+    new_k, new_v = randn(batch, hkv, 1, d), randn(batch, hkv, 1, d)
+    expected = reference.prefix_attention(q, torch.cat([k, new_k], 2), torch.cat([v, new_v], 2), pk, pv, causal=True)
+    records = []
+    for impl in wanted:
+        with torch.no_grad():
+            if impl == "prefixkern":
+                layer = PrefixKVLayer(capacity_hint=cache + 1)
+                layer.update(k, v)                 # the prefill, into a buffer with room for the step
+
+                def fn(layer=layer):
+                    with torch.no_grad(), use_backend("auto"):
+                        layer.crop(-1) if layer.get_seq_length() > cache else None
+                        keys, values = layer.update(new_k, new_v)
+                        return decode_step(q, keys, values, pk, pv, key_padding_mask=None, prefix_index=None,
+                                           softmax_scale=None)
+            else:
+                layer = DynamicLayer()
+                layer.update(cat_k[:, :, :0], cat_v[:, :, :0])    # initialised, empty
+
+                def fn(layer=layer):
+                    with torch.no_grad():
+                        layer.keys, layer.values = cat_k, cat_v
+                        keys, values = layer.update(new_k, new_v)
+                        return F.scaled_dot_product_attention(q, keys, values, enable_gqa=q.shape[1] != hkv)
+            progress(f"decode {name} {impl} step")
+            record = Record("decode", name, impl, "step", dtype_name(opts.dtype))
+            record.max_err = scaled_err(fn(), expected)
+            record.ok = bool(record.max_err <= {torch.float32: 2e-4, torch.float16: 2e-3,
+                                                torch.bfloat16: 1.6e-2}[opts.dtype])
+            record.ms = time_ms(fn, on_gpu=opts.on_gpu, quick=opts.quick)
+            record.peak_mem_mb = peak_mem_mb(fn, on_gpu=opts.on_gpu)
+            records.append(record)
+        del layer, fn
+    return records, []
 
 
 # --------------------------------------------------------------------------------------------

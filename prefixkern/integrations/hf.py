@@ -5,8 +5,9 @@
 1. PEFT's ``get_prompt`` returns a :class:`PrefixKVCache` instead of a ``DynamicCache`` holding
    B copies of the prefix. The prefix is computed once per step by the fused MLP (or read from
    the baked embedding) and kept beside the cache, batch-shared; the cache stores sequence keys
-   only. It reports the same lengths as PEFT's cache (P + cached tokens), so positions, masks and
-   generation bookkeeping are exactly stock PEFT's (real tokens at positions P..P+T-1).
+   only, appended in place (:class:`PrefixKVLayer`). It reports the same lengths as PEFT's cache
+   (P + cached tokens), so positions, masks and generation bookkeeping are exactly stock PEFT's
+   (real tokens at positions P..P+T-1).
 2. The base model's attention implementation becomes ``"prefixkern"``, registered with
    transformers' ``AttentionInterface``: attention over ``[prefix ; sequence]`` by
    ``prefixkern.prefix_attention`` (no concatenation, no repeat_kv). Its mask function, registered
@@ -34,14 +35,15 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from ..ops.decode_attention import MAX_QUERY_LEN, decode_step
 from ..ops.prefix_attention import prefix_attention, prefix_attention_varlen
 from ..ops.prefix_mlp import fused_prefix_mlp
 from ..prefix_encoder import PrefixEncoder
 
-__all__ = ["patch", "unpatch", "is_patched", "PrefixKVCache", "PrefixState", "prefix_per_row", "save_resumable",
-           "load_resumable", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["patch", "unpatch", "is_patched", "PrefixKVCache", "PrefixKVLayer", "PrefixState", "prefix_per_row",
+           "save_resumable", "load_resumable", "SUPPORTED_MODEL_TYPES"]
 
 ATTN_NAME = "prefixkern"
 KWARG = "prefixkern_prefix"
@@ -136,21 +138,93 @@ class PrefixState:
         return kv, index
 
 
+def _has_head_of(view: torch.Tensor, buffer: torch.Tensor | None) -> bool:
+    """Whether ``view`` is ``buffer[:, :, :n]`` for some n: the same memory, strides, rows, heads
+    and head dim (what an append, a crop or nothing at all leaves; an index_select does not)."""
+    return (buffer is not None and view.dim() == 4 and view.data_ptr() == buffer.data_ptr()
+            and view.stride() == buffer.stride() and view.dtype == buffer.dtype and view.device == buffer.device
+            and view.shape[:2] == buffer.shape[:2] and view.shape[3] == buffer.shape[3]
+            and view.shape[2] <= buffer.shape[2])
+
+
+class PrefixKVLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values are views ``buffer[:, :, :n]`` of buffers with room
+    to grow, so that a decoding step writes its new keys in place.
+
+    ``DynamicLayer`` appends by ``torch.cat``: every generated token copies the layer's whole cache
+    (read and write, K and V), three times the bytes the step's attention reads. Here a step writes
+    its own tokens only; a full buffer is reallocated with 25% (at least 256 tokens) to spare, and
+    never past ``capacity_hint`` (the call's final length, when generate() was told it) unless the
+    hint was short. Crops leave views of the buffer (the next append overwrites in place); an
+    index_select (beam reordering, batch selection) leaves a compact tensor, which the next append
+    moves into a new buffer. With gradients enabled, or while torch.compile traces, it appends by
+    ``torch.cat`` as ``DynamicLayer`` does (autograd would see the writes into the buffer as
+    in-place mutations of tensors it saved; generate() decodes without gradients)."""
+
+    def __init__(self, capacity_hint: int | None = None):
+        super().__init__()
+        self.capacity_hint = capacity_hint
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    def _capacity(self, needed: int) -> int:
+        grown = needed + max(needed // 4, 256)
+        hint = self.capacity_hint
+        return min(grown, hint) if hint is not None and hint >= needed else grown
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or key_states.dim() != 4:
+            self._key_buffer = self._value_buffer = None
+            return super().update(key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self.keys, self.values
+        length = keys.shape[2] if keys.dim() == 4 else 0         # (lazy_initialization leaves a 1-d empty tensor)
+        needed = length + key_states.shape[2]
+        batch, heads, _, head_dim = key_states.shape
+        fits = (self._key_buffer is not None and needed <= self._key_buffer.shape[2]
+                and (length == 0 or (_has_head_of(keys, self._key_buffer) and _has_head_of(values, self._value_buffer)))
+                and self._key_buffer.shape[:2] == (batch, heads) and self._key_buffer.dtype == key_states.dtype
+                and self._key_buffer.device == key_states.device and self._value_buffer.shape[3] == value_states.shape[3])
+        if not fits:
+            capacity = self._capacity(needed)
+            key_buffer = key_states.new_empty(batch, heads, capacity, head_dim)
+            value_buffer = value_states.new_empty(batch, heads, capacity, value_states.shape[3])
+            if length:
+                key_buffer[:, :, :length].copy_(keys)
+                value_buffer[:, :, :length].copy_(values)
+            self._key_buffer, self._value_buffer = key_buffer, value_buffer
+        self._key_buffer[:, :, length:needed].copy_(key_states)
+        self._value_buffer[:, :, length:needed].copy_(value_states)
+        self.keys = self._key_buffer[:, :, :needed]
+        self.values = self._value_buffer[:, :, :needed]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self._key_buffer = self._value_buffer = None
+        super().reset()
+
+
 class PrefixKVCache(DynamicCache):
     """A ``transformers.DynamicCache`` that keeps the prefix beside the sequence KV. Its lengths
     include the P prefix tokens, exactly like PEFT's cache, so HF computes the same positions.
     Every layer is a plain (non-sliding) layer: sliding windows are applied by the kernel, which
-    knows where the prefix sits. ``record=False`` (training forwards) stores nothing, so a
-    checkpointed layer's recomputation cannot append twice."""
+    knows where the prefix sits. Layers append in place (:class:`PrefixKVLayer`), within
+    ``capacity_hint`` sequence tokens when the final length is known. ``record=False`` (training
+    forwards) stores nothing, so a checkpointed layer's recomputation cannot append twice."""
 
-    def __init__(self, prefix: PrefixState, record: bool = True):
+    def __init__(self, prefix: PrefixState, record: bool = True, capacity_hint: int | None = None):
         super().__init__()
+        self.layer_class_to_replicate = PrefixKVLayer
         self.prefix = prefix
         self.record = record
+        self.capacity_hint = capacity_hint
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if not self.record:
             return key_states, value_states
+        while len(self.layers) <= layer_idx:
+            self.layers.append(PrefixKVLayer(self.capacity_hint))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -457,6 +531,7 @@ class _PatchState:
     encoders: dict = dataclasses.field(default_factory=dict)
     generating: int = 0                      # generate() calls under way (see _patched_generate)
     generation_prefix: tuple | None = None   # (key, PrefixState) of the call under way
+    generation_length: int | None = None     # sequence tokens the call under way ends with, when known
 
 
 def _transformers_below(floor: str, installed: str | None = None) -> str | None:
@@ -557,13 +632,34 @@ def _patched_generate(self, *args, **kwargs):
     _check_assisted_generation(kwargs, self.get_base_model())
     kwargs = _with_dynamic_cache_request(kwargs, self.get_base_model())
     state.generating += 1
+    if state.generating == 1 and not state.encoder_decoder:
+        state.generation_length = _generation_length(args, kwargs, self.get_base_model())
     try:
         return self._prefixkern_generate(*args, **kwargs)
     finally:
         state.generating -= 1
         if not state.generating:
             state.generation_prefix = None
+            state.generation_length = None
             _drop_self_bound_method(self.get_base_model(), "prepare_inputs_for_generation")
+
+
+def _generation_length(args: tuple, kwargs: dict, base_model) -> int | None:
+    """The sequence length a generate() call ends with at most (prompt + max_new_tokens, else
+    max_length), as transformers reads its arguments and generation config; None when the prompt
+    is not ``input_ids``/``inputs_embeds`` or no limit is set. Only a capacity hint for the cache
+    (:class:`PrefixKVLayer`): a wrong value costs a reallocation or spare memory, not results."""
+    prompt = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    if prompt is None and isinstance(kwargs.get("inputs_embeds"), torch.Tensor):
+        prompt = kwargs["inputs_embeds"][..., 0]
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2:
+        return None
+    config = kwargs.get("generation_config") or getattr(base_model, "generation_config", None)
+    max_new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    if isinstance(max_new, int):
+        return prompt.shape[1] + max_new
+    max_length = kwargs.get("max_length", getattr(config, "max_length", None))
+    return max_length if isinstance(max_length, int) else None
 
 
 # Assisted generation (a draft model, prompt lookup, early exit) verifies several candidate tokens
@@ -684,7 +780,7 @@ def _patched_get_prompt(self, batch_size: int, task_ids=None, max_cache_len=None
         from transformers import DynamicCache, EncoderDecoderCache
 
         return EncoderDecoderCache(PrefixKVCache(prefix, record=record), DynamicCache())
-    return PrefixKVCache(prefix, record=record)
+    return PrefixKVCache(prefix, record=record, capacity_hint=state.generation_length if reuse else None)
 
 
 def _prefix_state(model, state: _PatchState, batch_size: int, dtype) -> PrefixState:
