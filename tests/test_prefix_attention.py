@@ -502,7 +502,9 @@ def test_raw_launch_relies_on_constexprs_last_without_defaults():
 
 def test_raw_launch_passes_pointers_and_constexprs_in_order(monkeypatch):
     """The raw path hands the compiled launcher each tensor's address, the other runtime
-    arguments as given, then the constexprs in signature order (a stand-in kernel and driver)."""
+    arguments as given, then the constexprs in signature order (a stand-in kernel and driver). It
+    binds once per argument key: a launch that differs only in its tensors' addresses (aligned)
+    skips Triton's binding; another dtype, alignment, int or constexpr binds again."""
     import triton
 
     from prefixkern.kernels import _launch
@@ -521,6 +523,7 @@ def test_raw_launch_passes_pointers_and_constexprs_in_order(monkeypatch):
         def run(self, *args, grid, warmup, **meta):
             assert warmup
             calls["warmup"] = (args, grid, meta)
+            calls["bindings"] = calls.get("bindings", 0) + 1
             return Compiled()
 
         def __getitem__(self, grid):
@@ -536,12 +539,30 @@ def test_raw_launch_passes_pointers_and_constexprs_in_order(monkeypatch):
     monkeypatch.setattr(_launch, "RAW_POINTERS", True)
     monkeypatch.setattr(_launch, "triton_interpret", lambda: False)
     monkeypatch.setattr(_launch, "driver", types.SimpleNamespace(active=Driver()))
+    monkeypatch.setattr(_launch, "_RAW_LAUNCHES", {})
+    kernel = Kernel()
     x = torch.zeros(4)
-    compiled = _launch.launch_kernel(Kernel(), (5, 2), x, 7, 0.5, FLAG=True, BLOCK=16, num_warps=4)
+    compiled = _launch.launch_kernel(kernel, (5, 2), x, 7, 0.5, FLAG=True, BLOCK=16, num_warps=4)
     assert isinstance(compiled, Compiled)
     assert calls["warmup"] == ((x, 7, 0.5), (5, 2), dict(FLAG=True, BLOCK=16, num_warps=4))
     assert calls["run"] == (5, 2, 1, 1003, "function", "metadata", None, None, None, x.data_ptr(), 7, 0.5, 16, True)
     assert "plain" not in calls
+    # Another aligned tensor of the same dtype: the kept kernel, its launcher given the new address.
+    y = torch.ones(8)
+    assert _launch.launch_kernel(kernel, (6, 1), y, 7, 0.5, FLAG=True, BLOCK=16, num_warps=4) is compiled
+    assert calls["bindings"] == 1
+    assert calls["run"] == (6, 1, 1, 1003, "function", "metadata", None, None, None, y.data_ptr(), 7, 0.5, 16, True)
+    # What Triton specialises on, or may: each binds again (and is kept in turn).
+    for args, meta in [((y[1:], 7, 0.5), {}),                        # 4-byte aligned, not 16
+                       ((y.double(), 7, 0.5), {}),                   # another dtype
+                       ((y, 16, 0.5), {}),                           # another int (divisible by 16)
+                       ((y, 7, 0.5), dict(BLOCK=32))]:               # another constexpr
+        before = calls["bindings"]
+        options = dict(FLAG=True, BLOCK=16, num_warps=4, **meta) if "BLOCK" not in meta else \
+            dict(FLAG=True, num_warps=4, **meta)
+        _launch.launch_kernel(kernel, (1,), *args, **options)
+        _launch.launch_kernel(kernel, (1,), *args, **options)
+        assert calls["bindings"] == before + 1, (args, meta)
     # A profiler's launch hook reads the real arguments: the plain launch serves it.
     hooks = triton.knobs.runtime.launch_enter_hook
     hook = lambda metadata: None  # noqa: E731

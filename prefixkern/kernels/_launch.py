@@ -120,9 +120,13 @@ def _tune(key, candidates, launch):
     return best
 
 
-# PREFIXKERN_RAW_LAUNCH=1: `launch_kernel` hands Triton's launcher raw pointers (see there). Off by
-# default until a GPU run has checked it bit-equal and timed it (benchmarks/profile_ops.py launch).
+# PREFIXKERN_RAW_LAUNCH=1: `launch_kernel` looks the compiled kernel up itself and hands Triton's
+# C launcher raw pointers (see there). Off by default until a GPU run has timed it against the
+# plain launch (benchmarks/profile_ops.py launch, the e2e suite's prefixkern_raw_launch row).
 RAW_POINTERS = os.environ.get("PREFIXKERN_RAW_LAUNCH", "0") == "1"
+# (kernel, device, constexprs, argument key) -> (compiled kernel, its constexpr values in signature order)
+_RAW_LAUNCHES: dict[tuple, tuple] = {}
+_RAW_LAUNCHES_MAX = 4096      # distinct shapes and layouts kept; past it the table starts over
 
 
 def raw_pointer_launches(enabled: bool = True):
@@ -135,16 +139,37 @@ def _hooked(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
+def _raw_arguments(args) -> tuple[tuple, list]:
+    """``(key, values)`` of a launch's runtime arguments: ``values`` what the C launcher takes (a
+    tensor's device address as an int); ``key`` each tensor as its dtype and whether its address is
+    16-byte aligned, every other argument as itself. Triton specialises a compiled kernel on a
+    tensor's dtype and alignment and on an int's value class (1, a multiple of 16, 32 or 64 bits):
+    arguments equal under this key get the same compiled kernel, so a hit may skip the binding."""
+    key, values = [], []
+    tensor = torch.Tensor
+    for a in args:
+        if isinstance(a, tensor):
+            address = a.data_ptr()
+            key.append(a.dtype)
+            key.append(address % 16 == 0)
+            values.append(address)
+        else:
+            key.append(a)
+            values.append(a)
+    return tuple(key), values
+
+
 def launch_kernel(kernel, grid: tuple[int, ...], *args, **meta):
     """``kernel[grid](*args, **meta)``: runtime arguments positional, constexprs and launch options
     by keyword. Returns the compiled kernel, as a Triton launch does.
 
-    With ``RAW_POINTERS`` (on a GPU), Triton binds and specialises the arguments as always
-    (``run(warmup=True)``: compiles on a miss, launches nothing), then its compiled launcher gets
-    each tensor as its device address, an int: it skips the ``data_ptr()`` call and the
-    ``cuPointerGetAttribute`` driver query it makes per tensor argument otherwise. The
-    specialisation (alignment, divisibility) still comes from the real tensors, so the kernel
-    that runs is the one a plain launch would pick."""
+    With ``RAW_POINTERS`` (on a GPU), Triton's argument binding runs once per argument key
+    (``_raw_arguments``: the dtypes, alignments and every int's value): ``run(warmup=True)``
+    specialises and compiles as a plain launch would and launches nothing, and the compiled kernel
+    is kept under that key. Every launch then calls the compiled kernel's C launcher directly, each
+    tensor given as its device address: no binding (about 30 of the 36-47 us a 50-70-argument
+    attention launch costs on this repo's CPU machine), no ``data_ptr()`` call and no
+    ``cuPointerGetAttribute`` driver query per tensor inside the launcher."""
     if not RAW_POINTERS:
         return kernel[grid](*args, **meta)
     # Launch hooks (profilers) read the arguments: give them the plain launch. Triton before 3.4
@@ -153,16 +178,25 @@ def launch_kernel(kernel, grid: tuple[int, ...], *args, **meta):
     if triton_interpret() or knobs is None or _hooked(knobs.runtime.launch_enter_hook) \
             or _hooked(knobs.runtime.launch_exit_hook):
         return kernel[grid](*args, **meta)
-    # JITFunction.run(warmup=True) rather than .warmup(), which first maps every argument through
-    # a dtype wrapper (a few microseconds per launch).
-    compiled = kernel.run(*args, grid=grid, warmup=True, **meta)
-    if hasattr(compiled, "result"):        # an asynchronous compile hands back a future
-        compiled = compiled.result()
-    values = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
-    values += [meta[name] for name in kernel.arg_names[len(args):]]   # the constexprs, in signature order
     device = driver.active.get_current_device()
+    arg_key, values = _raw_arguments(args)
+    key = (kernel, device, tuple(meta.items()), arg_key)
+    entry = _RAW_LAUNCHES.get(key)
+    if entry is None:
+        # JITFunction.run(warmup=True) rather than .warmup(), which first maps every argument through
+        # a dtype wrapper (a few microseconds per launch).
+        compiled = kernel.run(*args, grid=grid, warmup=True, **meta)
+        if hasattr(compiled, "result"):        # an asynchronous compile hands back a future
+            compiled = compiled.result()
+        compiled.run                           # loads the module on first use, which sets compiled.function
+        # The constexprs, in signature order: the launcher takes every parameter.
+        entry = (compiled, [meta[name] for name in kernel.arg_names[len(args):]])
+        if len(_RAW_LAUNCHES) >= _RAW_LAUNCHES_MAX:
+            _RAW_LAUNCHES.clear()
+        _RAW_LAUNCHES[key] = entry
+    compiled, constexprs = entry
     stream = driver.active.get_current_stream(device)
     grid = tuple(grid) + (1, 1)
-    run = compiled.run           # loads the module on first use, which sets compiled.function
-    run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None, None, *values)
+    compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
+                 *values, *constexprs)
     return compiled
