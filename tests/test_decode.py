@@ -216,6 +216,31 @@ def test_decode_step_hands_the_cuda_ops_what_the_checked_op_would(prefix, monkey
     assert len(ops.calls) == 2
 
 
+def test_decode_step_traces_under_torch_compile_without_the_cuda_ops(monkeypatch):
+    """A compiled model's decoding step traces with no graph break (fullgraph): the CUDA kernel's
+    eligibility reads tensor addresses and its first call builds the library, neither of which a
+    trace can do, so the traced step takes ``prefix_attention`` (on a GPU the general kernel's custom
+    op; here the reference); eager steps still ask."""
+    def address_read(*args, **kwargs):
+        raise AssertionError("cuda_decode_supported called while tracing")
+
+    monkeypatch.setattr(decode_attention, "cuda_decode_supported", address_read)
+    inputs, kw = _inputs(3, 4, 2, 1, 9, 5, 64, torch.float32, "cpu", prefix="per_task", padding=True)
+
+    def step(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index):
+        return decode_attention.decode_step(q, k, v, prefix_k, prefix_v, softmax_scale=0.125,
+                                            key_padding_mask=key_padding_mask, prefix_index=prefix_index)
+
+    torch._dynamo.reset()
+    with prefixkern.use_backend("auto"):
+        explained = torch._dynamo.explain(step)(*inputs, **kw)
+        got = torch.compile(step, fullgraph=True, backend="eager")(*inputs, **kw)
+        assert explained.graph_break_count == 0, [str(b.reason)[:300] for b in explained.break_reasons]
+        torch.testing.assert_close(got, reference.prefix_attention(*inputs, causal=True, softmax_scale=0.125, **kw))
+        with pytest.raises(AssertionError, match="while tracing"):      # (the eager step does ask)
+            step(*inputs, **kw)
+
+
 def test_decode_step_with_a_library_built_before_the_fused_op(monkeypatch):
     """A CUDA library from before ``prefix_decode_attention`` existed (an ahead-of-time build) has
     only the partial and merge ops: decoding calls those two, with the same result."""
@@ -462,6 +487,23 @@ def test_gpu_triton_decode_kernel_against_reference(case, monkeypatch):
     """The Triton decode kernel at full size (what decoding runs without the CUDA kernels)."""
     monkeypatch.setattr(decode_attention, "_cuda_ops_serving", lambda *args: None)
     _check_against_reference(case, [dict(num_splits=splits) for splits in (0, 1, 7)])
+
+
+@pytest.mark.gpu
+@pytest.mark.smoke
+def test_gpu_compiled_decode_step_has_no_graph_break():
+    """On CUDA tensors a decoding step compiles whole (fullgraph): the traced step takes the
+    general kernel's custom op, with the eager step's (CUDA kernel's) result."""
+    inputs, kw = _inputs(3, 8, 2, 1, 300, 7, 128, torch.bfloat16, "cuda", prefix="per_task", padding=True)
+
+    def step(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index):
+        return decode_attention.decode_step(q, k, v, prefix_k, prefix_v, softmax_scale=None,
+                                            key_padding_mask=key_padding_mask, prefix_index=prefix_index)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(step, fullgraph=True)(*inputs, **kw)
+        torch.testing.assert_close(got, step(*inputs, **kw), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu

@@ -124,8 +124,13 @@ def decode_step(q, k, v, prefix_k, prefix_v, *, key_padding_mask, prefix_index, 
 
 
 def _cuda_ops_serving(q, k, v, prefix_k, prefix_v):
-    """The built CUDA ops (``torch.ops.prefixkern_cuda``) when they serve this call, else None."""
-    if get_backend() != "auto" or k.shape[2] == 0 or not cuda_decode_supported(q, k, v, prefix_k, prefix_v):
+    """The built CUDA ops (``torch.ops.prefixkern_cuda``) when they serve this call, else None.
+    None under torch.compile: whether the kernel serves a call depends on its tensors' addresses
+    (16-byte alignment), which a traced tensor does not have, and the first call builds and
+    self-checks the library; the traced step takes the general kernel's custom op instead, so
+    a compiled model decodes with no graph break."""
+    if get_backend() != "auto" or k.shape[2] == 0 or torch.compiler.is_compiling() \
+            or not cuda_decode_supported(q, k, v, prefix_k, prefix_v):
         return None
     from .._cuda_build import cuda_ops
 
