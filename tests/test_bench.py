@@ -383,7 +383,7 @@ def test_targets_judge_each_issue_from_the_records():
         _rec("decode", "P30-L4096-B8", "prefixkern_triton", "fwd", ms=0.1),
         _rec("decode", "P30-L4096-B8", "prefixkern_triton_decode", "fwd", ms=0.03),
         _rec("decode", "P30-L4096-B8", "prefixkern_tensor_cores", "fwd", ms=0.02, gbps=3500.0),
-        # A step row (cache append + attention) is in the table only: no verdict of the fwd targets changes.
+        # Step rows (cache append + attention): a target of their own; no verdict of the fwd targets changes.
         _rec("decode", "P30-L4096-B8", "prefixkern", "step", ms=0.001),
         _rec("decode", "P30-L4096-B8", "hf_dynamic_cache_sdpa", "step", ms=0.5),
         _rec("decode", "qwen2.5-0.5b-B8", "peft_sdpa", "generate", ms=1180.0),
@@ -404,6 +404,8 @@ def test_targets_judge_each_issue_from_the_records():
     assert got[(6, "2x faster than SDPA on the concatenated cache", "P30-L4096-B8")] is False              # 1.25x
     # The Triton decode path is the faster of its two kernels (here the decode kernel, 0.03 ms).
     assert got[(6, "faster than the Triton decode path", "P30-L4096-B8")] is False
+    assert got[(6, "a decoding step (cache append + attention) 2x faster than HF's DynamicCache + SDPA",
+                "P30-L4096-B8")] is True                                                                # 500x
     assert got[(6, "reads KV at 70% or more of the GPU's measured bandwidth", "P30-L4096-B8")] is True
     # The tensor-core kernel's row is judged beside the default kernel's, under its own name.
     assert got[(6, "2x faster than SDPA on the concatenated cache", "P30-L4096-B8 (tensor cores)")] is True    # 2.5x
