@@ -1142,6 +1142,12 @@ def test_cache_layer_appends_in_place_within_its_capacity():
         expected = _layer_appends(stock, more)
         assert torch.equal(keys, expected[0]) and torch.equal(values, expected[1])
         assert ours._key_buffer is not buffer and ours._key_buffer.shape[2] == 14 + 256
+        # Without a hint a first fill takes no spare room (a one-shot forward's cache); appends then grow it.
+        unhinted = hf.PrefixKVLayer()
+        _layer_appends(unhinted, chunks[:1])
+        assert unhinted._key_buffer.shape[2] == 7
+        _layer_appends(unhinted, chunks[1:2])
+        assert unhinted._key_buffer.shape[2] == 8 + 256
     # With gradients enabled, appends are torch.cat (a write into a saved view would fail backward).
     grad_layer = hf.PrefixKVLayer()
     leaf = chunks[0][0].clone().requires_grad_()

@@ -153,9 +153,9 @@ class PrefixKVLayer(DynamicLayer):
 
     ``DynamicLayer`` appends by ``torch.cat``: every generated token copies the layer's whole cache
     (read and write, K and V), three times the bytes the step's attention reads. Here a step writes
-    its own tokens only; a full buffer is reallocated with 25% (at least 256 tokens) to spare, and
-    never past ``capacity_hint`` (the call's final length, when generate() was told it) unless the
-    hint was short. Crops leave views of the buffer (the next append overwrites in place); an
+    its own tokens only. A buffer is sized for ``capacity_hint`` (the call's final length, when
+    generate() was told it), at most 25% (256 tokens at least) past what it holds; without a hint
+    the first fill takes no spare room and a full buffer is reallocated with 25% to spare. Crops leave views of the buffer (the next append overwrites in place); an
     index_select (beam reordering, batch selection) leaves a compact tensor, which the next append
     moves into a new buffer. With gradients enabled, or while torch.compile traces, it appends by
     ``torch.cat`` as ``DynamicLayer`` does (autograd would see the writes into the buffer as
@@ -167,10 +167,15 @@ class PrefixKVLayer(DynamicLayer):
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
 
-    def _capacity(self, needed: int) -> int:
+    def _capacity(self, needed: int, length: int) -> int:
+        """Tokens a new buffer holds: room for the call's final length (``capacity_hint``) where it
+        is known, else none at the first fill (a one-shot forward keeps what DynamicCache keeps)
+        and 25% (256 tokens at least) once appends come."""
         grown = needed + max(needed // 4, 256)
         hint = self.capacity_hint
-        return min(grown, hint) if hint is not None and hint >= needed else grown
+        if hint is not None and hint >= needed:
+            return min(grown, hint)
+        return needed if length == 0 else grown
 
     def update(self, key_states, value_states, *args, **kwargs):
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or key_states.dim() != 4:
@@ -187,7 +192,7 @@ class PrefixKVLayer(DynamicLayer):
                 and self._key_buffer.shape[:2] == (batch, heads) and self._key_buffer.dtype == key_states.dtype
                 and self._key_buffer.device == key_states.device and self._value_buffer.shape[3] == value_states.shape[3])
         if not fits:
-            capacity = self._capacity(needed)
+            capacity = self._capacity(needed, length)
             key_buffer = key_states.new_empty(batch, heads, capacity, head_dim)
             value_buffer = value_states.new_empty(batch, heads, capacity, value_states.shape[3])
             if length:
