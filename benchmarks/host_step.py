@@ -3,6 +3,16 @@ Triton's own launch path (no GPU needed): what the patch adds to a host-bound st
 no-prefix floor and stock PEFT + sdpa.
 
     python benchmarks/host_step.py [--layers 24] [--steps 15] [--profile]
+    python benchmarks/host_step.py --generate [--layers 24]
+
+``--generate`` times greedy ``generate()`` instead (B=8, a 32-token prompt with one left-padded
+row; 1 and 17 new tokens, so a decoding step's host time is their difference over 16), stock
+PEFT + sdpa against the patched model. CPU tensors do not take the CUDA decode kernel: the
+patched model's decoding attention launches the general Triton forward kernel here (the route a
+GPU takes where the CUDA kernels cannot be built), whose launch costs the host more than the
+CUDA op's (40.6 us a call on the H200, against SDPA's 19.9). Run it on transformers before 5.2x
+(the GPU machines' 5.17): from 5.2x stock PEFT's generate() drops its prefix, so its row times
+less work.
 
 ``host_cost.py`` stubs the launches out, so it times this repo's Python only. Here a launch does
 everything but reach a GPU: Triton binds and specialises the arguments, looks the kernel up in
@@ -107,14 +117,48 @@ def _step(model, impl: str):
     return step
 
 
+def generate_host_times(layers: int, calls: int = 5) -> dict[str, tuple[float, float]]:
+    """``{impl: (ms of a 1-token generate(), ms per decoding step)}`` for stock PEFT + sdpa and the
+    patched model (medians of ``calls``)."""
+    ids = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :8] = 0
+    times = {}
+    for impl in ("peft_sdpa", "prefixkern"):
+        model = qwen2_shaped(impl, layers).eval()
+
+        def generate(new_tokens, model=model):
+            with torch.no_grad():
+                return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, do_sample=False)
+
+        generate(2)
+        medians = {}
+        for new_tokens in (1, 17):
+            samples = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                generate(new_tokens)
+                samples.append(time.perf_counter() - start)
+            medians[new_tokens] = statistics.median(samples) * 1e3
+        times[impl] = (medians[1], (medians[17] - medians[1]) / 16)
+    return times
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--generate", action="store_true", help="time generate() instead of a training step")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     use_compile_only_driver()
+    if args.generate:
+        print(f"host time of greedy generate(), {args.layers} layers, B=8, prompt 32 (CPU; launches not run):")
+        for impl, (prefill_ms, step_ms) in generate_host_times(args.layers).items():
+            print(f"  {impl:10s} 1 token {prefill_ms:7.2f} ms   per decoding step {step_ms:6.2f} ms")
+        return 0
     times = {}
     for impl in IMPLS:
         model = qwen2_shaped(impl, args.layers)

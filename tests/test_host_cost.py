@@ -50,3 +50,16 @@ def test_step_host_time_through_tritons_launch_path():
     rows = re.findall(r"^\s+([\d.]+) ms\s+(\w+)\s+\(([\d.]+)x the floor\)$", result.stdout, flags=re.M)
     assert [name for _, name, _ in rows] == ["floor_no_prefix", "peft_sdpa", "prefixkern"]
     assert all(float(ms) > 0 for ms, _, _ in rows)
+
+
+def test_generate_host_time_through_tritons_launch_path():
+    """host_step.py --generate times stock PEFT's and the patched model's greedy generate() (the
+    patched prefill and decoding steps launching through Triton's path) and reports both."""
+    script = SCRIPT.parent / "host_step.py"
+    result = subprocess.run([sys.executable, str(script), "--generate", "--layers", "2"], capture_output=True,
+                            text=True, timeout=600, cwd=SCRIPT.parent.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = re.findall(r"^\s+(\w+)\s+1 token\s+([\d.]+) ms\s+per decoding step\s+(-?[\d.]+) ms$", result.stdout,
+                      flags=re.M)
+    assert [name for name, _, _ in rows] == ["peft_sdpa", "prefixkern"]
+    assert all(float(first) > 0 for _, first, _ in rows)

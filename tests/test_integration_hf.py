@@ -1148,6 +1148,13 @@ def test_cache_layer_appends_in_place_within_its_capacity():
         assert unhinted._key_buffer.shape[2] == 7
         _layer_appends(unhinted, chunks[1:2])
         assert unhinted._key_buffer.shape[2] == 8 + 256
+    # A cache filled under inference_mode takes appends outside it (into a new buffer).
+    with torch.inference_mode():
+        inference_layer = hf.PrefixKVLayer(capacity_hint=20)
+        _layer_appends(inference_layer, chunks[:1])
+    with torch.no_grad():
+        keys, _ = _layer_appends(inference_layer, chunks[1:2])
+    assert torch.equal(keys, torch.cat([chunks[0][0], chunks[1][0]], 2)) and not keys.is_inference()
     # With gradients enabled, appends are torch.cat (a write into a saved view would fail backward).
     grad_layer = hf.PrefixKVLayer()
     leaf = chunks[0][0].clone().requires_grad_()

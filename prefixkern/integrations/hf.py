@@ -190,7 +190,9 @@ class PrefixKVLayer(DynamicLayer):
         fits = (self._key_buffer is not None and needed <= self._key_buffer.shape[2]
                 and (length == 0 or (_has_head_of(keys, self._key_buffer) and _has_head_of(values, self._value_buffer)))
                 and self._key_buffer.shape[:2] == (batch, heads) and self._key_buffer.dtype == key_states.dtype
-                and self._key_buffer.device == key_states.device and self._value_buffer.shape[3] == value_states.shape[3])
+                and self._key_buffer.device == key_states.device and self._value_buffer.shape[3] == value_states.shape[3]
+                # (a buffer made under inference_mode cannot be written outside it: a new one then)
+                and (not self._key_buffer.is_inference() or torch.is_inference_mode_enabled()))
         if not fits:
             capacity = self._capacity(needed, length)
             key_buffer = key_states.new_empty(batch, heads, capacity, head_dim)
