@@ -1074,11 +1074,12 @@ def test_assisted_generation_equals_greedy_or_is_refused():
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_generate_with_a_static_cache_request(family):
     """generate() asked for a static cache (as an argument, in a GenerationConfig, or by the model's
-    own generation config, as Gemma 2 checkpoints ship "hybrid"): the patched model keeps its own
-    dynamic cache for the sequence and gives the same tokens. Before patch turned the request into
-    a dynamic one, the static cache generate() built first made PEFT's prepare_inputs_for_generation
-    raise: on transformers 5.21-5.23 (no max_cache_len on StaticCache) and, for Gemma 2 asked for
-    "static", on every release tried (two attention masks)."""
+    own generation config, as Gemma 2 checkpoints ship "hybrid"): the same tokens as the dynamic
+    cache, from the patched model's own caches ("static": its PrefixKVStaticCache where served, see
+    the test below; "hybrid": its dynamic cache). Left to transformers, the static cache
+    generate() built first made PEFT's prepare_inputs_for_generation raise: on transformers
+    5.21-5.23 (no max_cache_len on StaticCache) and, for Gemma 2 asked for "static", on every
+    release tried (two attention masks)."""
     _, ours = _pair(family)
     ours.eval()
     ids, mask = _batch("left", seq=7)
@@ -1197,6 +1198,69 @@ def test_generate_writes_each_token_into_the_cache_in_place():
     with prefixkern.use_backend("triton"):
         got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     assert torch.equal(got, out.sequences[:, :7 + 3])
+
+
+def _static_compile_config():
+    """generate()'s compile settings for the CPU: traced whole (fullgraph), run by the eager
+    backend, compiled on any device (transformers compiles decoding steps on GPUs only otherwise)."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    config = CompileConfig(backend="eager", fullgraph=True, dynamic=False)
+    config._compile_all_devices = True
+    return config
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt"])
+def test_static_cache_request_decodes_compiled_with_the_dynamic_tokens(family):
+    """generate(cache_implementation="static"): the patched model's own fixed-size cache
+    (PrefixKVStaticCache), whose decoding steps transformers compiles (here fullgraph, on the CPU:
+    one graph for every step, no recompilation), with the tokens of the dynamic cache; greedy,
+    left-padded. Without compilation (the CPU default) the same tokens again."""
+    from torch._dynamo.utils import counters
+
+    _, ours = _pair(family)
+    ours.eval()
+    ids, mask = _batch("left", seq=7)
+    dynamic = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    eager = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                          cache_implementation="static", return_dict_in_generate=True)
+    assert isinstance(eager.past_key_values, hf.PrefixKVStaticCache) and torch.equal(eager.sequences, dynamic)
+    assert eager.past_key_values.get_seq_length() == P + 7 + 4      # PEFT's length: the prefix counts
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                             cache_implementation="static", compile_config=_static_compile_config())
+    assert torch.equal(compiled, dynamic)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"], dict(counters)
+    state = ours._prefixkern
+    assert state.static_cache is None and "prepare_inputs_for_generation" not in ours.__dict__   # nothing kept
+
+
+def test_static_cache_serves_beams_per_row_prefixes_and_refuses_windows():
+    """The static cache under beam search (its buffers reordered in place) and mixed-adapter rows
+    (their prefix index reordered with them) gives the dynamic cache's tokens; a model with a
+    sliding window, whose compiled steps would place the window from the buffer's end, keeps the
+    dynamic cache (same tokens). The caller's GenerationConfig is left as given."""
+    ours = _patched_with_second_adapter()
+    ids, mask = _batch("left")
+    rows = ["default", "task_b", "default"]
+    kwargs = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    with prefixkern.prefix_per_row(ours, rows):
+        dynamic = ours.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        config = tf.GenerationConfig(cache_implementation="static", **kwargs)
+        static = ours.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                               return_dict_in_generate=True)
+    assert config.cache_implementation == "static"
+    assert isinstance(static.past_key_values, hf.PrefixKVStaticCache) and torch.equal(static.sequences, dynamic)
+
+    _, windowed = _pair("mistral")
+    windowed.eval()
+    assert hf._static_cache_refusal(windowed, windowed._prefixkern) == "a sliding-window layer"
+    ids, mask = _batch("left", seq=7)
+    dynamic = windowed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    got = windowed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                            cache_implementation="static", return_dict_in_generate=True)
+    assert isinstance(got.past_key_values, hf.PrefixKVCache) and torch.equal(got.sequences, dynamic)
 
 
 def test_prefix_per_row_training_gradients_reach_each_adapter():

@@ -5,9 +5,11 @@
 1. PEFT's ``get_prompt`` returns a :class:`PrefixKVCache` instead of a ``DynamicCache`` holding
    B copies of the prefix. The prefix is computed once per step by the fused MLP (or read from
    the baked embedding) and kept beside the cache, batch-shared; the cache stores sequence keys
-   only, appended in place (:class:`PrefixKVLayer`). It reports the same lengths as PEFT's cache
-   (P + cached tokens), so positions, masks and generation bookkeeping are exactly stock PEFT's
-   (real tokens at positions P..P+T-1).
+   only, appended in place (:class:`PrefixKVLayer`; ``generate(cache_implementation="static")``
+   gets fixed-size buffers instead, :class:`PrefixKVStaticCache`, whose decoding steps
+   transformers compiles). It reports the same lengths as PEFT's cache (P + cached tokens), so
+   positions, masks and generation bookkeeping are exactly stock PEFT's (real tokens at positions
+   P..P+T-1).
 2. The base model's attention implementation becomes ``"prefixkern"``, registered with
    transformers' ``AttentionInterface``: attention over ``[prefix ; sequence]`` by
    ``prefixkern.prefix_attention`` (no concatenation, no repeat_kv). Its mask function, registered
@@ -35,15 +37,15 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from ..ops.decode_attention import MAX_QUERY_LEN, decode_step
 from ..ops.prefix_attention import prefix_attention, prefix_attention_varlen
 from ..ops.prefix_mlp import fused_prefix_mlp
 from ..prefix_encoder import PrefixEncoder
 
-__all__ = ["patch", "unpatch", "is_patched", "PrefixKVCache", "PrefixKVLayer", "PrefixState", "prefix_per_row",
-           "save_resumable", "load_resumable", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["patch", "unpatch", "is_patched", "PrefixKVCache", "PrefixKVLayer", "PrefixKVStaticCache", "PrefixState",
+           "prefix_per_row", "save_resumable", "load_resumable", "SUPPORTED_MODEL_TYPES"]
 
 ATTN_NAME = "prefixkern"
 KWARG = "prefixkern_prefix"
@@ -212,7 +214,22 @@ class PrefixKVLayer(DynamicLayer):
         super().reset()
 
 
-class PrefixKVCache(DynamicCache):
+class _PrefixBeside:
+    """What both prefix caches share: the row index of ``prefix_per_row`` follows the batch through
+    beam reordering (and, in the dynamic cache, batch repeats and selections)."""
+
+    prefix: PrefixState | None
+
+    def _index_op(self, fn):
+        if self.prefix is not None and self.prefix.index is not None:
+            self.prefix = dataclasses.replace(self.prefix, index=fn(self.prefix.index))
+
+    def reorder_cache(self, beam_idx):
+        super().reorder_cache(beam_idx)
+        self._index_op(lambda idx: idx.index_select(0, beam_idx.to(idx.device)))
+
+
+class PrefixKVCache(_PrefixBeside, DynamicCache):
     """A ``transformers.DynamicCache`` that keeps the prefix beside the sequence KV. Its lengths
     include the P prefix tokens, exactly like PEFT's cache, so HF computes the same positions.
     Every layer is a plain (non-sliding) layer: sliding windows are applied by the kernel, which
@@ -241,14 +258,6 @@ class PrefixKVCache(DynamicCache):
         kv_length, kv_offset = super().get_mask_sizes(*args, **kwargs)
         return kv_length + self.prefix.length, kv_offset
 
-    def _index_op(self, fn):
-        if self.prefix.index is not None:
-            self.prefix = dataclasses.replace(self.prefix, index=fn(self.prefix.index))
-
-    def reorder_cache(self, beam_idx):
-        super().reorder_cache(beam_idx)
-        self._index_op(lambda idx: idx.index_select(0, beam_idx.to(idx.device)))
-
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
         self._index_op(lambda idx: idx.repeat_interleave(repeats, dim=0))
@@ -256,6 +265,116 @@ class PrefixKVCache(DynamicCache):
     def batch_select_indices(self, indices):
         super().batch_select_indices(indices)
         self._index_op(lambda idx: idx[indices])
+
+
+class PrefixKVStaticLayer(CacheLayerMixin):
+    """A layer of :class:`PrefixKVStaticCache`: fixed buffers ``[B, Hkv, max_cache_len, D]`` (the
+    sequence only), written in place at a device-side position counter, so a compiled decoding
+    step has static shapes and addresses (CUDA graphs). Eager calls (the prefill) get the written
+    part, ``buffer[:, :, :length]`` (``length`` kept on the host by the generate() loop); a traced
+    call gets the whole buffers, their unwritten slots hidden by the fixed-size padding mask."""
+
+    is_compileable = True
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, max_cache_len: int):
+        super().__init__()
+        self.max_cache_len = max_cache_len
+        self.length = 0                    # tokens written, on the host (advanced by the generate() loop)
+
+    def lazy_initialization(self, key_states, value_states):
+        batch, heads, _, head_dim = key_states.shape
+        self.keys = key_states.new_zeros(batch, heads, self.max_cache_len, head_dim)
+        self.values = value_states.new_zeros(batch, heads, self.max_cache_len, value_states.shape[3])
+        self.written = torch.zeros((), dtype=torch.int64, device=key_states.device)
+        if not torch.compiler.is_compiling():
+            for tensor in (self.keys, self.values, self.written):
+                torch._dynamo.mark_static_address(tensor)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[2]
+        slots = torch.arange(new, device=self.written.device) + self.written
+        self.written.add_(new)
+        self.keys.index_copy_(2, slots, key_states)
+        self.values.index_copy_(2, slots, value_states)
+        if torch.compiler.is_compiling():
+            return self.keys, self.values
+        return self.keys[:, :, :self.length], self.values[:, :, :self.length]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        return self.max_cache_len, 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def get_max_cache_shape(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.keys.zero_()
+            self.values.zero_()
+            self.written.zero_()
+        self.length = 0
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        if self.is_initialized:        # in place: the compiled step holds these addresses
+            index = beam_idx.to(self.keys.device)
+            self.keys.copy_(self.keys.index_select(0, index))
+            self.values.copy_(self.values.index_select(0, index))
+
+
+class PrefixKVStaticCache(_PrefixBeside, Cache):
+    """The static counterpart of :class:`PrefixKVCache`, for ``generate(cache_implementation=
+    "static")``: the prefix beside fixed-size sequence buffers (:class:`PrefixKVStaticLayer`), so
+    transformers compiles the decoding steps (CUDA graphs on a GPU) as it does for its own
+    ``StaticCache``. Its length counts the prefix once anything is written (PEFT's positions), and
+    0 before, so PEFT's generate() asks for the prompt at the prefill (the patched ``get_prompt``
+    hands back this cache) rather than trimming a short prompt to its last token."""
+
+    def __init__(self, num_layers: int, max_cache_len: int, prefix_length: int, prefix: PrefixState | None = None):
+        super().__init__(layers=[PrefixKVStaticLayer(max_cache_len) for _ in range(num_layers)])
+        self.prefix = prefix              # set at the prefill, by the patched get_prompt
+        self.prefix_length = prefix_length
+        self.record = True
+        self.capacity = max_cache_len
+
+    @property
+    def max_cache_len(self) -> int:
+        # (A read-only property of Cache before transformers 5.2x, absent from 5.21; PEFT reads it.)
+        return self.capacity
+
+    def get_seq_length(self, layer_idx: int = 0):
+        layer = self.layers[layer_idx]
+        if torch.compiler.is_compiling() and layer.is_initialized:
+            # The device-side count: a host int read in a traced step would be a guard on its value,
+            # a recompilation per token (transformers' own static layers return a tensor too).
+            return layer.written + self.prefix_length
+        return self.prefix_length + layer.length if layer.length else 0
+
+    def get_mask_sizes(self, *args, **kwargs):
+        return self.capacity + self.prefix_length, 0
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if not self.record:
+            return key_states, value_states
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def advance(self, new_tokens: int) -> None:
+        """The next forward writes ``new_tokens`` tokens: the host-side length its eager layers read."""
+        for layer in self.layers:
+            layer.length += new_tokens
+
+
+
+_PREFIX_CACHES = (PrefixKVCache, PrefixKVStaticCache)
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +432,13 @@ def prefixkern_attention(module, query, key, value, attention_mask, scaling=None
                 "prefixkern's attention takes a 2-D padding mask [B, P + S_kv]; got a "
                 f"{attention_mask.dim()}-D mask of shape {tuple(attention_mask.shape)}. Pass a 2-D attention_mask."
             )
-        key_padding_mask = attention_mask[:, -seq_kv:]
+        prefix_len = layer_prefix[0].shape[-2] if layer_prefix is not None else 0
+        if prefix_len and attention_mask.shape[1] > prefix_len + seq_kv:
+            # A static cache's fixed-size mask [prefix ; max_cache_len] while the layer hands over
+            # only the written part (an eager step): its columns are the first seq_kv after the prefix.
+            key_padding_mask = attention_mask[:, prefix_len:prefix_len + seq_kv]
+        else:
+            key_padding_mask = attention_mask[:, -seq_kv:]
     causal = bool(getattr(module, "is_causal", True)) and kwargs.get("is_causal", True) is not False
     dropout_p = float(dropout) if module.training else 0.0
     window = int(sliding_window) if sliding_window else None
@@ -539,6 +664,7 @@ class _PatchState:
     generating: int = 0                      # generate() calls under way (see _patched_generate)
     generation_prefix: tuple | None = None   # (key, PrefixState) of the call under way
     generation_length: int | None = None     # sequence tokens the call under way ends with, when known
+    static_cache: object | None = None       # the PrefixKVStaticCache of the call under way, if it asked for one
 
 
 def _transformers_below(floor: str, installed: str | None = None) -> str | None:
@@ -636,11 +762,24 @@ def _patched_generate(self, *args, **kwargs):
     nothing can change the adapters' parameters, so the first prefix serves every step; the
     next call computes its own."""
     state: _PatchState = self._prefixkern
-    _check_assisted_generation(kwargs, self.get_base_model())
-    kwargs = _with_dynamic_cache_request(kwargs, self.get_base_model())
+    base = self.get_base_model()
+    _check_assisted_generation(kwargs, base)
+    outermost = state.generating == 0
+    if outermost and not state.encoder_decoder:
+        state.generation_length = _generation_length(args, kwargs, base)
+    static = outermost and _cache_request(kwargs, base) in STATIC_CACHE_REQUESTS \
+        and _static_cache_refusal(self, state) is None
+    if static:
+        kwargs = _with_cache_request(kwargs, base, None)
+        state.static_cache = PrefixKVStaticCache(base.config.get_text_config(decoder=True).num_hidden_layers,
+                                                 state.generation_length,
+                                                 self.peft_config[self.active_adapter].num_virtual_tokens)
+        kwargs[_cache_argument(type(base)) or "past_key_values"] = state.static_cache
+        self.prepare_inputs_for_generation = functools.partial(_static_prepare_inputs, state,
+                                                               type(self).prepare_inputs_for_generation.__get__(self))
+    else:
+        kwargs = _with_cache_request(kwargs, base, "dynamic")
     state.generating += 1
-    if state.generating == 1 and not state.encoder_decoder:
-        state.generation_length = _generation_length(args, kwargs, self.get_base_model())
     try:
         return self._prefixkern_generate(*args, **kwargs)
     finally:
@@ -648,7 +787,53 @@ def _patched_generate(self, *args, **kwargs):
         if not state.generating:
             state.generation_prefix = None
             state.generation_length = None
-            _drop_self_bound_method(self.get_base_model(), "prepare_inputs_for_generation")
+            state.static_cache = None
+            self.__dict__.pop("prepare_inputs_for_generation", None)
+            _drop_self_bound_method(base, "prepare_inputs_for_generation")
+
+
+# generate() requests for a cache of fixed size that the patched model serves with its own
+# PrefixKVStaticCache (decoding compiled by transformers, CUDA graphs on a GPU); other static
+# kinds ("offloaded_static", ...) get the dynamic cache.
+STATIC_CACHE_REQUESTS = ("static",)
+
+
+def _static_cache_refusal(peft_model, state: _PatchState) -> str | None:
+    """Why a static cache request gets the dynamic cache instead (None: it is served). A static
+    cache's compiled steps attend over the whole fixed-size buffer, its unwritten slots masked:
+    right for causal attention, not for a sliding window (the kernel places the window from the
+    buffer's end), BLOOM's ALiBi positions or an encoder-decoder's caches; and it needs the
+    call's final length."""
+    base = peft_model.get_base_model()
+    if state.encoder_decoder or state.encoder_only:
+        return "an encoder-decoder or encoder-only model"
+    if _model_type(peft_model) == "bloom":
+        return "BLOOM (its ALiBi positions are counted from the mask)"
+    config = base.config.get_text_config(decoder=True)
+    if (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) is not False) \
+            or any(getattr(module, "sliding_window", None) for module in base.modules()):
+        return "a sliding-window layer"
+    if state.generation_length is None:
+        return "the call's final length is unknown (no max_new_tokens or max_length)"
+    return None
+
+
+def _static_prepare_inputs(state: _PatchState, prepare, *args, **kwargs):
+    """PEFT's ``prepare_inputs_for_generation`` under a static cache request: then the host-side
+    length the next forward's eager layers read (the tokens it writes), and the padding mask
+    padded with zeros to its fixed size ``[prefix ; max_cache_len]``, so a compiled step sees the
+    same shapes at every token (its unwritten slots masked)."""
+    model_kwargs = prepare(*args, **kwargs)
+    cache: PrefixKVStaticCache = state.static_cache
+    tokens = model_kwargs.get("input_ids")
+    if tokens is None:
+        tokens = model_kwargs.get("inputs_embeds")
+    cache.advance(tokens.shape[1])
+    mask = model_kwargs.get("attention_mask")
+    size = cache.prefix_length + cache.capacity
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] < size:
+        model_kwargs["attention_mask"] = F.pad(mask, (0, size - mask.shape[1]))
+    return model_kwargs
 
 
 def _generation_length(args: tuple, kwargs: dict, base_model) -> int | None:
@@ -691,28 +876,41 @@ def _check_assisted_generation(kwargs: dict, base_model, installed: str | None =
             "come out P tokens off the cache that holds the prefix's length (stock PEFT fails there too)")
 
 
-def _with_dynamic_cache_request(kwargs: dict, base_model) -> dict:
+def _cache_request(kwargs: dict, base_model) -> str | None:
+    """The ``cache_implementation`` a generate() call asks for: given directly, in a
+    ``generation_config``, or by the model's own generation config (Gemma 2 checkpoints ship
+    "hybrid")."""
+    if "cache_implementation" in kwargs:
+        return kwargs["cache_implementation"]
+    config = kwargs.get("generation_config")
+    if config is None:
+        config = getattr(base_model, "generation_config", None)
+    return getattr(config, "cache_implementation", None)
+
+
+def _with_cache_request(kwargs: dict, base_model, implementation: str | None) -> dict:
     """generate()'s keyword arguments with a static cache request (``cache_implementation`` of
-    ``"static"``, ``"hybrid"``, ..., given directly, in a ``generation_config``, or by the model's
-    own generation config) turned into a dynamic one. The patched model keeps the sequence in its
-    own dynamic cache whatever was asked (the prefix sits beside it, never in it), so the tokens
-    are the same; but a static cache that generate() built first reaches PEFT's
-    ``prepare_inputs_for_generation``, which raises: on transformers 5.21-5.23 it reads a
-    ``max_cache_len`` StaticCache no longer has, and Gemma 2 asked for "static" hands it two masks."""
+    ``"static"``, ``"hybrid"``, ...) replaced by ``implementation``: "dynamic", or None where the
+    call hands generate() the patched model's own static cache (transformers refuses a cache
+    together with a request). The patched model keeps the sequence in its own cache whatever was
+    asked (the prefix sits beside it, never in it), so the tokens are the same; but a static cache
+    that generate() built first reaches PEFT's ``prepare_inputs_for_generation``, which raises: on
+    transformers 5.21-5.23 it reads a ``max_cache_len`` StaticCache no longer has, and Gemma 2
+    asked for "static" hands it two masks. The caller's GenerationConfig is copied, not changed."""
     from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 
     if "cache_implementation" in kwargs:
         if kwargs["cache_implementation"] in ALL_STATIC_CACHE_IMPLEMENTATIONS:
-            kwargs = {**kwargs, "cache_implementation": "dynamic"}
+            kwargs = {**kwargs, "cache_implementation": implementation}
         return kwargs
     config = kwargs.get("generation_config")
     if config is None:
-        implementation = getattr(getattr(base_model, "generation_config", None), "cache_implementation", None)
-        if implementation in ALL_STATIC_CACHE_IMPLEMENTATIONS:
-            kwargs = {**kwargs, "cache_implementation": "dynamic"}
+        if getattr(getattr(base_model, "generation_config", None), "cache_implementation", None) \
+                in ALL_STATIC_CACHE_IMPLEMENTATIONS:
+            kwargs = {**kwargs, "cache_implementation": implementation}
     elif getattr(config, "cache_implementation", None) in ALL_STATIC_CACHE_IMPLEMENTATIONS:
         config = copy.deepcopy(config)
-        config.cache_implementation = "dynamic"
+        config.cache_implementation = implementation
         kwargs = {**kwargs, "generation_config": config}
     return kwargs
 
@@ -783,6 +981,10 @@ def _patched_get_prompt(self, batch_size: int, task_ids=None, max_cache_len=None
         prefix = _prefix_state(self, state, batch_size, dtype)
         state.generation_prefix = (key, prefix) if reuse else None
     record = not (torch.is_grad_enabled() and self.training)
+    if reuse and state.static_cache is not None:
+        # generate() asked for a static cache: this call's own, its prefix set at the prefill.
+        state.static_cache.prefix = prefix
+        return state.static_cache
     if state.encoder_decoder:
         from transformers import DynamicCache, EncoderDecoderCache
 
@@ -814,10 +1016,10 @@ def _prefix_state(model, state: _PatchState, batch_size: int, dtype) -> PrefixSt
 
 def _prefix_of(cache) -> PrefixState | None:
     """The prefix a cache carries: ours, or an encoder-decoder cache whose self-attention part is ours."""
-    if isinstance(cache, PrefixKVCache):
+    if isinstance(cache, _PREFIX_CACHES):
         return cache.prefix
     inner = getattr(cache, "self_attention_cache", None)
-    return inner.prefix if isinstance(inner, PrefixKVCache) else None
+    return inner.prefix if isinstance(inner, _PREFIX_CACHES) else None
 
 
 def _inject_prefix(module, args, kwargs):
@@ -853,7 +1055,7 @@ def _inject_prefix(module, args, kwargs):
         # (which trims input_ids to the last token once the cache is longer) recomputes every step.
         used = kwargs.get("cache", kwargs.get("past_key_values"))
         own = getattr(used, "self_attention_cache", used)
-        if isinstance(own, PrefixKVCache):
+        if isinstance(own, _PREFIX_CACHES):
             own.record = False
     return args, kwargs
 
