@@ -477,3 +477,25 @@ def test_timing_gives_long_calls_their_repetitions():
     for quick in (True, False):
         warmup, rep = bench_budget(70.0, quick)
         assert warmup >= 2 * 70.0 and int(rep / 70.0) >= MIN_REPS[quick] >= 10
+
+
+def test_a_failing_prefixkern_generate_is_a_failed_row_and_the_suite_goes_on(monkeypatch):
+    """generate() of ours raising (say, a compilation failing on some GPU stack) gives a failed row
+    with the error, not a crash of the decode suite: the other rows are still timed and written."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from prefixkern.bench import decode
+    from prefixkern.bench.common import Options
+    from prefixkern.integrations import hf
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("compilation failed")
+
+    monkeypatch.setattr(hf, "_static_prepare_inputs", broken)
+    opts = Options(device=torch.device("cpu"), dtype=torch.bfloat16, quick=True, baselines=("prefixkern",),
+                   shapes=None, on_gpu=False)
+    records, _ = decode.run_generate(opts, lambda message: None)
+    rows = {r.case: r for r in records if r.impl == "prefixkern"}
+    static = rows["cpu-tiny-llama-B2-prompt12-new4-static"]
+    assert static.ok is False and "RuntimeError: compilation failed" in static.note
+    assert rows["cpu-tiny-llama-B2-prompt12-new4"].ok is not False      # (no eager reference asked for)

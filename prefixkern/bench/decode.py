@@ -284,11 +284,14 @@ def run_generate(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 try:
                     out = generate()
                 except Exception as exc:   # a baseline that cannot: stock PEFT, static cache, transformers 5.2x
-                    if impl.startswith("prefixkern"):
-                        raise
-                    failed = f"generate() failed: {type(exc).__name__}: {exc}"
+                    failed = f"generate() failed: {type(exc).__name__}: {str(exc)[:500]}"
             if failed:                     # (outside the handler: its traceback no longer holds the model)
-                skips.append(Skip("decode", case, impl, failed))
+                if impl.startswith("prefixkern"):
+                    # Ours failing is a result: a failed row in the table, and the suite goes on.
+                    record.ok, record.note = False, failed
+                    records.append(record)
+                else:
+                    skips.append(Skip("decode", case, impl, failed))
                 del model, generate
                 release_models(opts.on_gpu)
                 continue
