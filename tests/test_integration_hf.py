@@ -1210,28 +1210,35 @@ def _static_compile_config():
     return config
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt", "bloom"])
 def test_static_cache_request_decodes_compiled_with_the_dynamic_tokens(family):
     """generate(cache_implementation="static"): the patched model's own fixed-size cache
     (PrefixKVStaticCache), whose decoding steps transformers compiles (here fullgraph, on the CPU:
-    one graph for every step, no recompilation), with the tokens of the dynamic cache; greedy,
-    left-padded. Without compilation (the CPU default) the same tokens again."""
+    one graph for every step, no recompilation), with the scores and tokens of the dynamic cache;
+    greedy, left-padded (BLOOM: ALiBi positions counted from the fixed-size mask). Without
+    compilation (the CPU default) the same again."""
     from torch._dynamo.utils import counters
 
     _, ours = _pair(family)
     ours.eval()
     ids, mask = _batch("left", seq=7)
-    dynamic = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    eager = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
-                          cache_implementation="static", return_dict_in_generate=True)
-    assert isinstance(eager.past_key_values, hf.PrefixKVStaticCache) and torch.equal(eager.sequences, dynamic)
+
+    def generate(**kwargs):
+        return ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True, **kwargs)
+
+    dynamic = generate()
+    eager = generate(cache_implementation="static")
+    assert isinstance(eager.past_key_values, hf.PrefixKVStaticCache)
     assert eager.past_key_values.get_seq_length() == P + 7 + 4      # PEFT's length: the prefix counts
     torch._dynamo.reset()
     counters.clear()
-    compiled = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
-                             cache_implementation="static", compile_config=_static_compile_config())
-    assert torch.equal(compiled, dynamic)
+    compiled = generate(cache_implementation="static", compile_config=_static_compile_config())
     assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"], dict(counters)
+    for got in (eager, compiled):
+        assert torch.equal(got.sequences, dynamic.sequences)
+        for step, (a, b) in enumerate(zip(got.scores, dynamic.scores)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"step {step}")
     state = ours._prefixkern
     assert state.static_cache is None and "prepare_inputs_for_generation" not in ours.__dict__   # nothing kept
 

@@ -405,6 +405,16 @@ def _attention_without_prefix(query, key, value, key_padding_mask, scaling, drop
                                       key_padding_mask=key_padding_mask, softcap=softcap, window=window)
 
 
+def _sequence_columns(attention_mask: torch.Tensor, prefix_len: int, seq_kv: int) -> torch.Tensor:
+    """The columns of PEFT's 2-D mask ``[prefix ; sequence]`` that cover the ``seq_kv`` keys the
+    layer attends to: its last ``seq_kv``, except under a static cache's fixed-size mask
+    ``[prefix ; max_cache_len]`` while the layer hands over only the written part (an eager step),
+    whose keys are the first ``seq_kv`` after the prefix."""
+    if prefix_len and attention_mask.shape[1] > prefix_len + seq_kv:
+        return attention_mask[:, prefix_len:prefix_len + seq_kv]
+    return attention_mask[:, -seq_kv:]
+
+
 def _decoding_step(num_queries: int) -> bool:
     """Whether a forward of ``num_queries`` query positions is a generation step: few enough for
     the decode kernels, and no autograd."""
@@ -432,13 +442,7 @@ def prefixkern_attention(module, query, key, value, attention_mask, scaling=None
                 "prefixkern's attention takes a 2-D padding mask [B, P + S_kv]; got a "
                 f"{attention_mask.dim()}-D mask of shape {tuple(attention_mask.shape)}. Pass a 2-D attention_mask."
             )
-        prefix_len = layer_prefix[0].shape[-2] if layer_prefix is not None else 0
-        if prefix_len and attention_mask.shape[1] > prefix_len + seq_kv:
-            # A static cache's fixed-size mask [prefix ; max_cache_len] while the layer hands over
-            # only the written part (an eager step): its columns are the first seq_kv after the prefix.
-            key_padding_mask = attention_mask[:, prefix_len:prefix_len + seq_kv]
-        else:
-            key_padding_mask = attention_mask[:, -seq_kv:]
+        key_padding_mask = _sequence_columns(attention_mask, layer_prefix[0].shape[-2] if layer_prefix else 0, seq_kv)
     causal = bool(getattr(module, "is_causal", True)) and kwargs.get("is_causal", True) is not False
     dropout_p = float(dropout) if module.training else 0.0
     window = int(sliding_window) if sliding_window else None
@@ -521,7 +525,7 @@ def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mas
     """BLOOM's attention (hand-written, ALiBi) over ``[prefix ; sequence]`` by the kernels. ALiBi
     positions count the prefix as BLOOM does from PEFT's mask (prefix key j at j, a real sequence
     key at P + the number of real keys before it); the ``alibi`` tensor BLOOM built is not read."""
-    if not isinstance(layer_past, PrefixKVCache):
+    if not isinstance(layer_past, _PREFIX_CACHES):
         return self._prefixkern_forward(hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
                                         use_cache=use_cache, output_attentions=output_attentions, **kwargs)
     batch_size, q_length, _ = hidden_states.shape
@@ -532,7 +536,7 @@ def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mas
         if attention_mask.dim() != 2:
             raise ValueError("prefixkern's BLOOM attention takes the 2-D padding mask; got a "
                              f"{attention_mask.dim()}-D mask")
-        key_padding_mask = attention_mask[:, -key.shape[2]:]
+        key_padding_mask = _sequence_columns(attention_mask, layer_past.prefix.length, key.shape[2])
     (prefix_k, prefix_v), prefix_index = layer_past.prefix.layer_on(self.layer_idx, query.device)
     dtype = query.dtype
     slopes = _bloom_alibi_slopes(self.num_heads, query.device)
@@ -801,14 +805,12 @@ STATIC_CACHE_REQUESTS = ("static",)
 def _static_cache_refusal(peft_model, state: _PatchState) -> str | None:
     """Why a static cache request gets the dynamic cache instead (None: it is served). A static
     cache's compiled steps attend over the whole fixed-size buffer, its unwritten slots masked:
-    right for causal attention, not for a sliding window (the kernel places the window from the
-    buffer's end), BLOOM's ALiBi positions or an encoder-decoder's caches; and it needs the
-    call's final length."""
+    right for causal attention (and BLOOM's ALiBi, whose positions come from the mask), not for
+    a sliding window (the kernel places the window from the buffer's end) or an encoder-decoder's
+    caches; and it needs the call's final length."""
     base = peft_model.get_base_model()
     if state.encoder_decoder or state.encoder_only:
         return "an encoder-decoder or encoder-only model"
-    if _model_type(peft_model) == "bloom":
-        return "BLOOM (its ALiBi positions are counted from the mask)"
     config = base.config.get_text_config(decoder=True)
     if (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) is not False) \
             or any(getattr(module, "sliding_window", None) for module in base.modules()):
