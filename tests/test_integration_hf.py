@@ -4,6 +4,7 @@ real architectures with random weights (nothing downloaded).
 CPU tensors take the reference path by default; the ``interpreter`` tests run the Triton kernels
 in Triton's interpreter through a whole patched model.
 """
+import contextlib
 import copy
 import sys
 
@@ -1164,6 +1165,56 @@ def test_cache_layer_appends_in_place_within_its_capacity():
     assert grad_layer._key_buffer is None
     keys.sum().backward()
     assert torch.equal(leaf.grad, torch.ones_like(leaf))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cache_layer_follows_dynamic_layer_through_random_operations(seed):
+    """Random sequences of what generation does to a cache layer (appends of 1-3 tokens, crops,
+    beam reorders, batch selections and repeats, with or without a capacity hint, some appends
+    under inference_mode) leave PrefixKVLayer holding exactly DynamicLayer's keys and values."""
+    from transformers.cache_utils import DynamicLayer
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand_int(low, high):
+        return int(torch.randint(low, high, (1,), generator=gen))
+
+    hint = [None, 9, 40][seed % 3]
+    ours, stock = hf.PrefixKVLayer(capacity_hint=hint), DynamicLayer()
+    batch = 4
+    with torch.no_grad():
+        for step in range(40):
+            op = rand_int(0, 10) if step else 0
+            length = stock.get_seq_length()
+            if op <= 5 or length == 0:
+                new = rand_int(1, 4) if step else rand_int(2, 8)
+                keys, values = torch.randn(batch, 2, new, 8, generator=gen), torch.randn(batch, 2, new, 8, generator=gen)
+                context = torch.inference_mode() if op == 5 else contextlib.nullcontext()
+                with context:
+                    got = ours.update(keys, values)
+                want = stock.update(keys, values)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (seed, step)
+            elif op == 6 and length > 1:
+                cut = -rand_int(1, length)
+                ours.crop(cut)
+                stock.crop(cut)
+            elif op == 7:
+                index = torch.randint(0, batch, (batch,), generator=gen)
+                ours.reorder_cache(index)
+                stock.reorder_cache(index)
+            elif op == 8 and batch > 1:
+                index = torch.arange(batch)[torch.rand(batch, generator=gen) < 0.7]
+                if len(index):
+                    ours.batch_select_indices(index)
+                    stock.batch_select_indices(index)
+                    batch = len(index)
+            elif op == 9 and batch < 8:
+                ours.batch_repeat_interleave(2)
+                stock.batch_repeat_interleave(2)
+                batch *= 2
+            assert ours.get_seq_length() == stock.get_seq_length(), (seed, step)
+            if stock.get_seq_length():
+                assert torch.equal(ours.keys, stock.keys) and torch.equal(ours.values, stock.values), (seed, step)
 
 
 def test_generate_writes_each_token_into_the_cache_in_place():
