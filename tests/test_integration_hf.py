@@ -1188,7 +1188,8 @@ def test_cache_layer_follows_dynamic_layer_through_random_operations(seed):
             length = stock.get_seq_length()
             if op <= 5 or length == 0:
                 new = rand_int(1, 4) if step else rand_int(2, 8)
-                keys, values = torch.randn(batch, 2, new, 8, generator=gen), torch.randn(batch, 2, new, 8, generator=gen)
+                keys = torch.randn(batch, 2, new, 8, generator=gen)
+                values = torch.randn(batch, 2, new, 8, generator=gen)
                 context = torch.inference_mode() if op == 5 else contextlib.nullcontext()
                 with context:
                     got = ours.update(keys, values)

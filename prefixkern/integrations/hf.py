@@ -157,9 +157,10 @@ class PrefixKVLayer(DynamicLayer):
     (read and write, K and V), three times the bytes the step's attention reads. Here a step writes
     its own tokens only. A buffer is sized for ``capacity_hint`` (the call's final length, when
     generate() was told it), at most 25% (256 tokens at least) past what it holds; without a hint
-    the first fill takes no spare room and a full buffer is reallocated with 25% to spare. Crops leave views of the buffer (the next append overwrites in place); an
-    index_select (beam reordering, batch selection) leaves a compact tensor, which the next append
-    moves into a new buffer. With gradients enabled, or while torch.compile traces, it appends by
+    the first fill takes no spare room and a full buffer is reallocated with 25% to spare. Crops
+    leave views of the buffer (the next append overwrites in place); an index_select (beam
+    reordering, batch selection) leaves a compact tensor, which the next append moves into a new
+    buffer. With gradients enabled, or while torch.compile traces, it appends by
     ``torch.cat`` as ``DynamicLayer`` does (autograd would see the writes into the buffer as
     in-place mutations of tensors it saved; generate() decodes without gradients)."""
 
@@ -192,7 +193,8 @@ class PrefixKVLayer(DynamicLayer):
         fits = (self._key_buffer is not None and needed <= self._key_buffer.shape[2]
                 and (length == 0 or (_has_head_of(keys, self._key_buffer) and _has_head_of(values, self._value_buffer)))
                 and self._key_buffer.shape[:2] == (batch, heads) and self._key_buffer.dtype == key_states.dtype
-                and self._key_buffer.device == key_states.device and self._value_buffer.shape[3] == value_states.shape[3]
+                and self._key_buffer.device == key_states.device
+                and self._value_buffer.shape[3] == value_states.shape[3]
                 # (a buffer made under inference_mode cannot be written outside it: a new one then)
                 and (not self._key_buffer.is_inference() or torch.is_inference_mode_enabled()))
         if not fits:
@@ -371,7 +373,6 @@ class PrefixKVStaticCache(_PrefixBeside, Cache):
         """The next forward writes ``new_tokens`` tokens: the host-side length its eager layers read."""
         for layer in self.layers:
             layer.length += new_tokens
-
 
 
 _PREFIX_CACHES = (PrefixKVCache, PrefixKVStaticCache)
