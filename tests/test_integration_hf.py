@@ -1295,6 +1295,29 @@ def test_static_cache_request_decodes_compiled_with_the_dynamic_tokens(family):
     assert state.static_cache is None and "prepare_inputs_for_generation" not in ours.__dict__   # nothing kept
 
 
+def test_static_cache_decodes_eagerly_when_compilation_fails():
+    """A static cache request whose compilation fails (a backend error, before anything ran)
+    warns once and decodes eagerly over the same cache: the dynamic cache's tokens, no failure."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    _, ours = _pair("llama")
+    ours.eval()
+    ids, mask = _batch("left", seq=7)
+    dynamic = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    config = CompileConfig(backend=failing_backend, fullgraph=True)
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    with pytest.warns(RuntimeWarning, match="decodes eagerly") as caught:
+        got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                            cache_implementation="static", compile_config=config)
+    assert torch.equal(got, dynamic)
+    assert sum("decodes eagerly" in str(w.message) for w in caught) == 1
+    assert "get_compiled_call" not in ours.get_base_model().__dict__
+
+
 def test_static_cache_serves_beams_per_row_prefixes_and_refuses_windows():
     """The static cache under beam search (its buffers reordered in place) and mixed-adapter rows
     (their prefix index reordered with them) gives the dynamic cache's tokens; a model with a

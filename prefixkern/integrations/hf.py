@@ -31,6 +31,7 @@ import functools
 import inspect
 import math
 import types
+import warnings
 import weakref
 from typing import Iterator, Sequence
 
@@ -782,6 +783,9 @@ def _patched_generate(self, *args, **kwargs):
         kwargs[_cache_argument(type(base)) or "past_key_values"] = state.static_cache
         self.prepare_inputs_for_generation = functools.partial(_static_prepare_inputs, state,
                                                                type(self).prepare_inputs_for_generation.__get__(self))
+        if hasattr(type(base), "get_compiled_call"):
+            base.get_compiled_call = functools.partial(_compiled_or_eager,
+                                                       type(base).get_compiled_call.__get__(base), base)
     else:
         kwargs = _with_cache_request(kwargs, base, "dynamic")
     state.generating += 1
@@ -794,6 +798,7 @@ def _patched_generate(self, *args, **kwargs):
             state.generation_length = None
             state.static_cache = None
             self.__dict__.pop("prepare_inputs_for_generation", None)
+            base.__dict__.pop("get_compiled_call", None)
             _drop_self_bound_method(base, "prepare_inputs_for_generation")
 
 
@@ -819,6 +824,27 @@ def _static_cache_refusal(peft_model, state: _PatchState) -> str | None:
     if state.generation_length is None:
         return "the call's final length is unknown (no max_new_tokens or max_length)"
     return None
+
+
+def _compiled_or_eager(get_compiled_call, model, *args, **kwargs):
+    """transformers' ``get_compiled_call`` under a static cache request: the compiled forward, but
+    one whose compilation fails (tracing or the backend, before anything ran) warns once and
+    decodes eagerly over the same cache (its eager steps read the written part), rather than
+    failing the generate() call."""
+    compiled = get_compiled_call(*args, **kwargs)
+    failed = []
+
+    def forward(*call_args, **call_kwargs):
+        if not failed:
+            try:
+                return compiled(*call_args, **call_kwargs)
+            except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported) as exc:
+                failed.append(exc)
+                warnings.warn(f"prefixkern: compiling the static cache's decoding steps failed ({type(exc).__name__}: "
+                              f"{str(exc)[:300]}); this generate() call decodes eagerly", RuntimeWarning, stacklevel=2)
+        return model(*call_args, **call_kwargs)
+
+    return forward
 
 
 def _static_prepare_inputs(state: _PatchState, prepare, *args, **kwargs):
