@@ -1295,6 +1295,35 @@ def test_static_cache_request_decodes_compiled_with_the_dynamic_tokens(family):
     assert state.static_cache is None and "prepare_inputs_for_generation" not in ours.__dict__   # nothing kept
 
 
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_static_cache_serves_sliding_windows_that_cannot_bite(family, monkeypatch):
+    """A sliding window no shorter than the prefix plus the call's final length never excludes a
+    key, wherever it is placed: such models get the static cache, compiled steps and all, with the
+    dynamic cache's scores (Gemma 2: soft-capping, hybrid sliding/full layers)."""
+    from torch._dynamo.utils import counters
+
+    make = _config
+    monkeypatch.setattr(sys.modules[__name__], "_config",
+                        lambda name: make(name).__class__(**{**make(name).to_dict(), "sliding_window": P + 12}))
+    _, ours = _pair(family)
+    ours.eval()
+    ids, mask = _batch("left", seq=7)
+
+    def generate(**kwargs):
+        return ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True, **kwargs)
+
+    dynamic = generate()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = generate(cache_implementation="static", compile_config=_static_compile_config())
+    assert isinstance(compiled.past_key_values, hf.PrefixKVStaticCache)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"], dict(counters)
+    assert torch.equal(compiled.sequences, dynamic.sequences)
+    for step, (a, b) in enumerate(zip(compiled.scores, dynamic.scores)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"step {step}")
+
+
 def test_static_cache_decodes_eagerly_when_compilation_fails():
     """A static cache request whose compilation fails (a backend error, before anything ran)
     warns once and decodes eagerly over the same cache: the dynamic cache's tokens, no failure."""
@@ -1318,11 +1347,11 @@ def test_static_cache_decodes_eagerly_when_compilation_fails():
     assert "get_compiled_call" not in ours.get_base_model().__dict__
 
 
-def test_static_cache_serves_beams_per_row_prefixes_and_refuses_windows():
+def test_static_cache_serves_beams_per_row_prefixes_and_refuses_biting_windows():
     """The static cache under beam search (its buffers reordered in place) and mixed-adapter rows
-    (their prefix index reordered with them) gives the dynamic cache's tokens; a model with a
-    sliding window, whose compiled steps would place the window from the buffer's end, keeps the
-    dynamic cache (same tokens). The caller's GenerationConfig is left as given."""
+    (their prefix index reordered with them) gives the dynamic cache's tokens; a model whose
+    sliding window would bite within the call (the compiled steps place it from the buffer's end)
+    keeps the dynamic cache (same tokens). The caller's GenerationConfig is left as given."""
     ours = _patched_with_second_adapter()
     ids, mask = _batch("left")
     rows = ["default", "task_b", "default"]
@@ -1335,9 +1364,11 @@ def test_static_cache_serves_beams_per_row_prefixes_and_refuses_windows():
     assert config.cache_implementation == "static"
     assert isinstance(static.past_key_values, hf.PrefixKVStaticCache) and torch.equal(static.sequences, dynamic)
 
-    _, windowed = _pair("mistral")
+    _, windowed = _pair("mistral")        # window 6 < P + 7 + 4
     windowed.eval()
-    assert hf._static_cache_refusal(windowed, windowed._prefixkern) == "a sliding-window layer"
+    windowed._prefixkern.generation_length = 11
+    assert hf._static_cache_refusal(windowed, windowed._prefixkern).startswith("a sliding window (6 tokens)")
+    windowed._prefixkern.generation_length = None
     ids, mask = _batch("left", seq=7)
     dynamic = windowed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     got = windowed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,

@@ -783,6 +783,8 @@ def _patched_generate(self, *args, **kwargs):
         kwargs[_cache_argument(type(base)) or "past_key_values"] = state.static_cache
         self.prepare_inputs_for_generation = functools.partial(_static_prepare_inputs, state,
                                                                type(self).prepare_inputs_for_generation.__get__(self))
+        base_prepare = self.base_model_prepare_inputs_for_generation
+        self.base_model_prepare_inputs_for_generation = functools.partial(_one_padding_mask, base_prepare)
         if hasattr(type(base), "get_compiled_call"):
             base.get_compiled_call = functools.partial(_compiled_or_eager,
                                                        type(base).get_compiled_call.__get__(base), base)
@@ -799,6 +801,8 @@ def _patched_generate(self, *args, **kwargs):
             state.static_cache = None
             self.__dict__.pop("prepare_inputs_for_generation", None)
             base.__dict__.pop("get_compiled_call", None)
+            if static:
+                self.base_model_prepare_inputs_for_generation = base_prepare
             _drop_self_bound_method(base, "prepare_inputs_for_generation")
 
 
@@ -812,17 +816,23 @@ def _static_cache_refusal(peft_model, state: _PatchState) -> str | None:
     """Why a static cache request gets the dynamic cache instead (None: it is served). A static
     cache's compiled steps attend over the whole fixed-size buffer, its unwritten slots masked:
     right for causal attention (and BLOOM's ALiBi, whose positions come from the mask), not for
-    a sliding window (the kernel places the window from the buffer's end) or an encoder-decoder's
-    caches; and it needs the call's final length."""
+    an encoder-decoder's caches, and it needs the call's final length. A sliding window is placed
+    from the buffer's end there, which is right only while the window cannot bite: when the prefix
+    and the call's final length fit in every layer's window."""
     base = peft_model.get_base_model()
     if state.encoder_decoder or state.encoder_only:
         return "an encoder-decoder or encoder-only model"
-    config = base.config.get_text_config(decoder=True)
-    if (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) is not False) \
-            or any(getattr(module, "sliding_window", None) for module in base.modules()):
-        return "a sliding-window layer"
     if state.generation_length is None:
         return "the call's final length is unknown (no max_new_tokens or max_length)"
+    config = base.config.get_text_config(decoder=True)
+    windows = [getattr(module, "sliding_window", None) for module in base.modules()]
+    if getattr(config, "use_sliding_window", True) is not False:
+        windows.append(getattr(config, "sliding_window", None))
+    windows = [window for window in windows if isinstance(window, int) and window > 0]
+    span = peft_model.peft_config[peft_model.active_adapter].num_virtual_tokens + state.generation_length
+    if windows and min(windows) < span:
+        return (f"a sliding window ({min(windows)} tokens) shorter than the prefix and the call's final length "
+                f"({span} tokens)")
     return None
 
 
@@ -845,6 +855,18 @@ def _compiled_or_eager(get_compiled_call, model, *args, **kwargs):
         return model(*call_args, **call_kwargs)
 
     return forward
+
+
+def _one_padding_mask(prepare, *args, **kwargs):
+    """The base model's ``prepare_inputs_for_generation`` under a static cache request, with one
+    2-D padding mask. For a compileable cache transformers builds the masks ahead, one per kind of
+    layer where a model mixes sliding and full ones (Gemma 2); PEFT takes one mask only and raises
+    on two. The patched attention reads the 2-D padding mask whatever the layer's kind (it applies
+    windows itself), so the mask given is the one handed on."""
+    model_kwargs = prepare(*args, **kwargs)
+    if isinstance(model_kwargs.get("attention_mask"), dict) and isinstance(kwargs.get("attention_mask"), torch.Tensor):
+        model_kwargs["attention_mask"] = kwargs["attention_mask"]
+    return model_kwargs
 
 
 def _static_prepare_inputs(state: _PatchState, prepare, *args, **kwargs):
