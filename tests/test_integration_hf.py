@@ -1262,6 +1262,28 @@ def _static_compile_config():
     return config
 
 
+def _static_against_dynamic(model, ids, mask):
+    """Greedy generate() of 5 tokens with the dynamic cache, then with a static cache request
+    compiled (``_static_compile_config``): asserts one graph for every decoding step (no
+    recompilation per token), the dynamic cache's tokens and its scores within 1e-4. Returns the
+    static call's output."""
+    from torch._dynamo.utils import counters
+
+    def generate(**kwargs):
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                              output_scores=True, return_dict_in_generate=True, **kwargs)
+
+    dynamic = generate()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = generate(cache_implementation="static", compile_config=_static_compile_config())
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"], dict(counters)
+    assert torch.equal(compiled.sequences, dynamic.sequences)
+    for step, (a, b) in enumerate(zip(compiled.scores, dynamic.scores)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"step {step}")
+    return compiled
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt", "bloom"])
 def test_static_cache_request_decodes_compiled_with_the_dynamic_tokens(family):
     """generate(cache_implementation="static"): the patched model's own fixed-size cache
@@ -1269,28 +1291,16 @@ def test_static_cache_request_decodes_compiled_with_the_dynamic_tokens(family):
     one graph for every step, no recompilation), with the scores and tokens of the dynamic cache;
     greedy, left-padded (BLOOM: ALiBi positions counted from the fixed-size mask). Without
     compilation (the CPU default) the same again."""
-    from torch._dynamo.utils import counters
-
     _, ours = _pair(family)
     ours.eval()
     ids, mask = _batch("left", seq=7)
-
-    def generate(**kwargs):
-        return ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
-                             output_scores=True, return_dict_in_generate=True, **kwargs)
-
-    dynamic = generate()
-    eager = generate(cache_implementation="static")
-    assert isinstance(eager.past_key_values, hf.PrefixKVStaticCache)
-    assert eager.past_key_values.get_seq_length() == P + 7 + 4      # PEFT's length: the prefix counts
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = generate(cache_implementation="static", compile_config=_static_compile_config())
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"], dict(counters)
-    for got in (eager, compiled):
-        assert torch.equal(got.sequences, dynamic.sequences)
-        for step, (a, b) in enumerate(zip(got.scores, dynamic.scores)):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"step {step}")
+    compiled = _static_against_dynamic(ours, ids, mask)
+    assert isinstance(compiled.past_key_values, hf.PrefixKVStaticCache)
+    assert compiled.past_key_values.get_seq_length() == P + 7 + 4      # PEFT's length: the prefix counts
+    dynamic = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    eager = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                          cache_implementation="static")
+    assert torch.equal(eager, dynamic)
     state = ours._prefixkern
     assert state.static_cache is None and "prepare_inputs_for_generation" not in ours.__dict__   # nothing kept
 
@@ -1300,28 +1310,13 @@ def test_static_cache_serves_sliding_windows_that_cannot_bite(family, monkeypatc
     """A sliding window no shorter than the prefix plus the call's final length never excludes a
     key, wherever it is placed: such models get the static cache, compiled steps and all, with the
     dynamic cache's scores (Gemma 2: soft-capping, hybrid sliding/full layers)."""
-    from torch._dynamo.utils import counters
-
     make = _config
     monkeypatch.setattr(sys.modules[__name__], "_config",
                         lambda name: make(name).__class__(**{**make(name).to_dict(), "sliding_window": P + 12}))
     _, ours = _pair(family)
     ours.eval()
-    ids, mask = _batch("left", seq=7)
-
-    def generate(**kwargs):
-        return ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
-                             output_scores=True, return_dict_in_generate=True, **kwargs)
-
-    dynamic = generate()
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = generate(cache_implementation="static", compile_config=_static_compile_config())
+    compiled = _static_against_dynamic(ours, *_batch("left", seq=7))
     assert isinstance(compiled.past_key_values, hf.PrefixKVStaticCache)
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"], dict(counters)
-    assert torch.equal(compiled.sequences, dynamic.sequences)
-    for step, (a, b) in enumerate(zip(compiled.scores, dynamic.scores)):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"step {step}")
 
 
 def test_static_cache_decodes_eagerly_when_compilation_fails():
