@@ -304,6 +304,9 @@ def run_generate(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 # cache's: a bf16 near-tie may part them, so say how far they agree, not ok/not ok.
                 same = (out[:, prompt:] == dynamic_tokens[key]).cumprod(1).sum(1).float().mean().item()
                 record.note = f"the dynamic cache's tokens for the first {same:.1f} of {new_tokens} (mean over rows)"
+            eager = [str(w.message) for w in caught if "decodes eagerly" in str(w.message)]
+            if eager:                      # the static cache's compilation failed: say so beside the time
+                record.note = f"{record.note}; {eager[0][:300]}" if record.note else eager[0][:300]
             if not impl.startswith("prefixkern") and any(_PREFIX_DROPPED in str(w.message) for w in caught):
                 # Stock PEFT on transformers >= 5.2x: generate() passes its own cache as cache= and
                 # the model drops the prefix PEFT put in past_key_values=. The timing is of a
