@@ -8,10 +8,12 @@ backward runs on autograd's device thread), with a cProfile of the two direct ca
     python benchmarks/profile_ops.py launch     # what one launch costs the host, piece by piece
     python benchmarks/profile_ops.py e2e:qwen2.5-0.5b   # a training step, patched and stock PEFT + sdpa
     python benchmarks/profile_ops.py generate:qwen2.5-0.5b   # generate(), 16 tokens, patched and stock
+    python benchmarks/profile_ops.py generate_static:qwen2.5-0.5b   # the same, cache_implementation="static"
 
 A case is SUITE:SHAPE with a shape of that suite (prefixkern/bench/attention.py, mlp.py; e2e: a
 model of prefixkern/bench/e2e.py, one step at S=256, B=8; generate: the same models, B=8, a
-512-token prompt, 16 new tokens). This is a
+512-token prompt, 16 new tokens; generate_static: the same with a static cache, whose decoding
+steps transformers compiles, the compilation paid in an untimed first call). This is a
 diagnostic for kernel work, not a benchmark: the figures to quote come from ``prefixkern-bench``.
 """
 from __future__ import annotations
@@ -84,8 +86,9 @@ def _e2e_step(model_name: str, impl: str, dtype, seq_len: int = 256, batch: int 
 
 
 def _generate_call(model_name: str, impl: str, dtype, batch: int = 8, prompt: int = 512, new_tokens: int = 16,
-                   device: str = "cuda"):
-    """Greedy generate() as the decode suite runs it (P = 30, one left-padded row), fewer tokens."""
+                   device: str = "cuda", cache: str = "dynamic"):
+    """Greedy generate() as the decode suite runs it (P = 30, one left-padded row), fewer tokens;
+    ``cache="static"`` asks for a static cache."""
     from prefixkern.bench import decode
 
     device = torch.device(device)
@@ -96,10 +99,14 @@ def _generate_call(model_name: str, impl: str, dtype, batch: int = 8, prompt: in
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, : prompt // 4] = 0
 
+    cache_kwargs = {} if cache == "dynamic" else {"cache_implementation": cache}
+
     def call():
         with torch.no_grad():
             return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False)
+                                  min_new_tokens=new_tokens, do_sample=False, **cache_kwargs)
+    if cache != "dynamic":
+        call()                      # the compilation, outside the profile
     return call
 
 
@@ -175,12 +182,17 @@ def host_split(case: str, dtype, iters: int) -> None:
 
 def profile(case: str, pass_: str, dtype, iters: int) -> None:
     suite, shape_name = case.split(":", 1)
-    if suite in ("e2e", "generate"):
+    if suite in ("e2e", "generate", "generate_static"):
         # A whole training step or generate() call, patched and stock side by side: how much of it
         # is kernels, and which host work the patched model adds or removes.
-        build = _e2e_step if suite == "e2e" else _generate_call
+        cache = "static" if suite == "generate_static" else "dynamic"
         for impl in ("prefixkern", "peft_sdpa"):
-            step = build(shape_name, impl, dtype)
+            try:
+                step = _e2e_step(shape_name, impl, dtype) if suite == "e2e" else \
+                    _generate_call(shape_name, impl, dtype, cache=cache)
+            except Exception as exc:   # stock PEFT's static cache fails on transformers 5.24, say
+                print(f"\n== {case} {impl}: could not run ({type(exc).__name__}: {str(exc)[:200]})", flush=True)
+                continue
             _profile_step(f"{case} {impl}", "step" if suite == "e2e" else "generate", dtype, min(iters, 3), step)
             if impl == "prefixkern":
                 # Where the patched call's host time goes, in Python terms (the profiler above
@@ -398,7 +410,8 @@ def launch_overheads() -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="+",
-                        help="SUITE:SHAPE, e.g. attention:seed-qwen mlp:llama3-8b e2e:qwen2.5-0.5b generate:qwen2.5-0.5b; "
+                        help="SUITE:SHAPE, e.g. attention:seed-qwen mlp:llama3-8b e2e:qwen2.5-0.5b generate:qwen2.5-0.5b "
+                             "generate_static:qwen2.5-0.5b; "
                              "or 'launch' (launch overheads)")
     parser.add_argument("--pass", dest="pass_", choices=("fwd", "fwd_bwd"), default="fwd_bwd")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
@@ -414,7 +427,7 @@ def main(argv=None) -> int:
             launch_overheads()
             continue
         profile(case, args.pass_, getattr(torch, args.dtype), args.iters)
-        if not args.no_host_split and not case.startswith(("e2e:", "generate:")):
+        if not args.no_host_split and not case.startswith(("e2e:", "generate:", "generate_static:")):
             host_split(case, getattr(torch, args.dtype), args.iters)
     return 0
 

@@ -111,7 +111,8 @@ for step in "${STEPS[@]}"; do
         decode)       run_step bench-decode "$PY" -m prefixkern.bench --suite decode --out-dir "$OUT" ;;
         profile)      run_step profile "$PY" benchmarks/profile_ops.py launch attention:seed-qwen attention:llama8b-2k \
                           mlp:qwen2.5-0.5b mlp:llama3-8b ;;
-        profile-e2e)  run_step profile-e2e "$PY" benchmarks/profile_ops.py e2e:qwen2.5-0.5b generate:qwen2.5-0.5b --iters 3 ;;
+        profile-e2e)  run_step profile-e2e "$PY" benchmarks/profile_ops.py e2e:qwen2.5-0.5b generate:qwen2.5-0.5b \
+                          generate_static:qwen2.5-0.5b --iters 3 ;;
         pytest-bench) run_step pytest-bench "$PY" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
                           --benchmark-json="$OUT/pytest-benchmark.json" ;;
         *) echo "unknown step $step"; status=1 ;;
