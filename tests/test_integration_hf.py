@@ -1297,10 +1297,18 @@ def test_static_cache_request_decodes_compiled_with_the_dynamic_tokens(family):
     compiled = _static_against_dynamic(ours, ids, mask)
     assert isinstance(compiled.past_key_values, hf.PrefixKVStaticCache)
     assert compiled.past_key_values.get_seq_length() == P + 7 + 4      # PEFT's length: the prefix counts
+    buffer = compiled.past_key_values.layers[0].keys.data_ptr()
     dynamic = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
     eager = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
-                          cache_implementation="static")
-    assert torch.equal(eager, dynamic)
+                          cache_implementation="static", return_dict_in_generate=True)
+    assert torch.equal(eager.sequences, dynamic)
+    # The next call of the same sizes empties and reuses the cache (the buffers the compiled steps
+    # were recorded with); another batch gets buffers of its own, in the same cache.
+    assert eager.past_key_values is compiled.past_key_values
+    assert eager.past_key_values.layers[0].keys.data_ptr() == buffer
+    two = ours.generate(input_ids=ids[:2], attention_mask=mask[:2], max_new_tokens=5, do_sample=False,
+                        cache_implementation="static", return_dict_in_generate=True)
+    assert torch.equal(two.sequences, dynamic[:2]) and two.past_key_values.layers[0].keys.shape[0] == 2
     state = ours._prefixkern
     assert state.static_cache is None and "prepare_inputs_for_generation" not in ours.__dict__   # nothing kept
 

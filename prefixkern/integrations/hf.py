@@ -297,7 +297,10 @@ class PrefixKVStaticLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
+        if not self.is_initialized or self.keys.shape[:2] != key_states.shape[:2] \
+                or self.keys.shape[3] != key_states.shape[3] or self.keys.dtype != key_states.dtype \
+                or self.keys.device != key_states.device:
+            # First use, or a kept cache (see restart) taking a call of another batch or dtype.
             self.lazy_initialization(key_states, value_states)
         new = key_states.shape[2]
         slots = torch.arange(new, device=self.written.device) + self.written
@@ -374,6 +377,17 @@ class PrefixKVStaticCache(_PrefixBeside, Cache):
         """The next forward writes ``new_tokens`` tokens: the host-side length its eager layers read."""
         for layer in self.layers:
             layer.length += new_tokens
+
+    def restart(self) -> None:
+        """Empty for another generate() call, keeping the buffers: their addresses are the ones the
+        compiled steps' CUDA graphs were recorded with (new buffers would be recorded again). The
+        unwritten slots are never read unmasked, so the previous call's values stay in them."""
+        self.prefix = None
+        self.record = True
+        for layer in self.layers:
+            layer.length = 0
+            if layer.is_initialized:
+                layer.written.zero_()
 
 
 _PREFIX_CACHES = (PrefixKVCache, PrefixKVStaticCache)
@@ -671,6 +685,7 @@ class _PatchState:
     generation_prefix: tuple | None = None   # (key, PrefixState) of the call under way
     generation_length: int | None = None     # sequence tokens the call under way ends with, when known
     static_cache: object | None = None       # the PrefixKVStaticCache of the call under way, if it asked for one
+    kept_static_cache: object | None = None  # the last call's, for the next call of the same sizes
 
 
 def _transformers_below(floor: str, installed: str | None = None) -> str | None:
@@ -777,9 +792,14 @@ def _patched_generate(self, *args, **kwargs):
         and _static_cache_refusal(self, state) is None
     if static:
         kwargs = _with_cache_request(kwargs, base, None)
-        state.static_cache = PrefixKVStaticCache(base.config.get_text_config(decoder=True).num_hidden_layers,
-                                                 state.generation_length,
-                                                 self.peft_config[self.active_adapter].num_virtual_tokens)
+        sizes = (base.config.get_text_config(decoder=True).num_hidden_layers, state.generation_length,
+                 self.peft_config[self.active_adapter].num_virtual_tokens)
+        kept = state.kept_static_cache
+        if kept is not None and (len(kept.layers), kept.capacity, kept.prefix_length) == sizes:
+            kept.restart()          # as transformers keeps its own StaticCache between calls
+        else:
+            state.kept_static_cache = kept = PrefixKVStaticCache(*sizes)
+        state.static_cache = kept
         kwargs[_cache_argument(type(base)) or "past_key_values"] = state.static_cache
         self.prepare_inputs_for_generation = functools.partial(_static_prepare_inputs, state,
                                                                type(self).prepare_inputs_for_generation.__get__(self))
