@@ -1294,6 +1294,9 @@ def test_static_cache_request_decodes_compiled_with_the_dynamic_tokens(family):
     _, ours = _pair(family)
     ours.eval()
     ids, mask = _batch("left", seq=7)
+    # Without padding first (transformers may then hand over no mask at all: the unwritten slots of
+    # the compiled steps' buffer are masked all the same).
+    _static_against_dynamic(ours, ids, torch.ones_like(mask))
     compiled = _static_against_dynamic(ours, ids, mask)
     assert isinstance(compiled.past_key_values, hf.PrefixKVStaticCache)
     assert compiled.past_key_values.get_seq_length() == P + 7 + 4      # PEFT's length: the prefix counts
@@ -1325,6 +1328,30 @@ def test_static_cache_serves_sliding_windows_that_cannot_bite(family, monkeypatc
     ours.eval()
     compiled = _static_against_dynamic(ours, *_batch("left", seq=7))
     assert isinstance(compiled.past_key_values, hf.PrefixKVStaticCache)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_static_cache_random_generate_calls_match_the_dynamic_cache(seed):
+    """Random generate() calls (batch, prompt length, left padding, new tokens, beams) with a static
+    cache request, back to back on one model (the kept cache emptied and reused, or rebuilt for
+    other sizes), each giving the dynamic cache's tokens."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand_int(low, high):
+        return int(torch.randint(low, high, (1,), generator=gen))
+
+    _, ours = _pair(["llama", "gpt2", "qwen2"][seed])
+    ours.eval()
+    for _ in range(4):
+        batch, seq = rand_int(1, 5), rand_int(3, 10)
+        ids = torch.randint(3, VOCAB, (batch, seq), generator=gen)
+        mask = torch.ones_like(ids)
+        for row in range(batch):
+            mask[row, :rand_int(0, seq - 1)] = 0
+        kwargs = dict(max_new_tokens=rand_int(1, 7), num_beams=rand_int(1, 3), do_sample=False)
+        dynamic = ours.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        static = ours.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **kwargs)
+        assert torch.equal(static, dynamic), (batch, seq, kwargs)
 
 
 def test_static_cache_decodes_eagerly_when_compilation_fails():

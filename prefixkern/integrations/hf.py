@@ -575,8 +575,8 @@ def _one_padding_mask(prepare, *args, **kwargs):
     on two. The patched attention reads the 2-D padding mask whatever the layer's kind (it applies
     windows itself), so the mask given is the one handed on."""
     model_kwargs = prepare(*args, **kwargs)
-    if isinstance(model_kwargs.get("attention_mask"), dict) and isinstance(kwargs.get("attention_mask"), torch.Tensor):
-        model_kwargs["attention_mask"] = kwargs["attention_mask"]
+    if isinstance(model_kwargs.get("attention_mask"), dict):
+        model_kwargs["attention_mask"] = kwargs.get("attention_mask")    # (None where generate() gave none)
     return model_kwargs
 
 
@@ -593,7 +593,13 @@ def _static_prepare_inputs(state: _PatchState, prepare, *args, **kwargs):
     cache.advance(tokens.shape[1])
     mask = model_kwargs.get("attention_mask")
     size = cache.prefix_length + cache.capacity
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] < size:
+    if mask is None:
+        # No padding given (transformers may drop an all-ones mask): the written slots are the real
+        # keys, and the compiled steps need the rest masked all the same.
+        written = cache.prefix_length + cache.layers[0].length
+        mask = (torch.arange(size, device=tokens.device) < written).expand(tokens.shape[0], size)
+        model_kwargs["attention_mask"] = mask
+    elif isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] < size:
         model_kwargs["attention_mask"] = F.pad(mask, (0, size - mask.shape[1]))
     return model_kwargs
 
