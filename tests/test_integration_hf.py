@@ -1332,9 +1332,9 @@ def test_static_cache_serves_sliding_windows_that_cannot_bite(family, monkeypatc
 
 @pytest.mark.parametrize("seed", range(3))
 def test_static_cache_random_generate_calls_match_the_dynamic_cache(seed):
-    """Random generate() calls (batch, prompt length, left padding, new tokens, beams) with a static
-    cache request, back to back on one model (the kept cache emptied and reused, or rebuilt for
-    other sizes), each giving the dynamic cache's tokens."""
+    """Random generate() calls (batch, prompt length, left padding, new tokens, beams, sampling,
+    compiled or not) with a static cache request, back to back on one model (the kept cache
+    emptied and reused, or rebuilt for other sizes), each giving the dynamic cache's tokens."""
     gen = torch.Generator().manual_seed(seed)
 
     def rand_int(low, high):
@@ -1342,16 +1342,21 @@ def test_static_cache_random_generate_calls_match_the_dynamic_cache(seed):
 
     _, ours = _pair(["llama", "gpt2", "qwen2"][seed])
     ours.eval()
-    for _ in range(4):
+    for _ in range(6):
         batch, seq = rand_int(1, 5), rand_int(3, 10)
         ids = torch.randint(3, VOCAB, (batch, seq), generator=gen)
         mask = torch.ones_like(ids)
         for row in range(batch):
             mask[row, :rand_int(0, seq - 1)] = 0
-        kwargs = dict(max_new_tokens=rand_int(1, 7), num_beams=rand_int(1, 3), do_sample=False)
+        kwargs = dict(max_new_tokens=rand_int(1, 7), num_beams=rand_int(1, 3), do_sample=rand_int(0, 2) == 1)
+        compiled = {"compile_config": _static_compile_config()} if rand_int(0, 2) else {}
+        torch.manual_seed(seed)             # (sampling: the same draws for both)
         dynamic = ours.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        static = ours.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **kwargs)
-        assert torch.equal(static, dynamic), (batch, seq, kwargs)
+        torch.manual_seed(seed)
+        torch._dynamo.reset()
+        static = ours.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **kwargs,
+                               **compiled)
+        assert torch.equal(static, dynamic), (batch, seq, kwargs, bool(compiled))
 
 
 def test_static_cache_decodes_eagerly_when_compilation_fails():
