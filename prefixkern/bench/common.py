@@ -39,6 +39,10 @@ class Record:
     def __post_init__(self):
         CREATED_RECORDS.append(self)
 
+    def add_note(self, text: str) -> None:
+        """Append ``text`` to the note (``; `` between notes)."""
+        self.note = f"{self.note}; {text}" if self.note else text
+
     def as_json(self) -> dict:
         out = dataclasses.asdict(self)
         out["pass"] = out.pop("pass_")

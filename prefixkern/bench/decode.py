@@ -165,7 +165,8 @@ def _run_steps(opts: Options, progress, name, q, k, v, pk, pv, cat_k, cat_v, ran
 
                 def fn(layer=layer):
                     with torch.no_grad(), use_backend("auto"):
-                        layer.crop(-1) if layer.get_seq_length() > cache else None
+                        if layer.get_seq_length() > cache:      # the previous call's token: overwritten
+                            layer.crop(-1)
                         keys, values = layer.update(new_k, new_v)
                         return decode_step(q, keys, values, pk, pv, key_padding_mask=None, prefix_index=None,
                                            softmax_scale=None)
@@ -306,7 +307,7 @@ def run_generate(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 record.note = f"the dynamic cache's tokens for the first {same:.1f} of {new_tokens} (mean over rows)"
             eager = [str(w.message) for w in caught if "decodes eagerly" in str(w.message)]
             if eager:                      # the static cache's compilation failed: say so beside the time
-                record.note = f"{record.note}; {eager[0][:300]}" if record.note else eager[0][:300]
+                record.add_note(eager[0][:300])
             if not impl.startswith("prefixkern") and any(_PREFIX_DROPPED in str(w.message) for w in caught):
                 # Stock PEFT on transformers >= 5.2x: generate() passes its own cache as cache= and
                 # the model drops the prefix PEFT put in past_key_values=. The timing is of a
@@ -333,7 +334,7 @@ def run_generate(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 record.tokens_per_s = batch * new_tokens / (record.ms * 1e-3)
                 record.peak_mem_mb = torch.cuda.max_memory_allocated() / 2**20
                 spread = f"{repeats} calls: " + ", ".join(f"{t:.0f}" for t in times) + " ms"
-                record.note = f"{record.note}; {spread}" if record.note else spread
+                record.add_note(spread)
             records.append(record)
             del model, generate             # (generate holds the model as its default argument)
             release_models(opts.on_gpu)

@@ -7,9 +7,9 @@
    the baked embedding) and kept beside the cache, batch-shared; the cache stores sequence keys
    only, appended in place (:class:`PrefixKVLayer`; ``generate(cache_implementation="static")``
    gets fixed-size buffers instead, :class:`PrefixKVStaticCache`, whose decoding steps
-   transformers compiles; both in :mod:`.hf_cache`). It reports the same lengths as PEFT's cache (P + cached tokens), so
-   positions, masks and generation bookkeeping are exactly stock PEFT's (real tokens at positions
-   P..P+T-1).
+   transformers compiles; both in :mod:`.hf_cache`). It reports the same lengths as PEFT's cache
+   (P + cached tokens), so positions, masks and generation bookkeeping are exactly stock PEFT's
+   (real tokens at positions P..P+T-1).
 2. The base model's attention implementation becomes ``"prefixkern"``, registered with
    transformers' ``AttentionInterface``: attention over ``[prefix ; sequence]`` by
    ``prefixkern.prefix_attention`` (no concatenation, no repeat_kv). Its mask function, registered
@@ -667,20 +667,14 @@ def _with_cache_request(kwargs: dict, base_model, implementation: str | None) ->
     asked for "static" hands it two masks. The caller's GenerationConfig is copied, not changed."""
     from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 
-    if "cache_implementation" in kwargs:
-        if kwargs["cache_implementation"] in ALL_STATIC_CACHE_IMPLEMENTATIONS:
-            kwargs = {**kwargs, "cache_implementation": implementation}
+    if _cache_request(kwargs, base_model) not in ALL_STATIC_CACHE_IMPLEMENTATIONS:
         return kwargs
     config = kwargs.get("generation_config")
-    if config is None:
-        if getattr(getattr(base_model, "generation_config", None), "cache_implementation", None) \
-                in ALL_STATIC_CACHE_IMPLEMENTATIONS:
-            kwargs = {**kwargs, "cache_implementation": implementation}
-    elif getattr(config, "cache_implementation", None) in ALL_STATIC_CACHE_IMPLEMENTATIONS:
-        config = copy.deepcopy(config)
-        config.cache_implementation = implementation
-        kwargs = {**kwargs, "generation_config": config}
-    return kwargs
+    if "cache_implementation" in kwargs or config is None:
+        return {**kwargs, "cache_implementation": implementation}
+    config = copy.deepcopy(config)
+    config.cache_implementation = implementation
+    return {**kwargs, "generation_config": config}
 
 
 @functools.lru_cache(maxsize=None)
