@@ -11,7 +11,8 @@
 #   (device: the GPU's own bf16 matmul TFLOP/s and copy bandwidth, which the issues' relative targets use).
 #   A device call lasts at most ten minutes: run a few steps per call, with STEP_LIMIT_S (or a
 #   step's own limit, STEP:SECONDS) set so that they fit (benchmarks/results/README.md has the
-#   plan for a session's device budget).
+#   plan for a session's device budget). BENCH_ARGS (say "--baselines peft_sdpa sdpa_concat") is
+#   appended to the quick steps' bench command lines.
 #
 # Uses the repository in place (PYTHONPATH), so it needs no install; torch, triton, transformers,
 # peft, pytest, pytest-benchmark and matplotlib come from the machine's image. Pure-Python wheels
@@ -79,10 +80,10 @@ for step in "${STEPS[@]}"; do
         smoke)        run_step smoke env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m "not gpu or smoke" "${PYTEST_REPORT[@]}" ${XDIST[@]+"${XDIST[@]}"} \
                           tests/test_prefix_attention.py tests/test_prefix_mlp.py tests/test_decode.py \
                           tests/test_checks.py --junitxml="$OUT/smoke.xml" ;;
-        quick)        run_step bench-quick "$PY" -m prefixkern.bench --quick --out-dir "$OUT" ;;
+        quick)        run_step bench-quick "$PY" -m prefixkern.bench --quick --out-dir "$OUT" ${BENCH_ARGS:-} ;;
         # One suite's quick run per process: a step cut off by STEP_LIMIT_S loses only its own suite.
         quick-attention|quick-mlp|quick-e2e_train|quick-decode|quick-device)
-                      run_step "bench-$step" "$PY" -m prefixkern.bench --suite "${step#quick-}" --quick --out-dir "$OUT" ;;
+                      run_step "bench-$step" "$PY" -m prefixkern.bench --suite "${step#quick-}" --quick --out-dir "$OUT" ${BENCH_ARGS:-} ;;
         tests-attention-1|tests-attention-2)
                       shard=$(( ${step##*-} - 1 ))
                       run_step "$step" env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu "${PYTEST_REPORT[@]}" ${XDIST[@]+"${XDIST[@]}"} \

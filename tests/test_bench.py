@@ -389,6 +389,9 @@ def test_targets_judge_each_issue_from_the_records():
         _rec("decode", "qwen2.5-0.5b-B8", "peft_sdpa", "generate", ms=1180.0),
         _rec("decode", "qwen2.5-0.5b-B8", "prefixkern", "generate", ms=1330.0),
         _rec("decode", "qwen2.5-0.5b-B8", "prefixkern_tensor_cores", "generate", ms=1100.0),
+        # A static request stock PEFT failed (no peft_sdpa row): judged against stock's dynamic row.
+        _rec("decode", "qwen2.5-0.5b-B8-static", "prefixkern", "generate", ms=200.0),
+        _rec("decode", "llama3.2-1b-B8-static", "prefixkern", "generate", ms=200.0),
     ]
     got = {(t.issue, t.what, t.case): t.met for t in evaluate({"records": records})}
     assert got[(2, "fwd+bwd at least as fast as the fastest baseline", "llama8b-2k")] is True
@@ -412,6 +415,8 @@ def test_targets_judge_each_issue_from_the_records():
     assert got[(6, "faster than the Triton decode path", "P30-L4096-B8 (tensor cores)")] is True
     assert got[(6, "generate() never slower than stock PEFT + sdpa", "qwen2.5-0.5b-B8")] is False             # 0.89x
     assert got[(6, "generate() never slower than stock PEFT + sdpa", "qwen2.5-0.5b-B8 (tensor cores)")] is True
+    assert got[(6, "generate() never slower than stock PEFT + sdpa", "qwen2.5-0.5b-B8-static")] is True       # 5.9x
+    assert got[(6, "generate() never slower than stock PEFT + sdpa", "llama3.2-1b-B8-static")] is None       # no stock row
     # Without device probes the relative targets have no data rather than a verdict.
     no_probe = {(t.issue, t.what, t.case): t.met for t in evaluate({"records": records[2:]})}
     assert no_probe[(3, "reads W2 at 70% or more of the GPU's measured bandwidth (fwd)", "llama3-8b")] is None
@@ -431,6 +436,11 @@ def test_targets_of_the_committed_gpu_run(capsys):
     printed = capsys.readouterr().out
     assert "| 2 | fwd+bwd peak memory below every baseline's | llama8b-2k | 69.5 MiB vs min 99.8 MiB | yes |" in printed
     assert "30.6% (1.27e+03 of 4.15e+03 GB/s)" in printed
+    # The fourth run's (2026-11-26 evening): the static cache against stock PEFT's dynamic one.
+    assert main(["--targets", str(path.with_name("2026-11-26_2039_NVIDIA-H200.json"))]) == 0
+    printed = capsys.readouterr().out
+    assert "| new64-static | 10.6x vs stock PEFT's dynamic cache (its static request failed) | yes |" in \
+        printed.replace("qwen2.5-0.5b-B8-prompt512-", "")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU side of the device suite")

@@ -131,7 +131,9 @@ def test_triton_decode_step_is_two_launches(monkeypatch):
     from prefixkern.kernels import prefix_decode
 
     device = "cpu" if triton_interpret() else "cuda"
-    inputs, kw = _inputs(2, 4, 2, 1, 40, 7, 32, torch.float32, device, prefix="shared", padding=True)
+    # Chunks are whole key tiles: on a GPU (64-key tiles and up) 40 keys were one chunk, merged by nothing.
+    cache_len = 40 if triton_interpret() else 1000
+    inputs, kw = _inputs(2, 4, 2, 1, cache_len, 7, 32, torch.float32, device, prefix="shared", padding=True)
     launched = []
     real_launch = prefix_decode.launch_kernel
 
@@ -550,7 +552,7 @@ def test_gpu_generate_uses_the_cuda_kernel(tensor_cores, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_static_cache_generate_compiles_its_decoding_steps():
+def test_gpu_static_cache_generate_compiles_its_decoding_steps(monkeypatch):
     """generate(cache_implementation="static") on a GPU: transformers compiles the decoding steps
     (inductor, CUDA graphs) over the patched model's PrefixKVStaticCache, with the scores of the
     dynamic cache's eager decoding."""
@@ -568,8 +570,12 @@ def test_gpu_static_cache_generate_compiles_its_decoding_steps():
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
     compiled = []
-    get_compiled_call = model.get_base_model().get_compiled_call
-    model.get_base_model().get_compiled_call = lambda *args: compiled.append(1) or get_compiled_call(*args)
+    # On the class: the patched generate() wraps the class's method for the call (an instance
+    # attribute set here would be replaced, and was, on the first GPU run of this test).
+    base_class = type(model.get_base_model())
+    get_compiled_call = base_class.get_compiled_call
+    monkeypatch.setattr(base_class, "get_compiled_call",
+                        lambda self, *args: compiled.append(1) or get_compiled_call(self, *args))
 
     def scores(**kwargs):
         with torch.no_grad():

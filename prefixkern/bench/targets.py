@@ -135,7 +135,16 @@ def evaluate(payload: dict) -> list[Target]:
         case = r["case"] if r["impl"] == "prefixkern" else f"{r['case']} (tensor cores)"
         if r["pass"] == "generate":
             ratio, _ = _ratio(records, idx, "decode", r["case"], "generate", ("peft_sdpa",), impl=r["impl"])
-            add(6, "generate() never slower than stock PEFT + sdpa", case, _fmt(ratio, "x"), _meets(ratio, 1.0))
+            text = _fmt(ratio, "x")
+            dynamic_case = r["case"].removesuffix("-static")
+            if ratio is None and dynamic_case != r["case"]:
+                # Stock PEFT's static request failed (the suite lists why under "skipped": a KeyError
+                # on transformers 5.17): what a user of it gets is its dynamic cache.
+                stock = idx.get(("decode", dynamic_case, "peft_sdpa", "generate"))
+                if stock and stock["ms"]:
+                    ratio = stock["ms"] / r["ms"]
+                    text = _fmt(ratio, "x vs stock PEFT's dynamic cache (its static request failed)")
+            add(6, "generate() never slower than stock PEFT + sdpa", case, text, _meets(ratio, 1.0))
             continue
         if r["pass"] == "step":
             # "What HF does today", read per step: its DynamicCache append (torch.cat of the whole
