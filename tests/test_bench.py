@@ -489,6 +489,28 @@ def test_timing_gives_long_calls_their_repetitions():
         assert warmup >= 2 * 70.0 and int(rep / 70.0) >= MIN_REPS[quick] >= 10
 
 
+def test_timed_calls_can_be_kept_for_their_spread(monkeypatch):
+    """A training step's row keeps every timed call (host-bound steps on a shared GPU host spread:
+    the raw-launch row read 15% slower than the plain one in a run that kept only medians)."""
+    import triton.testing
+
+    from prefixkern.bench.common import spread_note, time_ms
+
+    asked = []
+
+    def fake_do_bench(fn, warmup, rep, return_mode):
+        asked.append(return_mode)
+        return [3.0, 1.0, 2.0, 10.0] if return_mode == "all" else 2.5
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    samples = []
+    assert time_ms(lambda: None, on_gpu=True, quick=True, samples=samples) == 2.5     # the median
+    assert samples == [1.0, 2.0, 3.0, 10.0]
+    assert time_ms(lambda: None, on_gpu=True, quick=True) == 2.5 and asked == ["all", "median"]
+    assert spread_note(samples) == "4 timed calls, ms: min 1, quartiles 1.25 / 2.5 / 8.25, max 10"
+
+
 def test_a_failing_prefixkern_generate_is_a_failed_row_and_the_suite_goes_on(monkeypatch):
     """generate() of ours raising (say, a compilation failing on some GPU stack) gives a failed row
     with the error, not a crash of the decode suite: the other rows are still timed and written."""

@@ -8,6 +8,7 @@ import gc
 import json
 import math
 import platform
+import statistics
 import sys
 from pathlib import Path
 from typing import Callable
@@ -97,9 +98,10 @@ def bench_budget(estimate_ms: float, quick: bool) -> tuple[float, float]:
     return max(warmup, 2.0 * estimate_ms), max(rep, (MIN_REPS[quick] + 1) * estimate_ms)
 
 
-def time_ms(fn: Callable[[], object], *, on_gpu: bool, quick: bool) -> float | None:
+def time_ms(fn: Callable[[], object], *, on_gpu: bool, quick: bool, samples: list[float] | None = None) -> float | None:
     """Median time of ``fn`` in ms (Triton's do_bench: warm-up, L2 flushed between runs, at least
-    ``MIN_REPS`` timed calls); None on CPU, where interpreter timings say nothing about speed."""
+    ``MIN_REPS`` timed calls); None on CPU, where interpreter timings say nothing about speed.
+    ``samples``, if given, receives every timed call's ms (a host-bound row's spread)."""
     if not on_gpu:
         return None
     import time
@@ -112,7 +114,18 @@ def time_ms(fn: Callable[[], object], *, on_gpu: bool, quick: bool) -> float | N
     fn()
     torch.cuda.synchronize()
     warmup, rep = bench_budget((time.perf_counter() - start) * 1e3, quick)
-    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    if samples is None:
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    times = sorted(float(t) for t in triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="all"))
+    samples.extend(times)
+    return statistics.median(times)
+
+
+def spread_note(samples: list[float]) -> str:
+    """How the timed calls of a row spread: their count, min, quartiles and max, in ms."""
+    q1, q2, q3 = statistics.quantiles(samples, n=4) if len(samples) > 1 else samples * 3
+    return (f"{len(samples)} timed calls, ms: min {min(samples):.3g}, quartiles {q1:.3g} / {q2:.3g} / {q3:.3g}, "
+            f"max {max(samples):.3g}")
 
 
 def release_models(on_gpu: bool) -> None:

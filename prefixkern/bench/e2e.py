@@ -15,7 +15,7 @@ import copy
 import torch
 
 from .attention_packed import ragged_lengths
-from .common import Options, Record, Skip, dtype_name, release_models, time_ms
+from .common import Options, Record, Skip, dtype_name, release_models, spread_note, time_ms
 
 P = 20
 
@@ -181,7 +181,10 @@ def measure_step(opts: Options, record: Record, step, tokens: int, losses: dict,
     compare it with stock PEFT eager's (``losses["peft_eager"]``, measured first)."""
     try:
         losses[record.impl] = step().float().item()
-        record.ms = time_ms(step, on_gpu=opts.on_gpu, quick=True)
+        samples: list[float] = []
+        record.ms = time_ms(step, on_gpu=opts.on_gpu, quick=True, samples=samples)
+        if samples:           # host-bound steps: the spread decides whether two rows differ
+            record.add_note(spread_note(samples))
         if opts.on_gpu:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -198,7 +201,7 @@ def measure_step(opts: Options, record: Record, step, tokens: int, losses: dict,
         record.max_err = abs(losses[record.impl] - ref) / max(1.0, abs(ref))
         record.ok = bool(record.max_err <= {torch.float32: 1e-4, torch.float16: 5e-3,
                                             torch.bfloat16: 2e-2}[opts.dtype])
-    record.note = (record.note or "") + f"loss {losses.get(record.impl, float('nan')):.5f}"
+    record.add_note(f"loss {losses.get(record.impl, float('nan')):.5f}")
     return record
 
 
