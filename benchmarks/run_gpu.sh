@@ -12,7 +12,7 @@
 #   A device call lasts at most ten minutes: run a few steps per call, with STEP_LIMIT_S (or a
 #   step's own limit, STEP:SECONDS) set so that they fit (benchmarks/results/README.md has the
 #   plan for a session's device budget). BENCH_ARGS (say "--baselines peft_sdpa sdpa_concat") is
-#   appended to the quick steps' bench command lines.
+#   appended to every benchmark step's command line.
 #
 # Uses the repository in place (PYTHONPATH), so it needs no install; torch, triton, transformers,
 # peft, pytest, pytest-benchmark and matplotlib come from the machine's image. Pure-Python wheels
@@ -91,25 +91,25 @@ for step in "${STEPS[@]}"; do
         tests-other)  run_step tests-other env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu "${PYTEST_REPORT[@]}" ${XDIST[@]+"${XDIST[@]}"} tests \
                           --ignore=tests/test_prefix_attention.py --junitxml="$OUT/tests-other.xml" ;;
         attention)    run_step bench-attention "$PY" -m prefixkern.bench --suite attention --out-dir "$OUT" \
-                          --shapes seed-qwen seed-bloom paper-gpt2 llama8b-2k llama8b-8k long-32k ;;
+                          --shapes seed-qwen seed-bloom paper-gpt2 llama8b-2k llama8b-8k long-32k ${BENCH_ARGS:-} ;;
         # Issue 2's long shapes alone (the 8k/32k fwd+bwd and the forward TFLOP/s targets).
         attention-long) run_step bench-attention-long "$PY" -m prefixkern.bench --suite attention --out-dir "$OUT" \
-                          --shapes llama8b-8k long-32k ;;
+                          --shapes llama8b-8k long-32k ${BENCH_ARGS:-} ;;
         attention-sweep) run_step bench-attention-sweep "$PY" -m prefixkern.bench --suite attention --out-dir "$OUT" \
                           --baselines sdpa_mask sdpa_lower_right sdpa_lower_right_gqa flex flash_attn prefixkern_padded \
                           --shapes sweep-S512 sweep-S1024 sweep-S2048 sweep-S4096 sweep-S8192 \
-                                   sweep-P1 sweep-P16 sweep-P64 sweep-P128 sweep-P256 packed-qwen packed-llama8b ;;
-        mlp)          run_step bench-mlp "$PY" -m prefixkern.bench --suite mlp --out-dir "$OUT" ;;
-        device)       run_step bench-device "$PY" -m prefixkern.bench --suite device --out-dir "$OUT" --no-plots ;;
+                                   sweep-P1 sweep-P16 sweep-P64 sweep-P128 sweep-P256 packed-qwen packed-llama8b ${BENCH_ARGS:-} ;;
+        mlp)          run_step bench-mlp "$PY" -m prefixkern.bench --suite mlp --out-dir "$OUT" ${BENCH_ARGS:-} ;;
+        device)       run_step bench-device "$PY" -m prefixkern.bench --suite device --out-dir "$OUT" --no-plots ${BENCH_ARGS:-} ;;
         e2e)          run_step bench-e2e "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" \
-                          --shapes qwen2.5-0.5b bloomz-560m roberta-large ;;
+                          --shapes qwen2.5-0.5b bloomz-560m roberta-large ${BENCH_ARGS:-} ;;
         # The training step under torch.compile with CUDA graphs, beside the eager rows it compiles.
         e2e-compile)  run_step bench-e2e-compile "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" \
                           --shapes qwen2.5-0.5b --quick --baselines floor_no_prefix peft_sdpa prefixkern floor_compiled \
-                          peft_sdpa_compiled prefixkern_compiled ;;
+                          peft_sdpa_compiled prefixkern_compiled ${BENCH_ARGS:-} ;;
         e2e-large)    run_step bench-e2e-large "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" \
-                          --shapes gpt2-medium llama3.2-1b ;;
-        decode)       run_step bench-decode "$PY" -m prefixkern.bench --suite decode --out-dir "$OUT" ;;
+                          --shapes gpt2-medium llama3.2-1b ${BENCH_ARGS:-} ;;
+        decode)       run_step bench-decode "$PY" -m prefixkern.bench --suite decode --out-dir "$OUT" ${BENCH_ARGS:-} ;;
         profile)      run_step profile "$PY" benchmarks/profile_ops.py launch attention:seed-qwen attention:llama8b-2k \
                           mlp:qwen2.5-0.5b mlp:llama3-8b ;;
         profile-e2e)  run_step profile-e2e "$PY" benchmarks/profile_ops.py e2e:qwen2.5-0.5b generate:qwen2.5-0.5b \
