@@ -173,7 +173,7 @@ def _compare_step(ref, ours, ids, mask, atol=2e-5, rtol=2e-4, train=False):
         torch.testing.assert_close(grads_ours[name], grads_ref[name], atol=atol * 10, rtol=rtol * 10, msg=name)
 
 
-def _greedy_reference(ref, ids, mask, steps, position_ids=None):
+def _greedy_reference(ref, ids, mask, steps, position_ids=None, prefix_len=P):
     """Greedy decoding through stock PEFT's forward, recomputing the whole sequence each step (no
     cache), at the positions ``generate()`` chose. Stock PEFT 0.21's own generate() is no oracle on
     transformers >= 5.2x: generate() passes its cache as ``cache=`` and the model ignores the prefix
@@ -182,7 +182,7 @@ def _greedy_reference(ref, ids, mask, steps, position_ids=None):
     with torch.no_grad():
         for _ in range(steps):
             # PEFT adds P to the position ids it is given (generate()'s, recorded at the base model, include it).
-            kwargs = {} if position_ids is None else {"position_ids": position_ids[:, : seq.shape[1]] - P}
+            kwargs = {} if position_ids is None else {"position_ids": position_ids[:, : seq.shape[1]] - prefix_len}
             nxt = ref(input_ids=seq, attention_mask=attn, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], 1)
             attn = torch.cat([attn, torch.ones_like(nxt)], 1)
@@ -1592,3 +1592,109 @@ def test_stock_peft_mixes_packed_sequences():
     first = len(sequences[0])
     torch.testing.assert_close(packed[:first], separate[:first], atol=2e-5, rtol=2e-4)
     assert (packed[first:] - separate[first:]).abs().max() > 1e-2
+
+
+# --------------------------------------------------------------------------------------------
+# On a GPU, at the real models' widths
+# --------------------------------------------------------------------------------------------
+
+# The issue's families at their checkpoints' attention and model widths (heads, head dim, hidden and
+# MLP sizes, windows and caps where they change the math), two layers each (a layer's work is the
+# same at 24) and a 4096-token vocabulary (the vocabulary does not reach attention). The windows
+# are cut to 48 tokens so that they bite at S = 64 with a 16-token prefix.
+_FULL_VOCAB = 4096
+FULL_WIDTH_PREFIX = 16
+GPU_WIDTHS = {
+    "qwen2.5-0.5b": lambda: tf.Qwen2Config(vocab_size=_FULL_VOCAB, hidden_size=896, intermediate_size=4864,
+                                           num_hidden_layers=2, num_attention_heads=14, num_key_value_heads=2,
+                                           tie_word_embeddings=True),
+    "llama-3.2-1b": lambda: tf.LlamaConfig(vocab_size=_FULL_VOCAB, hidden_size=2048, intermediate_size=8192,
+                                           num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8,
+                                           head_dim=64, rope_theta=500000.0,
+                                           rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                         "high_freq_factor": 4.0,
+                                                         "original_max_position_embeddings": 8192}),
+    "mistral-7b": lambda: tf.MistralConfig(vocab_size=_FULL_VOCAB, hidden_size=4096, intermediate_size=14336,
+                                           num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8,
+                                           sliding_window=48),
+    "gpt2-medium": lambda: tf.GPT2Config(vocab_size=_FULL_VOCAB, n_embd=1024, n_layer=2, n_head=16, n_positions=1024,
+                                         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),
+    "bloomz-560m": lambda: tf.BloomConfig(vocab_size=_FULL_VOCAB, hidden_size=1024, n_layer=2, n_head=16,
+                                          attention_dropout=0.0, hidden_dropout=0.0),
+    "glm-4-9b": lambda: tf.Glm4Config(vocab_size=_FULL_VOCAB, hidden_size=4096, intermediate_size=13696,
+                                      num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=2, head_dim=128,
+                                      partial_rotary_factor=0.5, attention_bias=True, pad_token_id=0),
+    "gemma-2-2b": lambda: tf.Gemma2Config(vocab_size=_FULL_VOCAB, hidden_size=2304, intermediate_size=9216,
+                                          num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+                                          head_dim=256, sliding_window=48, attn_logit_softcapping=50.0,
+                                          final_logit_softcapping=30.0, query_pre_attn_scalar=256),
+}
+
+
+def _full_width_pair(name: str, device, dtype):
+    """(stock PEFT on eager, the same model patched) at ``GPU_WIDTHS[name]``, weights in ``dtype``,
+    the prefix (16 virtual tokens, PEFT's MLP) in float32 as PEFT keeps it."""
+    torch.manual_seed(0)
+    config = GPU_WIDTHS[name]()
+    with torch.device(device):
+        base = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype)
+
+    def build():
+        torch.manual_seed(1)
+        peft_config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=FULL_WIDTH_PREFIX, prefix_projection=True,
+                                         encoder_hidden_size=512)
+        return get_peft_model(copy.deepcopy(base), peft_config).to(device)
+
+    return build(), prefixkern.patch(build())
+
+
+def _scaled_error(got, want) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6)).item()
+
+
+def check_full_width_family(name: str, device):
+    """Float32 (exact products): logits, loss and every prefix gradient of a left-padded batch, and
+    greedy decoding, against stock PEFT; bf16 weights: the same step within bf16's error."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ref, ours = _full_width_pair(name, device, torch.float32)
+        gen = torch.Generator().manual_seed(2)
+        ids = torch.randint(3, _FULL_VOCAB, (2, 64), generator=gen).to(device)
+        mask = torch.ones_like(ids)
+        mask[0, :10] = 0
+        _compare_step(ref, ours, ids, mask, atol=1e-4, rtol=1e-3)
+        ref.eval()
+        ours.eval()
+        got, positions = _generate_recording_positions(ours, ids[:, :40], mask[:, :40], steps=6, min_new_tokens=6)
+        assert torch.equal(got, _greedy_reference(ref, ids[:, :40], mask[:, :40], steps=6, position_ids=positions,
+                                                  prefix_len=FULL_WIDTH_PREFIX))
+        del ref, ours
+
+        ref, ours = _full_width_pair(name, device, torch.bfloat16)
+        for model in (ref, ours):
+            model.train(False)
+            model.zero_grad()
+        out_ref = ref(input_ids=ids, attention_mask=mask, labels=ids)
+        out_ours = ours(input_ids=ids, attention_mask=mask, labels=ids)
+        real = mask.bool()
+        assert _scaled_error(out_ours.logits[real], out_ref.logits[real]) < 2e-2
+        assert abs(out_ours.loss.item() - out_ref.loss.item()) < 2e-2 * max(1.0, abs(out_ref.loss.item()))
+        out_ref.loss.backward()
+        out_ours.loss.backward()
+        grads_ref, grads_ours = _prefix_grads(ref), _prefix_grads(ours)
+        assert grads_ref.keys() == grads_ours.keys() and grads_ref
+        for key in grads_ref:
+            assert _scaled_error(grads_ours[key], grads_ref[key]) < 5e-2, key
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_WIDTHS))
+def test_gpu_full_width_families_match_stock_peft(name):
+    """The issue's families at their real widths on a GPU: the patched model's kernels (CUDA
+    decoding in bf16, Triton elsewhere) against stock PEFT on eager."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run `pytest -m gpu` on one)")
+    check_full_width_family(name, "cuda")
