@@ -511,6 +511,24 @@ def test_timed_calls_can_be_kept_for_their_spread(monkeypatch):
     assert spread_note(samples) == "4 timed calls, ms: min 1, quartiles 1.25 / 2.5 / 8.25, max 10"
 
 
+def test_quick_decode_leaves_the_losing_opt_in_variants_out_unless_named():
+    from prefixkern.bench import decode
+    from prefixkern.bench.common import Options
+
+    def reasons(quick, baselines):
+        opts = Options(device=torch.device("cpu"), dtype=torch.bfloat16, quick=quick, baselines=baselines,
+                       shapes=("cpu-tiny",), on_gpu=False)
+        return {s.impl: s.reason for s in decode.run(opts, lambda message: None)[1] if s.case == "cpu-tiny"}
+
+    quick = reasons(True, None)
+    for impl in decode.OPT_IN_IMPLS:
+        assert "--quick leaves the opt-in decode variants out" in quick[impl]
+    named = reasons(True, ("prefixkern_tensor_cores", "prefixkern_prefix_gemm"))
+    full = reasons(False, None)
+    for impl in decode.OPT_IN_IMPLS:       # asked for: timed where they can run (here: no GPU, so skipped for that)
+        assert "--quick" not in named[impl] and "--quick" not in full[impl]
+
+
 def test_a_failing_prefixkern_generate_is_a_failed_row_and_the_suite_goes_on(monkeypatch):
     """generate() of ours raising (say, a compilation failing on some GPU stack) gives a failed row
     with the error, not a crash of the decode suite: the other rows are still timed and written."""
