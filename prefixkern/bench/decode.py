@@ -177,12 +177,13 @@ def _run_steps(opts: Options, progress, name, q, k, v, pk, pv, cat_k, cat_v, ran
         with torch.no_grad():
             if impl == "prefixkern":
                 layer = PrefixKVLayer(capacity_hint=cache + 1)
-                layer.update(k, v)                 # the prefill, into a buffer with room for the step
+                head = layer.update(k, v)          # the prefill, into a buffer with room for the step
 
-                def fn(layer=layer):
+                def fn(layer=layer, head=head):
                     with torch.no_grad(), use_backend("auto"):
-                        if layer.get_seq_length() > cache:      # the previous call's token: overwritten
-                            layer.crop(-1)
+                        # The previous call's token dropped by restoring the prefill's views (the
+                        # HF row restores its tensors the same way); the append overwrites it.
+                        layer.keys, layer.values = head
                         keys, values = layer.update(new_k, new_v)
                         return decode_step(q, keys, values, pk, pv, key_padding_mask=None, prefix_index=None,
                                            softmax_scale=None)
