@@ -511,6 +511,31 @@ def test_timed_calls_can_be_kept_for_their_spread(monkeypatch):
     assert spread_note(samples) == "4 timed calls, ms: min 1, quartiles 1.25 / 2.5 / 8.25, max 10"
 
 
+def test_raw_launch_row_is_timed_interleaved_with_the_plain_launch(monkeypatch):
+    """The raw-launch decision compares two host-bound rows: alternating rounds on one model take
+    drift out of the comparison. Fake steps of 3 and 1 ms: every call counted, raw read faster."""
+    import time
+
+    from prefixkern.bench.e2e import interleaved_note
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    order = []
+
+    def plain():
+        order.append("plain")
+        time.sleep(0.003)
+
+    def raw():
+        order.append("raw")
+        time.sleep(0.001)
+
+    note = interleaved_note(plain, raw, rounds=2, calls=2)
+    assert order == ["plain"] * 2 + ["raw"] * 2 + ["plain"] * 2 + ["raw"] * 2
+    ratio = float(note.rsplit("raw/plain ", 1)[1].rstrip(")"))
+    assert note.startswith("interleaved with the plain launch on this model (2 rounds of 2 steps each)")
+    assert ratio < 0.8
+
+
 def test_quick_decode_leaves_the_losing_opt_in_variants_out_unless_named():
     from prefixkern.bench import decode
     from prefixkern.bench.common import Options

@@ -150,6 +150,27 @@ def _step_fn(model, impl: str, input_ids, attention_mask, labels):
     return step
 
 
+def interleaved_note(plain, raw, rounds: int = 6, calls: int = 3) -> str:
+    """The plain and the raw-pointer launch timed in alternating rounds on the same model (``calls``
+    steps of each per round, each step synchronised), so host drift over the run hits both alike:
+    the raw-launch decision reads this beside the rows' own medians."""
+    import statistics
+    import time
+
+    times = {"plain": [], "raw": []}
+    for _ in range(rounds):
+        for name, step in (("plain", plain), ("raw", raw)):
+            for _ in range(calls):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                step()
+                torch.cuda.synchronize()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    plain_ms, raw_ms = statistics.median(times["plain"]), statistics.median(times["raw"])
+    return (f"interleaved with the plain launch on this model ({rounds} rounds of {calls} steps each): "
+            f"raw {raw_ms:.3g} ms, plain {plain_ms:.3g} ms (medians; raw/plain {raw_ms / plain_ms:.3f})")
+
+
 def _compiled_step(step):
     """A step of a CUDA-graphed model: each call starts a new step for cudagraph trees (the
     previous step's outputs, read already, may be overwritten)."""
@@ -360,6 +381,9 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                     try:
                         records.append(measure_step(opts, record, step, batch * seq_len, losses,
                                                     check=eager != "floor_no_prefix"))
+                        if impl == "prefixkern_raw_launch" and opts.on_gpu and record.ms:
+                            plain = _step_fn(model, "prefixkern", input_ids, attention_mask, labels)
+                            record.add_note(interleaved_note(plain, step))
                     except Exception as exc:   # a baseline that cannot: stock PEFT's task heads on transformers 5.24
                         if impl.startswith("prefixkern"):
                             raise
