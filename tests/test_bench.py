@@ -536,6 +536,34 @@ def test_raw_launch_row_is_timed_interleaved_with_the_plain_launch(monkeypatch):
     assert ratio < 0.8
 
 
+def test_a_failing_prefixkern_training_step_is_a_failed_row_and_the_suite_goes_on(monkeypatch):
+    """Our step raising (a kernel failing on some GPU stack, say) is a failed row with the error,
+    not a crash that loses the suite's later rows."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from prefixkern.bench import e2e
+    from prefixkern.bench.common import Options
+
+    real_step_fn = e2e._step_fn
+
+    def step_fn(model, impl, *args):
+        if impl != "prefixkern":
+            return real_step_fn(model, impl, *args)
+
+        def broken():
+            raise RuntimeError("kernel failed")
+        return broken
+
+    monkeypatch.setattr(e2e, "_step_fn", step_fn)
+    opts = Options(device=torch.device("cpu"), dtype=torch.float32, quick=True,
+                   baselines=("peft_eager", "prefixkern", "peft_sdpa"), shapes=None, on_gpu=False)
+    records, _ = e2e.run(opts, lambda message: None)
+    ours = [r for r in records if r.impl == "prefixkern" and r.pass_ == "step" and "kernel failed" in (r.note or "")]
+    assert ours and all(r.ok is False for r in ours)
+    later = {r.impl for r in records if r.case == ours[0].case}
+    assert "peft_sdpa" in later                 # the row after ours in the suite's order was still timed
+
+
 def test_quick_decode_leaves_the_losing_opt_in_variants_out_unless_named():
     from prefixkern.bench import decode
     from prefixkern.bench.common import Options
