@@ -554,14 +554,25 @@ def test_a_failing_prefixkern_training_step_is_a_failed_row_and_the_suite_goes_o
             raise RuntimeError("kernel failed")
         return broken
 
+    real_measure = e2e.measure_step
+
+    def measure(opts, record, *args, **kwargs):   # the ragged SFT case: the packed row fails
+        if record.impl == "prefixkern_packed":
+            raise RuntimeError("packed kernel failed")
+        return real_measure(opts, record, *args, **kwargs)
+
     monkeypatch.setattr(e2e, "_step_fn", step_fn)
+    monkeypatch.setattr(e2e, "measure_step", measure)
     opts = Options(device=torch.device("cpu"), dtype=torch.float32, quick=True,
-                   baselines=("peft_eager", "prefixkern", "peft_sdpa"), shapes=None, on_gpu=False)
+                   baselines=("peft_eager", "prefixkern", "peft_sdpa", "prefixkern_packed"), shapes=None, on_gpu=False)
     records, _ = e2e.run(opts, lambda message: None)
     ours = [r for r in records if r.impl == "prefixkern" and r.pass_ == "step" and "kernel failed" in (r.note or "")]
     assert ours and all(r.ok is False for r in ours)
     later = {r.impl for r in records if r.case == ours[0].case}
     assert "peft_sdpa" in later                 # the row after ours in the suite's order was still timed
+    packed = [r for r in records if r.impl == "prefixkern_packed"]
+    assert packed and all(r.ok is False and "packed kernel failed" in r.note for r in packed)
+    assert any(r.case == "cpu-tiny-roberta-S16" for r in records)   # the next model still ran
 
 
 def test_quick_decode_leaves_the_losing_opt_in_variants_out_unless_named():
