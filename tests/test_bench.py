@@ -575,6 +575,52 @@ def test_a_failing_prefixkern_training_step_is_a_failed_row_and_the_suite_goes_o
     assert any(r.case == "cpu-tiny-roberta-S16" for r in records)   # the next model still ran
 
 
+def test_a_failing_attention_row_is_a_failed_row():
+    """A kernel or a baseline's compiler raising is a failed row with the error (the suite goes on
+    to its other rows and shapes); the SIGTERM stop, a BaseException, still passes through."""
+    from types import SimpleNamespace
+
+    from prefixkern.bench import attention
+    from prefixkern.bench.common import Options
+
+    opts = Options(device=torch.device("cpu"), dtype=torch.float32, quick=True, baselines=None, shapes=None,
+                   on_gpu=False)
+    leaves = [torch.zeros(1, requires_grad=True)]
+
+    def broken(*args):
+        raise RuntimeError("triton compile failed")
+
+    record = attention.measure(opts, SimpleNamespace(name="tiny"), "fwd", "flex", broken, leaves, None,
+                               torch.zeros(1), None, 1.0)
+    assert record.ok is False and record.ms is None and "RuntimeError: triton compile failed" in record.note
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        attention.measure(opts, SimpleNamespace(name="tiny"), "fwd", "flex", stopped, leaves, None, torch.zeros(1),
+                          None, 1.0)
+
+
+def test_failing_mlp_and_decode_rows_are_failed_rows(monkeypatch):
+    from prefixkern.bench import decode, mlp
+    from prefixkern.bench.common import Options
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(mlp, "fused_prefix_mlp", broken)
+    monkeypatch.setattr(decode, "prefix_attention", broken)
+    opts = Options(device=torch.device("cpu"), dtype=torch.float32, quick=True, baselines=None,
+                   shapes=("cpu-tiny",), on_gpu=False)
+    for suite, failing, fine in ((mlp, "prefixkern", "torch_p_rows"), (decode, "prefixkern_triton", "sdpa_concat")):
+        records, _ = suite.run(opts, lambda message: None)
+        rows = {(r.impl, r.pass_): r for r in records}
+        failed = [r for (impl, _), r in rows.items() if impl == failing]
+        assert failed and all(r.ok is False and "RuntimeError: kernel failed" in r.note for r in failed)
+        assert any(impl == fine and r.ok for (impl, _), r in rows.items())
+
+
 def test_quick_decode_leaves_the_losing_opt_in_variants_out_unless_named():
     from prefixkern.bench import decode
     from prefixkern.bench.common import Options

@@ -148,17 +148,21 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                                 out.backward(grad_out)
                     return out
 
-                out = call()
-                if impl.startswith("prefixkern"):   # the tiles autotuning chose, to read beside the timing
-                    record.note = "tiles " + " ".join(f"{k}:{v}" for k, v in launched_tiles().items())
-                got = out[:, 0].reshape(expected.shape) if impl == "peft_encoder" else out
-                record.max_err = scaled_err(got, expected)
-                record.ok = bool(record.max_err <= {torch.float32: 1e-4, torch.float16: 2e-3,
-                                                    torch.bfloat16: 1.6e-2}[opts.dtype])
-                record.ms = time_ms(call, on_gpu=opts.on_gpu, quick=opts.quick)
-                record.peak_mem_mb = peak_mem_mb(call, on_gpu=opts.on_gpu)
-                if record.ms:
-                    # W2 is read once by the forward and once more by the backward.
-                    record.gbps = w2_bytes * (2 if pass_ == "fwd_bwd" else 1) / (record.ms * 1e-3) / 1e9
+                try:
+                    out = call()
+                    if impl.startswith("prefixkern"):   # the tiles autotuning chose, to read beside the timing
+                        record.note = "tiles " + " ".join(f"{k}:{v}" for k, v in launched_tiles().items())
+                    got = out[:, 0].reshape(expected.shape) if impl == "peft_encoder" else out
+                    record.max_err = scaled_err(got, expected)
+                    record.ok = bool(record.max_err <= {torch.float32: 1e-4, torch.float16: 2e-3,
+                                                        torch.bfloat16: 1.6e-2}[opts.dtype])
+                    record.ms = time_ms(call, on_gpu=opts.on_gpu, quick=opts.quick)
+                    record.peak_mem_mb = peak_mem_mb(call, on_gpu=opts.on_gpu)
+                    if record.ms:
+                        # W2 is read once by the forward and once more by the backward.
+                        record.gbps = w2_bytes * (2 if pass_ == "fwd_bwd" else 1) / (record.ms * 1e-3) / 1e9
+                except Exception as exc:       # a kernel failing: a failed row, and the suite goes on
+                    record.ok, record.ms, record.gbps, record.peak_mem_mb = False, None, None, None
+                    record.add_note(f"failed: {type(exc).__name__}: {str(exc)[:300]}")
                 records.append(record)
     return records, skips
