@@ -488,13 +488,18 @@ def test_prefix_per_row_equals_separate_runs():
     ours.set_adapter("default")
 
 
+def _mixed_adapter_beam_call():
+    """(patched model with two adapters, ids, mask, each row's adapter, generate() arguments) of a
+    mixed-adapter beam search with several return sequences."""
+    ids, mask = _batch("left")
+    kwargs = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    return _patched_with_second_adapter(), ids, mask, ["default", "task_b", "default"], kwargs
+
+
 def test_prefix_per_row_with_beams_and_several_return_sequences():
     """generate() repeats each row for its beams and return sequences: row b's copies read row b's
     adapter, so each row's beams equal that adapter's own beam search."""
-    ours = _patched_with_second_adapter()
-    ids, mask = _batch("left")
-    rows = ["default", "task_b", "default"]
-    kwargs = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    ours, ids, mask, rows, kwargs = _mixed_adapter_beam_call()
     with prefixkern.prefix_per_row(ours, rows):
         mixed = ours.generate(input_ids=ids, attention_mask=mask, **kwargs)
     assert mixed.shape[0] == 2 * len(rows)
@@ -1387,10 +1392,7 @@ def test_static_cache_serves_beams_per_row_prefixes_and_refuses_biting_windows()
     (their prefix index reordered with them) gives the dynamic cache's tokens; a model whose
     sliding window would bite within the call (the compiled steps place it from the buffer's end)
     keeps the dynamic cache (same tokens). The caller's GenerationConfig is left as given."""
-    ours = _patched_with_second_adapter()
-    ids, mask = _batch("left")
-    rows = ["default", "task_b", "default"]
-    kwargs = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    ours, ids, mask, rows, kwargs = _mixed_adapter_beam_call()
     with prefixkern.prefix_per_row(ours, rows):
         dynamic = ours.generate(input_ids=ids, attention_mask=mask, **kwargs)
         config = tf.GenerationConfig(cache_implementation="static", **kwargs)

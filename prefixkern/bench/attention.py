@@ -290,8 +290,6 @@ def measure(opts, shape, pass_, impl, fn, leaves, dout, ref_out, ref_grads, flop
         record.note = "out of memory"
         record.ok = None
         torch.cuda.empty_cache()
-    except Exception as exc:       # a kernel or compiler failing: a failed row, and the suite goes on
-        record.ok = False
-        record.ms = record.tflops = record.peak_mem_mb = None
-        record.add_note(f"failed: {type(exc).__name__}: {str(exc)[:300]}")
+    except Exception as exc:       # a kernel or compiler failing
+        record.fail(exc)
     return record

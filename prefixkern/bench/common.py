@@ -44,6 +44,13 @@ class Record:
         """Append ``text`` to the note (``; `` between notes)."""
         self.note = f"{self.note}; {text}" if self.note else text
 
+    def fail(self, exc: Exception) -> None:
+        """A kernel or compiler raised: a failed row, its figures dropped and the error in its note
+        (the suite goes on to its other rows)."""
+        self.ok = False
+        self.ms = self.tflops = self.gbps = self.tokens_per_s = self.peak_mem_mb = None
+        self.add_note(f"failed: {type(exc).__name__}: {str(exc)[:300]}")
+
     def as_json(self) -> dict:
         out = dataclasses.asdict(self)
         out["pass"] = out.pop("pass_")

@@ -68,6 +68,22 @@ def _tensor_cores_skip(opts: Options) -> str | None:
     return None
 
 
+TOLERANCE = {torch.float32: 2e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _checked_and_timed(opts: Options, record: Record, fn, expected) -> Record:
+    """``record`` of ``fn``: its error against ``expected``, its time and peak memory; a failed
+    row if it raises (the suite goes on)."""
+    try:
+        record.max_err = scaled_err(fn(), expected)
+        record.ok = bool(record.max_err <= TOLERANCE[opts.dtype])
+        record.ms = time_ms(fn, on_gpu=opts.on_gpu, quick=opts.quick)
+        record.peak_mem_mb = peak_mem_mb(fn, on_gpu=opts.on_gpu)
+    except Exception as exc:       # a kernel failing
+        record.fail(exc)
+    return record
+
+
 def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
     records, skips = [], []
     for name, hq, hkv, d, p, cache, batch in _cases(opts):
@@ -127,19 +143,11 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 skips.append(Skip("decode", name, impl, reason))
                 continue
             progress(f"decode {name} {impl}")
-            record = Record("decode", name, impl, "fwd", dtype_name(opts.dtype))
-            try:
-                record.max_err = scaled_err(fn(), expected)
-                record.ok = bool(record.max_err <= {torch.float32: 2e-4, torch.float16: 2e-3,
-                                                    torch.bfloat16: 1.6e-2}[opts.dtype])
-                record.ms = time_ms(fn, on_gpu=opts.on_gpu, quick=opts.quick)
-                record.peak_mem_mb = peak_mem_mb(fn, on_gpu=opts.on_gpu)
-                # The baseline reads the prefix once per row; the floor (and prefixkern) once in all.
-                if record.ms:
-                    record.gbps = kv_bytes / (record.ms * 1e-3) / 1e9
-            except Exception as exc:       # a kernel failing: a failed row, and the suite goes on
-                record.ok, record.ms, record.gbps, record.peak_mem_mb = False, None, None, None
-                record.add_note(f"failed: {type(exc).__name__}: {str(exc)[:300]}")
+            record = _checked_and_timed(opts, Record("decode", name, impl, "fwd", dtype_name(opts.dtype)), fn,
+                                        expected)
+            # The baseline reads the prefix once per row; the floor (and prefixkern) once in all.
+            if record.ms:
+                record.gbps = kv_bytes / (record.ms * 1e-3) / 1e9
             records.append(record)
         got, skipped = _run_steps(opts, progress, name, q, k, v, pk, pv, cat_k, cat_v, randn)
         records += got
@@ -202,17 +210,8 @@ def _run_steps(opts: Options, progress, name, q, k, v, pk, pv, cat_k, cat_v, ran
                         keys, values = layer.update(new_k, new_v)
                         return F.scaled_dot_product_attention(q, keys, values, enable_gqa=q.shape[1] != hkv)
             progress(f"decode {name} {impl} step")
-            record = Record("decode", name, impl, "step", dtype_name(opts.dtype))
-            try:
-                record.max_err = scaled_err(fn(), expected)
-                record.ok = bool(record.max_err <= {torch.float32: 2e-4, torch.float16: 2e-3,
-                                                    torch.bfloat16: 1.6e-2}[opts.dtype])
-                record.ms = time_ms(fn, on_gpu=opts.on_gpu, quick=opts.quick)
-                record.peak_mem_mb = peak_mem_mb(fn, on_gpu=opts.on_gpu)
-            except Exception as exc:       # a kernel failing: a failed row, and the suite goes on
-                record.ok, record.ms, record.peak_mem_mb = False, None, None
-                record.add_note(f"failed: {type(exc).__name__}: {str(exc)[:300]}")
-            records.append(record)
+            records.append(_checked_and_timed(opts, Record("decode", name, impl, "step", dtype_name(opts.dtype)), fn,
+                                              expected))
         del layer, fn
     return records, []
 

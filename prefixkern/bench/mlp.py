@@ -161,8 +161,7 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                     if record.ms:
                         # W2 is read once by the forward and once more by the backward.
                         record.gbps = w2_bytes * (2 if pass_ == "fwd_bwd" else 1) / (record.ms * 1e-3) / 1e9
-                except Exception as exc:       # a kernel failing: a failed row, and the suite goes on
-                    record.ok, record.ms, record.gbps, record.peak_mem_mb = False, None, None, None
-                    record.add_note(f"failed: {type(exc).__name__}: {str(exc)[:300]}")
+                except Exception as exc:       # a kernel failing
+                    record.fail(exc)
                 records.append(record)
     return records, skips
