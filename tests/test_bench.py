@@ -200,6 +200,7 @@ def test_mlp_rows_hold_their_float32_products_through_the_backward(tmp_path, mon
 
     monkeypatch.setattr(kernels, "launch_kernel", recording_launch)
     monkeypatch.setattr(mlp_suite, "_fma_skip", lambda opts, shape: None)     # the GPU's rows, here
+    monkeypatch.setattr(mlp_suite, "time_ms", lambda fn, **kw: (fn(), 1.0)[1])  # a GPU's timing calls, once
     from prefixkern.bench.common import Options
 
     opts = Options(torch.device("cpu"), torch.bfloat16, True, ("prefixkern", "prefixkern_fma"), None, False)
@@ -218,6 +219,10 @@ def test_mlp_rows_hold_their_float32_products_through_the_backward(tmp_path, mon
     assert {v for _, v in rows[("cpu-tiny", "fwd_bwd", "prefixkern")]} == {"tf32x3"}
     assert {v for _, v in rows[("cpu-tiny", "fwd_bwd", "prefixkern_fma")]} == {"ieee"}
     assert "prefix_mlp_bwd_kernel" in {k for k, _ in rows[("cpu-tiny", "fwd_bwd", "prefixkern_fma")]}
+    # A row's tile note names what its own call launched, not what the previous row's timing left.
+    notes = {(r.case, r.impl, r.pass_): r.note for r in records if r.impl.startswith("prefixkern")}
+    assert len({case for case, _, _ in notes}) == 2, notes      # a case's rows follow another's
+    assert all((" bwd:" in note) == (pass_ == "fwd_bwd") for (_, _, pass_), note in notes.items()), notes
 
 
 def test_compiled_e2e_rows_run_on_a_gpu_and_only_when_asked_in_quick_runs():

@@ -382,14 +382,20 @@ def test_torch_compile_traces_the_autocast_choice(device):
     assert torch.equal(compiled, eager)
 
 
+@pytest.mark.parametrize("launches", [1, 2])
 @pytest.mark.parametrize("P,hidden,layout,bias", [(17, 45, "contiguous", True), (33, 20, "p_outer", True),
                                                    (1, 45, "contiguous", False)])
-def test_backward_writes_every_gradient_element(P, hidden, layout, bias, device):
+def test_backward_writes_every_gradient_element(monkeypatch, P, hidden, layout, bias, launches, device):
     """Fresh buffers filled with NaN (torch's fill_uninitialized_memory): every gradient element is
     written by exactly the programs that own it, at ragged sizes (P, h, N not tile multiples) and
-    with a gradient whose P axis is outermost; values against float64 autograd."""
+    with a gradient whose P axis is outermost; values against float64 autograd. With the dH and the
+    dW2 programs in one launch, and in a launch each (the tiles offered where W2 is large)."""
     from prefixkern.kernels import prefix_mlp as kernels
 
+    launched = _record_bwd_roles(monkeypatch)
+    if launches == 2:
+        monkeypatch.setattr(kernels, "INTERPRETER_BWD_TILE", kernels.INTERPRETER_BWD_TILE._replace(
+            dw_num_warps=4, dw_num_stages=1))
     torch.manual_seed(15)
     L, Hkv, D, d = 3, 1, 20, 24
     N = 2 * L * Hkv * D
@@ -420,9 +426,42 @@ def test_backward_writes_every_gradient_element(P, hidden, layout, bias, device)
     for name, ours, ref in zip(names, got, wanted):
         assert not torch.isnan(ours).any(), f"{name}: elements left unwritten"
         torch.testing.assert_close(ours.double(), ref, atol=1e-4, rtol=1e-4, msg=name)
+    if device == "cpu":       # (on a GPU the first candidate of the table runs, whatever the test set)
+        assert launched == (["both"] if launches == 1 else ["dh", "dw2"])
 
 
-def test_launched_tiles_name_every_field(device):
+def _record_bwd_roles(monkeypatch) -> list:
+    """The ROLES of each ``prefix_mlp_bwd_kernel`` launch from now on, in launch order."""
+    from prefixkern.kernels import prefix_mlp as kernels
+
+    roles, real_launch = [], kernels.launch_kernel
+
+    def recording_launch(kernel, grid, *args, **meta):
+        if kernel is kernels.prefix_mlp_bwd_kernel:
+            roles.append(meta["ROLES"])
+        return real_launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(kernels, "launch_kernel", recording_launch)
+    return roles
+
+
+def test_two_launch_backward_tiles_only_where_w2_is_large(monkeypatch):
+    """The backward's tuning candidates (as on a GPU): the one-launch tiles always, first; the
+    two-launch ones (dW2 programs in a launch of their own) beside them from
+    BWD_TWO_LAUNCH_MIN_W2 elements of W2: Llama-3-8B's and bloomz-560m's, not Qwen2.5-0.5B's."""
+    from prefixkern.kernels import prefix_mlp as mlp
+
+    monkeypatch.setattr(mlp, "triton_interpret", lambda: False)
+    for precision in ("tf32x3", "ieee", "bf16", "tf32"):
+        table = mlp.BWD_TILES[mlp._bwd_table(precision)]
+        small = mlp.bwd_candidates(64, precision, 6144 * 128)            # Qwen2.5-0.5B: N x h
+        large = mlp.bwd_candidates(64, precision, 65536 * 1024)          # Llama-3-8B
+        assert small == list(table) and all(t.dw_num_warps == 0 for t in small)
+        assert large[:len(table)] == list(table)
+        assert large[len(table):] and all(t.dw_num_warps > 0 and t.dw_num_stages > 0 for t in large[len(table):])
+
+
+def test_launched_tiles_name_every_field(monkeypatch, device):
     """What the benchmarks record beside a timing: every tile field labelled, for each kernel."""
     from prefixkern.ops.prefix_mlp import launched_tiles
 
@@ -433,6 +472,14 @@ def test_launched_tiles_name_every_field(device):
     tiles = launched_tiles()
     assert set(tiles) == {"fwd", "bwd", "gemm", "gemm-pair"}
     assert tiles["bwd"].startswith("DH_BLOCK_N=") and tiles["bwd"].count("=") == 6, tiles["bwd"]
+    if device == "cpu":       # the interpreter's one tile, made a two-launch one
+        from prefixkern.kernels import prefix_mlp as kernels
+
+        monkeypatch.setattr(kernels, "INTERPRETER_BWD_TILE", kernels.INTERPRETER_BWD_TILE._replace(
+            dw_num_warps=4, dw_num_stages=1))
+        with prefixkern.use_backend("triton"):
+            enc(torch.bfloat16).float().sum().backward()
+        assert launched_tiles()["bwd"].endswith(",warps=4,stages=1,dw_warps=4,dw_stages=1"), launched_tiles()
     assert tiles["fwd"].startswith("BLOCK_P=") and tiles["fwd"].count("=") == 5, tiles
     assert tiles["gemm"].count("=") == 5 and tiles["gemm-pair"].count("=") == 5, tiles
     assert launched_tiles() == {}
@@ -747,6 +794,45 @@ def test_gpu_tf32x3_is_as_accurate_as_exact_float32(model, P):
     scales = [exact.abs().max().item()] + [ref.abs().max().item() for ref in exact_grads]
     for name, ieee, tf32x3, scale in zip(("out",) + PARAMETER_NAMES, errors[False], errors[True], scales):
         assert tf32x3 <= 2 * ieee + 2e-6 * scale, f"{name}: 3xTF32 error {tf32x3:.3g}, exact float32 {ieee:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["tf32x3", "ieee", "bf16"])
+def test_gpu_every_backward_tile_agrees_with_the_first(monkeypatch, precision):
+    """Every backward candidate the tuner may pick at the suite's Llama-3-8B shape (P=64, W2 65536
+    x 1024), the two-launch ones included, forced in turn: the gradients of the table's first tile
+    (the one the full-size grid checks against the reference, autotuning off there), up to
+    summation order."""
+    from prefixkern.kernels import prefix_mlp as kernels
+    from prefixkern.ops.prefix_mlp import tf32x3_products
+
+    num_layers, num_kv_heads, head_dim, _ = GPU_MODELS["llama-3-8b"]
+    sizes = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    P, d = 64, num_kv_heads * head_dim
+    hidden, N = d, 2 * num_layers * d
+    torch.manual_seed(0)
+    params = [torch.randn(P, d, device="cuda"), torch.randn(hidden, d, device="cuda") / d ** 0.5,
+              torch.randn(hidden, device="cuda"), torch.randn(N, hidden, device="cuda") / hidden ** 0.5,
+              torch.randn(N, device="cuda")]
+    grad = torch.randn(num_layers, 2, num_kv_heads, P, head_dim, device="cuda")
+    compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    real_pick = kernels.pick_config
+    results, tiles = [], None
+    with tf32x3_products(precision != "ieee"):
+        assert kernels.products(compute_dtype, grad.device) == precision
+        _, hidden_act = kernels.prefix_mlp_forward(*params, **sizes, out_dtype=torch.float32,
+                                                   compute_dtype=compute_dtype, dropout_p=0.0, seed=None)
+        tiles = kernels.bwd_candidates(P, precision, N * hidden)
+        assert any(tile.dw_num_warps for tile in tiles), tiles
+        for tile in tiles:
+            monkeypatch.setattr(kernels, "pick_config", lambda key, candidates, launch, tile=tile:
+                                tile if key[0] == "mlp-bwd" else real_pick(key, candidates, launch))
+            results.append(kernels.prefix_mlp_backward(grad, *params, hidden_act, **sizes, compute_dtype=compute_dtype,
+                                                       dropout_p=0.0, seed=None))
+    for tile, grads in zip(tiles[1:], results[1:]):
+        for name, first, other in zip(("dE", "dW1", "db1", "dW2", "db2"), results[0], grads):
+            scale = first.abs().max().item()
+            torch.testing.assert_close(other, first, atol=1e-5 * scale, rtol=1e-4, msg=f"{tile} {name}")
 
 
 @pytest.mark.gpu

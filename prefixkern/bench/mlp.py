@@ -149,6 +149,7 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                     return out
 
                 try:
+                    launched_tiles()    # drops what the previous row's timing calls left behind
                     out = call()
                     if impl.startswith("prefixkern"):   # the tiles autotuning chose, to read beside the timing
                         record.note = "tiles " + " ".join(f"{k}:{v}" for k, v in launched_tiles().items())

@@ -72,7 +72,7 @@ def take_launched_configs(names) -> dict[str, tuple[int, ...]]:
     return {name: _LAST.pop(name) for name in names if name in _LAST}
 
 
-def _spills(compiled) -> int:
+def spill_bytes(compiled) -> int:
     """Bytes of registers a launched kernel spills (0 when Triton does not say)."""
     return int(getattr(compiled, "n_spills", 0) or 0)
 
@@ -107,7 +107,7 @@ def _tune(key, candidates, launch):
     launched = []
     for config in candidates:
         try:
-            launched.append((config, _spills(launch(config))))   # compiles it
+            launched.append((config, spill_bytes(launch(config))))   # compiles it
         except Exception:  # out of resources for this tile: try the next
             continue
     timed = [config for config, spills in launched if spills == 0] or [config for config, _ in launched]

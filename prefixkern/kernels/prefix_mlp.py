@@ -12,9 +12,10 @@ block (``BLOCK_P`` = next power of two of P, capped; larger P loops or splits) a
 
 forward   ``prefix_mlp_matmul_kernel``   H = tanh(E @ W1^T + b1), [P, h] float32 (kept for backward)
           ``prefix_mlp_fwd_kernel``      out = dropout(H @ W2^T + b2) into [L, 2, Hkv, P, D]
-backward  ``prefix_mlp_bwd_kernel``      one launch, two kinds of program: split-N partials of
+backward  ``prefix_mlp_bwd_kernel``      two kinds of program: split-N partials of
                                          dH = G @ W2, [splits, P, h], reading W2 once; and
-                                         dW2 = G^T @ H, db2 (no atomics: deterministic)
+                                         dW2 = G^T @ H, db2 (no atomics: deterministic); one
+                                         launch, or one per kind where W2 is large (``BwdTile``)
           ``prefix_mlp_bwd_hidden_kernel`` dZ = (sum of partials) * (1 - H^2), db1 = sum_p dZ
           ``prefix_mlp_matmul_kernel``   dE = dZ @ W1 and dW1 = dZ^T @ E
 P-Tuning v2 and dropout
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -47,7 +49,7 @@ import triton.language as tl
 
 from .._backend import override_global, triton_interpret
 from ._launch import (cdiv, device_index, input_precision, launch_kernel, next_power_of_2, num_sms, pick_config,
-                      smem_bytes)
+                      smem_bytes, spill_bytes)
 from ._math import dot, to_bf16
 from ._math import tanh as _tanh
 
@@ -239,8 +241,9 @@ INTERPRETER_FWD_TILE = (32, 16, 4, 1)
 # per P tile, the second time from L2. Untimed: the tuner decides.
 IEEE_SPLIT_P_TILES = ((128, 32, 4, 4), (256, 32, 8, 3))
 # "tf32x3" holds both TF32 parts of each operand tile: FWD_TILES' entries that compile for sm_90
-# without spills at every P tile on Triton 3.9. On 3.6 all but the first spill 8-20 B at P tile
-# 32 and the last at 64, where the tuner drops them; the first is spill-free on both.
+# without spills at every P tile on Triton 3.9 but the last, 32 B at P tile 32 (compiled as a launch
+# specialises it). On 3.6 all but the first spill 8-20 B at P tile 32 and the last at 64; the tuner
+# drops a spilling candidate, and the first is spill-free on both.
 TF32X3_FWD_TILES = ((64, 32, 4, 4), (128, 32, 4, 4), (64, 64, 4, 3), (128, 64, 8, 3))
 
 
@@ -318,22 +321,52 @@ def prefix_mlp_fwd_kernel(
 # accumulators; the dW2 programs each write one [BLOCK_N, BLOCK_K] tile of dW2 from G and H, which
 # are small (dW2 does not read W2, so fusing both into one loop, as this kernel once did, saved
 # nothing but a re-read of G from L2 and bound both to one small tile: 2 ms at Llama-3-8B size).
-# (DH_BLOCK_N, DH_BLOCK_K, DW_BLOCK_N, DW_BLOCK_K, num_warps, num_stages); the P tiles follow P
-# (bwd_block_p). "tensor": TF32 and 16-bit products; "ieee": FMA dots, whose operands and
-# accumulators take registers per thread, so smaller tiles; "tf32x3": the "tensor" entries with a
-# 32-wide dH tile (the 64-wide ones spill 4-300 B holding both TF32 parts of each operand). Every
-# entry compiles for sm_90 without register spills at every P tile and product precision on
-# Triton 3.9 (tests/tools/kernel_resources.py --kernels mlp); on Triton 3.6 the third "tensor"
-# entry spills about 100 B at P tile 64, where the tuner drops it (pick_config). The first entry
-# of each table, the one used with autotuning off, is spill-free on both.
+# The P tiles follow P (bwd_block_p). "tensor": TF32 and 16-bit products; "ieee": FMA dots, whose
+# operands and accumulators take registers per thread, so smaller tiles; "tf32x3": the "tensor"
+# entries with a 32-wide dH tile (the 64-wide ones spill 4-300 B holding both TF32 parts of each
+# operand). Compiled for sm_90 as launches specialise them (unit inner strides; Triton 3.9,
+# tests/tools/kernel_resources.py --kernels mlp), every entry is spill-free at every P tile and
+# product precision but the second "ieee" one, 8 B at P tile 32; on Triton 3.6 the third "tensor"
+# entry spills about 100 B at P tile 64. The tuner drops a spilling candidate (pick_config). The
+# first entry of each table, the one used with autotuning off, is spill-free on both.
+class BwdTile(NamedTuple):
+    """One candidate of ``prefix_mlp_bwd_kernel``: the dH and dW2 programs' tiles, warps and stages.
+
+    ``dw_num_warps == 0``: one launch runs both kinds of program, so the dW2 programs (most of the
+    grid: 8192 at Llama-3-8B size) run at the dH programs' register and shared-memory footprint,
+    one block per SM at the large tiles. Otherwise the dW2 programs get a launch of their own with
+    these warps and stages, compiled with their own footprint (3-5 blocks per SM at a 64 x 64 tile):
+    one launch more, offered only where W2 is large (``BWD_TWO_LAUNCH_MIN_W2``)."""
+    dh_block_n: int
+    dh_block_k: int
+    dw_block_n: int
+    dw_block_k: int
+    num_warps: int
+    num_stages: int
+    dw_num_warps: int = 0
+    dw_num_stages: int = 0
+
+
 BWD_TILES = {
-    "tensor": ((64, 64, 128, 128, 8, 4), (32, 128, 128, 64, 8, 4), (64, 128, 128, 128, 8, 3),
-               (32, 64, 64, 64, 8, 3)),
-    "tf32x3": ((32, 128, 128, 64, 8, 4), (32, 64, 64, 64, 8, 3)),
-    "ieee": ((32, 64, 64, 64, 8, 2), (16, 64, 64, 32, 4, 2), (32, 32, 32, 64, 4, 2)),
+    "tensor": (BwdTile(64, 64, 128, 128, 8, 4), BwdTile(32, 128, 128, 64, 8, 4), BwdTile(64, 128, 128, 128, 8, 3),
+               BwdTile(32, 64, 64, 64, 8, 3)),
+    "tf32x3": (BwdTile(32, 128, 128, 64, 8, 4), BwdTile(32, 64, 64, 64, 8, 3)),
+    "ieee": (BwdTile(16, 64, 64, 32, 4, 2), BwdTile(32, 64, 64, 64, 8, 2), BwdTile(32, 32, 32, 64, 4, 2)),
 }
+# Two-launch candidates: each table's first dH tile with a dW2 launch of its own. The dW2-only
+# kernel at these tiles takes 93-166 registers at sm_90 with no spills (unit inner strides, as the
+# launches have them), 2-5 blocks per SM, against the one-launch kernel's one.
+BWD_TWO_LAUNCH_TILES = {
+    "tensor": (BwdTile(64, 64, 64, 64, 8, 4, 4, 2), BwdTile(64, 64, 128, 64, 8, 4, 8, 2)),
+    "tf32x3": (BwdTile(32, 128, 64, 64, 8, 4, 4, 2),),
+    "ieee": (BwdTile(32, 64, 64, 64, 8, 2, 4, 2),),
+}
+# W2 elements from which the two-launch candidates are timed: below it the problem is small
+# enough that the extra launch's host time outweighs what it saves (Qwen2.5-0.5B's W2 has 0.8M
+# elements, bloomz-560m's 50M, Llama-3-8B's 67M).
+BWD_TWO_LAUNCH_MIN_W2 = 1 << 22
 BWD_MAX_BLOCK_P = {"tensor": 64, "tf32x3": 64, "ieee": 32}
-INTERPRETER_BWD_TILE = (16, 16, 16, 16, 4, 1)
+INTERPRETER_BWD_TILE = BwdTile(16, 16, 16, 16, 4, 1)
 
 
 def _bwd_table(precision: str) -> str:
@@ -355,23 +388,28 @@ def bwd_dw_block_p(block_p: int) -> int:
     return min(block_p, 32)
 
 
-def bwd_candidates(num_rows: int, precision: str) -> list[tuple[int, int, int, int, int, int]]:
-    """The backward tiles worth timing for P = ``num_rows`` under ``precision``."""
+def bwd_candidates(num_rows: int, precision: str, w2_elements: int = 0) -> list[BwdTile]:
+    """The backward tiles worth timing for P = ``num_rows`` under ``precision``, the two-launch
+    ones too where W2 has ``BWD_TWO_LAUNCH_MIN_W2`` elements or more."""
     if triton_interpret():
         return [INTERPRETER_BWD_TILE]
     table = BWD_TILES[_bwd_table(precision)]
+    if w2_elements >= BWD_TWO_LAUNCH_MIN_W2:
+        table = table + BWD_TWO_LAUNCH_TILES[_bwd_table(precision)]
     block_p = bwd_block_p(num_rows, precision)
     elem = 4   # the operands are staged as loaded: float32 W2 and H, G in its dtype (at most 4 bytes)
-    kept = [t for t in table if _fits_smem(t[5], (block_p * t[0] + t[0] * t[1]) * elem // 4)
-            and _fits_smem(t[5], (t[2] * block_p + block_p * t[3]) * elem // 4)]
-    return kept or [min(table, key=lambda t: t[0] * t[1] + t[2] * t[3])]
+    kept = [t for t in table if _fits_smem(t.num_stages, (block_p * t.dh_block_n + t.dh_block_n * t.dh_block_k) * elem // 4)
+            and _fits_smem(t.dw_num_stages or t.num_stages,
+                           (t.dw_block_n * block_p + block_p * t.dw_block_k) * elem // 4)]
+    return kept or [min(table, key=lambda t: t.dh_block_n * t.dh_block_k + t.dw_block_n * t.dw_block_k)]
 
 
 def _bwd_split_align() -> int:
     """Splits of N start on a multiple of every candidate DH_BLOCK_N, so no config gets ragged tiles."""
     if triton_interpret():
-        return INTERPRETER_BWD_TILE[0]
-    return max(tile[0] for table in BWD_TILES.values() for tile in table)
+        return INTERPRETER_BWD_TILE.dh_block_n
+    tables = (*BWD_TILES.values(), *BWD_TWO_LAUNCH_TILES.values())
+    return max(tile.dh_block_n for table in tables for tile in table)
 
 
 @triton.jit
@@ -471,15 +509,26 @@ def prefix_mlp_bwd_kernel(
     stride_w2n, stride_w2k,
     stride_dw2n, stride_dw2k,
     stride_part_s, stride_part_p, stride_part_k,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, ROLES: tl.constexpr,
     DH_BLOCK_P: tl.constexpr, DH_BLOCK_N: tl.constexpr, DH_BLOCK_K: tl.constexpr,
     DW_BLOCK_P: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr,
 ):
-    """Programs [0, NUM_DH_PROGRAMS) compute the split-N partials of dH (``_bwd_dh_program``), the
-    rest dW2 and db2 (``_bwd_dw2_program``). Every output element has one writer: no atomics,
+    """``ROLES="both"``: programs [0, NUM_DH_PROGRAMS) compute the split-N partials of dH
+    (``_bwd_dh_program``), the rest dW2 and db2 (``_bwd_dw2_program``). ``"dh"`` / ``"dw2"``: every
+    program takes that one role, so the compiled kernel holds only its registers and shared
+    memory (the launcher's two-launch configs). Every output element has one writer: no atomics,
     and the result does not depend on scheduling."""
     pid = tl.program_id(0).to(tl.int64)
-    if pid < NUM_DH_PROGRAMS:
+    if ROLES == "dh":
+        _bwd_dh_program(pid, g_ptr, w2_ptr, dh_part_ptr, P, N, HID, Hkv, D, N_PER_SPLIT,
+                        stride_gl, stride_gt, stride_gg, stride_gp, stride_gd, stride_w2n, stride_w2k,
+                        stride_part_s, stride_part_p, stride_part_k,
+                        PRECISION, DH_BLOCK_P, DH_BLOCK_N, DH_BLOCK_K)
+    elif ROLES == "dw2":
+        _bwd_dw2_program(pid, g_ptr, h_ptr, dw2_ptr, db2_ptr, P, N, HID, Hkv, D,
+                         stride_gl, stride_gt, stride_gg, stride_gp, stride_gd, stride_hp, stride_hk,
+                         stride_dw2n, stride_dw2k, HAS_BIAS, PRECISION, DW_BLOCK_P, DW_BLOCK_N, DW_BLOCK_K)
+    elif pid < NUM_DH_PROGRAMS:
         _bwd_dh_program(pid, g_ptr, w2_ptr, dh_part_ptr, P, N, HID, Hkv, D, N_PER_SPLIT,
                         stride_gl, stride_gt, stride_gg, stride_gp, stride_gd, stride_w2n, stride_w2k,
                         stride_part_s, stride_part_p, stride_part_k,
@@ -731,28 +780,35 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
 
     block_p = bwd_block_p(num_rows, precision)
 
-    def launch(config):
-        dh_block_n, dh_block_k, dw_block_n, dw_block_k, warps, stages = config
-        num_dh = cdiv(num_rows, block_p) * cdiv(hidden_size, dh_block_k) * num_splits
-        num_dw = cdiv(num_cols, dw_block_n) * cdiv(hidden_size, dw_block_k)
-        return launch_kernel(
-            prefix_mlp_bwd_kernel, (num_dh + num_dw,),
-            grad, hidden, w2, dw2, db2, dh_part,
-            num_rows, num_cols, hidden_size, num_kv_heads, head_dim, per_split, num_dh,
-            *grad_strides,
-            hidden.stride(0), hidden.stride(1),
-            w2.stride(0), w2.stride(1),
-            dw2.stride(0), dw2.stride(1),
-            *dh_part.stride(),
-            HAS_BIAS=b2 is not None, PRECISION=precision,
-            DH_BLOCK_P=block_p, DH_BLOCK_N=dh_block_n, DH_BLOCK_K=dh_block_k,
-            DW_BLOCK_P=bwd_dw_block_p(block_p), DW_BLOCK_N=dw_block_n, DW_BLOCK_K=dw_block_k, num_warps=warps,
-            num_stages=stages,
-        )
+    def launch(tile: BwdTile):
+        num_dh = cdiv(num_rows, block_p) * cdiv(hidden_size, tile.dh_block_k) * num_splits
+        num_dw = cdiv(num_cols, tile.dw_block_n) * cdiv(hidden_size, tile.dw_block_k)
+
+        def launch_roles(roles, num_programs, warps, stages):
+            return launch_kernel(
+                prefix_mlp_bwd_kernel, (num_programs,),
+                grad, hidden, w2, dw2, db2, dh_part,
+                num_rows, num_cols, hidden_size, num_kv_heads, head_dim, per_split, num_dh,
+                *grad_strides,
+                hidden.stride(0), hidden.stride(1),
+                w2.stride(0), w2.stride(1),
+                dw2.stride(0), dw2.stride(1),
+                *dh_part.stride(),
+                HAS_BIAS=b2 is not None, PRECISION=precision, ROLES=roles,
+                DH_BLOCK_P=block_p, DH_BLOCK_N=tile.dh_block_n, DH_BLOCK_K=tile.dh_block_k,
+                DW_BLOCK_P=bwd_dw_block_p(block_p), DW_BLOCK_N=tile.dw_block_n, DW_BLOCK_K=tile.dw_block_k,
+                num_warps=warps, num_stages=stages,
+            )
+
+        if not tile.dw_num_warps:
+            return launch_roles("both", num_dh + num_dw, tile.num_warps, tile.num_stages)
+        dh = launch_roles("dh", num_dh, tile.num_warps, tile.num_stages)
+        dw = launch_roles("dw2", num_dw, tile.dw_num_warps, tile.dw_num_stages)
+        return max(dh, dw, key=spill_bytes)     # what the tuner checks for spills: the worse of the two
 
     key = ("mlp-bwd", device, num_rows, num_cols, hidden_size, num_splits, b2 is not None, precision, grad.dtype,
            w2.dtype)
-    launch(pick_config(key, lambda: bwd_candidates(num_rows, precision), launch))
+    launch(pick_config(key, lambda: bwd_candidates(num_rows, precision, w2.numel()), launch))
 
     dz = torch.empty(num_rows, hidden_size, device=device, dtype=torch.float32)
     db1 = torch.empty(b1.shape, device=device, dtype=b1.dtype) if b1 is not None else None

@@ -331,9 +331,9 @@ def tf32x3_products(enabled: bool = True):
 def launched_tiles() -> dict[str, str]:
     """Diagnostics: the tiles the prefix-MLP kernels launched with since the previous call, as
     autotuning chose them (``fwd``: the second GEMM into [L, 2, Hkv, P, D]; ``bwd``: the dH and the
-    dW2/db2 programs' tiles; ``gemm``: the forward's first GEMM; ``gemm-pair``: the backward's dE
-    and dW1 in one launch), as ``"BLOCK_P=..,BLOCK_N=..,warps=..,stages=.."``.
-    The benchmarks record it."""
+    dW2/db2 programs' tiles, with ``dw_warps`` and ``dw_stages`` where the dW2 programs had a launch
+    of their own; ``gemm``: the forward's first GEMM; ``gemm-pair``: the backward's dE and dW1 in
+    one launch), as ``"BLOCK_P=..,BLOCK_N=..,warps=..,stages=.."``. The benchmarks record it."""
     from ..kernels._launch import take_launched_configs
 
     fields = {"mlp-fwd": ("fwd", ("BLOCK_P", "BLOCK_N", "BLOCK_K")),
@@ -343,6 +343,7 @@ def launched_tiles() -> dict[str, str]:
     tiles = {}
     for kernel, config in take_launched_configs(tuple(fields)).items():
         name, blocks = fields[kernel]
-        labels = blocks + ("warps", "stages")
-        tiles[name] = ",".join(f"{label}={value}" for label, value in zip(labels, config))
+        labels = blocks + ("warps", "stages", "dw_warps", "dw_stages")
+        tiles[name] = ",".join(f"{label}={value}" for label, value in zip(labels, config)
+                               if not (label.startswith("dw_") and value == 0))
     return tiles

@@ -41,10 +41,16 @@ def signature(kernel, constexprs: dict, pointer_types: dict, default_pointer: st
     return names, sig
 
 
+# The prefix MLP's inner strides that are 1 in every launch: its parameters, H and the dH
+# partials are contiguous (the small GEMM's operands include transposed views: left general).
+MLP_UNIT_STRIDES = {"stride_hk", "stride_w2k", "stride_dw2k", "stride_part_k", "stride_dzk"}
+MULTIPLES_OF_16 = {"D", "HID", "N_PER_SPLIT"}
+
+
 def _unit_stride(name: str) -> bool:
     # The attention kernels' head-dim strides (stride_qd, stride_kd, ...) are 1 in HF's layouts,
-    # and Triton specialises a 1. (The MLP's operands include transposed views: left general.)
-    return name.startswith("stride") and name.endswith("d") and name != "stride_d"
+    # and Triton specialises a 1.
+    return (name.startswith("stride") and name.endswith("d") and name != "stride_d") or name in MLP_UNIT_STRIDES
 
 
 # The launchers pass an absent optional input as None (a constexpr): compile it that way too.
@@ -71,9 +77,10 @@ def compile_kernel(kernel, constexprs, pointer_types, default_pointer, target, n
     for name in ones:
         sig[name] = "constexpr"
     constants = {**constexprs, **ones}
-    # Head dims 64/80/96/128/... are multiples of 16, which Triton also records for an int argument.
+    # Head dims 64/80/96/128/... are multiples of 16, which Triton also records for an int argument;
+    # so are the prefix MLP's widths (N = 2*L*Hkv*D, its hidden size, the backward's N split).
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if n not in constants and (n.endswith("_ptr") or n.startswith("stride") or n == "D")}
+             if n not in constants and (n.endswith("_ptr") or n.startswith("stride") or n in MULTIPLES_OF_16)}
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in constants.items()},
                     attrs=attrs)
     return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
@@ -157,11 +164,14 @@ def cases(quick: bool):
                dict(HAS_BIAS=True, HAS_DROPOUT=True, PRECISION=second, BLOCK_P=32, BLOCK_N=64, BLOCK_K=32),
                {"out_ptr": out_ptr, "seed_ptr": "*i64"}, "*fp32", 4, 3)
         bp = mlp.bwd_block_p(64, first)
-        dh_n, dh_k, dw_n, dw_k, w, st = mlp.bwd_candidates(64, first)[0]
-        yield (f"mlp-bwd {out_ptr} {first}", mlp.prefix_mlp_bwd_kernel,
-               dict(HAS_BIAS=True, PRECISION=first, DH_BLOCK_P=bp, DH_BLOCK_N=dh_n, DH_BLOCK_K=dh_k,
-                    DW_BLOCK_P=mlp.bwd_dw_block_p(bp),
-                    DW_BLOCK_N=dw_n, DW_BLOCK_K=dw_k), {"g_ptr": out_ptr}, "*fp32", w, st)
+        for roles, tile in (("both", mlp.bwd_candidates(64, first)[0]), ("dh", mlp.BWD_TWO_LAUNCH_TILES["tensor"][0]),
+                            ("dw2", mlp.BWD_TWO_LAUNCH_TILES["tensor"][0])):
+            warps, stages = (tile.dw_num_warps, tile.dw_num_stages) if roles == "dw2" else (tile.num_warps,
+                                                                                              tile.num_stages)
+            yield (f"mlp-bwd {roles} {out_ptr} {first}", mlp.prefix_mlp_bwd_kernel,
+                   dict(HAS_BIAS=True, PRECISION=first, ROLES=roles, DH_BLOCK_P=bp, DH_BLOCK_N=tile.dh_block_n,
+                        DH_BLOCK_K=tile.dh_block_k, DW_BLOCK_P=mlp.bwd_dw_block_p(bp), DW_BLOCK_N=tile.dw_block_n,
+                        DW_BLOCK_K=tile.dw_block_k), {"g_ptr": out_ptr}, "*fp32", warps, stages)
     yield ("mlp-bwd-hidden", mlp.prefix_mlp_bwd_hidden_kernel, dict(HAS_BIAS=True, BLOCK_P=32, BLOCK_K=64),
            {}, "*fp32", 4, 1)
     yield ("mlp-kv-copy", mlp.prefix_kv_copy_kernel, dict(HAS_DROPOUT=True, BLOCK_P=32, BLOCK_N=128),

@@ -12,9 +12,13 @@ every padded Hugging Face batch), ``packed`` (``prefix_attention_varlen``), what
     python tests/tools/kernel_resources.py [--arch 90] [--kernels attention,mlp] [--bucket 2:128 ...]
                                            [--flags plain,padded] [--check] [--markdown]
 
-The prefix MLP's candidates (``--kernels mlp``) are checked likewise, per dot precision: the
-backward's ``BWD_TILES`` at each P tile, the forward's configs as fwd_candidates leaves them for each P tile
-the launcher uses, and the small-GEMM configs.
+The prefix MLP's candidates (``--kernels mlp``) are checked per dot precision: the backward's
+``BWD_TILES`` and two-launch tiles at each P tile (each launch's kernel), the forward's configs as
+fwd_candidates leaves them for each P tile the launcher uses, and the small-GEMM configs. They are
+compiled as a launch specialises them: unit inner strides, widths that are multiples of 16. There
+``--check`` fails on a spill in a table's first candidate (the one used with autotuning off) or in
+every candidate of one; another spilling candidate is reported, as the tuner drops it at run time
+(``pick_config``).
 
 ``--kernels grid`` compiles every variant the GPU test grids (dense and packed) launch (about 1200;
 a failed compile fails ``--check``, spills are reported only).
@@ -115,8 +119,9 @@ def constexprs(name, config, flags, *, block_d, elem_bytes, group=4, even_d=True
 
 
 def mlp_candidates():
-    """(label, jit function, constexprs, pointer types, warps, stages) of the prefix MLP's autotune
-    candidates as its launchers' candidate functions leave them, per dot precision and P tile."""
+    """(label, jit function, constexprs, pointer types, warps, stages, first) of the prefix MLP's
+    autotune candidates as its launchers' candidate functions leave them, per dot precision and P
+    tile; ``first``: the candidate used with autotuning off."""
     from prefixkern.kernels import prefix_mlp as mlp
 
     # "bf16" / "fp16": float32 parameters under autocast (products rounded on load), or 16-bit ones.
@@ -124,24 +129,31 @@ def mlp_candidates():
         for block_p in (16, 32, 64):   # the launcher's P tiles (bwd_block_p)
             if block_p != mlp.bwd_block_p(block_p, precision):
                 continue
-            for dh_n, dh_k, dw_n, dw_k, warps, stages in mlp.bwd_candidates(block_p, precision):
-                yield (f"mlp-bwd {precision} P{block_p}", mlp.prefix_mlp_bwd_kernel,
-                       dict(HAS_BIAS=True, PRECISION=precision, DH_BLOCK_P=block_p, DH_BLOCK_N=dh_n, DH_BLOCK_K=dh_k,
-                            DW_BLOCK_P=mlp.bwd_dw_block_p(block_p), DW_BLOCK_N=dw_n, DW_BLOCK_K=dw_k),
-                       {"g_ptr": "*bf16"}, warps, stages)
+            # (a W2 large enough that the two-launch candidates are timed too)
+            for i, tile in enumerate(mlp.bwd_candidates(block_p, precision, mlp.BWD_TWO_LAUNCH_MIN_W2)):
+                launches = [("both", tile.num_warps, tile.num_stages)] if not tile.dw_num_warps else \
+                    [("dh", tile.num_warps, tile.num_stages), ("dw2", tile.dw_num_warps, tile.dw_num_stages)]
+                for roles, warps, stages in launches:
+                    yield (f"mlp-bwd {roles} {precision} P{block_p}", mlp.prefix_mlp_bwd_kernel,
+                           dict(HAS_BIAS=True, PRECISION=precision, ROLES=roles, DH_BLOCK_P=block_p,
+                                DH_BLOCK_N=tile.dh_block_n, DH_BLOCK_K=tile.dh_block_k,
+                                DW_BLOCK_P=mlp.bwd_dw_block_p(block_p), DW_BLOCK_N=tile.dw_block_n,
+                                DW_BLOCK_K=tile.dw_block_k),
+                           {"g_ptr": "*bf16"}, warps, stages, i == 0)
         for block_p in (16, 32, 64):   # the launcher's P tiles (MAX_BLOCK_P_FWD)
-            for block_n, block_k, warps, stages in mlp.fwd_candidates(block_p, 1 << 20, precision):
+            for i, (block_n, block_k, warps, stages) in enumerate(mlp.fwd_candidates(block_p, 1 << 20, precision)):
                 yield (f"mlp-fwd {precision} P{block_p}", mlp.prefix_mlp_fwd_kernel,
                        dict(HAS_BIAS=True, HAS_DROPOUT=False, PRECISION=precision, BLOCK_P=block_p,
-                            BLOCK_N=block_n, BLOCK_K=block_k), {"out_ptr": "*bf16", "seed_ptr": "*i64"}, warps, stages)
-        for block_m, block_n, block_k, warps, stages in mlp.MATMUL_TILES:
+                            BLOCK_N=block_n, BLOCK_K=block_k), {"out_ptr": "*bf16", "seed_ptr": "*i64"}, warps, stages,
+                       i == 0)
+        for i, (block_m, block_n, block_k, warps, stages) in enumerate(mlp.MATMUL_TILES):
             yield (f"mlp-matmul {precision}", mlp.prefix_mlp_matmul_kernel,
                    dict(HAS_BIAS=True, APPLY_TANH=True, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
-                        BLOCK_K=block_k), {"c_ptr": "*fp32"}, warps, stages)
-        for block_m, block_n, block_k, warps, stages in mlp.MATMUL_PAIR_TILES:
+                        BLOCK_K=block_k), {"c_ptr": "*fp32"}, warps, stages, i == 0)
+        for i, (block_m, block_n, block_k, warps, stages) in enumerate(mlp.MATMUL_PAIR_TILES):
             yield (f"mlp-matmul-pair {precision}", mlp.prefix_mlp_matmul_pair_kernel,
                    dict(PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k),
-                   {"c1_ptr": "*fp32", "c2_ptr": "*fp32"}, warps, stages)
+                   {"c1_ptr": "*fp32", "c2_ptr": "*fp32"}, warps, stages, i == 0)
 
 
 def grid_variants():
@@ -228,7 +240,8 @@ def main(argv=None) -> int:
                 # keeps a small tile out of the pipeline; reductions may add a little scratch.
                 if smem > model + 4096:
                     problems.append(f"{name} {bucket} {config}: compiled shared memory {smem} B, model {model} B")
-    for label, kernel, consts, pointers, warps, stages in (mlp_candidates() if "mlp" in kernels else ()):
+    mlp_spills = []
+    for label, kernel, consts, pointers, warps, stages, first in (mlp_candidates() if "mlp" in kernels else ()):
         start = time.time()
         compiled = compile_kernel(kernel, consts, pointers, "*fp32", target, warps, stages)
         registers, spills = ptxas_usage(compiled.asm["ptx"], args.arch)
@@ -239,8 +252,15 @@ def main(argv=None) -> int:
         rows.append((label.split()[0], label.split(" ", 1)[1], config, "-", registers, spills, smem))
         print(f"{label:24s} {str(config):22s} regs {registers:3d}  spill stores {spills:5d} B  smem {smem:6d} B  "
               f"{time.time() - start:4.1f} s", flush=True)
-        if spills:
-            problems.append(f"{label} {config}: {spills} B of spill stores")
+        mlp_spills.append((label, spills))
+        if spills and first:
+            problems.append(f"{label} {config}: {spills} B of spill stores, and it is the candidate used with "
+                            "autotuning off")
+        elif spills:
+            print("  (spills: the tuner drops it on a GPU where it spills while a spill-free candidate remains)")
+    for label in {label for label, _ in mlp_spills}:
+        if all(spills for other, spills in mlp_spills if other == label):
+            problems.append(f"{label}: every candidate spills")
     for name, kernel, consts, pointer, config in (grid_variants() if "grid" in kernels else ()):
         start = time.time()
         try:
