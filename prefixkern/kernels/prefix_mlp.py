@@ -335,7 +335,7 @@ class BwdTile(NamedTuple):
     ``dw_num_warps == 0``: one launch runs both kinds of program, so the dW2 programs (most of the
     grid: 8192 at Llama-3-8B size) run at the dH programs' register and shared-memory footprint,
     one block per SM at the large tiles. Otherwise the dW2 programs get a launch of their own with
-    these warps and stages, compiled with their own footprint (3-5 blocks per SM at a 64 x 64 tile):
+    these warps and stages, compiled with their own footprint (2-4 blocks per SM at a 64 x 64 tile):
     one launch more, offered only where W2 is large (``BWD_TWO_LAUNCH_MIN_W2``)."""
     dh_block_n: int
     dh_block_k: int
@@ -354,8 +354,9 @@ BWD_TILES = {
     "ieee": (BwdTile(16, 64, 64, 32, 4, 2), BwdTile(32, 64, 64, 64, 8, 2), BwdTile(32, 32, 32, 64, 4, 2)),
 }
 # Two-launch candidates: each table's first dH tile with a dW2 launch of its own. The dW2-only
-# kernel at these tiles takes 93-166 registers at sm_90 with no spills (unit inner strides, as the
-# launches have them), 2-5 blocks per SM, against the one-launch kernel's one.
+# kernel at these tiles takes 116-190 registers at sm_90 with no spills on Triton 3.6 and 3.9
+# (unit inner strides, as the launches have them), 2-4 blocks per SM, against the one-launch
+# kernel's one at the large tiles.
 BWD_TWO_LAUNCH_TILES = {
     "tensor": (BwdTile(64, 64, 64, 64, 8, 4, 4, 2), BwdTile(64, 64, 128, 64, 8, 4, 8, 2)),
     "tf32x3": (BwdTile(32, 128, 64, 64, 8, 4, 4, 2),),
