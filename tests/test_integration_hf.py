@@ -978,6 +978,34 @@ def test_torch_compile_no_graph_break_in_attention():
                                attend(q, k, v, mask2d))
 
 
+def test_torch_compile_training_step_has_no_graph_break_and_matches_eager():
+    """A training step (forward with labels, backward to the prefix) of the patched model compiled,
+    as the training-step suite's compiled rows run it (there with CUDA graphs on a GPU; here
+    AOTAutograd over the real kernels in Triton's interpreter): no graph break, the prefix MLP's
+    and attention's custom ops traced forward and backward, the eager step's loss and gradients."""
+    _, ours = _pair("llama")
+    ids, mask = _batch("left")
+    ours.train()
+    with prefixkern.use_backend("triton"):
+        ours.zero_grad()
+        eager = ours(input_ids=ids, attention_mask=mask, labels=ids)
+        eager.loss.backward()
+        eager_grads = _prefix_grads(ours)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(ours)(input_ids=ids, attention_mask=mask, labels=ids)
+        assert explained.graph_break_count == 0, [str(b.reason)[:300] for b in explained.break_reasons]
+        torch._dynamo.reset()
+        ours.zero_grad()
+        compiled = torch.compile(ours, backend="aot_eager")(input_ids=ids, attention_mask=mask, labels=ids)
+        compiled.loss.backward()
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled.loss, eager.loss, atol=1e-6, rtol=1e-6)
+    grads = _prefix_grads(ours)
+    assert grads.keys() == eager_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text", "gpt2", "bloom"])
 def test_triton_kernels_through_the_model(family):
     """The real kernels (Triton's interpreter on CPU) inside a patched model, forward and backward."""
