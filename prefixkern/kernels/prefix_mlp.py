@@ -316,8 +316,8 @@ def prefix_mlp_fwd_kernel(
 # Backward of the second Linear: split-N partials of dH = G @ W2, and dW2 = G^T @ H, db2
 # --------------------------------------------------------------------------------------------
 
-# One launch runs both products, each program one role with its own tile: the dH programs (first
-# in the grid, the long ones) stream W2 once, a split of N each, into float32 [P, BLOCK_K]
+# One launch runs both products (a two-launch BwdTile: one launch each), each program one role
+# with its own tile: the dH programs (first in the grid, the long ones) stream W2 once, a split of N each, into float32 [P, BLOCK_K]
 # accumulators; the dW2 programs each write one [BLOCK_N, BLOCK_K] tile of dW2 from G and H, which
 # are small (dW2 does not read W2, so fusing both into one loop, as this kernel once did, saved
 # nothing but a re-read of G from L2 and bound both to one small tile: 2 ms at Llama-3-8B size).
@@ -360,7 +360,7 @@ BWD_TILES = {
 BWD_TWO_LAUNCH_TILES = {
     "tensor": (BwdTile(64, 64, 64, 64, 8, 4, 4, 2), BwdTile(64, 64, 128, 64, 8, 4, 8, 2)),
     "tf32x3": (BwdTile(32, 128, 64, 64, 8, 4, 4, 2),),
-    "ieee": (BwdTile(32, 64, 64, 64, 8, 2, 4, 2),),
+    "ieee": (BwdTile(16, 64, 64, 64, 4, 2, 4, 2),),
 }
 # W2 elements from which the two-launch candidates are timed: below it the problem is small
 # enough that the extra launch's host time outweighs what it saves (Qwen2.5-0.5B's W2 has 0.8M
