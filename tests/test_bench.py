@@ -225,6 +225,53 @@ def test_mlp_rows_hold_their_float32_products_through_the_backward(tmp_path, mon
     assert all((" bwd:" in note) == (pass_ == "fwd_bwd") for (_, _, pass_), note in notes.items()), notes
 
 
+def test_raw_launch_rows_hold_their_setting_through_the_backward(monkeypatch):
+    """The attention and MLP suites' prefixkern_raw_launch rows (on a GPU: the op with
+    PREFIXKERN_RAW_LAUNCH=1, beside prefixkern at host-bound shapes) launch every kernel, the
+    backward's included, under the raw-launch setting, and the prefixkern rows under none. Here
+    the rows are let run on the CPU, where a raw launch falls back to a plain one; the setting is
+    read at each launch. Without a GPU the suites skip the rows with their reason."""
+    from prefixkern.bench import attention as attention_suite
+    from prefixkern.bench import mlp as mlp_suite
+    from prefixkern.bench.common import Options
+    from prefixkern.kernels import _launch
+    from prefixkern.kernels import prefix_attention_bwd, prefix_attention_fwd
+    from prefixkern.kernels import prefix_mlp as mlp_kernels
+
+    opts = Options(torch.device("cpu"), torch.bfloat16, True, ("prefixkern", "prefixkern_raw_launch"), None, False)
+    with prefixkern.use_backend("triton"):
+        _, attention_skips = attention_suite.run(opts, lambda message: None)
+        _, mlp_skips = mlp_suite.run(opts, lambda message: None)
+    for skips in (attention_skips, mlp_skips):
+        assert any(s.impl == "prefixkern_raw_launch" and "need a GPU" in s.reason for s in skips), skips
+
+    launched = []
+    row = [None]
+
+    def recording_launch(real):
+        def launch(kernel, grid, *args, **meta):
+            launched.append((row[0], kernel.fn.__name__, _launch.RAW_POINTERS))
+            return real(kernel, grid, *args, **meta)
+        return launch
+
+    for module in (prefix_attention_fwd, prefix_attention_bwd, mlp_kernels):
+        monkeypatch.setattr(module, "launch_kernel", recording_launch(module.launch_kernel))
+    monkeypatch.setattr(attention_suite, "unavailable", lambda impl, opts: None)
+    monkeypatch.setattr(attention_suite.attention_packed, "run", lambda opts, progress: ([], []))
+    monkeypatch.setattr(mlp_suite, "_raw_launch_skip", lambda opts: None)
+    with prefixkern.use_backend("triton"):
+        records, _ = attention_suite.run(opts, lambda message: row.__setitem__(0, message))
+        mlp_records, _ = mlp_suite.run(opts, lambda message: row.__setitem__(0, message))
+    records += mlp_records
+    assert all(r.ok for r in records), [r for r in records if not r.ok]
+    assert {(r.suite, r.impl) for r in records} == {(suite, impl) for suite in ("attention", "mlp")
+                                                    for impl in ("prefixkern", "prefixkern_raw_launch")}
+    for message, kernel, raw in launched:
+        assert raw == message.endswith("prefixkern_raw_launch"), (message, kernel, raw)
+    assert any(kernel.startswith("prefix_attention_bwd") and raw for _, kernel, raw in launched)
+    assert any(kernel == "prefix_mlp_bwd_kernel" and raw for _, kernel, raw in launched)
+
+
 def test_compiled_e2e_rows_run_on_a_gpu_and_only_when_asked_in_quick_runs():
     """The torch.compile rows of the training-step suite (minutes of compiling each): on a GPU, in
     full runs, or in --quick runs that name them; each compiles the eager row of the same name."""

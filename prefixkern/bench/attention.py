@@ -3,6 +3,7 @@ forward+backward, each result checked against the reference in the same run; pac
 (``attention_packed``) against padding them."""
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
+from ..kernels._launch import raw_pointer_launches
 from ..ops.prefix_attention import launched_tiles, prefix_attention
 from . import attention_packed
 from .common import Options, Record, Skip, dtype_name, peak_mem_mb, scaled_err, time_ms
@@ -170,13 +172,19 @@ def prefixkern_impl(q, k, v, pk, pv):
     return prefix_attention(q, k, v, pk, pv, causal=True)
 
 
-IMPLS: dict[str, Callable] = {"prefixkern": prefixkern_impl, "eager": eager, "sdpa_mask": sdpa_mask,
+# prefixkern_raw_launch: the same op with PREFIXKERN_RAW_LAUNCH=1 (the binding-free launch, off by
+# default), its backward included: beside prefixkern at a host-bound shape (seed-qwen), what the
+# launch path costs one op, for the raw-launch decision (benchmarks/results/README.md).
+IMPLS: dict[str, Callable] = {"prefixkern": prefixkern_impl, "prefixkern_raw_launch": prefixkern_impl,
+                              "eager": eager, "sdpa_mask": sdpa_mask,
                               "sdpa_lower_right": sdpa_lower_right, "sdpa_lower_right_gqa": sdpa_lower_right_gqa,
                               "flex": flex, "flash_attn": flash_attn}
 
 
 def unavailable(impl: str, opts: Options) -> str | None:
     """Why a baseline cannot run here, or None."""
+    if impl == "prefixkern_raw_launch" and not opts.on_gpu:
+        return "raw-pointer launches need a GPU"
     if impl == "sdpa_lower_right_gqa" and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5):
         return f"torch {torch.__version__}'s SDPA has no enable_gqa (2.5+)"
     if impl == "flash_attn":
@@ -262,13 +270,16 @@ def measure(opts, shape, pass_, impl, fn, leaves, dout, ref_out, ref_grads, flop
     ``ref_out``/``ref_grads`` and record it with the tiles autotuning chose."""
     record = Record("attention", shape.name, impl, pass_, dtype_name(opts.dtype))
     with_grads = ref_grads is not None
+    # (The launch setting holds through the backward, which runs after fn returns.)
+    setting = raw_pointer_launches if impl == "prefixkern_raw_launch" else contextlib.nullcontext
 
     def call():
         for leaf in leaves:
             leaf.grad = None
-        out = fn(*leaves)
-        if with_grads:
-            out.backward(dout)
+        with setting():
+            out = fn(*leaves)
+            if with_grads:
+                out.backward(dout)
         return out
 
     try:
