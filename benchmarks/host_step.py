@@ -22,7 +22,12 @@ real on the CPU at tiny widths (a 24-layer Qwen2-shaped model, 14/2 heads of 16,
 standing in for the host side of the launches they make on a GPU. So the difference between the
 rows is host time on this machine, not a GPU figure: what a GPU host spends in the C launcher
 (a ``data_ptr()`` call and a driver query per tensor argument) and in CUDA's allocator is not here.
-``--profile`` prints where the patched step's host time goes (cProfile).
+``--profile`` prints where the patched step's host time goes (cProfile). The
+``prefixkern_raw_launch`` row is the patched step with ``PREFIXKERN_RAW_LAUNCH=1``: Triton binds a
+launch's arguments once per argument key, then the compiled kernel's launcher (here the
+compile-only driver's, which runs nothing) takes raw pointers; the difference from the
+``prefixkern`` row is the binding's host time on this machine (24.97 against 24.00 ms on this
+repo's CPU machine, 2026-11-26: about 1 ms of a 24-layer step).
 """
 from __future__ import annotations
 
@@ -117,6 +122,17 @@ def _step(model, impl: str):
     return step
 
 
+def _with_raw_launch(step):
+    """``step`` with PREFIXKERN_RAW_LAUNCH=1: Triton binds each launch's arguments once per argument
+    key, and the compiled kernel's launcher (here the compile-only driver's) takes raw pointers."""
+    from prefixkern.kernels._launch import raw_pointer_launches
+
+    def raw_step():
+        with raw_pointer_launches():
+            step()
+    return raw_step
+
+
 def generate_host_times(layers: int, calls: int = 5) -> dict[str, tuple[float, float]]:
     """``{impl: (ms of a 1-token generate(), ms per decoding step)}`` for stock PEFT + sdpa and the
     patched model (medians of ``calls``)."""
@@ -160,9 +176,11 @@ def main(argv=None) -> int:
             print(f"  {impl:10s} 1 token {prefill_ms:7.2f} ms   per decoding step {step_ms:6.2f} ms")
         return 0
     times = {}
-    for impl in IMPLS:
-        model = qwen2_shaped(impl, args.layers)
+    for impl in IMPLS + ("prefixkern_raw_launch",):
+        model = qwen2_shaped(impl.removesuffix("_raw_launch"), args.layers)
         step = _step(model, impl)
+        if impl == "prefixkern_raw_launch":
+            step = _with_raw_launch(step)
         for _ in range(2):      # compiles the kernels (first step), then warms up
             step()
         samples = []
