@@ -72,7 +72,7 @@ def test_attention_configs_do_not_spill_registers():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Triton compiles on Linux")
-def test_prefix_mlp_configs_do_not_spill_registers():
+def test_prefix_mlp_configs_compile_and_the_untuned_ones_do_not_spill():
     """The prefix MLP's autotune candidates, as its launchers' candidate functions leave them,
     compile for sm_90 under every product precision (float32 parameters exactly, PyTorch's default
     "ieee" or as three TF32 products, and with TF32; under bf16 autocast), the backward's two-launch
