@@ -46,6 +46,7 @@ from triton.runtime import driver  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from _host_model import IMPLS, qwen2_shaped  # noqa: E402
+from prefixkern.bench.common import with_raw_launch  # noqa: E402
 
 ARCH = 90
 SMS = 132
@@ -122,17 +123,6 @@ def _step(model, impl: str):
     return step
 
 
-def _with_raw_launch(step):
-    """``step`` with PREFIXKERN_RAW_LAUNCH=1: Triton binds each launch's arguments once per argument
-    key, and the compiled kernel's launcher (here the compile-only driver's) takes raw pointers."""
-    from prefixkern.kernels._launch import raw_pointer_launches
-
-    def raw_step():
-        with raw_pointer_launches():
-            step()
-    return raw_step
-
-
 def generate_host_times(layers: int, calls: int = 5) -> dict[str, tuple[float, float]]:
     """``{impl: (ms of a 1-token generate(), ms per decoding step)}`` for stock PEFT + sdpa and the
     patched model (medians of ``calls``)."""
@@ -180,7 +170,7 @@ def main(argv=None) -> int:
         model = qwen2_shaped(impl.removesuffix("_raw_launch"), args.layers)
         step = _step(model, impl)
         if impl == "prefixkern_raw_launch":
-            step = _with_raw_launch(step)
+            step = with_raw_launch(step)
         for _ in range(2):      # compiles the kernels (first step), then warms up
             step()
         samples = []

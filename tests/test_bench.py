@@ -258,7 +258,7 @@ def test_raw_launch_rows_hold_their_setting_through_the_backward(monkeypatch):
         monkeypatch.setattr(module, "launch_kernel", recording_launch(module.launch_kernel))
     monkeypatch.setattr(attention_suite, "unavailable", lambda impl, opts: None)
     monkeypatch.setattr(attention_suite.attention_packed, "run", lambda opts, progress: ([], []))
-    monkeypatch.setattr(mlp_suite, "_raw_launch_skip", lambda opts: None)
+    monkeypatch.setattr(mlp_suite, "raw_launch_skip", lambda opts: None)
     with prefixkern.use_backend("triton"):
         records, _ = attention_suite.run(opts, lambda message: row.__setitem__(0, message))
         mlp_records, _ = mlp_suite.run(opts, lambda message: row.__setitem__(0, message))

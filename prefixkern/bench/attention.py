@@ -3,7 +3,6 @@ forward+backward, each result checked against the reference in the same run; pac
 (``attention_packed``) against padding them."""
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -12,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
-from ..kernels._launch import raw_pointer_launches
 from ..ops.prefix_attention import launched_tiles, prefix_attention
 from . import attention_packed
-from .common import Options, Record, Skip, dtype_name, peak_mem_mb, scaled_err, time_ms
+from .common import (Options, Record, Skip, dtype_name, peak_mem_mb, raw_launch_skip, scaled_err, time_ms,
+                     with_raw_launch)
 
 
 @dataclass(frozen=True)
@@ -183,8 +182,8 @@ IMPLS: dict[str, Callable] = {"prefixkern": prefixkern_impl, "prefixkern_raw_lau
 
 def unavailable(impl: str, opts: Options) -> str | None:
     """Why a baseline cannot run here, or None."""
-    if impl == "prefixkern_raw_launch" and not opts.on_gpu:
-        return "raw-pointer launches need a GPU"
+    if impl == "prefixkern_raw_launch":
+        return raw_launch_skip(opts)
     if impl == "sdpa_lower_right_gqa" and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5):
         return f"torch {torch.__version__}'s SDPA has no enable_gqa (2.5+)"
     if impl == "flash_attn":
@@ -270,17 +269,17 @@ def measure(opts, shape, pass_, impl, fn, leaves, dout, ref_out, ref_grads, flop
     ``ref_out``/``ref_grads`` and record it with the tiles autotuning chose."""
     record = Record("attention", shape.name, impl, pass_, dtype_name(opts.dtype))
     with_grads = ref_grads is not None
-    # (The launch setting holds through the backward, which runs after fn returns.)
-    setting = raw_pointer_launches if impl == "prefixkern_raw_launch" else contextlib.nullcontext
 
     def call():
         for leaf in leaves:
             leaf.grad = None
-        with setting():
-            out = fn(*leaves)
-            if with_grads:
-                out.backward(dout)
+        out = fn(*leaves)
+        if with_grads:
+            out.backward(dout)
         return out
+
+    if impl == "prefixkern_raw_launch":     # (held through the backward, which runs after fn returns)
+        call = with_raw_launch(call)
 
     try:
         launched_tiles()

@@ -135,6 +135,23 @@ def spread_note(samples: list[float]) -> str:
             f"max {max(samples):.3g}")
 
 
+def raw_launch_skip(opts: Options) -> str | None:
+    """Why a ``prefixkern_raw_launch`` row does not run here (None: it does)."""
+    return None if opts.on_gpu else "raw-pointer launches need a GPU"
+
+
+def with_raw_launch(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with PREFIXKERN_RAW_LAUNCH=1 (experimental, off by default: Triton binds a launch's
+    arguments once per argument key and its compiled launcher takes raw pointers), held through
+    all of ``fn``, a backward it runs included: what the ``prefixkern_raw_launch`` rows time."""
+    from ..kernels._launch import raw_pointer_launches
+
+    def raw_fn():
+        with raw_pointer_launches():
+            return fn()
+    return raw_fn
+
+
 def release_models(on_gpu: bool) -> None:
     """After a row's model is deleted: collect what it left in reference cycles and return the
     cached blocks, so neither counts against the next row's memory."""

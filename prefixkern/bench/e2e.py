@@ -15,7 +15,8 @@ import copy
 import torch
 
 from .attention_packed import ragged_lengths
-from .common import Options, Record, Skip, dtype_name, release_models, spread_note, time_ms
+from .common import (Options, Record, Skip, dtype_name, raw_launch_skip, release_models, spread_note, time_ms,
+                     with_raw_launch)
 
 P = 20
 
@@ -136,7 +137,7 @@ def build_model(name: str, impl: str, opts: Options, base_state, num_virtual_tok
 
 def _step_fn(model, impl: str, input_ids, attention_mask, labels):
     if impl == "prefixkern_raw_launch":
-        return _with_raw_launch(_step_fn(model, "prefixkern", input_ids, attention_mask, labels))
+        return with_raw_launch(_step_fn(model, "prefixkern", input_ids, attention_mask, labels))
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -184,17 +185,6 @@ def _eager_impl(impl: str) -> str:
     """The eager row a compiled row compiles (``prefixkern_compiled`` -> ``prefixkern``)."""
     base = impl.removesuffix("_compiled")
     return "floor_no_prefix" if base == "floor" else base
-
-
-def _with_raw_launch(step):
-    """The patched model's step with PREFIXKERN_RAW_LAUNCH=1 (experimental: the kernels' Triton
-    launcher gets raw pointers), so one run times both launch paths."""
-    from ..kernels._launch import raw_pointer_launches
-
-    def raw_step():
-        with raw_pointer_launches():
-            return step()
-    return raw_step
 
 
 def measure_step(opts: Options, record: Record, step, tokens: int, losses: dict, check: bool) -> Record:
@@ -355,8 +345,8 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 if limit is not None and seq_len + P > limit:
                     skips.append(Skip("e2e_train", case, impl, f"GPT-2 has {limit} positions; P + S = {P + seq_len}"))
                     continue
-                if impl == "prefixkern_raw_launch" and not opts.on_gpu:
-                    skips.append(Skip("e2e_train", case, impl, "raw-pointer launches need a GPU"))
+                if impl == "prefixkern_raw_launch" and raw_launch_skip(opts):
+                    skips.append(Skip("e2e_train", case, impl, raw_launch_skip(opts)))
                     continue
                 if impl == "prefixkern_liger":
                     try:

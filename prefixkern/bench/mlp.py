@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import reference
-from ..kernels._launch import raw_pointer_launches
 from ..ops.prefix_mlp import fused_prefix_mlp, launched_tiles, tf32x3_products
-from .common import Options, Record, Skip, dtype_name, peak_mem_mb, scaled_err, time_ms
+from .common import (Options, Record, Skip, dtype_name, peak_mem_mb, raw_launch_skip, scaled_err, time_ms,
+                     with_raw_launch)
 
 
 @dataclass(frozen=True)
@@ -82,11 +82,6 @@ def _fma_skip(opts: Options, shape: MlpShape) -> str | None:
     return None
 
 
-def _raw_launch_skip(opts: Options) -> str | None:
-    """Why the ``prefixkern_raw_launch`` row does not run here (None: it does)."""
-    return None if opts.on_gpu else "raw-pointer launches need a GPU"
-
-
 def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
     records, skips = [], []
     for name, shape in opts.select(SHAPES, CPU_SHAPES, QUICK):
@@ -130,14 +125,13 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             impls["prefixkern_fma"] = ours
         # The same kernels with PREFIXKERN_RAW_LAUNCH=1 (the binding-free launch, off by default):
         # at a host-bound shape (Qwen2.5-0.5B), what the launch path costs, for the raw-launch decision.
-        reason = _raw_launch_skip(opts)
+        reason = raw_launch_skip(opts)
         if reason:
             skips.append(Skip("mlp", name, "prefixkern_raw_launch", reason))
         elif opts.wants("prefixkern_raw_launch"):
             impls["prefixkern_raw_launch"] = ours
-        # A row's setting must hold for the backward too, which runs after fn returns.
-        products_setting = {"prefixkern_fma": lambda: tf32x3_products(False),
-                            "prefixkern_raw_launch": raw_pointer_launches}
+        # The products' setting must hold for the backward too, which runs after fn returns.
+        products_setting = {"prefixkern_fma": lambda: tf32x3_products(False)}
         expected = reference.prefix_mlp(*[p.detach().double() for p in params], **kw, out_dtype=torch.float64)
         grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(opts.device, opts.dtype)
         w2_bytes = shape.num_cols * shape.token_dim * 4
@@ -162,6 +156,8 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                                 out.backward(grad_out)
                     return out
 
+                if impl == "prefixkern_raw_launch":     # (held through the backward, as above)
+                    call = with_raw_launch(call)
                 try:
                     launched_tiles()    # drops what the previous row's timing calls left behind
                     out = call()
