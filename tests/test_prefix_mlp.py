@@ -392,7 +392,7 @@ def test_backward_writes_every_gradient_element(monkeypatch, P, hidden, layout, 
     dW2 programs in one launch, and in a launch each (the tiles offered where W2 is large)."""
     from prefixkern.kernels import prefix_mlp as kernels
 
-    launched = _record_bwd_roles(monkeypatch)
+    launched = _record_launches(monkeypatch)
     if launches == 2:
         monkeypatch.setattr(kernels, "INTERPRETER_BWD_TILE", kernels.INTERPRETER_BWD_TILE._replace(
             dw_num_warps=4, dw_num_stages=1))
@@ -427,22 +427,23 @@ def test_backward_writes_every_gradient_element(monkeypatch, P, hidden, layout, 
         assert not torch.isnan(ours).any(), f"{name}: elements left unwritten"
         torch.testing.assert_close(ours.double(), ref, atol=1e-4, rtol=1e-4, msg=name)
     if device == "cpu":       # (on a GPU the first candidate of the table runs, whatever the test set)
-        assert launched == (["both"] if launches == 1 else ["dh", "dw2"])
+        roles = [meta["ROLES"] for name, meta in launched if name == "prefix_mlp_bwd_kernel"]
+        assert roles == (["both"] if launches == 1 else ["dh", "dw2"])
 
 
-def _record_bwd_roles(monkeypatch) -> list:
-    """The ROLES of each ``prefix_mlp_bwd_kernel`` launch from now on, in launch order."""
+def _record_launches(monkeypatch) -> list:
+    """``(kernel name, constexprs and launch options)`` of each prefix-MLP kernel launch from now
+    on, in launch order."""
     from prefixkern.kernels import prefix_mlp as kernels
 
-    roles, real_launch = [], kernels.launch_kernel
+    launched, real_launch = [], kernels.launch_kernel
 
     def recording_launch(kernel, grid, *args, **meta):
-        if kernel is kernels.prefix_mlp_bwd_kernel:
-            roles.append(meta["ROLES"])
+        launched.append((kernel.fn.__name__, meta))
         return real_launch(kernel, grid, *args, **meta)
 
     monkeypatch.setattr(kernels, "launch_kernel", recording_launch)
-    return roles
+    return launched
 
 
 def test_two_launch_backward_tiles_only_where_w2_is_large(monkeypatch):
@@ -534,17 +535,9 @@ def test_tf32x3_products_reach_every_kernel_and_match_the_reference(monkeypatch,
     """With 3xTF32 on, every GEMM kernel of the forward and backward is launched with
     PRECISION="tf32x3", and values and gradients match float64 autograd. (The interpreter computes
     every precision in float32; the GPU test bounds the real error.)"""
-    from prefixkern.kernels import prefix_mlp as kernels
     from prefixkern.ops.prefix_mlp import tf32x3_products
 
-    launched = []
-    real_launch = kernels.launch_kernel
-
-    def recording_launch(kernel, grid, *args, **meta):
-        launched.append((kernel.fn.__name__, meta.get("PRECISION")))
-        return real_launch(kernel, grid, *args, **meta)
-
-    monkeypatch.setattr(kernels, "launch_kernel", recording_launch)
+    launches = _record_launches(monkeypatch)
     torch.manual_seed(3)
     P, hidden = 9, SMALL_HIDDEN
     d = SMALL["num_kv_heads"] * SMALL["head_dim"]
@@ -559,6 +552,7 @@ def test_tf32x3_products_reach_every_kernel_and_match_the_reference(monkeypatch,
         kv.backward(grad)
     expected = reference.prefix_mlp(*exact, **SMALL, out_dtype=torch.float64)
     expected.backward(grad.double())
+    launched = [(name, meta.get("PRECISION")) for name, meta in launches]
     gemms = {name: precision for name, precision in launched if precision is not None}
     assert set(gemms) == {"prefix_mlp_matmul_kernel", "prefix_mlp_fwd_kernel", "prefix_mlp_bwd_kernel",
                           "prefix_mlp_matmul_pair_kernel"}, launched

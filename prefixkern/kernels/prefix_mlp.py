@@ -394,12 +394,12 @@ def bwd_candidates(num_rows: int, precision: str, w2_elements: int = 0) -> list[
     ones too where W2 has ``BWD_TWO_LAUNCH_MIN_W2`` elements or more."""
     if triton_interpret():
         return [INTERPRETER_BWD_TILE]
-    table = BWD_TILES[_bwd_table(precision)]
-    if w2_elements >= BWD_TWO_LAUNCH_MIN_W2:
-        table = table + BWD_TWO_LAUNCH_TILES[_bwd_table(precision)]
+    name = _bwd_table(precision)
+    table = BWD_TILES[name] + (BWD_TWO_LAUNCH_TILES[name] if w2_elements >= BWD_TWO_LAUNCH_MIN_W2 else ())
     block_p = bwd_block_p(num_rows, precision)
     elem = 4   # the operands are staged as loaded: float32 W2 and H, G in its dtype (at most 4 bytes)
-    kept = [t for t in table if _fits_smem(t.num_stages, (block_p * t.dh_block_n + t.dh_block_n * t.dh_block_k) * elem // 4)
+    kept = [t for t in table
+            if _fits_smem(t.num_stages, (block_p * t.dh_block_n + t.dh_block_n * t.dh_block_k) * elem // 4)
             and _fits_smem(t.dw_num_stages or t.num_stages,
                            (t.dw_block_n * block_p + block_p * t.dw_block_k) * elem // 4)]
     return kept or [min(table, key=lambda t: t.dh_block_n * t.dh_block_k + t.dw_block_n * t.dw_block_k)]

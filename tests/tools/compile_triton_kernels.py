@@ -164,8 +164,8 @@ def cases(quick: bool):
                dict(HAS_BIAS=True, HAS_DROPOUT=True, PRECISION=second, BLOCK_P=32, BLOCK_N=64, BLOCK_K=32),
                {"out_ptr": out_ptr, "seed_ptr": "*i64"}, "*fp32", 4, 3)
         bp = mlp.bwd_block_p(64, first)
-        for roles, tile in (("both", mlp.bwd_candidates(64, first)[0]), ("dh", mlp.BWD_TWO_LAUNCH_TILES["tensor"][0]),
-                            ("dw2", mlp.BWD_TWO_LAUNCH_TILES["tensor"][0])):
+        two_launch = mlp.BWD_TWO_LAUNCH_TILES[mlp._bwd_table(first)][0]     # (first's table, as the launcher)
+        for roles, tile in (("both", mlp.bwd_candidates(64, first)[0]), ("dh", two_launch), ("dw2", two_launch)):
             warps, stages = (tile.dw_num_warps, tile.dw_num_stages) if roles == "dw2" else (tile.num_warps,
                                                                                               tile.num_stages)
             yield (f"mlp-bwd {roles} {out_ptr} {first}", mlp.prefix_mlp_bwd_kernel,
