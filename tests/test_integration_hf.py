@@ -156,19 +156,27 @@ def test_triton_kernels_under_bf16_autocast():
         _compare_step(ref, ours, ids, mask, atol=3e-2, rtol=3e-2)
 
 
-def _compare_step(ref, ours, ids, mask, atol=2e-5, rtol=2e-4, train=False):
+def _step_both(ref, ours, ids, mask, train=False):
+    """One step of each model on the same batch (forward with labels, backward to the prefix):
+    ``(out_ref, out_ours, prefix grads_ref, prefix grads_ours)``, the two models' grads of the same
+    parameters, none missing."""
     for model in (ref, ours):
         model.train(train)
         model.zero_grad()
     out_ref = ref(input_ids=ids, attention_mask=mask, labels=ids)
     out_ours = ours(input_ids=ids, attention_mask=mask, labels=ids)
-    real = mask.bool()
-    torch.testing.assert_close(out_ours.logits[real], out_ref.logits[real], atol=atol, rtol=rtol)
-    torch.testing.assert_close(out_ours.loss, out_ref.loss, atol=atol, rtol=rtol)
     out_ref.loss.backward()
     out_ours.loss.backward()
     grads_ref, grads_ours = _prefix_grads(ref), _prefix_grads(ours)
     assert grads_ref.keys() == grads_ours.keys() and grads_ref
+    return out_ref, out_ours, grads_ref, grads_ours
+
+
+def _compare_step(ref, ours, ids, mask, atol=2e-5, rtol=2e-4, train=False):
+    out_ref, out_ours, grads_ref, grads_ours = _step_both(ref, ours, ids, mask, train)
+    real = mask.bool()
+    torch.testing.assert_close(out_ours.logits[real], out_ref.logits[real], atol=atol, rtol=rtol)
+    torch.testing.assert_close(out_ours.loss, out_ref.loss, atol=atol, rtol=rtol)
     for name in grads_ref:
         torch.testing.assert_close(grads_ours[name], grads_ref[name], atol=atol * 10, rtol=rtol * 10, msg=name)
 
@@ -1702,20 +1710,12 @@ def check_full_width_family(name: str, device):
         del ref, ours
 
         ref, ours = _full_width_pair(name, device, torch.bfloat16)
-        for model in (ref, ours):
-            model.train(False)
-            model.zero_grad()
-        out_ref = ref(input_ids=ids, attention_mask=mask, labels=ids)
-        out_ours = ours(input_ids=ids, attention_mask=mask, labels=ids)
+        out_ref, out_ours, grads_ref, grads_ours = _step_both(ref, ours, ids, mask)
         real = mask.bool()
         # bf16: both sides round P@V's probabilities differently; a wrong mask, window or cap would
         # be off by O(1), these bounds by a few bf16 roundings.
         assert _scaled_error(out_ours.logits[real], out_ref.logits[real]) < 5e-2
         assert abs(out_ours.loss.item() - out_ref.loss.item()) < 2e-2 * max(1.0, abs(out_ref.loss.item()))
-        out_ref.loss.backward()
-        out_ours.loss.backward()
-        grads_ref, grads_ours = _prefix_grads(ref), _prefix_grads(ours)
-        assert grads_ref.keys() == grads_ours.keys() and grads_ref
         for key in grads_ref:
             assert _scaled_error(grads_ours[key], grads_ref[key]) < 1e-1, key
     finally:
