@@ -588,6 +588,59 @@ def test_raw_launch_row_is_timed_interleaved_with_the_plain_launch(monkeypatch):
     assert ratio < 0.8
 
 
+def test_e2e_case_is_timed_again_with_the_floor_and_stock_peft_side_by_side(monkeypatch):
+    """On a GPU every training case gets a "<case>-interleaved" copy: the floor, stock PEFT + sdpa
+    and the patched model built together and timed in turns (rows timed minutes apart carry a
+    shared host's drift into the issue's floor ratio). Run here with the GPU's timing calls faked:
+    the steps alternate, each record keeps its row's loss check, and the targets read the copy."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    import triton.testing
+
+    from prefixkern.bench import e2e
+    from prefixkern.bench.common import Options
+    from prefixkern.bench.targets import evaluate
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep, return_mode: [5.0, 6.0, 7.0])
+    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2**30)
+    monkeypatch.setattr(e2e, "INTERLEAVED_ROUNDS", 2)
+    monkeypatch.setattr(e2e, "INTERLEAVED_CALLS", 1)
+    monkeypatch.setattr(e2e, "RAGGED_LENGTHS", {})
+    monkeypatch.setattr(e2e, "LENGTHS", {16: 2})
+    calls = []
+    real_step_fn = e2e._step_fn
+
+    def step_fn(model, impl, *args):
+        step = real_step_fn(model, impl, *args)
+
+        def logged():
+            calls.append(impl)
+            return step()
+        return logged
+
+    monkeypatch.setattr(e2e, "_step_fn", step_fn)
+    opts = Options(device=torch.device("cpu"), dtype=torch.float32, quick=False,
+                   baselines=("floor_no_prefix", "peft_eager", "peft_sdpa", "prefixkern"), shapes=("cpu-tiny-llama",),
+                   on_gpu=True)
+    records, skips = e2e.run(opts, lambda message: None)
+    assert not [s for s in skips if "interleaved" in s.case], skips
+    rows = {r.impl: r for r in records if r.case == "cpu-tiny-llama-S16"}
+    again = {r.impl: r for r in records if r.case == "cpu-tiny-llama-S16-interleaved"}
+    assert set(again) == {"floor_no_prefix", "peft_sdpa", "prefixkern"} and "peft_eager" in rows
+    turns = ["floor_no_prefix", "peft_sdpa", "prefixkern"]
+    assert calls[-9:] == turns + turns * 2        # a warm-up step each, then two rounds in turn
+    for impl, record in again.items():
+        assert record.pass_ == "step" and record.ms > 0 and record.tokens_per_s == pytest.approx(32 / (record.ms * 1e-3))
+        assert (record.max_err, record.ok) == (rows[impl].max_err, rows[impl].ok)
+        assert record.note.startswith("timed side by side with ") and "2 timed calls" in record.note
+    assert rows["prefixkern"].ok is True
+    judged = {(t.what, t.case) for t in evaluate({"records": [r.as_json() for r in records]})}
+    assert ("step within 5% of the floor's time", "cpu-tiny-llama-S16-interleaved") in judged
+    assert ("same loss as stock PEFT on the same batch", "cpu-tiny-llama-S16-interleaved") not in judged
+
+
 def test_a_failing_prefixkern_training_step_is_a_failed_row_and_the_suite_goes_on(monkeypatch):
     """Our step raising (a kernel failing on some GPU stack, say) is a failed row with the error,
     not a crash that loses the suite's later rows."""

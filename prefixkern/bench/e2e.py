@@ -17,6 +17,7 @@ import torch
 from .attention_packed import ragged_lengths
 from .common import (Options, Record, Skip, dtype_name, raw_launch_skip, release_models, spread_note, time_ms,
                      with_raw_launch)
+from .targets import INTERLEAVED_SUFFIX
 
 P = 20
 
@@ -151,25 +152,79 @@ def _step_fn(model, impl: str, input_ids, attention_mask, labels):
     return step
 
 
-def interleaved_note(plain, raw, rounds: int = 6, calls: int = 3) -> str:
-    """The plain and the raw-pointer launch timed in alternating rounds on the same model (``calls``
-    steps of each per round, each step synchronised), so host drift over the run hits both alike:
-    the raw-launch decision reads this beside the rows' own medians."""
-    import statistics
+def interleaved_times(steps: dict, rounds: int, calls: int) -> dict[str, list[float]]:
+    """Each of ``steps`` (name -> step) timed in ``rounds`` rounds that take the steps in turn,
+    ``calls`` calls of each per round, every call between two synchronisations (wall clock, the
+    host's time included): ``{name: [ms of each call]}``. Drift of a shared GPU host over the
+    rounds reaches every step alike."""
     import time
 
-    times = {"plain": [], "raw": []}
+    times = {name: [] for name in steps}
     for _ in range(rounds):
-        for name, step in (("plain", plain), ("raw", raw)):
+        for name, step in steps.items():
             for _ in range(calls):
                 torch.cuda.synchronize()
                 start = time.perf_counter()
                 step()
                 torch.cuda.synchronize()
                 times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def interleaved_note(plain, raw, rounds: int = 6, calls: int = 3) -> str:
+    """The plain and the raw-pointer launch timed in alternating rounds on the same model
+    (``interleaved_times``): the raw-launch decision reads this beside the rows' own medians."""
+    import statistics
+
+    times = interleaved_times({"plain": plain, "raw": raw}, rounds, calls)
     plain_ms, raw_ms = statistics.median(times["plain"]), statistics.median(times["raw"])
     return (f"interleaved with the plain launch on this model ({rounds} rounds of {calls} steps each): "
             f"raw {raw_ms:.3g} ms, plain {plain_ms:.3g} ms (medians; raw/plain {raw_ms / plain_ms:.3f})")
+
+
+# The floor, stock PEFT + sdpa and the patched model timed again side by side, as the case
+# "<case>-interleaved": their models alive together, taking turns (``interleaved_times``). The rows
+# above are timed one after another, minutes apart, and a host-bound step's time drifts over a run
+# on a shared GPU host (the H200 runs' rows rose with their order: the floor, timed first, read
+# 48.8-70.9 ms across three runs), so the issue's floor ratio is read here too.
+INTERLEAVED_IMPLS = ("floor_no_prefix", "peft_sdpa", "prefixkern")
+INTERLEAVED_ROUNDS, INTERLEAVED_CALLS = 6, 3
+
+
+def _interleaved_case(opts: Options, progress, name: str, case: str, base_state, inputs, rows: dict[str, Record],
+                      tokens: int) -> tuple[list[Record], list[Skip]]:
+    """Records of case ``<case>-interleaved``: ``INTERLEAVED_IMPLS`` whose row of ``case`` was timed
+    (``rows``), timed again side by side; each keeps its row's loss check. Nothing without the
+    patched row and the floor's."""
+    import statistics
+
+    impls = [impl for impl in INTERLEAVED_IMPLS if impl in rows and rows[impl].ms]
+    if "prefixkern" not in impls or "floor_no_prefix" not in impls:
+        return [], []
+    interleaved_case = case + INTERLEAVED_SUFFIX
+    progress(f"e2e_train {interleaved_case} {' '.join(impls)}")
+    steps = {}
+    try:
+        for impl in impls:
+            steps[impl] = _step_fn(build_model(name, impl, opts, base_state), impl, *inputs)
+            steps[impl]()                      # warm: allocator pools, the first step's one-time work
+        times = interleaved_times(steps, INTERLEAVED_ROUNDS, INTERLEAVED_CALLS)
+    except Exception as exc:                   # out of memory with three models, say: the rows above stand
+        return [], [Skip("e2e_train", interleaved_case, "all", f"{type(exc).__name__}: {str(exc)[:300]}")]
+    finally:
+        steps.clear()
+        release_models(opts.on_gpu)
+    records = []
+    for impl in impls:
+        row = rows[impl]
+        ms = statistics.median(times[impl])
+        record = Record("e2e_train", interleaved_case, impl, "step", row.dtype, ms=ms,
+                        tokens_per_s=tokens / (ms * 1e-3), max_err=row.max_err, ok=row.ok)
+        others = ", ".join(i for i in impls if i != impl)
+        record.note = (f"timed side by side with {others}: {INTERLEAVED_ROUNDS} rounds, each {INTERLEAVED_CALLS} "
+                       f"synchronised steps of every model in turn (wall clock); {spread_note(times[impl])}")
+        records.append(record)
+    return records, []
 
 
 def _compiled_step(step):
@@ -400,6 +455,12 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 if impl in COMPILED_IMPLS:
                     torch._dynamo.reset()           # the next compiled row compiles its own model
                 release_models(opts.on_gpu)
+            if opts.on_gpu:
+                rows = {r.impl: r for r in records if r.case == case}
+                got, skipped = _interleaved_case(opts, progress, name, case, base_state,
+                                                 (input_ids, attention_mask, labels), rows, batch * seq_len)
+                records += got
+                skips += skipped
         if name in RAGGED_LENGTHS:
             got, skipped = _ragged_case(opts, progress, name, config, base_state, RAGGED_LENGTHS[name])
             records += got

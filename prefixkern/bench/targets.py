@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
+# The e2e suite's cases timed again with the floor and stock PEFT side by side (prefixkern/bench/e2e.py,
+# ``_interleaved_case``): issue 4's ratios are read off them as off the case itself.
+INTERLEAVED_SUFFIX = "-interleaved"
+
 # Cases the issues name.
 ATTENTION_CASES = ("llama8b-2k", "llama8b-8k", "long-32k")
 MLP_CASES = ("qwen2.5-0.5b", "bloomz-560m", "llama3-8b")
@@ -126,7 +130,8 @@ def evaluate(payload: dict) -> list[Target]:
         if "S2048" in case and sdpa and sdpa["ms"]:
             add(4, "1.2x stock PEFT + sdpa tokens/s at S=2048", case, _fmt(sdpa["ms"] / r["ms"], "x"),
                 sdpa["ms"] / r["ms"] >= 1.2)
-        add(4, "same loss as stock PEFT on the same batch", case, _fmt(r["max_err"]), r["ok"])
+        if not case.endswith(INTERLEAVED_SUFFIX):      # (the same loss as its case's row)
+            add(4, "same loss as stock PEFT on the same batch", case, _fmt(r["max_err"]), r["ok"])
 
     # ---- issue 6: decode (the default kernel, and the tensor-core one where the file has it) ----
     for r in records:
