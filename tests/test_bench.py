@@ -563,6 +563,58 @@ def test_timed_calls_can_be_kept_for_their_spread(monkeypatch):
     assert spread_note(samples) == "4 timed calls, ms: min 1, quartiles 1.25 / 2.5 / 8.25, max 10"
 
 
+def test_decoding_step_rows_note_their_time_back_to_back(monkeypatch):
+    """do_bench's L2 flush before each timed call hides up to the flush's GPU time of a host-bound
+    call's host work; a decoding step row also notes its mean over calls made back to back, as
+    generate() makes them. Fake CUDA events here: the mean is the events' span over the calls."""
+    from prefixkern.bench import common, decode
+    from prefixkern.bench.common import Options
+
+    class FakeEvent:
+        clock = 0.0
+
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.at = FakeEvent.clock
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    calls = []
+
+    def fn():
+        calls.append(1)
+        FakeEvent.clock += 0.25
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    assert common.back_to_back_ms(fn, calls=8) == pytest.approx(0.25) and len(calls) == 9   # one warm-up call
+
+    pytest.importorskip("transformers")
+
+    def timed(opts, record, fn, expected):
+        fn()
+        record.ms, record.ok = 1.0, True
+        return record
+
+    monkeypatch.setattr(decode, "_checked_and_timed", timed)
+    monkeypatch.setattr(decode, "back_to_back_ms", lambda fn: 0.125)
+    opts = Options(device=torch.device("cpu"), dtype=torch.float32, quick=True, baselines=None, shapes=None,
+                   on_gpu=False)
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    pk, pv = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    cat_k, cat_v = torch.cat([pk.expand(2, -1, -1, -1), k], 2), torch.cat([pv.expand(2, -1, -1, -1), v], 2)
+    records, _ = decode._run_steps(opts, lambda message: None, "tiny", q, k, v, pk, pv, cat_k, cat_v,
+                                   lambda *size: torch.randn(*size))
+    assert {r.impl for r in records} == {"prefixkern", "hf_dynamic_cache_sdpa"}
+    assert all(r.note.startswith("back to back: 0.125 ms a call (100 calls") for r in records)
+
+
 def test_raw_launch_row_is_timed_interleaved_with_the_plain_launch(monkeypatch):
     """The raw-launch decision compares two host-bound rows: alternating rounds on one model take
     drift out of the comparison. Fake steps of 3 and 1 ms: every call counted, raw read faster."""

@@ -128,6 +128,22 @@ def time_ms(fn: Callable[[], object], *, on_gpu: bool, quick: bool, samples: lis
     return statistics.median(times)
 
 
+def back_to_back_ms(fn: Callable[[], object], calls: int = 100) -> float:
+    """Mean ms of ``fn`` over ``calls`` calls made back to back between two CUDA events, with no L2
+    flush between them: what a loop of such calls (generate()'s steps) sees. do_bench's flush before
+    each timed call gives the host a head start of the flush's GPU time (tens of microseconds on
+    an H200), so a host-bound call's row there shows only the host time beyond it."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
 def spread_note(samples: list[float]) -> str:
     """How the timed calls of a row spread: their count, min, quartiles and max, in ms."""
     q1, q2, q3 = statistics.quantiles(samples, n=4) if len(samples) > 1 else samples * 3

@@ -16,7 +16,8 @@ from .. import reference
 from .._backend import use_backend
 from ..ops.decode_attention import cuda_decode_supported, prefix_decode_attention, tensor_core_decoding
 from ..ops.prefix_attention import prefix_attention
-from .common import Options, Record, Skip, dtype_name, peak_mem_mb, release_models, scaled_err, time_ms
+from .common import (Options, Record, Skip, back_to_back_ms, dtype_name, peak_mem_mb, release_models, scaled_err,
+                     time_ms)
 
 HQ, HKV, D = 32, 8, 128      # Llama-3-8B attention
 PREFIXES = (30, 128)
@@ -210,8 +211,12 @@ def _run_steps(opts: Options, progress, name, q, k, v, pk, pv, cat_k, cat_v, ran
                         keys, values = layer.update(new_k, new_v)
                         return F.scaled_dot_product_attention(q, keys, values, enable_gqa=q.shape[1] != hkv)
             progress(f"decode {name} {impl} step")
-            records.append(_checked_and_timed(opts, Record("decode", name, impl, "step", dtype_name(opts.dtype)), fn,
-                                              expected))
+            record = _checked_and_timed(opts, Record("decode", name, impl, "step", dtype_name(opts.dtype)), fn,
+                                        expected)
+            if record.ms:
+                record.add_note(f"back to back: {back_to_back_ms(fn):.3g} ms a call (100 calls between two events, "
+                                "no L2 flush: the host time of a host-bound step in full)")
+            records.append(record)
         del layer, fn
     return records, []
 
