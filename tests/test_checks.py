@@ -101,6 +101,19 @@ def test_backend_name_is_checked(monkeypatch):
 # Tile selection (the logic runs on any machine; the timings here are stand-ins)
 # --------------------------------------------------------------------------------------------
 
+def test_launches_take_a_device_guard_only_off_the_current_gpu(monkeypatch):
+    """Triton launches on the current GPU: a launcher on another GPU's tensors switches to it, and
+    one on the current GPU's (the usual case) skips the guard's host time."""
+    from prefixkern.kernels import _launch as common
+
+    monkeypatch.setattr(common.torch.cuda, "current_device", lambda: 1)
+    assert common.on_device(torch.device("cpu")) is common._NO_DEVICE_GUARD
+    assert common.on_device(torch.device("cuda", 1)) is common._NO_DEVICE_GUARD
+    assert common.on_device(torch.device("cuda")) is common._NO_DEVICE_GUARD     # (no index: the current one)
+    guard = common.on_device(torch.device("cuda", 0))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 0
+
+
 def test_pick_config_times_only_spill_free_candidates(monkeypatch):
     import types
 
