@@ -382,20 +382,23 @@ def test_torch_compile_traces_the_autocast_choice(device):
     assert torch.equal(compiled, eager)
 
 
-@pytest.mark.parametrize("launches", [1, 2])
+@pytest.mark.parametrize("launches", [1, 2, "strips"])
 @pytest.mark.parametrize("P,hidden,layout,bias", [(17, 45, "contiguous", True), (33, 20, "p_outer", True),
-                                                   (1, 45, "contiguous", False)])
+                                                   (1, 45, "contiguous", False), (12, 45, "p_outer", True)])
 def test_backward_writes_every_gradient_element(monkeypatch, P, hidden, layout, bias, launches, device):
     """Fresh buffers filled with NaN (torch's fill_uninitialized_memory): every gradient element is
     written by exactly the programs that own it, at ragged sizes (P, h, N not tile multiples) and
     with a gradient whose P axis is outermost; values against float64 autograd. With the dH and the
-    dW2 programs in one launch, and in a launch each (the tiles offered where W2 is large)."""
+    dW2 programs in one launch, in a launch each (the tiles offered where W2 is large), and with
+    the dW2 launch walking strips of tiles where one P tile covers every row (P <= 16 in the
+    interpreter; beyond, the tile falls back to a program per dW2 tile): 8 tiles along N in
+    strips of 3, the last one ragged."""
     from prefixkern.kernels import prefix_mlp as kernels
 
     launched = _record_launches(monkeypatch)
-    if launches == 2:
+    if launches != 1:
         monkeypatch.setattr(kernels, "INTERPRETER_BWD_TILE", kernels.INTERPRETER_BWD_TILE._replace(
-            dw_num_warps=4, dw_num_stages=1))
+            dw_num_warps=4, dw_num_stages=1, dw_strips=launches == "strips"))
     torch.manual_seed(15)
     L, Hkv, D, d = 3, 1, 20, 24
     N = 2 * L * Hkv * D
@@ -428,7 +431,8 @@ def test_backward_writes_every_gradient_element(monkeypatch, P, hidden, layout, 
         torch.testing.assert_close(ours.double(), ref, atol=1e-4, rtol=1e-4, msg=name)
     if device == "cpu":       # (on a GPU the first candidate of the table runs, whatever the test set)
         roles = [meta["ROLES"] for name, meta in launched if name == "prefix_mlp_bwd_kernel"]
-        assert roles == (["both"] if launches == 1 else ["dh", "dw2"])
+        strips = launches == "strips" and P <= kernels.bwd_block_p(P, "ieee")
+        assert roles == (["both"] if launches == 1 else ["dh", "dw2_strip" if strips else "dw2"])
 
 
 def _record_launches(monkeypatch) -> list:
@@ -449,7 +453,8 @@ def _record_launches(monkeypatch) -> list:
 def test_two_launch_backward_tiles_only_where_w2_is_large(monkeypatch):
     """The backward's tuning candidates (as on a GPU): the one-launch tiles always, first; the
     two-launch ones (dW2 programs in a launch of their own) beside them from
-    BWD_TWO_LAUNCH_MIN_W2 elements of W2: Llama-3-8B's and bloomz-560m's, not Qwen2.5-0.5B's."""
+    BWD_TWO_LAUNCH_MIN_W2 elements of W2: Llama-3-8B's and bloomz-560m's, not Qwen2.5-0.5B's; of
+    those, the strip ones only where one P tile holds every row."""
     from prefixkern.kernels import prefix_mlp as mlp
 
     monkeypatch.setattr(mlp, "triton_interpret", lambda: False)
@@ -460,6 +465,16 @@ def test_two_launch_backward_tiles_only_where_w2_is_large(monkeypatch):
         assert small == list(table) and all(t.dw_num_warps == 0 for t in small)
         assert large[:len(table)] == list(table)
         assert large[len(table):] and all(t.dw_num_warps > 0 and t.dw_num_stages > 0 for t in large[len(table):])
+        # dW2 strips where one P tile covers every row: P = 64 but under FMA products (32-row tiles).
+        fits = precision != "ieee"
+        assert any(t.dw_strips for t in large) == fits and not any(t.dw_strips for t in small)
+        assert any(t.dw_strips for t in mlp.bwd_candidates(32, precision, 65536 * 1024))
+        assert not any(t.dw_strips for t in mlp.bwd_candidates(65, precision, 65536 * 1024))
+    # A strip takes about four programs per SM of tiles: 16 of Llama-3-8B's 8192 64 x 64 tiles on an
+    # H100's or H200's 132 SMs; a tile each where there are fewer tiles than that.
+    monkeypatch.setattr(mlp, "num_sms", lambda index: 132)
+    assert mlp.dw2_strip_tiles(8192, torch.device("cuda", 0)) == 16
+    assert mlp.dw2_strip_tiles(300, torch.device("cuda", 0)) == 1
 
 
 def test_launched_tiles_name_every_field(monkeypatch, device):

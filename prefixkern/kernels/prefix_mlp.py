@@ -15,7 +15,8 @@ forward   ``prefix_mlp_matmul_kernel``   H = tanh(E @ W1^T + b1), [P, h] float32
 backward  ``prefix_mlp_bwd_kernel``      two kinds of program: split-N partials of
                                          dH = G @ W2, [splits, P, h], reading W2 once; and
                                          dW2 = G^T @ H, db2 (no atomics: deterministic); one
-                                         launch, or one per kind where W2 is large (``BwdTile``)
+                                         launch, or one per kind where W2 is large, dW2 then a
+                                         program per tile or per strip of tiles (``BwdTile``)
           ``prefix_mlp_bwd_hidden_kernel`` dZ = (sum of partials) * (1 - H^2), db1 = sum_p dZ
           ``prefix_mlp_matmul_kernel``   dE = dZ @ W1 and dW1 = dZ^T @ E
 P-Tuning v2 and dropout
@@ -317,10 +318,11 @@ def prefix_mlp_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 # One launch runs both products (a two-launch BwdTile: one launch each), each program one role
-# with its own tile: the dH programs (first in the grid, the long ones) stream W2 once, a split of N each, into float32 [P, BLOCK_K]
-# accumulators; the dW2 programs each write one [BLOCK_N, BLOCK_K] tile of dW2 from G and H, which
-# are small (dW2 does not read W2, so fusing both into one loop, as this kernel once did, saved
-# nothing but a re-read of G from L2 and bound both to one small tile: 2 ms at Llama-3-8B size).
+# with its own tile: the dH programs (first in the grid, the long ones) stream W2 once, a split of
+# N each, into float32 [P, BLOCK_K] accumulators; the dW2 programs each write one [BLOCK_N, BLOCK_K]
+# tile of dW2 (or a strip of them) from G and H, which are small (dW2 does not read W2, so fusing
+# both into one loop, as this kernel once did, saved nothing but a re-read of G from L2 and bound
+# both to one small tile: 2 ms at Llama-3-8B size).
 # The P tiles follow P (bwd_block_p). "tensor": TF32 and 16-bit products; "ieee": FMA dots, whose
 # operands and accumulators take registers per thread, so smaller tiles; "tf32x3": the "tensor"
 # entries with a 32-wide dH tile (the 64-wide ones spill 4-300 B holding both TF32 parts of each
@@ -336,7 +338,9 @@ class BwdTile(NamedTuple):
     grid: 8192 at Llama-3-8B size) run at the dH programs' register and shared-memory footprint,
     one block per SM at the large tiles. Otherwise the dW2 programs get a launch of their own with
     these warps and stages, compiled with their own footprint (2-4 blocks per SM at a 64 x 64 tile):
-    one launch more, offered only where W2 is large (``BWD_TWO_LAUNCH_MIN_W2``)."""
+    one launch more, offered only where W2 is large (``BWD_TWO_LAUNCH_MIN_W2``). ``dw_strips``: that
+    launch walks strips of dW2 tiles, a program each (``_bwd_dw2_strip_program``), rather than
+    giving each tile a program; offered where one P tile covers every row."""
     dh_block_n: int
     dh_block_k: int
     dw_block_n: int
@@ -345,6 +349,7 @@ class BwdTile(NamedTuple):
     num_stages: int
     dw_num_warps: int = 0
     dw_num_stages: int = 0
+    dw_strips: bool = False
 
 
 BWD_TILES = {
@@ -356,11 +361,13 @@ BWD_TILES = {
 # Two-launch candidates: each table's first dH tile with a dW2 launch of its own. The dW2-only
 # kernel at these tiles takes 116-190 registers at sm_90 with no spills on Triton 3.6 and 3.9
 # (unit inner strides, as the launches have them), 2-4 blocks per SM, against the one-launch
-# kernel's one at the large tiles.
+# kernel's one at the large tiles. The strip ones (last field True) 71-184, no spills on either;
+# under FMA products a 64-wide strip tile spilled 36 B at P tile 32, hence 32.
 BWD_TWO_LAUNCH_TILES = {
-    "tensor": (BwdTile(64, 64, 64, 64, 8, 4, 4, 2), BwdTile(64, 64, 128, 64, 8, 4, 8, 2)),
-    "tf32x3": (BwdTile(32, 128, 64, 64, 8, 4, 4, 2),),
-    "ieee": (BwdTile(16, 64, 64, 64, 4, 2, 4, 2),),
+    "tensor": (BwdTile(64, 64, 64, 64, 8, 4, 4, 2), BwdTile(64, 64, 128, 64, 8, 4, 8, 2),
+               BwdTile(64, 64, 64, 64, 8, 4, 4, 3, True), BwdTile(64, 64, 128, 64, 8, 4, 8, 3, True)),
+    "tf32x3": (BwdTile(32, 128, 64, 64, 8, 4, 4, 2), BwdTile(32, 128, 64, 64, 8, 4, 4, 3, True)),
+    "ieee": (BwdTile(16, 64, 64, 64, 4, 2, 4, 2), BwdTile(16, 64, 32, 64, 4, 2, 4, 3, True)),
 }
 # W2 elements from which the two-launch candidates are timed: below it the problem is small
 # enough that the extra launch's host time outweighs what it saves (Qwen2.5-0.5B's W2 has 0.8M
@@ -395,14 +402,32 @@ def bwd_candidates(num_rows: int, precision: str, w2_elements: int = 0) -> list[
     if triton_interpret():
         return [INTERPRETER_BWD_TILE]
     name = _bwd_table(precision)
-    table = BWD_TILES[name] + (BWD_TWO_LAUNCH_TILES[name] if w2_elements >= BWD_TWO_LAUNCH_MIN_W2 else ())
     block_p = bwd_block_p(num_rows, precision)
+    two_launch = BWD_TWO_LAUNCH_TILES[name] if w2_elements >= BWD_TWO_LAUNCH_MIN_W2 else ()
+    table = BWD_TILES[name] + tuple(t for t in two_launch if not t.dw_strips or num_rows <= block_p)
     elem = 4   # the operands are staged as loaded: float32 W2 and H, G in its dtype (at most 4 bytes)
     kept = [t for t in table
             if _fits_smem(t.num_stages, (block_p * t.dh_block_n + t.dh_block_n * t.dh_block_k) * elem // 4)
-            and _fits_smem(t.dw_num_stages or t.num_stages,
-                           (t.dw_block_n * block_p + block_p * t.dw_block_k) * elem // 4)]
+            and _fits_smem(t.dw_num_stages or t.num_stages, _dw_stage_elements(t, block_p) * elem // 4)]
     return kept or [min(table, key=lambda t: t.dh_block_n * t.dh_block_k + t.dw_block_n * t.dw_block_k)]
+
+
+def _dw_stage_elements(tile: BwdTile, block_p: int) -> int:
+    """Elements one pipeline stage of the dW2 programs stages: G and H tiles over their P step
+    (a strip program keeps H's chunk and stages G alone, over every P row)."""
+    if tile.dw_strips:
+        return tile.dw_block_n * block_p + block_p * tile.dw_block_k // tile.dw_num_stages
+    dw_block_p = bwd_dw_block_p(block_p)
+    return tile.dw_block_n * dw_block_p + dw_block_p * tile.dw_block_k
+
+
+def dw2_strip_tiles(num_tiles: int, device: torch.device) -> int:
+    """dW2 tiles per strip program: about four programs per SM, so every SM holds a few and the
+    tiles of each run back to back. (The interpreter, on CPU: three, so strips, a ragged last one
+    included, are exercised at its small sizes.)"""
+    if device.type != "cuda":
+        return 3
+    return max(1, cdiv(num_tiles, 4 * num_sms(device_index(device))))
 
 
 def _bwd_split_align() -> int:
@@ -502,9 +527,53 @@ def _bwd_dw2_program(
 
 
 @triton.jit
+def _bwd_dw2_strip_program(
+    j, g_ptr, h_ptr, dw2_ptr, db2_ptr,
+    P, N, HID, Hkv, D, TILES_PER_PROGRAM,
+    stride_gl, stride_gt, stride_gg, stride_gp, stride_gd,
+    stride_hp, stride_hk,
+    stride_dw2n, stride_dw2k,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``TILES_PER_PROGRAM`` consecutive [BLOCK_N, BLOCK_K] tiles of ``dW2 = G^T @ H`` along N, one
+    hidden chunk (and db2 with the first chunk); BLOCK_P covers every P row. H's chunk is loaded
+    once, then one loop walks the tiles: each a single product over P and a store, the next tile's
+    G load issued ahead by the software pipeline (num_stages) while this one's product and store
+    run. ``_bwd_dw2_program`` gives each tile a program of its own instead: 8192 short programs at
+    Llama-3-8B size, each loading, multiplying over 64 rows and storing with nothing to overlap."""
+    num_k = tl.cdiv(HID, BLOCK_K)
+    pid_k = j % num_k
+    pid_s = j // num_k
+    k0 = pid_k * BLOCK_K
+    rows = tl.arange(0, BLOCK_P)
+    ks = tl.arange(0, BLOCK_K)
+    mask_p = rows < P
+    mask_k = ks < HID - k0
+    hidden = tl.load(h_ptr + k0 * stride_hk + (rows[:, None] * stride_hp + ks[None, :] * stride_hk),
+                     mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+    n_first = pid_s * TILES_PER_PROGRAM * BLOCK_N
+    n_end = tl.minimum(n_first + TILES_PER_PROGRAM * BLOCK_N, N)
+    dw2_tile = dw2_ptr + k0 * stride_dw2k + (tl.arange(0, BLOCK_N)[:, None] * stride_dw2n + ks[None, :] * stride_dw2k)
+    for n0 in range(n_first, n_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        mask_n = cols < n_end
+        col_offsets = _kv_column_offsets(cols, Hkv, D, stride_gl, stride_gt, stride_gg, stride_gd)
+        grad = tl.load(g_ptr + (rows[:, None] * stride_gp + col_offsets[None, :]),
+                       mask=mask_p[:, None] & mask_n[None, :], other=0.0)
+        acc = _mma(tl.trans(grad), hidden, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), PRECISION)
+        tl.store(dw2_tile + n0 * stride_dw2n, acc.to(dw2_ptr.dtype.element_ty),
+                 mask=mask_n[:, None] & mask_k[None, :])
+        if HAS_BIAS:
+            if pid_k == 0:
+                tl.store(db2_ptr + cols, tl.sum(grad.to(tl.float32), axis=0).to(db2_ptr.dtype.element_ty),
+                         mask=mask_n)
+
+
+@triton.jit
 def prefix_mlp_bwd_kernel(
     g_ptr, h_ptr, w2_ptr, dw2_ptr, db2_ptr, dh_part_ptr,
-    P, N, HID, Hkv, D, N_PER_SPLIT, NUM_DH_PROGRAMS,
+    P, N, HID, Hkv, D, N_PER_SPLIT, NUM_DH_PROGRAMS, DW_TILES_PER_PROGRAM,
     stride_gl, stride_gt, stride_gg, stride_gp, stride_gd,
     stride_hp, stride_hk,
     stride_w2n, stride_w2k,
@@ -517,8 +586,9 @@ def prefix_mlp_bwd_kernel(
     """``ROLES="both"``: programs [0, NUM_DH_PROGRAMS) compute the split-N partials of dH
     (``_bwd_dh_program``), the rest dW2 and db2 (``_bwd_dw2_program``). ``"dh"`` / ``"dw2"``: every
     program takes that one role, so the compiled kernel holds only its registers and shared
-    memory (the launcher's two-launch configs). Every output element has one writer: no atomics,
-    and the result does not depend on scheduling."""
+    memory (the launcher's two-launch configs); ``"dw2_strip"``: the dW2 role by strips of
+    ``DW_TILES_PER_PROGRAM`` tiles (``_bwd_dw2_strip_program``, DW_BLOCK_P covering P). Every
+    output element has one writer: no atomics, and the result does not depend on scheduling."""
     pid = tl.program_id(0).to(tl.int64)
     if ROLES == "dh":
         _bwd_dh_program(pid, g_ptr, w2_ptr, dh_part_ptr, P, N, HID, Hkv, D, N_PER_SPLIT,
@@ -529,6 +599,10 @@ def prefix_mlp_bwd_kernel(
         _bwd_dw2_program(pid, g_ptr, h_ptr, dw2_ptr, db2_ptr, P, N, HID, Hkv, D,
                          stride_gl, stride_gt, stride_gg, stride_gp, stride_gd, stride_hp, stride_hk,
                          stride_dw2n, stride_dw2k, HAS_BIAS, PRECISION, DW_BLOCK_P, DW_BLOCK_N, DW_BLOCK_K)
+    elif ROLES == "dw2_strip":
+        _bwd_dw2_strip_program(pid, g_ptr, h_ptr, dw2_ptr, db2_ptr, P, N, HID, Hkv, D, DW_TILES_PER_PROGRAM,
+                               stride_gl, stride_gt, stride_gg, stride_gp, stride_gd, stride_hp, stride_hk,
+                               stride_dw2n, stride_dw2k, HAS_BIAS, PRECISION, DW_BLOCK_P, DW_BLOCK_N, DW_BLOCK_K)
     elif pid < NUM_DH_PROGRAMS:
         _bwd_dh_program(pid, g_ptr, w2_ptr, dh_part_ptr, P, N, HID, Hkv, D, N_PER_SPLIT,
                         stride_gl, stride_gt, stride_gg, stride_gp, stride_gd, stride_w2n, stride_w2k,
@@ -785,11 +859,11 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
         num_dh = cdiv(num_rows, block_p) * cdiv(hidden_size, tile.dh_block_k) * num_splits
         num_dw = cdiv(num_cols, tile.dw_block_n) * cdiv(hidden_size, tile.dw_block_k)
 
-        def launch_roles(roles, num_programs, warps, stages):
+        def launch_roles(roles, num_programs, warps, stages, dw_block_p=bwd_dw_block_p(block_p), tiles_per_program=1):
             return launch_kernel(
                 prefix_mlp_bwd_kernel, (num_programs,),
                 grad, hidden, w2, dw2, db2, dh_part,
-                num_rows, num_cols, hidden_size, num_kv_heads, head_dim, per_split, num_dh,
+                num_rows, num_cols, hidden_size, num_kv_heads, head_dim, per_split, num_dh, tiles_per_program,
                 *grad_strides,
                 hidden.stride(0), hidden.stride(1),
                 w2.stride(0), w2.stride(1),
@@ -797,14 +871,20 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
                 *dh_part.stride(),
                 HAS_BIAS=b2 is not None, PRECISION=precision, ROLES=roles,
                 DH_BLOCK_P=block_p, DH_BLOCK_N=tile.dh_block_n, DH_BLOCK_K=tile.dh_block_k,
-                DW_BLOCK_P=bwd_dw_block_p(block_p), DW_BLOCK_N=tile.dw_block_n, DW_BLOCK_K=tile.dw_block_k,
+                DW_BLOCK_P=dw_block_p, DW_BLOCK_N=tile.dw_block_n, DW_BLOCK_K=tile.dw_block_k,
                 num_warps=warps, num_stages=stages,
             )
 
         if not tile.dw_num_warps:
             return launch_roles("both", num_dh + num_dw, tile.num_warps, tile.num_stages)
         dh = launch_roles("dh", num_dh, tile.num_warps, tile.num_stages)
-        dw = launch_roles("dw2", num_dw, tile.dw_num_warps, tile.dw_num_stages)
+        if tile.dw_strips and num_rows <= block_p:     # (bwd_candidates offers strips only then)
+            num_n_tiles, num_k_chunks = cdiv(num_cols, tile.dw_block_n), cdiv(hidden_size, tile.dw_block_k)
+            per_program = dw2_strip_tiles(num_n_tiles * num_k_chunks, device)
+            dw = launch_roles("dw2_strip", num_k_chunks * cdiv(num_n_tiles, per_program), tile.dw_num_warps,
+                              tile.dw_num_stages, dw_block_p=block_p, tiles_per_program=per_program)
+        else:
+            dw = launch_roles("dw2", num_dw, tile.dw_num_warps, tile.dw_num_stages)
         return max(dh, dw, key=spill_bytes)     # what the tuner checks for spills: the worse of the two
 
     key = ("mlp-bwd", device, num_rows, num_cols, hidden_size, num_splits, b2 is not None, precision, grad.dtype,

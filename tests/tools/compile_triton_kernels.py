@@ -164,14 +164,17 @@ def cases(quick: bool):
                dict(HAS_BIAS=True, HAS_DROPOUT=True, PRECISION=second, BLOCK_P=32, BLOCK_N=64, BLOCK_K=32),
                {"out_ptr": out_ptr, "seed_ptr": "*i64"}, "*fp32", 4, 3)
         bp = mlp.bwd_block_p(64, first)
-        two_launch = mlp.BWD_TWO_LAUNCH_TILES[mlp._bwd_table(first)][0]     # (first's table, as the launcher)
-        for roles, tile in (("both", mlp.bwd_candidates(64, first)[0]), ("dh", two_launch), ("dw2", two_launch)):
-            warps, stages = (tile.dw_num_warps, tile.dw_num_stages) if roles == "dw2" else (tile.num_warps,
-                                                                                              tile.num_stages)
+        table = mlp.BWD_TWO_LAUNCH_TILES[mlp._bwd_table(first)]     # (first's table, as the launcher)
+        two_launch, strips = table[0], next(t for t in table if t.dw_strips)
+        for roles, tile in (("both", mlp.bwd_candidates(64, first)[0]), ("dh", two_launch), ("dw2", two_launch),
+                            ("dw2_strip", strips)):
+            warps, stages = (tile.dw_num_warps, tile.dw_num_stages) if roles.startswith("dw2") else (tile.num_warps,
+                                                                                                     tile.num_stages)
             yield (f"mlp-bwd {roles} {out_ptr} {first}", mlp.prefix_mlp_bwd_kernel,
                    dict(HAS_BIAS=True, PRECISION=first, ROLES=roles, DH_BLOCK_P=bp, DH_BLOCK_N=tile.dh_block_n,
-                        DH_BLOCK_K=tile.dh_block_k, DW_BLOCK_P=mlp.bwd_dw_block_p(bp), DW_BLOCK_N=tile.dw_block_n,
-                        DW_BLOCK_K=tile.dw_block_k), {"g_ptr": out_ptr}, "*fp32", warps, stages)
+                        DH_BLOCK_K=tile.dh_block_k, DW_BLOCK_P=bp if roles == "dw2_strip" else mlp.bwd_dw_block_p(bp),
+                        DW_BLOCK_N=tile.dw_block_n, DW_BLOCK_K=tile.dw_block_k), {"g_ptr": out_ptr}, "*fp32", warps,
+                   stages)
     yield ("mlp-bwd-hidden", mlp.prefix_mlp_bwd_hidden_kernel, dict(HAS_BIAS=True, BLOCK_P=32, BLOCK_K=64),
            {}, "*fp32", 4, 1)
     yield ("mlp-kv-copy", mlp.prefix_kv_copy_kernel, dict(HAS_DROPOUT=True, BLOCK_P=32, BLOCK_N=128),

@@ -121,7 +121,8 @@ def mlp_case(rng: random.Random, seed: int, notes: list) -> None:
     """``fused_prefix_mlp`` on random sizes (P 1-130, ragged d, h and N), with or without the
     projection and its biases, three output dtypes: values and every parameter gradient. In the
     interpreter, half the cases run the backward's dH and dW2 programs in a launch each (the
-    two-launch tiles a GPU's tuner times where W2 is large)."""
+    two-launch tiles a GPU's tuner times where W2 is large), and half of those walk dW2 by strips
+    of tiles (where one P tile holds every row: P <= 16 in the interpreter)."""
     from conftest import TOLERANCES
 
     from prefixkern.kernels import prefix_mlp as kernels
@@ -132,9 +133,10 @@ def mlp_case(rng: random.Random, seed: int, notes: list) -> None:
     projection, bias = rng.random() < 0.75, rng.random() < 0.8
     token_dim, hidden = rng.choice([5, 24, 40, 64]), rng.choice([5, 20, 36, 64, 100])
     out_dtype = rng.choice(DTYPES)
-    two_launches = rng.random() < 0.5
+    launch_draw = rng.random()        # (one draw, as before strips: a seed's cases stay the same)
+    two_launches, strips = launch_draw < 0.5, launch_draw < 0.25
     notes.append(f"mlp P{num_rows} {sizes} projection={projection} bias={bias} d{token_dim} h{hidden} {out_dtype}"
-                 f"{' bwd in two launches' if two_launches else ''}")
+                 f"{' bwd in two launches' if two_launches else ''}{', dW2 by strips' if strips else ''}")
     gen = torch.Generator().manual_seed(seed)
     if projection:
         params = [torch.randn(num_rows, token_dim, generator=gen), torch.randn(hidden, token_dim, generator=gen) /
@@ -150,7 +152,7 @@ def mlp_case(rng: random.Random, seed: int, notes: list) -> None:
     expected_grads = torch.autograd.grad(expected, leaves, grad)
     one_launch_tile = kernels.INTERPRETER_BWD_TILE
     if two_launches:
-        kernels.INTERPRETER_BWD_TILE = one_launch_tile._replace(dw_num_warps=4, dw_num_stages=1)
+        kernels.INTERPRETER_BWD_TILE = one_launch_tile._replace(dw_num_warps=4, dw_num_stages=1, dw_strips=strips)
     try:
         with use_backend("triton"):
             got = prefixkern.fused_prefix_mlp(*params, **sizes, out_dtype=out_dtype)

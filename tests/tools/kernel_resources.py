@@ -131,14 +131,15 @@ def mlp_candidates():
                 continue
             # (a W2 large enough that the two-launch candidates are timed too)
             for i, tile in enumerate(mlp.bwd_candidates(block_p, precision, mlp.BWD_TWO_LAUNCH_MIN_W2)):
+                dw_roles = "dw2_strip" if tile.dw_strips else "dw2"
                 launches = [("both", tile.num_warps, tile.num_stages)] if not tile.dw_num_warps else \
-                    [("dh", tile.num_warps, tile.num_stages), ("dw2", tile.dw_num_warps, tile.dw_num_stages)]
+                    [("dh", tile.num_warps, tile.num_stages), (dw_roles, tile.dw_num_warps, tile.dw_num_stages)]
                 for roles, warps, stages in launches:
                     yield (f"mlp-bwd {roles} {precision} P{block_p}", mlp.prefix_mlp_bwd_kernel,
                            dict(HAS_BIAS=True, PRECISION=precision, ROLES=roles, DH_BLOCK_P=block_p,
                                 DH_BLOCK_N=tile.dh_block_n, DH_BLOCK_K=tile.dh_block_k,
-                                DW_BLOCK_P=mlp.bwd_dw_block_p(block_p), DW_BLOCK_N=tile.dw_block_n,
-                                DW_BLOCK_K=tile.dw_block_k),
+                                DW_BLOCK_P=block_p if tile.dw_strips else mlp.bwd_dw_block_p(block_p),
+                                DW_BLOCK_N=tile.dw_block_n, DW_BLOCK_K=tile.dw_block_k),
                            {"g_ptr": "*bf16"}, warps, stages, i == 0)
         for block_p in (16, 32, 64):   # the launcher's P tiles (MAX_BLOCK_P_FWD)
             for i, (block_n, block_k, warps, stages) in enumerate(mlp.fwd_candidates(block_p, 1 << 20, precision)):
