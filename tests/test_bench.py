@@ -256,7 +256,7 @@ def test_raw_launch_rows_hold_their_setting_through_the_backward(monkeypatch):
 
     for module in (prefix_attention_fwd, prefix_attention_bwd, mlp_kernels):
         monkeypatch.setattr(module, "launch_kernel", recording_launch(module.launch_kernel))
-    monkeypatch.setattr(attention_suite, "unavailable", lambda impl, opts: None)
+    monkeypatch.setattr(attention_suite, "unavailable", lambda impl, opts, case=None: None)
     monkeypatch.setattr(attention_suite.attention_packed, "run", lambda opts, progress: ([], []))
     monkeypatch.setattr(mlp_suite, "raw_launch_skip", lambda opts: None)
     with prefixkern.use_backend("triton"):
@@ -270,6 +270,43 @@ def test_raw_launch_rows_hold_their_setting_through_the_backward(monkeypatch):
         assert raw == message.endswith("prefixkern_raw_launch"), (message, kernel, raw)
     assert any(kernel.startswith("prefix_attention_bwd") and raw for _, kernel, raw in launched)
     assert any(kernel == "prefix_mlp_bwd_kernel" and raw for _, kernel, raw in launched)
+
+
+def test_in_order_rows_launch_every_kernel_in_launch_order(monkeypatch):
+    """The attention suite's prefixkern_in_order rows (on a GPU, at llama8b-2k/8k: the op with its
+    causal programs in launch order, beside prefixkern's heaviest first) launch the forward and
+    both backward kernels with HEAVY_FIRST off, and the prefixkern rows with it on. Here the rows
+    are let run on the CPU; without a GPU, and at other shapes, the suite skips them with why."""
+    from prefixkern.bench import attention as attention_suite
+    from prefixkern.bench.common import Options
+    from prefixkern.kernels import prefix_attention_bwd, prefix_attention_fwd
+
+    opts = Options(torch.device("cpu"), torch.bfloat16, True, ("prefixkern", "prefixkern_in_order"), None, False)
+    assert "on a GPU" in attention_suite.unavailable("prefixkern_in_order", opts, "llama8b-2k")
+    on_gpu = Options(torch.device("cpu"), torch.bfloat16, True, None, None, True)
+    assert attention_suite.unavailable("prefixkern_in_order", on_gpu, "llama8b-8k") is None
+    assert "llama8b-2k and llama8b-8k only" in attention_suite.unavailable("prefixkern_in_order", on_gpu, "seed-qwen")
+
+    launched = []
+    row = [None]
+
+    def recording_launch(real):
+        def launch(kernel, grid, *args, **meta):
+            launched.append((row[0], kernel.fn.__name__, meta["HEAVY_FIRST"]))
+            return real(kernel, grid, *args, **meta)
+        return launch
+
+    for module in (prefix_attention_fwd, prefix_attention_bwd):
+        monkeypatch.setattr(module, "launch_kernel", recording_launch(module.launch_kernel))
+    monkeypatch.setattr(attention_suite, "unavailable", lambda impl, opts, case=None: None)
+    monkeypatch.setattr(attention_suite.attention_packed, "run", lambda opts, progress: ([], []))
+    with prefixkern.use_backend("triton"):
+        records, _ = attention_suite.run(opts, lambda message: row.__setitem__(0, message))
+    assert all(r.ok for r in records) and {r.impl for r in records} == {"prefixkern", "prefixkern_in_order"}
+    for message, kernel, heavy_first in launched:
+        assert heavy_first == (not message.endswith("prefixkern_in_order")), (message, kernel, heavy_first)
+    assert {kernel for message, kernel, _ in launched if message.endswith("in_order")} == {
+        "prefix_attention_fwd_kernel", "prefix_attention_bwd_dq_kernel", "prefix_attention_bwd_dkdv_kernel"}
 
 
 def test_compiled_e2e_rows_run_on_a_gpu_and_only_when_asked_in_quick_runs():

@@ -325,6 +325,71 @@ def test_packed_matches_reference(case):
     check_packed_case(case, torch.device("cuda" if HAS_CUDA else "cpu"))
 
 
+def _record_attention_launches(monkeypatch) -> list:
+    """``(kernel name, constexprs)`` of every attention-kernel launch from now on."""
+    from prefixkern.kernels import prefix_attention_bwd as bwd
+    from prefixkern.kernels import prefix_attention_fwd as fwd
+
+    launched = []
+    for module in (fwd, bwd):
+        def recording(kernel, grid, *args, real=module.launch_kernel, **meta):
+            launched.append((kernel.fn.__name__, meta))
+            return real(kernel, grid, *args, **meta)
+        monkeypatch.setattr(module, "launch_kernel", recording)
+    return launched
+
+
+@pytest.mark.parametrize("heavy_first", [True, False], ids=["heavy_first", "launch_order"])
+@pytest.mark.parametrize("case", [replace(BASE, B=3, Hq=6, Hkv=2, S=40, S_kv=50, P=5, padding="left"),
+                                  replace(BASE, S=33, S_kv=40, prefix="per_row", dtype=torch.bfloat16),
+                                  PackedCase(lens_q=(3, 0, 20), lens_kv=(9, 4, 20), Hq=6, Hkv=3)], ids=str)
+def test_causal_programs_in_either_order(monkeypatch, case, heavy_first, device):
+    """Causal launches take their programs heaviest first (the last query blocks of every head and
+    row for the forward and dQ, the first key blocks for dK/dV) or in launch order: either way every
+    block has exactly one program. Several query and key blocks, GQA, padding, a per-row prefix,
+    packed rows (one empty, whose programs return at once): values and gradients against the
+    oracle, and every launch in the order asked."""
+    from prefixkern.kernels._attention_common import heavy_first_scheduling
+
+    launched = _record_attention_launches(monkeypatch)
+    with heavy_first_scheduling(heavy_first):
+        if isinstance(case, PackedCase):
+            check_packed_case(case, device)
+        else:
+            check_case(case, device)
+    assert sorted({name for name, _ in launched}) == ["prefix_attention_bwd_dkdv_kernel",
+                                                     "prefix_attention_bwd_dq_kernel", "prefix_attention_fwd_kernel"]
+    assert all(meta["HEAVY_FIRST"] is heavy_first for _, meta in launched)
+
+
+def test_heavy_first_only_for_causal_launches_whose_kv_fit_the_l2(monkeypatch):
+    """The rule: causal, the setting on, and on a GPU K and V within its L2 cache (beyond, the
+    programs running at once would stream every head's K/V from memory); the interpreter always
+    (the order does not change results)."""
+    from types import SimpleNamespace
+
+    from prefixkern.kernels import _attention_common as common
+
+    monkeypatch.setattr(common, "l2_bytes", lambda index: 50 << 20)
+    monkeypatch.setattr(common, "HEAVY_FIRST", True)
+
+    def keys(elements, kind="cuda"):
+        return SimpleNamespace(device=torch.device(kind, 0) if kind == "cuda" else torch.device(kind),
+                               numel=lambda: elements, element_size=lambda: 2)
+
+    llama8b_8k, long_32k = keys(8 * 8192 * 128), keys(8 * 32768 * 128)       # 16 and 64 MiB each of K, V
+    assert common.heavy_first(True, llama8b_8k, 1, 8192) and not common.heavy_first(True, long_32k, 1, 32768)
+    assert not common.heavy_first(False, llama8b_8k, 1, 8192)
+    assert common.heavy_first(True, keys(1 << 40, "cpu"), 1, 8192)
+    # One or two query blocks: nothing to balance (and the short-query tiles keep one compiled order).
+    assert not common.heavy_first(True, llama8b_8k, 64, 64)
+    # The heavy-first grid puts rows and query blocks on grid.y and grid.z (at most 65535 each).
+    assert not common.heavy_first(True, keys(16, "cpu"), 70000, 1)
+    assert not common.heavy_first(True, keys(16, "cpu"), 1, 16 * 65536)
+    with common.heavy_first_scheduling(False):
+        assert not common.heavy_first(True, llama8b_8k, 1, 8192)
+
+
 def test_packed_equals_dense_rows(device):
     """Packing is only a layout: the same sequences, padded into [B, H, S, D] rows with a padding
     mask on the right, give the same outputs and gradients."""
@@ -595,18 +660,20 @@ def test_grids_stay_within_cuda_limits_for_many_rows_and_heads(monkeypatch):
 
     monkeypatch.setattr(fwd, "launch_kernel", record)
     monkeypatch.setattr(bwd, "launch_kernel", record)
-    q = torch.zeros(1100, 64, 1, 16)
-    k = v = torch.zeros(1100, 8, 1, 16)
-    pk = pv = torch.zeros(8, 2, 16)
-    options = dict(prefix_index=None, key_padding_mask=None, causal=True, softmax_scale=0.25, dropout_p=0.0,
-                   seed=None, alibi_slopes=None, softcap=None, window=None)
-    out, lse = fwd.prefix_attention_forward(q, k, v, pk, pv, **options)
-    bwd.prefix_attention_backward(out, q, k, v, pk, pv, out, lse, **options)
-    assert set(grids) == {"prefix_attention_fwd_kernel", "prefix_attention_bwd_dq_kernel",
-                          "prefix_attention_bwd_dkdv_kernel"}
-    for name, grid in grids.items():
-        assert all(size <= 65535 for size in grid[1:]), (name, grid)
-        assert math.prod(grid) >= 1100 * 8, (name, grid)
+    for causal in (True, False):      # the heavy-first grid and the launch order's
+        grids.clear()
+        q = torch.zeros(1100, 64, 1, 16)
+        k = v = torch.zeros(1100, 8, 1, 16)
+        pk = pv = torch.zeros(8, 2, 16)
+        options = dict(prefix_index=None, key_padding_mask=None, causal=causal, softmax_scale=0.25, dropout_p=0.0,
+                       seed=None, alibi_slopes=None, softcap=None, window=None)
+        out, lse = fwd.prefix_attention_forward(q, k, v, pk, pv, **options)
+        bwd.prefix_attention_backward(out, q, k, v, pk, pv, out, lse, **options)
+        assert set(grids) == {"prefix_attention_fwd_kernel", "prefix_attention_bwd_dq_kernel",
+                              "prefix_attention_bwd_dkdv_kernel"}
+        for name, grid in grids.items():
+            assert all(size <= 65535 for size in grid[1:]), (name, grid)
+            assert math.prod(grid) >= 1100 * 8, (name, grid)
 
 
 @pytest.mark.gpu

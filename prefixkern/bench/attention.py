@@ -174,16 +174,35 @@ def prefixkern_impl(q, k, v, pk, pv):
 # prefixkern_raw_launch: the same op with PREFIXKERN_RAW_LAUNCH=1 (the binding-free launch, off by
 # default), its backward included: beside prefixkern at a host-bound shape (seed-qwen), what the
 # launch path costs one op, for the raw-launch decision (benchmarks/results/README.md).
+# prefixkern_in_order: the same op with its causal programs in launch order (PREFIXKERN_HEAVY_FIRST=0)
+# at the tiles prefixkern's tuning chose: beside prefixkern, what launching the heaviest programs
+# first gains, where the order is taken (K/V within the L2) and the grid is a few waves.
+IN_ORDER_SHAPES = ("llama8b-2k", "llama8b-8k")
 IMPLS: dict[str, Callable] = {"prefixkern": prefixkern_impl, "prefixkern_raw_launch": prefixkern_impl,
-                              "eager": eager, "sdpa_mask": sdpa_mask,
+                              "prefixkern_in_order": prefixkern_impl, "eager": eager, "sdpa_mask": sdpa_mask,
                               "sdpa_lower_right": sdpa_lower_right, "sdpa_lower_right_gqa": sdpa_lower_right_gqa,
                               "flex": flex, "flash_attn": flash_attn}
 
 
-def unavailable(impl: str, opts: Options) -> str | None:
-    """Why a baseline cannot run here, or None."""
+def _in_launch_order(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with the causal programs launched in launch order (HEAVY_FIRST off), its backward too."""
+    from ..kernels._attention_common import heavy_first_scheduling
+
+    def in_order():
+        with heavy_first_scheduling(False):
+            return fn()
+    return in_order
+
+
+def unavailable(impl: str, opts: Options, case: str | None = None) -> str | None:
+    """Why a baseline cannot run here (for ``case``), or None."""
     if impl == "prefixkern_raw_launch":
         return raw_launch_skip(opts)
+    if impl == "prefixkern_in_order":
+        if not opts.on_gpu:
+            return "the launch order is timed on a GPU (it changes nothing but speed)"
+        if case not in IN_ORDER_SHAPES:
+            return f"timed at {' and '.join(IN_ORDER_SHAPES)} only, where the order is taken in a few waves"
     if impl == "sdpa_lower_right_gqa" and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5):
         return f"torch {torch.__version__}'s SDPA has no enable_gqa (2.5+)"
     if impl == "flash_attn":
@@ -242,7 +261,8 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             leaves, dout = make_inputs(shape, opts.device, opts.dtype, with_grads)
             ref_out, ref_grads = reference_chunked(*leaves, dout, with_grads)
             flops = attention_flops(shape) * (3.5 if with_grads else 1.0)
-            run_impls(opts, progress, name, pass_, IMPLS, unavailable, records, skips,
+            run_impls(opts, progress, name, pass_, IMPLS, lambda impl, o, case=name: unavailable(impl, o, case),
+                      records, skips,
                       lambda impl, fn: measure(opts, shape, pass_, impl, fn, leaves, dout, ref_out, ref_grads, flops))
     packed_records, packed_skips = attention_packed.run(opts, progress)
     return records + packed_records, skips + packed_skips
@@ -280,6 +300,8 @@ def measure(opts, shape, pass_, impl, fn, leaves, dout, ref_out, ref_grads, flop
 
     if impl == "prefixkern_raw_launch":     # (held through the backward, which runs after fn returns)
         call = with_raw_launch(call)
+    elif impl == "prefixkern_in_order":
+        call = _in_launch_order(call)
 
     try:
         launched_tiles()

@@ -31,6 +31,9 @@ from ._attention_common import (
     dropout_keep,
     empty_in_layout_of,
     fitting_configs,
+    grid_program,
+    grid_shape,
+    heavy_first,
     load_tile,
     packed_row,
     prefix_row,
@@ -123,12 +126,11 @@ def prefix_attention_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr,
 ):
     # Grid (query block, head, row): the same order as one (row * Hq + head) axis, without its
     # 65535 limit on grid.y (a batch, or packed sequences, times the heads can pass it).
-    start_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    start_m, h, b = grid_program(HEAVY_FIRST)      # (causal: the last query blocks first, see heavy_first)
     bh = b * Hq + h
     g = (h // GROUP).to(tl.int64)
     b64 = b.to(tl.int64)
@@ -274,17 +276,23 @@ def _sequence_dkdv_program(
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
     stride_kpmb, stride_kpms, stride_slb, stride_slh, stride_posb, stride_poss,
-    Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p, num_n_blocks,
+    B, Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p, num_n_blocks,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, HEAVY_FIRST: tl.constexpr,
 ):
     """dK/dV of sequence key block ``pid % num_n_blocks`` of (batch row, KV head) ``pid //
-    num_n_blocks``: walks the query blocks of every query head of its group (GQA without
-    repeat_kv) and owns its dK/dV rows."""
-    start_n = (pid % num_n_blocks) * BLOCK_N
-    bg = pid // num_n_blocks
+    num_n_blocks`` (with HEAVY_FIRST, key block ``pid // (B * Hkv)`` of ``pid % (B * Hkv)``: the
+    first key blocks, which the most queries see under a causal mask, of every row and head
+    first): walks the query blocks of every query head of its group (GQA without repeat_kv) and
+    owns its dK/dV rows."""
+    if HEAVY_FIRST:
+        start_n = (pid // (B * Hkv)) * BLOCK_N
+        bg = pid % (B * Hkv)
+    else:
+        start_n = (pid % num_n_blocks) * BLOCK_N
+        bg = pid // num_n_blocks
     b = bg // Hkv
     b64 = b.to(tl.int64)
     g = bg % Hkv
@@ -497,7 +505,7 @@ def prefix_attention_bwd_dkdv_kernel(
     PREFIX_BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_PREFIX_INDEX: tl.constexpr, HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, HEAVY_FIRST: tl.constexpr,
 ):
     """Programs [0, num_prefix_programs) write the float32 partials of the prefix gradient
     (``_prefix_dkdv_program``; first, since each reduces over many query blocks), the rest the
@@ -522,9 +530,9 @@ def prefix_attention_bwd_dkdv_kernel(
             stride_vb, stride_vh, stride_vs, stride_vd, stride_dob, stride_doh, stride_dos, stride_dod,
             stride_dkb, stride_dkh, stride_dks, stride_dkd, stride_dvb, stride_dvh, stride_dvs, stride_dvd,
             stride_kpmb, stride_kpms, stride_slb, stride_slh, stride_posb, stride_poss,
-            Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p, num_n_blocks,
+            B, Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p, num_n_blocks,
             GROUP, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, HAS_KPM, HAS_ALIBI, HAS_POS, HAS_SOFTCAP, HAS_WINDOW,
-            HAS_DROPOUT, VARLEN, INPUT_PRECISION)
+            HAS_DROPOUT, VARLEN, INPUT_PRECISION, HEAVY_FIRST)
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,8 +589,9 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     q_strides, dout_strides = bhsd_strides(q, varlen), bhsd_strides(dout, varlen)
     block_d = max(16, next_power_of_2(head_dim))
     precision = input_precision(q.dtype)
+    order = heavy_first(causal, k, batch, seq_len_q)
     common = dict(CAUSAL=causal, HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
-                  INPUT_PRECISION=precision)
+                  INPUT_PRECISION=precision, HEAVY_FIRST=order)
     scalars = (window if window is not None else 0, float(softmax_scale),
                float(softcap) if softcap is not None else 1.0, float(dropout_p))
 
@@ -596,7 +605,7 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     def launch_dq(config):
         block_m, block_n, warps, stages = config
         return launch_kernel(
-            prefix_attention_bwd_dq_kernel, (cdiv(seq_len_q, block_m), num_heads, batch),
+            prefix_attention_bwd_dq_kernel, grid_shape(cdiv(seq_len_q, block_m), num_heads, batch, order),
             q, k, v, prefix_k, prefix_v, out, dout, lse, delta, dq,
             args["prefix_index"], args["kpm"], args["slopes"], args["positions"], args["seed"], args["cu_seqlens_q"],
             args["cu_seqlens_k"], *q_strides, *bhsd_strides(k, varlen), *bhsd_strides(v, varlen),

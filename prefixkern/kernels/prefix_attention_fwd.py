@@ -24,6 +24,9 @@ from ._attention_common import (
     dropout_keep,
     empty_in_layout_of,
     fitting_configs,
+    grid_program,
+    grid_shape,
+    heavy_first,
     load_tile,
     packed_row,
     prefix_row,
@@ -108,12 +111,11 @@ def prefix_attention_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr,
 ):
     # Grid (query block, head, row): the same order as one (row * Hq + head) axis, without its
     # 65535 limit on grid.y (a batch, or packed sequences, times the heads can pass it).
-    start_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    start_m, h, b = grid_program(HEAVY_FIRST)      # (causal: the last query blocks first, see heavy_first)
     bh = b * Hq + h
     g = h // GROUP
     b64 = b.to(tl.int64)
@@ -261,10 +263,11 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     varlen = packed is not None
     block_d = max(16, next_power_of_2(head_dim))
     flags = args["flags"]
+    order = heavy_first(causal, k, batch, seq_len_q)
 
     def launch(config):
         block_m, block_n, warps, stages = config
-        grid = (cdiv(seq_len_q, block_m), num_heads, batch)
+        grid = grid_shape(cdiv(seq_len_q, block_m), num_heads, batch, order)
         return launch_kernel(
             prefix_attention_fwd_kernel, grid,
             q, k, v, prefix_k, prefix_v, out, lse,
@@ -277,7 +280,8 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             float(softcap) if softcap is not None else 1.0, float(dropout_p),
             GROUP=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
             CAUSAL=causal, HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
-            INPUT_PRECISION=input_precision(q.dtype), num_warps=warps, num_stages=stages, **flags,
+            INPUT_PRECISION=input_precision(q.dtype), HEAVY_FIRST=order, num_warps=warps, num_stages=stages,
+            **flags,
         )
 
     def candidates():

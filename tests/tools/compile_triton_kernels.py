@@ -120,7 +120,8 @@ def cases(quick: bool):
         tag = f"{ptr[1:]}-D{head_dim}-{kind}-{precision}"
         bucket = common.config_bucket(block_d, 4 if ptr == "*fp32" else 2)
         even = block_d == head_dim
-        common_c = dict(GROUP=4, BLOCK_D=block_d, EVEN_D=even, CAUSAL=causal, INPUT_PRECISION=precision)
+        common_c = dict(GROUP=4, BLOCK_D=block_d, EVEN_D=even, CAUSAL=causal, INPUT_PRECISION=precision,
+                        HEAVY_FIRST=causal)
         bm, bn, w, st = fwd.FWD_CONFIGS[bucket][0]
         yield (f"fwd {tag}", fwd.prefix_attention_fwd_kernel, dict(common_c, BLOCK_M=bm, BLOCK_N=bn, **flags),
                attn_ptrs, ptr, w, st)

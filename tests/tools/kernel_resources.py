@@ -25,6 +25,11 @@ a failed compile fails ``--check``, spills are reported only).
 ``--check`` exits non-zero if a candidate spills under ``plain`` or ``padded`` (under ``packed``:
 the first candidate of a table, the one used with autotuning off), or if a kernel's
 compiled shared memory exceeds what the launchers' model (``smem_rows``) budgets for it.
+Each attention candidate is compiled twice, its causal programs in launch order (``order`` in the
+output) and heaviest first (``heavy``, ``HEAVY_FIRST``: what a causal launch takes where K/V fit
+the L2). The heavy-first variants read their query block differently, which moves ptxas's
+allocation at the edge of the register file: there only a table's first candidate must not
+spill; another that does is reported, and the tuner drops it at run time.
 Must run without TRITON_INTERPRET.
 """
 from __future__ import annotations
@@ -90,28 +95,30 @@ def candidates(buckets):
 
     short = {key: [c for c in fwd.SHORT_QUERY_CONFIGS[key] if c not in configs]
              for key, configs in fwd.FWD_CONFIGS.items()}
-    tables = [("fwd", fwd.prefix_attention_fwd_kernel, fwd.FWD_CONFIGS),
-              ("fwd", fwd.prefix_attention_fwd_kernel, short),
-              ("dq", bwd.prefix_attention_bwd_dq_kernel, bwd.DQ_CONFIGS),
-              ("dkdv", bwd.prefix_attention_bwd_dkdv_kernel, bwd.DKDV_CONFIGS)]
+    # (The short-query tiles serve fewer queries than MIN_HEAVY_FIRST_QUERIES: launch order only.)
+    tables = [("fwd", fwd.prefix_attention_fwd_kernel, fwd.FWD_CONFIGS, (False, True)),
+              ("fwd", fwd.prefix_attention_fwd_kernel, short, (False,)),
+              ("dq", bwd.prefix_attention_bwd_dq_kernel, bwd.DQ_CONFIGS, (False, True)),
+              ("dkdv", bwd.prefix_attention_bwd_dkdv_kernel, bwd.DKDV_CONFIGS, (False, True))]
     seen = set()
-    for name, kernel, table in tables:
+    for name, kernel, table, orders in tables:
         for bucket in buckets:
             for rank, config in enumerate(table[bucket]):
                 if (name, bucket, config) not in seen:
                     seen.add((name, bucket, config))
-                    yield name, kernel, bucket, config, set(FLAG_SETS), rank == 0
+                    yield name, kernel, bucket, config, set(FLAG_SETS), rank == 0, orders
 
 
 def constexprs(name, config, flags, *, block_d, elem_bytes, group=4, even_d=True, causal=True, shared=None,
-               prefix_block_n=None):
+               prefix_block_n=None, heavy_first=None):
     """The constexpr arguments of kernel ``name`` at ``config``. For dK/dV, ``shared`` (one prefix for
     the batch) defaults to "no prefix_index" and ``prefix_block_n`` (its prefix programs' key tile)
-    to BLOCK_N, the most registers they can take."""
+    to BLOCK_N, the most registers they can take. ``heavy_first`` defaults to ``causal`` (causal
+    launches take their programs heaviest first where K/V fit the L2, as at the test grid's sizes)."""
     block_m, block_n, _, _ = config
     precision = "tf32" if elem_bytes == 4 else "ieee"
     consts = dict(GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=even_d, CAUSAL=causal,
-                  INPUT_PRECISION=precision, **flags)
+                  INPUT_PRECISION=precision, HEAVY_FIRST=causal if heavy_first is None else heavy_first, **flags)
     if name == "dkdv":
         consts.update(SHARED=not flags["HAS_PREFIX_INDEX"] if shared is None else shared,
                       PREFIX_BLOCK_N=block_n if prefix_block_n is None else prefix_block_n)
@@ -171,7 +178,7 @@ def grid_variants():
 
     from prefixkern.kernels import prefix_attention_bwd as bwd
     from prefixkern.kernels import prefix_attention_fwd as fwd
-    from prefixkern.kernels._attention_common import config_bucket
+    from prefixkern.kernels._attention_common import MIN_HEAVY_FIRST_QUERIES, config_bucket
 
     variants = {}
     dense = [(case, case.S, case.padding != "none", False) for case in _gpu_grid()]
@@ -191,7 +198,8 @@ def grid_variants():
             consts = constexprs(name, config, flags, block_d=block_d, elem_bytes=case.dtype.itemsize,
                                 group=case.Hq // case.Hkv, even_d=block_d == case.D, causal=case.causal,
                                 shared=case.prefix == "shared",
-                                prefix_block_n=min(config[1], max(16, triton.next_power_of_2(case.P))))
+                                prefix_block_n=min(config[1], max(16, triton.next_power_of_2(case.P))),
+                                heavy_first=case.causal and seq_len_q >= MIN_HEAVY_FIRST_QUERIES)
             variants[(name, pointer, tuple(sorted(consts.items())), config)] = (name, kernel, consts, pointer, config)
     return [variants[key] for key in sorted(variants, key=str)]
 
@@ -218,24 +226,30 @@ def main(argv=None) -> int:
     target = GPUTarget("cuda", args.arch, 32)
     print(f"triton {triton.__version__}, sm_{args.arch}")
     problems, rows = [], []
-    for name, kernel, bucket, config, serves, first in (candidates(buckets) if "attention" in kernels else ()):
+    for name, kernel, bucket, config, serves, first, orders in (candidates(buckets) if "attention" in kernels
+                                                                 else ()):
         elem_bytes, block_d = bucket
         pointer = "*fp32" if elem_bytes == 4 else "*bf16"
-        for flag_set in (f for f in flag_sets if f in serves):
+        for flag_set, heavy in ((f, heavy) for f in flag_sets if f in serves for heavy in orders):
             start = time.time()
-            consts = constexprs(name, config, FLAG_SETS[flag_set], block_d=block_d, elem_bytes=elem_bytes)
+            consts = constexprs(name, config, FLAG_SETS[flag_set], block_d=block_d, elem_bytes=elem_bytes,
+                                heavy_first=heavy)
             compiled = compile_kernel(kernel, consts, POINTERS, pointer, target, config[2], config[3])
             registers, spills = ptxas_usage(compiled.asm["ptx"], args.arch)
             smem = compiled.metadata.shared
-            rows.append((name, f"{'fp32' if elem_bytes == 4 else '16-bit'} D{block_d}", config, flag_set, registers,
-                         spills, smem))
-            print(f"{name:12s} {pointer[1:]:4s} D{block_d:<3d} {str(config):18s} {flag_set:14s} regs {registers:3d}  "
-                  f"spill stores {spills:5d} B  smem {smem:6d} B  {time.time() - start:4.1f} s", flush=True)
-            # Packed rows: the first candidate (autotuning off) must not spill; the tuner drops any
-            # other that spills on the GPU at hand (Triton 3.6 spills 4-8 B in two dK/dV entries).
-            if flag_set in CHECKED_FLAG_SETS and spills and (flag_set != "packed" or first):
-                problems.append(f"{name} {bucket} {config} {flag_set}: {spills} B of spill stores")
-            if flag_set == "plain":
+            order = "heavy" if heavy else "order"
+            rows.append((name, f"{'fp32' if elem_bytes == 4 else '16-bit'} D{block_d}", config,
+                         f"{flag_set} {order}", registers, spills, smem))
+            print(f"{name:12s} {pointer[1:]:4s} D{block_d:<3d} {str(config):18s} {flag_set:14s} {order} "
+                  f"regs {registers:3d}  spill stores {spills:5d} B  smem {smem:6d} B  {time.time() - start:4.1f} s",
+                  flush=True)
+            # Packed rows, and heavy-first ones: the first candidate (autotuning off) must not spill;
+            # the tuner drops any other that spills on the GPU at hand.
+            if flag_set in CHECKED_FLAG_SETS and spills and (flag_set != "packed" and not heavy or first):
+                problems.append(f"{name} {bucket} {config} {flag_set} {order}: {spills} B of spill stores")
+            elif spills:
+                print("  (spills: the tuner drops it on a GPU where it spills while a spill-free candidate remains)")
+            if flag_set == "plain" and not heavy:
                 model = smem_rows(name, config) * block_d * elem_bytes
                 # The model is exact for the large tiles and an upper bound where the compiler
                 # keeps a small tile out of the pipeline; reductions may add a little scratch.
