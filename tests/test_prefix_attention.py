@@ -348,9 +348,15 @@ def test_causal_programs_in_either_order(monkeypatch, case, heavy_first, device)
     row for the forward and dQ, the first key blocks for dK/dV) or in launch order: either way every
     block has exactly one program. Several query and key blocks, GQA, padding, a per-row prefix,
     packed rows (one empty, whose programs return at once): values and gradients against the
-    oracle, and every launch in the order asked."""
+    oracle, and every launch in the order asked. (On a GPU the same shapes with 8x the tokens: it
+    takes the order from MIN_HEAVY_FIRST_QUERIES queries on.)"""
     from prefixkern.kernels._attention_common import heavy_first_scheduling
 
+    if device.type == "cuda":
+        if isinstance(case, PackedCase):
+            case = replace(case, lens_q=tuple(8 * n for n in case.lens_q), lens_kv=tuple(8 * n for n in case.lens_kv))
+        else:
+            case = replace(case, S=8 * case.S, S_kv=8 * case.S_kv)
     launched = _record_attention_launches(monkeypatch)
     with heavy_first_scheduling(heavy_first):
         if isinstance(case, PackedCase):

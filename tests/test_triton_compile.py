@@ -64,15 +64,15 @@ def test_attention_configs_do_not_spill_registers():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     script = SCRIPT.parent / "kernel_resources.py"
     result = subprocess.run([sys.executable, str(script), "--check", "--kernels", "attention", "--bucket", "2:128",
-                             "--flags", "plain,padded,packed"],
+                             "--flags", "plain,padded,packed", "--heavy-first", "first"],
                             env=env, capture_output=True, text=True, timeout=900, cwd=SCRIPT.parent.parent.parent)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     # Launched in grid order every candidate is spill-free; heaviest first (causal launches whose K/V
-    # fit the L2) the first of each table is (checked by --check), others may spill a few bytes.
+    # fit the L2) each table's first is, the others may spill a few bytes (not compiled here).
     rows = [line for line in result.stdout.splitlines() if "spill stores" in line]
     in_order = [row for row in rows if " order regs" in row]
-    assert len(in_order) >= 20 and len(in_order) < len(rows) < 2 * len(in_order), rows
-    assert all(" spill stores     0 B" in row for row in in_order), in_order
+    assert len(in_order) >= 20 and len(in_order) < len(rows), rows
+    assert all(" spill stores     0 B" in row for row in rows), rows
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Triton compiles on Linux")

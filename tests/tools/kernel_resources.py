@@ -10,7 +10,8 @@ every padded Hugging Face batch), ``packed`` (``prefix_attention_varlen``), what
 ``alibi``, ``softcap-window``) and ``all`` (every optional feature on).
 
     python tests/tools/kernel_resources.py [--arch 90] [--kernels attention,mlp] [--bucket 2:128 ...]
-                                           [--flags plain,padded] [--check] [--markdown]
+                                           [--flags plain,padded] [--heavy-first all|first] [--check]
+                                           [--markdown]
 
 The prefix MLP's candidates (``--kernels mlp``) are checked per dot precision: the backward's
 ``BWD_TILES`` and two-launch tiles at each P tile (each launch's kernel), the forward's configs as
@@ -216,6 +217,9 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", default="attention,mlp",
                         help="attention, mlp, or grid: every variant the GPU test grid launches (compiled, "
                              "reported, spills not checked: ~10 min on 2 cores)")
+    parser.add_argument("--heavy-first", choices=("all", "first"), default="all",
+                        help="compile the heavy-first variant of every attention candidate (reported), or only "
+                             "of each table's first (the ones --check holds to no spills)")
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table at the end")
     args = parser.parse_args(argv)
@@ -230,6 +234,8 @@ def main(argv=None) -> int:
                                                                  else ()):
         elem_bytes, block_d = bucket
         pointer = "*fp32" if elem_bytes == 4 else "*bf16"
+        if not first and args.heavy_first == "first":
+            orders = (False,)
         for flag_set, heavy in ((f, heavy) for f in flag_sets if f in serves for heavy in orders):
             start = time.time()
             consts = constexprs(name, config, FLAG_SETS[flag_set], block_d=block_d, elem_bytes=elem_bytes,
