@@ -92,7 +92,6 @@ def grid_shape(num_m_blocks: int, num_heads: int, rows: int, heavy_first_order: 
     return (num_heads, rows, num_m_blocks) if heavy_first_order else (num_m_blocks, num_heads, rows)
 
 
-
 @triton.jit
 def packed_row(b, cu_seqlens_q_ptr, cu_seqlens_k_ptr, S, S_kv, VARLEN: tl.constexpr):
     """``(q_start, S_q, k_start, S_k)`` of batch row ``b``: where its queries and keys start along
