@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .. import reference
 from ..ops.prefix_attention import launched_tiles, prefix_attention
 from . import attention_packed
-from .common import (Options, Record, Skip, dtype_name, peak_mem_mb, raw_launch_skip, scaled_err, time_ms,
+from .common import (Options, Record, Skip, dtype_name, held, peak_mem_mb, raw_launch_skip, scaled_err, time_ms,
                      with_raw_launch)
 
 
@@ -184,16 +184,6 @@ IMPLS: dict[str, Callable] = {"prefixkern": prefixkern_impl, "prefixkern_raw_lau
                               "flex": flex, "flash_attn": flash_attn}
 
 
-def _in_launch_order(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` with the causal programs launched in launch order (HEAVY_FIRST off), its backward too."""
-    from ..kernels._attention_common import heavy_first_scheduling
-
-    def in_order():
-        with heavy_first_scheduling(False):
-            return fn()
-    return in_order
-
-
 def unavailable(impl: str, opts: Options, case: str | None = None) -> str | None:
     """Why a baseline cannot run here (for ``case``), or None."""
     if impl == "prefixkern_raw_launch":
@@ -301,7 +291,9 @@ def measure(opts, shape, pass_, impl, fn, leaves, dout, ref_out, ref_grads, flop
     if impl == "prefixkern_raw_launch":     # (held through the backward, which runs after fn returns)
         call = with_raw_launch(call)
     elif impl == "prefixkern_in_order":
-        call = _in_launch_order(call)
+        from ..kernels._attention_common import heavy_first_scheduling
+
+        call = held(call, lambda: heavy_first_scheduling(False))
 
     try:
         launched_tiles()

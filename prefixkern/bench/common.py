@@ -156,16 +156,22 @@ def raw_launch_skip(opts: Options) -> str | None:
     return None if opts.on_gpu else "raw-pointer launches need a GPU"
 
 
+def held(fn: Callable[[], object], setting: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with the context manager ``setting()`` held through all of it, a backward it runs
+    included (a row that times one of the kernels' switches)."""
+    def held_fn():
+        with setting():
+            return fn()
+    return held_fn
+
+
 def with_raw_launch(fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` with PREFIXKERN_RAW_LAUNCH=1 (experimental, off by default: Triton binds a launch's
     arguments once per argument key and its compiled launcher takes raw pointers), held through
-    all of ``fn``, a backward it runs included: what the ``prefixkern_raw_launch`` rows time."""
+    all of ``fn``: what the ``prefixkern_raw_launch`` rows time."""
     from ..kernels._launch import raw_pointer_launches
 
-    def raw_fn():
-        with raw_pointer_launches():
-            return fn()
-    return raw_fn
+    return held(fn, raw_pointer_launches)
 
 
 def release_models(on_gpu: bool) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from .. import reference
 from ..ops.prefix_mlp import fused_prefix_mlp, launched_tiles, tf32x3_products
-from .common import (Options, Record, Skip, dtype_name, peak_mem_mb, raw_launch_skip, scaled_err, time_ms,
+from .common import (Options, Record, Skip, dtype_name, held, peak_mem_mb, raw_launch_skip, scaled_err, time_ms,
                      with_raw_launch)
 
 
@@ -130,8 +130,6 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             skips.append(Skip("mlp", name, "prefixkern_raw_launch", reason))
         elif opts.wants("prefixkern_raw_launch"):
             impls["prefixkern_raw_launch"] = ours
-        # The products' setting must hold for the backward too, which runs after fn returns.
-        products_setting = {"prefixkern_fma": lambda: tf32x3_products(False)}
         expected = reference.prefix_mlp(*[p.detach().double() for p in params], **kw, out_dtype=torch.float64)
         grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(opts.device, opts.dtype)
         w2_bytes = shape.num_cols * shape.token_dim * 4
@@ -146,17 +144,19 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 def call(fn=fn, impl=impl, pass_=pass_):
                     for p in modules:
                         p.grad = None
-                    with products_setting.get(impl, contextlib.nullcontext)():
-                        out = fn()
-                        if pass_ == "fwd_bwd":
-                            if impl == "peft_encoder":   # B copies of the prefix reach the layers
-                                per_layer = grad_out.reshape(2 * shape.L, 1, shape.Hkv, shape.P, shape.D)
-                                out.backward(per_layer.expand(-1, shape.B, -1, -1, -1) / shape.B)
-                            else:
-                                out.backward(grad_out)
+                    out = fn()
+                    if pass_ == "fwd_bwd":
+                        if impl == "peft_encoder":   # B copies of the prefix reach the layers
+                            per_layer = grad_out.reshape(2 * shape.L, 1, shape.Hkv, shape.P, shape.D)
+                            out.backward(per_layer.expand(-1, shape.B, -1, -1, -1) / shape.B)
+                        else:
+                            out.backward(grad_out)
                     return out
 
-                if impl == "prefixkern_raw_launch":     # (held through the backward, as above)
+                # A row's setting holds for the backward too, which runs after fn returns.
+                if impl == "prefixkern_fma":
+                    call = held(call, lambda: tf32x3_products(False))
+                elif impl == "prefixkern_raw_launch":
                     call = with_raw_launch(call)
                 try:
                     launched_tiles()    # drops what the previous row's timing calls left behind

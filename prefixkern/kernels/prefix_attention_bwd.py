@@ -128,9 +128,9 @@ def prefix_attention_bwd_dq_kernel(
     HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     HEAVY_FIRST: tl.constexpr,
 ):
-    # Grid (query block, head, row): the same order as one (row * Hq + head) axis, without its
-    # 65535 limit on grid.y (a batch, or packed sequences, times the heads can pass it).
-    start_m, h, b = grid_program(HEAVY_FIRST)      # (causal: the last query blocks first, see heavy_first)
+    # Query block, head and row from a 3-D grid (no (row * Hq + head) axis, which could pass the
+    # 65535 limit of grid.y and z); with HEAVY_FIRST the last query blocks first (grid_program).
+    start_m, h, b = grid_program(HEAVY_FIRST)
     bh = b * Hq + h
     g = (h // GROUP).to(tl.int64)
     b64 = b.to(tl.int64)

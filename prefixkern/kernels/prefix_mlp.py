@@ -122,12 +122,12 @@ def _round(x, PRECISION: tl.constexpr):
     return x
 
 
-def _fits_smem(num_stages: int, elements_per_stage: int) -> bool:
-    """Whether a software pipeline of float32 tiles fits in shared memory, so a candidate list
-    never holds only a config that cannot launch."""
+def _fits_smem(num_stages: int, elements_per_stage: int, elements_once: int = 0) -> bool:
+    """Whether a software pipeline of float32 tiles (and ``elements_once`` staged outside it) fits
+    in shared memory, so a candidate list never holds only a config that cannot launch."""
     if not torch.cuda.is_available():
         return True
-    return num_stages * elements_per_stage * 4 <= smem_bytes(torch.cuda.current_device())
+    return (num_stages * elements_per_stage + elements_once) * 4 <= smem_bytes(torch.cuda.current_device())
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,20 +405,22 @@ def bwd_candidates(num_rows: int, precision: str, w2_elements: int = 0) -> list[
     block_p = bwd_block_p(num_rows, precision)
     two_launch = BWD_TWO_LAUNCH_TILES[name] if w2_elements >= BWD_TWO_LAUNCH_MIN_W2 else ()
     table = BWD_TILES[name] + tuple(t for t in two_launch if not t.dw_strips or num_rows <= block_p)
-    elem = 4   # the operands are staged as loaded: float32 W2 and H, G in its dtype (at most 4 bytes)
+    # The operands are staged as loaded (float32 W2 and H, G in its dtype: at most 4 bytes each),
+    # counted as float32 elements.
     kept = [t for t in table
-            if _fits_smem(t.num_stages, (block_p * t.dh_block_n + t.dh_block_n * t.dh_block_k) * elem // 4)
-            and _fits_smem(t.dw_num_stages or t.num_stages, _dw_stage_elements(t, block_p) * elem // 4)]
+            if _fits_smem(t.num_stages, block_p * t.dh_block_n + t.dh_block_n * t.dh_block_k)
+            and _dw_fits_smem(t, block_p)]
     return kept or [min(table, key=lambda t: t.dh_block_n * t.dh_block_k + t.dw_block_n * t.dw_block_k)]
 
 
-def _dw_stage_elements(tile: BwdTile, block_p: int) -> int:
-    """Elements one pipeline stage of the dW2 programs stages: G and H tiles over their P step
-    (a strip program keeps H's chunk and stages G alone, over every P row)."""
+def _dw_fits_smem(tile: BwdTile, block_p: int) -> bool:
+    """Whether the dW2 programs' pipeline fits: G and H tiles over their P step per stage, or, for a
+    strip program, G over every P row per stage and H's chunk once."""
+    stages = tile.dw_num_stages or tile.num_stages
     if tile.dw_strips:
-        return tile.dw_block_n * block_p + block_p * tile.dw_block_k // tile.dw_num_stages
+        return _fits_smem(stages, tile.dw_block_n * block_p, block_p * tile.dw_block_k)
     dw_block_p = bwd_dw_block_p(block_p)
-    return tile.dw_block_n * dw_block_p + dw_block_p * tile.dw_block_k
+    return _fits_smem(stages, tile.dw_block_n * dw_block_p + dw_block_p * tile.dw_block_k)
 
 
 def dw2_strip_tiles(num_tiles: int, device: torch.device) -> int:
