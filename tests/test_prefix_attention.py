@@ -615,7 +615,7 @@ def test_raw_launch_passes_pointers_and_constexprs_in_order(monkeypatch):
     x = torch.zeros(4)
     compiled = _launch.launch_kernel(kernel, (5, 2), x, 7, 0.5, FLAG=True, BLOCK=16, num_warps=4)
     assert isinstance(compiled, Compiled)
-    assert calls["warmup"] == ((x, 7, 0.5), (5, 2), dict(FLAG=True, BLOCK=16, num_warps=4))
+    assert calls["warmup"] == ((x, 7, 0.5), (5, 2), dict(FLAG=True, BLOCK=16, num_warps=4, enable_fp_fusion=True))
     assert calls["run"] == (5, 2, 1, 1003, "function", "metadata", None, None, None, x.data_ptr(), 7, 0.5, 16, True)
     assert "plain" not in calls
     # Another aligned tensor of the same dtype: the kept kernel, its launcher given the new address.

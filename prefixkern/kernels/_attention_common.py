@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .._backend import override_global, triton_interpret
-from ._launch import cdiv, device_index, smem_bytes
+from ._launch import cdiv, device_index, launch_kernel, smem_bytes
 from ._math import log2e, tanh
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +219,8 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, num_heads: int, seq_len_q:
     check_dropout_counters(seq_len_q, num_keys)
     keep = torch.empty(batch * num_heads, seq_len_q, num_keys, dtype=torch.int8, device=seed.device)
     grid = (batch * num_heads, cdiv(seq_len_q, 32))
-    dropout_keep_mask_kernel[grid](seed, keep, seq_len_q, num_keys, float(dropout_p), BLOCK_M=32, BLOCK_N=64)
+    launch_kernel(dropout_keep_mask_kernel, grid, seed, keep, seq_len_q, num_keys, float(dropout_p), BLOCK_M=32,
+                  BLOCK_N=64)
     return keep.view(batch, num_heads, seq_len_q, num_keys).bool()
 
 

@@ -168,9 +168,17 @@ def _raw_arguments(args) -> tuple[tuple, list]:
     return tuple(key), values
 
 
+# Every launch asks for fused multiply-adds (``a * b + c`` as one FMA) rather than inheriting
+# Triton's default: Triton 3.9 warns on first compile that the default turns fusion off from 3.10,
+# and the kernels' speed (the softmax's scaled exp2 argument, the epilogues) and the tolerances of
+# the GPU tests were measured with it on. A caller's own ``enable_fp_fusion`` wins.
+FP_FUSION = True
+
+
 def launch_kernel(kernel, grid: tuple[int, ...], *args, **meta):
     """``kernel[grid](*args, **meta)``: runtime arguments positional, constexprs and launch options
-    by keyword. Returns the compiled kernel, as a Triton launch does.
+    by keyword, ``enable_fp_fusion=FP_FUSION`` added unless given. Returns the compiled kernel, as
+    a Triton launch does.
 
     With ``RAW_POINTERS`` (on a GPU), Triton's argument binding runs once per argument key
     (``_raw_arguments``: the dtypes, alignments and every int's value): ``run(warmup=True)``
@@ -179,6 +187,8 @@ def launch_kernel(kernel, grid: tuple[int, ...], *args, **meta):
     tensor given as its device address: no binding (about 30 of the 36-47 us a 50-70-argument
     attention launch costs on this repo's CPU machine), no ``data_ptr()`` call and no
     ``cuPointerGetAttribute`` driver query per tensor inside the launcher."""
+    if "enable_fp_fusion" not in meta:
+        meta["enable_fp_fusion"] = FP_FUSION
     if not RAW_POINTERS:
         return kernel[grid](*args, **meta)
     # Launch hooks (profilers) read the arguments: give them the plain launch. Triton before 3.4

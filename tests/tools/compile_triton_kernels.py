@@ -71,6 +71,8 @@ def compile_kernel(kernel, constexprs, pointer_types, default_pointer, target, n
     pointers and the other strides are known multiples of 16, so loads vectorise and the
     software pipeliner runs (without this the shared-memory figures are not a launch's).
     Returns Triton's CompiledKernel (``asm`` holds ttgir, ptx and cubin; ``metadata.shared``)."""
+    from prefixkern.kernels._launch import FP_FUSION    # as launch_kernel asks for it
+
     constexprs = {**constexprs, **_absent_inputs(kernel, constexprs)}
     names, sig = signature(kernel, constexprs, pointer_types, default_pointer)
     ones = {n: 1 for n in names if _unit_stride(n) and n not in constexprs and sig[n] == "i32"}
@@ -83,7 +85,8 @@ def compile_kernel(kernel, constexprs, pointer_types, default_pointer, target, n
              if n not in constants and (n.endswith("_ptr") or n.startswith("stride") or n in MULTIPLES_OF_16)}
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in constants.items()},
                     attrs=attrs)
-    return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages,
+                                                       "enable_fp_fusion": FP_FUSION})
 
 
 def compile_one(kernel, constexprs, pointer_types, default_pointer, target, num_warps, num_stages):
