@@ -382,7 +382,23 @@ def test_torch_compile_traces_the_autocast_choice(device):
     assert torch.equal(compiled, eager)
 
 
-@pytest.mark.parametrize("launches", [1, 2, "strips"])
+def _force_bwd_candidate(monkeypatch, kernels, tile) -> None:
+    """The backward takes ``tile`` (a BwdTile or LIBRARY_PRODUCTS) whatever its candidates, and
+    reports it as a tuned choice (``launched_tiles``)."""
+    from prefixkern.kernels import _launch
+
+    real_pick = kernels.pick_config
+
+    def pick(key, candidates, launch):
+        if key[0] != "mlp-bwd":
+            return real_pick(key, candidates, launch)
+        _launch._LAST[key[0]] = tile
+        return tile
+
+    monkeypatch.setattr(kernels, "pick_config", pick)
+
+
+@pytest.mark.parametrize("launches", [1, 2, "strips", "library"])
 @pytest.mark.parametrize("P,hidden,layout,bias", [(17, 45, "contiguous", True), (33, 20, "p_outer", True),
                                                    (1, 45, "contiguous", False), (12, 45, "p_outer", True)])
 def test_backward_writes_every_gradient_element(monkeypatch, P, hidden, layout, bias, launches, device):
@@ -392,11 +408,14 @@ def test_backward_writes_every_gradient_element(monkeypatch, P, hidden, layout, 
     dW2 programs in one launch, in a launch each (the tiles offered where W2 is large), and with
     the dW2 launch walking strips of tiles where one P tile covers every row (P <= 16 in the
     interpreter; beyond, the tile falls back to a program per dW2 tile): 8 tiles along N in
-    strips of 3, the last one ragged."""
+    strips of 3, the last one ragged. "library": the W2 products by torch.mm (LIBRARY_PRODUCTS),
+    one dH partial summed by the hidden kernel."""
     from prefixkern.kernels import prefix_mlp as kernels
 
     launched = _record_launches(monkeypatch)
-    if launches != 1:
+    if launches == "library":
+        _force_bwd_candidate(monkeypatch, kernels, kernels.LIBRARY_PRODUCTS)
+    elif launches != 1:
         monkeypatch.setattr(kernels, "INTERPRETER_BWD_TILE", kernels.INTERPRETER_BWD_TILE._replace(
             dw_num_warps=4, dw_num_stages=1, dw_strips=launches == "strips"))
     torch.manual_seed(15)
@@ -432,7 +451,8 @@ def test_backward_writes_every_gradient_element(monkeypatch, P, hidden, layout, 
     if device == "cpu":       # (on a GPU the first candidate of the table runs, whatever the test set)
         roles = [meta["ROLES"] for name, meta in launched if name == "prefix_mlp_bwd_kernel"]
         strips = launches == "strips" and P <= kernels.bwd_block_p(P, "ieee")
-        assert roles == (["both"] if launches == 1 else ["dh", "dw2_strip" if strips else "dw2"])
+        expected = {1: ["both"], "library": []}.get(launches, ["dh", "dw2_strip" if strips else "dw2"])
+        assert roles == expected
 
 
 def _record_launches(monkeypatch) -> list:
@@ -470,11 +490,65 @@ def test_two_launch_backward_tiles_only_where_w2_is_large(monkeypatch):
         assert any(t.dw_strips for t in large) == fits and not any(t.dw_strips for t in small)
         assert any(t.dw_strips for t in mlp.bwd_candidates(32, precision, 65536 * 1024))
         assert not any(t.dw_strips for t in mlp.bwd_candidates(65, precision, 65536 * 1024))
+    # cuBLAS's products, last, only where asked (library_products_offered says where).
+    assert mlp.bwd_candidates(64, "tf32x3", 65536 * 1024, library=True)[-1] is mlp.LIBRARY_PRODUCTS
+    assert mlp.LIBRARY_PRODUCTS not in mlp.bwd_candidates(64, "tf32x3", 65536 * 1024)
     # A strip takes about four programs per SM of tiles: 16 of Llama-3-8B's 8192 64 x 64 tiles on an
     # H100's or H200's 132 SMs; a tile each where there are fewer tiles than that.
     monkeypatch.setattr(mlp, "num_sms", lambda index: 132)
     assert mlp.dw2_strip_tiles(8192, torch.device("cuda", 0)) == 16
     assert mlp.dw2_strip_tiles(300, torch.device("cuda", 0)) == 1
+
+
+def test_library_products_offered_where_cublas_computes_what_the_kernels_would(monkeypatch):
+    """cuBLAS takes the backward's W2 products only as a timed candidate on a GPU, for a large
+    float32 W2 (and b2) under float32 products (exact or TF32): 16-bit products would need a copy
+    of W2, and a small W2 is host-bound already (Qwen2.5-0.5B's 0.8M elements)."""
+    from prefixkern.kernels import prefix_mlp as mlp
+
+    class Meta:        # a tensor's device, dtype and size, all the rule reads
+        def __init__(self, elements, dtype=torch.float32, device="cuda"):
+            self.device, self.dtype, self.elements = torch.device(device), dtype, elements
+
+        def numel(self):
+            return self.elements
+
+    llama, bias = Meta(65536 * 1024), Meta(65536)
+    for precision in ("tf32x3", "ieee", "tf32"):
+        assert mlp.library_products_offered(precision, llama, bias)
+        assert mlp.library_products_offered(precision, llama, None)
+    assert not mlp.library_products_offered("bf16", llama, bias)
+    assert not mlp.library_products_offered("tf32x3", Meta(65536 * 1024, torch.bfloat16), None)
+    assert not mlp.library_products_offered("tf32x3", llama, Meta(65536, torch.bfloat16))
+    assert not mlp.library_products_offered("tf32x3", Meta(6144 * 128), bias)
+    assert not mlp.library_products_offered("tf32x3", Meta(65536 * 1024, device="cpu"), bias)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_library_products_give_the_fused_backwards_gradients(monkeypatch, dropout_p, device):
+    """The backward with its W2 products by torch.mm (LIBRARY_PRODUCTS, forced) against the fused
+    kernels' tile: the same gradients of every parameter, dropout's regenerated mask included (the
+    products then read the masked [P, N] rows), and the tile it ran with reported as such."""
+    from prefixkern.kernels import prefix_mlp as kernels
+    from prefixkern.ops.prefix_mlp import launched_tiles
+
+    torch.manual_seed(4)
+    enc = PrefixEncoder(9, **SMALL, projection=True, hidden_size=SMALL_HIDDEN, dropout=dropout_p, device=device)
+    grad = torch.randn(SMALL["num_layers"], 2, SMALL["num_kv_heads"], 9, SMALL["head_dim"], device=device)
+    results = []
+    for library in (False, True):
+        if library:
+            _force_bwd_candidate(monkeypatch, kernels, kernels.LIBRARY_PRODUCTS)
+        enc.zero_grad(set_to_none=True)
+        launched_tiles()
+        torch.manual_seed(5)        # the same dropout seed both times
+        with prefixkern.use_backend("triton"):
+            enc(torch.float32).backward(grad)
+        tiles = launched_tiles()
+        assert tiles["bwd"].startswith("library=") == library, tiles
+        results.append({name: p.grad.clone() for name, p in enc.named_parameters()})
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_launched_tiles_name_every_field(monkeypatch, device):
@@ -809,7 +883,7 @@ def test_gpu_tf32x3_is_as_accurate_as_exact_float32(model, P):
 @pytest.mark.parametrize("precision", ["tf32x3", "ieee", "bf16"])
 def test_gpu_every_backward_tile_agrees_with_the_first(monkeypatch, precision):
     """Every backward candidate the tuner may pick at the suite's Llama-3-8B shape (P=64, W2 65536
-    x 1024), the two-launch ones included, forced in turn: the gradients of the table's first tile
+    x 1024), the two-launch ones and the cuBLAS products (float32 ones) included, forced in turn: the gradients of the table's first tile
     (the one the full-size grid checks against the reference, autotuning off there), up to
     summation order."""
     from prefixkern.kernels import prefix_mlp as kernels
@@ -825,17 +899,18 @@ def test_gpu_every_backward_tile_agrees_with_the_first(monkeypatch, precision):
               torch.randn(N, device="cuda")]
     grad = torch.randn(num_layers, 2, num_kv_heads, P, head_dim, device="cuda")
     compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    real_pick = kernels.pick_config
     results, tiles = [], None
     with tf32x3_products(precision != "ieee"):
         assert kernels.products(compute_dtype, grad.device) == precision
         _, hidden_act = kernels.prefix_mlp_forward(*params, **sizes, out_dtype=torch.float32,
                                                    compute_dtype=compute_dtype, dropout_p=0.0, seed=None)
-        tiles = kernels.bwd_candidates(P, precision, N * hidden)
-        assert any(tile.dw_num_warps for tile in tiles), tiles
+        library = kernels.library_products_offered(precision, params[3], params[4])
+        assert library == (precision != "bf16")
+        tiles = kernels.bwd_candidates(P, precision, N * hidden, library)
+        assert any(getattr(tile, "dw_num_warps", 0) for tile in tiles), tiles
+        assert (kernels.LIBRARY_PRODUCTS in tiles) == library
         for tile in tiles:
-            monkeypatch.setattr(kernels, "pick_config", lambda key, candidates, launch, tile=tile:
-                                tile if key[0] == "mlp-bwd" else real_pick(key, candidates, launch))
+            _force_bwd_candidate(monkeypatch, kernels, tile)
             results.append(kernels.prefix_mlp_backward(grad, *params, hidden_act, **sizes, compute_dtype=compute_dtype,
                                                        dropout_p=0.0, seed=None))
     for tile, grads in zip(tiles[1:], results[1:]):

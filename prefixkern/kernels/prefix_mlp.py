@@ -17,6 +17,8 @@ backward  ``prefix_mlp_bwd_kernel``      two kinds of program: split-N partials 
                                          dW2 = G^T @ H, db2 (no atomics: deterministic); one
                                          launch, or one per kind where W2 is large, dW2 then a
                                          program per tile or per strip of tiles (``BwdTile``)
+                                         (where W2 is large and float32, the tuner also times
+                                         cuBLAS for both products: ``LibraryProducts``)
           ``prefix_mlp_bwd_hidden_kernel`` dZ = (sum of partials) * (1 - H^2), db1 = sum_p dZ
           ``prefix_mlp_matmul_kernel``   dE = dZ @ W1 and dW1 = dZ^T @ E
 P-Tuning v2 and dropout
@@ -377,6 +379,22 @@ BWD_MAX_BLOCK_P = {"tensor": 64, "tf32x3": 64, "ieee": 32}
 INTERPRETER_BWD_TILE = BwdTile(16, 16, 16, 16, 4, 1)
 
 
+class LibraryProducts(NamedTuple):
+    """The backward candidate that leaves the two W2-sized products to the GPU's BLAS (``torch.mm``:
+    cuBLAS): G laid out as float32 [P, N] rows by ``prefix_kv_copy``, then ``dH = G @ W2`` (one
+    partial, no split), ``dW2 = G^T @ H`` and ``db2 = sum_p G``. The tanh epilogue, dE and dW1 stay
+    in this file's kernels. Timed beside the fused tiles where W2 is large, float32 and the products
+    exact float32 or TF32 (``library_products_offered``): there cuBLAS computes what ``nn.Linear``
+    would, and the fastest candidate serves, so the backward is never slower than the same math on
+    P rows in PyTorch. (The fourth H200 run's fused backward took 1.07 ms at Llama-3-8B size,
+    PyTorch's whole P-row backward about 0.52: the fused tiles that may close that gap are untimed.)
+    Deterministic as cuBLAS is (see torch.use_deterministic_algorithms)."""
+    library: str = "torch.mm"
+
+
+LIBRARY_PRODUCTS = LibraryProducts()
+
+
 def _bwd_table(precision: str) -> str:
     return precision if precision in ("ieee", "tf32x3") else "tensor"
 
@@ -396,11 +414,26 @@ def bwd_dw_block_p(block_p: int) -> int:
     return min(block_p, 32)
 
 
-def bwd_candidates(num_rows: int, precision: str, w2_elements: int = 0) -> list[BwdTile]:
+def library_products_offered(precision: str, w2: torch.Tensor, b2: torch.Tensor | None) -> bool:
+    """Whether the backward times ``LIBRARY_PRODUCTS`` beside its tiles: on a GPU, W2 of
+    ``BWD_TWO_LAUNCH_MIN_W2`` elements or more, float32 (as b2), and products cuBLAS computes as the
+    kernels would (exact float32 or TF32, PyTorch's setting). 16-bit products would need a 16-bit
+    copy of W2 first."""
+    return (w2.device.type == "cuda" and precision in ("ieee", "tf32x3", "tf32") and w2.dtype == torch.float32
+            and (b2 is None or b2.dtype == torch.float32) and w2.numel() >= BWD_TWO_LAUNCH_MIN_W2)
+
+
+def bwd_candidates(num_rows: int, precision: str, w2_elements: int = 0,
+                   library: bool = False) -> list[BwdTile | LibraryProducts]:
     """The backward tiles worth timing for P = ``num_rows`` under ``precision``, the two-launch
-    ones too where W2 has ``BWD_TWO_LAUNCH_MIN_W2`` elements or more."""
+    ones too where W2 has ``BWD_TWO_LAUNCH_MIN_W2`` elements or more, and ``LIBRARY_PRODUCTS``
+    last where ``library`` (``library_products_offered``)."""
     if triton_interpret():
         return [INTERPRETER_BWD_TILE]
+    return _bwd_tiles(num_rows, precision, w2_elements) + ([LIBRARY_PRODUCTS] if library else [])
+
+
+def _bwd_tiles(num_rows: int, precision: str, w2_elements: int) -> list[BwdTile]:
     name = _bwd_table(precision)
     block_p = bwd_block_p(num_rows, precision)
     two_launch = BWD_TWO_LAUNCH_TILES[name] if w2_elements >= BWD_TWO_LAUNCH_MIN_W2 else ()
@@ -857,7 +890,10 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
 
     block_p = bwd_block_p(num_rows, precision)
 
-    def launch(tile: BwdTile):
+    def launch(tile: BwdTile | LibraryProducts):
+        if tile is LIBRARY_PRODUCTS:
+            return _library_products(grad, grad_strides, grad is grad_out, hidden, w2, dw2, db2, dh_part[0],
+                                     num_kv_heads, head_dim)
         num_dh = cdiv(num_rows, block_p) * cdiv(hidden_size, tile.dh_block_k) * num_splits
         num_dw = cdiv(num_cols, tile.dw_block_n) * cdiv(hidden_size, tile.dw_block_k)
 
@@ -891,7 +927,10 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
 
     key = ("mlp-bwd", device, num_rows, num_cols, hidden_size, num_splits, b2 is not None, precision, grad.dtype,
            w2.dtype)
-    launch(pick_config(key, lambda: bwd_candidates(num_rows, precision, w2.numel()), launch))
+    tile = pick_config(key, lambda: bwd_candidates(num_rows, precision, w2.numel(),
+                                                   library_products_offered(precision, w2, b2)), launch)
+    launch(tile)
+    partials = 1 if tile is LIBRARY_PRODUCTS else num_splits
 
     dz = torch.empty(num_rows, hidden_size, device=device, dtype=torch.float32)
     db1 = torch.empty(b1.shape, device=device, dtype=b1.dtype) if b1 is not None else None
@@ -899,7 +938,7 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
     launch_kernel(
         prefix_mlp_bwd_hidden_kernel, (cdiv(hidden_size, block_k),),
         dh_part, hidden, dz, db1,
-        num_rows, hidden_size, num_splits,
+        num_rows, hidden_size, partials,
         *dh_part.stride(), hidden.stride(0), hidden.stride(1), dz.stride(0), dz.stride(1),
         HAS_BIAS=b1 is not None, BLOCK_P=min(next_power_of_2(num_rows), 64), BLOCK_K=block_k,
     )
@@ -908,6 +947,24 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
     dw1 = torch.empty(w1.shape, device=device, dtype=w1.dtype)
     _matmul_pair(dz, w1, d_embedding, dz.t(), embedding, dw1, precision)      # dE = dZ @ W1, dW1 = dZ^T @ E
     return d_embedding, dw1, db1, dw2, db2
+
+
+def _library_products(grad, grad_strides, grad_is_kv, hidden, w2, dw2, db2, dh, num_kv_heads, head_dim) -> None:
+    """``LIBRARY_PRODUCTS``: ``dh = G @ W2``, ``dW2 = G^T @ H``, ``db2 = sum_p G`` by ``torch.mm``,
+    from G as float32 [P, N] rows (copied from the [L, 2, Hkv, P, D] gradient, or already rows
+    where dropout's mask was applied)."""
+    num_rows, num_cols = hidden.shape[0], w2.shape[0]
+    if grad_is_kv:
+        rows = torch.empty(num_rows, num_cols, device=w2.device, dtype=torch.float32)
+        prefix_kv_copy(grad, grad_strides, rows, _rows_as_kv_strides(rows, num_kv_heads, head_dim),
+                       num_rows=num_rows, num_cols=num_cols, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                       dropout_p=0.0, seed=None)
+    else:
+        rows = grad
+    torch.mm(rows, w2, out=dh)
+    torch.mm(rows.t(), hidden, out=dw2)
+    if db2 is not None:
+        torch.sum(rows, 0, out=db2)
 
 
 def prefix_rows_forward(embedding: torch.Tensor, *, num_layers: int, num_kv_heads: int, head_dim: int,

@@ -332,9 +332,12 @@ def launched_tiles() -> dict[str, str]:
     """Diagnostics: the tiles the prefix-MLP kernels launched with since the previous call, as
     autotuning chose them (``fwd``: the second GEMM into [L, 2, Hkv, P, D]; ``bwd``: the dH and the
     dW2/db2 programs' tiles, with ``dw_warps`` and ``dw_stages`` where the dW2 programs had a launch
-    of their own; ``gemm``: the forward's first GEMM; ``gemm-pair``: the backward's dE and dW1 in
-    one launch), as ``"BLOCK_P=..,BLOCK_N=..,warps=..,stages=.."``. The benchmarks record it."""
+    of their own and ``dw_strips=True`` where it walked strips of tiles, or ``library=torch.mm``
+    where cuBLAS took both W2 products; ``gemm``: the forward's first GEMM; ``gemm-pair``: the
+    backward's dE and dW1 in one launch), as ``"BLOCK_P=..,BLOCK_N=..,warps=..,stages=.."``. The
+    benchmarks record it."""
     from ..kernels._launch import take_launched_configs
+    from ..kernels.prefix_mlp import LibraryProducts
 
     fields = {"mlp-fwd": ("fwd", ("BLOCK_P", "BLOCK_N", "BLOCK_K")),
               "mlp-bwd": ("bwd", ("DH_BLOCK_N", "DH_BLOCK_K", "DW_BLOCK_N", "DW_BLOCK_K")),
@@ -343,7 +346,10 @@ def launched_tiles() -> dict[str, str]:
     tiles = {}
     for kernel, config in take_launched_configs(tuple(fields)).items():
         name, blocks = fields[kernel]
-        labels = blocks + ("warps", "stages", "dw_warps", "dw_stages")
+        if isinstance(config, LibraryProducts):
+            tiles[name] = f"library={config.library}"
+            continue
+        labels = blocks + ("warps", "stages", "dw_warps", "dw_stages", "dw_strips")
         tiles[name] = ",".join(f"{label}={value}" for label, value in zip(labels, config)
-                               if not (label.startswith("dw_") and value == 0))
+                               if not (label.startswith("dw_") and not value))
     return tiles

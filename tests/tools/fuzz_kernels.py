@@ -127,7 +127,8 @@ def mlp_case(rng: random.Random, seed: int, notes: list) -> None:
     projection and its biases, three output dtypes: values and every parameter gradient. In the
     interpreter, half the cases run the backward's dH and dW2 programs in a launch each (the
     two-launch tiles a GPU's tuner times where W2 is large), and half of those walk dW2 by strips
-    of tiles (where one P tile holds every row: P <= 16 in the interpreter)."""
+    of tiles (where one P tile holds every row: P <= 16 in the interpreter); an eighth leave the W2
+    products to torch.mm (LIBRARY_PRODUCTS, the cuBLAS candidate)."""
     from conftest import TOLERANCES
 
     from prefixkern.kernels import prefix_mlp as kernels
@@ -139,9 +140,10 @@ def mlp_case(rng: random.Random, seed: int, notes: list) -> None:
     token_dim, hidden = rng.choice([5, 24, 40, 64]), rng.choice([5, 20, 36, 64, 100])
     out_dtype = rng.choice(DTYPES)
     launch_draw = rng.random()        # (one draw, as before strips: a seed's cases stay the same)
-    two_launches, strips = launch_draw < 0.5, launch_draw < 0.25
+    two_launches, strips, library = launch_draw < 0.5, launch_draw < 0.25, 0.5 <= launch_draw < 0.625
     notes.append(f"mlp P{num_rows} {sizes} projection={projection} bias={bias} d{token_dim} h{hidden} {out_dtype}"
-                 f"{' bwd in two launches' if two_launches else ''}{', dW2 by strips' if strips else ''}")
+                 f"{' bwd in two launches' if two_launches else ''}{', dW2 by strips' if strips else ''}"
+                 f"{', W2 products by torch.mm' if library else ''}")
     gen = torch.Generator().manual_seed(seed)
     if projection:
         params = [torch.randn(num_rows, token_dim, generator=gen), torch.randn(hidden, token_dim, generator=gen) /
@@ -155,15 +157,18 @@ def mlp_case(rng: random.Random, seed: int, notes: list) -> None:
     expected = reference.prefix_mlp(*params, **sizes, out_dtype=out_dtype)
     grad = torch.randn(expected.shape, generator=gen).to(_device(), out_dtype)
     expected_grads = torch.autograd.grad(expected, leaves, grad)
-    one_launch_tile = kernels.INTERPRETER_BWD_TILE
+    one_launch_tile, pick_config = kernels.INTERPRETER_BWD_TILE, kernels.pick_config
     if two_launches:
         kernels.INTERPRETER_BWD_TILE = one_launch_tile._replace(dw_num_warps=4, dw_num_stages=1, dw_strips=strips)
+    if library:
+        kernels.pick_config = lambda key, candidates, launch: (
+            kernels.LIBRARY_PRODUCTS if key[0] == "mlp-bwd" else pick_config(key, candidates, launch))
     try:
         with use_backend("triton"):
             got = prefixkern.fused_prefix_mlp(*params, **sizes, out_dtype=out_dtype)
             grads = torch.autograd.grad(got, leaves, grad)
     finally:
-        kernels.INTERPRETER_BWD_TILE = one_launch_tile
+        kernels.INTERPRETER_BWD_TILE, kernels.pick_config = one_launch_tile, pick_config
     atol, rtol = TOLERANCES[out_dtype]["out"]
     torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
     atol, rtol = TOLERANCES[torch.float32]["grad"]
