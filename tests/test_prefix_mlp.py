@@ -555,12 +555,20 @@ def test_launched_tiles_name_every_field(monkeypatch, device):
     """What the benchmarks record beside a timing: every tile field labelled, for each kernel."""
     from prefixkern.ops.prefix_mlp import launched_tiles
 
+    from prefixkern.kernels import prefix_mlp as kernels
+
     enc = PrefixEncoder(5, **SMALL, projection=True, hidden_size=SMALL_HIDDEN, device=device)
     launched_tiles()
+    with prefixkern.use_backend("triton"):      # a small MLP: the one-launch forward
+        enc(torch.bfloat16).float().sum().backward()
+    fused = launched_tiles()
+    assert set(fused) == {"fwd", "bwd", "gemm-pair"} and fused["fwd"].endswith(",fused_hidden=True"), fused
+    monkeypatch.setattr(kernels, "FUSED_MAX_W1", 0)
     with prefixkern.use_backend("triton"):
         enc(torch.bfloat16).float().sum().backward()
     tiles = launched_tiles()
     assert set(tiles) == {"fwd", "bwd", "gemm", "gemm-pair"}
+    assert tiles["fwd"] == fused["fwd"].removesuffix(",fused_hidden=True"), (tiles, fused)
     assert tiles["bwd"].startswith("DH_BLOCK_N=") and tiles["bwd"].count("=") == 6, tiles["bwd"]
     if device == "cpu":       # the interpreter's one tile, made a two-launch one
         from prefixkern.kernels import prefix_mlp as kernels
@@ -573,6 +581,58 @@ def test_launched_tiles_name_every_field(monkeypatch, device):
     assert tiles["fwd"].startswith("BLOCK_P=") and tiles["fwd"].count("=") == 5, tiles
     assert tiles["gemm"].count("=") == 5 and tiles["gemm-pair"].count("=") == 5, tiles
     assert launched_tiles() == {}
+
+
+@pytest.mark.parametrize("out_dtype,autocast", [(torch.float32, False), (torch.bfloat16, False),
+                                                 (torch.bfloat16, True)])
+@pytest.mark.parametrize("P,bias,dropout_p", [(1, True, 0.0), (17, False, 0.0), (33, True, 0.3)])
+def test_one_launch_forward_matches_two_launches(monkeypatch, P, bias, dropout_p, out_dtype, autocast, device):
+    """A small MLP's forward computes H inside its one launch (fuse_hidden): the same output, the
+    same H kept for the backward, hence the same gradients, as the first GEMM launched apart
+    (FUSED_MAX_W1 = 0), under float32, 16-bit and autocast products, with and without biases and
+    dropout (same seed: same mask); and it launches only the forward kernel."""
+    from prefixkern.kernels import prefix_mlp as kernels
+
+    torch.manual_seed(6)
+    d, hidden = 40, 36                  # ragged against the tiles: d over two BLOCK_D steps
+    params = [torch.randn(P, d), torch.randn(hidden, d) / d ** 0.5, torch.randn(hidden) if bias else None,
+              torch.randn(2 * SMALL["num_layers"] * SMALL["num_kv_heads"] * SMALL["head_dim"], hidden) / hidden ** 0.5,
+              torch.randn(2 * SMALL["num_layers"] * SMALL["num_kv_heads"] * SMALL["head_dim"]) if bias else None]
+    grad = torch.randn(SMALL["num_layers"], 2, SMALL["num_kv_heads"], P, SMALL["head_dim"], device=device)
+    assert kernels.fuse_hidden(P, d, hidden, params[3].shape[0], "bf16")
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(kernels, "FUSED_MAX_W1", 0)
+        leaves = [None if t is None else t.to(device).requires_grad_() for t in params]
+        launched = _record_launches(monkeypatch)
+        torch.manual_seed(7)
+        with prefixkern.use_backend("triton"), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+            out = prefixkern.fused_prefix_mlp(*leaves, **SMALL, out_dtype=out_dtype, dropout_p=dropout_p)
+        forward = [name for name, _ in launched]
+        out.backward(grad.to(out.dtype))
+        results.append([out.detach().float()] + [t.grad for t in leaves if t is not None])
+        assert forward == (["prefix_mlp_fwd_kernel"] if fused else
+                           ["prefix_mlp_matmul_kernel", "prefix_mlp_fwd_kernel"]), forward
+    for number, (one, two) in enumerate(zip(*results)):
+        torch.testing.assert_close(one, two, atol=1e-5, rtol=1e-5, msg=f"output and gradients, item {number}")
+
+
+def test_one_launch_forward_only_for_small_mlps():
+    """fuse_hidden: Qwen2.5-0.5B's MLP (PEFT's default hidden size, token_dim 128) fuses; bloomz-560m's
+    (1024 x 1024 W1) and Llama-3-8B's do not, nor a P beyond one forward tile (16 rows under FMA
+    products)."""
+    from prefixkern.kernels import prefix_mlp as kernels
+
+    for precision in ("tf32x3", "bf16", "tf32", "ieee"):
+        assert kernels.fuse_hidden(20, 128, 128, 6144, precision) == (precision != "ieee")
+        assert not kernels.fuse_hidden(30, 1024, 1024, 49152, precision)
+        assert not kernels.fuse_hidden(64, 1024, 1024, 65536, precision)
+        assert not kernels.fuse_hidden(65, 128, 128, 6144, precision)
+        assert not kernels.fuse_hidden(20, 128, 1024, 6144, precision)          # W2 of 6.3M elements
+    # FMA products: wider P tiles with H's chunk spill, so P up to 16 (17: the first GEMM apart).
+    assert kernels.fuse_hidden(64, 128, 128, 6144, "bf16") and kernels.fuse_hidden(16, 128, 128, 6144, "ieee")
+    assert not kernels.fuse_hidden(17, 128, 128, 6144, "ieee")
 
 
 def test_forward_candidates_split_p_for_exact_float32_only(monkeypatch):
@@ -620,12 +680,17 @@ def test_tf32x3_replaces_only_exact_float32_products(monkeypatch):
     assert mlp.bwd_block_p(64, "tf32x3") == 64
 
 
-def test_tf32x3_products_reach_every_kernel_and_match_the_reference(monkeypatch, device):
+@pytest.mark.parametrize("fused", [True, False])
+def test_tf32x3_products_reach_every_kernel_and_match_the_reference(monkeypatch, fused, device):
     """With 3xTF32 on, every GEMM kernel of the forward and backward is launched with
-    PRECISION="tf32x3", and values and gradients match float64 autograd. (The interpreter computes
+    PRECISION="tf32x3", and values and gradients match float64 autograd; with the one-launch
+    forward (this small MLP's) and with the first GEMM launched apart. (The interpreter computes
     every precision in float32; the GPU test bounds the real error.)"""
+    from prefixkern.kernels import prefix_mlp as kernels
     from prefixkern.ops.prefix_mlp import tf32x3_products
 
+    if not fused:
+        monkeypatch.setattr(kernels, "FUSED_MAX_W1", 0)
     launches = _record_launches(monkeypatch)
     torch.manual_seed(3)
     P, hidden = 9, SMALL_HIDDEN
@@ -643,8 +708,8 @@ def test_tf32x3_products_reach_every_kernel_and_match_the_reference(monkeypatch,
     expected.backward(grad.double())
     launched = [(name, meta.get("PRECISION")) for name, meta in launches]
     gemms = {name: precision for name, precision in launched if precision is not None}
-    assert set(gemms) == {"prefix_mlp_matmul_kernel", "prefix_mlp_fwd_kernel", "prefix_mlp_bwd_kernel",
-                          "prefix_mlp_matmul_pair_kernel"}, launched
+    assert set(gemms) == {"prefix_mlp_fwd_kernel", "prefix_mlp_bwd_kernel", "prefix_mlp_matmul_pair_kernel"} | (
+        set() if fused else {"prefix_mlp_matmul_kernel"}), launched
     assert set(gemms.values()) == {"tf32x3"}, launched
     torch.testing.assert_close(kv.double(), expected, **_tol(torch.float32, "out"))
     for leaf, ref in zip(leaves, exact):

@@ -14,7 +14,6 @@ SCRIPT = Path(__file__).resolve().parent / "tools" / "compile_triton_kernels.py"
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Triton compiles on Linux")
 def test_every_kernel_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     result = subprocess.run([sys.executable, str(SCRIPT), "--arch", "90"], env=env, capture_output=True, text=True,
                             timeout=900, cwd=SCRIPT.parent.parent.parent)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
@@ -61,7 +60,6 @@ def test_attention_configs_do_not_spill_registers():
     grid order; heaviest first, each table's first), and within the shared memory the launchers
     budget for it (tests/tools/kernel_resources.py without --bucket checks every table)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     script = SCRIPT.parent / "kernel_resources.py"
     result = subprocess.run([sys.executable, str(script), "--check", "--kernels", "attention", "--bucket", "2:128",
                              "--flags", "plain,padded,packed", "--heavy-first", "first"],
@@ -83,7 +81,6 @@ def test_prefix_mlp_configs_compile_and_the_untuned_ones_do_not_spill():
     tiles as both of their kernels: the first of each table (used with autotuning off) with no
     register spills, and at most a few others spilling a little (the tuner drops those)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     script = SCRIPT.parent / "kernel_resources.py"
     result = subprocess.run([sys.executable, str(script), "--check", "--kernels", "mlp"],
                             env=env, capture_output=True, text=True, timeout=900, cwd=SCRIPT.parent.parent.parent)

@@ -159,6 +159,22 @@ def matmul_candidates(m: int, tiles=MATMUL_TILES) -> list[tuple[int, int, int, i
 
 
 @triton.jit
+def _product(a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_am, stride_ak, stride_bk, stride_bn,
+             PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``A[offs_m, :] @ B[:, offs_n]`` over K in BLOCK_K steps, float32 [len(offs_m), len(offs_n)]."""
+    acc = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = _mma(a, b, acc, PRECISION)
+    return acc
+
+
+@triton.jit
 def _matmul_tile(
     a_ptr, b_ptr, bias_ptr, c_ptr, pid_m, pid_n,
     M, N, K,
@@ -171,15 +187,8 @@ def _matmul_tile(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = _mma(a, b, acc, PRECISION)
+    acc = _product(a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_am, stride_ak, stride_bk, stride_bn,
+                   PRECISION, BLOCK_K)
     if HAS_BIAS:
         acc += _round(tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32), PRECISION)[None, :]
     if APPLY_TANH:
@@ -280,15 +289,34 @@ def fwd_candidates(block_p: int, num_cols: int, precision: str) -> list[tuple[in
 
 
 @triton.jit
+def _hidden_chunk(e_ptr, w1_ptr, b1_ptr, rows, ks, mask_p, mask_k, TOKEN_DIM,
+                  stride_ep, stride_ed, stride_w1k, stride_w1d,
+                  HAS_B1: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``tanh(E[rows] @ W1[ks]^T + b1[ks])``, float32 [BLOCK_P, BLOCK_K], rounded as the first GEMM's
+    kernel rounds it (``_matmul_tile`` with APPLY_TANH)."""
+    acc = _product(e_ptr, w1_ptr, rows, ks, mask_p, mask_k, TOKEN_DIM, stride_ep, stride_ed, stride_w1d, stride_w1k,
+                   PRECISION, BLOCK_D)
+    if HAS_B1:
+        acc += _round(tl.load(b1_ptr + ks, mask=mask_k, other=0.0).to(tl.float32), PRECISION)[None, :]
+    return _round(_tanh(_round(acc, PRECISION)), PRECISION)
+
+
+@triton.jit
 def prefix_mlp_fwd_kernel(
-    h_ptr, w2_ptr, b2_ptr, out_ptr, seed_ptr,
-    P, N, HID, Hkv, D, dropout_p,
+    h_ptr, w2_ptr, b2_ptr, out_ptr, seed_ptr, e_ptr, w1_ptr, b1_ptr,
+    P, N, HID, Hkv, D, dropout_p, TOKEN_DIM,
     stride_hp, stride_hk,
     stride_w2n, stride_w2k,
     stride_ol, stride_ot, stride_og, stride_op, stride_od,
+    stride_ep, stride_ed, stride_w1k, stride_w1d,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FUSE_HIDDEN: tl.constexpr, HAS_B1: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """``out = dropout(H @ W2^T + b2)`` into [L, 2, Hkv, P, D], H read from ``h_ptr``. With
+    FUSE_HIDDEN (small MLPs, ``fuse_hidden``) each program computes the H chunks it needs from E,
+    W1 and b1 instead (``_hidden_chunk``), and the programs of the first N tile store them to
+    ``h_ptr`` for the backward: the whole forward in one launch."""
     # P blocks vary fastest so the programs that read one W2 tile run together (L2 reuse when P is split).
     pid_p = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -300,8 +328,14 @@ def prefix_mlp_fwd_kernel(
     for k0 in range(0, HID, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         mask_k = ks < HID
-        hidden = tl.load(h_ptr + rows[:, None] * stride_hp + ks[None, :] * stride_hk,
-                         mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+        h_ptrs = h_ptr + rows[:, None] * stride_hp + ks[None, :] * stride_hk
+        if FUSE_HIDDEN:
+            hidden = _hidden_chunk(e_ptr, w1_ptr, b1_ptr, rows, ks, mask_p, mask_k, TOKEN_DIM,
+                                   stride_ep, stride_ed, stride_w1k, stride_w1d, HAS_B1, PRECISION, BLOCK_D)
+            if pid_n == 0:      # every program computes the same chunk; one stores it
+                tl.store(h_ptrs, hidden, mask=mask_p[:, None] & mask_k[None, :])
+        else:
+            hidden = tl.load(h_ptrs, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
         w2_t = tl.load(w2_ptr + ks[:, None] * stride_w2k + cols[None, :] * stride_w2n,
                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = _mma(hidden, w2_t, acc, PRECISION)
@@ -808,6 +842,29 @@ def prefix_kv_copy(src: torch.Tensor, src_strides, dst: torch.Tensor, dst_stride
     return dst
 
 
+# The one-launch forward (FUSE_HIDDEN): every forward program recomputes the H chunks it reads,
+# P x h x d multiply-adds each, and reads all of W1 (from L2), so it serves small MLPs only: W1 of
+# at most FUSED_MAX_W1 elements (Qwen2.5-0.5B's 128 x 128 is 16K; bloomz-560m's 1024 x 1024 is
+# not), W2 below BWD_TWO_LAUNCH_MIN_W2, P within one forward P tile. There the forward is
+# host-bound (the fourth H200 run: 0.145 ms for Qwen2.5-0.5B's, the device busy 9 us of it), and a
+# launch is most of what it costs: the first GEMM's launch goes. Under FMA products ("ieee") the
+# first tile, holding H's chunk beside the output tile, spilled 40 B at P tile 64 on Triton 3.9 and
+# 296 B at 32 on 3.6 (sm_90, tests/tools/kernel_resources.py --kernels mlp): there P stops at 16.
+FUSED_MAX_W1 = 1 << 16
+FUSED_BLOCK_D = 32
+
+
+def fused_max_rows(precision: str) -> int:
+    """The largest P the one-launch forward takes under ``precision``."""
+    return 16 if precision == "ieee" else MAX_BLOCK_P_FWD
+
+
+def fuse_hidden(num_rows: int, token_dim: int, hidden_size: int, num_cols: int, precision: str) -> bool:
+    """Whether the forward computes H inside its one launch (see FUSED_MAX_W1)."""
+    return (hidden_size * token_dim <= FUSED_MAX_W1 and num_cols * hidden_size < BWD_TWO_LAUNCH_MIN_W2
+            and num_rows <= fused_max_rows(precision))
+
+
 def prefix_mlp_forward(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
                        b2: torch.Tensor | None, *, num_layers: int, num_kv_heads: int, head_dim: int,
                        out_dtype: torch.dtype, compute_dtype: torch.dtype, dropout_p: float,
@@ -819,26 +876,36 @@ def prefix_mlp_forward(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
     device = embedding.device
     precision = products(compute_dtype, device)
     hidden = torch.empty(num_rows, hidden_size, device=device, dtype=torch.float32)
-    _matmul(embedding, w1.t(), hidden, precision, bias=b1, apply_tanh=True)
+    token_dim = embedding.shape[1]
+    fused = fuse_hidden(num_rows, token_dim, hidden_size, num_cols, precision)
+    if not fused:
+        _matmul(embedding, w1.t(), hidden, precision, bias=b1, apply_tanh=True)
 
     out = torch.empty(num_layers, 2, num_kv_heads, num_rows, head_dim, device=device, dtype=out_dtype)
+    first = (embedding, w1, b1) if fused else (None, None, None)
+    first_strides = (*embedding.stride(), *w1.stride()) if fused else (0, 0, 0, 0)
 
     def launch(config):
         block_p, block_n, block_k, warps, stages = config
         return launch_kernel(
             prefix_mlp_fwd_kernel, (cdiv(num_rows, block_p), cdiv(num_cols, block_n)),
-            hidden, w2, b2, out, seed,
-            num_rows, num_cols, hidden_size, num_kv_heads, head_dim, float(dropout_p),
+            hidden, w2, b2, out, seed, *first,
+            num_rows, num_cols, hidden_size, num_kv_heads, head_dim, float(dropout_p), token_dim,
             hidden.stride(0), hidden.stride(1),
             w2.stride(0), w2.stride(1),
             *out.stride(),
+            *first_strides,
             HAS_BIAS=b2 is not None, HAS_DROPOUT=dropout_p > 0.0, PRECISION=precision,
-            BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+            BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k,
+            FUSE_HIDDEN=fused, HAS_B1=fused and b1 is not None, BLOCK_D=FUSED_BLOCK_D if fused else 16,
+            num_warps=warps, num_stages=stages,
         )
 
-    key = ("mlp-fwd", device, num_rows, num_cols, hidden_size, b2 is not None, dropout_p > 0.0, precision,
-           w2.dtype, out_dtype)
-    launch(pick_config(key, lambda: fwd_configs(num_rows, num_cols, precision), launch))
+    key = ("mlp-fwd-fused" if fused else "mlp-fwd", device, num_rows, num_cols, hidden_size, b2 is not None,
+           dropout_p > 0.0, precision, w2.dtype, out_dtype)
+    # The one-launch forward serves host-bound sizes, where tuning gains nothing: its first tile,
+    # the one kernel_resources.py holds to no spills with H's chunk beside the output's.
+    launch(pick_config(key, lambda: fwd_configs(num_rows, num_cols, precision)[:1 if fused else None], launch))
     return out, hidden
 
 

@@ -330,7 +330,8 @@ def tf32x3_products(enabled: bool = True):
 
 def launched_tiles() -> dict[str, str]:
     """Diagnostics: the tiles the prefix-MLP kernels launched with since the previous call, as
-    autotuning chose them (``fwd``: the second GEMM into [L, 2, Hkv, P, D]; ``bwd``: the dH and the
+    autotuning chose them (``fwd``: the second GEMM into [L, 2, Hkv, P, D], ``fused_hidden=True``
+    where it computed H itself and the first GEMM had no launch; ``bwd``: the dH and the
     dW2/db2 programs' tiles, with ``dw_warps`` and ``dw_stages`` where the dW2 programs had a launch
     of their own and ``dw_strips=True`` where it walked strips of tiles, or ``library=torch.mm``
     where cuBLAS took both W2 products; ``gemm``: the forward's first GEMM; ``gemm-pair``: the
@@ -340,6 +341,7 @@ def launched_tiles() -> dict[str, str]:
     from ..kernels.prefix_mlp import LibraryProducts
 
     fields = {"mlp-fwd": ("fwd", ("BLOCK_P", "BLOCK_N", "BLOCK_K")),
+              "mlp-fwd-fused": ("fwd", ("BLOCK_P", "BLOCK_N", "BLOCK_K")),
               "mlp-bwd": ("bwd", ("DH_BLOCK_N", "DH_BLOCK_K", "DW_BLOCK_N", "DW_BLOCK_K")),
               "mlp-matmul": ("gemm", ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
               "mlp-matmul-pair": ("gemm-pair", ("BLOCK_M", "BLOCK_N", "BLOCK_K"))}
@@ -352,4 +354,6 @@ def launched_tiles() -> dict[str, str]:
         labels = blocks + ("warps", "stages", "dw_warps", "dw_stages", "dw_strips")
         tiles[name] = ",".join(f"{label}={value}" for label, value in zip(labels, config)
                                if not (label.startswith("dw_") and not value))
+        if kernel == "mlp-fwd-fused":
+            tiles[name] += ",fused_hidden=True"
     return tiles

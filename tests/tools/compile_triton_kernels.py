@@ -57,7 +57,8 @@ def _unit_stride(name: str) -> bool:
 ABSENT_WHEN_OFF = {"HAS_PREFIX_INDEX": ("prefix_index_ptr",), "HAS_KPM": ("kpm_ptr",), "HAS_ALIBI": ("slopes_ptr",),
                    "HAS_POS": ("pos_ptr",), "HAS_DROPOUT": ("seed_ptr",),
                    "VARLEN": ("cu_seqlens_q_ptr", "cu_seqlens_k_ptr"),
-                   "HAS_BIAS": ("bias_ptr", "b2_ptr", "db2_ptr", "db1_ptr")}
+                   "HAS_BIAS": ("bias_ptr", "b2_ptr", "db2_ptr", "db1_ptr"),
+                   "FUSE_HIDDEN": ("e_ptr", "w1_ptr", "b1_ptr"), "HAS_B1": ("b1_ptr",)}
 
 
 def _absent_inputs(kernel, constexprs: dict) -> dict:
@@ -165,7 +166,13 @@ def cases(quick: bool):
                dict(PRECISION=first, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64), {"c1_ptr": "*fp32", "c2_ptr": "*fp32"},
                "*fp32", 4, 3)
         yield (f"mlp-fwd {out_ptr} {second}", mlp.prefix_mlp_fwd_kernel,
-               dict(HAS_BIAS=True, HAS_DROPOUT=True, PRECISION=second, BLOCK_P=32, BLOCK_N=64, BLOCK_K=32),
+               dict(HAS_BIAS=True, HAS_DROPOUT=True, PRECISION=second, BLOCK_P=32, BLOCK_N=64, BLOCK_K=32,
+                    FUSE_HIDDEN=False, HAS_B1=False, BLOCK_D=16),
+               {"out_ptr": out_ptr, "seed_ptr": "*i64"}, "*fp32", 4, 3)
+        # The one-launch forward of small MLPs (H computed in the kernel).
+        yield (f"mlp-fwd-fused {out_ptr} {second}", mlp.prefix_mlp_fwd_kernel,
+               dict(HAS_BIAS=True, HAS_DROPOUT=True, PRECISION=second, BLOCK_P=32, BLOCK_N=64, BLOCK_K=32,
+                    FUSE_HIDDEN=True, HAS_B1=True, BLOCK_D=mlp.FUSED_BLOCK_D),
                {"out_ptr": out_ptr, "seed_ptr": "*i64"}, "*fp32", 4, 3)
         bp = mlp.bwd_block_p(64, first)
         table = mlp.BWD_TWO_LAUNCH_TILES[mlp._bwd_table(first)]     # (first's table, as the launcher)

@@ -153,8 +153,17 @@ def mlp_candidates():
             for i, (block_n, block_k, warps, stages) in enumerate(mlp.fwd_candidates(block_p, 1 << 20, precision)):
                 yield (f"mlp-fwd {precision} P{block_p}", mlp.prefix_mlp_fwd_kernel,
                        dict(HAS_BIAS=True, HAS_DROPOUT=False, PRECISION=precision, BLOCK_P=block_p,
-                            BLOCK_N=block_n, BLOCK_K=block_k), {"out_ptr": "*bf16", "seed_ptr": "*i64"}, warps, stages,
-                       i == 0)
+                            BLOCK_N=block_n, BLOCK_K=block_k, FUSE_HIDDEN=False, HAS_B1=False, BLOCK_D=16),
+                       {"out_ptr": "*bf16", "seed_ptr": "*i64"}, warps, stages, i == 0)
+            # The one-launch forward (small MLPs only) launches the first candidate, untuned.
+            fused = block_p <= mlp.fused_max_rows(precision)
+            for i, (block_n, block_k, warps, stages) in enumerate(mlp.fwd_candidates(block_p, 6144, precision)[:1]
+                                                                  if fused else ()):
+                yield (f"mlp-fwd-fused {precision} P{block_p}", mlp.prefix_mlp_fwd_kernel,
+                       dict(HAS_BIAS=True, HAS_DROPOUT=False, PRECISION=precision, BLOCK_P=block_p,
+                            BLOCK_N=block_n, BLOCK_K=block_k, FUSE_HIDDEN=True, HAS_B1=True,
+                            BLOCK_D=mlp.FUSED_BLOCK_D),
+                       {"out_ptr": "*bf16", "seed_ptr": "*i64"}, warps, stages, i == 0)
         for i, (block_m, block_n, block_k, warps, stages) in enumerate(mlp.MATMUL_TILES):
             yield (f"mlp-matmul {precision}", mlp.prefix_mlp_matmul_kernel,
                    dict(HAS_BIAS=True, APPLY_TANH=True, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
