@@ -218,29 +218,44 @@ def test_decode_step_hands_the_cuda_ops_what_the_checked_op_would(prefix, monkey
     assert len(ops.calls) == 2
 
 
-def test_decode_step_traces_under_torch_compile_without_the_cuda_ops(monkeypatch):
-    """A compiled model's decoding step traces with no graph break (fullgraph): the CUDA kernel's
-    eligibility reads tensor addresses and its first call builds the library, neither of which a
-    trace can do, so the traced step takes ``prefix_attention`` (on a GPU the general kernel's custom
-    op; here the reference); eager steps still ask."""
-    def address_read(*args, **kwargs):
-        raise AssertionError("cuda_decode_supported called while tracing")
+def test_decode_step_traces_under_torch_compile_as_one_op(monkeypatch):
+    """A compiled model's decoding step traces with no graph break (fullgraph) into one custom op,
+    ``prefixkern::decode_step``: the CUDA kernel's eligibility reads tensor addresses and its first
+    call builds the library, neither of which a trace can do, so the op asks when it runs, as an
+    eager step does (here, CPU tensors: no CUDA kernel, the reference). Its output is contiguous
+    whatever served it, as its fake says (q here a transposed view, as HF's projections give it)."""
+    asked = []
+    supported = decode_attention.cuda_decode_supported
 
-    monkeypatch.setattr(decode_attention, "cuda_decode_supported", address_read)
+    def recording(*args, **kwargs):
+        asked.append(torch.compiler.is_compiling())
+        return supported(*args, **kwargs)
+
+    monkeypatch.setattr(decode_attention, "cuda_decode_supported", recording)
     inputs, kw = _inputs(3, 4, 2, 1, 9, 5, 64, torch.float32, "cpu", prefix="per_task", padding=True)
+    inputs = (inputs[0].transpose(1, 2).contiguous().transpose(1, 2),) + tuple(inputs[1:])
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([node.target for node in gm.graph.nodes if node.op == "call_function"])
+        return gm
 
     def step(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index):
         return decode_attention.decode_step(q, k, v, prefix_k, prefix_v, softmax_scale=0.125,
                                             key_padding_mask=key_padding_mask, prefix_index=prefix_index)
 
     torch._dynamo.reset()
-    with prefixkern.use_backend("auto"):
+    with prefixkern.use_backend("auto"), torch.no_grad():
         explained = torch._dynamo.explain(step)(*inputs, **kw)
-        got = torch.compile(step, fullgraph=True, backend="eager")(*inputs, **kw)
         assert explained.graph_break_count == 0, [str(b.reason)[:300] for b in explained.break_reasons]
+        torch._dynamo.reset()
+        asked.clear()
+        got = torch.compile(step, fullgraph=True, backend=backend)(*inputs, **kw)
+        assert graphs and torch.ops.prefixkern.decode_step.default in graphs[-1], graphs
+        assert asked == [False], asked              # asked once, when the op ran, not while tracing
+        assert got.is_contiguous()
         torch.testing.assert_close(got, reference.prefix_attention(*inputs, causal=True, softmax_scale=0.125, **kw))
-        with pytest.raises(AssertionError, match="while tracing"):      # (the eager step does ask)
-            step(*inputs, **kw)
+        torch.testing.assert_close(got, step(*inputs, **kw), atol=0, rtol=0)
 
 
 def test_decode_step_with_a_library_built_before_the_fused_op(monkeypatch):
@@ -493,10 +508,13 @@ def test_gpu_triton_decode_kernel_against_reference(case, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.smoke
-def test_gpu_compiled_decode_step_has_no_graph_break():
-    """On CUDA tensors a decoding step compiles whole (fullgraph): the traced step takes the
-    general kernel's custom op, with the eager step's (CUDA kernel's) result."""
+def test_gpu_compiled_decode_step_has_no_graph_break(monkeypatch):
+    """On CUDA tensors a decoding step compiles whole (fullgraph): the traced step's custom op runs
+    the CUDA kernel, as the eager step does, with its result."""
     inputs, kw = _inputs(3, 8, 2, 1, 300, 7, 128, torch.bfloat16, "cuda", prefix="per_task", padding=True)
+    calls = []
+    cuda_decode = decode_attention._cuda_decode
+    monkeypatch.setattr(decode_attention, "_cuda_decode", lambda *args: calls.append(1) or cuda_decode(*args))
 
     def step(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index):
         return decode_attention.decode_step(q, k, v, prefix_k, prefix_v, softmax_scale=None,
@@ -505,7 +523,8 @@ def test_gpu_compiled_decode_step_has_no_graph_break():
     torch._dynamo.reset()
     with torch.no_grad():
         got = torch.compile(step, fullgraph=True)(*inputs, **kw)
-        torch.testing.assert_close(got, step(*inputs, **kw), atol=2e-2, rtol=2e-2)
+        assert calls, "the compiled step did not run the CUDA kernel"
+        torch.testing.assert_close(got, step(*inputs, **kw), atol=0, rtol=0)
 
 
 @pytest.mark.gpu
@@ -554,8 +573,8 @@ def test_gpu_generate_uses_the_cuda_kernel(tensor_cores, monkeypatch):
 @pytest.mark.gpu
 def test_gpu_static_cache_generate_compiles_its_decoding_steps(monkeypatch):
     """generate(cache_implementation="static") on a GPU: transformers compiles the decoding steps
-    (inductor, CUDA graphs) over the patched model's PrefixKVStaticCache, with the scores of the
-    dynamic cache's eager decoding."""
+    (inductor, CUDA graphs) over the patched model's PrefixKVStaticCache, their attention the CUDA
+    kernel through the decode_step op, with the scores of the dynamic cache's eager decoding."""
     tf = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from prefixkern.integrations import hf
@@ -584,9 +603,14 @@ def test_gpu_static_cache_generate_compiles_its_decoding_steps(monkeypatch):
         return out
 
     dynamic = scores()
+    calls = []
+    cuda_decode = decode_attention._cuda_decode
+    monkeypatch.setattr(decode_attention, "_cuda_decode", lambda *args: calls.append(1) or cuda_decode(*args))
     static = scores(cache_implementation="static")
     assert compiled and isinstance(static.past_key_values, hf.PrefixKVStaticCache)
+    # The compiled steps' op ran the CUDA kernel (CUDA graphs replay it without Python: a few calls).
+    assert calls, "the compiled decoding steps did not take the CUDA kernel"
     # The prefill (eager, both) and the first compiled step (later steps may follow a bf16 near-tie
-    # apart: the compiled step attends with the general kernel, the dynamic one with the CUDA kernel).
+    # apart: both attend with the CUDA kernel, but inductor computes the rest of the step its way).
     for got, want in zip(static.scores[:2], dynamic.scores[:2]):
         torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)

@@ -331,8 +331,9 @@ def run_generate(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             if cache == "dynamic":
                 dynamic_tokens[key] = out[:, prompt:]
             elif impl.startswith("prefixkern") and key in dynamic_tokens:
-                # The static cache's compiled steps attend with another kernel than the dynamic
-                # cache's: a bf16 near-tie may part them, so say how far they agree, not ok/not ok.
+                # The static cache's compiled steps compute the rest of the step as inductor does
+                # (their attention is the same kernel's where the CUDA one serves both): a bf16
+                # near-tie may part them, so say how far they agree, not ok/not ok.
                 same = (out[:, prompt:] == dynamic_tokens[key]).cumprod(1).sum(1).float().mean().item()
                 record.note = f"the dynamic cache's tokens for the first {same:.1f} of {new_tokens} (mean over rows)"
             eager = [str(w.message) for w in caught if "decodes eagerly" in str(w.message)]

@@ -114,8 +114,21 @@ def decode_step(q, k, v, prefix_k, prefix_v, *, key_padding_mask, prefix_index, 
     what memory safety needs (dims, dtypes, devices, strides, alignment) and raises. Where the
     CUDA kernel cannot serve the call, it goes where ``prefix_decode_attention`` would send it (the
     Triton decode kernel, or ``prefix_attention`` with its checks), without asking again whether
-    the kernel serves it."""
+    the kernel serves it.
+
+    Under torch.compile the call is the custom op ``prefixkern::decode_step``, opaque to the
+    trace: whether the CUDA kernel serves a call depends on its tensors' addresses (16-byte
+    alignment), which a traced tensor does not have, so the op decides when it runs, as an eager
+    call does. A compiled decoding step (a static cache's, CUDA graphs included: the captured
+    graph replays the launches of the addresses it was recorded with) so takes the CUDA kernel
+    too, with no graph break."""
     scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
+    if torch.compiler.is_compiling():
+        return decode_step_op(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale)
+    return _decode_step(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale)
+
+
+def _decode_step(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale: float):
     ops = _cuda_ops_serving(q, k, v, prefix_k, prefix_v)
     if ops is None:
         return _without_cuda_ops(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale, 0, False)
@@ -123,12 +136,26 @@ def decode_step(q, k, v, prefix_k, prefix_v, *, key_padding_mask, prefix_index, 
                         TENSOR_CORES, False)
 
 
+@torch.library.custom_op("prefixkern::decode_step", mutates_args=())
+def decode_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+                   prefix_v: torch.Tensor, key_padding_mask: torch.Tensor | None, prefix_index: torch.Tensor | None,
+                   softmax_scale: float) -> torch.Tensor:
+    """``decode_step`` as one op for torch.compile: ``out [B, Hq, S, D]`` contiguous, whichever
+    kernel served the call (the general kernel leaves q's layout: copied then, a decode step's few
+    rows)."""
+    with torch.no_grad():
+        return _decode_step(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, softmax_scale).contiguous()
+
+
+@decode_step_op.register_fake
+def _(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, softmax_scale):
+    return q.new_empty(q.shape)
+
+
 def _cuda_ops_serving(q, k, v, prefix_k, prefix_v):
     """The built CUDA ops (``torch.ops.prefixkern_cuda``) when they serve this call, else None.
-    None under torch.compile: whether the kernel serves a call depends on its tensors' addresses
-    (16-byte alignment), which a traced tensor does not have, and the first call builds and
-    self-checks the library; the traced step takes the general kernel's custom op instead, so
-    a compiled model decodes with no graph break."""
+    None while torch.compile traces (``decode_step`` then hands the call to its custom op, which
+    asks again when it runs); the first call builds and self-checks the library."""
     if get_backend() != "auto" or k.shape[2] == 0 or torch.compiler.is_compiling() \
             or not cuda_decode_supported(q, k, v, prefix_k, prefix_v):
         return None
