@@ -559,10 +559,11 @@ def test_launched_tiles_name_every_field(monkeypatch, device):
 
     enc = PrefixEncoder(5, **SMALL, projection=True, hidden_size=SMALL_HIDDEN, device=device)
     launched_tiles()
-    with prefixkern.use_backend("triton"):      # a small MLP: the one-launch forward
+    with prefixkern.use_backend("triton"):      # a small MLP: the one-launch forward, first Linear's backward
         enc(torch.bfloat16).float().sum().backward()
     fused = launched_tiles()
-    assert set(fused) == {"fwd", "bwd", "gemm-pair"} and fused["fwd"].endswith(",fused_hidden=True"), fused
+    assert set(fused) == {"fwd", "bwd", "bwd-first"} and fused["fwd"].endswith(",fused_hidden=True"), fused
+    assert fused["bwd-first"].count("=") == 5, fused
     monkeypatch.setattr(kernels, "FUSED_MAX_W1", 0)
     with prefixkern.use_backend("triton"):
         enc(torch.bfloat16).float().sum().backward()
@@ -587,7 +588,7 @@ def test_launched_tiles_name_every_field(monkeypatch, device):
                                                  (torch.bfloat16, True)])
 @pytest.mark.parametrize("P,bias,dropout_p", [(1, True, 0.0), (17, False, 0.0), (33, True, 0.3)])
 def test_one_launch_forward_matches_two_launches(monkeypatch, P, bias, dropout_p, out_dtype, autocast, device):
-    """A small MLP's forward computes H inside its one launch (fuse_hidden): the same output, the
+    """A small MLP's forward computes H inside its one launch (small_mlp): the same output, the
     same H kept for the backward, hence the same gradients, as the first GEMM launched apart
     (FUSED_MAX_W1 = 0), under float32, 16-bit and autocast products, with and without biases and
     dropout (same seed: same mask); and it launches only the forward kernel."""
@@ -599,7 +600,7 @@ def test_one_launch_forward_matches_two_launches(monkeypatch, P, bias, dropout_p
               torch.randn(2 * SMALL["num_layers"] * SMALL["num_kv_heads"] * SMALL["head_dim"], hidden) / hidden ** 0.5,
               torch.randn(2 * SMALL["num_layers"] * SMALL["num_kv_heads"] * SMALL["head_dim"]) if bias else None]
     grad = torch.randn(SMALL["num_layers"], 2, SMALL["num_kv_heads"], P, SMALL["head_dim"], device=device)
-    assert kernels.fuse_hidden(P, d, hidden, params[3].shape[0], "bf16")
+    assert kernels.small_mlp(P, d, hidden, params[3].shape[0], "bf16")
     results = []
     for fused in (True, False):
         if not fused:
@@ -618,21 +619,30 @@ def test_one_launch_forward_matches_two_launches(monkeypatch, P, bias, dropout_p
         torch.testing.assert_close(one, two, atol=1e-5, rtol=1e-5, msg=f"output and gradients, item {number}")
 
 
-def test_one_launch_forward_only_for_small_mlps():
-    """fuse_hidden: Qwen2.5-0.5B's MLP (PEFT's default hidden size, token_dim 128) fuses; bloomz-560m's
+def test_one_launch_forward_only_for_small_mlps(monkeypatch):
+    """small_mlp: Qwen2.5-0.5B's MLP (PEFT's default hidden size, token_dim 128) is small (one-launch
+    forward, first Linear's backward in one launch, few dH partials); bloomz-560m's
     (1024 x 1024 W1) and Llama-3-8B's do not, nor a P beyond one forward tile (16 rows under FMA
     products)."""
     from prefixkern.kernels import prefix_mlp as kernels
 
     for precision in ("tf32x3", "bf16", "tf32", "ieee"):
-        assert kernels.fuse_hidden(20, 128, 128, 6144, precision) == (precision != "ieee")
-        assert not kernels.fuse_hidden(30, 1024, 1024, 49152, precision)
-        assert not kernels.fuse_hidden(64, 1024, 1024, 65536, precision)
-        assert not kernels.fuse_hidden(65, 128, 128, 6144, precision)
-        assert not kernels.fuse_hidden(20, 128, 1024, 6144, precision)          # W2 of 6.3M elements
+        assert kernels.small_mlp(20, 128, 128, 6144, precision) == (precision != "ieee")
+        assert not kernels.small_mlp(30, 1024, 1024, 49152, precision)
+        assert not kernels.small_mlp(64, 1024, 1024, 65536, precision)
+        assert not kernels.small_mlp(65, 128, 128, 6144, precision)
+        assert not kernels.small_mlp(20, 128, 1024, 6144, precision)          # W2 of 6.3M elements
     # FMA products: wider P tiles with H's chunk spill, so P up to 16 (17: the first GEMM apart).
-    assert kernels.fuse_hidden(64, 128, 128, 6144, "bf16") and kernels.fuse_hidden(16, 128, 128, 6144, "ieee")
-    assert not kernels.fuse_hidden(17, 128, 128, 6144, "ieee")
+    assert kernels.small_mlp(64, 128, 128, 6144, "bf16") and kernels.small_mlp(16, 128, 128, 6144, "ieee")
+    assert not kernels.small_mlp(17, 128, 128, 6144, "ieee")
+    # A small MLP's backward takes few dH partials (each tile of its first Linear's backward sums
+    # them): 8 at Qwen2.5-0.5B's size on a 132-SM GPU, where a large one's take up to a split per
+    # 64 columns.
+    monkeypatch.setattr(kernels, "num_sms", lambda index: 132)
+    monkeypatch.setattr(kernels, "triton_interpret", lambda: False)        # (the GPU's tables)
+    gpu = torch.device("cuda", 0)
+    assert kernels._num_splits(6144, 128, gpu, kernels.SMALL_MLP_MAX_SPLITS)[0] == 8
+    assert kernels._num_splits(6144, 128, gpu)[0] == 96
 
 
 def test_forward_candidates_split_p_for_exact_float32_only(monkeypatch):
@@ -683,8 +693,8 @@ def test_tf32x3_replaces_only_exact_float32_products(monkeypatch):
 @pytest.mark.parametrize("fused", [True, False])
 def test_tf32x3_products_reach_every_kernel_and_match_the_reference(monkeypatch, fused, device):
     """With 3xTF32 on, every GEMM kernel of the forward and backward is launched with
-    PRECISION="tf32x3", and values and gradients match float64 autograd; with the one-launch
-    forward (this small MLP's) and with the first GEMM launched apart. (The interpreter computes
+    PRECISION="tf32x3", and values and gradients match float64 autograd; as a small MLP (this one:
+    the one-launch forward, the first Linear's backward in one launch) and as a large one. (The interpreter computes
     every precision in float32; the GPU test bounds the real error.)"""
     from prefixkern.kernels import prefix_mlp as kernels
     from prefixkern.ops.prefix_mlp import tf32x3_products
@@ -708,8 +718,9 @@ def test_tf32x3_products_reach_every_kernel_and_match_the_reference(monkeypatch,
     expected.backward(grad.double())
     launched = [(name, meta.get("PRECISION")) for name, meta in launches]
     gemms = {name: precision for name, precision in launched if precision is not None}
-    assert set(gemms) == {"prefix_mlp_fwd_kernel", "prefix_mlp_bwd_kernel", "prefix_mlp_matmul_pair_kernel"} | (
-        set() if fused else {"prefix_mlp_matmul_kernel"}), launched
+    assert set(gemms) == {"prefix_mlp_fwd_kernel", "prefix_mlp_bwd_kernel"} | (
+        {"prefix_mlp_bwd_first_kernel"} if fused else {"prefix_mlp_matmul_kernel", "prefix_mlp_matmul_pair_kernel"}), \
+        launched
     assert set(gemms.values()) == {"tf32x3"}, launched
     torch.testing.assert_close(kv.double(), expected, **_tol(torch.float32, "out"))
     for leaf, ref in zip(leaves, exact):

@@ -314,7 +314,7 @@ def prefix_mlp_fwd_kernel(
     FUSE_HIDDEN: tl.constexpr, HAS_B1: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``out = dropout(H @ W2^T + b2)`` into [L, 2, Hkv, P, D], H read from ``h_ptr``. With
-    FUSE_HIDDEN (small MLPs, ``fuse_hidden``) each program computes the H chunks it needs from E,
+    FUSE_HIDDEN (small MLPs, ``small_mlp``) each program computes the H chunks it needs from E,
     W1 and b1 instead (``_hidden_chunk``), and the programs of the first N tile store them to
     ``h_ptr`` for the backward: the whole forward in one launch."""
     # P blocks vary fastest so the programs that read one W2 tile run together (L2 reuse when P is split).
@@ -701,17 +701,84 @@ def prefix_mlp_bwd_hidden_kernel(
     db1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         rows = p0 + tl.arange(0, BLOCK_P)
-        mask = (rows < P)[:, None] & mask_k[None, :]
-        dh = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
-        for s in range(0, NUM_SPLITS):
-            dh += tl.load(dh_part_ptr + s * stride_part_s + rows[:, None] * stride_part_p + ks[None, :] * stride_part_k,
-                          mask=mask, other=0.0)
-        hidden = tl.load(h_ptr + rows[:, None] * stride_hp + ks[None, :] * stride_hk, mask=mask, other=0.0)
-        dz = dh * (1.0 - hidden * hidden)
-        tl.store(dz_ptr + rows[:, None] * stride_dzp + ks[None, :] * stride_dzk, dz, mask=mask)
+        mask_p = rows < P
+        dz = _dz_tile(dh_part_ptr, h_ptr, rows, ks, mask_p, mask_k, NUM_SPLITS, stride_part_s, stride_part_p,
+                      stride_part_k, stride_hp, stride_hk)
+        tl.store(dz_ptr + rows[:, None] * stride_dzp + ks[None, :] * stride_dzk, dz,
+                 mask=mask_p[:, None] & mask_k[None, :])
         db1 += tl.sum(dz, axis=0)
     if HAS_BIAS:
         tl.store(db1_ptr + ks, db1.to(db1_ptr.dtype.element_ty), mask=mask_k)
+
+
+@triton.jit
+def _dz_tile(dh_part_ptr, h_ptr, rows, ks, mask_p, mask_k, NUM_SPLITS, stride_part_s, stride_part_p, stride_part_k,
+             stride_hp, stride_hk):
+    """dZ[rows, ks] = (the dH partials summed over splits, in split order) * (1 - H^2), float32."""
+    mask = mask_p[:, None] & mask_k[None, :]
+    offsets = rows[:, None] * stride_part_p + ks[None, :] * stride_part_k
+    dh = tl.zeros((rows.shape[0], ks.shape[0]), dtype=tl.float32)
+    for s in range(0, NUM_SPLITS):
+        dh += tl.load(dh_part_ptr + s * stride_part_s + offsets, mask=mask, other=0.0)
+    hidden = tl.load(h_ptr + rows[:, None] * stride_hp + ks[None, :] * stride_hk, mask=mask, other=0.0)
+    return dh * (1.0 - hidden * hidden)
+
+
+@triton.jit
+def prefix_mlp_bwd_first_kernel(
+    dh_part_ptr, h_ptr, e_ptr, w1_ptr, de_ptr, dw1_ptr, db1_ptr,
+    P, HID, TOKEN_DIM, NUM_SPLITS,
+    stride_part_s, stride_part_p, stride_part_k, stride_hp, stride_hk,
+    stride_ep, stride_ed, stride_w1k, stride_w1d,
+    stride_dep, stride_ded, stride_dw1k, stride_dw1d,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """A small MLP's backward of its first Linear and tanh in one launch (``small_mlp``), where
+    ``prefix_mlp_bwd_hidden_kernel`` and ``prefix_mlp_matmul_pair_kernel`` take two: every tile
+    computes the dZ it reads from the dH partials (``_dz_tile``, the hidden kernel's arithmetic).
+    A 1-D grid: dE = dZ @ W1 tiles first ([P, d], over h), then dW1 = dZ^T @ E tiles ([h, d], over
+    P), whose first column of tiles also sums db1 = sum_p dZ."""
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(TOKEN_DIM, BLOCK_N)
+    tiles_de = tl.cdiv(P, BLOCK_M) * tiles_n
+    is_de = pid < tiles_de
+    tile = tl.where(is_de, pid, pid - tiles_de)
+    pid_m = (tile // tiles_n).to(tl.int64)
+    cols = (tile % tiles_n).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_d = cols < TOKEN_DIM
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if is_de:
+        mask_p = offs_m < P
+        for k0 in range(0, HID, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            mask_k = ks < HID
+            dz = _dz_tile(dh_part_ptr, h_ptr, offs_m, ks, mask_p, mask_k, NUM_SPLITS, stride_part_s,
+                          stride_part_p, stride_part_k, stride_hp, stride_hk)
+            w1 = tl.load(w1_ptr + ks[:, None] * stride_w1k + cols[None, :] * stride_w1d,
+                         mask=mask_k[:, None] & mask_d[None, :], other=0.0)
+            acc = _mma(dz, w1, acc, PRECISION)
+        tl.store(de_ptr + offs_m[:, None] * stride_dep + cols[None, :] * stride_ded,
+                 acc.to(de_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_d[None, :])
+    else:
+        mask_k = offs_m < HID           # this tile's rows are hidden units
+        db1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_K):
+            rows = p0 + tl.arange(0, BLOCK_K)
+            mask_p = rows < P
+            dz = _dz_tile(dh_part_ptr, h_ptr, rows, offs_m, mask_p, mask_k, NUM_SPLITS, stride_part_s,
+                          stride_part_p, stride_part_k, stride_hp, stride_hk)
+            e = tl.load(e_ptr + rows[:, None] * stride_ep + cols[None, :] * stride_ed,
+                        mask=mask_p[:, None] & mask_d[None, :], other=0.0)
+            acc = _mma(tl.trans(dz), e, acc, PRECISION)
+            if HAS_BIAS:
+                db1 += tl.sum(dz, axis=0)
+        tl.store(dw1_ptr + offs_m[:, None] * stride_dw1k + cols[None, :] * stride_dw1d,
+                 acc.to(dw1_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_d[None, :])
+        if HAS_BIAS:
+            if tile % tiles_n == 0:
+                tl.store(db1_ptr + offs_m, db1.to(db1_ptr.dtype.element_ty), mask=mask_k)
 
 
 # --------------------------------------------------------------------------------------------
@@ -859,8 +926,10 @@ def fused_max_rows(precision: str) -> int:
     return 16 if precision == "ieee" else MAX_BLOCK_P_FWD
 
 
-def fuse_hidden(num_rows: int, token_dim: int, hidden_size: int, num_cols: int, precision: str) -> bool:
-    """Whether the forward computes H inside its one launch (see FUSED_MAX_W1)."""
+def small_mlp(num_rows: int, token_dim: int, hidden_size: int, num_cols: int, precision: str) -> bool:
+    """Whether the MLP is small (see FUSED_MAX_W1): its forward computes H inside its one launch,
+    its backward of the first Linear is one launch too (``prefix_mlp_bwd_first_kernel``) and
+    splits N into at most ``SMALL_MLP_MAX_SPLITS`` dH partials."""
     return (hidden_size * token_dim <= FUSED_MAX_W1 and num_cols * hidden_size < BWD_TWO_LAUNCH_MIN_W2
             and num_rows <= fused_max_rows(precision))
 
@@ -877,7 +946,7 @@ def prefix_mlp_forward(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
     precision = products(compute_dtype, device)
     hidden = torch.empty(num_rows, hidden_size, device=device, dtype=torch.float32)
     token_dim = embedding.shape[1]
-    fused = fuse_hidden(num_rows, token_dim, hidden_size, num_cols, precision)
+    fused = small_mlp(num_rows, token_dim, hidden_size, num_cols, precision)
     if not fused:
         _matmul(embedding, w1.t(), hidden, precision, bias=b1, apply_tanh=True)
 
@@ -909,15 +978,21 @@ def prefix_mlp_forward(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
     return out, hidden
 
 
-def _num_splits(num_cols: int, hidden_size: int, device: torch.device) -> tuple[int, int]:
-    """How many N ranges the backward splits W2 into, and the width of each.
+# A small MLP's backward (small_mlp) re-sums its dH partials in every tile of its first Linear's
+# backward: few of them. Its W2 (Qwen2.5-0.5B's: 6144 x 128) is then read by 16 programs of a
+# 384-column range each, a few microseconds where the step around it is host-bound.
+SMALL_MLP_MAX_SPLITS = 8
+
+
+def _num_splits(num_cols: int, hidden_size: int, device: torch.device, cap: int | None = None) -> tuple[int, int]:
+    """How many N ranges the backward splits W2 into (at most ``cap``), and the width of each.
 
     Enough programs (hidden chunks x splits) to fill the GPU about four times over, no more:
     each split costs one float32 [P, h] partial. Depends only on the sizes and the GPU, so the
     summation order (and the result) is the same on every run.
     """
     align = _bwd_split_align()
-    max_splits = cdiv(num_cols, align)
+    max_splits = cdiv(num_cols, align) if cap is None else min(cap, cdiv(num_cols, align))
     if device.type == "cuda":
         target_programs = 4 * num_sms(device_index(device))
         splits = cdiv(target_programs, cdiv(hidden_size, 64))
@@ -949,11 +1024,12 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
     else:
         grad, grad_strides = grad_out, grad_out.stride()
 
-    num_splits, per_split = _num_splits(num_cols, hidden_size, device)
+    precision = products(compute_dtype, device)
+    small = small_mlp(num_rows, embedding.shape[1], hidden_size, num_cols, precision)
+    num_splits, per_split = _num_splits(num_cols, hidden_size, device, SMALL_MLP_MAX_SPLITS if small else None)
     dh_part = torch.empty(num_splits, num_rows, hidden_size, device=device, dtype=torch.float32)
     dw2 = torch.empty(w2.shape, device=device, dtype=w2.dtype)
     db2 = torch.empty(b2.shape, device=device, dtype=b2.dtype) if b2 is not None else None
-    precision = products(compute_dtype, device)
 
     block_p = bwd_block_p(num_rows, precision)
 
@@ -999,8 +1075,13 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
     launch(tile)
     partials = 1 if tile is LIBRARY_PRODUCTS else num_splits
 
-    dz = torch.empty(num_rows, hidden_size, device=device, dtype=torch.float32)
     db1 = torch.empty(b1.shape, device=device, dtype=b1.dtype) if b1 is not None else None
+    d_embedding = torch.empty(embedding.shape, device=device, dtype=embedding.dtype)
+    dw1 = torch.empty(w1.shape, device=device, dtype=w1.dtype)
+    if small:
+        _first_linear_backward(dh_part, partials, hidden, embedding, w1, d_embedding, dw1, db1, precision)
+        return d_embedding, dw1, db1, dw2, db2
+    dz = torch.empty(num_rows, hidden_size, device=device, dtype=torch.float32)
     block_k = 64
     launch_kernel(
         prefix_mlp_bwd_hidden_kernel, (cdiv(hidden_size, block_k),),
@@ -1010,10 +1091,41 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
         HAS_BIAS=b1 is not None, BLOCK_P=min(next_power_of_2(num_rows), 64), BLOCK_K=block_k,
     )
 
-    d_embedding = torch.empty(embedding.shape, device=device, dtype=embedding.dtype)
-    dw1 = torch.empty(w1.shape, device=device, dtype=w1.dtype)
     _matmul_pair(dz, w1, d_embedding, dz.t(), embedding, dw1, precision)      # dE = dZ @ W1, dW1 = dZ^T @ E
     return d_embedding, dw1, db1, dw2, db2
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of prefix_mlp_bwd_first_kernel: spill-free
+# on sm_90 under every product precision on Triton 3.6 and 3.9, where the pair kernel's first tile
+# (16, 64, 64, 4, 3) spilled 12-16 B with FMA and TF32 products (the dZ sums beside the operands).
+BWD_FIRST_TILE = (32, 64, 64, 4, 3)
+
+
+def _first_linear_backward(dh_part: torch.Tensor, num_splits: int, hidden: torch.Tensor, embedding: torch.Tensor,
+                           w1: torch.Tensor, d_embedding: torch.Tensor, dw1: torch.Tensor, db1: torch.Tensor | None,
+                           precision: str) -> None:
+    """``prefix_mlp_bwd_first_kernel``: dE, dW1 and db1 from the first ``num_splits`` dH partials,
+    one launch at ``BWD_FIRST_TILE``, untuned (``small_mlp``'s sizes are host-bound)."""
+    num_rows, hidden_size = hidden.shape
+    token_dim = embedding.shape[1]
+
+    def launch(config):
+        block_m, block_n, block_k, warps, stages = config
+        tiles = (cdiv(num_rows, block_m) + cdiv(hidden_size, block_m)) * cdiv(token_dim, block_n)
+        return launch_kernel(
+            prefix_mlp_bwd_first_kernel, (tiles,),
+            dh_part, hidden, embedding, w1, d_embedding, dw1, db1,
+            num_rows, hidden_size, token_dim, num_splits,
+            *dh_part.stride(), hidden.stride(0), hidden.stride(1),
+            embedding.stride(0), embedding.stride(1), w1.stride(0), w1.stride(1),
+            d_embedding.stride(0), d_embedding.stride(1), dw1.stride(0), dw1.stride(1),
+            HAS_BIAS=db1 is not None, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=warps, num_stages=stages,
+        )
+
+    key = ("mlp-bwd-first", hidden.device, num_rows, hidden_size, token_dim, db1 is not None, precision,
+           embedding.dtype, w1.dtype)
+    launch(pick_config(key, [INTERPRETER_MATMUL_TILE if triton_interpret() else BWD_FIRST_TILE], launch))
 
 
 def _library_products(grad, grad_strides, grad_is_kv, hidden, w2, dw2, db2, dh, num_kv_heads, head_dim) -> None:

@@ -335,8 +335,9 @@ def launched_tiles() -> dict[str, str]:
     dW2/db2 programs' tiles, with ``dw_warps`` and ``dw_stages`` where the dW2 programs had a launch
     of their own and ``dw_strips=True`` where it walked strips of tiles, or ``library=torch.mm``
     where cuBLAS took both W2 products; ``gemm``: the forward's first GEMM; ``gemm-pair``: the
-    backward's dE and dW1 in one launch), as ``"BLOCK_P=..,BLOCK_N=..,warps=..,stages=.."``. The
-    benchmarks record it."""
+    backward's dE and dW1 in one launch; ``bwd-first``: a small MLP's dZ, dE, dW1 and db1 in one
+    launch, in place of the hidden kernel and the pair), as
+    ``"BLOCK_P=..,BLOCK_N=..,warps=..,stages=.."``. The benchmarks record it."""
     from ..kernels._launch import take_launched_configs
     from ..kernels.prefix_mlp import LibraryProducts
 
@@ -344,7 +345,8 @@ def launched_tiles() -> dict[str, str]:
               "mlp-fwd-fused": ("fwd", ("BLOCK_P", "BLOCK_N", "BLOCK_K")),
               "mlp-bwd": ("bwd", ("DH_BLOCK_N", "DH_BLOCK_K", "DW_BLOCK_N", "DW_BLOCK_K")),
               "mlp-matmul": ("gemm", ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
-              "mlp-matmul-pair": ("gemm-pair", ("BLOCK_M", "BLOCK_N", "BLOCK_K"))}
+              "mlp-matmul-pair": ("gemm-pair", ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+              "mlp-bwd-first": ("bwd-first", ("BLOCK_M", "BLOCK_N", "BLOCK_K"))}
     tiles = {}
     for kernel, config in take_launched_configs(tuple(fields)).items():
         name, blocks = fields[kernel]

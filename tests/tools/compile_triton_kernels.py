@@ -169,6 +169,9 @@ def cases(quick: bool):
                dict(HAS_BIAS=True, HAS_DROPOUT=True, PRECISION=second, BLOCK_P=32, BLOCK_N=64, BLOCK_K=32,
                     FUSE_HIDDEN=False, HAS_B1=False, BLOCK_D=16),
                {"out_ptr": out_ptr, "seed_ptr": "*i64"}, "*fp32", 4, 3)
+        yield (f"mlp-bwd-first {out_ptr} {first}", mlp.prefix_mlp_bwd_first_kernel,
+               dict(HAS_BIAS=True, PRECISION=first, **dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), mlp.BWD_FIRST_TILE))),
+               {"de_ptr": "*fp32", "dw1_ptr": "*fp32", "db1_ptr": "*fp32"}, "*fp32", *mlp.BWD_FIRST_TILE[3:])
         # The one-launch forward of small MLPs (H computed in the kernel).
         yield (f"mlp-fwd-fused {out_ptr} {second}", mlp.prefix_mlp_fwd_kernel,
                dict(HAS_BIAS=True, HAS_DROPOUT=True, PRECISION=second, BLOCK_P=32, BLOCK_N=64, BLOCK_K=32,

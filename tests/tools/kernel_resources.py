@@ -164,6 +164,11 @@ def mlp_candidates():
                             BLOCK_N=block_n, BLOCK_K=block_k, FUSE_HIDDEN=True, HAS_B1=True,
                             BLOCK_D=mlp.FUSED_BLOCK_D),
                        {"out_ptr": "*bf16", "seed_ptr": "*i64"}, warps, stages, i == 0)
+        # A small MLP's first-Linear backward launches one tile, untuned.
+        block_m, block_n, block_k, warps, stages = mlp.BWD_FIRST_TILE
+        yield (f"mlp-bwd-first {precision}", mlp.prefix_mlp_bwd_first_kernel,
+               dict(HAS_BIAS=True, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k),
+               {"de_ptr": "*fp32", "dw1_ptr": "*fp32", "db1_ptr": "*fp32"}, warps, stages, True)
         for i, (block_m, block_n, block_k, warps, stages) in enumerate(mlp.MATMUL_TILES):
             yield (f"mlp-matmul {precision}", mlp.prefix_mlp_matmul_kernel,
                    dict(HAS_BIAS=True, APPLY_TANH=True, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
