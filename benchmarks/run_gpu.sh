@@ -94,7 +94,7 @@ for step in "${STEPS[@]}"; do
                           --shapes seed-qwen seed-bloom paper-gpt2 llama8b-2k llama8b-8k long-32k ${BENCH_ARGS:-} ;;
         # Issue 2's long shapes alone (the 8k/32k fwd+bwd and the forward TFLOP/s targets).
         attention-long) run_step bench-attention-long "$PY" -m prefixkern.bench --suite attention --out-dir "$OUT" \
-                          --shapes llama8b-8k long-32k ${BENCH_ARGS:-} ;;
+                          --shapes llama8b-8k long-32k qwen-2k ${BENCH_ARGS:-} ;;
         attention-sweep) run_step bench-attention-sweep "$PY" -m prefixkern.bench --suite attention --out-dir "$OUT" \
                           --baselines sdpa_mask sdpa_lower_right sdpa_lower_right_gqa flex flash_attn prefixkern_padded \
                           --shapes sweep-S512 sweep-S1024 sweep-S2048 sweep-S4096 sweep-S8192 \

@@ -309,6 +309,41 @@ def test_in_order_rows_launch_every_kernel_in_launch_order(monkeypatch):
         "prefix_attention_fwd_kernel", "prefix_attention_bwd_dq_kernel", "prefix_attention_bwd_dkdv_kernel"}
 
 
+def test_group_per_program_rows_launch_dkdv_without_head_splits(monkeypatch):
+    """The attention suite's prefixkern_group_per_program rows (on a GPU, at qwen-2k: each GQA
+    group's heads in one dK/dV program, beside prefixkern's head splits) launch dK/dV with
+    HEAD_SPLITS 1, the prefixkern rows with the rule's splits (here made to split the CPU shapes'
+    short rows). Without a GPU, and at other shapes, the suite skips them with why."""
+    from prefixkern.bench import attention as attention_suite
+    from prefixkern.bench.common import Options
+    from prefixkern.kernels import prefix_attention_bwd
+
+    impls = ("prefixkern", "prefixkern_group_per_program")
+    opts = Options(torch.device("cpu"), torch.bfloat16, True, impls, None, False)
+    assert "on a GPU" in attention_suite.unavailable("prefixkern_group_per_program", opts, "qwen-2k")
+    on_gpu = Options(torch.device("cpu"), torch.bfloat16, True, None, None, True)
+    assert attention_suite.unavailable("prefixkern_group_per_program", on_gpu, "qwen-2k") is None
+    assert "qwen-2k only" in attention_suite.unavailable("prefixkern_group_per_program", on_gpu, "llama8b-2k")
+
+    launched, row = [], [None]
+    real = prefix_attention_bwd.launch_kernel
+
+    def launch(kernel, grid, *args, **meta):
+        if "HEAD_SPLITS" in meta:
+            launched.append((row[0], meta["HEAD_SPLITS"]))
+        return real(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(prefix_attention_bwd, "launch_kernel", launch)
+    monkeypatch.setattr(prefix_attention_bwd, "DKDV_SPLIT_MIN_QUERIES", 0)
+    monkeypatch.setattr(attention_suite, "unavailable", lambda impl, opts, case=None: None)
+    monkeypatch.setattr(attention_suite.attention_packed, "run", lambda opts, progress: ([], []))
+    with prefixkern.use_backend("triton"):
+        records, _ = attention_suite.run(opts, lambda message: row.__setitem__(0, message))
+    assert all(r.ok for r in records) and {r.impl for r in records} == set(impls)
+    gqa = [(message, splits) for message, splits in launched if "-gqa " in message]     # (MHA: no group to share)
+    assert gqa and all((splits == 1) == message.endswith("group_per_program") for message, splits in gqa), launched
+
+
 def test_compiled_e2e_rows_run_on_a_gpu_and_only_when_asked_in_quick_runs():
     """The torch.compile rows of the training-step suite (minutes of compiling each): on a GPU, in
     full runs, or in --quick runs that name them; each compiles the eager row of the same name."""

@@ -368,6 +368,71 @@ def test_causal_programs_in_either_order(monkeypatch, case, heavy_first, device)
     assert all(meta["HEAVY_FIRST"] is heavy_first for _, meta in launched)
 
 
+@pytest.mark.parametrize("splits", [2, 3, 6])
+@pytest.mark.parametrize("case", [replace(BASE, B=2, Hq=6, Hkv=1, S=40, S_kv=50, P=5, padding="left"),
+                                  replace(BASE, Hq=6, Hkv=2, prefix="per_task", B=3, window=9, alibi=True),
+                                  PackedCase(lens_q=(3, 0, 20), lens_kv=(9, 4, 20), Hq=6, Hkv=1, softcap=5.0)],
+                         ids=str)
+def test_dkdv_head_splits(monkeypatch, case, splits, device):
+    """The sequence dK/dV with the GQA group's heads shared out among 2, 3 or 6 programs (each a
+    float32 partial, summed by the launcher): values and every gradient against the oracle, with
+    padding, several key blocks, MQA, per-task prefixes, a window, ALiBi, soft-capping and packed
+    rows (one empty). (Dropout with head splits: test_dropout_forward_and_backward_match_the_mask.)"""
+    from prefixkern.kernels import prefix_attention_bwd as bwd
+
+    if (case.Hq // case.Hkv) % splits:
+        pytest.skip("the splits share a group's heads evenly: a divisor of the group only")
+    monkeypatch.setattr(bwd, "dkdv_head_splits", lambda group, programs, seq_len_q, sms: splits)
+    launched = _record_attention_launches(monkeypatch)
+    if isinstance(case, PackedCase):
+        check_packed_case(case, device)
+    else:
+        check_case(case, device)
+    assert [meta["HEAD_SPLITS"] for name, meta in launched if name == "prefix_attention_bwd_dkdv_kernel"] == [splits]
+
+
+@pytest.mark.gpu
+def test_gpu_dkdv_head_splits_at_qwen_training_rows(monkeypatch):
+    """Qwen2.5-0.5B's attention at issue 4's S = 2048 rows (batch 2, 14 query heads over 2 KV
+    heads, head dim 64, bf16, causal, a shared prefix of 30): the dK/dV launch shares each group's
+    7 heads out among programs (the rule, on this GPU) and every gradient matches the launch that
+    keeps a group per program, up to the float32 partials' summation order."""
+    from prefixkern.kernels import prefix_attention_bwd as bwd
+
+    case = Case(B=2, Hq=14, Hkv=2, S=2048, S_kv=2048, P=30, D=64, dtype=torch.bfloat16)
+    inputs, kwargs = make_inputs(case, "cuda")
+    dout = torch.randn(case.B, case.Hq, case.S, case.D, device="cuda", dtype=case.dtype)
+    grads = []
+    for split in (True, False):
+        if not split:
+            monkeypatch.setattr(bwd, "DKDV_SPLIT_MIN_QUERIES", 1 << 30)
+        launched = _record_attention_launches(monkeypatch)
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        prefixkern.prefix_attention(*leaves, **kwargs).backward(dout)
+        splits = [meta["HEAD_SPLITS"] for name, meta in launched if name == "prefix_attention_bwd_dkdv_kernel"]
+        assert (splits[-1] > 1) == split, splits
+        grads.append([t.grad for t in leaves])
+    for name, got, want in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), *grads):
+        assert_close(got, want, case.dtype, "grad", name)
+
+
+def test_dkdv_head_splits_rule():
+    """Splits only where the sequence programs leave SMs idle over long rows: the smallest divisor
+    of the group that gives every SM a program (Qwen2.5-0.5B at S = 2048, batch 2, 128-key
+    blocks: 64 programs, group 7 -> 7; Qwen2.5-7B's group of 7 over 4 KV heads: 128 -> 7 also,
+    as 7 is prime; a group of 4 with 40 programs -> 4, with 100 -> 2); none for MHA, short rows or
+    a full grid."""
+    from prefixkern.kernels.prefix_attention_bwd import DKDV_SPLIT_MIN_QUERIES, dkdv_head_splits
+
+    assert dkdv_head_splits(7, 64, 2048, 132) == 7
+    assert dkdv_head_splits(7, 128, 2048, 132) == 7
+    assert dkdv_head_splits(4, 40, 2048, 132) == 4 and dkdv_head_splits(4, 100, 2048, 132) == 2
+    assert dkdv_head_splits(6, 50, 4096, 132) == 3
+    assert dkdv_head_splits(1, 8, 2048, 132) == 1
+    assert dkdv_head_splits(7, 64, DKDV_SPLIT_MIN_QUERIES - 1, 132) == 1      # seed shapes: host-bound
+    assert dkdv_head_splits(4, 132, 8192, 132) == 1
+
+
 def test_heavy_first_only_for_causal_launches_whose_kv_fit_the_l2(monkeypatch):
     """The rule: causal, the setting on, and on a GPU K and V within its L2 cache (beyond, the
     programs running at once would stream every head's K/V from memory); the interpreter always
@@ -473,10 +538,17 @@ def test_packed_reference_backend_for_cpu_tensors_by_default():
 # Dropout: the kernels' Philox mask, checked element by element against the oracle
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("head_splits", [False, True], ids=["group_per_program", "head_splits"])
 @pytest.mark.parametrize("case", [replace(BASE, padding="left"), replace(BASE, prefix="per_task", B=3, Hq=6, Hkv=3)],
                          ids=str)
-def test_dropout_forward_and_backward_match_the_mask(case, device):
+def test_dropout_forward_and_backward_match_the_mask(monkeypatch, case, head_splits, device):
+    """The kernels' dropout mask is the one dropout_keep_mask draws, forward and backward (with the
+    dK/dV group's heads shared out between two programs too: each regenerates its heads' masks)."""
+    from prefixkern.kernels import prefix_attention_bwd as bwd
     from prefixkern.kernels._attention_common import dropout_keep_mask
+
+    if head_splits:
+        monkeypatch.setattr(bwd, "dkdv_head_splits", lambda group, programs, seq_len_q, sms: 2)
 
     p = 0.3
     inputs, kwargs = make_inputs(case, device)

@@ -30,6 +30,7 @@ class Shape:
 
 SHAPES = {s.name: s for s in (
     Shape("seed-qwen", 14, 2, 64, 4, 256, 20),
+    Shape("qwen-2k", 14, 2, 64, 2, 2048, 20),           # issue 4's Qwen2.5-0.5B rows at S = 2048
     Shape("seed-bloom", 16, 16, 64, 8, 256, 30),
     Shape("paper-gpt2", 16, 16, 64, 8, 512, 10),
     Shape("llama8b-2k", 32, 8, 128, 4, 2048, 64),
@@ -178,8 +179,13 @@ def prefixkern_impl(q, k, v, pk, pv):
 # at the tiles prefixkern's tuning chose: beside prefixkern, what launching the heaviest programs
 # first gains, where the order is taken (K/V within the L2) and the grid is a few waves.
 IN_ORDER_SHAPES = ("llama8b-2k", "llama8b-8k")
+# prefixkern_group_per_program: the same op with each GQA group's heads in one dK/dV program
+# (PREFIXKERN_DKDV_HEAD_SPLITS=0): beside prefixkern where the dK/dV grid is too small for the GPU
+# over long rows (Qwen2.5's two KV heads at S = 2048), what sharing the heads out gains.
+HEAD_SPLIT_SHAPES = ("qwen-2k",)
 IMPLS: dict[str, Callable] = {"prefixkern": prefixkern_impl, "prefixkern_raw_launch": prefixkern_impl,
-                              "prefixkern_in_order": prefixkern_impl, "eager": eager, "sdpa_mask": sdpa_mask,
+                              "prefixkern_in_order": prefixkern_impl, "prefixkern_group_per_program": prefixkern_impl,
+                              "eager": eager, "sdpa_mask": sdpa_mask,
                               "sdpa_lower_right": sdpa_lower_right, "sdpa_lower_right_gqa": sdpa_lower_right_gqa,
                               "flex": flex, "flash_attn": flash_attn}
 
@@ -193,6 +199,11 @@ def unavailable(impl: str, opts: Options, case: str | None = None) -> str | None
             return "the launch order is timed on a GPU (it changes nothing but speed)"
         if case not in IN_ORDER_SHAPES:
             return f"timed at {' and '.join(IN_ORDER_SHAPES)} only, where the order is taken in a few waves"
+    if impl == "prefixkern_group_per_program":
+        if not opts.on_gpu:
+            return "the dK/dV head splits are timed on a GPU (they change nothing but speed)"
+        if case not in HEAD_SPLIT_SHAPES:
+            return f"timed at {' and '.join(HEAD_SPLIT_SHAPES)} only, where the dK/dV grid is small over long rows"
     if impl == "sdpa_lower_right_gqa" and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5):
         return f"torch {torch.__version__}'s SDPA has no enable_gqa (2.5+)"
     if impl == "flash_attn":
@@ -294,6 +305,10 @@ def measure(opts, shape, pass_, impl, fn, leaves, dout, ref_out, ref_grads, flop
         from ..kernels._attention_common import heavy_first_scheduling
 
         call = held(call, lambda: heavy_first_scheduling(False))
+    elif impl == "prefixkern_group_per_program":
+        from ..kernels.prefix_attention_bwd import dkdv_head_splitting
+
+        call = held(call, lambda: dkdv_head_splitting(False))
 
     try:
         launched_tiles()

@@ -16,6 +16,8 @@ Every kernel regenerates the forward's dropout mask from the same Philox counter
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -43,6 +45,7 @@ from ._attention_common import (
     sequence_key_range,
     sequence_visible,
 )
+from .._backend import override_global
 from ._launch import cdiv, device_index, input_precision, launch_kernel, next_power_of_2, num_sms, pick_config
 from ._math import dot, log2e
 
@@ -276,17 +279,23 @@ def _sequence_dkdv_program(
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
     stride_kpmb, stride_kpms, stride_slb, stride_slh, stride_posb, stride_poss,
-    B, Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p, num_n_blocks,
+    B, Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p, num_n_blocks, stride_split,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, HEAVY_FIRST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, HEAVY_FIRST: tl.constexpr, HEAD_SPLITS: tl.constexpr,
 ):
     """dK/dV of sequence key block ``pid % num_n_blocks`` of (batch row, KV head) ``pid //
     num_n_blocks`` (with HEAVY_FIRST, key block ``pid // (B * Hkv)`` of ``pid % (B * Hkv)``: the
     first key blocks, which the most queries see under a causal mask, of every row and head
     first): walks the query blocks of every query head of its group (GQA without repeat_kv) and
-    owns its dK/dV rows."""
+    owns its dK/dV rows. With HEAD_SPLITS > 1 (``dkdv_head_splits``: too few programs to fill the
+    GPU) the group's heads are shared out among that many programs side by side, each adding its
+    share into a float32 partial ``stride_split`` apart, summed by the launcher."""
+    split = 0
+    if HEAD_SPLITS > 1:
+        split = pid % HEAD_SPLITS
+        pid = pid // HEAD_SPLITS
     if HEAVY_FIRST:
         start_n = (pid // (B * Hkv)) * BLOCK_N
         bg = pid % (B * Hkv)
@@ -335,8 +344,9 @@ def _sequence_dkdv_program(
     MASKED: tl.constexpr = CAUSAL or HAS_WINDOW or HAS_KPM
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for j in range(GROUP):
-        h = g * GROUP + j
+    HEADS: tl.constexpr = GROUP // HEAD_SPLITS
+    for j in range(HEADS):
+        h = g * GROUP + split * HEADS + j
         bh = b64 * Hq + h
         q_base = q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qs
         do_base = dout_ptr + b64 * stride_dob + h.to(tl.int64) * stride_doh + q_start * stride_dos
@@ -356,10 +366,15 @@ def _sequence_dkdv_program(
                                 MASKED, True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
 
     out_mask = s_ok[:, None] & d_ok[None, :]
-    tl.store(dk_ptr + b64 * stride_dkb + g.to(tl.int64) * stride_dkh + (k_start + offs_s[:, None]) * stride_dks
-             + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(dv_ptr + b64 * stride_dvb + g.to(tl.int64) * stride_dvh + (k_start + offs_s[:, None]) * stride_dvs
-             + offs_d[None, :] * stride_dvd, dv.to(dv_ptr.dtype.element_ty), mask=out_mask)
+    part = 0
+    if HEAD_SPLITS > 1:
+        part = split.to(tl.int64) * stride_split
+    tl.store(dk_ptr + part + b64 * stride_dkb + g.to(tl.int64) * stride_dkh
+             + (k_start + offs_s[:, None]) * stride_dks + offs_d[None, :] * stride_dkd,
+             (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(dv_ptr + part + b64 * stride_dvb + g.to(tl.int64) * stride_dvh
+             + (k_start + offs_s[:, None]) * stride_dvs + offs_d[None, :] * stride_dvd,
+             dv.to(dv_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -500,12 +515,12 @@ def prefix_attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
     stride_kpmb, stride_kpms, stride_slb, stride_slh, stride_posb, stride_poss,
     B, Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p,
-    num_prefix_programs, num_p_blocks, owners_kv, items_per_split, num_n_blocks,
+    num_prefix_programs, num_p_blocks, owners_kv, items_per_split, num_n_blocks, stride_split,
     GROUP: tl.constexpr, SHARED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREFIX_BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_PREFIX_INDEX: tl.constexpr, HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, HEAVY_FIRST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, HEAVY_FIRST: tl.constexpr, HEAD_SPLITS: tl.constexpr,
 ):
     """Programs [0, num_prefix_programs) write the float32 partials of the prefix gradient
     (``_prefix_dkdv_program``; first, since each reduces over many query blocks), the rest the
@@ -530,9 +545,9 @@ def prefix_attention_bwd_dkdv_kernel(
             stride_vb, stride_vh, stride_vs, stride_vd, stride_dob, stride_doh, stride_dos, stride_dod,
             stride_dkb, stride_dkh, stride_dks, stride_dkd, stride_dvb, stride_dvh, stride_dvs, stride_dvd,
             stride_kpmb, stride_kpms, stride_slb, stride_slh, stride_posb, stride_poss,
-            B, Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p, num_n_blocks,
+            B, Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p, num_n_blocks, stride_split,
             GROUP, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, HAS_KPM, HAS_ALIBI, HAS_POS, HAS_SOFTCAP, HAS_WINDOW,
-            HAS_DROPOUT, VARLEN, INPUT_PRECISION, HEAVY_FIRST)
+            HAS_DROPOUT, VARLEN, INPUT_PRECISION, HEAVY_FIRST, HEAD_SPLITS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,6 +581,31 @@ DKDV_CONFIGS = {
     (4, 128): [(64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
     (4, 256): [(32, 32, 8, 1), (16, 32, 8, 1)],
 }
+
+
+# The sequence dK/dV programs are one per (key block, row, KV head), each walking its GQA group's
+# query heads. Where that leaves most SMs idle (Qwen2.5's 2 KV heads at S = 2048 and batch 2: 64
+# programs of 7 heads each on 132 SMs, the longest of them, under a causal mask, 4x the average
+# SM's share), the group's heads are shared out among programs side by side, each writing a
+# float32 partial the launcher sums (a reduction and two copies: three aten launches more, and
+# the partials' traffic). Only from DKDV_SPLIT_MIN_QUERIES queries: shorter rows are host-bound
+# at the sizes where the grid is small, and a launch more costs there what the SMs would gain.
+# PREFIXKERN_DKDV_HEAD_SPLITS=0 keeps a group per program everywhere.
+DKDV_SPLIT_MIN_QUERIES = 1024
+DKDV_HEAD_SPLITS = os.environ.get("PREFIXKERN_DKDV_HEAD_SPLITS", "1") != "0"
+
+
+def dkdv_head_splitting(enabled: bool = True):
+    """Run the block with ``DKDV_HEAD_SPLITS`` set to ``enabled`` (the benchmarks time both)."""
+    return override_global(globals(), "DKDV_HEAD_SPLITS", enabled)
+
+
+def dkdv_head_splits(group: int, sequence_programs: int, seq_len_q: int, sms: int) -> int:
+    """How many programs share each (key block, row, KV head)'s GQA group: 1, or the smallest
+    divisor of ``group`` that gives the launch a program per SM, else ``group`` itself."""
+    if not DKDV_HEAD_SPLITS or group == 1 or seq_len_q < DKDV_SPLIT_MIN_QUERIES or sequence_programs >= sms:
+        return 1
+    return next(d for d in range(2, group + 1) if group % d == 0 and (sequence_programs * d >= sms or d == group))
 
 
 def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -626,9 +666,10 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     items_per_row = (batch if shared else 1) * group
     sms = num_sms(device_index(q.device)) if q.device.type == "cuda" else 16
     partial = None          # the last launch's (tuning launches several)
+    head_parts = None       # likewise: the float32 dK/dV partials of a launch with head splits
 
     def launch_dkdv(config):
-        nonlocal partial
+        nonlocal partial, head_parts
         block_m, block_n, warps, stages = config
         prefix_block_n = min(block_n, max(16, next_power_of_2(prefix_len)))
         num_p_blocks = cdiv(prefix_len, prefix_block_n)
@@ -649,19 +690,28 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
         partial = torch.empty(splits, 2, owners, num_kv_heads, prefix_len, head_dim, dtype=torch.float32,
                               device=q.device)
         num_prefix_programs = prefix_programs * splits
+        head_splits = dkdv_head_splits(group, sequence_programs, seq_len_q, sms)
+        assert group % head_splits == 0, (group, head_splits)      # (the programs share the heads evenly)
+        dk_out, dv_out, stride_split = dk, dv, 0
+        if head_splits > 1:
+            # [dK | dV, split, *dk's shape] float32, summed over the splits below.
+            head_parts = torch.empty((2, head_splits) + tuple(dk.shape), dtype=torch.float32, device=q.device)
+            dk_out, dv_out, stride_split = head_parts[0, 0], head_parts[1, 0], head_parts.stride(1)
+        else:
+            head_parts = None
         return launch_kernel(
-            prefix_attention_bwd_dkdv_kernel, (num_prefix_programs + sequence_programs,),
-            q, k, v, prefix_k, prefix_v, dout, lse, delta, dk, dv, partial,
+            prefix_attention_bwd_dkdv_kernel, (num_prefix_programs + sequence_programs * head_splits,),
+            q, k, v, prefix_k, prefix_v, dout, lse, delta, dk_out, dv_out, partial,
             args["prefix_index"], args["kpm"], args["slopes"], args["positions"], args["seed"], args["cu_seqlens_q"],
             args["cu_seqlens_k"], *q_strides, *bhsd_strides(k, varlen), *bhsd_strides(v, varlen),
             *args["prefix_k_strides"], *args["prefix_v_strides"], *dout_strides,
-            *bhsd_strides(dk, varlen), *bhsd_strides(dv, varlen),
+            *bhsd_strides(dk_out, varlen), *bhsd_strides(dv_out, varlen),
             *args["kpm_strides"], *args["slope_strides"], *args["position_strides"],
             batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars,
-            num_prefix_programs, num_p_blocks, owners * num_kv_heads, items_per_split, num_n_blocks,
+            num_prefix_programs, num_p_blocks, owners * num_kv_heads, items_per_split, num_n_blocks, stride_split,
             GROUP=group, SHARED=shared, BLOCK_M=block_m, BLOCK_N=block_n, PREFIX_BLOCK_N=prefix_block_n,
-            BLOCK_D=block_d, EVEN_D=block_d == head_dim, num_warps=warps, num_stages=stages,
-            **common, **flags,
+            BLOCK_D=block_d, EVEN_D=block_d == head_dim, HEAD_SPLITS=head_splits, num_warps=warps,
+            num_stages=stages, **common, **flags,
         )
 
     bucket = config_bucket(block_d, q.element_size())
@@ -672,6 +722,10 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
                             lambda: fitting_configs("dkdv", DKDV_CONFIGS[bucket], block_d, q, fallback=(16, 16, 4, 1)),
                             launch_dkdv))
     splits = partial.shape[0]
+    if head_parts is not None:      # the sequence dK/dV by head splits: their sum, cast into dk and dv
+        summed = head_parts.sum(1)
+        dk.copy_(summed[0])
+        dv.copy_(summed[1])
 
     # Host launches matter at seed sizes (one backward per layer): one reduction and one cast for
     # both gradients; no reduction with one split, no cast for a float32 prefix.

@@ -135,8 +135,13 @@ def cases(quick: bool):
         bm, bn, w, st = bwd.DKDV_CONFIGS[bucket][0]
         yield (f"bwd-dkdv {tag}", bwd.prefix_attention_bwd_dkdv_kernel,
                dict(common_c, BLOCK_M=bm, BLOCK_N=bn, PREFIX_BLOCK_N=min(bn, 32), SHARED=not flags["HAS_PREFIX_INDEX"],
-                    **flags),
+                    HEAD_SPLITS=1, **flags),
                dict(attn_ptrs, partial_ptr="*fp32"), ptr, w, st)
+        # The GQA group's heads shared out between programs (float32 dK/dV partials).
+        yield (f"bwd-dkdv-splits {tag}", bwd.prefix_attention_bwd_dkdv_kernel,
+               dict(common_c, BLOCK_M=bm, BLOCK_N=bn, PREFIX_BLOCK_N=min(bn, 32), SHARED=not flags["HAS_PREFIX_INDEX"],
+                    HEAD_SPLITS=2, **flags),
+               dict(attn_ptrs, partial_ptr="*fp32", dk_ptr="*fp32", dv_ptr="*fp32"), ptr, w, st)
     # The decode kernel at its launcher's first config: GQA 4 x 1 position (a 16-row tile), padding
     # and per-task prefixes on and off, 16-bit and float32.
     for ptr, head_dim, flags_on_off, precision in (("*bf16", 128, False, "ieee"), ("*fp16", 64, True, "ieee"),

@@ -17,6 +17,7 @@ the device. Prints one line per failure and a summary; exits 1 if any case faile
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import sys
@@ -43,6 +44,22 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@contextlib.contextmanager
+def _head_splits(enabled: bool):
+    """With ``enabled``, every dK/dV launch shares a GQA group's heads out among programs (the
+    group's smallest divisor above 1), whatever the grid and row length."""
+    from prefixkern.kernels import prefix_attention_bwd as bwd
+
+    rule = bwd.dkdv_head_splits
+    if enabled:
+        bwd.dkdv_head_splits = lambda group, programs, seq_len_q, sms: next(
+            (d for d in range(2, group + 1) if group % d == 0), 1)
+    try:
+        yield
+    finally:
+        bwd.dkdv_head_splits = rule
+
+
 def attention_case(rng: random.Random, seed: int, notes: list) -> None:
     """``prefix_attention`` on a random dense case: values, LSE and all five gradients."""
     from test_prefix_attention import Case, assert_matches_oracle, make_inputs
@@ -61,7 +78,8 @@ def attention_case(rng: random.Random, seed: int, notes: list) -> None:
     strided = rng.random() < 0.4
     scale = rng.choice([None, None, 0.3])
     heavy_first = seed % 2 == 0     # causal programs heaviest first in even cases (no draw: a seed keeps its cases)
-    notes.append(f"{case} strided={strided} scale={scale} heavy_first={heavy_first}")
+    head_splits = seed % 3 == 0     # dK/dV with the GQA group shared out in every third case
+    notes.append(f"{case} strided={strided} scale={scale} heavy_first={heavy_first} head_splits={head_splits}")
     inputs, kwargs = make_inputs(case, _device(), seed=seed)
     if scale is not None:
         kwargs["softmax_scale"] = scale
@@ -69,7 +87,7 @@ def attention_case(rng: random.Random, seed: int, notes: list) -> None:
     call = leaves
     if strided:      # HF's [B, S, H, D] memory seen as [B, H, S, D]
         call = [t.transpose(-3, -2).contiguous().transpose(-3, -2) if t.dim() == 4 else t for t in leaves]
-    with heavy_first_scheduling(heavy_first):       # (the backward runs in assert_matches_oracle)
+    with heavy_first_scheduling(heavy_first), _head_splits(head_splits):    # (the backward runs in assert_matches_oracle)
         with use_backend("triton"):
             out, lse = prefixkern.prefix_attention(*call, return_lse=True, **kwargs)
         ref_leaves = [t.detach().clone().requires_grad_() for t in inputs]
@@ -92,9 +110,9 @@ def varlen_case(rng: random.Random, seed: int, notes: list) -> None:
                       causal=rng.random() < 0.7, prefix=rng.choice(["shared", "per_row", "per_task"]),
                       alibi=rng.random() < 0.2, softcap=rng.choice([None, None, 4.0]),
                       window=rng.choice([None, None, 2, 7]))
-    heavy_first = seed % 2 == 0
-    notes.append(f"{case} heavy_first={heavy_first}")
-    with heavy_first_scheduling(heavy_first):
+    heavy_first, head_splits = seed % 2 == 0, seed % 3 == 0
+    notes.append(f"{case} heavy_first={heavy_first} head_splits={head_splits}")
+    with heavy_first_scheduling(heavy_first), _head_splits(head_splits):
         check_packed_case(case, _device())
 
 

@@ -111,7 +111,7 @@ def candidates(buckets):
 
 
 def constexprs(name, config, flags, *, block_d, elem_bytes, group=4, even_d=True, causal=True, shared=None,
-               prefix_block_n=None, heavy_first=None):
+               prefix_block_n=None, heavy_first=None, head_splits=1):
     """The constexpr arguments of kernel ``name`` at ``config``. For dK/dV, ``shared`` (one prefix for
     the batch) defaults to "no prefix_index" and ``prefix_block_n`` (its prefix programs' key tile)
     to BLOCK_N, the most registers they can take. ``heavy_first`` defaults to ``causal`` (causal
@@ -122,7 +122,7 @@ def constexprs(name, config, flags, *, block_d, elem_bytes, group=4, even_d=True
                   INPUT_PRECISION=precision, HEAVY_FIRST=causal if heavy_first is None else heavy_first, **flags)
     if name == "dkdv":
         consts.update(SHARED=not flags["HAS_PREFIX_INDEX"] if shared is None else shared,
-                      PREFIX_BLOCK_N=block_n if prefix_block_n is None else prefix_block_n)
+                      PREFIX_BLOCK_N=block_n if prefix_block_n is None else prefix_block_n, HEAD_SPLITS=head_splits)
     return consts
 
 
@@ -250,14 +250,19 @@ def main(argv=None) -> int:
         pointer = "*fp32" if elem_bytes == 4 else "*bf16"
         if not first and args.heavy_first == "first":
             orders = (False,)
-        for flag_set, heavy in ((f, heavy) for f in flag_sets if f in serves for heavy in orders):
+        # dK/dV's first candidate also with its GQA group shared out between programs (float32
+        # dK/dV partials, heaviest first: the long causal rows where the launcher splits).
+        splits_variant = ((("plain", True, 2),) if name == "dkdv" and first and "plain" in flag_sets else ())
+        for flag_set, heavy, head_splits in tuple((f, heavy, 1) for f in flag_sets if f in serves
+                                                  for heavy in orders) + splits_variant:
             start = time.time()
             consts = constexprs(name, config, FLAG_SETS[flag_set], block_d=block_d, elem_bytes=elem_bytes,
-                                heavy_first=heavy)
-            compiled = compile_kernel(kernel, consts, POINTERS, pointer, target, config[2], config[3])
+                                heavy_first=heavy, head_splits=head_splits)
+            pointers = dict(POINTERS, dk_ptr="*fp32", dv_ptr="*fp32") if head_splits > 1 else POINTERS
+            compiled = compile_kernel(kernel, consts, pointers, pointer, target, config[2], config[3])
             registers, spills = ptxas_usage(compiled.asm["ptx"], args.arch)
             smem = compiled.metadata.shared
-            order = "heavy" if heavy else "order"
+            order = ("heavy" if heavy else "order") + (f" splits{head_splits}" if head_splits > 1 else "")
             rows.append((name, f"{'fp32' if elem_bytes == 4 else '16-bit'} D{block_d}", config,
                          f"{flag_set} {order}", registers, spills, smem))
             print(f"{name:12s} {pointer[1:]:4s} D{block_d:<3d} {str(config):18s} {flag_set:14s} {order} "
@@ -265,11 +270,12 @@ def main(argv=None) -> int:
                   flush=True)
             # Packed rows, and heavy-first ones: the first candidate (autotuning off) must not spill;
             # the tuner drops any other that spills on the GPU at hand.
-            if flag_set in CHECKED_FLAG_SETS and spills and (flag_set != "packed" and not heavy or first):
+            if flag_set in CHECKED_FLAG_SETS and spills and (flag_set != "packed" and not heavy or first
+                                                             or head_splits > 1):
                 problems.append(f"{name} {bucket} {config} {flag_set} {order}: {spills} B of spill stores")
             elif spills:
                 print("  (spills: the tuner drops it on a GPU where it spills while a spill-free candidate remains)")
-            if flag_set == "plain" and not heavy:
+            if flag_set == "plain" and not heavy and head_splits == 1:
                 model = smem_rows(name, config) * block_d * elem_bytes
                 # The model is exact for the large tiles and an upper bound where the compiler
                 # keeps a small tile out of the pipeline; reductions may add a little scratch.
