@@ -687,6 +687,40 @@ def test_decoding_step_rows_note_their_time_back_to_back(monkeypatch):
     assert all(r.note.startswith("back to back: 0.125 ms a call (100 calls") for r in records)
 
 
+def test_decoding_step_row_appends_as_generate_does(monkeypatch):
+    """The prefixkern step row drops the previous call's token by restoring the prefill's views,
+    and the views the layer last left: every timed call then appends as generate()'s next step
+    does, without checking the views' memory and layout (_has_head_of, the path of a cache that
+    something else changed), and attends over the prefill and one new token each time (the
+    expected result, every call)."""
+    pytest.importorskip("transformers")
+    from prefixkern.bench import decode
+    from prefixkern.bench.common import Options
+    from prefixkern.integrations import hf_cache
+
+    checked = []
+    has_head_of = hf_cache._has_head_of
+    monkeypatch.setattr(hf_cache, "_has_head_of", lambda *args: checked.append(1) or has_head_of(*args))
+
+    def timed(opts, record, fn, expected):
+        for _ in range(3):
+            out = fn()
+            torch.testing.assert_close(out, expected)
+        record.ms, record.ok = 1.0, True
+        return record
+
+    monkeypatch.setattr(decode, "_checked_and_timed", timed)
+    monkeypatch.setattr(decode, "back_to_back_ms", lambda fn: 0.125)
+    opts = Options(device=torch.device("cpu"), dtype=torch.float32, quick=True, baselines=("prefixkern",),
+                   shapes=None, on_gpu=False)
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    pk, pv = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    cat_k, cat_v = torch.cat([pk.expand(2, -1, -1, -1), k], 2), torch.cat([pv.expand(2, -1, -1, -1), v], 2)
+    records, _ = decode._run_steps(opts, lambda message: None, "tiny", q, k, v, pk, pv, cat_k, cat_v,
+                                   lambda *size: torch.randn(*size))
+    assert [r.impl for r in records] == ["prefixkern"] and not checked, (records, len(checked))
+
+
 def test_raw_launch_row_is_timed_interleaved_with_the_plain_launch(monkeypatch):
     """The raw-launch decision compares two host-bound rows: alternating rounds on one model take
     drift out of the comparison. Fake steps of 3 and 1 ms: every call counted, raw read faster."""

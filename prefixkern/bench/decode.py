@@ -196,8 +196,11 @@ def _run_steps(opts: Options, progress, name, q, k, v, pk, pv, cat_k, cat_v, ran
                 def fn(layer=layer, head=head):
                     with torch.no_grad(), use_backend("auto"):
                         # The previous call's token dropped by restoring the prefill's views (the
-                        # HF row restores its tensors the same way); the append overwrites it.
+                        # HF row restores its tensors the same way); the append overwrites it. The
+                        # views the layer last left, too: as generate()'s next step finds them, so
+                        # the append takes its path (no check of the views' memory and layout).
                         layer.keys, layer.values = head
+                        layer._key_view, layer._value_view = head
                         keys, values = layer.update(new_k, new_v)
                         return decode_step(q, keys, values, pk, pv, key_padding_mask=None, prefix_index=None,
                                            softmax_scale=None)
