@@ -20,7 +20,12 @@ backward  ``prefix_mlp_bwd_kernel``      two kinds of program: split-N partials 
                                          (where W2 is large and float32, the tuner also times
                                          cuBLAS for both products: ``LibraryProducts``)
           ``prefix_mlp_bwd_hidden_kernel`` dZ = (sum of partials) * (1 - H^2), db1 = sum_p dZ
-          ``prefix_mlp_matmul_kernel``   dE = dZ @ W1 and dW1 = dZ^T @ E
+          ``prefix_mlp_matmul_pair_kernel`` dE = dZ @ W1 and dW1 = dZ^T @ E, one launch
+small MLPs (``small_mlp``: Qwen2.5-0.5B's; host-bound, so fewer launches)
+          ``prefix_mlp_fwd_kernel``      with FUSE_HIDDEN: computes the H chunks it reads (and
+                                         stores H): the forward in one launch
+          ``prefix_mlp_bwd_first_kernel`` dZ from the partials in every tile, dE, dW1 and db1:
+                                         with ``prefix_mlp_bwd_kernel``, the backward in two
 P-Tuning v2 and dropout
           ``prefix_kv_copy_kernel``      [P, N] rows <-> [L, 2, Hkv, P, D], with Philox dropout
 
