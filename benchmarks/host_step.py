@@ -4,6 +4,7 @@ no-prefix floor and stock PEFT + sdpa.
 
     python benchmarks/host_step.py [--layers 24] [--steps 15] [--profile]
     python benchmarks/host_step.py --generate [--layers 24]
+    python benchmarks/host_step.py --ops
 
 ``--generate`` times greedy ``generate()`` instead (B=8, a 32-token prompt with one left-padded
 row; 1 and 17 new tokens, so a decoding step's host time is their difference over 16), stock
@@ -13,6 +14,10 @@ GPU takes where the CUDA kernels cannot be built), whose launch costs the host m
 CUDA op's (40.6 us a call on the H200, against SDPA's 19.9). Run it on transformers before 5.2x
 (the GPU machines' 5.17): from 5.2x stock PEFT's generate() drops its prefix, so its row times
 less work.
+
+``--ops`` times the ops alone instead: the fused prefix MLP at Qwen2.5-0.5B's sizes (forward, and
+forward and backward) and the attention at the suite's seed-qwen shape (forward and backward), host
+time per call through the same launch path (what the README's MLP and attention host times quote).
 
 ``host_cost.py`` stubs the launches out, so it times this repo's Python only. Here a launch does
 everything but reach a GPU: Triton binds and specialises the arguments, looks the kernel up in
@@ -151,15 +156,79 @@ def generate_host_times(layers: int, calls: int = 5) -> dict[str, tuple[float, f
     return times
 
 
+def _median_us(fn, calls: int = 300) -> float:
+    for _ in range(10):
+        fn()
+    samples = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e6
+
+
+def op_host_times() -> dict[str, float]:
+    """``{row: host microseconds per call}`` of the MLP and the attention op (medians of 300)."""
+    import prefixkern
+
+    times = {}
+    gen = torch.Generator().manual_seed(0)
+    # The MLP: Qwen2.5-0.5B (24 layers, 2 KV heads of 64; PEFT's default hidden size, the token
+    # dim 128), P = 20, float32 parameters, bf16 output; the gradients dropped before each call
+    # (so no accumulation runs on the CPU).
+    layers, kv_heads, head_dim, rows = 24, 2, 64, 20
+    width = kv_heads * head_dim
+    params = [torch.randn(rows, width, generator=gen), torch.randn(width, width, generator=gen),
+              torch.randn(width, generator=gen), torch.randn(2 * layers * width, width, generator=gen),
+              torch.randn(2 * layers * width, generator=gen)]
+    params = [t.requires_grad_() for t in params]
+    grad = torch.ones(layers, 2, kv_heads, rows, head_dim, dtype=torch.bfloat16)
+
+    def mlp():
+        return prefixkern.fused_prefix_mlp(*params, num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim,
+                                           out_dtype=torch.bfloat16)
+
+    def mlp_fwd_bwd():
+        for t in params:
+            t.grad = None
+        mlp().backward(grad)
+
+    times["prefix MLP forward, Qwen2.5-0.5B"] = _median_us(mlp)
+    times["prefix MLP forward + backward, Qwen2.5-0.5B"] = _median_us(mlp_fwd_bwd)
+    # The attention: seed-qwen (B 4, 14 query heads over 2 KV heads of 64, S 256, P 20), bf16,
+    # causal, HF's [B, S, H, D] memory.
+    batch, heads, seq, prefix = 4, 14, 256, 20
+    q = torch.randn(batch, seq, heads, head_dim, generator=gen).to(torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(batch, seq, kv_heads, head_dim, generator=gen).to(torch.bfloat16).transpose(1, 2)
+            for _ in range(2))
+    pk, pv = (torch.randn(kv_heads, prefix, head_dim, generator=gen).to(torch.bfloat16) for _ in range(2))
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pv)]
+    dout = torch.ones(batch, heads, seq, head_dim, dtype=torch.bfloat16)
+
+    def attention_fwd_bwd():
+        for t in leaves:
+            t.grad = None
+        prefixkern.prefix_attention(*leaves, causal=True).backward(dout)
+
+    times["prefix_attention forward + backward, seed-qwen"] = _median_us(attention_fwd_bwd)
+    return times
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--generate", action="store_true", help="time generate() instead of a training step")
+    parser.add_argument("--ops", action="store_true", help="time the MLP and attention ops alone")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     use_compile_only_driver()
+    if args.ops:
+        print("host time per call (CPU; Triton launches bound and looked up, not run), median of 300:")
+        for row, us in op_host_times().items():
+            print(f"  {us:8.1f} us  {row}")
+        return 0
     if args.generate:
         print(f"host time of greedy generate(), {args.layers} layers, B=8, prompt 32 (CPU; launches not run):")
         for impl, (prefill_ms, step_ms) in generate_host_times(args.layers).items():

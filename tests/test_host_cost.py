@@ -57,6 +57,21 @@ def test_step_host_time_through_tritons_launch_path():
     assert "TRITON_DEFAULT_FP_FUSION" not in result.stderr
 
 
+def test_op_host_times_through_tritons_launch_path():
+    """host_step.py --ops times the prefix MLP (forward; forward and backward) and the attention
+    (forward and backward) alone through Triton's launch path, and reports each."""
+    script = SCRIPT.parent / "host_step.py"
+    result = subprocess.run([sys.executable, str(script), "--ops"], capture_output=True, text=True, timeout=600,
+                            cwd=SCRIPT.parent.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = re.findall(r"^\s+([\d.]+) us\s+(.+)$", result.stdout, flags=re.M)
+    assert [name for _, name in rows] == ["prefix MLP forward, Qwen2.5-0.5B",
+                                          "prefix MLP forward + backward, Qwen2.5-0.5B",
+                                          "prefix_attention forward + backward, seed-qwen"]
+    assert all(float(us) > 0 for us, _ in rows)
+    assert float(rows[1][0]) > float(rows[0][0])
+
+
 def test_generate_host_time_through_tritons_launch_path():
     """host_step.py --generate times stock PEFT's and the patched model's greedy generate() (the
     patched prefill and decoding steps launching through Triton's path) and reports both."""
