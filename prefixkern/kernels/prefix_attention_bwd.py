@@ -6,7 +6,9 @@ from the saved log-sum-exp, never stored.
   prefix then the sequence keys, like the forward, and owns its dQ rows.
 - ``prefix_attention_bwd_dkdv_kernel``, one launch of two kinds of program:
   ``_sequence_dkdv_program``, one per (sequence key block, batch row, KV head), walks the query
-  blocks of every query head of its group (GQA without repeat_kv) and owns its dK/dV rows;
+  blocks of every query head of its group (GQA without repeat_kv) and owns its dK/dV rows (where
+  such programs leave the GPU idle over long rows, several share a group's heads, each writing
+  a float32 partial: ``dkdv_head_splits``);
   ``_prefix_dkdv_program``: the prefix is read by every query of every row that shares it, so
   its gradient is a reduction over (row, head, query block) work items. Each of these programs
   takes a contiguous share of them and writes a float32 partial; the partials are summed once
