@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -172,19 +172,45 @@ def prefixkern_impl(q, k, v, pk, pv):
     return prefix_attention(q, k, v, pk, pv, causal=True)
 
 
+class SwitchedOffRow(NamedTuple):
+    """A row of the same op with one of its kernel switches off, timed beside prefixkern at the
+    shapes where the switch bites (at the tiles prefixkern's tuning chose)."""
+    shapes: tuple[str, ...]
+    gpu_only: str           # why the row is skipped without a GPU
+    where: str              # what the shapes have in common
+    setting: Callable[[], object]   # the context manager that turns the switch off
+
+
+def _in_launch_order():
+    from ..kernels._attention_common import heavy_first_scheduling
+
+    return heavy_first_scheduling(False)
+
+
+def _group_per_program():
+    from ..kernels.prefix_attention_bwd import dkdv_head_splitting
+
+    return dkdv_head_splitting(False)
+
+
+# prefixkern_in_order: causal programs in launch order (PREFIXKERN_HEAVY_FIRST=0): what launching the
+# heaviest programs first gains, where the order is taken (K/V within the L2) and the grid is a few
+# waves. prefixkern_group_per_program: each GQA group's heads in one dK/dV program
+# (PREFIXKERN_DKDV_HEAD_SPLITS=0): what sharing the heads out gains where the dK/dV grid is too
+# small for the GPU over long rows (Qwen2.5's two KV heads at S = 2048).
+SWITCHED_OFF_ROWS = {
+    "prefixkern_in_order": SwitchedOffRow(
+        ("llama8b-2k", "llama8b-8k"), "the launch order is timed on a GPU (it changes nothing but speed)",
+        "where the order is taken in a few waves", _in_launch_order),
+    "prefixkern_group_per_program": SwitchedOffRow(
+        ("qwen-2k",), "the dK/dV head splits are timed on a GPU (they change nothing but speed)",
+        "where the dK/dV grid is small over long rows", _group_per_program),
+}
 # prefixkern_raw_launch: the same op with PREFIXKERN_RAW_LAUNCH=1 (the binding-free launch, off by
 # default), its backward included: beside prefixkern at a host-bound shape (seed-qwen), what the
 # launch path costs one op, for the raw-launch decision (benchmarks/results/README.md).
-# prefixkern_in_order: the same op with its causal programs in launch order (PREFIXKERN_HEAVY_FIRST=0)
-# at the tiles prefixkern's tuning chose: beside prefixkern, what launching the heaviest programs
-# first gains, where the order is taken (K/V within the L2) and the grid is a few waves.
-IN_ORDER_SHAPES = ("llama8b-2k", "llama8b-8k")
-# prefixkern_group_per_program: the same op with each GQA group's heads in one dK/dV program
-# (PREFIXKERN_DKDV_HEAD_SPLITS=0): beside prefixkern where the dK/dV grid is too small for the GPU
-# over long rows (Qwen2.5's two KV heads at S = 2048), what sharing the heads out gains.
-HEAD_SPLIT_SHAPES = ("qwen-2k",)
 IMPLS: dict[str, Callable] = {"prefixkern": prefixkern_impl, "prefixkern_raw_launch": prefixkern_impl,
-                              "prefixkern_in_order": prefixkern_impl, "prefixkern_group_per_program": prefixkern_impl,
+                              **{impl: prefixkern_impl for impl in SWITCHED_OFF_ROWS},
                               "eager": eager, "sdpa_mask": sdpa_mask,
                               "sdpa_lower_right": sdpa_lower_right, "sdpa_lower_right_gqa": sdpa_lower_right_gqa,
                               "flex": flex, "flash_attn": flash_attn}
@@ -194,16 +220,12 @@ def unavailable(impl: str, opts: Options, case: str | None = None) -> str | None
     """Why a baseline cannot run here (for ``case``), or None."""
     if impl == "prefixkern_raw_launch":
         return raw_launch_skip(opts)
-    if impl == "prefixkern_in_order":
+    if impl in SWITCHED_OFF_ROWS:
+        row = SWITCHED_OFF_ROWS[impl]
         if not opts.on_gpu:
-            return "the launch order is timed on a GPU (it changes nothing but speed)"
-        if case not in IN_ORDER_SHAPES:
-            return f"timed at {' and '.join(IN_ORDER_SHAPES)} only, where the order is taken in a few waves"
-    if impl == "prefixkern_group_per_program":
-        if not opts.on_gpu:
-            return "the dK/dV head splits are timed on a GPU (they change nothing but speed)"
-        if case not in HEAD_SPLIT_SHAPES:
-            return f"timed at {' and '.join(HEAD_SPLIT_SHAPES)} only, where the dK/dV grid is small over long rows"
+            return row.gpu_only
+        if case not in row.shapes:
+            return f"timed at {' and '.join(row.shapes)} only, {row.where}"
     if impl == "sdpa_lower_right_gqa" and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5):
         return f"torch {torch.__version__}'s SDPA has no enable_gqa (2.5+)"
     if impl == "flash_attn":
@@ -301,14 +323,8 @@ def measure(opts, shape, pass_, impl, fn, leaves, dout, ref_out, ref_grads, flop
 
     if impl == "prefixkern_raw_launch":     # (held through the backward, which runs after fn returns)
         call = with_raw_launch(call)
-    elif impl == "prefixkern_in_order":
-        from ..kernels._attention_common import heavy_first_scheduling
-
-        call = held(call, lambda: heavy_first_scheduling(False))
-    elif impl == "prefixkern_group_per_program":
-        from ..kernels.prefix_attention_bwd import dkdv_head_splitting
-
-        call = held(call, lambda: dkdv_head_splitting(False))
+    elif impl in SWITCHED_OFF_ROWS:
+        call = held(call, SWITCHED_OFF_ROWS[impl].setting)
 
     try:
         launched_tiles()

@@ -1019,12 +1019,10 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
     num_cols = w2.shape[0]
     device = embedding.device
 
+    grad_rows = None
     if dropout_p > 0.0:
         # Apply the regenerated mask once here rather than once per hidden chunk in the main kernel.
-        grad_rows = torch.empty(num_rows, num_cols, device=device, dtype=torch.float32)
-        prefix_kv_copy(grad_out, grad_out.stride(), grad_rows, _rows_as_kv_strides(grad_rows, num_kv_heads, head_dim),
-                       num_rows=num_rows, num_cols=num_cols, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                       dropout_p=dropout_p, seed=seed)
+        grad_rows = _gradient_rows(grad_out, num_rows, num_cols, num_kv_heads, head_dim, dropout_p, seed)
         grad, grad_strides = grad_rows, _rows_as_kv_strides(grad_rows, num_kv_heads, head_dim)
     else:
         grad, grad_strides = grad_out, grad_out.stride()
@@ -1040,8 +1038,9 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
 
     def launch(tile: BwdTile | LibraryProducts):
         if tile is LIBRARY_PRODUCTS:
-            return _library_products(grad, grad_strides, grad is grad_out, hidden, w2, dw2, db2, dh_part[0],
-                                     num_kv_heads, head_dim)
+            rows = grad_rows if grad_rows is not None else _gradient_rows(grad_out, num_rows, num_cols, num_kv_heads,
+                                                                          head_dim, 0.0, None)
+            return _library_products(rows, hidden, w2, dw2, db2, dh_part[0])
         num_dh = cdiv(num_rows, block_p) * cdiv(hidden_size, tile.dh_block_k) * num_splits
         num_dw = cdiv(num_cols, tile.dw_block_n) * cdiv(hidden_size, tile.dw_block_k)
 
@@ -1133,18 +1132,18 @@ def _first_linear_backward(dh_part: torch.Tensor, num_splits: int, hidden: torch
     launch(pick_config(key, [INTERPRETER_MATMUL_TILE if triton_interpret() else BWD_FIRST_TILE], launch))
 
 
-def _library_products(grad, grad_strides, grad_is_kv, hidden, w2, dw2, db2, dh, num_kv_heads, head_dim) -> None:
+def _gradient_rows(grad_out: torch.Tensor, num_rows: int, num_cols: int, num_kv_heads: int, head_dim: int,
+                   dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
+    """The [L, 2, Hkv, P, D] gradient (any strides) as float32 [P, N] rows, dropout's mask applied."""
+    rows = torch.empty(num_rows, num_cols, device=grad_out.device, dtype=torch.float32)
+    return prefix_kv_copy(grad_out, grad_out.stride(), rows, _rows_as_kv_strides(rows, num_kv_heads, head_dim),
+                          num_rows=num_rows, num_cols=num_cols, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                          dropout_p=dropout_p, seed=seed)
+
+
+def _library_products(rows, hidden, w2, dw2, db2, dh) -> None:
     """``LIBRARY_PRODUCTS``: ``dh = G @ W2``, ``dW2 = G^T @ H``, ``db2 = sum_p G`` by ``torch.mm``,
-    from G as float32 [P, N] rows (copied from the [L, 2, Hkv, P, D] gradient, or already rows
-    where dropout's mask was applied)."""
-    num_rows, num_cols = hidden.shape[0], w2.shape[0]
-    if grad_is_kv:
-        rows = torch.empty(num_rows, num_cols, device=w2.device, dtype=torch.float32)
-        prefix_kv_copy(grad, grad_strides, rows, _rows_as_kv_strides(rows, num_kv_heads, head_dim),
-                       num_rows=num_rows, num_cols=num_cols, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                       dropout_p=0.0, seed=None)
-    else:
-        rows = grad
+    from G as float32 [P, N] ``rows`` (``_gradient_rows``)."""
     torch.mm(rows, w2, out=dh)
     torch.mm(rows.t(), hidden, out=dw2)
     if db2 is not None:
