@@ -305,8 +305,9 @@ def test_in_order_rows_launch_every_kernel_in_launch_order(monkeypatch):
     assert all(r.ok for r in records) and {r.impl for r in records} == {"prefixkern", "prefixkern_in_order"}
     for message, kernel, heavy_first in launched:
         assert heavy_first == (not message.endswith("prefixkern_in_order")), (message, kernel, heavy_first)
+    # (The CPU shapes' short rows take the backward in one launch: the dK/dV kernel with the dQ programs.)
     assert {kernel for message, kernel, _ in launched if message.endswith("in_order")} == {
-        "prefix_attention_fwd_kernel", "prefix_attention_bwd_dq_kernel", "prefix_attention_bwd_dkdv_kernel"}
+        "prefix_attention_fwd_kernel", "prefix_attention_bwd_dkdv_kernel"}
 
 
 def test_group_per_program_rows_launch_dkdv_without_head_splits(monkeypatch):
@@ -342,6 +343,42 @@ def test_group_per_program_rows_launch_dkdv_without_head_splits(monkeypatch):
     assert all(r.ok for r in records) and {r.impl for r in records} == set(impls)
     gqa = [(message, splits) for message, splits in launched if "-gqa " in message]     # (MHA: no group to share)
     assert gqa and all((splits == 1) == message.endswith("group_per_program") for message, splits in gqa), launched
+
+
+def test_two_launch_bwd_rows_launch_dq_then_dkdv(monkeypatch):
+    """The attention suite's prefixkern_two_launch_bwd rows (on a GPU, at seed-qwen: the backward as
+    dQ then dK/dV, beside prefixkern's one launch) launch both backward kernels, the prefixkern rows
+    the dK/dV kernel alone with the dQ programs (WITH_DQ). Without a GPU, and at other shapes, the
+    suite skips them with why."""
+    from prefixkern.bench import attention as attention_suite
+    from prefixkern.bench.common import Options
+    from prefixkern.kernels import prefix_attention_bwd
+
+    impls = ("prefixkern", "prefixkern_two_launch_bwd")
+    opts = Options(torch.device("cpu"), torch.bfloat16, True, impls, None, False)
+    assert "on a GPU" in attention_suite.unavailable("prefixkern_two_launch_bwd", opts, "seed-qwen")
+    on_gpu = Options(torch.device("cpu"), torch.bfloat16, True, None, None, True)
+    assert attention_suite.unavailable("prefixkern_two_launch_bwd", on_gpu, "seed-qwen") is None
+    assert "seed-qwen only" in attention_suite.unavailable("prefixkern_two_launch_bwd", on_gpu, "llama8b-2k")
+
+    launched, row = [], [None]
+    real = prefix_attention_bwd.launch_kernel
+
+    def launch(kernel, grid, *args, **meta):
+        launched.append((row[0], kernel.fn.__name__, meta.get("WITH_DQ")))
+        return real(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(prefix_attention_bwd, "launch_kernel", launch)
+    monkeypatch.setattr(attention_suite, "unavailable", lambda impl, opts, case=None: None)
+    monkeypatch.setattr(attention_suite.attention_packed, "run", lambda opts, progress: ([], []))
+    with prefixkern.use_backend("triton"):
+        records, _ = attention_suite.run(opts, lambda message: row.__setitem__(0, message))
+    assert all(r.ok for r in records) and {r.impl for r in records} == set(impls)
+    for impl, expected in (("prefixkern", {("prefix_attention_bwd_dkdv_kernel", True)}),
+                           ("prefixkern_two_launch_bwd", {("prefix_attention_bwd_dq_kernel", None),
+                                                          ("prefix_attention_bwd_dkdv_kernel", False)})):
+        got = {(kernel, with_dq) for message, kernel, with_dq in launched if message.endswith(f" {impl}")}
+        assert got == expected, (impl, launched)
 
 
 def test_compiled_e2e_rows_run_on_a_gpu_and_only_when_asked_in_quick_runs():

@@ -166,6 +166,61 @@ CPU_CASES = [
 ]
 
 
+# What rows of at most ONE_LAUNCH_MAX_QUERIES queries (every case here) do not take by default:
+# the backward in two launches, dQ (storing delta = rowsum(dO * O)) then dK/dV (reading it).
+TWO_LAUNCH_CPU_CASES = [
+    BASE,
+    replace(BASE, causal=False),
+    replace(BASE, S=1, S_kv=9, P=1),
+    replace(BASE, Hq=7, Hkv=1, P=18),
+    replace(BASE, padding="all"),
+    replace(BASE, prefix="per_task", B=3),
+    replace(BASE, alibi=True, padding="left"),
+    replace(BASE, softcap=5.0, window=6),
+    replace(BASE, dtype=torch.bfloat16, padding="left", prefix="per_row"),
+    replace(BASE, S=40, S_kv=17, P=5, padding="left"),
+    replace(BASE, S=5, S_kv=0, P=18, window=9),
+    replace(BASE, S=40, S_kv=50, padding="holes", causal=False, dtype=torch.float16),
+]
+
+
+@pytest.mark.parametrize("case", TWO_LAUNCH_CPU_CASES, ids=str)
+def test_two_launch_backward_matches_reference(monkeypatch, case):
+    """The two-launch backward (rows longer than ONE_LAUNCH_MAX_QUERIES take it): values and all
+    five gradients against the oracle, and the launches it made."""
+    from prefixkern.kernels import prefix_attention_bwd as bwd
+
+    monkeypatch.setattr(bwd, "ONE_LAUNCH_MAX_QUERIES", 0)
+    launched = _record_attention_launches(monkeypatch)
+    check_case(case, torch.device("cuda" if HAS_CUDA else "cpu"))
+    assert [name for name, _ in launched][-2:] == ["prefix_attention_bwd_dq_kernel", "prefix_attention_bwd_dkdv_kernel"]
+    assert launched[-1][1]["WITH_DQ"] is False
+
+
+def test_backward_in_one_launch_rule(monkeypatch):
+    """One launch for the host-bound sizes (the seeds' training rows: Qwen2.5-0.5B, 4 rows of 256
+    with P = 20), two for rows past ONE_LAUNCH_MAX_QUERIES or work past ONE_LAUNCH_MAX_WORK (Llama-3-8B
+    heads at 2k tokens) and wherever PREFIXKERN_ONE_LAUNCH_BACKWARD=0 turned it off."""
+    from prefixkern.kernels import prefix_attention_bwd as bwd
+
+    def work(batch, heads, seq, prefix, head_dim):
+        return batch * heads * seq * (prefix + seq) * head_dim
+
+    bf16_d64, seed_qwen = (2, 64), work(4, 14, 256, 20, 64)
+    assert bwd.backward_in_one_launch(256, seed_qwen, bf16_d64) and bwd.backward_in_one_launch(1, 64, bf16_d64)
+    assert bwd.backward_in_one_launch(bwd.ONE_LAUNCH_MAX_QUERIES, work(1, 2, 512, 20, 64), bf16_d64)
+    assert not bwd.backward_in_one_launch(bwd.ONE_LAUNCH_MAX_QUERIES + 1, work(1, 2, 513, 20, 64), bf16_d64)
+    assert not bwd.backward_in_one_launch(256, work(8, 32, 256, 30, 128), (2, 128))      # 2.4e9
+    assert not bwd.backward_in_one_launch(2048, work(1, 32, 2048, 30, 128), (2, 128))
+    assert bwd.ONE_LAUNCH_MAX_QUERIES < bwd.DKDV_SPLIT_MIN_QUERIES    # (head splits are for longer rows)
+    with bwd.one_launch_backward(False):
+        assert not bwd.backward_in_one_launch(256, seed_qwen, bf16_d64)
+    assert bwd.backward_in_one_launch(256, seed_qwen, bf16_d64)
+    # Every 16-bit bucket and float32 up to D = 128 have spill-free tiles for it; float32 at 256 not.
+    assert all(bwd.backward_in_one_launch(256, seed_qwen, (2, d)) for d in (64, 128, 256))
+    assert not bwd.backward_in_one_launch(256, seed_qwen, (4, 256))
+
+
 @pytest.mark.parametrize("case", CPU_CASES, ids=str)
 def test_matches_reference(case):
     check_case(case, torch.device("cpu") if not HAS_CUDA else torch.device("cuda"))
@@ -339,18 +394,21 @@ def _record_attention_launches(monkeypatch) -> list:
     return launched
 
 
+@pytest.mark.parametrize("one_launch", [True, False], ids=["one_launch_backward", "two_launch_backward"])
 @pytest.mark.parametrize("heavy_first", [True, False], ids=["heavy_first", "launch_order"])
 @pytest.mark.parametrize("case", [replace(BASE, B=3, Hq=6, Hkv=2, S=40, S_kv=50, P=5, padding="left"),
                                   replace(BASE, S=33, S_kv=40, prefix="per_row", dtype=torch.bfloat16),
                                   PackedCase(lens_q=(3, 0, 20), lens_kv=(9, 4, 20), Hq=6, Hkv=3)], ids=str)
-def test_causal_programs_in_either_order(monkeypatch, case, heavy_first, device):
+def test_causal_programs_in_either_order(monkeypatch, case, heavy_first, one_launch, device):
     """Causal launches take their programs heaviest first (the last query blocks of every head and
     row for the forward and dQ, the first key blocks for dK/dV) or in launch order: either way every
     block has exactly one program. Several query and key blocks, GQA, padding, a per-row prefix,
     packed rows (one empty, whose programs return at once): values and gradients against the
-    oracle, and every launch in the order asked. (On a GPU the same shapes with 8x the tokens: it
-    takes the order from MIN_HEAVY_FIRST_QUERIES queries on.)"""
+    oracle, and every launch in the order asked. The backward in one launch (the dQ programs inside
+    the dK/dV launch) and in two. (On a GPU the same shapes with 8x the tokens: it takes the order
+    from MIN_HEAVY_FIRST_QUERIES queries on.)"""
     from prefixkern.kernels._attention_common import heavy_first_scheduling
+    from prefixkern.kernels.prefix_attention_bwd import one_launch_backward
 
     if device.type == "cuda":
         if isinstance(case, PackedCase):
@@ -358,13 +416,14 @@ def test_causal_programs_in_either_order(monkeypatch, case, heavy_first, device)
         else:
             case = replace(case, S=8 * case.S, S_kv=8 * case.S_kv)
     launched = _record_attention_launches(monkeypatch)
-    with heavy_first_scheduling(heavy_first):
+    with heavy_first_scheduling(heavy_first), one_launch_backward(one_launch):
         if isinstance(case, PackedCase):
             check_packed_case(case, device)
         else:
             check_case(case, device)
-    assert sorted({name for name, _ in launched}) == ["prefix_attention_bwd_dkdv_kernel",
-                                                     "prefix_attention_bwd_dq_kernel", "prefix_attention_fwd_kernel"]
+    assert [name for name, _ in launched] == ["prefix_attention_fwd_kernel"] + (
+        [] if one_launch else ["prefix_attention_bwd_dq_kernel"]) + ["prefix_attention_bwd_dkdv_kernel"]
+    assert launched[-1][1]["WITH_DQ"] is one_launch
     assert all(meta["HEAVY_FIRST"] is heavy_first for _, meta in launched)
 
 
@@ -383,12 +442,16 @@ def test_dkdv_head_splits(monkeypatch, case, splits, device):
     if (case.Hq // case.Hkv) % splits:
         pytest.skip("the splits share a group's heads evenly: a divisor of the group only")
     monkeypatch.setattr(bwd, "dkdv_head_splits", lambda group, programs, seq_len_q, sms: splits)
+    # The backward in one launch with 2 and 6 splits, in two (dQ first, as at the long rows where
+    # the rule splits) with 3.
+    monkeypatch.setattr(bwd, "ONE_LAUNCH_BACKWARD", splits != 3)
     launched = _record_attention_launches(monkeypatch)
     if isinstance(case, PackedCase):
         check_packed_case(case, device)
     else:
         check_case(case, device)
-    assert [meta["HEAD_SPLITS"] for name, meta in launched if name == "prefix_attention_bwd_dkdv_kernel"] == [splits]
+    assert [(meta["HEAD_SPLITS"], meta["WITH_DQ"]) for name, meta in launched
+            if name == "prefix_attention_bwd_dkdv_kernel"] == [(splits, splits != 3)]
 
 
 @pytest.mark.gpu
@@ -538,17 +601,20 @@ def test_packed_reference_backend_for_cpu_tensors_by_default():
 # Dropout: the kernels' Philox mask, checked element by element against the oracle
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("one_launch", [True, False], ids=["one_launch_backward", "two_launch_backward"])
 @pytest.mark.parametrize("head_splits", [False, True], ids=["group_per_program", "head_splits"])
 @pytest.mark.parametrize("case", [replace(BASE, padding="left"), replace(BASE, prefix="per_task", B=3, Hq=6, Hkv=3)],
                          ids=str)
-def test_dropout_forward_and_backward_match_the_mask(monkeypatch, case, head_splits, device):
+def test_dropout_forward_and_backward_match_the_mask(monkeypatch, case, head_splits, one_launch, device):
     """The kernels' dropout mask is the one dropout_keep_mask draws, forward and backward (with the
-    dK/dV group's heads shared out between two programs too: each regenerates its heads' masks)."""
+    dK/dV group's heads shared out between two programs too: each regenerates its heads' masks;
+    the backward in one launch and in two)."""
     from prefixkern.kernels import prefix_attention_bwd as bwd
     from prefixkern.kernels._attention_common import dropout_keep_mask
 
     if head_splits:
         monkeypatch.setattr(bwd, "dkdv_head_splits", lambda group, programs, seq_len_q, sms: 2)
+    monkeypatch.setattr(bwd, "ONE_LAUNCH_BACKWARD", one_launch)
 
     p = 0.3
     inputs, kwargs = make_inputs(case, device)
@@ -738,7 +804,8 @@ def test_grids_stay_within_cuda_limits_for_many_rows_and_heads(monkeypatch):
 
     monkeypatch.setattr(fwd, "launch_kernel", record)
     monkeypatch.setattr(bwd, "launch_kernel", record)
-    for causal in (True, False):      # the heavy-first grid and the launch order's
+    # The heavy-first grid and the launch order's; the backward in two launches and in one.
+    for causal, one_launch in itertools.product((True, False), (True, False)):
         grids.clear()
         q = torch.zeros(1100, 64, 1, 16)
         k = v = torch.zeros(1100, 8, 1, 16)
@@ -746,9 +813,10 @@ def test_grids_stay_within_cuda_limits_for_many_rows_and_heads(monkeypatch):
         options = dict(prefix_index=None, key_padding_mask=None, causal=causal, softmax_scale=0.25, dropout_p=0.0,
                        seed=None, alibi_slopes=None, softcap=None, window=None)
         out, lse = fwd.prefix_attention_forward(q, k, v, pk, pv, **options)
-        bwd.prefix_attention_backward(out, q, k, v, pk, pv, out, lse, **options)
-        assert set(grids) == {"prefix_attention_fwd_kernel", "prefix_attention_bwd_dq_kernel",
-                              "prefix_attention_bwd_dkdv_kernel"}
+        with bwd.one_launch_backward(one_launch):
+            bwd.prefix_attention_backward(out, q, k, v, pk, pv, out, lse, **options)
+        assert set(grids) == {"prefix_attention_fwd_kernel", "prefix_attention_bwd_dkdv_kernel"} | (
+            set() if one_launch else {"prefix_attention_bwd_dq_kernel"})
         for name, grid in grids.items():
             assert all(size <= 65535 for size in grid[1:]), (name, grid)
             assert math.prod(grid) >= 1100 * 8, (name, grid)
@@ -872,10 +940,28 @@ def _gpu_grid():
     return sorted(cases, key=str)
 
 
+def gpu_grid_backward_modes():
+    """``(case, one_launch)`` of the GPU grid: every other case (in the grid's order) with the
+    one-launch backward switched off; the rest take it where the rule does (short rows, and all
+    but the largest cases' work)."""
+    return [(case, index % 2 == 0) for index, case in enumerate(_gpu_grid())]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", _gpu_grid(), ids=str)
-def test_gpu_grid(case):
+@pytest.mark.parametrize("case,one_launch", gpu_grid_backward_modes(),
+                         ids=[f"{case}-{'one' if one else 'two'}_launch" for case, one in gpu_grid_backward_modes()])
+def test_gpu_grid(monkeypatch, case, one_launch):
+    """The issue's grid at full size; every other case with the backward in two launches."""
+    from prefixkern.kernels import prefix_attention_bwd as bwd
+    from prefixkern.kernels._attention_common import config_bucket
+
+    assert case.S <= bwd.ONE_LAUNCH_MAX_QUERIES
+    monkeypatch.setattr(bwd, "ONE_LAUNCH_BACKWARD", one_launch)
+    launched = _record_attention_launches(monkeypatch)
     check_case(case, torch.device("cuda"))
+    bucket = config_bucket(max(16, 1 << (case.D - 1).bit_length()), case.dtype.itemsize)
+    work = case.B * case.Hq * case.S * (case.P + case.S_kv) * case.D
+    assert launched[-1][1]["WITH_DQ"] is bwd.backward_in_one_launch(case.S, work, bucket)
 
 
 @pytest.mark.gpu

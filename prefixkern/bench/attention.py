@@ -193,11 +193,19 @@ def _group_per_program():
     return dkdv_head_splitting(False)
 
 
+def _two_launch_backward():
+    from ..kernels.prefix_attention_bwd import one_launch_backward
+
+    return one_launch_backward(False)
+
+
 # prefixkern_in_order: causal programs in launch order (PREFIXKERN_HEAVY_FIRST=0): what launching the
 # heaviest programs first gains, where the order is taken (K/V within the L2) and the grid is a few
 # waves. prefixkern_group_per_program: each GQA group's heads in one dK/dV program
 # (PREFIXKERN_DKDV_HEAD_SPLITS=0): what sharing the heads out gains where the dK/dV grid is too
-# small for the GPU over long rows (Qwen2.5's two KV heads at S = 2048).
+# small for the GPU over long rows (Qwen2.5's two KV heads at S = 2048). prefixkern_two_launch_bwd:
+# the backward as two launches, dQ then dK/dV (PREFIXKERN_ONE_LAUNCH_BACKWARD=0), at the seeds'
+# host-bound rows of 256, where prefixkern's backward is one launch.
 SWITCHED_OFF_ROWS = {
     "prefixkern_in_order": SwitchedOffRow(
         ("llama8b-2k", "llama8b-8k"), "the launch order is timed on a GPU (it changes nothing but speed)",
@@ -205,6 +213,9 @@ SWITCHED_OFF_ROWS = {
     "prefixkern_group_per_program": SwitchedOffRow(
         ("qwen-2k",), "the dK/dV head splits are timed on a GPU (they change nothing but speed)",
         "where the dK/dV grid is small over long rows", _group_per_program),
+    "prefixkern_two_launch_bwd": SwitchedOffRow(
+        ("seed-qwen",), "the one-launch backward is timed on a GPU (it changes nothing but speed)",
+        "where the backward is host-bound", _two_launch_backward),
 }
 # prefixkern_raw_launch: the same op with PREFIXKERN_RAW_LAUNCH=1 (the binding-free launch, off by
 # default), its backward included: beside prefixkern at a host-bound shape (seed-qwen), what the

@@ -430,6 +430,8 @@ def smem_rows(kernel: str, config) -> int:
         return 2 * block_m + stages * 2 * block_n
     if kernel == "dkdv":     # K and V stay; Q and dO stream
         return 2 * block_n + stages * 2 * block_m
+    if kernel == "dkdv+dq":  # the one-launch backward: either role at the same tile; dK/dV streams O too
+        return max(smem_rows("dq", config), 2 * block_n + stages * 3 * block_m)
     raise ValueError(f"unknown kernel {kernel!r}")
 
 

@@ -3,8 +3,10 @@ from the saved log-sum-exp, never stored.
 
 - ``prefix_attention_bwd_dq_kernel``: one program per (query block, batch row, query head)
   computes ``delta = rowsum(dO * O)`` of its rows (stored for the kernel below), walks the
-  prefix then the sequence keys, like the forward, and owns its dQ rows.
-- ``prefix_attention_bwd_dkdv_kernel``, one launch of two kinds of program:
+  prefix then the sequence keys, like the forward, and owns its dQ rows (``_dq_program``).
+- ``prefix_attention_bwd_dkdv_kernel``, one launch of two kinds of program (three for a small
+  backward, ``backward_in_one_launch``: the dQ programs follow, and the dK/dV programs compute
+  delta from O where they read it, so the whole backward is this one launch):
   ``_sequence_dkdv_program``, one per (sequence key block, batch row, KV head), walks the query
   blocks of every query head of its group (GQA without repeat_kv) and owns its dK/dV rows (where
   such programs leave the GPU idle over long rows, several share a group's heads, each writing
@@ -114,7 +116,8 @@ def _dq_sequence(dq, q, do, lse2, delta, lo, hi, k_base, v_base, stride_ks, stri
 
 
 @triton.jit
-def prefix_attention_bwd_dq_kernel(
+def _dq_program(
+    start_m, h, b,
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
     prefix_index_ptr, kpm_ptr, slopes_ptr, pos_ptr, seed_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -131,11 +134,10 @@ def prefix_attention_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    HEAVY_FIRST: tl.constexpr,
+    STORE_DELTA: tl.constexpr,
 ):
-    # Query block, head and row from a 3-D grid (no (row * Hq + head) axis, which could pass the
-    # 65535 limit of grid.y and z); with HEAVY_FIRST the last query blocks first (grid_program).
-    start_m, h, b = grid_program(HEAVY_FIRST)
+    """dQ of query block ``start_m`` of (row ``b``, query head ``h``): walks the prefix then the
+    sequence keys, like the forward, and owns its dQ rows."""
     bh = b * Hq + h
     g = (h // GROUP).to(tl.int64)
     b64 = b.to(tl.int64)
@@ -157,11 +159,13 @@ def prefix_attention_bwd_dq_kernel(
                    + offs_d[None, :] * stride_dod, m_ok[:, None], d_ok[None, :], True, not EVEN_D)
     lse2 = _load_lse2(lse_ptr + bh.to(tl.int64) * S, offs_m, S_q)
     # delta = rowsum(dO * O), computed here rather than by a kernel of its own (one launch fewer
-    # per backward) and stored for the dK/dV kernels, which run after this one on the stream.
+    # per backward) and stored for the dK/dV kernel, which runs after this one on the stream
+    # (STORE_DELTA; in the one-launch backward the dK/dV programs compute their own).
     o = load_tile(out_ptr + b64 * stride_ob + h.to(tl.int64) * stride_oh + (q_start + offs_m[:, None]) * stride_os
                   + offs_d[None, :] * stride_od, m_ok[:, None], d_ok[None, :], True, not EVEN_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(delta_ptr + bh.to(tl.int64) * S + offs_m, delta, mask=m_ok)
+    if STORE_DELTA:
+        tl.store(delta_ptr + bh.to(tl.int64) * S + offs_m, delta, mask=m_ok)
     qk_scale = sm_scale * log2e()
     slope = 0.0
     if HAS_ALIBI:
@@ -223,19 +227,73 @@ def prefix_attention_bwd_dq_kernel(
              + offs_d[None, :] * stride_dqd, dq.to(dq_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
+
+
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, lse_row_ptr, delta_row_ptr, offs_m, d_ok, vis, key_pos, key_cols,
-               S, sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p,
+def prefix_attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
+    prefix_index_ptr, kpm_ptr, slopes_ptr, pos_ptr, seed_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_pkb, stride_pkh, stride_pks, stride_pkd,
+    stride_pvb, stride_pvh, stride_pvs, stride_pvd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_dob, stride_doh, stride_dos, stride_dod,
+    stride_dqb, stride_dqh, stride_dqs, stride_dqd,
+    stride_kpmb, stride_kpms, stride_slb, stride_slh, stride_posb, stride_poss,
+    Hq, S, S_kv, P, D, window, sm_scale, softcap, dropout_p,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr,
+):
+    # Query block, head and row from a 3-D grid (no (row * Hq + head) axis, which could pass the
+    # 65535 limit of grid.y and z); with HEAVY_FIRST the last query blocks first (grid_program).
+    start_m, h, b = grid_program(HEAVY_FIRST)
+    _dq_program(
+        start_m, h, b,
+        q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, prefix_index_ptr,
+        kpm_ptr, slopes_ptr, pos_ptr, seed_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, stride_qb, stride_qh, stride_qs,
+        stride_qd, stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
+        stride_pkb, stride_pkh, stride_pks, stride_pkd, stride_pvb, stride_pvh, stride_pvs, stride_pvd, stride_ob,
+        stride_oh, stride_os, stride_od, stride_dob, stride_doh, stride_dos, stride_dod, stride_dqb, stride_dqh,
+        stride_dqs, stride_dqd, stride_kpmb, stride_kpms, stride_slb, stride_slh, stride_posb, stride_poss, Hq, S,
+        S_kv, P, D, window, sm_scale, softcap, dropout_p, GROUP, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL,
+        HAS_PREFIX_INDEX, HAS_KPM, HAS_ALIBI, HAS_POS, HAS_SOFTCAP, HAS_WINDOW, HAS_DROPOUT, VARLEN, INPUT_PRECISION,
+        True)
+
+
+@triton.jit
+def _row_tile_ptrs(row_ptr, offs_m, offs_d, stride_s, stride_d, PRESENT: tl.constexpr):
+    """Pointers of a [BLOCK_M, BLOCK_D] tile of rows ``offs_m`` from ``row_ptr``; 0 where the
+    tensor is not read (absent: passed as None)."""
+    ptrs = 0
+    if PRESENT:
+        ptrs = row_ptr + offs_m[:, None] * stride_s + offs_d[None, :] * stride_d
+    return ptrs
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, o_ptrs, lse_row_ptr, delta_row_ptr, offs_m, d_ok, vis, key_pos,
+               key_cols, S, sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p,
                MASKED: tl.constexpr, CHECK_M: tl.constexpr, EVEN_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-               HAS_ALIBI: tl.constexpr,
-               HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+               HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+               DELTA_FROM_OUT: tl.constexpr):
     """dK/dV contribution of one block of queries to a block of keys, scores transposed
-    ([BLOCK_N keys, BLOCK_M queries]) so the accumulations need no transposed result."""
+    ([BLOCK_N keys, BLOCK_M queries]) so the accumulations need no transposed result. delta =
+    rowsum(dO * O) of the queries is read from the dQ kernel's store, or with DELTA_FROM_OUT (the
+    one-launch backward, where the dQ programs run beside this one) computed from their O tile."""
     m_ok = offs_m < S
     q = load_tile(q_ptrs, m_ok[:, None], d_ok[None, :], CHECK_M, not EVEN_D)
     do = load_tile(do_ptrs, m_ok[:, None], d_ok[None, :], CHECK_M, not EVEN_D)
     lse2 = _load_lse2(lse_row_ptr, offs_m, S)
-    delta = tl.load(delta_row_ptr + offs_m, mask=m_ok, other=0.0)
+    if DELTA_FROM_OUT:
+        o = load_tile(o_ptrs, m_ok[:, None], d_ok[None, :], CHECK_M, not EVEN_D)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    else:
+        delta = tl.load(delta_row_ptr + offs_m, mask=m_ok, other=0.0)
     sT, t = scores_log2(dot(k, tl.trans(q), INPUT_PRECISION), sm_scale, qk_scale, softcap, slope,
                         key_pos[:, None], HAS_SOFTCAP, HAS_ALIBI)
     if MASKED:
@@ -272,11 +330,12 @@ def _query_block_range(n_lo, S, S_kv, window, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 @triton.jit
 def _sequence_dkdv_program(
-    pid, q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    pid, q_ptr, k_ptr, v_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     kpm_ptr, slopes_ptr, pos_ptr, seed_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
     stride_dob, stride_doh, stride_dos, stride_dod,
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
@@ -286,6 +345,7 @@ def _sequence_dkdv_program(
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, HEAVY_FIRST: tl.constexpr, HEAD_SPLITS: tl.constexpr,
+    DELTA_FROM_OUT: tl.constexpr,
 ):
     """dK/dV of sequence key block ``pid % num_n_blocks`` of (batch row, KV head) ``pid //
     num_n_blocks`` (with HEAVY_FIRST, key block ``pid // (B * Hkv)`` of ``pid % (B * Hkv)``: the
@@ -353,7 +413,12 @@ def _sequence_dkdv_program(
         q_base = q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qs
         do_base = dout_ptr + b64 * stride_dob + h.to(tl.int64) * stride_doh + q_start * stride_dos
         lse_row = lse_ptr + bh * S
-        delta_row = delta_ptr + bh * S
+        o_row = 0
+        delta_row = 0
+        if DELTA_FROM_OUT:
+            o_row = out_ptr + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start * stride_os
+        else:
+            delta_row = delta_ptr + bh * S
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(slopes_ptr + b64 * stride_slb + h * stride_slh)
@@ -363,9 +428,11 @@ def _sequence_dkdv_program(
                                    HAS_WINDOW, HAS_KPM) if MASKED else None
             dk, dv = _dkdv_step(dk, dv, k, v, q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                                 do_base + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
+                                _row_tile_ptrs(o_row, offs_m, offs_d, stride_os, stride_od, DELTA_FROM_OUT),
                                 lse_row, delta_row, offs_m, d_ok, vis, key_pos, P + offs_s,
                                 S_q, sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p,
-                                MASKED, True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+                                MASKED, True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
+                                DELTA_FROM_OUT)
 
     out_mask = s_ok[:, None] & d_ok[None, :]
     part = 0
@@ -380,12 +447,13 @@ def _sequence_dkdv_program(
 
 
 @triton.jit
-def _prefix_dkdv_block(dk, dv, pk, pv, q_ptr, dout_ptr, lse_ptr, delta_ptr, slopes_ptr, b64, h, mb, q_start, S_q, S_k,
-                       offs_mb, offs_p, offs_d, d_ok, key_pos, stride_qb, stride_qh, stride_qs, stride_qd, stride_dob,
-                       stride_doh, stride_dos, stride_dod, stride_slb, stride_slh, Hq, S, P, window, sm_scale,
-                       qk_scale, softcap, seed, dropout_p, BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr,
-                       HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                       HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _prefix_dkdv_block(dk, dv, pk, pv, q_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, slopes_ptr, b64, h, mb, q_start,
+                       S_q, S_k, offs_mb, offs_p, offs_d, d_ok, key_pos, stride_qb, stride_qh, stride_qs, stride_qd,
+                       stride_ob, stride_oh, stride_os, stride_od, stride_dob, stride_doh, stride_dos, stride_dod,
+                       stride_slb, stride_slh, Hq, S, P, window, sm_scale, qk_scale, softcap, seed, dropout_p,
+                       BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                       HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                       DELTA_FROM_OUT: tl.constexpr):
     """The prefix dK/dV contribution of query block ``mb`` of row ``b64``, query head ``h``."""
     bh = b64 * Hq + h
     offs_m = mb * BLOCK_M + offs_mb
@@ -395,23 +463,31 @@ def _prefix_dkdv_block(dk, dv, pk, pv, q_ptr, dout_ptr, lse_ptr, delta_ptr, slop
     # Out-of-range queries load as zeros with lse = +inf, so they add nothing; only a sliding
     # window can hide a prefix key from a real query.
     vis = prefix_visible(offs_m, offs_p, S_q, S_k, P, window, HAS_WINDOW)
+    o_row = 0
+    delta_row = 0
+    if DELTA_FROM_OUT:
+        o_row = out_ptr + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start * stride_os
+    else:
+        delta_row = delta_ptr + bh * S
     return _dkdv_step(dk, dv, pk, pv,
                       q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh + (q_start + offs_m[:, None]) * stride_qs
                       + offs_d[None, :] * stride_qd,
                       dout_ptr + b64 * stride_dob + h.to(tl.int64) * stride_doh
                       + (q_start + offs_m[:, None]) * stride_dos + offs_d[None, :] * stride_dod,
-                      lse_ptr + bh * S, delta_ptr + bh * S, offs_m, d_ok, vis, key_pos, offs_p,
+                      _row_tile_ptrs(o_row, offs_m, offs_d, stride_os, stride_od, DELTA_FROM_OUT),
+                      lse_ptr + bh * S, delta_row, offs_m, d_ok, vis, key_pos, offs_p,
                       S_q, sm_scale, qk_scale, softcap, slope, seed, bh, P + S_k, dropout_p,
-                      HAS_WINDOW, True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
+                      HAS_WINDOW, True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION, DELTA_FROM_OUT)
 
 
 @triton.jit
 def _prefix_dkdv_program(
-    pid, q_ptr, pk_ptr, pv_ptr, dout_ptr, lse_ptr, delta_ptr, partial_ptr,
+    pid, q_ptr, pk_ptr, pv_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, partial_ptr,
     prefix_index_ptr, slopes_ptr, seed_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_pkb, stride_pkh, stride_pks, stride_pkd,
     stride_pvb, stride_pvh, stride_pvs, stride_pvd,
+    stride_ob, stride_oh, stride_os, stride_od,
     stride_dob, stride_doh, stride_dos, stride_dod,
     stride_slb, stride_slh,
     B, Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p, items_per_split, num_p_blocks, owners_kv,
@@ -419,6 +495,7 @@ def _prefix_dkdv_program(
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DELTA_FROM_OUT: tl.constexpr,
 ):
     """Partial dPrefixK/dPrefixV of one prefix block and KV head over a share of the work items
     (batch row if SHARED, query head of the group, query block). Writes float32
@@ -475,11 +552,11 @@ def _prefix_dkdv_program(
             mb_hi = tl.minimum(last - row_head * num_m_blocks, tl.cdiv(S_q, BLOCK_M))
             for mb in range(tl.maximum(first - row_head * num_m_blocks, 0), mb_hi):
                 dk, dv = _prefix_dkdv_block(
-                    dk, dv, pk, pv, q_ptr, dout_ptr, lse_ptr, delta_ptr, slopes_ptr, b64, h, mb, q_start, S_q, S_k,
-                    offs_mb, offs_p, offs_d, d_ok, key_pos, stride_qb, stride_qh, stride_qs, stride_qd, stride_dob,
-                    stride_doh, stride_dos, stride_dod, stride_slb, stride_slh, Hq, S, P, window, sm_scale,
-                    qk_scale, softcap, seed, dropout_p, BLOCK_M, EVEN_D, HAS_ALIBI, HAS_SOFTCAP, HAS_WINDOW,
-                    HAS_DROPOUT, INPUT_PRECISION)
+                    dk, dv, pk, pv, q_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, slopes_ptr, b64, h, mb, q_start,
+                    S_q, S_k, offs_mb, offs_p, offs_d, d_ok, key_pos, stride_qb, stride_qh, stride_qs, stride_qd,
+                    stride_ob, stride_oh, stride_os, stride_od, stride_dob, stride_doh, stride_dos, stride_dod,
+                    stride_slb, stride_slh, Hq, S, P, window, sm_scale, qk_scale, softcap, seed, dropout_p, BLOCK_M,
+                    EVEN_D, HAS_ALIBI, HAS_SOFTCAP, HAS_WINDOW, HAS_DROPOUT, INPUT_PRECISION, DELTA_FROM_OUT)
     else:
         for item in range(first, last):
             if SHARED:
@@ -488,11 +565,11 @@ def _prefix_dkdv_program(
                 b64 = owner.to(tl.int64)
             h = g * GROUP + (item // num_m_blocks) % GROUP
             dk, dv = _prefix_dkdv_block(
-                dk, dv, pk, pv, q_ptr, dout_ptr, lse_ptr, delta_ptr, slopes_ptr, b64, h, item % num_m_blocks, 0, S,
-                S_kv, offs_mb, offs_p, offs_d, d_ok, key_pos, stride_qb, stride_qh, stride_qs, stride_qd, stride_dob,
-                stride_doh, stride_dos, stride_dod, stride_slb, stride_slh, Hq, S, P, window, sm_scale, qk_scale,
-                softcap, seed, dropout_p, BLOCK_M, EVEN_D, HAS_ALIBI, HAS_SOFTCAP, HAS_WINDOW, HAS_DROPOUT,
-                INPUT_PRECISION)
+                dk, dv, pk, pv, q_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, slopes_ptr, b64, h, item % num_m_blocks,
+                0, S, S_kv, offs_mb, offs_p, offs_d, d_ok, key_pos, stride_qb, stride_qh, stride_qs, stride_qd,
+                stride_ob, stride_oh, stride_os, stride_od, stride_dob, stride_doh, stride_dos, stride_dod,
+                stride_slb, stride_slh, Hq, S, P, window, sm_scale, qk_scale, softcap, seed, dropout_p, BLOCK_M,
+                EVEN_D, HAS_ALIBI, HAS_SOFTCAP, HAS_WINDOW, HAS_DROPOUT, INPUT_PRECISION, DELTA_FROM_OUT)
     # partial is contiguous [splits, 2, owners * Hkv, P, D]: dK and dV of a split side by side, so
     # the host sums and casts both in one reduction.
     base_k = ((split * 2 * owners_kv + og).to(tl.int64) * P) * D
@@ -505,51 +582,74 @@ def _prefix_dkdv_program(
 
 @triton.jit
 def prefix_attention_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, partial_ptr,
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, partial_ptr,
     prefix_index_ptr, kpm_ptr, slopes_ptr, pos_ptr, seed_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_pkb, stride_pkh, stride_pks, stride_pkd,
     stride_pvb, stride_pvh, stride_pvs, stride_pvd,
+    stride_ob, stride_oh, stride_os, stride_od,
     stride_dob, stride_doh, stride_dos, stride_dod,
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+    stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     stride_kpmb, stride_kpms, stride_slb, stride_slh, stride_posb, stride_poss,
     B, Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p,
-    num_prefix_programs, num_p_blocks, owners_kv, items_per_split, num_n_blocks, stride_split,
+    num_prefix_programs, num_p_blocks, owners_kv, items_per_split, num_n_blocks, stride_split, num_dkdv_programs,
     GROUP: tl.constexpr, SHARED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREFIX_BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_PREFIX_INDEX: tl.constexpr, HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, HEAVY_FIRST: tl.constexpr, HEAD_SPLITS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, HEAVY_FIRST: tl.constexpr, HEAD_SPLITS: tl.constexpr, WITH_DQ: tl.constexpr,
 ):
     """Programs [0, num_prefix_programs) write the float32 partials of the prefix gradient
-    (``_prefix_dkdv_program``; first, since each reduces over many query blocks), the rest the
-    sequence dK/dV (``_sequence_dkdv_program``). One launch for both: on a host where a launch
-    costs more than these kernels run (small shapes), that is one launch fewer per layer."""
+    (``_prefix_dkdv_program``; first, since each reduces over many query blocks), then up to
+    ``num_dkdv_programs`` the sequence dK/dV (``_sequence_dkdv_program``). One launch for both: on
+    a host where a launch costs more than these kernels run (small shapes), that is one launch
+    fewer per layer. With WITH_DQ (``one_launch_backward``) the dQ programs follow, one per (query
+    block, query head, row) in launch order, and every dK/dV program computes delta = rowsum(dO *
+    O) of the queries it visits instead of reading the dQ kernel's: the whole backward is this
+    launch."""
     pid = tl.program_id(0)
     if pid < num_prefix_programs:
         _prefix_dkdv_program(
-            pid, q_ptr, pk_ptr, pv_ptr, dout_ptr, lse_ptr, delta_ptr, partial_ptr,
+            pid, q_ptr, pk_ptr, pv_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, partial_ptr,
             prefix_index_ptr, slopes_ptr, seed_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
             stride_qb, stride_qh, stride_qs, stride_qd, stride_pkb, stride_pkh, stride_pks, stride_pkd,
-            stride_pvb, stride_pvh, stride_pvs, stride_pvd, stride_dob, stride_doh, stride_dos, stride_dod,
-            stride_slb, stride_slh,
+            stride_pvb, stride_pvh, stride_pvs, stride_pvd, stride_ob, stride_oh, stride_os, stride_od,
+            stride_dob, stride_doh, stride_dos, stride_dod, stride_slb, stride_slh,
             B, Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p, items_per_split, num_p_blocks, owners_kv,
             GROUP, SHARED, BLOCK_M, PREFIX_BLOCK_N, BLOCK_D, EVEN_D, HAS_PREFIX_INDEX, HAS_ALIBI, HAS_SOFTCAP,
-            HAS_WINDOW, HAS_DROPOUT, VARLEN, INPUT_PRECISION)
-    else:
+            HAS_WINDOW, HAS_DROPOUT, VARLEN, INPUT_PRECISION, WITH_DQ)
+    elif pid < num_dkdv_programs:
         _sequence_dkdv_program(
-            pid - num_prefix_programs, q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+            pid - num_prefix_programs, q_ptr, k_ptr, v_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
             kpm_ptr, slopes_ptr, pos_ptr, seed_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
             stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
-            stride_vb, stride_vh, stride_vs, stride_vd, stride_dob, stride_doh, stride_dos, stride_dod,
+            stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od,
+            stride_dob, stride_doh, stride_dos, stride_dod,
             stride_dkb, stride_dkh, stride_dks, stride_dkd, stride_dvb, stride_dvh, stride_dvs, stride_dvd,
             stride_kpmb, stride_kpms, stride_slb, stride_slh, stride_posb, stride_poss,
             B, Hq, Hkv, S, S_kv, P, D, window, sm_scale, softcap, dropout_p, num_n_blocks, stride_split,
             GROUP, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, HAS_KPM, HAS_ALIBI, HAS_POS, HAS_SOFTCAP, HAS_WINDOW,
-            HAS_DROPOUT, VARLEN, INPUT_PRECISION, HEAVY_FIRST, HEAD_SPLITS)
+            HAS_DROPOUT, VARLEN, INPUT_PRECISION, HEAVY_FIRST, HEAD_SPLITS, WITH_DQ)
+    else:
+        if WITH_DQ:
+            dq_pid = pid - num_dkdv_programs
+            num_m_blocks = tl.cdiv(S, BLOCK_M)
+            _dq_program(
+                dq_pid % num_m_blocks, (dq_pid // num_m_blocks) % Hq, dq_pid // (num_m_blocks * Hq),
+                q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
+                prefix_index_ptr, kpm_ptr, slopes_ptr, pos_ptr, seed_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+                stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
+                stride_vb, stride_vh, stride_vs, stride_vd, stride_pkb, stride_pkh, stride_pks, stride_pkd,
+                stride_pvb, stride_pvh, stride_pvs, stride_pvd, stride_ob, stride_oh, stride_os, stride_od,
+                stride_dob, stride_doh, stride_dos, stride_dod, stride_dqb, stride_dqh, stride_dqs, stride_dqd,
+                stride_kpmb, stride_kpms, stride_slb, stride_slh, stride_posb, stride_poss,
+                Hq, S, S_kv, P, D, window, sm_scale, softcap, dropout_p,
+                GROUP, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, HAS_PREFIX_INDEX, HAS_KPM, HAS_ALIBI, HAS_POS,
+                HAS_SOFTCAP, HAS_WINDOW, HAS_DROPOUT, VARLEN, INPUT_PRECISION, False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -610,6 +710,44 @@ def dkdv_head_splits(group: int, sequence_programs: int, seq_len_q: int, sms: in
     return next(d for d in range(2, group + 1) if group % d == 0 and (sequence_programs * d >= sms or d == group))
 
 
+# Small backwards take one launch (``WITH_DQ``: the dQ programs after the dK/dV ones, each dK/dV
+# program computing delta = rowsum(dO * O) from the O tile rather than reading the dQ kernel's
+# store): rows of at most ONE_LAUNCH_MAX_QUERIES queries and at most ONE_LAUNCH_MAX_WORK of
+# B * Hq * S * (P + S_kv) * D. There the backward is host-bound: one Triton launch fewer per layer
+# and step (on the H200 machines measured a launch of these kernels cost the host 100-240 us; the
+# seed-qwen backward, 2.5e8 of that work, took 62 us of GPU time), for one more [BLOCK_M, D] load
+# per query block a dK/dV program visits and smaller tiles. The bound is 4x seed-qwen's work, a
+# guess until a GPU run times both (the attention suite's prefixkern_two_launch_bwd rows).
+# PREFIXKERN_ONE_LAUNCH_BACKWARD=0 keeps two launches everywhere.
+ONE_LAUNCH_MAX_QUERIES = 512
+ONE_LAUNCH_MAX_WORK = 1 << 30
+ONE_LAUNCH_BACKWARD = os.environ.get("PREFIXKERN_ONE_LAUNCH_BACKWARD", "1") != "0"
+# Its tiles, by ``config_bucket``: the dK/dV tables' entries (and a few more) that compile for
+# sm_90 without spills with the dQ programs beside them and O read, on Triton 3.6 and 3.9, under
+# causal, padded and dropout flags (tests/tools/kernel_resources.py checks the first of each).
+# The dK/dV tables' own first tiles spill there at D = 128 (176-196 B on 3.6). Float32 at
+# D = 256 has none: two launches.
+ONE_LAUNCH_CONFIGS = {
+    (2, 64): [(32, 128, 8, 2), (16, 128, 8, 2), (16, 64, 8, 2)],
+    (2, 128): [(32, 32, 8, 2), (64, 32, 8, 2)],
+    (2, 256): [(32, 32, 8, 2), (16, 32, 8, 2)],
+    (4, 64): [(16, 128, 8, 2), (16, 64, 4, 2)],
+    (4, 128): [(32, 32, 8, 2), (16, 32, 4, 2)],
+}
+
+
+def one_launch_backward(enabled: bool = True):
+    """Run the block with ``ONE_LAUNCH_BACKWARD`` set to ``enabled`` (the benchmarks time both)."""
+    return override_global(globals(), "ONE_LAUNCH_BACKWARD", enabled)
+
+
+def backward_in_one_launch(seq_len_q: int, work: int, bucket: tuple[int, int]) -> bool:
+    """Whether a backward over rows of ``seq_len_q`` queries (the longest, when packed), ``work`` =
+    B * Hq * S * (P + S_kv) * D, is one launch, for inputs of ``config_bucket`` ``bucket``."""
+    return (ONE_LAUNCH_BACKWARD and seq_len_q <= ONE_LAUNCH_MAX_QUERIES and work <= ONE_LAUNCH_MAX_WORK
+            and bucket in ONE_LAUNCH_CONFIGS)
+
+
 def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               prefix_k: torch.Tensor, prefix_v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                               *, prefix_index: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
@@ -637,8 +775,12 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     scalars = (window if window is not None else 0, float(softmax_scale),
                float(softcap) if softcap is not None else 1.0, float(dropout_p))
 
-    # Written by the dQ kernel (rowsum(dO * O)), read by both dK/dV kernels.
-    delta = torch.empty(batch, num_heads, seq_len_q, dtype=torch.float32, device=q.device)
+    bucket = config_bucket(block_d, q.element_size())
+    one_launch = backward_in_one_launch(seq_len_q, batch * num_heads * seq_len_q * (prefix_len + seq_len_kv) * head_dim,
+                                        bucket)
+    # Written by the dQ kernel (rowsum(dO * O)), read by the dK/dV launch; the one-launch backward
+    # computes it where it is read.
+    delta = None if one_launch else torch.empty(batch, num_heads, seq_len_q, dtype=torch.float32, device=q.device)
 
     tune_key = (q.device.index, q.dtype, block_d, group, causal, next_power_of_2(seq_len_q),
                 next_power_of_2(seq_len_kv + prefix_len), tuple(sorted(flags.items())),
@@ -701,27 +843,37 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
             dk_out, dv_out, stride_split = head_parts[0, 0], head_parts[1, 0], head_parts.stride(1)
         else:
             head_parts = None
+        num_dkdv_programs = num_prefix_programs + sequence_programs * head_splits
+        # The one-launch backward's dQ programs come last and read O; the two-launch one's launch
+        # gets neither (None: no pointer for the launcher to fetch).
+        num_dq_programs = num_m_blocks * num_heads * batch if one_launch else 0
+        o_arg, dq_arg = (out, dq) if one_launch else (None, None)
+        o_strides = bhsd_strides(out, varlen) if one_launch else (0, 0, 0, 0)
+        dq_strides = bhsd_strides(dq, varlen) if one_launch else (0, 0, 0, 0)
         return launch_kernel(
-            prefix_attention_bwd_dkdv_kernel, (num_prefix_programs + sequence_programs * head_splits,),
-            q, k, v, prefix_k, prefix_v, dout, lse, delta, dk_out, dv_out, partial,
+            prefix_attention_bwd_dkdv_kernel, (num_dkdv_programs + num_dq_programs,),
+            q, k, v, prefix_k, prefix_v, o_arg, dout, lse, delta, dk_out, dv_out, dq_arg, partial,
             args["prefix_index"], args["kpm"], args["slopes"], args["positions"], args["seed"], args["cu_seqlens_q"],
             args["cu_seqlens_k"], *q_strides, *bhsd_strides(k, varlen), *bhsd_strides(v, varlen),
-            *args["prefix_k_strides"], *args["prefix_v_strides"], *dout_strides,
-            *bhsd_strides(dk_out, varlen), *bhsd_strides(dv_out, varlen),
+            *args["prefix_k_strides"], *args["prefix_v_strides"], *o_strides, *dout_strides,
+            *bhsd_strides(dk_out, varlen), *bhsd_strides(dv_out, varlen), *dq_strides,
             *args["kpm_strides"], *args["slope_strides"], *args["position_strides"],
             batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars,
             num_prefix_programs, num_p_blocks, owners * num_kv_heads, items_per_split, num_n_blocks, stride_split,
+            num_dkdv_programs,
             GROUP=group, SHARED=shared, BLOCK_M=block_m, BLOCK_N=block_n, PREFIX_BLOCK_N=prefix_block_n,
-            BLOCK_D=block_d, EVEN_D=block_d == head_dim, HEAD_SPLITS=head_splits, num_warps=warps,
-            num_stages=stages, **common, **flags,
+            BLOCK_D=block_d, EVEN_D=block_d == head_dim, HEAD_SPLITS=head_splits, WITH_DQ=one_launch,
+            num_warps=warps, num_stages=stages, **common, **flags,
         )
 
-    bucket = config_bucket(block_d, q.element_size())
-    launch_dq(pick_config(("dq",) + tune_key,
-                          lambda: fitting_configs("dq", DQ_CONFIGS[bucket], block_d, q, fallback=(16, 16, 4, 1)),
-                          launch_dq))
-    launch_dkdv(pick_config(("dkdv",) + tune_key,
-                            lambda: fitting_configs("dkdv", DKDV_CONFIGS[bucket], block_d, q, fallback=(16, 16, 4, 1)),
+    if not one_launch:
+        launch_dq(pick_config(("dq",) + tune_key,
+                              lambda: fitting_configs("dq", DQ_CONFIGS[bucket], block_d, q, fallback=(16, 16, 4, 1)),
+                              launch_dq))
+    # (The one-launch kernel's shared memory is its larger role's: the dQ programs' at wide key tiles.)
+    smem_kind, table = ("dkdv+dq", ONE_LAUNCH_CONFIGS) if one_launch else ("dkdv", DKDV_CONFIGS)
+    launch_dkdv(pick_config(("dkdv",) + tune_key + (one_launch,),
+                            lambda: fitting_configs(smem_kind, table[bucket], block_d, q, fallback=(16, 16, 4, 1)),
                             launch_dkdv))
     splits = partial.shape[0]
     if head_parts is not None:      # the sequence dK/dV by head splits: their sum, cast into dk and dv

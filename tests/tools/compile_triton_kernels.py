@@ -58,13 +58,18 @@ ABSENT_WHEN_OFF = {"HAS_PREFIX_INDEX": ("prefix_index_ptr",), "HAS_KPM": ("kpm_p
                    "HAS_POS": ("pos_ptr",), "HAS_DROPOUT": ("seed_ptr",),
                    "VARLEN": ("cu_seqlens_q_ptr", "cu_seqlens_k_ptr"),
                    "HAS_BIAS": ("bias_ptr", "b2_ptr", "db2_ptr", "db1_ptr"),
-                   "FUSE_HIDDEN": ("e_ptr", "w1_ptr", "b1_ptr"), "HAS_B1": ("b1_ptr",)}
+                   "FUSE_HIDDEN": ("e_ptr", "w1_ptr", "b1_ptr"), "HAS_B1": ("b1_ptr",),
+                   # The dK/dV launch reads O and writes dQ only as the one-launch backward.
+                   "WITH_DQ": ("out_ptr", "dq_ptr")}
+# ... and the one-launch backward has no delta buffer (its dK/dV programs compute delta).
+ABSENT_WHEN_ON = {"WITH_DQ": ("delta_ptr",)}
 
 
 def _absent_inputs(kernel, constexprs: dict) -> dict:
     names = set(inspect.signature(kernel.fn).parameters)
-    return {ptr: None for flag, ptrs in ABSENT_WHEN_OFF.items() if constexprs.get(flag) is False
-            for ptr in ptrs if ptr in names}
+    absent = [ptr for flag, ptrs in ABSENT_WHEN_OFF.items() if constexprs.get(flag) is False for ptr in ptrs]
+    absent += [ptr for flag, ptrs in ABSENT_WHEN_ON.items() if constexprs.get(flag) is True for ptr in ptrs]
+    return {ptr: None for ptr in absent if ptr in names}
 
 
 def compile_kernel(kernel, constexprs, pointer_types, default_pointer, target, num_warps, num_stages):
@@ -133,15 +138,20 @@ def cases(quick: bool):
         yield (f"bwd-dq {tag}", bwd.prefix_attention_bwd_dq_kernel, dict(common_c, BLOCK_M=bm, BLOCK_N=bn, **flags),
                attn_ptrs, ptr, w, st)
         bm, bn, w, st = bwd.DKDV_CONFIGS[bucket][0]
-        yield (f"bwd-dkdv {tag}", bwd.prefix_attention_bwd_dkdv_kernel,
-               dict(common_c, BLOCK_M=bm, BLOCK_N=bn, PREFIX_BLOCK_N=min(bn, 32), SHARED=not flags["HAS_PREFIX_INDEX"],
-                    HEAD_SPLITS=1, **flags),
+        dkdv_c = dict(common_c, BLOCK_M=bm, BLOCK_N=bn, PREFIX_BLOCK_N=min(bn, 32),
+                      SHARED=not flags["HAS_PREFIX_INDEX"], **flags)
+        yield (f"bwd-dkdv {tag}", bwd.prefix_attention_bwd_dkdv_kernel, dict(dkdv_c, HEAD_SPLITS=1, WITH_DQ=False),
                dict(attn_ptrs, partial_ptr="*fp32"), ptr, w, st)
         # The GQA group's heads shared out between programs (float32 dK/dV partials).
         yield (f"bwd-dkdv-splits {tag}", bwd.prefix_attention_bwd_dkdv_kernel,
-               dict(common_c, BLOCK_M=bm, BLOCK_N=bn, PREFIX_BLOCK_N=min(bn, 32), SHARED=not flags["HAS_PREFIX_INDEX"],
-                    HEAD_SPLITS=2, **flags),
+               dict(dkdv_c, HEAD_SPLITS=2, WITH_DQ=False),
                dict(attn_ptrs, partial_ptr="*fp32", dk_ptr="*fp32", dv_ptr="*fp32"), ptr, w, st)
+        # The whole backward in one launch (the dQ programs after the dK/dV ones), at its own tiles.
+        if bucket in bwd.ONE_LAUNCH_CONFIGS:
+            bm, bn, w, st = bwd.ONE_LAUNCH_CONFIGS[bucket][0]
+            yield (f"bwd-one-launch {tag}", bwd.prefix_attention_bwd_dkdv_kernel,
+                   dict(dkdv_c, BLOCK_M=bm, BLOCK_N=bn, PREFIX_BLOCK_N=min(bn, 32), HEAD_SPLITS=1, WITH_DQ=True),
+                   dict(attn_ptrs, partial_ptr="*fp32"), ptr, w, st)
     # The decode kernel at its launcher's first config: GQA 4 x 1 position (a 16-row tile), padding
     # and per-task prefixes on and off, 16-bit and float32.
     for ptr, head_dim, flags_on_off, precision in (("*bf16", 128, False, "ieee"), ("*fp16", 64, True, "ieee"),

@@ -36,6 +36,7 @@ import prefixkern  # noqa: E402
 from prefixkern import reference  # noqa: E402
 from prefixkern._backend import use_backend  # noqa: E402
 from prefixkern.kernels._attention_common import heavy_first_scheduling  # noqa: E402
+from prefixkern.kernels.prefix_attention_bwd import one_launch_backward  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -79,7 +80,9 @@ def attention_case(rng: random.Random, seed: int, notes: list) -> None:
     scale = rng.choice([None, None, 0.3])
     heavy_first = seed % 2 == 0     # causal programs heaviest first in even cases (no draw: a seed keeps its cases)
     head_splits = seed % 3 == 0     # dK/dV with the GQA group shared out in every third case
-    notes.append(f"{case} strided={strided} scale={scale} heavy_first={heavy_first} head_splits={head_splits}")
+    one_launch = seed % 5 != 0      # the backward in two launches (dQ, then dK/dV) in every fifth
+    notes.append(f"{case} strided={strided} scale={scale} heavy_first={heavy_first} head_splits={head_splits} "
+                 f"one_launch={one_launch}")
     inputs, kwargs = make_inputs(case, _device(), seed=seed)
     if scale is not None:
         kwargs["softmax_scale"] = scale
@@ -87,7 +90,8 @@ def attention_case(rng: random.Random, seed: int, notes: list) -> None:
     call = leaves
     if strided:      # HF's [B, S, H, D] memory seen as [B, H, S, D]
         call = [t.transpose(-3, -2).contiguous().transpose(-3, -2) if t.dim() == 4 else t for t in leaves]
-    with heavy_first_scheduling(heavy_first), _head_splits(head_splits):    # (the backward runs in assert_matches_oracle)
+    # (the backward runs in assert_matches_oracle)
+    with heavy_first_scheduling(heavy_first), _head_splits(head_splits), one_launch_backward(one_launch):
         with use_backend("triton"):
             out, lse = prefixkern.prefix_attention(*call, return_lse=True, **kwargs)
         ref_leaves = [t.detach().clone().requires_grad_() for t in inputs]
@@ -110,9 +114,9 @@ def varlen_case(rng: random.Random, seed: int, notes: list) -> None:
                       causal=rng.random() < 0.7, prefix=rng.choice(["shared", "per_row", "per_task"]),
                       alibi=rng.random() < 0.2, softcap=rng.choice([None, None, 4.0]),
                       window=rng.choice([None, None, 2, 7]))
-    heavy_first, head_splits = seed % 2 == 0, seed % 3 == 0
-    notes.append(f"{case} heavy_first={heavy_first} head_splits={head_splits}")
-    with heavy_first_scheduling(heavy_first), _head_splits(head_splits):
+    heavy_first, head_splits, one_launch = seed % 2 == 0, seed % 3 == 0, seed % 5 != 0
+    notes.append(f"{case} heavy_first={heavy_first} head_splits={head_splits} one_launch={one_launch}")
+    with heavy_first_scheduling(heavy_first), _head_splits(head_splits), one_launch_backward(one_launch):
         check_packed_case(case, _device())
 
 

@@ -100,10 +100,12 @@ def candidates(buckets):
     tables = [("fwd", fwd.prefix_attention_fwd_kernel, fwd.FWD_CONFIGS, (False, True)),
               ("fwd", fwd.prefix_attention_fwd_kernel, short, (False,)),
               ("dq", bwd.prefix_attention_bwd_dq_kernel, bwd.DQ_CONFIGS, (False, True)),
-              ("dkdv", bwd.prefix_attention_bwd_dkdv_kernel, bwd.DKDV_CONFIGS, (False, True))]
+              ("dkdv", bwd.prefix_attention_bwd_dkdv_kernel, bwd.DKDV_CONFIGS, (False, True)),
+              # The whole backward in one launch (WITH_DQ), at its own tiles.
+              ("dkdv+dq", bwd.prefix_attention_bwd_dkdv_kernel, bwd.ONE_LAUNCH_CONFIGS, (False, True))]
     seen = set()
     for name, kernel, table, orders in tables:
-        for bucket in buckets:
+        for bucket in (b for b in buckets if b in table):
             for rank, config in enumerate(table[bucket]):
                 if (name, bucket, config) not in seen:
                     seen.add((name, bucket, config))
@@ -115,14 +117,16 @@ def constexprs(name, config, flags, *, block_d, elem_bytes, group=4, even_d=True
     """The constexpr arguments of kernel ``name`` at ``config``. For dK/dV, ``shared`` (one prefix for
     the batch) defaults to "no prefix_index" and ``prefix_block_n`` (its prefix programs' key tile)
     to BLOCK_N, the most registers they can take. ``heavy_first`` defaults to ``causal`` (causal
-    launches take their programs heaviest first where K/V fit the L2, as at the test grid's sizes)."""
+    launches take their programs heaviest first where K/V fit the L2, as at the test grid's sizes).
+    ``dkdv+dq`` is the dK/dV kernel as the one-launch backward (``WITH_DQ``)."""
     block_m, block_n, _, _ = config
     precision = "tf32" if elem_bytes == 4 else "ieee"
     consts = dict(GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=even_d, CAUSAL=causal,
                   INPUT_PRECISION=precision, HEAVY_FIRST=causal if heavy_first is None else heavy_first, **flags)
-    if name == "dkdv":
+    if name in ("dkdv", "dkdv+dq"):
         consts.update(SHARED=not flags["HAS_PREFIX_INDEX"] if shared is None else shared,
-                      PREFIX_BLOCK_N=block_n if prefix_block_n is None else prefix_block_n, HEAD_SPLITS=head_splits)
+                      PREFIX_BLOCK_N=block_n if prefix_block_n is None else prefix_block_n, HEAD_SPLITS=head_splits,
+                      WITH_DQ=name == "dkdv+dq")
     return consts
 
 
@@ -187,7 +191,7 @@ def grid_variants():
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     # (their conftest turns the interpreter on without a GPU)
-    from test_prefix_attention import _gpu_grid, _gpu_packed_grid
+    from test_prefix_attention import _gpu_packed_grid, gpu_grid_backward_modes
 
     os.environ.pop("TRITON_INTERPRET", None)
 
@@ -196,9 +200,9 @@ def grid_variants():
     from prefixkern.kernels._attention_common import MIN_HEAVY_FIRST_QUERIES, config_bucket
 
     variants = {}
-    dense = [(case, case.S, case.padding != "none", False) for case in _gpu_grid()]
-    packed = [(case, max(case.lens_q), False, True) for case in _gpu_packed_grid()]
-    for case, seq_len_q, padded, varlen in dense + packed:
+    dense = [(case, case.S, case.padding != "none", False, one_launch) for case, one_launch in gpu_grid_backward_modes()]
+    packed = [(case, max(case.lens_q), False, True, True) for case in _gpu_packed_grid()]
+    for case, seq_len_q, padded, varlen, one_launch in dense + packed:
         block_d = max(16, triton.next_power_of_2(case.D))
         bucket = config_bucket(block_d, case.dtype.itemsize)
         pointer = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[case.dtype]
@@ -207,8 +211,16 @@ def grid_variants():
                      HAS_SOFTCAP=case.softcap is not None, HAS_WINDOW=case.window is not None, VARLEN=varlen)
         tiles = {"fwd": fwd._configs(block_d, seq_len_q, case.dtype)[0], "dq": bwd.DQ_CONFIGS[bucket][0],
                  "dkdv": bwd.DKDV_CONFIGS[bucket][0]}
-        for name, kernel in (("fwd", fwd.prefix_attention_fwd_kernel), ("dq", bwd.prefix_attention_bwd_dq_kernel),
-                             ("dkdv", bwd.prefix_attention_bwd_dkdv_kernel)):
+        launches = [("fwd", fwd.prefix_attention_fwd_kernel)]
+        with bwd.one_launch_backward(one_launch):
+            rows = len(case.lens_q) if varlen else case.B
+            keys = max(case.lens_kv) if varlen else case.S_kv
+            if bwd.backward_in_one_launch(seq_len_q, rows * case.Hq * seq_len_q * (case.P + keys) * case.D, bucket):
+                tiles["dkdv+dq"] = bwd.ONE_LAUNCH_CONFIGS[bucket][0]
+                launches.append(("dkdv+dq", bwd.prefix_attention_bwd_dkdv_kernel))
+            else:
+                launches += [("dq", bwd.prefix_attention_bwd_dq_kernel), ("dkdv", bwd.prefix_attention_bwd_dkdv_kernel)]
+        for name, kernel in launches:
             config = tiles[name]
             consts = constexprs(name, config, flags, block_d=block_d, elem_bytes=case.dtype.itemsize,
                                 group=case.Hq // case.Hkv, even_d=block_d == case.D, causal=case.causal,
