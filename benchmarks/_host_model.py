@@ -13,9 +13,10 @@ import prefixkern
 IMPLS = ("floor_no_prefix", "peft_sdpa", "prefixkern")
 
 
-def qwen2_shaped(impl: str, layers: int = 24):
+def qwen2_shaped(impl: str, layers: int = 24, dtype: torch.dtype = torch.bfloat16):
     """The frozen base with no prefix (``floor_no_prefix``), stock PEFT prefix tuning (P=20, the
-    MLP on) on ``sdpa`` (``peft_sdpa``), or the same adapter patched (``prefixkern``)."""
+    MLP on) on ``sdpa`` (``peft_sdpa``), or the same adapter patched (``prefixkern``); the base's
+    weights in ``dtype``."""
     import transformers as tf
     from peft import PrefixTuningConfig, get_peft_model
 
@@ -23,7 +24,7 @@ def qwen2_shaped(impl: str, layers: int = 24):
                             num_attention_heads=14, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
     torch.manual_seed(0)
     attn = "eager" if impl == "prefixkern" else "sdpa"
-    base = tf.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attn).to(torch.bfloat16)
+    base = tf.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attn).to(dtype)
     if impl == "floor_no_prefix":
         for p in base.parameters():
             p.requires_grad_(False)

@@ -2,6 +2,7 @@
 out (no GPU needed): what the README's launch counts and launcher times come from.
 
     python benchmarks/host_cost.py count     # ops per training step: patched model vs stock PEFT
+    python benchmarks/host_cost.py count --autocast   # the same with float32 weights under bf16 autocast
     python benchmarks/host_cost.py launchers # host time of the attention launchers and the op
 
 ``count`` builds a 24-layer Qwen2-shaped model (tiny widths, random weights) under stock PEFT
@@ -68,18 +69,21 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _qwen2_step(impl: str):
-    model = qwen2_shaped(impl)
+def _qwen2_step(impl: str, autocast: bool = False):
+    """The model and its training forward: bf16 weights, or float32 ones under bf16 autocast (a
+    ``Trainer`` with ``bf16=True`` over a model loaded without ``torch_dtype``)."""
+    model = qwen2_shaped(impl, dtype=torch.float32 if autocast else torch.bfloat16)
     ids = torch.randint(0, 256, (2, 32))
 
     def forward():
-        return model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
     return model, forward
 
 
-def count() -> None:
+def count(autocast: bool = False) -> None:
     for impl in ("peft_sdpa", "prefixkern"):
-        model, forward = _qwen2_step(impl)
+        model, forward = _qwen2_step(impl, autocast)
         backend = prefixkern.use_backend("triton" if impl == "prefixkern" else "auto")
         with backend:
             forward().backward()                 # first step: tune and build outside the count
@@ -126,10 +130,15 @@ def launchers() -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("count", "launchers"))
+    parser.add_argument("--autocast", action="store_true",
+                        help="count: float32 weights under bf16 autocast instead of bf16 weights")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     stub_triton_launches()
-    {"count": count, "launchers": launchers}[args.what]()
+    if args.what == "count":
+        count(args.autocast)
+    else:
+        launchers()
     return 0
 
 

@@ -156,6 +156,58 @@ def test_triton_kernels_under_bf16_autocast():
         _compare_step(ref, ours, ids, mask, atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("projection", [True, False], ids=["mlp", "embedding"])
+def test_float32_model_under_autocast_gets_its_prefix_in_the_autocast_dtype(monkeypatch, projection):
+    """A float32 model under bf16 autocast (a Trainer with bf16=True): the prefix comes out of the
+    MLP (or the P-Tuning v2 embedding) in bf16 once, rather than in float32 for every layer to cast
+    (two launches per layer forward and two backward), with the same logits, loss and prefix
+    gradients bit for bit as the per-layer casts; and stock PEFT's within autocast's tolerance."""
+    from prefixkern.integrations import hf
+
+    ref, ours = _pair("llama", projection=projection)
+    ids, mask = _batch("left")
+    chosen, rule = [], hf._prefix_dtype
+    monkeypatch.setattr(hf, "_prefix_dtype", lambda model, state: chosen.append(rule(model, state)) or chosen[-1])
+    steps = []
+    for per_layer_casts in (False, True):
+        if per_layer_casts:       # the prefix in the model's float32, cast by each layer's attention
+            monkeypatch.setattr(hf, "_prefix_dtype", lambda model, state: torch.float32)
+        ours.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ours(input_ids=ids, attention_mask=mask, labels=ids)
+        out.loss.backward()
+        steps.append((out.logits, out.loss, _prefix_grads(ours)))
+    assert chosen == [torch.bfloat16]
+    (logits, loss, grads), (logits_cast, loss_cast, grads_cast) = steps
+    assert torch.equal(logits, logits_cast) and torch.equal(loss, loss_cast) and grads.keys() == grads_cast.keys()
+    assert all(torch.equal(grads[name], grads_cast[name]) for name in grads)
+    ref.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ref = ref(input_ids=ids, attention_mask=mask, labels=ids)
+    out_ref.loss.backward()
+    torch.testing.assert_close(loss, out_ref.loss, atol=3e-2, rtol=3e-2)
+
+
+def test_prefix_dtype_rule():
+    """PEFT's dtype (the base model's) but for a float32 model under autocast; BART, whose decoder
+    layers share prefix layers, keeps float32 (their gradients add in the prefix's dtype)."""
+    from prefixkern.integrations import hf
+
+    _, ours = _pair("llama")
+    state = ours._prefixkern
+    assert hf._prefix_dtype(ours, state) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert hf._prefix_dtype(ours, state) == torch.bfloat16
+        state.layer_map, kept = (0, 0), state.layer_map
+        try:
+            assert hf._prefix_dtype(ours, state) == torch.float32
+        finally:
+            state.layer_map = kept
+    _, ours_bf16 = _pair("llama", dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.float16):       # a 16-bit model keeps its dtype, as PEFT does
+        assert hf._prefix_dtype(ours_bf16, ours_bf16._prefixkern) == torch.bfloat16
+
+
 def _step_both(ref, ours, ids, mask, train=False):
     """One step of each model on the same batch (forward with labels, backward to the prefix):
     ``(out_ref, out_ours, prefix grads_ref, prefix grads_ours)``, the two models' grads of the same

@@ -730,9 +730,23 @@ def _drop_self_bound_method(obj, name: str) -> None:
         del obj.__dict__[name]
 
 
+def _prefix_dtype(model, state: _PatchState) -> torch.dtype:
+    """The dtype the prefix is computed in: PEFT's (the base model's), except for a float32 model
+    under autocast, where every layer's attention computes in the autocast dtype and would cast
+    its prefix to it, two launches per layer forward and two backward: the MLP rounds its float32
+    result to that dtype once instead (the same values, the same gradients; not where several
+    layers read one prefix layer, BART's decoder, whose gradients would then add in 16 bits)."""
+    weight = model.prompt_encoder[model.active_adapter].embedding.weight
+    dtype = model.base_model_torch_dtype or weight.dtype
+    device_type = weight.device.type
+    if dtype == torch.float32 and state.layer_map is None and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
 def _patched_get_prompt(self, batch_size: int, task_ids=None, max_cache_len=None):
     state: _PatchState = self._prefixkern
-    dtype = self.base_model_torch_dtype or self.prompt_encoder[self.active_adapter].embedding.weight.dtype
+    dtype = _prefix_dtype(self, state)
     # Inside generate() (see _patched_generate), in eval mode with gradients off: the call's first
     # prefix, unless the adapters or the dtype asked for differ.
     reuse = state.generating > 0 and not self.training and not torch.is_grad_enabled()
