@@ -266,6 +266,21 @@ def prefix_attention_bwd_dq_kernel(
 
 
 @triton.jit
+def _delta_source(out_ptr, delta_ptr, b64, h, bh, q_start, S, stride_ob, stride_oh, stride_os,
+                  DELTA_FROM_OUT: tl.constexpr):
+    """``(o_row, delta_row)`` of (row ``b64``, query head ``h``): where a dK/dV program finds its
+    queries' delta, the O rows to compute it from (DELTA_FROM_OUT) or the dQ kernel's store; 0
+    for the other."""
+    o_row = 0
+    delta_row = 0
+    if DELTA_FROM_OUT:
+        o_row = out_ptr + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start * stride_os
+    else:
+        delta_row = delta_ptr + bh * S
+    return o_row, delta_row
+
+
+@triton.jit
 def _row_tile_ptrs(row_ptr, offs_m, offs_d, stride_s, stride_d, PRESENT: tl.constexpr):
     """Pointers of a [BLOCK_M, BLOCK_D] tile of rows ``offs_m`` from ``row_ptr``; 0 where the
     tensor is not read (absent: passed as None)."""
@@ -413,12 +428,8 @@ def _sequence_dkdv_program(
         q_base = q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qs
         do_base = dout_ptr + b64 * stride_dob + h.to(tl.int64) * stride_doh + q_start * stride_dos
         lse_row = lse_ptr + bh * S
-        o_row = 0
-        delta_row = 0
-        if DELTA_FROM_OUT:
-            o_row = out_ptr + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start * stride_os
-        else:
-            delta_row = delta_ptr + bh * S
+        o_row, delta_row = _delta_source(out_ptr, delta_ptr, b64, h, bh, q_start, S, stride_ob, stride_oh, stride_os,
+                                         DELTA_FROM_OUT)
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(slopes_ptr + b64 * stride_slb + h * stride_slh)
@@ -463,12 +474,8 @@ def _prefix_dkdv_block(dk, dv, pk, pv, q_ptr, out_ptr, dout_ptr, lse_ptr, delta_
     # Out-of-range queries load as zeros with lse = +inf, so they add nothing; only a sliding
     # window can hide a prefix key from a real query.
     vis = prefix_visible(offs_m, offs_p, S_q, S_k, P, window, HAS_WINDOW)
-    o_row = 0
-    delta_row = 0
-    if DELTA_FROM_OUT:
-        o_row = out_ptr + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start * stride_os
-    else:
-        delta_row = delta_ptr + bh * S
+    o_row, delta_row = _delta_source(out_ptr, delta_ptr, b64, h, bh, q_start, S, stride_ob, stride_oh, stride_os,
+                                     DELTA_FROM_OUT)
     return _dkdv_step(dk, dv, pk, pv,
                       q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh + (q_start + offs_m[:, None]) * stride_qs
                       + offs_d[None, :] * stride_qd,
