@@ -164,8 +164,11 @@ def prefixkern_attention(module, query, key, value, attention_mask, scaling=None
     # leave q/k in float32: compute in the dtype eager attention's matmuls would use.
     device_type = query.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
-    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    prefix_k, prefix_v = prefix_k.to(dtype), prefix_v.to(dtype)
+    # (A dtype test first: a no-op .to() still costs a dispatcher round trip, five per layer.)
+    if query.dtype != dtype or key.dtype != dtype or value.dtype != dtype:
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if prefix_k.dtype != dtype:
+        prefix_k, prefix_v = prefix_k.to(dtype), prefix_v.to(dtype)
     if prefix_index is not None and not packed and prefix_index.shape[0] != query.shape[0]:
         raise ValueError(f"prefix_per_row names {prefix_index.shape[0]} rows but the batch has {query.shape[0]} "
                          "(only a packed batch, cu_seq_lens_q, may name one prefix per sequence)")
