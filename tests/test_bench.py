@@ -272,39 +272,50 @@ def test_raw_launch_rows_hold_their_setting_through_the_backward(monkeypatch):
     assert any(kernel == "prefix_mlp_bwd_kernel" and raw for _, kernel, raw in launched)
 
 
-def test_in_order_rows_launch_every_kernel_in_launch_order(monkeypatch):
-    """The attention suite's prefixkern_in_order rows (on a GPU, at llama8b-2k/8k: the op with its
-    causal programs in launch order, beside prefixkern's heaviest first) launch the forward and
-    both backward kernels with HEAVY_FIRST off, and the prefixkern rows with it on. Here the rows
-    are let run on the CPU; without a GPU, and at other shapes, the suite skips them with why."""
+def _switched_off_row_launches(monkeypatch, impl: str, shape: str, other_shape: str, only: str, modules):
+    """The attention suite's ``prefixkern`` and ``impl`` rows (a SWITCHED_OFF_ROWS entry), run here on
+    the CPU after checking that the suite skips ``impl`` without a GPU, and on a GPU at shapes other
+    than ``shape`` (``other_shape``'s message names ``only``), and that every row passed. Returns every
+    launch of ``modules``' kernels as ``(row message, kernel name, constexprs)``."""
     from prefixkern.bench import attention as attention_suite
     from prefixkern.bench.common import Options
-    from prefixkern.kernels import prefix_attention_bwd, prefix_attention_fwd
 
-    opts = Options(torch.device("cpu"), torch.bfloat16, True, ("prefixkern", "prefixkern_in_order"), None, False)
-    assert "on a GPU" in attention_suite.unavailable("prefixkern_in_order", opts, "llama8b-2k")
+    impls = ("prefixkern", impl)
+    opts = Options(torch.device("cpu"), torch.bfloat16, True, impls, None, False)
+    assert "on a GPU" in attention_suite.unavailable(impl, opts, shape)
     on_gpu = Options(torch.device("cpu"), torch.bfloat16, True, None, None, True)
-    assert attention_suite.unavailable("prefixkern_in_order", on_gpu, "llama8b-8k") is None
-    assert "llama8b-2k and llama8b-8k only" in attention_suite.unavailable("prefixkern_in_order", on_gpu, "seed-qwen")
+    assert attention_suite.unavailable(impl, on_gpu, shape) is None
+    assert only in attention_suite.unavailable(impl, on_gpu, other_shape)
 
-    launched = []
-    row = [None]
+    launched, row = [], [None]
 
     def recording_launch(real):
         def launch(kernel, grid, *args, **meta):
-            launched.append((row[0], kernel.fn.__name__, meta["HEAVY_FIRST"]))
+            launched.append((row[0], kernel.fn.__name__, meta))
             return real(kernel, grid, *args, **meta)
         return launch
 
-    for module in (prefix_attention_fwd, prefix_attention_bwd):
+    for module in modules:
         monkeypatch.setattr(module, "launch_kernel", recording_launch(module.launch_kernel))
     monkeypatch.setattr(attention_suite, "unavailable", lambda impl, opts, case=None: None)
     monkeypatch.setattr(attention_suite.attention_packed, "run", lambda opts, progress: ([], []))
     with prefixkern.use_backend("triton"):
         records, _ = attention_suite.run(opts, lambda message: row.__setitem__(0, message))
-    assert all(r.ok for r in records) and {r.impl for r in records} == {"prefixkern", "prefixkern_in_order"}
-    for message, kernel, heavy_first in launched:
-        assert heavy_first == (not message.endswith("prefixkern_in_order")), (message, kernel, heavy_first)
+    assert all(r.ok for r in records) and {r.impl for r in records} == set(impls)
+    return launched
+
+
+def test_in_order_rows_launch_every_kernel_in_launch_order(monkeypatch):
+    """The attention suite's prefixkern_in_order rows (on a GPU, at llama8b-2k/8k: the op with its
+    causal programs in launch order, beside prefixkern's heaviest first) launch the forward and
+    both backward kernels with HEAVY_FIRST off, and the prefixkern rows with it on. Here the rows
+    are let run on the CPU; without a GPU, and at other shapes, the suite skips them with why."""
+    from prefixkern.kernels import prefix_attention_bwd, prefix_attention_fwd
+
+    launched = _switched_off_row_launches(monkeypatch, "prefixkern_in_order", "llama8b-8k", "seed-qwen",
+                                          "llama8b-2k and llama8b-8k only", (prefix_attention_fwd, prefix_attention_bwd))
+    for message, kernel, meta in launched:
+        assert meta["HEAVY_FIRST"] == (not message.endswith("prefixkern_in_order")), (message, kernel, meta)
     # (The CPU shapes' short rows take the backward in one launch: the dK/dV kernel with the dQ programs.)
     assert {kernel for message, kernel, _ in launched if message.endswith("in_order")} == {
         "prefix_attention_fwd_kernel", "prefix_attention_bwd_dkdv_kernel"}
@@ -315,33 +326,13 @@ def test_group_per_program_rows_launch_dkdv_without_head_splits(monkeypatch):
     group's heads in one dK/dV program, beside prefixkern's head splits) launch dK/dV with
     HEAD_SPLITS 1, the prefixkern rows with the rule's splits (here made to split the CPU shapes'
     short rows). Without a GPU, and at other shapes, the suite skips them with why."""
-    from prefixkern.bench import attention as attention_suite
-    from prefixkern.bench.common import Options
     from prefixkern.kernels import prefix_attention_bwd
 
-    impls = ("prefixkern", "prefixkern_group_per_program")
-    opts = Options(torch.device("cpu"), torch.bfloat16, True, impls, None, False)
-    assert "on a GPU" in attention_suite.unavailable("prefixkern_group_per_program", opts, "qwen-2k")
-    on_gpu = Options(torch.device("cpu"), torch.bfloat16, True, None, None, True)
-    assert attention_suite.unavailable("prefixkern_group_per_program", on_gpu, "qwen-2k") is None
-    assert "qwen-2k only" in attention_suite.unavailable("prefixkern_group_per_program", on_gpu, "llama8b-2k")
-
-    launched, row = [], [None]
-    real = prefix_attention_bwd.launch_kernel
-
-    def launch(kernel, grid, *args, **meta):
-        if "HEAD_SPLITS" in meta:
-            launched.append((row[0], meta["HEAD_SPLITS"]))
-        return real(kernel, grid, *args, **meta)
-
-    monkeypatch.setattr(prefix_attention_bwd, "launch_kernel", launch)
     monkeypatch.setattr(prefix_attention_bwd, "DKDV_SPLIT_MIN_QUERIES", 0)
-    monkeypatch.setattr(attention_suite, "unavailable", lambda impl, opts, case=None: None)
-    monkeypatch.setattr(attention_suite.attention_packed, "run", lambda opts, progress: ([], []))
-    with prefixkern.use_backend("triton"):
-        records, _ = attention_suite.run(opts, lambda message: row.__setitem__(0, message))
-    assert all(r.ok for r in records) and {r.impl for r in records} == set(impls)
-    gqa = [(message, splits) for message, splits in launched if "-gqa " in message]     # (MHA: no group to share)
+    launched = _switched_off_row_launches(monkeypatch, "prefixkern_group_per_program", "qwen-2k", "llama8b-2k",
+                                          "qwen-2k only", (prefix_attention_bwd,))
+    gqa = [(message, meta["HEAD_SPLITS"]) for message, _, meta in launched
+           if "HEAD_SPLITS" in meta and "-gqa " in message]     # (MHA: no group to share)
     assert gqa and all((splits == 1) == message.endswith("group_per_program") for message, splits in gqa), launched
 
 
@@ -350,34 +341,14 @@ def test_two_launch_bwd_rows_launch_dq_then_dkdv(monkeypatch):
     dQ then dK/dV, beside prefixkern's one launch) launch both backward kernels, the prefixkern rows
     the dK/dV kernel alone with the dQ programs (WITH_DQ). Without a GPU, and at other shapes, the
     suite skips them with why."""
-    from prefixkern.bench import attention as attention_suite
-    from prefixkern.bench.common import Options
     from prefixkern.kernels import prefix_attention_bwd
 
-    impls = ("prefixkern", "prefixkern_two_launch_bwd")
-    opts = Options(torch.device("cpu"), torch.bfloat16, True, impls, None, False)
-    assert "on a GPU" in attention_suite.unavailable("prefixkern_two_launch_bwd", opts, "seed-qwen")
-    on_gpu = Options(torch.device("cpu"), torch.bfloat16, True, None, None, True)
-    assert attention_suite.unavailable("prefixkern_two_launch_bwd", on_gpu, "seed-qwen") is None
-    assert "seed-qwen only" in attention_suite.unavailable("prefixkern_two_launch_bwd", on_gpu, "llama8b-2k")
-
-    launched, row = [], [None]
-    real = prefix_attention_bwd.launch_kernel
-
-    def launch(kernel, grid, *args, **meta):
-        launched.append((row[0], kernel.fn.__name__, meta.get("WITH_DQ")))
-        return real(kernel, grid, *args, **meta)
-
-    monkeypatch.setattr(prefix_attention_bwd, "launch_kernel", launch)
-    monkeypatch.setattr(attention_suite, "unavailable", lambda impl, opts, case=None: None)
-    monkeypatch.setattr(attention_suite.attention_packed, "run", lambda opts, progress: ([], []))
-    with prefixkern.use_backend("triton"):
-        records, _ = attention_suite.run(opts, lambda message: row.__setitem__(0, message))
-    assert all(r.ok for r in records) and {r.impl for r in records} == set(impls)
+    launched = _switched_off_row_launches(monkeypatch, "prefixkern_two_launch_bwd", "seed-qwen", "llama8b-2k",
+                                          "seed-qwen only", (prefix_attention_bwd,))
     for impl, expected in (("prefixkern", {("prefix_attention_bwd_dkdv_kernel", True)}),
                            ("prefixkern_two_launch_bwd", {("prefix_attention_bwd_dq_kernel", None),
                                                           ("prefix_attention_bwd_dkdv_kernel", False)})):
-        got = {(kernel, with_dq) for message, kernel, with_dq in launched if message.endswith(f" {impl}")}
+        got = {(kernel, meta.get("WITH_DQ")) for message, kernel, meta in launched if message.endswith(f" {impl}")}
         assert got == expected, (impl, launched)
 
 
