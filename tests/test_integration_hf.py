@@ -7,6 +7,7 @@ in Triton's interpreter through a whole patched model.
 import contextlib
 import copy
 import sys
+import warnings
 
 import pytest
 import torch
@@ -385,6 +386,28 @@ def test_beam_search_and_sampling_run():
     torch.manual_seed(0)
     sampled = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=True, top_k=5)
     assert beams.shape == sampled.shape == (3, 12)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "bart"])
+def test_the_prefix_reaches_the_model_under_its_cache_argument(family):
+    """transformers 5.24 renamed a model's cache argument ``cache``; ``past_key_values``, which stock
+    PEFT 0.21 passes the prefix under, warns on every call there and goes in 5.40. The patched
+    model hands it on under the name the model takes: no warning in a training step or generate()."""
+    ref, ours = _bart_pair() if family == "bart" else _pair(family)
+    ids, mask = _batch("left")
+    extra = {"decoder_input_ids": _batch("none", seq=4, seed=4)[0]} if family == "bart" else {}
+    renamed = hf._cache_argument(type(ref.get_base_model())) == "cache"
+    if renamed:      # the warning the patch avoids, from stock PEFT on the same model
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            ref(input_ids=ids, attention_mask=mask, **extra)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*", category=FutureWarning)
+        out = ours(input_ids=ids, attention_mask=mask, labels=extra.get("decoder_input_ids", ids), **extra)
+        out.loss.backward()
+        ours.eval()
+        tokens = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert all(p.grad is not None for p in ours.prompt_encoder.parameters() if p.requires_grad)
+    assert tokens.shape[0] == ids.shape[0]
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

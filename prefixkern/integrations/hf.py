@@ -820,6 +820,11 @@ def _inject_prefix(module, args, kwargs):
             cache_prefix = legacy_prefix
         else:
             kwargs.pop("past_key_values")       # PEFT re-injected a fresh prefix; ours has the history
+    if legacy is not None and kwargs.get("cache") is None and "past_key_values" in kwargs \
+            and _cache_argument(type(module)) == "cache":
+        # transformers 5.24 renamed the argument `cache`: the old name, which stock PEFT 0.21 passes
+        # the prefix under, warns on every call and goes in 5.40. Handed on under the new name.
+        kwargs["cache"] = kwargs.pop("past_key_values")
     prefix = cache_prefix if cache_prefix is not None else legacy_prefix
     if prefix is None:
         return args, kwargs
