@@ -151,8 +151,22 @@ def test_pick_config_times_only_spill_free_candidates(monkeypatch):
     assert common.pick_config(("test", 4), candidates, launch) == "c"
     assert common.pick_config(("test", 4), candidates, launch) == "c"
     assert len(built) == 1
+    # PREFIXKERN_AUTOTUNE=0: no timing; the first candidate that compiles without spills here,
+    # launched in table order until one does not (the rest are not compiled).
     monkeypatch.setenv("PREFIXKERN_AUTOTUNE", "0")
-    assert common.pick_config(("test", 3), ["a", "b"], launch) == "a"
+    monkeypatch.setattr(common.triton.testing, "do_bench", None)
+    launched = []
+
+    def recorded(config):
+        launched.append(config)
+        return launch(config)
+    spills.update(a=0, b=256, c=0)
+    assert common.pick_config(("test", 3), ["a", "b"], recorded) == "a" and launched == ["a"]
+    launched.clear()
+    assert common.pick_config(("test", 5), ["d", "b", "c", "a"], recorded) == "c" and launched == ["d", "b", "c"]
+    spills.update(c=8)
+    assert common.pick_config(("test", 6), ["d", "b", "c"], recorded) == "b"     # every one spills: the first
+    assert common.pick_config(("test", 7), ["d"], recorded) == "d"              # a single one is not launched
 
 
 def test_index_values_are_read_once_per_tensor_and_version(monkeypatch):

@@ -108,11 +108,14 @@ def _tune(key, candidates, launch):
         return _TUNED[key]
     if callable(candidates):
         candidates = candidates()
-    # PREFIXKERN_AUTOTUNE=0 takes the first candidate that fits (the GPU test grid, which would
-    # otherwise spend its time tuning hundreds of one-off shapes).
-    if len(candidates) == 1 or not torch.cuda.is_available() or os.environ.get("PREFIXKERN_AUTOTUNE", "1") == "0":
+    if len(candidates) == 1 or not torch.cuda.is_available():
         _TUNED[key] = candidates[0]
         return candidates[0]
+    if os.environ.get("PREFIXKERN_AUTOTUNE", "1") == "0":
+        # No timing (the GPU test grid, which would otherwise spend its time tuning hundreds of
+        # one-off shapes): the first candidate that compiles without spills here.
+        _TUNED[key] = _first_spill_free(candidates, launch)
+        return _TUNED[key]
     launched = []
     for config in candidates:
         try:
@@ -127,6 +130,24 @@ def _tune(key, candidates, launch):
             best, best_ms = config, ms
     _TUNED[key] = best
     return best
+
+
+def _first_spill_free(candidates, launch):
+    """The first of ``candidates`` whose compiled kernel spills no registers on this GPU, launched in
+    table order until one does not (usually the first: each table's first is checked spill-free for
+    sm_90 on the Triton the tables are tuned on, but another Triton release or GPU may spill it, as
+    Triton 3.8 does the padded 16-bit head-dim-256 forward's); else the first that compiled."""
+    first_compiled = None
+    for config in candidates:
+        try:
+            spills = spill_bytes(launch(config))
+        except Exception:  # out of resources for this tile: try the next
+            continue
+        if spills == 0:
+            return config
+        if first_compiled is None:
+            first_compiled = config
+    return first_compiled if first_compiled is not None else candidates[0]
 
 
 # PREFIXKERN_RAW_LAUNCH=1: `launch_kernel` looks the compiled kernel up itself and hands Triton's
