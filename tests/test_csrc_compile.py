@@ -86,7 +86,14 @@ def _check_decode_kernel_memory_path(tmp_path, ptxas_output):
         assert len(at_128) == 2 * per_shape and all(n <= limit_at_128 for n in at_128.values()), at_128
 
 
+def _aten_needs_cpp20() -> bool:
+    """Whether the installed torch's headers refuse C++17 (from torch 2.14: ATen.h errors below C++20)."""
+    header = Path(torch.__file__).parent / "include" / "ATen" / "ATen.h"
+    return header.is_file() and "__cplusplus < 202002L" in header.read_text()
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed on this machine")
+@pytest.mark.skipif(_aten_needs_cpp20(), reason="this torch's headers need C++20: its JIT build never uses C++17")
 def test_the_decode_kernels_compile_as_cpp17(tmp_path):
     """torch's JIT build picks the C++ standard (C++20 in the torch here, C++17 in older releases): the
     kernel sources must not need C++20 features (templated lambdas, concepts)."""

@@ -53,12 +53,19 @@ def test_launched_kernels_read_no_global_constants():
     assert result.returncode == 0 and result.stdout.startswith("ok 11"), result.stdout + result.stderr[-3000:]
 
 
+def _holds_spills(stdout: str) -> bool:
+    """What kernel_resources.py's first line says: whether this Triton is the one the tile tables
+    are tuned on, where spills fail --check (elsewhere they are reported: the tuner drops them)."""
+    return stdout.splitlines()[0].endswith("--check fails on spills")
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Triton compiles on Linux")
 def test_attention_configs_do_not_spill_registers():
     """Every bf16/fp16 head-dim-128 config the attention launchers may pick compiles for sm_90 with
     no register spills, causal with and without a padding mask and on packed rows (its programs in
     grid order; heaviest first, each table's first), and within the shared memory the launchers
-    budget for it (tests/tools/kernel_resources.py without --bucket checks every table)."""
+    budget for it (tests/tools/kernel_resources.py without --bucket checks every table). Spills are
+    held on the Triton the tables are tuned on (CI's 3.9); on another they are reported only."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = SCRIPT.parent / "kernel_resources.py"
     result = subprocess.run([sys.executable, str(script), "--check", "--kernels", "attention", "--bucket", "2:128",
@@ -66,11 +73,13 @@ def test_attention_configs_do_not_spill_registers():
                             env=env, capture_output=True, text=True, timeout=900, cwd=SCRIPT.parent.parent.parent)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     # Launched in grid order every candidate is spill-free; heaviest first (causal launches whose K/V
-    # fit the L2) each table's first is, the others may spill a few bytes (not compiled here).
+    # fit the L2) each table's first is, the others may spill a few bytes (not compiled here). On
+    # another Triton than the tables are tuned on, spills are reported only.
     rows = [line for line in result.stdout.splitlines() if "spill stores" in line]
     in_order = [row for row in rows if " order regs" in row]
     assert len(in_order) >= 20 and len(in_order) < len(rows), rows
-    assert all(" spill stores     0 B" in row for row in rows), rows
+    if _holds_spills(result.stdout):
+        assert all(" spill stores     0 B" in row for row in rows), rows
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Triton compiles on Linux")
@@ -79,7 +88,8 @@ def test_prefix_mlp_configs_compile_and_the_untuned_ones_do_not_spill():
     compile for sm_90 under every product precision (float32 parameters exactly, PyTorch's default
     "ieee" or as three TF32 products, and with TF32; under bf16 autocast), the backward's two-launch
     tiles as both of their kernels: the first of each table (used with autotuning off) with no
-    register spills, and at most a few others spilling a little (the tuner drops those)."""
+    register spills, and at most a few others spilling a little (the tuner drops those). Spills are
+    held on the Triton the tables are tuned on (CI's 3.9); on another they are reported only."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = SCRIPT.parent / "kernel_resources.py"
     result = subprocess.run([sys.executable, str(script), "--check", "--kernels", "mlp"],
@@ -87,5 +97,5 @@ def test_prefix_mlp_configs_compile_and_the_untuned_ones_do_not_spill():
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if "spill stores" in line]
     spilling = [row for row in rows if " spill stores     0 B" not in row]
-    assert len(rows) >= 40 and len(spilling) <= 4, spilling
+    assert len(rows) >= 40 and (len(spilling) <= 4 or not _holds_spills(result.stdout)), spilling
     assert {"mlp-bwd dh", "mlp-bwd dw2", "mlp-bwd both"} <= {" ".join(row.split()[:2]) for row in rows}
