@@ -1,6 +1,7 @@
 """The benchmark CLI's CPU mode: it runs every suite's pipeline through the interpreter, checks
 each result, writes the JSON of BENCHMARKS.md and a Markdown table, and reports no speed."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -890,6 +891,25 @@ def test_failing_mlp_and_decode_rows_are_failed_rows(monkeypatch):
         failed = [r for (impl, _), r in rows.items() if impl == failing]
         assert failed and all(r.ok is False and "RuntimeError: kernel failed" in r.note for r in failed)
         assert any(impl == fine and r.ok for (impl, _), r in rows.items())
+
+
+def test_mlp_autocast_cases_need_a_16_bit_dtype():
+    """An ``+autocast`` MLP case under ``--dtypes float32`` would run without autocast (torch.autocast
+    warns and turns itself off) under its autocast name: skipped with the reason instead."""
+    from prefixkern.bench import mlp
+    from prefixkern.bench.common import Options
+
+    def run(dtype):
+        opts = Options(device=torch.device("cpu"), dtype=dtype, quick=True, baselines=None, shapes=None, on_gpu=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*autocast.*")
+            records, skips = mlp.run(opts, lambda message: None)
+        return {r.case for r in records}, {(s.case, s.impl): s.reason for s in skips}
+
+    cases, skips = run(torch.float32)
+    assert cases == {"cpu-tiny"} and "float16 or bfloat16, not float32" in skips[("cpu-tiny+autocast", "all")]
+    cases, skips = run(torch.bfloat16)
+    assert cases == {"cpu-tiny", "cpu-tiny+autocast"} and ("cpu-tiny+autocast", "all") not in skips
 
 
 def test_quick_decode_leaves_the_losing_opt_in_variants_out_unless_named():

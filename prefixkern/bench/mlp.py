@@ -85,6 +85,10 @@ def _fma_skip(opts: Options, shape: MlpShape) -> str | None:
 def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
     records, skips = [], []
     for name, shape in opts.select(SHAPES, CPU_SHAPES, QUICK):
+        if shape.autocast and opts.dtype not in (torch.float16, torch.bfloat16):
+            # torch.autocast takes 16-bit dtypes only (it warns and turns itself off otherwise).
+            skips.append(Skip("mlp", name, "all", f"autocast computes in float16 or bfloat16, not {dtype_name(opts.dtype)}"))
+            continue
         params = _params(shape, opts.device)
         kw = dict(num_layers=shape.L, num_kv_heads=shape.Hkv, head_dim=shape.D)
         try:
