@@ -893,6 +893,35 @@ def test_failing_mlp_and_decode_rows_are_failed_rows(monkeypatch):
         assert any(impl == fine and r.ok for (impl, _), r in rows.items())
 
 
+def test_e2e_loss_check_takes_dropout_free_losses():
+    """The training-step suite compares each row's loss with stock PEFT's. RoBERTa trains with
+    dropout, whose masks the rows draw differently (torch's generator, the kernel's Philox): the
+    checked loss is taken with dropout off (the timed steps keep it), so the rows agree at float32
+    tolerance, where with dropout on they differed by 0.5%."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from prefixkern.bench import e2e
+    from prefixkern.bench.common import Options
+
+    opts = Options(device=torch.device("cpu"), dtype=torch.float32, quick=False, shapes=None, on_gpu=False,
+                   baselines=("peft_eager", "prefixkern"))
+    records, _ = e2e.run(opts, lambda message: None)
+    rows = {(r.case, r.impl): r for r in records}
+    roberta = rows[("cpu-tiny-roberta-S16", "prefixkern")]
+    assert roberta.ok and roberta.max_err <= 1e-5 and "dropout off" in roberta.note, roberta
+    llama = rows[("cpu-tiny-llama-S16", "prefixkern")]
+    assert llama.ok and "dropout off" not in llama.note        # no dropout: no second mode to compile
+    assert e2e.has_dropout(e2e.build_model("cpu-tiny-roberta", "prefixkern", opts, _tiny_state("cpu-tiny-roberta")))
+    assert not e2e.has_dropout(e2e.build_model("cpu-tiny-llama", "prefixkern", opts, _tiny_state("cpu-tiny-llama")))
+
+
+def _tiny_state(name):
+    from prefixkern.bench import e2e
+
+    torch.manual_seed(0)
+    return e2e.model_class(name).from_config(e2e.model_config(name)).state_dict()
+
+
 def test_mlp_autocast_cases_need_a_16_bit_dtype():
     """An ``+autocast`` MLP case under ``--dtypes float32`` would run without autocast (torch.autocast
     warns and turns itself off) under its autocast name: skipped with the reason instead."""

@@ -10,6 +10,7 @@ transformers' ``DataCollatorWithFlattening`` (the patched model: ``prefixkern_pa
 tokens/s counts real tokens only."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -242,11 +243,45 @@ def _eager_impl(impl: str) -> str:
     return "floor_no_prefix" if base == "floor" else base
 
 
-def measure_step(opts: Options, record: Record, step, tokens: int, losses: dict, check: bool) -> Record:
-    """Time a training step and its peak memory, record its loss in ``losses`` and, with ``check``,
-    compare it with stock PEFT eager's (``losses["peft_eager"]``, measured first)."""
+def has_dropout(model) -> bool:
+    """Whether a training step of ``model`` drops anything: an ``nn.Dropout`` with p > 0, or an
+    attention dropout probability that HF attention modules keep as a float (``attention_dropout``,
+    ``dropout``)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0.0:
+            return True
+        for name in ("attention_dropout", "attn_dropout", "dropout"):
+            value = getattr(module, name, None)
+            if isinstance(value, float) and value > 0.0:
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def dropout_off(model):
+    """Evaluation mode for the call that records the checked loss of a model with dropout (none
+    otherwise: a compiled model would compile again for the other mode). The rows draw their
+    dropout masks differently (stock PEFT's attention through torch's generator, the patched one
+    from Philox in the kernel), so only dropout-free losses compare; the timed steps train."""
+    if model is None or not model.training or not has_dropout(model):
+        yield False
+        return
+    model.eval()
     try:
-        losses[record.impl] = step().float().item()
+        yield True
+    finally:
+        model.train()
+
+
+def measure_step(opts: Options, record: Record, step, tokens: int, losses: dict, check: bool, model=None) -> Record:
+    """Time a training step and its peak memory, record its loss in ``losses`` and, with ``check``,
+    compare it with stock PEFT eager's (``losses["peft_eager"]``, measured first). ``model``: the
+    step's model, whose recorded loss is taken with dropout off (``dropout_off``)."""
+    try:
+        with dropout_off(model) as off:
+            losses[record.impl] = step().float().item()
+        if off:
+            record.add_note("loss checked with dropout off, steps timed with it on")
         samples: list[float] = []
         record.ms = time_ms(step, on_gpu=opts.on_gpu, quick=True, samples=samples)
         if samples:           # host-bound steps: the spread decides whether two rows differ
@@ -285,7 +320,7 @@ def stock_task_loss(model, input_ids, attention_mask, labels) -> float:
     batch = input_ids.shape[0]
     mask = torch.cat([attention_mask.new_ones(batch, model.active_peft_config.num_virtual_tokens), attention_mask], 1)
     cache = {_task_cache_argument(model): model.get_prompt(batch)}
-    with torch.no_grad():
+    with torch.no_grad(), dropout_off(model):
         out = model.base_model(input_ids=input_ids, attention_mask=mask, labels=labels, **cache)
     return out.loss.float().item()
 
@@ -332,7 +367,7 @@ def _ragged_case(opts: Options, progress, name: str, config, base_state, lengths
 
         failed = None
         try:
-            records.append(measure_step(opts, record, step, sum(lengths), losses, check=True))
+            records.append(measure_step(opts, record, step, sum(lengths), losses, check=True, model=model))
         except Exception as exc:   # ours: a failed row; a baseline: a skip with its reason
             failed = f"step failed: {type(exc).__name__}: {str(exc)[:300]}"
         if failed is not None and impl.startswith("prefixkern"):
@@ -434,7 +469,7 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 if failed is None:
                     try:
                         records.append(measure_step(opts, record, step, batch * seq_len, losses,
-                                                    check=eager != "floor_no_prefix"))
+                                                    check=eager != "floor_no_prefix", model=model))
                         if impl == "prefixkern_raw_launch" and opts.on_gpu and record.ms:
                             plain = _step_fn(model, "prefixkern", input_ids, attention_mask, labels)
                             record.add_note(interleaved_note(plain, step))
