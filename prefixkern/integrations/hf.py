@@ -801,9 +801,10 @@ def _prefix_of(cache) -> PrefixState | None:
     return inner.prefix if isinstance(inner, PREFIX_CACHES) else None
 
 
-def _inject_prefix(module, args, kwargs):
+def _inject_prefix(module, args, kwargs, *, takes_cache: bool = False):
     """Forward pre-hook of the base model: hand the prefix to the attention layers (``**kwargs``)
-    and make sure the cache the model records into is ours."""
+    and make sure the cache the model records into is ours. ``takes_cache``: the model's forward
+    names its cache argument ``cache`` (bound at patch time: torch.compile traces this hook)."""
     cache, legacy = kwargs.get("cache"), kwargs.get("past_key_values")
     cache_prefix, legacy_prefix = _prefix_of(cache), _prefix_of(legacy)
     if legacy_prefix is not None and cache is not None and cache_prefix is None:
@@ -820,8 +821,7 @@ def _inject_prefix(module, args, kwargs):
             cache_prefix = legacy_prefix
         else:
             kwargs.pop("past_key_values")       # PEFT re-injected a fresh prefix; ours has the history
-    if legacy is not None and kwargs.get("cache") is None and "past_key_values" in kwargs \
-            and _cache_argument(type(module)) == "cache":
+    if takes_cache and legacy is not None and kwargs.get("cache") is None and "past_key_values" in kwargs:
         # transformers 5.24 renamed the argument `cache`: the old name, which stock PEFT 0.21 passes
         # the prefix under, warns on every call and goes in 5.40. Handed on under the new name.
         kwargs["cache"] = kwargs.pop("past_key_values")
@@ -895,7 +895,8 @@ def patch(model):
     _register()
     base_model = model.get_base_model()
     previous = _set_attn(base_model, ATTN_NAME)
-    hook = base_model.register_forward_pre_hook(_inject_prefix, with_kwargs=True)
+    hook = base_model.register_forward_pre_hook(
+        functools.partial(_inject_prefix, takes_cache=_cache_argument(type(base_model)) == "cache"), with_kwargs=True)
     model._prefixkern = _PatchState(previous, hook, config.num_layers, config.num_attention_heads, head_dim)
     if model_type == "bloom":
         model._prefixkern.patched_modules = _patch_bloom(base_model)
