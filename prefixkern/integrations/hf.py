@@ -380,6 +380,7 @@ class _PatchState:
     generation_length: int | None = None     # sequence tokens the call under way ends with, when known
     static_cache: object | None = None       # the PrefixKVStaticCache of the call under way, if it asked for one
     kept_static_cache: object | None = None  # the last call's, for the next call of the same sizes
+    task_cache_argument: str | None = None   # a task head's cache keyword (_task_cache_argument), at patch time
 
 
 def _transformers_below(floor: str, installed: str | None = None) -> str | None:
@@ -711,7 +712,7 @@ def _patched_prefix_tuning_forward(self, input_ids=None, attention_mask=None, in
     argument ``cache``, it raises "Model does not support past key values" for every model. The
     backbone call would also bypass the task model's forward, where the patch hands the attention
     layers their prefix (GPT-2's question-answering head takes no cache argument)."""
-    name = _task_cache_argument(self)
+    name = self._prefixkern.task_cache_argument     # (looked up at patch time: torch.compile traces this)
     if name is None:
         raise ValueError(f"prefixkern.patch: neither {type(self.base_model).__name__} nor its backbone takes a "
                          "cache (past_key_values), which prefix tuning needs")
@@ -911,6 +912,7 @@ def patch(model):
     _override_method(model, "get_prompt", _patched_get_prompt)
     _override_method(model, "generate", _patched_generate)
     if hasattr(type(model), "_prefix_tuning_forward"):     # sequence / token classification, QA
+        model._prefixkern.task_cache_argument = _task_cache_argument(model)
         _override_method(model, "_prefix_tuning_forward", _patched_prefix_tuning_forward)
     return model
 
