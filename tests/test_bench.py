@@ -979,3 +979,30 @@ def test_a_failing_prefixkern_generate_is_a_failed_row_and_the_suite_goes_on(mon
     static = rows["cpu-tiny-llama-B2-prompt12-new4-static"]
     assert static.ok is False and "RuntimeError: compilation failed" in static.note
     assert rows["cpu-tiny-llama-B2-prompt12-new4"].ok is not False      # (no eager reference asked for)
+
+
+def _ncu_decode():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ncu_decode.py"
+    spec = importlib.util.spec_from_file_location("ncu_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ncu_decode_says_it_needs_a_gpu(capsys):
+    """benchmarks/ncu_decode.py (the runbook's Nsight Compute target) exits 2 with its reason off a GPU."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the gpu test runs the script")
+    assert _ncu_decode().main(["--calls", "1"]) == 2
+    assert "no CUDA GPU here" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["prefixkern", "sdpa_concat"])
+def test_gpu_ncu_decode_runs_its_calls(impl, capsys):
+    """The script the runbook runs under ncu: its calls run (small cache), outside ncu too."""
+    assert _ncu_decode().main(["--impl", impl, "--cache", "512", "--batch", "2", "--calls", "2"]) == 0
+    assert f"{impl}: 2 calls" in capsys.readouterr().out
