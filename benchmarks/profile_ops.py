@@ -47,7 +47,7 @@ def _attention_step(shape_name: str, pass_: str, dtype):
 
 def _mlp_step(shape_name: str, pass_: str, dtype):
     shape = mlp_bench.SHAPES[shape_name]
-    params = mlp_bench._params(shape, "cuda")
+    params = mlp_bench.parameters(shape, "cuda")
     kw = dict(num_layers=shape.L, num_kv_heads=shape.Hkv, head_dim=shape.D, out_dtype=dtype)
     grad = torch.randn(shape.L, 2, shape.Hkv, shape.P, shape.D, device="cuda", dtype=dtype)
 
@@ -119,7 +119,7 @@ def _attention_ops(shape_name: str, dtype):
 
 def _mlp_ops(shape_name: str, dtype):
     shape = mlp_bench.SHAPES[shape_name]
-    params = [p.detach() for p in mlp_bench._params(shape, "cuda")]
+    params = [p.detach() for p in mlp_bench.parameters(shape, "cuda")]
     sizes = (shape.L, shape.Hkv, shape.D)
     compute = params[0].dtype      # float32 parameters, no autocast: float32 products
     out, hidden = torch.ops.prefixkern.prefix_mlp_fwd(*params, *sizes, dtype, compute, 0.0, None)

@@ -56,7 +56,7 @@ def test_packed_attention_fwd_bwd(benchmark, shape, impl):
 @pytest.mark.parametrize("shape", list(mlp_suite.SHAPES))
 def test_prefix_mlp_fwd_bwd(benchmark, shape, impl):
     spec = mlp_suite.SHAPES[shape]
-    params = mlp_suite._params(spec, "cuda")
+    params = mlp_suite.parameters(spec, "cuda")
     kw = dict(num_layers=spec.L, num_kv_heads=spec.Hkv, head_dim=spec.D, out_dtype=torch.bfloat16)
 
     def fn():

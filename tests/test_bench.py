@@ -981,28 +981,40 @@ def test_a_failing_prefixkern_generate_is_a_failed_row_and_the_suite_goes_on(mon
     assert rows["cpu-tiny-llama-B2-prompt12-new4"].ok is not False      # (no eager reference asked for)
 
 
-def _ncu_decode():
+
+def _ncu_ops():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ncu_decode.py"
-    spec = importlib.util.spec_from_file_location("ncu_decode", path)
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ncu_ops.py"
+    spec = importlib.util.spec_from_file_location("ncu_ops", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_ncu_decode_says_it_needs_a_gpu(capsys):
-    """benchmarks/ncu_decode.py (the runbook's Nsight Compute target) exits 2 with its reason off a GPU."""
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is here: the gpu test runs the script")
-    assert _ncu_decode().main(["--calls", "1"]) == 2
-    assert "no CUDA GPU here" in capsys.readouterr().err
+def test_ncu_ops_targets_run_and_say_when_they_cannot(capsys):
+    """benchmarks/ncu_ops.py, the runbook's Nsight Compute target: off a GPU it exits 2 with its reason;
+    its targets' calls run on the CPU (the MLP through the reference, SDPA) or say why not (the CUDA
+    decode kernel)."""
+    import argparse
+
+    ncu = _ncu_ops()
+    if not torch.cuda.is_available():
+        assert ncu.main(["decode"]) == 2 and "no CUDA GPU here" in capsys.readouterr().err
+    mlp = argparse.Namespace(target="mlp", shape="cpu-tiny", calls=2)
+    assert ncu.run(mlp, "cpu") == 0 and "mlp cpu-tiny fwd+bwd" in capsys.readouterr().out
+    decode = dict(target="decode", prefix=3, cache=8, batch=2, calls=2)
+    assert ncu.run(argparse.Namespace(impl="sdpa_concat", **decode), "cpu") == 0
+    assert ncu.run(argparse.Namespace(impl="prefixkern", **decode), "cpu") == 2
+    assert "does not serve this call" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["prefixkern", "sdpa_concat"])
-def test_gpu_ncu_decode_runs_its_calls(impl, capsys):
-    """The script the runbook runs under ncu: its calls run (small cache), outside ncu too."""
-    assert _ncu_decode().main(["--impl", impl, "--cache", "512", "--batch", "2", "--calls", "2"]) == 0
-    assert f"{impl}: 2 calls" in capsys.readouterr().out
+@pytest.mark.parametrize("argv", [["decode", "--cache", "512", "--batch", "2"],
+                                  ["decode", "--impl", "sdpa_concat", "--cache", "512", "--batch", "2"],
+                                  ["mlp", "--shape", "qwen2.5-0.5b"]])
+def test_gpu_ncu_ops_runs_its_calls(argv, capsys):
+    """The script the runbook runs under ncu: its calls run, outside ncu too."""
+    assert _ncu_ops().main(["--calls", "2", *argv]) == 0
+    assert "2 calls, the last inside the NVTX range" in capsys.readouterr().out

@@ -46,7 +46,9 @@ CPU_SHAPES = {s.name: s for s in (MlpShape("cpu-tiny", 2, 2, 12, 7, B=2),
                                    MlpShape("cpu-tiny+autocast", 2, 2, 12, 7, B=2, autocast=True))}
 
 
-def _params(shape: MlpShape, device):
+def parameters(shape: MlpShape, device):
+    """The suite's parameters of ``shape`` (E, W1, b1, W2, b2: float32, seeded, requiring grad),
+    drawn on the CPU and moved to ``device`` (the same values on any device)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     d, h, n = shape.token_dim, shape.token_dim, shape.num_cols
     tensors = [torch.randn(shape.P, d, generator=gen), torch.randn(h, d, generator=gen) / d**0.5,
@@ -89,7 +91,7 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             # torch.autocast takes 16-bit dtypes only (it warns and turns itself off otherwise).
             skips.append(Skip("mlp", name, "all", f"autocast computes in float16 or bfloat16, not {dtype_name(opts.dtype)}"))
             continue
-        params = _params(shape, opts.device)
+        params = parameters(shape, opts.device)
         kw = dict(num_layers=shape.L, num_kv_heads=shape.Hkv, head_dim=shape.D)
         try:
             encoder = _peft_encoder(shape, params, opts.device)
