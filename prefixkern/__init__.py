@@ -14,11 +14,17 @@ Public API:
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._backend import get_backend, use_backend
 from .ops.prefix_attention import prefix_attention, prefix_attention_varlen
 from .ops.decode_attention import merge_attention_states, prefix_decode_attention
 from .ops.prefix_mlp import fused_prefix_mlp
 from .prefix_encoder import PrefixEncoder
+
+if TYPE_CHECKING:   # what type checkers and IDEs see; at run time loaded on first use (__getattr__)
+    from ._cuda_build import build_cuda
+    from .integrations.hf import is_patched, load_resumable, patch, prefix_per_row, save_resumable, unpatch
 
 
 def __getattr__(name):

@@ -34,7 +34,18 @@ def test_wheel_built_from_the_sdist_ships_the_cuda_sources(tmp_path):
     assert {f"{top}/csrc/{name}" for name in CSRC_FILES} <= set(names), names
     (wheel,) = tmp_path.glob("prefixkern-*.whl")
     with zipfile.ZipFile(wheel) as archive:
+        assert "prefixkern/py.typed" in archive.namelist()      # PEP 561: type checkers read its annotations
         shipped = {name.split("/")[-1] for name in archive.namelist() if name.startswith("prefixkern/_csrc/")}
         packages = {name.split("/")[0] for name in archive.namelist() if not name.split("/")[0].endswith(".dist-info")}
     assert shipped == set(CSRC_FILES) and set(_cuda_build.SOURCES) <= shipped
     assert packages == {"prefixkern"}, packages
+
+
+def test_import_leaves_the_hf_extra_unloaded():
+    """``import prefixkern`` works without transformers and peft (the ``hf`` extra): the patch's names
+    load on first use, and type checkers see them through the TYPE_CHECKING imports."""
+    code = ("import sys, prefixkern; print(sorted(m for m in ('transformers', 'peft') if m in sys.modules)); "
+            "print(prefixkern.patch.__module__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:2] == ["[]", "prefixkern.integrations.hf"], result.stdout
