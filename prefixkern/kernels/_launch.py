@@ -116,12 +116,7 @@ def _tune(key, candidates, launch):
         # one-off shapes): the first candidate that compiles without spills here.
         _TUNED[key] = _first_spill_free(candidates, launch)
         return _TUNED[key]
-    launched = []
-    for config in candidates:
-        try:
-            launched.append((config, spill_bytes(launch(config))))   # compiles it
-        except Exception:  # out of resources for this tile: try the next
-            continue
+    launched = list(_compiled(candidates, launch))
     timed = [config for config, spills in launched if spills == 0] or [config for config, _ in launched]
     best, best_ms = candidates[0], float("inf")
     for config in timed:
@@ -132,17 +127,24 @@ def _tune(key, candidates, launch):
     return best
 
 
+def _compiled(candidates, launch):
+    """``(config, spill bytes)`` of each candidate in turn, launched (so compiled) as the generator
+    is drawn; a candidate that fails to launch (out of resources for this tile) is left out."""
+    for config in candidates:
+        try:
+            spills = spill_bytes(launch(config))
+        except Exception:  # out of resources for this tile: try the next
+            continue
+        yield config, spills
+
+
 def _first_spill_free(candidates, launch):
     """The first of ``candidates`` whose compiled kernel spills no registers on this GPU, launched in
     table order until one does not (usually the first: each table's first is checked spill-free for
     sm_90 on the Triton the tables are tuned on, but another Triton release or GPU may spill it, as
     Triton 3.8 does the padded 16-bit head-dim-256 forward's); else the first that compiled."""
     first_compiled = None
-    for config in candidates:
-        try:
-            spills = spill_bytes(launch(config))
-        except Exception:  # out of resources for this tile: try the next
-            continue
+    for config, spills in _compiled(candidates, launch):
         if spills == 0:
             return config
         if first_compiled is None:
