@@ -27,28 +27,22 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import prefixkern  # noqa: E402
 from prefixkern._backend import use_backend  # noqa: E402
 from prefixkern.bench import decode as decode_suite  # noqa: E402
 from prefixkern.bench import mlp as mlp_suite  # noqa: E402
 from prefixkern.ops.decode_attention import cuda_decode_supported, prefix_decode_attention  # noqa: E402
 
 
-def _randn(gen, device, *size):
-    return torch.randn(*size, generator=gen).to(device, torch.bfloat16)
-
-
-def decode_call(args, gen, device):
+def decode_call(args, device):
     """``(label, call)`` of the decode target, or ``(why not, None)`` where it cannot run here."""
     hq, hkv, d = decode_suite.HQ, decode_suite.HKV, decode_suite.D
-    q = _randn(gen, device, args.batch, hq, 1, d)
-    k, v = _randn(gen, device, args.batch, hkv, args.cache, d), _randn(gen, device, args.batch, hkv, args.cache, d)
-    pk, pv = _randn(gen, device, hkv, args.prefix, d), _randn(gen, device, hkv, args.prefix, d)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, pk, pv, cat_k, cat_v = decode_suite.case_tensors(
+        lambda *size: torch.randn(*size, generator=gen).to(device, torch.bfloat16), hq, hkv, d, args.prefix,
+        args.cache, args.batch)
     kv_mib = (args.batch * hkv * args.cache + hkv * args.prefix) * d * 2 * 2 / 2**20
     label = f"decode {args.impl} P={args.prefix} cache={args.cache} B={args.batch}, {kv_mib:.1f} MiB of K/V a call"
     if args.impl == "sdpa_concat":
-        cat_k = torch.cat([pk.expand(args.batch, -1, -1, -1), k], 2)
-        cat_v = torch.cat([pv.expand(args.batch, -1, -1, -1), v], 2)
         return label, lambda: F.scaled_dot_product_attention(q, cat_k, cat_v, enable_gqa=True)
     if not cuda_decode_supported(q, k, v, pk, pv):
         return "the CUDA decode kernel does not serve this call", None
@@ -63,22 +57,11 @@ def decode_call(args, gen, device):
     return label, call
 
 
-def mlp_call(args, gen, device):
+def mlp_call(args, device):
     """``(label, call)`` of the MLP target: forward and backward of the shape's fused prefix MLP."""
     shape = {**mlp_suite.SHAPES, **mlp_suite.CPU_SHAPES}[args.shape]
-    params = mlp_suite.parameters(shape, device)
-    kw = dict(num_layers=shape.L, num_kv_heads=shape.Hkv, head_dim=shape.D, out_dtype=torch.bfloat16)
-    grad_out = _randn(gen, device, shape.L, 2, shape.Hkv, shape.P, shape.D)
-
-    def call():
-        for p in params:
-            p.grad = None
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=shape.autocast):
-            out = prefixkern.fused_prefix_mlp(*params, **kw)
-        out.backward(grad_out)
-        return out
     w2_mib = shape.num_cols * shape.token_dim * 4 / 2**20
-    return f"mlp {args.shape} fwd+bwd, W2 {w2_mib:.0f} MiB (float32)", call
+    return f"mlp {args.shape} fwd+bwd, W2 {w2_mib:.0f} MiB (float32)", mlp_suite.fused_step(shape, device, torch.bfloat16)
 
 
 def main(argv=None) -> int:
@@ -101,8 +84,7 @@ def main(argv=None) -> int:
 
 def run(args, device: str) -> int:
     """The target's calls on ``device`` (the tests run the CPU's: no NVTX range there)."""
-    gen = torch.Generator().manual_seed(0)
-    label, call = (decode_call if args.target == "decode" else mlp_call)(args, gen, device)
+    label, call = (decode_call if args.target == "decode" else mlp_call)(args, device)
     if call is None:
         print(label, file=sys.stderr)
         return 2

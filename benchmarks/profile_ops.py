@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from prefixkern import fused_prefix_mlp, prefix_attention  # noqa: E402
+from prefixkern import prefix_attention  # noqa: E402
 from prefixkern.bench import attention as attention_bench  # noqa: E402
 from prefixkern.bench import mlp as mlp_bench  # noqa: E402
 
@@ -46,18 +46,7 @@ def _attention_step(shape_name: str, pass_: str, dtype):
 
 
 def _mlp_step(shape_name: str, pass_: str, dtype):
-    shape = mlp_bench.SHAPES[shape_name]
-    params = mlp_bench.parameters(shape, "cuda")
-    kw = dict(num_layers=shape.L, num_kv_heads=shape.Hkv, head_dim=shape.D, out_dtype=dtype)
-    grad = torch.randn(shape.L, 2, shape.Hkv, shape.P, shape.D, device="cuda", dtype=dtype)
-
-    def step():
-        for p in params:
-            p.grad = None
-        out = fused_prefix_mlp(*params, **kw)
-        if pass_ == "fwd_bwd":
-            out.backward(grad)
-    return step
+    return mlp_bench.fused_step(mlp_bench.SHAPES[shape_name], "cuda", dtype, backward=pass_ == "fwd_bwd")
 
 
 def _suite_model(model_name: str, impl: str, dtype, device: torch.device, **build_kwargs):

@@ -85,6 +85,18 @@ def _checked_and_timed(opts: Options, record: Record, fn, expected) -> Record:
     return record
 
 
+def case_tensors(randn, hq: int, hkv: int, d: int, p: int, cache: int, batch: int):
+    """A case's tensors, drawn by ``randn(*size)``: ``q`` [B, Hq, 1, D], the cache's ``k``, ``v``
+    [B, Hkv, cache, D], the batch-shared prefix ``pk``, ``pv`` [Hkv, P, D], and the baseline's cache as
+    HF builds it under PEFT, ``[prefix ; sequence]`` per row (``cat_k``, ``cat_v``)."""
+    q = randn(batch, hq, 1, d)
+    k, v = randn(batch, hkv, cache, d), randn(batch, hkv, cache, d)
+    pk, pv = randn(hkv, p, d), randn(hkv, p, d)
+    cat_k = torch.cat([pk.expand(batch, -1, -1, -1), k], 2)
+    cat_v = torch.cat([pv.expand(batch, -1, -1, -1), v], 2)
+    return q, k, v, pk, pv, cat_k, cat_v
+
+
 def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
     records, skips = [], []
     for name, hq, hkv, d, p, cache, batch in _cases(opts):
@@ -98,12 +110,7 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
         def randn(*size):
             return torch.randn(*size, generator=gen).to(opts.device, opts.dtype)
 
-        q = randn(batch, hq, 1, d)
-        k, v = randn(batch, hkv, cache, d), randn(batch, hkv, cache, d)
-        pk, pv = randn(hkv, p, d), randn(hkv, p, d)
-        # The baseline's cache, as HF builds it under PEFT: [prefix ; sequence] per row.
-        cat_k = torch.cat([pk.expand(batch, -1, -1, -1), k], 2)
-        cat_v = torch.cat([pv.expand(batch, -1, -1, -1), v], 2)
+        q, k, v, pk, pv, cat_k, cat_v = case_tensors(randn, hq, hkv, d, p, cache, batch)
         expected = reference.prefix_attention(q, k, v, pk, pv, causal=True)
         kv_bytes = (batch * hkv * cache + hkv * p) * d * 2 * opts.dtype.itemsize
         def cuda_decode(prefix_gemm=False, tensor_cores=False):

@@ -57,6 +57,33 @@ def parameters(shape: MlpShape, device):
     return [t.to(device).requires_grad_() for t in tensors]
 
 
+def autocast_of(shape: MlpShape, device, dtype: torch.dtype):
+    """The context a forward of ``shape`` runs in: autocast to ``dtype`` for an ``+autocast`` shape."""
+    if shape.autocast:
+        return torch.autocast(torch.device(device).type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def fused_step(shape: MlpShape, device, out_dtype: torch.dtype, backward: bool = True):
+    """A call of the fused MLP at ``shape`` as the suite makes it (``autocast_of``): its forward and,
+    with ``backward``, the backward of a fixed random gradient, the parameters' gradients cleared
+    first. What the profiling scripts run."""
+    params = parameters(shape, device)
+    kw = dict(num_layers=shape.L, num_kv_heads=shape.Hkv, head_dim=shape.D, out_dtype=out_dtype)
+    gen = torch.Generator().manual_seed(1)
+    grad = torch.randn(shape.L, 2, shape.Hkv, shape.P, shape.D, generator=gen).to(device, out_dtype)
+
+    def step():
+        for p in params:
+            p.grad = None
+        with autocast_of(shape, device, out_dtype):
+            out = fused_prefix_mlp(*params, **kw)
+        if backward:
+            out.backward(grad)
+        return out
+    return step
+
+
 def _peft_encoder(shape: MlpShape, params, device):
     from peft import PrefixTuningConfig
     from peft.tuners.prefix_tuning.model import PrefixEncoder
@@ -101,9 +128,7 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
         tokens = torch.arange(shape.P, device=opts.device).unsqueeze(0).expand(shape.B, -1)
 
         def forward_context():
-            if shape.autocast:
-                return torch.autocast(opts.device.type, dtype=opts.dtype)
-            return contextlib.nullcontext()
+            return autocast_of(shape, opts.device, opts.dtype)
 
         def peft_rows():
             # PEFT's get_prompt: the encoder on B*P rows, cast, viewed and permuted per layer.
