@@ -29,10 +29,16 @@ rows is host time on this machine, not a GPU figure: what a GPU host spends in t
 (a ``data_ptr()`` call and a driver query per tensor argument) and in CUDA's allocator is not here.
 ``--profile`` prints where the patched step's host time goes (cProfile). The
 ``prefixkern_raw_launch`` row is the patched step with ``PREFIXKERN_RAW_LAUNCH=1``: Triton binds a
-launch's arguments once per argument key, then the compiled kernel's launcher (here the
-compile-only driver's, which runs nothing) takes raw pointers; the difference from the
-``prefixkern`` row is the binding's host time on this machine (24.97 against 24.00 ms on this
-repo's CPU machine, 2026-11-26: about 1 ms of a 24-layer step).
+launch's arguments once, then the compiled kernel's launcher (here the compile-only driver's, which
+runs nothing) takes raw pointers; ``prefixkern_no_plans`` the patched step with
+``PREFIXKERN_LAUNCH_PLANS=0`` (every call recomputes its launches).
+
+The floor is timed twice: ``floor_no_prefix`` as it runs here, its SDPA computing on the CPU, and
+``floor_sdpa_one_op`` with SDPA replaced by a stand-in whose host cost is one allocation forward
+and three backward and no arithmetic, as a GPU host launches a fused attention kernel. The
+ratios are to the latter: on a CPU the former's attention arithmetic costs more host time than
+its launch does on a GPU, which hid the patch's own host time (the plain floor row put the patched
+step at 0.97x, while the H200 measured 1.27x).
 """
 from __future__ import annotations
 
@@ -51,7 +57,11 @@ from triton.runtime import driver  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from _host_model import IMPLS, qwen2_shaped  # noqa: E402
-from prefixkern.bench.common import with_raw_launch  # noqa: E402
+from prefixkern.bench.common import held, with_raw_launch  # noqa: E402
+from prefixkern.kernels._launch import launch_plans  # noqa: E402
+
+# The floor with SDPA as one op (``_OneOpAttention``): the row the others are compared with.
+FLOOR_ONE_OP = "floor_sdpa_one_op"
 
 ARCH = 90
 SMS = 132
@@ -111,6 +121,41 @@ def use_compile_only_driver() -> None:
     attention_op.use_triton = mlp_op.use_triton = lambda device: True
     launch.num_sms = lambda index: SMS
     launch.smem_bytes = lambda index: SMEM
+
+
+class _OneOpAttention(torch.autograd.Function):
+    """What a GPU's flash SDPA costs the host, roughly: one allocation forward, three backward (a
+    fused kernel's outputs), no arithmetic; q, k and v get gradients, so the backward still runs
+    through every projection."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.kv = (k, v)
+        return torch.empty_like(q)
+
+    @staticmethod
+    def backward(ctx, grad):
+        k, v = ctx.kv
+        return torch.empty_like(grad), torch.empty_like(k), torch.empty_like(v)
+
+
+def _one_op_sdpa(query, key, value, *args, **kwargs):
+    return _OneOpAttention.apply(query, key, value)
+
+
+def _with_one_op_sdpa(step):
+    """``step`` with ``F.scaled_dot_product_attention`` as ``_OneOpAttention`` (the
+    ``floor_sdpa_one_op`` row): on a CPU, SDPA computes, so the plain floor row times its
+    arithmetic too, where a GPU host only launches it."""
+    import torch.nn.functional as F
+
+    def one_op_step():
+        real, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _one_op_sdpa
+        try:
+            return step()
+        finally:
+            F.scaled_dot_product_attention = real
+    return one_op_step
 
 
 def _step(model, impl: str):
@@ -235,11 +280,17 @@ def main(argv=None) -> int:
             print(f"  {impl:10s} 1 token {prefill_ms:7.2f} ms   per decoding step {step_ms:6.2f} ms")
         return 0
     times = {}
-    for impl in IMPLS + ("prefixkern_raw_launch",):
-        model = qwen2_shaped(impl.removesuffix("_raw_launch"), args.layers)
-        step = _step(model, impl)
-        if impl == "prefixkern_raw_launch":
+    for impl in ("floor_no_prefix", FLOOR_ONE_OP) + IMPLS[1:] + ("prefixkern_raw_launch", "prefixkern_no_plans"):
+        base_impl = {FLOOR_ONE_OP: "floor_no_prefix", "prefixkern_raw_launch": "prefixkern",
+                     "prefixkern_no_plans": "prefixkern"}.get(impl, impl)
+        model = qwen2_shaped(base_impl, args.layers)
+        step = _step(model, base_impl)
+        if impl == FLOOR_ONE_OP:
+            step = _with_one_op_sdpa(step)
+        elif impl == "prefixkern_raw_launch":
             step = with_raw_launch(step)
+        elif impl == "prefixkern_no_plans":
+            step = held(step, lambda: launch_plans(False))
         for _ in range(2):      # compiles the kernels (first step), then warms up
             step()
         samples = []
@@ -259,9 +310,9 @@ def main(argv=None) -> int:
             profiler.disable()
             pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     print(f"host time per training step, {args.layers} layers, median of {args.steps} (CPU; Triton launches "
-          "bound and looked up, not run):")
+          f"bound and looked up, not run); ratios to {FLOOR_ONE_OP}, the floor as a GPU host runs it:")
     for impl, ms in times.items():
-        print(f"  {ms:8.2f} ms  {impl}  ({ms / times['floor_no_prefix']:.2f}x the floor)")
+        print(f"  {ms:8.2f} ms  {impl}  ({ms / times[FLOOR_ONE_OP]:.2f}x)")
     return 0
 
 

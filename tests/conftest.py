@@ -32,6 +32,16 @@ def assert_same_values_and_gradients(out, other, leaves, other_leaves):
         assert torch.equal(got.grad, want.grad)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_launch_plans():
+    """Each test starts without kept launch plans: tests replace launcher helpers and tables
+    (monkeypatch), which a plan's key does not see."""
+    from prefixkern.kernels._launch import forget_plans
+
+    forget_plans()
+    yield
+
+
 @pytest.fixture
 def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")

@@ -16,7 +16,7 @@ import torch
 
 import prefixkern
 from prefixkern import reference
-from prefixkern.kernels._attention_common import _prefix_strides as prefix_strides
+from prefixkern.kernels._attention_common import prefix_strides
 
 from test_decode import _inputs as decode_inputs
 

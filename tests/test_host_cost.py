@@ -48,17 +48,21 @@ def test_launcher_host_times_are_reported():
 
 
 def test_step_host_time_through_tritons_launch_path():
-    """host_step.py runs the three steps with the patched model's kernels compiled for sm_90 and
-    launched through Triton's binding and cache (a compile-only driver), and the patched step
-    again with raw-pointer launches (the compiled kernel's launcher called directly), and reports
-    each step. No compile leaves FP fusion to Triton's default."""
+    """host_step.py runs the steps with the patched model's kernels compiled for sm_90 and
+    launched through Triton's binding and cache (a compile-only driver): the floor (SDPA computing
+    on the CPU, and SDPA as one op, the row the others are compared with), stock PEFT, the patched
+    step, and the patched step again with raw-pointer launches (the compiled kernel's launcher
+    called directly) and without launch plans; it reports each. No compile leaves FP fusion to
+    Triton's default."""
     script = SCRIPT.parent / "host_step.py"
     result = subprocess.run([sys.executable, str(script), "--layers", "2", "--steps", "2"], capture_output=True,
                             text=True, timeout=600, cwd=SCRIPT.parent.parent)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = re.findall(r"^\s+([\d.]+) ms\s+(\w+)\s+\(([\d.]+)x the floor\)$", result.stdout, flags=re.M)
-    assert [name for _, name, _ in rows] == ["floor_no_prefix", "peft_sdpa", "prefixkern", "prefixkern_raw_launch"]
+    rows = re.findall(r"^\s+([\d.]+) ms\s+(\w+)\s+\(([\d.]+)x\)$", result.stdout, flags=re.M)
+    assert [name for _, name, _ in rows] == ["floor_no_prefix", "floor_sdpa_one_op", "peft_sdpa", "prefixkern",
+                                             "prefixkern_raw_launch", "prefixkern_no_plans"]
     assert all(float(ms) > 0 for ms, _, _ in rows)
+    assert float(rows[1][2]) == 1.0
     # Every compile asked for FP fusion itself (launch_kernel), so Triton 3.9+ has no default to
     # warn about (its warning names this variable).
     assert "TRITON_DEFAULT_FP_FUSION" not in result.stderr

@@ -791,6 +791,76 @@ def test_raw_launch_passes_pointers_and_constexprs_in_order(monkeypatch):
     assert calls["plain"] == (5, 2)
 
 
+def test_raw_launch_of_a_plan_skips_the_argument_key(monkeypatch):
+    """A launch plan under the raw path: its first launch goes through launch_kernel (which binds),
+    and the plan keeps the compiled kernel; later launches hand the launcher the new tensors'
+    addresses, the plan's other arguments and the constexprs directly, with no argument key built.
+    A tensor that is not 16-byte aligned, or a launch hook, takes the general path again (a
+    stand-in kernel and driver)."""
+    import triton
+
+    from prefixkern.kernels import _launch
+
+    runs, general = [], []
+
+    class Compiled:
+        function, packed_metadata = "function", "metadata"
+
+        def run(self, *values):
+            runs.append(values)
+
+    class Kernel:
+        arg_names = ["x_ptr", "y_ptr", "n", "BLOCK"]
+
+        def run(self, *args, grid, warmup, **meta):
+            return Compiled()
+
+    class Driver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 77
+
+    def counting_launch_kernel(kernel, grid, *args, **meta):
+        general.append(args)
+        return _launch.launch_kernel(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(_launch, "RAW_POINTERS", True)
+    monkeypatch.setattr(_launch, "triton_interpret", lambda: False)
+    monkeypatch.setattr(_launch, "driver", types.SimpleNamespace(active=Driver()))
+    monkeypatch.setattr(_launch, "_RAW_LAUNCHES", {})
+    monkeypatch.setattr(_launch, "_raw_arguments", lambda args, real=_launch._raw_arguments: (
+        counted.append(1), real(args))[1])
+    counted = []
+    plan = _launch.LaunchPlan(Kernel(), (3,), (9,), dict(BLOCK=16, num_warps=4))
+    x, y = torch.zeros(8), torch.ones(8)
+    plan.launch((x, None), counting_launch_kernel)
+    assert len(general) == 1 and plan.raw is not None
+    keys_built = len(counted)
+    assert runs[-1] == (3, 1, 1, 77, "function", "metadata", None, None, None, x.data_ptr(), None, 9, 16)
+    plan.launch((y, None), counting_launch_kernel)
+    assert len(general) == 1 and len(counted) == keys_built
+    assert runs[-1] == (3, 1, 1, 77, "function", "metadata", None, None, None, y.data_ptr(), None, 9, 16)
+    plan.launch((y[1:], None), counting_launch_kernel)          # 4-byte aligned
+    assert len(general) == 2
+    hooks = triton.knobs.runtime.launch_enter_hook
+    hook = lambda metadata: None  # noqa: E731
+    if hasattr(hooks, "add"):
+        hooks.add(hook)
+    else:
+        monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", hook)
+    plain = []
+    monkeypatch.setattr(Kernel, "__getitem__", lambda self, grid: lambda *args, **meta: plain.append(grid),
+                        raising=False)
+    try:
+        plan.launch((x, None), counting_launch_kernel)
+    finally:
+        if hasattr(hooks, "remove"):
+            hooks.remove(hook)
+    assert len(general) == 3 and plain == [(3,)]
+
+
 def test_grids_stay_within_cuda_limits_for_many_rows_and_heads(monkeypatch):
     """CUDA caps grid.y and grid.z at 65535: 1100 rows of 64 heads (70400 row-heads) must still
     launch, so no launch puts rows times heads on one of those axes (launches recorded, not run)."""
@@ -824,6 +894,119 @@ def test_grids_stay_within_cuda_limits_for_many_rows_and_heads(monkeypatch):
         for name, grid in grids.items():
             assert all(size <= 65535 for size in grid[1:]), (name, grid)
             assert math.prod(grid) >= 1100 * 8, (name, grid)
+
+
+def _recorded_launches(monkeypatch, modules):
+    """Record the launches of ``modules`` (launch_kernel stood in for; nothing runs): each as its
+    kernel, grid, meta and arguments, a tensor argument given as its index among ``known`` (the
+    caller's tensors, compared by identity) or as its shape, strides and dtype (one the launcher
+    allocated)."""
+    launches, known = [], []
+
+    class Launched:
+        n_spills = 0
+
+    def record(kernel, grid, *args, **meta):
+        def canon(a):
+            if isinstance(a, torch.Tensor):
+                for i, t in enumerate(known):
+                    if a is t:
+                        return ("input", i)
+                return ("new", tuple(a.shape), a.stride(), a.dtype)
+            return a
+        launches.append((kernel.fn.__name__, tuple(grid), tuple(canon(a) for a in args), dict(meta)))
+        return Launched()
+
+    for module in modules:
+        monkeypatch.setattr(module, "launch_kernel", record)
+    return launches, known
+
+
+PLAN_CASES = [
+    Case(), Case(prefix="per_row", padding="left"), Case(prefix="per_task", padding="holes", causal=False),
+    Case(alibi=True, padding="right"), Case(softcap=20.0, window=6, dtype=torch.bfloat16),
+    Case(Hq=6, Hkv=2, S=5, S_kv=40, P=3, D=24, dtype=torch.float16),
+]
+
+
+@pytest.mark.parametrize("case", PLAN_CASES, ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_launch_plans_replay_the_launch_they_were_made_from(monkeypatch, case, dropout_p):
+    """A call whose layout has a kept launch plan launches exactly what the call that made the plan
+    launched (kernel, grid, constexprs, every argument; its own tensors in the same places), and
+    exactly what a call without plans launches. Launches recorded, not run."""
+    from prefixkern.kernels import _launch
+    from prefixkern.kernels import prefix_attention_bwd as bwd
+    from prefixkern.kernels import prefix_attention_fwd as fwd
+
+    monkeypatch.setattr(fwd, "_PLANS", {})
+    monkeypatch.setattr(bwd, "_PLANS", {})
+    launches, known = _recorded_launches(monkeypatch, (fwd, bwd))
+    inputs, kwargs = make_inputs(case, "cpu")
+    seed = torch.tensor([1234]) if dropout_p else None
+    options = dict(kwargs, softmax_scale=0.3, dropout_p=dropout_p, seed=seed)
+    lse = torch.zeros(case.B, case.Hq, case.S)
+    known += [*inputs, lse, kwargs["prefix_index"], seed]
+
+    def call(one_launch):
+        launches.clear()
+        with bwd.one_launch_backward(one_launch):
+            fwd.prefix_attention_forward(*inputs, **options)
+            # (The forward's output stands in for O and dO: known tensors, so compared by place.)
+            bwd.prefix_attention_backward(inputs[0], *inputs, inputs[0], lse, **options)
+        return list(launches)
+
+    for one_launch in (True, False):
+        fwd._PLANS.clear()
+        bwd._PLANS.clear()
+        with _launch.launch_plans(False):
+            unplanned = call(one_launch)
+        assert len(fwd._PLANS) == len(bwd._PLANS) == 0
+        made = call(one_launch)
+        replayed = call(one_launch)
+        assert len(fwd._PLANS) == len(bwd._PLANS) == 1
+        assert [name for name, *_ in unplanned] == ["prefix_attention_fwd_kernel"] + (
+            [] if one_launch else ["prefix_attention_bwd_dq_kernel"]) + ["prefix_attention_bwd_dkdv_kernel"]
+        assert made == unplanned
+        assert replayed == unplanned
+
+
+def test_launch_plans_follow_the_switches_and_the_tuner(monkeypatch):
+    """A kept plan is not taken once what made it changed: a launcher switch (heavy-first order,
+    one or two backward launches) or the tile the tuner holds for its key (tests and benchmarks
+    force tiles)."""
+    from prefixkern.kernels import _attention_common, _launch
+    from prefixkern.kernels import prefix_attention_bwd as bwd
+    from prefixkern.kernels import prefix_attention_fwd as fwd
+
+    monkeypatch.setattr(fwd, "_PLANS", {})
+    monkeypatch.setattr(bwd, "_PLANS", {})
+    launches, _ = _recorded_launches(monkeypatch, (fwd, bwd))
+    inputs, kwargs = make_inputs(Case(), "cpu")
+    options = dict(kwargs, softmax_scale=0.3, dropout_p=0.0, seed=None)
+    lse = torch.zeros(2, 4, 17)
+
+    def grids():
+        launches.clear()
+        fwd.prefix_attention_forward(*inputs, **options)
+        bwd.prefix_attention_backward(inputs[0], *inputs, inputs[0], lse, **options)
+        return [(name, grid, meta.get("HEAVY_FIRST"), meta.get("BLOCK_M")) for name, grid, _, meta in launches]
+
+    first = grids()
+    with _attention_common.heavy_first_scheduling(False):
+        in_order = grids()
+    assert [m[2] for m in first] == [True, True] and [m[2] for m in in_order] == [False, False]
+    with bwd.one_launch_backward(False):
+        assert len(grids()) == 3
+    assert grids() == first
+    # The tuner now holds another tile for the forward's key: the plan made with the old one is stale.
+    fwd._PLANS.clear()
+    assert grids() == first
+    (fwd_plan,) = fwd._PLANS.values()
+    assert _launch._TUNED[fwd_plan.tune_key] == fwd_plan.config == (16, 16, 1, 1)
+    monkeypatch.setitem(_launch._TUNED, fwd_plan.tune_key, (32, 16, 1, 1))
+    assert grids()[0][3] == 32
+    assert _launch.take_launched_configs(["fwd"]) == {"fwd": (32, 16, 1, 1)}
 
 
 @pytest.mark.gpu

@@ -16,8 +16,8 @@ import copy
 import torch
 
 from .attention_packed import ragged_lengths
-from .common import (Options, Record, Skip, dtype_name, raw_launch_skip, release_models, spread_note, time_ms,
-                     with_raw_launch)
+from .common import (Options, Record, Skip, dtype_name, held, raw_launch_skip, release_models, spread_note,
+                     time_ms, with_raw_launch)
 from .targets import INTERLEAVED_SUFFIX
 
 P = 20
@@ -172,15 +172,22 @@ def interleaved_times(steps: dict, rounds: int, calls: int) -> dict[str, list[fl
     return times
 
 
-def interleaved_note(plain, raw, rounds: int = 6, calls: int = 3) -> str:
-    """The plain and the raw-pointer launch timed in alternating rounds on the same model
-    (``interleaved_times``): the raw-launch decision reads this beside the rows' own medians."""
+def interleaved_note(plain, raw, unplanned=None, rounds: int = 6, calls: int = 3) -> str:
+    """The plain and the raw-pointer launch (and, given ``unplanned``, the plain launch without
+    launch plans) timed in alternating rounds on the same model (``interleaved_times``): the
+    raw-launch and launch-plan decisions read this beside the rows' own medians."""
     import statistics
 
-    times = interleaved_times({"plain": plain, "raw": raw}, rounds, calls)
-    plain_ms, raw_ms = statistics.median(times["plain"]), statistics.median(times["raw"])
+    steps = {"plain": plain, "raw": raw}
+    if unplanned is not None:
+        steps["unplanned"] = unplanned
+    times = interleaved_times(steps, rounds, calls)
+    medians = {name: statistics.median(ms) for name, ms in times.items()}
+    unplanned_part = (f", plain without launch plans {medians['unplanned']:.3g} ms (plain/unplanned "
+                      f"{medians['plain'] / medians['unplanned']:.3f})" if unplanned is not None else "")
     return (f"interleaved with the plain launch on this model ({rounds} rounds of {calls} steps each): "
-            f"raw {raw_ms:.3g} ms, plain {plain_ms:.3g} ms (medians; raw/plain {raw_ms / plain_ms:.3f})")
+            f"raw {medians['raw']:.3g} ms, plain {medians['plain']:.3g} ms{unplanned_part} (medians; raw/plain "
+            f"{medians['raw'] / medians['plain']:.3f})")
 
 
 # The floor, stock PEFT + sdpa and the patched model timed again side by side, as the case
@@ -471,8 +478,11 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                         records.append(measure_step(opts, record, step, batch * seq_len, losses,
                                                     check=eager != "floor_no_prefix", model=model))
                         if impl == "prefixkern_raw_launch" and opts.on_gpu and record.ms:
+                            from ..kernels._launch import launch_plans
+
                             plain = _step_fn(model, "prefixkern", input_ids, attention_mask, labels)
-                            record.add_note(interleaved_note(plain, step))
+                            unplanned = held(plain, lambda: launch_plans(False))
+                            record.add_note(interleaved_note(plain, step, unplanned))
                     except Exception as exc:   # a baseline that cannot: stock PEFT's task heads on transformers 5.24
                         # Ours failing is a result too: a failed row (below), and the suite goes on,
                         # so a GPU session does not lose the rows after it.

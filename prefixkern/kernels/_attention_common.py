@@ -42,6 +42,11 @@ from ._math import log2e, tanh
 HEAVY_FIRST = os.environ.get("PREFIXKERN_HEAVY_FIRST", "1") != "0"
 
 
+def heavy_first_on() -> bool:
+    """``HEAVY_FIRST`` as it stands (what a launch plan's key reads)."""
+    return HEAVY_FIRST
+
+
 def heavy_first_scheduling(enabled: bool = True):
     """Run the block with ``HEAVY_FIRST`` set to ``enabled`` (benchmarks and tests take both orders)."""
     return override_global(globals(), "HEAVY_FIRST", enabled)
@@ -333,7 +338,7 @@ def sequence_key_range(q_lo, q_hi, S, S_kv, window, real_lo, real_hi, BLOCK_N: t
     return lo, full_lo, full_hi, hi
 
 
-def _prefix_strides(prefix: torch.Tensor) -> tuple[int, ...]:
+def prefix_strides(prefix: torch.Tensor) -> tuple[int, ...]:
     """(batch, head, position, dim) strides of a prefix; batch stride 0 when it is batch-shared."""
     return ((0,) if prefix.dim() == 3 else ()) + tuple(prefix.stride())
 
@@ -373,41 +378,47 @@ def empty_in_layout_of(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-def attention_launch_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, dropout_p, seed,
-                          cu_seqlens_q=None, cu_seqlens_k=None):
-    """Host-side pieces every attention kernel takes: the prefixes' strides, and the optional
-    inputs (None where absent)."""
-    # An absent input is passed as None, a constexpr the kernel never reads (its flag is off): the
-    # launcher then has no pointer to fetch and check for it on every launch.
+class LaunchInputs(NamedTuple):
+    """The optional inputs every attention kernel takes after its dense tensors, in the kernels'
+    order; None where absent (a constexpr the kernel never reads, its flag off: the launcher then
+    has no pointer to fetch and check for it on every launch)."""
+    prefix_index: torch.Tensor | None
+    kpm: torch.Tensor | None
+    slopes: torch.Tensor | None
+    positions: torch.Tensor | None
+    seed: torch.Tensor | None
+    cu_seqlens_q: torch.Tensor | None
+    cu_seqlens_k: torch.Tensor | None
+
+    def flags(self, dropout_p: float) -> dict[str, bool]:
+        """The kernels' constexpr flags for these inputs."""
+        return {"HAS_PREFIX_INDEX": self.prefix_index is not None, "HAS_KPM": self.kpm is not None,
+                "HAS_ALIBI": self.slopes is not None, "HAS_POS": self.positions is not None,
+                "HAS_DROPOUT": dropout_p > 0.0, "VARLEN": self.cu_seqlens_q is not None}
+
+    def strides(self) -> tuple[int, ...]:
+        """The padding mask's, the slopes' and the ALiBi positions' strides, (0, 0) each where absent
+        (per-head slopes ``[Hq]`` as a batch stride of 0)."""
+        kpm, slopes, positions = self.kpm, self.slopes, self.positions
+        if slopes is None:
+            slope_strides = (0, 0)
+        else:
+            slope_strides = (0, slopes.stride(0)) if slopes.dim() == 1 else tuple(slopes.stride())
+        return ((*kpm.stride(),) if kpm is not None else (0, 0)) + slope_strides + (
+            (*positions.stride(),) if positions is not None else (0, 0))
+
+
+def attention_launch_args(prefix_k, prefix_index, key_padding_mask, alibi_slopes, seed, cu_seqlens_q=None,
+                          cu_seqlens_k=None) -> LaunchInputs:
+    """The optional inputs of an attention launch, in the form the kernels read them: the padding
+    mask as the kernels' dtype, float32 slopes, and ALiBi's key positions where rows are padded."""
     kpm = padding_mask_for_kernel(key_padding_mask) if key_padding_mask is not None else None
     if alibi_slopes is not None:
         slopes = alibi_slopes.to(torch.float32)
-        slope_strides = (0, slopes.stride(0)) if slopes.dim() == 1 else tuple(slopes.stride())
         positions = alibi_positions(key_padding_mask, prefix_k.shape[-2]) if kpm is not None else None
     else:
-        slopes, slope_strides, positions = None, (0, 0), None
-    return {
-        "prefix_k_strides": _prefix_strides(prefix_k),
-        "prefix_v_strides": _prefix_strides(prefix_v),
-        "prefix_index": prefix_index,
-        "kpm": kpm,
-        "kpm_strides": tuple(kpm.stride()) if kpm is not None else (0, 0),
-        "slopes": slopes,
-        "slope_strides": slope_strides,
-        "positions": positions,
-        "position_strides": tuple(positions.stride()) if positions is not None else (0, 0),
-        "seed": seed,
-        "cu_seqlens_q": cu_seqlens_q,
-        "cu_seqlens_k": cu_seqlens_k,
-        "flags": {
-            "HAS_PREFIX_INDEX": prefix_index is not None,
-            "HAS_KPM": kpm is not None,
-            "HAS_ALIBI": alibi_slopes is not None,
-            "HAS_POS": positions is not None,
-            "HAS_DROPOUT": dropout_p > 0.0,
-            "VARLEN": cu_seqlens_q is not None,
-        },
-    }
+        slopes = positions = None
+    return LaunchInputs(prefix_index, kpm, slopes, positions, seed, cu_seqlens_q, cu_seqlens_k)
 
 
 def config_bucket(head_dim_block: int, elem_bytes: int) -> tuple[int, int]:

@@ -212,14 +212,25 @@ def launch_kernel(kernel, grid: tuple[int, ...], *args, **meta):
     ``cuPointerGetAttribute`` driver query per tensor inside the launcher."""
     if "enable_fp_fusion" not in meta:
         meta["enable_fp_fusion"] = FP_FUSION
-    if not RAW_POINTERS:
+    if not RAW_POINTERS or not _raw_launch_allowed():
         return kernel[grid](*args, **meta)
-    # Launch hooks (profilers) read the arguments: give them the plain launch. Triton before 3.4
-    # has no `knobs` and another launcher convention: plain launch too.
+    compiled, constexprs, values = _raw_entry(kernel, grid, args, meta)
+    _raw_run(compiled, grid, values, constexprs)
+    return compiled
+
+
+def _raw_launch_allowed() -> bool:
+    """Whether a raw-pointer launch may replace Triton's: not in the interpreter, and no launch hook
+    (a profiler's, which reads the arguments) set. Triton before 3.4 has no ``knobs`` and another
+    launcher convention: the plain launch there."""
     knobs = getattr(triton, "knobs", None)
-    if triton_interpret() or knobs is None or _hooked(knobs.runtime.launch_enter_hook) \
-            or _hooked(knobs.runtime.launch_exit_hook):
-        return kernel[grid](*args, **meta)
+    return not (triton_interpret() or knobs is None or _hooked(knobs.runtime.launch_enter_hook)
+                or _hooked(knobs.runtime.launch_exit_hook))
+
+
+def _raw_entry(kernel, grid, args, meta):
+    """``(compiled kernel, its constexpr values in signature order, the launch's runtime values)``,
+    the compiled kernel bound and kept under the launch's argument key on first use."""
     device = driver.active.get_current_device()
     arg_key, values = _raw_arguments(args)
     key = (kernel, device, tuple(meta.items()), arg_key)
@@ -236,9 +247,114 @@ def launch_kernel(kernel, grid: tuple[int, ...], *args, **meta):
         if len(_RAW_LAUNCHES) >= _RAW_LAUNCHES_MAX:
             _RAW_LAUNCHES.clear()
         _RAW_LAUNCHES[key] = entry
-    compiled, constexprs = entry
+    return entry[0], entry[1], values
+
+
+def _raw_run(compiled, grid, values, constexprs) -> None:
+    device = driver.active.get_current_device()
     stream = driver.active.get_current_stream(device)
     grid = tuple(grid) + (1, 1)
     compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
                  *values, *constexprs)
-    return compiled
+
+
+# --------------------------------------------------------------------------------------------
+# Launch plans: a launcher's host work kept per layout
+# --------------------------------------------------------------------------------------------
+
+# PREFIXKERN_LAUNCH_PLANS=0: every call recomputes its launch (strides, grid, tile lookup,
+# constexprs) instead of taking it from the plan kept for its layout. A training step makes the
+# same attention calls, layer after layer and step after step; that recomputation was most of the
+# patched step's host time beyond the no-prefix floor's on this repo's CPU machine
+# (benchmarks/host_step.py).
+PLANS = os.environ.get("PREFIXKERN_LAUNCH_PLANS", "1") != "0"
+_PLANS_MAX = 4096           # layouts kept per launcher; past it its table starts over
+_PLAN_TABLES: list[dict] = []
+
+
+def plan_table() -> dict:
+    """A launcher's table of plans, by key (``forget_plans`` empties them all)."""
+    table: dict = {}
+    _PLAN_TABLES.append(table)
+    return table
+
+
+def forget_plans() -> None:
+    """Drop every kept plan. A plan's key holds what its launcher reads (layouts, options, the
+    launchers' switches, the tuner's tile); code that replaces one of a launcher's helpers between
+    two calls of one layout (a test's monkeypatch) drops the plans itself (the tests do before each
+    test)."""
+    for table in _PLAN_TABLES:
+        table.clear()
+
+
+def launch_plans(enabled: bool = True):
+    """Run the block with ``PLANS`` set to ``enabled`` (tests and benchmarks take both paths)."""
+    return override_global(globals(), "PLANS", enabled)
+
+
+def tensor_layouts(tensors) -> tuple:
+    """What a launch's plan depends on in its tensors: each one's shape, strides and dtype (None
+    for an absent one). Addresses are not in it: they are the launch's, not the plan's."""
+    return tuple([None if t is None else (t.shape, t.stride(), t.dtype) for t in tensors])
+
+
+class LaunchPlan:
+    """One kernel launch with its tensors left out: ``launch(tensors, launch_kernel)`` is
+    ``launch_kernel(kernel, grid, *tensors, *tail, **meta)``. ``tune_key`` and ``config`` name
+    the tile ``pick_config`` chose for it: the plan is current while the tuner still holds that
+    tile (``current``). Under ``RAW_POINTERS`` the plan keeps its compiled kernel after the first
+    launch and later launches hand it the tensors' addresses directly (no argument key to build)."""
+
+    __slots__ = ("kernel", "grid", "tail", "meta", "tune_key", "config", "raw")
+
+    def __init__(self, kernel, grid, tail, meta, tune_key=None, config=None):
+        self.kernel, self.grid, self.tail, self.meta = kernel, tuple(grid), tuple(tail), meta
+        self.tune_key, self.config = tune_key, config
+        self.raw = None
+
+    def current(self) -> bool:
+        """Whether the tuner still holds this plan's tile (tests and benchmarks reset or force
+        tiles); if so, records it as launched, as ``pick_config`` does."""
+        if self.tune_key is None:
+            return True
+        if _TUNED.get(self.tune_key) != self.config:
+            return False
+        _LAST[self.tune_key[0]] = self.config
+        return True
+
+    def launch(self, tensors, launch_kernel):
+        """Launch on ``tensors`` (the kernel's leading arguments; None for an absent one) through
+        ``launch_kernel`` (the caller's, so a test's stand-in sees plan launches too)."""
+        raw = self.raw
+        if raw is not None and RAW_POINTERS and _raw_launch_allowed():
+            values = [None if t is None else t.data_ptr() for t in tensors]
+            # The compiled kernel is specialised on 16-byte-aligned addresses: another alignment
+            # takes the general path, which binds it.
+            if not any(v & 15 for v in values if v is not None):
+                _raw_run(raw[0], self.grid, values + list(self.tail), raw[1])
+                return raw[0]
+        compiled = launch_kernel(self.kernel, self.grid, *tensors, *self.tail, **self.meta)
+        if raw is None and RAW_POINTERS and _raw_launch_allowed() and all(
+                t is None or t.data_ptr() % 16 == 0 for t in tensors):
+            meta = dict(self.meta)
+            meta.setdefault("enable_fp_fusion", FP_FUSION)    # (as launch_kernel's: the same compiled kernel)
+            entry = _raw_entry(self.kernel, self.grid, (*tensors, *self.tail), meta)
+            self.raw = (entry[0], entry[1])
+        return compiled
+
+
+def kept_plan(table: dict, key):
+    """The plan ``table`` keeps under ``key`` while ``PLANS`` is on and it is current, else None."""
+    if not PLANS:
+        return None
+    plan = table.get(key)
+    return plan if plan is not None and plan.current() else None
+
+
+def keep_plan(table: dict, key, plan) -> None:
+    """Keep ``plan`` in ``table`` under ``key`` (while ``PLANS`` is on)."""
+    if PLANS:
+        if len(table) >= _PLANS_MAX:
+            table.clear()
+        table[key] = plan

@@ -40,9 +40,11 @@ from ._attention_common import (
     grid_program,
     grid_shape,
     heavy_first,
+    heavy_first_on,
     load_tile,
     packed_row,
     prefix_row,
+    prefix_strides,
     prefix_visible,
     real_key_range,
     scores_log2,
@@ -50,7 +52,8 @@ from ._attention_common import (
     sequence_visible,
 )
 from .._backend import override_global
-from ._launch import cdiv, device_index, input_precision, launch_kernel, next_power_of_2, num_sms, pick_config
+from ._launch import (LaunchPlan, cdiv, device_index, input_precision, keep_plan, kept_plan, launch_kernel,
+                      next_power_of_2, num_sms, pick_config, plan_table, tensor_layouts)
 from ._math import dot, log2e
 
 __all__ = ["prefix_attention_backward"]
@@ -764,15 +767,94 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     """Gradients ``(dq, dk, dv, dprefix_k, dprefix_v)`` of ``prefix_attention_forward``; each has its
     input's shape and dtype (a shared or per-task prefix gets the sum over the rows that read it)."""
     batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, head_dim = attention_dims(q, k, packed)
-    prefix_len = prefix_k.shape[-2]
-    group = num_heads // num_kv_heads
     dq, dk, dv = empty_in_layout_of(q), empty_in_layout_of(k), empty_in_layout_of(v)
     if batch == 0 or seq_len_q == 0:
         return dq, dk.zero_(), dv.zero_(), torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
-    args = attention_launch_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, dropout_p, seed,
-                                 *(packed[:2] if packed else ()))
-    flags = args["flags"]
-    varlen = packed is not None
+    inputs = attention_launch_args(prefix_k, prefix_index, key_padding_mask, alibi_slopes, seed,
+                                   *(packed[:2] if packed else ()))
+    dense = (q, k, v, prefix_k, prefix_v, out, dout, lse, dq, dk, dv)
+    # What the launches' other arguments are made of (see prefix_attention_forward), and the
+    # switches that pick one launch or two and the dK/dV head splits.
+    key = (tensor_layouts(dense + inputs), q.device, causal, softmax_scale, dropout_p, softcap, window,
+           packed[2:] if packed else None, heavy_first_on(), input_precision(q.dtype), ONE_LAUNCH_BACKWARD,
+           ONE_LAUNCH_MAX_QUERIES, ONE_LAUNCH_MAX_WORK, DKDV_HEAD_SPLITS, DKDV_SPLIT_MIN_QUERIES)
+    plan = kept_plan(_PLANS, key)
+    if plan is None:
+        plan = _backward_plan(dense, inputs, batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, head_dim, causal,
+                              softmax_scale, dropout_p, softcap, window, packed is not None)
+        keep_plan(_PLANS, key, plan)
+    partial, head_parts = plan.run(dense, inputs)
+
+    if head_parts is not None:      # the sequence dK/dV by head splits: their sum, cast into dk and dv
+        summed = head_parts.sum(1)
+        dk.copy_(summed[0])
+        dv.copy_(summed[1])
+    # Host launches matter at seed sizes (one backward per layer): one reduction and one cast for
+    # both gradients; no reduction with one split, no cast for a float32 prefix.
+    dprefix = partial[0] if partial.shape[0] == 1 else partial.sum(0)          # [2, owners, Hkv, P, D]
+    if prefix_k.dim() == 3:
+        dprefix = dprefix[:, 0]
+    elif prefix_index is not None:
+        num_tasks, prefix_len = prefix_k.shape[0], prefix_k.shape[-2]
+        dprefix = dprefix.new_zeros(2, num_tasks, num_kv_heads, prefix_len, head_dim).index_add_(1, prefix_index,
+                                                                                                  dprefix)
+    dprefix = dprefix.to(prefix_k.dtype)         # prefix_v has the same dtype (checked with q's)
+    return dq, dk, dv, dprefix[0], dprefix[1]
+
+
+_PLANS = plan_table()
+
+
+class BackwardPlan:
+    """The backward's launches with their tensors left out: the dQ launch (None in one launch) and
+    the dK/dV launch, and the float32 buffers they write beside the gradients (dQ's delta, the
+    prefix gradient's partial sums, the dK/dV head splits' parts), by shape."""
+
+    __slots__ = ("dq", "dkdv", "delta_shape", "partial_shape", "head_parts_shape")
+
+    def __init__(self, dq, dkdv, delta_shape, partial_shape, head_parts_shape):
+        self.dq, self.dkdv = dq, dkdv
+        self.delta_shape, self.partial_shape, self.head_parts_shape = delta_shape, partial_shape, head_parts_shape
+
+    def current(self) -> bool:
+        return (self.dq is None or self.dq.current()) and self.dkdv.current()
+
+    def run(self, dense, inputs):
+        """Allocate the buffers and launch; returns ``(partial, head_parts)`` (None without head splits)."""
+        q, k, v, prefix_k, prefix_v, out, dout, lse, dq = dense[:9]
+        delta = None
+        if self.dq is not None:
+            delta = torch.empty(self.delta_shape, dtype=torch.float32, device=q.device)
+            self.dq.launch((q, k, v, prefix_k, prefix_v, out, dout, lse, delta, dq, *inputs), launch_kernel)
+        return self.launch_dkdv(dense, inputs, delta)[1:]
+
+    def launch_dkdv(self, dense, inputs, delta):
+        """The dK/dV launch alone, reading ``delta`` (None in one launch): ``(compiled kernel,
+        partial, head_parts)``."""
+        q, k, v, prefix_k, prefix_v, out, dout, lse, dq, dk, dv = dense
+        partial = torch.empty(self.partial_shape, dtype=torch.float32, device=q.device)
+        head_parts = None
+        dk_out, dv_out = dk, dv
+        if self.head_parts_shape is not None:
+            # [dK | dV, split, *dk's shape] float32, summed over the splits by the caller.
+            head_parts = torch.empty(self.head_parts_shape, dtype=torch.float32, device=q.device)
+            dk_out, dv_out = head_parts[0, 0], head_parts[1, 0]
+        # The one-launch backward's dQ programs come last and read O; the two-launch one's launch
+        # gets neither (None: no pointer for the launcher to fetch).
+        o_arg, dq_arg = (None, None) if self.dq is not None else (out, dq)
+        compiled = self.dkdv.launch((q, k, v, prefix_k, prefix_v, o_arg, dout, lse, delta, dk_out, dv_out, dq_arg,
+                                     partial, *inputs), launch_kernel)
+        return compiled, partial, head_parts
+
+
+def _backward_plan(dense, inputs, batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, head_dim, causal,
+                   softmax_scale, dropout_p, softcap, window, varlen) -> BackwardPlan:
+    """The backward's launches for these tensors, their tiles tuned on first use (each candidate
+    launched on them)."""
+    q, k, v, prefix_k, prefix_v, out, dout, lse, dq, dk, dv = dense
+    prefix_len = prefix_k.shape[-2]
+    group = num_heads // num_kv_heads
+    flags = inputs.flags(dropout_p)
     q_strides, dout_strides = bhsd_strides(q, varlen), bhsd_strides(dout, varlen)
     block_d = max(16, next_power_of_2(head_dim))
     precision = input_precision(q.dtype)
@@ -781,46 +863,41 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
                   INPUT_PRECISION=precision, HEAVY_FIRST=order)
     scalars = (window if window is not None else 0, float(softmax_scale),
                float(softcap) if softcap is not None else 1.0, float(dropout_p))
+    sequence_strides = (*q_strides, *bhsd_strides(k, varlen), *bhsd_strides(v, varlen), *prefix_strides(prefix_k),
+                        *prefix_strides(prefix_v))
+    input_strides = inputs.strides()
 
     bucket = config_bucket(block_d, q.element_size())
     one_launch = backward_in_one_launch(seq_len_q, batch * num_heads * seq_len_q * (prefix_len + seq_len_kv) * head_dim,
                                         bucket)
     # Written by the dQ kernel (rowsum(dO * O)), read by the dK/dV launch; the one-launch backward
     # computes it where it is read.
-    delta = None if one_launch else torch.empty(batch, num_heads, seq_len_q, dtype=torch.float32, device=q.device)
+    delta_shape = None if one_launch else (batch, num_heads, seq_len_q)
 
     tune_key = (q.device.index, q.dtype, block_d, group, causal, next_power_of_2(seq_len_q),
                 next_power_of_2(seq_len_kv + prefix_len), tuple(sorted(flags.items())),
                 softcap is not None, window is not None)
 
-    def launch_dq(config):
+    def dq_plan(config):
         block_m, block_n, warps, stages = config
-        return launch_kernel(
+        return LaunchPlan(
             prefix_attention_bwd_dq_kernel, grid_shape(cdiv(seq_len_q, block_m), num_heads, batch, order),
-            q, k, v, prefix_k, prefix_v, out, dout, lse, delta, dq,
-            args["prefix_index"], args["kpm"], args["slopes"], args["positions"], args["seed"], args["cu_seqlens_q"],
-            args["cu_seqlens_k"], *q_strides, *bhsd_strides(k, varlen), *bhsd_strides(v, varlen),
-            *args["prefix_k_strides"], *args["prefix_v_strides"], *bhsd_strides(out, varlen), *dout_strides,
-            *bhsd_strides(dq, varlen),
-            *args["kpm_strides"], *args["slope_strides"], *args["position_strides"],
-            num_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars,
-            GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
-            num_warps=warps, num_stages=stages,
-            **common, **flags,
-        )
+            (*sequence_strides, *bhsd_strides(out, varlen), *dout_strides, *bhsd_strides(dq, varlen), *input_strides,
+             num_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars),
+            dict(GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
+                 num_warps=warps, num_stages=stages, **common, **flags),
+            ("dq",) + tune_key, config)
 
     # The prefix gradient is a reduction over (row if shared, query head, query block) work items:
     # the dK/dV launch's first programs each take a contiguous share (a split) and write a float32
-    # partial [split, dK | dV, owner, Hkv, P, D], summed below.
+    # partial [split, dK | dV, owner, Hkv, P, D], summed by the caller.
     shared = prefix_k.dim() == 3
     owners = 1 if shared else batch
     items_per_row = (batch if shared else 1) * group
     sms = num_sms(device_index(q.device)) if q.device.type == "cuda" else 16
-    partial = None          # the last launch's (tuning launches several)
-    head_parts = None       # likewise: the float32 dK/dV partials of a launch with head splits
+    dkdv_key = ("dkdv",) + tune_key + (one_launch,)
 
-    def launch_dkdv(config):
-        nonlocal partial, head_parts
+    def dkdv_plan(config, delta_plan):
         block_m, block_n, warps, stages = config
         prefix_block_n = min(block_n, max(16, next_power_of_2(prefix_len)))
         num_p_blocks = cdiv(prefix_len, prefix_block_n)
@@ -838,64 +915,55 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
         splits = min(splits, cdiv(2 * sms, prefix_programs))
         items_per_split = cdiv(items, min(items, splits))
         splits = cdiv(items, items_per_split)
-        partial = torch.empty(splits, 2, owners, num_kv_heads, prefix_len, head_dim, dtype=torch.float32,
-                              device=q.device)
         num_prefix_programs = prefix_programs * splits
         head_splits = dkdv_head_splits(group, sequence_programs, seq_len_q, sms)
         assert group % head_splits == 0, (group, head_splits)      # (the programs share the heads evenly)
-        dk_out, dv_out, stride_split = dk, dv, 0
         if head_splits > 1:
-            # [dK | dV, split, *dk's shape] float32, summed over the splits below.
-            head_parts = torch.empty((2, head_splits) + tuple(dk.shape), dtype=torch.float32, device=q.device)
-            dk_out, dv_out, stride_split = head_parts[0, 0], head_parts[1, 0], head_parts.stride(1)
+            head_parts_shape = (2, head_splits) + tuple(dk.shape)
+            # dK and dV go to head_parts[0, 0] and [1, 0] of a contiguous buffer (BackwardPlan.run): its
+            # strides, read off a buffer on the meta device (no memory).
+            parts = torch.empty(head_parts_shape, dtype=torch.float32, device="meta")
+            dk_strides = dv_strides = bhsd_strides(parts[0, 0], varlen)
+            stride_split = parts.stride(1)
         else:
-            head_parts = None
+            head_parts_shape = None
+            dk_strides, dv_strides, stride_split = bhsd_strides(dk, varlen), bhsd_strides(dv, varlen), 0
         num_dkdv_programs = num_prefix_programs + sequence_programs * head_splits
-        # The one-launch backward's dQ programs come last and read O; the two-launch one's launch
-        # gets neither (None: no pointer for the launcher to fetch).
         num_dq_programs = num_m_blocks * num_heads * batch if one_launch else 0
-        o_arg, dq_arg = (out, dq) if one_launch else (None, None)
         o_strides = bhsd_strides(out, varlen) if one_launch else (0, 0, 0, 0)
         dq_strides = bhsd_strides(dq, varlen) if one_launch else (0, 0, 0, 0)
-        return launch_kernel(
+        launch = LaunchPlan(
             prefix_attention_bwd_dkdv_kernel, (num_dkdv_programs + num_dq_programs,),
-            q, k, v, prefix_k, prefix_v, o_arg, dout, lse, delta, dk_out, dv_out, dq_arg, partial,
-            args["prefix_index"], args["kpm"], args["slopes"], args["positions"], args["seed"], args["cu_seqlens_q"],
-            args["cu_seqlens_k"], *q_strides, *bhsd_strides(k, varlen), *bhsd_strides(v, varlen),
-            *args["prefix_k_strides"], *args["prefix_v_strides"], *o_strides, *dout_strides,
-            *bhsd_strides(dk_out, varlen), *bhsd_strides(dv_out, varlen), *dq_strides,
-            *args["kpm_strides"], *args["slope_strides"], *args["position_strides"],
-            batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars,
-            num_prefix_programs, num_p_blocks, owners * num_kv_heads, items_per_split, num_n_blocks, stride_split,
-            num_dkdv_programs,
-            GROUP=group, SHARED=shared, BLOCK_M=block_m, BLOCK_N=block_n, PREFIX_BLOCK_N=prefix_block_n,
-            BLOCK_D=block_d, EVEN_D=block_d == head_dim, HEAD_SPLITS=head_splits, WITH_DQ=one_launch,
-            num_warps=warps, num_stages=stages, **common, **flags,
-        )
+            (*sequence_strides, *o_strides, *dout_strides, *dk_strides, *dv_strides, *dq_strides, *input_strides,
+             batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, *scalars,
+             num_prefix_programs, num_p_blocks, owners * num_kv_heads, items_per_split, num_n_blocks, stride_split,
+             num_dkdv_programs),
+            dict(GROUP=group, SHARED=shared, BLOCK_M=block_m, BLOCK_N=block_n, PREFIX_BLOCK_N=prefix_block_n,
+                 BLOCK_D=block_d, EVEN_D=block_d == head_dim, HEAD_SPLITS=head_splits, WITH_DQ=one_launch,
+                 num_warps=warps, num_stages=stages, **common, **flags),
+            dkdv_key, config)
+        return BackwardPlan(delta_plan, launch, delta_shape, (splits, 2, owners, num_kv_heads, prefix_len, head_dim),
+                            head_parts_shape)
 
+    dq_launch, delta = None, None
     if not one_launch:
-        launch_dq(pick_config(("dq",) + tune_key,
-                              lambda: fitting_configs("dq", DQ_CONFIGS[bucket], block_d, q, fallback=(16, 16, 4, 1)),
-                              launch_dq))
+        delta = torch.empty(delta_shape, dtype=torch.float32, device=q.device)
+        dq_tensors = (q, k, v, prefix_k, prefix_v, out, dout, lse, delta, dq, *inputs)
+        dq_config = pick_config(("dq",) + tune_key,
+                                lambda: fitting_configs("dq", DQ_CONFIGS[bucket], block_d, q, fallback=(16, 16, 4, 1)),
+                                lambda config: dq_plan(config).launch(dq_tensors, launch_kernel))
+        dq_launch = dq_plan(dq_config)
+    delta_written = []
+
+    def tuning_launch(config):
+        if dq_launch is not None and not delta_written:     # the delta the dK/dV candidates read
+            dq_launch.launch(dq_tensors, launch_kernel)
+            delta_written.append(True)
+        return dkdv_plan(config, dq_launch).launch_dkdv(dense, inputs, delta)[0]
+
     # (The one-launch kernel's shared memory is its larger role's: the dQ programs' at wide key tiles.)
     smem_kind, table = ("dkdv+dq", ONE_LAUNCH_CONFIGS) if one_launch else ("dkdv", DKDV_CONFIGS)
-    launch_dkdv(pick_config(("dkdv",) + tune_key + (one_launch,),
-                            lambda: fitting_configs(smem_kind, table[bucket], block_d, q, fallback=(16, 16, 4, 1)),
-                            launch_dkdv))
-    splits = partial.shape[0]
-    if head_parts is not None:      # the sequence dK/dV by head splits: their sum, cast into dk and dv
-        summed = head_parts.sum(1)
-        dk.copy_(summed[0])
-        dv.copy_(summed[1])
-
-    # Host launches matter at seed sizes (one backward per layer): one reduction and one cast for
-    # both gradients; no reduction with one split, no cast for a float32 prefix.
-    dprefix = partial[0] if splits == 1 else partial.sum(0)          # [2, owners, Hkv, P, D]
-    if shared:
-        dprefix = dprefix[:, 0]
-    elif prefix_index is not None:
-        num_tasks = prefix_k.shape[0]
-        dprefix = dprefix.new_zeros(2, num_tasks, num_kv_heads, prefix_len, head_dim).index_add_(1, prefix_index,
-                                                                                                  dprefix)
-    dprefix = dprefix.to(prefix_k.dtype)         # prefix_v has the same dtype (checked with q's)
-    return dq, dk, dv, dprefix[0], dprefix[1]
+    config = pick_config(dkdv_key,
+                         lambda: fitting_configs(smem_kind, table[bucket], block_d, q, fallback=(16, 16, 4, 1)),
+                         tuning_launch)
+    return dkdv_plan(config, dq_launch)

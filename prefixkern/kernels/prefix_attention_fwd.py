@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, input_precision, launch_kernel, next_power_of_2, pick_config
+from ._launch import (LaunchPlan, cdiv, input_precision, keep_plan, kept_plan, launch_kernel, next_power_of_2,
+                      pick_config, plan_table, tensor_layouts)
 from ._math import dot, log2e
 from ._attention_common import (
     PackedRows,
@@ -27,9 +28,11 @@ from ._attention_common import (
     grid_program,
     grid_shape,
     heavy_first,
+    heavy_first_on,
     load_tile,
     packed_row,
     prefix_row,
+    prefix_strides,
     prefix_visible,
     real_key_range,
     scores_log2,
@@ -253,43 +256,59 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     Arguments are the checked ones of ``prefixkern.prefix_attention``; every tensor keeps its strides.
     With ``packed``, q/k/v/out are ``[total, H, D]`` and lse is ``[B, Hq, max_seqlen_q]``."""
     batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, head_dim = attention_dims(q, k, packed)
-    prefix_len = prefix_k.shape[-2]
     out = empty_in_layout_of(q)
     lse = torch.empty(batch, num_heads, seq_len_q, dtype=torch.float32, device=q.device)
     if batch == 0 or seq_len_q == 0:
         return out, lse.fill_(float("-inf"))
-    args = attention_launch_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, dropout_p, seed,
-                                 *(packed[:2] if packed else ()))
-    varlen = packed is not None
-    block_d = max(16, next_power_of_2(head_dim))
-    flags = args["flags"]
-    order = heavy_first(causal, k, batch, seq_len_q)
+    inputs = attention_launch_args(prefix_k, prefix_index, key_padding_mask, alibi_slopes, seed,
+                                   *(packed[:2] if packed else ()))
+    tensors = (q, k, v, prefix_k, prefix_v, out, lse, *inputs)
+    # Everything the launch's other arguments are made of: the tensors' layouts, the options, the
+    # packed rows' longest lengths (in no shape) and the switches the launcher reads.
+    key = (tensor_layouts(tensors), q.device, causal, softmax_scale, dropout_p, softcap, window,
+           packed[2:] if packed else None, heavy_first_on(), input_precision(q.dtype))
+    plan = kept_plan(_PLANS, key)
+    if plan is None:
+        plan = _forward_plan(tensors, inputs, batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, head_dim, causal,
+                             softmax_scale, dropout_p, softcap, window, packed is not None)
+        keep_plan(_PLANS, key, plan)
+    plan.launch(tensors, launch_kernel)
+    return out, lse
 
-    def launch(config):
+
+_PLANS = plan_table()
+
+
+def _forward_plan(tensors, inputs, batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, head_dim, causal,
+                  softmax_scale, dropout_p, softcap, window, varlen) -> LaunchPlan:
+    """The forward's launch for these tensors (``prefix_attention_forward``'s order), its tile tuned
+    on first use (each candidate launched on them)."""
+    q, k, v, prefix_k, prefix_v, out = tensors[:6]
+    prefix_len = prefix_k.shape[-2]
+    block_d = max(16, next_power_of_2(head_dim))
+    order = heavy_first(causal, k, batch, seq_len_q)
+    flags = inputs.flags(dropout_p)
+    tail = (*bhsd_strides(q, varlen), *bhsd_strides(k, varlen), *bhsd_strides(v, varlen),
+            *prefix_strides(prefix_k), *prefix_strides(prefix_v), *bhsd_strides(out, varlen), *inputs.strides(),
+            num_heads, seq_len_q, seq_len_kv, prefix_len, head_dim, window if window is not None else 0,
+            float(softmax_scale), float(softcap) if softcap is not None else 1.0, float(dropout_p))
+    key = ("fwd", q.device.index, q.dtype, block_d, num_heads // num_kv_heads, causal,
+           next_power_of_2(seq_len_q), next_power_of_2(seq_len_kv + prefix_len),
+           tuple(sorted(flags.items())), softcap is not None, window is not None)
+
+    def plan_for(config):
         block_m, block_n, warps, stages = config
-        grid = grid_shape(cdiv(seq_len_q, block_m), num_heads, batch, order)
-        return launch_kernel(
-            prefix_attention_fwd_kernel, grid,
-            q, k, v, prefix_k, prefix_v, out, lse,
-            args["prefix_index"], args["kpm"], args["slopes"], args["positions"], args["seed"], args["cu_seqlens_q"],
-            args["cu_seqlens_k"], *bhsd_strides(q, varlen), *bhsd_strides(k, varlen), *bhsd_strides(v, varlen),
-            *args["prefix_k_strides"], *args["prefix_v_strides"], *bhsd_strides(out, varlen),
-            *args["kpm_strides"], *args["slope_strides"], *args["position_strides"],
-            num_heads, seq_len_q, seq_len_kv, prefix_len, head_dim,
-            window if window is not None else 0, float(softmax_scale),
-            float(softcap) if softcap is not None else 1.0, float(dropout_p),
-            GROUP=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
-            CAUSAL=causal, HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
-            INPUT_PRECISION=input_precision(q.dtype), HEAVY_FIRST=order, num_warps=warps, num_stages=stages,
-            **flags,
-        )
+        return LaunchPlan(
+            prefix_attention_fwd_kernel, grid_shape(cdiv(seq_len_q, block_m), num_heads, batch, order),
+            tail,
+            dict(GROUP=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                 EVEN_D=block_d == head_dim, CAUSAL=causal, HAS_SOFTCAP=softcap is not None,
+                 HAS_WINDOW=window is not None, INPUT_PRECISION=input_precision(q.dtype), HEAVY_FIRST=order,
+                 num_warps=warps, num_stages=stages, **flags),
+            key, config)
 
     def candidates():
         return fitting_configs("fwd", _configs(block_d, seq_len_q, q.dtype), block_d, q, fallback=(16, 32, 4, 1))
 
-    key = ("fwd", q.device.index, q.dtype, block_d, num_heads // num_kv_heads, causal,
-           next_power_of_2(seq_len_q), next_power_of_2(seq_len_kv + prefix_len),
-           tuple(sorted(flags.items())), softcap is not None, window is not None)
-    config = pick_config(key, candidates, launch)
-    launch(config)
-    return out, lse
+    config = pick_config(key, candidates, lambda config: plan_for(config).launch(tensors, launch_kernel))
+    return plan_for(config)

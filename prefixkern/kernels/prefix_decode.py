@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention_common import attention_launch_args, batch_row, load_tile, prefix_row
+from ._attention_common import attention_launch_args, batch_row, load_tile, prefix_row, prefix_strides
 from ._launch import cdiv, device_index, input_precision, launch_kernel, next_power_of_2, num_sms, pick_config
 from ._math import log2e
 from .prefix_attention_fwd import _attend_block
@@ -201,8 +201,8 @@ def prefix_decode_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pre
     group = num_heads // num_kv_heads
     block_m = max(16, next_power_of_2(group * seq_len_q))
     block_d = max(16, next_power_of_2(head_dim))
-    args = attention_launch_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask, None, 0.0, None)
-    flags = args["flags"]
+    args = attention_launch_args(prefix_k, prefix_index, key_padding_mask, None, None)
+    flags = args.flags(0.0)
     result = {}
 
     def launch(config):
@@ -213,9 +213,9 @@ def prefix_decode_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pre
         result["parts"] = out, lse
         return launch_kernel(
             prefix_decode_partial_kernel, (splits, num_kv_heads, batch),
-            q, k, v, prefix_k, prefix_v, out, lse, args["prefix_index"], args["kpm"],
-            *q.stride(), *k.stride(), *v.stride(), *args["prefix_k_strides"], *args["prefix_v_strides"],
-            *args["kpm_strides"],
+            q, k, v, prefix_k, prefix_v, out, lse, args.prefix_index, args.kpm,
+            *q.stride(), *k.stride(), *v.stride(), *prefix_strides(prefix_k), *prefix_strides(prefix_v),
+            *args.strides()[:2],
             num_heads, seq_len_q, cache_len, prefix_len, head_dim, chunk, float(softmax_scale),
             GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
             HAS_PREFIX_INDEX=flags["HAS_PREFIX_INDEX"], HAS_KPM=flags["HAS_KPM"],
