@@ -48,17 +48,21 @@ def _device() -> torch.device:
 @contextlib.contextmanager
 def _head_splits(enabled: bool):
     """With ``enabled``, every dK/dV launch shares a GQA group's heads out among programs (the
-    group's smallest divisor above 1), whatever the grid and row length."""
+    group's smallest divisor above 1), whatever the grid and row length. (The rule is replaced
+    outside the launch plans' keys: the kept plans are dropped on the way in and out.)"""
     from prefixkern.kernels import prefix_attention_bwd as bwd
+    from prefixkern.kernels._launch import forget_plans
 
     rule = bwd.dkdv_head_splits
     if enabled:
         bwd.dkdv_head_splits = lambda group, programs, seq_len_q, sms: next(
             (d for d in range(2, group + 1) if group % d == 0), 1)
+    forget_plans()
     try:
         yield
     finally:
         bwd.dkdv_head_splits = rule
+        forget_plans()
 
 
 def attention_case(rng: random.Random, seed: int, notes: list) -> None:
@@ -97,6 +101,15 @@ def attention_case(rng: random.Random, seed: int, notes: list) -> None:
         ref_leaves = [t.detach().clone().requires_grad_() for t in inputs]
         ref_out, ref_lse = reference.prefix_attention(*ref_leaves, return_lse=True, **kwargs)
         assert_matches_oracle(out, lse, ref_out, ref_lse, leaves, ref_leaves, case.dtype)
+        # The same call again takes the launch plans the first one kept: the same results bit for bit.
+        grads = [t.grad for t in leaves]
+        for t in leaves:
+            t.grad = None
+        with use_backend("triton"):
+            again, again_lse = prefixkern.prefix_attention(*call, return_lse=True, **kwargs)
+        again.backward(torch.randn(again.shape, generator=torch.Generator().manual_seed(1)).to(again))
+        assert torch.equal(again, out) and torch.equal(again_lse, lse), "replayed forward differs"
+        assert all(torch.equal(t.grad, g) for t, g in zip(leaves, grads)), "replayed backward differs"
 
 
 def varlen_case(rng: random.Random, seed: int, notes: list) -> None:
