@@ -31,7 +31,9 @@ rows is host time on this machine, not a GPU figure: what a GPU host spends in t
 ``prefixkern_raw_launch`` row is the patched step with ``PREFIXKERN_RAW_LAUNCH=1``: Triton binds a
 launch's arguments once, then the compiled kernel's launcher (here the compile-only driver's, which
 runs nothing) takes raw pointers; ``prefixkern_no_plans`` the patched step with
-``PREFIXKERN_LAUNCH_PLANS=0`` (every call recomputes its launches).
+``PREFIXKERN_LAUNCH_PLANS=0`` (every call recomputes its launches); ``prefixkern_bare_attention`` the
+patched step with the attention's launchers replaced by allocations of their outputs (the share of
+the gap that is the attention's launches). The rows are timed in rounds, each row once per round.
 
 The floor is timed twice: ``floor_no_prefix`` as it runs here, its SDPA computing on the CPU, and
 ``floor_sdpa_one_op`` with SDPA replaced by a stand-in whose host cost is one allocation forward
@@ -279,41 +281,80 @@ def main(argv=None) -> int:
         for impl, (prefill_ms, step_ms) in generate_host_times(args.layers).items():
             print(f"  {impl:10s} 1 token {prefill_ms:7.2f} ms   per decoding step {step_ms:6.2f} ms")
         return 0
-    times = {}
-    for impl in ("floor_no_prefix", FLOOR_ONE_OP) + IMPLS[1:] + ("prefixkern_raw_launch", "prefixkern_no_plans"):
-        base_impl = {FLOOR_ONE_OP: "floor_no_prefix", "prefixkern_raw_launch": "prefixkern",
-                     "prefixkern_no_plans": "prefixkern"}.get(impl, impl)
-        model = qwen2_shaped(base_impl, args.layers)
-        step = _step(model, base_impl)
-        if impl == FLOOR_ONE_OP:
-            step = _with_one_op_sdpa(step)
-        elif impl == "prefixkern_raw_launch":
-            step = with_raw_launch(step)
-        elif impl == "prefixkern_no_plans":
-            step = held(step, lambda: launch_plans(False))
+    steps = {impl: _step_of(impl, args.layers) for impl in STEP_ROWS}
+    for step in steps.values():
         for _ in range(2):      # compiles the kernels (first step), then warms up
             step()
-        samples = []
-        for _ in range(args.steps):
+    # In rounds, every row once per round: drift of the machine over the run reaches each alike.
+    samples = {impl: [] for impl in steps}
+    for _ in range(args.steps):
+        for impl, step in steps.items():
             start = time.perf_counter()
             step()
-            samples.append(time.perf_counter() - start)
-        times[impl] = statistics.median(samples) * 1e3
-        if args.profile and impl == "prefixkern":
-            import cProfile
-            import pstats
+            samples[impl].append(time.perf_counter() - start)
+    times = {impl: statistics.median(ms) * 1e3 for impl, ms in samples.items()}
+    if args.profile:
+        import cProfile
+        import pstats
 
-            profiler = cProfile.Profile()
-            profiler.enable()
-            for _ in range(5):
-                step()
-            profiler.disable()
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
-    print(f"host time per training step, {args.layers} layers, median of {args.steps} (CPU; Triton launches "
-          f"bound and looked up, not run); ratios to {FLOOR_ONE_OP}, the floor as a GPU host runs it:")
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(5):
+            steps["prefixkern"]()
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+    print(f"host time per training step, {args.layers} layers, median of {args.steps} rounds (CPU; Triton "
+          f"launches bound and looked up, not run); ratios to {FLOOR_ONE_OP}, the floor as a GPU host runs it:")
     for impl, ms in times.items():
         print(f"  {ms:8.2f} ms  {impl}  ({ms / times[FLOOR_ONE_OP]:.2f}x)")
     return 0
+
+
+# The rows of a training step, timed in turns (main).
+STEP_ROWS = ("floor_no_prefix", FLOOR_ONE_OP) + IMPLS[1:] + ("prefixkern_raw_launch", "prefixkern_no_plans",
+                                                             "prefixkern_bare_attention")
+
+
+def _step_of(impl: str, layers: int):
+    """A row's training step: the floor, the floor with SDPA as one op, stock PEFT, the patched
+    model, and the patched model with the raw launch, without launch plans, or with its attention
+    launchers replaced by bare allocations of their outputs (what the attention's launches cost:
+    the rest of the gap to the one-op floor)."""
+    base_impl = "floor_no_prefix" if impl == FLOOR_ONE_OP else "prefixkern" if impl.startswith("prefixkern") \
+        else impl
+    step = _step(qwen2_shaped(base_impl, layers), base_impl)
+    if impl == FLOOR_ONE_OP:
+        return _with_one_op_sdpa(step)
+    if impl == "prefixkern_raw_launch":
+        return with_raw_launch(step)
+    if impl == "prefixkern_no_plans":
+        return held(step, lambda: launch_plans(False))
+    if impl == "prefixkern_bare_attention":
+        return _with_bare_attention_launchers(step)
+    return step
+
+
+def _with_bare_attention_launchers(step):
+    """``step`` with the attention's kernel launchers replaced by allocations of what they return."""
+    from prefixkern.kernels import prefix_attention_bwd as bwd
+    from prefixkern.kernels import prefix_attention_fwd as fwd
+    from prefixkern.kernels._attention_common import empty_in_layout_of
+
+    def forward(q, k, v, prefix_k, prefix_v, **options):
+        return empty_in_layout_of(q), torch.empty(q.shape[:3], dtype=torch.float32)
+
+    def backward(dout, q, k, v, prefix_k, prefix_v, out, lse, **options):
+        return (empty_in_layout_of(q), empty_in_layout_of(k), empty_in_layout_of(v), torch.empty_like(prefix_k),
+                torch.empty_like(prefix_v))
+
+    def bare_step():
+        real = fwd.prefix_attention_forward, bwd.prefix_attention_backward
+        fwd.prefix_attention_forward, bwd.prefix_attention_backward = forward, backward
+        try:
+            return step()
+        finally:
+            fwd.prefix_attention_forward, bwd.prefix_attention_backward = real
+    return bare_step
 
 
 if __name__ == "__main__":

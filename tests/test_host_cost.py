@@ -52,7 +52,7 @@ def test_step_host_time_through_tritons_launch_path():
     launched through Triton's binding and cache (a compile-only driver): the floor (SDPA computing
     on the CPU, and SDPA as one op, the row the others are compared with), stock PEFT, the patched
     step, and the patched step again with raw-pointer launches (the compiled kernel's launcher
-    called directly) and without launch plans; it reports each. No compile leaves FP fusion to
+    called directly), without launch plans and with bare attention launchers; it reports each. No compile leaves FP fusion to
     Triton's default."""
     script = SCRIPT.parent / "host_step.py"
     result = subprocess.run([sys.executable, str(script), "--layers", "2", "--steps", "2"], capture_output=True,
@@ -60,7 +60,8 @@ def test_step_host_time_through_tritons_launch_path():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = re.findall(r"^\s+([\d.]+) ms\s+(\w+)\s+\(([\d.]+)x\)$", result.stdout, flags=re.M)
     assert [name for _, name, _ in rows] == ["floor_no_prefix", "floor_sdpa_one_op", "peft_sdpa", "prefixkern",
-                                             "prefixkern_raw_launch", "prefixkern_no_plans"]
+                                             "prefixkern_raw_launch", "prefixkern_no_plans",
+                                             "prefixkern_bare_attention"]
     assert all(float(ms) > 0 for ms, _, _ in rows)
     assert float(rows[1][2]) == 1.0
     # Every compile asked for FP fusion itself (launch_kernel), so Triton 3.9+ has no default to

@@ -264,9 +264,9 @@ def _raw_run(compiled, grid, values, constexprs) -> None:
 
 # PREFIXKERN_LAUNCH_PLANS=0: every call recomputes its launch (strides, grid, tile lookup,
 # constexprs) instead of taking it from the plan kept for its layout. A training step makes the
-# same attention calls, layer after layer and step after step; that recomputation was most of the
-# patched step's host time beyond the no-prefix floor's on this repo's CPU machine
-# (benchmarks/host_step.py).
+# same attention calls, layer after layer and step after step: a plan skips the launcher's own
+# Python on each (a few microseconds) and, under RAW_POINTERS, Triton's argument binding without
+# building an argument key, the larger part of a launch's host time (benchmarks/host_step.py).
 PLANS = os.environ.get("PREFIXKERN_LAUNCH_PLANS", "1") != "0"
 _PLANS_MAX = 4096           # layouts kept per launcher; past it its table starts over
 _PLAN_TABLES: list[dict] = []
