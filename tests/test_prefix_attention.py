@@ -1013,7 +1013,8 @@ def test_launch_plans_follow_the_switches_and_the_tuner(monkeypatch):
 @pytest.mark.smoke
 def test_raw_launch_equals_a_plain_launch(monkeypatch, device):
     """PREFIXKERN_RAW_LAUNCH=1 gives the same values and gradients bit for bit, padded and with
-    None for absent inputs."""
+    None for absent inputs: its first launches (through launch_kernel) and its later ones (the
+    compiled kernel the launch plans kept, given the tensors' addresses)."""
     from prefixkern.kernels import _launch
 
     def run(raw):
@@ -1026,8 +1027,15 @@ def test_raw_launch_equals_a_plain_launch(monkeypatch, device):
         plain = prefixkern.prefix_attention(*(t.detach() for t in inputs), causal=False)
         return [out, plain] + [t.grad for t in leaves]
 
-    for got, want in zip(run(True), run(False)):
-        assert torch.equal(got, want)
+    want = run(False)
+    first = run(True)
+    from prefixkern.kernels import prefix_attention_bwd, prefix_attention_fwd
+
+    assert all(plan.raw is not None for plan in prefix_attention_fwd._PLANS.values())
+    assert all(plan.dkdv.raw is not None for plan in prefix_attention_bwd._PLANS.values())
+    again = run(True)
+    for got_first, got_again, expected in zip(first, again, want):
+        assert torch.equal(got_first, expected) and torch.equal(got_again, expected)
 
 
 def test_output_and_gradients_keep_hf_layout(device):
