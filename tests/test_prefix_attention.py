@@ -952,7 +952,7 @@ def test_launch_plans_replay_the_launch_they_were_made_from(monkeypatch, case, d
         launches.clear()
         with bwd.one_launch_backward(one_launch):
             fwd.prefix_attention_forward(*inputs, **options)
-            # (The forward's output stands in for O and dO: known tensors, so compared by place.)
+            # (q stands in for O and dO: a known tensor, so its places are compared.)
             bwd.prefix_attention_backward(inputs[0], *inputs, inputs[0], lse, **options)
         return list(launches)
 
