@@ -754,16 +754,17 @@ def test_raw_launch_row_is_timed_interleaved_with_the_plain_launch(monkeypatch):
     assert note.startswith("interleaved with the plain launch on this model (2 rounds of 2 steps each)")
     assert ratio < 0.8 and "launch plans" not in note
 
-    # With the plain launch without launch plans as a third turn (2 ms here).
+    # With the plain launch without launch plans as a third turn (9 ms here: far enough from the
+    # plain launch's 3 that a loaded machine's late wake-ups keep the order).
     def unplanned():
         order.append("unplanned")
-        time.sleep(0.002)
+        time.sleep(0.009)
 
     order.clear()
-    note = interleaved_note(plain, raw, unplanned, rounds=2, calls=1)
-    assert order == ["plain", "raw", "unplanned"] * 2
+    note = interleaved_note(plain, raw, unplanned, rounds=3, calls=1)
+    assert order == ["plain", "raw", "unplanned"] * 3
     assert float(note.rsplit("raw/plain ", 1)[1].rstrip(")")) < 0.8
-    assert 1.2 < float(note.split("plain/unplanned ", 1)[1].split(")", 1)[0]) < 2.5
+    assert float(note.split("plain/unplanned ", 1)[1].split(")", 1)[0]) < 0.8
 
 
 def test_e2e_case_is_timed_again_with_the_floor_and_stock_peft_side_by_side(monkeypatch):
