@@ -45,6 +45,7 @@ step at 0.97x, while the H200 measured 1.27x).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -59,6 +60,7 @@ from triton.runtime import driver  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from _host_model import IMPLS, qwen2_shaped  # noqa: E402
+from prefixkern._backend import override_global  # noqa: E402
 from prefixkern.bench.common import held, with_raw_launch  # noqa: E402
 from prefixkern.kernels._launch import launch_plans  # noqa: E402
 
@@ -151,13 +153,7 @@ def _with_one_op_sdpa(step):
     arithmetic too, where a GPU host only launches it."""
     import torch.nn.functional as F
 
-    def one_op_step():
-        real, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _one_op_sdpa
-        try:
-            return step()
-        finally:
-            F.scaled_dot_product_attention = real
-    return one_op_step
+    return held(step, lambda: override_global(vars(F), "scaled_dot_product_attention", _one_op_sdpa))
 
 
 def _step(model, impl: str):
@@ -347,14 +343,12 @@ def _with_bare_attention_launchers(step):
         return (empty_in_layout_of(q), empty_in_layout_of(k), empty_in_layout_of(v), torch.empty_like(prefix_k),
                 torch.empty_like(prefix_v))
 
-    def bare_step():
-        real = fwd.prefix_attention_forward, bwd.prefix_attention_backward
-        fwd.prefix_attention_forward, bwd.prefix_attention_backward = forward, backward
-        try:
-            return step()
-        finally:
-            fwd.prefix_attention_forward, bwd.prefix_attention_backward = real
-    return bare_step
+    @contextlib.contextmanager
+    def bare_launchers():
+        with override_global(vars(fwd), "prefix_attention_forward", forward), \
+                override_global(vars(bwd), "prefix_attention_backward", backward):
+            yield
+    return held(step, bare_launchers)
 
 
 if __name__ == "__main__":

@@ -861,41 +861,6 @@ def test_raw_launch_of_a_plan_skips_the_argument_key(monkeypatch):
     assert len(general) == 3 and plain == [(3,)]
 
 
-def test_grids_stay_within_cuda_limits_for_many_rows_and_heads(monkeypatch):
-    """CUDA caps grid.y and grid.z at 65535: 1100 rows of 64 heads (70400 row-heads) must still
-    launch, so no launch puts rows times heads on one of those axes (launches recorded, not run)."""
-    from prefixkern.kernels import prefix_attention_bwd as bwd
-    from prefixkern.kernels import prefix_attention_fwd as fwd
-
-    class Launched:
-        n_spills = 0
-
-    grids = {}
-
-    def record(kernel, grid, *args, **meta):
-        grids[kernel.fn.__name__] = tuple(grid)
-        return Launched()
-
-    monkeypatch.setattr(fwd, "launch_kernel", record)
-    monkeypatch.setattr(bwd, "launch_kernel", record)
-    # The heavy-first grid and the launch order's; the backward in two launches and in one.
-    for causal, one_launch in itertools.product((True, False), (True, False)):
-        grids.clear()
-        q = torch.zeros(1100, 64, 1, 16)
-        k = v = torch.zeros(1100, 8, 1, 16)
-        pk = pv = torch.zeros(8, 2, 16)
-        options = dict(prefix_index=None, key_padding_mask=None, causal=causal, softmax_scale=0.25, dropout_p=0.0,
-                       seed=None, alibi_slopes=None, softcap=None, window=None)
-        out, lse = fwd.prefix_attention_forward(q, k, v, pk, pv, **options)
-        with bwd.one_launch_backward(one_launch):
-            bwd.prefix_attention_backward(out, q, k, v, pk, pv, out, lse, **options)
-        assert set(grids) == {"prefix_attention_fwd_kernel", "prefix_attention_bwd_dkdv_kernel"} | (
-            set() if one_launch else {"prefix_attention_bwd_dq_kernel"})
-        for name, grid in grids.items():
-            assert all(size <= 65535 for size in grid[1:]), (name, grid)
-            assert math.prod(grid) >= 1100 * 8, (name, grid)
-
-
 def _recorded_launches(monkeypatch, modules):
     """Record the launches of ``modules`` (launch_kernel stood in for; nothing runs): each as its
     kernel, grid, meta and arguments, a tensor argument given as its index among ``known`` (the
@@ -920,6 +885,32 @@ def _recorded_launches(monkeypatch, modules):
     for module in modules:
         monkeypatch.setattr(module, "launch_kernel", record)
     return launches, known
+
+
+def test_grids_stay_within_cuda_limits_for_many_rows_and_heads(monkeypatch):
+    """CUDA caps grid.y and grid.z at 65535: 1100 rows of 64 heads (70400 row-heads) must still
+    launch, so no launch puts rows times heads on one of those axes (launches recorded, not run)."""
+    from prefixkern.kernels import prefix_attention_bwd as bwd
+    from prefixkern.kernels import prefix_attention_fwd as fwd
+
+    launches, _ = _recorded_launches(monkeypatch, (fwd, bwd))
+    # The heavy-first grid and the launch order's; the backward in two launches and in one.
+    for causal, one_launch in itertools.product((True, False), (True, False)):
+        launches.clear()
+        q = torch.zeros(1100, 64, 1, 16)
+        k = v = torch.zeros(1100, 8, 1, 16)
+        pk = pv = torch.zeros(8, 2, 16)
+        options = dict(prefix_index=None, key_padding_mask=None, causal=causal, softmax_scale=0.25, dropout_p=0.0,
+                       seed=None, alibi_slopes=None, softcap=None, window=None)
+        out, lse = fwd.prefix_attention_forward(q, k, v, pk, pv, **options)
+        with bwd.one_launch_backward(one_launch):
+            bwd.prefix_attention_backward(out, q, k, v, pk, pv, out, lse, **options)
+        grids = {name: grid for name, grid, _, _ in launches}
+        assert set(grids) == {"prefix_attention_fwd_kernel", "prefix_attention_bwd_dkdv_kernel"} | (
+            set() if one_launch else {"prefix_attention_bwd_dq_kernel"})
+        for name, grid in grids.items():
+            assert all(size <= 65535 for size in grid[1:]), (name, grid)
+            assert math.prod(grid) >= 1100 * 8, (name, grid)
 
 
 PLAN_CASES = [

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .._backend import override_global, triton_interpret
-from ._launch import cdiv, device_index, launch_kernel, smem_bytes
+from ._launch import cdiv, device_index, input_precision, launch_kernel, smem_bytes, tensor_layouts
 from ._math import log2e, tanh
 
 # --------------------------------------------------------------------------------------------
@@ -40,11 +40,6 @@ from ._math import log2e, tanh
 # and -8k; 128 at 32k). PREFIXKERN_HEAVY_FIRST=0 launches in the old order. Untimed on a GPU so
 # far: the attention suite's prefixkern_in_order row times it.
 HEAVY_FIRST = os.environ.get("PREFIXKERN_HEAVY_FIRST", "1") != "0"
-
-
-def heavy_first_on() -> bool:
-    """``HEAVY_FIRST`` as it stands (what a launch plan's key reads)."""
-    return HEAVY_FIRST
 
 
 def heavy_first_scheduling(enabled: bool = True):
@@ -419,6 +414,16 @@ def attention_launch_args(prefix_k, prefix_index, key_padding_mask, alibi_slopes
     else:
         slopes = positions = None
     return LaunchInputs(prefix_index, kpm, slopes, positions, seed, cu_seqlens_q, cu_seqlens_k)
+
+
+def attention_plan_key(tensors, causal: bool, softmax_scale: float, dropout_p: float, softcap: float | None,
+                       window: int | None, packed: PackedRows | None) -> tuple:
+    """What an attention launch's non-tensor arguments are made of, the key of its launch plan:
+    its tensors' layouts (``tensors[0]`` is q), the options, the packed rows' longest lengths (in
+    no shape) and the switches every attention launcher reads (a launcher adds its own)."""
+    q = tensors[0]
+    return (tensor_layouts(tensors), q.device, causal, softmax_scale, dropout_p, softcap, window,
+            packed[2:] if packed else None, HEAVY_FIRST, input_precision(q.dtype))
 
 
 def config_bucket(head_dim_block: int, elem_bytes: int) -> tuple[int, int]:

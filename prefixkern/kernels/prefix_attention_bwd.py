@@ -31,6 +31,7 @@ from ._attention_common import (
     alibi_sequence_positions,
     attention_dims,
     attention_launch_args,
+    attention_plan_key,
     batch_row,
     bhsd_strides,
     config_bucket,
@@ -40,7 +41,6 @@ from ._attention_common import (
     grid_program,
     grid_shape,
     heavy_first,
-    heavy_first_on,
     load_tile,
     packed_row,
     prefix_row,
@@ -53,7 +53,7 @@ from ._attention_common import (
 )
 from .._backend import override_global
 from ._launch import (LaunchPlan, cdiv, device_index, input_precision, keep_plan, kept_plan, launch_kernel,
-                      next_power_of_2, num_sms, pick_config, plan_table, tensor_layouts)
+                      next_power_of_2, num_sms, pick_config, plan_table)
 from ._math import dot, log2e
 
 __all__ = ["prefix_attention_backward"]
@@ -773,11 +773,9 @@ def prefix_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     inputs = attention_launch_args(prefix_k, prefix_index, key_padding_mask, alibi_slopes, seed,
                                    *(packed[:2] if packed else ()))
     dense = (q, k, v, prefix_k, prefix_v, out, dout, lse, dq, dk, dv)
-    # What the launches' other arguments are made of (see prefix_attention_forward), and the
-    # switches that pick one launch or two and the dK/dV head splits.
-    key = (tensor_layouts(dense + inputs), q.device, causal, softmax_scale, dropout_p, softcap, window,
-           packed[2:] if packed else None, heavy_first_on(), input_precision(q.dtype), ONE_LAUNCH_BACKWARD,
-           ONE_LAUNCH_MAX_QUERIES, ONE_LAUNCH_MAX_WORK, DKDV_HEAD_SPLITS, DKDV_SPLIT_MIN_QUERIES)
+    # With the switches that pick one launch or two and the dK/dV head splits.
+    key = attention_plan_key(dense + inputs, causal, softmax_scale, dropout_p, softcap, window, packed) + (
+        ONE_LAUNCH_BACKWARD, ONE_LAUNCH_MAX_QUERIES, ONE_LAUNCH_MAX_WORK, DKDV_HEAD_SPLITS, DKDV_SPLIT_MIN_QUERIES)
     plan = kept_plan(_PLANS, key)
     if plan is None:
         plan = _backward_plan(dense, inputs, batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, head_dim, causal,
@@ -953,12 +951,13 @@ def _backward_plan(dense, inputs, batch, num_heads, num_kv_heads, seq_len_q, seq
                                 lambda: fitting_configs("dq", DQ_CONFIGS[bucket], block_d, q, fallback=(16, 16, 4, 1)),
                                 lambda config: dq_plan(config).launch(dq_tensors, launch_kernel))
         dq_launch = dq_plan(dq_config)
-    delta_written = []
+    delta_written = False
 
     def tuning_launch(config):
+        nonlocal delta_written
         if dq_launch is not None and not delta_written:     # the delta the dK/dV candidates read
             dq_launch.launch(dq_tensors, launch_kernel)
-            delta_written.append(True)
+            delta_written = True
         return dkdv_plan(config, dq_launch).launch_dkdv(dense, inputs, delta)[0]
 
     # (The one-launch kernel's shared memory is its larger role's: the dQ programs' at wide key tiles.)

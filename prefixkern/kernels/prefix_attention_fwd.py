@@ -12,12 +12,13 @@ import triton
 import triton.language as tl
 
 from ._launch import (LaunchPlan, cdiv, input_precision, keep_plan, kept_plan, launch_kernel, next_power_of_2,
-                      pick_config, plan_table, tensor_layouts)
+                      pick_config, plan_table)
 from ._math import dot, log2e
 from ._attention_common import (
     PackedRows,
     alibi_sequence_positions,
     attention_dims,
+    attention_plan_key,
     attention_launch_args,
     batch_row,
     bhsd_strides,
@@ -28,7 +29,6 @@ from ._attention_common import (
     grid_program,
     grid_shape,
     heavy_first,
-    heavy_first_on,
     load_tile,
     packed_row,
     prefix_row,
@@ -263,10 +263,7 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     inputs = attention_launch_args(prefix_k, prefix_index, key_padding_mask, alibi_slopes, seed,
                                    *(packed[:2] if packed else ()))
     tensors = (q, k, v, prefix_k, prefix_v, out, lse, *inputs)
-    # Everything the launch's other arguments are made of: the tensors' layouts, the options, the
-    # packed rows' longest lengths (in no shape) and the switches the launcher reads.
-    key = (tensor_layouts(tensors), q.device, causal, softmax_scale, dropout_p, softcap, window,
-           packed[2:] if packed else None, heavy_first_on(), input_precision(q.dtype))
+    key = attention_plan_key(tensors, causal, softmax_scale, dropout_p, softcap, window, packed)
     plan = kept_plan(_PLANS, key)
     if plan is None:
         plan = _forward_plan(tensors, inputs, batch, num_heads, num_kv_heads, seq_len_q, seq_len_kv, head_dim, causal,
