@@ -32,6 +32,23 @@ def assert_same_values_and_gradients(out, other, leaves, other_leaves):
         assert torch.equal(got.grad, want.grad)
 
 
+def record_launches(monkeypatch, modules, entry=lambda kernel, meta: (kernel.fn.__name__, meta)) -> list:
+    """``entry(kernel, constexprs and launch options)`` of every launch the op makes from now on
+    through ``modules``' ``launch_kernel``, in launch order. The tuner's own launches (on a GPU it
+    launches a candidate to compile it and read its spills before the op's launch, autotuning off
+    or not) are not the op's: left out, so a count holds on the first call of a shape and later."""
+    from prefixkern.kernels import _launch
+
+    launched = []
+    for module in modules:
+        def recording(kernel, grid, *args, real=module.launch_kernel, **meta):
+            if not _launch.tuning():
+                launched.append(entry(kernel, meta))
+            return real(kernel, grid, *args, **meta)
+        monkeypatch.setattr(module, "launch_kernel", recording)
+    return launched
+
+
 @pytest.fixture(autouse=True)
 def _fresh_launch_plans():
     """Each test starts without kept launch plans: tests replace launcher helpers and tables

@@ -124,6 +124,7 @@ def test_pick_config_times_only_spill_free_candidates(monkeypatch):
     current = {}
 
     def launch(config):
+        assert common.tuning()      # every candidate launch is the tuner's (test recorders skip them)
         if config == "d":
             raise RuntimeError("out of resources")   # a tile that does not fit: skipped
         current["config"] = config
@@ -167,6 +168,13 @@ def test_pick_config_times_only_spill_free_candidates(monkeypatch):
     spills.update(c=8)
     assert common.pick_config(("test", 6), ["d", "b", "c"], recorded) == "b"     # every one spills: the first
     assert common.pick_config(("test", 7), ["d"], recorded) == "d"              # a single one is not launched
+    assert not common.tuning()      # reset after the tuner's launches, a failed one's included
+
+    def failing(config):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        common.pick_config(("test", 8), ["a", "b"], failing)
+    assert not common.tuning()
 
 
 def test_index_values_are_read_once_per_tensor_and_version(monkeypatch):

@@ -12,7 +12,7 @@ from prefixkern import reference
 from prefixkern._backend import triton_interpret
 from prefixkern.ops import decode_attention
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, record_launches
 
 
 def _inputs(B, Hq, Hkv, Sq, L, P, D, dtype, device, prefix="shared", padding=False, seed=0):
@@ -134,14 +134,7 @@ def test_triton_decode_step_is_two_launches(monkeypatch):
     # Chunks are whole key tiles: on a GPU (64-key tiles and up) 40 keys were one chunk, merged by nothing.
     cache_len = 40 if triton_interpret() else 1000
     inputs, kw = _inputs(2, 4, 2, 1, cache_len, 7, 32, torch.float32, device, prefix="shared", padding=True)
-    launched = []
-    real_launch = prefix_decode.launch_kernel
-
-    def recording_launch(kernel, grid, *args, **meta):
-        launched.append(kernel.fn.__name__)
-        return real_launch(kernel, grid, *args, **meta)
-
-    monkeypatch.setattr(prefix_decode, "launch_kernel", recording_launch)
+    launched = record_launches(monkeypatch, (prefix_decode,), lambda kernel, meta: kernel.fn.__name__)
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class TorchMerge(TorchDispatchMode):       # the torch merge's first op

@@ -18,7 +18,7 @@ import prefixkern
 from prefixkern import reference
 from prefixkern._backend import use_backend
 
-from conftest import HAS_CUDA, TOLERANCES, assert_same_values_and_gradients
+from conftest import HAS_CUDA, TOLERANCES, assert_same_values_and_gradients, record_launches
 
 
 @dataclass(frozen=True)
@@ -385,13 +385,7 @@ def _record_attention_launches(monkeypatch) -> list:
     from prefixkern.kernels import prefix_attention_bwd as bwd
     from prefixkern.kernels import prefix_attention_fwd as fwd
 
-    launched = []
-    for module in (fwd, bwd):
-        def recording(kernel, grid, *args, real=module.launch_kernel, **meta):
-            launched.append((kernel.fn.__name__, meta))
-            return real(kernel, grid, *args, **meta)
-        monkeypatch.setattr(module, "launch_kernel", recording)
-    return launched
+    return record_launches(monkeypatch, (fwd, bwd))
 
 
 # Heaviest first with the backward in one launch, launch order with two (one case count for both

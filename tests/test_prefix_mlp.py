@@ -15,7 +15,7 @@ from prefixkern import reference
 from prefixkern.ops.prefix_mlp import fused_prefix_mlp
 from prefixkern.prefix_encoder import PrefixEncoder
 
-from conftest import HAS_CUDA, TOLERANCES, assert_same_values_and_gradients
+from conftest import HAS_CUDA, TOLERANCES, assert_same_values_and_gradients, record_launches
 
 SMALL = dict(num_layers=2, num_kv_heads=2, head_dim=12)   # N = 96, token_dim d = 24
 SMALL_HIDDEN = 20
@@ -460,14 +460,7 @@ def _record_launches(monkeypatch) -> list:
     on, in launch order."""
     from prefixkern.kernels import prefix_mlp as kernels
 
-    launched, real_launch = [], kernels.launch_kernel
-
-    def recording_launch(kernel, grid, *args, **meta):
-        launched.append((kernel.fn.__name__, meta))
-        return real_launch(kernel, grid, *args, **meta)
-
-    monkeypatch.setattr(kernels, "launch_kernel", recording_launch)
-    return launched
+    return record_launches(monkeypatch, (kernels,))
 
 
 def test_two_launch_backward_tiles_only_where_w2_is_large(monkeypatch):

@@ -103,6 +103,17 @@ def pick_config(key, candidates, launch):
     return config
 
 
+# Whether the tuner is launching candidates now: a GPU launches each candidate it compiles or times
+# on the op's own tensors before the op's launch (PREFIXKERN_AUTOTUNE=0 included, which launches the
+# first candidate to read its spills), so code that counts an op's launches skips these.
+_TUNING = False
+
+
+def tuning() -> bool:
+    """Whether the launch being made is the tuner's (a candidate compiled or timed), not the op's."""
+    return _TUNING
+
+
 def _tune(key, candidates, launch):
     if key in _TUNED:
         return _TUNED[key]
@@ -111,11 +122,20 @@ def _tune(key, candidates, launch):
     if len(candidates) == 1 or not torch.cuda.is_available():
         _TUNED[key] = candidates[0]
         return candidates[0]
+    global _TUNING
+    outer, _TUNING = _TUNING, True
+    try:
+        _TUNED[key] = _tuned_config(candidates, launch)
+    finally:
+        _TUNING = outer
+    return _TUNED[key]
+
+
+def _tuned_config(candidates, launch):
     if os.environ.get("PREFIXKERN_AUTOTUNE", "1") == "0":
         # No timing (the GPU test grid, which would otherwise spend its time tuning hundreds of
         # one-off shapes): the first candidate that compiles without spills here.
-        _TUNED[key] = _first_spill_free(candidates, launch)
-        return _TUNED[key]
+        return _first_spill_free(candidates, launch)
     launched = list(_compiled(candidates, launch))
     timed = [config for config, spills in launched if spills == 0] or [config for config, _ in launched]
     best, best_ms = candidates[0], float("inf")
@@ -123,7 +143,6 @@ def _tune(key, candidates, launch):
         ms = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
         if ms < best_ms:
             best, best_ms = config, ms
-    _TUNED[key] = best
     return best
 
 
