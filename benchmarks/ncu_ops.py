@@ -1,10 +1,13 @@
 """One suite shape's op, called a few times and nothing else, for Nsight Compute: where a kernel's
 time goes (DRAM throughput against issue slots, stalls, occupancy), which the suites' timings alone
 cannot say. The warm calls (autotuning, the CUDA ops' build and self-check, whose launches are other
-shapes) run outside the NVTX range ``ncu_ops``; the last call runs inside it, so
-``--nvtx-include "ncu_ops/"`` profiles that call's kernels only. Needs a GPU:
+shapes) run before the profiler is started; the last call runs between ``cudaProfilerStart`` and
+``cudaProfilerStop`` (and inside the NVTX range ``ncu_ops``), so ``--profile-from-start off``
+profiles that call's kernels only. Not ``--nvtx-include "ncu_ops/"``: an NVTX range is the host
+thread's, and autograd launches a backward's kernels from its own thread (the 2026-11-27 H200 run
+profiled the MLP's forward kernels only that way). Needs a GPU:
 
-    ncu --clock-control none --nvtx --nvtx-include "ncu_ops/" --section SpeedOfLight \\
+    ncu --clock-control none --profile-from-start off --section SpeedOfLight \\
         --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \\
         --section SchedulerStats --section LaunchStats python3 benchmarks/ncu_ops.py decode
 
@@ -92,12 +95,14 @@ def run(args, device: str) -> int:
         call()
     if device == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.profiler.start()
         with torch.cuda.nvtx.range("ncu_ops"):
             call()
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()        # (the backward's kernels, launched by autograd's thread)
+        torch.cuda.profiler.stop()
     else:
         call()
-    print(f"{label}: {args.calls} calls, the last inside the NVTX range ncu_ops")
+    print(f"{label}: {args.calls} calls, the last between cudaProfilerStart and cudaProfilerStop")
     return 0
 
 

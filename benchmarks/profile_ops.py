@@ -368,13 +368,14 @@ def launch_overheads() -> None:
     rows.time("with torch.cuda.device(x.device): pass", device_guard)
     rows.time("torch.empty(64, device='cuda')", lambda: torch.empty(64, device="cuda"))
 
-    fwd_args, bwd_args = attention_bench.op_args(attention_bench.SHAPES["seed-qwen"], "cuda", torch.bfloat16)
-    rows.time("seed-qwen fwd launcher, direct", lambda: _forward_launch(*fwd_args), 300)
-    rows.time("seed-qwen fwd, custom op", lambda: torch.ops.prefixkern.prefix_attention_fwd(*fwd_args), 300)
-    rows.time("seed-qwen bwd launcher, direct", lambda: _backward_launch(*bwd_args), 300)
-    rows.time("seed-qwen bwd, custom op", lambda: torch.ops.prefixkern.prefix_attention_bwd(*bwd_args), 300)
     from prefixkern.kernels._launch import raw_pointer_launches
 
+    fwd_args, bwd_args = attention_bench.op_args(attention_bench.SHAPES["seed-qwen"], "cuda", torch.bfloat16)
+    with raw_pointer_launches(False):     # the plain launch, whatever this Triton's default
+        rows.time("seed-qwen fwd launcher, direct", lambda: _forward_launch(*fwd_args), 300)
+        rows.time("seed-qwen fwd, custom op", lambda: torch.ops.prefixkern.prefix_attention_fwd(*fwd_args), 300)
+        rows.time("seed-qwen bwd launcher, direct", lambda: _backward_launch(*bwd_args), 300)
+        rows.time("seed-qwen bwd, custom op", lambda: torch.ops.prefixkern.prefix_attention_bwd(*bwd_args), 300)
     with raw_pointer_launches():      # PREFIXKERN_RAW_LAUNCH=1
         rows.time("seed-qwen fwd launcher, raw pointers", lambda: _forward_launch(*fwd_args), 300)
         rows.time("seed-qwen bwd launcher, raw pointers", lambda: _backward_launch(*bwd_args), 300)

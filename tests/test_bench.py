@@ -239,6 +239,7 @@ def test_raw_launch_rows_hold_their_setting_through_the_backward(monkeypatch):
     from prefixkern.kernels import prefix_attention_bwd, prefix_attention_fwd
     from prefixkern.kernels import prefix_mlp as mlp_kernels
 
+    monkeypatch.setattr(_launch, "RAW_POINTERS", False)     # the plain launch's default (Triton 3.6 launches raw)
     opts = Options(torch.device("cpu"), torch.bfloat16, True, ("prefixkern", "prefixkern_raw_launch"), None, False)
     with prefixkern.use_backend("triton"):
         _, attention_skips = attention_suite.run(opts, lambda message: None)
@@ -767,6 +768,34 @@ def test_raw_launch_row_is_timed_interleaved_with_the_plain_launch(monkeypatch):
     assert float(note.split("plain/unplanned ", 1)[1].split(")", 1)[0]) < 0.8
 
 
+def test_raw_launch_default_follows_the_checked_triton_releases(monkeypatch):
+    """The raw-pointer launch is the default on the Triton releases whose launcher convention a
+    GPU run checked (3.6), the plain launch elsewhere; PREFIXKERN_RAW_LAUNCH forces either. Where
+    it is the default the prefixkern row launches raw: the prefixkern_raw_launch row is skipped as
+    the same row, and the e2e suite's interleaved raw/plain note moves to the prefixkern row."""
+    from prefixkern.bench import e2e
+    from prefixkern.bench.common import Options, raw_launch_skip
+    from prefixkern.kernels import _launch
+
+    monkeypatch.delenv("PREFIXKERN_RAW_LAUNCH", raising=False)
+    for version, default in (("3.6.0", True), ("3.6.1+git", True), ("3.5.1", False), ("3.9.0", False),
+                             ("3.60.0", False)):
+        monkeypatch.setattr(_launch.triton, "__version__", version)
+        assert _launch._raw_pointers_default() is default, version
+        monkeypatch.setenv("PREFIXKERN_RAW_LAUNCH", "0" if default else "1")
+        assert _launch._raw_pointers_default() is not default, version
+        monkeypatch.delenv("PREFIXKERN_RAW_LAUNCH")
+
+    on_gpu = Options(torch.device("cpu"), torch.bfloat16, True, None, None, True)
+    on_cpu = Options(torch.device("cpu"), torch.bfloat16, True, None, None, False)
+    monkeypatch.setattr(_launch, "RAW_POINTERS", True)
+    assert "launches raw already" in raw_launch_skip(on_gpu) and "need a GPU" in raw_launch_skip(on_cpu)
+    assert e2e._raw_launch_row() == "prefixkern"
+    monkeypatch.setattr(_launch, "RAW_POINTERS", False)
+    assert raw_launch_skip(on_gpu) is None
+    assert e2e._raw_launch_row() == "prefixkern_raw_launch"
+
+
 def test_e2e_case_is_timed_again_with_the_floor_and_stock_peft_side_by_side(monkeypatch):
     """On a GPU every training case gets a "<case>-interleaved" copy: the floor, stock PEFT + sdpa
     and the patched model built together and timed in turns (rows timed minutes apart carry a
@@ -1029,4 +1058,4 @@ def test_ncu_ops_targets_run_and_say_when_they_cannot(capsys):
 def test_gpu_ncu_ops_runs_its_calls(argv, capsys):
     """The script the runbook runs under ncu: its calls run, outside ncu too."""
     assert _ncu_ops().main(["--calls", "2", *argv]) == 0
-    assert "2 calls, the last inside the NVTX range" in capsys.readouterr().out
+    assert "2 calls, the last between cudaProfilerStart and cudaProfilerStop" in capsys.readouterr().out

@@ -152,8 +152,16 @@ def spread_note(samples: list[float]) -> str:
 
 
 def raw_launch_skip(opts: Options) -> str | None:
-    """Why a ``prefixkern_raw_launch`` row does not run here (None: it does)."""
-    return None if opts.on_gpu else "raw-pointer launches need a GPU"
+    """Why a ``prefixkern_raw_launch`` row does not run here (None: it does): it would be the
+    ``prefixkern`` row again where the raw launch is the default (the e2e suite's note on that row
+    then times the plain launch beside it; PREFIXKERN_RAW_LAUNCH=0 runs every row on the plain one)."""
+    from ..kernels._launch import RAW_POINTERS
+
+    if not opts.on_gpu:
+        return "raw-pointer launches need a GPU"
+    if RAW_POINTERS:
+        return "the prefixkern row launches raw already (the default on this Triton); PREFIXKERN_RAW_LAUNCH=0 times the plain launch"
+    return None
 
 
 def held(fn: Callable[[], object], setting: Callable[[], object]) -> Callable[[], object]:
@@ -165,13 +173,14 @@ def held(fn: Callable[[], object], setting: Callable[[], object]) -> Callable[[]
     return held_fn
 
 
-def with_raw_launch(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` with PREFIXKERN_RAW_LAUNCH=1 (experimental, off by default: Triton binds a launch's
-    arguments once per argument key and its compiled launcher takes raw pointers), held through
-    all of ``fn``: what the ``prefixkern_raw_launch`` rows time."""
+def with_raw_launch(fn: Callable[[], object], enabled: bool = True) -> Callable[[], object]:
+    """``fn`` with the raw-pointer launch (PREFIXKERN_RAW_LAUNCH=1: Triton binds a launch's
+    arguments once per argument key and its compiled launcher takes raw pointers) on, or off with
+    ``enabled=False``, held through all of ``fn``: what the ``prefixkern_raw_launch`` rows and the
+    e2e suite's interleaved raw/plain note time."""
     from ..kernels._launch import raw_pointer_launches
 
-    return held(fn, raw_pointer_launches)
+    return held(fn, lambda: raw_pointer_launches(enabled))
 
 
 def release_models(on_gpu: bool) -> None:

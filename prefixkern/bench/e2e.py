@@ -172,6 +172,14 @@ def interleaved_times(steps: dict, rounds: int, calls: int) -> dict[str, list[fl
     return times
 
 
+def _raw_launch_row() -> str:
+    """The row that launches raw and carries the interleaved raw/plain note: ``prefixkern`` where
+    the raw launch is the default (``prefixkern_raw_launch`` is then skipped as the same row)."""
+    from ..kernels._launch import RAW_POINTERS
+
+    return "prefixkern" if RAW_POINTERS else "prefixkern_raw_launch"
+
+
 def interleaved_note(plain, raw, unplanned=None, rounds: int = 6, calls: int = 3) -> str:
     """The plain and the raw-pointer launch (and, given ``unplanned``, the plain launch without
     launch plans) timed in alternating rounds on the same model (``interleaved_times``): the
@@ -477,12 +485,13 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                     try:
                         records.append(measure_step(opts, record, step, batch * seq_len, losses,
                                                     check=eager != "floor_no_prefix", model=model))
-                        if impl == "prefixkern_raw_launch" and opts.on_gpu and record.ms:
+                        if impl == _raw_launch_row() and opts.on_gpu and record.ms:
                             from ..kernels._launch import launch_plans
 
-                            plain = _step_fn(model, "prefixkern", input_ids, attention_mask, labels)
+                            patched = _step_fn(model, "prefixkern", input_ids, attention_mask, labels)
+                            plain = with_raw_launch(patched, enabled=False)
                             unplanned = held(plain, lambda: launch_plans(False))
-                            record.add_note(interleaved_note(plain, step, unplanned))
+                            record.add_note(interleaved_note(plain, with_raw_launch(patched), unplanned))
                     except Exception as exc:   # a baseline that cannot: stock PEFT's task heads on transformers 5.24
                         # Ours failing is a result too: a failed row (below), and the suite goes on,
                         # so a GPU session does not lose the rows after it.

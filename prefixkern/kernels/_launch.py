@@ -171,10 +171,23 @@ def _first_spill_free(candidates, launch):
     return first_compiled if first_compiled is not None else candidates[0]
 
 
-# PREFIXKERN_RAW_LAUNCH=1: `launch_kernel` looks the compiled kernel up itself and hands Triton's
-# C launcher raw pointers (see there). Off by default until a GPU run has timed it against the
-# plain launch (benchmarks/profile_ops.py launch, the e2e suite's prefixkern_raw_launch row).
-RAW_POINTERS = os.environ.get("PREFIXKERN_RAW_LAUNCH", "0") == "1"
+# The raw-pointer launch: `launch_kernel` looks the compiled kernel up itself and hands Triton's
+# C launcher raw pointers (see there). On by default on the Triton releases whose launcher it was
+# checked against on a GPU (test_raw_launch_equals_a_plain_launch; the H200, 2026-11-27: the training
+# step 83 against 90 ms, interleaved 0.935 of the plain launch's time), since it calls the launcher
+# by the convention of Triton's own JITFunction.run, which a release may change.
+# PREFIXKERN_RAW_LAUNCH=1 or 0 forces it either way.
+RAW_LAUNCH_CHECKED_TRITON = ("3.6",)
+
+
+def _raw_pointers_default() -> bool:
+    setting = os.environ.get("PREFIXKERN_RAW_LAUNCH")
+    if setting is not None:
+        return setting == "1"
+    return ".".join(triton.__version__.split(".")[:2]) in RAW_LAUNCH_CHECKED_TRITON
+
+
+RAW_POINTERS = _raw_pointers_default()
 # (kernel, device, constexprs, argument key) -> (compiled kernel, its constexpr values in signature order)
 _RAW_LAUNCHES: dict[tuple, tuple] = {}
 _RAW_LAUNCHES_MAX = 4096      # distinct shapes and layouts kept; past it the table starts over
