@@ -3,6 +3,7 @@ against the reference. The CUDA kernels run under ``-m gpu``; CI compiles them (
 import contextlib
 import itertools
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,7 +86,8 @@ def test_triton_decode_kernel_against_the_reference(case, monkeypatch):
     launcher = prefix_decode.prefix_decode_partial
     monkeypatch.setattr(prefix_decode, "prefix_decode_partial",
                         lambda *a, **k: chunks.append(k["num_splits"]) or launcher(*a, **k))
-    with prefixkern.use_backend("triton"):
+    # (On a GPU small calls go to the general kernel, measured faster there: the decode kernel forced.)
+    with prefixkern.use_backend("triton"), decode_attention.triton_decode_everywhere():
         got, lse = prefixkern.prefix_decode_attention(*inputs, num_splits=splits, return_lse=True, **kw)
         stepped = decode_attention.decode_step(*inputs, softmax_scale=None, **kw)
     assert chunks == [splits, 0]                  # both calls took the decode kernel
@@ -144,7 +146,7 @@ def test_triton_decode_step_is_two_launches(monkeypatch):
             TorchMerge.ran |= func.overloadpacket.__name__ == "logsumexp"
             return func(*args, **(kwargs or {}))
 
-    with prefixkern.use_backend("triton"), TorchMerge():
+    with prefixkern.use_backend("triton"), decode_attention.triton_decode_everywhere(), TorchMerge():
         got = prefixkern.prefix_decode_attention(*inputs, num_splits=3, **kw)
     assert launched == ["prefix_decode_partial_kernel", "prefix_decode_merge_kernel"]
     assert not TorchMerge.ran, "the torch merge ran"
@@ -308,6 +310,67 @@ def test_cuda_path_python_side_against_the_reference(P, L, monkeypatch):
                 out, lse = prefixkern.prefix_decode_attention(*inputs, prefix_gemm=gemm, return_lse=True, **kw)
             torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
             torch.testing.assert_close(lse, expected_lse, atol=1e-3, rtol=1e-3)
+
+
+DECODE_GRID_RUN = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "2026-11-27_1223_NVIDIA-H200.json"
+
+
+def test_decode_routing_takes_the_faster_kernel_at_every_point_of_the_h200_grid():
+    """The routing constants against the run they were read from (the decode grid committed in
+    benchmarks/results: Llama-3-8B heads, 2 prefixes x 3 caches x 3 batches): the Triton decode
+    kernel or the general kernel where the CUDA kernels are not built, and the CUDA kernel or the
+    Triton decode kernel where they are, whichever that run timed faster, at all 18 points."""
+    import json
+
+    from prefixkern.bench.decode import D, HKV
+
+    times = {}
+    for record in json.loads(DECODE_GRID_RUN.read_text())["records"]:
+        if record["suite"] == "decode" and record["pass"] == "fwd":
+            times.setdefault(record["case"], {})[record["impl"]] = record["ms"]
+    assert len(times) == 18
+    for case, ms in times.items():
+        prefix, cache, batch = (int(part[1:]) for part in case.split("-"))
+        k = torch.empty(batch, HKV, cache, D, dtype=torch.bfloat16, device="meta")
+        decode_kernel = decode_attention.triton_decode_is_faster(batch * HKV, prefix + cache)
+        assert decode_kernel == (ms["prefixkern_triton_decode"] < ms["prefixkern_triton"]), (case, ms)
+        gives_way = decode_attention._cache_kv_bytes(k) >= decode_attention.CUDA_DECODE_MAX_KV_BYTES
+        assert gives_way == (ms["prefixkern_triton_decode"] < ms["prefixkern"]), (case, ms)
+        assert not gives_way or decode_kernel       # the CUDA kernel gives way to the decode kernel only
+
+
+def test_cuda_kernel_gives_way_to_the_triton_decode_kernel_over_large_caches(monkeypatch):
+    """From CUDA_DECODE_MAX_KV_BYTES of cache K/V the CUDA ops are not asked (the Triton decode
+    kernel takes the call where it serves it), unless the call asked for a CUDA variant (the
+    prefix GEMM, tensor cores); below, and in decode_step, the CUDA ops as before."""
+    from prefixkern import _cuda_build
+
+    ops = _ReferenceCudaOps()
+    monkeypatch.setattr(_cuda_build, "cuda_ops", lambda: ops)
+    monkeypatch.setattr(_cuda_build, "tensor_cores_usable", lambda index: True)
+    monkeypatch.setattr(decode_attention, "cuda_decode_supported", lambda *args, **kwargs: True)
+    serves = []
+    monkeypatch.setattr(decode_attention, "_triton_decode_serves", lambda q, k, prefix_len: (
+        serves.append(prefix_len), True)[1])
+    inputs, kw = _inputs(2, 4, 2, 1, 9, 5, 64, torch.bfloat16, "cpu")
+    q, k, v, pk, pv = inputs
+    size = decode_attention._cache_kv_bytes(k)
+    assert size == 2 * 2 * 2 * 9 * 64 * 2
+    with prefixkern.use_backend("auto"):
+        monkeypatch.setattr(decode_attention, "CUDA_DECODE_MAX_KV_BYTES", size + 1)
+        assert decode_attention._cuda_ops_serving(*inputs) is ops and serves == []
+        monkeypatch.setattr(decode_attention, "CUDA_DECODE_MAX_KV_BYTES", size)
+        assert decode_attention._cuda_ops_serving(*inputs) is None and serves == [5]
+        assert decode_attention._cuda_ops_serving(*inputs, may_give_way=False) is ops
+        # The public op and decode_step: the large cache's call leaves the CUDA ops (the reference
+        # stand-in records none), the variants' calls keep them.
+        monkeypatch.setattr(decode_attention, "_without_cuda_ops", lambda *args: q.new_zeros(q.shape))
+        prefixkern.prefix_decode_attention(*inputs, **kw)
+        decode_attention.decode_step(*inputs, softmax_scale=None, **kw)
+        assert ops.calls == []
+        prefixkern.prefix_decode_attention(*inputs, prefix_gemm=True, **kw)
+        prefixkern.prefix_decode_attention(*inputs, tensor_cores=True, **kw)
+        assert len(ops.calls) == 2
 
 
 @pytest.mark.parametrize("default", [False, True])
@@ -494,8 +557,10 @@ TRITON_GPU_GRID = [dict(dtype=dtype, D=D, Sq=Sq, gqa=gqa, P=P, L=L)
                                   and case["dtype"] != torch.float16 else case for case in TRITON_GPU_GRID],
                          ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_gpu_triton_decode_kernel_against_reference(case, monkeypatch):
-    """The Triton decode kernel at full size (what decoding runs without the CUDA kernels)."""
-    monkeypatch.setattr(decode_attention, "_cuda_ops_serving", lambda *args: None)
+    """The Triton decode kernel at full size (what decoding runs without the CUDA kernels at long
+    caches and wide batches; forced here at every size)."""
+    monkeypatch.setattr(decode_attention, "_cuda_ops_serving", lambda *args, **kwargs: None)
+    monkeypatch.setattr(decode_attention, "TRITON_DECODE_MIN_ROW_HEADS", 0)
     _check_against_reference(case, [dict(num_splits=splits) for splits in (0, 1, 7)])
 
 
@@ -556,7 +621,7 @@ def test_gpu_generate_uses_the_cuda_kernel(tensor_cores, monkeypatch):
 
     with_cuda = scores()
     assert calls == [tensor_cores] * config.num_hidden_layers * 3                # 3 decoding steps, every layer
-    monkeypatch.setattr(decode_attention, "_cuda_ops_serving", lambda *args: None)
+    monkeypatch.setattr(decode_attention, "_cuda_ops_serving", lambda *args, **kwargs: None)
     with_triton = scores()
     assert len(calls) == config.num_hidden_layers * 3
     torch.testing.assert_close(with_cuda[0], with_triton[0])                   # the prefill: one path

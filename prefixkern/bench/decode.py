@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from .. import reference
 from .._backend import use_backend
-from ..ops.decode_attention import cuda_decode_supported, prefix_decode_attention, tensor_core_decoding
+from ..ops.decode_attention import (cuda_decode_supported, prefix_decode_attention, tensor_core_decoding,
+                                    triton_decode_everywhere)
 from ..ops.prefix_attention import prefix_attention
 from .common import (Options, Record, Skip, back_to_back_ms, dtype_name, peak_mem_mb, release_models, scaled_err,
                      time_ms)
@@ -119,12 +120,12 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 return prefix_decode_attention(q, k, v, pk, pv, prefix_gemm=prefix_gemm, tensor_cores=tensor_cores)
 
         def triton_decode():
-            with use_backend("triton"):
+            with use_backend("triton"), triton_decode_everywhere():
                 return prefix_decode_attention(q, k, v, pk, pv)
 
         impls = {
-            # prefixkern: the CUDA C++ decode kernel of csrc/ (CUDA-core FMAs, the default);
-            # prefixkern_triton: the Triton kernel.
+            # prefixkern: what decoding runs: the CUDA C++ decode kernel of csrc/ (CUDA-core FMAs),
+            # or the Triton decode kernel from CUDA_DECODE_MAX_KV_BYTES of cache K/V on.
             "prefixkern": cuda_decode,
             # The same work on tensor cores (mma.sync; PREFIXKERN_DECODE_TENSOR_CORES=1).
             "prefixkern_tensor_cores": lambda: cuda_decode(tensor_cores=True),

@@ -71,9 +71,12 @@ def prefix_decode_attention(
     axis is split over the SMs (flash-decoding), each block reads its KV chunk once for all query
     heads of a GQA group, and the chunks are merged by log-sum-exp. The kernel is built on first
     use (``prefixkern.build_cuda()``); where it cannot be built, or for float32, the call goes to
-    the Triton decode kernel (the same split; ``kernels/prefix_decode.py``), and groups of more
-    than 32 query rows to the general forward kernel (CPU tensors: the reference), with one
-    warning for a failed build. ``prefix_gemm`` and ``tensor_cores`` concern the CUDA kernels only.
+    the Triton decode kernel (the same split; ``kernels/prefix_decode.py``) for long caches and
+    wide batches, to the general forward kernel for the rest and for groups of more than 32 query
+    rows (CPU tensors: the reference), with one warning for a failed build. From 512 MiB of cache
+    K/V (``CUDA_DECODE_MAX_KV_BYTES``) the Triton decode kernel takes the call from the CUDA one,
+    faster there on the H200 (module comments). ``prefix_gemm`` and ``tensor_cores`` concern the
+    CUDA kernels only, and keep them at any cache size.
 
     ``prefix_gemm=True`` (a batch-shared prefix only) computes the prefix's part separately as one
     batched matrix product per KV head over every row's queries (cuBLAS, tensor cores, the prefix
@@ -97,7 +100,8 @@ def prefix_decode_attention(
     if tensor_cores is not None and not isinstance(tensor_cores, bool):
         raise TypeError(f"tensor_cores must be a bool or None, got {type(tensor_cores).__name__}")
     scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
-    ops = _cuda_ops_serving(q, k, v, prefix_k, prefix_v)
+    # (A call that asks for one of the CUDA kernels' variants keeps them at any cache size.)
+    ops = _cuda_ops_serving(q, k, v, prefix_k, prefix_v, may_give_way=not (prefix_gemm or tensor_cores))
     if ops is None:
         return _without_cuda_ops(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale, num_splits,
                                  return_lse)
@@ -152,12 +156,43 @@ def _(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, softmax_scale
     return q.new_empty(q.shape)
 
 
-def _cuda_ops_serving(q, k, v, prefix_k, prefix_v):
+# Routing measured on the H200 (2026-11-27's decode grid: Llama-3-8B's 32 query and 8 KV heads,
+# head dim 128, bf16, a shared prefix of 30 or 128, caches of 512 / 4k / 32k keys, batch 1 / 8 / 64).
+#
+# The CUDA kernel gives way to the Triton decode kernel where the cache K/V a call reads reach
+# CUDA_DECODE_MAX_KV_BYTES: at 1 GiB and more the Triton kernel ran at SDPA's speed (4096 keys x
+# batch 64: 0.262 against 0.343 ms; 32k x 8: 0.264 against 0.332; 32k x 64: 1.90 against 2.63), at
+# 128 MiB the CUDA kernel won everywhere (32k x 1: 0.086 against 0.115; 4096 x 8: 0.066 against
+# 0.305; 512 x 64: 0.065 against 0.146). Nsight Compute on the CUDA kernel (4096 x 8): 18.75%
+# theoretical occupancy, limited by registers and shared memory, 55% of DRAM bandwidth.
+CUDA_DECODE_MAX_KV_BYTES = 512 << 20
+# Without the CUDA kernel, the Triton decode kernel (key chunks over the SMs, a GQA group per
+# program, then a merge launch) serves long caches and wide batches, the general forward kernel
+# (one launch, a program per query head) the rest. Decode kernel against general kernel: 32k keys
+# 0.115 against 0.708 ms (batch 1), 0.264 against 0.796 (batch 8); batch 64 (512 row-heads) 0.146
+# against 0.199 (512 keys), 0.262 against 0.563 (4096); at batch 1 and 8 up to 4k keys the general
+# kernel won (4096 x 1: 0.237 against 0.303, 0.099 against 0.144 with P = 128; 4096 x 8: 0.257
+# against 0.305; 512 x 8: 0.189 against 0.281).
+TRITON_DECODE_MIN_KEYS = 16384
+TRITON_DECODE_MIN_ROW_HEADS = 256
+
+
+def _cache_kv_bytes(k: torch.Tensor) -> int:
+    """Bytes of cache K and V a decoding call reads (the prefix left out: at most P keys a head)."""
+    batch, heads, keys, dim = k.shape
+    return 2 * batch * heads * keys * dim * k.element_size()
+
+
+def _cuda_ops_serving(q, k, v, prefix_k, prefix_v, may_give_way: bool = True):
     """The built CUDA ops (``torch.ops.prefixkern_cuda``) when they serve this call, else None.
     None while torch.compile traces (``decode_step`` then hands the call to its custom op, which
-    asks again when it runs); the first call builds and self-checks the library."""
+    asks again when it runs), and, ``may_give_way``, where the Triton decode kernel takes the call
+    (a cache of CUDA_DECODE_MAX_KV_BYTES and more); the first call builds and self-checks the library."""
     if get_backend() != "auto" or k.shape[2] == 0 or torch.compiler.is_compiling() \
             or not cuda_decode_supported(q, k, v, prefix_k, prefix_v):
+        return None
+    if may_give_way and _cache_kv_bytes(k) >= CUDA_DECODE_MAX_KV_BYTES \
+            and _triton_decode_serves(q, k, prefix_k.shape[-2]):
         return None
     from .._cuda_build import cuda_ops
 
@@ -196,7 +231,7 @@ def _without_cuda_ops(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_inde
                       return_lse: bool):
     """A decode call the CUDA kernels do not take: the Triton decode kernel where it serves, else
     ``prefix_attention`` (the general forward kernel, or the reference on CPU)."""
-    if _triton_decode_serves(q, k):
+    if _triton_decode_serves(q, k, prefix_k.shape[-2]):
         return _triton_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale, num_splits,
                               return_lse)
     with torch.no_grad():
@@ -204,14 +239,32 @@ def _without_cuda_ops(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_inde
                                 key_padding_mask=key_padding_mask, prefix_index=prefix_index, return_lse=return_lse)
 
 
-def _triton_decode_serves(q: torch.Tensor, k: torch.Tensor) -> bool:
+def _triton_decode_serves(q: torch.Tensor, k: torch.Tensor, prefix_len: int) -> bool:
     """Whether the Triton decode kernel takes a call the CUDA kernels do not: the Triton backend in
-    force for q's device, a GQA group of at most MAX_GROUP_ROWS query rows, and an eager call
-    (torch.compile traces the forward kernel's custom op instead; this launcher is no op)."""
+    force for q's device, a GQA group of at most MAX_GROUP_ROWS query rows, an eager call
+    (torch.compile traces the forward kernel's custom op instead; this launcher is no op), and on
+    a GPU a call it was measured to serve faster than the general kernel: TRITON_DECODE_MIN_KEYS
+    keys or TRITON_DECODE_MIN_ROW_HEADS rows x KV heads (the interpreter takes every call, so CI
+    runs the kernel)."""
     from ..kernels.prefix_decode import MAX_GROUP_ROWS
 
-    return (q.shape[2] <= MAX_QUERY_LEN and q.shape[1] // k.shape[1] * q.shape[2] <= MAX_GROUP_ROWS
-            and k.shape[2] > 0 and not torch.compiler.is_compiling() and use_triton(q.device))
+    if not (q.shape[2] <= MAX_QUERY_LEN and q.shape[1] // k.shape[1] * q.shape[2] <= MAX_GROUP_ROWS
+            and k.shape[2] > 0 and not torch.compiler.is_compiling() and use_triton(q.device)):
+        return False
+    return not q.is_cuda or triton_decode_is_faster(k.shape[0] * k.shape[1], k.shape[2] + prefix_len)
+
+
+def triton_decode_is_faster(row_heads: int, keys: int) -> bool:
+    """Whether the Triton decode kernel beats the general forward kernel at a decoding call of
+    ``row_heads`` (batch x KV heads) over ``keys`` (prefix and cache): the H200's rule above."""
+    return keys >= TRITON_DECODE_MIN_KEYS or row_heads >= TRITON_DECODE_MIN_ROW_HEADS
+
+
+def triton_decode_everywhere():
+    """Run the block with the Triton decode kernel taking every call it can, measured faster or
+    not (the decode suite's prefixkern_triton_decode rows time it where the rule sends calls to
+    the general kernel)."""
+    return override_global(globals(), "TRITON_DECODE_MIN_ROW_HEADS", 0)
 
 
 def _triton_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale: float, num_splits: int,

@@ -134,8 +134,9 @@ def varlen_case(rng: random.Random, seed: int, notes: list) -> None:
 
 
 def triton_decode_case(rng: random.Random, seed: int, notes: list) -> None:
-    """``prefix_decode_attention`` on the Triton backend (the decode kernel, or the forward kernel
-    for larger groups): values and LSE of a random decoding step."""
+    """``prefix_decode_attention`` on the Triton backend (the decode kernel, forced at every size on
+    a GPU too, or the forward kernel for larger groups): values and LSE of a random decoding step."""
+    from prefixkern.ops.decode_attention import triton_decode_everywhere
     from test_decode import TRITON_DECODE_TOLERANCE, _inputs
 
     head_dim = rng.choice([16, 32, 64, 80, 128])
@@ -148,7 +149,7 @@ def triton_decode_case(rng: random.Random, seed: int, notes: list) -> None:
     notes.append(f"decode {args} {prefix} padding={padding} splits={splits}")
     inputs, kwargs = _inputs(**args, device=_device(), prefix=prefix, padding=padding, seed=seed)
     want, want_lse = reference.prefix_attention(*[t.float() for t in inputs], causal=True, return_lse=True, **kwargs)
-    with use_backend("triton"):
+    with use_backend("triton"), triton_decode_everywhere():
         got, lse = prefixkern.prefix_decode_attention(*inputs, num_splits=splits, return_lse=True, **kwargs)
     tol = TRITON_DECODE_TOLERANCE[args["dtype"]]
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
