@@ -396,6 +396,21 @@ def test_plots_are_drawn_from_records(tmp_path):
     assert all(path.stat().st_size > 1000 for path in paths.values())
 
 
+def test_plots_of_times_spanning_decades_take_a_log_axis(tmp_path, monkeypatch):
+    """A decode grid's times run from 0.01 ms to 4 ms: a log axis, so the small cases show; a pass
+    whose times stay within 30x keeps a linear one."""
+    import matplotlib.axes
+
+    from prefixkern.bench.common import write_plots
+
+    scales = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_yscale", lambda self, value, **kw: scales.append(value))
+    records = [dict(suite="decode", case=f"c{i}", impl="prefixkern", ms=ms, tflops=None, **{"pass": pass_})
+               for pass_, times in (("fwd", (0.012, 4.2)), ("step", (1.0, 2.0))) for i, ms in enumerate(times)]
+    write_plots({"records": records, "device": "synthetic"}, tmp_path, "plot")
+    assert scales == ["log"]
+
+
 def test_merge_results_of_one_device(tmp_path):
     from prefixkern.bench.common import merge_results
 

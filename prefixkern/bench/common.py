@@ -365,13 +365,21 @@ def write_plots(payload: dict, out_dir: Path, stem: str) -> dict[str, Path]:
             cases = list(dict.fromkeys(r["case"] for r in sub))
             impls = list(dict.fromkeys(r["impl"] for r in sub))
             width = 0.8 / max(1, len(impls))
+            metric = "tflops" if suite == "attention" else "ms"
+            plotted = []
             for i, impl in enumerate(impls):
                 by_case = {r["case"]: r for r in sub if r["impl"] == impl}
-                metric = "tflops" if suite == "attention" else "ms"
                 values = [(by_case[c][metric] or 0.0) if c in by_case else 0.0 for c in cases]
+                plotted += [v for v in values if v > 0]
                 ax.bar([x + i * width for x in range(len(cases))], values, width, label=impl)
+            # A grid whose times span decades (decode: 0.01 ms at 512 keys, 4 ms at 32k x 64) hides its
+            # small cases on a linear axis.
+            log = bool(plotted) and max(plotted) > 30 * min(plotted)
+            if log:
+                ax.set_yscale("log")
             ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cases))], cases, rotation=30, ha="right")
-            ax.set_ylabel("TFLOP/s (higher is better)" if suite == "attention" else "ms (lower is better)")
+            unit = "TFLOP/s (higher is better)" if suite == "attention" else "ms (lower is better)"
+            ax.set_ylabel(unit + (", log scale" if log else ""))
             ax.set_title(f"{suite} {pass_} ({payload['device']})", fontsize=9)
             ax.legend(fontsize=7)
         fig.tight_layout()
