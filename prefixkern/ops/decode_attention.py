@@ -163,8 +163,10 @@ def _(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, softmax_scale
 # CUDA_DECODE_MAX_KV_BYTES: at 1 GiB and more the Triton kernel ran at SDPA's speed (4096 keys x
 # batch 64: 0.262 against 0.343 ms; 32k x 8: 0.264 against 0.332; 32k x 64: 1.90 against 2.63), at
 # 128 MiB the CUDA kernel won everywhere (32k x 1: 0.086 against 0.115; 4096 x 8: 0.066 against
-# 0.305; 512 x 64: 0.065 against 0.146). Nsight Compute on the CUDA kernel (4096 x 8): 18.75%
-# theoretical occupancy, limited by registers and shared memory, 55% of DRAM bandwidth.
+# 0.305; 512 x 64: 0.065 against 0.146). Nsight Compute on the CUDA kernel (4096 x 8): 55% of DRAM
+# bandwidth, a grid of 0.89 waves at 37.5% theoretical occupancy (registers and shared memory). These
+# rows were timed with the plain Triton launch (the raw launch, the default since, makes the Triton
+# paths' two launches cheaper on the host; the small-cache points are host-bound).
 CUDA_DECODE_MAX_KV_BYTES = 512 << 20
 # Without the CUDA kernel, the Triton decode kernel (key chunks over the SMs, a GQA group per
 # program, then a merge launch) serves long caches and wide batches, the general forward kernel
