@@ -41,9 +41,11 @@ run_step() {  # name, command...
     local name="$1"; shift
     echo "=== $name: $*" | tee -a "$OUT/steps.log"
     local start=$(date +%s)
-    # SIGTERM at the limit lets a suite write its rows; -k: a step that does not stop (a wait
-    # inside C++ never sees the signal) is killed 20 s later, its rows already on disk.
-    timeout -k 20 "$LIMIT" "$@" > "$OUT/$name.log" 2>&1
+    # SIGTERM at the limit lets a suite write its rows; a test step gets SIGINT (STEP_SIGNAL=INT),
+    # on which pytest still prints its failures' tracebacks and summary (SIGTERM lost them once);
+    # -k: a step that does not stop (a wait inside C++ never sees the signal) is killed 20 s later,
+    # its rows already on disk.
+    timeout -s "${STEP_SIGNAL:-TERM}" -k 20 "$LIMIT" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     echo "=== $name: rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/steps.log"
     tail -n 25 "$OUT/$name.log"
@@ -77,7 +79,7 @@ for step in "${STEPS[@]}"; do
         # The test grid takes each kernel's first fitting config: tuning one-off shapes is not what it tests.
         # About 1200 kernel variants to compile: two interleaved halves, one device call each.
         # The CPU CI subset of the kernel tests, on the GPU (a test takes CUDA when it has one).
-        smoke)        run_step smoke env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m "not gpu or smoke" "${PYTEST_REPORT[@]}" ${XDIST[@]+"${XDIST[@]}"} \
+        smoke)        STEP_SIGNAL=INT run_step smoke env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m "not gpu or smoke" "${PYTEST_REPORT[@]}" ${XDIST[@]+"${XDIST[@]}"} \
                           tests/test_prefix_attention.py tests/test_prefix_mlp.py tests/test_decode.py \
                           tests/test_checks.py --junitxml="$OUT/smoke.xml" ;;
         quick)        run_step bench-quick "$PY" -m prefixkern.bench --quick --out-dir "$OUT" ${BENCH_ARGS:-} ;;
@@ -86,9 +88,9 @@ for step in "${STEPS[@]}"; do
                       run_step "bench-$step" "$PY" -m prefixkern.bench --suite "${step#quick-}" --quick --out-dir "$OUT" ${BENCH_ARGS:-} ;;
         tests-attention-1|tests-attention-2)
                       shard=$(( ${step##*-} - 1 ))
-                      run_step "$step" env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu "${PYTEST_REPORT[@]}" ${XDIST[@]+"${XDIST[@]}"} \
+                      STEP_SIGNAL=INT run_step "$step" env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu "${PYTEST_REPORT[@]}" ${XDIST[@]+"${XDIST[@]}"} \
                           tests/test_prefix_attention.py --shard "$shard/2" --junitxml="$OUT/$step.xml" ;;
-        tests-other)  run_step tests-other env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu "${PYTEST_REPORT[@]}" ${XDIST[@]+"${XDIST[@]}"} tests \
+        tests-other)  STEP_SIGNAL=INT run_step tests-other env PREFIXKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu "${PYTEST_REPORT[@]}" ${XDIST[@]+"${XDIST[@]}"} tests \
                           --ignore=tests/test_prefix_attention.py --junitxml="$OUT/tests-other.xml" ;;
         attention)    run_step bench-attention "$PY" -m prefixkern.bench --suite attention --out-dir "$OUT" \
                           --shapes seed-qwen seed-bloom paper-gpt2 llama8b-2k llama8b-8k long-32k ${BENCH_ARGS:-} ;;
@@ -114,7 +116,7 @@ for step in "${STEPS[@]}"; do
                           mlp:qwen2.5-0.5b mlp:llama3-8b ;;
         profile-e2e)  run_step profile-e2e "$PY" benchmarks/profile_ops.py e2e:qwen2.5-0.5b generate:qwen2.5-0.5b \
                           generate_static:qwen2.5-0.5b --iters 3 ;;
-        pytest-bench) run_step pytest-bench "$PY" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
+        pytest-bench) STEP_SIGNAL=INT run_step pytest-bench "$PY" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
                           --benchmark-json="$OUT/pytest-benchmark.json" ;;
         *) echo "unknown step $step"; status=1 ;;
     esac
