@@ -440,6 +440,37 @@ def test_merge_results_of_one_device(tmp_path):
         merge_results(files + [other], tmp_path / "bad")
 
 
+def test_merge_keeps_a_case_timed_again_by_a_later_step_apart(tmp_path):
+    """The e2e-compile step times quick-e2e_train's case again (its eager rows beside the compiled
+    ones): merged, the later step's rows of that case are renamed <case>-step<n>, notes kept, so the
+    targets compare each step's floor with its own patched row; cases timed once keep their names."""
+    from prefixkern.bench.common import merge_results
+    from prefixkern.bench.targets import markdown as targets_markdown
+
+    def step(date, rows):
+        return {"device": "NVIDIA H200", "versions": {"torch": "x"}, "date": date, "command": "prefixkern-bench",
+                "records": [dict(Record("e2e_train", case, impl, "step", "bfloat16", ms=ms, ok=True).as_json(),
+                                 note=note) for case, impl, ms, note in rows], "skipped": []}
+
+    case = "qwen2.5-0.5b-S256"
+    files = [tmp_path / "quick.json", tmp_path / "compile.json"]
+    files[0].write_text(json.dumps(step("2026-11-27T12:24:55+00:00", [
+        (case, "floor_no_prefix", 76.3, None), (case, "prefixkern", 90.3, None), ("other", "prefixkern", 9.0, None)])))
+    files[1].write_text(json.dumps(step("2026-11-27T12:26:39+00:00", [
+        (case, "floor_no_prefix", 84.3, "9 timed calls"), (case, "prefixkern", 97.0, None),
+        (case, "floor_compiled", 12.3, None)])))
+    merged = json.loads(merge_results(files, tmp_path / "merged", plots=False)["json"].read_text())
+    cases = [(r["case"], r["impl"]) for r in merged["records"]]
+    assert cases == [(case, "floor_no_prefix"), (case, "prefixkern"), ("other", "prefixkern"),
+                     (f"{case}-step2", "floor_no_prefix"), (f"{case}-step2", "prefixkern"),
+                     (f"{case}-step2", "floor_compiled")]
+    notes = [r["note"] for r in merged["records"][3:]]
+    assert notes[0] == f"9 timed calls; case renamed at the merge from {case}: file 2 timed it again"
+    assert all("renamed" in note for note in notes) and merged["records"][0]["note"] is None
+    table = "\n".join(targets_markdown(merged))
+    assert "1.18x floor" in table and "1.15x floor" in table       # 90.3 / 76.3 and 97.0 / 84.3
+
+
 def test_liger_row_does_not_leak_into_the_baselines():
     """Liger-Kernel's apply functions also replace classes in the transformers modeling module; the
     e2e suite builds its baselines in the same process, so it restores the module after patching
