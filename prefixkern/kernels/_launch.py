@@ -246,8 +246,9 @@ def launch_kernel(kernel, grid: tuple[int, ...], *args, **meta):
         meta["enable_fp_fusion"] = FP_FUSION
     if not RAW_POINTERS or not _raw_launch_allowed():
         return kernel[grid](*args, **meta)
-    compiled, constexprs, values = _raw_entry(kernel, grid, args, meta)
-    _raw_run(compiled, grid, values, constexprs)
+    device = driver.active.get_current_device()
+    compiled, constexprs, values = _raw_entry(kernel, device, grid, args, meta)
+    _raw_run(compiled, device, grid, values, constexprs)
     return compiled
 
 
@@ -260,10 +261,10 @@ def _raw_launch_allowed() -> bool:
                 or _hooked(knobs.runtime.launch_exit_hook))
 
 
-def _raw_entry(kernel, grid, args, meta):
+def _raw_entry(kernel, device: int, grid, args, meta):
     """``(compiled kernel, its constexpr values in signature order, the launch's runtime values)``,
-    the compiled kernel bound and kept under the launch's argument key on first use."""
-    device = driver.active.get_current_device()
+    the compiled kernel bound and kept under the launch's argument key (on ``device``, the current
+    one) on first use."""
     arg_key, values = _raw_arguments(args)
     key = (kernel, device, tuple(meta.items()), arg_key)
     entry = _RAW_LAUNCHES.get(key)
@@ -282,8 +283,7 @@ def _raw_entry(kernel, grid, args, meta):
     return entry[0], entry[1], values
 
 
-def _raw_run(compiled, grid, values, constexprs) -> None:
-    device = driver.active.get_current_device()
+def _raw_run(compiled, device: int, grid, values, constexprs) -> None:
     stream = driver.active.get_current_stream(device)
     grid = tuple(grid) + (1, 1)
     compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
@@ -364,14 +364,15 @@ class LaunchPlan:
             # The compiled kernel is specialised on 16-byte-aligned addresses: another alignment
             # takes the general path, which binds it.
             if not any(v & 15 for v in values if v is not None):
-                _raw_run(raw[0], self.grid, values + list(self.tail), raw[1])
+                _raw_run(raw[0], driver.active.get_current_device(), self.grid, values + list(self.tail), raw[1])
                 return raw[0]
         compiled = launch_kernel(self.kernel, self.grid, *tensors, *self.tail, **self.meta)
         if raw is None and RAW_POINTERS and _raw_launch_allowed() and all(
                 t is None or t.data_ptr() % 16 == 0 for t in tensors):
             meta = dict(self.meta)
             meta.setdefault("enable_fp_fusion", FP_FUSION)    # (as launch_kernel's: the same compiled kernel)
-            entry = _raw_entry(self.kernel, self.grid, (*tensors, *self.tail), meta)
+            entry = _raw_entry(self.kernel, driver.active.get_current_device(), self.grid, (*tensors, *self.tail),
+                               meta)
             self.raw = (entry[0], entry[1])
         return compiled
 
