@@ -11,6 +11,8 @@ import prefixkern
 from prefixkern.bench.__main__ import main
 from prefixkern.bench.common import Record, markdown_table, speedups
 
+from conftest import record_launches
+
 RECORD_KEYS = {"suite", "case", "impl", "pass", "dtype", "ms", "tflops", "gbps", "tokens_per_s", "peak_mem_mb",
                "max_err", "ok"}
 
@@ -247,17 +249,9 @@ def test_raw_launch_rows_hold_their_setting_through_the_backward(monkeypatch):
     for skips in (attention_skips, mlp_skips):
         assert any(s.impl == "prefixkern_raw_launch" and "need a GPU" in s.reason for s in skips), skips
 
-    launched = []
     row = [None]
-
-    def recording_launch(real):
-        def launch(kernel, grid, *args, **meta):
-            launched.append((row[0], kernel.fn.__name__, _launch.RAW_POINTERS))
-            return real(kernel, grid, *args, **meta)
-        return launch
-
-    for module in (prefix_attention_fwd, prefix_attention_bwd, mlp_kernels):
-        monkeypatch.setattr(module, "launch_kernel", recording_launch(module.launch_kernel))
+    launched = record_launches(monkeypatch, (prefix_attention_fwd, prefix_attention_bwd, mlp_kernels),
+                               lambda kernel, meta: (row[0], kernel.fn.__name__, _launch.RAW_POINTERS))
     monkeypatch.setattr(attention_suite, "unavailable", lambda impl, opts, case=None: None)
     monkeypatch.setattr(attention_suite.attention_packed, "run", lambda opts, progress: ([], []))
     monkeypatch.setattr(mlp_suite, "raw_launch_skip", lambda opts: None)
@@ -289,16 +283,8 @@ def _switched_off_row_launches(monkeypatch, impl: str, shape: str, other_shape: 
     assert attention_suite.unavailable(impl, on_gpu, shape) is None
     assert only in attention_suite.unavailable(impl, on_gpu, other_shape)
 
-    launched, row = [], [None]
-
-    def recording_launch(real):
-        def launch(kernel, grid, *args, **meta):
-            launched.append((row[0], kernel.fn.__name__, meta))
-            return real(kernel, grid, *args, **meta)
-        return launch
-
-    for module in modules:
-        monkeypatch.setattr(module, "launch_kernel", recording_launch(module.launch_kernel))
+    row = [None]
+    launched = record_launches(monkeypatch, modules, lambda kernel, meta: (row[0], kernel.fn.__name__, meta))
     monkeypatch.setattr(attention_suite, "unavailable", lambda impl, opts, case=None: None)
     monkeypatch.setattr(attention_suite.attention_packed, "run", lambda opts, progress: ([], []))
     with prefixkern.use_backend("triton"):

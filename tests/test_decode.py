@@ -560,8 +560,8 @@ def test_gpu_triton_decode_kernel_against_reference(case, monkeypatch):
     """The Triton decode kernel at full size (what decoding runs without the CUDA kernels at long
     caches and wide batches; forced here at every size)."""
     monkeypatch.setattr(decode_attention, "_cuda_ops_serving", lambda *args, **kwargs: None)
-    monkeypatch.setattr(decode_attention, "TRITON_DECODE_MIN_ROW_HEADS", 0)
-    _check_against_reference(case, [dict(num_splits=splits) for splits in (0, 1, 7)])
+    with decode_attention.triton_decode_everywhere():
+        _check_against_reference(case, [dict(num_splits=splits) for splits in (0, 1, 7)])
 
 
 @pytest.mark.gpu
