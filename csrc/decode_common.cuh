@@ -42,6 +42,10 @@ struct DecodeParams {
   const uint8_t* kpm;           // [B, L] (1 = real token) or nullptr
   float* out_partial;           // [splits, B, Hq, Sq, D]
   float* lse_partial;           // [splits, B, Hq, Sq]
+  // A launch of one split may write the result itself: out [B, Hq, Sq, D] in q's dtype and lse
+  // [B, Hq, Sq] float32, what merging its one part gives (no merge launch); nullptr: the partials.
+  void* out;
+  float* lse;
   int64_t q_sb, q_sh, q_ss;
   int64_t k_sb, k_sh, k_ss;
   int64_t v_sb, v_sh, v_ss;

@@ -32,14 +32,13 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_states(const at::Tensor& out_
   auto out = at::empty(out_sizes, parts.options().dtype(out_dtype));
   auto lse = at::empty(lses.sizes().slice(1).vec(), lses.options());
   if (rows == 0) return {out, lse};
-  const int threads = merge_threads(head_dim);
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (out_dtype == at::kHalf) {
-    merge_attention_states_kernel<at::Half><<<rows, threads, 0, stream>>>(
+    merge_attention_states_kernel<at::Half><<<rows, kMergeThreads, 0, stream>>>(
         parts.data_ptr<float>(), lses.data_ptr<float>(), out.data_ptr<at::Half>(), lse.data_ptr<float>(), rows, splits,
         head_dim);
   } else {
-    merge_attention_states_kernel<at::BFloat16><<<rows, threads, 0, stream>>>(
+    merge_attention_states_kernel<at::BFloat16><<<rows, kMergeThreads, 0, stream>>>(
         parts.data_ptr<float>(), lses.data_ptr<float>(), out.data_ptr<at::BFloat16>(), lse.data_ptr<float>(), rows,
         splits, head_dim);
   }

@@ -176,14 +176,15 @@ int resident_blocks_per_sm(int device, bool half, int head_dim, int rows, bool t
                    [&] { return dispatch(half, head_dim, rows, ResidentBlocks{tensor_cores, device}); });
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                         const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                                                         const c10::optional<at::Tensor>& prefix_index,
-                                                         const c10::optional<at::Tensor>& key_padding_mask,
-                                                         double scale, int64_t num_splits,
-                                                         bool tensor_cores) {
+// The partial kernel's launch: (out_partial [splits, B, Hq, Sq, D], lse_partial [splits, B, Hq, Sq],
+// false), float32; or, with `may_finish` and a plan of one split, (out [B, Hq, Sq, D] in q's dtype,
+// lse [B, Hq, Sq], true): the kernel writes what the merge of its one part would (no merge launch:
+// batch 64 on Llama-3-8B heads fills a wave with one split at every cache length).
+std::tuple<at::Tensor, at::Tensor, bool> launch_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                       const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                                                       const c10::optional<at::Tensor>& prefix_index,
+                                                       const c10::optional<at::Tensor>& key_padding_mask, double scale,
+                                                       int64_t num_splits, bool tensor_cores, bool may_finish) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "prefix_decode_partial: q, k, v must be 4-d");
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "prefix_decode_partial: q must be float16 or bfloat16");
@@ -238,8 +239,9 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
   const int splits = plan.splits;
 
   auto opts = q.options().dtype(at::kFloat);
-  auto out_partial = at::empty({splits, B, Hq, Sq, D}, opts);
-  auto lse_partial = at::empty({splits, B, Hq, Sq}, opts);
+  const bool finish = may_finish && splits == 1;
+  auto out = finish ? at::empty({B, Hq, Sq, D}, q.options()) : at::empty({splits, B, Hq, Sq, D}, opts);
+  auto lse = finish ? at::empty({B, Hq, Sq}, opts) : at::empty({splits, B, Hq, Sq}, opts);
 
   DecodeParams params{};
   params.q = q.data_ptr();
@@ -249,8 +251,13 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
   params.pv = prefix_v.data_ptr();
   params.prefix_index = prefix_index.has_value() ? prefix_index->data_ptr<int64_t>() : nullptr;
   params.kpm = key_padding_mask.has_value() ? kpm.data_ptr<uint8_t>() : nullptr;
-  params.out_partial = out_partial.data_ptr<float>();
-  params.lse_partial = lse_partial.data_ptr<float>();
+  if (finish) {
+    params.out = out.data_ptr();
+    params.lse = lse.data_ptr<float>();
+  } else {
+    params.out_partial = out.data_ptr<float>();
+    params.lse_partial = lse.data_ptr<float>();
+  }
   params.q_sb = q.stride(0), params.q_sh = q.stride(1), params.q_ss = q.stride(2);
   params.k_sb = k.stride(0), params.k_sh = k.stride(1), params.k_ss = k.stride(2);
   params.v_sb = v.stride(0), params.v_sh = v.stride(1), params.v_ss = v.stride(2);
@@ -268,22 +275,37 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch(half, D, rows, LaunchPartial{params, plan, Hkv, tensor_cores, device, stream});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {out_partial, lse_partial};
+  return {out, lse, finish};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                         const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                                                         const c10::optional<at::Tensor>& prefix_index,
+                                                         const c10::optional<at::Tensor>& key_padding_mask,
+                                                         double scale, int64_t num_splits,
+                                                         bool tensor_cores) {
+  auto launched = launch_decode(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, num_splits,
+                                tensor_cores, false);
+  return {std::get<0>(launched), std::get<1>(launched)};
 }
 
 // A decoding step's attention in one call: the partial kernel over the key chunks, then their
-// merge, returning (out [B, Hq, Sq, D] in q's dtype, lse float32 [B, Hq, Sq]). One dispatcher round
-// trip per layer instead of two on the host, and outputs shaped like q, which torch.compile traces
-// without the partials' data-dependent chunk count.
+// merge (none for a plan of one chunk: the kernel writes the result), returning (out [B, Hq, Sq, D]
+// in q's dtype, lse float32 [B, Hq, Sq]). One dispatcher round trip per layer instead of two on the
+// host, and outputs shaped like q, which torch.compile traces without the partials'
+// data-dependent chunk count.
 std::tuple<at::Tensor, at::Tensor> prefix_decode_attention(const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v, const at::Tensor& prefix_k,
                                                            const at::Tensor& prefix_v,
                                                            const c10::optional<at::Tensor>& prefix_index,
                                                            const c10::optional<at::Tensor>& key_padding_mask,
                                                            double scale, int64_t num_splits, bool tensor_cores) {
-  const auto partial = prefix_decode_partial(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale,
-                                             num_splits, tensor_cores);
-  return merge_attention_states(std::get<0>(partial), std::get<1>(partial), q.scalar_type());
+  const auto launched = launch_decode(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, num_splits,
+                                      tensor_cores, true);
+  if (std::get<2>(launched)) return {std::get<0>(launched), std::get<1>(launched)};
+  return merge_attention_states(std::get<0>(launched), std::get<1>(launched), q.scalar_type());
 }
 
 }  // namespace prefixkern

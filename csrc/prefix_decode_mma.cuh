@@ -269,11 +269,16 @@ __global__ void __launch_bounds__(kMmaThreads) prefix_decode_partial_mma_kernel(
     float sum = 0.f;
 #pragma unroll
     for (int w = 0; w < kMmaWarps; ++w) sum += outs[w][r][d];
-    p.out_partial[(split * rows_total + out_row) * HEAD_DIM + d] = sum;
+    if (p.out != nullptr) {   // the launch's one split: the result itself
+      static_cast<T*>(p.out)[out_row * HEAD_DIM + d] = from_float<T>(sum);
+    } else {
+      p.out_partial[(split * rows_total + out_row) * HEAD_DIM + d] = sum;
+    }
     if (d == 0) {
       // Natural-log LSE of the scaled scores: the running max is in log2 units.
       const RowState all = merged_row_state(tiles, r);
-      p.lse_partial[split * rows_total + out_row] = all.l > 0.f ? (all.m + log2f(all.l)) / kLog2e : -INFINITY;
+      const float row_lse = all.l > 0.f ? (all.m + log2f(all.l)) / kLog2e : -INFINITY;
+      (p.out != nullptr ? p.lse : p.lse_partial + split * rows_total)[out_row] = row_lse;
     }
   }
 }

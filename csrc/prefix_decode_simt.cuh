@@ -314,8 +314,15 @@ __global__ void __launch_bounds__(kThreads, (min_resident_blocks<HEAD_DIM>())) p
       const int i = row % p.Sq;
       const int64_t out_row = (static_cast<int64_t>(b) * p.Hq + h) * p.Sq + i;
       const float l = l_s[r];
-      p.out_partial[(split * rows_total + out_row) * HEAD_DIM + d] = l > 0.f ? acc[a] / l : 0.f;
-      if (d == 0) p.lse_partial[split * rows_total + out_row] = l > 0.f ? m_s[r] + logf(l) : -INFINITY;
+      const float value = l > 0.f ? acc[a] / l : 0.f;
+      const float row_lse = l > 0.f ? m_s[r] + logf(l) : -INFINITY;
+      if (p.out != nullptr) {   // the launch's one split: the result itself
+        static_cast<T*>(p.out)[out_row * HEAD_DIM + d] = from_float<T>(value);
+        if (d == 0) p.lse[out_row] = row_lse;
+      } else {
+        p.out_partial[(split * rows_total + out_row) * HEAD_DIM + d] = value;
+        if (d == 0) p.lse_partial[split * rows_total + out_row] = row_lse;
+      }
     }
   }
 }

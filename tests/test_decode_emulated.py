@@ -97,6 +97,13 @@ def run_emulated(binary: Path, workdir: Path, q, k, v, prefix_k, prefix_v, prefi
     lse = torch.from_file(str(workdir / "lse_partial.bin"), size=splits * B * Hq * Sq, dtype=torch.float32)
     merged = torch.from_file(str(workdir / "out.bin"), size=B * Hq * Sq * D, dtype=q.dtype)
     merged_lse = torch.from_file(str(workdir / "lse.bin"), size=B * Hq * Sq, dtype=torch.float32)
+    if splits == 1:
+        # prefix_decode_attention's launch of one split writes the result itself, with no merge: what
+        # the merge of its one part gives, bit for bit.
+        direct = torch.from_file(str(workdir / "direct_out.bin"), size=B * Hq * Sq * D, dtype=q.dtype)
+        direct_lse = torch.from_file(str(workdir / "direct_lse.bin"), size=B * Hq * Sq, dtype=torch.float32)
+        assert torch.equal(direct.view(B, Hq, Sq, D), merged.view(B, Hq, Sq, D))
+        assert torch.equal(direct_lse.view(B, Hq, Sq), merged_lse.view(B, Hq, Sq))
     return (out.view(splits, B, Hq, Sq, D), lse.view(splits, B, Hq, Sq), (splits, chunk, row_blocks, block_rows),
             merged.view(B, Hq, Sq, D), merged_lse.view(B, Hq, Sq))
 
@@ -180,3 +187,62 @@ def assert_emulated_matches_reference(q, k, v, pk, pv, index, mask, scale, tenso
     # The CUDA merge kernel (what decoding runs): the Python merge's result, rounded to q's dtype.
     torch.testing.assert_close(merged_lse, lse, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(merged, out.to(q.dtype), atol=1e-2, rtol=1e-2)
+
+
+def run_merge_emulated(binary: Path, workdir: Path, out_partial: torch.Tensor, lse_partial: torch.Tensor,
+                       out_dtype: torch.dtype, offset: int = 0):
+    """The CUDA merge kernel alone on ``out_partial`` [splits, rows, D] and ``lse_partial`` [splits,
+    rows] (float32): ``(out [rows, D] in out_dtype, lse [rows])``. ``offset`` floats of slack before
+    the partials start them off 16-byte alignment (the kernel's per-column path)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    splits, rows, head_dim = out_partial.shape
+    torch.cat([torch.zeros(offset), out_partial.flatten()]).numpy().tofile(workdir / "out_partial.bin")
+    lse_partial.contiguous().numpy().tofile(workdir / "lse_partial.bin")
+    params = dict(merge_only=1, half=int(out_dtype == torch.float16), splits=splits, rows=rows, D=head_dim,
+                  offset=offset)
+    (workdir / "params.txt").write_text("".join(f"{name} {float(value)!r}\n" for name, value in params.items()))
+    result = subprocess.run([str(binary), str(workdir)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = torch.from_file(str(workdir / "out.bin"), size=rows * head_dim, dtype=out_dtype).view(rows, head_dim)
+    lse = torch.from_file(str(workdir / "lse.bin"), size=rows, dtype=torch.float32)
+    return out, lse
+
+
+# (splits, rows, head dim, offset): the head dims the decode kernels produce (float4 columns over
+# 8, 4 and 2 groups of threads); one split; more splits than threads (each thread reads several
+# LSEs) and than the shared-memory weights hold (1100 > kMergeSmemSplits: the rest recomputed);
+# head dims the float4 path does not take (6: not a multiple of 4; 520: past 4 x 128 columns) and
+# an unaligned start, a thread per column.
+MERGE_CASES = [(5, 3, 64, 0), (7, 2, 128, 0), (3, 2, 256, 0), (1, 2, 128, 0), (130, 2, 128, 0),
+               (1100, 1, 64, 0), (9, 2, 6, 0), (4, 1, 520, 0), (6, 2, 128, 1)]
+
+
+@pytest.mark.parametrize("case", MERGE_CASES, ids=lambda c: "splits{}-rows{}-D{}-offset{}".format(*c))
+def test_merge_kernel_against_the_reference(emulator, tmp_path, case):
+    splits, rows, head_dim, offset = case
+    gen = torch.Generator().manual_seed(splits * 1000 + head_dim)
+    out_partial = torch.randn(splits, rows, head_dim, generator=gen)
+    lse_partial = torch.randn(splits, rows, generator=gen) * 4
+    if splits > 1:
+        # Parts that saw no key (LSE -inf, output 0 as the partial kernels write it, or garbage:
+        # never read), and a row no part saw (output 0, LSE -inf).
+        lse_partial[1::3, 0] = -torch.inf
+        out_partial[1::3, 0] = torch.nan
+        if rows > 1:
+            lse_partial[:, -1] = -torch.inf
+            out_partial[:, -1] = 0.0
+    for dtype in (torch.bfloat16, torch.float16):
+        out, lse = run_merge_emulated(emulator, tmp_path / str(dtype), out_partial, lse_partial, dtype, offset)
+        # The merge in float64 with plain torch ops.
+        lse64 = lse_partial.double()
+        top = lse64.max(0).values
+        weights = torch.where(lse64 == -torch.inf, 0.0, torch.exp(lse64 - torch.where(top == -torch.inf, 0.0, top)))
+        total = weights.sum(0)
+        parts = torch.where(weights[..., None] > 0, out_partial.double(), 0.0)
+        want = torch.where(total[:, None] > 0, (weights[..., None] * parts).sum(0) / total[:, None], 0.0)
+        want_lse = torch.where(total > 0, top + total.log(), -torch.inf)
+        assert not out.isnan().any()
+        torch.testing.assert_close(lse, want_lse.float(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.float(), want.float(), atol=1e-2, rtol=1e-2)
+        if splits > 1 and rows > 1:
+            assert (out[-1] == 0).all() and lse[-1] == -torch.inf

@@ -9,7 +9,9 @@
 //   key_padding_mask.bin (uint8) when has_index / has_mask.
 //   Writes DIR/out_partial.bin (float32 [splits, B, Hq, Sq, D]), DIR/lse_partial.bin (float32
 //   [splits, B, Hq, Sq]), the merge kernel's DIR/out.bin (16-bit [B, Hq, Sq, D]) and DIR/lse.bin
-//   (float32 [B, Hq, Sq]), and DIR/plan.txt ("splits chunk row_blocks").
+//   (float32 [B, Hq, Sq]), and DIR/plan.txt ("splits chunk row_blocks"); for a plan of one split also
+//   DIR/direct_out.bin and DIR/direct_lse.bin, what the kernel writes when it writes the result itself.
+//   merge_only 1 in params.txt: the merge kernel alone (run_merge).
 #include "cuda_emulator.h"
 
 #include "merge_attention_states.cuh"
@@ -95,18 +97,34 @@ void run(const std::string& dir, std::map<std::string, double>& a) {
   p.scale = static_cast<float>(a.at("scale"));
 
   const dim3 grid(plan.splits, Hkv * plan.row_blocks, B);
-  if (tensor_cores) {
-    prefixkern_emu::launch(grid, kMmaThreads, sizeof(MmaTiles<T, HEAD_DIM>),
-                           [p] { prefix_decode_partial_mma_kernel<T, HEAD_DIM>(p); });
-  } else if (rows == 4) {
-    prefixkern_emu::launch(grid, kThreads, 0, [p] { prefix_decode_partial_kernel<T, HEAD_DIM, 4>(p); });
-  } else if (rows == 8) {
-    prefixkern_emu::launch(grid, kThreads, 0, [p] { prefix_decode_partial_kernel<T, HEAD_DIM, 8>(p); });
-  } else {
-    prefixkern_emu::launch(grid, kThreads, 0, [p] { prefix_decode_partial_kernel<T, HEAD_DIM, kMaxRows>(p); });
-  }
+  auto launch_partial = [&](const DecodeParams& p) {
+    if (tensor_cores) {
+      prefixkern_emu::launch(grid, kMmaThreads, sizeof(MmaTiles<T, HEAD_DIM>),
+                             [p] { prefix_decode_partial_mma_kernel<T, HEAD_DIM>(p); });
+    } else if (rows == 4) {
+      prefixkern_emu::launch(grid, kThreads, 0, [p] { prefix_decode_partial_kernel<T, HEAD_DIM, 4>(p); });
+    } else if (rows == 8) {
+      prefixkern_emu::launch(grid, kThreads, 0, [p] { prefix_decode_partial_kernel<T, HEAD_DIM, 8>(p); });
+    } else {
+      prefixkern_emu::launch(grid, kThreads, 0, [p] { prefix_decode_partial_kernel<T, HEAD_DIM, kMaxRows>(p); });
+    }
+  };
+  launch_partial(p);
   write_file(dir + "/out_partial.bin", out_partial);
   write_file(dir + "/lse_partial.bin", lse_partial);
+  if (plan.splits == 1) {
+    // The launch of one split as prefix_decode_attention makes it: the kernel writes the result.
+    std::vector<T> direct(rows_total * HEAD_DIM);
+    std::vector<float> direct_lse(rows_total, NAN);
+    DecodeParams finish = p;
+    finish.out_partial = nullptr;
+    finish.lse_partial = nullptr;
+    finish.out = direct.data();
+    finish.lse = direct_lse.data();
+    launch_partial(finish);
+    write_file(dir + "/direct_out.bin", direct);
+    write_file(dir + "/direct_lse.bin", direct_lse);
+  }
 
   // The merge, as merge_attention_states launches it: one block per row.
   std::vector<T> out(rows_total * HEAD_DIM);
@@ -116,7 +134,7 @@ void run(const std::string& dir, std::map<std::string, double>& a) {
   T* merged = out.data();
   float* merged_lse = lse.data();
   const int splits = plan.splits;
-  prefixkern_emu::launch(dim3(rows_total, 1, 1), merge_threads(HEAD_DIM), 0, [=] {
+  prefixkern_emu::launch(dim3(rows_total, 1, 1), kMergeThreads, 0, [=] {
     merge_attention_states_kernel<T>(parts, lses, merged, merged_lse, rows_total, splits, HEAD_DIM);
   });
   write_file(dir + "/out.bin", out);
@@ -125,8 +143,34 @@ void run(const std::string& dir, std::map<std::string, double>& a) {
                                    << (tensor_cores ? kMmaRows : rows) << "\n";
 }
 
+// merge_only mode: the merge kernel alone, on DIR/out_partial.bin (float32, `offset` floats of
+// slack first: an unaligned start) and DIR/lse_partial.bin for `splits` x `rows` rows of any head
+// dim D; writes DIR/out.bin and DIR/lse.bin.
+template <typename T>
+void run_merge(const std::string& dir, std::map<std::string, double>& a) {
+  using namespace prefixkern;
+  const int splits = static_cast<int>(a.at("splits"));
+  const int64_t rows = static_cast<int64_t>(a.at("rows"));
+  const int head_dim = static_cast<int>(a.at("D"));
+  const int offset = static_cast<int>(a.at("offset"));
+  const auto parts = read_file<float>(dir + "/out_partial.bin");
+  const auto lses = read_file<float>(dir + "/lse_partial.bin");
+  std::vector<T> out(rows * head_dim);
+  std::vector<float> lse(rows, NAN);
+  const float* parts_ptr = parts.data() + offset;
+  const float* lses_ptr = lses.data();
+  T* out_ptr = out.data();
+  float* lse_ptr = lse.data();
+  prefixkern_emu::launch(dim3(rows, 1, 1), kMergeThreads, 0, [=] {
+    merge_attention_states_kernel<T>(parts_ptr, lses_ptr, out_ptr, lse_ptr, rows, splits, head_dim);
+  });
+  write_file(dir + "/out.bin", out);
+  write_file(dir + "/lse.bin", lse);
+}
+
 template <typename T>
 void run_head_dim(const std::string& dir, std::map<std::string, double>& params) {
+  if (params.count("merge_only") != 0 && params.at("merge_only") != 0) return run_merge<T>(dir, params);
   switch (static_cast<int>(params.at("D"))) {
     case 64: return run<T, 64>(dir, params);
     case 128: return run<T, 128>(dir, params);
