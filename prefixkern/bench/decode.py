@@ -24,7 +24,9 @@ HQ, HKV, D = 32, 8, 128      # Llama-3-8B attention
 PREFIXES = (30, 128)
 CACHES = (512, 4096, 32768)
 BATCHES = (1, 8, 64)
-QUICK = [(30, 4096, 8), (128, 512, 1)]
+# --quick: the merge's two extremes besides the two points every run has timed (32k keys at batch 1:
+# one split per SM, about 100 merged per row; batch 64: one split, no merge launch).
+QUICK = [(30, 4096, 8), (128, 512, 1), (30, 32768, 1), (30, 512, 64)]
 
 
 def _cases(opts: Options):
