@@ -11,7 +11,10 @@
 // accumulator registers (rows as M would pad 4 rows to 16). Each of the 4 warps takes 16 keys of
 // every 64-key K/V tile and keeps its own online-softmax state; the warps' states are merged once,
 // at the end. The CUDA-core kernel spent about 20 instructions per KV element on the dot products
-// and P @ V; here a 16 x 8 x 16 product is one instruction, so the block's time is the tile copy.
+// and P @ V; here a 16 x 8 x 16 product is one instruction, so the block's time is the tile copy,
+// whose instructions are kept few too: a tile inside the cache is copied by stepping two pointers
+// (load_kv_tile_stepping, as the CUDA-core kernel does), and each A fragment (K, and V^T) is one
+// ldmatrix where it was 4 shared-memory loads (K) or 8 loads and 4 packs (V^T).
 //
 // Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4 * gid + tig:
 //   A [16 x 16]: a[0] = (gid, 2tig..2tig+1), a[1] = (gid + 8, 2tig..), a[2] = (gid, 2tig + 8..),
@@ -61,6 +64,33 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
 }
 
 __device__ __forceinline__ uint32_t load32(const void* ptr) { return *reinterpret_cast<const uint32_t*>(ptr); }
+
+// Four 8 x 8 matrices of 16-bit elements from shared memory in one instruction (ldmatrix .x4):
+// lanes 8i..8i+7 give the addresses of matrix i's rows (16 bytes each), and lane l receives in r[i]
+// the elements (row l/4, columns 2(l%4), 2(l%4)+1) of matrix i, or with TRANS (rows 2(l%4),
+// 2(l%4)+1, column l/4): an mma A fragment, where reading it element by element took 4 (K) to 8
+// (V^T, with the packing) shared-memory loads per register.
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_address) {
+#if defined(__CUDA_ARCH__)
+#if __CUDA_ARCH__ >= 800
+  const unsigned smem = static_cast<unsigned>(__cvta_generic_to_shared(row_address));
+  if constexpr (TRANS) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem));
+  }
+#else
+  __trap();   // the launcher refuses GPUs before sm_80
+#endif
+#elif defined(PREFIXKERN_EMULATE)
+  prefixkern_emu::ldmatrix_x4<TRANS>(r, row_address);
+#endif
+}
 
 // The block's shared memory (dynamic: 68 KiB at head dim 256). After the key loop the K tile's
 // space holds the warps' scaled outputs for the merge (`merge_outputs`).
@@ -153,19 +183,22 @@ __global__ void __launch_bounds__(kMmaThreads) prefix_decode_partial_mma_kernel(
 
   const int key0 = warp * kMmaWarpKeys;      // the warp's 16 keys within each tile
   for (int t0 = k_begin; t0 < k_end; t0 += kMmaTileKeys) {
-    load_kv_tile<T, HEAD_DIM, kMmaTileKeys, kMmaThreads>(tiles.k, tiles.v, t0, k_end, pk, pv, kc, vc, p);
+    load_kv_tile_stepping<T, HEAD_DIM, kMmaTileKeys, kMmaThreads>(tiles.k, tiles.v, t0, k_end, pk, pv, kc, vc, p);
     copy16_commit();
     copy16_wait<0>();
     __syncthreads();     // every thread's copies have landed
 
     // ---- S^T = K Q^T over the warp's 16 keys: s[e] is key key0 + gid (+8 for e >= 2), row 2tig + (e & 1) ----
+    // A = K [16 keys, 16 head-dim columns] by ldmatrix: matrix i holds keys key0 + 8 (i % 2) .. + 7,
+    // columns 16 ks + 8 (i / 2) .. + 7 (the fragment's a[0] .. a[3]). The padded rows (kPad) put the
+    // 8 rows of a matrix in distinct banks.
+    const int frag_row = lane % 8 + 8 * ((lane / 8) % 2);   // this lane's row address: its key
+    const int frag_col = 8 * (lane / 16);                   // and its head-dim column within the step
     float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int ks = 0; ks < KSTEPS; ++ks) {
-      const uint32_t a[4] = {load32(&tiles.k[key0 + gid][16 * ks + 2 * tig]),
-                             load32(&tiles.k[key0 + gid + 8][16 * ks + 2 * tig]),
-                             load32(&tiles.k[key0 + gid][16 * ks + 8 + 2 * tig]),
-                             load32(&tiles.k[key0 + gid + 8][16 * ks + 8 + 2 * tig])};
+      uint32_t a[4];
+      ldmatrix_x4<false>(a, &tiles.k[key0 + frag_row][16 * ks + frag_col]);
       mma_m16n8k16<T>(s, a, qb[ks]);
     }
 #pragma unroll
@@ -217,14 +250,14 @@ __global__ void __launch_bounds__(kMmaThreads) prefix_decode_partial_mma_kernel(
     const uint32_t pb[2] = {load32(&tiles.p[warp][gid][2 * tig]), load32(&tiles.p[warp][gid][2 * tig + 8])};
 
     // ---- O^T += V^T P^T: A = V^T (head-dim columns x the warp's keys), two keys per register ----
-    const int vk = key0 + 2 * tig;
+    // By ldmatrix .trans from the [key][column] tile: matrix i holds keys key0 + 8 (i / 2) .. + 7,
+    // columns 16 mt + 8 (i % 2) .. + 7, transposed (lane l: keys 2(l%4), 2(l%4)+1 of column l/4).
+    const int v_row = key0 + lane % 8 + 8 * (lane / 16);
+    const int v_col = 8 * ((lane / 8) % 2);
 #pragma unroll
     for (int mt = 0; mt < KSTEPS; ++mt) {
-      const int d = 16 * mt + gid;
-      const uint32_t a[4] = {pack2(tiles.v[vk][d], tiles.v[vk + 1][d]),
-                             pack2(tiles.v[vk][d + 8], tiles.v[vk + 1][d + 8]),
-                             pack2(tiles.v[vk + 8][d], tiles.v[vk + 9][d]),
-                             pack2(tiles.v[vk + 8][d + 8], tiles.v[vk + 9][d + 8])};
+      uint32_t a[4];
+      ldmatrix_x4<true>(a, &tiles.v[v_row][16 * mt + v_col]);
       mma_m16n8k16<T>(acc[mt], a, pb);
     }
     __syncthreads();     // the tile is read before the next copies overwrite it

@@ -67,7 +67,8 @@ def _check_decode_kernel_memory_path(tmp_path, ptxas_output):
     loop it replaced held one 16-byte load per thread in flight and ran at 887 GB/s on an H200); the
     CUDA-core kernel's HEAD_DIM 128 instances (4, 8 and 16 rows per block) keep to 96 registers, so five blocks share an SM; the
     tensor-core kernel multiplies with mma.sync and keeps to 80 registers at HEAD_DIM 128 (six
-    blocks of 128 threads per SM, as many as its 36 KiB of shared memory allows)."""
+    blocks of 128 threads per SM, as many as its 36 KiB of shared memory allows) and reads its mma A
+    fragments with ldmatrix."""
     ptx = "\n".join(path.read_text() for path in tmp_path.glob("prefix_decode*.ptx"))
     entries = re.split(r"\.entry ", ptx)[1:]
     registers = dict(re.findall(r"Compiling entry function '(_ZN10prefixkern\d+prefix_decode_partial\S+)'"
@@ -82,6 +83,9 @@ def _check_decode_kernel_memory_path(tmp_path, ptxas_output):
             assert "cp.async.cg.shared.global" in entry and "cp.async.wait_group" in entry, entry.split("(")[0]
             if "mma" in kernel:
                 assert "mma.sync.aligned.m16n8k16.row.col.f32" in entry, entry.split("(")[0]
+                # Its A fragments (K, and V^T transposed) by ldmatrix, one instruction per fragment.
+                assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in entry, entry.split("(")[0]
+                assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in entry, entry.split("(")[0]
         at_128 = {name: int(n) for name, n in registers.items() if kernel in name and "ELi128E" in name}
         assert len(at_128) == 2 * per_shape and all(n <= limit_at_128 for n in at_128.values()), at_128
 

@@ -124,6 +124,31 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2])
   }
 }
 
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8i..8i+7 give the row addresses of 8 x 8
+// matrix i; lane l receives (row l/4, columns 2(l%4), 2(l%4)+1) of each, transposed with TRANS
+// (rows 2(l%4), 2(l%4)+1 of column l/4), the lower-indexed element in the low half (PTX ISA,
+// "Warp-level matrix load instruction: ldmatrix").
+template <bool TRANS>
+void ldmatrix_x4(uint32_t (&r)[4], const void* row_address) {
+  const int lane = threadIdx.x % 32;
+  auto* scratch = warp_scratch();
+  const uintptr_t address = reinterpret_cast<uintptr_t>(row_address);
+  std::memcpy(scratch[lane].data(), &address, sizeof(address));
+  sync_warp();
+  for (int i = 0; i < 4; ++i) {
+    uint16_t e[2];
+    for (int h = 0; h < 2; ++h) {
+      const int row = TRANS ? 2 * (lane % 4) + h : lane / 4;
+      const int col = TRANS ? lane / 4 : 2 * (lane % 4) + h;
+      uintptr_t base;
+      std::memcpy(&base, scratch[8 * i + row].data(), sizeof(base));
+      std::memcpy(&e[h], reinterpret_cast<const void*>(base + 2 * col), sizeof(uint16_t));
+    }
+    r[i] = static_cast<uint32_t>(e[0]) | (static_cast<uint32_t>(e[1]) << 16);
+  }
+  sync_warp();   // everyone has read before the scratch is reused
+}
+
 // Runs kernel(args...) over grid x block as host threads, one block after another.
 template <typename Kernel>
 void launch(dim3 grid, int threads, size_t smem_bytes, Kernel kernel) {
