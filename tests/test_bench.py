@@ -228,10 +228,12 @@ def test_mlp_rows_hold_their_float32_products_through_the_backward(tmp_path, mon
     assert all((" bwd:" in note) == (pass_ == "fwd_bwd") for (_, _, pass_), note in notes.items()), notes
 
 
-def test_raw_launch_rows_hold_their_setting_through_the_backward(monkeypatch):
-    """The attention and MLP suites' prefixkern_raw_launch rows (on a GPU: the op with
-    PREFIXKERN_RAW_LAUNCH=1, beside prefixkern at host-bound shapes) launch every kernel, the
-    backward's included, under the raw-launch setting, and the prefixkern rows under none. Here
+@pytest.mark.parametrize("raw_default", [False, True], ids=["plain-default", "raw-default"])
+def test_raw_launch_rows_hold_their_setting_through_the_backward(monkeypatch, raw_default):
+    """The attention and MLP suites' rows of the launch path that is not the default (on a GPU:
+    prefixkern_raw_launch, the op with PREFIXKERN_RAW_LAUNCH=1, where the plain launch is the
+    default; prefixkern_plain_launch, with it 0, where the raw one is) launch every kernel, the
+    backward's included, under their setting, and the prefixkern rows under the default. Here
     the rows are let run on the CPU, where a raw launch falls back to a plain one; the setting is
     read at each launch. Without a GPU the suites skip the rows with their reason."""
     from prefixkern.bench import attention as attention_suite
@@ -241,31 +243,37 @@ def test_raw_launch_rows_hold_their_setting_through_the_backward(monkeypatch):
     from prefixkern.kernels import prefix_attention_bwd, prefix_attention_fwd
     from prefixkern.kernels import prefix_mlp as mlp_kernels
 
-    monkeypatch.setattr(_launch, "RAW_POINTERS", False)     # the plain launch's default (Triton 3.6 launches raw)
-    opts = Options(torch.device("cpu"), torch.bfloat16, True, ("prefixkern", "prefixkern_raw_launch"), None, False)
+    other = "prefixkern_plain_launch" if raw_default else "prefixkern_raw_launch"
+    monkeypatch.setattr(_launch, "RAW_POINTERS", raw_default)
+    opts = Options(torch.device("cpu"), torch.bfloat16, True, ("prefixkern", other), None, False)
     with prefixkern.use_backend("triton"):
         _, attention_skips = attention_suite.run(opts, lambda message: None)
         _, mlp_skips = mlp_suite.run(opts, lambda message: None)
     for skips in (attention_skips, mlp_skips):
-        assert any(s.impl == "prefixkern_raw_launch" and "need a GPU" in s.reason for s in skips), skips
+        assert any(s.impl == other and "need a GPU" in s.reason for s in skips), skips
 
     row = [None]
     launched = record_launches(monkeypatch, (prefix_attention_fwd, prefix_attention_bwd, mlp_kernels),
                                lambda kernel, meta: (row[0], kernel.fn.__name__, _launch.RAW_POINTERS))
     monkeypatch.setattr(attention_suite, "unavailable", lambda impl, opts, case=None: None)
     monkeypatch.setattr(attention_suite.attention_packed, "run", lambda opts, progress: ([], []))
-    monkeypatch.setattr(mlp_suite, "raw_launch_skip", lambda opts: None)
+    monkeypatch.setattr(mlp_suite, "raw_launch_skip", lambda opts: None if not raw_default else "default")
+    monkeypatch.setattr(mlp_suite, "plain_launch_skip", lambda opts: None if raw_default else "default")
     with prefixkern.use_backend("triton"):
         records, _ = attention_suite.run(opts, lambda message: row.__setitem__(0, message))
         mlp_records, _ = mlp_suite.run(opts, lambda message: row.__setitem__(0, message))
     records += mlp_records
     assert all(r.ok for r in records), [r for r in records if not r.ok]
     assert {(r.suite, r.impl) for r in records} == {(suite, impl) for suite in ("attention", "mlp")
-                                                    for impl in ("prefixkern", "prefixkern_raw_launch")}
+                                                    for impl in ("prefixkern", other)}
+    # The MLP suite times the other path right after the prefixkern row.
+    assert [r.impl for r in mlp_records][:2] == ["prefixkern", other]
     for message, kernel, raw in launched:
-        assert raw == message.endswith("prefixkern_raw_launch"), (message, kernel, raw)
-    assert any(kernel.startswith("prefix_attention_bwd") and raw for _, kernel, raw in launched)
-    assert any(kernel == "prefix_mlp_bwd_kernel" and raw for _, kernel, raw in launched)
+        assert raw == (message.endswith(other) != raw_default), (message, kernel, raw)
+    assert any(kernel.startswith("prefix_attention_bwd") and raw != raw_default and message.endswith(other)
+               for message, kernel, raw in launched)
+    assert any(kernel == "prefix_mlp_bwd_kernel" and raw != raw_default and message.endswith(other)
+               for message, kernel, raw in launched)
 
 
 def _switched_off_row_launches(monkeypatch, impl: str, shape: str, other_shape: str, only: str, modules):
@@ -806,7 +814,7 @@ def test_raw_launch_default_follows_the_checked_triton_releases(monkeypatch):
     it is the default the prefixkern row launches raw: the prefixkern_raw_launch row is skipped as
     the same row, and the e2e suite's interleaved raw/plain note moves to the prefixkern row."""
     from prefixkern.bench import e2e
-    from prefixkern.bench.common import Options, raw_launch_skip
+    from prefixkern.bench.common import Options, plain_launch_skip, raw_launch_skip
     from prefixkern.kernels import _launch
 
     monkeypatch.delenv("PREFIXKERN_RAW_LAUNCH", raising=False)
@@ -822,9 +830,11 @@ def test_raw_launch_default_follows_the_checked_triton_releases(monkeypatch):
     on_cpu = Options(torch.device("cpu"), torch.bfloat16, True, None, None, False)
     monkeypatch.setattr(_launch, "RAW_POINTERS", True)
     assert "launches raw already" in raw_launch_skip(on_gpu) and "need a GPU" in raw_launch_skip(on_cpu)
+    assert plain_launch_skip(on_gpu) is None and "need a GPU" in plain_launch_skip(on_cpu)
     assert e2e._raw_launch_row() == "prefixkern"
     monkeypatch.setattr(_launch, "RAW_POINTERS", False)
     assert raw_launch_skip(on_gpu) is None
+    assert "launches plain already" in plain_launch_skip(on_gpu)
     assert e2e._raw_launch_row() == "prefixkern_raw_launch"
 
 

@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                              "flash_attn prefixkern_padded prefixkern_packed torch_p_rows peft_encoder prefixkern_fma sdpa_concat "
                              "prefixkern_tensor_cores prefixkern_prefix_gemm prefixkern_triton_decode prefixkern_triton hf_dynamic_cache_sdpa "
                              "floor_no_prefix "
-                             "peft_eager peft_sdpa prefixkern_raw_launch prefixkern_liger floor_compiled peft_sdpa_compiled "
+                             "peft_eager peft_sdpa prefixkern_raw_launch prefixkern_plain_launch prefixkern_liger floor_compiled peft_sdpa_compiled "
                              "prefixkern_compiled)")
     parser.add_argument("--quick", action="store_true", help="a few shapes per suite (a few minutes)")
     parser.add_argument("--out-dir", type=Path, default=None,

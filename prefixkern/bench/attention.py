@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from .. import reference
 from ..ops.prefix_attention import launched_tiles, prefix_attention
 from . import attention_packed
-from .common import (Options, Record, Skip, dtype_name, held, peak_mem_mb, raw_launch_skip, scaled_err, time_ms,
-                     with_raw_launch)
+from .common import (Options, Record, Skip, dtype_name, held, peak_mem_mb, plain_launch_skip, raw_launch_skip,
+                     scaled_err, time_ms, with_raw_launch)
 
 
 @dataclass(frozen=True)
@@ -217,10 +217,11 @@ SWITCHED_OFF_ROWS = {
         ("seed-qwen",), "the one-launch backward is timed on a GPU (it changes nothing but speed)",
         "where the backward is host-bound", _two_launch_backward),
 }
-# prefixkern_raw_launch: the same op with PREFIXKERN_RAW_LAUNCH=1 (the binding-free launch, off by
-# default), its backward included: beside prefixkern at a host-bound shape (seed-qwen), what the
-# launch path costs one op, for the raw-launch decision (benchmarks/results/README.md).
+# prefixkern_raw_launch / prefixkern_plain_launch: the same op on the launch path that is not the
+# default here (PREFIXKERN_RAW_LAUNCH=1 or 0), its backward included: beside prefixkern, what the
+# launch path costs one op (benchmarks/results/README.md).
 IMPLS: dict[str, Callable] = {"prefixkern": prefixkern_impl, "prefixkern_raw_launch": prefixkern_impl,
+                              "prefixkern_plain_launch": prefixkern_impl,
                               **{impl: prefixkern_impl for impl in SWITCHED_OFF_ROWS},
                               "eager": eager, "sdpa_mask": sdpa_mask,
                               "sdpa_lower_right": sdpa_lower_right, "sdpa_lower_right_gqa": sdpa_lower_right_gqa,
@@ -231,6 +232,8 @@ def unavailable(impl: str, opts: Options, case: str | None = None) -> str | None
     """Why a baseline cannot run here (for ``case``), or None."""
     if impl == "prefixkern_raw_launch":
         return raw_launch_skip(opts)
+    if impl == "prefixkern_plain_launch":
+        return plain_launch_skip(opts)
     if impl in SWITCHED_OFF_ROWS:
         row = SWITCHED_OFF_ROWS[impl]
         if not opts.on_gpu:
@@ -332,8 +335,8 @@ def measure(opts, shape, pass_, impl, fn, leaves, dout, ref_out, ref_grads, flop
             out.backward(dout)
         return out
 
-    if impl == "prefixkern_raw_launch":     # (held through the backward, which runs after fn returns)
-        call = with_raw_launch(call)
+    if impl in ("prefixkern_raw_launch", "prefixkern_plain_launch"):   # (held through the backward too)
+        call = with_raw_launch(call, enabled=impl == "prefixkern_raw_launch")
     elif impl in SWITCHED_OFF_ROWS:
         call = held(call, SWITCHED_OFF_ROWS[impl].setting)
 

@@ -164,6 +164,21 @@ def raw_launch_skip(opts: Options) -> str | None:
     return None
 
 
+def plain_launch_skip(opts: Options) -> str | None:
+    """Why a ``prefixkern_plain_launch`` row (the op with the raw launch off, as
+    PREFIXKERN_RAW_LAUNCH=0 runs it) does not run here (None: it does): it would be the
+    ``prefixkern`` row again where the plain launch is the default. Where the raw launch is the
+    default this row keeps the two paths timed side by side per op (the fifth H200 run's raw rows,
+    then opt-in, read the Llama-3-8B MLP forward at 0.465 ms against the plain 0.153, unexplained)."""
+    from ..kernels._launch import RAW_POINTERS
+
+    if not opts.on_gpu:
+        return "raw-pointer launches need a GPU (every row launches plain here)"
+    if not RAW_POINTERS:
+        return "the prefixkern row launches plain already (the default on this Triton); PREFIXKERN_RAW_LAUNCH=1 times the raw launch"
+    return None
+
+
 def held(fn: Callable[[], object], setting: Callable[[], object]) -> Callable[[], object]:
     """``fn`` with the context manager ``setting()`` held through all of it, a backward it runs
     included (a row that times one of the kernels' switches)."""
@@ -176,8 +191,8 @@ def held(fn: Callable[[], object], setting: Callable[[], object]) -> Callable[[]
 def with_raw_launch(fn: Callable[[], object], enabled: bool = True) -> Callable[[], object]:
     """``fn`` with the raw-pointer launch (PREFIXKERN_RAW_LAUNCH=1: Triton binds a launch's
     arguments once per argument key and its compiled launcher takes raw pointers) on, or off with
-    ``enabled=False``, held through all of ``fn``: what the ``prefixkern_raw_launch`` rows and the
-    e2e suite's interleaved raw/plain note time."""
+    ``enabled=False``, held through all of ``fn``: what the ``prefixkern_raw_launch`` and
+    ``prefixkern_plain_launch`` rows and the e2e suite's interleaved raw/plain note time."""
     from ..kernels._launch import raw_pointer_launches
 
     return held(fn, lambda: raw_pointer_launches(enabled))

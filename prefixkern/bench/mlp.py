@@ -11,8 +11,8 @@ import torch
 
 from .. import reference
 from ..ops.prefix_mlp import fused_prefix_mlp, launched_tiles, tf32x3_products
-from .common import (Options, Record, Skip, dtype_name, held, peak_mem_mb, raw_launch_skip, scaled_err, time_ms,
-                     with_raw_launch)
+from .common import (Options, Record, Skip, dtype_name, held, peak_mem_mb, plain_launch_skip, raw_launch_skip,
+                     scaled_err, time_ms, with_raw_launch)
 
 
 @dataclass(frozen=True)
@@ -142,11 +142,17 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
 
         # The same math in PyTorch on P rows: under autocast, what autocast's Linear computes.
         compute = opts.dtype if shape.autocast else None
-        impls = {
-            "prefixkern": ours,
-            "torch_p_rows": lambda: reference.prefix_mlp(*params, **kw, out_dtype=opts.dtype, compute_dtype=compute),
-            "peft_encoder": peft_rows,
-        }
+        impls = {"prefixkern": ours}
+        # The same kernels on the other launch path, timed right after the prefixkern row: the raw
+        # launch (PREFIXKERN_RAW_LAUNCH=1) where the plain one is the default, else the plain one.
+        for row, reason in (("prefixkern_raw_launch", raw_launch_skip(opts)),
+                            ("prefixkern_plain_launch", plain_launch_skip(opts))):
+            if reason:
+                skips.append(Skip("mlp", name, row, reason))
+            elif opts.wants(row):
+                impls[row] = ours
+        impls["torch_p_rows"] = lambda: reference.prefix_mlp(*params, **kw, out_dtype=opts.dtype, compute_dtype=compute)
+        impls["peft_encoder"] = peft_rows
         # The kernels with their exact float32 products on FMA units (PREFIXKERN_MLP_TF32X3=0)
         # rather than the default 3xTF32: where the products are exact float32 ones, on a GPU.
         reason = _fma_skip(opts, shape)
@@ -154,13 +160,6 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             skips.append(Skip("mlp", name, "prefixkern_fma", reason))
         elif opts.wants("prefixkern_fma"):
             impls["prefixkern_fma"] = ours
-        # The same kernels with PREFIXKERN_RAW_LAUNCH=1 (the binding-free launch, off by default):
-        # at a host-bound shape (Qwen2.5-0.5B), what the launch path costs, for the raw-launch decision.
-        reason = raw_launch_skip(opts)
-        if reason:
-            skips.append(Skip("mlp", name, "prefixkern_raw_launch", reason))
-        elif opts.wants("prefixkern_raw_launch"):
-            impls["prefixkern_raw_launch"] = ours
         expected = reference.prefix_mlp(*[p.detach().double() for p in params], **kw, out_dtype=torch.float64)
         grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(opts.device, opts.dtype)
         w2_bytes = shape.num_cols * shape.token_dim * 4
@@ -187,8 +186,8 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 # A row's setting holds for the backward too, which runs after fn returns.
                 if impl == "prefixkern_fma":
                     call = held(call, lambda: tf32x3_products(False))
-                elif impl == "prefixkern_raw_launch":
-                    call = with_raw_launch(call)
+                elif impl in ("prefixkern_raw_launch", "prefixkern_plain_launch"):
+                    call = with_raw_launch(call, enabled=impl == "prefixkern_raw_launch")
                 try:
                     launched_tiles()    # drops what the previous row's timing calls left behind
                     out = call()
