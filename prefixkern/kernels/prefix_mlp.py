@@ -142,8 +142,13 @@ def _fits_smem(num_stages: int, elements_per_stage: int, elements_once: int = 0)
 # --------------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) candidates; the interpreter runs one small tile.
-MATMUL_TILES = ((16, 64, 64, 4, 3), (32, 64, 32, 4, 4), (64, 64, 32, 4, 4), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3),
-                (128, 128, 32, 8, 3))
+# The 16 x 32 tile is for the forward's H = tanh(E W1^T + b1) at P <= 64 rows: Llama-3-8B's
+# (64 x 1024, K = 1024) ran 34 of the forward's 181 us in 16 programs under Nsight Compute (the
+# fifth H200 run); 16 x 32 tiles make 128 programs of it (sm_90, Triton 3.9: 92 registers with FMA
+# products, 165 with 3xTF32, no spills; a 2-warp variant spilled 8 B in the pair kernel). Untimed:
+# the tuner decides.
+MATMUL_TILES = ((16, 64, 64, 4, 3), (16, 32, 64, 4, 3), (32, 64, 32, 4, 4), (64, 64, 32, 4, 4), (64, 128, 32, 8, 3),
+                (128, 64, 32, 8, 3), (128, 128, 32, 8, 3))
 INTERPRETER_MATMUL_TILE = (32, 32, 32, 4, 1)
 # The pair kernel (dE and dW1 in one launch) inlines the tile loop twice and holds more registers:
 # MATMUL_TILES less (128, 128, 32, 8, 3), which spills 96-568 B there, and (32, 64, 32, 4, 4), 8 B
