@@ -989,6 +989,48 @@ def test_gpu_every_backward_tile_agrees_with_the_first(monkeypatch, precision):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["tf32x3", "ieee", "bf16"])
+def test_gpu_every_matmul_tile_agrees_with_the_first(monkeypatch, precision):
+    """Every tile the tuner may pick for the small GEMMs at Llama-3-8B's sizes (P=64, d = h = 1024),
+    forced in turn: the forward's H = tanh(E W1^T + b1) (where the 16 x 32 tile makes 128 programs)
+    and the backward's dE = dZ W1, dW1 = dZ^T E pair give what the table's first tile gives (the
+    one the full-size grid checks against the reference, autotuning off there), up to summation
+    order."""
+    from prefixkern.kernels import prefix_mlp as kernels
+    from prefixkern.ops.prefix_mlp import tf32x3_products
+
+    P, d = 64, 1024
+    torch.manual_seed(0)
+    embedding, w1 = torch.randn(P, d, device="cuda"), torch.randn(d, d, device="cuda") / d ** 0.5
+    b1, dz = torch.randn(d, device="cuda"), torch.randn(P, d, device="cuda")
+    compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    forced = [None]
+    real_pick = kernels.pick_config
+    monkeypatch.setattr(kernels, "pick_config", lambda key, candidates, launch: forced[0] if key[0] in (
+        "mlp-matmul", "mlp-matmul-pair") else real_pick(key, candidates, launch))
+    with tf32x3_products(precision != "ieee"):
+        assert kernels.products(compute_dtype, embedding.device) == precision
+        for name, tiles in (("matmul", kernels.matmul_candidates(P)),
+                            ("pair", kernels.matmul_candidates(d, kernels.MATMUL_PAIR_TILES))):
+            assert len(tiles) > 1 and (name == "pair" or (16, 32, 64, 4, 3) in tiles), tiles
+            results = []
+            for tile in tiles:
+                forced[0] = tile
+                if name == "matmul":
+                    hidden = torch.empty(P, d, device="cuda")
+                    kernels._matmul(embedding, w1.t(), hidden, precision, bias=b1, apply_tanh=True)
+                    results.append((hidden,))
+                else:
+                    d_embedding, dw1 = torch.empty(P, d, device="cuda"), torch.empty(d, d, device="cuda")
+                    kernels._matmul_pair(dz, w1, d_embedding, dz.t(), embedding, dw1, precision)
+                    results.append((d_embedding, dw1))
+            for tile, outs in zip(tiles[1:], results[1:]):
+                for first, other in zip(results[0], outs):
+                    scale = first.abs().max().item()
+                    torch.testing.assert_close(other, first, atol=1e-5 * scale, rtol=1e-4, msg=f"{name} {tile}")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("model", list(GPU_MODELS))
 def test_gpu_batch_expanded_peft_and_dropout(model):
     num_layers, num_kv_heads, head_dim, hidden = GPU_MODELS[model]
