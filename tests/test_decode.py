@@ -538,6 +538,35 @@ def _smoke(case) -> bool:
 
 
 @pytest.mark.gpu
+@pytest.mark.smoke
+@pytest.mark.parametrize("splits, rows, head_dim, offset", [(7, 256, 128, 0), (1100, 3, 64, 0), (130, 32, 256, 0),
+                                                             (9, 5, 6, 0), (6, 4, 128, 1)])
+def test_gpu_cuda_merge_against_float64(splits, rows, head_dim, offset):
+    """The CUDA merge (merge_attention_states on a GPU, the CUDA op where built) at the splits a
+    decoding step merges (11 x 256 rows at batch 8; about 100 x 32 at batch 1) and past its shared
+    memory's 1024 weights, every head dim's path (float4 columns; 6: a thread per column; an
+    unaligned view), with parts and a row that saw no key, against the merge in float64."""
+    prefixkern.build_cuda()
+    torch.manual_seed(splits)
+    flat = torch.randn(offset + splits * rows * head_dim, device="cuda")
+    out_partial = flat[offset:].view(splits, rows, head_dim)
+    lse_partial = torch.randn(splits, rows, device="cuda") * 4
+    lse_partial[1::3, 0] = -torch.inf
+    lse_partial[:, -1] = -torch.inf
+    out_partial[:, -1] = 0.0
+    top = lse_partial.double().max(0).values
+    weights = torch.where(lse_partial == -torch.inf, 0.0, torch.exp(lse_partial.double() - top.nan_to_num(neginf=0.0)))
+    total = weights.sum(0)
+    want = torch.where(total[:, None] > 0, (weights[..., None] * out_partial.double()).sum(0) / total[:, None], 0.0)
+    want_lse = torch.where(total > 0, top + total.log(), -torch.inf)
+    for dtype in (torch.bfloat16, torch.float16):
+        out, lse = prefixkern.merge_attention_states(out_partial, lse_partial, dtype)
+        torch.testing.assert_close(lse, want_lse.float(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.float(), want.float(), atol=1e-2, rtol=1e-2)
+        assert (out[-1] == 0).all() and lse[-1] == -torch.inf
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.smoke) if _smoke(case) else case
                                   for case in GPU_GRID], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_gpu_cuda_kernel_against_reference(case):
