@@ -26,12 +26,6 @@ template <> __device__ __forceinline__ at::BFloat16 from_float<at::BFloat16>(flo
   return at::BFloat16(__float2bfloat16_rn(x));
 }
 
-// Two 16-bit values in one 32-bit register, `lo` in the low half: an mma operand pair.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(T lo, T hi) {
-  return static_cast<uint32_t>(lo.x) | (static_cast<uint32_t>(hi.x) << 16);
-}
-
 struct DecodeParams {
   const void* q;
   const void* k;
