@@ -26,6 +26,7 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_states(const at::Tensor& out_
   auto parts = out_partial.contiguous();
   auto lses = lse_partial.contiguous();
   const int splits = static_cast<int>(parts.size(0));
+  TORCH_CHECK(splits > 0, "merge_attention_states: out_partial must hold at least one part, got 0");
   const int head_dim = static_cast<int>(parts.size(-1));
   const int64_t rows = lses.numel() / splits;
   auto out_sizes = parts.sizes().slice(1).vec();

@@ -451,6 +451,9 @@ def test_merge_attention_states_equals_attention_over_the_union():
     torch.testing.assert_close(prefixkern.merge_attention_states(blank, blank_lse)[0], parts[0][0])
     none_out, none_lse = prefixkern.merge_attention_states(torch.zeros(2, 3, 4), torch.full((2, 3), float("-inf")))
     assert torch.equal(none_out, torch.zeros(3, 4)) and torch.isinf(none_lse).all()
+    # No parts at all: the same (the GPU's kernels, which divide by the count, are not asked).
+    none_out, none_lse = prefixkern.merge_attention_states(torch.zeros(0, 3, 4), torch.zeros(0, 3), torch.bfloat16)
+    assert torch.equal(none_out, torch.zeros(3, 4, dtype=torch.bfloat16)) and torch.isinf(none_lse).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -564,6 +567,9 @@ def test_gpu_cuda_merge_against_float64(splits, rows, head_dim, offset):
         torch.testing.assert_close(lse, want_lse.float(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out.float(), want.float(), atol=1e-2, rtol=1e-2)
         assert (out[-1] == 0).all() and lse[-1] == -torch.inf
+    # No parts at all: every row 0 and -inf, as on the CPU (the CUDA op refuses a count of 0).
+    none_out, none_lse = prefixkern.merge_attention_states(out_partial[:0], lse_partial[:0], torch.bfloat16)
+    assert torch.equal(none_out, torch.zeros_like(none_out)) and torch.isinf(none_lse).all()
 
 
 @pytest.mark.gpu

@@ -324,7 +324,9 @@ def _merge(out_partial: torch.Tensor, lse_partial: torch.Tensor, out_dtype: torc
     """``merge_attention_states`` on arguments valid by construction: the CUDA kernel where it is
     built and applies, else the Triton merge kernel where the Triton kernels run (one launch where
     the torch ops below take about a dozen), else torch ops."""
-    float32_parts = out_partial.dtype == torch.float32 and lse_partial.dtype == torch.float32
+    # (No parts: the torch ops below give every row 0 and -inf; the kernels divide by the count.)
+    float32_parts = out_partial.dtype == torch.float32 and lse_partial.dtype == torch.float32 \
+        and out_partial.shape[0] > 0
     if float32_parts and out_partial.is_cuda and out_dtype in (torch.float16, torch.bfloat16) \
             and get_backend() == "auto":
         from .._cuda_build import cuda_ops
