@@ -257,8 +257,8 @@ def test_raw_launch_rows_hold_their_setting_through_the_backward(monkeypatch, ra
                                lambda kernel, meta: (row[0], kernel.fn.__name__, _launch.RAW_POINTERS))
     monkeypatch.setattr(attention_suite, "unavailable", lambda impl, opts, case=None: None)
     monkeypatch.setattr(attention_suite.attention_packed, "run", lambda opts, progress: ([], []))
-    monkeypatch.setattr(mlp_suite, "raw_launch_skip", lambda opts: None if not raw_default else "default")
-    monkeypatch.setattr(mlp_suite, "plain_launch_skip", lambda opts: None if raw_default else "default")
+    monkeypatch.setattr(mlp_suite, "launch_path_skip",
+                        lambda opts, impl: None if mlp_suite.LAUNCH_PATH_ROWS[impl] != raw_default else "default")
     with prefixkern.use_backend("triton"):
         records, _ = attention_suite.run(opts, lambda message: row.__setitem__(0, message))
         mlp_records, _ = mlp_suite.run(opts, lambda message: row.__setitem__(0, message))
@@ -814,7 +814,7 @@ def test_raw_launch_default_follows_the_checked_triton_releases(monkeypatch):
     it is the default the prefixkern row launches raw: the prefixkern_raw_launch row is skipped as
     the same row, and the e2e suite's interleaved raw/plain note moves to the prefixkern row."""
     from prefixkern.bench import e2e
-    from prefixkern.bench.common import Options, plain_launch_skip, raw_launch_skip
+    from prefixkern.bench.common import Options, launch_path_skip
     from prefixkern.kernels import _launch
 
     monkeypatch.delenv("PREFIXKERN_RAW_LAUNCH", raising=False)
@@ -829,12 +829,13 @@ def test_raw_launch_default_follows_the_checked_triton_releases(monkeypatch):
     on_gpu = Options(torch.device("cpu"), torch.bfloat16, True, None, None, True)
     on_cpu = Options(torch.device("cpu"), torch.bfloat16, True, None, None, False)
     monkeypatch.setattr(_launch, "RAW_POINTERS", True)
-    assert "launches raw already" in raw_launch_skip(on_gpu) and "need a GPU" in raw_launch_skip(on_cpu)
-    assert plain_launch_skip(on_gpu) is None and "need a GPU" in plain_launch_skip(on_cpu)
+    raw, plain = "prefixkern_raw_launch", "prefixkern_plain_launch"
+    assert "launches raw already" in launch_path_skip(on_gpu, raw) and "need a GPU" in launch_path_skip(on_cpu, raw)
+    assert launch_path_skip(on_gpu, plain) is None and "need a GPU" in launch_path_skip(on_cpu, plain)
     assert e2e._raw_launch_row() == "prefixkern"
     monkeypatch.setattr(_launch, "RAW_POINTERS", False)
-    assert raw_launch_skip(on_gpu) is None
-    assert "launches plain already" in plain_launch_skip(on_gpu)
+    assert launch_path_skip(on_gpu, raw) is None
+    assert "launches plain already" in launch_path_skip(on_gpu, plain)
     assert e2e._raw_launch_row() == "prefixkern_raw_launch"
 
 

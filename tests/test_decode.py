@@ -540,6 +540,19 @@ def _smoke(case) -> bool:
     return case["Sq"] in (1, 8) and case["gqa"] in (1, 7) and (case["P"] == 30 or (case["P"], case["L"]) == (1, 1))
 
 
+def merge_in_float64(out_partial: torch.Tensor, lse_partial: torch.Tensor):
+    """The merge's oracle, ``(out [rows, D], lse [rows])`` float64 from [splits, rows, D] and [splits,
+    rows] parts, in plain torch ops: a part with LSE -inf weighs nothing and its output is not read
+    (it may hold anything); a row no part saw gives 0 and -inf."""
+    lse64 = lse_partial.double()
+    top = lse64.max(0).values
+    weights = torch.where(lse64 == -torch.inf, 0.0, torch.exp(lse64 - top.nan_to_num(neginf=0.0)))
+    total = weights.sum(0)
+    parts = torch.where(weights[..., None] > 0, out_partial.double(), 0.0)
+    out = torch.where(total[:, None] > 0, (weights[..., None] * parts).sum(0) / total[:, None], 0.0)
+    return out, torch.where(total > 0, top + total.log(), -torch.inf)
+
+
 @pytest.mark.gpu
 @pytest.mark.smoke
 @pytest.mark.parametrize("splits, rows, head_dim, offset", [(7, 256, 128, 0), (1100, 3, 64, 0), (130, 32, 256, 0),
@@ -557,11 +570,7 @@ def test_gpu_cuda_merge_against_float64(splits, rows, head_dim, offset):
     lse_partial[1::3, 0] = -torch.inf
     lse_partial[:, -1] = -torch.inf
     out_partial[:, -1] = 0.0
-    top = lse_partial.double().max(0).values
-    weights = torch.where(lse_partial == -torch.inf, 0.0, torch.exp(lse_partial.double() - top.nan_to_num(neginf=0.0)))
-    total = weights.sum(0)
-    want = torch.where(total[:, None] > 0, (weights[..., None] * out_partial.double()).sum(0) / total[:, None], 0.0)
-    want_lse = torch.where(total > 0, top + total.log(), -torch.inf)
+    want, want_lse = merge_in_float64(out_partial, lse_partial)
     for dtype in (torch.bfloat16, torch.float16):
         out, lse = prefixkern.merge_attention_states(out_partial, lse_partial, dtype)
         torch.testing.assert_close(lse, want_lse.float(), atol=1e-5, rtol=1e-5)

@@ -19,6 +19,7 @@ from prefixkern import reference
 from prefixkern.kernels._attention_common import prefix_strides
 
 from test_decode import _inputs as decode_inputs
+from test_decode import merge_in_float64
 
 ROOT = Path(__file__).resolve().parent.parent
 EMU = Path(__file__).resolve().parent / "csrc_emu"
@@ -233,14 +234,7 @@ def test_merge_kernel_against_the_reference(emulator, tmp_path, case):
             out_partial[:, -1] = 0.0
     for dtype in (torch.bfloat16, torch.float16):
         out, lse = run_merge_emulated(emulator, tmp_path / str(dtype), out_partial, lse_partial, dtype, offset)
-        # The merge in float64 with plain torch ops.
-        lse64 = lse_partial.double()
-        top = lse64.max(0).values
-        weights = torch.where(lse64 == -torch.inf, 0.0, torch.exp(lse64 - torch.where(top == -torch.inf, 0.0, top)))
-        total = weights.sum(0)
-        parts = torch.where(weights[..., None] > 0, out_partial.double(), 0.0)
-        want = torch.where(total[:, None] > 0, (weights[..., None] * parts).sum(0) / total[:, None], 0.0)
-        want_lse = torch.where(total > 0, top + total.log(), -torch.inf)
+        want, want_lse = merge_in_float64(out_partial, lse_partial)
         assert not out.isnan().any()
         torch.testing.assert_close(lse, want_lse.float(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out.float(), want.float(), atol=1e-2, rtol=1e-2)

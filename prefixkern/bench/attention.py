@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .. import reference
 from ..ops.prefix_attention import launched_tiles, prefix_attention
 from . import attention_packed
-from .common import (Options, Record, Skip, dtype_name, held, peak_mem_mb, plain_launch_skip, raw_launch_skip,
+from .common import (LAUNCH_PATH_ROWS, Options, Record, Skip, dtype_name, held, launch_path_skip, peak_mem_mb,
                      scaled_err, time_ms, with_raw_launch)
 
 
@@ -220,8 +220,7 @@ SWITCHED_OFF_ROWS = {
 # prefixkern_raw_launch / prefixkern_plain_launch: the same op on the launch path that is not the
 # default here (PREFIXKERN_RAW_LAUNCH=1 or 0), its backward included: beside prefixkern, what the
 # launch path costs one op (benchmarks/results/README.md).
-IMPLS: dict[str, Callable] = {"prefixkern": prefixkern_impl, "prefixkern_raw_launch": prefixkern_impl,
-                              "prefixkern_plain_launch": prefixkern_impl,
+IMPLS: dict[str, Callable] = {"prefixkern": prefixkern_impl, **{impl: prefixkern_impl for impl in LAUNCH_PATH_ROWS},
                               **{impl: prefixkern_impl for impl in SWITCHED_OFF_ROWS},
                               "eager": eager, "sdpa_mask": sdpa_mask,
                               "sdpa_lower_right": sdpa_lower_right, "sdpa_lower_right_gqa": sdpa_lower_right_gqa,
@@ -230,10 +229,8 @@ IMPLS: dict[str, Callable] = {"prefixkern": prefixkern_impl, "prefixkern_raw_lau
 
 def unavailable(impl: str, opts: Options, case: str | None = None) -> str | None:
     """Why a baseline cannot run here (for ``case``), or None."""
-    if impl == "prefixkern_raw_launch":
-        return raw_launch_skip(opts)
-    if impl == "prefixkern_plain_launch":
-        return plain_launch_skip(opts)
+    if impl in LAUNCH_PATH_ROWS:
+        return launch_path_skip(opts, impl)
     if impl in SWITCHED_OFF_ROWS:
         row = SWITCHED_OFF_ROWS[impl]
         if not opts.on_gpu:
@@ -335,8 +332,8 @@ def measure(opts, shape, pass_, impl, fn, leaves, dout, ref_out, ref_grads, flop
             out.backward(dout)
         return out
 
-    if impl in ("prefixkern_raw_launch", "prefixkern_plain_launch"):   # (held through the backward too)
-        call = with_raw_launch(call, enabled=impl == "prefixkern_raw_launch")
+    if impl in LAUNCH_PATH_ROWS:     # (held through the backward too)
+        call = with_raw_launch(call, enabled=LAUNCH_PATH_ROWS[impl])
     elif impl in SWITCHED_OFF_ROWS:
         call = held(call, SWITCHED_OFF_ROWS[impl].setting)
 

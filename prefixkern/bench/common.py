@@ -151,31 +151,28 @@ def spread_note(samples: list[float]) -> str:
             f"max {max(samples):.3g}")
 
 
-def raw_launch_skip(opts: Options) -> str | None:
-    """Why a ``prefixkern_raw_launch`` row does not run here (None: it does): it would be the
-    ``prefixkern`` row again where the raw launch is the default (the e2e suite's note on that row
-    then times the plain launch beside it; PREFIXKERN_RAW_LAUNCH=0 runs every row on the plain one)."""
+# The rows that time an op on the launch path that is not the default here, and whether each runs
+# the raw-pointer launch: prefixkern_raw_launch (PREFIXKERN_RAW_LAUNCH=1) where the plain launch is
+# the default, prefixkern_plain_launch (=0) where the raw one is. Each holds its setting through the
+# backward (``with_raw_launch``). Where the raw launch is the default, the e2e suite's note on the
+# prefixkern row times the plain launch beside it too; the plain-launch rows keep the two paths
+# timed per op (the fifth H200 run's raw rows, then opt-in, read the Llama-3-8B MLP forward at
+# 0.465 ms against the plain 0.153, unexplained).
+LAUNCH_PATH_ROWS = {"prefixkern_raw_launch": True, "prefixkern_plain_launch": False}
+
+
+def launch_path_skip(opts: Options, impl: str) -> str | None:
+    """Why the ``LAUNCH_PATH_ROWS`` row ``impl`` does not run here (None: it does): raw launches
+    need a GPU, and the row would be the ``prefixkern`` row again where its launch is the default."""
     from ..kernels._launch import RAW_POINTERS
 
+    raw = LAUNCH_PATH_ROWS[impl]
     if not opts.on_gpu:
-        return "raw-pointer launches need a GPU"
-    if RAW_POINTERS:
-        return "the prefixkern row launches raw already (the default on this Triton); PREFIXKERN_RAW_LAUNCH=0 times the plain launch"
-    return None
-
-
-def plain_launch_skip(opts: Options) -> str | None:
-    """Why a ``prefixkern_plain_launch`` row (the op with the raw launch off, as
-    PREFIXKERN_RAW_LAUNCH=0 runs it) does not run here (None: it does): it would be the
-    ``prefixkern`` row again where the plain launch is the default. Where the raw launch is the
-    default this row keeps the two paths timed side by side per op (the fifth H200 run's raw rows,
-    then opt-in, read the Llama-3-8B MLP forward at 0.465 ms against the plain 0.153, unexplained)."""
-    from ..kernels._launch import RAW_POINTERS
-
-    if not opts.on_gpu:
-        return "raw-pointer launches need a GPU (every row launches plain here)"
-    if not RAW_POINTERS:
-        return "the prefixkern row launches plain already (the default on this Triton); PREFIXKERN_RAW_LAUNCH=1 times the raw launch"
+        return "raw-pointer launches need a GPU" + ("" if raw else " (every row launches plain here)")
+    if RAW_POINTERS == raw:
+        path, other, setting = ("raw", "plain", 0) if raw else ("plain", "raw", 1)
+        return (f"the prefixkern row launches {path} already (the default on this Triton); "
+                f"PREFIXKERN_RAW_LAUNCH={setting} times the {other} launch")
     return None
 
 
@@ -191,8 +188,8 @@ def held(fn: Callable[[], object], setting: Callable[[], object]) -> Callable[[]
 def with_raw_launch(fn: Callable[[], object], enabled: bool = True) -> Callable[[], object]:
     """``fn`` with the raw-pointer launch (PREFIXKERN_RAW_LAUNCH=1: Triton binds a launch's
     arguments once per argument key and its compiled launcher takes raw pointers) on, or off with
-    ``enabled=False``, held through all of ``fn``: what the ``prefixkern_raw_launch`` and
-    ``prefixkern_plain_launch`` rows and the e2e suite's interleaved raw/plain note time."""
+    ``enabled=False``, held through all of ``fn``: what the ``LAUNCH_PATH_ROWS`` and the e2e
+    suite's interleaved raw/plain note time."""
     from ..kernels._launch import raw_pointer_launches
 
     return held(fn, lambda: raw_pointer_launches(enabled))

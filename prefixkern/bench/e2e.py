@@ -16,7 +16,7 @@ import copy
 import torch
 
 from .attention_packed import ragged_lengths
-from .common import (Options, Record, Skip, dtype_name, held, raw_launch_skip, release_models, spread_note,
+from .common import (Options, Record, Skip, dtype_name, held, launch_path_skip, release_models, spread_note,
                      time_ms, with_raw_launch)
 from .targets import INTERLEAVED_SUFFIX
 
@@ -450,8 +450,8 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 if limit is not None and seq_len + P > limit:
                     skips.append(Skip("e2e_train", case, impl, f"GPT-2 has {limit} positions; P + S = {P + seq_len}"))
                     continue
-                if impl == "prefixkern_raw_launch" and raw_launch_skip(opts):
-                    skips.append(Skip("e2e_train", case, impl, raw_launch_skip(opts)))
+                if impl == "prefixkern_raw_launch" and (reason := launch_path_skip(opts, impl)):
+                    skips.append(Skip("e2e_train", case, impl, reason))
                     continue
                 if impl == "prefixkern_liger":
                     try:

@@ -11,7 +11,7 @@ import torch
 
 from .. import reference
 from ..ops.prefix_mlp import fused_prefix_mlp, launched_tiles, tf32x3_products
-from .common import (Options, Record, Skip, dtype_name, held, peak_mem_mb, plain_launch_skip, raw_launch_skip,
+from .common import (LAUNCH_PATH_ROWS, Options, Record, Skip, dtype_name, held, launch_path_skip, peak_mem_mb,
                      scaled_err, time_ms, with_raw_launch)
 
 
@@ -145,8 +145,8 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
         impls = {"prefixkern": ours}
         # The same kernels on the other launch path, timed right after the prefixkern row: the raw
         # launch (PREFIXKERN_RAW_LAUNCH=1) where the plain one is the default, else the plain one.
-        for row, reason in (("prefixkern_raw_launch", raw_launch_skip(opts)),
-                            ("prefixkern_plain_launch", plain_launch_skip(opts))):
+        for row in LAUNCH_PATH_ROWS:
+            reason = launch_path_skip(opts, row)
             if reason:
                 skips.append(Skip("mlp", name, row, reason))
             elif opts.wants(row):
@@ -186,8 +186,8 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 # A row's setting holds for the backward too, which runs after fn returns.
                 if impl == "prefixkern_fma":
                     call = held(call, lambda: tf32x3_products(False))
-                elif impl in ("prefixkern_raw_launch", "prefixkern_plain_launch"):
-                    call = with_raw_launch(call, enabled=impl == "prefixkern_raw_launch")
+                elif impl in LAUNCH_PATH_ROWS:
+                    call = with_raw_launch(call, enabled=LAUNCH_PATH_ROWS[impl])
                 try:
                     launched_tiles()    # drops what the previous row's timing calls left behind
                     out = call()

@@ -324,17 +324,18 @@ def _merge(out_partial: torch.Tensor, lse_partial: torch.Tensor, out_dtype: torc
     """``merge_attention_states`` on arguments valid by construction: the CUDA kernel where it is
     built and applies, else the Triton merge kernel where the Triton kernels run (one launch where
     the torch ops below take about a dozen), else torch ops."""
-    # (No parts: the torch ops below give every row 0 and -inf; the kernels divide by the count.)
-    float32_parts = out_partial.dtype == torch.float32 and lse_partial.dtype == torch.float32 \
+    # The kernels take float32 parts, at least one (no parts: the torch ops below give every row 0
+    # and -inf; the kernels divide by the count).
+    kernel_parts = out_partial.dtype == torch.float32 and lse_partial.dtype == torch.float32 \
         and out_partial.shape[0] > 0
-    if float32_parts and out_partial.is_cuda and out_dtype in (torch.float16, torch.bfloat16) \
+    if kernel_parts and out_partial.is_cuda and out_dtype in (torch.float16, torch.bfloat16) \
             and get_backend() == "auto":
         from .._cuda_build import cuda_ops
 
         ops = cuda_ops()
         if ops is not None:
             return ops.merge_attention_states(out_partial, lse_partial, out_dtype)
-    if (float32_parts and out_dtype in (torch.float16, torch.bfloat16, torch.float32)
+    if (kernel_parts and out_dtype in (torch.float16, torch.bfloat16, torch.float32)
             and out_partial.is_contiguous() and lse_partial.is_contiguous() and not torch.compiler.is_compiling()
             and (out_partial.is_cuda or triton_interpret()) and use_triton(out_partial.device)):
         from ..kernels._launch import on_device
