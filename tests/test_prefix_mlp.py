@@ -382,15 +382,16 @@ def test_torch_compile_traces_the_autocast_choice(device):
     assert torch.equal(compiled, eager)
 
 
-def _force_bwd_candidate(monkeypatch, kernels, tile) -> None:
-    """The backward takes ``tile`` (a BwdTile or LIBRARY_PRODUCTS) whatever its candidates, and
-    reports it as a tuned choice (``launched_tiles``)."""
+def _force_candidate(monkeypatch, kernels, tile, tuned=("mlp-bwd",)) -> None:
+    """The launches tuned under the names ``tuned`` (the backward's, by default) take ``tile`` (a
+    BwdTile or LIBRARY_PRODUCTS; a matmul tile for "mlp-matmul" and "mlp-matmul-pair") whatever
+    their candidates, and report it as a tuned choice (``launched_tiles``)."""
     from prefixkern.kernels import _launch
 
     real_pick = kernels.pick_config
 
     def pick(key, candidates, launch):
-        if key[0] != "mlp-bwd":
+        if key[0] not in tuned:
             return real_pick(key, candidates, launch)
         _launch._LAST[key[0]] = tile
         return tile
@@ -414,7 +415,7 @@ def test_backward_writes_every_gradient_element(monkeypatch, P, hidden, layout, 
 
     launched = _record_launches(monkeypatch)
     if launches == "library":
-        _force_bwd_candidate(monkeypatch, kernels, kernels.LIBRARY_PRODUCTS)
+        _force_candidate(monkeypatch, kernels, kernels.LIBRARY_PRODUCTS)
     elif launches != 1:
         monkeypatch.setattr(kernels, "INTERPRETER_BWD_TILE", kernels.INTERPRETER_BWD_TILE._replace(
             dw_num_warps=4, dw_num_stages=1, dw_strips=launches == "strips"))
@@ -531,7 +532,7 @@ def test_library_products_give_the_fused_backwards_gradients(monkeypatch, dropou
     results = []
     for library in (False, True):
         if library:
-            _force_bwd_candidate(monkeypatch, kernels, kernels.LIBRARY_PRODUCTS)
+            _force_candidate(monkeypatch, kernels, kernels.LIBRARY_PRODUCTS)
         enc.zero_grad(set_to_none=True)
         launched_tiles()
         torch.manual_seed(5)        # the same dropout seed both times
@@ -979,7 +980,7 @@ def test_gpu_every_backward_tile_agrees_with_the_first(monkeypatch, precision):
         assert any(getattr(tile, "dw_num_warps", 0) for tile in tiles), tiles
         assert (kernels.LIBRARY_PRODUCTS in tiles) == library
         for tile in tiles:
-            _force_bwd_candidate(monkeypatch, kernels, tile)
+            _force_candidate(monkeypatch, kernels, tile)
             results.append(kernels.prefix_mlp_backward(grad, *params, hidden_act, **sizes, compute_dtype=compute_dtype,
                                                        dropout_p=0.0, seed=None))
     for tile, grads in zip(tiles[1:], results[1:]):
@@ -1004,10 +1005,6 @@ def test_gpu_every_matmul_tile_agrees_with_the_first(monkeypatch, precision):
     embedding, w1 = torch.randn(P, d, device="cuda"), torch.randn(d, d, device="cuda") / d ** 0.5
     b1, dz = torch.randn(d, device="cuda"), torch.randn(P, d, device="cuda")
     compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    forced = [None]
-    real_pick = kernels.pick_config
-    monkeypatch.setattr(kernels, "pick_config", lambda key, candidates, launch: forced[0] if key[0] in (
-        "mlp-matmul", "mlp-matmul-pair") else real_pick(key, candidates, launch))
     with tf32x3_products(precision != "ieee"):
         assert kernels.products(compute_dtype, embedding.device) == precision
         for name, tiles in (("matmul", kernels.matmul_candidates(P)),
@@ -1015,7 +1012,7 @@ def test_gpu_every_matmul_tile_agrees_with_the_first(monkeypatch, precision):
             assert len(tiles) > 1 and (name == "pair" or (16, 32, 64, 4, 3) in tiles), tiles
             results = []
             for tile in tiles:
-                forced[0] = tile
+                _force_candidate(monkeypatch, kernels, tile, tuned=("mlp-matmul", "mlp-matmul-pair"))
                 if name == "matmul":
                     hidden = torch.empty(P, d, device="cuda")
                     kernels._matmul(embedding, w1.t(), hidden, precision, bias=b1, apply_tanh=True)
