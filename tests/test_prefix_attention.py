@@ -789,8 +789,9 @@ def test_raw_launch_of_a_plan_skips_the_argument_key(monkeypatch):
     """A launch plan under the raw path: its first launch goes through launch_kernel (which binds),
     and the plan keeps the compiled kernel; later launches hand the launcher the new tensors'
     addresses, the plan's other arguments and the constexprs directly, with no argument key built.
-    A tensor that is not 16-byte aligned, or a launch hook, takes the general path again (a
-    stand-in kernel and driver)."""
+    A tensor that is not 16-byte aligned, or a launch hook, takes the general path again, and a
+    launcher other than the package's (a test's recorder) gets every launch (a stand-in kernel and
+    driver)."""
     import triton
 
     from prefixkern.kernels import _launch
@@ -824,6 +825,9 @@ def test_raw_launch_of_a_plan_skips_the_argument_key(monkeypatch):
     monkeypatch.setattr(_launch, "triton_interpret", lambda: False)
     monkeypatch.setattr(_launch, "driver", types.SimpleNamespace(active=Driver()))
     monkeypatch.setattr(_launch, "_RAW_LAUNCHES", {})
+    # The counting launcher stands for the package's own: a plan launched through any other (a
+    # test's recorder) takes that launcher every time (the end of this test).
+    monkeypatch.setattr(_launch, "_PACKAGE_LAUNCH_KERNEL", counting_launch_kernel)
     monkeypatch.setattr(_launch, "_raw_arguments", lambda args, real=_launch._raw_arguments: (
         counted.append(1), real(args))[1])
     counted = []
@@ -853,6 +857,10 @@ def test_raw_launch_of_a_plan_skips_the_argument_key(monkeypatch):
         if hasattr(hooks, "remove"):
             hooks.remove(hook)
     assert len(general) == 3 and plain == [(3,)]
+    recorded = []
+    launches = len(runs)
+    plan.launch((x, None), lambda kernel, grid, *args, **meta: recorded.append(args))
+    assert recorded == [(x, None, 9)] and len(runs) == launches and plan.raw is not None
 
 
 def _recorded_launches(monkeypatch, modules):

@@ -331,6 +331,9 @@ def tensor_layouts(tensors) -> tuple:
     return tuple([None if t is None else (t.shape, t.stride(), t.dtype) for t in tensors])
 
 
+_PACKAGE_LAUNCH_KERNEL = launch_kernel
+
+
 class LaunchPlan:
     """One kernel launch with its tensors left out: ``launch(tensors, launch_kernel)`` is
     ``launch_kernel(kernel, grid, *tensors, *tail, **meta)``. ``tune_key`` and ``config`` name
@@ -359,7 +362,10 @@ class LaunchPlan:
         """Launch on ``tensors`` (the kernel's leading arguments; None for an absent one) through
         ``launch_kernel`` (the caller's, so a test's stand-in sees plan launches too)."""
         raw = self.raw
-        if raw is not None and RAW_POINTERS and _raw_launch_allowed():
+        # Only under this module's launch_kernel: a stand-in (a test recording launches) sees every
+        # launch, the plan's later ones too, not only the first (the GPU's 2026-11-27 run: a dQ plan
+        # the tuner had launched went raw unseen).
+        if raw is not None and launch_kernel is _PACKAGE_LAUNCH_KERNEL and RAW_POINTERS and _raw_launch_allowed():
             values = [None if t is None else t.data_ptr() for t in tensors]
             # The compiled kernel is specialised on 16-byte-aligned addresses: another alignment
             # takes the general path, which binds it.
