@@ -399,18 +399,20 @@ def _force_candidate(monkeypatch, kernels, tile, tuned=("mlp-bwd",)) -> None:
     monkeypatch.setattr(kernels, "pick_config", pick)
 
 
-@pytest.mark.parametrize("launches", [1, 2, "strips", "library"])
-@pytest.mark.parametrize("P,hidden,layout,bias", [(17, 45, "contiguous", True), (33, 20, "p_outer", True),
-                                                   (1, 45, "contiguous", False), (12, 45, "p_outer", True)])
-def test_backward_writes_every_gradient_element(monkeypatch, P, hidden, layout, bias, launches, device):
+@pytest.mark.parametrize("launches", [1, 2, "strips", "w2_lhs", "library"])
+@pytest.mark.parametrize("P,hidden,layout,bias,D", [(17, 45, "contiguous", True, 20), (33, 20, "p_outer", True, 16),
+                                                     (1, 45, "contiguous", False, 32), (12, 45, "p_outer", True, 20)])
+def test_backward_writes_every_gradient_element(monkeypatch, P, hidden, layout, bias, D, launches, device):
     """Fresh buffers filled with NaN (torch's fill_uninitialized_memory): every gradient element is
     written by exactly the programs that own it, at ragged sizes (P, h, N not tile multiples) and
     with a gradient whose P axis is outermost; values against float64 autograd. With the dH and the
     dW2 programs in one launch, in a launch each (the tiles offered where W2 is large), and with
     the dW2 launch walking strips of tiles where one P tile covers every row (P <= 16 in the
     interpreter; beyond, the tile falls back to a program per dW2 tile): 8 tiles along N in
-    strips of 3, the last one ragged. "library": the W2 products by torch.mm (LIBRARY_PRODUCTS),
-    one dH partial summed by the hidden kernel."""
+    strips of 3, the last one ragged; "w2_lhs": two launches, the dH programs computing dH^T =
+    W2^T G^T. "library": the W2 products by torch.mm (LIBRARY_PRODUCTS), one dH partial summed by
+    the hidden kernel. Head dims 16 and 32 read G's column tiles inside a head (a scalar base, no
+    column mask: ``_kv_tile_offsets``), 20 by per-column offsets."""
     from prefixkern.kernels import prefix_mlp as kernels
 
     launched = _record_launches(monkeypatch)
@@ -418,9 +420,9 @@ def test_backward_writes_every_gradient_element(monkeypatch, P, hidden, layout, 
         _force_candidate(monkeypatch, kernels, kernels.LIBRARY_PRODUCTS)
     elif launches != 1:
         monkeypatch.setattr(kernels, "INTERPRETER_BWD_TILE", kernels.INTERPRETER_BWD_TILE._replace(
-            dw_num_warps=4, dw_num_stages=1, dw_strips=launches == "strips"))
+            dw_num_warps=4, dw_num_stages=1, dw_strips=launches == "strips", dh_w2_lhs=launches == "w2_lhs"))
     torch.manual_seed(15)
-    L, Hkv, D, d = 3, 1, 20, 24
+    L, Hkv, d = 3, 1, 24
     N = 2 * L * Hkv * D
     params = [torch.randn(P, d), torch.randn(hidden, d) / d ** 0.5, torch.randn(hidden) if bias else None,
               torch.randn(N, hidden) / hidden ** 0.5, torch.randn(N) if bias else None]

@@ -95,6 +95,40 @@ def _kv_column_offsets(cols, Hkv, D, stride_l, stride_t, stride_g, stride_d):
 
 
 @triton.jit
+def _kv_tile_pointers(base_ptr, rows, stride_p, n0, BLOCK_N: tl.constexpr, Hkv, D, stride_l, stride_t, stride_g,
+                      stride_d, D_TILE: tl.constexpr):
+    """Pointers to the [rows, BLOCK_N columns from n0] tile of a [L, 2, Hkv, P, D] tensor at
+    ``base_ptr`` (n0 a multiple of BLOCK_N), columns as ``_kv_column_offsets`` maps them. Where
+    BLOCK_N divides the head dim (``D_TILE``: the largest power of two that does, see
+    ``head_dim_tile``) the tile lies in one head's channels: a 64-bit scalar base plus 32-bit
+    offsets ``rows * stride_p + d * stride_d``, which the compiler sees as contiguous rows, so the
+    software pipeline can copy the tile asynchronously. (Per-column 64-bit offsets hide that: each
+    iteration of the backward's loops waited on its G load.)"""
+    if BLOCK_N <= D_TILE:
+        # (a multiple of BLOCK_N: said, since the divisibility analysis of Triton 3.6 loses it at
+        # the remainder, and an unaligned base leaves the copy synchronous there)
+        d0 = tl.multiple_of(n0 % D, BLOCK_N)
+        rest = n0 // D
+        g = rest % Hkv
+        rest = rest // Hkv
+        tile_ptr = base_ptr + ((rest // 2) * stride_l + (rest % 2) * stride_t + g * stride_g + d0 * stride_d)
+        return tile_ptr + (rows[:, None] * stride_p + tl.arange(0, BLOCK_N)[None, :] * stride_d)
+    col_offsets = _kv_column_offsets(n0 + tl.arange(0, BLOCK_N), Hkv, D, stride_l, stride_t, stride_g, stride_d)
+    return base_ptr + (rows[:, None] * stride_p + col_offsets[None, :])
+
+
+@triton.jit
+def _tile_columns_mask(cols, n_end, BLOCK_N: tl.constexpr, D_TILE: tl.constexpr):
+    """``cols < n_end`` for a tile of ``_kv_tile_pointers``; all true where BLOCK_N divides the head
+    dim, since N and every bound a tile loop runs to (a split's end, a strip's, N) are then
+    multiples of BLOCK_N. A mask that varies along the contiguous columns would keep the copy from
+    being vectorised (and so from being asynchronous)."""
+    if BLOCK_N <= D_TILE:
+        return tl.full((BLOCK_N,), 1, tl.int1)
+    return cols < n_end
+
+
+@triton.jit
 def _dropout(x, seed_ptr, rows, cols, N, dropout_p):
     """Inverted dropout of a [rows, cols] tile of the [P, N] output, Philox counter p * N + c."""
     seed = tl.load(seed_ptr)
@@ -396,6 +430,7 @@ class BwdTile(NamedTuple):
     dw_num_warps: int = 0
     dw_num_stages: int = 0
     dw_strips: bool = False
+    dh_w2_lhs: bool = False
 
 
 BWD_TILES = {
@@ -407,13 +442,20 @@ BWD_TILES = {
 # Two-launch candidates: each table's first dH tile with a dW2 launch of its own. The dW2-only
 # kernel at these tiles takes 116-190 registers at sm_90 with no spills on Triton 3.6 and 3.9
 # (unit inner strides, as the launches have them), 2-4 blocks per SM, against the one-launch
-# kernel's one at the large tiles. The strip ones (last field True) 71-184, no spills on either;
-# under FMA products a 64-wide strip tile spilled 36 B at P tile 32, hence 32.
+# kernel's one at the large tiles. The strip ones (dw_strips) 71-184, no spills on either;
+# under FMA products a 64-wide strip tile spilled 36 B at P tile 32, hence 32. Since G's tiles are
+# copied asynchronously (``_kv_tile_pointers``), the FMA dW2 tile takes 3 stages (2 spilled 8 B).
+# The 16-bit table's last two compute dH transposed (dh_w2_lhs, see ``_bwd_dh_program``): the sixth
+# H200 run's Nsight Compute found the dH launch 573 of the bf16 autocast backward's 787 us at
+# Llama-3-8B size, L1-bound (78%) at 10% of DRAM bandwidth, W2's tile rounded to bf16 and stored
+# back to shared memory for the tensor cores every iteration, and its G tile loaded synchronously.
+# Untimed: the tuner decides.
 BWD_TWO_LAUNCH_TILES = {
     "tensor": (BwdTile(64, 64, 64, 64, 8, 4, 4, 2), BwdTile(64, 64, 128, 64, 8, 4, 8, 2),
-               BwdTile(64, 64, 64, 64, 8, 4, 4, 3, True), BwdTile(64, 64, 128, 64, 8, 4, 8, 3, True)),
+               BwdTile(64, 64, 64, 64, 8, 4, 4, 3, True), BwdTile(64, 64, 128, 64, 8, 4, 8, 3, True),
+               BwdTile(64, 64, 64, 64, 4, 4, 4, 3, True, True), BwdTile(64, 128, 64, 64, 8, 4, 4, 3, True, True)),
     "tf32x3": (BwdTile(32, 128, 64, 64, 8, 4, 4, 2), BwdTile(32, 128, 64, 64, 8, 4, 4, 3, True)),
-    "ieee": (BwdTile(16, 64, 64, 64, 4, 2, 4, 2), BwdTile(16, 64, 32, 64, 4, 2, 4, 3, True)),
+    "ieee": (BwdTile(16, 64, 64, 64, 4, 2, 4, 3), BwdTile(16, 64, 32, 64, 4, 2, 4, 3, True)),
 }
 # W2 elements from which the two-launch candidates are timed: below it the problem is small
 # enough that the extra launch's host time outweighs what it saves (Qwen2.5-0.5B's W2 has 0.8M
@@ -509,6 +551,12 @@ def dw2_strip_tiles(num_tiles: int, device: torch.device) -> int:
     return max(1, cdiv(num_tiles, 4 * num_sms(device_index(device))))
 
 
+def head_dim_tile(head_dim: int) -> int:
+    """The largest power of two dividing ``head_dim``, at most 256: a column tile of at most that
+    width, starting on a multiple of its width, lies in one head's channels (``_kv_tile_pointers``)."""
+    return min(head_dim & -head_dim, 256)
+
+
 def _bwd_split_align() -> int:
     """Splits of N start on a multiple of every candidate DH_BLOCK_N, so no config gets ragged tiles."""
     if triton_interpret():
@@ -525,9 +573,13 @@ def _bwd_dh_program(
     stride_w2n, stride_w2k,
     stride_part_s, stride_part_p, stride_part_k,
     PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    D_TILE: tl.constexpr, W2_LHS: tl.constexpr,
 ):
     """Partial dH of one (P tile, hidden chunk, N split): ``G[rows, split] @ W2[split, chunk]``,
-    float32, stored once. P tiles vary fastest, so the programs that read one W2 range together
+    float32, stored once. ``W2_LHS``: computed transposed, ``dH^T = W2^T @ G^T``, so that W2 is the
+    product's left operand: on Hopper that one may stay in registers, so W2's tile goes from
+    shared memory to registers and is rounded there (16-bit products of a float32 W2), where as the
+    right operand it is rounded and written back to shared memory for the tensor cores first. P tiles vary fastest, so the programs that read one W2 range together
     run together (L2 serves the repeats when P spans several tiles). W2 and dH tiles are addressed
     as a 64-bit scalar base plus 32-bit offsets (a tile spans far less than 2**31 elements):
     64-bit offsets per element cost the registers that made larger tiles spill. G's column
@@ -547,18 +599,27 @@ def _bwd_dh_program(
     n_end = tl.minimum(n_start + N_PER_SPLIT, N)
     g_rows = g_ptr + row0 * stride_gp
     w2_tile = w2_ptr + k0 * stride_w2k + (tl.arange(0, BLOCK_N)[:, None] * stride_w2n + ks[None, :] * stride_w2k)
-    acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
+    if W2_LHS:
+        acc = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        mask_n = cols < n_end
-        col_offsets = _kv_column_offsets(cols, Hkv, D, stride_gl, stride_gt, stride_gg, stride_gd)
-        grad = tl.load(g_rows + (rows[:, None] * stride_gp + col_offsets[None, :]),
+        mask_n = _tile_columns_mask(n0 + tl.arange(0, BLOCK_N), n_end, BLOCK_N, D_TILE)
+        grad = tl.load(_kv_tile_pointers(g_rows, rows, stride_gp, n0, BLOCK_N, Hkv, D, stride_gl, stride_gt, stride_gg,
+                                         stride_gd, D_TILE),
                        mask=mask_p[:, None] & mask_n[None, :], other=0.0)
         w2 = tl.load(w2_tile + n0 * stride_w2n, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc = _mma(grad, w2, acc, PRECISION)
+        if W2_LHS:
+            acc = _mma(tl.trans(w2), tl.trans(grad), acc, PRECISION)
+        else:
+            acc = _mma(grad, w2, acc, PRECISION)
     part = dh_part_ptr + pid_s * stride_part_s + row0 * stride_part_p + k0 * stride_part_k
-    tl.store(part + (rows[:, None] * stride_part_p + ks[None, :] * stride_part_k), acc,
-             mask=mask_p[:, None] & mask_k[None, :])
+    if W2_LHS:
+        tl.store(part + (ks[:, None] * stride_part_k + rows[None, :] * stride_part_p), acc,
+                 mask=mask_k[:, None] & mask_p[None, :])
+    else:
+        tl.store(part + (rows[:, None] * stride_part_p + ks[None, :] * stride_part_k), acc,
+                 mask=mask_p[:, None] & mask_k[None, :])
 
 
 @triton.jit
@@ -569,7 +630,7 @@ def _bwd_dw2_program(
     stride_hp, stride_hk,
     stride_dw2n, stride_dw2k,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, D_TILE: tl.constexpr,
 ):
     """One [BLOCK_N, BLOCK_K] tile of ``dW2 = G^T @ H`` over every P row, and with the first
     hidden chunk ``db2 = sum_p G``. Hidden chunks vary fastest: the programs that read one G tile
@@ -581,16 +642,16 @@ def _bwd_dw2_program(
     k0 = pid_k * BLOCK_K
     cols = n0 + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
-    mask_n = cols < N
+    mask_n = _tile_columns_mask(cols, N, BLOCK_N, D_TILE)
     mask_k = ks < HID - k0
-    col_offsets = _kv_column_offsets(cols, Hkv, D, stride_gl, stride_gt, stride_gg, stride_gd)
     h_cols = h_ptr + k0 * stride_hk
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     db2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         rows = tl.arange(0, BLOCK_P)
         mask_p = rows < P - p0
-        grad = tl.load(g_ptr + p0 * stride_gp + (rows[:, None] * stride_gp + col_offsets[None, :]),
+        grad = tl.load(_kv_tile_pointers(g_ptr + p0 * stride_gp, rows, stride_gp, n0, BLOCK_N, Hkv, D, stride_gl,
+                                         stride_gt, stride_gg, stride_gd, D_TILE),
                        mask=mask_p[:, None] & mask_n[None, :], other=0.0)
         hidden = tl.load(h_cols + p0 * stride_hp + (rows[:, None] * stride_hp + ks[None, :] * stride_hk),
                          mask=mask_p[:, None] & mask_k[None, :], other=0.0)
@@ -613,7 +674,7 @@ def _bwd_dw2_strip_program(
     stride_hp, stride_hk,
     stride_dw2n, stride_dw2k,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, D_TILE: tl.constexpr,
 ):
     """``TILES_PER_PROGRAM`` consecutive [BLOCK_N, BLOCK_K] tiles of ``dW2 = G^T @ H`` along N, one
     hidden chunk (and db2 with the first chunk); BLOCK_P covers every P row. H's chunk is loaded
@@ -636,9 +697,9 @@ def _bwd_dw2_strip_program(
     dw2_tile = dw2_ptr + k0 * stride_dw2k + (tl.arange(0, BLOCK_N)[:, None] * stride_dw2n + ks[None, :] * stride_dw2k)
     for n0 in range(n_first, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        mask_n = cols < n_end
-        col_offsets = _kv_column_offsets(cols, Hkv, D, stride_gl, stride_gt, stride_gg, stride_gd)
-        grad = tl.load(g_ptr + (rows[:, None] * stride_gp + col_offsets[None, :]),
+        mask_n = _tile_columns_mask(cols, n_end, BLOCK_N, D_TILE)
+        grad = tl.load(_kv_tile_pointers(g_ptr, rows, stride_gp, n0, BLOCK_N, Hkv, D, stride_gl, stride_gt, stride_gg,
+                                         stride_gd, D_TILE),
                        mask=mask_p[:, None] & mask_n[None, :], other=0.0)
         acc = _mma(tl.trans(grad), hidden, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), PRECISION)
         tl.store(dw2_tile + n0 * stride_dw2n, acc.to(dw2_ptr.dtype.element_ty),
@@ -660,7 +721,8 @@ def prefix_mlp_bwd_kernel(
     stride_part_s, stride_part_p, stride_part_k,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, ROLES: tl.constexpr,
     DH_BLOCK_P: tl.constexpr, DH_BLOCK_N: tl.constexpr, DH_BLOCK_K: tl.constexpr,
-    DW_BLOCK_P: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr,
+    DW_BLOCK_P: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr, D_TILE: tl.constexpr,
+    DH_W2_LHS: tl.constexpr,
 ):
     """``ROLES="both"``: programs [0, NUM_DH_PROGRAMS) compute the split-N partials of dH
     (``_bwd_dh_program``), the rest dW2 and db2 (``_bwd_dw2_program``). ``"dh"`` / ``"dw2"``: every
@@ -673,24 +735,29 @@ def prefix_mlp_bwd_kernel(
         _bwd_dh_program(pid, g_ptr, w2_ptr, dh_part_ptr, P, N, HID, Hkv, D, N_PER_SPLIT,
                         stride_gl, stride_gt, stride_gg, stride_gp, stride_gd, stride_w2n, stride_w2k,
                         stride_part_s, stride_part_p, stride_part_k,
-                        PRECISION, DH_BLOCK_P, DH_BLOCK_N, DH_BLOCK_K)
+                        PRECISION, DH_BLOCK_P, DH_BLOCK_N, DH_BLOCK_K, D_TILE,
+                        DH_W2_LHS)
     elif ROLES == "dw2":
         _bwd_dw2_program(pid, g_ptr, h_ptr, dw2_ptr, db2_ptr, P, N, HID, Hkv, D,
                          stride_gl, stride_gt, stride_gg, stride_gp, stride_gd, stride_hp, stride_hk,
-                         stride_dw2n, stride_dw2k, HAS_BIAS, PRECISION, DW_BLOCK_P, DW_BLOCK_N, DW_BLOCK_K)
+                         stride_dw2n, stride_dw2k, HAS_BIAS, PRECISION, DW_BLOCK_P, DW_BLOCK_N, DW_BLOCK_K,
+                         D_TILE)
     elif ROLES == "dw2_strip":
         _bwd_dw2_strip_program(pid, g_ptr, h_ptr, dw2_ptr, db2_ptr, P, N, HID, Hkv, D, DW_TILES_PER_PROGRAM,
                                stride_gl, stride_gt, stride_gg, stride_gp, stride_gd, stride_hp, stride_hk,
-                               stride_dw2n, stride_dw2k, HAS_BIAS, PRECISION, DW_BLOCK_P, DW_BLOCK_N, DW_BLOCK_K)
+                               stride_dw2n, stride_dw2k, HAS_BIAS, PRECISION, DW_BLOCK_P, DW_BLOCK_N, DW_BLOCK_K,
+                               D_TILE)
     elif pid < NUM_DH_PROGRAMS:
         _bwd_dh_program(pid, g_ptr, w2_ptr, dh_part_ptr, P, N, HID, Hkv, D, N_PER_SPLIT,
                         stride_gl, stride_gt, stride_gg, stride_gp, stride_gd, stride_w2n, stride_w2k,
                         stride_part_s, stride_part_p, stride_part_k,
-                        PRECISION, DH_BLOCK_P, DH_BLOCK_N, DH_BLOCK_K)
+                        PRECISION, DH_BLOCK_P, DH_BLOCK_N, DH_BLOCK_K, D_TILE,
+                        DH_W2_LHS)
     else:
         _bwd_dw2_program(pid - NUM_DH_PROGRAMS, g_ptr, h_ptr, dw2_ptr, db2_ptr, P, N, HID, Hkv, D,
                          stride_gl, stride_gt, stride_gg, stride_gp, stride_gd, stride_hp, stride_hk,
-                         stride_dw2n, stride_dw2k, HAS_BIAS, PRECISION, DW_BLOCK_P, DW_BLOCK_N, DW_BLOCK_K)
+                         stride_dw2n, stride_dw2k, HAS_BIAS, PRECISION, DW_BLOCK_P, DW_BLOCK_N, DW_BLOCK_K,
+                         D_TILE)
 
 
 @triton.jit
@@ -1062,7 +1129,7 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
                 HAS_BIAS=b2 is not None, PRECISION=precision, ROLES=roles,
                 DH_BLOCK_P=block_p, DH_BLOCK_N=tile.dh_block_n, DH_BLOCK_K=tile.dh_block_k,
                 DW_BLOCK_P=dw_block_p, DW_BLOCK_N=tile.dw_block_n, DW_BLOCK_K=tile.dw_block_k,
-                num_warps=warps, num_stages=stages,
+                D_TILE=head_dim_tile(head_dim), DH_W2_LHS=tile.dh_w2_lhs, num_warps=warps, num_stages=stages,
             )
 
         if not tile.dw_num_warps:

@@ -202,7 +202,8 @@ def cases(quick: bool):
             yield (f"mlp-bwd {roles} {out_ptr} {first}", mlp.prefix_mlp_bwd_kernel,
                    dict(HAS_BIAS=True, PRECISION=first, ROLES=roles, DH_BLOCK_P=bp, DH_BLOCK_N=tile.dh_block_n,
                         DH_BLOCK_K=tile.dh_block_k, DW_BLOCK_P=bp if roles == "dw2_strip" else mlp.bwd_dw_block_p(bp),
-                        DW_BLOCK_N=tile.dw_block_n, DW_BLOCK_K=tile.dw_block_k), {"g_ptr": out_ptr}, "*fp32", warps,
+                        DW_BLOCK_N=tile.dw_block_n, DW_BLOCK_K=tile.dw_block_k, D_TILE=128,
+                        DH_W2_LHS=tile.dh_w2_lhs), {"g_ptr": out_ptr}, "*fp32", warps,
                    stages)
     yield ("mlp-bwd-hidden", mlp.prefix_mlp_bwd_hidden_kernel, dict(HAS_BIAS=True, BLOCK_P=32, BLOCK_K=64),
            {}, "*fp32", 4, 1)

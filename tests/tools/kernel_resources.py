@@ -159,11 +159,15 @@ def mlp_candidates():
                 launches = [("both", tile.num_warps, tile.num_stages)] if not tile.dw_num_warps else \
                     [("dh", tile.num_warps, tile.num_stages), (dw_roles, tile.dw_num_warps, tile.dw_num_stages)]
                 for roles, warps, stages in launches:
-                    yield (f"mlp-bwd {roles} {precision} P{block_p}", mlp.prefix_mlp_bwd_kernel,
+                    # (the dH programs computing dH^T = W2^T G^T: their own label, as the tuner drops
+                    # a spilling candidate per launch kind)
+                    kind = "dh-w2lhs" if roles == "dh" and tile.dh_w2_lhs else roles
+                    yield (f"mlp-bwd {kind} {precision} P{block_p}", mlp.prefix_mlp_bwd_kernel,
                            dict(HAS_BIAS=True, PRECISION=precision, ROLES=roles, DH_BLOCK_P=block_p,
                                 DH_BLOCK_N=tile.dh_block_n, DH_BLOCK_K=tile.dh_block_k,
                                 DW_BLOCK_P=block_p if tile.dw_strips else mlp.bwd_dw_block_p(block_p),
-                                DW_BLOCK_N=tile.dw_block_n, DW_BLOCK_K=tile.dw_block_k),
+                                DW_BLOCK_N=tile.dw_block_n, DW_BLOCK_K=tile.dw_block_k, D_TILE=128,
+                                DH_W2_LHS=tile.dh_w2_lhs),
                            {"g_ptr": "*bf16"}, warps, stages, i == 0)
         for block_p in (16, 32, 64):   # the launcher's P tiles (MAX_BLOCK_P_FWD)
             for i, (block_n, block_k, warps, stages) in enumerate(mlp.fwd_candidates(block_p, 1 << 20, precision)):
