@@ -77,12 +77,13 @@ def test_prefix_mlp_fwd_bwd(benchmark, shape, impl):
     cuda_timed(benchmark, step)
 
 
-@pytest.mark.parametrize("impl", ["prefixkern", "prefixkern_tensor_cores", "prefixkern_triton", "sdpa_concat"])
+@pytest.mark.parametrize("impl", ["prefixkern", "prefixkern_tensor_cores", "prefixkern_cuda_cores", "prefixkern_triton",
+                                  "sdpa_concat"])
 @pytest.mark.parametrize("batch,cache", [(1, 4096), (8, 4096), (64, 512)])
 def test_decode_step(benchmark, batch, cache, impl):
     """One decoding step's attention: the decode path generate() takes (the csrc/ kernel; Triton
-    where it cannot be built), the same on tensor cores, the Triton kernel alone, and SDPA on the
-    concatenated cache."""
+    where it cannot be built; at this head dim, 128, the tensor-core kernel), each CUDA kernel by
+    name, the Triton kernel alone, and SDPA on the concatenated cache."""
     hq, hkv, d, p = 32, 8, 128, 30
     q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.bfloat16)
     k, v = torch.randn(2, batch, hkv, cache, d, device="cuda", dtype=torch.bfloat16)
@@ -91,8 +92,8 @@ def test_decode_step(benchmark, batch, cache, impl):
     cat_v = torch.cat([pv.expand(batch, -1, -1, -1), v], 2)
     if impl == "prefixkern":
         fn = lambda: prefix_decode_attention(q, k, v, pk, pv)  # noqa: E731
-    elif impl == "prefixkern_tensor_cores":
-        fn = lambda: prefix_decode_attention(q, k, v, pk, pv, tensor_cores=True)  # noqa: E731
+    elif impl in ("prefixkern_tensor_cores", "prefixkern_cuda_cores"):
+        fn = lambda: prefix_decode_attention(q, k, v, pk, pv, tensor_cores=impl.endswith("tensor_cores"))  # noqa: E731
     elif impl == "prefixkern_triton":
         fn = lambda: prefix_attention(q, k, v, pk, pv)  # noqa: E731
     else:

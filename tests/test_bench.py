@@ -557,6 +557,7 @@ def test_targets_judge_each_issue_from_the_records():
         _rec("decode", "P30-L4096-B8", "prefixkern_triton", "fwd", ms=0.1),
         _rec("decode", "P30-L4096-B8", "prefixkern_triton_decode", "fwd", ms=0.03),
         _rec("decode", "P30-L4096-B8", "prefixkern_tensor_cores", "fwd", ms=0.02, gbps=3500.0),
+        _rec("decode", "P30-L4096-B8", "prefixkern_cuda_cores", "fwd", ms=0.1, gbps=700.0),
         # Step rows (cache append + attention): a target of their own; no verdict of the fwd targets changes.
         _rec("decode", "P30-L4096-B8", "prefixkern", "step", ms=0.001),
         _rec("decode", "P30-L4096-B8", "hf_dynamic_cache_sdpa", "step", ms=0.5),
@@ -587,6 +588,7 @@ def test_targets_judge_each_issue_from_the_records():
     # The tensor-core kernel's row is judged beside the default kernel's, under its own name.
     assert got[(6, "2x faster than SDPA on the concatenated cache", "P30-L4096-B8 (tensor cores)")] is True    # 2.5x
     assert got[(6, "faster than the Triton decode path", "P30-L4096-B8 (tensor cores)")] is True
+    assert got[(6, "faster than the Triton decode path", "P30-L4096-B8 (CUDA cores)")] is False
     assert got[(6, "generate() never slower than stock PEFT + sdpa", "qwen2.5-0.5b-B8")] is False             # 0.89x
     assert got[(6, "generate() never slower than stock PEFT + sdpa", "qwen2.5-0.5b-B8 (tensor cores)")] is True
     assert got[(6, "generate() never slower than stock PEFT + sdpa", "qwen2.5-0.5b-B8-static")] is True       # 5.9x
@@ -1037,10 +1039,35 @@ def test_quick_decode_leaves_the_losing_opt_in_variants_out_unless_named():
     quick = reasons(True, None)
     for impl in decode.OPT_IN_IMPLS:
         assert "--quick leaves the opt-in decode variants out" in quick[impl]
-    named = reasons(True, ("prefixkern_tensor_cores", "prefixkern_prefix_gemm"))
+    named = reasons(True, decode.OPT_IN_IMPLS)
     full = reasons(False, None)
     for impl in decode.OPT_IN_IMPLS:       # asked for: timed where they can run (here: no GPU, so skipped for that)
         assert "--quick" not in named[impl] and "--quick" not in full[impl]
+
+
+@pytest.mark.parametrize("setting", [None, True, False])
+def test_decode_times_the_kernel_the_default_does_not_run(monkeypatch, setting):
+    """The decode suite's other-kernel rows: at a head dim whose default is the tensor-core kernel
+    (128, with PREFIXKERN_DECODE_TENSOR_CORES unset) it times the CUDA-core one as
+    prefixkern_cuda_cores and skips prefixkern_tensor_cores as the prefixkern row, and the reverse
+    at 64; forced either way, the forced kernel is the prefixkern row at both. Where the tensor-core
+    kernel cannot run, neither row is timed (the prefixkern row runs the CUDA-core kernel)."""
+    from prefixkern.bench import decode
+    from prefixkern.bench.common import Options
+    from prefixkern.ops import decode_attention
+
+    monkeypatch.setattr(decode_attention, "TENSOR_CORES", setting)
+    monkeypatch.setattr(decode, "_tensor_cores_skip", lambda opts: None)
+    opts = Options(device=torch.device("cpu"), dtype=torch.bfloat16, quick=True, baselines=None, shapes=None,
+                   on_gpu=False)
+    for head_dim in (64, 128):
+        tensor_cores = head_dim == 128 if setting is None else setting
+        same, other = ("prefixkern_tensor_cores", "prefixkern_cuda_cores") if tensor_cores else (
+            "prefixkern_cuda_cores", "prefixkern_tensor_cores")
+        assert "runs the" in decode._other_kernel_skip(opts, same, head_dim)
+        assert decode._other_kernel_skip(opts, other, head_dim) is None
+    monkeypatch.setattr(decode, "_tensor_cores_skip", lambda opts: "cannot run here")
+    assert all(decode._other_kernel_skip(opts, impl, d) for impl in decode.OTHER_KERNEL_ROWS for d in (64, 128))
 
 
 def test_a_failing_prefixkern_generate_is_a_failed_row_and_the_suite_goes_on(monkeypatch):

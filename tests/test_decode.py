@@ -373,11 +373,14 @@ def test_cuda_kernel_gives_way_to_the_triton_decode_kernel_over_large_caches(mon
         assert len(ops.calls) == 2
 
 
-@pytest.mark.parametrize("default", [False, True])
-def test_tensor_core_kernel_is_asked_for_by_the_flag_and_falls_back(default, monkeypatch):
-    """PREFIXKERN_DECODE_TENSOR_CORES (TENSOR_CORES) picks the kernel of decode_step and of the public
-    op's default; an explicit tensor_cores= wins; where tensor_cores_usable says no (an old GPU, a
-    failed self-check), the CUDA-core kernel gets the call."""
+@pytest.mark.parametrize("setting", [None, False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_tensor_core_kernel_is_asked_for_by_the_flag_and_falls_back(setting, head_dim, monkeypatch):
+    """Which CUDA kernel decode_step and the public op's default ask for: with
+    PREFIXKERN_DECODE_TENSOR_CORES unset (TENSOR_CORES None) the tensor-core one at head dim 128
+    only (TENSOR_CORE_HEAD_DIMS), set (True / False) that kernel at every head dim; an explicit
+    tensor_cores= wins; where tensor_cores_usable says no (an old GPU, a failed self-check), the
+    CUDA-core kernel gets the call."""
     from prefixkern import _cuda_build
 
     ops = _ReferenceCudaOps()
@@ -385,17 +388,20 @@ def test_tensor_core_kernel_is_asked_for_by_the_flag_and_falls_back(default, mon
     monkeypatch.setattr(_cuda_build, "cuda_ops", lambda: ops)
     monkeypatch.setattr(_cuda_build, "tensor_cores_usable", lambda index: usable[0])
     monkeypatch.setattr(decode_attention, "cuda_decode_supported", lambda *args, **kwargs: True)
-    monkeypatch.setattr(decode_attention, "TENSOR_CORES", default)
-    inputs, kw = _inputs(2, 4, 2, 1, 9, 5, 64, torch.bfloat16, "cpu")
+    monkeypatch.setattr(decode_attention, "TENSOR_CORES", setting)
+    default = head_dim == 128 if setting is None else setting
+    assert decode_attention.tensor_cores_by_default(head_dim) is default
+    inputs, kw = _inputs(2, 4, 2, 1, 9, 5, head_dim, torch.bfloat16, "cpu")
     with prefixkern.use_backend("auto"):
         decode_attention.decode_step(*inputs, softmax_scale=None, **kw)
         prefixkern.prefix_decode_attention(*inputs, **kw)
         prefixkern.prefix_decode_attention(*inputs, tensor_cores=not default, **kw)
         usable[0] = False
         prefixkern.prefix_decode_attention(*inputs, tensor_cores=True, **kw)
+        prefixkern.prefix_decode_attention(*inputs, **kw)
         with pytest.raises(TypeError, match="tensor_cores"):
             prefixkern.prefix_decode_attention(*inputs, tensor_cores=1, **kw)
-    assert [call["tensor_cores"] for call in ops.calls] == [default, default, not default, False]
+    assert [call["tensor_cores"] for call in ops.calls] == [default, default, not default, False, False]
 
 
 def test_tensor_core_kernel_refused_on_old_gpus_and_failed_self_checks(monkeypatch):
@@ -500,7 +506,7 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
 # The CUDA kernels, on a GPU
 # --------------------------------------------------------------------------------------------
 
-# kernel: "simt" (CUDA-core FMAs, the default) or "mma" (tensor cores, PREFIXKERN_DECODE_TENSOR_CORES=1).
+# kernel: "simt" (CUDA-core FMAs) or "mma" (tensor cores: the default at head dim 128, TENSOR_CORE_HEAD_DIMS).
 GPU_GRID = [dict(kernel=kernel, dtype=dtype, D=D, Sq=Sq, gqa=gqa, P=P, L=L)
             for kernel, dtype, D, Sq, gqa, P, L in itertools.product(
                 ("simt", "mma"), (torch.bfloat16, torch.float16), (64, 128, 256), (1, 3, 8), (1, 4, 7), (1, 30, 128),
@@ -634,7 +640,8 @@ def test_gpu_compiled_decode_step_has_no_graph_break(monkeypatch):
 def test_gpu_generate_uses_the_cuda_kernel(tensor_cores, monkeypatch):
     """A patched model's decoding steps go through the CUDA kernels (decode_step, no Python
     checks), every layer at every step, and score the first decoded token as the Triton path does;
-    with PREFIXKERN_DECODE_TENSOR_CORES=1 (TENSOR_CORES) through the tensor-core kernel."""
+    with PREFIXKERN_DECODE_TENSOR_CORES=1 or 0 (TENSOR_CORES) through the tensor-core or CUDA-core kernel
+    (at this model's head dim 64 the default is the CUDA-core one)."""
     tf = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from prefixkern import _cuda_build

@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--baselines", nargs="+", default=None,
                         help="only these baselines (eager sdpa_mask sdpa_lower_right sdpa_lower_right_gqa flex "
                              "flash_attn prefixkern_padded prefixkern_packed torch_p_rows peft_encoder prefixkern_fma sdpa_concat "
-                             "prefixkern_tensor_cores prefixkern_prefix_gemm prefixkern_triton_decode prefixkern_triton hf_dynamic_cache_sdpa "
+                             "prefixkern_tensor_cores prefixkern_cuda_cores prefixkern_prefix_gemm prefixkern_triton_decode prefixkern_triton hf_dynamic_cache_sdpa "
                              "floor_no_prefix "
                              "peft_eager peft_sdpa prefixkern_raw_launch prefixkern_plain_launch prefixkern_liger floor_compiled peft_sdpa_compiled "
                              "prefixkern_compiled)")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .. import reference
 from .._backend import use_backend
 from ..ops.decode_attention import (cuda_decode_supported, prefix_decode_attention, tensor_core_decoding,
-                                    triton_decode_everywhere)
+                                    tensor_cores_by_default, triton_decode_everywhere)
 from ..ops.prefix_attention import prefix_attention
 from .common import (Options, Record, Skip, back_to_back_ms, dtype_name, peak_mem_mb, release_models, scaled_err,
                      time_ms)
@@ -36,7 +36,10 @@ def _cases(opts: Options):
     return [(f"P{p}-L{cache}-B{batch}", HQ, HKV, D, p, cache, batch) for p, cache, batch in grid]
 
 
-CUDA_IMPLS = ("prefixkern", "prefixkern_tensor_cores", "prefixkern_prefix_gemm")
+CUDA_IMPLS = ("prefixkern", "prefixkern_tensor_cores", "prefixkern_cuda_cores", "prefixkern_prefix_gemm")
+# The CUDA decode kernel the prefixkern row does not run, timed beside it (True: the tensor-core
+# kernel, False: the CUDA-core one): the default depends on the head dim (tensor_cores_by_default).
+OTHER_KERNEL_ROWS = {"prefixkern_tensor_cores": True, "prefixkern_cuda_cores": False}
 
 
 def _cuda_available(*tensors) -> bool:
@@ -47,10 +50,9 @@ def _cuda_available(*tensors) -> bool:
     return cuda_ops() is not None
 
 
-# Opt-in decode variants that lost to the default kernel on the GPUs measured (H100: tensor cores
-# 0.0781 against 0.0774 ms and 0.0203 against 0.0186, the prefix GEMM 0.568 and 0.731): a --quick
-# run leaves them out unless --baselines names them.
-OPT_IN_IMPLS = ("prefixkern_tensor_cores", "prefixkern_prefix_gemm")
+# Opt-in decode variants that lost to the default kernel on the GPUs measured (the prefix GEMM: 0.568
+# and 0.731 ms on the H100): a --quick run leaves them out unless --baselines names them.
+OPT_IN_IMPLS = ("prefixkern_prefix_gemm",)
 
 
 def _opt_in_skip(opts: Options, impl: str) -> str | None:
@@ -58,6 +60,17 @@ def _opt_in_skip(opts: Options, impl: str) -> str | None:
     if impl in OPT_IN_IMPLS and opts.quick and not (opts.baselines and impl in opts.baselines):
         return "--quick leaves the opt-in decode variants out (slower than the default kernel so far): name them with --baselines"
     return None
+
+
+def _other_kernel_skip(opts: Options, impl: str, head_dim: int) -> str | None:
+    """Why an ``OTHER_KERNEL_ROWS`` row is not timed at ``head_dim`` (None: it is): the prefixkern
+    row runs that kernel already, or the tensor-core kernel cannot run here (then the prefixkern
+    row runs the CUDA-core one)."""
+    tensor_cores = OTHER_KERNEL_ROWS[impl]
+    if tensor_cores_by_default(head_dim) == tensor_cores:
+        kernel = "tensor-core" if tensor_cores else "CUDA-core"
+        return f"the prefixkern row runs the {kernel} decode kernel already (the default at head dim {head_dim})"
+    return _tensor_cores_skip(opts)
 
 
 def _tensor_cores_skip(opts: Options) -> str | None:
@@ -116,7 +129,7 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
         q, k, v, pk, pv, cat_k, cat_v = case_tensors(randn, hq, hkv, d, p, cache, batch)
         expected = reference.prefix_attention(q, k, v, pk, pv, causal=True)
         kv_bytes = (batch * hkv * cache + hkv * p) * d * 2 * opts.dtype.itemsize
-        def cuda_decode(prefix_gemm=False, tensor_cores=False):
+        def cuda_decode(prefix_gemm=False, tensor_cores=None):
             # The CUDA C++ kernel (the suite otherwise forces Triton).
             with use_backend("auto"):
                 return prefix_decode_attention(q, k, v, pk, pv, prefix_gemm=prefix_gemm, tensor_cores=tensor_cores)
@@ -126,11 +139,13 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 return prefix_decode_attention(q, k, v, pk, pv)
 
         impls = {
-            # prefixkern: what decoding runs: the CUDA C++ decode kernel of csrc/ (CUDA-core FMAs),
-            # or the Triton decode kernel from CUDA_DECODE_MAX_KV_BYTES of cache K/V on.
+            # prefixkern: what decoding runs: the CUDA C++ decode kernel of csrc/ (tensor cores at head
+            # dim 128, CUDA-core FMAs at 64 and 256), or the Triton decode kernel from
+            # CUDA_DECODE_MAX_KV_BYTES of cache K/V on.
             "prefixkern": cuda_decode,
-            # The same work on tensor cores (mma.sync; PREFIXKERN_DECODE_TENSOR_CORES=1).
+            # The same work on the other CUDA kernel (OTHER_KERNEL_ROWS): mma.sync, or CUDA-core FMAs.
             "prefixkern_tensor_cores": lambda: cuda_decode(tensor_cores=True),
+            "prefixkern_cuda_cores": lambda: cuda_decode(tensor_cores=False),
             # The prefix's part as one cuBLAS GEMM over all rows, merged with the kernel's cache part.
             "prefixkern_prefix_gemm": lambda: cuda_decode(prefix_gemm=True),
             # The Triton decode kernel: key chunks over the SMs, one program per GQA group (what
@@ -149,7 +164,7 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 skips.append(Skip("decode", name, impl, "the CUDA decode kernel cannot run here (no GPU, no "
                                   "nvcc or a failed build: see the warning); prefixkern_triton_decode is the fallback"))
                 continue
-            reason = _tensor_cores_skip(opts) if impl == "prefixkern_tensor_cores" else None
+            reason = _other_kernel_skip(opts, impl, d) if impl in OTHER_KERNEL_ROWS else None
             if reason:
                 skips.append(Skip("decode", name, impl, reason))
                 continue
@@ -288,12 +303,13 @@ def run_generate(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
         attention_mask = torch.ones_like(input_ids)
         attention_mask[0, : prompt // 4] = 0          # one left-padded row, as in batched serving
         reference_logits = None
-        for impl in ("peft_eager", "peft_sdpa", "prefixkern", "prefixkern_tensor_cores"):
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        for impl in ("peft_eager", "peft_sdpa", "prefixkern", *OTHER_KERNEL_ROWS):
             if not opts.wants(impl):
                 continue
-            if impl == "prefixkern_tensor_cores":
-                # The patched model decoding on the tensor-core kernel (PREFIXKERN_DECODE_TENSOR_CORES=1).
-                reason = _opt_in_skip(opts, impl) or _tensor_cores_skip(opts)
+            if impl in OTHER_KERNEL_ROWS:
+                # The patched model decoding on the other CUDA kernel (PREFIXKERN_DECODE_TENSOR_CORES=1 / 0).
+                reason = _other_kernel_skip(opts, impl, head_dim)
                 if reason:
                     skips.append(Skip("decode", case, impl, reason))
                     continue
@@ -316,7 +332,7 @@ def run_generate(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 record.ok = bool(record.max_err <= {torch.float32: 1e-4, torch.float16: 1e-2,
                                                     torch.bfloat16: 5e-2}[opts.dtype])
 
-            def generate(model=model, tensor_cores=impl == "prefixkern_tensor_cores"):
+            def generate(model=model, tensor_cores=OTHER_KERNEL_ROWS.get(impl)):
                 with torch.no_grad(), tensor_core_decoding(tensor_cores):
                     return model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,

@@ -14,14 +14,30 @@ __all__ = ["prefix_decode_attention", "merge_attention_states", "cuda_decode_sup
 
 CUDA_HEAD_DIMS = (64, 128, 256)
 MAX_QUERY_LEN = 8
-# PREFIXKERN_DECODE_TENSOR_CORES=1: decoding (generate() included) runs the tensor-core kernel
-# (mma.sync, sm_80+) rather than the CUDA-core one. Off by default until a GPU run has timed it.
-TENSOR_CORES = os.environ.get("PREFIXKERN_DECODE_TENSOR_CORES", "0") == "1"
+# Which CUDA decode kernel serves a call: the tensor-core one (mma.sync, sm_80+) at the head dims in
+# TENSOR_CORE_HEAD_DIMS, the CUDA-core one at the others. Head dim 128 since the sixth H200 run
+# (2026-11-27 15:45): there the tensor-core kernel, its fragments read by ldmatrix since the H100
+# had timed it slower, passed its 18 GPU cases (fp16/bf16, Llama-3-8B's group of 4, prefixes of
+# 1-128, caches of 1-4096) and beat the CUDA-core kernel at all four points of the decode suite's
+# --quick grid (0.057 against 0.0632 ms, 0.0134 / 0.0142, 0.0623 / 0.0678, 0.0536 / 0.0596).
+# Head dims 64 and 256 keep the CUDA-core kernel until a GPU run has checked and timed them there.
+# PREFIXKERN_DECODE_TENSOR_CORES=1 or 0 forces one kernel for every call (TENSOR_CORES: None
+# when unset, the per-head-dim default).
+TENSOR_CORE_HEAD_DIMS = (128,)
+_TENSOR_CORES_SETTING = os.environ.get("PREFIXKERN_DECODE_TENSOR_CORES")
+TENSOR_CORES: bool | None = None if _TENSOR_CORES_SETTING is None else _TENSOR_CORES_SETTING == "1"
 
 
-def tensor_core_decoding(enabled: bool = True):
-    """Run the block with ``TENSOR_CORES`` set to ``enabled`` (the benchmarks time generate() both ways)."""
+def tensor_core_decoding(enabled: bool | None = True):
+    """Run the block with ``TENSOR_CORES`` set to ``enabled`` (True / False: that kernel for every
+    call; None: the per-head-dim default). The benchmarks time generate() each way."""
     return override_global(globals(), "TENSOR_CORES", enabled)
+
+
+def tensor_cores_by_default(head_dim: int) -> bool:
+    """Whether a decode call at ``head_dim`` that names no kernel asks for the tensor-core one
+    (``TENSOR_CORES``, else ``TENSOR_CORE_HEAD_DIMS``); it runs where ``tensor_cores_usable`` allows."""
+    return head_dim in TENSOR_CORE_HEAD_DIMS if TENSOR_CORES is None else TENSOR_CORES
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -85,9 +101,11 @@ def prefix_decode_attention(
     Which is faster depends on P, the batch and the cache length: the decode benchmark times both.
 
     ``tensor_cores=True`` runs the kernel whose products are mma.sync instructions (sm_80+; the
-    keys and head dim on the M side, up to 8 query rows on N) instead of CUDA-core FMAs; None takes
-    ``PREFIXKERN_DECODE_TENSOR_CORES`` (default off). Where it cannot run (an older GPU, a failed
-    self-check) the CUDA-core kernel does, with one warning.
+    keys and head dim on the M side, up to 8 query rows on N), ``False`` the one of CUDA-core FMAs;
+    None takes ``PREFIXKERN_DECODE_TENSOR_CORES`` if set, else the tensor-core kernel at head dim
+    128 (measured faster there on the H200) and the CUDA-core one at 64 and 256. Where the
+    tensor-core kernel cannot run (an older GPU, a failed self-check) the CUDA-core kernel does,
+    with one warning.
 
     Args: as ``prefix_attention``; ``num_splits`` fixes the number of key chunks (0 = pick for the GPU).
     Returns: ``out`` ``[B, Hq, S, D]`` (and the float32 ``lse`` ``[B, Hq, S]`` if asked).
@@ -106,7 +124,8 @@ def prefix_decode_attention(
         return _without_cuda_ops(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale, num_splits,
                                  return_lse)
     return _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale, num_splits,
-                        prefix_gemm, TENSOR_CORES if tensor_cores is None else tensor_cores, return_lse)
+                        prefix_gemm, tensor_cores_by_default(q.shape[-1]) if tensor_cores is None else tensor_cores,
+                        return_lse)
 
 
 def decode_step(q, k, v, prefix_k, prefix_v, *, key_padding_mask, prefix_index, softmax_scale: float | None):
@@ -137,7 +156,7 @@ def _decode_step(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, sc
     if ops is None:
         return _without_cuda_ops(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale, 0, False)
     return _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale, 0, False,
-                        TENSOR_CORES, False)
+                        tensor_cores_by_default(q.shape[-1]), False)
 
 
 @torch.library.custom_op("prefixkern::decode_step", mutates_args=())
