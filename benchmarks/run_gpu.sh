@@ -3,7 +3,7 @@
 # benchmark suite, each step under ten minutes, everything left in one folder.
 #
 #   benchmarks/run_gpu.sh [OUT_DIR] [STEP ...]
-#   STEP: smoke quick quick-<suite> device tests-attention-1 tests-attention-2 tests-other attention attention-long
+#   STEP: smoke quick quick-<suite> device tests-attention-1 tests-attention-2 tests-other attention attention-long attention-8k
 #         attention-sweep mlp e2e e2e-large e2e-compile decode profile profile-e2e pytest-bench
 #         (default: all but smoke and quick, in that order)
 #   smoke: CI's representative kernel tests and the GPU tests marked smoke (a few minutes); quick: every suite with
@@ -97,6 +97,9 @@ for step in "${STEPS[@]}"; do
         # Issue 2's long shapes alone (the 8k/32k fwd+bwd and the forward TFLOP/s targets).
         attention-long) run_step bench-attention-long "$PY" -m prefixkern.bench --suite attention --out-dir "$OUT" \
                           --shapes llama8b-8k long-32k qwen-2k ${BENCH_ARGS:-} ;;
+        # Issue 2's Llama-3-8B S=8192 case alone (fwd+bwd against Flex: 0.97x in the fourth run).
+        attention-8k) run_step bench-attention-8k "$PY" -m prefixkern.bench --suite attention --out-dir "$OUT" \
+                          --shapes llama8b-8k ${BENCH_ARGS:-} ;;
         attention-sweep) run_step bench-attention-sweep "$PY" -m prefixkern.bench --suite attention --out-dir "$OUT" \
                           --baselines sdpa_mask sdpa_lower_right sdpa_lower_right_gqa flex flash_attn prefixkern_padded \
                           --shapes sweep-S512 sweep-S1024 sweep-S2048 sweep-S4096 sweep-S8192 \
@@ -108,7 +111,7 @@ for step in "${STEPS[@]}"; do
         # The training step under torch.compile with CUDA graphs, beside the eager rows it compiles.
         e2e-compile)  run_step bench-e2e-compile "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" \
                           --shapes qwen2.5-0.5b --quick --baselines floor_no_prefix peft_sdpa prefixkern floor_compiled \
-                          peft_sdpa_compiled prefixkern_compiled ${BENCH_ARGS:-} ;;
+                          prefixkern_compiled peft_sdpa_compiled ${BENCH_ARGS:-} ;;
         e2e-large)    run_step bench-e2e-large "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" \
                           --shapes gpt2-medium llama3.2-1b ${BENCH_ARGS:-} ;;
         decode)       run_step bench-decode "$PY" -m prefixkern.bench --suite decode --out-dir "$OUT" ${BENCH_ARGS:-} ;;

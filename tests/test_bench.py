@@ -361,7 +361,7 @@ def test_compiled_e2e_rows_run_on_a_gpu_and_only_when_asked_in_quick_runs():
     assert "--baselines" in e2e._compiled_row_skipped(opts(True, True))
     assert e2e._compiled_row_skipped(opts(True, True, ("prefixkern", "prefixkern_compiled"))) is None
     assert e2e._compiled_row_skipped(opts(True, False)) is None
-    assert [e2e._eager_impl(i) for i in e2e.COMPILED_IMPLS] == ["floor_no_prefix", "peft_sdpa", "prefixkern"]
+    assert [e2e._eager_impl(i) for i in e2e.COMPILED_IMPLS] == ["floor_no_prefix", "prefixkern", "peft_sdpa"]
 
 
 def test_speedups_and_table_from_records():
@@ -1129,3 +1129,16 @@ def test_gpu_ncu_ops_runs_its_calls(argv, capsys):
     """The script the runbook runs under ncu: its calls run, outside ncu too."""
     assert _ncu_ops().main(["--calls", "2", *argv]) == 0
     assert "2 calls, the last between cudaProfilerStart and cudaProfilerStop" in capsys.readouterr().out
+
+
+def test_mlp_interleaved_note_times_both_in_turn(monkeypatch):
+    """The MLP suite's side-by-side reading of ours against PyTorch's P-row MLP: the two calls
+    alternate round by round, and the note gives both medians, their ratio and the rounds' spread
+    (time_ms stood in for: scripted milliseconds, in the order the calls are made)."""
+    from prefixkern.bench import mlp
+
+    order, script = [], iter([1.0, 2.0, 1.0, 3.0, 2.0, 2.0])
+    monkeypatch.setattr(mlp, "time_ms", lambda fn, **kw: (order.append(fn()), next(script))[1])
+    note = mlp.interleaved_note(lambda: "ours", lambda: "theirs", rounds=3)
+    assert order == ["ours", "theirs"] * 3
+    assert note == "interleaved with torch_p_rows (3 rounds): 1 against 2 ms, 2x (rounds 1-3x)"
