@@ -644,14 +644,19 @@ def test_one_launch_forward_only_for_small_mlps(monkeypatch):
 def test_forward_candidates_split_p_for_exact_float32_only(monkeypatch):
     """The forward's tuning candidates (as on a GPU): all P rows in one tile first; 32-row tiles
     beside them only for exact float32 products with P > 32, where a 64-row tile holds too many
-    registers on FMA units."""
+    registers on FMA units; the transposed product's tiles (W2 the left operand) last, for
+    tensor-core products only."""
     from prefixkern.kernels import prefix_mlp as mlp
 
     monkeypatch.setattr(mlp, "triton_interpret", lambda: False)
     ieee = mlp.fwd_configs(64, 65536, "ieee")
-    assert ieee[0][0] == 64 and {c[0] for c in ieee} == {32, 64}
-    assert [c[1:] for c in ieee if c[0] == 32] == list(mlp.IEEE_SPLIT_P_TILES)
-    assert {c[0] for c in mlp.fwd_configs(64, 65536, "bf16")} == {64}
+    assert ieee[0][0] == 64 and {c[0] for c in ieee} == {32, 64} and not any(c[5] for c in ieee)
+    assert [c[1:5] for c in ieee if c[0] == 32] == list(mlp.IEEE_SPLIT_P_TILES)
+    for precision in ("bf16", "tf32x3", "tf32"):
+        configs = mlp.fwd_configs(64, 65536, precision)
+        assert {c[0] for c in configs} == {64} and not configs[0][5]
+        flags = [c[5] for c in configs]
+        assert flags == sorted(flags) and [c[1:5] for c in configs if c[5]] == list(mlp.W2_LHS_FWD_TILES)
     assert {c[0] for c in mlp.fwd_configs(20, 65536, "ieee")} == {32}
 
 
@@ -680,7 +685,7 @@ def test_tf32x3_replaces_only_exact_float32_products(monkeypatch):
         with tf32x3_products(False):
             assert mlp.products(torch.float32) == "ieee"
     monkeypatch.setattr(mlp, "triton_interpret", lambda: False)
-    assert {c[1:] for c in mlp.fwd_configs(64, 65536, "tf32x3")} <= set(mlp.TF32X3_FWD_TILES)
+    assert {c[1:5] for c in mlp.fwd_configs(64, 65536, "tf32x3") if not c[5]} <= set(mlp.TF32X3_FWD_TILES)
     assert {c[0] for c in mlp.fwd_configs(64, 65536, "tf32x3")} == {64}
     assert mlp.bwd_candidates(64, "tf32x3") == list(mlp.BWD_TILES["tf32x3"])
     assert mlp.bwd_block_p(64, "tf32x3") == 64
@@ -993,6 +998,39 @@ def test_gpu_every_backward_tile_agrees_with_the_first(monkeypatch, precision):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["tf32x3", "ieee", "bf16"])
+def test_gpu_every_forward_tile_agrees_with_the_first(monkeypatch, precision):
+    """Every forward candidate the tuner may pick at the suite's Llama-3-8B shape (P=64, W2 65536 x
+    1024), the transposed product's tiles (W2 the left operand) included, forced in turn: the output
+    the table's first tile gives, up to summation order (and a bf16 rounding either way)."""
+    from prefixkern.kernels import prefix_mlp as kernels
+    from prefixkern.ops.prefix_mlp import tf32x3_products
+
+    num_layers, num_kv_heads, head_dim, _ = GPU_MODELS["llama-3-8b"]
+    sizes = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    P, d = 64, num_kv_heads * head_dim
+    N = 2 * num_layers * d
+    torch.manual_seed(0)
+    params = [torch.randn(P, d, device="cuda"), torch.randn(d, d, device="cuda") / d ** 0.5,
+              torch.randn(d, device="cuda"), torch.randn(N, d, device="cuda") / d ** 0.5, torch.randn(N, device="cuda")]
+    compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    with tf32x3_products(precision != "ieee"):
+        assert kernels.products(compute_dtype, params[0].device) == precision
+        configs = kernels.fwd_configs(P, N, precision)
+        assert any(c[5] for c in configs) == (precision != "ieee"), configs
+        results = []
+        for config in configs:
+            _force_candidate(monkeypatch, kernels, config, tuned=("mlp-fwd",))
+            out, _ = kernels.prefix_mlp_forward(*params, **sizes, out_dtype=torch.float32, compute_dtype=compute_dtype,
+                                                dropout_p=0.0, seed=None)
+            results.append(out)
+    tol = 1e-2 if precision == "bf16" else 1e-4
+    for config, out in zip(configs[1:], results[1:]):
+        scale = results[0].abs().max().item()
+        torch.testing.assert_close(out, results[0], atol=tol * scale, rtol=tol, msg=str(config))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["tf32x3", "ieee", "bf16"])
 def test_gpu_every_matmul_tile_agrees_with_the_first(monkeypatch, precision):
     """Every tile the tuner may pick for the small GEMMs at Llama-3-8B's sizes (P=64, d = h = 1024),
     forced in turn: the forward's H = tanh(E W1^T + b1) (where the 16 x 32 tile makes 128 programs)
@@ -1057,3 +1095,37 @@ def test_gpu_batch_expanded_peft_and_dropout(model):
     torch.manual_seed(1)
     assert torch.equal(dropped, ours(dtype))
     assert abs((dropped == 0).float().mean().item() - 0.1) < 0.01
+
+
+@pytest.mark.parametrize("autocast,dropout_p,fused", [(False, 0.0, False), (True, 0.0, False), (True, 0.3, True),
+                                                      (False, 0.3, True)])
+def test_forward_with_w2_as_the_left_operand_matches(monkeypatch, autocast, dropout_p, fused, device):
+    """The forward's transposed product (W2_LHS: ``out^T = W2 @ H^T``, W2's tile the left operand)
+    against the plain one at the same tile: the same output (the same dropout mask, the same seed),
+    the same H kept, the same gradients; ragged P and N, with and without the one-launch forward,
+    float32 (3xTF32 in the interpreter) and bf16 autocast products."""
+    from prefixkern.kernels import prefix_mlp as kernels
+
+    torch.manual_seed(8)
+    P, d, hidden = 19, 40, 36
+    N = 2 * SMALL["num_layers"] * SMALL["num_kv_heads"] * SMALL["head_dim"]
+    params = [torch.randn(P, d), torch.randn(hidden, d) / d ** 0.5, torch.randn(hidden), torch.randn(N, hidden) / hidden ** 0.5,
+              torch.randn(N)]
+    grad = torch.randn(SMALL["num_layers"], 2, SMALL["num_kv_heads"], P, SMALL["head_dim"], device=device)
+    if not fused:
+        monkeypatch.setattr(kernels, "FUSED_MAX_W1", 0)
+    results = []
+    for w2_lhs in (False, True):
+        first = kernels.fwd_configs(P, N, kernels.products(torch.bfloat16 if autocast else torch.float32, device))[0]
+        _force_candidate(monkeypatch, kernels, first[:5] + (w2_lhs,), tuned=("mlp-fwd", "mlp-fwd-fused"))
+        launched = _record_launches(monkeypatch)
+        leaves = [t.to(device).requires_grad_() for t in params]
+        torch.manual_seed(9)
+        with prefixkern.use_backend("triton"), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+            out = prefixkern.fused_prefix_mlp(*leaves, **SMALL, out_dtype=torch.float32, dropout_p=dropout_p)
+        out.backward(grad)
+        assert [meta["W2_LHS"] for name, meta in launched if name == "prefix_mlp_fwd_kernel"] == [w2_lhs]
+        results.append([out.detach()] + [t.grad for t in leaves])
+    tol = 1e-2 if autocast else 1e-5      # (a bf16 rounding of the sum may fall the other way)
+    for name, plain, transposed in zip(("out", "dE", "dW1", "db1", "dW2", "db2"), *results):
+        torch.testing.assert_close(transposed, plain, atol=tol, rtol=tol, msg=name)

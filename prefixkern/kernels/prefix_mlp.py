@@ -301,27 +301,39 @@ IEEE_SPLIT_P_TILES = ((128, 32, 4, 4), (256, 32, 8, 3))
 # specialises it). On 3.6 all but the first spill 8-20 B at P tile 32 and the last at 64; the tuner
 # drops a spilling candidate, and the first is spill-free on both.
 TF32X3_FWD_TILES = ((64, 32, 4, 4), (128, 32, 4, 4), (64, 64, 4, 3), (128, 64, 8, 3))
+# Tiles of the transposed product (W2_LHS: W2's tile the left operand, in registers) for tensor-core
+# products; BLOCK_N is the product's M, 64 rows per warp group. The sixth H200 run's Nsight Compute
+# read the forward's W2 at 42% of DRAM bandwidth (bf16 autocast, Llama-3-8B), one block of 4
+# warps per SM; the backward's dH launch, built the same way, was L1-bound. Untimed: the tuner decides.
+W2_LHS_FWD_TILES = ((64, 64, 4, 3), (128, 32, 4, 4), (128, 64, 8, 3))
 
 
-def fwd_configs(num_rows: int, num_cols: int, precision: str) -> list[tuple[int, int, int, int, int]]:
-    """The forward's (BLOCK_P, BLOCK_N, BLOCK_K, num_warps, num_stages) candidates: every P row in
-    one tile, and for exact float32 products also 32-row tiles (see IEEE_SPLIT_P_TILES). The
-    tuner times them; the first is used with autotuning off."""
+def fwd_configs(num_rows: int, num_cols: int, precision: str) -> list[tuple[int, int, int, int, int, bool]]:
+    """The forward's (BLOCK_P, BLOCK_N, BLOCK_K, num_warps, num_stages, W2_LHS) candidates: every P
+    row in one tile, for exact float32 products also 32-row tiles (see IEEE_SPLIT_P_TILES), and
+    for tensor-core products the transposed product's tiles (W2_LHS_FWD_TILES) last. The tuner
+    times them; the first is used with autotuning off."""
     block_p = _block_p(num_rows, MAX_BLOCK_P_FWD)
-    configs = [(block_p, *tile) for tile in fwd_candidates(block_p, num_cols, precision)]
+    configs = [(block_p, *tile, False) for tile in fwd_candidates(block_p, num_cols, precision)]
     if precision == "ieee" and block_p > 32:     # (the interpreter's one tile is not among them)
-        configs += [(32, *tile) for tile in fwd_candidates(32, num_cols, precision) if tile in IEEE_SPLIT_P_TILES]
+        configs += [(32, *tile, False) for tile in fwd_candidates(32, num_cols, precision)
+                    if tile in IEEE_SPLIT_P_TILES]
+    if precision != "ieee" and not triton_interpret():
+        configs += [(block_p, *tile, True) for tile in fwd_candidates(block_p, num_cols, precision, W2_LHS_FWD_TILES)]
     return configs
 
 
-def fwd_candidates(block_p: int, num_cols: int, precision: str) -> list[tuple[int, int, int, int]]:
-    """The forward tiles worth timing for a P tile of ``block_p`` rows and N = ``num_cols``."""
+def fwd_candidates(block_p: int, num_cols: int, precision: str,
+                   tiles: tuple | None = None) -> list[tuple[int, int, int, int]]:
+    """The forward tiles worth timing for a P tile of ``block_p`` rows and N = ``num_cols``, of
+    ``tiles`` (default: the precision's table)."""
     if triton_interpret():
         return [INTERPRETER_FWD_TILE]
     # The [BLOCK_P, BLOCK_N] float32 accumulator lives in registers; H and W2 tiles are pipelined.
     # FMA dots ("ieee") hold more per thread than tensor-core ones: half the accumulator, or spills.
     max_acc = 8192 if precision == "ieee" else 16384
-    tiles = TF32X3_FWD_TILES if precision == "tf32x3" else FWD_TILES
+    if tiles is None:
+        tiles = TF32X3_FWD_TILES if precision == "tf32x3" else FWD_TILES
     kept = [t for t in tiles if block_p * t[0] <= max_acc and block_p * t[1] <= 16384
             and _fits_smem(t[3], (block_p + t[0]) * t[1])]
     # Narrow N (small models) needs narrow tiles to fill the GPU: drop tiles that leave it mostly idle.
@@ -355,12 +367,15 @@ def prefix_mlp_fwd_kernel(
     stride_ep, stride_ed, stride_w1k, stride_w1d,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    FUSE_HIDDEN: tl.constexpr, HAS_B1: tl.constexpr, BLOCK_D: tl.constexpr,
+    FUSE_HIDDEN: tl.constexpr, HAS_B1: tl.constexpr, BLOCK_D: tl.constexpr, W2_LHS: tl.constexpr,
 ):
     """``out = dropout(H @ W2^T + b2)`` into [L, 2, Hkv, P, D], H read from ``h_ptr``. With
     FUSE_HIDDEN (small MLPs, ``small_mlp``) each program computes the H chunks it needs from E,
     W1 and b1 instead (``_hidden_chunk``), and the programs of the first N tile store them to
-    ``h_ptr`` for the backward: the whole forward in one launch."""
+    ``h_ptr`` for the backward: the whole forward in one launch. ``W2_LHS``: the product taken
+    transposed, ``out^T = W2 @ H^T``, so that W2's tile is the left operand, which on Hopper stays
+    in registers where it is rounded (16-bit products) or split (3xTF32); as the right operand it
+    goes back to shared memory for the tensor cores first (``_bwd_dh_program`` does the same)."""
     # P blocks vary fastest so the programs that read one W2 tile run together (L2 reuse when P is split).
     pid_p = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -368,7 +383,10 @@ def prefix_mlp_fwd_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_p = rows < P
     mask_n = cols < N
-    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    if W2_LHS:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, HID, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         mask_k = ks < HID
@@ -380,9 +398,16 @@ def prefix_mlp_fwd_kernel(
                 tl.store(h_ptrs, hidden, mask=mask_p[:, None] & mask_k[None, :])
         else:
             hidden = tl.load(h_ptrs, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
-        w2_t = tl.load(w2_ptr + ks[:, None] * stride_w2k + cols[None, :] * stride_w2n,
-                       mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = _mma(hidden, w2_t, acc, PRECISION)
+        if W2_LHS:
+            w2 = tl.load(w2_ptr + cols[:, None] * stride_w2n + ks[None, :] * stride_w2k,
+                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            acc_t = _mma(w2, tl.trans(hidden), acc_t, PRECISION)
+        else:
+            w2_t = tl.load(w2_ptr + ks[:, None] * stride_w2k + cols[None, :] * stride_w2n,
+                           mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = _mma(hidden, w2_t, acc, PRECISION)
+    if W2_LHS:
+        acc = tl.trans(acc_t)
     if HAS_BIAS:
         acc += _round(tl.load(b2_ptr + cols, mask=mask_n, other=0.0).to(tl.float32), PRECISION)[None, :]
     acc = _round(acc, PRECISION)
@@ -1032,7 +1057,7 @@ def prefix_mlp_forward(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
     first_strides = (*embedding.stride(), *w1.stride()) if fused else (0, 0, 0, 0)
 
     def launch(config):
-        block_p, block_n, block_k, warps, stages = config
+        block_p, block_n, block_k, warps, stages, w2_lhs = config
         return launch_kernel(
             prefix_mlp_fwd_kernel, (cdiv(num_rows, block_p), cdiv(num_cols, block_n)),
             hidden, w2, b2, out, seed, *first,
@@ -1044,7 +1069,7 @@ def prefix_mlp_forward(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
             HAS_BIAS=b2 is not None, HAS_DROPOUT=dropout_p > 0.0, PRECISION=precision,
             BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k,
             FUSE_HIDDEN=fused, HAS_B1=fused and b1 is not None, BLOCK_D=FUSED_BLOCK_D if fused else 16,
-            num_warps=warps, num_stages=stages,
+            W2_LHS=w2_lhs, num_warps=warps, num_stages=stages,
         )
 
     key = ("mlp-fwd-fused" if fused else "mlp-fwd", device, num_rows, num_cols, hidden_size, b2 is not None,

@@ -333,29 +333,31 @@ def launched_tiles() -> dict[str, str]:
     autotuning chose them (``fwd``: the second GEMM into [L, 2, Hkv, P, D], ``fused_hidden=True``
     where it computed H itself and the first GEMM had no launch; ``bwd``: the dH and the
     dW2/db2 programs' tiles, with ``dw_warps`` and ``dw_stages`` where the dW2 programs had a launch
-    of their own and ``dw_strips=True`` where it walked strips of tiles, or ``library=torch.mm``
-    where cuBLAS took both W2 products; ``gemm``: the forward's first GEMM; ``gemm-pair``: the
+    of their own, ``dw_strips=True`` where it walked strips of tiles and ``dh_w2_lhs=True`` where the
+    dH programs took the product transposed, or ``library=torch.mm`` where cuBLAS took both W2
+    products; ``w2_lhs=True`` on ``fwd`` likewise; ``gemm``: the forward's first GEMM; ``gemm-pair``: the
     backward's dE and dW1 in one launch; ``bwd-first``: a small MLP's dZ, dE, dW1 and db1 in one
     launch, in place of the hidden kernel and the pair), as
     ``"BLOCK_P=..,BLOCK_N=..,warps=..,stages=.."``. The benchmarks record it."""
     from ..kernels._launch import take_launched_configs
     from ..kernels.prefix_mlp import LibraryProducts
 
-    fields = {"mlp-fwd": ("fwd", ("BLOCK_P", "BLOCK_N", "BLOCK_K")),
-              "mlp-fwd-fused": ("fwd", ("BLOCK_P", "BLOCK_N", "BLOCK_K")),
-              "mlp-bwd": ("bwd", ("DH_BLOCK_N", "DH_BLOCK_K", "DW_BLOCK_N", "DW_BLOCK_K")),
-              "mlp-matmul": ("gemm", ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
-              "mlp-matmul-pair": ("gemm-pair", ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
-              "mlp-bwd-first": ("bwd-first", ("BLOCK_M", "BLOCK_N", "BLOCK_K"))}
+    # (each config's fields in order; the optional ones, last, are named only where set)
+    fwd = ("BLOCK_P", "BLOCK_N", "BLOCK_K", "warps", "stages", "w2_lhs")
+    gemm = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "warps", "stages")
+    fields = {"mlp-fwd": ("fwd", fwd), "mlp-fwd-fused": ("fwd", fwd),
+              "mlp-bwd": ("bwd", ("DH_BLOCK_N", "DH_BLOCK_K", "DW_BLOCK_N", "DW_BLOCK_K", "warps", "stages",
+                                  "dw_warps", "dw_stages", "dw_strips", "dh_w2_lhs")),
+              "mlp-matmul": ("gemm", gemm), "mlp-matmul-pair": ("gemm-pair", gemm), "mlp-bwd-first": ("bwd-first", gemm)}
+    optional = ("dw_warps", "dw_stages", "dw_strips", "dh_w2_lhs", "w2_lhs")
     tiles = {}
     for kernel, config in take_launched_configs(tuple(fields)).items():
-        name, blocks = fields[kernel]
+        name, labels = fields[kernel]
         if isinstance(config, LibraryProducts):
             tiles[name] = f"library={config.library}"
             continue
-        labels = blocks + ("warps", "stages", "dw_warps", "dw_stages", "dw_strips")
         tiles[name] = ",".join(f"{label}={value}" for label, value in zip(labels, config)
-                               if not (label.startswith("dw_") and not value))
+                               if value or label not in optional)
         if kernel == "mlp-fwd-fused":
             tiles[name] += ",fused_hidden=True"
     return tiles

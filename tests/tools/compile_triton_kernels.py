@@ -182,7 +182,7 @@ def cases(quick: bool):
                "*fp32", 4, 3)
         yield (f"mlp-fwd {out_ptr} {second}", mlp.prefix_mlp_fwd_kernel,
                dict(HAS_BIAS=True, HAS_DROPOUT=True, PRECISION=second, BLOCK_P=32, BLOCK_N=64, BLOCK_K=32,
-                    FUSE_HIDDEN=False, HAS_B1=False, BLOCK_D=16),
+                    FUSE_HIDDEN=False, HAS_B1=False, BLOCK_D=16, W2_LHS=False),
                {"out_ptr": out_ptr, "seed_ptr": "*i64"}, "*fp32", 4, 3)
         yield (f"mlp-bwd-first {out_ptr} {first}", mlp.prefix_mlp_bwd_first_kernel,
                dict(HAS_BIAS=True, PRECISION=first, **dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), mlp.BWD_FIRST_TILE))),
@@ -190,7 +190,7 @@ def cases(quick: bool):
         # The one-launch forward of small MLPs (H computed in the kernel).
         yield (f"mlp-fwd-fused {out_ptr} {second}", mlp.prefix_mlp_fwd_kernel,
                dict(HAS_BIAS=True, HAS_DROPOUT=True, PRECISION=second, BLOCK_P=32, BLOCK_N=64, BLOCK_K=32,
-                    FUSE_HIDDEN=True, HAS_B1=True, BLOCK_D=mlp.FUSED_BLOCK_D),
+                    FUSE_HIDDEN=True, HAS_B1=True, BLOCK_D=mlp.FUSED_BLOCK_D, W2_LHS=False),
                {"out_ptr": out_ptr, "seed_ptr": "*i64"}, "*fp32", 4, 3)
         bp = mlp.bwd_block_p(64, first)
         table = mlp.BWD_TWO_LAUNCH_TILES[mlp._bwd_table(first)]     # (first's table, as the launcher)

@@ -173,8 +173,17 @@ def mlp_candidates():
             for i, (block_n, block_k, warps, stages) in enumerate(mlp.fwd_candidates(block_p, 1 << 20, precision)):
                 yield (f"mlp-fwd {precision} P{block_p}", mlp.prefix_mlp_fwd_kernel,
                        dict(HAS_BIAS=True, HAS_DROPOUT=False, PRECISION=precision, BLOCK_P=block_p,
-                            BLOCK_N=block_n, BLOCK_K=block_k, FUSE_HIDDEN=False, HAS_B1=False, BLOCK_D=16),
+                            BLOCK_N=block_n, BLOCK_K=block_k, FUSE_HIDDEN=False, HAS_B1=False, BLOCK_D=16,
+                            W2_LHS=False),
                        {"out_ptr": "*bf16", "seed_ptr": "*i64"}, warps, stages, i == 0)
+            # The transposed product's tiles (tensor-core products only), a kind of their own.
+            lhs_tiles = mlp.fwd_candidates(block_p, 1 << 20, precision, mlp.W2_LHS_FWD_TILES) if precision != "ieee" else ()
+            for block_n, block_k, warps, stages in lhs_tiles:
+                yield (f"mlp-fwd-w2lhs {precision} P{block_p}", mlp.prefix_mlp_fwd_kernel,
+                       dict(HAS_BIAS=True, HAS_DROPOUT=False, PRECISION=precision, BLOCK_P=block_p,
+                            BLOCK_N=block_n, BLOCK_K=block_k, FUSE_HIDDEN=False, HAS_B1=False, BLOCK_D=16,
+                            W2_LHS=True),
+                       {"out_ptr": "*bf16", "seed_ptr": "*i64"}, warps, stages, False)
             # The one-launch forward (small MLPs only) launches the first candidate, untuned.
             fused = block_p <= mlp.fused_max_rows(precision)
             for i, (block_n, block_k, warps, stages) in enumerate(mlp.fwd_candidates(block_p, 6144, precision)[:1]
@@ -182,7 +191,7 @@ def mlp_candidates():
                 yield (f"mlp-fwd-fused {precision} P{block_p}", mlp.prefix_mlp_fwd_kernel,
                        dict(HAS_BIAS=True, HAS_DROPOUT=False, PRECISION=precision, BLOCK_P=block_p,
                             BLOCK_N=block_n, BLOCK_K=block_k, FUSE_HIDDEN=True, HAS_B1=True,
-                            BLOCK_D=mlp.FUSED_BLOCK_D),
+                            BLOCK_D=mlp.FUSED_BLOCK_D, W2_LHS=False),
                        {"out_ptr": "*bf16", "seed_ptr": "*i64"}, warps, stages, i == 0)
         # A small MLP's first-Linear backward launches one tile, untuned.
         block_m, block_n, block_k, warps, stages = mlp.BWD_FIRST_TILE
