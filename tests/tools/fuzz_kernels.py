@@ -177,9 +177,12 @@ def mlp_case(rng: random.Random, seed: int, notes: list) -> None:
     out_dtype = rng.choice(DTYPES)
     launch_draw = rng.random()        # (one draw, as before strips: a seed's cases stay the same)
     two_launches, strips, library = launch_draw < 0.5, launch_draw < 0.25, 0.5 <= launch_draw < 0.625
+    # (drawn last: the cases of a seed drawn before the transposed products existed keep their sizes)
+    transposed = rng.random() < 0.5 and not library
     notes.append(f"mlp P{num_rows} {sizes} projection={projection} bias={bias} d{token_dim} h{hidden} {out_dtype}"
                  f"{' bwd in two launches' if two_launches else ''}{', dW2 by strips' if strips else ''}"
-                 f"{', W2 products by torch.mm' if library else ''}")
+                 f"{', W2 products by torch.mm' if library else ''}"
+                 f"{', products with W2 the left operand' if transposed else ''}")
     gen = torch.Generator().manual_seed(seed)
     if projection:
         params = [torch.randn(num_rows, token_dim, generator=gen), torch.randn(hidden, token_dim, generator=gen) /
@@ -196,6 +199,11 @@ def mlp_case(rng: random.Random, seed: int, notes: list) -> None:
     one_launch_tile, pick_config = kernels.INTERPRETER_BWD_TILE, kernels.pick_config
     if two_launches:
         kernels.INTERPRETER_BWD_TILE = one_launch_tile._replace(dw_num_warps=4, dw_num_stages=1, dw_strips=strips)
+    if transposed:      # dH^T = W2^T G^T in the backward, out^T = W2 H^T in the forward
+        kernels.INTERPRETER_BWD_TILE = kernels.INTERPRETER_BWD_TILE._replace(dh_w2_lhs=True)
+        kernels.pick_config = lambda key, candidates, launch: (
+            candidates()[0][:5] + (True,) if key[0] in ("mlp-fwd", "mlp-fwd-fused") else pick_config(key, candidates,
+                                                                                                      launch))
     if library:
         kernels.pick_config = lambda key, candidates, launch: (
             kernels.LIBRARY_PRODUCTS if key[0] == "mlp-bwd" else pick_config(key, candidates, launch))
