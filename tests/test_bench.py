@@ -1142,3 +1142,25 @@ def test_mlp_interleaved_note_times_both_in_turn(monkeypatch):
     note = mlp.interleaved_note(lambda: "ours", lambda: "theirs", rounds=3)
     assert order == ["ours", "theirs"] * 3
     assert note == "interleaved with torch_p_rows (3 rounds): 1 against 2 ms, 2x (rounds 1-3x)"
+
+
+def test_decode_grid_times_other_head_layouts():
+    """The decode suite's GPU grid, --quick and full, has a point at Qwen2.5-0.5B's heads (head dim
+    64) and one at head dim 256 beside the Llama-3-8B grid: where the default CUDA kernel is the
+    CUDA-core one, so their prefixkern_tensor_cores rows say whether the tensor-core kernel should
+    serve them too."""
+    from prefixkern.bench import decode
+    from prefixkern.bench.common import Options
+    from prefixkern.ops import decode_attention
+    from prefixkern.ops.decode_attention import tensor_cores_by_default
+
+    for quick in (True, False):
+        opts = Options(device=torch.device("cpu"), dtype=torch.bfloat16, quick=quick, baselines=None, shapes=None,
+                       on_gpu=True)
+        cases = decode._cases(opts)
+        assert len(cases) == (len(decode.QUICK) if quick else 18) + 2
+        assert {case[3] for case in cases} == {64, 128, 256}
+        others = [case for case in cases if case[3] != 128]
+        assert [case[0] for case in others] == ["qwen-heads-P30-L4096-B8", "d256-heads-P30-L4096-B8"]
+        if decode_attention.TENSOR_CORES is None:     # (PREFIXKERN_DECODE_TENSOR_CORES unset)
+            assert not any(tensor_cores_by_default(case[3]) for case in others)

@@ -27,13 +27,19 @@ BATCHES = (1, 8, 64)
 # --quick: the merge's two extremes besides the two points every run has timed (32k keys at batch 1:
 # one split per SM, about 100 merged per row; batch 64: one split, no merge launch).
 QUICK = [(30, 4096, 8), (128, 512, 1), (30, 32768, 1), (30, 512, 64)]
+# One point at two other head layouts, in --quick runs too, where the default CUDA kernel is the
+# CUDA-core one (TENSOR_CORE_HEAD_DIMS): Qwen2.5-0.5B's heads (14/2/64) and a head dim of 256
+# (8/4/256): the rows that decide whether the tensor-core kernel becomes the default there.
+OTHER_HEADS = [("qwen-heads", 14, 2, 64, 30, 4096, 8), ("d256-heads", 8, 4, 256, 30, 4096, 8)]
 
 
 def _cases(opts: Options):
     if not opts.on_gpu:
         return [("cpu-tiny", 4, 2, 32, 5, 40, 2)]
     grid = QUICK if opts.quick else list(itertools.product(PREFIXES, CACHES, BATCHES))
-    return [(f"P{p}-L{cache}-B{batch}", HQ, HKV, D, p, cache, batch) for p, cache, batch in grid]
+    return [(f"P{p}-L{cache}-B{batch}", HQ, HKV, D, p, cache, batch) for p, cache, batch in grid] + [
+        (f"{layout}-P{p}-L{cache}-B{batch}", hq, hkv, d, p, cache, batch)
+        for layout, hq, hkv, d, p, cache, batch in OTHER_HEADS]
 
 
 CUDA_IMPLS = ("prefixkern", "prefixkern_tensor_cores", "prefixkern_cuda_cores", "prefixkern_prefix_gemm")
