@@ -1129,3 +1129,17 @@ def test_forward_with_w2_as_the_left_operand_matches(monkeypatch, autocast, drop
     tol = 1e-2 if autocast else 1e-5      # (a bf16 rounding of the sum may fall the other way)
     for name, plain, transposed in zip(("out", "dE", "dW1", "db1", "dW2", "db2"), *results):
         torch.testing.assert_close(transposed, plain, atol=tol, rtol=tol, msg=name)
+
+
+def test_hidden_kernel_narrows_its_chunk_to_fill_the_gpu(monkeypatch):
+    """dZ's kernel takes 64 hidden columns a program, halved down to 16 while that leaves fewer
+    programs than SMs: Llama-3-8B's 1024 columns on 132 SMs in 64 programs of 16, not 16 of 64; a
+    wide hidden layer keeps 64. On the CPU the interpreter counts 16 SMs."""
+    from prefixkern.kernels import prefix_mlp as kernels
+
+    monkeypatch.setattr(kernels, "num_sms", lambda index: 132)
+    monkeypatch.setattr(kernels, "device_index", lambda device: 0)
+    gpu = torch.device("cuda", 0)
+    assert [kernels.hidden_block_k(h, gpu) for h in (1024, 4096, 8320, 8448, 100)] == [16, 16, 32, 64, 16]
+    assert kernels.hidden_block_k(1024, torch.device("cpu")) == 64
+    assert kernels.hidden_block_k(512, torch.device("cpu")) == 32
