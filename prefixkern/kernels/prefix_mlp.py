@@ -613,14 +613,16 @@ def _bwd_dh_program(
     D_TILE: tl.constexpr, W2_LHS: tl.constexpr,
 ):
     """Partial dH of one (P tile, hidden chunk, N split): ``G[rows, split] @ W2[split, chunk]``,
-    float32, stored once. ``W2_LHS``: computed transposed, ``dH^T = W2^T @ G^T``, so that W2 is the
-    product's left operand: on Hopper that one may stay in registers, so W2's tile goes from
-    shared memory to registers and is rounded there (16-bit products of a float32 W2), where as the
-    right operand it is rounded and written back to shared memory for the tensor cores first. P tiles vary fastest, so the programs that read one W2 range together
+    float32, stored once. P tiles vary fastest, so the programs that read one W2 range together
     run together (L2 serves the repeats when P spans several tiles). W2 and dH tiles are addressed
     as a 64-bit scalar base plus 32-bit offsets (a tile spans far less than 2**31 elements):
-    64-bit offsets per element cost the registers that made larger tiles spill. G's column
-    offsets stay 64-bit (any strides of the [L, 2, Hkv, P, D] gradient)."""
+    64-bit offsets per element cost the registers that made larger tiles spill. G's tiles are
+    addressed by ``_kv_tile_pointers`` (any strides of the [L, 2, Hkv, P, D] gradient).
+
+    ``W2_LHS``: computed transposed, ``dH^T = W2^T @ G^T``, so that W2 is the product's left
+    operand. On Hopper that operand may stay in registers: W2's tile goes from shared memory to
+    registers and is rounded there (16-bit products of a float32 W2). As the right operand it is
+    rounded and written back to shared memory for the tensor cores first."""
     num_p = tl.cdiv(P, BLOCK_P)
     num_k = tl.cdiv(HID, BLOCK_K)
     pid_p = i % num_p
