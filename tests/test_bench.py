@@ -1050,7 +1050,7 @@ def test_decode_times_the_kernel_the_default_does_not_run(monkeypatch, setting):
     """The decode suite's other-kernel rows: at a head dim whose default is the tensor-core kernel
     (128, with PREFIXKERN_DECODE_TENSOR_CORES unset) it times the CUDA-core one as
     prefixkern_cuda_cores and skips prefixkern_tensor_cores as the prefixkern row, and the reverse
-    at 64; forced either way, the forced kernel is the prefixkern row at both. Where the tensor-core
+    at 256; forced either way, the forced kernel is the prefixkern row at both. Where the tensor-core
     kernel cannot run, neither row is timed (the prefixkern row runs the CUDA-core kernel)."""
     from prefixkern.bench import decode
     from prefixkern.bench.common import Options
@@ -1060,14 +1060,14 @@ def test_decode_times_the_kernel_the_default_does_not_run(monkeypatch, setting):
     monkeypatch.setattr(decode, "_tensor_cores_skip", lambda opts: None)
     opts = Options(device=torch.device("cpu"), dtype=torch.bfloat16, quick=True, baselines=None, shapes=None,
                    on_gpu=False)
-    for head_dim in (64, 128):
+    for head_dim in (128, 256):
         tensor_cores = head_dim == 128 if setting is None else setting
         same, other = ("prefixkern_tensor_cores", "prefixkern_cuda_cores") if tensor_cores else (
             "prefixkern_cuda_cores", "prefixkern_tensor_cores")
         assert "runs the" in decode._other_kernel_skip(opts, same, head_dim)
         assert decode._other_kernel_skip(opts, other, head_dim) is None
     monkeypatch.setattr(decode, "_tensor_cores_skip", lambda opts: "cannot run here")
-    assert all(decode._other_kernel_skip(opts, impl, d) for impl in decode.OTHER_KERNEL_ROWS for d in (64, 128))
+    assert all(decode._other_kernel_skip(opts, impl, d) for impl in decode.OTHER_KERNEL_ROWS for d in (128, 256))
 
 
 def test_a_failing_prefixkern_generate_is_a_failed_row_and_the_suite_goes_on(monkeypatch):
@@ -1146,9 +1146,9 @@ def test_mlp_interleaved_note_times_both_in_turn(monkeypatch):
 
 def test_decode_grid_times_other_head_layouts():
     """The decode suite's GPU grid, --quick and full, has a point at Qwen2.5-0.5B's heads (head dim
-    64) and one at head dim 256 beside the Llama-3-8B grid: where the default CUDA kernel is the
-    CUDA-core one, so their prefixkern_tensor_cores rows say whether the tensor-core kernel should
-    serve them too."""
+    64) and one at head dim 256 beside the Llama-3-8B grid, where the default kernels differ (the
+    tensor-core one at 64 on generate()'s evidence, the CUDA-core one at 256): their rows of the
+    other kernel decide the default there."""
     from prefixkern.bench import decode
     from prefixkern.bench.common import Options
     from prefixkern.ops import decode_attention
@@ -1163,4 +1163,4 @@ def test_decode_grid_times_other_head_layouts():
         others = [case for case in cases if case[3] != 128]
         assert [case[0] for case in others] == ["qwen-heads-P30-L4096-B8", "d256-heads-P30-L4096-B8"]
         if decode_attention.TENSOR_CORES is None:     # (PREFIXKERN_DECODE_TENSOR_CORES unset)
-            assert not any(tensor_cores_by_default(case[3]) for case in others)
+            assert [tensor_cores_by_default(case[3]) for case in others] == [True, False]

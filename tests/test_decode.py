@@ -193,6 +193,8 @@ def test_decode_step_hands_the_cuda_ops_what_the_checked_op_would(prefix, monkey
     ops = _ReferenceCudaOps()
     monkeypatch.setattr(_cuda_build, "cuda_ops", lambda: ops)
     monkeypatch.setattr(decode_attention, "cuda_decode_supported", lambda *args, **kwargs: True)
+    # (head dim 64: the tensor-core kernel by default; the stand-in ops run the reference for either)
+    monkeypatch.setattr(_cuda_build, "tensor_cores_usable", lambda index: True)
     inputs, kw = _inputs(3, 4, 2, 2, 9, 5, 64, torch.bfloat16, "cpu", prefix=prefix, padding=True)
     expected = reference.prefix_attention(*inputs, causal=True, softmax_scale=0.125, **kw)
     with prefixkern.use_backend("auto"):
@@ -264,6 +266,8 @@ def test_decode_step_with_a_library_built_before_the_fused_op(monkeypatch):
     ops = OlderOps()
     monkeypatch.setattr(_cuda_build, "cuda_ops", lambda: ops)
     monkeypatch.setattr(decode_attention, "cuda_decode_supported", lambda *args, **kwargs: True)
+    # (head dim 64: the tensor-core kernel by default; the stand-in ops run the reference for either)
+    monkeypatch.setattr(_cuda_build, "tensor_cores_usable", lambda index: True)
     inputs, kw = _inputs(2, 4, 2, 1, 9, 5, 64, torch.bfloat16, "cpu", padding=True)
     with prefixkern.use_backend("auto"):
         got = decode_attention.decode_step(*inputs, softmax_scale=0.125, **kw)
@@ -302,6 +306,8 @@ def test_cuda_path_python_side_against_the_reference(P, L, monkeypatch):
 
     monkeypatch.setattr(_cuda_build, "cuda_ops", MergingOps)
     monkeypatch.setattr(decode_attention, "cuda_decode_supported", lambda *args, **kwargs: True)
+    # (head dim 64: the tensor-core kernel by default; the stand-in ops run the reference for either)
+    monkeypatch.setattr(_cuda_build, "tensor_cores_usable", lambda index: True)
     for prefix, padding in (("shared", False), ("per_task", True), ("per_row", True)):
         inputs, kw = _inputs(3, 14, 2, 8, L, P, 64, torch.bfloat16, "cpu", prefix=prefix, padding=padding)
         expected, expected_lse = reference.prefix_attention(*inputs, causal=True, return_lse=True, **kw)
@@ -374,11 +380,11 @@ def test_cuda_kernel_gives_way_to_the_triton_decode_kernel_over_large_caches(mon
 
 
 @pytest.mark.parametrize("setting", [None, False, True])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_tensor_core_kernel_is_asked_for_by_the_flag_and_falls_back(setting, head_dim, monkeypatch):
     """Which CUDA kernel decode_step and the public op's default ask for: with
-    PREFIXKERN_DECODE_TENSOR_CORES unset (TENSOR_CORES None) the tensor-core one at head dim 128
-    only (TENSOR_CORE_HEAD_DIMS), set (True / False) that kernel at every head dim; an explicit
+    PREFIXKERN_DECODE_TENSOR_CORES unset (TENSOR_CORES None) the tensor-core one at head dims 64
+    and 128, not 256 (TENSOR_CORE_HEAD_DIMS), set (True / False) that kernel at every head dim; an explicit
     tensor_cores= wins; where tensor_cores_usable says no (an old GPU, a failed self-check), the
     CUDA-core kernel gets the call."""
     from prefixkern import _cuda_build
@@ -389,7 +395,7 @@ def test_tensor_core_kernel_is_asked_for_by_the_flag_and_falls_back(setting, hea
     monkeypatch.setattr(_cuda_build, "tensor_cores_usable", lambda index: usable[0])
     monkeypatch.setattr(decode_attention, "cuda_decode_supported", lambda *args, **kwargs: True)
     monkeypatch.setattr(decode_attention, "TENSOR_CORES", setting)
-    default = head_dim == 128 if setting is None else setting
+    default = head_dim in (64, 128) if setting is None else setting
     assert decode_attention.tensor_cores_by_default(head_dim) is default
     inputs, kw = _inputs(2, 4, 2, 1, 9, 5, head_dim, torch.bfloat16, "cpu")
     with prefixkern.use_backend("auto"):
@@ -506,7 +512,7 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
 # The CUDA kernels, on a GPU
 # --------------------------------------------------------------------------------------------
 
-# kernel: "simt" (CUDA-core FMAs) or "mma" (tensor cores: the default at head dim 128, TENSOR_CORE_HEAD_DIMS).
+# kernel: "simt" (CUDA-core FMAs) or "mma" (tensor cores: the default at head dims 64 and 128, TENSOR_CORE_HEAD_DIMS).
 GPU_GRID = [dict(kernel=kernel, dtype=dtype, D=D, Sq=Sq, gqa=gqa, P=P, L=L)
             for kernel, dtype, D, Sq, gqa, P, L in itertools.product(
                 ("simt", "mma"), (torch.bfloat16, torch.float16), (64, 128, 256), (1, 3, 8), (1, 4, 7), (1, 30, 128),
@@ -641,7 +647,7 @@ def test_gpu_generate_uses_the_cuda_kernel(tensor_cores, monkeypatch):
     """A patched model's decoding steps go through the CUDA kernels (decode_step, no Python
     checks), every layer at every step, and score the first decoded token as the Triton path does;
     with PREFIXKERN_DECODE_TENSOR_CORES=1 or 0 (TENSOR_CORES) through the tensor-core or CUDA-core kernel
-    (at this model's head dim 64 the default is the CUDA-core one)."""
+    (at this model's head dim 64 the default is the tensor-core one)."""
     tf = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from prefixkern import _cuda_build

@@ -27,9 +27,10 @@ BATCHES = (1, 8, 64)
 # --quick: the merge's two extremes besides the two points every run has timed (32k keys at batch 1:
 # one split per SM, about 100 merged per row; batch 64: one split, no merge launch).
 QUICK = [(30, 4096, 8), (128, 512, 1), (30, 32768, 1), (30, 512, 64)]
-# One point at two other head layouts, in --quick runs too, where the default CUDA kernel is the
-# CUDA-core one (TENSOR_CORE_HEAD_DIMS): Qwen2.5-0.5B's heads (14/2/64) and a head dim of 256
-# (8/4/256): the rows that decide whether the tensor-core kernel becomes the default there.
+# One point at two other head layouts, in --quick runs too: Qwen2.5-0.5B's heads (14/2/64), where the
+# tensor-core kernel is the default on generate()'s evidence alone, and a head dim of 256 (8/4/256),
+# where the CUDA-core one still is (TENSOR_CORE_HEAD_DIMS): their rows of the other kernel decide
+# the default at both.
 OTHER_HEADS = [("qwen-heads", 14, 2, 64, 30, 4096, 8), ("d256-heads", 8, 4, 256, 30, 4096, 8)]
 
 
@@ -146,7 +147,7 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
 
         impls = {
             # prefixkern: what decoding runs: the CUDA C++ decode kernel of csrc/ (tensor cores at head
-            # dim 128, CUDA-core FMAs at 64 and 256), or the Triton decode kernel from
+            # dims 64 and 128, CUDA-core FMAs at 256), or the Triton decode kernel from
             # CUDA_DECODE_MAX_KV_BYTES of cache K/V on.
             "prefixkern": cuda_decode,
             # The same work on the other CUDA kernel (OTHER_KERNEL_ROWS): mma.sync, or CUDA-core FMAs.
