@@ -1051,15 +1051,19 @@ def test_decode_times_the_kernel_the_default_does_not_run(monkeypatch, setting):
     (128, with PREFIXKERN_DECODE_TENSOR_CORES unset) it times the CUDA-core one as
     prefixkern_cuda_cores and skips prefixkern_tensor_cores as the prefixkern row, and the reverse
     at 256; forced either way, the forced kernel is the prefixkern row at both. Where the tensor-core
-    kernel cannot run, neither row is timed (the prefixkern row runs the CUDA-core kernel)."""
+    kernel cannot run, neither row is timed (the prefixkern row runs the CUDA-core kernel), nor
+    without a GPU."""
     from prefixkern.bench import decode
     from prefixkern.bench.common import Options
     from prefixkern.ops import decode_attention
 
     monkeypatch.setattr(decode_attention, "TENSOR_CORES", setting)
     monkeypatch.setattr(decode, "_tensor_cores_skip", lambda opts: None)
+    cpu = Options(device=torch.device("cpu"), dtype=torch.bfloat16, quick=True, baselines=None, shapes=None,
+                  on_gpu=False)
+    assert all("run on a GPU" in decode._other_kernel_skip(cpu, impl, 128) for impl in decode.OTHER_KERNEL_ROWS)
     opts = Options(device=torch.device("cpu"), dtype=torch.bfloat16, quick=True, baselines=None, shapes=None,
-                   on_gpu=False)
+                   on_gpu=True)      # (a GPU run's options; the skips read no tensor)
     for head_dim in (128, 256):
         tensor_cores = head_dim == 128 if setting is None else setting
         same, other = ("prefixkern_tensor_cores", "prefixkern_cuda_cores") if tensor_cores else (

@@ -70,9 +70,11 @@ def _opt_in_skip(opts: Options, impl: str) -> str | None:
 
 
 def _other_kernel_skip(opts: Options, impl: str, head_dim: int) -> str | None:
-    """Why an ``OTHER_KERNEL_ROWS`` row is not timed at ``head_dim`` (None: it is): the prefixkern
-    row runs that kernel already, or the tensor-core kernel cannot run here (then the prefixkern
-    row runs the CUDA-core one)."""
+    """Why an ``OTHER_KERNEL_ROWS`` row is not timed at ``head_dim`` (None: it is): no GPU, the
+    prefixkern row runs that kernel already, or the tensor-core kernel cannot run here (then the
+    prefixkern row runs the CUDA-core one)."""
+    if not opts.on_gpu:
+        return "the CUDA decode kernels run on a GPU (the CPU demo decodes with the reference)"
     tensor_cores = OTHER_KERNEL_ROWS[impl]
     if tensor_cores_by_default(head_dim) == tensor_cores:
         kernel = "tensor-core" if tensor_cores else "CUDA-core"
