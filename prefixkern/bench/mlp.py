@@ -222,10 +222,9 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                     record.ok = bool(record.max_err <= {torch.float32: 1e-4, torch.float16: 2e-3,
                                                         torch.bfloat16: 1.6e-2}[opts.dtype])
                     record.ms = time_ms(call, on_gpu=opts.on_gpu, quick=opts.quick)
-                    if record.ms:
-                        timed[impl] = (record, call)
                     record.peak_mem_mb = peak_mem_mb(call, on_gpu=opts.on_gpu)
                     if record.ms:
+                        timed[impl] = (record, call)
                         # W2 is read once by the forward and once more by the backward.
                         record.gbps = w2_bytes * (2 if pass_ == "fwd_bwd" else 1) / (record.ms * 1e-3) / 1e9
                 except Exception as exc:       # a kernel failing
