@@ -212,6 +212,9 @@ def test_mlp_rows_hold_their_float32_products_through_the_backward(tmp_path, mon
     assert {(r.case, r.impl, r.pass_) for r in records} >= {("cpu-tiny", i, p) for i in ("prefixkern", "prefixkern_fma")
                                                             for p in ("fwd", "fwd_bwd")}
     assert all(r.ok for r in records)
+    # The forward rows (issue 3's W2 bandwidth) are timed after do_bench's flush too, noted beside.
+    assert all("after a zero flush (256 MiB zeroed, as do_bench does): 1 ms, " in r.note
+               for r in records if r.pass_ == "fwd")
     rows, row = {}, None
     for name, value in launched:
         if name == "row":
@@ -665,26 +668,121 @@ def test_timing_gives_long_calls_their_repetitions():
         assert warmup >= 2 * 70.0 and int(rep / 70.0) >= MIN_REPS[quick] >= 10
 
 
+def test_bandwidth_targets_take_the_higher_of_the_copy_and_read_probes():
+    """A read-only kernel's share is of the higher of the copy rate and the read rate; the 128 MiB
+    flush-comparison rows are not a probe (after do_bench's flush they read low, after ours high)."""
+    from prefixkern.bench.targets import evaluate
+
+    what = "reads KV at 70% or more of the GPU's measured bandwidth"
+    rows = [_rec("device", "copy-512MiB", "torch", "fwd", ms=1.0, gbps=4000.0),
+            _rec("decode", "P30-L4096-B8", "prefixkern", "fwd", ms=0.04, gbps=3000.0)]
+    flush_rows = [_rec("device", "read-128MiB", "torch_read_flush", "fwd", ms=1.0, gbps=9000.0),
+                  _rec("device", "read-128MiB", "torch_zero_flush", "fwd", ms=1.0, gbps=100.0)]
+
+    def judged(records):
+        return next((t.met, t.value) for t in evaluate({"records": records}) if t.what == what)
+
+    assert judged(rows + flush_rows) == (True, "75% (3e+03 of 4e+03 GB/s)")
+    read = _rec("device", "read-512MiB", "torch", "fwd", ms=1.0, gbps=4500.0)
+    assert judged(rows + flush_rows + [read]) == (False, "66.7% (3e+03 of 4.5e+03 GB/s)")
+
+
 def test_timed_calls_can_be_kept_for_their_spread(monkeypatch):
     """A training step's row keeps every timed call (host-bound steps on a shared GPU host spread:
     the raw-launch row read 15% slower than the plain one in a run that kept only medians)."""
-    import triton.testing
-
+    from prefixkern.bench import common
     from prefixkern.bench.common import spread_note, time_ms
 
-    asked = []
-
-    def fake_do_bench(fn, warmup, rep, return_mode):
-        asked.append(return_mode)
-        return [3.0, 1.0, 2.0, 10.0] if return_mode == "all" else 2.5
-
-    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    flushes = []
+    monkeypatch.setattr(common, "timed_calls", lambda fn, warmup, rep, flush: (flush(), [3.0, 1.0, 2.0, 10.0])[1])
+    monkeypatch.setattr(common, "flush_l2", lambda mode=None: flushes.append(mode))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     samples = []
     assert time_ms(lambda: None, on_gpu=True, quick=True, samples=samples) == 2.5     # the median
     assert samples == [1.0, 2.0, 3.0, 10.0]
-    assert time_ms(lambda: None, on_gpu=True, quick=True) == 2.5 and asked == ["all", "median"]
+    assert time_ms(lambda: None, on_gpu=True, quick=True, flush="zero") == 2.5
+    assert flushes == [None, "zero"]          # the run's flush (L2_FLUSH), or the one asked for
     assert spread_note(samples) == "4 timed calls, ms: min 1, quartiles 1.25 / 2.5 / 8.25, max 10"
+
+
+def test_timed_calls_flush_the_l2_before_every_timed_call(monkeypatch):
+    """do_bench's loop with our flush: a call, five flushed calls for the estimate, warm-up calls
+    for ``warmup`` ms, then ``rep`` ms of calls, each flushed first and timed alone between its two
+    events (the flush outside them)."""
+    from prefixkern.bench import common
+
+    log, clock = [], [0.0]
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            assert enable_timing
+            self.at = None
+
+        def record(self):
+            self.at = clock[0]
+            log.append("record")
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    def fn():
+        clock[0] += 2.0
+        log.append("fn")
+
+    def flush():
+        clock[0] += 1.0
+        log.append("flush")
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    # The estimate counts the flush (3 ms a call): 9 ms of repetitions is 3 timed calls, 6 ms of warm-up 2.
+    assert common.timed_calls(fn, warmup=6.0, rep=9.0, flush=flush) == [2.0, 2.0, 2.0]
+    assert log == (["fn", "record"] + ["flush", "fn"] * 5 + ["record"] + ["fn"] * 2
+                   + ["flush", "record", "fn", "record"] * 3)
+
+
+def test_the_l2_flush_reads_by_default_and_zeroes_as_do_bench_on_request(monkeypatch):
+    """The default flush reads its 256 MiB (a sum: no dirty line left for the timed call to write
+    back); "zero" writes it as do_bench does; anything else is refused, naming the setting."""
+    from prefixkern.bench import common
+
+    buffer = torch.ones(64)
+    monkeypatch.setattr(common, "_flush_buffer", lambda device_index: buffer)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert common.L2_FLUSH == "read" and common.FLUSH_BYTES == 256 * 2**20
+    common.flush_l2()
+    assert torch.equal(buffer, torch.ones(64))          # read, not written
+    common.flush_l2("zero")
+    assert not buffer.any()
+    with pytest.raises(ValueError, match="PREFIXKERN_BENCH_FLUSH"):
+        common.flush_l2("evict")
+
+
+def test_results_say_which_l2_flush_timed_them(tmp_path, monkeypatch):
+    """The header of a results table names the flush; a merged file lists its steps' flushes, an
+    older file's (before the setting existed) counting as do_bench's."""
+    from prefixkern.bench import common
+
+    monkeypatch.setattr(common, "L2_FLUSH", "zero")
+    payload = common._payload([], [], torch.device("cpu"), "prefixkern-bench --l2-flush zero")
+    assert payload["l2_flush"] == "zero"
+    assert "L2 flush" not in common.markdown_table(payload)       # nothing timed (a CPU demo)
+    timed = Record("device", "read-512MiB", "torch", "fwd", "float32", ms=0.1)
+    payload = common._payload([timed], [], torch.device("cpu"), "prefixkern-bench --l2-flush zero")
+    assert "- L2 flush before each timed call: zero (256 MiB zeroed, as do_bench does)" in \
+        common.markdown_table(payload)
+    files = []
+    for i, flush in enumerate(("read", None)):
+        step = {"device": "NVIDIA H200", "versions": {}, "date": f"2026-11-2{i}T00:00:00+00:00",
+                "command": f"step {i}", "records": [timed.as_json()], "skipped": []}
+        if flush:
+            step["l2_flush"] = flush
+        files.append(tmp_path / f"step{i}.json")
+        files[-1].write_text(json.dumps(step))
+    paths = common.merge_results(files, tmp_path / "merged", plots=False)
+    assert json.loads(paths["json"].read_text())["l2_flush"] == "read ; zero"
+    assert "read (256 MiB read); zero (256 MiB zeroed, as do_bench does) (the merged steps differ" in \
+        paths["md"].read_text()
 
 
 def test_decoding_step_rows_note_their_time_back_to_back(monkeypatch):
@@ -737,6 +835,35 @@ def test_decoding_step_rows_note_their_time_back_to_back(monkeypatch):
                                    lambda *size: torch.randn(*size))
     assert {r.impl for r in records} == {"prefixkern", "hf_dynamic_cache_sdpa"}
     assert all(r.note.startswith("back to back: 0.125 ms a call (100 calls") for r in records)
+
+
+def test_decode_rows_note_their_time_after_the_other_l2_flush(monkeypatch):
+    """Every decode fwd row is timed again after the flush the run does not use, its time and GB/s
+    of KV in the note: issue 6's bandwidth measured both ways in one run."""
+    from prefixkern.bench import common, decode
+    from prefixkern.bench.common import Options
+
+    flushes = []
+
+    def timed(opts, record, fn, expected):
+        fn()
+        record.ms, record.ok = 1.0, True
+        return record
+
+    monkeypatch.setattr(decode, "_checked_and_timed", timed)
+    monkeypatch.setattr(decode, "time_ms", lambda fn, **kw: flushes.append(kw["flush"]) or 2.0)
+    monkeypatch.setattr(decode, "back_to_back_ms", lambda fn: 0.125)
+    opts = Options(device=torch.device("cpu"), dtype=torch.float32, quick=True, baselines=("sdpa_concat",),
+                   shapes=None, on_gpu=False)
+    records, _ = decode.run(opts, lambda message: None)
+    rows = [r for r in records if r.pass_ == "fwd"]
+    assert rows and flushes == ["zero"] * len(rows)
+    assert all("after a zero flush (256 MiB zeroed, as do_bench does): 2 ms, " in r.note for r in rows)
+    monkeypatch.setattr(common, "L2_FLUSH", "zero")
+    flushes.clear()
+    records, _ = decode.run(opts, lambda message: None)
+    assert flushes == ["read"] * len(rows)
+    assert all("after a read flush (256 MiB read): 2 ms" in r.note for r in records if r.pass_ == "fwd")
 
 
 def test_decoding_step_row_appends_as_generate_does(monkeypatch):
@@ -848,13 +975,11 @@ def test_e2e_case_is_timed_again_with_the_floor_and_stock_peft_side_by_side(monk
     the steps alternate, each record keeps its row's loss check, and the targets read the copy."""
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    import triton.testing
-
-    from prefixkern.bench import e2e
+    from prefixkern.bench import common, e2e
     from prefixkern.bench.common import Options
     from prefixkern.bench.targets import evaluate
 
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep, return_mode: [5.0, 6.0, 7.0])
+    monkeypatch.setattr(common, "timed_calls", lambda fn, warmup, rep, flush: [5.0, 6.0, 7.0])
     for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
         monkeypatch.setattr(torch.cuda, name, lambda: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2**30)

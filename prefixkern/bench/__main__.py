@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where results go (default benchmarks/results on a GPU, .bench_out/cpu-demo on a CPU)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--l2-flush", choices=("read", "zero"), default=None,
+                        help="how the L2 is flushed before each timed call: read (the default, or "
+                             "PREFIXKERN_BENCH_FLUSH: a sum over 256 MiB, which leaves no dirty line to be written "
+                             "back during the call) or zero (triton.testing.do_bench's flush: 256 MiB zeroed)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                         help="merge results files of one GPU (e.g. one per run_gpu.sh step) into one JSON, Markdown "
                              "table and plots in --out-dir, then exit")
@@ -95,11 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         # so set before prefixkern's kernel modules are imported).
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from .. import use_backend
-    from . import attention, decode, device, e2e, mlp
+    from . import attention, common, decode, device, e2e, mlp
     from .common import CREATED_RECORDS, Options, print_table, results_stem, write_checkpoint, write_results
 
     suites = {"device": device, "attention": attention, "mlp": mlp, "e2e_train": e2e, "decode": decode}
     chosen = list(suites) if "all" in args.suite else list(dict.fromkeys(args.suite))
+    if args.l2_flush:
+        common.L2_FLUSH = args.l2_flush
     dtype = getattr(torch, args.dtype)
     device = torch.device("cuda" if on_gpu else "cpu")
     opts = Options(device=device, dtype=dtype, quick=args.quick, baselines=tuple(args.baselines or ()) or None,

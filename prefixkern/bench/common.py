@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -105,15 +107,79 @@ def bench_budget(estimate_ms: float, quick: bool) -> tuple[float, float]:
     return max(warmup, 2.0 * estimate_ms), max(rep, (MIN_REPS[quick] + 1) * estimate_ms)
 
 
-def time_ms(fn: Callable[[], object], *, on_gpu: bool, quick: bool, samples: list[float] | None = None) -> float | None:
-    """Median time of ``fn`` in ms (Triton's do_bench: warm-up, L2 flushed between runs, at least
-    ``MIN_REPS`` timed calls); None on CPU, where interpreter timings say nothing about speed.
-    ``samples``, if given, receives every timed call's ms (a host-bound row's spread)."""
+# How the L2 is flushed before each timed call. do_bench zeroes a 256 MiB buffer, which leaves the
+# L2 full of that buffer's dirty lines (up to 50-60 MB on an H100/H200); the timed call's own misses
+# then evict them, and their write-back is DRAM traffic charged to the call. For a memory-bound call
+# of about 100 MiB (a decode step's KV at 4096 x 8 on Llama-3-8B heads, W2 of its prefix MLP) that
+# can be up to half as many bytes again, in every row alike, baselines included. "read" (the
+# default) flushes by reading a 256 MiB buffer instead (a sum): every access goes through the L2,
+# so the call's data is evicted as surely, and what the L2 holds after it is clean (the previous
+# call's dirty outputs are written back during the flush, untimed). The flush streams as many bytes
+# as do_bench's, so a host-bound call's row gets the same head start. "zero" is do_bench's flush.
+# The device suite reads 128 MiB after each (``read-128MiB``): what the difference is on the GPU at
+# hand. ``prefixkern-bench --l2-flush`` or PREFIXKERN_BENCH_FLUSH sets it for a run.
+L2_FLUSHES = ("read", "zero")
+L2_FLUSH = os.environ.get("PREFIXKERN_BENCH_FLUSH", "read")
+FLUSH_BYTES = 256 * 2**20
+L2_FLUSH_TEXT = {"read": "256 MiB read", "zero": "256 MiB zeroed, as do_bench does"}
+
+
+@functools.lru_cache(maxsize=None)
+def _flush_buffer(device_index: int) -> torch.Tensor:
+    """``FLUSH_BYTES`` of float32 on the GPU, kept for every flush."""
+    return torch.ones(FLUSH_BYTES // 4, dtype=torch.float32, device=torch.device("cuda", device_index))
+
+
+def flush_l2(mode: str | None = None) -> None:
+    """Evict the L2 before a timed call, as ``mode`` (default ``L2_FLUSH``) says: "read" sums 256 MiB,
+    "zero" writes it (do_bench's flush)."""
+    mode = L2_FLUSH if mode is None else mode
+    if mode not in L2_FLUSHES:
+        raise ValueError(f"the L2 flush (--l2-flush, PREFIXKERN_BENCH_FLUSH) must be one of {L2_FLUSHES}, "
+                         f"got {mode!r}")
+    buffer = _flush_buffer(torch.cuda.current_device())
+    if mode == "read":
+        buffer.sum()
+    else:
+        buffer.zero_()
+
+
+def timed_calls(fn: Callable[[], object], warmup: float, rep: float, flush: Callable[[], object]) -> list[float]:
+    """do_bench's loop (Triton 3.6 to 3.9) with ``flush`` for its L2 flush: one call, five flushed
+    calls for an estimate, ``warmup`` ms of calls, then ``rep`` ms of calls each timed between two
+    CUDA events after a flush. Returns every timed call's ms."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        flush()
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 5, 1e-6)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(max(1, int(rep / estimate)))]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in starts]
+    for _ in range(max(1, int(warmup / estimate))):
+        fn()
+    for call_start, call_end in zip(starts, ends):
+        flush()
+        call_start.record()
+        fn()
+        call_end.record()
+    torch.cuda.synchronize()
+    return [call_start.elapsed_time(call_end) for call_start, call_end in zip(starts, ends)]
+
+
+def time_ms(fn: Callable[[], object], *, on_gpu: bool, quick: bool, samples: list[float] | None = None,
+            flush: str | None = None) -> float | None:
+    """Median time of ``fn`` in ms (do_bench's loop, ``timed_calls``: warm-up, the L2 flushed before
+    each timed call as ``flush`` or ``L2_FLUSH`` says, at least ``MIN_REPS`` timed calls); None on
+    CPU, where interpreter timings say nothing about speed. ``samples``, if given, receives every
+    timed call's ms (a host-bound row's spread)."""
     if not on_gpu:
         return None
     import time
-
-    import triton.testing
 
     fn()
     torch.cuda.synchronize()
@@ -121,11 +187,21 @@ def time_ms(fn: Callable[[], object], *, on_gpu: bool, quick: bool, samples: lis
     fn()
     torch.cuda.synchronize()
     warmup, rep = bench_budget((time.perf_counter() - start) * 1e3, quick)
-    if samples is None:
-        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-    times = sorted(float(t) for t in triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="all"))
-    samples.extend(times)
+    times = timed_calls(fn, warmup, rep, lambda: flush_l2(flush))
+    if samples is not None:
+        samples.extend(sorted(times))
     return statistics.median(times)
+
+
+def other_l2_flush() -> str:
+    """The flush ``L2_FLUSH`` is not: a memory-bound row is timed after it too (``flush_note``)."""
+    return "zero" if L2_FLUSH == "read" else "read"
+
+
+def flush_note(flush: str, ms: float, nbytes: int) -> str:
+    """A row's note: its time after ``flush`` and the GB/s of the ``nbytes`` it reads, measured beside
+    the row's own time (what the flush changes for a memory-bound call)."""
+    return f"after a {flush} flush ({L2_FLUSH_TEXT[flush]}): {ms:.3g} ms, {nbytes / (ms * 1e-3) / 1e9:.3g} GB/s"
 
 
 def back_to_back_ms(fn: Callable[[], object], calls: int = 100) -> float:
@@ -266,6 +342,7 @@ def _payload(records: list[Record], skips: list[Skip], device: torch.device, com
         "versions": versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
+        "l2_flush": L2_FLUSH,
         "records": [r.as_json() for r in records],
         "skipped": [dataclasses.asdict(s) for s in skips],
     }
@@ -331,7 +408,14 @@ def markdown_table(payload: dict) -> str:
     ratio = speedups(records)
     lines = [f"# prefixkern benchmark: {payload['device']}", "",
              f"- date: {payload['date']}", f"- command: `{payload['command']}`",
-             "- versions: " + ", ".join(f"{k} {v}" for k, v in payload["versions"].items() if v), ""]
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in payload["versions"].items() if v)]
+    # (Files before 2026-11-28 name none: do_bench's flush, "zero". A CPU demo times nothing.)
+    if payload.get("l2_flush") and any(r["ms"] for r in records):
+        flushes = payload["l2_flush"].split(" ; ")    # a merged file's steps, where they differ
+        lines.append("- L2 flush before each timed call: " + "; ".join(
+            f"{name} ({L2_FLUSH_TEXT.get(name, 'unknown')})" for name in flushes)
+            + (" (the merged steps differ: see each command)" if len(flushes) > 1 else ""))
+    lines.append("")
     if not payload["device"].startswith(("NVIDIA", "AMD")) and "cpu" in payload["device"]:
         lines += ["CPU demo: correctness only. Speed figures need a GPU.", ""]
     for suite in SUITES:
@@ -474,6 +558,7 @@ def merge_results(files: list[Path], out_dir: Path, plots: bool = True) -> dict[
         "versions": payloads[0]["versions"],
         "date": max(p["date"] for p in payloads),
         "command": " ; ".join(p["command"] for p in payloads),
+        "l2_flush": " ; ".join(dict.fromkeys(p.get("l2_flush", "zero") for p in payloads)),
         "records": _records_kept_apart(payloads),
         "skipped": [s for p in payloads for s in p.get("skipped", [])],
     }

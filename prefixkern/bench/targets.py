@@ -50,7 +50,12 @@ def _share(value: float | None, probe: float | None, unit: str) -> tuple[float |
     return share, f"{_fmt(share * 100 if share else None, '%')} ({_fmt(value)} of {_fmt(probe)} {unit})"
 
 
-def _probe(records: list[dict], case_prefix: str, field: str) -> float | None:
+# The device probes a bandwidth target is a share of: the higher of the copy rate and the read rate
+# (a read-only call's ceiling; files before 2026-11-28 hold the copy probe alone).
+BANDWIDTH_PROBES = ("copy-", "read-512MiB")
+
+
+def _probe(records: list[dict], case_prefix: str | tuple[str, ...], field: str) -> float | None:
     values = [r[field] for r in records if r["suite"] == "device" and r["case"].startswith(case_prefix) and r[field]]
     return max(values) if values else None
 
@@ -73,7 +78,7 @@ def evaluate(payload: dict) -> list[Target]:
     records = payload["records"]
     idx = _index(records)
     matmul_tflops = _probe(records, "matmul", "tflops")
-    copy_gbps = _probe(records, "copy", "gbps")
+    bandwidth_gbps = _probe(records, BANDWIDTH_PROBES, "gbps")
     out: list[Target] = []
 
     def add(issue, what, case, value, met):
@@ -114,7 +119,7 @@ def evaluate(payload: dict) -> list[Target]:
                 add(3, f"{pass_} 1.2x faster than the same math in PyTorch on P rows", label, _fmt(ratio, "x"),
                     _meets(ratio, 1.2))
             ours = idx.get(("mlp", case, impl, "fwd"))
-            share, text = _share(ours["gbps"] if ours else None, copy_gbps, "GB/s")
+            share, text = _share(ours["gbps"] if ours else None, bandwidth_gbps, "GB/s")
             add(3, "reads W2 at 70% or more of the GPU's measured bandwidth (fwd)", label, text, _meets(share, 0.7))
 
     # ---- issue 4: the patched model end to end ----
@@ -162,7 +167,7 @@ def evaluate(payload: dict) -> list[Target]:
             add(6, "a decoding step (cache append + attention) 2x faster than HF's DynamicCache + SDPA", case,
                 _fmt(ratio, "x"), _meets(ratio, 2.0))
             continue
-        share, text = _share(r["gbps"], copy_gbps, "GB/s")
+        share, text = _share(r["gbps"], bandwidth_gbps, "GB/s")
         add(6, "reads KV at 70% or more of the GPU's measured bandwidth", case, text, _meets(share, 0.7))
         ratio, _ = _ratio(records, idx, "decode", r["case"], "fwd", ("sdpa_concat",), impl=r["impl"])
         add(6, "2x faster than SDPA on the concatenated cache", case, _fmt(ratio, "x"), _meets(ratio, 2.0))
