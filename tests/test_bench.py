@@ -1293,3 +1293,26 @@ def test_decode_grid_times_other_head_layouts():
         assert [case[0] for case in others] == ["qwen-heads-P30-L4096-B8", "d256-heads-P30-L4096-B8"]
         if decode_attention.TENSOR_CORES is None:     # (PREFIXKERN_DECODE_TENSOR_CORES unset)
             assert [tensor_cores_by_default(case[3]) for case in others] == [True, False]
+
+
+def test_the_gpu_session_script_names_tests_and_steps_that_exist():
+    """benchmarks/gpu_session.sh is run blind on a lent GPU: a renamed test or step there would
+    cost a device call that collects nothing. Every test node it names exists, and every
+    run_gpu.sh step it asks for is one that script knows."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = (root / "benchmarks" / "gpu_session.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(root / "benchmarks" / "gpu_session.sh")]).returncode == 0
+    nodes = re.findall(r"(tests/\w+\.py)::(\w+)", script)
+    assert nodes
+    for path, name in nodes:
+        assert re.search(rf"^def {name}\(", (root / path).read_text(), re.M), f"{path}::{name} is not a test"
+    run_gpu = (root / "benchmarks" / "run_gpu.sh").read_text()
+    steps = re.findall(r"run_gpu\.sh \"\$R\" ([^\n]+)", script)
+    assert steps
+    for step in " ".join(steps).split():
+        name = step.split(":")[0]
+        assert re.search(rf"^\s+(\S+\|)*{re.escape(name)}(\|\S+)*\)", run_gpu, re.M), f"run_gpu.sh has no step {name}"
