@@ -685,6 +685,11 @@ def test_bandwidth_targets_take_the_higher_of_the_copy_and_read_probes():
     assert judged(rows + flush_rows) == (True, "75% (3e+03 of 4e+03 GB/s)")
     read = _rec("device", "read-512MiB", "torch", "fwd", ms=1.0, gbps=4500.0)
     assert judged(rows + flush_rows + [read]) == (False, "66.7% (3e+03 of 4.5e+03 GB/s)")
+    # A row timed after the other flush too (its note) shows that share beside the verdict.
+    from prefixkern.bench.common import flush_note
+
+    rows[1]["note"] = flush_note("zero", 0.06, int(0.06e-3 * 2250e9))       # 2250 GB/s
+    assert judged(rows + [read]) == (False, "66.7% (3e+03 of 4.5e+03 GB/s); 50% after a zero flush")
 
 
 def test_timed_calls_can_be_kept_for_their_spread(monkeypatch):
