@@ -198,6 +198,17 @@ def other_l2_flush() -> str:
     return "zero" if L2_FLUSH == "read" else "read"
 
 
+def other_flush_note(time_fn: Callable[..., float | None], fn: Callable[[], object], nbytes: int, *,
+                     quick: bool) -> str:
+    """``fn`` (a row already timed) timed again after ``other_l2_flush()`` by ``time_fn`` (the suite's
+    ``time_ms``), as the row's note (``flush_note``); a failure there is noted, not the row's."""
+    other = other_l2_flush()
+    try:
+        return flush_note(other, time_fn(fn, on_gpu=True, quick=quick, flush=other), nbytes)
+    except Exception as exc:      # (the row's own timing passed: its figures stand)
+        return f"after a {other} flush: failed ({type(exc).__name__}: {str(exc)[:200]})"
+
+
 def flush_note(flush: str, ms: float, nbytes: int) -> str:
     """A row's note: its time after ``flush`` and the GB/s of the ``nbytes`` it reads, measured beside
     the row's own time (what the flush changes for a memory-bound call)."""

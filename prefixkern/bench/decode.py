@@ -17,7 +17,7 @@ from .._backend import use_backend
 from ..ops.decode_attention import (cuda_decode_supported, prefix_decode_attention, tensor_core_decoding,
                                     tensor_cores_by_default, triton_decode_everywhere)
 from ..ops.prefix_attention import prefix_attention
-from .common import (Options, Record, Skip, back_to_back_ms, dtype_name, flush_note, other_l2_flush, peak_mem_mb,
+from .common import (Options, Record, Skip, back_to_back_ms, dtype_name, other_flush_note, peak_mem_mb,
                      release_models, scaled_err, time_ms)
 
 HQ, HKV, D = 32, 8, 128      # Llama-3-8B attention
@@ -181,8 +181,7 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             # The baseline reads the prefix once per row; the floor (and prefixkern) once in all.
             if record.ms:
                 record.gbps = kv_bytes / (record.ms * 1e-3) / 1e9
-                other = other_l2_flush()
-                record.add_note(flush_note(other, time_ms(fn, on_gpu=True, quick=opts.quick, flush=other), kv_bytes))
+                record.add_note(other_flush_note(time_ms, fn, kv_bytes, quick=opts.quick))
             records.append(record)
         got, skipped = _run_steps(opts, progress, name, q, k, v, pk, pv, cat_k, cat_v, randn)
         records += got

@@ -13,7 +13,7 @@ import torch
 from .. import reference
 from ..ops.prefix_mlp import fused_prefix_mlp, launched_tiles, tf32x3_products
 from .common import (LAUNCH_PATH_ROWS, Options, Record, Skip, dtype_name, held, launch_path_skip,
-                     flush_note, other_l2_flush, peak_mem_mb, scaled_err, time_ms, with_raw_launch)
+                     other_flush_note, peak_mem_mb, scaled_err, time_ms, with_raw_launch)
 
 
 @dataclass(frozen=True)
@@ -228,9 +228,7 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                         # W2 is read once by the forward and once more by the backward.
                         record.gbps = w2_bytes * (2 if pass_ == "fwd_bwd" else 1) / (record.ms * 1e-3) / 1e9
                         if pass_ == "fwd":    # issue 3's bandwidth target reads the forward
-                            other = other_l2_flush()
-                            record.add_note(flush_note(other, time_ms(call, on_gpu=True, quick=opts.quick,
-                                                                      flush=other), w2_bytes))
+                            record.add_note(other_flush_note(time_ms, call, w2_bytes, quick=opts.quick))
                 except Exception as exc:       # a kernel failing
                     record.fail(exc)
                 records.append(record)
