@@ -420,7 +420,7 @@ def markdown_table(payload: dict) -> str:
     lines = [f"# prefixkern benchmark: {payload['device']}", "",
              f"- date: {payload['date']}", f"- command: `{payload['command']}`",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in payload["versions"].items() if v)]
-    # (Files before 2026-11-28 name none: do_bench's flush, "zero". A CPU demo times nothing.)
+    # (The six runs' files to 2026-11-27 name none: do_bench's flush, "zero". A CPU demo times nothing.)
     if payload.get("l2_flush") and any(r["ms"] for r in records):
         flushes = payload["l2_flush"].split(" ; ")    # a merged file's steps, where they differ
         lines.append("- L2 flush before each timed call: " + "; ".join(

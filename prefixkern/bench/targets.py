@@ -52,7 +52,7 @@ def _share(value: float | None, probe: float | None, unit: str) -> tuple[float |
 
 
 # The device probes a bandwidth target is a share of: the higher of the copy rate and the read rate
-# (a read-only call's ceiling; files before 2026-11-28 hold the copy probe alone).
+# (a read-only call's ceiling; the six runs' files to 2026-11-27 hold the copy probe alone).
 BANDWIDTH_PROBES = ("copy-", "read-512MiB")
 
 
