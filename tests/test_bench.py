@@ -710,40 +710,53 @@ def test_timed_calls_can_be_kept_for_their_spread(monkeypatch):
     assert spread_note(samples) == "4 timed calls, ms: min 1, quartiles 1.25 / 2.5 / 8.25, max 10"
 
 
+class _FakeCudaClock:
+    """CUDA events and ``synchronize`` stood in for on the CPU: an event reads ``now`` (ms, which the
+    test advances) when recorded, and each record is appended to ``log``."""
+
+    def __init__(self, monkeypatch):
+        self.now, self.log = 0.0, []
+        clock = self
+
+        class Event:
+            def __init__(self, enable_timing):
+                assert enable_timing
+                self.at = None
+
+            def record(self):
+                self.at = clock.now
+                clock.log.append("record")
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, end):
+                return end.at - self.at
+
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+
 def test_timed_calls_flush_the_l2_before_every_timed_call(monkeypatch):
     """do_bench's loop with our flush: a call, five flushed calls for the estimate, warm-up calls
     for ``warmup`` ms, then ``rep`` ms of calls, each flushed first and timed alone between its two
     events (the flush outside them)."""
     from prefixkern.bench import common
 
-    log, clock = [], [0.0]
-
-    class FakeEvent:
-        def __init__(self, enable_timing):
-            assert enable_timing
-            self.at = None
-
-        def record(self):
-            self.at = clock[0]
-            log.append("record")
-
-        def elapsed_time(self, end):
-            return end.at - self.at
+    clock = _FakeCudaClock(monkeypatch)
 
     def fn():
-        clock[0] += 2.0
-        log.append("fn")
+        clock.now += 2.0
+        clock.log.append("fn")
 
     def flush():
-        clock[0] += 1.0
-        log.append("flush")
+        clock.now += 1.0
+        clock.log.append("flush")
 
-    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     # The estimate counts the flush (3 ms a call): 9 ms of repetitions is 3 timed calls, 6 ms of warm-up 2.
     assert common.timed_calls(fn, warmup=6.0, rep=9.0, flush=flush) == [2.0, 2.0, 2.0]
-    assert log == (["fn", "record"] + ["flush", "fn"] * 5 + ["record"] + ["fn"] * 2
-                   + ["flush", "record", "fn", "record"] * 3)
+    assert clock.log == (["fn", "record"] + ["flush", "fn"] * 5 + ["record"] + ["fn"] * 2
+                         + ["flush", "record", "fn", "record"] * 3)
 
 
 def test_the_l2_flush_reads_by_default_and_zeroes_as_do_bench_on_request(monkeypatch):
@@ -797,29 +810,13 @@ def test_decoding_step_rows_note_their_time_back_to_back(monkeypatch):
     from prefixkern.bench import common, decode
     from prefixkern.bench.common import Options
 
-    class FakeEvent:
-        clock = 0.0
-
-        def __init__(self, enable_timing):
-            assert enable_timing
-
-        def record(self):
-            self.at = FakeEvent.clock
-
-        def synchronize(self):
-            pass
-
-        def elapsed_time(self, end):
-            return end.at - self.at
-
+    clock = _FakeCudaClock(monkeypatch)
     calls = []
 
     def fn():
         calls.append(1)
-        FakeEvent.clock += 0.25
+        clock.now += 0.25
 
-    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     assert common.back_to_back_ms(fn, calls=8) == pytest.approx(0.25) and len(calls) == 9   # one warm-up call
 
     pytest.importorskip("transformers")

@@ -41,7 +41,7 @@ def _dump_stacks_at_sigterm() -> bool:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .common import SUITES
+    from .common import L2_FLUSHES, SUITES
 
     parser = argparse.ArgumentParser(prog="prefixkern-bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where results go (default benchmarks/results on a GPU, .bench_out/cpu-demo on a CPU)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--l2-flush", choices=("read", "zero"), default=None,
+    parser.add_argument("--l2-flush", choices=L2_FLUSHES, default=None,
                         help="how the L2 is flushed before each timed call: read (the default, or "
                              "PREFIXKERN_BENCH_FLUSH: a sum over 256 MiB, which leaves no dirty line to be written "
                              "back during the call) or zero (triton.testing.do_bench's flush: 256 MiB zeroed)")

@@ -118,10 +118,10 @@ def bench_budget(estimate_ms: float, quick: bool) -> tuple[float, float]:
 # as do_bench's, so a host-bound call's row gets the same head start. "zero" is do_bench's flush.
 # The device suite reads 128 MiB after each (``read-128MiB``): what the difference is on the GPU at
 # hand. ``prefixkern-bench --l2-flush`` or PREFIXKERN_BENCH_FLUSH sets it for a run.
-L2_FLUSHES = ("read", "zero")
+L2_FLUSH_TEXT = {"read": "256 MiB read", "zero": "256 MiB zeroed, as do_bench does"}
+L2_FLUSHES = tuple(L2_FLUSH_TEXT)
 L2_FLUSH = os.environ.get("PREFIXKERN_BENCH_FLUSH", "read")
 FLUSH_BYTES = 256 * 2**20
-L2_FLUSH_TEXT = {"read": "256 MiB read", "zero": "256 MiB zeroed, as do_bench does"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -217,9 +217,9 @@ def flush_note(flush: str, ms: float, nbytes: int) -> str:
 
 def back_to_back_ms(fn: Callable[[], object], calls: int = 100) -> float:
     """Mean ms of ``fn`` over ``calls`` calls made back to back between two CUDA events, with no L2
-    flush between them: what a loop of such calls (generate()'s steps) sees. do_bench's flush before
-    each timed call gives the host a head start of the flush's GPU time (tens of microseconds on
-    an H200), so a host-bound call's row there shows only the host time beyond it."""
+    flush between them: what a loop of such calls (generate()'s steps) sees. ``time_ms``'s flush
+    before each timed call gives the host a head start of the flush's GPU time (tens of microseconds
+    on an H200), so a host-bound call's row there shows only the host time beyond it."""
     fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
