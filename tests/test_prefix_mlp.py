@@ -412,7 +412,7 @@ def test_backward_writes_every_gradient_element(monkeypatch, P, hidden, layout, 
     strips of 3, the last one ragged; "w2_lhs": two launches, the dH programs computing dH^T =
     W2^T G^T. "library": the W2 products by torch.mm (LIBRARY_PRODUCTS), one dH partial summed by
     the hidden kernel. Head dims 16 and 32 read G's column tiles inside a head (a scalar base, no
-    column mask: ``_kv_tile_offsets``), 20 by per-column offsets."""
+    column mask: ``_kv_tile_pointers``), 20 by per-column offsets."""
     from prefixkern.kernels import prefix_mlp as kernels
 
     launched = _record_launches(monkeypatch)
