@@ -1183,14 +1183,16 @@ def test_decode_times_the_kernel_the_default_does_not_run(monkeypatch, setting):
     """The decode suite's other-kernel rows: at a head dim whose default is the tensor-core kernel
     (128, with PREFIXKERN_DECODE_TENSOR_CORES unset) it times the CUDA-core one as
     prefixkern_cuda_cores and skips prefixkern_tensor_cores as the prefixkern row, and the reverse
-    at 256; forced either way, the forced kernel is the prefixkern row at both. Where the tensor-core
-    kernel cannot run, neither row is timed (the prefixkern row runs the CUDA-core kernel), nor
-    without a GPU."""
+    at a head dim whose default is the CUDA-core kernel (256 under a table without it, as before the
+    seventh H200 run); forced either way, the forced kernel is the prefixkern row at both. Where the
+    tensor-core kernel cannot run, neither row is timed (the prefixkern row runs the CUDA-core
+    kernel), nor without a GPU."""
     from prefixkern.bench import decode
     from prefixkern.bench.common import Options
     from prefixkern.ops import decode_attention
 
     monkeypatch.setattr(decode_attention, "TENSOR_CORES", setting)
+    monkeypatch.setattr(decode_attention, "TENSOR_CORE_HEAD_DIMS", (64, 128))
     monkeypatch.setattr(decode, "_tensor_cores_skip", lambda opts: None)
     cpu = Options(device=torch.device("cpu"), dtype=torch.bfloat16, quick=True, baselines=None, shapes=None,
                   on_gpu=False)
@@ -1283,9 +1285,9 @@ def test_mlp_interleaved_note_times_both_in_turn(monkeypatch):
 
 def test_decode_grid_times_other_head_layouts():
     """The decode suite's GPU grid, --quick and full, has a point at Qwen2.5-0.5B's heads (head dim
-    64) and one at head dim 256 beside the Llama-3-8B grid, where the default kernels differ (the
-    tensor-core one at 64 on generate()'s evidence, the CUDA-core one at 256): their rows of the
-    other kernel decide the default there."""
+    64) and one at head dim 256 beside the Llama-3-8B grid: their rows of the other kernel (the
+    CUDA-core one, now that the tensor-core kernel is the default at all three) keep the seventh
+    H200 run's decision checked."""
     from prefixkern.bench import decode
     from prefixkern.bench.common import Options
     from prefixkern.ops import decode_attention
@@ -1300,7 +1302,8 @@ def test_decode_grid_times_other_head_layouts():
         others = [case for case in cases if case[3] != 128]
         assert [case[0] for case in others] == ["qwen-heads-P30-L4096-B8", "d256-heads-P30-L4096-B8"]
         if decode_attention.TENSOR_CORES is None:     # (PREFIXKERN_DECODE_TENSOR_CORES unset)
-            assert [tensor_cores_by_default(case[3]) for case in others] == [True, False]
+            assert [tensor_cores_by_default(case[3]) for case in cases] == [True] * len(cases)
+            assert all(decode._other_kernel_skip(opts, "prefixkern_tensor_cores", case[3]) for case in cases)
 
 
 def test_the_gpu_session_script_names_tests_and_steps_that_exist():

@@ -383,8 +383,8 @@ def test_cuda_kernel_gives_way_to_the_triton_decode_kernel_over_large_caches(mon
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_tensor_core_kernel_is_asked_for_by_the_flag_and_falls_back(setting, head_dim, monkeypatch):
     """Which CUDA kernel decode_step and the public op's default ask for: with
-    PREFIXKERN_DECODE_TENSOR_CORES unset (TENSOR_CORES None) the tensor-core one at head dims 64
-    and 128, not 256 (TENSOR_CORE_HEAD_DIMS), set (True / False) that kernel at every head dim; an explicit
+    PREFIXKERN_DECODE_TENSOR_CORES unset (TENSOR_CORES None) the tensor-core one at every head dim
+    the CUDA ops serve (TENSOR_CORE_HEAD_DIMS), set (True / False) that kernel at every head dim; an explicit
     tensor_cores= wins; where tensor_cores_usable says no (an old GPU, a failed self-check), the
     CUDA-core kernel gets the call."""
     from prefixkern import _cuda_build
@@ -395,7 +395,7 @@ def test_tensor_core_kernel_is_asked_for_by_the_flag_and_falls_back(setting, hea
     monkeypatch.setattr(_cuda_build, "tensor_cores_usable", lambda index: usable[0])
     monkeypatch.setattr(decode_attention, "cuda_decode_supported", lambda *args, **kwargs: True)
     monkeypatch.setattr(decode_attention, "TENSOR_CORES", setting)
-    default = head_dim in (64, 128) if setting is None else setting
+    default = head_dim in (64, 128, 256) if setting is None else setting
     assert decode_attention.tensor_cores_by_default(head_dim) is default
     inputs, kw = _inputs(2, 4, 2, 1, 9, 5, head_dim, torch.bfloat16, "cpu")
     with prefixkern.use_backend("auto"):
@@ -512,7 +512,7 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
 # The CUDA kernels, on a GPU
 # --------------------------------------------------------------------------------------------
 
-# kernel: "simt" (CUDA-core FMAs) or "mma" (tensor cores: the default at head dims 64 and 128, TENSOR_CORE_HEAD_DIMS).
+# kernel: "simt" (CUDA-core FMAs) or "mma" (tensor cores: the default at every head dim, TENSOR_CORE_HEAD_DIMS).
 GPU_GRID = [dict(kernel=kernel, dtype=dtype, D=D, Sq=Sq, gqa=gqa, P=P, L=L)
             for kernel, dtype, D, Sq, gqa, P, L in itertools.product(
                 ("simt", "mma"), (torch.bfloat16, torch.float16), (64, 128, 256), (1, 3, 8), (1, 4, 7), (1, 30, 128),

@@ -27,10 +27,9 @@ BATCHES = (1, 8, 64)
 # --quick: the merge's two extremes besides the two points every run has timed (32k keys at batch 1:
 # one split per SM, about 100 merged per row; batch 64: one split, no merge launch).
 QUICK = [(30, 4096, 8), (128, 512, 1), (30, 32768, 1), (30, 512, 64)]
-# One point at two other head layouts, in --quick runs too: Qwen2.5-0.5B's heads (14/2/64), where the
-# tensor-core kernel is the default on generate()'s evidence alone, and a head dim of 256 (8/4/256),
-# where the CUDA-core one still is (TENSOR_CORE_HEAD_DIMS): their rows of the other kernel decide
-# the default at both.
+# One point at two other head layouts, in --quick runs too: Qwen2.5-0.5B's heads (14/2/64) and a
+# head dim of 256 (8/4/256), where the seventh H200 run's rows of the other kernel made the
+# tensor-core one the default (TENSOR_CORE_HEAD_DIMS); the CUDA-core rows keep that decision checked.
 OTHER_HEADS = [("qwen-heads", 14, 2, 64, 30, 4096, 8), ("d256-heads", 8, 4, 256, 30, 4096, 8)]
 
 
@@ -146,8 +145,8 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                 return prefix_decode_attention(q, k, v, pk, pv)
 
         impls = {
-            # prefixkern: what decoding runs: the CUDA C++ decode kernel of csrc/ (tensor cores at head
-            # dims 64 and 128, CUDA-core FMAs at 256), or the Triton decode kernel from
+            # prefixkern: what decoding runs: the CUDA C++ decode kernel of csrc/ (tensor cores at every
+            # head dim, TENSOR_CORE_HEAD_DIMS), or the Triton decode kernel from
             # CUDA_DECODE_MAX_KV_BYTES of cache K/V on.
             "prefixkern": cuda_decode,
             # The same work on the other CUDA kernel (OTHER_KERNEL_ROWS): mma.sync, or CUDA-core FMAs.

@@ -20,14 +20,15 @@ MAX_QUERY_LEN = 8
 # had timed it slower, passed its 18 GPU cases (fp16/bf16, Llama-3-8B's group of 4, prefixes of
 # 1-128, caches of 1-4096) and beat the CUDA-core kernel at all four points of the decode suite's
 # --quick grid (0.057 against 0.0632 ms, 0.0134 / 0.0142, 0.0623 / 0.0678, 0.0536 / 0.0596).
-# Head dim 64 too: in the same run its self-check on the GPU (every head dim, against the
-# reference) and the generate() GPU test at head dim 64 passed, and generate() on Qwen2.5-0.5B
-# (head dim 64, B=8) took 1.59 s with it against 1.90 with the CUDA-core kernel (best of 3 calls;
-# stock PEFT 1.84). Head dim 256 keeps the CUDA-core kernel: nothing has timed it there. The next
-# run's decode suite times both kernels at 64 and 256 (its qwen-heads and d256-heads points).
+# Head dims 64 and 256 since the seventh (19:14): its 36 GPU cases there passed (the same grid),
+# and the kernel beat the CUDA-core one at Qwen2.5-0.5B's heads (14/2/64: 0.0214 against 0.0246 ms
+# at P=30, cache 4096, B=8) and at 8/4/256 (0.0516 against 0.0645), as it did again at head dim 128
+# at three of the four --quick points (0.0132 / 0.014, 0.0548 / 0.063, 0.0499 / 0.057; 0.064
+# against 0.0591 at P=30, cache 4096, B=8). Every head dim the CUDA ops serve takes it, then; the
+# CUDA-core kernel serves GPUs before sm_80 and a failed tensor-core self-check.
 # PREFIXKERN_DECODE_TENSOR_CORES=1 or 0 forces one kernel for every call (TENSOR_CORES: None
 # when unset, the per-head-dim default).
-TENSOR_CORE_HEAD_DIMS = (64, 128)
+TENSOR_CORE_HEAD_DIMS = (64, 128, 256)
 _TENSOR_CORES_SETTING = os.environ.get("PREFIXKERN_DECODE_TENSOR_CORES")
 TENSOR_CORES: bool | None = None if _TENSOR_CORES_SETTING is None else _TENSOR_CORES_SETTING == "1"
 
@@ -106,8 +107,8 @@ def prefix_decode_attention(
 
     ``tensor_cores=True`` runs the kernel whose products are mma.sync instructions (sm_80+; the
     keys and head dim on the M side, up to 8 query rows on N), ``False`` the one of CUDA-core FMAs;
-    None takes ``PREFIXKERN_DECODE_TENSOR_CORES`` if set, else the tensor-core kernel at head dims
-    64 and 128 (measured faster there on the H200) and the CUDA-core one at 256. Where the
+    None takes ``PREFIXKERN_DECODE_TENSOR_CORES`` if set, else the tensor-core kernel (measured
+    faster at head dims 64, 128 and 256 on the H200, ``TENSOR_CORE_HEAD_DIMS``). Where the
     tensor-core kernel cannot run (an older GPU, a failed self-check) the CUDA-core kernel does,
     with one warning.
 
