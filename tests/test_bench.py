@@ -737,6 +737,38 @@ class _FakeCudaClock:
         monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
 
 
+def test_generate_rows_are_timed_in_interleaved_rounds(monkeypatch):
+    """The decode suite's generate() rows: every row's calls in rounds that take each row in turn
+    (drift reaches them alike), each row's time the best of its calls, its peak memory its own
+    model's weights plus the most one of its calls allocated above what was resident."""
+    from prefixkern.bench import decode
+    from prefixkern.bench.common import Record
+
+    clock = _FakeCudaClock(monkeypatch)
+    allocated = {"now": 1000, "peak": 1000}
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: allocated["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: allocated["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: allocated.update(peak=allocated["now"]))
+
+    def row(name, ms_per_round, extra_bytes):
+        calls = iter(ms_per_round)
+
+        def generate():
+            clock.now += next(calls)
+            clock.log.append(name)
+            allocated["peak"] = allocated["now"] + extra_bytes
+        return Record("decode", "case", name, "generate", "bfloat16"), generate, torch.nn.Linear(4, 4, bias=False)
+
+    timed = [row("peft_sdpa", [30.0, 20.0, 25.0], 2**20), row("prefixkern", [12.0, 18.0, 10.0], 3 * 2**20)]
+    decode._time_generate_interleaved(timed, tokens=100, repeats=3)
+    assert [entry for entry in clock.log if entry != "record"] == ["peft_sdpa", "prefixkern"] * 3
+    (stock, _, _), (ours, _, model) = timed
+    assert (stock.ms, ours.ms) == (20.0, 10.0)
+    assert ours.tokens_per_s == pytest.approx(100 / 10e-3)
+    assert ours.peak_mem_mb == pytest.approx((16 * 4 + 3 * 2**20) / 2**20)
+    assert "12, 18, 10 ms" in ours.note and "rounds" in ours.note
+
+
 def test_timed_calls_flush_the_l2_before_every_timed_call(monkeypatch):
     """do_bench's loop with our flush: a call, five flushed calls for the estimate, warm-up calls
     for ``warmup`` ms, then ``rep`` ms of calls, each flushed first and timed alone between its two
