@@ -58,9 +58,17 @@ print("python", platform.python_version(), "torch", torch.__version__, "triton",
 print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO GPU")
 for name in ("transformers", "peft", "flash_attn", "liger_kernel"):
     try:
-        print(name, __import__(name).__version__)
+        module = __import__(name)
+        from importlib.metadata import version
+        # (liger_kernel has no __version__: its distribution's metadata says it)
+        print(name, getattr(module, "__version__", None) or version(name.replace("_", "-")))
     except Exception as exc:
         print(name, "unavailable:", type(exc).__name__)
+# The host: host-bound rows (generate(), the eager training step) move with it between runs, and the
+# machines differ (gVisor reports kernel 4.4.0, Firecracker 6.x).
+model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+import os
+print("host", platform.release(), model, os.cpu_count(), "CPUs")
 PY
 
 # Inductor compiles in this process, not in its worker pool: on the H100 (2026-11-26) two attention
