@@ -4,10 +4,11 @@
 # Each call leaves one tarball in $OUT (only a few files come back from a call) and ends inside
 # the timeout_s the runbook gives it:
 #
-#   call 1 (timeout_s 590): what the last run left open and what changed since, as GPU tests;
-#          then quick-device, quick-mlp, attention-8k and quick-decode          -> $OUT/r.tgz
-#   call 2 (timeout_s 280): the training step eager and compiled (e2e-compile)  -> $OUT/r2.tgz
-#   ncu    (timeout_s 80):  Nsight Compute on the prefix MLP under autocast     -> $OUT/r3.tgz
+#   call 1 (timeout_s 540): the tensor-core decode kernel's GPU cases beyond q_len 1 and a group of 4
+#          (the default at every head dim since the seventh run); then quick-device, quick-mlp,
+#          quick-decode (generate() in interleaved rounds) and the MLP profile    -> $OUT/r.tgz
+#   call 2 (timeout_s 280): the training step at S=2048 and on two more models (e2e-s2048) -> $OUT/r2.tgz
+#   ncu    (timeout_s 80):  Nsight Compute on a decode step, ours and SDPA's   -> $OUT/r3.tgz
 #
 # Carry .whl (git-ignored) when the machine's image lacks a pure-Python wheel a step needs.
 # Afterwards, here: merge the calls' step JSONs (prefixkern-bench --merge r/*/*.json --out-dir DIR),
@@ -21,30 +22,31 @@ mkdir -p "$R"
 
 case "${1:-}" in
     1)
-        # The tests first (SIGINT at the limit: pytest still prints its summary).
-        timeout -s INT -k 10 120 env PYTHONPATH="$PWD" PREFIXKERN_AUTOTUNE=0 python3 -m pytest -n 8 -v --tb=short \
-            -p no:cacheprovider tests/test_prefix_attention.py::test_causal_programs_in_either_order \
-            tests/test_prefix_mlp.py::test_gpu_every_backward_tile_agrees_with_the_first \
-            tests/test_prefix_mlp.py::test_gpu_every_forward_tile_agrees_with_the_first \
-            tests/test_decode.py::test_gpu_generate_uses_the_cuda_kernel \
-            tests/test_decode.py::test_gpu_cuda_kernel_against_reference \
-            -k "not test_gpu_cuda_kernel_against_reference or (kernelmma and Sq1 and gqa4 and (D64 or D256))" \
+        # The tests first (SIGINT at the limit: pytest still prints its summary). 45 cases: bf16,
+        # P=30, caches of 100 and 4096, every head dim, q_len 1/3/8 x groups 1/4/7 but the 1 x 4
+        # already run (the sixth and seventh runs).
+        timeout -s INT -k 10 110 env PYTHONPATH="$PWD" PREFIXKERN_AUTOTUNE=0 python3 -m pytest -n 8 -v --tb=short \
+            -p no:cacheprovider tests/test_decode.py::test_gpu_cuda_kernel_against_reference \
+            -k "kernelmma and bfloat16 and P30 and (L100 or L4096) and not (Sq1 and gqa4)" \
             > "$R/fixed.log" 2>&1
         tail -n 15 "$R/fixed.log"
-        timeout 335 benchmarks/run_gpu.sh "$R" quick-device:30 quick-mlp:100 attention-8k:195
-        timeout 100 benchmarks/run_gpu.sh "$R" quick-decode:90
+        timeout 400 benchmarks/run_gpu.sh "$R" quick-device:20 quick-mlp:130 quick-decode:140 profile-mlp:90
         tar czf "$OUT/r.tgz" -C "$OUT" r
         ;;
     2)
-        timeout 262 benchmarks/run_gpu.sh "$R" e2e-compile:250
+        timeout 262 benchmarks/run_gpu.sh "$R" e2e-s2048:250
         tar czf "$OUT/r2.tgz" -C "$OUT" r
         ;;
     ncu)
         sections=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy
                   --section WarpStateStats --section SchedulerStats --section LaunchStats)
-        PYTHONPATH="$PWD" timeout 60 ncu --clock-control none --profile-from-start off "${sections[@]}" \
-            python3 benchmarks/ncu_ops.py mlp > "$R/ncu_mlp.txt" 2>&1
-        tail -n 5 "$R/ncu_mlp.txt"
+        # Why SDPA on the concatenated cache read 75% of the copy rate where ours read 50-54%
+        # (P=30, cache 4096, B=8): both profiled the same way.
+        for impl in prefixkern sdpa_concat; do
+            PYTHONPATH="$PWD" timeout 32 ncu --clock-control none --profile-from-start off "${sections[@]}" \
+                python3 benchmarks/ncu_ops.py decode --impl "$impl" > "$R/ncu_decode_$impl.txt" 2>&1
+            tail -n 5 "$R/ncu_decode_$impl.txt"
+        done
         tar czf "$OUT/r3.tgz" -C "$OUT" r
         ;;
     *)

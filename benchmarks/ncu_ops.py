@@ -11,10 +11,11 @@ profiled the MLP's forward kernels only that way). Needs a GPU:
         --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \\
         --section SchedulerStats --section LaunchStats python3 benchmarks/ncu_ops.py decode
 
-``decode [--impl prefixkern|tensor_cores|sdpa_concat] [--prefix 30 --cache 4096 --batch 8]``: a
-decoding step's attention on Llama-3-8B heads (32/8/128) in bf16, as the decode suite builds it:
-the CUDA-core kernel (generate()'s default: its partial kernel and the merge), the mma.sync one, or
-SDPA on the concatenated cache (the suite's baseline).
+``decode [--impl prefixkern|tensor_cores|cuda_cores|sdpa_concat] [--prefix 30 --cache 4096 --batch 8]``:
+a decoding step's attention on Llama-3-8B heads (32/8/128) in bf16, as the decode suite builds it:
+the default CUDA kernel (generate()'s: the tensor-core one, its partial kernel and the merge), one
+of the two CUDA kernels by name (mma.sync, or CUDA-core FMAs), or SDPA on the concatenated cache
+(the suite's baseline).
 
 ``mlp [--shape llama3-8b]``: the fused prefix MLP forward and backward of an MLP suite shape
 (float32 parameters, bf16 output, the default 3xTF32 products), with the tiles the tuner picks.
@@ -34,6 +35,11 @@ from prefixkern._backend import use_backend  # noqa: E402
 from prefixkern.bench import decode as decode_suite  # noqa: E402
 from prefixkern.bench import mlp as mlp_suite  # noqa: E402
 from prefixkern.ops.decode_attention import cuda_decode_supported, prefix_decode_attention  # noqa: E402
+
+
+# --impl of the CUDA decode kernels: the default (tensor cores at every head dim since the seventh
+# H200 run, TENSOR_CORE_HEAD_DIMS), or one of the two kernels by name.
+KERNELS = {"prefixkern": None, "tensor_cores": True, "cuda_cores": False}
 
 
 def decode_call(args, device):
@@ -56,7 +62,7 @@ def decode_call(args, device):
 
     def call():
         with use_backend("auto"):
-            return prefix_decode_attention(q, k, v, pk, pv, tensor_cores=args.impl == "tensor_cores")
+            return prefix_decode_attention(q, k, v, pk, pv, tensor_cores=KERNELS[args.impl])
     return label, call
 
 
@@ -72,7 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=3, help="calls in all, the last one profiled")
     targets = parser.add_subparsers(dest="target", required=True)
     decode = targets.add_parser("decode")
-    decode.add_argument("--impl", choices=("prefixkern", "tensor_cores", "sdpa_concat"), default="prefixkern")
+    decode.add_argument("--impl", choices=(*KERNELS, "sdpa_concat"), default="prefixkern")
     decode.add_argument("--prefix", type=int, default=30)
     decode.add_argument("--cache", type=int, default=4096)
     decode.add_argument("--batch", type=int, default=8)

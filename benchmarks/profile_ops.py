@@ -5,12 +5,14 @@ backward op called directly on the main thread, and forward+backward through aut
 backward runs on autograd's device thread), with a cProfile of the two direct calls.
 
     python benchmarks/profile_ops.py attention:seed-qwen mlp:llama3-8b [--pass fwd_bwd] [--tf32]
+    python benchmarks/profile_ops.py mlp_p_rows:llama3-8b   # the MLP suite's PyTorch-on-P-rows row, its kernels
     python benchmarks/profile_ops.py launch     # what one launch costs the host, piece by piece
     python benchmarks/profile_ops.py e2e:qwen2.5-0.5b   # a training step, patched and stock PEFT + sdpa
     python benchmarks/profile_ops.py generate:qwen2.5-0.5b   # generate(), 16 tokens, patched and stock
     python benchmarks/profile_ops.py generate_static:qwen2.5-0.5b   # the same, cache_implementation="static"
 
-A case is SUITE:SHAPE with a shape of that suite (prefixkern/bench/attention.py, mlp.py; e2e: a
+A case is SUITE:SHAPE with a shape of that suite (prefixkern/bench/attention.py, mlp.py, also for
+mlp_p_rows; e2e: a
 model of prefixkern/bench/e2e.py, one step at S=256, B=8; generate: the same models, B=8, a
 512-token prompt, 16 new tokens; generate_static: the same with a static cache, whose decoding
 steps transformers compiles, the compilation paid in an untimed first call). This is a
@@ -47,6 +49,11 @@ def _attention_step(shape_name: str, pass_: str, dtype):
 
 def _mlp_step(shape_name: str, pass_: str, dtype):
     return mlp_bench.fused_step(mlp_bench.SHAPES[shape_name], "cuda", dtype, backward=pass_ == "fwd_bwd")
+
+
+def _mlp_p_rows_step(shape_name: str, pass_: str, dtype):
+    """The MLP suite's ``torch_p_rows`` row (PyTorch on P rows): its kernels beside ours."""
+    return mlp_bench.fused_step(mlp_bench.SHAPES[shape_name], "cuda", dtype, backward=pass_ == "fwd_bwd", p_rows=True)
 
 
 def _suite_model(model_name: str, impl: str, dtype, device: torch.device, **build_kwargs):
@@ -189,7 +196,8 @@ def profile(case: str, pass_: str, dtype, iters: int) -> None:
                 _cprofile_call(f"{case} {impl}", step, min(iters, 3))
             del step
         return
-    step = {"attention": _attention_step, "mlp": _mlp_step}[suite](shape_name, pass_, dtype)
+    step = {"attention": _attention_step, "mlp": _mlp_step, "mlp_p_rows": _mlp_p_rows_step}[suite](shape_name, pass_,
+                                                                                                  dtype)
     _profile_step(case, pass_, dtype, iters, step)
 
 
@@ -417,7 +425,7 @@ def main(argv=None) -> int:
             launch_overheads()
             continue
         profile(case, args.pass_, getattr(torch, args.dtype), args.iters)
-        if not args.no_host_split and not case.startswith(("e2e:", "generate:", "generate_static:")):
+        if not args.no_host_split and not case.startswith(("e2e:", "generate:", "generate_static:", "mlp_p_rows:")):
             host_split(case, getattr(torch, args.dtype), args.iters)
     return 0
 

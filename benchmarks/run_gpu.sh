@@ -4,7 +4,7 @@
 #
 #   benchmarks/run_gpu.sh [OUT_DIR] [STEP ...]
 #   STEP: smoke quick quick-<suite> device tests-attention-1 tests-attention-2 tests-other attention attention-long attention-8k
-#         attention-sweep mlp e2e e2e-large e2e-compile decode profile profile-e2e pytest-bench
+#         attention-sweep mlp e2e e2e-large e2e-s2048 e2e-compile decode profile profile-mlp profile-e2e pytest-bench
 #         (default: all but smoke and quick, in that order)
 #   smoke: CI's representative kernel tests and the GPU tests marked smoke (a few minutes); quick: every suite with
 #   --quick; quick-attention, quick-mlp, quick-e2e_train, quick-decode, quick-device: one suite's --quick each
@@ -120,11 +120,18 @@ for step in "${STEPS[@]}"; do
         e2e-compile)  run_step bench-e2e-compile "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" \
                           --shapes qwen2.5-0.5b --quick --baselines floor_no_prefix peft_sdpa prefixkern floor_compiled \
                           prefixkern_compiled peft_sdpa_compiled ${BENCH_ARGS:-} ;;
+        # Issue 4's S=2048 rows (1.2x stock PEFT + sdpa's tokens/s) and two more models, eager rows only.
+        e2e-s2048)    run_step bench-e2e-s2048 "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" \
+                          --shapes llama3.2-1b gpt2-medium --baselines floor_no_prefix peft_sdpa prefixkern ${BENCH_ARGS:-} ;;
         e2e-large)    run_step bench-e2e-large "$PY" -m prefixkern.bench --suite e2e_train --out-dir "$OUT" \
                           --shapes gpt2-medium llama3.2-1b ${BENCH_ARGS:-} ;;
         decode)       run_step bench-decode "$PY" -m prefixkern.bench --suite decode --out-dir "$OUT" ${BENCH_ARGS:-} ;;
         profile)      run_step profile "$PY" benchmarks/profile_ops.py launch attention:seed-qwen attention:llama8b-2k \
                           mlp:qwen2.5-0.5b mlp:llama3-8b ;;
+        # The MLP's kernels and host time, ours beside PyTorch's on P rows (the seventh run's Qwen2.5-0.5B
+        # rows were host-bound; Llama-3-8B's backward took cuBLAS's products and was still slower).
+        profile-mlp)  run_step profile-mlp "$PY" benchmarks/profile_ops.py mlp:qwen2.5-0.5b mlp_p_rows:qwen2.5-0.5b \
+                          mlp:llama3-8b mlp_p_rows:llama3-8b mlp:llama3-8b+autocast mlp_p_rows:llama3-8b+autocast ;;
         profile-e2e)  run_step profile-e2e "$PY" benchmarks/profile_ops.py e2e:qwen2.5-0.5b generate:qwen2.5-0.5b \
                           generate_static:qwen2.5-0.5b --iters 3 ;;
         pytest-bench) STEP_SIGNAL=INT run_step pytest-bench "$PY" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \

@@ -656,6 +656,27 @@ def test_profile_ops_e2e_step_is_the_suites_step(capsys):
     assert "by own time" in printed and "prefixkern/integrations/hf.py" in printed
 
 
+@pytest.mark.parametrize("shape", ["cpu-tiny", "cpu-tiny+autocast"])
+def test_mlp_profile_step_of_pytorch_rows_matches_ours(shape):
+    """``fused_step(p_rows=True)`` (profile_ops.py's ``mlp_p_rows:SHAPE``) runs the suite's
+    torch_p_rows row: the same output and parameter gradients as our step, within bf16 rounding,
+    with and without autocast."""
+    from prefixkern.bench import mlp
+
+    case = mlp.CPU_SHAPES[shape]
+    results = []
+    for p_rows in (False, True):
+        torch.manual_seed(0)
+        step = mlp.fused_step(case, "cpu", torch.bfloat16, p_rows=p_rows)
+        out = step()
+        grads = [p.grad for p in step.params]
+        results.append((out.float(), [g.float() for g in grads]))
+    (ours, our_grads), (theirs, their_grads) = results
+    torch.testing.assert_close(ours, theirs, atol=2e-2, rtol=2e-2)
+    for mine, other in zip(our_grads, their_grads):
+        torch.testing.assert_close(mine, other, atol=5e-2, rtol=5e-2)
+
+
 def test_timing_gives_long_calls_their_repetitions():
     """do_bench sizes its loops in milliseconds: a 70 ms training step once got one timed call in a
     quick run. The budget keeps the short-call defaults and stretches for long calls."""
@@ -1340,10 +1361,11 @@ def test_decode_grid_times_other_head_layouts():
 
 def test_the_gpu_session_script_names_tests_and_steps_that_exist():
     """benchmarks/gpu_session.sh is run blind on a lent GPU: a renamed test or step there would
-    cost a device call that collects nothing. Every test node it names exists, and every
-    run_gpu.sh step it asks for is one that script knows."""
+    cost a device call that collects nothing. Every test node it names exists, its -k selection
+    picks some of them, and every run_gpu.sh step it asks for is one that script knows."""
     import re
     import subprocess
+    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
@@ -1353,6 +1375,13 @@ def test_the_gpu_session_script_names_tests_and_steps_that_exist():
     assert nodes
     for path, name in nodes:
         assert re.search(rf"^def {name}\(", (root / path).read_text(), re.M), f"{path}::{name} is not a test"
+    # The test call's -k selection picks tests (a typo there would select none, and pytest exits 5).
+    for selection in re.findall(r'-k "([^"]+)"', script):
+        collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                    *{f"{path}::{name}" for path, name in nodes}, "-k", selection],
+                                   cwd=root, capture_output=True, text=True)
+        found = re.search(r"(\d+)(?:/\d+)? tests? (?:collected|selected)", collected.stdout)
+        assert found and int(found.group(1)) > 0, collected.stdout[-2000:]
     run_gpu = (root / "benchmarks" / "run_gpu.sh").read_text()
     steps = re.findall(r"run_gpu\.sh \"\$R\" ([^\n]+)", script)
     assert steps

@@ -67,23 +67,30 @@ def autocast_of(shape: MlpShape, device, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
-def fused_step(shape: MlpShape, device, out_dtype: torch.dtype, backward: bool = True):
+def fused_step(shape: MlpShape, device, out_dtype: torch.dtype, backward: bool = True, p_rows: bool = False):
     """A call of the fused MLP at ``shape`` as the suite makes it (``autocast_of``): its forward and,
     with ``backward``, the backward of a fixed random gradient, the parameters' gradients cleared
-    first. What the profiling scripts run."""
+    first. ``p_rows``: the suite's ``torch_p_rows`` row instead (the same math in PyTorch on P rows),
+    so a profile can set its kernels beside ours. What the profiling scripts run; ``step.params``
+    holds the parameters."""
     params = parameters(shape, device)
     kw = dict(num_layers=shape.L, num_kv_heads=shape.Hkv, head_dim=shape.D, out_dtype=out_dtype)
     gen = torch.Generator().manual_seed(1)
     grad = torch.randn(shape.L, 2, shape.Hkv, shape.P, shape.D, generator=gen).to(device, out_dtype)
+    compute = out_dtype if shape.autocast else None
 
     def step():
         for p in params:
             p.grad = None
-        with autocast_of(shape, device, out_dtype):
-            out = fused_prefix_mlp(*params, **kw)
+        if p_rows:
+            out = reference.prefix_mlp(*params, **kw, compute_dtype=compute)
+        else:
+            with autocast_of(shape, device, out_dtype):
+                out = fused_prefix_mlp(*params, **kw)
         if backward:
             out.backward(grad)
         return out
+    step.params = params        # (what a test reads the gradients from)
     return step
 
 
