@@ -193,6 +193,14 @@ def time_ms(fn: Callable[[], object], *, on_gpu: bool, quick: bool, samples: lis
     return statistics.median(times)
 
 
+# OTHER_FLUSH_IN_FULL_RUNS: the decode and MLP forward rows are timed again after the other flush
+# in full runs only. The seventh H200 run (2026-11-27 19:14, the first with the read flush) timed
+# them both ways in --quick: zeroing before the timed call cost a plain 128 MiB read 18% (0.0477
+# against 0.0404 ms, the device suite's read-128MiB rows, which keep measuring it), the decode
+# kernels 3-14% and SDPA on the concatenated cache 11-21% (P=30, cache 4096, B=8: 0.0515 against
+# 0.0424 ms). That answered the question; --quick keeps its minutes for rows.
+
+
 def other_l2_flush() -> str:
     """The flush ``L2_FLUSH`` is not: a memory-bound row is timed after it too (``flush_note``)."""
     return "zero" if L2_FLUSH == "read" else "read"
