@@ -197,8 +197,9 @@ def time_ms(fn: Callable[[], object], *, on_gpu: bool, quick: bool, samples: lis
 # in full runs only. The seventh H200 run (2026-11-27 19:14, the first with the read flush) timed
 # them both ways in --quick: zeroing before the timed call cost a plain 128 MiB read 18% (0.0477
 # against 0.0404 ms, the device suite's read-128MiB rows, which keep measuring it), the decode
-# kernels 3-14% and SDPA on the concatenated cache 11-21% (P=30, cache 4096, B=8: 0.0515 against
-# 0.0424 ms). That answered the question; --quick keeps its minutes for rows.
+# kernels 4-14% and SDPA on the concatenated cache 11-21% at 100-130 MiB of KV (P=30, cache 4096,
+# B=8: SDPA 0.0515 against 0.0424 ms) and nothing at 8 MiB (P=128, cache 512, B=1). That answered
+# the question; --quick keeps its minutes for rows.
 
 
 def other_l2_flush() -> str:
