@@ -556,6 +556,9 @@ def test_targets_judge_each_issue_from_the_records():
         _rec("e2e_train", "qwen2.5-0.5b-S2048", "peft_sdpa", "step", ms=130.0),
         _rec("e2e_train", "qwen2.5-0.5b-S2048", "prefixkern", "step", ms=104.0, peak_mem_mb=1030.0, max_err=0.0,
              ok=True),
+        # Both compiled: judged as a pair of their own, beside the eager pair.
+        _rec("e2e_train", "qwen2.5-0.5b-S2048", "floor_compiled", "step", ms=20.0),
+        _rec("e2e_train", "qwen2.5-0.5b-S2048", "prefixkern_compiled", "step", ms=21.2),
         _rec("decode", "P30-L4096-B8", "prefixkern", "fwd", ms=0.04, gbps=3000.0),
         _rec("decode", "P30-L4096-B8", "sdpa_concat", "fwd", ms=0.05),
         _rec("decode", "P30-L4096-B8", "prefixkern_triton", "fwd", ms=0.1),
@@ -581,6 +584,7 @@ def test_targets_judge_each_issue_from_the_records():
     assert got[(3, "fwd 1.2x faster than the same math in PyTorch on P rows", "llama3-8b")] is True         # 1.5x
     assert got[(3, "reads W2 at 70% or more of the GPU's measured bandwidth (fwd)", "llama3-8b")] is True   # 75%
     assert got[(4, "step within 5% of the floor's time", "qwen2.5-0.5b-S2048")] is True
+    assert got[(4, "step within 5% of the floor's time (both compiled)", "qwen2.5-0.5b-S2048")] is False      # 1.06x
     assert got[(4, "peak memory within 2% of the floor's", "qwen2.5-0.5b-S2048")] is False                  # 3%
     assert got[(4, "1.2x stock PEFT + sdpa tokens/s at S=2048", "qwen2.5-0.5b-S2048")] is True
     assert got[(6, "2x faster than SDPA on the concatenated cache", "P30-L4096-B8")] is False              # 1.25x
