@@ -5,8 +5,9 @@
 # the timeout_s the runbook gives it:
 #
 #   call 1 (timeout_s 540): the tensor-core decode kernel's GPU cases beyond q_len 1 and a group of 4
-#          (the default at every head dim since the seventh run); then quick-device, quick-mlp,
-#          quick-decode (generate() in interleaved rounds) and the MLP profile    -> $OUT/r.tgz
+#          (the default at every head dim since the seventh run) and the two-stage variant's; then
+#          quick-device, quick-mlp, quick-decode (generate() in interleaved rounds, the two-stage
+#          kernel's rows) and the MLP profile                                      -> $OUT/r.tgz
 #   call 2 (timeout_s 280): the training step at S=2048 and on two more models (e2e-s2048) -> $OUT/r2.tgz
 #   ncu    (timeout_s 80):  Nsight Compute on a decode step, ours and SDPA's   -> $OUT/r3.tgz
 #
@@ -22,12 +23,14 @@ mkdir -p "$R"
 
 case "${1:-}" in
     1)
-        # The tests first (SIGINT at the limit: pytest still prints its summary). 45 cases: bf16,
-        # P=30, caches of 100 and 4096, every head dim, q_len 1/3/8 x groups 1/4/7 but the 1 x 4
-        # already run (the sixth and seventh runs).
+        # The tests first (SIGINT at the limit: pytest still prints its summary). The one-stage
+        # tensor-core kernel (the default) at bf16, P=30, a 4096-key cache, every head dim, q_len
+        # 1/3/8 x groups 1/4/7 but the 1 x 4 already run (the sixth and seventh runs): 21 cases; the
+        # two-stage kernel's 24 (prefixkern_two_stage, new).
         timeout -s INT -k 10 110 env PYTHONPATH="$PWD" PREFIXKERN_AUTOTUNE=0 python3 -m pytest -n 8 -v --tb=short \
             -p no:cacheprovider tests/test_decode.py::test_gpu_cuda_kernel_against_reference \
-            -k "kernelmma and bfloat16 and P30 and (L100 or L4096) and not (Sq1 and gqa4)" \
+            tests/test_decode.py::test_gpu_two_stage_kernel_against_reference \
+            -k "(kernelmma and bfloat16 and P30 and L4096 and not (Sq1 and gqa4)) or two_stage" \
             > "$R/fixed.log" 2>&1
         tail -n 15 "$R/fixed.log"
         timeout 400 benchmarks/run_gpu.sh "$R" quick-device:20 quick-mlp:130 quick-decode:140 profile-mlp:90

@@ -73,32 +73,43 @@ int device_attribute(int device) {
   });
 }
 
-// The tensor-core kernel's dynamic shared memory (over the 48 KiB default at head dim 256).
-template <typename T, int HEAD_DIM>
+// The tensor-core kernel's dynamic shared memory (over the 48 KiB default at head dim 256, and at
+// 128 with two stages).
+template <typename T, int HEAD_DIM, int STAGES>
 constexpr int mma_smem_bytes() {
-  return static_cast<int>(sizeof(MmaTiles<T, HEAD_DIM>));
+  return static_cast<int>(sizeof(MmaTiles<T, HEAD_DIM, STAGES>));
 }
 
 // Lets the tensor-core kernel instance use its shared memory on `device`; once per device.
-template <typename T, int HEAD_DIM>
+template <typename T, int HEAD_DIM, int STAGES>
 void allow_mma_smem(int device) {
   static std::array<std::atomic<int>, kMaxDevices> done{};
   read_once(done, device, [] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(prefix_decode_partial_mma_kernel<T, HEAD_DIM>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, mma_smem_bytes<T, HEAD_DIM>()));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(prefix_decode_partial_mma_kernel<T, HEAD_DIM, STAGES>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        mma_smem_bytes<T, HEAD_DIM, STAGES>()));
     return 1;
   });
 }
 
+template <typename T, int HEAD_DIM, int STAGES>
+int query_mma_resident_blocks(int device) {
+  int blocks = 0;
+  allow_mma_smem<T, HEAD_DIM, STAGES>(device);
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &blocks, prefix_decode_partial_mma_kernel<T, HEAD_DIM, STAGES>, kMmaThreads, mma_smem_bytes<T, HEAD_DIM, STAGES>()));
+  return blocks;
+}
+
 // Blocks of one kernel instance an SM holds at once (registers and shared memory decide), from the
-// occupancy API. ROWS: the CUDA-core kernel's rows per block (the tensor-core kernel has one size).
+// occupancy API. ROWS: the CUDA-core kernel's rows per block (the tensor-core kernel has one size,
+// and `stages` K/V stages).
 template <typename T, int HEAD_DIM, int ROWS>
-int query_resident_blocks(bool tensor_cores, int device) {
+int query_resident_blocks(bool tensor_cores, int stages, int device) {
   int blocks = 0;
   if (tensor_cores) {
-    allow_mma_smem<T, HEAD_DIM>(device);
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &blocks, prefix_decode_partial_mma_kernel<T, HEAD_DIM>, kMmaThreads, mma_smem_bytes<T, HEAD_DIM>()));
+    blocks = stages == 2 ? query_mma_resident_blocks<T, HEAD_DIM, 2>(device)
+                         : query_mma_resident_blocks<T, HEAD_DIM, 1>(device);
   } else {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
         &blocks, prefix_decode_partial_kernel<T, HEAD_DIM, ROWS>, kThreads, 0));
@@ -135,11 +146,12 @@ int dispatch(bool half, int head_dim, int rows, const F& f) {
 
 struct ResidentBlocks {
   bool tensor_cores;
+  int stages;
   int device;
 
   template <typename T, int HEAD_DIM, int ROWS>
   int run() const {
-    return query_resident_blocks<T, HEAD_DIM, ROWS>(tensor_cores, device);
+    return query_resident_blocks<T, HEAD_DIM, ROWS>(tensor_cores, stages, device);
   }
 };
 
@@ -148,16 +160,26 @@ struct LaunchPartial {
   const DecodePlan& plan;
   int Hkv;
   bool tensor_cores;
+  int stages;
   int device;
   cudaStream_t stream;
+
+  template <typename T, int HEAD_DIM, int STAGES>
+  void launch_mma(const dim3& grid) const {
+    allow_mma_smem<T, HEAD_DIM, STAGES>(device);
+    prefix_decode_partial_mma_kernel<T, HEAD_DIM, STAGES>
+        <<<grid, kMmaThreads, mma_smem_bytes<T, HEAD_DIM, STAGES>(), stream>>>(params);
+  }
 
   template <typename T, int HEAD_DIM, int ROWS>
   int run() const {
     const dim3 grid(plan.splits, Hkv * plan.row_blocks, params.B);
     if (tensor_cores) {
-      allow_mma_smem<T, HEAD_DIM>(device);
-      prefix_decode_partial_mma_kernel<T, HEAD_DIM><<<grid, kMmaThreads, mma_smem_bytes<T, HEAD_DIM>(), stream>>>(
-          params);
+      if (stages == 2) {
+        launch_mma<T, HEAD_DIM, 2>(grid);
+      } else {
+        launch_mma<T, HEAD_DIM, 1>(grid);
+      }
     } else {
       prefix_decode_partial_kernel<T, HEAD_DIM, ROWS><<<grid, kThreads, 0, stream>>>(params);
     }
@@ -165,15 +187,16 @@ struct LaunchPartial {
   }
 };
 
-// The tensor-core kernel's instances are dispatched as rows 16 (one per dtype and head dim).
-int resident_blocks_per_sm(int device, bool half, int head_dim, int rows, bool tensor_cores) {
-  // Per kernel instance (kernel x dtype x head dim x rows per block), per device.
-  static std::array<std::array<std::atomic<int>, kMaxDevices>, 36> cached{};
+// The tensor-core kernel's instances are dispatched as rows 16 (one per dtype, head dim and stages).
+int resident_blocks_per_sm(int device, bool half, int head_dim, int rows, bool tensor_cores, int stages) {
+  // Per kernel instance (kernel and stages x dtype x head dim x rows per block), per device.
+  static std::array<std::array<std::atomic<int>, kMaxDevices>, 54> cached{};
   const int rows_index = rows == 4 ? 0 : rows == 8 ? 1 : 2;
-  const int instance = (((tensor_cores ? 1 : 0) * 2 + (half ? 1 : 0)) * 3 +
-                        (head_dim == 64 ? 0 : head_dim == 128 ? 1 : 2)) * 3 + rows_index;
+  const int kernel = tensor_cores ? stages : 0;    // 0: CUDA cores; 1, 2: tensor cores, 1 or 2 stages
+  const int instance = ((kernel * 2 + (half ? 1 : 0)) * 3 + (head_dim == 64 ? 0 : head_dim == 128 ? 1 : 2)) * 3 +
+                       rows_index;
   return read_once(cached[instance], device,
-                   [&] { return dispatch(half, head_dim, rows, ResidentBlocks{tensor_cores, device}); });
+                   [&] { return dispatch(half, head_dim, rows, ResidentBlocks{tensor_cores, stages, device}); });
 }
 
 // The partial kernel's launch: (out_partial [splits, B, Hq, Sq, D], lse_partial [splits, B, Hq, Sq],
@@ -184,7 +207,8 @@ std::tuple<at::Tensor, at::Tensor, bool> launch_decode(const at::Tensor& q, cons
                                                        const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                                                        const c10::optional<at::Tensor>& prefix_index,
                                                        const c10::optional<at::Tensor>& key_padding_mask, double scale,
-                                                       int64_t num_splits, bool tensor_cores, bool may_finish) {
+                                                       int64_t num_splits, bool tensor_cores, int64_t stages,
+                                                       bool may_finish) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "prefix_decode_partial: q, k, v must be 4-d");
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "prefix_decode_partial: q must be float16 or bfloat16");
@@ -224,6 +248,16 @@ std::tuple<at::Tensor, at::Tensor, bool> launch_decode(const at::Tensor& q, cons
   TORCH_CHECK(B <= 65535, "prefix_decode_partial: at most 65535 batch rows, got ", B);
   TORCH_CHECK(!tensor_cores || device_attribute<cudaDevAttrComputeCapabilityMajor>(device) >= 8,
               "prefix_decode_partial: tensor_cores=True needs an sm_80 or newer GPU");
+  TORCH_CHECK(stages == 1 || (stages == 2 && tensor_cores),
+              "prefix_decode_partial: stages must be 1, or 2 with tensor_cores=True, got ", stages);
+  if (stages == 2) {
+    // (both 16-bit dtypes take the same space)
+    const int needed = D == 64 ? mma_smem_bytes<at::Half, 64, 2>()
+                     : D == 128 ? mma_smem_bytes<at::Half, 128, 2>() : mma_smem_bytes<at::Half, 256, 2>();
+    const int available = device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device);
+    TORCH_CHECK(needed <= available, "prefix_decode_partial: two K/V stages at head dim ", D, " need ", needed,
+                " bytes of shared memory a block; this GPU gives ", available, " (use stages=1)");
+  }
   const bool half = q.scalar_type() == at::kHalf;
   const int group = Hq / Hkv;
   // The CUDA-core kernel's rows per block, sized to the group (simt_rows); the tensor-core one's is 8.
@@ -231,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, bool> launch_decode(const at::Tensor& q, cons
   // One full wave of resident blocks (plan_decode). The CUDA-core kernel at D = 128 holds 5 per SM;
   // at 2 per SM (2.4 resident at B = 8 on Llama-3-8B heads) it read 887 GB/s on the H200.
   const int wave = device_attribute<cudaDevAttrMultiProcessorCount>(device) *
-                   resident_blocks_per_sm(device, half, D, rows, tensor_cores);
+                   resident_blocks_per_sm(device, half, D, rows, tensor_cores, static_cast<int>(stages));
   const DecodePlan plan = tensor_cores
       ? plan_decode(B, Hkv, group, Sq, P, L, kMmaRows, kMmaTileKeys, wave, num_splits)
       : plan_decode(B, Hkv, group, Sq, P, L, rows, tile_keys(D), wave, num_splits);
@@ -273,7 +307,7 @@ std::tuple<at::Tensor, at::Tensor, bool> launch_decode(const at::Tensor& q, cons
   params.scale = static_cast<float>(scale);
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(half, D, rows, LaunchPartial{params, plan, Hkv, tensor_cores, device, stream});
+  dispatch(half, D, rows, LaunchPartial{params, plan, Hkv, tensor_cores, static_cast<int>(stages), device, stream});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse, finish};
 }
@@ -285,9 +319,9 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_partial(const at::Tensor& q, co
                                                          const c10::optional<at::Tensor>& prefix_index,
                                                          const c10::optional<at::Tensor>& key_padding_mask,
                                                          double scale, int64_t num_splits,
-                                                         bool tensor_cores) {
+                                                         bool tensor_cores, int64_t stages) {
   auto launched = launch_decode(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, num_splits,
-                                tensor_cores, false);
+                                tensor_cores, stages, false);
   return {std::get<0>(launched), std::get<1>(launched)};
 }
 
@@ -301,9 +335,10 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_attention(const at::Tensor& q, 
                                                            const at::Tensor& prefix_v,
                                                            const c10::optional<at::Tensor>& prefix_index,
                                                            const c10::optional<at::Tensor>& key_padding_mask,
-                                                           double scale, int64_t num_splits, bool tensor_cores) {
+                                                           double scale, int64_t num_splits, bool tensor_cores,
+                                                           int64_t stages) {
   const auto launched = launch_decode(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, num_splits,
-                                      tensor_cores, true);
+                                      tensor_cores, stages, true);
   if (std::get<2>(launched)) return {std::get<0>(launched), std::get<1>(launched)};
   return merge_attention_states(std::get<0>(launched), std::get<1>(launched), q.scalar_type());
 }

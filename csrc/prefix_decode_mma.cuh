@@ -16,6 +16,11 @@
 // (load_kv_tile_stepping, as the CUDA-core kernel does), and each A fragment (K, and V^T) is one
 // ldmatrix where it was 4 shared-memory loads (K) or 8 loads and 4 packs (V^T).
 //
+// STAGES: 1 copies a tile, waits for it and computes on it (the block's copies and products take
+// turns; other resident blocks fill the gaps), 2 keeps the next tile's copies in flight during this
+// tile's products, for twice the shared memory (half the resident blocks at head dim 128). One is
+// the default; two is the experiment the decode suite times beside it (prefixkern_two_stage).
+//
 // Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4 * gid + tig:
 //   A [16 x 16]: a[0] = (gid, 2tig..2tig+1), a[1] = (gid + 8, 2tig..), a[2] = (gid, 2tig + 8..),
 //                a[3] = (gid + 8, 2tig + 8..)
@@ -92,21 +97,24 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_ad
 #endif
 }
 
-// The block's shared memory (dynamic: 68 KiB at head dim 256). After the key loop the K tile's
-// space holds the warps' scaled outputs for the merge (`merge_outputs`).
-template <typename T, int HEAD_DIM>
+// The block's shared memory (dynamic: 68 KiB at head dim 256 with one stage). STAGES K/V tiles:
+// one (copy a tile, wait for it, compute on it) or two (the next tile's copies in flight while the
+// block computes on this one). After the key loop the K tiles' space holds the warps' scaled
+// outputs for the merge (`merge_outputs`).
+template <typename T, int HEAD_DIM, int STAGES>
 struct MmaTiles {
-  T k[kMmaTileKeys][HEAD_DIM + kPad];
-  T v[kMmaTileKeys][HEAD_DIM + kPad];
+  static_assert(STAGES == 1 || STAGES == 2, "one or two K/V stages");
+  T k[STAGES][kMmaTileKeys][HEAD_DIM + kPad];
+  T v[STAGES][kMmaTileKeys][HEAD_DIM + kPad];
   T p[kMmaWarps][kMmaRows][kMmaWarpKeys];   // a warp's probabilities of the tile, [row][key]: P^T's B fragments
   float m[kMmaWarps][kMmaRows];             // each warp's running max (log2 units) per row
   float l[kMmaWarps][kMmaRows];             // and its sum of exponentials
 };
 
-template <typename T, int HEAD_DIM>
-__device__ __forceinline__ float (*merge_outputs(MmaTiles<T, HEAD_DIM>& tiles))[kMmaRows][HEAD_DIM] {
-  static_assert(sizeof(float) * kMmaWarps * kMmaRows * HEAD_DIM <= sizeof(tiles.k), "the K tile holds the merge");
-  return reinterpret_cast<float (*)[kMmaRows][HEAD_DIM]>(&tiles.k[0][0]);
+template <typename T, int HEAD_DIM, int STAGES>
+__device__ __forceinline__ float (*merge_outputs(MmaTiles<T, HEAD_DIM, STAGES>& tiles))[kMmaRows][HEAD_DIM] {
+  static_assert(sizeof(float) * kMmaWarps * kMmaRows * HEAD_DIM <= sizeof(tiles.k[0]), "a K tile holds the merge");
+  return reinterpret_cast<float (*)[kMmaRows][HEAD_DIM]>(&tiles.k[0][0][0]);
 }
 
 // A row's online-softmax state over the whole block: the maximum of the warps' running maxima
@@ -115,8 +123,8 @@ struct RowState {
   float m, l;
 };
 
-template <typename T, int HEAD_DIM>
-__device__ __forceinline__ RowState merged_row_state(const MmaTiles<T, HEAD_DIM>& tiles, int row) {
+template <typename T, int HEAD_DIM, int STAGES>
+__device__ __forceinline__ RowState merged_row_state(const MmaTiles<T, HEAD_DIM, STAGES>& tiles, int row) {
   RowState all{-INFINITY, 0.f};
 #pragma unroll
   for (int w = 0; w < kMmaWarps; ++w) all.m = fmaxf(all.m, tiles.m[w][row]);
@@ -127,15 +135,15 @@ __device__ __forceinline__ RowState merged_row_state(const MmaTiles<T, HEAD_DIM>
   return all;
 }
 
-template <typename T, int HEAD_DIM>
+template <typename T, int HEAD_DIM, int STAGES>
 __global__ void __launch_bounds__(kMmaThreads) prefix_decode_partial_mma_kernel(const DecodeParams p) {
   constexpr int KSTEPS = HEAD_DIM / 16;   // k-steps of S^T, and M tiles of O^T: 16 head-dim columns each
   constexpr float kLog2e = 1.4426950408889634f;
 #if defined(PREFIXKERN_EMULATE)
-  auto& tiles = *reinterpret_cast<MmaTiles<T, HEAD_DIM>*>(prefixkern_emu::dynamic_shared_memory());
+  auto& tiles = *reinterpret_cast<MmaTiles<T, HEAD_DIM, STAGES>*>(prefixkern_emu::dynamic_shared_memory());
 #else
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  auto& tiles = *reinterpret_cast<MmaTiles<T, HEAD_DIM>*>(smem_raw);
+  auto& tiles = *reinterpret_cast<MmaTiles<T, HEAD_DIM, STAGES>*>(smem_raw);
 #endif
 
   const int tid = threadIdx.x;
@@ -182,11 +190,32 @@ __global__ void __launch_bounds__(kMmaThreads) prefix_decode_partial_mma_kernel(
   for (int mt = 0; mt < KSTEPS; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
 
   const int key0 = warp * kMmaWarpKeys;      // the warp's 16 keys within each tile
+  // Two stages: the chunk's first tile is in flight before the loop, and each iteration starts the
+  // next tile's copies into the other stage before waiting for its own (cp.async.wait_group 1).
+  if constexpr (STAGES == 2) {
+    if (k_begin < k_end) {
+      load_kv_tile_stepping<T, HEAD_DIM, kMmaTileKeys, kMmaThreads>(tiles.k[0], tiles.v[0], k_begin, k_end, pk, pv,
+                                                                     kc, vc, p);
+      copy16_commit();
+    }
+  }
+  int stage = 0;                             // the stage this iteration computes on
   for (int t0 = k_begin; t0 < k_end; t0 += kMmaTileKeys) {
-    load_kv_tile_stepping<T, HEAD_DIM, kMmaTileKeys, kMmaThreads>(tiles.k, tiles.v, t0, k_end, pk, pv, kc, vc, p);
-    copy16_commit();
-    copy16_wait<0>();
-    __syncthreads();     // every thread's copies have landed
+    if constexpr (STAGES == 1) {
+      load_kv_tile_stepping<T, HEAD_DIM, kMmaTileKeys, kMmaThreads>(tiles.k[0], tiles.v[0], t0, k_end, pk, pv, kc,
+                                                                     vc, p);
+      copy16_commit();
+      copy16_wait<0>();
+    } else if (t0 + kMmaTileKeys < k_end) {
+      // The other stage was last read in the previous iteration, before its closing barrier.
+      load_kv_tile_stepping<T, HEAD_DIM, kMmaTileKeys, kMmaThreads>(tiles.k[stage ^ 1], tiles.v[stage ^ 1],
+                                                                     t0 + kMmaTileKeys, k_end, pk, pv, kc, vc, p);
+      copy16_commit();
+      copy16_wait<1>();  // this tile's group has landed; the next one's may still be in flight
+    } else {
+      copy16_wait<0>();
+    }
+    __syncthreads();     // every thread's copies of this tile have landed
 
     // ---- S^T = K Q^T over the warp's 16 keys: s[e] is key key0 + gid (+8 for e >= 2), row 2tig + (e & 1) ----
     // A = K [16 keys, 16 head-dim columns] by ldmatrix: matrix i holds keys key0 + 8 (i % 2) .. + 7,
@@ -198,7 +227,7 @@ __global__ void __launch_bounds__(kMmaThreads) prefix_decode_partial_mma_kernel(
 #pragma unroll
     for (int ks = 0; ks < KSTEPS; ++ks) {
       uint32_t a[4];
-      ldmatrix_x4<false>(a, &tiles.k[key0 + frag_row][16 * ks + frag_col]);
+      ldmatrix_x4<false>(a, &tiles.k[stage][key0 + frag_row][16 * ks + frag_col]);
       mma_m16n8k16<T>(s, a, qb[ks]);
     }
 #pragma unroll
@@ -257,10 +286,11 @@ __global__ void __launch_bounds__(kMmaThreads) prefix_decode_partial_mma_kernel(
 #pragma unroll
     for (int mt = 0; mt < KSTEPS; ++mt) {
       uint32_t a[4];
-      ldmatrix_x4<true>(a, &tiles.v[v_row][16 * mt + v_col]);
+      ldmatrix_x4<true>(a, &tiles.v[stage][v_row][16 * mt + v_col]);
       mma_m16n8k16<T>(acc[mt], a, pb);
     }
-    __syncthreads();     // the tile is read before the next copies overwrite it
+    __syncthreads();     // the tile is read before later copies overwrite its stage
+    if constexpr (STAGES == 2) stage ^= 1;
   }
 
   // ---- merge the 4 warps' states: row maxima and sums first, then the rescaled outputs ----

@@ -85,7 +85,8 @@ def _register_fakes() -> None:
         return
 
     @torch.library.register_fake("prefixkern_cuda::prefix_decode_partial")
-    def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, num_splits, tensor_cores=False):
+    def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, num_splits, tensor_cores=False,
+          stages=1):
         splits = torch.library.get_ctx().new_dynamic_size()
         batch, heads, seq_q, head_dim = q.shape
         return (q.new_empty((splits, batch, heads, seq_q, head_dim), dtype=torch.float32),
@@ -97,7 +98,8 @@ def _register_fakes() -> None:
 
     if hasattr(torch.ops.prefixkern_cuda, "prefix_decode_attention"):   # (not in libraries built before it)
         @torch.library.register_fake("prefixkern_cuda::prefix_decode_attention")
-        def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, num_splits, tensor_cores=False):
+        def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, num_splits, tensor_cores=False,
+              stages=1):
             return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
     _register_fakes.done = True
@@ -106,8 +108,11 @@ def _register_fakes() -> None:
 def self_check(ops, tensor_cores: bool = False, device: torch.device | None = None) -> None:
     """Run the built kernels once on a small GQA case with padding and a per-task prefix against
     the reference; raise if they disagree (a miscompiled or broken build must not serve decoding).
-    ``tensor_cores``: check the mma.sync kernel instead of the CUDA-core one. ``device``: the
-    current GPU unless given (tests run the check with stand-in ops on the CPU)."""
+    ``tensor_cores``: check the mma.sync kernel instead of the CUDA-core one, with one K/V stage, and
+    with two as well where ``PREFIXKERN_DECODE_STAGES=2`` asks for them (their shared memory, 135 KiB
+    at head dim 256, is more than some sm_80+ GPUs give a block: an experiment's needs do not decide
+    whether the default kernel serves). ``device``: the current GPU unless given (tests run the
+    check with stand-in ops on the CPU)."""
     from . import reference
 
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -129,6 +134,9 @@ def self_check(ops, tensor_cores: bool = False, device: torch.device | None = No
                                           prefix_index=index)
         parts, lses = ops.prefix_decode_partial(q, k, v, pk, pv, index, mask, scale, 2, tensor_cores)
         outputs = {"partial + merge": (ops.merge_attention_states(parts, lses, dtype)[0], want)}
+        if tensor_cores and os.environ.get("PREFIXKERN_DECODE_STAGES", "1").strip() == "2":
+            parts, lses = ops.prefix_decode_partial(q, k, v, pk, pv, index, mask, scale, 2, True, 2)
+            outputs["partial + merge, two stages"] = (ops.merge_attention_states(parts, lses, dtype)[0], want)
         fused = getattr(ops, "prefix_decode_attention", None)
         if fused is not None:   # both query positions (8 rows a block), and the last alone (4 rows)
             outputs["one call"] = (fused(q, k, v, pk, pv, index, mask, scale, 2, tensor_cores)[0], want)

@@ -161,10 +161,11 @@ class _ReferenceCudaOps:
         self.calls = []
 
     def prefix_decode_partial(self, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, num_splits,
-                              tensor_cores=False):
+                              tensor_cores=False, stages=1):
         self.calls.append(dict(index=prefix_index, mask=key_padding_mask, scale=scale, num_splits=num_splits,
-                               tensor_cores=tensor_cores))
+                               tensor_cores=tensor_cores, stages=stages))
         assert isinstance(scale, float) and isinstance(num_splits, int) and isinstance(tensor_cores, bool)
+        assert stages in (1, 2) and (stages == 1 or tensor_cores)
         assert prefix_index is None or prefix_index.dtype == torch.int64
         out, lse = reference.prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, softmax_scale=scale,
                                               key_padding_mask=key_padding_mask, prefix_index=prefix_index,
@@ -175,11 +176,11 @@ class _ReferenceCudaOps:
         return out_partial[0].to(out_dtype), lse_partial[0]
 
     def prefix_decode_attention(self, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, num_splits,
-                                tensor_cores=False):
+                                tensor_cores=False, stages=1):
         # As csrc/prefix_decode.cu composes it: the partial, then the merge.
         self.fused_calls = getattr(self, "fused_calls", 0) + 1
         out_partial, lse_partial = self.prefix_decode_partial(q, k, v, prefix_k, prefix_v, prefix_index,
-                                                              key_padding_mask, scale, num_splits, tensor_cores)
+                                                              key_padding_mask, scale, num_splits, tensor_cores, stages)
         return self.merge_attention_states(out_partial, lse_partial, q.dtype)
 
 
@@ -410,6 +411,31 @@ def test_tensor_core_kernel_is_asked_for_by_the_flag_and_falls_back(setting, hea
     assert [call["tensor_cores"] for call in ops.calls] == [default, default, not default, False, False]
 
 
+def test_two_stage_setting_reaches_the_tensor_core_kernel_only(monkeypatch):
+    """mma_stages(2) (PREFIXKERN_DECODE_STAGES=2) hands the op stages=2 on tensor-core calls, the
+    fused op and the partial alike; CUDA-core calls and the default leave the argument out (the
+    schema's 1); a setting other than 1 or 2 is a ValueError naming the variable."""
+    from prefixkern import _cuda_build
+
+    ops = _ReferenceCudaOps()
+    monkeypatch.setattr(_cuda_build, "cuda_ops", lambda: ops)
+    monkeypatch.setattr(_cuda_build, "tensor_cores_usable", lambda index: True)
+    monkeypatch.setattr(decode_attention, "cuda_decode_supported", lambda *args, **kwargs: True)
+    inputs, kw = _inputs(2, 4, 2, 1, 9, 5, 128, torch.bfloat16, "cpu")
+    expected = reference.prefix_attention(*inputs, causal=True, **kw)
+    with prefixkern.use_backend("auto"):
+        prefixkern.prefix_decode_attention(*inputs, tensor_cores=True, **kw)
+        with decode_attention.mma_stages(2):
+            got = prefixkern.prefix_decode_attention(*inputs, tensor_cores=True, **kw)
+            prefixkern.prefix_decode_attention(*inputs, tensor_cores=True, prefix_gemm=True, **kw)
+            prefixkern.prefix_decode_attention(*inputs, tensor_cores=False, **kw)
+        with decode_attention.mma_stages("3"), pytest.raises(ValueError, match="PREFIXKERN_DECODE_STAGES"):
+            prefixkern.prefix_decode_attention(*inputs, tensor_cores=True, **kw)
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+    assert [(call["tensor_cores"], call["stages"]) for call in ops.calls] == [(True, 1), (True, 2), (True, 2),
+                                                                               (False, 1)]
+
+
 def test_tensor_core_kernel_refused_on_old_gpus_and_failed_self_checks(monkeypatch):
     from prefixkern import _cuda_build
 
@@ -598,6 +624,20 @@ def test_gpu_cuda_merge_against_float64(splits, rows, head_dim, offset):
                                   for case in GPU_GRID], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_gpu_cuda_kernel_against_reference(case):
     _check_cuda_kernel(case)
+
+
+# The tensor-core kernel with two K/V stages (PREFIXKERN_DECODE_STAGES=2, the decode suite's
+# prefixkern_two_stage): every head dim, one and eight query positions, MHA and a group of 4, one key
+# of each kind and a 4096-key cache of several tiles per chunk.
+TWO_STAGE_GPU_GRID = [dict(kernel="mma", dtype=torch.bfloat16, D=D, Sq=Sq, gqa=gqa, P=P, L=L)
+                      for D, Sq, gqa, (P, L) in itertools.product((64, 128, 256), (1, 8), (1, 4), ((1, 1), (30, 4096)))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", TWO_STAGE_GPU_GRID, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_gpu_two_stage_kernel_against_reference(case):
+    with decode_attention.mma_stages(2):
+        _check_cuda_kernel(case)
 
 
 TRITON_GPU_GRID = [dict(dtype=dtype, D=D, Sq=Sq, gqa=gqa, P=P, L=L)

@@ -67,17 +67,18 @@ def _write_storage(path: Path, t: torch.Tensor) -> None:
 
 
 def run_emulated(binary: Path, workdir: Path, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale,
-                 num_splits, tensor_cores: bool, wave: int = 0):
+                 num_splits, tensor_cores: bool, wave: int = 0, stages: int = 1):
     """``(out_partial, lse_partial, (splits, chunk, row_blocks, rows per block), out, lse)``: the
     partial kernel's outputs and plan, and the CUDA merge's result (``out`` in q's dtype), for these
-    inputs; ``wave`` stands in for the GPU's resident blocks when ``num_splits`` is 0."""
+    inputs; ``wave`` stands in for the GPU's resident blocks when ``num_splits`` is 0; ``stages``:
+    the tensor-core kernel's K/V stages."""
     workdir.mkdir(parents=True, exist_ok=True)
     for name, t in dict(q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v).items():
         _write_storage(workdir / f"{name}.bin", t)
     B, Hq, Sq, D = q.shape
     params = dict(B=B, Hq=Hq, Hkv=k.shape[1], Sq=Sq, L=k.shape[2], P=prefix_k.shape[-2], D=D,
                   half=int(q.dtype == torch.float16), num_splits=num_splits, wave=wave, scale=scale,
-                  tensor_cores=int(tensor_cores),
+                  tensor_cores=int(tensor_cores), stages=stages,
                   has_index=int(prefix_index is not None), has_mask=int(key_padding_mask is not None))
     for prefix, t in (("q", q), ("k", k), ("v", v)):
         params.update({f"{prefix}_sb": t.stride(0), f"{prefix}_sh": t.stride(1), f"{prefix}_ss": t.stride(2)})
@@ -141,13 +142,16 @@ CASES = [
     (torch.float16, 256, 1, 8, 2, 3, 60, 10, "per_row", True, 2, 0),
     (torch.bfloat16, 256, 2, 4, 1, 1, 70, 9, "per_task", True, 0, 8),
 ]
-KERNELS = {"simt": dict(tensor_cores=False), "mma": dict(tensor_cores=True)}
+# The CUDA-core kernel, and the tensor-core one with one K/V stage and with two (the next tile's
+# copies issued before this one's products: the emulator copies at once, so this checks the stage
+# indexing and the tile order, not the asynchrony).
+KERNELS = {"simt": dict(tensor_cores=False), "mma": dict(tensor_cores=True), "mma2": dict(tensor_cores=True, stages=2)}
 
 
 def _block_rows(kernel: str, rows: int) -> int:
     """Query rows per block: 8 on tensor cores; on CUDA cores the smallest of 4, 8, 16 holding the
     group's rows (simt_rows in csrc/prefix_decode_simt.cuh)."""
-    if kernel == "mma":
+    if kernel.startswith("mma"):
         return 8
     return 4 if rows <= 4 else 8 if rows <= 8 else 16
 
@@ -159,16 +163,16 @@ def test_decode_kernel_against_the_reference(emulator, tmp_path, case, kernel):
     (q, k, v, pk, pv), index, mask = _inputs(B, Hq, Hkv, Sq, L, P, D, dtype, prefix, padding)
     scale = D ** -0.5
     out_partial, lse_partial, (got_splits, chunk, row_blocks, block_rows), merged, merged_lse = run_emulated(
-        emulator, tmp_path, q, k, v, pk, pv, index, mask, scale, splits, KERNELS[kernel]["tensor_cores"], wave)
+        emulator, tmp_path, q, k, v, pk, pv, index, mask, scale, splits, wave=wave, **KERNELS[kernel])
     # The launcher's plan: blocks of rows, chunks of whole tiles covering [prefix ; cache] (64-key
     # tiles on tensor cores, 8192 / D on CUDA cores), no more chunks than asked for or than one wave holds.
     assert block_rows == _block_rows(kernel, Hq // Hkv * Sq)
     assert row_blocks == -(-(Hq // Hkv) * Sq // block_rows)
-    tile = 64 if kernel == "mma" else 8192 // D
+    tile = 64 if kernel.startswith("mma") else 8192 // D
     assert chunk % tile == 0 and (got_splits - 1) * chunk < P + L <= got_splits * chunk
     assert got_splits <= max(1, splits or wave // (B * Hkv * row_blocks))
-    assert_emulated_matches_reference(q, k, v, pk, pv, index, mask, scale, kernel == "mma", out_partial, lse_partial,
-                                      merged, merged_lse)
+    assert_emulated_matches_reference(q, k, v, pk, pv, index, mask, scale, kernel.startswith("mma"), out_partial,
+                                      lse_partial, merged, merged_lse)
 
 
 def assert_emulated_matches_reference(q, k, v, pk, pv, index, mask, scale, tensor_cores: bool, out_partial,

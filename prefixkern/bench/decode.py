@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from .._backend import use_backend
-from ..ops.decode_attention import (cuda_decode_supported, prefix_decode_attention, tensor_core_decoding,
+from ..ops.decode_attention import (cuda_decode_supported, mma_stages, prefix_decode_attention, tensor_core_decoding,
                                     tensor_cores_by_default, triton_decode_everywhere)
 from ..ops.prefix_attention import prefix_attention
 from .common import (Options, Record, Skip, back_to_back_ms, dtype_name, other_flush_note, peak_mem_mb,
@@ -42,7 +42,8 @@ def _cases(opts: Options):
         for layout, hq, hkv, d, p, cache, batch in OTHER_HEADS]
 
 
-CUDA_IMPLS = ("prefixkern", "prefixkern_tensor_cores", "prefixkern_cuda_cores", "prefixkern_prefix_gemm")
+CUDA_IMPLS = ("prefixkern", "prefixkern_tensor_cores", "prefixkern_cuda_cores", "prefixkern_two_stage",
+              "prefixkern_prefix_gemm")
 # The CUDA decode kernel the prefixkern row does not run, timed beside it (True: the tensor-core
 # kernel, False: the CUDA-core one): the default depends on the head dim (tensor_cores_by_default).
 OTHER_KERNEL_ROWS = {"prefixkern_tensor_cores": True, "prefixkern_cuda_cores": False}
@@ -140,6 +141,10 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             with use_backend("auto"):
                 return prefix_decode_attention(q, k, v, pk, pv, prefix_gemm=prefix_gemm, tensor_cores=tensor_cores)
 
+        def two_stage_decode():
+            with mma_stages(2):
+                return cuda_decode(tensor_cores=True)
+
         def triton_decode():
             with use_backend("triton"), triton_decode_everywhere():
                 return prefix_decode_attention(q, k, v, pk, pv)
@@ -152,6 +157,9 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             # The same work on the other CUDA kernel (OTHER_KERNEL_ROWS): mma.sync, or CUDA-core FMAs.
             "prefixkern_tensor_cores": lambda: cuda_decode(tensor_cores=True),
             "prefixkern_cuda_cores": lambda: cuda_decode(tensor_cores=False),
+            # The tensor-core kernel with two K/V stages (the next tile's copies in flight during this
+            # one's products; PREFIXKERN_DECODE_STAGES=2), against its one-stage default.
+            "prefixkern_two_stage": two_stage_decode,
             # The prefix's part as one cuBLAS GEMM over all rows, merged with the kernel's cache part.
             "prefixkern_prefix_gemm": lambda: cuda_decode(prefix_gemm=True),
             # The Triton decode kernel: key chunks over the SMs, one program per GQA group (what
@@ -171,6 +179,8 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                                   "nvcc or a failed build: see the warning); prefixkern_triton_decode is the fallback"))
                 continue
             reason = _other_kernel_skip(opts, impl, d) if impl in OTHER_KERNEL_ROWS else None
+            if impl == "prefixkern_two_stage":
+                reason = _tensor_cores_skip(opts)
             if reason:
                 skips.append(Skip("decode", name, impl, reason))
                 continue

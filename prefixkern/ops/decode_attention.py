@@ -33,6 +33,30 @@ _TENSOR_CORES_SETTING = os.environ.get("PREFIXKERN_DECODE_TENSOR_CORES")
 TENSOR_CORES: bool | None = None if _TENSOR_CORES_SETTING is None else _TENSOR_CORES_SETTING == "1"
 
 
+# K/V stages of the tensor-core kernel: 1 (a tile copied, waited for, then its products) or 2 (the
+# next tile's copies in flight while the block computes on this one; twice the shared memory, so half
+# the resident blocks). One by default: two is the experiment the decode suite times beside it
+# (prefixkern_two_stage), after the seventh H200 run read the one-stage kernel at 50-64% of the copy
+# rate where SDPA read 75%. PREFIXKERN_DECODE_STAGES=2 takes it for every tensor-core call.
+MMA_STAGES: int | str = os.environ.get("PREFIXKERN_DECODE_STAGES", "1")
+
+
+def mma_stages(stages: int):
+    """Run the block with the tensor-core decode kernel's K/V stages set to ``stages`` (1 or 2)."""
+    return override_global(globals(), "MMA_STAGES", stages)
+
+
+def _mma_stages() -> int:
+    """``MMA_STAGES`` as 1 or 2; a ValueError naming the setting otherwise."""
+    stages = MMA_STAGES
+    if isinstance(stages, str):
+        stages = int(stages) if stages.strip() in ("1", "2") else stages
+    if stages not in (1, 2):
+        raise ValueError(f"PREFIXKERN_DECODE_STAGES (the tensor-core decode kernel's K/V stages) must be 1 or 2, "
+                         f"got {MMA_STAGES!r}")
+    return stages
+
+
 def tensor_core_decoding(enabled: bool | None = True):
     """Run the block with ``TENSOR_CORES`` set to ``enabled`` (True / False: that kernel for every
     call; None: the per-head-dim default). The benchmarks time generate() each way."""
@@ -233,10 +257,13 @@ def _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_inde
         from .._cuda_build import tensor_cores_usable
 
         tensor_cores = tensor_cores_usable(max(q.get_device(), 0))   # (CPU stand-ins in tests: -1)
+    # The op's `stages` argument, given only where it is not the schema's default of 1.
+    stages = _mma_stages() if tensor_cores else 1
+    stages = (stages,) if stages != 1 else ()
     if prefix_gemm and prefix_k.dim() == 3:
         empty = prefix_k[:, :0]
         out_partial, lse_partial = ops.prefix_decode_partial(q, k, v, empty, empty, None, key_padding_mask, scale,
-                                                             num_splits, tensor_cores)
+                                                             num_splits, tensor_cores, *stages)
         prefix_out, prefix_lse = _prefix_part_by_gemm(q, prefix_k, prefix_v, scale)
         out_partial = torch.cat([prefix_out.unsqueeze(0), out_partial])
         lse_partial = torch.cat([prefix_lse.unsqueeze(0), lse_partial])
@@ -245,10 +272,11 @@ def _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_inde
         # before the op existed has only the two).
         fused = getattr(ops, "prefix_decode_attention", None)
         if fused is not None:
-            out, lse = fused(q, k, v, prefix_k, prefix_v, index, key_padding_mask, scale, num_splits, tensor_cores)
+            out, lse = fused(q, k, v, prefix_k, prefix_v, index, key_padding_mask, scale, num_splits, tensor_cores,
+                             *stages)
             return (out, lse) if return_lse else out
         out_partial, lse_partial = ops.prefix_decode_partial(q, k, v, prefix_k, prefix_v, index, key_padding_mask,
-                                                             scale, num_splits, tensor_cores)
+                                                             scale, num_splits, tensor_cores, *stages)
     out, lse = ops.merge_attention_states(out_partial, lse_partial, q.dtype)
     return (out, lse) if return_lse else out
 

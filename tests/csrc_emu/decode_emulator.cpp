@@ -4,7 +4,7 @@
 //
 //   decode_emulator DIR
 //   DIR/params.txt: "name value" lines (shapes, dtype, strides in elements, splits, which kernel:
-//   tensor_cores 0/1; see run)
+//   tensor_cores 0/1, and the tensor-core kernel's K/V stages 1/2; see run)
 //   DIR/{q,k,v,prefix_k,prefix_v}.bin: 16-bit storage the strides index; prefix_index.bin (int64),
 //   key_padding_mask.bin (uint8) when has_index / has_mask.
 //   Writes DIR/out_partial.bin (float32 [splits, B, Hq, Sq, D]), DIR/lse_partial.bin (float32
@@ -60,6 +60,7 @@ void run(const std::string& dir, std::map<std::string, double>& a) {
   const int B = get("B"), Hq = get("Hq"), Hkv = get("Hkv"), Sq = get("Sq"), L = get("L"), P = get("P");
   const int group = Hq / Hkv;
   const bool tensor_cores = get("tensor_cores") != 0;
+  const int stages = a.count("stages") != 0 ? get("stages") : 1;
   // The launcher's plan (prefix_decode.cu): `wave` stands in for the GPU's resident blocks.
   // The CUDA-core kernel's rows per block, sized to the group as the launcher sizes it.
   const int rows = simt_rows(group * Sq);
@@ -98,9 +99,12 @@ void run(const std::string& dir, std::map<std::string, double>& a) {
 
   const dim3 grid(plan.splits, Hkv * plan.row_blocks, B);
   auto launch_partial = [&](const DecodeParams& p) {
-    if (tensor_cores) {
-      prefixkern_emu::launch(grid, kMmaThreads, sizeof(MmaTiles<T, HEAD_DIM>),
-                             [p] { prefix_decode_partial_mma_kernel<T, HEAD_DIM>(p); });
+    if (tensor_cores && stages == 2) {
+      prefixkern_emu::launch(grid, kMmaThreads, sizeof(MmaTiles<T, HEAD_DIM, 2>),
+                             [p] { prefix_decode_partial_mma_kernel<T, HEAD_DIM, 2>(p); });
+    } else if (tensor_cores) {
+      prefixkern_emu::launch(grid, kMmaThreads, sizeof(MmaTiles<T, HEAD_DIM, 1>),
+                             [p] { prefix_decode_partial_mma_kernel<T, HEAD_DIM, 1>(p); });
     } else if (rows == 4) {
       prefixkern_emu::launch(grid, kThreads, 0, [p] { prefix_decode_partial_kernel<T, HEAD_DIM, 4>(p); });
     } else if (rows == 8) {

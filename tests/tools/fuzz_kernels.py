@@ -256,7 +256,10 @@ def cuda_decode_case(rng: random.Random, seed: int, notes: list) -> None:
     splits = rng.choice([0, 1, 2, 3, 7])
     wave = rng.choice([0, 8, 132]) if splits == 0 else 0
     tensor_cores = rng.random() < 0.5
-    notes.append(f"{'mma' if tensor_cores else 'simt'} {dtype} D{head_dim} B{batch} Hq{kv_heads * group} "
+    # (drawn last: the earlier draws, and so the cases of seeds run before, stay as they were)
+    stages = rng.choice([1, 2]) if tensor_cores else 1
+    notes.append(f"{'mma' if tensor_cores else 'simt'}{'' if stages == 1 else ' 2 stages'} {dtype} D{head_dim} "
+                 f"B{batch} Hq{kv_heads * group} "
                    f"Hkv{kv_heads} Sq{seq_q} L{cache_len} P{prefix_len} {prefix} padding={padding} "
                    f"splits={splits} wave={wave}")
     (q, k, v, pk, pv), index, mask = emulated._inputs(batch, kv_heads * group, kv_heads, seq_q, cache_len,
@@ -266,7 +269,7 @@ def cuda_decode_case(rng: random.Random, seed: int, notes: list) -> None:
     scale = head_dim ** -0.5
     with tempfile.TemporaryDirectory() as workdir:
         out_partial, lse_partial, _, merged, merged_lse = emulated.run_emulated(
-            _emulator(), Path(workdir), q, k, v, pk, pv, index, mask, scale, splits, tensor_cores, wave)
+            _emulator(), Path(workdir), q, k, v, pk, pv, index, mask, scale, splits, tensor_cores, wave, stages)
     emulated.assert_emulated_matches_reference(q, k, v, pk, pv, index, mask, scale, tensor_cores, out_partial,
                                                lse_partial, merged, merged_lse)
 
