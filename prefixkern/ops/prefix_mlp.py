@@ -83,8 +83,11 @@ def check_prefix_mlp_args(embedding, w1, b1, w2, b2, *, num_layers, num_kv_heads
 # Custom ops: opaque to torch.compile, which traces them through their fake implementations.
 # --------------------------------------------------------------------------------------------
 
-def _empty() -> torch.Tensor:
-    return torch.empty(0)
+def _absent(like: torch.Tensor) -> torch.Tensor:
+    """The float32 [0] tensor an op returns in place of an absent tensor (the forward's hidden rows
+    without projection, an absent parameter's gradient), on ``like``'s device: a new one each time,
+    since a custom op's outputs may not alias each other."""
+    return like.new_empty((0,), dtype=torch.float32)
 
 
 @torch.library.custom_op("prefixkern::prefix_mlp_fwd", mutates_args=())
@@ -98,16 +101,33 @@ def prefix_mlp_fwd(
                            dropout_p, seed)
 
 
+_KERNELS = None
+
+
+def _kernels():
+    """The kernel modules (``mlp``: kernels/prefix_mlp.py, ``launch``: kernels/_launch.py), imported
+    on first use: ``import prefixkern`` does not import Triton. Looked up per call (tests replace
+    their functions); two import statements per launcher call cost the host about 8 us on this repo's
+    CPU machine, a tenth of the fused forward's host time at Qwen2.5-0.5B size."""
+    global _KERNELS
+    if _KERNELS is None:
+        import types
+
+        from ..kernels import _launch, prefix_mlp
+
+        _KERNELS = types.SimpleNamespace(mlp=prefix_mlp, launch=_launch)
+    return _KERNELS
+
+
 def _forward_launch(embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, out_dtype, compute_dtype,
                     dropout_p, seed):
-    from ..kernels import prefix_mlp as kernels
-    from ..kernels._launch import on_device
-
-    with on_device(embedding.device):
+    modules = _kernels()
+    kernels = modules.mlp
+    with modules.launch.on_device(embedding.device):
         if w1 is None:
             out = kernels.prefix_rows_forward(embedding, num_layers=num_layers, num_kv_heads=num_kv_heads,
                                               head_dim=head_dim, out_dtype=out_dtype, dropout_p=dropout_p, seed=seed)
-            return out, _empty().to(embedding.device)
+            return out, _absent(embedding)
         return kernels.prefix_mlp_forward(embedding, w1, b1, w2, b2, num_layers=num_layers,
                                           num_kv_heads=num_kv_heads, head_dim=head_dim, out_dtype=out_dtype,
                                           compute_dtype=compute_dtype, dropout_p=dropout_p, seed=seed)
@@ -135,27 +155,25 @@ def prefix_mlp_bwd(
 
 def _backward_launch(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers, num_kv_heads, head_dim, compute_dtype,
                      dropout_p, seed):
-    from ..kernels import prefix_mlp as kernels
-    from ..kernels._launch import on_device
-
-    empty = _empty().to(embedding.device)
-    with on_device(embedding.device):
+    modules = _kernels()
+    kernels = modules.mlp
+    with modules.launch.on_device(embedding.device):
         if w1 is None:
             d_embedding = kernels.prefix_rows_backward(grad_out, embedding, num_kv_heads=num_kv_heads,
                                                        head_dim=head_dim, dropout_p=dropout_p, seed=seed)
-            return d_embedding, empty, empty.clone(), empty.clone(), empty.clone()
+            return d_embedding, _absent(embedding), _absent(embedding), _absent(embedding), _absent(embedding)
         grads = kernels.prefix_mlp_backward(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers=num_layers,
                                             num_kv_heads=num_kv_heads, head_dim=head_dim,
                                             compute_dtype=compute_dtype, dropout_p=dropout_p, seed=seed)
     d_embedding, dw1, db1, dw2, db2 = grads
-    return (d_embedding, dw1, db1 if db1 is not None else empty.clone(), dw2,
-            db2 if db2 is not None else empty.clone())
+    return (d_embedding, dw1, db1 if db1 is not None else _absent(embedding), dw2,
+            db2 if db2 is not None else _absent(embedding))
 
 
 @prefix_mlp_bwd.register_fake
 def _(grad_out, embedding, w1, b1, w2, b2, hidden, num_layers, num_kv_heads, head_dim, compute_dtype, dropout_p, seed):
     def like(t):
-        return embedding.new_empty((0,)) if t is None else t.new_empty(t.shape)
+        return _absent(embedding) if t is None else t.new_empty(t.shape)
 
     return like(embedding), like(w1), like(b1), like(w2), like(b2)
 
