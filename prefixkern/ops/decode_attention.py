@@ -6,6 +6,9 @@ import os
 
 import torch
 
+# (the module, its functions looked up per call: tests replace them; an import statement in a
+# decoding step's functions cost the host 1.4 us on this repo's CPU machine, per layer per token)
+from .. import _cuda_build
 from .._backend import get_backend, override_global, triton_interpret, use_triton
 from ._checks import check_prefix_attention_args, check_tensor
 from .prefix_attention import prefix_attention, resolve_softmax_scale
@@ -244,9 +247,7 @@ def _cuda_ops_serving(q, k, v, prefix_k, prefix_v, may_give_way: bool = True):
     if may_give_way and _cache_kv_bytes(k) >= CUDA_DECODE_MAX_KV_BYTES \
             and _triton_decode_serves(q, k, prefix_k.shape[-2]):
         return None
-    from .._cuda_build import cuda_ops
-
-    return cuda_ops()
+    return _cuda_build.cuda_ops()
 
 
 def _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale: float, num_splits: int,
@@ -254,9 +255,7 @@ def _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_inde
     """The CUDA kernels' launch: partial attention per key chunk, then their log-sum-exp merge."""
     index = prefix_index.long() if prefix_index is not None else None
     if tensor_cores:
-        from .._cuda_build import tensor_cores_usable
-
-        tensor_cores = tensor_cores_usable(max(q.get_device(), 0))   # (CPU stand-ins in tests: -1)
+        tensor_cores = _cuda_build.tensor_cores_usable(max(q.get_device(), 0))   # (CPU stand-ins in tests: -1)
     # The op's `stages` argument, given only where it is not the schema's default of 1.
     stages = _mma_stages() if tensor_cores else 1
     stages = (stages,) if stages != 1 else ()
