@@ -300,8 +300,7 @@ def _time_generate_interleaved(timed, tokens: int, repeats: int) -> None:
     (1.59 against 1.84 s, 2.18 against 1.72; Qwen2.5-0.5B, B=8), and a single sample once read
     1.8x slower than a profile of the same call. Rounds spread the drift over every row alike.
     The models stay loaded for the rounds, so a row's peak memory is its own model's weights and
-    buffers plus the most one of its calls allocated above what was resident when it began (a row
-    timed alone, as before, read the same)."""
+    buffers plus the most one of its calls allocated above what was resident when it began."""
     gc.collect()
     times = {id(record): [] for record, _, _ in timed}
     above = dict.fromkeys(times, 0)
