@@ -4,7 +4,7 @@
 # Each call leaves one tarball in $OUT (only a few files come back from a call) and ends inside
 # the timeout_s the runbook gives it:
 #
-#   call 1 (timeout_s 540): the tensor-core decode kernel's GPU cases beyond q_len 1 and a group of 4
+#   call 1 (timeout_s 560): the tensor-core decode kernel's GPU cases beyond q_len 1 and a group of 4
 #          (the default at every head dim since the seventh run) and the two-stage variant's; then
 #          quick-device, quick-mlp, quick-decode (generate() in interleaved rounds, the two-stage
 #          kernel's rows) and the MLP profile                                      -> $OUT/r.tgz
@@ -33,7 +33,7 @@ case "${1:-}" in
             -k "(kernelmma and bfloat16 and P30 and L4096 and not (Sq1 and gqa4)) or two_stage" \
             > "$R/fixed.log" 2>&1
         tail -n 15 "$R/fixed.log"
-        timeout 400 benchmarks/run_gpu.sh "$R" quick-device:20 quick-mlp:130 quick-decode:140 profile-mlp:90
+        timeout 420 benchmarks/run_gpu.sh "$R" quick-device:20 quick-mlp:130 quick-decode:140 profile-mlp:90
         tar czf "$OUT/r.tgz" -C "$OUT" r
         ;;
     2)
