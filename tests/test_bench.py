@@ -770,7 +770,10 @@ def test_generate_rows_are_timed_in_interleaved_rounds(monkeypatch):
     from prefixkern.bench import decode
     from prefixkern.bench.common import Record
 
+    import time
+
     clock = _FakeCudaClock(monkeypatch)
+    monkeypatch.setattr(time, "perf_counter", lambda: clock.now / 1e3)     # (the rounds' wall clock, in s)
     allocated = {"now": 1000, "peak": 1000}
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: allocated["now"])
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: allocated["peak"])
@@ -789,7 +792,8 @@ def test_generate_rows_are_timed_in_interleaved_rounds(monkeypatch):
     decode._time_generate_interleaved(timed, tokens=100, repeats=3)
     assert [entry for entry in clock.log if entry != "record"] == ["peft_sdpa", "prefixkern"] * 3
     (stock, _, _), (ours, _, model) = timed
-    assert (stock.ms, ours.ms) == (20.0, 10.0)
+    # (the wall clock's seconds back to ms: equal to the last bits of a float)
+    assert (stock.ms, ours.ms) == pytest.approx((20.0, 10.0), rel=1e-12)
     assert ours.tokens_per_s == pytest.approx(100 / 10e-3)
     assert ours.peak_mem_mb == pytest.approx((16 * 4 + 3 * 2**20) / 2**20)
     assert "12, 18, 10 ms" in ours.note and "rounds" in ours.note

@@ -300,23 +300,22 @@ def _time_generate_interleaved(timed, tokens: int, repeats: int) -> None:
     (1.59 against 1.84 s, 2.18 against 1.72; Qwen2.5-0.5B, B=8), and a single sample once read
     1.8x slower than a profile of the same call. Rounds spread the drift over every row alike.
     The models stay loaded for the rounds, so a row's peak memory is its own model's weights and
-    buffers plus the most one of its calls allocated above what was resident when it began."""
-    gc.collect()
-    times = {id(record): [] for record, _, _ in timed}
-    above = dict.fromkeys(times, 0)
-    for _ in range(repeats):
-        for record, generate, _ in timed:
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
+    buffers plus the most one of its calls allocated above what was resident when it began. The
+    rounds are the e2e suite's (``interleaved_times``: wall clock between two synchronisations)."""
+    from .e2e import interleaved_times
+
+    above = {}
+
+    def measured(record, generate):
+        def call():
             resident = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-            start.record()
             generate()
-            end.record()
-            torch.cuda.synchronize()
-            times[id(record)].append(start.elapsed_time(end))
-            above[id(record)] = max(above[id(record)], torch.cuda.max_memory_allocated() - resident)
+            above[id(record)] = max(above.get(id(record), 0), torch.cuda.max_memory_allocated() - resident)
+        return call
+
+    gc.collect()
+    times = interleaved_times({id(record): measured(record, generate) for record, generate, _ in timed}, repeats, 1)
     for record, _, model in timed:
         calls = times[id(record)]
         record.ms = min(calls)
