@@ -41,7 +41,9 @@ TENSOR_CORES: bool | None = None if _TENSOR_CORES_SETTING is None else _TENSOR_C
 # the resident blocks). One by default: two is the experiment the decode suite times beside it
 # (prefixkern_two_stage), after the seventh H200 run read the one-stage kernel at 50-64% of the copy
 # rate where SDPA read 75%. PREFIXKERN_DECODE_STAGES=2 takes it for every tensor-core call.
-MMA_STAGES: int | str = os.environ.get("PREFIXKERN_DECODE_STAGES", "1")
+# (The setting parsed once here; a bad one is kept as given, for the error at the first call.)
+_STAGES_SETTING = os.environ.get("PREFIXKERN_DECODE_STAGES", "1")
+MMA_STAGES: int | str = int(_STAGES_SETTING) if _STAGES_SETTING.strip() in ("1", "2") else _STAGES_SETTING
 
 
 def mma_stages(stages: int):
@@ -50,14 +52,15 @@ def mma_stages(stages: int):
 
 
 def _mma_stages() -> int:
-    """``MMA_STAGES`` as 1 or 2; a ValueError naming the setting otherwise."""
+    """``MMA_STAGES`` as 1 or 2; a ValueError naming the setting otherwise. Every tensor-core
+    decoding call asks: an int, the usual case, is returned without parsing."""
     stages = MMA_STAGES
-    if isinstance(stages, str):
-        stages = int(stages) if stages.strip() in ("1", "2") else stages
-    if stages not in (1, 2):
-        raise ValueError(f"PREFIXKERN_DECODE_STAGES (the tensor-core decode kernel's K/V stages) must be 1 or 2, "
-                         f"got {MMA_STAGES!r}")
-    return stages
+    if stages == 1 or stages == 2:
+        return stages
+    if isinstance(stages, str) and stages.strip() in ("1", "2"):
+        return int(stages)
+    raise ValueError(f"PREFIXKERN_DECODE_STAGES (the tensor-core decode kernel's K/V stages) must be 1 or 2, "
+                     f"got {MMA_STAGES!r}")
 
 
 def tensor_core_decoding(enabled: bool | None = True):
