@@ -190,27 +190,25 @@ __global__ void __launch_bounds__(kMmaThreads) prefix_decode_partial_mma_kernel(
   for (int mt = 0; mt < KSTEPS; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
 
   const int key0 = warp * kMmaWarpKeys;      // the warp's 16 keys within each tile
+  // Starts (and commits) the copies of the tile at key t into stage `into`.
+  const auto start_tile = [&](int into, int t) {
+    load_kv_tile_stepping<T, HEAD_DIM, kMmaTileKeys, kMmaThreads>(tiles.k[into], tiles.v[into], t, k_end, pk, pv, kc,
+                                                                   vc, p);
+    copy16_commit();
+  };
   // Two stages: the chunk's first tile is in flight before the loop, and each iteration starts the
   // next tile's copies into the other stage before waiting for its own (cp.async.wait_group 1).
   if constexpr (STAGES == 2) {
-    if (k_begin < k_end) {
-      load_kv_tile_stepping<T, HEAD_DIM, kMmaTileKeys, kMmaThreads>(tiles.k[0], tiles.v[0], k_begin, k_end, pk, pv,
-                                                                     kc, vc, p);
-      copy16_commit();
-    }
+    if (k_begin < k_end) start_tile(0, k_begin);
   }
   int stage = 0;                             // the stage this iteration computes on
   for (int t0 = k_begin; t0 < k_end; t0 += kMmaTileKeys) {
     if constexpr (STAGES == 1) {
-      load_kv_tile_stepping<T, HEAD_DIM, kMmaTileKeys, kMmaThreads>(tiles.k[0], tiles.v[0], t0, k_end, pk, pv, kc,
-                                                                     vc, p);
-      copy16_commit();
+      start_tile(0, t0);
       copy16_wait<0>();
     } else if (t0 + kMmaTileKeys < k_end) {
       // The other stage was last read in the previous iteration, before its closing barrier.
-      load_kv_tile_stepping<T, HEAD_DIM, kMmaTileKeys, kMmaThreads>(tiles.k[stage ^ 1], tiles.v[stage ^ 1],
-                                                                     t0 + kMmaTileKeys, k_end, pk, pv, kc, vc, p);
-      copy16_commit();
+      start_tile(stage ^ 1, t0 + kMmaTileKeys);
       copy16_wait<1>();  // this tile's group has landed; the next one's may still be in flight
     } else {
       copy16_wait<0>();
