@@ -4,12 +4,13 @@
 # Each call leaves one tarball in $OUT (only a few files come back from a call) and ends inside
 # the timeout_s the runbook gives it:
 #
-#   call 1 (timeout_s 560): the tensor-core decode kernel's GPU cases beyond q_len 1 and a group of 4
-#          (the default at every head dim since the seventh run) and the two-stage variant's; then
-#          quick-device, quick-mlp, quick-decode (generate() in interleaved rounds, the two-stage
-#          kernel's rows) and the MLP profile                                      -> $OUT/r.tgz
-#   call 2 (timeout_s 280): the training step at S=2048 and on two more models (e2e-s2048) -> $OUT/r2.tgz
-#   ncu    (timeout_s 80):  Nsight Compute on a decode step, ours and SDPA's   -> $OUT/r3.tgz
+#   call 1 (timeout_s 560): the tensor-core decode kernel's GPU cases with the stages the launcher
+#          now picks per call (two at the 4096-key cases), generate() and the compiled decode step
+#          through it; then quick-device, quick-decode (the default beside one and two forced
+#          stages), quick-attention and quick-mlp                                  -> $OUT/r.tgz
+#   call 2 (timeout_s 280): the training step eager and compiled (e2e-compile), issue 4's
+#          compiled pair last timed on the H200                                    -> $OUT/r2.tgz
+#   ncu    (timeout_s 80):  Nsight Compute on a decode step with the default (two-stage) kernel -> $OUT/r3.tgz
 #
 # Carry .whl (git-ignored) when the machine's image lacks a pure-Python wheel a step needs.
 # Afterwards, here: merge the calls' step JSONs (prefixkern-bench --merge r/*/*.json --out-dir DIR),
@@ -23,33 +24,32 @@ mkdir -p "$R"
 
 case "${1:-}" in
     1)
-        # The tests first (SIGINT at the limit: pytest still prints its summary). The one-stage
-        # tensor-core kernel (the default) at bf16, P=30, a 4096-key cache, every head dim, q_len
-        # 1/3/8 x groups 1/4/7 but the 1 x 4 already run (the sixth and seventh runs): 21 cases; the
-        # two-stage kernel's 24 (prefixkern_two_stage, new).
+        # The tests first (SIGINT at the limit: pytest still prints its summary). The tensor-core
+        # kernel with the launcher's stages (the default since the eighth run), bf16, P=30, a
+        # 4096-key cache, every head dim, q_len 1/3/8 x groups 1/4/7: 27 cases; generate() and the
+        # compiled decoding step through the CUDA kernel (3).
         timeout -s INT -k 10 110 env PYTHONPATH="$PWD" PREFIXKERN_AUTOTUNE=0 python3 -m pytest -n 8 -v --tb=short \
             -p no:cacheprovider tests/test_decode.py::test_gpu_cuda_kernel_against_reference \
-            tests/test_decode.py::test_gpu_two_stage_kernel_against_reference \
-            -k "(kernelmma and bfloat16 and P30 and L4096 and not (Sq1 and gqa4)) or two_stage" \
+            tests/test_decode.py::test_gpu_generate_uses_the_cuda_kernel \
+            tests/test_decode.py::test_gpu_compiled_decode_step_has_no_graph_break \
+            -k "(kernelmma and bfloat16 and P30 and L4096) or generate or graph_break" \
             > "$R/fixed.log" 2>&1
         tail -n 15 "$R/fixed.log"
-        timeout 420 benchmarks/run_gpu.sh "$R" quick-device:20 quick-mlp:130 quick-decode:140 profile-mlp:90
+        timeout 420 benchmarks/run_gpu.sh "$R" quick-device:20 quick-decode:150 quick-attention:110 quick-mlp:120
         tar czf "$OUT/r.tgz" -C "$OUT" r
         ;;
     2)
-        timeout 262 benchmarks/run_gpu.sh "$R" e2e-s2048:250
+        timeout 262 benchmarks/run_gpu.sh "$R" e2e-compile:250
         tar czf "$OUT/r2.tgz" -C "$OUT" r
         ;;
     ncu)
         sections=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy
                   --section WarpStateStats --section SchedulerStats --section LaunchStats)
-        # Why SDPA on the concatenated cache read 75% of the copy rate where ours read 50-54%
-        # (P=30, cache 4096, B=8): both profiled the same way.
-        for impl in prefixkern sdpa_concat; do
-            PYTHONPATH="$PWD" timeout 32 ncu --clock-control none --profile-from-start off "${sections[@]}" \
-                python3 benchmarks/ncu_ops.py decode --impl "$impl" > "$R/ncu_decode_$impl.txt" 2>&1
-            tail -n 5 "$R/ncu_decode_$impl.txt"
-        done
+        # The default kernel at P=30, cache 4096, B=8 now runs two K/V stages (the launcher's rule):
+        # where its time goes beside the one-stage kernel's profile in the eighth run's _smoke.md.
+        PYTHONPATH="$PWD" timeout 40 ncu --clock-control none --profile-from-start off "${sections[@]}" \
+            python3 benchmarks/ncu_ops.py decode --impl prefixkern > "$R/ncu_decode_prefixkern.txt" 2>&1
+        tail -n 5 "$R/ncu_decode_prefixkern.txt"
         tar czf "$OUT/r3.tgz" -C "$OUT" r
         ;;
     *)

@@ -73,6 +73,34 @@ inline DecodePlan plan_decode(int B, int Hkv, int group, int Sq, int P, int L, i
   return plan;
 }
 
+// The tensor-core kernel's plan and K/V stages. `stages` 1 or 2 as the caller asks; 0 leaves them to
+// this rule: two stages (the next tile's copies in flight during this tile's products, twice the
+// shared memory, so fewer resident blocks: `wave2` against `wave1`) where the GPU gives a block
+// their shared memory (`two_stages_fit`), the two-stage plan fits in one wave of its blocks, and
+// each block gets two K/V tiles or more, so there is a next tile to overlap; one stage otherwise.
+// What the H100 measured (2026-11-27, eighth run; bf16, P = 30 unless said): two stages took
+// 0.905-0.959x the one-stage time where the rule picks them (4096 keys x batch 8 at head dims 64,
+// 128 and 256, 32k keys x batch 1: 6 to 17 tiles a block), and lost where a block had one tile
+// (512 keys x batch 1, P = 128: 1.19x) or the grid needed more than a two-stage wave (512 keys x
+// batch 64, 512 blocks against 396 places: 1.06x). Points between (a grid of 1-2 two-stage waves,
+// two or three tiles a block) were not timed apart.
+struct MmaDecodePlan {
+  DecodePlan plan;
+  int stages;
+};
+
+inline MmaDecodePlan plan_mma_decode(int B, int Hkv, int group, int Sq, int P, int L, int rows_per_block, int tile,
+                                     int wave1, int wave2, bool two_stages_fit, int64_t num_splits, int stages) {
+  if (stages == 0 && two_stages_fit) {
+    const DecodePlan two = plan_decode(B, Hkv, group, Sq, P, L, rows_per_block, tile, wave2, num_splits);
+    const int64_t blocks = static_cast<int64_t>(two.splits) * two.row_blocks * Hkv * B;
+    if (blocks <= wave2 && two.chunk >= 2 * tile) return {two, 2};
+  }
+  const int chosen = stages == 2 ? 2 : 1;
+  return {plan_decode(B, Hkv, group, Sq, P, L, rows_per_block, tile, chosen == 2 ? wave2 : wave1, num_splits),
+          chosen};
+}
+
 // 16-byte global -> shared copy, zero-filled when src is null (a key past the chunk); ``valid_src``
 // is any mapped global address, for the zero fill. On sm_80+ it is asynchronous (cp.async, waited
 // for with copy16_commit / copy16_wait): a tile's copies are all in flight at once and hold no

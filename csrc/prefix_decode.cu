@@ -248,27 +248,37 @@ std::tuple<at::Tensor, at::Tensor, bool> launch_decode(const at::Tensor& q, cons
   TORCH_CHECK(B <= 65535, "prefix_decode_partial: at most 65535 batch rows, got ", B);
   TORCH_CHECK(!tensor_cores || device_attribute<cudaDevAttrComputeCapabilityMajor>(device) >= 8,
               "prefix_decode_partial: tensor_cores=True needs an sm_80 or newer GPU");
-  TORCH_CHECK(stages == 1 || (stages == 2 && tensor_cores),
-              "prefix_decode_partial: stages must be 1, or 2 with tensor_cores=True, got ", stages);
-  if (stages == 2) {
-    // (both 16-bit dtypes take the same space)
-    const int needed = D == 64 ? mma_smem_bytes<at::Half, 64, 2>()
-                     : D == 128 ? mma_smem_bytes<at::Half, 128, 2>() : mma_smem_bytes<at::Half, 256, 2>();
-    const int available = device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device);
-    TORCH_CHECK(needed <= available, "prefix_decode_partial: two K/V stages at head dim ", D, " need ", needed,
-                " bytes of shared memory a block; this GPU gives ", available, " (use stages=1)");
-  }
+  TORCH_CHECK(stages == 1 || ((stages == 0 || stages == 2) && tensor_cores),
+              "prefix_decode_partial: stages must be 1, or 0 (the launcher's choice) or 2 with tensor_cores=True, got ",
+              stages);
+  // (both 16-bit dtypes take the same space)
+  const bool two_stages_fit =
+      tensor_cores && (D == 64 ? mma_smem_bytes<at::Half, 64, 2>()
+                       : D == 128 ? mma_smem_bytes<at::Half, 128, 2>() : mma_smem_bytes<at::Half, 256, 2>()) <=
+                          device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device);
+  TORCH_CHECK(stages != 2 || two_stages_fit, "prefix_decode_partial: two K/V stages at head dim ", D,
+              " need more shared memory a block than this GPU gives (use stages=1 or 0)");
   const bool half = q.scalar_type() == at::kHalf;
   const int group = Hq / Hkv;
   // The CUDA-core kernel's rows per block, sized to the group (simt_rows); the tensor-core one's is 8.
   const int rows = tensor_cores ? kMaxRows : simt_rows(group * Sq);
   // One full wave of resident blocks (plan_decode). The CUDA-core kernel at D = 128 holds 5 per SM;
   // at 2 per SM (2.4 resident at B = 8 on Llama-3-8B heads) it read 887 GB/s on the H200.
-  const int wave = device_attribute<cudaDevAttrMultiProcessorCount>(device) *
-                   resident_blocks_per_sm(device, half, D, rows, tensor_cores, static_cast<int>(stages));
-  const DecodePlan plan = tensor_cores
-      ? plan_decode(B, Hkv, group, Sq, P, L, kMmaRows, kMmaTileKeys, wave, num_splits)
-      : plan_decode(B, Hkv, group, Sq, P, L, rows, tile_keys(D), wave, num_splits);
+  const int sms = device_attribute<cudaDevAttrMultiProcessorCount>(device);
+  DecodePlan plan;
+  if (tensor_cores) {
+    // The two-stage wave is asked for only where it can be chosen (its occupancy query sets the
+    // kernel's shared-memory limit).
+    const int wave1 = stages == 2 ? 0 : sms * resident_blocks_per_sm(device, half, D, rows, true, 1);
+    const int wave2 = stages == 1 || !two_stages_fit ? 0 : sms * resident_blocks_per_sm(device, half, D, rows, true, 2);
+    const MmaDecodePlan chosen = plan_mma_decode(B, Hkv, group, Sq, P, L, kMmaRows, kMmaTileKeys, wave1, wave2,
+                                                 two_stages_fit, num_splits, static_cast<int>(stages));
+    plan = chosen.plan;
+    stages = chosen.stages;
+  } else {
+    plan = plan_decode(B, Hkv, group, Sq, P, L, rows, tile_keys(D),
+                       sms * resident_blocks_per_sm(device, half, D, rows, false, 1), num_splits);
+  }
   TORCH_CHECK(static_cast<int64_t>(Hkv) * plan.row_blocks <= 65535, "prefix_decode_partial: too many heads");
   const int splits = plan.splits;
 

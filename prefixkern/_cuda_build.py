@@ -109,14 +109,16 @@ def self_check(ops, tensor_cores: bool = False, device: torch.device | None = No
     """Run the built kernels once on a small GQA case with padding and a per-task prefix against
     the reference; raise if they disagree (a miscompiled or broken build must not serve decoding).
     ``tensor_cores``: check the mma.sync kernel instead of the CUDA-core one, with one K/V stage, and
-    with two as well where ``PREFIXKERN_DECODE_STAGES=2`` asks for them (their shared memory, 135 KiB
-    at head dim 256, is more than some sm_80+ GPUs give a block: an experiment's needs do not decide
-    whether the default kernel serves). ``device``: the current GPU unless given (tests run the
-    check with stand-in ops on the CPU)."""
+    with the stages decoding will ask for: the launcher's choice (``stages=0``; on this case two
+    stages wherever the GPU gives a block their shared memory, 135 KiB at head dim 256, which some
+    sm_80+ GPUs do not), or two where ``PREFIXKERN_DECODE_STAGES=2`` forces them. ``device``: the
+    current GPU unless given (tests run the check with stand-in ops on the CPU)."""
     from . import reference
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
+    # (ops/decode_attention.py parses the same setting; a bad one fails there, at the first call)
+    stages = {"1": 1, "2": 2}.get(os.environ.get("PREFIXKERN_DECODE_STAGES", "auto").strip(), 0)
     # Every head dim (their instances map threads to output columns differently); 305 keys in two
     # splits put two or more K/V tiles in a split at each of them (tiles of 128, 64 and 32 keys),
     # so the online softmax rescales within a split.
@@ -134,9 +136,10 @@ def self_check(ops, tensor_cores: bool = False, device: torch.device | None = No
                                           prefix_index=index)
         parts, lses = ops.prefix_decode_partial(q, k, v, pk, pv, index, mask, scale, 2, tensor_cores)
         outputs = {"partial + merge": (ops.merge_attention_states(parts, lses, dtype)[0], want)}
-        if tensor_cores and os.environ.get("PREFIXKERN_DECODE_STAGES", "1").strip() == "2":
-            parts, lses = ops.prefix_decode_partial(q, k, v, pk, pv, index, mask, scale, 2, True, 2)
-            outputs["partial + merge, two stages"] = (ops.merge_attention_states(parts, lses, dtype)[0], want)
+        if tensor_cores and stages != 1:
+            # (305 keys in two splits of 192: 3 tiles of 64 a block, 12 blocks; the rule picks two stages)
+            parts, lses = ops.prefix_decode_partial(q, k, v, pk, pv, index, mask, scale, 2, True, stages)
+            outputs[f"partial + merge, stages={stages}"] = (ops.merge_attention_states(parts, lses, dtype)[0], want)
         fused = getattr(ops, "prefix_decode_attention", None)
         if fused is not None:   # both query positions (8 rows a block), and the last alone (4 rows)
             outputs["one call"] = (fused(q, k, v, pk, pv, index, mask, scale, 2, tensor_cores)[0], want)

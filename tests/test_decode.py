@@ -165,7 +165,7 @@ class _ReferenceCudaOps:
         self.calls.append(dict(index=prefix_index, mask=key_padding_mask, scale=scale, num_splits=num_splits,
                                tensor_cores=tensor_cores, stages=stages))
         assert isinstance(scale, float) and isinstance(num_splits, int) and isinstance(tensor_cores, bool)
-        assert stages in (1, 2) and (stages == 1 or tensor_cores)
+        assert stages in (0, 1, 2) and (stages == 1 or tensor_cores)
         assert prefix_index is None or prefix_index.dtype == torch.int64
         out, lse = reference.prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, softmax_scale=scale,
                                               key_padding_mask=key_padding_mask, prefix_index=prefix_index,
@@ -293,6 +293,31 @@ def test_build_self_check_covers_the_one_call_op():
         _cuda_build.self_check(WrongForOneQuery(), device=torch.device("cpu"))
 
 
+@pytest.mark.parametrize("setting, failure", [(None, "stages=0"), ("auto", "stages=0"), ("2", "stages=2"), ("1", None)])
+def test_build_self_check_covers_the_stages_decoding_asks_for(setting, failure, monkeypatch):
+    """The tensor-core self-check runs the kernel with the stages decoding will hand it (the
+    launcher's choice by default, two where forced) besides one stage: a build wrong only there
+    does not serve; with PREFIXKERN_DECODE_STAGES=1 that instance is never launched, nor checked."""
+    from prefixkern import _cuda_build
+
+    class WrongPastOneStage(_ReferenceCudaOps):
+        def prefix_decode_partial(self, *args):
+            out, lse = super().prefix_decode_partial(*args)
+            stages = args[10] if len(args) > 10 else 1
+            return (out * 0 if stages != 1 else out), lse
+
+    if setting is None:
+        monkeypatch.delenv("PREFIXKERN_DECODE_STAGES", raising=False)
+    else:
+        monkeypatch.setenv("PREFIXKERN_DECODE_STAGES", setting)
+    _cuda_build.self_check(WrongPastOneStage(), device=torch.device("cpu"))     # the CUDA-core check: one stage
+    if failure is None:
+        _cuda_build.self_check(WrongPastOneStage(), tensor_cores=True, device=torch.device("cpu"))
+    else:
+        with pytest.raises(RuntimeError, match=failure):
+            _cuda_build.self_check(WrongPastOneStage(), tensor_cores=True, device=torch.device("cpu"))
+
+
 @pytest.mark.parametrize("P, L", [(1, 1), (30, 100)])
 def test_cuda_path_python_side_against_the_reference(P, L, monkeypatch):
     """The Python around the CUDA kernels (prefix_gemm's float32 part, the partials' layout, the
@@ -411,10 +436,11 @@ def test_tensor_core_kernel_is_asked_for_by_the_flag_and_falls_back(setting, hea
     assert [call["tensor_cores"] for call in ops.calls] == [default, default, not default, False, False]
 
 
-def test_two_stage_setting_reaches_the_tensor_core_kernel_only(monkeypatch):
-    """mma_stages(2) (PREFIXKERN_DECODE_STAGES=2) hands the op stages=2 on tensor-core calls, the
-    fused op and the partial alike; CUDA-core calls and the default leave the argument out (the
-    schema's 1); a setting other than 1 or 2 is a ValueError naming the variable."""
+def test_stages_setting_reaches_the_tensor_core_kernel_only(monkeypatch):
+    """The tensor-core calls hand the op stages=0 by default (the launcher's choice per call),
+    mma_stages(1) / mma_stages(2) (PREFIXKERN_DECODE_STAGES=1 / 2) force one or two stages, the fused
+    op and the partial alike, "auto" is 0 again; CUDA-core calls leave the argument out (the
+    schema's 1); a setting other than 1, 2 or auto is a ValueError naming the variable."""
     from prefixkern import _cuda_build
 
     ops = _ReferenceCudaOps()
@@ -429,11 +455,15 @@ def test_two_stage_setting_reaches_the_tensor_core_kernel_only(monkeypatch):
             got = prefixkern.prefix_decode_attention(*inputs, tensor_cores=True, **kw)
             prefixkern.prefix_decode_attention(*inputs, tensor_cores=True, prefix_gemm=True, **kw)
             prefixkern.prefix_decode_attention(*inputs, tensor_cores=False, **kw)
+        with decode_attention.mma_stages(1):
+            prefixkern.prefix_decode_attention(*inputs, tensor_cores=True, **kw)
+        with decode_attention.mma_stages(" Auto"):
+            prefixkern.prefix_decode_attention(*inputs, tensor_cores=True, **kw)
         with decode_attention.mma_stages("3"), pytest.raises(ValueError, match="PREFIXKERN_DECODE_STAGES"):
             prefixkern.prefix_decode_attention(*inputs, tensor_cores=True, **kw)
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
-    assert [(call["tensor_cores"], call["stages"]) for call in ops.calls] == [(True, 1), (True, 2), (True, 2),
-                                                                               (False, 1)]
+    assert [(call["tensor_cores"], call["stages"]) for call in ops.calls] == [
+        (True, 0), (True, 2), (True, 2), (False, 1), (True, 1), (True, 0)]
 
 
 def test_tensor_core_kernel_refused_on_old_gpus_and_failed_self_checks(monkeypatch):

@@ -94,7 +94,8 @@ def run_emulated(binary: Path, workdir: Path, q, k, v, prefix_k, prefix_v, prefi
     (workdir / "params.txt").write_text("".join(f"{name} {float(value)!r}\n" for name, value in params.items()))
     result = subprocess.run([str(binary), str(workdir)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    splits, chunk, row_blocks, block_rows = (int(x) for x in (workdir / "plan.txt").read_text().split())
+    splits, chunk, row_blocks, block_rows, stages_run = (int(x) for x in (workdir / "plan.txt").read_text().split())
+    assert stages_run == (stages if tensor_cores else 1) or (tensor_cores and stages == 0 and stages_run in (1, 2))
     out = torch.from_file(str(workdir / "out_partial.bin"), size=splits * B * Hq * Sq * D, dtype=torch.float32)
     lse = torch.from_file(str(workdir / "lse_partial.bin"), size=splits * B * Hq * Sq, dtype=torch.float32)
     merged = torch.from_file(str(workdir / "out.bin"), size=B * Hq * Sq * D, dtype=q.dtype)
@@ -142,10 +143,58 @@ CASES = [
     (torch.float16, 256, 1, 8, 2, 3, 60, 10, "per_row", True, 2, 0),
     (torch.bfloat16, 256, 2, 4, 1, 1, 70, 9, "per_task", True, 0, 8),
 ]
-# The CUDA-core kernel, and the tensor-core one with one K/V stage and with two (the next tile's
-# copies issued before this one's products: the emulator copies at once, so this checks the stage
-# indexing and the tile order, not the asynchrony).
-KERNELS = {"simt": dict(tensor_cores=False), "mma": dict(tensor_cores=True), "mma2": dict(tensor_cores=True, stages=2)}
+# The CUDA-core kernel, and the tensor-core one with one K/V stage, with two (the next tile's copies
+# issued before this one's products: the emulator copies at once, so this checks the stage indexing
+# and the tile order, not the asynchrony), and with the launcher's choice (the default; the plan it
+# picks with, its stages' wave standing in for both).
+KERNELS = {"simt": dict(tensor_cores=False), "mma": dict(tensor_cores=True), "mma2": dict(tensor_cores=True, stages=2),
+           "mma_auto": dict(tensor_cores=True, stages=0)}
+
+
+def emulated_plan(binary: Path, workdir: Path, *, B, Hq, Hkv, Sq, L, P, D, wave, wave2, two_stages_fit=True,
+                  num_splits=0, stages=0) -> tuple[int, int, int]:
+    """``(stages, splits, chunk)`` the tensor-core launcher plans for a shape (no kernel run), with
+    ``wave`` / ``wave2`` standing in for the one- and two-stage blocks the GPU holds."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    params = dict(B=B, Hq=Hq, Hkv=Hkv, Sq=Sq, L=L, P=P, D=D, half=0, num_splits=num_splits, wave=wave, wave2=wave2,
+                  two_stages_fit=int(two_stages_fit), tensor_cores=1, stages=stages, plan_only=1)
+    (workdir / "params.txt").write_text("".join(f"{name} {float(value)!r}\n" for name, value in params.items()))
+    result = subprocess.run([str(binary), str(workdir)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    splits, chunk, _row_blocks, _rows, chosen = (int(x) for x in (workdir / "plan.txt").read_text().split())
+    return chosen, splits, chunk
+
+
+# The tensor-core launcher's choice of K/V stages (stages=0, the default) at the eighth run's decode
+# points on the H100 (132 SMs; blocks an SM holds, from the sm_90 build's registers and shared
+# memory: head dim 64 8 and 5, 128 6 and 3 (Nsight Compute read 6), 256 3 and 1, one and two stages),
+# and what the run timed there (two-stage time over one-stage): the rule picks two stages exactly
+# where they won.
+H100_STAGE_POINTS = [
+    # (name, Hq, Hkv, D, B, L, P, two-stage/one-stage time, stages the rule picks)
+    ("P30-L4096-B8", 32, 8, 128, 8, 4096, 30, 0.959, 2),
+    ("P128-L512-B1", 32, 8, 128, 1, 512, 128, 1.19, 1),       # one K/V tile a block
+    ("P30-L32768-B1", 32, 8, 128, 1, 32768, 30, 0.914, 2),
+    ("P30-L512-B64", 32, 8, 128, 64, 512, 30, 1.06, 1),       # 512 blocks, more than a two-stage wave
+    ("qwen-heads-P30-L4096-B8", 14, 2, 64, 8, 4096, 30, 0.905, 2),
+    ("d256-heads-P30-L4096-B8", 8, 4, 256, 8, 4096, 30, 0.929, 2),
+]
+H100_BLOCKS_PER_SM = {64: (8, 5), 128: (6, 3), 256: (3, 1)}
+
+
+@pytest.mark.parametrize("point", H100_STAGE_POINTS, ids=lambda p: p[0])
+def test_launcher_picks_two_stages_where_they_won(emulator, tmp_path, point):
+    name, hq, hkv, d, batch, cache, prefix, measured, want = point
+    one, two = H100_BLOCKS_PER_SM[d]
+    shape = dict(B=batch, Hq=hq, Hkv=hkv, Sq=1, L=cache, P=prefix, D=d, wave=132 * one, wave2=132 * two)
+    stages, splits, chunk = emulated_plan(emulator, tmp_path, **shape)
+    assert stages == want and (stages == 2) == (measured < 1), (name, stages, splits, chunk)
+    if stages == 2:
+        assert splits * batch * hkv <= 132 * two and chunk >= 128
+    # Forced stages and a GPU without the shared memory for two: the rule does not override either.
+    assert emulated_plan(emulator, tmp_path, **shape, stages=1)[0] == 1
+    assert emulated_plan(emulator, tmp_path, **shape, stages=2)[0] == 2
+    assert emulated_plan(emulator, tmp_path, **shape, two_stages_fit=False)[0] == 1
 
 
 def _block_rows(kernel: str, rows: int) -> int:

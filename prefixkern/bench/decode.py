@@ -42,8 +42,11 @@ def _cases(opts: Options):
         for layout, hq, hkv, d, p, cache, batch in OTHER_HEADS]
 
 
-CUDA_IMPLS = ("prefixkern", "prefixkern_tensor_cores", "prefixkern_cuda_cores", "prefixkern_two_stage",
-              "prefixkern_prefix_gemm")
+CUDA_IMPLS = ("prefixkern", "prefixkern_tensor_cores", "prefixkern_cuda_cores", "prefixkern_one_stage",
+              "prefixkern_two_stage", "prefixkern_prefix_gemm")
+# The tensor-core kernel with its K/V stages forced (the default leaves them to the launcher's rule
+# per call: plan_mma_decode in csrc/decode_common.cuh), timed beside the default.
+FORCED_STAGES_ROWS = {"prefixkern_one_stage": 1, "prefixkern_two_stage": 2}
 # The CUDA decode kernel the prefixkern row does not run, timed beside it (True: the tensor-core
 # kernel, False: the CUDA-core one): the default depends on the head dim (tensor_cores_by_default).
 OTHER_KERNEL_ROWS = {"prefixkern_tensor_cores": True, "prefixkern_cuda_cores": False}
@@ -141,8 +144,8 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             with use_backend("auto"):
                 return prefix_decode_attention(q, k, v, pk, pv, prefix_gemm=prefix_gemm, tensor_cores=tensor_cores)
 
-        def two_stage_decode():
-            with mma_stages(2):
+        def forced_stages_decode(stages):
+            with mma_stages(stages):
                 return cuda_decode(tensor_cores=True)
 
         def triton_decode():
@@ -157,9 +160,11 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             # The same work on the other CUDA kernel (OTHER_KERNEL_ROWS): mma.sync, or CUDA-core FMAs.
             "prefixkern_tensor_cores": lambda: cuda_decode(tensor_cores=True),
             "prefixkern_cuda_cores": lambda: cuda_decode(tensor_cores=False),
-            # The tensor-core kernel with two K/V stages (the next tile's copies in flight during this
-            # one's products; PREFIXKERN_DECODE_STAGES=2), against its one-stage default.
-            "prefixkern_two_stage": two_stage_decode,
+            # The tensor-core kernel with one K/V stage (copy, wait, compute; PREFIXKERN_DECODE_STAGES=1)
+            # and with two (the next tile's copies in flight during this one's products; =2), against
+            # the default, the launcher's choice between them per call.
+            "prefixkern_one_stage": lambda: forced_stages_decode(1),
+            "prefixkern_two_stage": lambda: forced_stages_decode(2),
             # The prefix's part as one cuBLAS GEMM over all rows, merged with the kernel's cache part.
             "prefixkern_prefix_gemm": lambda: cuda_decode(prefix_gemm=True),
             # The Triton decode kernel: key chunks over the SMs, one program per GQA group (what
@@ -179,7 +184,7 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                                   "nvcc or a failed build: see the warning); prefixkern_triton_decode is the fallback"))
                 continue
             reason = _other_kernel_skip(opts, impl, d) if impl in OTHER_KERNEL_ROWS else None
-            if impl == "prefixkern_two_stage":
+            if impl in FORCED_STAGES_ROWS:
                 reason = _tensor_cores_skip(opts)
             if reason:
                 skips.append(Skip("decode", name, impl, reason))

@@ -20,7 +20,8 @@ MLP_CASES = ("qwen2.5-0.5b", "bloomz-560m", "llama3-8b")
 # The decode rows read against issue 6: the default kernel's, and each other CUDA kernel's where the
 # file has it (the suite times the one the default does not run), labelled.
 DECODE_KERNEL_LABELS = {"prefixkern": "", "prefixkern_tensor_cores": " (tensor cores)",
-                        "prefixkern_cuda_cores": " (CUDA cores)", "prefixkern_two_stage": " (two-stage tensor cores)"}
+                        "prefixkern_cuda_cores": " (CUDA cores)", "prefixkern_one_stage": " (one-stage tensor cores)",
+                        "prefixkern_two_stage": " (two-stage tensor cores)"}
 
 
 @dataclasses.dataclass

@@ -36,31 +36,37 @@ _TENSOR_CORES_SETTING = os.environ.get("PREFIXKERN_DECODE_TENSOR_CORES")
 TENSOR_CORES: bool | None = None if _TENSOR_CORES_SETTING is None else _TENSOR_CORES_SETTING == "1"
 
 
-# K/V stages of the tensor-core kernel: 1 (a tile copied, waited for, then its products) or 2 (the
-# next tile's copies in flight while the block computes on this one; twice the shared memory, so half
-# the resident blocks). One by default: two is the experiment the decode suite times beside it
-# (prefixkern_two_stage), after the seventh H200 run read the one-stage kernel at 50-64% of the copy
-# rate where SDPA read 75%. PREFIXKERN_DECODE_STAGES=2 takes it for every tensor-core call.
-# (The setting parsed once here; a bad one is kept as given, for the error at the first call.)
-_STAGES_SETTING = os.environ.get("PREFIXKERN_DECODE_STAGES", "1")
-MMA_STAGES: int | str = int(_STAGES_SETTING) if _STAGES_SETTING.strip() in ("1", "2") else _STAGES_SETTING
+# K/V stages of the tensor-core kernel: 1 (a tile copied, waited for, then its products), 2 (the
+# next tile's copies in flight while the block computes on this one; twice the shared memory, so
+# fewer resident blocks), or 0, the default: the launcher picks per call (plan_mma_decode in
+# csrc/decode_common.cuh: two stages where their plan fits one wave and gives each block two K/V
+# tiles or more). The eighth run (H100) timed two stages at 0.905-0.959x the one-stage time at the
+# points that rule picks them, and 1.06-1.19x at the two it does not. PREFIXKERN_DECODE_STAGES=1, 2
+# or auto (0) sets it for every tensor-core call; the decode suite times both apart
+# (prefixkern_one_stage, prefixkern_two_stage). (The setting parsed once here; a bad one is kept as
+# given, for the error at the first call.)
+_STAGES_SETTING = os.environ.get("PREFIXKERN_DECODE_STAGES", "auto").strip().lower()
+_STAGES_VALUES = {"auto": 0, "0": 0, "1": 1, "2": 2}
+MMA_STAGES: int | str = _STAGES_VALUES.get(_STAGES_SETTING, _STAGES_SETTING)
 
 
-def mma_stages(stages: int):
-    """Run the block with the tensor-core decode kernel's K/V stages set to ``stages`` (1 or 2)."""
+def mma_stages(stages: int | str):
+    """Run the block with the tensor-core decode kernel's K/V stages set to ``stages``: 1, 2, or 0
+    (``"auto"``, the default) for the launcher's choice per call."""
     return override_global(globals(), "MMA_STAGES", stages)
 
 
 def _mma_stages() -> int:
-    """``MMA_STAGES`` as 1 or 2; a ValueError naming the setting otherwise. Every tensor-core
-    decoding call asks: an int, the usual case, is returned without parsing."""
+    """``MMA_STAGES`` as 0 (the launcher's choice), 1 or 2; a ValueError naming the setting
+    otherwise. Every tensor-core decoding call asks: an int, the usual case, is returned without
+    parsing."""
     stages = MMA_STAGES
-    if stages == 1 or stages == 2:
+    if stages == 0 or stages == 1 or stages == 2:
         return stages
-    if isinstance(stages, str) and stages.strip() in ("1", "2"):
-        return int(stages)
-    raise ValueError(f"PREFIXKERN_DECODE_STAGES (the tensor-core decode kernel's K/V stages) must be 1 or 2, "
-                     f"got {MMA_STAGES!r}")
+    if isinstance(stages, str) and stages.strip().lower() in _STAGES_VALUES:
+        return _STAGES_VALUES[stages.strip().lower()]
+    raise ValueError(f"PREFIXKERN_DECODE_STAGES (the tensor-core decode kernel's K/V stages) must be 1, 2 or "
+                     f"auto, got {MMA_STAGES!r}")
 
 
 def tensor_core_decoding(enabled: bool | None = True):

@@ -4,14 +4,16 @@
 //
 //   decode_emulator DIR
 //   DIR/params.txt: "name value" lines (shapes, dtype, strides in elements, splits, which kernel:
-//   tensor_cores 0/1, and the tensor-core kernel's K/V stages 1/2; see run)
+//   tensor_cores 0/1, and the tensor-core kernel's K/V stages 1/2, or 0 for the launcher's rule with
+//   `wave2`, the two-stage blocks the GPU holds, and `two_stages_fit`; see run)
 //   DIR/{q,k,v,prefix_k,prefix_v}.bin: 16-bit storage the strides index; prefix_index.bin (int64),
 //   key_padding_mask.bin (uint8) when has_index / has_mask.
 //   Writes DIR/out_partial.bin (float32 [splits, B, Hq, Sq, D]), DIR/lse_partial.bin (float32
 //   [splits, B, Hq, Sq]), the merge kernel's DIR/out.bin (16-bit [B, Hq, Sq, D]) and DIR/lse.bin
-//   (float32 [B, Hq, Sq]), and DIR/plan.txt ("splits chunk row_blocks"); for a plan of one split also
-//   DIR/direct_out.bin and DIR/direct_lse.bin, what the kernel writes when it writes the result itself.
-//   merge_only 1 in params.txt: the merge kernel alone (run_merge).
+//   (float32 [B, Hq, Sq]), and DIR/plan.txt ("splits chunk row_blocks rows_per_block stages"); for a
+//   plan of one split also DIR/direct_out.bin and DIR/direct_lse.bin, what the kernel writes when it
+//   writes the result itself. merge_only 1 in params.txt: the merge kernel alone (run_merge);
+//   plan_only 1: plan.txt alone (no inputs read, no kernel run), for the plans of full-size shapes.
 #include "cuda_emulator.h"
 
 #include "merge_attention_states.cuh"
@@ -60,13 +62,27 @@ void run(const std::string& dir, std::map<std::string, double>& a) {
   const int B = get("B"), Hq = get("Hq"), Hkv = get("Hkv"), Sq = get("Sq"), L = get("L"), P = get("P");
   const int group = Hq / Hkv;
   const bool tensor_cores = get("tensor_cores") != 0;
-  const int stages = a.count("stages") != 0 ? get("stages") : 1;
-  // The launcher's plan (prefix_decode.cu): `wave` stands in for the GPU's resident blocks.
+  // The launcher's plan (prefix_decode.cu): `wave` (and `wave2`, two-stage blocks) stand in for the
+  // GPU's resident blocks.
   // The CUDA-core kernel's rows per block, sized to the group as the launcher sizes it.
   const int rows = simt_rows(group * Sq);
-  const DecodePlan plan = tensor_cores
-      ? plan_decode(B, Hkv, group, Sq, P, L, kMmaRows, kMmaTileKeys, get("wave"), get("num_splits"))
-      : plan_decode(B, Hkv, group, Sq, P, L, rows, tile_keys(HEAD_DIM), get("wave"), get("num_splits"));
+  auto param = [&](const char* name, int64_t fallback) { return a.count(name) != 0 ? get(name) : fallback; };
+  DecodePlan plan;
+  int stages = 1;
+  if (tensor_cores) {
+    const MmaDecodePlan chosen = plan_mma_decode(
+        B, Hkv, group, Sq, P, L, kMmaRows, kMmaTileKeys, get("wave"), param("wave2", get("wave")),
+        param("two_stages_fit", 1) != 0, get("num_splits"), param("stages", 1));
+    plan = chosen.plan;
+    stages = chosen.stages;
+  } else {
+    plan = plan_decode(B, Hkv, group, Sq, P, L, rows, tile_keys(HEAD_DIM), get("wave"), get("num_splits"));
+  }
+  auto write_plan = [&] {
+    std::ofstream(dir + "/plan.txt") << plan.splits << " " << plan.chunk << " " << plan.row_blocks << " "
+                                     << (tensor_cores ? kMmaRows : rows) << " " << stages << "\n";
+  };
+  if (param("plan_only", 0) != 0) return write_plan();
 
   auto q = read_file<T>(dir + "/q.bin");
   auto k = read_file<T>(dir + "/k.bin");
@@ -143,8 +159,7 @@ void run(const std::string& dir, std::map<std::string, double>& a) {
   });
   write_file(dir + "/out.bin", out);
   write_file(dir + "/lse.bin", lse);
-  std::ofstream(dir + "/plan.txt") << plan.splits << " " << plan.chunk << " " << plan.row_blocks << " "
-                                   << (tensor_cores ? kMmaRows : rows) << "\n";
+  write_plan();
 }
 
 // merge_only mode: the merge kernel alone, on DIR/out_partial.bin (float32, `offset` floats of

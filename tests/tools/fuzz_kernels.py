@@ -257,8 +257,10 @@ def cuda_decode_case(rng: random.Random, seed: int, notes: list) -> None:
     wave = rng.choice([0, 8, 132]) if splits == 0 else 0
     tensor_cores = rng.random() < 0.5
     # (drawn last: the earlier draws, and so the cases of seeds run before, stay as they were)
-    stages = rng.choice([1, 2]) if tensor_cores else 1
-    notes.append(f"{'mma' if tensor_cores else 'simt'}{'' if stages == 1 else ' 2 stages'} {dtype} D{head_dim} "
+    # (0: the launcher's choice, with `wave` standing in for both stages' waves; drawn since the
+    # choice became the default, so seeds before it drew 1 or 2)
+    stages = rng.choice([0, 1, 2]) if tensor_cores else 1
+    notes.append(f"{'mma' if tensor_cores else 'simt'}{({0: ' auto stages', 1: '', 2: ' 2 stages'})[stages]} {dtype} D{head_dim} "
                  f"B{batch} Hq{kv_heads * group} "
                    f"Hkv{kv_heads} Sq{seq_q} L{cache_len} P{prefix_len} {prefix} padding={padding} "
                    f"splits={splits} wave={wave}")
