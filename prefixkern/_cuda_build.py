@@ -117,8 +117,8 @@ def self_check(ops, tensor_cores: bool = False, device: torch.device | None = No
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
-    # (ops/decode_attention.py parses the same setting; a bad one fails there, at the first call)
-    stages = {"1": 1, "2": 2}.get(os.environ.get("PREFIXKERN_DECODE_STAGES", "auto").strip(), 0)
+    stages = decode_stages_setting()
+    stages = stages if stages in (1, 2) else 0      # (a bad setting fails at decoding's first call)
     # Every head dim (their instances map threads to output columns differently); 305 keys in two
     # splits put two or more K/V tiles in a split at each of them (tiles of 128, 64 and 32 keys),
     # so the online softmax rescales within a split.
@@ -151,6 +151,18 @@ def self_check(ops, tensor_cores: bool = False, device: torch.device | None = No
                 kernel = "tensor-core" if tensor_cores else "CUDA"
                 raise RuntimeError(f"the {kernel} decode kernel disagrees with the reference ({name}, {dtype}, "
                                    f"D={head_dim}: max error {err:.3g})")
+
+
+# PREFIXKERN_DECODE_STAGES's values: the tensor-core decode kernel's K/V stages, 0 the launcher's
+# choice per call (see ops/decode_attention.py).
+DECODE_STAGES_VALUES = {"auto": 0, "0": 0, "1": 1, "2": 2}
+
+
+def decode_stages_setting(value: str | None = None) -> int | str:
+    """``PREFIXKERN_DECODE_STAGES`` (or ``value``) as 0, 1 or 2; a value it cannot read comes back
+    as given, for the caller's error (decoding raises it at its first call, naming the variable)."""
+    raw = os.environ.get("PREFIXKERN_DECODE_STAGES", "auto") if value is None else value
+    return DECODE_STAGES_VALUES.get(raw.strip().lower(), raw)
 
 
 @functools.lru_cache(maxsize=None)

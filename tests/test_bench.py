@@ -936,7 +936,7 @@ def test_decode_rows_note_their_time_after_the_other_l2_flush(monkeypatch):
     def broken(fn, **kw):
         raise RuntimeError("out of memory")
 
-    note = common.other_flush_note(broken, lambda: None, 1, quick=True)
+    note = common.other_flush_note(broken, lambda: None, 1)
     assert note == "after a read flush: failed (RuntimeError: out of memory)"
 
 

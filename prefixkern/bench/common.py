@@ -207,13 +207,13 @@ def other_l2_flush() -> str:
     return "zero" if L2_FLUSH == "read" else "read"
 
 
-def other_flush_note(time_fn: Callable[..., float | None], fn: Callable[[], object], nbytes: int, *,
-                     quick: bool) -> str:
+def other_flush_note(time_fn: Callable[..., float | None], fn: Callable[[], object], nbytes: int) -> str:
     """``fn`` (a row already timed) timed again after ``other_l2_flush()`` by ``time_fn`` (the suite's
-    ``time_ms``), as the row's note (``flush_note``); a failure there is noted, not the row's."""
+    ``time_ms``), as the row's note (``flush_note``); a failure there is noted, not the row's. Full
+    runs only (OTHER_FLUSH_IN_FULL_RUNS), so timed as a full run times."""
     other = other_l2_flush()
     try:
-        return flush_note(other, time_fn(fn, on_gpu=True, quick=quick, flush=other), nbytes)
+        return flush_note(other, time_fn(fn, on_gpu=True, quick=False, flush=other), nbytes)
     except Exception as exc:      # (the row's own timing passed: its figures stand)
         return f"after a {other} flush: failed ({type(exc).__name__}: {str(exc)[:200]})"
 

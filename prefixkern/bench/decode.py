@@ -196,7 +196,7 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             if record.ms:
                 record.gbps = kv_bytes / (record.ms * 1e-3) / 1e9
                 if not opts.quick:      # (OTHER_FLUSH_IN_FULL_RUNS)
-                    record.add_note(other_flush_note(time_ms, fn, kv_bytes, quick=opts.quick))
+                    record.add_note(other_flush_note(time_ms, fn, kv_bytes))
             records.append(record)
         got, skipped = _run_steps(opts, progress, name, q, k, v, pk, pv, cat_k, cat_v, randn)
         records += got

@@ -68,6 +68,12 @@ def autocast_of(shape: MlpShape, device, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
+def p_rows_compute_dtype(shape: MlpShape, dtype: torch.dtype) -> torch.dtype | None:
+    """The product dtype of the suite's ``torch_p_rows`` row (the same math in PyTorch on P rows):
+    under autocast, what autocast's Linear computes in; else None, the parameters' own."""
+    return dtype if shape.autocast else None
+
+
 def fused_step(shape: MlpShape, device, out_dtype: torch.dtype, backward: bool = True, p_rows: bool = False):
     """A call of the fused MLP at ``shape`` as the suite makes it (``autocast_of``): its forward and,
     with ``backward``, the backward of a fixed random gradient, the parameters' gradients cleared
@@ -78,7 +84,7 @@ def fused_step(shape: MlpShape, device, out_dtype: torch.dtype, backward: bool =
     kw = dict(num_layers=shape.L, num_kv_heads=shape.Hkv, head_dim=shape.D, out_dtype=out_dtype)
     gen = torch.Generator().manual_seed(1)
     grad = torch.randn(shape.L, 2, shape.Hkv, shape.P, shape.D, generator=gen).to(device, out_dtype)
-    compute = out_dtype if shape.autocast else None
+    compute = p_rows_compute_dtype(shape, out_dtype)
 
     def step():
         for p in params:
@@ -171,8 +177,7 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             with forward_context():
                 return fused_prefix_mlp(*params, **kw, out_dtype=opts.dtype)
 
-        # The same math in PyTorch on P rows: under autocast, what autocast's Linear computes.
-        compute = opts.dtype if shape.autocast else None
+        compute = p_rows_compute_dtype(shape, opts.dtype)
         impls = {"prefixkern": ours}
         # The same kernels on the other launch path, timed right after the prefixkern row: the raw
         # launch (PREFIXKERN_RAW_LAUNCH=1) where the plain one is the default, else the plain one.
@@ -237,7 +242,7 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
                         record.gbps = w2_bytes * (2 if pass_ == "fwd_bwd" else 1) / (record.ms * 1e-3) / 1e9
                         # Issue 3's bandwidth target reads the forward (OTHER_FLUSH_IN_FULL_RUNS).
                         if pass_ == "fwd" and not opts.quick:
-                            record.add_note(other_flush_note(time_ms, call, w2_bytes, quick=opts.quick))
+                            record.add_note(other_flush_note(time_ms, call, w2_bytes))
                 except Exception as exc:       # a kernel failing
                     record.fail(exc)
                 records.append(record)

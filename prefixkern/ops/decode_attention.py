@@ -45,9 +45,7 @@ TENSOR_CORES: bool | None = None if _TENSOR_CORES_SETTING is None else _TENSOR_C
 # or auto (0) sets it for every tensor-core call; the decode suite times both apart
 # (prefixkern_one_stage, prefixkern_two_stage). (The setting parsed once here; a bad one is kept as
 # given, for the error at the first call.)
-_STAGES_SETTING = os.environ.get("PREFIXKERN_DECODE_STAGES", "auto").strip().lower()
-_STAGES_VALUES = {"auto": 0, "0": 0, "1": 1, "2": 2}
-MMA_STAGES: int | str = _STAGES_VALUES.get(_STAGES_SETTING, _STAGES_SETTING)
+MMA_STAGES: int | str = _cuda_build.decode_stages_setting()
 
 
 def mma_stages(stages: int | str):
@@ -63,8 +61,9 @@ def _mma_stages() -> int:
     stages = MMA_STAGES
     if stages == 0 or stages == 1 or stages == 2:
         return stages
-    if isinstance(stages, str) and stages.strip().lower() in _STAGES_VALUES:
-        return _STAGES_VALUES[stages.strip().lower()]
+    parsed = _cuda_build.decode_stages_setting(stages) if isinstance(stages, str) else None
+    if isinstance(parsed, int):
+        return parsed
     raise ValueError(f"PREFIXKERN_DECODE_STAGES (the tensor-core decode kernel's K/V stages) must be 1, 2 or "
                      f"auto, got {MMA_STAGES!r}")
 

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .. import reference
-from .._backend import eager_function, launch_directly, use_triton
+from .._backend import eager_function, launch_directly, lazy_modules, use_triton
 from ._checks import check_prefix_attention_args, check_prefix_attention_varlen_args
 
 
@@ -46,22 +46,9 @@ def _forward_launch(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
         )
 
 
-_KERNELS = None
-
-
-def _kernels():
-    """The kernel modules (``fwd``, ``bwd``, ``launch``, ``common``), imported on first use: ``import
-    prefixkern`` does not import Triton. Kept as modules, looked up per call (tests replace their
-    functions); an import statement per call cost the host about 0.6 us each, three per layer."""
-    global _KERNELS
-    if _KERNELS is None:
-        import types
-
-        from ..kernels import _attention_common, _launch, prefix_attention_bwd, prefix_attention_fwd
-
-        _KERNELS = types.SimpleNamespace(fwd=prefix_attention_fwd, bwd=prefix_attention_bwd, launch=_launch,
-                                         common=_attention_common)
-    return _KERNELS
+# The kernel modules, imported at the first call (lazy_modules).
+_kernels = lazy_modules(fwd="prefixkern.kernels.prefix_attention_fwd", bwd="prefixkern.kernels.prefix_attention_bwd",
+                        launch="prefixkern.kernels._launch", common="prefixkern.kernels._attention_common")
 
 
 def _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._backend import eager_function, launch_directly, use_triton
+from .._backend import eager_function, launch_directly, lazy_modules, use_triton
 from ._checks import FLOAT_DTYPES, check_float, check_tensor
 
 __all__ = ["fused_prefix_mlp", "check_prefix_mlp_args", "tf32x3_products"]
@@ -101,22 +101,8 @@ def prefix_mlp_fwd(
                            dropout_p, seed)
 
 
-_KERNELS = None
-
-
-def _kernels():
-    """The kernel modules (``mlp``: kernels/prefix_mlp.py, ``launch``: kernels/_launch.py), imported
-    on first use: ``import prefixkern`` does not import Triton. Looked up per call (tests replace
-    their functions); two import statements per launcher call cost the host about 8 us on this repo's
-    CPU machine, a tenth of the fused forward's host time at Qwen2.5-0.5B size."""
-    global _KERNELS
-    if _KERNELS is None:
-        import types
-
-        from ..kernels import _launch, prefix_mlp
-
-        _KERNELS = types.SimpleNamespace(mlp=prefix_mlp, launch=_launch)
-    return _KERNELS
+# The kernel modules, imported at the first call (lazy_modules).
+_kernels = lazy_modules(mlp="prefixkern.kernels.prefix_mlp", launch="prefixkern.kernels._launch")
 
 
 def _forward_launch(embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, out_dtype, compute_dtype,
