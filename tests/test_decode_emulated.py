@@ -66,6 +66,13 @@ def _write_storage(path: Path, t: torch.Tensor) -> None:
     flat.numpy().tofile(path)
 
 
+def _run_binary(binary: Path, workdir: Path, params: dict, timeout: int = 600) -> None:
+    """Write ``params`` as the emulator's params.txt in ``workdir`` and run it there."""
+    (workdir / "params.txt").write_text("".join(f"{name} {float(value)!r}\n" for name, value in params.items()))
+    result = subprocess.run([str(binary), str(workdir)], capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def run_emulated(binary: Path, workdir: Path, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale,
                  num_splits, tensor_cores: bool, wave: int = 0, stages: int = 1):
     """``(out_partial, lse_partial, (splits, chunk, row_blocks, rows per block), out, lse)``: the
@@ -91,9 +98,7 @@ def run_emulated(binary: Path, workdir: Path, q, k, v, prefix_k, prefix_v, prefi
         mask = key_padding_mask.to(torch.uint8).contiguous()
         _write_storage(workdir / "key_padding_mask.bin", mask)
         params.update(kpm_sb=mask.stride(0), kpm_ss=mask.stride(1))
-    (workdir / "params.txt").write_text("".join(f"{name} {float(value)!r}\n" for name, value in params.items()))
-    result = subprocess.run([str(binary), str(workdir)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    _run_binary(binary, workdir, params)
     splits, chunk, row_blocks, block_rows, stages_run = (int(x) for x in (workdir / "plan.txt").read_text().split())
     assert stages_run == (stages if tensor_cores else 1) or (tensor_cores and stages == 0 and stages_run in (1, 2))
     out = torch.from_file(str(workdir / "out_partial.bin"), size=splits * B * Hq * Sq * D, dtype=torch.float32)
@@ -158,9 +163,7 @@ def emulated_plan(binary: Path, workdir: Path, *, B, Hq, Hkv, Sq, L, P, D, wave,
     workdir.mkdir(parents=True, exist_ok=True)
     params = dict(B=B, Hq=Hq, Hkv=Hkv, Sq=Sq, L=L, P=P, D=D, half=0, num_splits=num_splits, wave=wave, wave2=wave2,
                   two_stages_fit=int(two_stages_fit), tensor_cores=1, stages=stages, plan_only=1)
-    (workdir / "params.txt").write_text("".join(f"{name} {float(value)!r}\n" for name, value in params.items()))
-    result = subprocess.run([str(binary), str(workdir)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr[-2000:]
+    _run_binary(binary, workdir, params, timeout=60)
     splits, chunk, _row_blocks, _rows, chosen = (int(x) for x in (workdir / "plan.txt").read_text().split())
     return chosen, splits, chunk
 
@@ -254,9 +257,7 @@ def run_merge_emulated(binary: Path, workdir: Path, out_partial: torch.Tensor, l
     lse_partial.contiguous().numpy().tofile(workdir / "lse_partial.bin")
     params = dict(merge_only=1, half=int(out_dtype == torch.float16), splits=splits, rows=rows, D=head_dim,
                   offset=offset)
-    (workdir / "params.txt").write_text("".join(f"{name} {float(value)!r}\n" for name, value in params.items()))
-    result = subprocess.run([str(binary), str(workdir)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    _run_binary(binary, workdir, params)
     out = torch.from_file(str(workdir / "out.bin"), size=rows * head_dim, dtype=out_dtype).view(rows, head_dim)
     lse = torch.from_file(str(workdir / "lse.bin"), size=rows, dtype=torch.float32)
     return out, lse
