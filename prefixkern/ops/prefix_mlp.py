@@ -124,7 +124,7 @@ def _(embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, out_dtype, 
     num_rows = embedding.shape[0]
     out = embedding.new_empty((num_layers, 2, num_kv_heads, num_rows, head_dim), dtype=out_dtype)
     if w1 is None:
-        return out, embedding.new_empty((0,), dtype=torch.float32)
+        return out, _absent(embedding)
     return out, embedding.new_empty((num_rows, w1.shape[0]), dtype=torch.float32)
 
 
