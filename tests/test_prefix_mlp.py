@@ -415,6 +415,7 @@ def test_backward_writes_every_gradient_element(monkeypatch, P, hidden, layout, 
     column mask: ``_kv_tile_pointers``), 20 by per-column offsets."""
     from prefixkern.kernels import prefix_mlp as kernels
 
+    _fresh_tuner(monkeypatch, device)
     launched = _record_launches(monkeypatch)
     if launches == "library":
         _force_candidate(monkeypatch, kernels, kernels.LIBRARY_PRODUCTS)
@@ -451,11 +452,22 @@ def test_backward_writes_every_gradient_element(monkeypatch, P, hidden, layout, 
     for name, ours, ref in zip(names, got, wanted):
         assert not torch.isnan(ours).any(), f"{name}: elements left unwritten"
         torch.testing.assert_close(ours.double(), ref, atol=1e-4, rtol=1e-4, msg=name)
-    if device == "cpu":       # (on a GPU the first candidate of the table runs, whatever the test set)
+    if device.type == "cpu":       # (on a GPU the first candidate of the table runs, whatever the test set)
         roles = [meta["ROLES"] for name, meta in launched if name == "prefix_mlp_bwd_kernel"]
         strips = launches == "strips" and P <= kernels.bwd_block_p(P, "ieee")
         expected = {1: ["both"], "library": []}.get(launches, ["dh", "dw2_strip" if strips else "dw2"])
         assert roles == expected
+
+
+def _fresh_tuner(monkeypatch, device) -> None:
+    """On the CPU, forget the tiles the tuner holds for the rest of the test: the interpreter's
+    tables have one tile each, which a test replaces (``INTERPRETER_BWD_TILE``), and the tuner
+    would otherwise keep the tile an earlier test of the same sizes got. (A GPU keeps its tuning:
+    there the tables' own candidates run, whatever the test set.)"""
+    from prefixkern.kernels import _launch
+
+    if device.type == "cpu":
+        monkeypatch.setattr(_launch, "_TUNED", {})
 
 
 def _record_launches(monkeypatch) -> list:
@@ -567,9 +579,8 @@ def test_launched_tiles_name_every_field(monkeypatch, device):
     assert set(tiles) == {"fwd", "bwd", "gemm", "gemm-pair"}
     assert tiles["fwd"] == fused["fwd"].removesuffix(",fused_hidden=True"), (tiles, fused)
     assert tiles["bwd"].startswith("DH_BLOCK_N=") and tiles["bwd"].count("=") == 6, tiles["bwd"]
-    if device == "cpu":       # the interpreter's one tile, made a two-launch one
-        from prefixkern.kernels import prefix_mlp as kernels
-
+    if device.type == "cpu":       # the interpreter's one tile, made a two-launch one
+        _fresh_tuner(monkeypatch, device)
         monkeypatch.setattr(kernels, "INTERPRETER_BWD_TILE", kernels.INTERPRETER_BWD_TILE._replace(
             dw_num_warps=4, dw_num_stages=1))
         with prefixkern.use_backend("triton"):
