@@ -49,6 +49,32 @@ def record_launches(monkeypatch, modules, entry=lambda kernel, meta: (kernel.fn.
     return launched
 
 
+def record_launch_arguments(monkeypatch, modules):
+    """Record the launches of ``modules`` (launch_kernel stood in for; nothing runs): each as its
+    kernel, grid, meta and arguments, a tensor argument given as its index among ``known`` (the
+    caller's tensors, compared by identity) or as its shape, strides and dtype (one the launcher
+    allocated)."""
+    launches, known = [], []
+
+    class Launched:
+        n_spills = 0
+
+    def record(kernel, grid, *args, **meta):
+        def canon(a):
+            if isinstance(a, torch.Tensor):
+                for i, t in enumerate(known):
+                    if a is t:
+                        return ("input", i)
+                return ("new", tuple(a.shape), a.stride(), a.dtype)
+            return a
+        launches.append((kernel.fn.__name__, tuple(grid), tuple(canon(a) for a in args), dict(meta)))
+        return Launched()
+
+    for module in modules:
+        monkeypatch.setattr(module, "launch_kernel", record)
+    return launches, known
+
+
 @pytest.fixture(autouse=True)
 def _fresh_launch_plans():
     """Each test starts without kept launch plans: tests replace launcher helpers and tables

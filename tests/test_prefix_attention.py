@@ -18,7 +18,7 @@ import prefixkern
 from prefixkern import reference
 from prefixkern._backend import use_backend
 
-from conftest import HAS_CUDA, TOLERANCES, assert_same_values_and_gradients, record_launches
+from conftest import HAS_CUDA, TOLERANCES, assert_same_values_and_gradients, record_launch_arguments, record_launches
 
 
 @dataclass(frozen=True)
@@ -863,39 +863,13 @@ def test_raw_launch_of_a_plan_skips_the_argument_key(monkeypatch):
     assert recorded == [(x, None, 9)] and len(runs) == launches and plan.raw is not None
 
 
-def _recorded_launches(monkeypatch, modules):
-    """Record the launches of ``modules`` (launch_kernel stood in for; nothing runs): each as its
-    kernel, grid, meta and arguments, a tensor argument given as its index among ``known`` (the
-    caller's tensors, compared by identity) or as its shape, strides and dtype (one the launcher
-    allocated)."""
-    launches, known = [], []
-
-    class Launched:
-        n_spills = 0
-
-    def record(kernel, grid, *args, **meta):
-        def canon(a):
-            if isinstance(a, torch.Tensor):
-                for i, t in enumerate(known):
-                    if a is t:
-                        return ("input", i)
-                return ("new", tuple(a.shape), a.stride(), a.dtype)
-            return a
-        launches.append((kernel.fn.__name__, tuple(grid), tuple(canon(a) for a in args), dict(meta)))
-        return Launched()
-
-    for module in modules:
-        monkeypatch.setattr(module, "launch_kernel", record)
-    return launches, known
-
-
 def test_grids_stay_within_cuda_limits_for_many_rows_and_heads(monkeypatch):
     """CUDA caps grid.y and grid.z at 65535: 1100 rows of 64 heads (70400 row-heads) must still
     launch, so no launch puts rows times heads on one of those axes (launches recorded, not run)."""
     from prefixkern.kernels import prefix_attention_bwd as bwd
     from prefixkern.kernels import prefix_attention_fwd as fwd
 
-    launches, _ = _recorded_launches(monkeypatch, (fwd, bwd))
+    launches, _ = record_launch_arguments(monkeypatch, (fwd, bwd))
     # The heavy-first grid and the launch order's; the backward in two launches and in one.
     for causal, one_launch in itertools.product((True, False), (True, False)):
         launches.clear()
@@ -934,7 +908,7 @@ def test_launch_plans_replay_the_launch_they_were_made_from(monkeypatch, case, d
 
     monkeypatch.setattr(fwd, "_PLANS", {})
     monkeypatch.setattr(bwd, "_PLANS", {})
-    launches, known = _recorded_launches(monkeypatch, (fwd, bwd))
+    launches, known = record_launch_arguments(monkeypatch, (fwd, bwd))
     inputs, kwargs = make_inputs(case, "cpu")
     seed = torch.tensor([1234]) if dropout_p else None
     options = dict(kwargs, softmax_scale=0.3, dropout_p=dropout_p, seed=seed)
@@ -974,7 +948,7 @@ def test_launch_plans_follow_the_switches_and_the_tuner(monkeypatch):
 
     monkeypatch.setattr(fwd, "_PLANS", {})
     monkeypatch.setattr(bwd, "_PLANS", {})
-    launches, _ = _recorded_launches(monkeypatch, (fwd, bwd))
+    launches, _ = record_launch_arguments(monkeypatch, (fwd, bwd))
     inputs, kwargs = make_inputs(Case(), "cpu")
     options = dict(kwargs, softmax_scale=0.3, dropout_p=0.0, seed=None)
     lse = torch.zeros(2, 4, 17)

@@ -15,7 +15,8 @@ from prefixkern import reference
 from prefixkern.ops.prefix_mlp import fused_prefix_mlp
 from prefixkern.prefix_encoder import PrefixEncoder
 
-from conftest import HAS_CUDA, TOLERANCES, assert_same_values_and_gradients, record_launches
+from conftest import (HAS_CUDA, TOLERANCES, assert_same_values_and_gradients, record_launch_arguments,
+                      record_launches)
 
 SMALL = dict(num_layers=2, num_kv_heads=2, head_dim=12)   # N = 96, token_dim d = 24
 SMALL_HIDDEN = 20
@@ -310,8 +311,10 @@ def test_eager_launch_skips_the_dispatcher_and_equals_the_custom_op(device):
 @pytest.mark.parametrize("projection", [True, False])
 def test_raw_launch_equals_a_plain_launch(monkeypatch, projection, device):
     """PREFIXKERN_RAW_LAUNCH=1 gives the same prefix and parameter gradients bit for bit, with
-    dropout (its seed tensor is a kernel argument too)."""
+    dropout (its seed tensor is a kernel argument too): its first launches (through launch_kernel)
+    and its later ones (the compiled kernels the launch plans kept, given the tensors' addresses)."""
     from prefixkern.kernels import _launch
+    from prefixkern.kernels import prefix_mlp as kernels
 
     def run(raw):
         monkeypatch.setattr(_launch, "RAW_POINTERS", raw)
@@ -324,8 +327,16 @@ def test_raw_launch_equals_a_plain_launch(monkeypatch, projection, device):
         kv.backward(torch.randn(kv.shape, generator=torch.Generator().manual_seed(1)).to(kv))
         return [kv] + [p.grad for p in encoder.parameters()]
 
-    for got, want in zip(run(True), run(False)):
-        assert torch.equal(got, want)
+    want = run(False)
+    first = run(True)
+    steps = [*kernels._COPY_PLANS.values()]
+    for chain in (*kernels._FWD_PLANS.values(), *kernels._BWD_PLANS.values()):
+        for step in chain.steps:
+            steps += getattr(step, "plans", [step])         # (a LaunchGroup's launches)
+    assert steps and all(plan.raw is not None for plan in steps)
+    again = run(True)
+    for got_first, got_again, expected in zip(first, again, want):
+        assert torch.equal(got_first, expected) and torch.equal(got_again, expected)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,14 +396,18 @@ def test_torch_compile_traces_the_autocast_choice(device):
 def _force_candidate(monkeypatch, kernels, tile, tuned=("mlp-bwd",)) -> None:
     """The launches tuned under the names ``tuned`` (the backward's, by default) take ``tile`` (a
     BwdTile or LIBRARY_PRODUCTS; a matmul tile for "mlp-matmul" and "mlp-matmul-pair") whatever
-    their candidates, and report it as a tuned choice (``launched_tiles``)."""
+    their candidates, and report it as a tuned choice (``launched_tiles``). The launch plans kept
+    so far are dropped, and the tuner holds ``tile`` for each key forced from now on (undone with
+    the test), so the plans made with it stay current (``LaunchPlan.current``)."""
     from prefixkern.kernels import _launch
 
     real_pick = kernels.pick_config
+    _launch.forget_plans()
 
     def pick(key, candidates, launch):
         if key[0] not in tuned:
             return real_pick(key, candidates, launch)
+        monkeypatch.setitem(_launch._TUNED, key, tile)
         _launch._LAST[key[0]] = tile
         return tile
 
@@ -589,6 +604,98 @@ def test_launched_tiles_name_every_field(monkeypatch, device):
     assert tiles["fwd"].startswith("BLOCK_P=") and tiles["fwd"].count("=") == 5, tiles
     assert tiles["gemm"].count("=") == 5 and tiles["gemm-pair"].count("=") == 5, tiles
     assert launched_tiles() == {}
+
+
+def _plan_case(P: int, bias: bool, dropout_p: float):
+    """Parameters, seed, a gradient with P outermost and an H for ``kernels.prefix_mlp_forward`` and
+    ``prefix_mlp_backward`` at SMALL's sizes (d = 24, h = SMALL_HIDDEN), for recorded launches."""
+    N = 2 * SMALL["num_layers"] * SMALL["num_kv_heads"] * SMALL["head_dim"]
+    params = [torch.randn(P, 24), torch.randn(SMALL_HIDDEN, 24), torch.randn(SMALL_HIDDEN) if bias else None,
+              torch.randn(N, SMALL_HIDDEN), torch.randn(N) if bias else None]
+    seed = torch.tensor([77]) if dropout_p else None
+    grad = torch.randn(P, SMALL["num_layers"], 2, SMALL["num_kv_heads"], SMALL["head_dim"]).permute(1, 2, 3, 0, 4)
+    return params, seed, grad, torch.zeros(P, SMALL_HIDDEN)
+
+
+def _mlp_launches(kernels, launches, params, seed, grad, hidden, dropout_p):
+    """The launches one forward and one backward make (recorded by ``record_launch_arguments``)."""
+    launches.clear()
+    kernels.prefix_mlp_forward(*params, **SMALL, out_dtype=torch.bfloat16, compute_dtype=torch.float32,
+                               dropout_p=dropout_p, seed=seed)
+    kernels.prefix_mlp_backward(grad, *params, hidden, **SMALL, compute_dtype=torch.float32, dropout_p=dropout_p,
+                                seed=seed)
+    return list(launches)
+
+
+@pytest.mark.parametrize("P,bias,dropout_p,small,two_launch", [
+    (5, True, 0.0, True, False), (5, True, 0.0, False, False), (17, False, 0.3, False, True),
+    (9, True, 0.3, True, True)])
+def test_launch_plans_replay_the_launches_they_were_made_from(monkeypatch, P, bias, dropout_p, small, two_launch):
+    """A forward or backward whose layout has a kept launch plan launches exactly what the call
+    that made the plan launched (kernel, grid, constexprs, every argument; its own tensors in the
+    same places), and exactly what a call without plans launches: a small MLP's one-launch forward
+    and first Linear's backward, the larger one's first GEMM, tanh kernel and GEMM pair, dropout's
+    gradient rows (a plan of their own), the products in one launch and in two. Launches recorded,
+    not run."""
+    from prefixkern.kernels import _launch
+    from prefixkern.kernels import prefix_mlp as kernels
+
+    _fresh_tuner(monkeypatch, torch.device("cpu"))
+    if not small:
+        monkeypatch.setattr(kernels, "FUSED_MAX_W1", 0)
+    if two_launch:
+        monkeypatch.setattr(kernels, "INTERPRETER_BWD_TILE", kernels.INTERPRETER_BWD_TILE._replace(
+            dw_num_warps=4, dw_num_stages=1))
+    launches, known = record_launch_arguments(monkeypatch, (kernels,))
+    torch.manual_seed(3)
+    params, seed, grad, hidden = _plan_case(P, bias, dropout_p)
+    known += [*params, seed, grad, hidden]
+    with _launch.launch_plans(False):
+        unplanned = _mlp_launches(kernels, launches, params, seed, grad, hidden, dropout_p)
+    assert not kernels._FWD_PLANS and not kernels._BWD_PLANS and not kernels._COPY_PLANS
+    made = _mlp_launches(kernels, launches, params, seed, grad, hidden, dropout_p)
+    replayed = _mlp_launches(kernels, launches, params, seed, grad, hidden, dropout_p)
+    assert len(kernels._FWD_PLANS) == len(kernels._BWD_PLANS) == 1
+    assert len(kernels._COPY_PLANS) == (1 if dropout_p else 0)
+    expected = (["prefix_mlp_fwd_kernel"] if small else ["prefix_mlp_matmul_kernel", "prefix_mlp_fwd_kernel"]) + (
+        ["prefix_kv_copy_kernel"] if dropout_p else []) + ["prefix_mlp_bwd_kernel"] * (2 if two_launch else 1) + (
+        ["prefix_mlp_bwd_first_kernel"] if small else ["prefix_mlp_bwd_hidden_kernel", "prefix_mlp_matmul_pair_kernel"])
+    assert [name for name, *_ in unplanned] == expected
+    assert made == unplanned
+    assert replayed == unplanned
+
+
+def test_mlp_launch_plans_follow_the_tile_and_the_switches(monkeypatch):
+    """A kept plan is not taken once what made it changed: the one-launch forward's switch
+    (``FUSED_MAX_W1``, in the plan's key), the tile the tuner holds for a launch (tests and
+    benchmarks force tiles), or a backward whose products ran as ``torch.mm`` (no Triton launch:
+    its chain is never taken again)."""
+    from prefixkern.kernels import _launch
+    from prefixkern.kernels import prefix_mlp as kernels
+
+    _fresh_tuner(monkeypatch, torch.device("cpu"))
+    launches, _ = record_launch_arguments(monkeypatch, (kernels,))
+    torch.manual_seed(3)
+    case = _plan_case(5, True, 0.0)
+
+    def names():
+        return [name for name, *_ in _mlp_launches(kernels, launches, *case, 0.0)]
+
+    small = ["prefix_mlp_fwd_kernel", "prefix_mlp_bwd_kernel", "prefix_mlp_bwd_first_kernel"]
+    assert names() == names() == small
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels, "FUSED_MAX_W1", 0)
+        assert names() == ["prefix_mlp_matmul_kernel", "prefix_mlp_fwd_kernel", "prefix_mlp_bwd_kernel",
+                           "prefix_mlp_bwd_hidden_kernel", "prefix_mlp_matmul_pair_kernel"]
+    assert names() == small
+    (key,) = [key for key in _launch._TUNED if key[0] == "mlp-bwd"]
+    monkeypatch.setitem(_launch._TUNED, key, _launch._TUNED[key]._replace(dw_num_warps=4, dw_num_stages=1))
+    two = ["prefix_mlp_fwd_kernel", "prefix_mlp_bwd_kernel", "prefix_mlp_bwd_kernel", "prefix_mlp_bwd_first_kernel"]
+    assert names() == names() == two
+    assert [meta["ROLES"] for name, _, _, meta in launches if name == "prefix_mlp_bwd_kernel"] == ["dh", "dw2"]
+    _force_candidate(monkeypatch, kernels, kernels.LIBRARY_PRODUCTS)
+    library = ["prefix_mlp_fwd_kernel", "prefix_kv_copy_kernel", "prefix_mlp_bwd_first_kernel"]
+    assert names() == names() == library
 
 
 @pytest.mark.parametrize("out_dtype,autocast", [(torch.float32, False), (torch.bfloat16, False),

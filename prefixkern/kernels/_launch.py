@@ -397,3 +397,76 @@ def keep_plan(table: dict, key, plan) -> None:
         if len(table) >= _PLANS_MAX:
             table.clear()
         table[key] = plan
+
+
+class LaunchGroup:
+    """Launches on the same tensors made as one step of a plan (the MLP backward's dH and dW2
+    launches, where its tile gives each a launch). ``launch`` returns the compiled kernel that
+    spills the most, the one the tuner checks."""
+
+    __slots__ = ("plans",)
+
+    def __init__(self, plans):
+        self.plans = tuple(plans)
+
+    def current(self) -> bool:
+        return all(plan.current() for plan in self.plans)
+
+    def launch(self, tensors, launch_kernel):
+        compiled = [plan.launch(tensors, launch_kernel) for plan in self.plans]
+        return max(compiled, key=spill_bytes)
+
+
+class LaunchChain:
+    """A launcher's launches for one layout, in launch order (each a ``LaunchPlan`` or
+    ``LaunchGroup``), and the values it derived from the sizes on the way (``PlannedCall.value``)."""
+
+    __slots__ = ("steps", "values")
+
+    def __init__(self):
+        self.steps, self.values = [], {}
+
+    def current(self) -> bool:
+        return all(step.current() for step in self.steps)
+
+
+class PlannedCall:
+    """One call of a launcher that makes several launches, each through ``launch(build, tensors,
+    launch_kernel)``: from the chain ``table`` keeps under ``key`` when there is a current one; on a
+    key's first call (or with ``PLANS`` off) ``build()`` makes each step's plan, its tile tuned on
+    this call's tensors, and ``finish()`` keeps the chain. The steps are replayed in the order the
+    first call made them, so everything that decides which launches a call makes must be in
+    ``key`` or in a plan's tile (``LaunchPlan.current``). A step that cannot be replayed (one that
+    is no Triton launch) is never current: its chain is not taken again."""
+
+    __slots__ = ("table", "key", "chain", "building", "index")
+
+    def __init__(self, table: dict, key):
+        self.table, self.key = table, key
+        self.chain = kept_plan(table, key)
+        self.building = self.chain is None
+        if self.building:
+            self.chain = LaunchChain()
+        self.index = 0
+
+    def value(self, name: str, compute):
+        """``compute()``, once per chain: a size-derived value the launches need (a buffer's shape)."""
+        values = self.chain.values
+        if name not in values:
+            values[name] = compute()
+        return values[name]
+
+    def launch(self, build, tensors, launch_kernel):
+        """Launch the next step on ``tensors`` (its kernel's leading arguments) through
+        ``launch_kernel`` (the caller's); returns what the launch returns."""
+        if self.building:
+            step = build()
+            self.chain.steps.append(step)
+        else:
+            step = self.chain.steps[self.index]
+            self.index += 1
+        return step.launch(tensors, launch_kernel)
+
+    def finish(self) -> None:
+        if self.building:
+            keep_plan(self.table, self.key, self.chain)

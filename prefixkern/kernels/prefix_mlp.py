@@ -56,8 +56,9 @@ import triton
 import triton.language as tl
 
 from .._backend import override_global, triton_interpret
-from ._launch import (cdiv, device_index, input_precision, launch_kernel, next_power_of_2, num_sms, pick_config,
-                      smem_bytes, spill_bytes)
+from ._launch import (LaunchGroup, LaunchPlan, PlannedCall, cdiv, device_index, input_precision, keep_plan,
+                      kept_plan, launch_kernel, next_power_of_2, num_sms, pick_config, plan_table, smem_bytes,
+                      tensor_layouts)
 from ._math import dot, to_bf16
 from ._math import tanh as _tanh
 
@@ -961,51 +962,72 @@ def products(compute_dtype: torch.dtype, device: torch.device | None = None) -> 
     return "tf32x3"
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, precision: str, bias: torch.Tensor | None = None,
-            apply_tanh: bool = False) -> torch.Tensor:
-    """``c = act(a @ b + bias)`` for strided 2-d a [M, K], b [K, N], c [M, N]."""
+def _matmul_plan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, tensors, precision: str, has_bias: bool,
+                 apply_tanh: bool) -> LaunchPlan:
+    """The launch of ``c = act(a @ b + bias)`` for strided 2-d a [M, K], b [K, N], c [M, N], on
+    ``tensors`` = (a, b, bias, c) as launched (an operand may be given as the tensor it views: a
+    launch reads its address, the strides come from the view), its tile tuned on them."""
     m, k = a.shape
     n = b.shape[1]
 
-    def launch(config):
+    def plan_for(config):
         block_m, block_n, block_k, warps, stages = config
-        return launch_kernel(
+        return LaunchPlan(
             prefix_mlp_matmul_kernel, (cdiv(m, block_m), cdiv(n, block_n)),
-            a, b, bias, c,
-            m, n, k,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-            HAS_BIAS=bias is not None, APPLY_TANH=apply_tanh, PRECISION=precision,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
-        )
+            (m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1)),
+            dict(HAS_BIAS=has_bias, APPLY_TANH=apply_tanh, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+                 BLOCK_K=block_k, num_warps=warps, num_stages=stages),
+            key, config)
 
-    key = ("mlp-matmul", a.device, m, n, k, bias is not None, apply_tanh, precision, a.dtype, b.dtype, c.dtype)
-    launch(pick_config(key, lambda: matmul_candidates(m), launch))
+    key = ("mlp-matmul", a.device, m, n, k, has_bias, apply_tanh, precision, a.dtype, b.dtype, c.dtype)
+    config = pick_config(key, lambda: matmul_candidates(m),
+                         lambda config: plan_for(config).launch(tensors, launch_kernel))
+    return plan_for(config)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, precision: str, bias: torch.Tensor | None = None,
+            apply_tanh: bool = False) -> torch.Tensor:
+    """``c = act(a @ b + bias)`` for strided 2-d a [M, K], b [K, N], c [M, N], launched now."""
+    tensors = (a, b, bias, c)
+    _matmul_plan(a, b, c, tensors, precision, bias is not None, apply_tanh).launch(tensors, launch_kernel)
     return c
+
+
+def _matmul_pair_plan(a1: torch.Tensor, b1: torch.Tensor, c1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor,
+                      c2: torch.Tensor, tensors, precision: str) -> LaunchPlan:
+    """The launch of ``c1 = a1 @ b1`` and ``c2 = a2 @ b2`` (strided 2-d operands) on ``tensors`` =
+    (a1, b1, c1, a2, b2, c2) as launched (see ``_matmul_plan``), one tile config for both (capped
+    by the taller product, as ``matmul_candidates`` caps one), tuned on them."""
+    (m1, k1), n1 = a1.shape, b1.shape[1]
+    (m2, k2), n2 = a2.shape, b2.shape[1]
+
+    def plan_for(config):
+        block_m, block_n, block_k, warps, stages = config
+        tiles = cdiv(m1, block_m) * cdiv(n1, block_n) + cdiv(m2, block_m) * cdiv(n2, block_n)
+        return LaunchPlan(
+            prefix_mlp_matmul_pair_kernel, (tiles,),
+            (m1, n1, k1, m2, n2, k2,
+             a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1), c1.stride(0), c1.stride(1),
+             a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1), c2.stride(0), c2.stride(1)),
+            dict(PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                 num_stages=stages),
+            key, config)
+
+    key = ("mlp-matmul-pair", a1.device, m1, n1, k1, m2, n2, k2, precision, a1.dtype, b1.dtype, c1.dtype, a2.dtype,
+           b2.dtype, c2.dtype)
+    config = pick_config(key, lambda: matmul_candidates(max(m1, m2), MATMUL_PAIR_TILES),
+                         lambda config: plan_for(config).launch(tensors, launch_kernel))
+    return plan_for(config)
 
 
 def _matmul_pair(a1: torch.Tensor, b1: torch.Tensor, c1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor,
                  c2: torch.Tensor, precision: str) -> None:
-    """``c1 = a1 @ b1`` and ``c2 = a2 @ b2`` (strided 2-d operands) in one launch, one tile config
-    for both (capped by the taller product, as ``matmul_candidates`` caps one)."""
-    (m1, k1), n1 = a1.shape, b1.shape[1]
-    (m2, k2), n2 = a2.shape, b2.shape[1]
+    """``c1 = a1 @ b1`` and ``c2 = a2 @ b2`` in one launch, launched now."""
+    tensors = (a1, b1, c1, a2, b2, c2)
+    _matmul_pair_plan(a1, b1, c1, a2, b2, c2, tensors, precision).launch(tensors, launch_kernel)
 
-    def launch(config):
-        block_m, block_n, block_k, warps, stages = config
-        tiles = cdiv(m1, block_m) * cdiv(n1, block_n) + cdiv(m2, block_m) * cdiv(n2, block_n)
-        return launch_kernel(
-            prefix_mlp_matmul_pair_kernel, (tiles,),
-            a1, b1, c1, a2, b2, c2,
-            m1, n1, k1, m2, n2, k2,
-            a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1), c1.stride(0), c1.stride(1),
-            a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1), c2.stride(0), c2.stride(1),
-            PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-            num_stages=stages,
-        )
 
-    key = ("mlp-matmul-pair", a1.device, m1, n1, k1, m2, n2, k2, precision, a1.dtype, b1.dtype, c1.dtype, a2.dtype,
-           b2.dtype, c2.dtype)
-    launch(pick_config(key, lambda: matmul_candidates(max(m1, m2), MATMUL_PAIR_TILES), launch))
+_COPY_PLANS = plan_table()
 
 
 def prefix_kv_copy(src: torch.Tensor, src_strides, dst: torch.Tensor, dst_strides, *, num_rows: int,
@@ -1013,15 +1035,18 @@ def prefix_kv_copy(src: torch.Tensor, src_strides, dst: torch.Tensor, dst_stride
                    seed: torch.Tensor | None) -> torch.Tensor:
     """Copy the logical [P, N] matrix from ``src`` to ``dst`` (each addressed by (l, t, g, p, d)
     strides), applying dropout when ``dropout_p > 0`` and casting to dst's dtype."""
-    block_p, block_n = 16, 128
-    grid = (cdiv(num_rows, block_p), cdiv(num_cols, block_n))
-    launch_kernel(
-        prefix_kv_copy_kernel, grid,
-        src, dst, seed,
-        num_rows, num_cols, num_kv_heads, head_dim, float(dropout_p),
-        *src_strides, *dst_strides,
-        HAS_DROPOUT=dropout_p > 0.0, BLOCK_P=block_p, BLOCK_N=block_n,
-    )
+    tensors = (src, dst, seed)
+    key = (tensor_layouts(tensors), tuple(src_strides), tuple(dst_strides), num_rows, num_cols, num_kv_heads, head_dim,
+           dropout_p)
+    plan = kept_plan(_COPY_PLANS, key)
+    if plan is None:
+        block_p, block_n = 16, 128
+        plan = LaunchPlan(
+            prefix_kv_copy_kernel, (cdiv(num_rows, block_p), cdiv(num_cols, block_n)),
+            (num_rows, num_cols, num_kv_heads, head_dim, float(dropout_p), *src_strides, *dst_strides),
+            dict(HAS_DROPOUT=dropout_p > 0.0, BLOCK_P=block_p, BLOCK_N=block_n))
+        keep_plan(_COPY_PLANS, key, plan)
+    plan.launch(tensors, launch_kernel)
     return dst
 
 
@@ -1050,48 +1075,68 @@ def small_mlp(num_rows: int, token_dim: int, hidden_size: int, num_cols: int, pr
             and num_rows <= fused_max_rows(precision))
 
 
+# Launch plans of the forward and backward (``PlannedCall``), by the layouts of their tensors and
+# the options: a training step calls each once with the same layouts, and the launchers' host work
+# (tile lookups, strides, grids, Triton's argument binding) is then done once, not every step.
+_FWD_PLANS = plan_table()
+_BWD_PLANS = plan_table()
+
+
 def prefix_mlp_forward(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
                        b2: torch.Tensor | None, *, num_layers: int, num_kv_heads: int, head_dim: int,
                        out_dtype: torch.dtype, compute_dtype: torch.dtype, dropout_p: float,
                        seed: torch.Tensor | None):
     """``(out [L, 2, Hkv, P, D] in out_dtype, hidden [P, h] float32)`` with products in
     ``compute_dtype`` (``products``); arguments already checked."""
-    num_rows, hidden_size = embedding.shape[0], w1.shape[0]
-    num_cols = w2.shape[0]
+    num_rows, token_dim = embedding.shape
+    hidden_size, num_cols = w1.shape[0], w2.shape[0]
     device = embedding.device
     precision = products(compute_dtype, device)
-    hidden = torch.empty(num_rows, hidden_size, device=device, dtype=torch.float32)
-    token_dim = embedding.shape[1]
     fused = small_mlp(num_rows, token_dim, hidden_size, num_cols, precision)
-    if not fused:
-        _matmul(embedding, w1.t(), hidden, precision, bias=b1, apply_tanh=True)
-
+    hidden = torch.empty(num_rows, hidden_size, device=device, dtype=torch.float32)
     out = torch.empty(num_layers, 2, num_kv_heads, num_rows, head_dim, device=device, dtype=out_dtype)
-    first = (embedding, w1, b1) if fused else (None, None, None)
+    call = PlannedCall(_FWD_PLANS, (tensor_layouts((embedding, w1, b1, w2, b2, seed)), device, num_layers,
+                                    num_kv_heads, head_dim, out_dtype, precision, dropout_p, fused))
+    if not fused:
+        # (w1 stands for its transpose: the plan holds the strides of w1.t())
+        first = (embedding, w1, b1, hidden)
+        call.launch(lambda: _matmul_plan(embedding, w1.t(), hidden, first, precision, b1 is not None, True), first,
+                    launch_kernel)
+    tensors = (hidden, w2, b2, out, seed, *((embedding, w1, b1) if fused else (None, None, None)))
+    call.launch(lambda: _forward_plan(tensors, token_dim, num_kv_heads, head_dim, precision, fused, dropout_p),
+                tensors, launch_kernel)
+    call.finish()
+    return out, hidden
+
+
+def _forward_plan(tensors, token_dim: int, num_kv_heads: int, head_dim: int, precision: str, fused: bool,
+                  dropout_p: float) -> LaunchPlan:
+    """``prefix_mlp_fwd_kernel``'s launch on ``tensors`` (``prefix_mlp_forward``'s: H, W2, b2, the
+    output, the seed, and E, W1, b1 where it computes H itself), its tile tuned on them."""
+    hidden, w2, b2, out, seed, embedding, w1, b1 = tensors
+    num_rows, hidden_size = hidden.shape
+    num_cols = w2.shape[0]
     first_strides = (*embedding.stride(), *w1.stride()) if fused else (0, 0, 0, 0)
 
-    def launch(config):
+    def plan_for(config):
         block_p, block_n, block_k, warps, stages, w2_lhs = config
-        return launch_kernel(
+        return LaunchPlan(
             prefix_mlp_fwd_kernel, (cdiv(num_rows, block_p), cdiv(num_cols, block_n)),
-            hidden, w2, b2, out, seed, *first,
-            num_rows, num_cols, hidden_size, num_kv_heads, head_dim, float(dropout_p), token_dim,
-            hidden.stride(0), hidden.stride(1),
-            w2.stride(0), w2.stride(1),
-            *out.stride(),
-            *first_strides,
-            HAS_BIAS=b2 is not None, HAS_DROPOUT=dropout_p > 0.0, PRECISION=precision,
-            BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k,
-            FUSE_HIDDEN=fused, HAS_B1=fused and b1 is not None, BLOCK_D=FUSED_BLOCK_D if fused else 16,
-            W2_LHS=w2_lhs, num_warps=warps, num_stages=stages,
-        )
+            (num_rows, num_cols, hidden_size, num_kv_heads, head_dim, float(dropout_p), token_dim,
+             hidden.stride(0), hidden.stride(1), w2.stride(0), w2.stride(1), *out.stride(), *first_strides),
+            dict(HAS_BIAS=b2 is not None, HAS_DROPOUT=dropout_p > 0.0, PRECISION=precision,
+                 BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k,
+                 FUSE_HIDDEN=fused, HAS_B1=fused and b1 is not None, BLOCK_D=FUSED_BLOCK_D if fused else 16,
+                 W2_LHS=w2_lhs, num_warps=warps, num_stages=stages),
+            key, config)
 
-    key = ("mlp-fwd-fused" if fused else "mlp-fwd", device, num_rows, num_cols, hidden_size, b2 is not None,
-           dropout_p > 0.0, precision, w2.dtype, out_dtype)
+    key = ("mlp-fwd-fused" if fused else "mlp-fwd", hidden.device, num_rows, num_cols, hidden_size, b2 is not None,
+           dropout_p > 0.0, precision, w2.dtype, out.dtype)
     # The one-launch forward serves host-bound sizes, where tuning gains nothing: its first tile,
     # the one kernel_resources.py holds to no spills with H's chunk beside the output's.
-    launch(pick_config(key, lambda: fwd_configs(num_rows, num_cols, precision)[:1 if fused else None], launch))
-    return out, hidden
+    config = pick_config(key, lambda: fwd_configs(num_rows, num_cols, precision)[:1 if fused else None],
+                         lambda config: plan_for(config).launch(tensors, launch_kernel))
+    return plan_for(config)
 
 
 # A small MLP's backward (small_mlp) re-sums its dH partials in every tile of its first Linear's
@@ -1129,6 +1174,10 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
     num_rows, hidden_size = hidden.shape
     num_cols = w2.shape[0]
     device = embedding.device
+    precision = products(compute_dtype, device)
+    small = small_mlp(num_rows, embedding.shape[1], hidden_size, num_cols, precision)
+    call = PlannedCall(_BWD_PLANS, (tensor_layouts((grad_out, embedding, w1, b1, w2, b2, hidden, seed)), device,
+                                    num_kv_heads, head_dim, precision, dropout_p, small))
 
     grad_rows = None
     if dropout_p > 0.0:
@@ -1138,76 +1187,116 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
     else:
         grad, grad_strides = grad_out, grad_out.stride()
 
-    precision = products(compute_dtype, device)
-    small = small_mlp(num_rows, embedding.shape[1], hidden_size, num_cols, precision)
-    num_splits, per_split = _num_splits(num_cols, hidden_size, device, SMALL_MLP_MAX_SPLITS if small else None)
+    num_splits, per_split = call.value("splits", lambda: _num_splits(
+        num_cols, hidden_size, device, SMALL_MLP_MAX_SPLITS if small else None))
     dh_part = torch.empty(num_splits, num_rows, hidden_size, device=device, dtype=torch.float32)
     dw2 = torch.empty(w2.shape, device=device, dtype=w2.dtype)
     db2 = torch.empty(b2.shape, device=device, dtype=b2.dtype) if b2 is not None else None
+    tensors = (grad, hidden, w2, dw2, db2, dh_part)
 
-    block_p = bwd_block_p(num_rows, precision)
+    def library_rows():
+        return grad_rows if grad_rows is not None else _gradient_rows(grad_out, num_rows, num_cols, num_kv_heads,
+                                                                      head_dim, 0.0, None)
 
-    def launch(tile: BwdTile | LibraryProducts):
-        if tile is LIBRARY_PRODUCTS:
-            rows = grad_rows if grad_rows is not None else _gradient_rows(grad_out, num_rows, num_cols, num_kv_heads,
-                                                                          head_dim, 0.0, None)
-            return _library_products(rows, hidden, w2, dw2, db2, dh_part[0])
-        num_dh = cdiv(num_rows, block_p) * cdiv(hidden_size, tile.dh_block_k) * num_splits
-        num_dw = cdiv(num_cols, tile.dw_block_n) * cdiv(hidden_size, tile.dw_block_k)
-
-        def launch_roles(roles, num_programs, warps, stages, dw_block_p=bwd_dw_block_p(block_p), tiles_per_program=1):
-            return launch_kernel(
-                prefix_mlp_bwd_kernel, (num_programs,),
-                grad, hidden, w2, dw2, db2, dh_part,
-                num_rows, num_cols, hidden_size, num_kv_heads, head_dim, per_split, num_dh, tiles_per_program,
-                *grad_strides,
-                hidden.stride(0), hidden.stride(1),
-                w2.stride(0), w2.stride(1),
-                dw2.stride(0), dw2.stride(1),
-                *dh_part.stride(),
-                HAS_BIAS=b2 is not None, PRECISION=precision, ROLES=roles,
-                DH_BLOCK_P=block_p, DH_BLOCK_N=tile.dh_block_n, DH_BLOCK_K=tile.dh_block_k,
-                DW_BLOCK_P=dw_block_p, DW_BLOCK_N=tile.dw_block_n, DW_BLOCK_K=tile.dw_block_k,
-                D_TILE=head_dim_tile(head_dim), DH_W2_LHS=tile.dh_w2_lhs, num_warps=warps, num_stages=stages,
-            )
-
-        if not tile.dw_num_warps:
-            return launch_roles("both", num_dh + num_dw, tile.num_warps, tile.num_stages)
-        dh = launch_roles("dh", num_dh, tile.num_warps, tile.num_stages)
-        if tile.dw_strips and num_rows <= block_p:     # (bwd_candidates offers strips only then)
-            num_n_tiles, num_k_chunks = cdiv(num_cols, tile.dw_block_n), cdiv(hidden_size, tile.dw_block_k)
-            per_program = dw2_strip_tiles(num_n_tiles * num_k_chunks, device)
-            dw = launch_roles("dw2_strip", num_k_chunks * cdiv(num_n_tiles, per_program), tile.dw_num_warps,
-                              tile.dw_num_stages, dw_block_p=block_p, tiles_per_program=per_program)
-        else:
-            dw = launch_roles("dw2", num_dw, tile.dw_num_warps, tile.dw_num_stages)
-        return max(dh, dw, key=spill_bytes)     # what the tuner checks for spills: the worse of the two
-
-    key = ("mlp-bwd", device, num_rows, num_cols, hidden_size, num_splits, b2 is not None, precision, grad.dtype,
-           w2.dtype)
-    tile = pick_config(key, lambda: bwd_candidates(num_rows, precision, w2.numel(),
-                                                   library_products_offered(precision, w2, b2)), launch)
-    launch(tile)
-    partials = 1 if tile is LIBRARY_PRODUCTS else num_splits
+    launched = call.launch(lambda: _products_plan(tensors, grad_strides, num_kv_heads, head_dim, num_splits,
+                                                  per_split, precision, library_rows), tensors, launch_kernel)
+    partials = 1 if launched is LIBRARY_PRODUCTS else num_splits
 
     db1 = torch.empty(b1.shape, device=device, dtype=b1.dtype) if b1 is not None else None
     d_embedding = torch.empty(embedding.shape, device=device, dtype=embedding.dtype)
     dw1 = torch.empty(w1.shape, device=device, dtype=w1.dtype)
     if small:
-        _first_linear_backward(dh_part, partials, hidden, embedding, w1, d_embedding, dw1, db1, precision)
-        return d_embedding, dw1, db1, dw2, db2
-    dz = torch.empty(num_rows, hidden_size, device=device, dtype=torch.float32)
-    block_k = hidden_block_k(hidden_size, device)
-    launch_kernel(
-        prefix_mlp_bwd_hidden_kernel, (cdiv(hidden_size, block_k),),
-        dh_part, hidden, dz, db1,
-        num_rows, hidden_size, partials,
-        *dh_part.stride(), hidden.stride(0), hidden.stride(1), dz.stride(0), dz.stride(1),
-        HAS_BIAS=b1 is not None, BLOCK_P=min(next_power_of_2(num_rows), 64), BLOCK_K=block_k,
-    )
-
-    _matmul_pair(dz, w1, d_embedding, dz.t(), embedding, dw1, precision)      # dE = dZ @ W1, dW1 = dZ^T @ E
+        first = (dh_part, hidden, embedding, w1, d_embedding, dw1, db1)
+        call.launch(lambda: _first_linear_plan(first, partials, precision), first, launch_kernel)
+    else:
+        dz = torch.empty(num_rows, hidden_size, device=device, dtype=torch.float32)
+        tanh_tensors = (dh_part, hidden, dz, db1)
+        call.launch(lambda: _hidden_plan(tanh_tensors, partials), tanh_tensors, launch_kernel)
+        # dE = dZ @ W1, dW1 = dZ^T @ E (dz stands for its transpose: the plan holds dz.t()'s strides)
+        pair = (dz, w1, d_embedding, dz, embedding, dw1)
+        call.launch(lambda: _matmul_pair_plan(dz, w1, d_embedding, dz.t(), embedding, dw1, pair, precision), pair,
+                    launch_kernel)
+    call.finish()
     return d_embedding, dw1, db1, dw2, db2
+
+
+class _LibraryStep:
+    """``LIBRARY_PRODUCTS`` as the backward's products step: ``torch.mm`` calls, not a Triton launch,
+    so no plan (``current`` is False: a chain holding it is never taken again). ``launch`` returns
+    ``LIBRARY_PRODUCTS``."""
+
+    def __init__(self, rows):
+        self.rows = rows            # G as float32 [P, N] rows, made when launched
+
+    def current(self) -> bool:
+        return False
+
+    def launch(self, tensors, launch_kernel):
+        _grad, hidden, w2, dw2, db2, dh_part = tensors
+        _library_products(self.rows(), hidden, w2, dw2, db2, dh_part[0])
+        return LIBRARY_PRODUCTS
+
+
+def _products_plan(tensors, grad_strides, num_kv_heads: int, head_dim: int, num_splits: int, per_split: int,
+                   precision: str, library_rows):
+    """The backward's W2 products on ``tensors`` (``prefix_mlp_backward``'s: G, H, W2, dW2, db2, the
+    dH partials): ``prefix_mlp_bwd_kernel`` in one launch (a ``LaunchPlan``) or two (a
+    ``LaunchGroup``), or a ``_LibraryStep``, as the tuner picks on them."""
+    grad, hidden, w2, dw2, db2, dh_part = tensors
+    num_rows, hidden_size = hidden.shape
+    num_cols = w2.shape[0]
+    device = hidden.device
+    block_p = bwd_block_p(num_rows, precision)
+
+    def plan_for(tile: BwdTile | LibraryProducts):
+        if tile is LIBRARY_PRODUCTS:
+            return _LibraryStep(library_rows)
+        num_dh = cdiv(num_rows, block_p) * cdiv(hidden_size, tile.dh_block_k) * num_splits
+        num_dw = cdiv(num_cols, tile.dw_block_n) * cdiv(hidden_size, tile.dw_block_k)
+
+        def roles_plan(roles, num_programs, warps, stages, dw_block_p=bwd_dw_block_p(block_p), tiles_per_program=1):
+            return LaunchPlan(
+                prefix_mlp_bwd_kernel, (num_programs,),
+                (num_rows, num_cols, hidden_size, num_kv_heads, head_dim, per_split, num_dh, tiles_per_program,
+                 *grad_strides, hidden.stride(0), hidden.stride(1), w2.stride(0), w2.stride(1),
+                 dw2.stride(0), dw2.stride(1), *dh_part.stride()),
+                dict(HAS_BIAS=db2 is not None, PRECISION=precision, ROLES=roles,
+                     DH_BLOCK_P=block_p, DH_BLOCK_N=tile.dh_block_n, DH_BLOCK_K=tile.dh_block_k,
+                     DW_BLOCK_P=dw_block_p, DW_BLOCK_N=tile.dw_block_n, DW_BLOCK_K=tile.dw_block_k,
+                     D_TILE=head_dim_tile(head_dim), DH_W2_LHS=tile.dh_w2_lhs, num_warps=warps, num_stages=stages),
+                key, tile)
+
+        if not tile.dw_num_warps:
+            return roles_plan("both", num_dh + num_dw, tile.num_warps, tile.num_stages)
+        dh = roles_plan("dh", num_dh, tile.num_warps, tile.num_stages)
+        if tile.dw_strips and num_rows <= block_p:     # (bwd_candidates offers strips only then)
+            num_n_tiles, num_k_chunks = cdiv(num_cols, tile.dw_block_n), cdiv(hidden_size, tile.dw_block_k)
+            per_program = dw2_strip_tiles(num_n_tiles * num_k_chunks, device)
+            dw = roles_plan("dw2_strip", num_k_chunks * cdiv(num_n_tiles, per_program), tile.dw_num_warps,
+                            tile.dw_num_stages, dw_block_p=block_p, tiles_per_program=per_program)
+        else:
+            dw = roles_plan("dw2", num_dw, tile.dw_num_warps, tile.dw_num_stages)
+        return LaunchGroup((dh, dw))
+
+    key = ("mlp-bwd", device, num_rows, num_cols, hidden_size, num_splits, db2 is not None, precision, grad.dtype,
+           w2.dtype)
+    tile = pick_config(key, lambda: bwd_candidates(num_rows, precision, w2.numel(),
+                                                   library_products_offered(precision, w2, db2)),
+                       lambda tile: plan_for(tile).launch(tensors, launch_kernel))
+    return plan_for(tile)
+
+
+def _hidden_plan(tensors, partials: int) -> LaunchPlan:
+    """``prefix_mlp_bwd_hidden_kernel``'s launch on ``tensors`` (the dH partials, H, dZ, db1):
+    dZ = (sum of the first ``partials`` dH partials) * (1 - H^2), db1 = sum_p dZ. Untuned."""
+    dh_part, hidden, dz, db1 = tensors
+    num_rows, hidden_size = hidden.shape
+    block_k = hidden_block_k(hidden_size, hidden.device)
+    return LaunchPlan(
+        prefix_mlp_bwd_hidden_kernel, (cdiv(hidden_size, block_k),),
+        (num_rows, hidden_size, partials,
+         *dh_part.stride(), hidden.stride(0), hidden.stride(1), dz.stride(0), dz.stride(1)),
+        dict(HAS_BIAS=db1 is not None, BLOCK_P=min(next_power_of_2(num_rows), 64), BLOCK_K=block_k))
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of prefix_mlp_bwd_first_kernel: spill-free
@@ -1216,31 +1305,32 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
 BWD_FIRST_TILE = (32, 64, 64, 4, 3)
 
 
-def _first_linear_backward(dh_part: torch.Tensor, num_splits: int, hidden: torch.Tensor, embedding: torch.Tensor,
-                           w1: torch.Tensor, d_embedding: torch.Tensor, dw1: torch.Tensor, db1: torch.Tensor | None,
-                           precision: str) -> None:
-    """``prefix_mlp_bwd_first_kernel``: dE, dW1 and db1 from the first ``num_splits`` dH partials,
-    one launch at ``BWD_FIRST_TILE``, untuned (``small_mlp``'s sizes are host-bound)."""
+def _first_linear_plan(tensors, num_splits: int, precision: str) -> LaunchPlan:
+    """``prefix_mlp_bwd_first_kernel``'s launch on ``tensors`` (the dH partials, H, E, W1, dE, dW1,
+    db1): dE, dW1 and db1 from the first ``num_splits`` dH partials, at ``BWD_FIRST_TILE``, untuned
+    (``small_mlp``'s sizes are host-bound)."""
+    dh_part, hidden, embedding, w1, d_embedding, dw1, db1 = tensors
     num_rows, hidden_size = hidden.shape
     token_dim = embedding.shape[1]
 
-    def launch(config):
+    def plan_for(config):
         block_m, block_n, block_k, warps, stages = config
         tiles = (cdiv(num_rows, block_m) + cdiv(hidden_size, block_m)) * cdiv(token_dim, block_n)
-        return launch_kernel(
+        return LaunchPlan(
             prefix_mlp_bwd_first_kernel, (tiles,),
-            dh_part, hidden, embedding, w1, d_embedding, dw1, db1,
-            num_rows, hidden_size, token_dim, num_splits,
-            *dh_part.stride(), hidden.stride(0), hidden.stride(1),
-            embedding.stride(0), embedding.stride(1), w1.stride(0), w1.stride(1),
-            d_embedding.stride(0), d_embedding.stride(1), dw1.stride(0), dw1.stride(1),
-            HAS_BIAS=db1 is not None, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=warps, num_stages=stages,
-        )
+            (num_rows, hidden_size, token_dim, num_splits,
+             *dh_part.stride(), hidden.stride(0), hidden.stride(1),
+             embedding.stride(0), embedding.stride(1), w1.stride(0), w1.stride(1),
+             d_embedding.stride(0), d_embedding.stride(1), dw1.stride(0), dw1.stride(1)),
+            dict(HAS_BIAS=db1 is not None, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                 num_warps=warps, num_stages=stages),
+            key, config)
 
     key = ("mlp-bwd-first", hidden.device, num_rows, hidden_size, token_dim, db1 is not None, precision,
            embedding.dtype, w1.dtype)
-    launch(pick_config(key, [INTERPRETER_MATMUL_TILE if triton_interpret() else BWD_FIRST_TILE], launch))
+    config = pick_config(key, [INTERPRETER_MATMUL_TILE if triton_interpret() else BWD_FIRST_TILE],
+                         lambda config: plan_for(config).launch(tensors, launch_kernel))
+    return plan_for(config)
 
 
 def _gradient_rows(grad_out: torch.Tensor, num_rows: int, num_cols: int, num_kv_heads: int, head_dim: int,
