@@ -696,6 +696,7 @@ def test_mlp_launch_plans_follow_the_tile_and_the_switches(monkeypatch):
     _force_candidate(monkeypatch, kernels, kernels.LIBRARY_PRODUCTS)
     library = ["prefix_mlp_fwd_kernel", "prefix_kv_copy_kernel", "prefix_mlp_bwd_first_kernel"]
     assert names() == names() == library
+    assert not kernels._BWD_PLANS       # (its step holds the call's gradient rows: no chain kept)
 
 
 @pytest.mark.parametrize("out_dtype,autocast", [(torch.float32, False), (torch.bfloat16, False),

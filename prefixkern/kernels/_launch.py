@@ -437,7 +437,7 @@ class PlannedCall:
     this call's tensors, and ``finish()`` keeps the chain. The steps are replayed in the order the
     first call made them, so everything that decides which launches a call makes must be in
     ``key`` or in a plan's tile (``LaunchPlan.current``). A step that cannot be replayed (one that
-    is no Triton launch) is never current: its chain is not taken again."""
+    is no Triton launch, and may hold the call's tensors) is never current: its chain is not kept."""
 
     __slots__ = ("table", "key", "chain", "building", "index")
 
@@ -468,5 +468,5 @@ class PlannedCall:
         return step.launch(tensors, launch_kernel)
 
     def finish(self) -> None:
-        if self.building:
+        if self.building and self.chain.current():
             keep_plan(self.table, self.key, self.chain)

@@ -1222,8 +1222,8 @@ def prefix_mlp_backward(grad_out: torch.Tensor, embedding: torch.Tensor, w1: tor
 
 class _LibraryStep:
     """``LIBRARY_PRODUCTS`` as the backward's products step: ``torch.mm`` calls, not a Triton launch,
-    so no plan (``current`` is False: a chain holding it is never taken again). ``launch`` returns
-    ``LIBRARY_PRODUCTS``."""
+    so no plan (``current`` is False: a chain holding it, and so the call's gradient, is not kept).
+    ``launch`` returns ``LIBRARY_PRODUCTS``."""
 
     def __init__(self, rows):
         self.rows = rows            # G as float32 [P, N] rows, made when launched
