@@ -15,9 +15,10 @@ CUDA op's (40.6 us a call on the H200, against SDPA's 19.9). Run it on transform
 (the GPU machines' 5.17): from 5.2x stock PEFT's generate() drops its prefix, so its row times
 less work.
 
-``--ops`` times the ops alone instead: the fused prefix MLP at Qwen2.5-0.5B's sizes (forward, and
-forward and backward) and the attention at the suite's seed-qwen shape (forward and backward), host
-time per call through the same launch path (what the README's MLP and attention host times quote).
+``--ops`` times the ops alone instead: the fused prefix MLP at Qwen2.5-0.5B's and bloomz-560m's sizes
+(forward, and forward and backward) and the attention at the suite's seed-qwen shape (forward and
+backward), host time per call through the same launch path (what the README's MLP and attention host
+times quote); ``--rounds N`` reports the lowest of N medians, the rows timed in turns.
 
 ``host_cost.py`` stubs the launches out, so it times this repo's Python only. Here a launch does
 everything but reach a GPU: Triton binds and specialises the arguments, looks the kernel up in
@@ -210,37 +211,40 @@ def _median_us(fn, calls: int = 300) -> float:
     return statistics.median(samples) * 1e6
 
 
-def op_host_times() -> dict[str, float]:
-    """``{row: host microseconds per call}`` of the MLP and the attention op (medians of 300)."""
+def op_host_times(rounds: int = 1) -> dict[str, float]:
+    """``{row: host microseconds per call}`` of the MLP and the attention op: the lowest of
+    ``rounds`` medians of 300 calls, every row once per round (drift reaches each alike)."""
     import prefixkern
 
-    times = {}
+    calls = {}
     gen = torch.Generator().manual_seed(0)
-    # The MLP: Qwen2.5-0.5B (24 layers, 2 KV heads of 64; PEFT's default hidden size, the token
-    # dim 128), P = 20, float32 parameters, bf16 output; the gradients dropped before each call
-    # (so no accumulation runs on the CPU).
-    layers, kv_heads, head_dim, rows = 24, 2, 64, 20
-    width = kv_heads * head_dim
-    params = [torch.randn(rows, width, generator=gen), torch.randn(width, width, generator=gen),
-              torch.randn(width, generator=gen), torch.randn(2 * layers * width, width, generator=gen),
-              torch.randn(2 * layers * width, generator=gen)]
-    params = [t.requires_grad_() for t in params]
-    grad = torch.ones(layers, 2, kv_heads, rows, head_dim, dtype=torch.bfloat16)
+    # The MLP at Qwen2.5-0.5B's sizes (24 layers, 2 KV heads of 64; PEFT's default hidden size, the
+    # token dim 128; a small MLP: one launch forward, two backward) and bloomz-560m's (24 layers, 16
+    # heads of 64, hidden size 1024: two launches forward, five backward), P = 20 and 30, float32
+    # parameters, bf16 output; the gradients dropped before each call (no accumulation runs).
+    for name, (layers, kv_heads, head_dim, rows) in {"Qwen2.5-0.5B": (24, 2, 64, 20),
+                                                      "bloomz-560m": (24, 16, 64, 30)}.items():
+        width = kv_heads * head_dim
+        params = [torch.randn(rows, width, generator=gen), torch.randn(width, width, generator=gen),
+                  torch.randn(width, generator=gen), torch.randn(2 * layers * width, width, generator=gen),
+                  torch.randn(2 * layers * width, generator=gen)]
+        params = [t.requires_grad_() for t in params]
+        grad = torch.ones(layers, 2, kv_heads, rows, head_dim, dtype=torch.bfloat16)
 
-    def mlp():
-        return prefixkern.fused_prefix_mlp(*params, num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim,
-                                           out_dtype=torch.bfloat16)
+        def mlp(params=params, layers=layers, kv_heads=kv_heads, head_dim=head_dim):
+            return prefixkern.fused_prefix_mlp(*params, num_layers=layers, num_kv_heads=kv_heads,
+                                               head_dim=head_dim, out_dtype=torch.bfloat16)
 
-    def mlp_fwd_bwd():
-        for t in params:
-            t.grad = None
-        mlp().backward(grad)
+        def mlp_fwd_bwd(params=params, grad=grad, mlp=mlp):
+            for t in params:
+                t.grad = None
+            mlp().backward(grad)
 
-    times["prefix MLP forward, Qwen2.5-0.5B"] = _median_us(mlp)
-    times["prefix MLP forward + backward, Qwen2.5-0.5B"] = _median_us(mlp_fwd_bwd)
+        calls[f"prefix MLP forward, {name}"] = mlp
+        calls[f"prefix MLP forward + backward, {name}"] = mlp_fwd_bwd
     # The attention: seed-qwen (B 4, 14 query heads over 2 KV heads of 64, S 256, P 20), bf16,
     # causal, HF's [B, S, H, D] memory.
-    batch, heads, seq, prefix = 4, 14, 256, 20
+    batch, heads, seq, prefix, kv_heads, head_dim = 4, 14, 256, 20, 2, 64
     q = torch.randn(batch, seq, heads, head_dim, generator=gen).to(torch.bfloat16).transpose(1, 2)
     k, v = (torch.randn(batch, seq, kv_heads, head_dim, generator=gen).to(torch.bfloat16).transpose(1, 2)
             for _ in range(2))
@@ -253,8 +257,12 @@ def op_host_times() -> dict[str, float]:
             t.grad = None
         prefixkern.prefix_attention(*leaves, causal=True).backward(dout)
 
-    times["prefix_attention forward + backward, seed-qwen"] = _median_us(attention_fwd_bwd)
-    return times
+    calls["prefix_attention forward + backward, seed-qwen"] = attention_fwd_bwd
+    medians = {row: [] for row in calls}
+    for _ in range(rounds):
+        for row, fn in calls.items():
+            medians[row].append(_median_us(fn))
+    return {row: min(samples) for row, samples in medians.items()}
 
 
 def main(argv=None) -> int:
@@ -264,12 +272,14 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--generate", action="store_true", help="time generate() instead of a training step")
     parser.add_argument("--ops", action="store_true", help="time the MLP and attention ops alone")
+    parser.add_argument("--rounds", type=int, default=1, help="--ops: the lowest of this many medians")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     use_compile_only_driver()
     if args.ops:
-        print("host time per call (CPU; Triton launches bound and looked up, not run), median of 300:")
-        for row, us in op_host_times().items():
+        print("host time per call (CPU; Triton launches bound and looked up, not run), median of 300"
+              + (f", the lowest of {args.rounds} rounds:" if args.rounds > 1 else ":"))
+        for row, us in op_host_times(args.rounds).items():
             print(f"  {us:8.1f} us  {row}")
         return 0
     if args.generate:

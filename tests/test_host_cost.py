@@ -70,7 +70,7 @@ def test_step_host_time_through_tritons_launch_path():
 
 
 def test_op_host_times_through_tritons_launch_path():
-    """host_step.py --ops times the prefix MLP (forward; forward and backward) and the attention
+    """host_step.py --ops times the prefix MLP at two sizes (forward; forward and backward) and the attention
     (forward and backward) alone through Triton's launch path, and reports each."""
     script = SCRIPT.parent / "host_step.py"
     result = subprocess.run([sys.executable, str(script), "--ops"], capture_output=True, text=True, timeout=600,
@@ -79,9 +79,11 @@ def test_op_host_times_through_tritons_launch_path():
     rows = re.findall(r"^\s+([\d.]+) us\s+(.+)$", result.stdout, flags=re.M)
     assert [name for _, name in rows] == ["prefix MLP forward, Qwen2.5-0.5B",
                                           "prefix MLP forward + backward, Qwen2.5-0.5B",
+                                          "prefix MLP forward, bloomz-560m",
+                                          "prefix MLP forward + backward, bloomz-560m",
                                           "prefix_attention forward + backward, seed-qwen"]
     assert all(float(us) > 0 for us, _ in rows)
-    assert float(rows[1][0]) > float(rows[0][0])
+    assert float(rows[1][0]) > float(rows[0][0]) and float(rows[3][0]) > float(rows[2][0])
 
 
 def test_generate_host_time_through_tritons_launch_path():
