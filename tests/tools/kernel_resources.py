@@ -11,7 +11,7 @@ every padded Hugging Face batch), ``packed`` (``prefix_attention_varlen``), what
 
     python tests/tools/kernel_resources.py [--arch 90] [--kernels attention,mlp] [--bucket 2:128 ...]
                                            [--flags plain,padded] [--heavy-first all|first] [--check]
-                                           [--markdown]
+                                           [--markdown] [--precisions ieee,tf32x3,tf32,bf16,fp16]
 
 The prefix MLP's candidates (``--kernels mlp``) are checked per dot precision: the backward's
 ``BWD_TILES`` and two-launch tiles at each P tile (each launch's kernel), the forward's configs as
@@ -142,14 +142,17 @@ def constexprs(name, config, flags, *, block_d, elem_bytes, group=4, even_d=True
     return consts
 
 
-def mlp_candidates():
+MLP_PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16", "fp16")
+
+
+def mlp_candidates(precisions=MLP_PRECISIONS):
     """(label, jit function, constexprs, pointer types, warps, stages, first) of the prefix MLP's
-    autotune candidates as its launchers' candidate functions leave them, per dot precision and P
-    tile; ``first``: the candidate used with autotuning off."""
+    autotune candidates as its launchers' candidate functions leave them, per dot precision (of
+    ``precisions``) and P tile; ``first``: the candidate used with autotuning off."""
     from prefixkern.kernels import prefix_mlp as mlp
 
     # "bf16" / "fp16": float32 parameters under autocast (products rounded on load), or 16-bit ones.
-    for precision in ("ieee", "tf32x3", "tf32", "bf16", "fp16"):
+    for precision in precisions:
         for block_p in (16, 32, 64):   # the launcher's P tiles (bwd_block_p)
             if block_p != mlp.bwd_block_p(block_p, precision):
                 continue
@@ -272,6 +275,9 @@ def main(argv=None) -> int:
                         help="compile the heavy-first variant of every attention candidate (reported), or only "
                              "of each table's first (the ones --check holds to no spills)")
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--precisions", default=",".join(MLP_PRECISIONS),
+                        help="--kernels mlp: the dot precisions whose candidates to compile (the test splits "
+                             "them over its cases, so pytest's workers share the compiles)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table at the end")
     args = parser.parse_args(argv)
     buckets = ([tuple(int(x) for x in b.split(":")) for b in args.bucket] if args.bucket
@@ -322,7 +328,8 @@ def main(argv=None) -> int:
                 if smem > model + 4096:
                     problems.append(f"{name} {bucket} {config}: compiled shared memory {smem} B, model {model} B")
     mlp_spills = []
-    for label, kernel, consts, pointers, warps, stages, first in (mlp_candidates() if "mlp" in kernels else ()):
+    mlp_configs = mlp_candidates(args.precisions.split(",")) if "mlp" in kernels else ()
+    for label, kernel, consts, pointers, warps, stages, first in mlp_configs:
         start = time.time()
         compiled = compile_kernel(kernel, consts, pointers, "*fp32", target, warps, stages)
         registers, spills = ptxas_usage(compiled.asm["ptx"], args.arch)
