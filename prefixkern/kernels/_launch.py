@@ -373,7 +373,9 @@ class LaunchPlan:
                 _raw_run(raw[0], driver.active.get_current_device(), self.grid, values + list(self.tail), raw[1])
                 return raw[0]
         compiled = launch_kernel(self.kernel, self.grid, *tensors, *self.tail, **self.meta)
-        if raw is None and RAW_POINTERS and _raw_launch_allowed() and all(
+        # (With PLANS off no plan is kept: its raw entry would be built for nothing, a second
+        # argument key per launch.)
+        if raw is None and PLANS and RAW_POINTERS and _raw_launch_allowed() and all(
                 t is None or t.data_ptr() % 16 == 0 for t in tensors):
             meta = dict(self.meta)
             meta.setdefault("enable_fp_fusion", FP_FUSION)    # (as launch_kernel's: the same compiled kernel)
