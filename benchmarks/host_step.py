@@ -211,16 +211,40 @@ def _median_us(fn, calls: int = 300) -> float:
     return statistics.median(samples) * 1e6
 
 
-def op_host_times(rounds: int = 1) -> dict[str, float]:
-    """``{row: host microseconds per call}`` of the MLP and the attention op: the lowest of
-    ``rounds`` medians of 300 calls, every row once per round (drift reaches each alike)."""
+def bindings_per_call(fn) -> int:
+    """How many times one call of ``fn`` has Triton bind a launch's arguments (``JITFunction.run``:
+    every plain launch, and a raw launch whose argument key is new). 0 where every launch is
+    replayed raw from a launch plan, as a warmed-up call of a kept layout should be."""
+    from triton.runtime.jit import JITFunction
+
+    count = 0
+    real = JITFunction.run
+
+    def counting(self, *args, **kwargs):
+        nonlocal count
+        count += 1
+        return real(self, *args, **kwargs)
+
+    JITFunction.run = counting
+    try:
+        fn()
+    finally:
+        JITFunction.run = real
+    return count
+
+
+def op_host_times(rounds: int = 1) -> tuple[dict[str, float], dict[str, int]]:
+    """``({row: host microseconds per call}, {row: Triton bindings per call})`` of the MLP and the
+    attention op: the lowest of ``rounds`` medians of 300 calls, every row once per round (drift
+    reaches each alike), and the bindings of one call after them (``bindings_per_call``)."""
     import prefixkern
 
     calls = {}
     gen = torch.Generator().manual_seed(0)
     # The MLP at Qwen2.5-0.5B's sizes (24 layers, 2 KV heads of 64; PEFT's default hidden size, the
     # token dim 128; a small MLP: one launch forward, two backward) and bloomz-560m's (24 layers, 16
-    # heads of 64, hidden size 1024: two launches forward, five backward), P = 20 and 30, float32
+    # heads of 64, hidden size 1024: two launches forward, three backward here, where the tuner takes
+    # the products' one-launch tile; four on a GPU whose tuner picks a two-launch one), P = 20 and 30, float32
     # parameters, bf16 output; the gradients dropped before each call (no accumulation runs).
     for name, (layers, kv_heads, head_dim, rows) in {"Qwen2.5-0.5B": (24, 2, 64, 20),
                                                       "bloomz-560m": (24, 16, 64, 30)}.items():
@@ -262,7 +286,8 @@ def op_host_times(rounds: int = 1) -> dict[str, float]:
     for _ in range(rounds):
         for row, fn in calls.items():
             medians[row].append(_median_us(fn))
-    return {row: min(samples) for row, samples in medians.items()}
+    return ({row: min(samples) for row, samples in medians.items()},
+            {row: bindings_per_call(fn) for row, fn in calls.items()})
 
 
 def main(argv=None) -> int:
@@ -279,8 +304,12 @@ def main(argv=None) -> int:
     if args.ops:
         print("host time per call (CPU; Triton launches bound and looked up, not run), median of 300"
               + (f", the lowest of {args.rounds} rounds:" if args.rounds > 1 else ":"))
-        for row, us in op_host_times(args.rounds).items():
+        times, bindings = op_host_times(args.rounds)
+        for row, us in times.items():
             print(f"  {us:8.1f} us  {row}")
+        print("Triton argument bindings per call after those (0: every launch replayed raw from its plan):")
+        for row, count in bindings.items():
+            print(f"  {count:3d} bindings  {row}")
         return 0
     if args.generate:
         print(f"host time of greedy generate(), {args.layers} layers, B=8, prompt 32 (CPU; launches not run):")

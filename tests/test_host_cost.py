@@ -2,6 +2,7 @@
 step of the 24-layer Qwen2-shaped model launches one Triton kernel per layer forward and one
 backward, plus the prefix MLP's one and two, and fewer aten ops than stock PEFT + sdpa in both
 directions), and both host-time tools run."""
+import os
 import re
 import subprocess
 import sys
@@ -70,11 +71,13 @@ def test_step_host_time_through_tritons_launch_path():
 
 
 def test_op_host_times_through_tritons_launch_path():
-    """host_step.py --ops times the prefix MLP at two sizes (forward; forward and backward) and the attention
-    (forward and backward) alone through Triton's launch path, and reports each."""
+    """host_step.py --ops times the prefix MLP at two sizes (forward; forward and backward) and the
+    attention (forward and backward) alone through Triton's launch path under the raw launch (a GPU's
+    default), and reports each; once warmed up, no call of them has Triton bind arguments: every
+    launch is replayed raw from its launch plan (a per-call int in a launch would bind every call)."""
     script = SCRIPT.parent / "host_step.py"
     result = subprocess.run([sys.executable, str(script), "--ops"], capture_output=True, text=True, timeout=600,
-                            cwd=SCRIPT.parent.parent)
+                            cwd=SCRIPT.parent.parent, env={**os.environ, "PREFIXKERN_RAW_LAUNCH": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = re.findall(r"^\s+([\d.]+) us\s+(.+)$", result.stdout, flags=re.M)
     assert [name for _, name in rows] == ["prefix MLP forward, Qwen2.5-0.5B",
@@ -84,6 +87,9 @@ def test_op_host_times_through_tritons_launch_path():
                                           "prefix_attention forward + backward, seed-qwen"]
     assert all(float(us) > 0 for us, _ in rows)
     assert float(rows[1][0]) > float(rows[0][0]) and float(rows[3][0]) > float(rows[2][0])
+    bindings = re.findall(r"^\s+(\d+) bindings\s+(.+)$", result.stdout, flags=re.M)
+    assert [name for _, name in bindings] == [name for _, name in rows]
+    assert all(count == "0" for count, _ in bindings), bindings
 
 
 def test_generate_host_time_through_tritons_launch_path():
