@@ -6,8 +6,9 @@
 #
 #   call 1 (timeout_s 560): the tensor-core decode kernel's GPU cases with the stages the launcher
 #          now picks per call (two at the 4096-key cases), generate() and the compiled decode step
-#          through it, the prefix MLP's launch plans (raw launches, full size); then quick-device, quick-decode (the default beside one and two forced
-#          stages), quick-attention and quick-mlp                                  -> $OUT/r.tgz
+#          through it, the prefix MLP's launch plans (raw launches, full size); then quick-device,
+#          quick-decode (the default beside one and two forced stages), quick-attention and
+#          quick-mlp                                                               -> $OUT/r.tgz
 #   call 2 (timeout_s 280): the training step eager and compiled (e2e-compile), issue 4's
 #          compiled pair last timed on the H200                                    -> $OUT/r2.tgz
 #   ncu    (timeout_s 80):  Nsight Compute on a decode step with the default (two-stage) kernel -> $OUT/r3.tgz

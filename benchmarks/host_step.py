@@ -244,8 +244,8 @@ def op_host_times(rounds: int = 1) -> tuple[dict[str, float], dict[str, int]]:
     # The MLP at Qwen2.5-0.5B's sizes (24 layers, 2 KV heads of 64; PEFT's default hidden size, the
     # token dim 128; a small MLP: one launch forward, two backward) and bloomz-560m's (24 layers, 16
     # heads of 64, hidden size 1024: two launches forward, three backward here, where the tuner takes
-    # the products' one-launch tile; four on a GPU whose tuner picks a two-launch one), P = 20 and 30, float32
-    # parameters, bf16 output; the gradients dropped before each call (no accumulation runs).
+    # the products' one-launch tile; four on a GPU whose tuner picks a two-launch one), P = 20 and
+    # 30, float32 parameters, bf16 output; the gradients dropped before each call (no accumulation).
     for name, (layers, kv_heads, head_dim, rows) in {"Qwen2.5-0.5B": (24, 2, 64, 20),
                                                       "bloomz-560m": (24, 16, 64, 30)}.items():
         width = kv_heads * head_dim

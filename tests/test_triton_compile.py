@@ -82,8 +82,13 @@ def test_attention_configs_do_not_spill_registers():
         assert all(" spill stores     0 B" in row for row in rows), rows
 
 
+# The prefix MLP's dot precisions (kernel_resources.py's MLP_PRECISIONS), split over the compile
+# check's cases.
+MLP_PRECISION_GROUPS = ["ieee,tf32x3", "tf32", "bf16", "fp16"]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Triton compiles on Linux")
-@pytest.mark.parametrize("precisions", ["ieee,tf32x3", "tf32", "bf16", "fp16"])
+@pytest.mark.parametrize("precisions", MLP_PRECISION_GROUPS)
 def test_prefix_mlp_configs_compile_and_the_untuned_ones_do_not_spill(precisions):
     """The prefix MLP's autotune candidates, as its launchers' candidate functions leave them,
     compile for sm_90 under every product precision (float32 parameters exactly, PyTorch's default
@@ -99,7 +104,7 @@ def test_prefix_mlp_configs_compile_and_the_untuned_ones_do_not_spill(precisions
                             env=env, capture_output=True, text=True, timeout=900, cwd=SCRIPT.parent.parent.parent)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if "spill stores" in line]
-    named = {"ieee", "tf32x3", "tf32", "bf16", "fp16"}
+    named = {precision for group in MLP_PRECISION_GROUPS for precision in group.split(",")}
     assert {word for row in rows for word in row.split()[:4] if word in named} == set(precisions.split(","))
     spilling = [row for row in rows if " spill stores     0 B" not in row]
     assert len(rows) >= 40 and (len(spilling) <= 4 or not _holds_spills(result.stdout)), spilling
