@@ -1,7 +1,8 @@
-"""The model the host-time tools run (``host_cost.py``, ``host_step.py``): a Qwen2-shaped decoder
-with 24 layers of the seeds' head layout (14 query / 2 KV heads) at tiny widths, random weights, bf16,
-so that a step's cost is its launches and Python rather than arithmetic. No environment or Triton
-state is touched here: each tool sets up Triton its own way before importing this."""
+"""The models the host-time tools run (``host_cost.py``, ``host_step.py``): a Qwen2-shaped decoder
+with 24 layers of the seeds' head layout (14 query / 2 KV heads), or a GPT-2-medium-shaped one (16
+heads, attention dropout on, as GPT-2 trains), at tiny widths, random weights, so that a step's cost
+is its launches and Python rather than arithmetic. No environment or Triton state is touched here:
+each tool sets up Triton its own way before importing this."""
 from __future__ import annotations
 
 import copy
@@ -16,15 +17,34 @@ IMPLS = ("floor_no_prefix", "peft_sdpa", "prefixkern")
 def qwen2_shaped(impl: str, layers: int = 24, dtype: torch.dtype = torch.bfloat16):
     """The frozen base with no prefix (``floor_no_prefix``), stock PEFT prefix tuning (P=20, the
     MLP on) on ``sdpa`` (``peft_sdpa``), or the same adapter patched (``prefixkern``); the base's
-    weights in ``dtype``."""
+    weights in ``dtype``; in training mode."""
     import transformers as tf
-    from peft import PrefixTuningConfig, get_peft_model
 
     config = tf.Qwen2Config(vocab_size=256, hidden_size=112, intermediate_size=128, num_hidden_layers=layers,
                             num_attention_heads=14, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
+    return _with_prefix(config, impl, dtype)
+
+
+def gpt2_shaped(impl: str, layers: int = 24, dtype: torch.dtype = torch.bfloat16):
+    """``qwen2_shaped``'s three rows on GPT-2-medium's layout (24 layers of 16 heads) at tiny
+    widths, with GPT-2's default dropout (0.1 on attention, residuals and embeddings): the e2e
+    suite's gpt2-medium row, whose patched step draws a dropout seed per layer."""
+    import transformers as tf
+
+    config = tf.GPT2Config(vocab_size=256, n_embd=256, n_inner=64, n_layer=layers, n_head=16, n_positions=4096)
+    return _with_prefix(config, impl, dtype)
+
+
+MODELS = {"qwen2": qwen2_shaped, "gpt2": gpt2_shaped}
+
+
+def _with_prefix(config, impl: str, dtype: torch.dtype):
+    import transformers as tf
+    from peft import PrefixTuningConfig, get_peft_model
+
     torch.manual_seed(0)
     attn = "eager" if impl == "prefixkern" else "sdpa"
-    base = tf.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attn).to(dtype)
+    base = tf.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attn).to(dtype).train()
     if impl == "floor_no_prefix":
         for p in base.parameters():
             p.requires_grad_(False)

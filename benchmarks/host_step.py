@@ -2,7 +2,8 @@
 Triton's own launch path (no GPU needed): what the patch adds to a host-bound step, beside the
 no-prefix floor and stock PEFT + sdpa.
 
-    python benchmarks/host_step.py [--layers 24] [--steps 15] [--profile]
+    python benchmarks/host_step.py [--model qwen2|gpt2] [--dtype bfloat16|float32] [--layers 24] [--steps 15]
+                                   [--profile]
     python benchmarks/host_step.py --generate [--layers 24]
     python benchmarks/host_step.py --ops
 
@@ -60,7 +61,7 @@ from triton.runtime import driver  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from _host_model import IMPLS, qwen2_shaped  # noqa: E402
+from _host_model import IMPLS, MODELS, qwen2_shaped  # noqa: E402
 from prefixkern._backend import override_global  # noqa: E402
 from prefixkern.bench.common import held, with_raw_launch  # noqa: E402
 from prefixkern.kernels._launch import launch_plans  # noqa: E402
@@ -292,6 +293,11 @@ def op_host_times(rounds: int = 1) -> tuple[dict[str, float], dict[str, int]]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="qwen2",
+                        help="the training step's model: Qwen2-shaped, or GPT-2-medium-shaped with its dropout")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="the base's weights: float32 where the CPU has no fast bfloat16 matmul (there the "
+                             "rows' bf16 arithmetic outweighs the host time they compare)")
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--profile", action="store_true")
@@ -316,7 +322,9 @@ def main(argv=None) -> int:
         for impl, (prefill_ms, step_ms) in generate_host_times(args.layers).items():
             print(f"  {impl:10s} 1 token {prefill_ms:7.2f} ms   per decoding step {step_ms:6.2f} ms")
         return 0
-    steps = {impl: _step_of(impl, args.layers) for impl in STEP_ROWS}
+    model = MODELS[args.model]
+    dtype = getattr(torch, args.dtype)
+    steps = {impl: _step_of(impl, args.layers, model, dtype) for impl in STEP_ROWS}
     for step in steps.values():
         for _ in range(2):      # compiles the kernels (first step), then warms up
             step()
@@ -338,7 +346,7 @@ def main(argv=None) -> int:
             steps["prefixkern"]()
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
-    print(f"host time per training step, {args.layers} layers, median of {args.steps} rounds (CPU; Triton "
+    print(f"host time per training step, {args.model}-shaped, {args.dtype}, {args.layers} layers, median of {args.steps} rounds (CPU; Triton "
           f"launches bound and looked up, not run); ratios to {FLOOR_ONE_OP}, the floor as a GPU host runs it:")
     for impl, ms in times.items():
         print(f"  {ms:8.2f} ms  {impl}  ({ms / times[FLOOR_ONE_OP]:.2f}x)")
@@ -350,14 +358,14 @@ STEP_ROWS = ("floor_no_prefix", FLOOR_ONE_OP) + IMPLS[1:] + ("prefixkern_raw_lau
                                                              "prefixkern_bare_attention")
 
 
-def _step_of(impl: str, layers: int):
+def _step_of(impl: str, layers: int, model=qwen2_shaped, dtype: torch.dtype = torch.bfloat16):
     """A row's training step: the floor, the floor with SDPA as one op, stock PEFT, the patched
     model, and the patched model with the raw launch, without launch plans, or with its attention
     launchers replaced by bare allocations of their outputs (what the attention's launches cost:
     the rest of the gap to the one-op floor)."""
     base_impl = "floor_no_prefix" if impl == FLOOR_ONE_OP else "prefixkern" if impl.startswith("prefixkern") \
         else impl
-    step = _step(qwen2_shaped(base_impl, layers), base_impl)
+    step = _step(model(base_impl, layers, dtype), base_impl)
     if impl == FLOOR_ONE_OP:
         return _with_one_op_sdpa(step)
     if impl == "prefixkern_raw_launch":

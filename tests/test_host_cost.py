@@ -48,16 +48,18 @@ def test_launcher_host_times_are_reported():
     assert all(float(us) > 0 for us, _ in rows)
 
 
-def test_step_host_time_through_tritons_launch_path():
-    """host_step.py runs the steps with the patched model's kernels compiled for sm_90 and
+@pytest.mark.parametrize("model", [[], ["--model", "gpt2", "--dtype", "float32"]], ids=["qwen2-bf16", "gpt2-float32"])
+def test_step_host_time_through_tritons_launch_path(model):
+    """host_step.py runs the steps (a Qwen2-shaped model, and a GPT-2-shaped one training with its
+    attention dropout) with the patched model's kernels compiled for sm_90 and
     launched through Triton's binding and cache (a compile-only driver): the floor (SDPA computing
     on the CPU, and SDPA as one op, the row the others are compared with), stock PEFT, the patched
     step, and the patched step again with raw-pointer launches (the compiled kernel's launcher
     called directly), without launch plans and with bare attention launchers; it reports each. No compile leaves FP fusion to
     Triton's default."""
     script = SCRIPT.parent / "host_step.py"
-    result = subprocess.run([sys.executable, str(script), "--layers", "2", "--steps", "2"], capture_output=True,
-                            text=True, timeout=600, cwd=SCRIPT.parent.parent)
+    result = subprocess.run([sys.executable, str(script), "--layers", "2", "--steps", "2", *model],
+                            capture_output=True, text=True, timeout=600, cwd=SCRIPT.parent.parent)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = re.findall(r"^\s+([\d.]+) ms\s+(\w+)\s+\(([\d.]+)x\)$", result.stdout, flags=re.M)
     assert [name for _, name, _ in rows] == ["floor_no_prefix", "floor_sdpa_one_op", "peft_sdpa", "prefixkern",

@@ -633,6 +633,55 @@ def test_dropout_forward_and_backward_match_the_mask(monkeypatch, case, head_spl
         assert_close(got.grad, want.grad, case.dtype, "grad", name)
 
 
+def _philox4x32_10(counter: int, key: int) -> tuple[int, int, int, int]:
+    """Philox4x32-10 of counter ``(counter, 0, 0, 0)`` under the 64-bit ``key``, in plain Python
+    (Salmon et al. 2011, the constants Triton's ``tl.randint4x`` uses)."""
+    mask = 0xFFFFFFFF
+    c = [counter & mask, (counter >> 32) & mask, 0, 0]
+    k0, k1 = key & mask, (key >> 32) & mask
+    for _ in range(10):
+        prod_a, prod_b = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [(prod_b >> 32) ^ c[1] ^ k0, prod_b & mask, (prod_a >> 32) ^ c[3] ^ k1, prod_a & mask]
+        k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+    return tuple(c)
+
+
+@pytest.mark.parametrize("prefix_len", [3, 16])
+def test_dropout_mask_is_the_documented_philox_layout(prefix_len):
+    """Element by element, the mask the kernels draw is the one ``_attention_common``'s docstring
+    states (so another backend, a CUDA kernel say, can reproduce it): one Philox4x32-10 draw per
+    8 dropout columns, the prefix's and the sequence's columns each rounded up to whole groups,
+    column c kept iff half c % 2 of word (c % 8) // 2 is at least round(p * 2**16)."""
+    from prefixkern.kernels._attention_common import dropout_keep_mask
+
+    batch, heads, seq_q, seq_kv, p = 2, 2, 3, 11, 0.3
+    seed = 2**31 - 2                               # seed + bh crosses 2**31
+    with use_backend("triton"):
+        keep = dropout_keep_mask(torch.tensor([seed], dtype=torch.int64), batch, heads, seq_q, prefix_len, seq_kv, p)
+    groups = -(-prefix_len // 8) + -(-seq_kv // 8)
+    threshold = int(p * 65536 + 0.5)
+    expected = torch.zeros_like(keep)
+    for b, h, i in itertools.product(range(batch), range(heads), range(seq_q)):
+        for key in range(prefix_len + seq_kv):
+            col = key if key < prefix_len else -(-prefix_len // 8) * 8 + key - prefix_len
+            words = _philox4x32_10(i * groups + col // 8, seed + b * heads + h)
+            half = words[(col % 8) // 2] >> (16 * (col % 2)) & 0xFFFF
+            expected[b, h, i, key] = half >= threshold
+    assert torch.equal(keep, expected)
+
+
+def test_dropout_mask_keeps_one_minus_p_of_the_weights():
+    """Over 2**16 elements the kept share is 1 - p within five standard deviations, at a p that is
+    not a multiple of 2**-16."""
+    from prefixkern.kernels._attention_common import dropout_keep_mask
+
+    p = 0.1234
+    with use_backend("triton"):
+        keep = dropout_keep_mask(torch.tensor([7], dtype=torch.int64), 1, 4, 64, 20, 236, p)
+    n = keep.numel()
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+
+
 def test_dropout_is_reproducible_under_manual_seed(device):
     (q, k, v, pk, pv), kwargs = make_inputs(BASE, device)
     with use_backend("triton"):

@@ -109,3 +109,30 @@ def test_prefix_mlp_configs_compile_and_the_untuned_ones_do_not_spill(precisions
     spilling = [row for row in rows if " spill stores     0 B" not in row]
     assert len(rows) >= 40 and (len(spilling) <= 4 or not _holds_spills(result.stdout)), spilling
     assert {"mlp-bwd dh", "mlp-bwd dw2", "mlp-bwd both"} <= {" ".join(row.split()[:2]) for row in rows}
+
+
+DROPOUT_DRAWS = """
+import sys
+sys.path.insert(0, "tests/tools")
+from triton.backends.compiler import GPUTarget
+from compile_triton_kernels import compile_kernel
+from kernel_resources import sass_counts
+from prefixkern.kernels._attention_common import dropout_keep_mask_kernel
+compiled = compile_kernel(dropout_keep_mask_kernel, dict(BLOCK_M=32, BLOCK_N=64), {"seed_ptr": "*i64", "keep_ptr": "*i8"},
+                          "*fp32", GPUTarget("cuda", 90, 32), 4, 1)
+print("counts", *sass_counts(compiled.asm["cubin"]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Triton compiles on Linux")
+def test_dropout_mask_takes_one_philox_draw_per_eight_columns():
+    """The keep mask costs a Philox4x32-10 draw per 8 elements, not per element: 18 multiply-highs a
+    draw (two a round; the first round's two on the zero counter words fold away), and a [32, 64]
+    tile over 128 threads is 16 elements a thread, 2 draws (36 multiply-highs) where a draw per
+    element took 288; the bound leaves room for address arithmetic."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", DROPOUT_DRAWS], env=env, capture_output=True, text=True,
+                            timeout=300, cwd=SCRIPT.parent.parent.parent)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    instructions, multiply_highs = map(int, result.stdout.split("counts")[1].split())
+    assert instructions > 0 and 36 <= multiply_highs < 72, result.stdout

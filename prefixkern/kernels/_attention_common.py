@@ -7,9 +7,17 @@ tensor, its lengths read in the kernel by ``packed_row``); everything below coun
 
 Positions (DESIGN.md, "The math"): prefix key j sits at j, sequence key j at ``P + j``, query i at
 ``P + (S_kv - S) + i`` (bottom-right aligned). Key *columns* number the concatenation
-``[prefix ; sequence]``: prefix key j is column j, sequence key j column ``P + j``; the dropout
-counter of (query i, column c) in batch row b, head h is ``i * (P + S_kv) + c`` under the Philox
-key ``seed + b * Hq + h``, so any kernel regenerates any element of the mask on its own.
+``[prefix ; sequence]``: prefix key j is column j, sequence key j column ``P + j``.
+
+The dropout mask numbers its columns with each part rounded up to whole groups of
+``DROPOUT_GROUP`` (8): prefix key j is dropout column j, sequence key j dropout column
+``cdiv(P, 8) * 8 + j``, so that every key tile of a kernel (its start a multiple of its size, 16
+or more) covers whole groups. One Philox draw (four 32-bit words, key ``seed + b * Hq + h``,
+counter ``i * G + c // 8``, ``G = cdiv(P, 8) + cdiv(S_kv, 8)`` groups per query row) decides the
+8 columns of a group, one 16-bit half-word each: column ``c`` is kept iff half ``c % 2`` of word
+``(c % 8) // 2`` is at least ``round(dropout_p * 2**16)``. Any kernel regenerates any element of
+the mask on its own, at an eighth of the Philox rounds of a draw per element (flash-attn draws
+one per 16 elements at 8 bits); dropout_p is applied at a resolution of 2**-16.
 """
 from __future__ import annotations
 
@@ -175,38 +183,77 @@ def prefix_visible(offs_m, offs_p, S, S_kv, P, window, HAS_WINDOW: tl.constexpr)
     return vis
 
 
+DROPOUT_GROUP = 8     # dropout columns decided by one Philox draw (module docstring)
+
+
 @triton.jit
-def dropout_keep(seed, bh, offs_m, key_cols, num_keys, dropout_p):
-    """Keep mask [BM, BN] of attention dropout for queries ``offs_m`` and key columns ``key_cols``
-    of batch-head ``bh = b * Hq + h`` (``num_keys = P + S_kv``)."""
-    counters = (offs_m[:, None] * num_keys + key_cols[None, :]).to(tl.int32)
+def dropout_row_groups(P, S_kv):
+    """Philox counters per query row (``G``): the prefix's and the sequence's dropout columns, each
+    rounded up to whole groups of 8."""
+    return tl.cdiv(P, 8) + tl.cdiv(S_kv, 8)
+
+
+@triton.jit
+def dropout_sequence_col0(P):
+    """The dropout column of sequence key 0: the prefix's columns rounded up to a whole group."""
+    return tl.cdiv(P, 8) * 8
+
+
+@triton.jit
+def dropout_keep(seed, bh, offs_m, col0, row_groups, dropout_p, BLOCK_N: tl.constexpr):
+    """Keep mask [BM, BLOCK_N] of attention dropout for queries ``offs_m`` and the dropout columns
+    ``col0 .. col0 + BLOCK_N - 1`` (``col0`` a multiple of 8) of batch-head ``bh = b * Hq + h``;
+    ``row_groups`` is ``dropout_row_groups(P, S_kv)``. One Philox draw per 8 columns."""
+    tl.static_assert(BLOCK_N % 8 == 0, "dropout_keep takes whole groups of 8 key columns")
+    groups = col0 // 8 + tl.arange(0, BLOCK_N // 8)
+    counters = (offs_m[:, None] * row_groups + groups[None, :]).to(tl.int32)
     # 64-bit key: seed + bh must not wrap differently in kernels that hold bh in int32 and int64.
-    return tl.rand(seed.to(tl.int64) + bh.to(tl.int64), counters) >= dropout_p
+    w0, w1, w2, w3 = tl.randint4x(seed.to(tl.int64) + bh.to(tl.int64), counters)
+    threshold = tl.cast(dropout_p * 65536.0 + 0.5, tl.uint32)
+    low = 0xFFFF
+    # Three joins put 8 [BM, G] masks side by side as [BM, G, 2, 2, 2]; the reshape reads that
+    # row-major, so column 8u + 4i + 2j + k takes the innermost operand i of middle operand j of
+    # outer operand k: half t % 2 of word t // 2 for t = c % 8, as the operands below are ordered.
+    keep = tl.join(tl.join(tl.join((w0 & low) >= threshold, (w2 & low) >= threshold),
+                           tl.join((w1 & low) >= threshold, (w3 & low) >= threshold)),
+                   tl.join(tl.join((w0 >> 16) >= threshold, (w2 >> 16) >= threshold),
+                           tl.join((w1 >> 16) >= threshold, (w3 >> 16) >= threshold)))
+    return tl.reshape(keep, [offs_m.shape[0], BLOCK_N])
 
 
 @triton.jit
-def dropout_keep_mask_kernel(seed_ptr, keep_ptr, S, num_keys, dropout_p,
+def dropout_keep_mask_kernel(seed_ptr, keep_ptr, S, P, S_kv, dropout_p,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Writes the [B * Hq, S, P + S_kv] keep mask the attention kernels use (tests, debugging)."""
+    """Writes the [B * Hq, S, P + S_kv] keep mask the attention kernels use (tests, debugging),
+    in key columns: dropout columns ``P .. cdiv(P, 8) * 8 - 1`` belong to no key."""
     bh = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     seed = tl.load(seed_ptr)
-    for start_n in range(0, num_keys, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        keep = dropout_keep(seed, bh, offs_m, cols, num_keys, dropout_p)
+    num_keys = P + S_kv
+    seq_col0 = dropout_sequence_col0(P)
+    row_groups = dropout_row_groups(P, S_kv)
+    for start_n in range(0, seq_col0 + S_kv, BLOCK_N):
+        drop_cols = start_n + tl.arange(0, BLOCK_N)
+        keep = dropout_keep(seed, bh, offs_m, start_n, row_groups, dropout_p, BLOCK_N)
+        is_prefix = drop_cols < P
+        cols = tl.where(is_prefix, drop_cols, drop_cols - seq_col0 + P)
+        col_ok = is_prefix | ((drop_cols >= seq_col0) & (drop_cols < seq_col0 + S_kv))
         ptrs = keep_ptr + bh * S * num_keys + offs_m[:, None] * num_keys + cols[None, :]
-        tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < S) & (cols[None, :] < num_keys))
+        tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < S) & col_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------------
 # Host helpers
 # --------------------------------------------------------------------------------------------
 
-def check_dropout_counters(seq_len_q: int, num_keys: int) -> None:
-    """Philox counters are int32 per batch-head: ``S * (P + S_kv)`` must stay below 2**31."""
-    if seq_len_q * num_keys >= 2**31:
+def check_dropout_counters(seq_len_q: int, prefix_len: int, seq_len_kv: int) -> None:
+    """Philox counters are int32 per batch-head: ``S * G`` (``dropout_row_groups``) must stay
+    below 2**31."""
+    row_groups = cdiv(prefix_len, DROPOUT_GROUP) + cdiv(seq_len_kv, DROPOUT_GROUP)
+    if seq_len_q * row_groups >= 2**31:
         raise ValueError(
-            f"dropout_p > 0 needs S * (P + S_kv) < 2**31 (Philox counters), got {seq_len_q} * {num_keys}"
+            f"dropout_p > 0 needs S * (cdiv(P, 8) + cdiv(S_kv, 8)) < 2**31 (Philox counters), got S={seq_len_q}, "
+            f"P={prefix_len}, S_kv={seq_len_kv}"
         )
 
 
@@ -216,11 +263,11 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, num_heads: int, seq_len_q:
     tensor of one element on the kernels' device); ``reference.prefix_attention(dropout_keep=...)``
     takes it, which is how tests check dropout against the oracle."""
     num_keys = prefix_len + seq_len_kv
-    check_dropout_counters(seq_len_q, num_keys)
+    check_dropout_counters(seq_len_q, prefix_len, seq_len_kv)
     keep = torch.empty(batch * num_heads, seq_len_q, num_keys, dtype=torch.int8, device=seed.device)
     grid = (batch * num_heads, cdiv(seq_len_q, 32))
-    launch_kernel(dropout_keep_mask_kernel, grid, seed, keep, seq_len_q, num_keys, float(dropout_p), BLOCK_M=32,
-                  BLOCK_N=64)
+    launch_kernel(dropout_keep_mask_kernel, grid, seed, keep, seq_len_q, prefix_len, seq_len_kv, float(dropout_p),
+                  BLOCK_M=32, BLOCK_N=64)
     return keep.view(batch, num_heads, seq_len_q, num_keys).bool()
 
 

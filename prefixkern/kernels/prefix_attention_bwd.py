@@ -16,7 +16,8 @@ from the saved log-sum-exp, never stored.
   takes a contiguous share of them and writes a float32 partial; the partials are summed once
   on the host side (no atomics: the result is deterministic and contention-free).
 
-Every kernel regenerates the forward's dropout mask from the same Philox counters.
+Every kernel regenerates the forward's dropout mask from the same Philox counters
+(``dropout_keep``: one draw per query row and 8 key columns).
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ from ._attention_common import (
     bhsd_strides,
     config_bucket,
     dropout_keep,
+    dropout_row_groups,
+    dropout_sequence_col0,
     empty_in_layout_of,
     fitting_configs,
     grid_program,
@@ -72,11 +75,12 @@ def _load_lse2(lse_ptr, offs_m, S):
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, keys_ok, d_ok, vis, key_pos, key_cols,
-             sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
+def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, keys_ok, d_ok, vis, key_pos, drop_col0,
+             sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, row_groups, dropout_p,
              MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
              HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """dQ contribution of one block of keys, scores in [BLOCK_M, BLOCK_N] orientation."""
+    """dQ contribution of one block of keys, scores in [BLOCK_M, BLOCK_N] orientation; ``drop_col0``
+    is the block's first dropout column (``_attention_common``)."""
     k = load_tile(k_ptrs, keys_ok[:, None], d_ok[None, :], MASKED, not EVEN_D)
     v = load_tile(v_ptrs, keys_ok[:, None], d_ok[None, :], MASKED, not EVEN_D)
     s, t = scores_log2(dot(q, tl.trans(k), INPUT_PRECISION), sm_scale, qk_scale, softcap, slope, key_pos[None, :],
@@ -86,7 +90,7 @@ def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, keys_ok, d_ok, vis, key_pos
     p = tl.math.exp2(s - lse2[:, None])
     dp = dot(do, tl.trans(v), INPUT_PRECISION)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, bh, offs_m, key_cols, num_keys, dropout_p)
+        keep = dropout_keep(seed, bh, offs_m, drop_col0, row_groups, dropout_p, dp.shape[1])
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     ds = p * (dp - delta[:, None])
     if HAS_SOFTCAP:
@@ -98,7 +102,7 @@ def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, keys_ok, d_ok, vis, key_pos
 @triton.jit
 def _dq_sequence(dq, q, do, lse2, delta, lo, hi, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row,
                  stride_kpms, pos_row, stride_poss, offs_m, offs_n, offs_d, d_ok, S, S_kv, P, window, sm_scale,
-                 qk_scale, softcap, slope, seed, bh, num_keys, dropout_p, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+                 qk_scale, softcap, slope, seed, bh, row_groups, dropout_p, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
                  HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                  HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
@@ -112,8 +116,9 @@ def _dq_sequence(dq, q, do, lse2, delta, lo, hi, k_base, v_base, stride_ks, stri
                       k_base + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd,
                       v_base + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd,
                       offs_s < S_kv, d_ok, vis,
-                      alibi_sequence_positions(pos_row, stride_poss, offs_s, S_kv, P, HAS_POS), P + offs_s,
-                      sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
+                      alibi_sequence_positions(pos_row, stride_poss, offs_s, S_kv, P, HAS_POS),
+                      dropout_sequence_col0(P) + start_n,
+                      sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, row_groups, dropout_p,
                       MASKED, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
     return dq
 
@@ -176,7 +181,7 @@ def _dq_program(
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-    num_keys = P + S_k
+    row_groups = dropout_row_groups(P, S_k)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     pk_base = pk_ptr + pb * stride_pkb + g * stride_pkh
@@ -187,8 +192,8 @@ def _dq_program(
         dq = _dq_step(dq, q, do, lse2, delta,
                       pk_base + offs_p[:, None] * stride_pks + offs_d[None, :] * stride_pkd,
                       pv_base + offs_p[:, None] * stride_pvs + offs_d[None, :] * stride_pvd,
-                      offs_p < P, d_ok, None, offs_p.to(tl.float32), offs_p,
-                      sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
+                      offs_p < P, d_ok, None, offs_p.to(tl.float32), start_p,
+                      sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, row_groups, dropout_p,
                       False, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
     for start_p in range(full_p, P, BLOCK_N):
         offs_p = start_p + offs_n
@@ -196,8 +201,8 @@ def _dq_program(
         dq = _dq_step(dq, q, do, lse2, delta,
                       pk_base + offs_p[:, None] * stride_pks + offs_d[None, :] * stride_pkd,
                       pv_base + offs_p[:, None] * stride_pvs + offs_d[None, :] * stride_pvd,
-                      offs_p < P, d_ok, vis, offs_p.to(tl.float32), offs_p,
-                      sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
+                      offs_p < P, d_ok, vis, offs_p.to(tl.float32), start_p,
+                      sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, row_groups, dropout_p,
                       True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
 
     k_base = k_ptr + b64 * stride_kb + g * stride_kh + k_start * stride_ks
@@ -212,17 +217,17 @@ def _dq_program(
     dq = _dq_sequence(
         dq, q, do, lse2, delta, lo, full_lo, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row,
         stride_kpms, pos_row, stride_poss, offs_m, offs_n, offs_d, d_ok, S_q, S_k, P, window, sm_scale, qk_scale,
-        softcap, slope, seed, bh, num_keys, dropout_p, True, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS,
+        softcap, slope, seed, bh, row_groups, dropout_p, True, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS,
         HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
     dq = _dq_sequence(
         dq, q, do, lse2, delta, full_lo, full_hi, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row,
         stride_kpms, pos_row, stride_poss, offs_m, offs_n, offs_d, d_ok, S_q, S_k, P, window, sm_scale, qk_scale,
-        softcap, slope, seed, bh, num_keys, dropout_p, False, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS,
+        softcap, slope, seed, bh, row_groups, dropout_p, False, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS,
         HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
     dq = _dq_sequence(
         dq, q, do, lse2, delta, full_hi, hi, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row,
         stride_kpms, pos_row, stride_poss, offs_m, offs_n, offs_d, d_ok, S_q, S_k, P, window, sm_scale, qk_scale,
-        softcap, slope, seed, bh, num_keys, dropout_p, True, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS,
+        softcap, slope, seed, bh, row_groups, dropout_p, True, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS,
         HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
 
     dq = dq * sm_scale
@@ -295,7 +300,7 @@ def _row_tile_ptrs(row_ptr, offs_m, offs_d, stride_s, stride_d, PRESENT: tl.cons
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, o_ptrs, lse_row_ptr, delta_row_ptr, offs_m, d_ok, vis, key_pos,
-               key_cols, S, sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p,
+               drop_col0, S, sm_scale, qk_scale, softcap, slope, seed, bh, row_groups, dropout_p,
                MASKED: tl.constexpr, CHECK_M: tl.constexpr, EVEN_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                DELTA_FROM_OUT: tl.constexpr):
@@ -319,7 +324,7 @@ def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, o_ptrs, lse_row_ptr, delta_row_ptr
     pT = tl.math.exp2(sT - lse2[None, :])
     dpT = dot(v, tl.trans(do), INPUT_PRECISION)
     if HAS_DROPOUT:
-        keepT = tl.trans(dropout_keep(seed, bh, offs_m, key_cols, num_keys, dropout_p))
+        keepT = tl.trans(dropout_keep(seed, bh, offs_m, drop_col0, row_groups, dropout_p, dpT.shape[0]))
         inv_keep = 1.0 / (1.0 - dropout_p)
         dv += dot(tl.where(keepT, pT * inv_keep, 0.0).to(do.dtype), do, INPUT_PRECISION)
         dpT = tl.where(keepT, dpT * inv_keep, 0.0)
@@ -406,7 +411,8 @@ def _sequence_dkdv_program(
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-    num_keys = P + S_k
+    row_groups = dropout_row_groups(P, S_k)
+    seq_col0 = dropout_sequence_col0(P) + start_n     # this key block's first dropout column
     lo, hi = _query_block_range(start_n, S_q, S_k, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     if HAS_KPM:
         # A key block wholly padding: no query sees it, its dK/dV are zeros (stored below).
@@ -443,8 +449,8 @@ def _sequence_dkdv_program(
             dk, dv = _dkdv_step(dk, dv, k, v, q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                                 do_base + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
                                 _row_tile_ptrs(o_row, offs_m, offs_d, stride_os, stride_od, DELTA_FROM_OUT),
-                                lse_row, delta_row, offs_m, d_ok, vis, key_pos, P + offs_s,
-                                S_q, sm_scale, qk_scale, softcap, slope, seed, bh, num_keys, dropout_p,
+                                lse_row, delta_row, offs_m, d_ok, vis, key_pos, seq_col0,
+                                S_q, sm_scale, qk_scale, softcap, slope, seed, bh, row_groups, dropout_p,
                                 MASKED, True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
                                 DELTA_FROM_OUT)
 
@@ -462,12 +468,12 @@ def _sequence_dkdv_program(
 
 @triton.jit
 def _prefix_dkdv_block(dk, dv, pk, pv, q_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, slopes_ptr, b64, h, mb, q_start,
-                       S_q, S_k, offs_mb, offs_p, offs_d, d_ok, key_pos, stride_qb, stride_qh, stride_qs, stride_qd,
-                       stride_ob, stride_oh, stride_os, stride_od, stride_dob, stride_doh, stride_dos, stride_dod,
-                       stride_slb, stride_slh, Hq, S, P, window, sm_scale, qk_scale, softcap, seed, dropout_p,
-                       BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                       HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                       DELTA_FROM_OUT: tl.constexpr):
+                       S_q, S_k, offs_mb, start_p, offs_p, offs_d, d_ok, key_pos, stride_qb, stride_qh, stride_qs,
+                       stride_qd, stride_ob, stride_oh, stride_os, stride_od, stride_dob, stride_doh, stride_dos,
+                       stride_dod, stride_slb, stride_slh, Hq, S, P, window, sm_scale, qk_scale, softcap, seed,
+                       dropout_p, BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                       HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                       INPUT_PRECISION: tl.constexpr, DELTA_FROM_OUT: tl.constexpr):
     """The prefix dK/dV contribution of query block ``mb`` of row ``b64``, query head ``h``."""
     bh = b64 * Hq + h
     offs_m = mb * BLOCK_M + offs_mb
@@ -485,8 +491,8 @@ def _prefix_dkdv_block(dk, dv, pk, pv, q_ptr, out_ptr, dout_ptr, lse_ptr, delta_
                       dout_ptr + b64 * stride_dob + h.to(tl.int64) * stride_doh
                       + (q_start + offs_m[:, None]) * stride_dos + offs_d[None, :] * stride_dod,
                       _row_tile_ptrs(o_row, offs_m, offs_d, stride_os, stride_od, DELTA_FROM_OUT),
-                      lse_ptr + bh * S, delta_row, offs_m, d_ok, vis, key_pos, offs_p,
-                      S_q, sm_scale, qk_scale, softcap, slope, seed, bh, P + S_k, dropout_p,
+                      lse_ptr + bh * S, delta_row, offs_m, d_ok, vis, key_pos, start_p,
+                      S_q, sm_scale, qk_scale, softcap, slope, seed, bh, dropout_row_groups(P, S_k), dropout_p,
                       HAS_WINDOW, True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION, DELTA_FROM_OUT)
 
 
@@ -562,8 +568,8 @@ def _prefix_dkdv_program(
             mb_hi = tl.minimum(last - row_head * num_m_blocks, tl.cdiv(S_q, BLOCK_M))
             for mb in range(tl.maximum(first - row_head * num_m_blocks, 0), mb_hi):
                 dk, dv = _prefix_dkdv_block(
-                    dk, dv, pk, pv, q_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, slopes_ptr, b64, h, mb, q_start,
-                    S_q, S_k, offs_mb, offs_p, offs_d, d_ok, key_pos, stride_qb, stride_qh, stride_qs, stride_qd,
+                    dk, dv, pk, pv, q_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, slopes_ptr, b64, h, mb, q_start, S_q,
+                    S_k, offs_mb, start_p, offs_p, offs_d, d_ok, key_pos, stride_qb, stride_qh, stride_qs, stride_qd,
                     stride_ob, stride_oh, stride_os, stride_od, stride_dob, stride_doh, stride_dos, stride_dod,
                     stride_slb, stride_slh, Hq, S, P, window, sm_scale, qk_scale, softcap, seed, dropout_p, BLOCK_M,
                     EVEN_D, HAS_ALIBI, HAS_SOFTCAP, HAS_WINDOW, HAS_DROPOUT, INPUT_PRECISION, DELTA_FROM_OUT)
@@ -576,10 +582,10 @@ def _prefix_dkdv_program(
             h = g * GROUP + (item // num_m_blocks) % GROUP
             dk, dv = _prefix_dkdv_block(
                 dk, dv, pk, pv, q_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, slopes_ptr, b64, h, item % num_m_blocks,
-                0, S, S_kv, offs_mb, offs_p, offs_d, d_ok, key_pos, stride_qb, stride_qh, stride_qs, stride_qd,
-                stride_ob, stride_oh, stride_os, stride_od, stride_dob, stride_doh, stride_dos, stride_dod,
-                stride_slb, stride_slh, Hq, S, P, window, sm_scale, qk_scale, softcap, seed, dropout_p, BLOCK_M,
-                EVEN_D, HAS_ALIBI, HAS_SOFTCAP, HAS_WINDOW, HAS_DROPOUT, INPUT_PRECISION, DELTA_FROM_OUT)
+                0, S, S_kv, offs_mb, start_p, offs_p, offs_d, d_ok, key_pos, stride_qb, stride_qh, stride_qs, stride_qd,
+                stride_ob, stride_oh, stride_os, stride_od, stride_dob, stride_doh, stride_dos, stride_dod, stride_slb,
+                stride_slh, Hq, S, P, window, sm_scale, qk_scale, softcap, seed, dropout_p, BLOCK_M, EVEN_D, HAS_ALIBI,
+                HAS_SOFTCAP, HAS_WINDOW, HAS_DROPOUT, INPUT_PRECISION, DELTA_FROM_OUT)
     # partial is contiguous [splits, 2, owners * Hkv, P, D]: dK and dV of a split side by side, so
     # the host sums and casts both in one reduction.
     base_k = ((split * 2 * owners_kv + og).to(tl.int64) * P) * D

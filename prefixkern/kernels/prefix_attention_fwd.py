@@ -24,6 +24,8 @@ from ._attention_common import (
     bhsd_strides,
     config_bucket,
     dropout_keep,
+    dropout_row_groups,
+    dropout_sequence_col0,
     empty_in_layout_of,
     fitting_configs,
     grid_program,
@@ -48,11 +50,12 @@ __all__ = ["prefix_attention_forward"]
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, q, kT_ptrs, v_ptrs, keys_ok, offs_d, D, vis, key_pos, key_cols,
-                  sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
+def _attend_block(acc, m_i, l_i, q, kT_ptrs, v_ptrs, keys_ok, offs_d, D, vis, key_pos, drop_col0,
+                  sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, row_groups, dropout_p,
                   MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                   HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """One step of the online softmax over a block of keys (prefix or sequence)."""
+    """One step of the online softmax over a block of keys (prefix or sequence); ``drop_col0`` is
+    the block's first dropout column (``_attention_common``)."""
     d_ok = offs_d < D
     kT = load_tile(kT_ptrs, keys_ok[None, :], d_ok[:, None], MASKED, not EVEN_D)
     s, _ = scores_log2(dot(q, kT, INPUT_PRECISION), sm_scale, qk_scale, softcap, slope, key_pos[None, :],
@@ -68,7 +71,7 @@ def _attend_block(acc, m_i, l_i, q, kT_ptrs, v_ptrs, keys_ok, offs_d, D, vis, ke
     acc = acc * alpha[:, None]
     if HAS_DROPOUT:
         # The normaliser counts every weight; dropout only drops terms of the output.
-        p = tl.where(dropout_keep(seed, bh, offs_m, key_cols, num_keys, dropout_p), p, 0.0)
+        p = tl.where(dropout_keep(seed, bh, offs_m, drop_col0, row_groups, dropout_p, p.shape[1]), p, 0.0)
     v = load_tile(v_ptrs, keys_ok[:, None], d_ok[None, :], MASKED, not EVEN_D)
     acc += dot(p.to(v.dtype), v, INPUT_PRECISION)
     return acc, m_new, l_i
@@ -77,7 +80,7 @@ def _attend_block(acc, m_i, l_i, q, kT_ptrs, v_ptrs, keys_ok, offs_d, D, vis, ke
 @triton.jit
 def _attend_sequence(acc, m_i, l_i, q, lo, hi, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row,
                      stride_kpms, pos_row, stride_poss, offs_m, offs_n, offs_d, S, S_kv, P, D, window, sm_scale,
-                     qk_scale, softcap, slope, seed, bh, num_keys, dropout_p, MASKED: tl.constexpr,
+                     qk_scale, softcap, slope, seed, bh, row_groups, dropout_p, MASKED: tl.constexpr,
                      EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                      HAS_KPM: tl.constexpr, HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
@@ -92,8 +95,9 @@ def _attend_sequence(acc, m_i, l_i, q, lo, hi, k_base, v_base, stride_ks, stride
             k_base + offs_s[None, :] * stride_ks + offs_d[:, None] * stride_kd,
             v_base + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd,
             offs_s < S_kv, offs_d, D, vis,
-            alibi_sequence_positions(pos_row, stride_poss, offs_s, S_kv, P, HAS_POS), P + offs_s,
-            sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
+            alibi_sequence_positions(pos_row, stride_poss, offs_s, S_kv, P, HAS_POS),
+            dropout_sequence_col0(P) + start_n,
+            sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, row_groups, dropout_p,
             MASKED, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
     return acc, m_i, l_i
 
@@ -148,7 +152,7 @@ def prefix_attention_fwd_kernel(
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-    num_keys = P + S_k
+    row_groups = dropout_row_groups(P, S_k)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -164,8 +168,8 @@ def prefix_attention_fwd_kernel(
             acc, m_i, l_i, q,
             pk_base + offs_p[None, :] * stride_pks + offs_d[:, None] * stride_pkd,
             pv_base + offs_p[:, None] * stride_pvs + offs_d[None, :] * stride_pvd,
-            offs_p < P, offs_d, D, None, offs_p.to(tl.float32), offs_p,
-            sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
+            offs_p < P, offs_d, D, None, offs_p.to(tl.float32), start_p,
+            sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, row_groups, dropout_p,
             False, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
     for start_p in range(full_p, P, BLOCK_N):
         offs_p = start_p + offs_n
@@ -174,8 +178,8 @@ def prefix_attention_fwd_kernel(
             acc, m_i, l_i, q,
             pk_base + offs_p[None, :] * stride_pks + offs_d[:, None] * stride_pkd,
             pv_base + offs_p[:, None] * stride_pvs + offs_d[None, :] * stride_pvd,
-            offs_p < P, offs_d, D, vis, offs_p.to(tl.float32), offs_p,
-            sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, num_keys, dropout_p,
+            offs_p < P, offs_d, D, vis, offs_p.to(tl.float32), start_p,
+            sm_scale, qk_scale, softcap, slope, seed, bh, offs_m, row_groups, dropout_p,
             True, EVEN_D, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
 
     # ---- sequence keys: masked only in the blocks where causality, a window or padding bite ----
@@ -189,17 +193,17 @@ def prefix_attention_fwd_kernel(
     acc, m_i, l_i = _attend_sequence(
         acc, m_i, l_i, q, lo, full_lo, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row, stride_kpms,
         pos_row, stride_poss, offs_m, offs_n, offs_d, S_q, S_k, P, D, window, sm_scale, qk_scale, softcap, slope, seed,
-        bh, num_keys, dropout_p, True, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS, HAS_SOFTCAP,
+        bh, row_groups, dropout_p, True, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS, HAS_SOFTCAP,
         HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
     acc, m_i, l_i = _attend_sequence(
         acc, m_i, l_i, q, full_lo, full_hi, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row, stride_kpms,
         pos_row, stride_poss, offs_m, offs_n, offs_d, S_q, S_k, P, D, window, sm_scale, qk_scale, softcap, slope, seed,
-        bh, num_keys, dropout_p, False, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS, HAS_SOFTCAP,
+        bh, row_groups, dropout_p, False, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS, HAS_SOFTCAP,
         HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
     acc, m_i, l_i = _attend_sequence(
         acc, m_i, l_i, q, full_hi, hi, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kpm_row, stride_kpms,
         pos_row, stride_poss, offs_m, offs_n, offs_d, S_q, S_k, P, D, window, sm_scale, qk_scale, softcap, slope, seed,
-        bh, num_keys, dropout_p, True, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS, HAS_SOFTCAP,
+        bh, row_groups, dropout_p, True, EVEN_D, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_POS, HAS_SOFTCAP,
         HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION)
 
     # ---- epilogue: a row with no visible key writes 0 and lse = -inf ----

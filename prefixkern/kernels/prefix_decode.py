@@ -86,7 +86,7 @@ def prefix_decode_partial_kernel(
             acc, m_i, l_i, q,
             pk_base + offs_p[None, :] * stride_pks + offs_d[:, None] * stride_pkd,
             pv_base + offs_p[:, None] * stride_pvs + offs_d[None, :] * stride_pvd,
-            keys_ok, offs_d, D, keys_ok[None, :], offs_p.to(tl.float32), offs_p,
+            keys_ok, offs_d, D, keys_ok[None, :], offs_p.to(tl.float32), 0,
             sm_scale, qk_scale, 1.0, 0.0, 0, 0, rows, 0, 0.0,
             True, EVEN_D, False, False, False, INPUT_PRECISION)
 
@@ -107,7 +107,7 @@ def prefix_decode_partial_kernel(
             acc, m_i, l_i, q,
             k_base + offs_j[None, :] * stride_ks + offs_d[:, None] * stride_kd,
             v_base + offs_j[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-            keys_ok, offs_d, D, vis, offs_j.to(tl.float32), offs_j,
+            keys_ok, offs_d, D, vis, offs_j.to(tl.float32), 0,
             sm_scale, qk_scale, 1.0, 0.0, 0, 0, rows, 0, 0.0,
             True, EVEN_D, False, False, False, INPUT_PRECISION)
 

@@ -230,7 +230,7 @@ def prefix_attention(
     )
     if use_triton(q.device):
         scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
-        seed = _dropout_seed(q, dropout_p, q.shape[2], prefix_k.shape[-2] + k.shape[2])
+        seed = _dropout_seed(q, dropout_p, q.shape[2], prefix_k.shape[-2], k.shape[2])
         out, lse = _attention_fwd(
             q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, seed, causal, scale,
             float(dropout_p), None if softcap is None else float(softcap), window, None, None, 0, 0,
@@ -296,7 +296,7 @@ def prefix_attention_varlen(
     )
     if use_triton(q.device):
         scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
-        seed = _dropout_seed(q, dropout_p, max_seqlen_q, prefix_k.shape[-2] + max_seqlen_k)
+        seed = _dropout_seed(q, dropout_p, max_seqlen_q, prefix_k.shape[-2], max_seqlen_k)
         out, lse = _attention_fwd(
             q, k, v, prefix_k, prefix_v, prefix_index, None, alibi_slopes, seed, causal, scale, float(dropout_p),
             None if softcap is None else float(softcap), window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -310,14 +310,15 @@ def prefix_attention_varlen(
     )
 
 
-def _dropout_seed(q: torch.Tensor, dropout_p: float, seq_len_q: int, num_keys: int) -> torch.Tensor | None:
+def _dropout_seed(q: torch.Tensor, dropout_p: float, seq_len_q: int, prefix_len: int,
+                  seq_len_kv: int) -> torch.Tensor | None:
     """The Philox seed of attention dropout, drawn from torch's generator (so torch.manual_seed makes
     the mask reproducible); None without dropout."""
     if dropout_p == 0.0:
         return None
     from ..kernels._attention_common import check_dropout_counters
 
-    check_dropout_counters(seq_len_q, num_keys)
+    check_dropout_counters(seq_len_q, prefix_len, seq_len_kv)
     return torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64)
 
 

@@ -11,7 +11,7 @@ every padded Hugging Face batch), ``packed`` (``prefix_attention_varlen``), what
 
     python tests/tools/kernel_resources.py [--arch 90] [--kernels attention,mlp] [--bucket 2:128 ...]
                                            [--flags plain,padded] [--heavy-first all|first] [--check]
-                                           [--markdown] [--precisions ieee,tf32x3,tf32,bf16,fp16]
+                                           [--markdown] [--precisions ieee,tf32x3,tf32,bf16,fp16] [--sass]
 
 The prefix MLP's candidates (``--kernels mlp``) are checked per dot precision: the backward's
 ``BWD_TILES`` and two-launch tiles at each P tile (each launch's kernel), the forward's configs as
@@ -32,6 +32,8 @@ output) and heaviest first (``heavy``, ``HEAVY_FIRST``: what a causal launch tak
 the L2). The heavy-first variants read their query block differently, which moves ptxas's
 allocation at the edge of the register file: there only a table's first candidate must not
 spill; another that does is reported, and the tuner drops it at run time.
+``--sass`` adds each attention kernel's SASS instruction count and its multiply-highs (Philox's
+rounds, where dropout is on), disassembled with the cuobjdump Triton ships.
 Must run without TRITON_INTERPRET.
 """
 from __future__ import annotations
@@ -99,6 +101,20 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = re.search(r"(\d+) bytes spill stores", report)
     return registers, int(spills.group(1)) if spills else 0
+
+
+def sass_counts(cubin: bytes) -> tuple[int, int]:
+    """(SASS instructions, of which 32-bit multiply-highs: ``IMAD.HI`` / ``IMAD.WIDE.U32``) of a
+    compiled kernel, disassembled with the cuobjdump Triton ships: a static count (each unrolled
+    copy of a loop body counted once), whose multiply-highs are mostly Philox rounds where dropout
+    is on (two per round, ten rounds a draw)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass)
+    return len(opcodes), sum(op.startswith(("IMAD.HI", "IMAD.WIDE.U32")) for op in opcodes)
 
 
 def candidates(buckets):
@@ -279,6 +295,9 @@ def main(argv=None) -> int:
                         help="--kernels mlp: the dot precisions whose candidates to compile (the test splits "
                              "them over its cases, so pytest's workers share the compiles)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table at the end")
+    parser.add_argument("--sass", action="store_true",
+                        help="attention: also count each compiled kernel's SASS instructions and multiply-highs "
+                             "(sass_counts; what dropout's Philox draws cost, statically)")
     args = parser.parse_args(argv)
     buckets = ([tuple(int(x) for x in b.split(":")) for b in args.bucket] if args.bucket
                else sorted(fwd.FWD_CONFIGS))
@@ -311,9 +330,10 @@ def main(argv=None) -> int:
             order = ("heavy" if heavy else "order") + (f" splits{head_splits}" if head_splits > 1 else "")
             rows.append((name, f"{'fp32' if elem_bytes == 4 else '16-bit'} D{block_d}", config,
                          f"{flag_set} {order}", registers, spills, smem))
+            sass = "  sass {:5d} (mul-hi {:4d})".format(*sass_counts(compiled.asm["cubin"])) if args.sass else ""
             print(f"{name:12s} {pointer[1:]:4s} D{block_d:<3d} {str(config):18s} {flag_set:14s} {order} "
-                  f"regs {registers:3d}  spill stores {spills:5d} B  smem {smem:6d} B  {time.time() - start:4.1f} s",
-                  flush=True)
+                  f"regs {registers:3d}  spill stores {spills:5d} B  smem {smem:6d} B{sass}  "
+                  f"{time.time() - start:4.1f} s", flush=True)
             # Packed rows, and heavy-first ones: the first candidate (autotuning off) must not spill;
             # the tuner drops any other that spills on the GPU at hand.
             if flag_set in CHECKED_FLAG_SETS and spills and (flag_set != "packed" and not heavy or first
