@@ -7,6 +7,12 @@ no-prefix floor and stock PEFT + sdpa.
     python benchmarks/host_step.py --generate [--layers 24]
     python benchmarks/host_step.py --ops
 
+``--model gpt2`` runs a GPT-2-medium-shaped model (24 layers of 16 heads) training with GPT-2's
+dropout, so the patched step draws a dropout seed and launches the dropout kernels in every layer.
+``--dtype float32`` keeps the weights in float32: on a CPU without fast bfloat16 matmuls (this
+repo's machine since 2026-11-28: 256 us for a 32 x 112 x 128 bf16 ``linear``, 22 us in float32)
+the bf16 rows' arithmetic outweighs the host time they compare.
+
 ``--generate`` times greedy ``generate()`` instead (B=8, a 32-token prompt with one left-padded
 row; 1 and 17 new tokens, so a decoding step's host time is their difference over 16), stock
 PEFT + sdpa against the patched model. CPU tensors do not take the CUDA decode kernel: the
