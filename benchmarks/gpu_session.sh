@@ -6,8 +6,9 @@
 #
 #   call 1 (timeout_s 560): the tensor-core decode kernel's GPU cases with the stages the launcher
 #          now picks per call (two at the 4096-key cases), generate() and the compiled decode step
-#          through it, the prefix MLP's launch plans (raw launches, full size); then quick-device,
-#          quick-decode (the default beside one and two forced stages), quick-attention and
+#          through it, the prefix MLP's launch plans (raw launches, full size), attention dropout's
+#          Philox groups (mask tests, full size); then quick-device, quick-decode (the default beside
+#          one and two forced stages), quick-attention (now with gpt2-medium-dropout) and
 #          quick-mlp                                                               -> $OUT/r.tgz
 #   call 2 (timeout_s 280): the training step eager and compiled (e2e-compile), issue 4's
 #          compiled pair last timed on the H200                                    -> $OUT/r2.tgz
@@ -30,14 +31,20 @@ case "${1:-}" in
         # 4096-key cache, every head dim, q_len 1/3/8 x groups 1/4/7: 27 cases; generate() and the
         # compiled decoding step through the CUDA kernel (3); the prefix MLP's launch plans (new
         # since the eighth run): raw launches replayed from them bit-equal to plain ones (2), and
-        # the full-size grid at bloomz-560m P=20 and Qwen2.5-0.5B P=128, three dtypes (6).
+        # the full-size grid at bloomz-560m P=20 and Qwen2.5-0.5B P=128, three dtypes (6); the
+        # attention dropout with one Philox draw per 8 columns (2026-11-28, interpreter-checked only):
+        # the mask tests on the GPU (6) and the full-size dropout cases (4).
         timeout -s INT -k 10 110 env PYTHONPATH="$PWD" PREFIXKERN_AUTOTUNE=0 python3 -m pytest -n 8 -v --tb=short \
             -p no:cacheprovider tests/test_decode.py::test_gpu_cuda_kernel_against_reference \
             tests/test_decode.py::test_gpu_generate_uses_the_cuda_kernel \
             tests/test_decode.py::test_gpu_compiled_decode_step_has_no_graph_break \
             tests/test_prefix_mlp.py::test_raw_launch_equals_a_plain_launch \
             tests/test_prefix_mlp.py::test_gpu_full_size_against_reference \
-            -k "(kernelmma and bfloat16 and P30 and L4096) or generate or graph_break or raw_launch or (full_size and (20-bloomz or 128-qwen))" \
+            tests/test_prefix_attention.py::test_dropout_forward_and_backward_match_the_mask \
+            tests/test_prefix_attention.py::test_packed_dropout_matches_the_mask \
+            tests/test_prefix_attention.py::test_dropout_is_reproducible_under_manual_seed \
+            tests/test_prefix_attention.py::test_gpu_dropout_full_size \
+            -k "(kernelmma and bfloat16 and P30 and L4096) or generate or graph_break or raw_launch or (full_size and (20-bloomz or 128-qwen)) or dropout" \
             > "$R/fixed.log" 2>&1
         tail -n 15 "$R/fixed.log"
         timeout 420 benchmarks/run_gpu.sh "$R" quick-device:20 quick-decode:150 quick-attention:110 quick-mlp:120

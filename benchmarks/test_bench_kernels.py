@@ -5,6 +5,7 @@ import torch
 
 from prefixkern import reference
 from prefixkern.bench import attention as attn_suite
+from prefixkern.bench import attention_dropout as dropout_suite
 from prefixkern.bench import attention_packed as packed_suite
 from prefixkern.bench import mlp as mlp_suite
 from prefixkern.ops.decode_attention import prefix_decode_attention
@@ -48,6 +49,32 @@ def test_packed_attention_fwd_bwd(benchmark, shape, impl):
         for leaf in leaves:
             leaf.grad = None
         fn(*leaves, cu).backward(dout)
+
+    cuda_timed(benchmark, step)
+
+
+@pytest.mark.parametrize("impl", ["prefixkern", "prefixkern_no_dropout", "sdpa_mask", "sdpa_lower_right"])
+@pytest.mark.parametrize("shape", list(dropout_suite.SHAPES))
+def test_attention_dropout_fwd_bwd(benchmark, shape, impl):
+    """GPT-2's training attention (dropout 0.1). prefixkern is checked under the mask its seed draws;
+    the others with dropout off (their masks come from other generators), then timed with it on."""
+    spec = dropout_suite.SHAPES[shape]
+    leaves, dout = attn_suite.make_inputs(spec, "cuda", torch.bfloat16, requires_grad=True)
+    fn = dropout_suite.IMPLS[impl]
+    p = dropout_suite.DROPOUT_P
+    if impl == "prefixkern":
+        expected, _ = dropout_suite.oracle(spec, leaves, dout, p, with_grads=False)
+        torch.manual_seed(dropout_suite.CHECK_SEED)
+        out = fn(*leaves, p)
+    else:
+        expected, _ = dropout_suite.oracle(spec, leaves, dout, 0.0, with_grads=False)
+        out = fn(*leaves, 0.0)
+    assert attn_suite.scaled_err(out, expected) <= attn_suite.tolerance(torch.bfloat16)
+
+    def step():
+        for leaf in leaves:
+            leaf.grad = None
+        fn(*leaves, p).backward(dout)
 
     cuda_timed(benchmark, step)
 

@@ -260,7 +260,8 @@ def test_raw_launch_rows_hold_their_setting_through_the_backward(monkeypatch, ra
     launched = record_launches(monkeypatch, (prefix_attention_fwd, prefix_attention_bwd, mlp_kernels),
                                lambda kernel, meta: (row[0], kernel.fn.__name__, _launch.RAW_POINTERS))
     monkeypatch.setattr(attention_suite, "unavailable", lambda impl, opts, case=None: None)
-    monkeypatch.setattr(attention_suite.attention_packed, "run", lambda opts, progress: ([], []))
+    for part in (attention_suite.attention_packed, attention_suite.attention_dropout):
+        monkeypatch.setattr(part, "run", lambda opts, progress: ([], []))
     monkeypatch.setattr(mlp_suite, "launch_path_skip",
                         lambda opts, impl: None if mlp_suite.LAUNCH_PATH_ROWS[impl] != raw_default else "default")
     with prefixkern.use_backend("triton"):
@@ -298,7 +299,8 @@ def _switched_off_row_launches(monkeypatch, impl: str, shape: str, other_shape: 
     row = [None]
     launched = record_launches(monkeypatch, modules, lambda kernel, meta: (row[0], kernel.fn.__name__, meta))
     monkeypatch.setattr(attention_suite, "unavailable", lambda impl, opts, case=None: None)
-    monkeypatch.setattr(attention_suite.attention_packed, "run", lambda opts, progress: ([], []))
+    for part in (attention_suite.attention_packed, attention_suite.attention_dropout):
+        monkeypatch.setattr(part, "run", lambda opts, progress: ([], []))
     with prefixkern.use_backend("triton"):
         records, _ = attention_suite.run(opts, lambda message: row.__setitem__(0, message))
     assert all(r.ok for r in records) and {r.impl for r in records} == set(impls)
@@ -532,6 +534,34 @@ def test_packed_baselines_lay_out_what_they_claim(monkeypatch):
     for impl in ("flash_attn", "prefixkern_padded", "sdpa_mask", "prefixkern"):
         torch.testing.assert_close(packed.IMPLS[impl](q, k, v, pk, pv, cu), expected, atol=1e-5, rtol=1e-5,
                                    msg=lambda m, impl=impl: f"{impl}: {m}")
+
+
+def test_dropout_cases_check_prefixkern_under_its_own_mask(monkeypatch):
+    """The attention suite's dropout cases (GPT-2's training attention) run every row here: prefixkern
+    checked against the oracle under the keep mask its seed draws, prefixkern_no_dropout and the
+    baselines with dropout off (their masks come from other generators), each saying so in its note;
+    flash-attn is skipped with its reason. The check is real: told another seed, the oracle's mask
+    differs and the prefixkern rows fail while the others still pass."""
+    from prefixkern.bench import attention_dropout as dropout_suite
+    from prefixkern.bench.common import Options
+
+    opts = Options(torch.device("cpu"), torch.bfloat16, True, None, None, False)
+    with prefixkern.use_backend("triton"):
+        records, skips = dropout_suite.run(opts, lambda message: None)
+    assert {r.impl for r in records} == {"prefixkern", "prefixkern_no_dropout", "eager", "sdpa_mask",
+                                         "sdpa_lower_right"}
+    assert {r.pass_ for r in records} == {"fwd", "fwd_bwd"} and all(r.ok for r in records), records
+    assert [s.impl for s in skips] == ["flash_attn"]
+    for r in records:
+        assert ("under its own mask" in r.note) == (r.impl == "prefixkern"), r
+        assert ("checked at p=0" in r.note) == (r.impl != "prefixkern"), r
+
+    real_seed = dropout_suite._drawn_seed
+    monkeypatch.setattr(dropout_suite, "_drawn_seed", lambda device: real_seed(device) + 1)
+    opts = Options(torch.device("cpu"), torch.bfloat16, True, ("prefixkern", "prefixkern_no_dropout"), None, False)
+    with prefixkern.use_backend("triton"):
+        records, _ = dropout_suite.run(opts, lambda message: None)
+    assert {(r.impl, r.ok) for r in records} == {("prefixkern", False), ("prefixkern_no_dropout", True)}, records
 
 
 def _rec(suite, case, impl, pass_, **values):

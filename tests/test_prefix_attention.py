@@ -608,17 +608,23 @@ def test_dropout_forward_and_backward_match_the_mask(monkeypatch, case, head_spl
     dK/dV group's heads shared out between two programs too: each regenerates its heads' masks;
     the backward in one launch and in two)."""
     from prefixkern.kernels import prefix_attention_bwd as bwd
-    from prefixkern.kernels._attention_common import dropout_keep_mask
 
     if head_splits:
         monkeypatch.setattr(bwd, "dkdv_head_splits", lambda group, programs, seq_len_q, sms: 2)
     monkeypatch.setattr(bwd, "ONE_LAUNCH_BACKWARD", one_launch)
 
-    p = 0.3
+    check_dropout_case(case, device, p=0.3, seed=2**31 - 5)      # seed + bh crosses 2**31
+
+
+def check_dropout_case(case: Case, device, p: float, seed: int):
+    """prefixkern's output and five gradients with dropout, against the oracle under the keep mask
+    ``dropout_keep_mask`` draws for ``seed``."""
+    from prefixkern.kernels._attention_common import dropout_keep_mask
+
     inputs, kwargs = make_inputs(case, device)
-    seed = torch.tensor([2**31 - 5], dtype=torch.int64, device=device)  # seed + bh crosses 2**31
+    seed = torch.tensor([seed], dtype=torch.int64, device=device)
     keep = dropout_keep_mask(seed, case.B, case.Hq, case.S, case.P, case.S_kv, p)
-    assert 0.5 < keep.float().mean().item() < 0.9
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.2
     leaves = [t.clone().requires_grad_() for t in inputs]
     out, _ = torch.ops.prefixkern.prefix_attention_fwd(
         *leaves, kwargs["prefix_index"], kwargs["key_padding_mask"], None, seed, True, 1 / math.sqrt(case.D), p,
@@ -680,6 +686,24 @@ def test_dropout_mask_keeps_one_minus_p_of_the_weights():
         keep = dropout_keep_mask(torch.tensor([7], dtype=torch.int64), 1, 4, 64, 20, 236, p)
     n = keep.numel()
     assert abs(keep.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+# Full size: GPT-2-medium's training attention (the e2e step's layer), Llama-3-8B's heads over a
+# left-padded batch, an odd head dim over right padding with P across two key tiles, float32 with
+# a cache longer than the queries.
+GPU_DROPOUT_CASES = [
+    Case(B=8, Hq=16, Hkv=16, S=256, S_kv=256, P=20, D=64, dtype=torch.bfloat16),
+    Case(B=2, Hq=32, Hkv=8, S=1024, S_kv=1024, P=64, D=128, dtype=torch.bfloat16, padding="left"),
+    Case(B=2, Hq=12, Hkv=4, S=300, S_kv=300, P=130, D=96, dtype=torch.float16, padding="right"),
+    Case(B=1, Hq=4, Hkv=4, S=128, S_kv=640, P=7, D=64, dtype=torch.float32),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_DROPOUT_CASES, ids=str)
+def test_gpu_dropout_full_size(case):
+    """The dropout kernels at full size, forward and backward, against the oracle under their mask."""
+    check_dropout_case(case, torch.device("cuda"), p=0.1, seed=20261128)
 
 
 def test_dropout_is_reproducible_under_manual_seed(device):

@@ -1,6 +1,6 @@
 """Attention suite: prefix attention against every baseline of BENCHMARKS.md, forward and
 forward+backward, each result checked against the reference in the same run; packed sequences
-(``attention_packed``) against padding them."""
+(``attention_packed``) against padding them; attention dropout as GPT-2 trains (``attention_dropout``)."""
 from __future__ import annotations
 
 import math
@@ -298,8 +298,11 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
             run_impls(opts, progress, name, pass_, IMPLS, lambda impl, o, case=name: unavailable(impl, o, case),
                       records, skips,
                       lambda impl, fn: measure(opts, shape, pass_, impl, fn, leaves, dout, ref_out, ref_grads, flops))
-    packed_records, packed_skips = attention_packed.run(opts, progress)
-    return records + packed_records, skips + packed_skips
+    for part in (attention_packed, attention_dropout):
+        part_records, part_skips = part.run(opts, progress)
+        records += part_records
+        skips += part_skips
+    return records, skips
 
 
 def run_impls(opts: Options, progress, name: str, pass_: str, impls: dict[str, Callable], unavailable,
@@ -318,28 +321,33 @@ def run_impls(opts: Options, progress, name: str, pass_: str, impls: dict[str, C
         records.append(measure(impl, fn))
 
 
-def measure(opts, shape, pass_, impl, fn, leaves, dout, ref_out, ref_grads, flops) -> Record:
+def measure(opts, shape, pass_, impl, fn, leaves, dout, ref_out, ref_grads, flops, timed=None) -> Record:
     """Time ``fn(*leaves)`` (with its backward for ``fwd_bwd``), check it against the oracle's
-    ``ref_out``/``ref_grads`` and record it with the tiles autotuning chose."""
+    ``ref_out``/``ref_grads`` and record it with the tiles autotuning chose. With ``timed``, the
+    check calls ``fn`` and the timing and peak memory ``timed`` (the dropout cases: checked with
+    a seeded mask or none, timed as they train)."""
     record = Record("attention", shape.name, impl, pass_, dtype_name(opts.dtype))
     with_grads = ref_grads is not None
 
-    def call():
-        for leaf in leaves:
-            leaf.grad = None
-        out = fn(*leaves)
-        if with_grads:
-            out.backward(dout)
-        return out
+    def calling(op):
+        def call():
+            for leaf in leaves:
+                leaf.grad = None
+            out = op(*leaves)
+            if with_grads:
+                out.backward(dout)
+            return out
+        if impl in LAUNCH_PATH_ROWS:     # (held through the backward too)
+            return with_raw_launch(call, enabled=LAUNCH_PATH_ROWS[impl])
+        if impl in SWITCHED_OFF_ROWS:
+            return held(call, SWITCHED_OFF_ROWS[impl].setting)
+        return call
 
-    if impl in LAUNCH_PATH_ROWS:     # (held through the backward too)
-        call = with_raw_launch(call, enabled=LAUNCH_PATH_ROWS[impl])
-    elif impl in SWITCHED_OFF_ROWS:
-        call = held(call, SWITCHED_OFF_ROWS[impl].setting)
-
+    checked_call = calling(fn)
+    call = checked_call if timed is None else calling(timed)
     try:
         launched_tiles()
-        out = call()
+        out = checked_call()
         tiles = launched_tiles()
         if tiles:   # the tiles autotuning chose, to read beside the timing
             record.note = "tiles " + " ".join(f"{name}={','.join(map(str, config))}" for name, config in tiles.items())
@@ -359,3 +367,7 @@ def measure(opts, shape, pass_, impl, fn, leaves, dout, ref_out, ref_grads, flop
     except Exception as exc:       # a kernel or compiler failing
         record.fail(exc)
     return record
+
+
+# Last: the dropout cases build on this module's shapes, inputs and baselines' pieces.
+from . import attention_dropout  # noqa: E402
