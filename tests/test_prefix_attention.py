@@ -653,17 +653,19 @@ def _philox4x32_10(counter: int, key: int) -> tuple[int, int, int, int]:
 
 
 @pytest.mark.parametrize("prefix_len", [3, 16])
-def test_dropout_mask_is_the_documented_philox_layout(prefix_len):
+def test_dropout_mask_is_the_documented_philox_layout(prefix_len, device):
     """Element by element, the mask the kernels draw is the one ``_attention_common``'s docstring
     states (so another backend, a CUDA kernel say, can reproduce it): one Philox4x32-10 draw per
     8 dropout columns, the prefix's and the sequence's columns each rounded up to whole groups,
-    column c kept iff half c % 2 of word (c % 8) // 2 is at least round(p * 2**16)."""
+    column c kept iff half c % 2 of word (c % 8) // 2 is at least round(p * 2**16). (On a GPU: the
+    compiled kernel's join and reshape of the 8 masks, against the same plain-Python rule.)"""
     from prefixkern.kernels._attention_common import dropout_keep_mask
 
     batch, heads, seq_q, seq_kv, p = 2, 2, 3, 11, 0.3
     seed = 2**31 - 2                               # seed + bh crosses 2**31
     with use_backend("triton"):
-        keep = dropout_keep_mask(torch.tensor([seed], dtype=torch.int64), batch, heads, seq_q, prefix_len, seq_kv, p)
+        keep = dropout_keep_mask(torch.tensor([seed], dtype=torch.int64, device=device), batch, heads, seq_q,
+                                 prefix_len, seq_kv, p).cpu()
     groups = -(-prefix_len // 8) + -(-seq_kv // 8)
     threshold = int(p * 65536 + 0.5)
     expected = torch.zeros_like(keep)
@@ -676,14 +678,14 @@ def test_dropout_mask_is_the_documented_philox_layout(prefix_len):
     assert torch.equal(keep, expected)
 
 
-def test_dropout_mask_keeps_one_minus_p_of_the_weights():
+def test_dropout_mask_keeps_one_minus_p_of_the_weights(device):
     """Over 2**16 elements the kept share is 1 - p within five standard deviations, at a p that is
     not a multiple of 2**-16."""
     from prefixkern.kernels._attention_common import dropout_keep_mask
 
     p = 0.1234
     with use_backend("triton"):
-        keep = dropout_keep_mask(torch.tensor([7], dtype=torch.int64), 1, 4, 64, 20, 236, p)
+        keep = dropout_keep_mask(torch.tensor([7], dtype=torch.int64, device=device), 1, 4, 64, 20, 236, p)
     n = keep.numel()
     assert abs(keep.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
 
