@@ -3,9 +3,10 @@ out (no GPU needed): what the README's launch counts and launcher times come fro
 
     python benchmarks/host_cost.py count     # ops per training step: patched model vs stock PEFT
     python benchmarks/host_cost.py count --autocast   # the same with float32 weights under bf16 autocast
+    python benchmarks/host_cost.py count --model gpt2 # GPT-2-medium-shaped, training with its dropout
     python benchmarks/host_cost.py launchers # host time of the attention launchers and the op
 
-``count`` builds a 24-layer Qwen2-shaped model (tiny widths, random weights) under stock PEFT
+``count`` builds a 24-layer Qwen2-shaped (or GPT-2-shaped) model (tiny widths, random weights) under stock PEFT
 prefix tuning with ``sdpa`` and patched, runs one bf16 training step of each and counts the aten
 ops that are not views (each launches at least one kernel on a GPU) and the Triton launches,
 forward and backward. ``launchers`` times the attention forward/backward launchers (ours: the
@@ -29,7 +30,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import prefixkern  # noqa: E402
-from _host_model import qwen2_shaped  # noqa: E402
+from _host_model import MODELS  # noqa: E402
 
 TRITON_LAUNCHES: collections.Counter = collections.Counter()
 
@@ -69,10 +70,10 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _qwen2_step(impl: str, autocast: bool = False):
+def _training_step(impl: str, autocast: bool = False, model_name: str = "qwen2"):
     """The model and its training forward: bf16 weights, or float32 ones under bf16 autocast (a
     ``Trainer`` with ``bf16=True`` over a model loaded without ``torch_dtype``)."""
-    model = qwen2_shaped(impl, dtype=torch.float32 if autocast else torch.bfloat16)
+    model = MODELS[model_name](impl, dtype=torch.float32 if autocast else torch.bfloat16)
     ids = torch.randint(0, 256, (2, 32))
 
     def forward():
@@ -81,9 +82,9 @@ def _qwen2_step(impl: str, autocast: bool = False):
     return model, forward
 
 
-def count(autocast: bool = False) -> None:
+def count(autocast: bool = False, model_name: str = "qwen2") -> None:
     for impl in ("peft_sdpa", "prefixkern"):
-        model, forward = _qwen2_step(impl, autocast)
+        model, forward = _training_step(impl, autocast, model_name)
         backend = prefixkern.use_backend("triton" if impl == "prefixkern" else "auto")
         with backend:
             forward().backward()                 # first step: tune and build outside the count
@@ -132,11 +133,13 @@ def main(argv=None) -> int:
     parser.add_argument("what", choices=("count", "launchers"))
     parser.add_argument("--autocast", action="store_true",
                         help="count: float32 weights under bf16 autocast instead of bf16 weights")
+    parser.add_argument("--model", choices=sorted(MODELS), default="qwen2",
+                        help="count: the Qwen2-shaped model, or the GPT-2-medium-shaped one with its dropout")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     stub_triton_launches()
     if args.what == "count":
-        count(args.autocast)
+        count(args.autocast, args.model)
     else:
         launchers()
     return 0
