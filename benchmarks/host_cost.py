@@ -6,8 +6,9 @@ out (no GPU needed): what the README's launch counts and launcher times come fro
     python benchmarks/host_cost.py count --model gpt2 # GPT-2-medium-shaped, training with its dropout
     python benchmarks/host_cost.py launchers # host time of the attention launchers and the op
 
-``count`` builds a 24-layer Qwen2-shaped (or GPT-2-shaped) model (tiny widths, random weights) under stock PEFT
-prefix tuning with ``sdpa`` and patched, runs one bf16 training step of each and counts the aten
+``count`` builds a 24-layer Qwen2-shaped (or GPT-2-shaped) model (tiny widths, random weights) with
+no prefix (the floor, its SDPA stood in by an op that counts nothing), under stock PEFT prefix
+tuning with ``sdpa``, and patched, runs one bf16 training step of each and counts the aten
 ops that are not views (each launches at least one kernel on a GPU) and the Triton launches,
 forward and backward. ``launchers`` times the attention forward/backward launchers (ours: the
 Python around the kernels) at the seed-qwen shape. Launches are stubbed, so these are host costs
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import sys
 import time
@@ -78,15 +80,40 @@ def _training_step(impl: str, autocast: bool = False, model_name: str = "qwen2")
 
     def forward():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if impl == "floor_no_prefix":   # frozen: gradients reach the input embeddings (the e2e floor)
+                embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+                return model(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), labels=ids).loss
             return model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
     return model, forward
 
 
+class _UncountedAttention(torch.autograd.Function):
+    """The floor row's SDPA: outputs of the right shapes and no ops counted (``empty_like`` is a
+    view op here), so the floor's count is everything but its attention."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.kv = (k, v)
+        return torch.empty_like(q)
+
+    @staticmethod
+    def backward(ctx, grad):
+        k, v = ctx.kv
+        return torch.empty_like(grad), torch.empty_like(k), torch.empty_like(v)
+
+
 def count(autocast: bool = False, model_name: str = "qwen2") -> None:
-    for impl in ("peft_sdpa", "prefixkern"):
+    import torch.nn.functional as F
+
+    from prefixkern._backend import override_global
+
+    for impl in ("floor_no_prefix", "peft_sdpa", "prefixkern"):
         model, forward = _training_step(impl, autocast, model_name)
         backend = prefixkern.use_backend("triton" if impl == "prefixkern" else "auto")
-        with backend:
+        uncounted = (override_global(vars(F), "scaled_dot_product_attention",
+                                     lambda q, k, v, *args, **kwargs: _UncountedAttention.apply(q, k, v))
+                     if impl == "floor_no_prefix" else contextlib.nullcontext())
+        with backend, uncounted:
             forward().backward()                 # first step: tune and build outside the count
             model.zero_grad(set_to_none=True)
             TRITON_LAUNCHES.clear()
@@ -96,8 +123,9 @@ def count(autocast: bool = False, model_name: str = "qwen2") -> None:
                 forward_ops, forward_triton = sum(counter.ops.values()), sum(TRITON_LAUNCHES.values())
                 loss.backward()
         total_ops, total_triton = sum(counter.ops.values()), sum(TRITON_LAUNCHES.values())
-        print(f"{impl:10s} forward: {forward_ops:5d} aten ops + {forward_triton:3d} Triton launches; "
-              f"backward: {total_ops - forward_ops:5d} aten ops + {total_triton - forward_triton:3d} Triton launches")
+        print(f"{impl:15s} forward: {forward_ops:5d} aten ops + {forward_triton:3d} Triton launches; "
+              f"backward: {total_ops - forward_ops:5d} aten ops + {total_triton - forward_triton:3d} Triton launches"
+              + ("  (its attention not counted)" if impl == "floor_no_prefix" else ""))
         if impl == "prefixkern":
             print("  Triton launches per step:", dict(TRITON_LAUNCHES))
 

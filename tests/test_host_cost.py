@@ -20,13 +20,15 @@ def _run(*what: str) -> str:
     return result.stdout
 
 
-@pytest.mark.parametrize("autocast", [False, True], ids=["bf16_weights", "float32_weights_bf16_autocast"])
-def test_launch_counts_per_training_step(autocast):
+@pytest.mark.parametrize("args", [[], ["--autocast"], ["--model", "gpt2"]],
+                         ids=["bf16_weights", "float32_weights_bf16_autocast", "gpt2_with_dropout"])
+def test_launch_counts_per_training_step(args):
     """Per step of a 24-layer Qwen2-shaped model: fewer aten ops than stock PEFT + sdpa forward and
-    backward, and the Triton launches counted below; with float32 weights under bf16 autocast too
-    (the prefix made in bf16 once: no per-layer cast)."""
+    backward, fewer in all than the no-prefix floor's besides its attention, and the Triton launches
+    counted below; with float32 weights under bf16 autocast too (the prefix made in bf16 once: no
+    per-layer cast), and on a GPT-2-shaped model training with its attention dropout."""
     counts = {}
-    for line in _run("count", *(["--autocast"] if autocast else [])).splitlines():
+    for line in _run("count", *args).splitlines():
         match = re.match(r"(\w+)\s+forward:\s+(\d+) aten ops \+\s+(\d+) Triton launches; "
                          r"backward:\s+(\d+) aten ops \+\s+(\d+) Triton launches", line)
         if match:
@@ -39,6 +41,8 @@ def test_launch_counts_per_training_step(autocast):
     # backward ones (dH and dW2; then dZ, dE, dW1 and db1).
     assert (ours_fwd_triton, ours_bwd_triton) == (layers + 1, layers + 2)
     assert ours_fwd < peft_fwd and ours_bwd < peft_bwd
+    floor_fwd, floor_fwd_triton, floor_bwd, floor_bwd_triton = counts["floor_no_prefix"]
+    assert floor_fwd_triton == floor_bwd_triton == 0 and ours_fwd + ours_bwd < floor_fwd + floor_bwd
 
 
 def test_launcher_host_times_are_reported():
