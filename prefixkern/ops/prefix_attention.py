@@ -199,8 +199,9 @@ def prefix_attention(
             sees the prefix, so its output stays finite.
         prefix_index: ``[B]`` int, row b reads ``prefix_k[prefix_index[b]]``.
         dropout_p: attention dropout probability, applied to the softmax weights. The keep
-            mask comes from Philox in the kernel and is regenerated in the backward pass.
-            Pass 0.0 in evaluation.
+            mask comes from Philox in the kernel (one draw per 8 keys, ``dropout_p`` applied at
+            a resolution of 2**-16) and is regenerated in the backward pass. Pass 0.0 in
+            evaluation.
         alibi_slopes: ``[Hq]`` or ``[B, Hq]`` float; adds ``slope[h] * pos(key)`` to the
             scores, where prefix key j is at position j and a real sequence key at P plus the
             number of real keys before it (how HF BLOOM counts a PEFT prefix).
