@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--suite", nargs="+", choices=SUITES + ("all",), default=["all"], help="suites to run")
     parser.add_argument("--shapes", nargs="+", default=None,
                         help="case names (attention: seed-qwen seed-bloom paper-gpt2 llama8b-2k llama8b-8k long-32k "
-                             "packed-qwen packed-llama8b; "
+                             "packed-qwen packed-llama8b gpt2-medium-dropout; "
                              "mlp: qwen2.5-0.5b bloomz-560m llama3-8b; e2e_train: qwen2.5-0.5b bloomz-560m "
                              "gpt2-medium llama3.2-1b roberta-large; decode: P30-L4096-B8 ...)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
