@@ -317,9 +317,7 @@ def _dropout_seed(q: torch.Tensor, dropout_p: float, seq_len_q: int, prefix_len:
     the mask reproducible); None without dropout."""
     if dropout_p == 0.0:
         return None
-    from ..kernels._attention_common import check_dropout_counters
-
-    check_dropout_counters(seq_len_q, prefix_len, seq_len_kv)
+    _kernels().common.check_dropout_counters(seq_len_q, prefix_len, seq_len_kv)
     return torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64)
 
 
