@@ -52,3 +52,38 @@ def _with_prefix(config, impl: str, dtype: torch.dtype):
     model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20,
                                                     prefix_projection=True))
     return prefixkern.patch(model) if impl == "prefixkern" else model
+
+
+def training_loss(model, impl: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One training forward's loss. The floor (frozen, no prefix) takes its input embeddings as a
+    leaf, so its gradients still flow back through every layer, as in the e2e suite's floor."""
+    if impl == "floor_no_prefix":
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        return model(inputs_embeds=embeds, attention_mask=mask, labels=ids).loss
+    return model(input_ids=ids, attention_mask=mask, labels=ids).loss
+
+
+class OneOpAttention(torch.autograd.Function):
+    """What a GPU's flash SDPA costs the host, roughly: one allocation forward, three backward (a
+    fused kernel's outputs), no arithmetic; q, k and v get gradients, so the backward still runs
+    through every projection. (``empty_like`` makes no kernel: ``host_cost.py`` counts none here.)"""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.kv = (k, v)
+        return torch.empty_like(q)
+
+    @staticmethod
+    def backward(ctx, grad):
+        k, v = ctx.kv
+        return torch.empty_like(grad), torch.empty_like(k), torch.empty_like(v)
+
+
+def one_op_sdpa():
+    """A context in which ``F.scaled_dot_product_attention`` is ``OneOpAttention``."""
+    import torch.nn.functional as F
+
+    from prefixkern._backend import override_global
+
+    return override_global(vars(F), "scaled_dot_product_attention",
+                           lambda query, key, value, *args, **kwargs: OneOpAttention.apply(query, key, value))

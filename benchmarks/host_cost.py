@@ -32,7 +32,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import prefixkern  # noqa: E402
-from _host_model import MODELS  # noqa: E402
+from _host_model import MODELS, one_op_sdpa, training_loss  # noqa: E402
 
 TRITON_LAUNCHES: collections.Counter = collections.Counter()
 
@@ -80,39 +80,16 @@ def _training_step(impl: str, autocast: bool = False, model_name: str = "qwen2")
 
     def forward():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            if impl == "floor_no_prefix":   # frozen: gradients reach the input embeddings (the e2e floor)
-                embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
-                return model(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), labels=ids).loss
-            return model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+            return training_loss(model, impl, ids, torch.ones_like(ids))
     return model, forward
 
 
-class _UncountedAttention(torch.autograd.Function):
-    """The floor row's SDPA: outputs of the right shapes and no ops counted (``empty_like`` is a
-    view op here), so the floor's count is everything but its attention."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        ctx.kv = (k, v)
-        return torch.empty_like(q)
-
-    @staticmethod
-    def backward(ctx, grad):
-        k, v = ctx.kv
-        return torch.empty_like(grad), torch.empty_like(k), torch.empty_like(v)
-
-
 def count(autocast: bool = False, model_name: str = "qwen2") -> None:
-    import torch.nn.functional as F
-
-    from prefixkern._backend import override_global
-
     for impl in ("floor_no_prefix", "peft_sdpa", "prefixkern"):
         model, forward = _training_step(impl, autocast, model_name)
         backend = prefixkern.use_backend("triton" if impl == "prefixkern" else "auto")
-        uncounted = (override_global(vars(F), "scaled_dot_product_attention",
-                                     lambda q, k, v, *args, **kwargs: _UncountedAttention.apply(q, k, v))
-                     if impl == "floor_no_prefix" else contextlib.nullcontext())
+        # The floor's SDPA as one op whose outputs are bare allocations, so no op of it is counted.
+        uncounted = one_op_sdpa() if impl == "floor_no_prefix" else contextlib.nullcontext()
         with backend, uncounted:
             forward().backward()                 # first step: tune and build outside the count
             model.zero_grad(set_to_none=True)

@@ -67,12 +67,12 @@ from triton.runtime import driver  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from _host_model import IMPLS, MODELS, qwen2_shaped  # noqa: E402
+from _host_model import IMPLS, MODELS, one_op_sdpa, qwen2_shaped, training_loss  # noqa: E402
 from prefixkern._backend import override_global  # noqa: E402
 from prefixkern.bench.common import held, with_raw_launch  # noqa: E402
 from prefixkern.kernels._launch import launch_plans  # noqa: E402
 
-# The floor with SDPA as one op (``_OneOpAttention``): the row the others are compared with.
+# The floor with SDPA as one op (``OneOpAttention``): the row the others are compared with.
 FLOOR_ONE_OP = "floor_sdpa_one_op"
 
 ARCH = 90
@@ -135,33 +135,11 @@ def use_compile_only_driver() -> None:
     launch.smem_bytes = lambda index: SMEM
 
 
-class _OneOpAttention(torch.autograd.Function):
-    """What a GPU's flash SDPA costs the host, roughly: one allocation forward, three backward (a
-    fused kernel's outputs), no arithmetic; q, k and v get gradients, so the backward still runs
-    through every projection."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        ctx.kv = (k, v)
-        return torch.empty_like(q)
-
-    @staticmethod
-    def backward(ctx, grad):
-        k, v = ctx.kv
-        return torch.empty_like(grad), torch.empty_like(k), torch.empty_like(v)
-
-
-def _one_op_sdpa(query, key, value, *args, **kwargs):
-    return _OneOpAttention.apply(query, key, value)
-
-
 def _with_one_op_sdpa(step):
-    """``step`` with ``F.scaled_dot_product_attention`` as ``_OneOpAttention`` (the
+    """``step`` with ``F.scaled_dot_product_attention`` as ``OneOpAttention`` (the
     ``floor_sdpa_one_op`` row): on a CPU, SDPA computes, so the plain floor row times its
     arithmetic too, where a GPU host only launches it."""
-    import torch.nn.functional as F
-
-    return held(step, lambda: override_global(vars(F), "scaled_dot_product_attention", _one_op_sdpa))
+    return held(step, one_op_sdpa)
 
 
 def _step(model, impl: str):
@@ -170,12 +148,7 @@ def _step(model, impl: str):
 
     def step():
         model.zero_grad(set_to_none=True)
-        if impl == "floor_no_prefix":       # the e2e suite's floor: gradients reach the input embeddings
-            embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
-            out = model(inputs_embeds=embeds, attention_mask=mask, labels=ids)
-        else:
-            out = model(input_ids=ids, attention_mask=mask, labels=ids)
-        out.loss.backward()
+        training_loss(model, impl, ids, mask).backward()
     return step
 
 
@@ -352,8 +325,9 @@ def main(argv=None) -> int:
             steps["prefixkern"]()
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
-    print(f"host time per training step, {args.model}-shaped, {args.dtype}, {args.layers} layers, median of {args.steps} rounds (CPU; Triton "
-          f"launches bound and looked up, not run); ratios to {FLOOR_ONE_OP}, the floor as a GPU host runs it:")
+    print(f"host time per training step, {args.model}-shaped, {args.dtype}, {args.layers} layers, median of "
+          f"{args.steps} rounds (CPU; Triton launches bound and looked up, not run); ratios to {FLOOR_ONE_OP}, the "
+          "floor as a GPU host runs it:")
     for impl, ms in times.items():
         print(f"  {ms:8.2f} ms  {impl}  ({ms / times[FLOOR_ONE_OP]:.2f}x)")
     return 0
