@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device calls of the next GPU session, as benchmarks/results/README.md's runbook plans them,
-# so that a session runs `benchmarks/gpu_session.sh 1` (then 2, then ncu) instead of retyping it.
+# so that a session runs `benchmarks/gpu_session.sh 1` (then 2, ncu, fuzz) instead of retyping it.
 # Each call leaves one tarball in $OUT (only a few files come back from a call) and ends inside
 # the timeout_s the runbook gives it:
 #
@@ -13,6 +13,9 @@
 #   call 2 (timeout_s 280): the training step eager and compiled (e2e-compile), issue 4's
 #          compiled pair last timed on the H200                                    -> $OUT/r2.tgz
 #   ncu    (timeout_s 80):  Nsight Compute on a decode step with the default (two-stage) kernel -> $OUT/r3.tgz
+#   fuzz   (timeout_s 170, if time is left): random attention and packed cases with attention
+#          dropout on the GPU (tests/tools/fuzz_kernels.py --dropout: the compiled Philox groups
+#          at shapes the tests do not name), and a few cases of every other kind      -> $OUT/r4.tgz
 #
 # Carry .whl (git-ignored) when the machine's image lacks a pure-Python wheel a step needs.
 # Afterwards, here: merge the calls' step JSONs (prefixkern-bench --merge r/*/*.json --out-dir DIR),
@@ -67,8 +70,20 @@ case "${1:-}" in
         tail -n 5 "$R/ncu_decode_prefixkern.txt"
         tar czf "$OUT/r3.tgz" -C "$OUT" r
         ;;
+    fuzz)
+        # Each kind starts no case after its seconds (--seconds; the summary counts what ran) and
+        # is killed 30 s later; a failure prints its case, re-run with --seed S --first K --cases 1.
+        for run in "attention --dropout --cases 200 --seed 7001:30" "varlen --dropout --cases 200 --seed 7101:15" \
+                   "attention --cases 100 --seed 7201:10" "triton-decode --cases 100 --seed 7301:5" \
+                   "mlp --cases 100 --seed 7401:5"; do
+            PYTHONPATH="$PWD" timeout $(( ${run##*:} + 30 )) python3 tests/tools/fuzz_kernels.py ${run%:*} \
+                --seconds "${run##*:}" >> "$R/fuzz.log" 2>&1 || echo "fuzz ${run%:*}: exit $?" >> "$R/fuzz.log"
+        done
+        grep -E "^(FAIL|[a-z-]+: [0-9]+ cases|fuzz )" "$R/fuzz.log"
+        tar czf "$OUT/r4.tgz" -C "$OUT" r
+        ;;
     *)
-        echo "usage: OUT=DIR benchmarks/gpu_session.sh 1|2|ncu (see benchmarks/results/README.md)" >&2
+        echo "usage: OUT=DIR benchmarks/gpu_session.sh 1|2|ncu|fuzz (see benchmarks/results/README.md)" >&2
         exit 2
         ;;
 esac

@@ -1405,7 +1405,8 @@ def test_decode_grid_times_other_head_layouts():
 def test_the_gpu_session_script_names_tests_and_steps_that_exist():
     """benchmarks/gpu_session.sh is run blind on a lent GPU: a renamed test or step there would
     cost a device call that collects nothing. Every test node it names exists, its -k selection
-    picks some of them, and every run_gpu.sh step it asks for is one that script knows."""
+    picks some of them, every fuzzer kind it runs exists, and every run_gpu.sh step it asks for is
+    one that script knows."""
     import re
     import subprocess
     import sys
@@ -1425,6 +1426,12 @@ def test_the_gpu_session_script_names_tests_and_steps_that_exist():
                                    cwd=root, capture_output=True, text=True)
         found = re.search(r"(\d+)(?:/\d+)? tests? (?:collected|selected)", collected.stdout)
         assert found and int(found.group(1)) > 0, collected.stdout[-2000:]
+    # The fuzzer's runs name kinds it has.
+    fuzz = (root / "tests" / "tools" / "fuzz_kernels.py").read_text()
+    kinds = re.findall(r'"([a-z-]+) (?:--[a-z]+ )*--cases \d+ --seed \d+:\d+"', script)
+    assert kinds
+    for kind in kinds:
+        assert f'"{kind}": ' in fuzz, f"fuzz_kernels.py has no kind {kind}"
     run_gpu = (root / "benchmarks" / "run_gpu.sh").read_text()
     steps = re.findall(r"run_gpu\.sh \"\$R\" ([^\n]+)", script)
     assert steps

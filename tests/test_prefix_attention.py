@@ -351,14 +351,18 @@ def make_packed_inputs(case: PackedCase, device, seed=0):
     return (q, k, v, pk, pv), _cu_seqlens(case.lens_q, device), _cu_seqlens(case.lens_kv, device), kwargs
 
 
-def check_packed_case(case: PackedCase, device):
+def check_packed_case(case: PackedCase, device, dropout_p: float = 0.0, dropout_keep: list | None = None):
+    """``prefix_attention_varlen`` against the oracle: values, LSE and five gradients. With
+    ``dropout_p``, the oracle applies ``dropout_keep`` (one mask per sequence: the caller draws
+    them for the seed the op will draw)."""
     inputs, cu_q, cu_k, kwargs = make_packed_inputs(case, device)
     leaves = [t.clone().requires_grad_() for t in inputs]
     with use_backend("triton"):
         out, lse = prefixkern.prefix_attention_varlen(*leaves, cu_q, cu_k, max(case.lens_q), max(case.lens_kv),
-                                                      return_lse=True, **kwargs)
+                                                      return_lse=True, dropout_p=dropout_p, **kwargs)
     ref_leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    ref_out, ref_lse = reference.prefix_attention_varlen(*ref_leaves, cu_q, cu_k, return_lse=True, **kwargs)
+    ref_out, ref_lse = reference.prefix_attention_varlen(*ref_leaves, cu_q, cu_k, return_lse=True, dropout_p=dropout_p,
+                                                         dropout_keep=dropout_keep, **kwargs)
     assert lse.shape == (case.Hq, sum(case.lens_q))
     assert_matches_oracle(out, lse, ref_out, ref_lse, leaves, ref_leaves, case.dtype)
 

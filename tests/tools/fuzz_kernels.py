@@ -2,6 +2,7 @@
 
     python tests/tools/fuzz_kernels.py attention --cases 200 --seed 1
     python tests/tools/fuzz_kernels.py varlen --cases 100
+    python tests/tools/fuzz_kernels.py attention --dropout --cases 50     # every case with dropout
     python tests/tools/fuzz_kernels.py triton-decode --cases 100
     python tests/tools/fuzz_kernels.py cuda-decode --cases 300     # the CUDA sources under tests/csrc_emu
     python tests/tools/fuzz_kernels.py mlp --cases 100              # the fused prefix MLP
@@ -22,6 +23,7 @@ import os
 import random
 import sys
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -65,6 +67,33 @@ def _head_splits(enabled: bool):
         forget_plans()
 
 
+# Attention dropout in a quarter of the attention and packed cases (since 2026-11-28: one Philox
+# draw per query row and 8 key columns), at a small, a middling and a large rate.
+DROPOUT_PS = (0.0,) * 9 + (0.1, 0.3, 0.75)
+
+
+@contextlib.contextmanager
+def _drawing_seed(seed: int):
+    """``torch.manual_seed(seed)`` for the block, the generator's state restored after it: the
+    dropout seed the op draws inside is the one ``_dropout_keep`` draws for the oracle."""
+    with torch.random.fork_rng(devices=[_device()] if _device().type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _dropout_keep(seed: int, dropout_p: float, launches) -> list | None:
+    """The keep masks the kernels draw with ``dropout_p`` under ``_drawing_seed(seed)``, one per
+    ``(B, Hq, S, P, S_kv)`` in ``launches`` (``dropout_keep_mask``); None without dropout."""
+    if dropout_p == 0.0:
+        return None
+    from prefixkern.kernels._attention_common import dropout_keep_mask
+
+    with _drawing_seed(seed):       # as prefix_attention's _dropout_seed draws it
+        drawn = torch.randint(0, 2**31 - 1, (1,), device=_device(), dtype=torch.int64)
+    with use_backend("triton"):
+        return [dropout_keep_mask(drawn, *launch, dropout_p) for launch in launches]
+
+
 def attention_case(rng: random.Random, seed: int, notes: list) -> None:
     """``prefix_attention`` on a random dense case: values, LSE and all five gradients."""
     from test_prefix_attention import Case, assert_matches_oracle, make_inputs
@@ -85,28 +114,32 @@ def attention_case(rng: random.Random, seed: int, notes: list) -> None:
     heavy_first = seed % 2 == 0     # causal programs heaviest first in even cases (no draw: a seed keeps its cases)
     head_splits = seed % 3 == 0     # dK/dV with the GQA group shared out in every third case
     one_launch = seed % 5 != 0      # the backward in two launches (dQ, then dK/dV) in every fifth
+    # (drawn last: the other draws, and so the cases of seeds run before, stay as they were)
+    dropout_p = rng.choice(DROPOUT_PS)
     notes.append(f"{case} strided={strided} scale={scale} heavy_first={heavy_first} head_splits={head_splits} "
-                 f"one_launch={one_launch}")
+                 f"one_launch={one_launch} dropout_p={dropout_p}")
     inputs, kwargs = make_inputs(case, _device(), seed=seed)
     if scale is not None:
         kwargs["softmax_scale"] = scale
+    keep = _dropout_keep(seed, dropout_p, [(case.B, case.Hq, case.S, case.P, case.S_kv)])
     leaves = [t.clone().requires_grad_() for t in inputs]
     call = leaves
     if strided:      # HF's [B, S, H, D] memory seen as [B, H, S, D]
         call = [t.transpose(-3, -2).contiguous().transpose(-3, -2) if t.dim() == 4 else t for t in leaves]
     # (the backward runs in assert_matches_oracle)
     with heavy_first_scheduling(heavy_first), _head_splits(head_splits), one_launch_backward(one_launch):
-        with use_backend("triton"):
-            out, lse = prefixkern.prefix_attention(*call, return_lse=True, **kwargs)
+        with use_backend("triton"), _drawing_seed(seed):
+            out, lse = prefixkern.prefix_attention(*call, return_lse=True, dropout_p=dropout_p, **kwargs)
         ref_leaves = [t.detach().clone().requires_grad_() for t in inputs]
-        ref_out, ref_lse = reference.prefix_attention(*ref_leaves, return_lse=True, **kwargs)
+        ref_out, ref_lse = reference.prefix_attention(*ref_leaves, return_lse=True, dropout_p=dropout_p,
+                                                      dropout_keep=None if keep is None else keep[0], **kwargs)
         assert_matches_oracle(out, lse, ref_out, ref_lse, leaves, ref_leaves, case.dtype)
         # The same call again takes the launch plans the first one kept: the same results bit for bit.
         grads = [t.grad for t in leaves]
         for t in leaves:
             t.grad = None
-        with use_backend("triton"):
-            again, again_lse = prefixkern.prefix_attention(*call, return_lse=True, **kwargs)
+        with use_backend("triton"), _drawing_seed(seed):
+            again, again_lse = prefixkern.prefix_attention(*call, return_lse=True, dropout_p=dropout_p, **kwargs)
         again.backward(torch.randn(again.shape, generator=torch.Generator().manual_seed(1)).to(again))
         assert torch.equal(again, out) and torch.equal(again_lse, lse), "replayed forward differs"
         assert all(torch.equal(t.grad, g) for t, g in zip(leaves, grads)), "replayed backward differs"
@@ -128,9 +161,18 @@ def varlen_case(rng: random.Random, seed: int, notes: list) -> None:
                       alibi=rng.random() < 0.2, softcap=rng.choice([None, None, 4.0]),
                       window=rng.choice([None, None, 2, 7]))
     heavy_first, head_splits, one_launch = seed % 2 == 0, seed % 3 == 0, seed % 5 != 0
-    notes.append(f"{case} heavy_first={heavy_first} head_splits={head_splits} one_launch={one_launch}")
-    with heavy_first_scheduling(heavy_first), _head_splits(head_splits), one_launch_backward(one_launch):
-        check_packed_case(case, _device())
+    dropout_p = rng.choice(DROPOUT_PS)      # (drawn last, as in attention_case)
+    notes.append(f"{case} heavy_first={heavy_first} head_splits={head_splits} one_launch={one_launch} "
+                 f"dropout_p={dropout_p}")
+    # Sequence b draws the mask a dense launch draws for batch row b with its own lengths.
+    count = len(case.lens_q)
+    keep = _dropout_keep(seed, dropout_p, [(count, case.Hq, s, case.P, s_kv) for s, s_kv in zip(case.lens_q,
+                                                                                              case.lens_kv)])
+    if keep is not None:
+        keep = [mask[b:b + 1] for b, mask in enumerate(keep)]
+    with heavy_first_scheduling(heavy_first), _head_splits(head_splits), one_launch_backward(one_launch), \
+            _drawing_seed(seed):
+        check_packed_case(case, _device(), dropout_p=dropout_p, dropout_keep=keep)
 
 
 def triton_decode_case(rng: random.Random, seed: int, notes: list) -> None:
@@ -286,10 +328,22 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--first", type=int, default=0, help="number of the first case (re-run one by its number)")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="start no case after this many seconds (a device call's budget); the summary counts "
+                             "the cases that ran")
+    parser.add_argument("--dropout", action="store_true",
+                        help="attention, varlen: every case with attention dropout (its other draws unchanged)")
     args = parser.parse_args(argv)
+    if args.dropout:
+        global DROPOUT_PS
+        DROPOUT_PS = tuple(p for p in DROPOUT_PS if p > 0)
     check = KINDS[args.kind]
-    failures = 0
+    failures = ran = 0
+    started = time.monotonic()
     for number in range(args.first, args.first + args.cases):
+        if args.seconds is not None and time.monotonic() - started > args.seconds:
+            break
+        ran += 1
         rng = random.Random(f"{args.kind}-{args.seed}-{number}")
         notes: list[str] = []
         try:
@@ -298,7 +352,8 @@ def main(argv=None) -> int:
             failures += 1
             print(f"FAIL {args.kind} seed {args.seed} case {number} ({'; '.join(notes)}): "
                   f"{type(exc).__name__}: {str(exc)[:400]}", flush=True)
-    print(f"{args.kind}: {args.cases} cases (seed {args.seed}, from {args.first}), {failures} failed")
+    print(f"{args.kind}: {ran} cases (seed {args.seed}, from {args.first}), {failures} failed"
+          + (f" (of {args.cases}: --seconds {args.seconds:g} ran out)" if ran < args.cases else ""))
     return 1 if failures else 0
 
 
