@@ -60,21 +60,15 @@ def test_attention_dropout_fwd_bwd(benchmark, shape, impl):
     the others with dropout off (their masks come from other generators), then timed with it on."""
     spec = dropout_suite.SHAPES[shape]
     leaves, dout = attn_suite.make_inputs(spec, "cuda", torch.bfloat16, requires_grad=True)
-    fn = dropout_suite.IMPLS[impl]
-    p = dropout_suite.DROPOUT_P
-    if impl == "prefixkern":
-        expected, _ = dropout_suite.oracle(spec, leaves, dout, p, with_grads=False)
-        torch.manual_seed(dropout_suite.CHECK_SEED)
-        out = fn(*leaves, p)
-    else:
-        expected, _ = dropout_suite.oracle(spec, leaves, dout, 0.0, with_grads=False)
-        out = fn(*leaves, 0.0)
-    assert attn_suite.scaled_err(out, expected) <= attn_suite.tolerance(torch.bfloat16)
+    checked, timed, under_mask = dropout_suite.checked_and_timed(impl, dropout_suite.IMPLS[impl])
+    expected, _ = dropout_suite.oracle(spec, leaves, dout, dropout_suite.DROPOUT_P if under_mask else 0.0,
+                                       with_grads=False)
+    assert attn_suite.scaled_err(checked(*leaves), expected) <= attn_suite.tolerance(torch.bfloat16)
 
     def step():
         for leaf in leaves:
             leaf.grad = None
-        fn(*leaves, p).backward(dout)
+        timed(*leaves).backward(dout)
 
     cuda_timed(benchmark, step)
 

@@ -111,12 +111,20 @@ def check_case(case: Case, device, grads=True):
         out, lse = prefixkern.prefix_attention(*leaves, return_lse=True, **kwargs)
     ref_leaves = [t.detach().clone().requires_grad_(grads) for t in inputs]
     ref_out, ref_lse = reference.prefix_attention(*ref_leaves, return_lse=True, **kwargs)
-    assert_matches_oracle(out, lse, ref_out, ref_lse, leaves if grads else None, ref_leaves, case.dtype)
+    exact_out = reference.prefix_attention(*[t.float() for t in inputs], **kwargs)
+    assert_matches_oracle(out, lse, ref_out, ref_lse, leaves if grads else None, ref_leaves, case.dtype, exact_out)
 
 
-def assert_matches_oracle(out, lse, ref_out, ref_lse, leaves, ref_leaves, dtype):
+def assert_matches_oracle(out, lse, ref_out, ref_lse, leaves, ref_leaves, dtype, exact_out=None):
     """Output and log-sum-exp within the dtype's tolerance (the same rows infinite); then, unless
-    ``leaves`` is None, all five gradients of a random upstream gradient."""
+    ``leaves`` is None, all five gradients of a random upstream gradient.
+
+    ``exact_out``: the oracle's output before rounding to ``dtype`` (the reference on float32
+    inputs). The kernels' backward takes each row's ``delta = rowsum(dO * O)`` from the output they
+    stored, rounded to ``dtype``, as flash-attention does. Where a row's score gradients cancel
+    (a row that sees one key, its output scaled off the dtype's grid by dropout's 1 / (1 - p))
+    that rounding is all of the result. Given ``exact_out``, the oracle's gradients take the same
+    delta (``delta_from_stored_output``) rather than the exact one."""
     assert out.shape == ref_out.shape and out.dtype == dtype and lse.shape == ref_lse.shape
     assert_close(out, ref_out, dtype, "out", "out")
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
@@ -126,10 +134,27 @@ def assert_matches_oracle(out, lse, ref_out, ref_lse, leaves, ref_leaves, dtype)
         return
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device=out.device, dtype=dtype)
     out.backward(dout)
-    ref_out.backward(dout)
+    if exact_out is not None and dtype != torch.float32:
+        delta_from_stored_output(ref_out, ref_lse, out, exact_out, dout).backward()
+    else:
+        ref_out.backward(dout)
     for name, got, want in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), leaves, ref_leaves):
         assert got.grad.shape == want.grad.shape and got.grad.dtype == want.grad.dtype, name
         assert_close(got.grad, want.grad, dtype, "grad", name)
+
+
+def delta_from_stored_output(ref_out, ref_lse, out, exact_out, dout):
+    """A loss whose gradients are the oracle's with each row's delta taken from ``out`` (the
+    kernels' stored output) instead of the exact output ``exact_out``: ``<dO, O_ref> - sum_i
+    shift_i * lse_i`` with ``shift_i = rowsum(dO * (out - exact_out))`` held constant. The
+    log-sum-exp's score gradient is the softmax, so the second term moves each score gradient
+    dS_ij = P_ij (dP_ij - delta_i) by -P_ij shift_i: what delta_i + shift_i gives. (A row that
+    sees no key has lse = -inf and shift 0; its masked scores pass no gradient on.)"""
+    shift = ((out.detach().float() - exact_out.detach().float()) * dout.float()).sum(-1)
+    if shift.shape != ref_lse.shape:        # packed rows: out [total, Hq, D], lse [Hq, total]
+        shift = shift.transpose(0, 1)
+    lse = torch.where(torch.isfinite(ref_lse), ref_lse, torch.zeros_like(ref_lse))
+    return (ref_out.float() * dout.float()).sum() - (shift * lse).sum()
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,8 +388,10 @@ def check_packed_case(case: PackedCase, device, dropout_p: float = 0.0, dropout_
     ref_leaves = [t.detach().clone().requires_grad_() for t in inputs]
     ref_out, ref_lse = reference.prefix_attention_varlen(*ref_leaves, cu_q, cu_k, return_lse=True, dropout_p=dropout_p,
                                                          dropout_keep=dropout_keep, **kwargs)
+    exact_out = reference.prefix_attention_varlen(*[t.float() for t in inputs], cu_q, cu_k, dropout_p=dropout_p,
+                                                  dropout_keep=dropout_keep, **kwargs)
     assert lse.shape == (case.Hq, sum(case.lens_q))
-    assert_matches_oracle(out, lse, ref_out, ref_lse, leaves, ref_leaves, case.dtype)
+    assert_matches_oracle(out, lse, ref_out, ref_lse, leaves, ref_leaves, case.dtype, exact_out)
 
 
 PACKED_BASE = PackedCase()

@@ -114,6 +114,23 @@ def oracle(shape: Shape, leaves, dout, p: float, with_grads: bool):
     return out.detach(), grads
 
 
+def checked_and_timed(impl: str, fn):
+    """``(checked, timed, under_mask)`` for an implementation ``fn(*tensors, dropout_p)``: the call
+    to check, the call to time (dropout on), and whether the check is against the oracle under
+    prefixkern's own mask (``oracle(..., DROPOUT_P, ...)``) or without dropout (p = 0). prefixkern
+    is checked with dropout, its seed drawn after ``torch.manual_seed(CHECK_SEED)``; the others'
+    masks come from other generators, so they are checked with dropout off."""
+    def timed(*tensors):
+        return fn(*tensors, DROPOUT_P)
+
+    if impl == "prefixkern":
+        def checked(*tensors):
+            torch.manual_seed(CHECK_SEED)
+            return fn(*tensors, DROPOUT_P)
+        return checked, timed, True
+    return (lambda *tensors: fn(*tensors, 0.0)), timed, False
+
+
 def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
     """The dropout cases, timed, checked and skipped as the attention suite does its own: prefixkern
     against the oracle under its own mask, prefixkern_no_dropout and the baselines at p = 0."""
@@ -130,17 +147,11 @@ def run(opts: Options, progress) -> tuple[list[Record], list[Skip]]:
 
             def measure_impl(impl, fn, shape=shape, pass_=pass_, leaves=leaves, dout=dout, with_mask=with_mask,
                              without=without, flops=flops):
-                timed = lambda *tensors: fn(*tensors, DROPOUT_P)       # noqa: E731
-                if impl == "prefixkern":
-                    def checked(*tensors):
-                        torch.manual_seed(CHECK_SEED)
-                        return fn(*tensors, DROPOUT_P)
-                    ref_out, ref_grads = with_mask
+                checked, timed, under_mask = checked_and_timed(impl, fn)
+                ref_out, ref_grads = with_mask if under_mask else without
+                if under_mask:
                     note = f"dropout_p={DROPOUT_P}, checked under its own mask"
                 else:
-                    def checked(*tensors):
-                        return fn(*tensors, 0.0)
-                    ref_out, ref_grads = without
                     note = ("dropout off, checked at p=0" if impl == "prefixkern_no_dropout"
                             else f"dropout_p={DROPOUT_P}, its own mask: checked at p=0")
                 record = measure(opts, shape, pass_, impl, checked, leaves, dout, ref_out, ref_grads, flops,

@@ -131,9 +131,10 @@ def attention_case(rng: random.Random, seed: int, notes: list) -> None:
         with use_backend("triton"), _drawing_seed(seed):
             out, lse = prefixkern.prefix_attention(*call, return_lse=True, dropout_p=dropout_p, **kwargs)
         ref_leaves = [t.detach().clone().requires_grad_() for t in inputs]
-        ref_out, ref_lse = reference.prefix_attention(*ref_leaves, return_lse=True, dropout_p=dropout_p,
-                                                      dropout_keep=None if keep is None else keep[0], **kwargs)
-        assert_matches_oracle(out, lse, ref_out, ref_lse, leaves, ref_leaves, case.dtype)
+        keep_kwargs = dict(kwargs, dropout_p=dropout_p, dropout_keep=None if keep is None else keep[0])
+        ref_out, ref_lse = reference.prefix_attention(*ref_leaves, return_lse=True, **keep_kwargs)
+        exact_out = reference.prefix_attention(*[t.float() for t in inputs], **keep_kwargs)
+        assert_matches_oracle(out, lse, ref_out, ref_lse, leaves, ref_leaves, case.dtype, exact_out)
         # The same call again takes the launch plans the first one kept: the same results bit for bit.
         grads = [t.grad for t in leaves]
         for t in leaves:
