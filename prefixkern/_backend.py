@@ -60,7 +60,13 @@ def triton_interpret() -> bool:
     about when it traces a caller."""
     global _INTERPRET
     if _INTERPRET is None:
-        _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        # Kept only outside a torch.compile trace: a global set while dynamo traces is a side
+        # effect it replays, and a trace that restarts after a graph break elsewhere would find
+        # it set and take another path (dynamo stops on the divergence).
+        if torch.compiler.is_compiling():
+            return interpret
+        _INTERPRET = interpret
     return _INTERPRET
 
 

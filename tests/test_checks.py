@@ -101,6 +101,26 @@ def test_backend_name_is_checked(monkeypatch):
 # Tile selection (the logic runs on any machine; the timings here are stand-ins)
 # --------------------------------------------------------------------------------------------
 
+def test_interpreter_setting_is_not_kept_inside_a_compiled_trace(monkeypatch):
+    """``triton_interpret`` reads TRITON_INTERPRET once and keeps it, but not while torch.compile
+    traces: a global set during a trace is a side effect dynamo replays, and a trace that restarts
+    after a graph break then takes another path (dynamo stops: "SpeculationLog diverged"), as a
+    compiled GPT-2 training step did when its first prefixkern call was the traced one."""
+    from prefixkern import _backend
+
+    monkeypatch.setattr(_backend, "_INTERPRET", None)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def step(x):
+        return x + 1 if _backend.triton_interpret() else x
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(step, fullgraph=True, backend="eager")(torch.zeros(2)), torch.ones(2))
+    torch._dynamo.reset()
+    assert _backend._INTERPRET is None
+    assert _backend.triton_interpret() and _backend._INTERPRET is True
+
+
 def test_launches_take_a_device_guard_only_off_the_current_gpu(monkeypatch):
     """Triton launches on the current GPU: a launcher on another GPU's tensors switches to it, and
     one on the current GPU's (the usual case) skips the guard's host time."""

@@ -1061,24 +1061,34 @@ def test_torch_compile_no_graph_break_in_attention():
                                attend(q, k, v, mask2d))
 
 
-def test_torch_compile_training_step_has_no_graph_break_and_matches_eager():
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_torch_compile_training_step_has_no_graph_break_and_matches_eager(family):
     """A training step (forward with labels, backward to the prefix) of the patched model compiled,
     as the training-step suite's compiled rows run it (there with CUDA graphs on a GPU; here
     AOTAutograd over the real kernels in Triton's interpreter): no graph break, the prefix MLP's
-    and attention's custom ops traced forward and backward, the eager step's loss and gradients."""
-    _, ours = _pair("llama")
+    and attention's custom ops traced forward and backward, the eager step's loss and gradients.
+    GPT-2 trains with attention dropout: each layer's seed drawn in the graph, under one
+    torch.manual_seed the eager step's masks. (transformers 5.24's GPT-2 breaks the graph twice
+    itself, in its loss's logging and its output wrapper: no break may come from prefixkern's code.)"""
+    _, ours = _pair(family)
     ids, mask = _batch("left")
     ours.train()
     with prefixkern.use_backend("triton"):
         ours.zero_grad()
+        torch.manual_seed(7)
         eager = ours(input_ids=ids, attention_mask=mask, labels=ids)
         eager.loss.backward()
         eager_grads = _prefix_grads(ours)
         torch._dynamo.reset()
         explained = torch._dynamo.explain(ours)(input_ids=ids, attention_mask=mask, labels=ids)
-        assert explained.graph_break_count == 0, [str(b.reason)[:300] for b in explained.break_reasons]
+        reasons = [(str(b.reason)[:300], [f"{frame.filename}:{frame.lineno}" for frame in b.user_stack])
+                   for b in explained.break_reasons]
+        assert not [r for r in reasons if any("prefixkern" in frame for frame in r[1])], reasons
+        if family == "llama":
+            assert explained.graph_break_count == 0, reasons
         torch._dynamo.reset()
         ours.zero_grad()
+        torch.manual_seed(7)
         compiled = torch.compile(ours, backend="aot_eager")(input_ids=ids, attention_mask=mask, labels=ids)
         compiled.loss.backward()
     torch._dynamo.reset()

@@ -16,7 +16,7 @@ import torch
 
 import prefixkern
 from prefixkern import reference
-from prefixkern._backend import use_backend
+from prefixkern._backend import lazy_modules, use_backend
 
 from conftest import HAS_CUDA, TOLERANCES, assert_same_values_and_gradients, record_launch_arguments, record_launches
 
@@ -770,6 +770,35 @@ def test_torch_compile_fullgraph_forward_and_backward(device):
         out = compiled(*leaves, kwargs["key_padding_mask"])
         ref = step(*ref_leaves, kwargs["key_padding_mask"])
         assert_same_values_and_gradients(out, ref, leaves, ref_leaves)
+
+
+def test_torch_compile_fullgraph_with_dropout(monkeypatch, device):
+    """Attention dropout traces with fullgraph=True (the seed's draw and the counter check included)
+    when the compiled call is the process's first (the kernel modules not yet loaded: their lazy
+    loader's importlib call is one dynamo will not trace), and under one torch.manual_seed the
+    compiled step draws the eager step's mask: the same values and gradients bit for bit."""
+    from prefixkern.ops import prefix_attention as op
+
+    monkeypatch.setattr(op, "_kernels", lazy_modules(**{name: module.__name__
+                                                         for name, module in vars(op._kernels()).items()}))
+    case = replace(BASE, padding="left")
+    inputs, kwargs = make_inputs(case, device)
+
+    def step(q, k, v, pk, pv, mask):
+        return prefixkern.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, causal=True, dropout_p=0.25)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    ref_leaves = [t.clone().requires_grad_() for t in inputs]
+    with use_backend("triton"):
+        torch.manual_seed(3)
+        out = compiled(*leaves, kwargs["key_padding_mask"])
+        torch.manual_seed(3)
+        ref = step(*ref_leaves, kwargs["key_padding_mask"])
+        assert not torch.equal(ref, step(*ref_leaves, kwargs["key_padding_mask"]))    # (dropout bites)
+        assert_same_values_and_gradients(out, ref, leaves, ref_leaves)
+    torch._dynamo.reset()
 
 
 def test_eager_launch_skips_the_dispatcher_and_equals_the_custom_op(device):
