@@ -36,8 +36,8 @@ case "${1:-}" in
         # since the eighth run): raw launches replayed from them bit-equal to plain ones (2), and
         # the full-size grid at bloomz-560m P=20 and Qwen2.5-0.5B P=128, three dtypes (6); the
         # attention dropout with one Philox draw per 8 columns (2026-11-28, interpreter-checked only):
-        # the mask tests on the GPU (9: the documented layout, rebuilt in plain Python, among them)
-        # and the full-size dropout cases (4).
+        # the mask tests on the GPU (9: the documented layout, rebuilt in plain Python, among them),
+        # the full-size dropout cases (4) and dropout under torch.compile (1).
         timeout -s INT -k 10 110 env PYTHONPATH="$PWD" PREFIXKERN_AUTOTUNE=0 python3 -m pytest -n 8 -v --tb=short \
             -p no:cacheprovider tests/test_decode.py::test_gpu_cuda_kernel_against_reference \
             tests/test_decode.py::test_gpu_generate_uses_the_cuda_kernel \
@@ -50,6 +50,7 @@ case "${1:-}" in
             tests/test_prefix_attention.py::test_dropout_mask_is_the_documented_philox_layout \
             tests/test_prefix_attention.py::test_dropout_mask_keeps_one_minus_p_of_the_weights \
             tests/test_prefix_attention.py::test_gpu_dropout_full_size \
+            tests/test_prefix_attention.py::test_torch_compile_fullgraph_with_dropout \
             -k "(kernelmma and bfloat16 and P30 and L4096) or generate or graph_break or raw_launch or (full_size and (20-bloomz or 128-qwen)) or dropout" \
             > "$R/fixed.log" 2>&1
         tail -n 15 "$R/fixed.log"
