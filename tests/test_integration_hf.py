@@ -1099,6 +1099,45 @@ def test_torch_compile_training_step_has_no_graph_break_and_matches_eager(family
         torch.testing.assert_close(grads[name], eager_grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+# A fresh process's first call compiled: a patched GPT-2 (attention dropout, the prefix MLP) in
+# training, every prefixkern module still unloaded and every lazily read setting still unread when
+# dynamo traces them. Prints each graph break's reason and whether its stack passes through
+# prefixkern's code.
+_FRESH_COMPILE = """
+import torch, transformers as tf
+from peft import PrefixTuningConfig, get_peft_model
+import prefixkern
+config = tf.GPT2Config(vocab_size=64, n_embd=48, n_layer=2, n_head=4, n_positions=64, attn_pdrop=0.1,
+                       resid_pdrop=0.0, embd_pdrop=0.0)
+model = get_peft_model(tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager"),
+                       PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, prefix_projection=True,
+                                          encoder_hidden_size=20))
+model = prefixkern.patch(model).train()
+ids = torch.randint(3, 64, (2, 7))
+explained = torch._dynamo.explain(model)(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+for b in explained.break_reasons:
+    ours = any("prefixkern" in frame.filename for frame in b.user_stack)
+    print("BREAK", "prefixkern" if ours else "elsewhere", str(b.reason).splitlines()[0][:200])
+print("GRAPHS", explained.graph_count)
+"""
+
+
+def test_first_compiled_call_of_a_process_has_no_graph_break_in_prefixkern():
+    """The compiled training step of a patched GPT-2 as a fresh process's first call (the tests
+    around it run in a warm one, where every module is imported and every setting read): no graph
+    break from prefixkern's code, which a lazily imported kernel module (attention dropout's counter
+    check) and a lazily read setting (TRITON_INTERPRET, kept while tracing) each caused before."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, PREFIXKERN_BACKEND="triton", TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", _FRESH_COMPILE], capture_output=True, text=True, timeout=600,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GRAPHS" in result.stdout, result.stdout[-2000:]
+    assert "BREAK prefixkern" not in result.stdout, result.stdout
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text", "gpt2", "bloom"])
 def test_triton_kernels_through_the_model(family):
     """The real kernels (Triton's interpreter on CPU) inside a patched model, forward and backward."""
