@@ -89,7 +89,9 @@ def lazy_modules(**modules: str):
     """A function returning ``types.SimpleNamespace(name=module, ...)`` of the modules named by
     their full import paths, imported at its first call: ``import prefixkern`` does not import
     Triton. The ops look the modules up per call (tests replace their functions); an import
-    statement per call cost the host 0.6-1.4 us each on this repo's CPU machine, several per layer."""
+    statement per call cost the host 0.6-1.4 us each on this repo's CPU machine, several per layer.
+    Only for code torch.compile does not trace (the launchers behind the custom ops): the first call
+    imports through importlib, which dynamo will not trace."""
     loaded = []
 
     def load():

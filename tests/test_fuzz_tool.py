@@ -53,8 +53,8 @@ def test_dropout_cases_check_the_mask_the_op_draws(monkeypatch, capsys):
     args = ["varlen", "--dropout", "--cases", "1", "--seed", "1", "--first", "0"]
     assert fuzz_kernels.main(args) == 0
     assert "dropout_p=0" not in capsys.readouterr().out
-    drawn = fuzz_kernels._dropout_keep
-    monkeypatch.setattr(fuzz_kernels, "_dropout_keep", lambda seed, p, launches: drawn(seed + 1, p, launches))
+    drawn = fuzz_kernels._oracle_seed
+    monkeypatch.setattr(fuzz_kernels, "_oracle_seed", lambda seed: drawn(seed + 1))
     assert fuzz_kernels.main(args) == 1
     printed = capsys.readouterr().out
     assert "FAIL varlen seed 1 case 0 (" in printed and "dropout_p=0." in printed and "1 failed" in printed

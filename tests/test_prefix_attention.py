@@ -134,13 +134,19 @@ def assert_matches_oracle(out, lse, ref_out, ref_lse, leaves, ref_leaves, dtype,
         return
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device=out.device, dtype=dtype)
     out.backward(dout)
-    if exact_out is not None and dtype != torch.float32:
-        delta_from_stored_output(ref_out, ref_lse, out, exact_out, dout).backward()
-    else:
-        ref_out.backward(dout)
+    oracle_backward(ref_out, ref_lse, out, exact_out, dout)
     for name, got, want in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), leaves, ref_leaves):
         assert got.grad.shape == want.grad.shape and got.grad.dtype == want.grad.dtype, name
         assert_close(got.grad, want.grad, dtype, "grad", name)
+
+
+def oracle_backward(ref_out, ref_lse, out, exact_out, dout):
+    """The oracle's backward of ``dout``: in 16-bit with ``exact_out`` given, with each row's delta
+    from the kernels' stored ``out`` (``delta_from_stored_output``); else the plain one."""
+    if exact_out is not None and out.dtype != torch.float32:
+        delta_from_stored_output(ref_out, ref_lse, out, exact_out, dout).backward()
+    else:
+        ref_out.backward(dout)
 
 
 def delta_from_stored_output(ref_out, ref_lse, out, exact_out, dout):
@@ -591,17 +597,24 @@ def test_packed_strided_inputs_and_int64_offsets(device):
     assert_close(out, ref, case.dtype, "out", "out")
 
 
-def test_packed_dropout_matches_the_mask(device):
-    """Sequence b draws the mask a dense launch draws for batch row b with its own lengths."""
+def packed_dropout_keep(seed: torch.Tensor, case: PackedCase, p: float) -> list[torch.Tensor]:
+    """The keep masks of a packed launch with dropout ``p`` under ``seed``, one ``[1, Hq, S_b, P +
+    S_kv_b]`` per sequence: sequence b draws the mask a dense launch draws for batch row b with
+    its own lengths."""
     from prefixkern.kernels._attention_common import dropout_keep_mask
 
+    batch = len(case.lens_q)
+    return [dropout_keep_mask(seed, batch, case.Hq, s, case.P, s_kv, p)[b:b + 1]
+            for b, (s, s_kv) in enumerate(zip(case.lens_q, case.lens_kv))]
+
+
+def test_packed_dropout_matches_the_mask(device):
+    """Sequence b draws the mask a dense launch draws for batch row b with its own lengths."""
     case = replace(PACKED_BASE, lens_q=(5, 12, 3), lens_kv=(9, 12, 3))
     p = 0.3
     (q, k, v, pk, pv), cu_q, cu_k, kwargs = make_packed_inputs(case, device)
     seed = torch.tensor([12345], dtype=torch.int64, device=device)
-    batch = len(case.lens_q)
-    keep = [dropout_keep_mask(seed, batch, case.Hq, s, case.P, s_kv, p)[b:b + 1]
-            for b, (s, s_kv) in enumerate(zip(case.lens_q, case.lens_kv))]
+    keep = packed_dropout_keep(seed, case, p)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
     out, _ = torch.ops.prefixkern.prefix_attention_fwd(
         *leaves, None, None, None, seed, True, 1 / math.sqrt(case.D), p, None, None, cu_q, cu_k,
@@ -665,11 +678,8 @@ def check_dropout_case(case: Case, device, p: float, seed: int):
     assert_close(out, ref, case.dtype, "out", "out")
     dout = torch.randn_like(out)
     out.backward(dout)
-    if case.dtype == torch.float32:
-        ref.backward(dout)
-    else:       # (the kernels' delta from their rounded output: see assert_matches_oracle)
-        exact = reference.prefix_attention(*[t.float() for t in inputs], dropout_p=p, dropout_keep=keep, **kwargs)
-        delta_from_stored_output(ref, ref_lse, out, exact, dout).backward()
+    exact = reference.prefix_attention(*[t.float() for t in inputs], dropout_p=p, dropout_keep=keep, **kwargs)
+    oracle_backward(ref, ref_lse, out, exact, dout)
     for name, got, want in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), leaves, ref_leaves):
         assert_close(got.grad, want.grad, case.dtype, "grad", name)
 

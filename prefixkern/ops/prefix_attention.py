@@ -317,12 +317,10 @@ def _dropout_seed(q: torch.Tensor, dropout_p: float, seq_len_q: int, prefix_len:
     the mask reproducible); None without dropout."""
     if dropout_p == 0.0:
         return None
-    if torch.compiler.is_compiling():
-        # An import statement, which dynamo traces: the lazy loader's first call imports through
-        # importlib, which dynamo will not trace (a graph break in every compiled dropout step).
-        from ..kernels._attention_common import check_dropout_counters
-    else:
-        check_dropout_counters = _kernels().common.check_dropout_counters
+    # An import statement, not the lazy loader: torch.compile traces this function, and the
+    # loader's first call imports through importlib, which dynamo will not trace.
+    from ..kernels._attention_common import check_dropout_counters
+
     check_dropout_counters(seq_len_q, prefix_len, seq_len_kv)
     return torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64)
 

@@ -75,23 +75,17 @@ DROPOUT_PS = (0.0,) * 9 + (0.1, 0.3, 0.75)
 @contextlib.contextmanager
 def _drawing_seed(seed: int):
     """``torch.manual_seed(seed)`` for the block, the generator's state restored after it: the
-    dropout seed the op draws inside is the one ``_dropout_keep`` draws for the oracle."""
+    dropout seed the op draws inside is the one ``_oracle_seed`` draws for the oracle."""
     with torch.random.fork_rng(devices=[_device()] if _device().type == "cuda" else []):
         torch.manual_seed(seed)
         yield
 
 
-def _dropout_keep(seed: int, dropout_p: float, launches) -> list | None:
-    """The keep masks the kernels draw with ``dropout_p`` under ``_drawing_seed(seed)``, one per
-    ``(B, Hq, S, P, S_kv)`` in ``launches`` (``dropout_keep_mask``); None without dropout."""
-    if dropout_p == 0.0:
-        return None
-    from prefixkern.kernels._attention_common import dropout_keep_mask
-
-    with _drawing_seed(seed):       # as prefix_attention's _dropout_seed draws it
-        drawn = torch.randint(0, 2**31 - 1, (1,), device=_device(), dtype=torch.int64)
-    with use_backend("triton"):
-        return [dropout_keep_mask(drawn, *launch, dropout_p) for launch in launches]
+def _oracle_seed(seed: int) -> torch.Tensor:
+    """The dropout seed the op draws under ``_drawing_seed(seed)`` (as prefix_attention's
+    ``_dropout_seed`` draws it), for the oracle's keep masks."""
+    with _drawing_seed(seed):
+        return torch.randint(0, 2**31 - 1, (1,), device=_device(), dtype=torch.int64)
 
 
 def attention_case(rng: random.Random, seed: int, notes: list) -> None:
@@ -121,7 +115,11 @@ def attention_case(rng: random.Random, seed: int, notes: list) -> None:
     inputs, kwargs = make_inputs(case, _device(), seed=seed)
     if scale is not None:
         kwargs["softmax_scale"] = scale
-    keep = _dropout_keep(seed, dropout_p, [(case.B, case.Hq, case.S, case.P, case.S_kv)])
+    keep = None
+    if dropout_p:
+        from prefixkern.kernels._attention_common import dropout_keep_mask
+
+        keep = dropout_keep_mask(_oracle_seed(seed), case.B, case.Hq, case.S, case.P, case.S_kv, dropout_p)
     leaves = [t.clone().requires_grad_() for t in inputs]
     call = leaves
     if strided:      # HF's [B, S, H, D] memory seen as [B, H, S, D]
@@ -131,7 +129,7 @@ def attention_case(rng: random.Random, seed: int, notes: list) -> None:
         with use_backend("triton"), _drawing_seed(seed):
             out, lse = prefixkern.prefix_attention(*call, return_lse=True, dropout_p=dropout_p, **kwargs)
         ref_leaves = [t.detach().clone().requires_grad_() for t in inputs]
-        keep_kwargs = dict(kwargs, dropout_p=dropout_p, dropout_keep=None if keep is None else keep[0])
+        keep_kwargs = dict(kwargs, dropout_p=dropout_p, dropout_keep=keep)
         ref_out, ref_lse = reference.prefix_attention(*ref_leaves, return_lse=True, **keep_kwargs)
         exact_out = reference.prefix_attention(*[t.float() for t in inputs], **keep_kwargs)
         assert_matches_oracle(out, lse, ref_out, ref_lse, leaves, ref_leaves, case.dtype, exact_out)
@@ -148,7 +146,7 @@ def attention_case(rng: random.Random, seed: int, notes: list) -> None:
 
 def varlen_case(rng: random.Random, seed: int, notes: list) -> None:
     """``prefix_attention_varlen`` on random packed sequences (empty ones included): values, LSE, gradients."""
-    from test_prefix_attention import PackedCase, check_packed_case
+    from test_prefix_attention import PackedCase, check_packed_case, packed_dropout_keep
 
     count = rng.randint(1, 4)
     lens_q = tuple(rng.choice([0, 1, 3, 9, 17, 40]) for _ in range(count))
@@ -165,12 +163,7 @@ def varlen_case(rng: random.Random, seed: int, notes: list) -> None:
     dropout_p = rng.choice(DROPOUT_PS)      # (drawn last, as in attention_case)
     notes.append(f"{case} heavy_first={heavy_first} head_splits={head_splits} one_launch={one_launch} "
                  f"dropout_p={dropout_p}")
-    # Sequence b draws the mask a dense launch draws for batch row b with its own lengths.
-    count = len(case.lens_q)
-    keep = _dropout_keep(seed, dropout_p, [(count, case.Hq, s, case.P, s_kv) for s, s_kv in zip(case.lens_q,
-                                                                                              case.lens_kv)])
-    if keep is not None:
-        keep = [mask[b:b + 1] for b, mask in enumerate(keep)]
+    keep = packed_dropout_keep(_oracle_seed(seed), case, dropout_p) if dropout_p else None
     with heavy_first_scheduling(heavy_first), _head_splits(head_splits), one_launch_backward(one_launch), \
             _drawing_seed(seed):
         check_packed_case(case, _device(), dropout_p=dropout_p, dropout_keep=keep)
