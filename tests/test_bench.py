@@ -590,7 +590,8 @@ def test_targets_judge_each_issue_from_the_records():
         _rec("e2e_train", "qwen2.5-0.5b-S2048", "floor_compiled", "step", ms=20.0),
         _rec("e2e_train", "qwen2.5-0.5b-S2048", "prefixkern_compiled", "step", ms=21.2),
         _rec("decode", "P30-L4096-B8", "prefixkern", "fwd", ms=0.04, gbps=3000.0),
-        _rec("decode", "P30-L4096-B8", "sdpa_concat", "fwd", ms=0.05),
+        # (Every decode row's GB/s counts the same bytes, ours: 120 MB here, in 0.05 ms.)
+        _rec("decode", "P30-L4096-B8", "sdpa_concat", "fwd", ms=0.05, gbps=2400.0),
         _rec("decode", "P30-L4096-B8", "prefixkern_triton", "fwd", ms=0.1),
         _rec("decode", "P30-L4096-B8", "prefixkern_triton_decode", "fwd", ms=0.03),
         _rec("decode", "P30-L4096-B8", "prefixkern_tensor_cores", "fwd", ms=0.02, gbps=3500.0),
@@ -618,6 +619,10 @@ def test_targets_judge_each_issue_from_the_records():
     assert got[(4, "peak memory within 2% of the floor's", "qwen2.5-0.5b-S2048")] is False                  # 3%
     assert got[(4, "1.2x stock PEFT + sdpa tokens/s at S=2048", "qwen2.5-0.5b-S2048")] is True
     assert got[(6, "2x faster than SDPA on the concatenated cache", "P30-L4096-B8")] is False              # 1.25x
+    # Beside it, the most any kernel could gain there: SDPA's time over our bytes read at the probe's
+    # 4000 GB/s (0.05 ms against 0.03): 1.67x, under the 2x asked.
+    values = {(t.issue, t.what, t.case): t.value for t in evaluate({"records": records})}
+    assert values[(6, "2x faster than SDPA on the concatenated cache", "P30-L4096-B8")] == "1.25x (ceiling 1.67x)"
     # The Triton decode path is the faster of its two kernels (here the decode kernel, 0.03 ms).
     assert got[(6, "faster than the Triton decode path", "P30-L4096-B8")] is False
     assert got[(6, "a decoding step (cache append + attention) 2x faster than HF's DynamicCache + SDPA",
