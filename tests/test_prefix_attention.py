@@ -487,6 +487,64 @@ def test_dkdv_head_splits(monkeypatch, case, splits, device):
             if name == "prefix_attention_bwd_dkdv_kernel"] == [(splits, splits != 3)]
 
 
+@pytest.mark.parametrize("case,splits,one_launch,dropout_p", [
+    (replace(BASE, B=2, Hq=6, Hkv=1, S=24, S_kv=34, P=5, padding="left"), 3, True, 0.0),
+    (replace(BASE, B=2, prefix="per_task", padding="holes", window=9), 1, False, 0.2),
+    (PackedCase(lens_q=(3, 0, 20), lens_kv=(9, 4, 20), Hq=6, Hkv=1, softcap=5.0, prefix="per_row"), 2, True, 0.0),
+], ids=lambda x: str(x) if isinstance(x, (Case, PackedCase)) else repr(x))
+def test_backward_writes_what_it_reads_and_is_bitwise_deterministic(monkeypatch, case, splits, one_launch, dropout_p,
+                                                                     device):
+    """Under torch's deterministic mode with uninitialised memory filled (``torch.empty`` gives NaN),
+    forward and backward twice: nothing NaN (every buffer the kernels read is written first: the
+    prefix gradient's float32 partials, the dK/dV head splits' parts, dQ's delta, the output rows
+    of padded queries) and the second run equal to the first bit for bit (no atomics: the result
+    does not depend on the order the programs run in, which on a GPU varies from run to run).
+    Shared, per-task and per-row prefixes, head splits, one launch and two, dropout, packed rows
+    (one empty). On a GPU at 8x the tokens."""
+    from prefixkern.kernels import prefix_attention_bwd as bwd
+
+    if device.type == "cuda":
+        case = (replace(case, lens_q=tuple(8 * n for n in case.lens_q), lens_kv=tuple(8 * n for n in case.lens_kv))
+                if isinstance(case, PackedCase) else replace(case, S=8 * case.S, S_kv=8 * case.S_kv))
+    monkeypatch.setattr(bwd, "dkdv_head_splits", lambda group, programs, seq_len_q, sms: splits)
+    monkeypatch.setattr(bwd, "ONE_LAUNCH_BACKWARD", one_launch)
+    if isinstance(case, PackedCase):
+        inputs, cu_q, cu_k, kwargs = make_packed_inputs(case, device)
+
+        def op(*leaves):
+            return prefixkern.prefix_attention_varlen(*leaves, cu_q, cu_k, max(case.lens_q), max(case.lens_kv),
+                                                      return_lse=True, dropout_p=dropout_p, **kwargs)
+    else:
+        inputs, kwargs = make_inputs(case, device)
+
+        def op(*leaves):
+            return prefixkern.prefix_attention(*leaves, return_lse=True, dropout_p=dropout_p, **kwargs)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        torch.manual_seed(5)              # (the dropout seed: the same mask both times)
+        with use_backend("triton"):
+            out, lse = op(*leaves)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out))
+        return [out, lse] + [t.grad for t in leaves]
+
+    launched = _record_attention_launches(monkeypatch)
+    deterministic, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        first, second = run(), run()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    names = ("out", "lse", "dq", "dk", "dv", "dprefix_k", "dprefix_v")
+    for name, a, b in zip(names, first, second):
+        assert not torch.isnan(a).any(), f"{name}: NaN (an unwritten buffer read)"
+        assert torch.equal(a, b), f"{name}: differs between two runs"
+    dkdv = [meta for name, meta in launched if name == "prefix_attention_bwd_dkdv_kernel"]
+    assert [(meta["HEAD_SPLITS"], meta["WITH_DQ"]) for meta in dkdv] == [(splits, one_launch)] * 2
+
+
 @pytest.mark.gpu
 def test_gpu_dkdv_head_splits_at_qwen_training_rows(monkeypatch):
     """Qwen2.5-0.5B's attention at issue 4's S = 2048 rows (batch 2, 14 query heads over 2 KV
