@@ -91,6 +91,34 @@ def test_bad_packed_input_names_the_argument(override, error, pattern, backend):
         _call_packed(**override)
 
 
+@pytest.mark.parametrize("op", ["prefix_attention", "prefix_attention_varlen", "prefix_decode_attention"])
+def test_head_dims_over_the_kernels_tiles_are_refused_on_the_triton_path(monkeypatch, op):
+    """A head dim over 256 (the kernels' tiles hold a whole head; the tile tables stop there) is a
+    ValueError naming it on the Triton path, before any launch (it was a KeyError from the tile
+    table's lookup); 256 runs, and the reference backend computes any."""
+    from conftest import record_launches
+    from prefixkern.kernels import prefix_attention_fwd, prefix_decode
+
+    def call(D):
+        if op == "prefix_attention_varlen":
+            args = _good_packed()
+            args.update(q=torch.randn(9, 4, D), k=torch.randn(11, 2, D), v=torch.randn(11, 2, D),
+                        prefix_k=torch.randn(2, 3, D), prefix_v=torch.randn(2, 3, D))
+            return _call_packed(**args)
+        q, k, v = torch.randn(1, 2, 1, D), torch.randn(1, 1, 3, D), torch.randn(1, 1, 3, D)
+        return getattr(prefixkern, op)(q, k, v, torch.randn(1, 2, D), torch.randn(1, 2, D))
+
+    launched = record_launches(monkeypatch, (prefix_attention_fwd, prefix_decode))
+    with prefixkern.use_backend("triton"), pytest.raises(ValueError, match="q's head dim D=257 is over the 256"):
+        call(257)
+    assert launched == []
+    with prefixkern.use_backend("reference"):
+        assert torch.isfinite(call(320)).all()
+    with prefixkern.use_backend("triton"):
+        assert torch.isfinite(call(256)).all()
+    assert launched            # (the recording sees the kernels' launches)
+
+
 def test_backend_name_is_checked(monkeypatch):
     monkeypatch.setenv("PREFIXKERN_BACKEND", "cuda")
     with pytest.raises(ValueError, match="PREFIXKERN_BACKEND must be one of"):

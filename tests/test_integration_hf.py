@@ -672,6 +672,18 @@ def test_refuses_models_it_does_not_know():
         prefixkern.patch(peft_model)
 
 
+def test_refuses_head_dims_over_the_kernels_tiles():
+    """A head dim over the Triton kernels' 256 is refused at patch time, naming it, rather than at
+    the first forward on a GPU (a Llama with two heads of 512)."""
+    config = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=1024, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=2)
+    peft_model = get_peft_model(tf.AutoModelForCausalLM.from_config(config),
+                                PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    with pytest.raises(ValueError, match="cannot serve a head dim of 512: the Triton attention kernels take up to 256"):
+        prefixkern.patch(peft_model)
+    assert not prefixkern.is_patched(peft_model)
+
+
 def test_refuses_differential_attention_and_says_why():
     config = tf.AutoConfig.for_model("diffllama", **_COMMON)
     peft_model = get_peft_model(tf.AutoModelForCausalLM.from_config(config),

@@ -38,6 +38,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..ops._checks import KERNEL_MAX_HEAD_DIM
 from ..ops.decode_attention import MAX_QUERY_LEN, decode_step
 from ..ops.prefix_attention import prefix_attention, prefix_attention_varlen
 from ..ops.prefix_mlp import fused_prefix_mlp
@@ -893,6 +894,9 @@ def patch(model):
         raise ValueError(f"prefixkern.patch serves encoder-decoder prefix tuning for {ENCODER_DECODER_TYPES} only, "
                          f"got model_type={model_type!r} with num_transformer_submodules=2")
     head_dim = config.token_dim // config.num_attention_heads
+    if head_dim > KERNEL_MAX_HEAD_DIM:
+        raise ValueError(f"prefixkern.patch cannot serve a head dim of {head_dim}: the Triton attention kernels take "
+                         f"up to {KERNEL_MAX_HEAD_DIM} (a tile holds a whole head)")
     _register()
     base_model = model.get_base_model()
     previous = _set_attn(base_model, ATTN_NAME)

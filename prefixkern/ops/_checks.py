@@ -8,7 +8,17 @@ from dataclasses import dataclass
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-KERNEL_HEAD_DIMS = (32, 40, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+# The widest head the Triton attention kernels take: their tiles hold a whole head, padded to a
+# power of two, and the tile tables stop at 256 (flash-attention's limit too).
+KERNEL_MAX_HEAD_DIM = 256
+
+
+def check_kernel_head_dim(head_dim: int) -> None:
+    """Raise for a head dim the Triton kernels do not take (before any launch; the reference
+    backend computes any)."""
+    if head_dim > KERNEL_MAX_HEAD_DIM:
+        raise ValueError(f"q's head dim D={head_dim} is over the {KERNEL_MAX_HEAD_DIM} the Triton kernels take "
+                         "(a tile holds a whole head); prefixkern.use_backend('reference') computes it in PyTorch")
 
 
 def check_tensor(name: str, t, ndim: int | tuple[int, ...], shape_doc: str) -> None:

@@ -10,7 +10,7 @@ import torch
 # decoding step's functions cost the host 1.4 us on this repo's CPU machine, per layer per token)
 from .. import _cuda_build
 from .._backend import get_backend, override_global, triton_interpret, use_triton
-from ._checks import check_prefix_attention_args, check_tensor
+from ._checks import check_kernel_head_dim, check_prefix_attention_args, check_tensor
 from .prefix_attention import prefix_attention, resolve_softmax_scale
 
 __all__ = ["prefix_decode_attention", "merge_attention_states", "cuda_decode_supported"]
@@ -157,6 +157,8 @@ def prefix_decode_attention(
         raise ValueError(f"num_splits must be a non-negative int (0 = automatic), got {num_splits!r}")
     if tensor_cores is not None and not isinstance(tensor_cores, bool):
         raise TypeError(f"tensor_cores must be a bool or None, got {type(tensor_cores).__name__}")
+    if use_triton(q.device):
+        check_kernel_head_dim(q.shape[-1])
     scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     # (A call that asks for one of the CUDA kernels' variants keeps them at any cache size.)
     ops = _cuda_ops_serving(q, k, v, prefix_k, prefix_v, may_give_way=not (prefix_gemm or tensor_cores))

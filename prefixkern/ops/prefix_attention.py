@@ -8,7 +8,7 @@ import torch
 
 from .. import reference
 from .._backend import eager_function, launch_directly, lazy_modules, use_triton
-from ._checks import check_prefix_attention_args, check_prefix_attention_varlen_args
+from ._checks import check_kernel_head_dim, check_prefix_attention_args, check_prefix_attention_varlen_args
 
 
 def resolve_softmax_scale(softmax_scale: float | None, head_dim: int) -> float:
@@ -222,7 +222,8 @@ def prefix_attention(
         rows that read it.
 
     Raises:
-        ValueError / TypeError naming the argument, before any kernel is launched.
+        ValueError / TypeError naming the argument, before any kernel is launched (among them a
+        head dim over 256 on the Triton path).
     """
     check_prefix_attention_args(
         q, k, v, prefix_k, prefix_v, causal=causal, softmax_scale=softmax_scale,
@@ -230,6 +231,7 @@ def prefix_attention(
         alibi_slopes=alibi_slopes, softcap=softcap, window=window,
     )
     if use_triton(q.device):
+        check_kernel_head_dim(q.shape[-1])
         scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
         seed = _dropout_seed(q, dropout_p, q.shape[2], prefix_k.shape[-2], k.shape[2])
         out, lse = _attention_fwd(
@@ -296,6 +298,7 @@ def prefix_attention_varlen(
         softcap=softcap, window=window,
     )
     if use_triton(q.device):
+        check_kernel_head_dim(q.shape[-1])
         scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
         seed = _dropout_seed(q, dropout_p, max_seqlen_q, prefix_k.shape[-2], max_seqlen_k)
         out, lse = _attention_fwd(
