@@ -42,9 +42,14 @@ def _call(**override):
     (dict(key_padding_mask=torch.ones(2, 5)), TypeError, "key_padding_mask must be bool or integer"),
     (dict(alibi_slopes=torch.ones(3)), ValueError, "alibi_slopes must have shape"),
     (dict(causal=1), TypeError, "causal must be a bool"),
-    (dict(softmax_scale=-1.0), ValueError, "softmax_scale must be a positive float"),
+    (dict(softmax_scale=-1.0), ValueError, "softmax_scale must be a positive finite float"),
+    (dict(softmax_scale=float("inf")), ValueError, "softmax_scale must be a positive finite float"),
+    (dict(softcap=float("inf")), ValueError, "softcap must be a positive finite float"),
+    (dict(dropout_p=float("nan")), ValueError, r"dropout_p must be a float in \[0, 1\)"),
+    (dict(dropout_p=True), ValueError, r"dropout_p must be a float in \[0, 1\)"),
+    (dict(window=2.0), ValueError, "window must be a positive int"),
     (dict(dropout_p=1.0), ValueError, r"dropout_p must be a float in \[0, 1\)"),
-    (dict(softcap=0.0), ValueError, "softcap must be a positive float"),
+    (dict(softcap=0.0), ValueError, "softcap must be a positive finite float"),
     (dict(window=0), ValueError, "window must be a positive int"),
     (dict(window=True), ValueError, "window must be a positive int"),
 ])
@@ -89,6 +94,22 @@ def _call_packed(**override):
 def test_bad_packed_input_names_the_argument(override, error, pattern, backend):
     with prefixkern.use_backend(backend), pytest.raises(error, match=pattern):
         _call_packed(**override)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_numpy_scalars_are_taken_as_python_numbers(backend):
+    """Options computed with numpy (a config's window, a scale from np.sqrt) give what the same Python
+    numbers give: the checks take numpy's scalars and the kernels get Python ones."""
+    import numpy as np
+
+    tensors = _good().values()
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    with prefixkern.use_backend(backend):
+        want = prefixkern.prefix_attention(*tensors, key_padding_mask=mask, window=3, softmax_scale=0.25, softcap=5.0)
+        got = prefixkern.prefix_attention(*tensors, key_padding_mask=mask, window=np.int64(3),
+                                          softmax_scale=np.float32(0.25), softcap=np.float16(5.0))
+        plain = prefixkern.prefix_attention(*tensors, key_padding_mask=mask)
+    assert torch.equal(got, want) and not torch.equal(got, plain)
 
 
 @pytest.mark.parametrize("op", ["prefix_attention", "prefix_attention_varlen", "prefix_decode_attention"])

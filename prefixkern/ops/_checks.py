@@ -2,6 +2,8 @@
 naming the argument and what was expected, before anything is launched."""
 from __future__ import annotations
 
+import math
+import numbers
 import weakref
 from dataclasses import dataclass
 
@@ -19,6 +21,11 @@ def check_kernel_head_dim(head_dim: int) -> None:
     if head_dim > KERNEL_MAX_HEAD_DIM:
         raise ValueError(f"q's head dim D={head_dim} is over the {KERNEL_MAX_HEAD_DIM} the Triton kernels take "
                          "(a tile holds a whole head); prefixkern.use_backend('reference') computes it in PyTorch")
+
+
+def _real(value) -> bool:
+    """A real number (Python's or numpy's scalars), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_tensor(name: str, t, ndim: int | tuple[int, ...], shape_doc: str) -> None:
@@ -225,12 +232,12 @@ def _check_prefix_and_options(q, prefix_k, prefix_v, batch, num_heads, num_kv_he
 
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
-        raise ValueError(f"softmax_scale must be a positive float or None, got {softmax_scale!r}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    if softmax_scale is not None and not (_real(softmax_scale) and 0 < softmax_scale < math.inf):
+        raise ValueError(f"softmax_scale must be a positive finite float or None, got {softmax_scale!r}")
+    if not _real(dropout_p) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        raise ValueError(f"softcap must be a positive float or None, got {softcap!r}")
-    if window is not None and not (isinstance(window, int) and not isinstance(window, bool) and window > 0):
+    if softcap is not None and not (_real(softcap) and 0 < softcap < math.inf):
+        raise ValueError(f"softcap must be a positive finite float or None, got {softcap!r}")
+    if window is not None and not (isinstance(window, numbers.Integral) and not isinstance(window, bool) and window > 0):
         raise ValueError(f"window must be a positive int (HF sliding_window) or None, got {window!r}")
     return prefix_len, mode

@@ -236,7 +236,8 @@ def prefix_attention(
         seed = _dropout_seed(q, dropout_p, q.shape[2], prefix_k.shape[-2], k.shape[2])
         out, lse = _attention_fwd(
             q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, alibi_slopes, seed, causal, scale,
-            float(dropout_p), None if softcap is None else float(softcap), window, None, None, 0, 0,
+            float(dropout_p), None if softcap is None else float(softcap), None if window is None else int(window),
+            None, None, 0, 0,
         )
         return (out, lse) if return_lse else out
     return reference.prefix_attention(
@@ -303,8 +304,8 @@ def prefix_attention_varlen(
         seed = _dropout_seed(q, dropout_p, max_seqlen_q, prefix_k.shape[-2], max_seqlen_k)
         out, lse = _attention_fwd(
             q, k, v, prefix_k, prefix_v, prefix_index, None, alibi_slopes, seed, causal, scale, float(dropout_p),
-            None if softcap is None else float(softcap), window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-            max_seqlen_k,
+            None if softcap is None else float(softcap), None if window is None else int(window), cu_seqlens_q,
+            cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         )
         return (out, _packed_lse(lse, cu_seqlens_q, q.shape[0])) if return_lse else out
     return reference.prefix_attention_varlen(
