@@ -2,6 +2,8 @@
 ``fused_prefix_mlp`` and returned as ``[L, 2, Hkv, P, D]``, batch-shared."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -56,8 +58,8 @@ class PrefixEncoder(nn.Module):
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         token_dim = num_kv_heads * head_dim
         hidden_size = token_dim if hidden_size is None else hidden_size
         if projection and (isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0):

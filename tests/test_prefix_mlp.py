@@ -889,6 +889,22 @@ def test_bad_options(kwargs, error, pattern):
         fused_prefix_mlp(**_valid(), **{**SMALL, **kwargs})
 
 
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(num_virtual_tokens=4.0), "num_virtual_tokens must be a positive int"),
+    (dict(head_dim=0), "head_dim must be a positive int"),
+    (dict(projection=True, hidden_size=0), "hidden_size must be a positive int"),
+    (dict(dropout=None), r"dropout must be a float in \[0, 1\)"),
+    (dict(dropout="0.1"), r"dropout must be a float in \[0, 1\)"),
+    (dict(dropout=1.0), r"dropout must be a float in \[0, 1\)"),
+])
+def test_prefix_encoder_bad_arguments_name_themselves(kwargs, pattern):
+    """PrefixEncoder's constructor checks its sizes and dropout, naming the argument (a None or str
+    dropout was a bare comparison TypeError)."""
+    args = dict(num_virtual_tokens=4, num_layers=2, num_kv_heads=2, head_dim=8)
+    with pytest.raises(ValueError, match=pattern):
+        PrefixEncoder(**{**args, **kwargs})
+
+
 def test_bad_input_without_projection():
     with pytest.raises(ValueError, match=r"\[P, 2\*L\*Hkv\*D\]"):
         fused_prefix_mlp(torch.randn(4, 95), **SMALL)
