@@ -140,6 +140,21 @@ def test_head_dims_over_the_kernels_tiles_are_refused_on_the_triton_path(monkeyp
     assert launched            # (the recording sees the kernels' launches)
 
 
+@pytest.mark.parametrize("args,error,pattern", [
+    (dict(out_partial=torch.randn(32)), ValueError, r"out_partial must have shape \[N, ..., D\]"),
+    (dict(lse_partial=torch.randn(2, 3, 1)), ValueError, "lse_partial must have out_partial's leading shape"),
+    (dict(lse_partial=torch.zeros(2, 3, dtype=torch.int64)), TypeError, "lse_partial must be floating point"),
+    (dict(out_partial=torch.zeros(2, 3, 8, dtype=torch.int32)), TypeError, "out_partial must be floating point"),
+    (dict(out_dtype=torch.int32), TypeError, "out_dtype must be torch.float16, torch.bfloat16, torch.float32"),
+    (dict(lse_partial=torch.zeros(2, 3, device="meta")), ValueError, "lse_partial must be on out_partial's device"),
+])
+def test_merge_attention_states_bad_input_names_the_argument(args, error, pattern):
+    """(An int out_dtype or int log-sum-exps were taken and merged into nonsense.)"""
+    args = {"out_partial": torch.randn(2, 3, 8), "lse_partial": torch.randn(2, 3), **args}
+    with pytest.raises(error, match=pattern):
+        prefixkern.merge_attention_states(**args)
+
+
 def test_backend_name_is_checked(monkeypatch):
     monkeypatch.setenv("PREFIXKERN_BACKEND", "cuda")
     with pytest.raises(ValueError, match="PREFIXKERN_BACKEND must be one of"):
