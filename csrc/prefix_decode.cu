@@ -229,8 +229,8 @@ std::tuple<at::Tensor, at::Tensor, bool> launch_decode(const at::Tensor& q, cons
   const int P = prefix_k.size(-2);
   if (prefix_index.has_value()) {
     TORCH_CHECK(!shared && prefix_index->scalar_type() == at::kLong && prefix_index->numel() == B &&
-                    prefix_index->is_cuda(),
-                "prefix_decode_partial: prefix_index must be int64 [B] on the GPU, with a 4-d prefix");
+                    prefix_index->is_cuda() && prefix_index->is_contiguous(),
+                "prefix_decode_partial: prefix_index must be a contiguous int64 [B] on the GPU, with a 4-d prefix");
   } else {
     TORCH_CHECK(shared || prefix_k.size(0) == B, "prefix_decode_partial: a 4-d prefix without index is per row");
   }

@@ -97,6 +97,27 @@ def test_triton_decode_kernel_against_the_reference(case, monkeypatch):
     torch.testing.assert_close(stepped, got, atol=tol, rtol=tol)
 
 
+def test_strided_prefix_index_decodes_as_a_contiguous_one():
+    """A per-task prefix_index given as a strided view (every other entry of a wider tensor): the
+    same output as the contiguous index, through the Triton decode kernel on the CPU and the CUDA
+    kernel on a GPU (both read it at unit stride: strided, they read other rows' tasks until
+    2026-11-28)."""
+    if not triton_interpret() and not HAS_CUDA:
+        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
+    device = "cpu" if triton_interpret() else "cuda"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    inputs, kw = _inputs(3, 8, 2, 1, 40, 5, 64, dtype, device, prefix="per_task", padding=True)
+    index = torch.tensor([2, 0, 1], device=device)
+    wide = torch.full((6,), 7, dtype=torch.int64, device=device)
+    wide[::2] = index
+    backend = "triton" if device == "cpu" else "auto"
+    with prefixkern.use_backend(backend), decode_attention.triton_decode_everywhere():
+        want = prefixkern.prefix_decode_attention(*inputs, key_padding_mask=kw["key_padding_mask"], prefix_index=index)
+        got = prefixkern.prefix_decode_attention(*inputs, key_padding_mask=kw["key_padding_mask"],
+                                                 prefix_index=wide[::2])
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_triton_merge_kernel_equals_the_torch_merge(out_dtype):
     """The Triton decode path's merge (one launch) against ``merge_attention_states``' torch ops:

@@ -655,6 +655,40 @@ def test_packed_strided_inputs_and_int64_offsets(device):
     assert_close(out, ref, case.dtype, "out", "out")
 
 
+def _strided_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (1-d) as every other entry of a tensor twice its length, the others garbage."""
+    wide = torch.full((2 * t.shape[0],), 99, dtype=t.dtype, device=t.device)
+    wide[::2] = t
+    return wide[::2]
+
+
+def test_strided_index_vectors(device):
+    """prefix_index and cu_seqlens as strided views (every other entry of a wider tensor): the same
+    values and gradients as contiguous ones (the kernels read them at unit stride, so strided ones
+    read other rows' entries until 2026-11-28)."""
+    case = replace(BASE, B=3, prefix="per_task", padding="left")
+    inputs, kwargs = make_inputs(case, device)
+    strided = {**kwargs, "prefix_index": _strided_view(kwargs["prefix_index"])}
+    assert not strided["prefix_index"].is_contiguous()
+    packed_case = replace(PACKED_BASE, prefix="per_task")
+    packed_inputs, cu_q, cu_k, packed_kwargs = make_packed_inputs(packed_case, device)
+    packed_strided = {**packed_kwargs, "prefix_index": _strided_view(packed_kwargs["prefix_index"])}
+    longest = (max(packed_case.lens_q), max(packed_case.lens_kv))
+    runs = []
+    for dense_kwargs, packed_args in ((kwargs, (cu_q, cu_k, packed_kwargs)),
+                                      (strided, (_strided_view(cu_q), _strided_view(cu_k), packed_strided))):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        packed_leaves = [t.clone().requires_grad_() for t in packed_inputs]
+        with use_backend("triton"):
+            out = prefixkern.prefix_attention(*leaves, **dense_kwargs)
+            packed_out = prefixkern.prefix_attention_varlen(*packed_leaves, *packed_args[:2], *longest, **packed_args[2])
+        out.backward(torch.ones_like(out))
+        packed_out.backward(torch.ones_like(packed_out))
+        runs.append([out, packed_out] + [t.grad for t in leaves + packed_leaves])
+    for got, want in zip(*runs):
+        assert torch.equal(got, want)
+
+
 def packed_dropout_keep(seed: torch.Tensor, case: PackedCase, p: float) -> list[torch.Tensor]:
     """The keep masks of a packed launch with dropout ``p`` under ``seed``, one ``[1, Hq, S_b, P +
     S_kv_b]`` per sequence: sequence b draws the mask a dense launch draws for batch row b with

@@ -454,6 +454,11 @@ def attention_launch_args(prefix_k, prefix_index, key_padding_mask, alibi_slopes
                           cu_seqlens_k=None) -> LaunchInputs:
     """The optional inputs of an attention launch, in the form the kernels read them: the padding
     mask as the kernels' dtype, float32 slopes, and ALiBi's key positions where rows are padded."""
+    # The kernels read the index vectors (prefix_index [B], cu_seqlens [B + 1]) at unit stride: a
+    # strided one (a view into a wider tensor, rare) is copied, a few bytes, where the dense tensors'
+    # strides go to the kernels instead. (Strided ones read other rows' entries until 2026-11-28.)
+    prefix_index, cu_seqlens_q, cu_seqlens_k = (None if t is None else t.contiguous()
+                                                for t in (prefix_index, cu_seqlens_q, cu_seqlens_k))
     kpm = padding_mask_for_kernel(key_padding_mask) if key_padding_mask is not None else None
     if alibi_slopes is not None:
         slopes = alibi_slopes.to(torch.float32)

@@ -263,7 +263,8 @@ def _cuda_ops_serving(q, k, v, prefix_k, prefix_v, may_give_way: bool = True):
 def _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, scale: float, num_splits: int,
                  prefix_gemm: bool, tensor_cores: bool, return_lse: bool):
     """The CUDA kernels' launch: partial attention per key chunk, then their log-sum-exp merge."""
-    index = prefix_index.long() if prefix_index is not None else None
+    # (int64 at unit stride, as the kernel reads it; the op checks both)
+    index = prefix_index.long().contiguous() if prefix_index is not None else None
     if tensor_cores:
         tensor_cores = _cuda_build.tensor_cores_usable(max(q.get_device(), 0))   # (CPU stand-ins in tests: -1)
     # The op's `stages` argument, given only where it is not the schema's default of 1.
