@@ -382,15 +382,29 @@ def make_packed_inputs(case: PackedCase, device, seed=0):
     return (q, k, v, pk, pv), _cu_seqlens(case.lens_q, device), _cu_seqlens(case.lens_kv, device), kwargs
 
 
-def check_packed_case(case: PackedCase, device, dropout_p: float = 0.0, dropout_keep: list | None = None):
+def strided_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (1-d) as every other entry of a tensor twice its length, the others garbage (99)."""
+    wide = torch.full((2 * t.shape[0],), 99, dtype=t.dtype, device=t.device)
+    wide[::2] = t
+    return wide[::2]
+
+
+def check_packed_case(case: PackedCase, device, dropout_p: float = 0.0, dropout_keep: list | None = None,
+                      strided_index: bool = False):
     """``prefix_attention_varlen`` against the oracle: values, LSE and five gradients. With
     ``dropout_p``, the oracle applies ``dropout_keep`` (one mask per sequence: the caller draws
-    them for the seed the op will draw)."""
+    them for the seed the op will draw); ``strided_index``: the op gets cu_seqlens and prefix_index
+    as strided views."""
     inputs, cu_q, cu_k, kwargs = make_packed_inputs(case, device)
     leaves = [t.clone().requires_grad_() for t in inputs]
+    op_cu, op_kwargs = (cu_q, cu_k), kwargs
+    if strided_index:
+        op_cu = (strided_view(cu_q), strided_view(cu_k))
+        op_kwargs = dict(kwargs, prefix_index=None if kwargs["prefix_index"] is None else
+                         strided_view(kwargs["prefix_index"]))
     with use_backend("triton"):
-        out, lse = prefixkern.prefix_attention_varlen(*leaves, cu_q, cu_k, max(case.lens_q), max(case.lens_kv),
-                                                      return_lse=True, dropout_p=dropout_p, **kwargs)
+        out, lse = prefixkern.prefix_attention_varlen(*leaves, *op_cu, max(case.lens_q), max(case.lens_kv),
+                                                      return_lse=True, dropout_p=dropout_p, **op_kwargs)
     ref_leaves = [t.detach().clone().requires_grad_() for t in inputs]
     ref_out, ref_lse = reference.prefix_attention_varlen(*ref_leaves, cu_q, cu_k, return_lse=True, dropout_p=dropout_p,
                                                          dropout_keep=dropout_keep, **kwargs)
@@ -655,28 +669,21 @@ def test_packed_strided_inputs_and_int64_offsets(device):
     assert_close(out, ref, case.dtype, "out", "out")
 
 
-def _strided_view(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (1-d) as every other entry of a tensor twice its length, the others garbage."""
-    wide = torch.full((2 * t.shape[0],), 99, dtype=t.dtype, device=t.device)
-    wide[::2] = t
-    return wide[::2]
-
-
 def test_strided_index_vectors(device):
     """prefix_index and cu_seqlens as strided views (every other entry of a wider tensor): the same
     values and gradients as contiguous ones (the kernels read them at unit stride, so strided ones
     read other rows' entries until 2026-11-28)."""
     case = replace(BASE, B=3, prefix="per_task", padding="left")
     inputs, kwargs = make_inputs(case, device)
-    strided = {**kwargs, "prefix_index": _strided_view(kwargs["prefix_index"])}
+    strided = {**kwargs, "prefix_index": strided_view(kwargs["prefix_index"])}
     assert not strided["prefix_index"].is_contiguous()
     packed_case = replace(PACKED_BASE, prefix="per_task")
     packed_inputs, cu_q, cu_k, packed_kwargs = make_packed_inputs(packed_case, device)
-    packed_strided = {**packed_kwargs, "prefix_index": _strided_view(packed_kwargs["prefix_index"])}
+    packed_strided = {**packed_kwargs, "prefix_index": strided_view(packed_kwargs["prefix_index"])}
     longest = (max(packed_case.lens_q), max(packed_case.lens_kv))
     runs = []
     for dense_kwargs, packed_args in ((kwargs, (cu_q, cu_k, packed_kwargs)),
-                                      (strided, (_strided_view(cu_q), _strided_view(cu_k), packed_strided))):
+                                      (strided, (strided_view(cu_q), strided_view(cu_k), packed_strided))):
         leaves = [t.clone().requires_grad_() for t in inputs]
         packed_leaves = [t.clone().requires_grad_() for t in packed_inputs]
         with use_backend("triton"):

@@ -90,7 +90,7 @@ def _oracle_seed(seed: int) -> torch.Tensor:
 
 def attention_case(rng: random.Random, seed: int, notes: list) -> None:
     """``prefix_attention`` on a random dense case: values, LSE and all five gradients."""
-    from test_prefix_attention import Case, assert_matches_oracle, make_inputs
+    from test_prefix_attention import Case, assert_matches_oracle, make_inputs, strided_view
 
     kv_heads = rng.choice([1, 2, 3])
     seq_q = rng.choice([1, 2, 5, 16, 17, 33, 70])
@@ -110,11 +110,14 @@ def attention_case(rng: random.Random, seed: int, notes: list) -> None:
     one_launch = seed % 5 != 0      # the backward in two launches (dQ, then dK/dV) in every fifth
     # (drawn last: the other draws, and so the cases of seeds run before, stay as they were)
     dropout_p = rng.choice(DROPOUT_PS)
+    strided_index = rng.random() < 0.25       # (since 2026-11-28: a strided view of prefix_index)
     notes.append(f"{case} strided={strided} scale={scale} heavy_first={heavy_first} head_splits={head_splits} "
-                 f"one_launch={one_launch} dropout_p={dropout_p}")
+                 f"one_launch={one_launch} dropout_p={dropout_p} strided_index={strided_index}")
     inputs, kwargs = make_inputs(case, _device(), seed=seed)
     if scale is not None:
         kwargs["softmax_scale"] = scale
+    if strided_index and kwargs["prefix_index"] is not None:
+        kwargs["prefix_index"] = strided_view(kwargs["prefix_index"])
     keep = None
     if dropout_p:
         from prefixkern.kernels._attention_common import dropout_keep_mask
@@ -161,12 +164,13 @@ def varlen_case(rng: random.Random, seed: int, notes: list) -> None:
                       window=rng.choice([None, None, 2, 7]))
     heavy_first, head_splits, one_launch = seed % 2 == 0, seed % 3 == 0, seed % 5 != 0
     dropout_p = rng.choice(DROPOUT_PS)      # (drawn last, as in attention_case)
+    strided_index = rng.random() < 0.25     # cu_seqlens and prefix_index as strided views (after dropout)
     notes.append(f"{case} heavy_first={heavy_first} head_splits={head_splits} one_launch={one_launch} "
-                 f"dropout_p={dropout_p}")
+                 f"dropout_p={dropout_p} strided_index={strided_index}")
     keep = packed_dropout_keep(_oracle_seed(seed), case, dropout_p) if dropout_p else None
     with heavy_first_scheduling(heavy_first), _head_splits(head_splits), one_launch_backward(one_launch), \
             _drawing_seed(seed):
-        check_packed_case(case, _device(), dropout_p=dropout_p, dropout_keep=keep)
+        check_packed_case(case, _device(), dropout_p=dropout_p, dropout_keep=keep, strided_index=strided_index)
 
 
 def triton_decode_case(rng: random.Random, seed: int, notes: list) -> None:
@@ -174,6 +178,7 @@ def triton_decode_case(rng: random.Random, seed: int, notes: list) -> None:
     a GPU too, or the forward kernel for larger groups): values and LSE of a random decoding step."""
     from prefixkern.ops.decode_attention import triton_decode_everywhere
     from test_decode import TRITON_DECODE_TOLERANCE, _inputs
+    from test_prefix_attention import strided_view
 
     head_dim = rng.choice([16, 32, 64, 80, 128])
     seq_q = rng.choice([1, 1, 2, 4, 8])
@@ -182,9 +187,12 @@ def triton_decode_case(rng: random.Random, seed: int, notes: list) -> None:
     args = dict(B=3 if prefix == "per_task" else rng.choice([1, 2, 3]), Hq=2 * group, Hkv=2, Sq=seq_q,
                 L=rng.choice([1, 2, 16, 37, 70]), P=rng.choice([1, 5, 20, 33]), D=head_dim, dtype=rng.choice(DTYPES))
     padding, splits = rng.random() < 0.5, rng.choice([0, 1, 2, 5])
-    notes.append(f"decode {args} {prefix} padding={padding} splits={splits}")
+    strided_index = rng.random() < 0.25     # (drawn last: a strided view of prefix_index)
+    notes.append(f"decode {args} {prefix} padding={padding} splits={splits} strided_index={strided_index}")
     inputs, kwargs = _inputs(**args, device=_device(), prefix=prefix, padding=padding, seed=seed)
     want, want_lse = reference.prefix_attention(*[t.float() for t in inputs], causal=True, return_lse=True, **kwargs)
+    if strided_index and kwargs["prefix_index"] is not None:
+        kwargs["prefix_index"] = strided_view(kwargs["prefix_index"])
     with use_backend("triton"), triton_decode_everywhere():
         got, lse = prefixkern.prefix_decode_attention(*inputs, num_splits=splits, return_lse=True, **kwargs)
     tol = TRITON_DECODE_TOLERANCE[args["dtype"]]
