@@ -40,8 +40,8 @@ case "${1:-}" in
         # the full-size dropout cases (4) and dropout under torch.compile (1). The attention backward
         # run twice under deterministic mode with torch.empty filled with NaN (3, new 2026-11-28):
         # nothing unwritten read, and bit-equal runs with the programs scheduled concurrently.
-        # Strided prefix_index and cu_seqlens (2, new 2026-11-28: the kernels read them at unit
-        # stride and now get contiguous copies; the CUDA op checks).
+        # Strided prefix_index and cu_seqlens, and the MLP's strided biases (3, new 2026-11-28: the
+        # kernels read them at unit stride and now get contiguous copies; the CUDA op checks).
         timeout -s INT -k 10 110 env PYTHONPATH="$PWD" PREFIXKERN_AUTOTUNE=0 python3 -m pytest -n 8 -v --tb=short \
             -p no:cacheprovider tests/test_decode.py::test_gpu_cuda_kernel_against_reference \
             tests/test_decode.py::test_gpu_generate_uses_the_cuda_kernel \
@@ -58,6 +58,7 @@ case "${1:-}" in
             tests/test_prefix_attention.py::test_backward_writes_what_it_reads_and_is_bitwise_deterministic \
             tests/test_prefix_attention.py::test_strided_index_vectors \
             tests/test_decode.py::test_strided_prefix_index_decodes_as_a_contiguous_one \
+            tests/test_prefix_mlp.py::test_strided_operands \
             -k "(kernelmma and bfloat16 and P30 and L4096) or generate or graph_break or raw_launch or (full_size and (20-bloomz or 128-qwen)) or dropout or bitwise or strided" \
             > "$R/fixed.log" 2>&1
         tail -n 15 "$R/fixed.log"

@@ -474,6 +474,34 @@ def test_backward_writes_every_gradient_element(monkeypatch, P, hidden, layout, 
         assert roles == expected
 
 
+def test_strided_operands(device):
+    """Every operand as a strided view (every other column or entry of a wider tensor; the biases
+    were read at unit stride, as if contiguous, until 2026-11-28): the values and every gradient of
+    the contiguous operands."""
+    torch.manual_seed(3)
+    P, d, h = 5, 24, SMALL_HIDDEN
+    N = 2 * SMALL["num_layers"] * SMALL["num_kv_heads"] * SMALL["head_dim"]
+    params = [torch.randn(P, d, device=device), torch.randn(h, d, device=device) / d ** 0.5,
+              torch.randn(h, device=device), torch.randn(N, h, device=device) / h ** 0.5, torch.randn(N, device=device)]
+
+    def every_other(t):
+        return torch.stack([t, torch.full_like(t, 99.0)], -1)[..., 0]
+
+    runs = []
+    for view in (lambda t: t, every_other):
+        leaves = [t.clone().requires_grad_() for t in params]
+        operands = [view(t) for t in leaves]
+        assert all(o.is_contiguous() for o in operands) == (view is not every_other)
+        with prefixkern.use_backend("triton"):
+            out = fused_prefix_mlp(*operands, **SMALL)
+        out.backward(torch.ones_like(out))
+        runs.append([out] + [t.grad for t in leaves])
+    expected = reference.prefix_mlp(*params, **SMALL)
+    torch.testing.assert_close(runs[0][0], expected, **_tol(torch.float32, "out"))
+    for name, got, want in zip(("out", "dE", "dW1", "db1", "dW2", "db2"), *runs):
+        torch.testing.assert_close(got, want, **_tol(torch.float32, "grad"), msg=name)
+
+
 def _fresh_tuner(monkeypatch, device) -> None:
     """On the CPU, forget the tiles the tuner holds for the rest of the test: the interpreter's
     tables have one tile each, which a test replaces (``INTERPRETER_BWD_TILE``), and the tuner

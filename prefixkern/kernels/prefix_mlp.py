@@ -1088,6 +1088,10 @@ def prefix_mlp_forward(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
                        seed: torch.Tensor | None):
     """``(out [L, 2, Hkv, P, D] in out_dtype, hidden [P, h] float32)`` with products in
     ``compute_dtype`` (``products``); arguments already checked."""
+    # The kernels read the biases at unit stride: a strided one (a view, rare: PEFT's are parameters
+    # of their own) is copied, where the matrices' strides go to the kernels instead. (Strided ones
+    # were read as if contiguous until 2026-11-28.)
+    b1, b2 = (None if b is None else b.contiguous() for b in (b1, b2))
     num_rows, token_dim = embedding.shape
     hidden_size, num_cols = w1.shape[0], w2.shape[0]
     device = embedding.device

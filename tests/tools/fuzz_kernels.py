@@ -223,10 +223,11 @@ def mlp_case(rng: random.Random, seed: int, notes: list) -> None:
     two_launches, strips, library = launch_draw < 0.5, launch_draw < 0.25, 0.5 <= launch_draw < 0.625
     # (drawn last: the cases of a seed drawn before the transposed products existed keep their sizes)
     transposed = rng.random() < 0.5 and not library
+    strided = rng.random() < 0.25       # (drawn last, 2026-11-28: every operand a strided view)
     notes.append(f"mlp P{num_rows} {sizes} projection={projection} bias={bias} d{token_dim} h{hidden} {out_dtype}"
                  f"{' bwd in two launches' if two_launches else ''}{', dW2 by strips' if strips else ''}"
                  f"{', W2 products by torch.mm' if library else ''}"
-                 f"{', products with W2 the left operand' if transposed else ''}")
+                 f"{', products with W2 the left operand' if transposed else ''}{', strided operands' if strided else ''}")
     gen = torch.Generator().manual_seed(seed)
     if projection:
         params = [torch.randn(num_rows, token_dim, generator=gen), torch.randn(hidden, token_dim, generator=gen) /
@@ -251,9 +252,12 @@ def mlp_case(rng: random.Random, seed: int, notes: list) -> None:
     if library:
         kernels.pick_config = lambda key, candidates, launch: (
             kernels.LIBRARY_PRODUCTS if key[0] == "mlp-bwd" else pick_config(key, candidates, launch))
+    # Every other column (or entry) of a wider tensor, gradients still reaching the leaves.
+    operands = [p if p is None or not strided else torch.stack([p, torch.full_like(p, 99.0)], -1)[..., 0]
+                for p in params]
     try:
         with use_backend("triton"):
-            got = prefixkern.fused_prefix_mlp(*params, **sizes, out_dtype=out_dtype)
+            got = prefixkern.fused_prefix_mlp(*operands, **sizes, out_dtype=out_dtype)
             grads = torch.autograd.grad(got, leaves, grad)
     finally:
         kernels.INTERPRETER_BWD_TILE, kernels.pick_config = one_launch_tile, pick_config
