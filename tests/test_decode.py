@@ -98,10 +98,11 @@ def test_triton_decode_kernel_against_the_reference(case, monkeypatch):
 
 
 def test_strided_prefix_index_decodes_as_a_contiguous_one():
-    """A per-task prefix_index given as a strided view (every other entry of a wider tensor): the
-    same output as the contiguous index, through the Triton decode kernel on the CPU and the CUDA
-    kernel on a GPU (both read it at unit stride: strided, they read other rows' tasks until
-    2026-11-28)."""
+    """A per-task prefix_index given as a strided view (every other entry of a wider tensor), and an
+    int64 padding mask: the same output as the contiguous index and the bool mask, through the
+    Triton decode kernel on the CPU and the CUDA kernel on a GPU (both read the index at unit
+    stride: strided, they read other rows' tasks until 2026-11-28; the CUDA op refused an int64
+    mask)."""
     if not triton_interpret() and not HAS_CUDA:
         pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
     device = "cpu" if triton_interpret() else "cuda"
@@ -115,7 +116,10 @@ def test_strided_prefix_index_decodes_as_a_contiguous_one():
         want = prefixkern.prefix_decode_attention(*inputs, key_padding_mask=kw["key_padding_mask"], prefix_index=index)
         got = prefixkern.prefix_decode_attention(*inputs, key_padding_mask=kw["key_padding_mask"],
                                                  prefix_index=wide[::2])
-    assert torch.equal(got, want)
+        # HF's int64 attention mask (the CUDA op reads bool or uint8: the launcher converts it)
+        int_mask = prefixkern.prefix_decode_attention(*inputs, key_padding_mask=kw["key_padding_mask"].long(),
+                                                      prefix_index=index)
+    assert torch.equal(got, want) and torch.equal(int_mask, want)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
@@ -187,7 +191,9 @@ class _ReferenceCudaOps:
                                tensor_cores=tensor_cores, stages=stages))
         assert isinstance(scale, float) and isinstance(num_splits, int) and isinstance(tensor_cores, bool)
         assert stages in (0, 1, 2) and (stages == 1 or tensor_cores)
-        assert prefix_index is None or prefix_index.dtype == torch.int64
+        # What csrc/prefix_decode.cu checks (TORCH_CHECK) before it launches.
+        assert prefix_index is None or (prefix_index.dtype == torch.int64 and prefix_index.is_contiguous())
+        assert key_padding_mask is None or key_padding_mask.dtype in (torch.bool, torch.uint8)
         out, lse = reference.prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, softmax_scale=scale,
                                               key_padding_mask=key_padding_mask, prefix_index=prefix_index,
                                               return_lse=True)
@@ -234,6 +240,28 @@ def test_decode_step_hands_the_cuda_ops_what_the_checked_op_would(prefix, monkey
         with pytest.raises(ValueError, match="key_padding_mask"):
             decode_attention.decode_step(*inputs, softmax_scale=0.125, key_padding_mask=kw["key_padding_mask"][:, 1:],
                                          prefix_index=kw["prefix_index"])
+    assert len(ops.calls) == 2
+
+
+def test_public_decode_op_hands_the_cuda_ops_what_they_check(monkeypatch):
+    """prefix_decode_attention takes an integer padding mask (HF's attention_mask is int64) and a
+    strided prefix_index, as prefix_attention does; the CUDA op checks for a bool or uint8 mask and
+    a contiguous int64 index (an int64 mask failed its check until 2026-11-28): the launcher
+    converts them. Through the stand-in ops on the CPU, same result as the reference."""
+    from prefixkern import _cuda_build
+
+    ops = _ReferenceCudaOps()
+    monkeypatch.setattr(_cuda_build, "cuda_ops", lambda: ops)
+    monkeypatch.setattr(decode_attention, "cuda_decode_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(_cuda_build, "tensor_cores_usable", lambda index: True)
+    inputs, kw = _inputs(3, 4, 2, 1, 9, 5, 64, torch.float32, "cpu", prefix="per_task", padding=True)
+    expected = reference.prefix_attention(*inputs, causal=True, **kw)
+    wide = torch.zeros(6, dtype=torch.int32)
+    wide[::2] = kw["prefix_index"]
+    for mask in (kw["key_padding_mask"].long(), kw["key_padding_mask"].to(torch.int32)):
+        with prefixkern.use_backend("auto"):
+            got = prefixkern.prefix_decode_attention(*inputs, key_padding_mask=mask, prefix_index=wide[::2])
+        torch.testing.assert_close(got, expected)
     assert len(ops.calls) == 2
 
 

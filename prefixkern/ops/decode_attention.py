@@ -265,6 +265,9 @@ def _cuda_decode(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_inde
     """The CUDA kernels' launch: partial attention per key chunk, then their log-sum-exp merge."""
     # (int64 at unit stride, as the kernel reads it; the op checks both)
     index = prefix_index.long().contiguous() if prefix_index is not None else None
+    # The op reads a bool or uint8 mask; the public op takes any integer one (1 = real token).
+    if key_padding_mask is not None and key_padding_mask.dtype not in (torch.bool, torch.uint8):
+        key_padding_mask = key_padding_mask != 0
     if tensor_cores:
         tensor_cores = _cuda_build.tensor_cores_usable(max(q.get_device(), 0))   # (CPU stand-ins in tests: -1)
     # The op's `stages` argument, given only where it is not the schema's default of 1.
