@@ -600,6 +600,10 @@ def test_prefix_per_row_checks_its_input():
     with pytest.raises(ValueError, match="adapters the model does not have"):
         with prefixkern.prefix_per_row(ours, ["default", "nope"]):
             pass
+    # (a str is a sequence of its characters: each would have been taken for an adapter's name)
+    with pytest.raises(TypeError, match=r"adapter_names must be a sequence of adapter names.*\['default'\]"):
+        with prefixkern.prefix_per_row(ours, "default"):
+            pass
     ids, mask = _batch("none")
     with prefixkern.prefix_per_row(ours, ["default"]), pytest.raises(ValueError, match="names 1 rows"):
         ours(input_ids=ids, attention_mask=mask)

@@ -960,6 +960,9 @@ def prefix_per_row(model, adapter_names: Sequence[str]) -> Iterator[None]:
     adapter's head as well."""
     if not is_patched(model):
         raise ValueError("prefix_per_row needs a patched model: call prefixkern.patch(model) first")
+    if isinstance(adapter_names, str):
+        raise TypeError(f"adapter_names must be a sequence of adapter names, one per row, got the str "
+                        f"{adapter_names!r} (for one row: [{adapter_names!r}])")
     unknown = [n for n in adapter_names if n not in model.peft_config]
     if unknown:
         raise ValueError(f"adapter_names holds adapters the model does not have: {sorted(set(unknown))}")
