@@ -641,6 +641,15 @@ def test_targets_judge_each_issue_from_the_records():
     assert no_probe[(3, "reads W2 at 70% or more of the GPU's measured bandwidth (fwd)", "llama3-8b")] is None
 
 
+@pytest.mark.parametrize("option", ["--targets", "--merge"])
+def test_a_missing_results_file_is_a_usage_error(option, tmp_path, capsys):
+    """(It was a FileNotFoundError traceback.)"""
+    with pytest.raises(SystemExit) as exit_info:
+        main([option, str(tmp_path / "nope.json")])
+    assert exit_info.value.code == 2
+    assert f"{option}: no such results file: {tmp_path / 'nope.json'}" in capsys.readouterr().err
+
+
 def test_targets_of_the_committed_gpu_run(capsys):
     """The CLI reads the targets off a committed results file (the first H200 run)."""
     from pathlib import Path

@@ -76,7 +76,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for option, paths in (("--targets", [args.targets] if args.targets else []), ("--merge", args.merge or [])):
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            parser.error(f"{option}: no such results file: {', '.join(missing)}")
     if args.targets:
         import json
 
