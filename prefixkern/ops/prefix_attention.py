@@ -219,7 +219,8 @@ def prefix_attention(
         v, prefix_k and prefix_v. ``out`` and the gradients of q, k and v are laid out like their
         inputs when the head dim is unit-stride (HF's ``[B, S, H, D]`` memory stays so), else
         contiguous. A shared or per-task prefix's gradient is the sum over the
-        rows that read it.
+        rows that read it. ``lse`` carries no gradient, and the gradients are not differentiable
+        again (no double backward), as in flash-attn.
 
     Raises:
         ValueError / TypeError naming the argument, before any kernel is launched (among them a
