@@ -498,6 +498,9 @@ def test_resumable_checkpoint_round_trip(tmp_path):
     ids, mask = _batch("left")
     torch.testing.assert_close(other(input_ids=ids, attention_mask=mask).logits,
                                ours(input_ids=ids, attention_mask=mask).logits)
+    for call in (prefixkern.save_resumable, prefixkern.load_resumable):     # (was a bare KeyError)
+        with pytest.raises(ValueError, match=r"adapter_name='nope' is not one of the model's prefix adapters \(default\)"):
+            call(ours, tmp_path / "prefix.safetensors", adapter_name="nope")
 
 
 # --------------------------------------------------------------------------------------------

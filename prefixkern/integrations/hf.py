@@ -1014,12 +1014,23 @@ def _per_row_head_forward(head, rows: tuple[str, ...], x, *args, **kwargs):
 # Resumable checkpoints
 # --------------------------------------------------------------------------------------------
 
+def _prefix_adapter(model, adapter_name: str | None) -> str:
+    """``adapter_name`` (default: the active adapter), checked to be one of the model's
+    prompt-learning adapters."""
+    adapter = adapter_name or model.active_adapter
+    encoders = getattr(model, "prompt_encoder", None) or {}
+    if adapter not in encoders:
+        raise ValueError(f"adapter_name={adapter!r} is not one of the model's prefix adapters "
+                         f"({', '.join(sorted(encoders)) or 'none'})")
+    return adapter
+
+
 def save_resumable(model, path, adapter_name: str | None = None) -> None:
     """Save the adapter's trainable prefix parameters (embedding and MLP), which PEFT's own adapter
     file drops when ``prefix_projection=True`` (it bakes the MLP's output), so training can resume."""
     from safetensors.torch import save_file
 
-    adapter = adapter_name or model.active_adapter
+    adapter = _prefix_adapter(model, adapter_name)
     state = {name: t.detach().contiguous().cpu() for name, t in model.prompt_encoder[adapter].state_dict().items()}
     save_file(state, str(path), metadata={"format": "prefixkern-prefix-encoder", "adapter": adapter})
 
@@ -1028,7 +1039,7 @@ def load_resumable(model, path, adapter_name: str | None = None) -> None:
     """Load what :func:`save_resumable` wrote into the adapter's prompt encoder."""
     from safetensors.torch import load_file
 
-    adapter = adapter_name or model.active_adapter
+    adapter = _prefix_adapter(model, adapter_name)
     state = load_file(str(path))
     missing, unexpected = model.prompt_encoder[adapter].load_state_dict(state, strict=False)
     if missing or unexpected:
