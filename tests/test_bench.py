@@ -641,6 +641,23 @@ def test_targets_judge_each_issue_from_the_records():
     assert no_probe[(3, "reads W2 at 70% or more of the GPU's measured bandwidth (fwd)", "llama3-8b")] is None
 
 
+def test_an_unknown_case_name_is_a_usage_error_and_the_gpu_scripts_name_known_ones(capsys):
+    """A misspelt --shapes name was skipped by every suite without a word (a GPU call spent on
+    nothing); now a usage error. Every name run_gpu.sh passes to --shapes is one a suite has."""
+    import re
+    from pathlib import Path
+
+    from prefixkern.bench.__main__ import known_case_names
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--shapes", "llama8b-8k", "lama8b-2k"])
+    assert exit_info.value.code == 2
+    assert "--shapes: no suite has a case named lama8b-2k (known: " in capsys.readouterr().err
+    script = (Path(__file__).resolve().parent.parent / "benchmarks" / "run_gpu.sh").read_text().replace("\\\n", " ")
+    named = [name for match in re.finditer(r"--shapes((?:\s+[^\s$;-][^\s;]*)+)", script) for name in match[1].split()]
+    assert len(named) > 10 and set(named) <= known_case_names(), sorted(set(named) - known_case_names())
+
+
 @pytest.mark.parametrize("option", ["--targets", "--merge"])
 def test_a_missing_results_file_is_a_usage_error(option, tmp_path, capsys):
     """(It was a FileNotFoundError traceback.)"""

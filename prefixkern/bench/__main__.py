@@ -75,6 +75,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def known_case_names() -> set[str]:
+    """Every name ``--shapes`` can pick in some suite on a GPU (attention, dropout and packed
+    shapes, MLP shapes, training-step and generate() models, the decode grid)."""
+    import itertools
+
+    from . import attention, attention_dropout, attention_packed, decode, e2e, mlp
+
+    grid = {f"P{p}-L{cache}-B{batch}" for p, cache, batch in itertools.product(decode.PREFIXES, decode.CACHES,
+                                                                                 decode.BATCHES)}
+    grid |= {f"{layout}-P{p}-L{cache}-B{batch}" for layout, _, _, _, p, cache, batch in decode.OTHER_HEADS}
+    return (set(attention.SHAPES) | set(attention_dropout.SHAPES) | set(attention_packed.SHAPES) | set(mlp.SHAPES)
+            | set(e2e.MODELS) | set(decode.GEN_MODELS) | grid)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -82,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             parser.error(f"{option}: no such results file: {', '.join(missing)}")
+    # A misspelt case would otherwise be skipped without a word, and a GPU call spent on nothing.
+    unknown = sorted(set(args.shapes or ()) - known_case_names())
+    if unknown:
+        parser.error(f"--shapes: no suite has a case named {', '.join(unknown)} "
+                     f"(known: {' '.join(sorted(known_case_names()))})")
     if args.targets:
         import json
 
