@@ -658,6 +658,15 @@ def test_an_unknown_case_name_is_a_usage_error_and_the_gpu_scripts_name_known_on
     assert len(named) > 10 and set(named) <= known_case_names(), sorted(set(named) - known_case_names())
 
 
+def test_a_baseline_no_suite_run_has_is_named_after_the_run(tmp_path, capsys):
+    """--baselines names rows; one that no suite run has (misspelt, or another suite's) was dropped
+    without a word: the run now says so."""
+    assert main(["--suite", "mlp", "--baselines", "torch_p_rows", "sdpa_mask", "torch_prows", "--no-plots",
+                 "--out-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "--baselines: no row named sdpa_mask, torch_prows in the suites run (mlp)" in err
+
+
 @pytest.mark.parametrize("option", ["--targets", "--merge"])
 def test_a_missing_results_file_is_a_usage_error(option, tmp_path, capsys):
     """(It was a FileNotFoundError traceback.)"""

@@ -187,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
     for skip in skips:
         print(f"skipped {skip.suite} / {skip.case} / {skip.impl}: {skip.reason}")
+    # A suite runs or skips (saying why) every row asked for that it has: a name neither did is
+    # one no suite run here has (misspelt, or another suite's).
+    unheard = sorted(set(opts.baselines or ()) - {r.impl for r in records} - {s.impl for s in skips})
+    if unheard:
+        print(f"--baselines: no row named {', '.join(unheard)} in the suites run ({', '.join(chosen)})",
+              file=sys.stderr)
     print_table(records, skips)
     paths = write_results(records, skips, out_dir, device, command, plots=not args.no_plots, stem=stem)
     print(f"\n{len(records)} records in {time.time() - start:.0f} s; wrote " + ", ".join(str(p) for p in paths.values()))
