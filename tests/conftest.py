@@ -32,6 +32,13 @@ def assert_same_values_and_gradients(out, other, leaves, other_leaves):
         assert torch.equal(got.grad, want.grad)
 
 
+def strided_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a strided view: every other entry of its last dim in a tensor twice as wide, the
+    entries between them 99 (out of range for any index the tests use). Differentiable: a gradient
+    reaches ``t``."""
+    return torch.stack([t, torch.full_like(t, 99)], -1)[..., 0]
+
+
 def record_launches(monkeypatch, modules, entry=lambda kernel, meta: (kernel.fn.__name__, meta)) -> list:
     """``entry(kernel, constexprs and launch options)`` of every launch the op makes from now on
     through ``modules``' ``launch_kernel``, in launch order. The tuner's own launches (on a GPU it

@@ -13,7 +13,7 @@ from prefixkern import reference
 from prefixkern._backend import triton_interpret
 from prefixkern.ops import decode_attention
 
-from conftest import HAS_CUDA, record_launches
+from conftest import HAS_CUDA, record_launches, strided_view
 
 
 def _inputs(B, Hq, Hkv, Sq, L, P, D, dtype, device, prefix="shared", padding=False, seed=0):
@@ -109,13 +109,11 @@ def test_strided_prefix_index_decodes_as_a_contiguous_one():
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     inputs, kw = _inputs(3, 8, 2, 1, 40, 5, 64, dtype, device, prefix="per_task", padding=True)
     index = torch.tensor([2, 0, 1], device=device)
-    wide = torch.full((6,), 7, dtype=torch.int64, device=device)
-    wide[::2] = index
     backend = "triton" if device == "cpu" else "auto"
     with prefixkern.use_backend(backend), decode_attention.triton_decode_everywhere():
         want = prefixkern.prefix_decode_attention(*inputs, key_padding_mask=kw["key_padding_mask"], prefix_index=index)
         got = prefixkern.prefix_decode_attention(*inputs, key_padding_mask=kw["key_padding_mask"],
-                                                 prefix_index=wide[::2])
+                                                 prefix_index=strided_view(index))
         # HF's int64 attention mask (the CUDA op reads bool or uint8: the launcher converts it)
         int_mask = prefixkern.prefix_decode_attention(*inputs, key_padding_mask=kw["key_padding_mask"].long(),
                                                       prefix_index=index)
@@ -256,11 +254,10 @@ def test_public_decode_op_hands_the_cuda_ops_what_they_check(monkeypatch):
     monkeypatch.setattr(_cuda_build, "tensor_cores_usable", lambda index: True)
     inputs, kw = _inputs(3, 4, 2, 1, 9, 5, 64, torch.float32, "cpu", prefix="per_task", padding=True)
     expected = reference.prefix_attention(*inputs, causal=True, **kw)
-    wide = torch.zeros(6, dtype=torch.int32)
-    wide[::2] = kw["prefix_index"]
+    index = strided_view(kw["prefix_index"].to(torch.int32))
     for mask in (kw["key_padding_mask"].long(), kw["key_padding_mask"].to(torch.int32)):
         with prefixkern.use_backend("auto"):
-            got = prefixkern.prefix_decode_attention(*inputs, key_padding_mask=mask, prefix_index=wide[::2])
+            got = prefixkern.prefix_decode_attention(*inputs, key_padding_mask=mask, prefix_index=index)
         torch.testing.assert_close(got, expected)
     assert len(ops.calls) == 2
 

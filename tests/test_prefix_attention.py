@@ -18,7 +18,8 @@ import prefixkern
 from prefixkern import reference
 from prefixkern._backend import lazy_modules, use_backend
 
-from conftest import HAS_CUDA, TOLERANCES, assert_same_values_and_gradients, record_launch_arguments, record_launches
+from conftest import (HAS_CUDA, TOLERANCES, assert_same_values_and_gradients, record_launch_arguments, record_launches,
+                      strided_view)
 
 
 @dataclass(frozen=True)
@@ -380,13 +381,6 @@ def make_packed_inputs(case: PackedCase, device, seed=0):
     kwargs = dict(causal=case.causal, prefix_index=prefix_index, alibi_slopes=slopes, softcap=case.softcap,
                   window=case.window)
     return (q, k, v, pk, pv), _cu_seqlens(case.lens_q, device), _cu_seqlens(case.lens_kv, device), kwargs
-
-
-def strided_view(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (1-d) as every other entry of a tensor twice its length, the others garbage (99)."""
-    wide = torch.full((2 * t.shape[0],), 99, dtype=t.dtype, device=t.device)
-    wide[::2] = t
-    return wide[::2]
 
 
 def check_packed_case(case: PackedCase, device, dropout_p: float = 0.0, dropout_keep: list | None = None,

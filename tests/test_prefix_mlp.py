@@ -16,7 +16,7 @@ from prefixkern.ops.prefix_mlp import fused_prefix_mlp
 from prefixkern.prefix_encoder import PrefixEncoder
 
 from conftest import (HAS_CUDA, TOLERANCES, assert_same_values_and_gradients, record_launch_arguments,
-                      record_launches)
+                      record_launches, strided_view)
 
 SMALL = dict(num_layers=2, num_kv_heads=2, head_dim=12)   # N = 96, token_dim d = 24
 SMALL_HIDDEN = 20
@@ -483,15 +483,11 @@ def test_strided_operands(device):
     N = 2 * SMALL["num_layers"] * SMALL["num_kv_heads"] * SMALL["head_dim"]
     params = [torch.randn(P, d, device=device), torch.randn(h, d, device=device) / d ** 0.5,
               torch.randn(h, device=device), torch.randn(N, h, device=device) / h ** 0.5, torch.randn(N, device=device)]
-
-    def every_other(t):
-        return torch.stack([t, torch.full_like(t, 99.0)], -1)[..., 0]
-
     runs = []
-    for view in (lambda t: t, every_other):
+    for view in (lambda t: t, strided_view):
         leaves = [t.clone().requires_grad_() for t in params]
         operands = [view(t) for t in leaves]
-        assert all(o.is_contiguous() for o in operands) == (view is not every_other)
+        assert all(o.is_contiguous() for o in operands) == (view is not strided_view)
         with prefixkern.use_backend("triton"):
             out = fused_prefix_mlp(*operands, **SMALL)
         out.backward(torch.ones_like(out))

@@ -90,7 +90,8 @@ def _oracle_seed(seed: int) -> torch.Tensor:
 
 def attention_case(rng: random.Random, seed: int, notes: list) -> None:
     """``prefix_attention`` on a random dense case: values, LSE and all five gradients."""
-    from test_prefix_attention import Case, assert_matches_oracle, make_inputs, strided_view
+    from conftest import strided_view
+    from test_prefix_attention import Case, assert_matches_oracle, make_inputs
 
     kv_heads = rng.choice([1, 2, 3])
     seq_q = rng.choice([1, 2, 5, 16, 17, 33, 70])
@@ -178,7 +179,7 @@ def triton_decode_case(rng: random.Random, seed: int, notes: list) -> None:
     a GPU too, or the forward kernel for larger groups): values and LSE of a random decoding step."""
     from prefixkern.ops.decode_attention import triton_decode_everywhere
     from test_decode import TRITON_DECODE_TOLERANCE, _inputs
-    from test_prefix_attention import strided_view
+    from conftest import strided_view
 
     head_dim = rng.choice([16, 32, 64, 80, 128])
     seq_q = rng.choice([1, 1, 2, 4, 8])
@@ -209,7 +210,7 @@ def mlp_case(rng: random.Random, seed: int, notes: list) -> None:
     two-launch tiles a GPU's tuner times where W2 is large), and half of those walk dW2 by strips
     of tiles (where one P tile holds every row: P <= 16 in the interpreter); an eighth leave the W2
     products to torch.mm (LIBRARY_PRODUCTS, the cuBLAS candidate)."""
-    from conftest import TOLERANCES
+    from conftest import TOLERANCES, strided_view
 
     from prefixkern.kernels import prefix_mlp as kernels
 
@@ -252,9 +253,7 @@ def mlp_case(rng: random.Random, seed: int, notes: list) -> None:
     if library:
         kernels.pick_config = lambda key, candidates, launch: (
             kernels.LIBRARY_PRODUCTS if key[0] == "mlp-bwd" else pick_config(key, candidates, launch))
-    # Every other column (or entry) of a wider tensor, gradients still reaching the leaves.
-    operands = [p if p is None or not strided else torch.stack([p, torch.full_like(p, 99.0)], -1)[..., 0]
-                for p in params]
+    operands = [p if p is None or not strided else strided_view(p) for p in params]
     try:
         with use_backend("triton"):
             got = prefixkern.fused_prefix_mlp(*operands, **sizes, out_dtype=out_dtype)
