@@ -2,11 +2,10 @@
 ``fused_prefix_mlp`` and returned as ``[L, 2, Hkv, P, D]``, batch-shared."""
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import nn
 
+from .ops._checks import is_real_number
 from .ops.prefix_mlp import fused_prefix_mlp
 
 __all__ = ["PrefixEncoder"]
@@ -58,7 +57,7 @@ class PrefixEncoder(nn.Module):
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+        if not is_real_number(dropout) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         token_dim = num_kv_heads * head_dim
         hidden_size = token_dim if hidden_size is None else hidden_size

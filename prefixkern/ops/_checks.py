@@ -23,9 +23,14 @@ def check_kernel_head_dim(head_dim: int) -> None:
                          "(a tile holds a whole head); prefixkern.use_backend('reference') computes it in PyTorch")
 
 
-def _real(value) -> bool:
+def is_real_number(value) -> bool:
     """A real number (Python's or numpy's scalars), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_out_dtype(out_dtype) -> None:
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be torch.float16, torch.bfloat16, torch.float32 or None, got {out_dtype!r}")
 
 
 def check_tensor(name: str, t, ndim: int | tuple[int, ...], shape_doc: str) -> None:
@@ -232,11 +237,11 @@ def _check_prefix_and_options(q, prefix_k, prefix_v, batch, num_heads, num_kv_he
 
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if softmax_scale is not None and not (_real(softmax_scale) and 0 < softmax_scale < math.inf):
+    if softmax_scale is not None and not (is_real_number(softmax_scale) and 0 < softmax_scale < math.inf):
         raise ValueError(f"softmax_scale must be a positive finite float or None, got {softmax_scale!r}")
-    if not _real(dropout_p) or not 0.0 <= dropout_p < 1.0:
+    if not is_real_number(dropout_p) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if softcap is not None and not (_real(softcap) and 0 < softcap < math.inf):
+    if softcap is not None and not (is_real_number(softcap) and 0 < softcap < math.inf):
         raise ValueError(f"softcap must be a positive finite float or None, got {softcap!r}")
     if window is not None and not (isinstance(window, numbers.Integral) and not isinstance(window, bool) and window > 0):
         raise ValueError(f"window must be a positive int (HF sliding_window) or None, got {window!r}")

@@ -10,7 +10,7 @@ import torch
 # decoding step's functions cost the host 1.4 us on this repo's CPU machine, per layer per token)
 from .. import _cuda_build
 from .._backend import get_backend, override_global, triton_interpret, use_triton
-from ._checks import FLOAT_DTYPES, check_kernel_head_dim, check_prefix_attention_args, check_tensor
+from ._checks import check_kernel_head_dim, check_out_dtype, check_prefix_attention_args, check_tensor
 from .prefix_attention import prefix_attention, resolve_softmax_scale
 
 __all__ = ["prefix_decode_attention", "merge_attention_states", "cuda_decode_supported"]
@@ -387,8 +387,7 @@ def merge_attention_states(out_partial: torch.Tensor, lse_partial: torch.Tensor,
             raise TypeError(f"{name} must be floating point, got {t.dtype}")
     if lse_partial.device != out_partial.device:
         raise ValueError(f"lse_partial must be on out_partial's device {out_partial.device}, got {lse_partial.device}")
-    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"out_dtype must be torch.float16, torch.bfloat16, torch.float32 or None, got {out_dtype!r}")
+    check_out_dtype(out_dtype)
     return _merge(out_partial, lse_partial, out_dtype or out_partial.dtype)
 
 

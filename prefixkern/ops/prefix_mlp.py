@@ -6,7 +6,7 @@ import torch
 
 from .. import reference
 from .._backend import eager_function, launch_directly, lazy_modules, use_triton
-from ._checks import FLOAT_DTYPES, check_float, check_tensor
+from ._checks import check_float, check_out_dtype, check_tensor
 
 __all__ = ["fused_prefix_mlp", "check_prefix_mlp_args", "tf32x3_products"]
 
@@ -31,8 +31,7 @@ def check_prefix_mlp_args(embedding, w1, b1, w2, b2, *, num_layers, num_kv_heads
     num_rows = embedding.shape[0]
     if num_rows == 0:
         raise ValueError("embedding must hold at least one virtual token (P > 0), got P=0")
-    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"out_dtype must be torch.float16, torch.bfloat16, torch.float32 or None, got {out_dtype!r}")
+    check_out_dtype(out_dtype)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if dropout_p > 0.0 and num_rows * num_cols >= 2**31:
